@@ -36,13 +36,18 @@ as_pg() {
 # The postgres user must be able to reach $PGDATA: give o+x to any ancestor it
 # cannot traverse (e.g. a 700 /root). Only the search bit is added, no read bit.
 ensure_traversable() {
-    local d=$1
+    # Walk from / downwards: a dir below an untraversable one would look untraversable too.
+    local d=$1 dirs=() i
     while [ "$d" != "/" ] && [ -n "$d" ]; do
+        dirs+=("$d")
+        d=$(dirname "$d")
+    done
+    for ((i = ${#dirs[@]} - 1; i >= 0; i--)); do
+        d=${dirs[i]}
         if [ -d "$d" ] && ! as_pg test -x "$d"; then
             chmod o+x "$d"
             echo "pg.sh: added o+x on $d so $PGUSER_OS can traverse it" >&2
         fi
-        d=$(dirname "$d")
     done
 }
 
