@@ -1,0 +1,155 @@
+//! Client operations: the quorum coordinator.
+//!
+//! Any node coordinates any request. For a key it computes the preference
+//! list (first N distinct nodes on the ring) and, per preference-list slot,
+//! runs one task that tries the owner if it is believed alive and otherwise
+//! (or when the call fails) the next unused healthy fallback node from the
+//! ring walk, carrying a hint that names the owner (sloppy quorum). The
+//! coordinator answers as soon as W (write) or R (read) slots succeeded;
+//! the remaining slots finish in the background. Reads then repair every
+//! stale owner that answered (read repair).
+
+use crate::api::{Context, GetResult};
+use crate::clock::{NodeId, Record, Sibling};
+use crate::error::{check_key, check_value, StoreError};
+use crate::membership::now_ms;
+use crate::node::{merge_all, Node};
+use crate::rpc::{Request, Response};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc;
+
+/// Reply of one preference-list slot.
+struct SlotReply {
+    node: NodeId,
+    /// The node answered as the owner itself (not as a stand-in).
+    is_owner: bool,
+    record: Option<Record>,
+}
+
+struct Plan {
+    pref: Vec<NodeId>,
+    fallbacks: Arc<Mutex<VecDeque<NodeId>>>,
+}
+
+impl Node {
+    fn plan(&self, key: &[u8]) -> Result<Plan, StoreError> {
+        let ring = self.membership.ring();
+        let walk = ring.walk(ring.partition_of(key));
+        if walk.is_empty() {
+            return Err(StoreError::NoNodes);
+        }
+        let n = self.cfg.n.min(walk.len());
+        let fallbacks: VecDeque<NodeId> = walk[n..].iter().filter(|x| self.membership.is_alive(x)).cloned().collect();
+        Ok(Plan { pref: walk[..n].to_vec(), fallbacks: Arc::new(Mutex::new(fallbacks)) })
+    }
+
+    fn next_fallback(fb: &Mutex<VecDeque<NodeId>>) -> Option<NodeId> {
+        fb.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
+    }
+
+    /// Write `value` (or a tombstone when `None`) with the causal context
+    /// the caller read. Returns after W replicas acknowledged durably.
+    pub async fn put(self: &Arc<Self>, key: &[u8], value: Option<Vec<u8>>, context: &Context) -> Result<(), StoreError> {
+        check_key(key)?;
+        if let Some(v) = &value {
+            check_value(v)?;
+        }
+        let dot = self.mint_dot().await?;
+        let record = Record::single(Sibling { dot, context: context.0.clone(), value, written_ms: now_ms() });
+        let plan = self.plan(key)?;
+        let needed = self.cfg.w.min(plan.pref.len()).max(1);
+        let (tx, mut rx) = mpsc::channel::<bool>(plan.pref.len());
+        for owner in plan.pref {
+            let (node, tx, fb, key, record) = (self.clone(), tx.clone(), plan.fallbacks.clone(), key.to_vec(), record.clone());
+            tokio::spawn(async move {
+                if node.membership.is_alive(&owner)
+                    && node.call(&owner, Request::Put { key: key.clone(), record: record.clone() }).await.is_ok()
+                {
+                    let _ = tx.send(true).await;
+                    return;
+                }
+                while let Some(stand_in) = Node::next_fallback(&fb) {
+                    let req = Request::Hinted { owner: owner.clone(), key: key.clone(), record: record.clone() };
+                    if node.call(&stand_in, req).await.is_ok() {
+                        tracing::debug!(%owner, %stand_in, "hinted write");
+                        let _ = tx.send(true).await;
+                        return;
+                    }
+                }
+                let _ = tx.send(false).await;
+            });
+        }
+        drop(tx);
+        let mut acks = 0;
+        while let Some(ok) = rx.recv().await {
+            if ok {
+                acks += 1;
+                if acks >= needed {
+                    return Ok(());
+                }
+            }
+        }
+        Err(StoreError::QuorumFailed { got: acks, needed })
+    }
+
+    /// Read all surviving versions of `key` from R replicas.
+    pub async fn get(self: &Arc<Self>, key: &[u8]) -> Result<GetResult, StoreError> {
+        check_key(key)?;
+        let plan = self.plan(key)?;
+        let needed = self.cfg.r.min(plan.pref.len()).max(1);
+        let (tx, mut rx) = mpsc::channel::<Option<SlotReply>>(plan.pref.len());
+        for owner in plan.pref {
+            let (node, tx, fb, key) = (self.clone(), tx.clone(), plan.fallbacks.clone(), key.to_vec());
+            tokio::spawn(async move {
+                if node.membership.is_alive(&owner) {
+                    if let Ok(Response::Record(record)) = node.call(&owner, Request::Get { key: key.clone() }).await {
+                        let _ = tx.send(Some(SlotReply { node: owner, is_owner: true, record })).await;
+                        return;
+                    }
+                }
+                while let Some(stand_in) = Node::next_fallback(&fb) {
+                    if let Ok(Response::Record(record)) = node.call(&stand_in, Request::Get { key: key.clone() }).await {
+                        let _ = tx.send(Some(SlotReply { node: stand_in, is_owner: false, record })).await;
+                        return;
+                    }
+                }
+                let _ = tx.send(None).await;
+            });
+        }
+        drop(tx);
+        let mut replies = Vec::new();
+        while let Some(r) = rx.recv().await {
+            if let Some(r) = r {
+                replies.push(r);
+                if replies.len() >= needed {
+                    break;
+                }
+            }
+        }
+        if replies.len() < needed {
+            return Err(StoreError::QuorumFailed { got: replies.len(), needed });
+        }
+        let merged = merge_all(replies.iter().filter_map(|r| r.record.as_ref()));
+        // Read repair: wait for the slower replicas in the background, then
+        // bring every stale owner up to the merged version.
+        let node = self.clone();
+        let key = key.to_vec();
+        tokio::spawn(async move {
+            while let Some(r) = rx.recv().await {
+                if let Some(r) = r {
+                    replies.push(r);
+                }
+            }
+            let merged = merge_all(replies.iter().filter_map(|r| r.record.as_ref()));
+            if merged.siblings.is_empty() {
+                return;
+            }
+            for r in replies.iter().filter(|r| r.is_owner && r.record.as_ref() != Some(&merged)) {
+                tracing::debug!(node = %r.node, "read repair");
+                let _ = node.call(&r.node, Request::Put { key: key.clone(), record: merged.clone() }).await;
+            }
+        });
+        Ok(GetResult { values: merged.values(), deleted: merged.siblings.iter().any(|s| s.value.is_none()), context: Context(merged.context()) })
+    }
+}

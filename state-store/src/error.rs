@@ -1,0 +1,87 @@
+//! Typed errors for every layer.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Maximum key length in bytes.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// Maximum value length in bytes.
+pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
+/// Maximum encoded causal-context length in bytes.
+pub const MAX_CONTEXT_BYTES: usize = 64 * 1024;
+
+/// Errors of the on-disk engine.
+#[derive(Debug, Error)]
+pub enum StorageError {
+    #[error("storage engine: {0}")]
+    Engine(String),
+    #[error("corrupt stored record: {0}")]
+    Corrupt(String),
+    #[error("storage writer has stopped")]
+    Closed,
+}
+
+impl StorageError {
+    pub fn engine<E: Into<redb::Error>>(e: E) -> Self {
+        StorageError::Engine(e.into().to_string())
+    }
+}
+
+/// Errors of one node-to-node call.
+#[derive(Debug, Error, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RpcError {
+    #[error("node {0} is unreachable")]
+    Unreachable(String),
+    #[error("request to {0} timed out")]
+    Timeout(String),
+    #[error("node {node} failed the request: {msg}")]
+    Remote { node: String, msg: String },
+    #[error("message encoding: {0}")]
+    Codec(String),
+}
+
+/// Errors returned to clients of the store.
+#[derive(Debug, Error, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoreError {
+    #[error("key must not be empty")]
+    EmptyKey,
+    #[error("key is {len} bytes; the limit is {max}")]
+    KeyTooLarge { len: usize, max: usize },
+    #[error("value is {len} bytes; the limit is {max}")]
+    ValueTooLarge { len: usize, max: usize },
+    #[error("malformed causal context: {0}")]
+    BadContext(String),
+    #[error("quorum not reached: {got} of {needed} replicas acknowledged")]
+    QuorumFailed { got: usize, needed: usize },
+    #[error("the ring has no members")]
+    NoNodes,
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("transport: {0}")]
+    Transport(String),
+}
+
+impl From<StorageError> for StoreError {
+    fn from(e: StorageError) -> Self {
+        StoreError::Storage(e.to_string())
+    }
+}
+
+/// Validate a key against the documented limits.
+pub fn check_key(key: &[u8]) -> Result<(), StoreError> {
+    if key.is_empty() {
+        return Err(StoreError::EmptyKey);
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(StoreError::KeyTooLarge { len: key.len(), max: MAX_KEY_BYTES });
+    }
+    Ok(())
+}
+
+/// Validate a value against the documented limits.
+pub fn check_value(value: &[u8]) -> Result<(), StoreError> {
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(StoreError::ValueTooLarge { len: value.len(), max: MAX_VALUE_BYTES });
+    }
+    Ok(())
+}

@@ -1,0 +1,213 @@
+//! HTTP interface (axum server, reqwest clients). Bodies are bincode,
+//! except the admin view which is JSON.
+//!
+//! * `POST /internal/rpc`  node-to-node [`Request`] → [`Response`]
+//! * `POST /v1/get`        [`GetRequest`] → `Result<GetResult, StoreError>`
+//! * `POST /v1/put`        [`PutRequest`] → `Result<(), StoreError>` (a `None` value deletes)
+//! * `GET  /admin`         JSON [`AdminView`]
+
+use crate::admin::AdminView;
+use crate::api::{Context, GetResult, KvClient};
+use crate::clock::NodeId;
+use crate::error::{check_key, check_value, RpcError, StoreError, MAX_KEY_BYTES, MAX_VALUE_BYTES};
+use crate::node::Node;
+use crate::rpc::{Request, Response, Transport};
+use async_trait::async_trait;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bincode::Options;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Largest client request body.
+const CLIENT_BODY_LIMIT: usize = MAX_VALUE_BYTES + MAX_KEY_BYTES + crate::error::MAX_CONTEXT_BYTES + 1024;
+/// Largest node-to-node body (anti-entropy batches).
+const RPC_BODY_LIMIT: usize = 256 * 1024 * 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GetRequest {
+    pub key: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PutRequest {
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+    /// `Context::encode()` of the context read, or empty.
+    pub context: String,
+}
+
+fn decode<T: serde::de::DeserializeOwned>(b: &[u8], limit: usize) -> Result<T, String> {
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .allow_trailing_bytes()
+        .with_limit(limit as u64)
+        .deserialize(b)
+        .map_err(|e| e.to_string())
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    bincode::serialize(v).unwrap_or_default()
+}
+
+/// Build the router for a node.
+pub fn router(node: Arc<Node>) -> Router {
+    let internal = Router::new().route("/internal/rpc", post(rpc)).layer(DefaultBodyLimit::max(RPC_BODY_LIMIT));
+    let client = Router::new()
+        .route("/v1/get", post(kv_get))
+        .route("/v1/put", post(kv_put))
+        .route("/admin", get(admin))
+        .layer(DefaultBodyLimit::max(CLIENT_BODY_LIMIT));
+    internal.merge(client).with_state(node)
+}
+
+/// Serve `node` on `listener` until the task is aborted.
+pub fn serve(node: Arc<Node>, listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router(node)).await {
+            tracing::error!(error = %e, "http server stopped");
+        }
+    })
+}
+
+async fn rpc(State(node): State<Arc<Node>>, body: Bytes) -> Vec<u8> {
+    let resp = match decode::<Request>(&body, RPC_BODY_LIMIT) {
+        Ok(req) => node.handle_local(req).await,
+        Err(e) => Response::Error(format!("bad request: {e}")),
+    };
+    encode(&resp)
+}
+
+async fn kv_get(State(node): State<Arc<Node>>, body: Bytes) -> Vec<u8> {
+    let res: Result<GetResult, StoreError> = match decode::<GetRequest>(&body, CLIENT_BODY_LIMIT) {
+        Ok(r) => node.get(&r.key).await,
+        Err(e) => Err(StoreError::Transport(format!("malformed request: {e}"))),
+    };
+    encode(&res)
+}
+
+async fn kv_put(State(node): State<Arc<Node>>, body: Bytes) -> Vec<u8> {
+    let res: Result<(), StoreError> = match decode::<PutRequest>(&body, CLIENT_BODY_LIMIT) {
+        Ok(r) => match Context::decode(&r.context) {
+            Ok(ctx) => node.put(&r.key, r.value, &ctx).await,
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(StoreError::Transport(format!("malformed request: {e}"))),
+    };
+    encode(&res)
+}
+
+async fn admin(State(node): State<Arc<Node>>) -> Json<AdminView> {
+    Json(node.admin_view())
+}
+
+/// Node-to-node transport over HTTP; node ids are `host:port`.
+#[derive(Clone)]
+pub struct HttpTransport {
+    http: reqwest::Client,
+}
+
+impl HttpTransport {
+    pub fn new() -> HttpTransport {
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(1))
+            .build()
+            .unwrap_or_default();
+        HttpTransport { http }
+    }
+}
+
+impl Default for HttpTransport {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[async_trait]
+impl Transport for HttpTransport {
+    async fn call(&self, _from: &NodeId, to: &NodeId, req: Request) -> Result<Response, RpcError> {
+        let resp = self
+            .http
+            .post(format!("http://{to}/internal/rpc"))
+            .body(encode(&req))
+            .send()
+            .await
+            .map_err(|e| if e.is_timeout() { RpcError::Timeout(to.clone()) } else { RpcError::Unreachable(to.clone()) })?;
+        if !resp.status().is_success() {
+            return Err(RpcError::Remote { node: to.clone(), msg: resp.status().to_string() });
+        }
+        let body = resp.bytes().await.map_err(|_| RpcError::Unreachable(to.clone()))?;
+        decode(&body, RPC_BODY_LIMIT).map_err(RpcError::Codec)
+    }
+}
+
+/// Network client of the store, talking to any node.
+#[derive(Clone)]
+pub struct HttpClient {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl HttpClient {
+    /// `addr` is a node's `host:port`.
+    pub fn new(addr: &str) -> HttpClient {
+        let http =
+            reqwest::Client::builder().pool_max_idle_per_host(256).tcp_nodelay(true).build().unwrap_or_default();
+        HttpClient { base: format!("http://{addr}"), http }
+    }
+
+    async fn post<T: serde::de::DeserializeOwned>(&self, path: &str, body: Vec<u8>) -> Result<T, StoreError> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| StoreError::Transport(e.to_string()))?;
+        if !resp.status().is_success() {
+            return Err(StoreError::Transport(format!("http status {}", resp.status())));
+        }
+        let b = resp.bytes().await.map_err(|e| StoreError::Transport(e.to_string()))?;
+        decode(&b, CLIENT_BODY_LIMIT * 64).map_err(StoreError::Transport)
+    }
+
+    pub async fn admin(&self) -> Result<AdminView, StoreError> {
+        let resp = self.http.get(format!("{}/admin", self.base)).send().await.map_err(|e| StoreError::Transport(e.to_string()))?;
+        let b = resp.bytes().await.map_err(|e| StoreError::Transport(e.to_string()))?;
+        serde_json::from_slice(&b).map_err(|e| StoreError::Transport(e.to_string()))
+    }
+
+    /// Put with an already-encoded context string (e.g. from another
+    /// process); a malformed string yields `StoreError::BadContext`.
+    pub async fn put_raw_context(&self, key: &[u8], value: Option<Vec<u8>>, context: &str) -> Result<(), StoreError> {
+        check_key(key)?;
+        if let Some(v) = &value {
+            check_value(v)?;
+        }
+        let res: Result<(), StoreError> =
+            self.post("/v1/put", encode(&PutRequest { key: key.to_vec(), value, context: context.to_string() })).await?;
+        res
+    }
+}
+
+#[async_trait]
+impl KvClient for HttpClient {
+    async fn get(&self, key: &[u8]) -> Result<GetResult, StoreError> {
+        check_key(key)?;
+        let res: Result<GetResult, StoreError> = self.post("/v1/get", encode(&GetRequest { key: key.to_vec() })).await?;
+        res
+    }
+
+    async fn put(&self, key: &[u8], value: Vec<u8>, context: &Context) -> Result<(), StoreError> {
+        self.put_raw_context(key, Some(value), &context.encode()).await
+    }
+
+    async fn delete(&self, key: &[u8], context: &Context) -> Result<(), StoreError> {
+        self.put_raw_context(key, None, &context.encode()).await
+    }
+}

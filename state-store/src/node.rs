@@ -1,0 +1,306 @@
+//! A store node: local storage, membership, transport, and the background
+//! loops (gossip, hint delivery, anti-entropy, tombstone GC). The client
+//! operations live in `coordinator`, the repair loops in `handoff` and
+//! `anti_entropy`.
+
+use crate::clock::{Dot, NodeId, Record};
+use crate::error::{RpcError, StorageError};
+use crate::membership::{now_ms, Membership};
+use crate::merkle::key_digest;
+use crate::rpc::{Handler, Request, Response, Transport};
+use crate::storage::{encode_record, Storage};
+use async_trait::async_trait;
+use rand::seq::SliceRandom;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+use tokio::task::JoinHandle;
+
+/// Node configuration. `Config::new` gives production-like defaults.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This node's id: its advertised `host:port` over HTTP.
+    pub id: NodeId,
+    /// Directory holding `store.redb`.
+    pub data_dir: PathBuf,
+    /// Other nodes to contact first.
+    pub seeds: Vec<NodeId>,
+    /// Replicas per key, read quorum, write quorum.
+    pub n: usize,
+    pub r: usize,
+    pub w: usize,
+    /// Number of equal-sized partitions (fixed for the cluster's life).
+    pub partitions: u32,
+    /// Timeout of one node-to-node call.
+    pub request_timeout: Duration,
+    pub gossip_interval: Duration,
+    pub fail_timeout: Duration,
+    pub hint_interval: Duration,
+    pub anti_entropy_interval: Duration,
+    /// Tombstones younger than this are never garbage-collected.
+    pub tombstone_grace: Duration,
+    /// Spawn the periodic background loops (tests may drive them by hand).
+    pub background: bool,
+}
+
+impl Config {
+    pub fn new(id: impl Into<NodeId>, data_dir: impl Into<PathBuf>) -> Config {
+        Config {
+            id: id.into(),
+            data_dir: data_dir.into(),
+            seeds: Vec::new(),
+            n: 3,
+            r: 2,
+            w: 2,
+            partitions: crate::ring::DEFAULT_PARTITIONS,
+            request_timeout: Duration::from_millis(500),
+            gossip_interval: Duration::from_millis(500),
+            fail_timeout: Duration::from_secs(3),
+            hint_interval: Duration::from_secs(1),
+            anti_entropy_interval: Duration::from_secs(10),
+            tombstone_grace: Duration::from_secs(24 * 3600),
+            background: true,
+        }
+    }
+}
+
+/// How many dots a node reserves on disk at once.
+const DOT_LEASE: u64 = 1 << 20;
+
+pub struct Node {
+    pub(crate) cfg: Config,
+    pub(crate) storage: Arc<Storage>,
+    pub(crate) membership: Membership,
+    transport: Arc<dyn Transport>,
+    /// (next counter, reserved-up-to) for minting dots.
+    dots: Mutex<(u64, u64)>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Node {
+    /// Open storage and start the node. Registering it with a transport
+    /// (HTTP server or simulator) is the caller's job.
+    pub async fn start(cfg: Config, transport: Arc<dyn Transport>) -> Result<Arc<Node>, StorageError> {
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| StorageError::Engine(e.to_string()))?;
+        let storage = Arc::new(Storage::open(&cfg.data_dir.join("store.redb"), cfg.partitions)?);
+        // Dot counters must never repeat, even after a crash: start above
+        // both the persisted lease and the clock, and persist a new lease.
+        let lease = storage.get_meta("dot_lease")?.unwrap_or(0);
+        let start = lease.max(now_ms() * 1000);
+        storage.set_meta("dot_lease", start + DOT_LEASE).await?;
+        let membership = Membership::new(cfg.id.clone(), &cfg.seeds, cfg.partitions, cfg.fail_timeout);
+        let node = Arc::new(Node {
+            cfg,
+            storage,
+            membership,
+            transport,
+            dots: Mutex::new((start, start + DOT_LEASE)),
+            tasks: Mutex::new(Vec::new()),
+        });
+        if node.cfg.background {
+            node.spawn_loops();
+        }
+        tracing::info!(id = %node.cfg.id, "node started");
+        Ok(node)
+    }
+
+    pub fn id(&self) -> &NodeId {
+        &self.cfg.id
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// Stop the background loops (the node keeps answering requests until
+    /// dropped).
+    pub fn shutdown(&self) {
+        let tasks: Vec<JoinHandle<()>> = self.tasks.lock().map(|mut t| t.drain(..).collect()).unwrap_or_default();
+        for t in tasks {
+            t.abort();
+        }
+    }
+
+    /// Mint a fresh dot for a write coordinated here.
+    pub(crate) async fn mint_dot(&self) -> Result<Dot, StorageError> {
+        let (counter, extend) = {
+            let mut g = self.dots.lock().unwrap_or_else(|p| p.into_inner());
+            g.0 += 1;
+            let extend = if g.0 + DOT_LEASE / 2 >= g.1 {
+                g.1 += DOT_LEASE;
+                Some(g.1)
+            } else {
+                None
+            };
+            (g.0, extend)
+        };
+        if let Some(l) = extend {
+            self.storage.set_meta("dot_lease", l).await?;
+        }
+        Ok(Dot { node: self.cfg.id.clone(), counter })
+    }
+
+    /// Call another node (or ourselves, locally) with the request timeout.
+    /// A failed call marks the peer suspect.
+    pub(crate) async fn call(&self, to: &NodeId, req: Request) -> Result<Response, RpcError> {
+        if *to == self.cfg.id {
+            return Ok(self.handle_local(req).await);
+        }
+        let res = match tokio::time::timeout(self.cfg.request_timeout, self.transport.call(&self.cfg.id, to, req)).await {
+            Ok(r) => r,
+            Err(_) => Err(RpcError::Timeout(to.clone())),
+        };
+        match res {
+            Ok(Response::Error(msg)) => Err(RpcError::Remote { node: to.clone(), msg }),
+            Ok(r) => Ok(r),
+            Err(e) => {
+                tracing::debug!(peer = %to, error = %e, "call failed");
+                self.membership.mark_suspect(to);
+                Err(e)
+            }
+        }
+    }
+
+    /// Answer a node-to-node request.
+    pub async fn handle_local(&self, req: Request) -> Response {
+        match self.handle_inner(req).await {
+            Ok(r) => r,
+            Err(e) => Response::Error(e.to_string()),
+        }
+    }
+
+    async fn handle_inner(&self, req: Request) -> Result<Response, StorageError> {
+        Ok(match req {
+            Request::Get { key } => Response::Record(self.storage.get_with_hints(&key)?),
+            Request::Put { key, record } => {
+                self.storage.merge(&key, record).await?;
+                Response::Ok
+            }
+            Request::Hinted { owner, key, record } => {
+                if owner == self.cfg.id {
+                    self.storage.merge(&key, record).await?;
+                } else {
+                    self.storage.hint_merge(&owner, &key, record).await?;
+                }
+                Response::Ok
+            }
+            Request::Gossip { members } => {
+                self.membership.merge(&members);
+                Response::Members(self.membership.snapshot())
+            }
+            Request::MerkleLeaves { partition } => Response::Leaves(self.storage.merkle(partition)?.encode()),
+            Request::KeyDigests { partition, leaves } => {
+                let leaves: Vec<usize> = leaves.into_iter().map(|l| l as usize).collect();
+                Response::Digests(self.storage.key_digests(partition, &leaves)?.into_iter().collect())
+            }
+            Request::GetMany { keys } => {
+                let mut out = Vec::with_capacity(keys.len());
+                for k in keys {
+                    let r = self.storage.get(&k)?;
+                    out.push((k, r));
+                }
+                Response::Records(out)
+            }
+            Request::PutMany { items } => {
+                let futs = items.into_iter().map(|(k, r)| {
+                    let s = self.storage.clone();
+                    async move { s.merge(&k, r).await }
+                });
+                for r in futures::future::join_all(futs).await {
+                    r?;
+                }
+                Response::Ok
+            }
+            Request::GcProbe { key } => {
+                let d = match self.storage.get(&key)? {
+                    Some(r) if r.is_tombstone() => Some(key_digest(&key, &encode_record(&r)?)),
+                    _ => None,
+                };
+                Response::Digest(d)
+            }
+            Request::GcDrop { key, digest } => {
+                self.storage.drop_if(&key, digest).await?;
+                Response::Ok
+            }
+        })
+    }
+
+    /// One gossip exchange with a random peer.
+    pub async fn gossip_round(&self) {
+        let view = self.membership.tick();
+        let peer = {
+            let peers = self.membership.gossip_peers();
+            peers.choose(&mut rand::thread_rng()).cloned()
+        };
+        if let Some(peer) = peer {
+            if let Ok(Response::Members(m)) = self.call(&peer, Request::Gossip { members: view }).await {
+                self.membership.merge(&m);
+            }
+        }
+    }
+
+    /// Gossip with every known peer once (used on join and leave).
+    pub async fn gossip_all(&self) {
+        let view = self.membership.tick();
+        for peer in self.membership.gossip_peers() {
+            if let Ok(Response::Members(m)) = self.call(&peer, Request::Gossip { members: view.clone() }).await {
+                self.membership.merge(&m);
+            }
+        }
+    }
+
+    fn spawn_loops(self: &Arc<Self>) {
+        let mut tasks = Vec::new();
+        tasks.push(spawn_periodic(Arc::downgrade(self), self.cfg.gossip_interval, |n| async move { n.gossip_round().await }));
+        tasks.push(spawn_periodic(Arc::downgrade(self), self.cfg.hint_interval, |n| async move {
+            n.deliver_hints().await;
+        }));
+        tasks.push(spawn_periodic(Arc::downgrade(self), self.cfg.anti_entropy_interval, |n| async move {
+            n.anti_entropy_round().await;
+            n.gc_tombstones().await;
+        }));
+        if let Ok(mut t) = self.tasks.lock() {
+            t.extend(tasks);
+        }
+    }
+}
+
+fn spawn_periodic<F, Fut>(node: Weak<Node>, every: Duration, f: F) -> JoinHandle<()>
+where
+    F: Fn(Arc<Node>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut iv = tokio::time::interval(every);
+        iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            iv.tick().await;
+            let Some(n) = node.upgrade() else { return };
+            f(n).await;
+        }
+    })
+}
+
+#[async_trait]
+impl Handler for Node {
+    async fn handle(&self, req: Request) -> Response {
+        self.handle_local(req).await
+    }
+}
+
+/// Merge helper shared by the coordinator and repair paths.
+pub(crate) fn merge_all<'a>(records: impl IntoIterator<Item = &'a Record>) -> Record {
+    let mut out = Record::default();
+    for r in records {
+        out.merge(r);
+    }
+    out
+}

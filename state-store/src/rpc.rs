@@ -1,0 +1,62 @@
+//! Node-to-node messages and the transport abstraction.
+//!
+//! The node logic only sees [`Transport`]; production uses HTTP
+//! ([`crate::http::HttpTransport`]) and the fault tests use the in-process
+//! [`crate::sim::SimNetwork`], which can cut links, kill nodes and drop
+//! requests or replies with a seeded random generator.
+
+use crate::clock::{NodeId, Record};
+use crate::error::RpcError;
+use crate::membership::Member;
+use crate::merkle::Digest;
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Request {
+    /// Replica read: stored data merged with hints held for the key.
+    Get { key: Vec<u8> },
+    /// Replica write: merge `record` into the key.
+    Put { key: Vec<u8>, record: Record },
+    /// Sloppy-quorum write meant for `owner`.
+    Hinted { owner: NodeId, key: Vec<u8>, record: Record },
+    /// Push-pull gossip of membership and heartbeats.
+    Gossip { members: Vec<Member> },
+    /// Encoded Merkle leaves of one partition.
+    MerkleLeaves { partition: u32 },
+    /// Per-key digests of the given leaves of one partition.
+    KeyDigests { partition: u32, leaves: Vec<u32> },
+    /// Records of several keys (replica data only).
+    GetMany { keys: Vec<Vec<u8>> },
+    /// Merge several records.
+    PutMany { items: Vec<(Vec<u8>, Record)> },
+    /// Digest of the key's record if it is a tombstone.
+    GcProbe { key: Vec<u8> },
+    /// Remove the key if its digest still matches.
+    GcDrop { key: Vec<u8>, digest: Digest },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Response {
+    Ok,
+    Record(Option<Record>),
+    Members(Vec<Member>),
+    Leaves(Vec<u8>),
+    Digests(Vec<(Vec<u8>, Digest)>),
+    Records(Vec<(Vec<u8>, Option<Record>)>),
+    Digest(Option<Digest>),
+    Error(String),
+}
+
+/// Something that can answer node-to-node requests.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    async fn handle(&self, req: Request) -> Response;
+}
+
+/// Delivers a request to another node and returns its response. Timeouts
+/// are applied by the caller.
+#[async_trait]
+pub trait Transport: Send + Sync + 'static {
+    async fn call(&self, from: &NodeId, to: &NodeId, req: Request) -> Result<Response, RpcError>;
+}
