@@ -1,1 +1,14 @@
-//! placeholder
+//! Wire types shared by the Nimbus control plane, host agent and CLI.
+//!
+//! Three groups, one module each:
+//! - [`state`]: the instance lifecycle (EC2's states and codes) and what an agent observes.
+//! - [`api`]: the REST/JSON bodies of `/v1` (what the CLI and users send and receive).
+//! - [`agent`]: the host-agent protocol (`/v1/agent/*`): registration, assignments, reports.
+//!
+//! Plain data only: no I/O, no business logic.
+
+pub mod agent;
+pub mod api;
+pub mod state;
+
+pub use state::{InstanceState, ObservedState};

@@ -1,0 +1,106 @@
+//! The host-agent protocol: `/v1/agent/*`.
+//!
+//! The agent registers once with the join token and receives a per-host
+//! credential. It then loops: long-poll its assignments (the desired state of
+//! every instance placed on it), converge libvirt to them, report what it
+//! observed. The loop is level-triggered: each assignment list is complete, so
+//! an agent that crashed or missed a notification repairs everything on its
+//! next pass.
+
+use crate::api::ImageFile;
+use crate::ObservedState;
+use serde::{Deserialize, Serialize};
+
+/// `POST /v1/agent/register`, authenticated by the join token.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterHost {
+    /// Stable, unique name of the machine; re-registering the same name keeps its host id.
+    pub name: String,
+    pub availability_zone: String,
+    /// `kvm`, `qemu`, `xen` or `test`.
+    pub hypervisor: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HostCredential {
+    pub host_id: String,
+    /// Secret shown once; sent back as `Authorization: Bearer <host_id>.<secret>`.
+    pub secret: String,
+}
+
+impl HostCredential {
+    pub fn bearer(&self) -> String {
+        format!("{}.{}", self.host_id, self.secret)
+    }
+}
+
+/// What the control plane wants of one instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DesiredState {
+    Running,
+    Stopped,
+    Terminated,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImageSpec {
+    pub image_id: String,
+    pub source_url: String,
+    pub kernel: ImageFile,
+    pub initrd: Option<ImageFile>,
+    pub root_disk: ImageFile,
+    pub cmdline: String,
+}
+
+/// What the metadata service answers for the instance.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InstanceMetadata {
+    pub instance_id: String,
+    pub reservation_id: String,
+    pub instance_type: String,
+    pub image_id: String,
+    pub availability_zone: String,
+    pub ami_launch_index: u32,
+    pub owner_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Assignment {
+    pub instance_id: String,
+    pub desired: DesiredState,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    pub image: ImageSpec,
+    /// Raw user-data, base64.
+    pub user_data: Option<String>,
+    pub metadata: InstanceMetadata,
+}
+
+/// `GET /v1/agent/assignments?after=G&wait_ms=T`: every instance that still
+/// holds capacity on the host. Returns at once when the host's generation is
+/// past `after`, otherwise when it changes or after `wait_ms`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Assignments {
+    pub generation: i64,
+    pub instances: Vec<Assignment>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Observation {
+    pub instance_id: String,
+    pub state: ObservedState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// `POST /v1/agent/report`: also the host's heartbeat.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Report {
+    pub observations: Vec<Observation>,
+}

@@ -1,0 +1,157 @@
+//! Instance lifecycle states, with EC2's names and numeric codes.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// The lifecycle state of an instance, as EC2 names and numbers them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InstanceState {
+    Pending,
+    Running,
+    ShuttingDown,
+    Terminated,
+    Stopping,
+    Stopped,
+}
+
+impl InstanceState {
+    pub const ALL: [InstanceState; 6] = [
+        InstanceState::Pending,
+        InstanceState::Running,
+        InstanceState::ShuttingDown,
+        InstanceState::Terminated,
+        InstanceState::Stopping,
+        InstanceState::Stopped,
+    ];
+
+    /// EC2's numeric state code (the low byte of `instanceState.code`).
+    pub fn code(self) -> u16 {
+        match self {
+            InstanceState::Pending => 0,
+            InstanceState::Running => 16,
+            InstanceState::ShuttingDown => 32,
+            InstanceState::Terminated => 48,
+            InstanceState::Stopping => 64,
+            InstanceState::Stopped => 80,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceState::Pending => "pending",
+            InstanceState::Running => "running",
+            InstanceState::ShuttingDown => "shutting-down",
+            InstanceState::Terminated => "terminated",
+            InstanceState::Stopping => "stopping",
+            InstanceState::Stopped => "stopped",
+        }
+    }
+
+    /// The state an instance moves to when a user asks to terminate it, or
+    /// `None` when the request changes nothing (already terminating or gone).
+    pub fn on_terminate(self) -> Option<InstanceState> {
+        match self {
+            InstanceState::Pending
+            | InstanceState::Running
+            | InstanceState::Stopping
+            | InstanceState::Stopped => Some(InstanceState::ShuttingDown),
+            InstanceState::ShuttingDown | InstanceState::Terminated => None,
+        }
+    }
+
+    /// The state that follows an agent's observation, or `None` when the
+    /// observation does not move the instance. `desired_terminated` says whether
+    /// the user asked for the instance to go away.
+    pub fn on_observed(self, observed: ObservedState, desired_terminated: bool) -> Option<InstanceState> {
+        match (self, observed, desired_terminated) {
+            (InstanceState::Pending, ObservedState::Running, false) => Some(InstanceState::Running),
+            (InstanceState::ShuttingDown, ObservedState::Absent, true) => Some(InstanceState::Terminated),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("unknown instance state {0:?}; expected one of pending, running, shutting-down, terminated, stopping, stopped")]
+pub struct UnknownState(pub String);
+
+impl FromStr for InstanceState {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        InstanceState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| UnknownState(s.to_string()))
+    }
+}
+
+/// What a host agent saw of one instance's guest on its hypervisor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ObservedState {
+    /// Disks or domain are being prepared; not running yet.
+    Building,
+    /// The domain is running.
+    Running,
+    /// The domain exists but is shut off.
+    Stopped,
+    /// No domain and no files remain on the host.
+    Absent,
+    /// The agent could not build or start the guest; see the report's message.
+    Failed,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_and_names_match_ec2() {
+        let pairs: Vec<(u16, &str)> = InstanceState::ALL.iter().map(|s| (s.code(), s.as_str())).collect();
+        assert_eq!(
+            pairs,
+            vec![(0, "pending"), (16, "running"), (32, "shutting-down"), (48, "terminated"), (64, "stopping"), (80, "stopped")]
+        );
+    }
+
+    #[test]
+    fn parse_round_trips_and_rejects_unknown() {
+        for s in InstanceState::ALL {
+            assert_eq!(s.as_str().parse::<InstanceState>(), Ok(s));
+            assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{}\"", s.as_str()));
+        }
+        assert!("Running".parse::<InstanceState>().is_err());
+        assert!("".parse::<InstanceState>().is_err());
+    }
+
+    #[test]
+    fn terminate_transitions() {
+        use InstanceState::*;
+        assert_eq!(Pending.on_terminate(), Some(ShuttingDown));
+        assert_eq!(Running.on_terminate(), Some(ShuttingDown));
+        assert_eq!(Stopped.on_terminate(), Some(ShuttingDown));
+        assert_eq!(ShuttingDown.on_terminate(), None);
+        assert_eq!(Terminated.on_terminate(), None);
+    }
+
+    #[test]
+    fn observation_transitions() {
+        use InstanceState::*;
+        assert_eq!(Pending.on_observed(ObservedState::Running, false), Some(Running));
+        // A guest seen running after the user asked to terminate does not go back to running.
+        assert_eq!(ShuttingDown.on_observed(ObservedState::Running, true), None);
+        assert_eq!(Pending.on_observed(ObservedState::Running, true), None);
+        // Only a confirmed absence terminates (and so releases capacity).
+        assert_eq!(ShuttingDown.on_observed(ObservedState::Absent, true), Some(Terminated));
+        assert_eq!(ShuttingDown.on_observed(ObservedState::Stopped, true), None);
+        assert_eq!(Running.on_observed(ObservedState::Absent, false), None);
+    }
+}
