@@ -1,1 +1,35 @@
-//! placeholder
+//! The Nimbus control plane: REST API, scheduler and host registry, backed by
+//! PostgreSQL. See ARCHITECTURE.md at the repository root for the map.
+
+pub mod api;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod ids;
+pub mod notify;
+pub mod service;
+
+pub use config::{Config, PlacementPolicy};
+pub use error::ServiceError;
+pub use service::Service;
+
+use tokio::net::TcpListener;
+
+/// Connects to PostgreSQL, applies migrations and starts the notification
+/// listener: a service ready to be served.
+pub async fn build(config: Config) -> anyhow::Result<Service> {
+    let db = db::connect(&config.database_url, config.db_connections).await?;
+    let events = notify::HostEvents::default();
+    events.spawn_listener(db.clone());
+    Ok(Service::new(db, config, events))
+}
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    service: Service,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    axum::serve(listener, api::router(service)).with_graceful_shutdown(shutdown).await?;
+    Ok(())
+}

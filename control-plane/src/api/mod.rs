@@ -1,0 +1,122 @@
+//! HTTP front doors over the service layer.
+//!
+//! - [`rest`]: the `/v1` REST/JSON API for users and the CLI.
+//! - [`agent`]: `/v1/agent/*`, the host-agent protocol.
+//!
+//! This module holds what they share: request ids, the one mapping of
+//! [`ServiceError`] to an HTTP response, authentication, and extractors that
+//! turn malformed input into typed errors.
+
+pub mod agent;
+pub mod rest;
+
+use crate::error::ServiceError;
+use crate::service::Service;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use nimbus_proto::api::ErrorBody;
+use subtle::ConstantTimeEq;
+
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+tokio::task_local! {
+    static REQUEST_ID: String;
+}
+
+/// The id of the request being served (empty outside a request).
+pub fn request_id() -> String {
+    REQUEST_ID.try_with(Clone::clone).unwrap_or_default()
+}
+
+/// Gives every request an id, visible in logs, in errors and in the
+/// `x-request-id` response header.
+async fn with_request_id(req: Request, next: Next) -> Response {
+    let id = uuid::Uuid::new_v4().to_string();
+    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
+    let mut resp = REQUEST_ID
+        .scope(id.clone(), async move {
+            let _enter = span.enter();
+            next.run(req).await
+        })
+        .await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
+    resp
+}
+
+impl IntoResponse for ServiceError {
+    fn into_response(self) -> Response {
+        let status = self.http_status();
+        if status.is_server_error() && !matches!(self, ServiceError::InsufficientInstanceCapacity(_)) {
+            tracing::error!(error = %self, "request failed");
+        } else {
+            tracing::debug!(code = self.code(), error = %self, "request rejected");
+        }
+        let body = ErrorBody { code: self.code().to_string(), message: self.public_message(), request_id: request_id() };
+        (status, Json(body)).into_response()
+    }
+}
+
+/// JSON body whose rejections (bad content type, syntax, wrong fields) are
+/// [`ServiceError::MalformedRequest`].
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ServiceError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(JsonRejection::MissingJsonContentType(_)) => {
+                Err(ServiceError::MalformedRequest("expected Content-Type: application/json".into()))
+            }
+            Err(e) => Err(ServiceError::MalformedRequest(format!("invalid JSON body: {}", e.body_text()))),
+        }
+    }
+}
+
+/// Query string with the same treatment as [`ApiJson`].
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ServiceError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| ApiQuery(q.0))
+            .map_err(|e: QueryRejection| ServiceError::InvalidParameterValue(format!("invalid query: {}", e.body_text())))
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
+}
+
+/// Whether the request carries `token` as its bearer token (constant time).
+pub(crate) fn has_token(headers: &HeaderMap, token: &str) -> bool {
+    bearer(headers).is_some_and(|t| bool::from(t.as_bytes().ct_eq(token.as_bytes())))
+}
+
+async fn not_found(req: Request) -> ServiceError {
+    ServiceError::RouteNotFound(format!("{} {}", req.method(), req.uri().path()))
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// The whole HTTP surface of the control plane.
+pub fn router(service: Service) -> Router {
+    Router::new()
+        .merge(rest::routes())
+        .merge(agent::routes())
+        .route("/healthz", axum::routing::get(healthz))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn(with_request_id))
+        .with_state(service)
+}

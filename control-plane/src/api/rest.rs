@@ -1,0 +1,109 @@
+//! `/v1`: the REST/JSON API. Handlers only decode, call the service, encode.
+
+use super::{has_token, ApiJson, ApiQuery};
+use crate::error::{Result, ServiceError};
+use crate::service::instances::InstanceFilter;
+use crate::service::{Caller, Service};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use nimbus_proto::api::*;
+use nimbus_proto::InstanceState;
+use serde::Deserialize;
+
+/// A caller authenticated by the admin token.
+pub struct Admin(pub Caller);
+
+impl FromRequestParts<Service> for Admin {
+    type Rejection = ServiceError;
+    async fn from_request_parts(parts: &mut Parts, service: &Service) -> Result<Self> {
+        if parts.headers.get(axum::http::header::AUTHORIZATION).is_none() {
+            return Err(ServiceError::AuthFailure("missing Authorization: Bearer <token>".into()));
+        }
+        if has_token(&parts.headers, &service.config.admin_token) {
+            Ok(Admin(Caller::admin()))
+        } else {
+            Err(ServiceError::AuthFailure("invalid token".into()))
+        }
+    }
+}
+
+pub fn routes() -> Router<Service> {
+    Router::new()
+        .route("/v1/instances", post(run_instances).get(describe_instances))
+        .route("/v1/instances/terminate", post(terminate_instances))
+        .route("/v1/instances/{id}", get(describe_instance).delete(terminate_instance))
+        .route("/v1/hosts", get(describe_hosts))
+        .route("/v1/instance-types", get(describe_instance_types))
+        .route("/v1/images", get(describe_images).post(register_image))
+}
+
+async fn run_instances(State(s): State<Service>, Admin(c): Admin, ApiJson(req): ApiJson<RunInstancesRequest>) -> Result<Json<Reservation>> {
+    Ok(Json(s.run_instances(&c, req).await?))
+}
+
+/// Query of `GET /v1/instances`; list filters are comma-separated.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    instance_id: Option<String>,
+    state: Option<String>,
+    availability_zone: Option<String>,
+    instance_type: Option<String>,
+    max_results: Option<u32>,
+    next_token: Option<String>,
+}
+
+fn split(v: &Option<String>) -> Vec<String> {
+    v.as_deref().map(|s| s.split(',').filter(|p| !p.is_empty()).map(str::to_string).collect()).unwrap_or_default()
+}
+
+async fn describe_instances(State(s): State<Service>, Admin(c): Admin, ApiQuery(q): ApiQuery<ListQuery>) -> Result<Json<InstanceList>> {
+    let states = split(&q.state)
+        .iter()
+        .map(|st| st.parse::<InstanceState>().map_err(|e| ServiceError::InvalidParameterValue(e.to_string())))
+        .collect::<Result<_>>()?;
+    let filter = InstanceFilter {
+        instance_ids: split(&q.instance_id),
+        states,
+        availability_zones: split(&q.availability_zone),
+        instance_types: split(&q.instance_type),
+        max_results: q.max_results,
+        next_token: q.next_token,
+    };
+    Ok(Json(s.describe_instances(&c, filter).await?))
+}
+
+async fn describe_instance(State(s): State<Service>, Admin(c): Admin, Path(id): Path<String>) -> Result<Json<Instance>> {
+    Ok(Json(s.describe_instance(&c, &id).await?))
+}
+
+async fn terminate_instances(
+    State(s): State<Service>,
+    Admin(c): Admin,
+    ApiJson(req): ApiJson<TerminateInstancesRequest>,
+) -> Result<Json<TerminateInstancesResponse>> {
+    Ok(Json(TerminateInstancesResponse { terminating_instances: s.terminate_instances(&c, &req.instance_ids).await? }))
+}
+
+async fn terminate_instance(State(s): State<Service>, Admin(c): Admin, Path(id): Path<String>) -> Result<Json<StateChange>> {
+    let mut changes = s.terminate_instances(&c, &[id.clone()]).await?;
+    changes.pop().map(Json).ok_or(ServiceError::InstanceNotFound(id))
+}
+
+async fn describe_hosts(State(s): State<Service>, Admin(_): Admin) -> Result<Json<HostList>> {
+    Ok(Json(HostList { hosts: s.describe_hosts().await? }))
+}
+
+async fn describe_instance_types(State(s): State<Service>, Admin(_): Admin) -> Result<Json<InstanceTypeList>> {
+    Ok(Json(InstanceTypeList { instance_types: s.describe_instance_types().await? }))
+}
+
+async fn describe_images(State(s): State<Service>, Admin(_): Admin) -> Result<Json<ImageList>> {
+    Ok(Json(ImageList { images: s.describe_images().await? }))
+}
+
+async fn register_image(State(s): State<Service>, Admin(c): Admin, ApiJson(req): ApiJson<RegisterImageRequest>) -> Result<Json<Image>> {
+    Ok(Json(s.register_image(&c, req).await?))
+}

@@ -1,0 +1,49 @@
+//! Control-plane configuration (flags or environment; see `nimbus-control-plane --help`).
+
+use clap::{Parser, ValueEnum};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// How the scheduler chooses among the hosts of one availability zone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PlacementPolicy {
+    /// Fill the fullest host that still fits (fewer hosts in use, room kept for large launches).
+    Pack,
+    /// Use the emptiest host (fault isolation, less noisy neighbours).
+    Spread,
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "nimbus-control-plane", about = "Nimbus control plane: REST API, scheduler, host registry")]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "NIMBUS_LISTEN", default_value = "127.0.0.1:8787")]
+    pub listen: SocketAddr,
+    /// PostgreSQL connection URL.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+    /// Bearer token of the administrator (all `/v1` calls in this release).
+    #[arg(long, env = "NIMBUS_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: String,
+    /// Token a host agent presents once to register and receive its own credential.
+    #[arg(long, env = "NIMBUS_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: String,
+    /// Placement within an availability zone.
+    #[arg(long, env = "NIMBUS_PLACEMENT", value_enum, default_value = "spread")]
+    pub placement: PlacementPolicy,
+    /// A host whose last heartbeat is older than this gets no new instances.
+    #[arg(long, env = "NIMBUS_HOST_TIMEOUT_SECS", default_value_t = 30)]
+    pub host_timeout_secs: u64,
+    /// Largest MaxCount of one launch.
+    #[arg(long, env = "NIMBUS_MAX_COUNT", default_value_t = 100)]
+    pub max_count: u32,
+    /// Size of the PostgreSQL connection pool.
+    #[arg(long, env = "NIMBUS_DB_CONNECTIONS", default_value_t = 20)]
+    pub db_connections: u32,
+}
+
+impl Config {
+    pub fn host_timeout(&self) -> Duration {
+        Duration::from_secs(self.host_timeout_secs)
+    }
+}

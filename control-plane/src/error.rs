@@ -1,0 +1,104 @@
+//! The one error type of the service layer and its mapping to API errors.
+//!
+//! Every front door turns a [`ServiceError`] into its wire form through
+//! [`ServiceError::code`] and [`ServiceError::http_status`]; nothing else in
+//! the control plane decides an error code or status.
+
+use axum::http::StatusCode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("{0}")]
+    InvalidParameterValue(String),
+    #[error("The request must contain the parameter {0}")]
+    MissingParameter(String),
+    #[error("{0}")]
+    MalformedRequest(String),
+    #[error("The image id '{0}' does not exist")]
+    ImageNotFound(String),
+    #[error("Invalid id: \"{0}\" (expecting \"ami-...\")")]
+    ImageIdMalformed(String),
+    #[error("The instance ID '{0}' does not exist")]
+    InstanceNotFound(String),
+    #[error("Invalid id: \"{0}\" (expecting \"i-...\")")]
+    InstanceIdMalformed(String),
+    #[error("The instance type '{0}' does not exist")]
+    InstanceTypeNotFound(String),
+    #[error("An image named '{0}' already exists")]
+    ImageAlreadyExists(String),
+    #[error("There is not enough capacity to fulfil your request: {0}")]
+    InsufficientInstanceCapacity(String),
+    #[error("Client token '{0}' was already used with different parameters")]
+    IdempotentParameterMismatch(String),
+    #[error("{0}")]
+    AuthFailure(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("No route for {0}")]
+    RouteNotFound(String),
+    #[error("database error")]
+    Database(#[from] sqlx::Error),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ServiceError {
+    /// The stable error code clients match on (EC2's names where EC2 has one).
+    pub fn code(&self) -> &'static str {
+        use ServiceError::*;
+        match self {
+            InvalidParameterValue(_) => "InvalidParameterValue",
+            MissingParameter(_) => "MissingParameter",
+            MalformedRequest(_) => "MalformedRequest",
+            ImageNotFound(_) => "InvalidAMIID.NotFound",
+            ImageIdMalformed(_) => "InvalidAMIID.Malformed",
+            InstanceNotFound(_) => "InvalidInstanceID.NotFound",
+            InstanceIdMalformed(_) => "InvalidInstanceID.Malformed",
+            InstanceTypeNotFound(_) => "InvalidInstanceType",
+            ImageAlreadyExists(_) => "InvalidAMIName.Duplicate",
+            InsufficientInstanceCapacity(_) => "InsufficientInstanceCapacity",
+            IdempotentParameterMismatch(_) => "IdempotentParameterMismatch",
+            AuthFailure(_) => "AuthFailure",
+            Unauthorized(_) => "UnauthorizedOperation",
+            Conflict(_) => "Conflict",
+            RouteNotFound(_) => "NotFound",
+            Database(_) | Internal(_) => "InternalError",
+        }
+    }
+
+    /// The REST status. Client errors are 4xx; only a real server fault is 5xx
+    /// (clients retry 5xx). Lack of capacity is 503: retrying later can succeed.
+    pub fn http_status(&self) -> StatusCode {
+        use ServiceError::*;
+        match self {
+            InvalidParameterValue(_)
+            | MissingParameter(_)
+            | MalformedRequest(_)
+            | ImageNotFound(_)
+            | ImageIdMalformed(_)
+            | InstanceNotFound(_)
+            | InstanceIdMalformed(_)
+            | InstanceTypeNotFound(_) => StatusCode::BAD_REQUEST,
+            ImageAlreadyExists(_) | IdempotentParameterMismatch(_) | Conflict(_) => StatusCode::CONFLICT,
+            AuthFailure(_) => StatusCode::UNAUTHORIZED,
+            Unauthorized(_) => StatusCode::FORBIDDEN,
+            RouteNotFound(_) => StatusCode::NOT_FOUND,
+            InsufficientInstanceCapacity(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Database(_) | Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The message shown to clients. Internal details stay in the logs.
+    pub fn public_message(&self) -> String {
+        match self {
+            ServiceError::Database(_) | ServiceError::Internal(_) => {
+                "An internal error occurred; the request id identifies it in the server's logs".to_string()
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
+pub type Result<T, E = ServiceError> = std::result::Result<T, E>;

@@ -1,0 +1,336 @@
+//! Hosts: registration, credentials, assignments (the agent's desired state)
+//! and reports (the agent's observations, which drive instance states and
+//! release capacity).
+
+use super::instances::parse_state;
+use super::Service;
+use crate::error::{Result, ServiceError};
+use crate::ids;
+use base64::Engine;
+use nimbus_proto::agent::{
+    Assignment, Assignments, DesiredState, HostCredential, ImageSpec, InstanceMetadata, RegisterHost, Report,
+};
+use nimbus_proto::api::{Host, ImageFile, Resources};
+use nimbus_proto::ObservedState;
+use sha2::{Digest, Sha256};
+use std::time::Duration;
+use subtle::ConstantTimeEq;
+
+/// Longest long poll an agent may ask for.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+
+fn secret_digest(secret: &str) -> Vec<u8> {
+    Sha256::digest(secret.as_bytes()).to_vec()
+}
+
+fn validate_register(req: &RegisterHost) -> Result<()> {
+    let name_ok = |s: &str| !s.is_empty() && s.len() <= 253 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if !name_ok(&req.name) {
+        return Err(ServiceError::InvalidParameterValue("host name must be 1 to 253 of [A-Za-z0-9._-]".into()));
+    }
+    if !name_ok(&req.availability_zone) || req.availability_zone.len() > 64 {
+        return Err(ServiceError::InvalidParameterValue("availability_zone must be 1 to 64 of [A-Za-z0-9._-]".into()));
+    }
+    if !["kvm", "qemu", "xen", "test"].contains(&req.hypervisor.as_str()) {
+        return Err(ServiceError::InvalidParameterValue("hypervisor must be kvm, qemu, xen or test".into()));
+    }
+    if req.vcpus > 1_000_000 || req.memory_mib > i64::MAX as u64 / 2 || req.disk_gib > i64::MAX as u64 / 2 {
+        return Err(ServiceError::InvalidParameterValue("capacity out of range".into()));
+    }
+    Ok(())
+}
+
+#[derive(sqlx::FromRow)]
+struct HostRow {
+    id: String,
+    name: String,
+    availability_zone: String,
+    hypervisor: String,
+    total_vcpus: i32,
+    total_memory_mib: i64,
+    total_disk_gib: i64,
+    used_vcpus: i32,
+    used_memory_mib: i64,
+    used_disk_gib: i64,
+    last_heartbeat: Option<chrono::DateTime<chrono::Utc>>,
+    alive: bool,
+    instance_count: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct AssignmentRow {
+    id: String,
+    desired_state: String,
+    vcpus: i32,
+    memory_mib: i64,
+    disk_gib: i64,
+    user_data: Option<Vec<u8>>,
+    reservation_id: String,
+    instance_type: String,
+    image_id: String,
+    availability_zone: String,
+    ami_launch_index: i32,
+    account_id: String,
+    source_url: String,
+    kernel: String,
+    kernel_sha256: String,
+    initrd: Option<String>,
+    initrd_sha256: Option<String>,
+    root_disk: String,
+    root_disk_sha256: String,
+    cmdline: String,
+}
+
+impl AssignmentRow {
+    fn into_assignment(self) -> Result<Assignment> {
+        let desired = match self.desired_state.as_str() {
+            "running" => DesiredState::Running,
+            "stopped" => DesiredState::Stopped,
+            "terminated" => DesiredState::Terminated,
+            other => return Err(ServiceError::Internal(format!("bad desired state {other:?}"))),
+        };
+        Ok(Assignment {
+            desired,
+            vcpus: self.vcpus as u32,
+            memory_mib: self.memory_mib as u64,
+            disk_gib: self.disk_gib as u64,
+            user_data: self.user_data.map(|u| base64::engine::general_purpose::STANDARD.encode(u)),
+            image: ImageSpec {
+                image_id: self.image_id.clone(),
+                source_url: self.source_url,
+                kernel: ImageFile { name: self.kernel, sha256: self.kernel_sha256 },
+                initrd: match (self.initrd, self.initrd_sha256) {
+                    (Some(name), Some(sha256)) => Some(ImageFile { name, sha256 }),
+                    _ => None,
+                },
+                root_disk: ImageFile { name: self.root_disk, sha256: self.root_disk_sha256 },
+                cmdline: self.cmdline,
+            },
+            metadata: InstanceMetadata {
+                instance_id: self.id.clone(),
+                reservation_id: self.reservation_id,
+                instance_type: self.instance_type,
+                image_id: self.image_id,
+                availability_zone: self.availability_zone,
+                ami_launch_index: self.ami_launch_index as u32,
+                owner_id: self.account_id,
+            },
+            instance_id: self.id,
+        })
+    }
+}
+
+impl Service {
+    /// Registers a host, or re-registers one by name (keeping its id and
+    /// rotating its credential). Capacity may not shrink below what its
+    /// instances hold.
+    pub async fn register_host(&self, req: RegisterHost) -> Result<HostCredential> {
+        validate_register(&req)?;
+        let secret = ids::new_secret();
+        let row: Option<(String,)> = sqlx::query_as(
+            "INSERT INTO hosts (id, name, availability_zone, hypervisor, credential_sha256, total_vcpus, \
+                 total_memory_mib, total_disk_gib, last_heartbeat) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now()) \
+             ON CONFLICT (name) DO UPDATE SET availability_zone = EXCLUDED.availability_zone, \
+                 hypervisor = EXCLUDED.hypervisor, credential_sha256 = EXCLUDED.credential_sha256, \
+                 total_vcpus = EXCLUDED.total_vcpus, total_memory_mib = EXCLUDED.total_memory_mib, \
+                 total_disk_gib = EXCLUDED.total_disk_gib, last_heartbeat = now(), generation = hosts.generation + 1 \
+             RETURNING id",
+        )
+        .bind(ids::new_id(ids::HOST))
+        .bind(&req.name)
+        .bind(&req.availability_zone)
+        .bind(&req.hypervisor)
+        .bind(secret_digest(&secret))
+        .bind(req.vcpus as i32)
+        .bind(req.memory_mib as i64)
+        .bind(req.disk_gib as i64)
+        .fetch_optional(&self.db)
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("23514") => ServiceError::Conflict(format!(
+                "host {} cannot shrink below the capacity its instances hold",
+                req.name
+            )),
+            _ => e.into(),
+        })?;
+        let (host_id,) = row.ok_or_else(|| ServiceError::Internal("host upsert returned nothing".into()))?;
+        tracing::info!(%host_id, name = %req.name, zone = %req.availability_zone, hypervisor = %req.hypervisor,
+            vcpus = req.vcpus, memory_mib = req.memory_mib, disk_gib = req.disk_gib, "host registered");
+        Ok(HostCredential { host_id, secret })
+    }
+
+    /// The host a `<host_id>.<secret>` bearer credential belongs to.
+    pub async fn authenticate_host(&self, bearer: &str) -> Result<String> {
+        let denied = || ServiceError::AuthFailure("invalid host credential".into());
+        let (host_id, secret) = bearer.split_once('.').ok_or_else(denied)?;
+        if !ids::is_valid(ids::HOST, host_id) {
+            return Err(denied());
+        }
+        let stored: Option<(Vec<u8>,)> = sqlx::query_as("SELECT credential_sha256 FROM hosts WHERE id = $1")
+            .bind(host_id)
+            .fetch_optional(&self.db)
+            .await?;
+        match stored {
+            Some((digest,)) if bool::from(digest.ct_eq(&secret_digest(secret))) => Ok(host_id.to_string()),
+            _ => Err(denied()),
+        }
+    }
+
+    /// Everything placed on the host that still holds capacity. Waits up to
+    /// `wait` for the host's generation to pass `after`.
+    pub async fn assignments(&self, host_id: &str, after: i64, wait: Duration) -> Result<Assignments> {
+        let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
+        // Subscribe before reading, so a change between the read and the wait wakes us.
+        let mut changes = self.events.subscribe(host_id);
+        let generation = loop {
+            let (generation,): (i64,) = sqlx::query_as("SELECT generation FROM hosts WHERE id = $1")
+                .bind(host_id)
+                .fetch_one(&self.db)
+                .await?;
+            if generation > after {
+                break generation;
+            }
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { break generation },
+                _ = tokio::time::sleep_until(deadline) => break generation,
+            }
+        };
+        // Read after the generation: a change committed in between shows up in
+        // the list and makes the agent's next poll return at once.
+        let rows = sqlx::query_as::<_, AssignmentRow>(
+            "SELECT i.id, i.desired_state, i.vcpus, i.memory_mib, i.disk_gib, i.user_data, i.reservation_id, \
+                    i.instance_type, i.image_id, i.availability_zone, i.ami_launch_index, i.account_id, \
+                    m.source_url, m.kernel, m.kernel_sha256, m.initrd, m.initrd_sha256, m.root_disk, \
+                    m.root_disk_sha256, m.cmdline \
+             FROM instances i JOIN images m ON m.id = i.image_id \
+             WHERE i.host_id = $1 AND i.capacity_held ORDER BY i.seq",
+        )
+        .bind(host_id)
+        .fetch_all(&self.db)
+        .await?;
+        Ok(Assignments { generation, instances: rows.into_iter().map(AssignmentRow::into_assignment).collect::<Result<_>>()? })
+    }
+
+    /// Applies an agent's observations and records its heartbeat.
+    pub async fn report(&self, host_id: &str, report: &Report) -> Result<()> {
+        loop {
+            match self.try_report(host_id, report).await {
+                Err(ServiceError::Database(e)) if crate::db::is_retryable(&e) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_report(&self, host_id: &str, report: &Report) -> Result<()> {
+        let mut tx = self.db.begin().await?;
+        let ids: Vec<&str> = report.observations.iter().map(|o| o.instance_id.as_str()).collect();
+        // Lock order everywhere: instances (by id), then hosts.
+        let rows: Vec<(String, String, String, i32, i64, i64)> = sqlx::query_as(
+            "SELECT id, state, desired_state, vcpus, memory_mib, disk_gib FROM instances \
+             WHERE host_id = $1 AND id = ANY($2) AND capacity_held ORDER BY id FOR UPDATE",
+        )
+        .bind(host_id)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let (mut released, mut running, mut terminated, mut failed) = ((0i64, 0i64, 0i64), vec![], vec![], vec![]);
+        let (mut failed_reasons, mut bump) = (vec![], false);
+        for (id, state, desired, vcpus, memory, disk) in rows {
+            let Some(obs) = report.observations.iter().find(|o| o.instance_id == id) else { continue };
+            let state = parse_state(&state)?;
+            let desired_terminated = desired == "terminated";
+            if obs.state == ObservedState::Failed && !desired_terminated {
+                // The guest cannot be built here: terminate it (the agent cleans up
+                // and confirms, which releases the capacity) and say why.
+                let reason = obs.message.clone().unwrap_or_else(|| "the host could not start the instance".into());
+                tracing::warn!(instance_id = %id, %host_id, %reason, "instance failed on its host");
+                failed.push(id);
+                failed_reasons.push(format!("Server.InternalError: {reason}"));
+                bump = true;
+                continue;
+            }
+            match state.on_observed(obs.state, desired_terminated) {
+                Some(nimbus_proto::InstanceState::Running) => running.push(id),
+                Some(nimbus_proto::InstanceState::Terminated) => {
+                    released.0 += i64::from(vcpus);
+                    released.1 += memory;
+                    released.2 += disk;
+                    terminated.push(id);
+                }
+                _ => {}
+            }
+        }
+        if !running.is_empty() {
+            sqlx::query("UPDATE instances SET state = 'running', state_changed_at = now() WHERE id = ANY($1)")
+                .bind(&running)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if !terminated.is_empty() {
+            sqlx::query(
+                "UPDATE instances SET state = 'terminated', capacity_held = false, state_changed_at = now() WHERE id = ANY($1)",
+            )
+            .bind(&terminated)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !failed.is_empty() {
+            sqlx::query(
+                "UPDATE instances SET state = 'shutting-down', desired_state = 'terminated', state_changed_at = now(), \
+                     state_reason = r.reason FROM unnest($1::text[], $2::text[]) AS r(id, reason) WHERE instances.id = r.id",
+            )
+            .bind(&failed)
+            .bind(&failed_reasons)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "UPDATE hosts SET last_heartbeat = now(), used_vcpus = used_vcpus - $2, used_memory_mib = used_memory_mib - $3, \
+                 used_disk_gib = used_disk_gib - $4, generation = generation + $5 WHERE id = $1",
+        )
+        .bind(host_id)
+        .bind(released.0 as i32)
+        .bind(released.1)
+        .bind(released.2)
+        .bind(i64::from(bump))
+        .execute(&mut *tx)
+        .await?;
+        if bump {
+            sqlx::query("SELECT pg_notify($1, $2)").bind(crate::notify::CHANNEL).bind(host_id).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        if !running.is_empty() || !terminated.is_empty() {
+            tracing::info!(%host_id, running = running.len(), terminated = terminated.len(), "instance states observed");
+        }
+        Ok(())
+    }
+
+    pub async fn describe_hosts(&self) -> Result<Vec<Host>> {
+        let rows = sqlx::query_as::<_, HostRow>(
+            "SELECT h.id, h.name, h.availability_zone, h.hypervisor, h.total_vcpus, h.total_memory_mib, h.total_disk_gib, \
+                    h.used_vcpus, h.used_memory_mib, h.used_disk_gib, h.last_heartbeat, \
+                    coalesce(h.last_heartbeat > now() - make_interval(secs => $1), false) AS alive, \
+                    (SELECT count(*) FROM instances i WHERE i.host_id = h.id AND i.capacity_held) AS instance_count \
+             FROM hosts h ORDER BY h.availability_zone, h.name",
+        )
+        .bind(self.config.host_timeout().as_secs_f64())
+        .fetch_all(&self.db)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Host {
+                host_id: r.id,
+                name: r.name,
+                availability_zone: r.availability_zone,
+                hypervisor: r.hypervisor,
+                status: if r.alive { "available" } else { "unreachable" }.to_string(),
+                total: Resources { vcpus: r.total_vcpus as u32, memory_mib: r.total_memory_mib as u64, disk_gib: r.total_disk_gib as u64 },
+                used: Resources { vcpus: r.used_vcpus as u32, memory_mib: r.used_memory_mib as u64, disk_gib: r.used_disk_gib as u64 },
+                instance_count: r.instance_count as u32,
+                last_heartbeat: r.last_heartbeat,
+            })
+            .collect())
+    }
+}
+

@@ -1,0 +1,489 @@
+//! Instances: launch, describe, terminate.
+
+use super::scheduler::{self, Claim, Need};
+use super::{Caller, Service};
+use crate::error::{Result, ServiceError};
+use crate::ids;
+use base64::Engine;
+use nimbus_proto::api::{
+    Instance, InstanceList, Reservation, RunInstancesRequest, StateChange, MAX_USER_DATA_BYTES,
+};
+use nimbus_proto::InstanceState;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeSet;
+
+/// How often a launch re-plans after losing a race for capacity.
+const MAX_PLACEMENT_ATTEMPTS: u32 = 16;
+pub const MAX_PAGE: u32 = 1000;
+pub const DEFAULT_PAGE: u32 = 100;
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct InstanceRow {
+    pub id: String,
+    pub seq: i64,
+    pub account_id: String,
+    pub reservation_id: String,
+    pub ami_launch_index: i32,
+    pub image_id: String,
+    pub instance_type: String,
+    pub availability_zone: String,
+    pub host_id: String,
+    pub state: String,
+    pub state_reason: Option<String>,
+    pub launch_time: chrono::DateTime<chrono::Utc>,
+}
+
+const INSTANCE_COLUMNS: &str = "id, seq, account_id, reservation_id, ami_launch_index, image_id, instance_type, \
+     availability_zone, host_id, state, state_reason, launch_time";
+
+pub(crate) fn parse_state(s: &str) -> Result<InstanceState> {
+    s.parse().map_err(|e| ServiceError::Internal(format!("bad state in database: {e}")))
+}
+
+impl InstanceRow {
+    fn into_api(self) -> Result<Instance> {
+        Ok(Instance {
+            state: parse_state(&self.state)?.into(),
+            instance_id: self.id,
+            reservation_id: self.reservation_id,
+            image_id: self.image_id,
+            instance_type: self.instance_type,
+            availability_zone: self.availability_zone,
+            host_id: self.host_id,
+            launch_time: self.launch_time,
+            ami_launch_index: self.ami_launch_index as u32,
+            state_reason: self.state_reason,
+        })
+    }
+}
+
+/// Filters of a describe call; every present filter must match.
+#[derive(Debug, Clone, Default)]
+pub struct InstanceFilter {
+    pub instance_ids: Vec<String>,
+    pub states: Vec<InstanceState>,
+    pub availability_zones: Vec<String>,
+    pub instance_types: Vec<String>,
+    pub max_results: Option<u32>,
+    pub next_token: Option<String>,
+}
+
+fn encode_token(seq: i64) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("seq:{seq}"))
+}
+
+fn decode_token(token: &str) -> Result<i64> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| s.strip_prefix("seq:").and_then(|n| n.parse().ok()))
+        .ok_or_else(|| ServiceError::InvalidParameterValue("next_token is not a token this API returned".into()))
+}
+
+/// A validated launch.
+#[derive(Debug)]
+struct LaunchSpec {
+    image_id: String,
+    instance_type: String,
+    need: Need,
+    min: u32,
+    max: u32,
+    zone: Option<String>,
+    user_data: Option<Vec<u8>>,
+}
+
+impl LaunchSpec {
+    /// Digest of everything that makes two launches "the same request".
+    fn digest(&self) -> Vec<u8> {
+        let mut h = Sha256::new();
+        for part in [self.image_id.as_bytes(), self.instance_type.as_bytes(), self.zone.as_deref().unwrap_or("").as_bytes()] {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part);
+        }
+        h.update(self.min.to_be_bytes());
+        h.update(self.max.to_be_bytes());
+        match &self.user_data {
+            Some(u) => {
+                h.update([1]);
+                h.update(u);
+            }
+            None => h.update([0]),
+        }
+        h.finalize().to_vec()
+    }
+}
+
+/// Checks everything about a launch that does not need the database.
+pub fn validate_run(req: &RunInstancesRequest, max_count: u32) -> Result<(Option<Vec<u8>>, Option<String>)> {
+    if req.min_count < 1 {
+        return Err(ServiceError::InvalidParameterValue("min_count must be at least 1".into()));
+    }
+    if req.max_count < req.min_count {
+        return Err(ServiceError::InvalidParameterValue("max_count must not be less than min_count".into()));
+    }
+    if req.max_count > max_count {
+        return Err(ServiceError::InvalidParameterValue(format!("max_count must be at most {max_count}")));
+    }
+    if req.instance_type.is_empty() {
+        return Err(ServiceError::MissingParameter("instance_type".into()));
+    }
+    let user_data = match &req.user_data {
+        None => None,
+        Some(b64) => {
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .map_err(|_| ServiceError::InvalidParameterValue("user_data must be base64".into()))?;
+            if raw.len() > MAX_USER_DATA_BYTES {
+                return Err(ServiceError::InvalidParameterValue(format!(
+                    "user_data is {} bytes once decoded; the limit is {MAX_USER_DATA_BYTES}",
+                    raw.len()
+                )));
+            }
+            Some(raw)
+        }
+    };
+    if let Some(token) = &req.client_token {
+        if token.is_empty() || token.len() > 64 || !token.is_ascii() {
+            return Err(ServiceError::InvalidParameterValue("client_token must be 1 to 64 ASCII characters".into()));
+        }
+    }
+    let zone = match &req.availability_zone {
+        Some(z) if z.is_empty() || z.len() > 64 => {
+            return Err(ServiceError::InvalidParameterValue("availability_zone must be 1 to 64 characters".into()))
+        }
+        other => other.clone(),
+    };
+    Ok((user_data, zone))
+}
+
+impl Service {
+    pub async fn run_instances(&self, caller: &Caller, req: RunInstancesRequest) -> Result<Reservation> {
+        let (user_data, zone) = validate_run(&req, self.config.max_count)?;
+        let image = self.image(req.image_id.as_deref()).await?;
+        let itype = self.instance_type(&req.instance_type).await?;
+        let spec = LaunchSpec {
+            image_id: image.image_id,
+            instance_type: itype.name,
+            need: Need { vcpus: itype.vcpus.into(), memory_mib: itype.memory_mib as i64, disk_gib: itype.disk_gib as i64 },
+            min: req.min_count,
+            max: req.max_count,
+            zone,
+            user_data,
+        };
+        let digest = spec.digest();
+        for attempt in 1..=MAX_PLACEMENT_ATTEMPTS {
+            match self.try_launch(caller, &spec, &digest, req.client_token.as_deref()).await {
+                Ok(Some(reservation)) => return Ok(reservation),
+                Ok(None) => tracing::debug!(attempt, "lost a race for capacity; planning again"),
+                Err(ServiceError::Database(e)) if crate::db::is_retryable(&e) => {
+                    tracing::debug!(attempt, error = %e, "retrying launch transaction")
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ServiceError::InsufficientInstanceCapacity(
+            "capacity is contended by concurrent launches; try again".into(),
+        ))
+    }
+
+    /// One launch transaction. `Ok(None)`: capacity was taken by a concurrent
+    /// launch after we planned; nothing was written.
+    async fn try_launch(
+        &self,
+        caller: &Caller,
+        spec: &LaunchSpec,
+        digest: &[u8],
+        client_token: Option<&str>,
+    ) -> Result<Option<Reservation>> {
+        let mut tx = self.db.begin().await?;
+        let reservation_id = ids::new_id(ids::RESERVATION);
+        // With a token, the unique (account, token) index serialises retries:
+        // a concurrent retry waits here until the first commits, then finds it.
+        let inserted = sqlx::query(
+            "INSERT INTO reservations (id, account_id, client_token, request_sha256) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (account_id, client_token) DO NOTHING",
+        )
+        .bind(&reservation_id)
+        .bind(&caller.account_id)
+        .bind(client_token)
+        .bind(digest)
+        .execute(&mut *tx)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            tx.rollback().await?;
+            let token = client_token.unwrap_or_default();
+            let (existing_id, existing_digest): (String, Vec<u8>) = sqlx::query_as(
+                "SELECT id, request_sha256 FROM reservations WHERE account_id = $1 AND client_token = $2",
+            )
+            .bind(&caller.account_id)
+            .bind(token)
+            .fetch_one(&self.db)
+            .await?;
+            if existing_digest != digest {
+                return Err(ServiceError::IdempotentParameterMismatch(token.to_string()));
+            }
+            return self.reservation(caller, &existing_id).await.map(Some);
+        }
+
+        let hosts = scheduler::schedulable_hosts(&mut tx, self.config.host_timeout()).await?;
+        let placements = scheduler::plan(&hosts, spec.need, spec.max, spec.zone.as_deref(), self.config.placement);
+        if placements.len() < spec.min as usize {
+            tx.rollback().await?;
+            return Err(ServiceError::InsufficientInstanceCapacity(format!(
+                "{} of the {} instance(s) of type {} fit{}",
+                placements.len(),
+                spec.min,
+                spec.instance_type,
+                spec.zone.as_ref().map(|z| format!(" in {z}")).unwrap_or_default()
+            )));
+        }
+        if scheduler::claim(&mut tx, &placements, spec.need).await? == Claim::Raced {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        let zones: std::collections::HashMap<&str, &str> =
+            hosts.iter().map(|h| (h.id.as_str(), h.availability_zone.as_str())).collect();
+        let ids: Vec<String> = placements.iter().map(|_| ids::new_id(ids::INSTANCE)).collect();
+        let indexes: Vec<i32> = (0..placements.len() as i32).collect();
+        let placed_zones: Vec<String> = placements.iter().map(|h| zones.get(h.as_str()).copied().unwrap_or("").to_string()).collect();
+        sqlx::query(
+            "INSERT INTO instances (id, account_id, reservation_id, ami_launch_index, image_id, instance_type, \
+                 vcpus, memory_mib, disk_gib, availability_zone, host_id, state, desired_state, user_data) \
+             SELECT id, $2, $3, idx, $4, $5, $6, $7, $8, zone, host, 'pending', 'running', $9 \
+             FROM unnest($1::text[], $10::int[], $11::text[], $12::text[]) AS t(id, idx, zone, host)",
+        )
+        .bind(&ids)
+        .bind(&caller.account_id)
+        .bind(&reservation_id)
+        .bind(&spec.image_id)
+        .bind(&spec.instance_type)
+        .bind(spec.need.vcpus as i32)
+        .bind(spec.need.memory_mib)
+        .bind(spec.need.disk_gib)
+        .bind(&spec.user_data)
+        .bind(&indexes)
+        .bind(&placed_zones)
+        .bind(&placements)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        tracing::info!(%reservation_id, count = ids.len(), instance_type = %spec.instance_type, "instances launched");
+        self.reservation(caller, &reservation_id).await.map(Some)
+    }
+
+    async fn reservation(&self, caller: &Caller, reservation_id: &str) -> Result<Reservation> {
+        let rows = sqlx::query_as::<_, InstanceRow>(&format!(
+            "SELECT {INSTANCE_COLUMNS} FROM instances WHERE reservation_id = $1 AND account_id = $2 ORDER BY ami_launch_index"
+        ))
+        .bind(reservation_id)
+        .bind(&caller.account_id)
+        .fetch_all(&self.db)
+        .await?;
+        Ok(Reservation {
+            reservation_id: reservation_id.to_string(),
+            owner_id: caller.account_id.clone(),
+            instances: rows.into_iter().map(InstanceRow::into_api).collect::<Result<_>>()?,
+        })
+    }
+
+    pub async fn describe_instances(&self, caller: &Caller, filter: InstanceFilter) -> Result<InstanceList> {
+        for id in &filter.instance_ids {
+            if !ids::is_valid(ids::INSTANCE, id) {
+                return Err(ServiceError::InstanceIdMalformed(id.clone()));
+            }
+        }
+        let limit = filter.max_results.unwrap_or(DEFAULT_PAGE);
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(ServiceError::InvalidParameterValue(format!("max_results must be between 1 and {MAX_PAGE}")));
+        }
+        let after = filter.next_token.as_deref().map(decode_token).transpose()?.unwrap_or(0);
+        let opt = |v: &Vec<String>| if v.is_empty() { None } else { Some(v.clone()) };
+        let states: Vec<String> = filter.states.iter().map(|s| s.as_str().to_string()).collect();
+        let mut rows = sqlx::query_as::<_, InstanceRow>(&format!(
+            "SELECT {INSTANCE_COLUMNS} FROM instances WHERE account_id = $1 AND seq > $2 \
+               AND ($3::text[] IS NULL OR id = ANY($3)) AND ($4::text[] IS NULL OR state = ANY($4)) \
+               AND ($5::text[] IS NULL OR availability_zone = ANY($5)) AND ($6::text[] IS NULL OR instance_type = ANY($6)) \
+             ORDER BY seq LIMIT $7"
+        ))
+        .bind(&caller.account_id)
+        .bind(after)
+        .bind(opt(&filter.instance_ids))
+        .bind(opt(&states))
+        .bind(opt(&filter.availability_zones))
+        .bind(opt(&filter.instance_types))
+        .bind(i64::from(limit) + 1)
+        .fetch_all(&self.db)
+        .await?;
+        let next_token = if rows.len() > limit as usize {
+            rows.truncate(limit as usize);
+            rows.last().map(|r| encode_token(r.seq))
+        } else {
+            None
+        };
+        if filter.next_token.is_none() {
+            // Naming an instance that does not exist (or is another account's) is an error, as in EC2.
+            let found: BTreeSet<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+            if let Some(missing) = filter.instance_ids.iter().find(|id| !found.contains(id.as_str())) {
+                if filter.instance_ids.len() <= limit as usize {
+                    return Err(ServiceError::InstanceNotFound(missing.clone()));
+                }
+            }
+        }
+        Ok(InstanceList { instances: rows.into_iter().map(InstanceRow::into_api).collect::<Result<_>>()?, next_token })
+    }
+
+    pub async fn describe_instance(&self, caller: &Caller, id: &str) -> Result<Instance> {
+        let filter = InstanceFilter { instance_ids: vec![id.to_string()], ..Default::default() };
+        let mut list = self.describe_instances(caller, filter).await?;
+        list.instances.pop().ok_or_else(|| ServiceError::InstanceNotFound(id.to_string()))
+    }
+
+    /// Asks for the instances to go away. Idempotent: terminating a
+    /// terminating or terminated instance reports its state and changes
+    /// nothing. Either every id is known to the caller or nothing changes.
+    pub async fn terminate_instances(&self, caller: &Caller, instance_ids: &[String]) -> Result<Vec<StateChange>> {
+        if instance_ids.is_empty() {
+            return Err(ServiceError::MissingParameter("instance_ids".into()));
+        }
+        if instance_ids.len() > MAX_PAGE as usize {
+            return Err(ServiceError::InvalidParameterValue(format!("at most {MAX_PAGE} instance ids per call")));
+        }
+        for id in instance_ids {
+            if !ids::is_valid(ids::INSTANCE, id) {
+                return Err(ServiceError::InstanceIdMalformed(id.clone()));
+            }
+        }
+        let unique: Vec<String> = instance_ids.iter().cloned().collect::<BTreeSet<_>>().into_iter().collect();
+        loop {
+            match self.try_terminate(caller, &unique).await {
+                Err(ServiceError::Database(e)) if crate::db::is_retryable(&e) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_terminate(&self, caller: &Caller, ids: &[String]) -> Result<Vec<StateChange>> {
+        let mut tx = self.db.begin().await?;
+        // Lock order everywhere: instances (by id), then hosts (by id).
+        let rows: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT id, state, host_id FROM instances WHERE account_id = $1 AND id = ANY($2) ORDER BY id FOR UPDATE",
+        )
+        .bind(&caller.account_id)
+        .bind(ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        if let Some(missing) = ids.iter().find(|id| !rows.iter().any(|r| &r.0 == *id)) {
+            return Err(ServiceError::InstanceNotFound(missing.clone()));
+        }
+        let mut changes = Vec::with_capacity(rows.len());
+        let mut changed: Vec<String> = Vec::new();
+        let mut hosts: BTreeSet<String> = BTreeSet::new();
+        for (id, state, host) in rows {
+            let prev = parse_state(&state)?;
+            let current = match prev.on_terminate() {
+                Some(next) => {
+                    changed.push(id.clone());
+                    hosts.insert(host);
+                    next
+                }
+                None => prev,
+            };
+            changes.push(StateChange { instance_id: id, previous_state: prev.into(), current_state: current.into() });
+        }
+        if !changed.is_empty() {
+            sqlx::query(
+                "UPDATE instances SET state = 'shutting-down', desired_state = 'terminated', state_changed_at = now() \
+                 WHERE id = ANY($1)",
+            )
+            .bind(&changed)
+            .execute(&mut *tx)
+            .await?;
+            let hosts: Vec<String> = hosts.into_iter().collect();
+            sqlx::query(
+                "WITH h AS (SELECT id FROM hosts WHERE id = ANY($1) ORDER BY id FOR UPDATE) \
+                 UPDATE hosts SET generation = generation + 1 FROM h WHERE hosts.id = h.id",
+            )
+            .bind(&hosts)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("SELECT pg_notify($1, h) FROM unnest($2::text[]) AS h")
+                .bind(crate::notify::CHANNEL)
+                .bind(&hosts)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        // Answer in the order the caller asked.
+        changes.sort_by_key(|c| ids.iter().position(|i| *i == c.instance_id));
+        Ok(changes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> RunInstancesRequest {
+        RunInstancesRequest {
+            image_id: None,
+            instance_type: "t3.nano".into(),
+            min_count: 1,
+            max_count: 1,
+            availability_zone: None,
+            user_data: None,
+            client_token: None,
+        }
+    }
+
+    #[test]
+    fn counts_are_checked() {
+        let mut r = req();
+        r.min_count = 0;
+        assert!(matches!(validate_run(&r, 100), Err(ServiceError::InvalidParameterValue(_))));
+        let mut r = req();
+        r.min_count = 3;
+        r.max_count = 2;
+        assert!(matches!(validate_run(&r, 100), Err(ServiceError::InvalidParameterValue(_))));
+        let mut r = req();
+        r.max_count = 101;
+        assert!(matches!(validate_run(&r, 100), Err(ServiceError::InvalidParameterValue(_))));
+        r.max_count = 100;
+        assert!(validate_run(&r, 100).is_ok());
+    }
+
+    #[test]
+    fn user_data_is_base64_and_bounded() {
+        let b64 = |n: usize| base64::engine::general_purpose::STANDARD.encode(vec![b'x'; n]);
+        let mut r = req();
+        r.user_data = Some(b64(MAX_USER_DATA_BYTES));
+        assert_eq!(validate_run(&r, 100).unwrap().0.unwrap().len(), MAX_USER_DATA_BYTES);
+        r.user_data = Some(b64(MAX_USER_DATA_BYTES + 1));
+        assert!(matches!(validate_run(&r, 100), Err(ServiceError::InvalidParameterValue(_))));
+        r.user_data = Some("not base64!".into());
+        assert!(matches!(validate_run(&r, 100), Err(ServiceError::InvalidParameterValue(_))));
+    }
+
+    #[test]
+    fn page_tokens_round_trip_and_reject_garbage() {
+        assert_eq!(decode_token(&encode_token(42)).unwrap(), 42);
+        assert!(decode_token("garbage").is_err());
+        assert!(decode_token("").is_err());
+    }
+
+    #[test]
+    fn digest_distinguishes_parameters() {
+        let spec = |ud: Option<Vec<u8>>, max| LaunchSpec {
+            image_id: "ami-1".into(),
+            instance_type: "t3.nano".into(),
+            need: Need::default(),
+            min: 1,
+            max,
+            zone: None,
+            user_data: ud,
+        };
+        assert_eq!(spec(None, 1).digest(), spec(None, 1).digest());
+        assert_ne!(spec(None, 1).digest(), spec(None, 2).digest());
+        assert_ne!(spec(None, 1).digest(), spec(Some(vec![]), 1).digest());
+    }
+}

@@ -1,0 +1,44 @@
+//! The service layer: every operation of the API, whatever the front door.
+//!
+//! REST handlers (and the EC2 Query front door to come) decode a request,
+//! call one method here with the authenticated [`Caller`], and encode the
+//! result. Business rules, validation of meaning, and all database access live
+//! here and below.
+
+pub mod catalog;
+pub mod hosts;
+pub mod images;
+pub mod instances;
+pub mod scheduler;
+
+use crate::config::Config;
+use crate::notify::HostEvents;
+use sqlx::PgPool;
+
+/// The account every call of the admin token acts as.
+pub const ADMIN_ACCOUNT: &str = "000000000000";
+
+/// Who is calling, as established by authentication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub account_id: String,
+}
+
+impl Caller {
+    pub fn admin() -> Caller {
+        Caller { account_id: ADMIN_ACCOUNT.to_string() }
+    }
+}
+
+#[derive(Clone)]
+pub struct Service {
+    pub db: PgPool,
+    pub config: Config,
+    pub events: HostEvents,
+}
+
+impl Service {
+    pub fn new(db: PgPool, config: Config, events: HostEvents) -> Service {
+        Service { db, config, events }
+    }
+}
