@@ -1,1 +1,242 @@
-//! placeholder
+//! The Nimbus host agent: registers a hypervisor machine with the control
+//! plane and converges its libvirt guests to what the control plane assigns.
+//! See ARCHITECTURE.md at the repository root for the map.
+
+pub mod client;
+pub mod disks;
+pub mod domain;
+pub mod images;
+pub mod libvirt;
+pub mod metadata;
+pub mod reconcile;
+
+use clap::{Parser, ValueEnum};
+use client::{ClientError, ControlPlane};
+use domain::Hypervisor;
+use nimbus_proto::agent::{HostCredential, RegisterHost, Report};
+use reconcile::{AgentEvent, Reconciler};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::sync::broadcast;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum HypervisorChoice {
+    /// KVM where it really boots guests, QEMU/TCG otherwise.
+    Auto,
+    Kvm,
+    Qemu,
+    Xen,
+    /// libvirt's in-memory test driver (`test:///default`).
+    Test,
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "nimbus-agent", about = "Nimbus host agent: runs the guests the control plane places here")]
+pub struct AgentConfig {
+    /// Base URL of the control plane.
+    #[arg(long, env = "NIMBUS_CONTROL_PLANE", default_value = "http://127.0.0.1:8787")]
+    pub control_plane: String,
+    /// Join token, used to register (and re-register if the credential is lost).
+    #[arg(long, env = "NIMBUS_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: String,
+    /// Unique name of this host.
+    #[arg(long, env = "NIMBUS_HOST_NAME")]
+    pub name: String,
+    #[arg(long, env = "NIMBUS_AVAILABILITY_ZONE", default_value = "nimbus-1a")]
+    pub availability_zone: String,
+    #[arg(long, env = "NIMBUS_HYPERVISOR", value_enum, default_value = "auto")]
+    pub hypervisor: HypervisorChoice,
+    /// libvirt URI; derived from the hypervisor when absent.
+    #[arg(long, env = "NIMBUS_LIBVIRT_URI")]
+    pub libvirt_uri: Option<String>,
+    /// Directory for the credential, the image cache and guests' files.
+    #[arg(long, env = "NIMBUS_STATE_DIR", default_value = "/var/lib/nimbus")]
+    pub state_dir: PathBuf,
+    /// vCPUs offered to guests (default: host CPUs x cpu-allocation-ratio).
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// Memory offered to guests in MiB (default: host memory less reserved-memory-mib).
+    #[arg(long)]
+    pub memory_mib: Option<u64>,
+    /// Disk offered to guests in GiB (default: 90% of the free space of state-dir).
+    #[arg(long)]
+    pub disk_gib: Option<u64>,
+    #[arg(long, default_value_t = 4.0)]
+    pub cpu_allocation_ratio: f64,
+    #[arg(long, default_value_t = 1024)]
+    pub reserved_memory_mib: u64,
+    /// Longest wait of one long poll; also the heartbeat and resync period.
+    #[arg(long, default_value_t = 5000)]
+    pub poll_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Libvirt(#[from] libvirt::LibvirtError),
+    #[error("state directory {path}: {source}")]
+    State { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// A host agent, built and ready to [`Agent::run`].
+pub struct Agent {
+    config: AgentConfig,
+    cp: ControlPlane,
+    reconciler: Reconciler,
+    capacity: (u32, u64, u64),
+}
+
+impl Agent {
+    pub async fn new(config: AgentConfig) -> Result<Agent, AgentError> {
+        let state = |path: &PathBuf| {
+            let path = path.clone();
+            move |source| AgentError::State { path, source }
+        };
+        tokio::fs::create_dir_all(&config.state_dir).await.map_err(state(&config.state_dir))?;
+        let (hypervisor, uri) = match (config.hypervisor, &config.libvirt_uri) {
+            (HypervisorChoice::Auto, uri) => {
+                let d = libvirt::detect().await?;
+                tracing::info!(hypervisor = d.hypervisor.as_str(), reason = %d.reason, "hypervisor detected");
+                (d.hypervisor, uri.clone().unwrap_or(d.uri))
+            }
+            (HypervisorChoice::Kvm, uri) => (Hypervisor::Kvm, uri.clone().unwrap_or("qemu:///system".into())),
+            (HypervisorChoice::Qemu, uri) => (Hypervisor::Qemu, uri.clone().unwrap_or("qemu:///system".into())),
+            (HypervisorChoice::Xen, uri) => (Hypervisor::Xen, uri.clone().unwrap_or("xen:///system".into())),
+            (HypervisorChoice::Test, uri) => (Hypervisor::Test, uri.clone().unwrap_or("test:///default".into())),
+        };
+        let lv = libvirt::Libvirt::open(&uri).await?;
+        let (cpus, mem) = lv.node_resources().await?;
+        let vcpus = config.vcpus.unwrap_or(((cpus as f64) * config.cpu_allocation_ratio).floor() as u32);
+        let memory_mib = config.memory_mib.unwrap_or(mem.saturating_sub(config.reserved_memory_mib));
+        let disk_gib = match config.disk_gib {
+            Some(d) => d,
+            None => {
+                let st = nix::sys::statvfs::statvfs(&config.state_dir)
+                    .map_err(|e| AgentError::State { path: config.state_dir.clone(), source: e.into() })?;
+                (st.blocks_available() as u64 * st.fragment_size() as u64 / (1 << 30)) * 9 / 10
+            }
+        };
+        let http = reqwest::Client::builder().build().map_err(|e| AgentError::Config(e.to_string()))?;
+        let (events, _) = broadcast::channel(4096);
+        let reconciler = Reconciler {
+            libvirt: lv,
+            hypervisor,
+            host_id: String::new(),
+            images: images::ImageCache::new(config.state_dir.join("images"), http.clone()),
+            instances_dir: config.state_dir.join("instances"),
+            metadata: metadata::MetadataServers::default(),
+            events,
+        };
+        Ok(Agent { cp: ControlPlane::new(&config.control_plane, http), config, reconciler, capacity: (vcpus, memory_mib, disk_gib) })
+    }
+
+    /// Events of the agent's work (guest started, removed).
+    pub fn events(&self) -> broadcast::Receiver<AgentEvent> {
+        self.reconciler.events.subscribe()
+    }
+
+    pub fn hypervisor(&self) -> Hypervisor {
+        self.reconciler.hypervisor
+    }
+
+    fn credential_path(&self) -> PathBuf {
+        self.config.state_dir.join("credential.json")
+    }
+
+    /// The saved credential, or a new one from registering.
+    async fn credential(&self, force_register: bool) -> Result<HostCredential, AgentError> {
+        let path = self.credential_path();
+        if !force_register {
+            if let Ok(bytes) = tokio::fs::read(&path).await {
+                if let Ok(cred) = serde_json::from_slice::<HostCredential>(&bytes) {
+                    return Ok(cred);
+                }
+            }
+        }
+        let (vcpus, memory_mib, disk_gib) = self.capacity;
+        let req = RegisterHost {
+            name: self.config.name.clone(),
+            availability_zone: self.config.availability_zone.clone(),
+            hypervisor: self.reconciler.hypervisor.as_str().to_string(),
+            vcpus,
+            memory_mib,
+            disk_gib,
+        };
+        let cred = self.cp.register(&self.config.join_token, &req).await?;
+        let tmp = path.with_extension("json.part");
+        let state = |source| AgentError::State { path: path.clone(), source };
+        let json = serde_json::to_vec(&cred).map_err(|e| AgentError::Config(e.to_string()))?;
+        tokio::fs::write(&tmp, json).await.map_err(state)?;
+        tokio::fs::rename(&tmp, &path).await.map_err(state)?;
+        tracing::info!(host_id = %cred.host_id, vcpus, memory_mib, disk_gib, "registered with the control plane");
+        Ok(cred)
+    }
+
+    /// Runs until `shutdown` resolves. Guests keep running when the agent
+    /// stops; the next agent adopts them.
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
+        tokio::pin!(shutdown);
+        let wait = Duration::from_millis(self.config.poll_ms);
+        let mut cred = loop {
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                r = self.credential(false) => match r {
+                    Ok(c) => break c,
+                    Err(AgentError::Client(ClientError::Api { status, code, message })) if status < 500 => {
+                        return Err(AgentError::Config(format!("registration refused: {code}: {message}")));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot register yet; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        };
+        self.reconciler.host_id = cred.host_id.clone();
+        let mut after = 0;
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let polled = tokio::select! {
+                _ = &mut shutdown => break,
+                r = self.cp.assignments(&cred, after, wait) => r,
+            };
+            let assignments = match polled {
+                Ok(a) => a,
+                Err(ClientError::Unauthorized(msg)) => {
+                    tracing::warn!(%msg, "credential rejected; registering again");
+                    match self.credential(true).await {
+                        Ok(c) => {
+                            self.reconciler.host_id = c.host_id.clone();
+                            cred = c;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "re-registration failed"),
+                    }
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot fetch assignments");
+                    tokio::select! {
+                        _ = &mut shutdown => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(200);
+            let observations = self.reconciler.converge(&assignments.instances).await;
+            match self.cp.report(&cred, &Report { observations }).await {
+                // Only a delivered report moves us past this generation.
+                Ok(()) => after = assignments.generation,
+                Err(e) => tracing::warn!(error = %e, "cannot report; will converge and report again"),
+            }
+        }
+        self.reconciler.metadata.stop_all();
+        Ok(())
+    }
+}

@@ -1,0 +1,448 @@
+//! libvirt domain XML, rendered from typed structs with serde + quick-xml.
+//!
+//! Nothing a user sends is spliced into XML text: values go through the
+//! serializer, which escapes them. The nimbus `<metadata>` element records
+//! which host and instance a domain belongs to, so an agent adopts only its
+//! own domains after a restart, even on a libvirt shared with others.
+
+use serde::Serialize;
+use std::path::PathBuf;
+
+pub const METADATA_NS: &str = "https://nimbus.dev/xmlns/instance/1";
+const QEMU_NS: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
+
+/// Prefix of every domain name the agent creates.
+pub const NAME_PREFIX: &str = "nimbus-";
+
+pub fn domain_name(instance_id: &str) -> String {
+    format!("{NAME_PREFIX}{instance_id}")
+}
+
+/// Which libvirt driver runs the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Hypervisor {
+    /// Hardware virtualization through KVM.
+    Kvm,
+    /// QEMU's TCG emulator: no hardware virtualization needed.
+    Qemu,
+    /// Xen through libxl (PV guest with direct kernel boot).
+    Xen,
+    /// libvirt's in-memory `test:///default` driver: agent logic, no guest.
+    Test,
+}
+
+impl Hypervisor {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hypervisor::Kvm => "kvm",
+            Hypervisor::Qemu => "qemu",
+            Hypervisor::Xen => "xen",
+            Hypervisor::Test => "test",
+        }
+    }
+}
+
+/// Everything the agent decides about one guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestSpec {
+    pub hypervisor: Hypervisor,
+    pub host_id: String,
+    pub instance_id: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub root_disk: PathBuf,
+    pub seed_iso: PathBuf,
+    pub console_log: PathBuf,
+    /// Loopback port of this guest's metadata server (guestfwd target).
+    pub metadata_port: u16,
+}
+
+#[derive(Serialize)]
+#[serde(rename = "domain")]
+struct Domain {
+    #[serde(rename = "@type")]
+    kind: &'static str,
+    #[serde(rename = "@xmlns:qemu", skip_serializing_if = "Option::is_none")]
+    xmlns_qemu: Option<&'static str>,
+    name: String,
+    metadata: Metadata,
+    memory: Memory,
+    vcpu: u32,
+    os: Os,
+    features: Features,
+    on_poweroff: &'static str,
+    on_reboot: &'static str,
+    on_crash: &'static str,
+    devices: Devices,
+    #[serde(rename = "qemu:commandline", skip_serializing_if = "Option::is_none")]
+    qemu_commandline: Option<QemuCommandline>,
+}
+
+#[derive(Serialize)]
+struct Metadata {
+    #[serde(rename = "nimbus:instance")]
+    instance: NimbusInstance,
+}
+
+#[derive(Serialize)]
+struct NimbusInstance {
+    #[serde(rename = "@xmlns:nimbus")]
+    xmlns: &'static str,
+    #[serde(rename = "nimbus:host-id")]
+    host_id: String,
+    #[serde(rename = "nimbus:instance-id")]
+    instance_id: String,
+    #[serde(rename = "nimbus:metadata-port")]
+    metadata_port: u16,
+}
+
+#[derive(Serialize)]
+struct Memory {
+    #[serde(rename = "@unit")]
+    unit: &'static str,
+    #[serde(rename = "$text")]
+    value: u64,
+}
+
+#[derive(Serialize)]
+struct Os {
+    #[serde(rename = "type")]
+    os_type: OsType,
+    kernel: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    initrd: Option<String>,
+    cmdline: String,
+}
+
+#[derive(Serialize)]
+struct OsType {
+    #[serde(rename = "@arch", skip_serializing_if = "Option::is_none")]
+    arch: Option<&'static str>,
+    #[serde(rename = "@machine", skip_serializing_if = "Option::is_none")]
+    machine: Option<&'static str>,
+    #[serde(rename = "$text")]
+    value: &'static str,
+}
+
+#[derive(Serialize)]
+struct Features {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    acpi: Option<Empty>,
+}
+
+#[derive(Serialize)]
+struct Empty {}
+
+#[derive(Serialize)]
+struct Devices {
+    disk: Vec<Disk>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    serial: Option<Serial>,
+    console: Console,
+    memballoon: Model,
+}
+
+#[derive(Serialize)]
+struct Disk {
+    #[serde(rename = "@type")]
+    kind: &'static str,
+    #[serde(rename = "@device")]
+    device: &'static str,
+    driver: Driver,
+    source: FileSource,
+    target: Target,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    readonly: Option<Empty>,
+}
+
+#[derive(Serialize)]
+struct Driver {
+    #[serde(rename = "@name")]
+    name: &'static str,
+    #[serde(rename = "@type")]
+    format: &'static str,
+}
+
+#[derive(Serialize)]
+struct FileSource {
+    #[serde(rename = "@file")]
+    file: String,
+}
+
+#[derive(Serialize)]
+struct PathSource {
+    #[serde(rename = "@path")]
+    path: String,
+}
+
+#[derive(Serialize)]
+struct Target {
+    #[serde(rename = "@dev")]
+    dev: &'static str,
+    #[serde(rename = "@bus")]
+    bus: &'static str,
+}
+
+#[derive(Serialize)]
+struct Serial {
+    #[serde(rename = "@type")]
+    kind: &'static str,
+    source: PathSource,
+    target: PortTarget,
+}
+
+#[derive(Serialize)]
+struct PortTarget {
+    #[serde(rename = "@port")]
+    port: u32,
+}
+
+#[derive(Serialize)]
+struct Console {
+    #[serde(rename = "@type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source: Option<PathSource>,
+    target: ConsoleTarget,
+}
+
+#[derive(Serialize)]
+struct ConsoleTarget {
+    #[serde(rename = "@type")]
+    kind: &'static str,
+    #[serde(rename = "@port")]
+    port: u32,
+}
+
+#[derive(Serialize)]
+struct Model {
+    #[serde(rename = "@model")]
+    model: &'static str,
+}
+
+#[derive(Serialize)]
+struct QemuCommandline {
+    #[serde(rename = "qemu:arg")]
+    args: Vec<QemuArg>,
+}
+
+#[derive(Serialize)]
+struct QemuArg {
+    #[serde(rename = "@value")]
+    value: String,
+}
+
+fn path(p: &std::path::Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// QEMU's user-mode network for the guest: DHCP on a link-local /24, the
+/// metadata address forwarded to this guest's own loopback port, and
+/// `restrict=on` so no other packet leaves QEMU.
+fn user_network_args(metadata_port: u16) -> Vec<QemuArg> {
+    let netdev = format!(
+        "user,id=nimbus0,restrict=on,net=169.254.169.0/24,host=169.254.169.1,dhcpstart=169.254.169.15,\
+         guestfwd=tcp:169.254.169.254:80-tcp:127.0.0.1:{metadata_port}"
+    );
+    ["-netdev".to_string(), netdev, "-device".to_string(), "virtio-net-pci,netdev=nimbus0".to_string()]
+        .into_iter()
+        .map(|value| QemuArg { value })
+        .collect()
+}
+
+/// Renders the domain XML of a guest.
+pub fn render(spec: &GuestSpec) -> Result<String, quick_xml::SeError> {
+    let xen = spec.hypervisor == Hypervisor::Xen;
+    let (disk_bus, root_dev, seed_dev) = if xen { ("xen", "xvda", "xvdb") } else { ("virtio", "vda", "vdb") };
+    let qemu_family = !xen;
+    let domain = Domain {
+        kind: match spec.hypervisor {
+            Hypervisor::Kvm => "kvm",
+            // The test driver gets the very XML a TCG host would run.
+            Hypervisor::Qemu | Hypervisor::Test => "qemu",
+            Hypervisor::Xen => "xen",
+        },
+        xmlns_qemu: qemu_family.then_some(QEMU_NS),
+        name: domain_name(&spec.instance_id),
+        metadata: Metadata {
+            instance: NimbusInstance {
+                xmlns: METADATA_NS,
+                host_id: spec.host_id.clone(),
+                instance_id: spec.instance_id.clone(),
+                metadata_port: spec.metadata_port,
+            },
+        },
+        memory: Memory { unit: "MiB", value: spec.memory_mib },
+        vcpu: spec.vcpus,
+        os: Os {
+            os_type: if xen {
+                OsType { arch: None, machine: None, value: "linux" }
+            } else {
+                OsType { arch: Some("x86_64"), machine: Some("pc"), value: "hvm" }
+            },
+            kernel: path(&spec.kernel),
+            initrd: spec.initrd.as_deref().map(path),
+            cmdline: spec.cmdline.clone(),
+        },
+        features: Features { acpi: qemu_family.then_some(Empty {}) },
+        on_poweroff: "destroy",
+        on_reboot: "restart",
+        on_crash: "destroy",
+        devices: Devices {
+            disk: vec![
+                Disk {
+                    kind: "file",
+                    device: "disk",
+                    driver: Driver { name: "qemu", format: "qcow2" },
+                    source: FileSource { file: path(&spec.root_disk) },
+                    target: Target { dev: root_dev, bus: disk_bus },
+                    readonly: None,
+                },
+                Disk {
+                    kind: "file",
+                    device: "disk",
+                    driver: Driver { name: "qemu", format: "raw" },
+                    source: FileSource { file: path(&spec.seed_iso) },
+                    target: Target { dev: seed_dev, bus: disk_bus },
+                    readonly: Some(Empty {}),
+                },
+            ],
+            serial: qemu_family.then(|| Serial {
+                kind: "file",
+                source: PathSource { path: path(&spec.console_log) },
+                target: PortTarget { port: 0 },
+            }),
+            console: if xen {
+                Console { kind: "pty", source: None, target: ConsoleTarget { kind: "xen", port: 0 } }
+            } else {
+                Console {
+                    kind: "file",
+                    source: Some(PathSource { path: path(&spec.console_log) }),
+                    target: ConsoleTarget { kind: "serial", port: 0 },
+                }
+            },
+            memballoon: Model { model: "none" },
+        },
+        qemu_commandline: qemu_family.then(|| QemuCommandline { args: user_network_args(spec.metadata_port) }),
+    };
+    let mut out = String::new();
+    let mut ser = quick_xml::se::Serializer::new(&mut out);
+    ser.indent(' ', 2);
+    domain.serialize(ser)?;
+    Ok(out)
+}
+
+/// The nimbus metadata of a domain, read back from its XML.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ownership {
+    pub host_id: String,
+    pub instance_id: String,
+    pub metadata_port: u16,
+}
+
+/// Reads the nimbus metadata out of a domain's XML description, or `None`
+/// when the domain is not one of ours.
+pub fn ownership(xml: &str) -> Option<Ownership> {
+    use quick_xml::events::Event;
+    use quick_xml::name::ResolveResult;
+    let mut reader = quick_xml::NsReader::from_str(xml);
+    let (mut host_id, mut instance_id, mut port) = (None, None, None);
+    let mut current: Option<Vec<u8>> = None;
+    loop {
+        match reader.read_resolved_event() {
+            Ok((ResolveResult::Bound(ns), Event::Start(e))) if ns.as_ref() == METADATA_NS.as_bytes() => {
+                current = Some(e.local_name().as_ref().to_vec());
+            }
+            Ok((_, Event::Text(t))) => {
+                if let (Some(name), Ok(text)) = (&current, t.unescape()) {
+                    let text = text.trim().to_string();
+                    match name.as_slice() {
+                        b"host-id" => host_id = Some(text),
+                        b"instance-id" => instance_id = Some(text),
+                        b"metadata-port" => port = text.parse().ok(),
+                        _ => {}
+                    }
+                }
+            }
+            Ok((_, Event::End(_))) => current = None,
+            Ok((_, Event::Eof)) | Err(_) => break,
+            _ => {}
+        }
+    }
+    Some(Ownership { host_id: host_id?, instance_id: instance_id?, metadata_port: port? })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(h: Hypervisor) -> GuestSpec {
+        GuestSpec {
+            hypervisor: h,
+            host_id: "h-0123456789abcdef0".into(),
+            instance_id: "i-0123456789abcdef0".into(),
+            vcpus: 2,
+            memory_mib: 512,
+            kernel: "/var/lib/nimbus/images/k".into(),
+            initrd: Some("/var/lib/nimbus/images/i".into()),
+            cmdline: "console=ttyS0 nimbus.note=<&'\">".into(),
+            root_disk: "/var/lib/nimbus/instances/i-0123456789abcdef0/root.qcow2".into(),
+            seed_iso: "/var/lib/nimbus/instances/i-0123456789abcdef0/seed.iso".into(),
+            console_log: "/var/lib/nimbus/instances/i-0123456789abcdef0/console.log".into(),
+            metadata_port: 40123,
+        }
+    }
+
+    #[test]
+    fn tcg_domain_has_the_expected_shape() {
+        let xml = render(&spec(Hypervisor::Qemu)).unwrap();
+        assert!(xml.starts_with("<domain type=\"qemu\" xmlns:qemu=\"http://libvirt.org/schemas/domain/qemu/1.0\">"), "{xml}");
+        assert!(xml.contains("<name>nimbus-i-0123456789abcdef0</name>"));
+        assert!(xml.contains("<memory unit=\"MiB\">512</memory>"));
+        assert!(xml.contains("<vcpu>2</vcpu>"));
+        assert!(xml.contains("<type arch=\"x86_64\" machine=\"pc\">hvm</type>"));
+        assert!(xml.contains("<target dev=\"vda\" bus=\"virtio\"/>"));
+        assert!(xml.contains("<serial type=\"file\">"));
+        assert!(xml.contains("guestfwd=tcp:169.254.169.254:80-tcp:127.0.0.1:40123"));
+        assert!(xml.contains("restrict=on"));
+        assert_eq!(xml.matches("<readonly/>").count(), 1);
+    }
+
+    #[test]
+    fn kvm_and_xen_differ_only_where_they_must() {
+        let kvm = render(&spec(Hypervisor::Kvm)).unwrap();
+        assert!(kvm.starts_with("<domain type=\"kvm\""));
+        let xen = render(&spec(Hypervisor::Xen)).unwrap();
+        assert!(xen.starts_with("<domain type=\"xen\">"), "{xen}");
+        assert!(xen.contains("<type>linux</type>"));
+        assert!(xen.contains("<target dev=\"xvda\" bus=\"xen\"/>"));
+        assert!(!xen.contains("qemu:commandline"));
+        // The test driver gets the XML of a TCG host.
+        assert_eq!(render(&spec(Hypervisor::Test)).unwrap(), render(&spec(Hypervisor::Qemu)).unwrap());
+    }
+
+    #[test]
+    fn user_values_are_escaped_not_spliced() {
+        let xml = render(&spec(Hypervisor::Qemu)).unwrap();
+        assert!(xml.contains("nimbus.note=&lt;&amp;'\"&gt;"), "{xml}");
+        assert!(!xml.contains("<&'"));
+    }
+
+    #[test]
+    fn ownership_round_trips_through_the_xml() {
+        let xml = render(&spec(Hypervisor::Qemu)).unwrap();
+        assert_eq!(
+            ownership(&xml),
+            Some(Ownership { host_id: "h-0123456789abcdef0".into(), instance_id: "i-0123456789abcdef0".into(), metadata_port: 40123 })
+        );
+        assert_eq!(ownership("<domain type='qemu'><name>other</name></domain>"), None);
+        // Same local names in another namespace are not ours.
+        let foreign = "<domain><metadata><x:instance xmlns:x='urn:other'><x:host-id>h</x:host-id>\
+                       <x:instance-id>i</x:instance-id><x:metadata-port>1</x:metadata-port></x:instance></metadata></domain>";
+        assert_eq!(ownership(foreign), None);
+    }
+}

@@ -1,0 +1,163 @@
+//! The agent's one libvirt connection, and hypervisor detection.
+//!
+//! libvirt calls block, so each runs on tokio's blocking pool.
+
+use crate::domain::{self, Hypervisor, Ownership};
+use std::sync::Arc;
+use virt::connect::Connect;
+use virt::domain::DomainState;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LibvirtError {
+    #[error("libvirt: {0}")]
+    Virt(#[from] virt::error::Error),
+    #[error("libvirt call did not complete: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// What the agent sees of one of its domains.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainStatus {
+    pub name: String,
+    pub owner: Ownership,
+    pub running: bool,
+}
+
+#[derive(Clone)]
+pub struct Libvirt {
+    conn: Arc<Connect>,
+    pub uri: String,
+}
+
+impl Libvirt {
+    pub async fn open(uri: &str) -> Result<Libvirt, LibvirtError> {
+        let u = uri.to_string();
+        let conn = tokio::task::spawn_blocking(move || {
+            virt::error::clear_error_callback();
+            Connect::open(Some(&u))
+        })
+        .await??;
+        Ok(Libvirt { conn: Arc::new(conn), uri: uri.to_string() })
+    }
+
+    async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connect) -> Result<T, virt::error::Error> + Send + 'static,
+    ) -> Result<T, LibvirtError> {
+        let conn = self.conn.clone();
+        Ok(tokio::task::spawn_blocking(move || f(&conn)).await??)
+    }
+
+    /// (logical CPUs, memory in MiB) of the machine libvirt runs guests on.
+    pub async fn node_resources(&self) -> Result<(u32, u64), LibvirtError> {
+        self.call(|c| c.node_info().map(|n| (n.cpus, n.memory / 1024))).await
+    }
+
+    /// Whether libvirt offers `virttype` (e.g. "kvm") for x86_64 guests.
+    pub async fn supports(&self, virttype: &'static str) -> bool {
+        self.call(move |c| c.domain_capabilities(None, Some("x86_64"), None, Some(virttype), 0)).await.is_ok()
+    }
+
+    /// Every domain, running or defined, that carries this host's nimbus metadata.
+    pub async fn owned_domains(&self, host_id: &str) -> Result<Vec<DomainStatus>, LibvirtError> {
+        let host_id = host_id.to_string();
+        self.call(move |c| {
+            let mut out = Vec::new();
+            for dom in c.list_all_domains(0)? {
+                let Ok(name) = dom.name() else { continue };
+                if !name.starts_with(domain::NAME_PREFIX) {
+                    continue;
+                }
+                // A domain can vanish between the listing and these calls.
+                let (Ok(xml), Ok((state, _))) = (dom.xml_desc(0), dom.state()) else { continue };
+                let Some(owner) = domain::ownership(&xml) else { continue };
+                if owner.host_id != host_id {
+                    continue;
+                }
+                let running = state.is_known_and(|s| matches!(s, DomainState::Running | DomainState::Blocked | DomainState::Paused));
+                out.push(DomainStatus { name, owner, running });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Defines the domain persistently and starts it.
+    pub async fn define_and_start(&self, xml: String) -> Result<(), LibvirtError> {
+        self.call(move |c| {
+            let dom = c.define_domain_xml(&xml)?;
+            dom.create().map(|_| ())
+        })
+        .await
+    }
+
+    pub async fn start(&self, name: &str) -> Result<(), LibvirtError> {
+        let name = name.to_string();
+        self.call(move |c| {
+            let dom = c.lookup_domain_by_name(&name)?;
+            if dom.is_active()? {
+                return Ok(());
+            }
+            dom.create().map(|_| ())
+        })
+        .await
+    }
+
+    /// Stops (hard) and undefines the domain. Idempotent: a missing domain is fine.
+    pub async fn destroy(&self, name: &str) -> Result<(), LibvirtError> {
+        let name = name.to_string();
+        self.call(move |c| {
+            let dom = match c.lookup_domain_by_name(&name) {
+                Ok(d) => d,
+                Err(e) if no_domain(&e) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            if dom.is_active()? {
+                if let Err(e) = dom.destroy() {
+                    if dom.is_active()? {
+                        return Err(e);
+                    }
+                }
+            }
+            match dom.undefine() {
+                Err(e) if !no_domain(&e) => Err(e),
+                _ => Ok(()),
+            }
+        })
+        .await
+    }
+}
+
+fn no_domain(e: &virt::error::Error) -> bool {
+    e.code().is_known_and(|c| c == virt::error::ErrorNumber::NoDomain)
+}
+
+/// How the hypervisor was chosen, for the logs.
+pub struct Detected {
+    pub hypervisor: Hypervisor,
+    pub uri: String,
+    pub reason: String,
+}
+
+/// Picks KVM where it really runs guests, QEMU/TCG otherwise.
+///
+/// `/dev/kvm` alone is not enough: under a PVM-based nested KVM (module
+/// `kvm_pvm`) stock guest kernels hang at boot. KVM is chosen only when the
+/// hardware modules (`kvm_intel`/`kvm_amd`) are loaded and libvirt offers the
+/// `kvm` domain type.
+pub async fn detect() -> Result<Detected, LibvirtError> {
+    let uri = "qemu:///system".to_string();
+    let module = |m: &str| std::path::Path::new("/sys/module").join(m).exists();
+    let hardware_kvm = std::path::Path::new("/dev/kvm").exists() && (module("kvm_intel") || module("kvm_amd"));
+    let lv = Libvirt::open(&uri).await?;
+    let (hypervisor, reason) = if hardware_kvm && lv.supports("kvm").await {
+        (Hypervisor::Kvm, "hardware KVM (kvm_intel/kvm_amd) is available".to_string())
+    } else if module("kvm_pvm") {
+        (Hypervisor::Qemu, "/dev/kvm is a PVM nested KVM (kvm_pvm), which does not boot stock kernels: using TCG".to_string())
+    } else if hardware_kvm {
+        (Hypervisor::Qemu, "libvirt does not offer the kvm domain type: using TCG".to_string())
+    } else {
+        (Hypervisor::Qemu, "no usable /dev/kvm: using TCG".to_string())
+    };
+    Ok(Detected { hypervisor, uri, reason })
+}

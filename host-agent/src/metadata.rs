@@ -1,0 +1,202 @@
+//! The instance metadata service (`http://169.254.169.254/`).
+//!
+//! Each guest gets its own HTTP server on a loopback port; QEMU's user-mode
+//! network forwards the guest's connections to 169.254.169.254:80 to that
+//! port (guestfwd). The port alone identifies the guest: nothing the guest
+//! sends is trusted to say who it is, and a guest can reach only its own
+//! server. The port is recorded in the domain's metadata so that a restarted
+//! agent listens on it again.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use base64::Engine;
+use nimbus_proto::agent::InstanceMetadata;
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, RwLock};
+use tokio::task::JoinHandle;
+
+#[derive(Debug, Clone)]
+struct Content {
+    meta: InstanceMetadata,
+    user_data: Option<Vec<u8>>,
+}
+
+struct Server {
+    port: u16,
+    content: Arc<RwLock<Content>>,
+    task: JoinHandle<()>,
+}
+
+#[derive(Default, Clone)]
+pub struct MetadataServers {
+    servers: Arc<Mutex<HashMap<String, Server>>>,
+}
+
+impl MetadataServers {
+    /// Serves `meta` for its instance, on `port` when given (a restarted
+    /// agent re-listening for an existing guest), otherwise on a free port.
+    /// Returns the port.
+    pub async fn ensure(&self, meta: &InstanceMetadata, user_data_b64: Option<&str>, port: Option<u16>) -> std::io::Result<u16> {
+        let user_data = user_data_b64.and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok());
+        let content = Content { meta: meta.clone(), user_data };
+        {
+            let servers = self.servers.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(s) = servers.get(&meta.instance_id) {
+                if port.is_none_or(|p| p == s.port) && !s.task.is_finished() {
+                    *s.content.write().unwrap_or_else(|p| p.into_inner()) = content;
+                    return Ok(s.port);
+                }
+            }
+        }
+        let listener = tokio::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port.unwrap_or(0)))).await?;
+        let port = listener.local_addr()?.port();
+        let content = Arc::new(RwLock::new(content));
+        let app = Router::new()
+            .route("/", get(|| async { "latest\n" }))
+            .route("/latest", get(|| async { "dynamic\nmeta-data\nuser-data\n" }))
+            .route("/latest/", get(|| async { "dynamic\nmeta-data\nuser-data\n" }))
+            .route("/latest/meta-data", get(listing))
+            .route("/latest/meta-data/", get(listing))
+            .route("/latest/meta-data/{*key}", get(meta_data))
+            .route("/latest/user-data", get(serve_user_data))
+            .route("/latest/dynamic/instance-identity/document", get(identity))
+            .with_state(content.clone());
+        let instance_id = meta.instance_id.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::warn!(%instance_id, error = %e, "metadata server stopped");
+            }
+        });
+        let old = self.servers.lock().unwrap_or_else(|p| p.into_inner()).insert(meta.instance_id.clone(), Server { port, content, task });
+        if let Some(old) = old {
+            old.task.abort();
+        }
+        Ok(port)
+    }
+
+    pub fn port(&self, instance_id: &str) -> Option<u16> {
+        self.servers.lock().unwrap_or_else(|p| p.into_inner()).get(instance_id).map(|s| s.port)
+    }
+
+    pub fn stop(&self, instance_id: &str) {
+        if let Some(s) = self.servers.lock().unwrap_or_else(|p| p.into_inner()).remove(instance_id) {
+            s.task.abort();
+        }
+    }
+
+    pub fn stop_all(&self) {
+        for (_, s) in self.servers.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+            s.task.abort();
+        }
+    }
+}
+
+type Shared = State<Arc<RwLock<Content>>>;
+
+const KEYS: &[&str] = &[
+    "ami-id",
+    "ami-launch-index",
+    "hostname",
+    "instance-id",
+    "instance-type",
+    "local-hostname",
+    "placement/availability-zone",
+    "reservation-id",
+];
+
+async fn listing() -> String {
+    let mut out = String::new();
+    for k in KEYS {
+        if let Some((dir, _)) = k.split_once('/') {
+            let entry = format!("{dir}/\n");
+            if !out.contains(&entry) {
+                out.push_str(&entry);
+            }
+        } else {
+            out.push_str(k);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+async fn meta_data(State(c): Shared, Path(key): Path<String>) -> Response {
+    let c = c.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let m = &c.meta;
+    let value = match key.trim_end_matches('/') {
+        "ami-id" => m.image_id.clone(),
+        "ami-launch-index" => m.ami_launch_index.to_string(),
+        "hostname" | "local-hostname" => m.instance_id.clone(),
+        "instance-id" => m.instance_id.clone(),
+        "instance-type" => m.instance_type.clone(),
+        "placement" => "availability-zone".to_string(),
+        "placement/availability-zone" => m.availability_zone.clone(),
+        "reservation-id" => m.reservation_id.clone(),
+        _ => return (StatusCode::NOT_FOUND, "Not Found\n").into_response(),
+    };
+    value.into_response()
+}
+
+async fn serve_user_data(State(c): Shared) -> Response {
+    match c.read().unwrap_or_else(|p| p.into_inner()).user_data.clone() {
+        Some(data) => data.into_response(),
+        None => (StatusCode::NOT_FOUND, "Not Found\n").into_response(),
+    }
+}
+
+async fn identity(State(c): Shared) -> Response {
+    let m = c.read().unwrap_or_else(|p| p.into_inner()).meta.clone();
+    axum::Json(serde_json::json!({
+        "instanceId": m.instance_id,
+        "imageId": m.image_id,
+        "instanceType": m.instance_type,
+        "availabilityZone": m.availability_zone,
+        "accountId": m.owner_id,
+        "architecture": "x86_64",
+    }))
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(id: &str) -> InstanceMetadata {
+        InstanceMetadata {
+            instance_id: id.into(),
+            reservation_id: "r-0123456789abcdef0".into(),
+            instance_type: "t3.nano".into(),
+            image_id: "ami-0123456789abcdef0".into(),
+            availability_zone: "az1".into(),
+            ami_launch_index: 0,
+            owner_id: "000000000000".into(),
+        }
+    }
+
+    async fn get(port: u16, path: &str) -> (u16, String) {
+        let r = reqwest::get(format!("http://127.0.0.1:{port}{path}")).await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn each_guest_sees_only_its_own_metadata() {
+        let servers = MetadataServers::default();
+        let a = servers.ensure(&meta("i-000000000000000aa"), Some("aGVsbG8="), None).await.unwrap();
+        let b = servers.ensure(&meta("i-000000000000000bb"), None, None).await.unwrap();
+        assert_ne!(a, b);
+        assert_eq!(get(a, "/latest/meta-data/instance-id").await, (200, "i-000000000000000aa".into()));
+        assert_eq!(get(b, "/latest/meta-data/instance-id").await, (200, "i-000000000000000bb".into()));
+        assert_eq!(get(a, "/latest/user-data").await, (200, "hello".into()));
+        assert_eq!(get(b, "/latest/user-data").await.0, 404);
+        assert_eq!(get(a, "/latest/meta-data/placement/availability-zone").await, (200, "az1".into()));
+        assert_eq!(get(a, "/latest/meta-data/nope").await.0, 404);
+        // Same instance again: same port.
+        assert_eq!(servers.ensure(&meta("i-000000000000000aa"), None, None).await.unwrap(), a);
+        servers.stop("i-000000000000000aa");
+        servers.stop_all();
+    }
+}
