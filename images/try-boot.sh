@@ -9,6 +9,7 @@
 #   --shutdown  at the end: `virsh shutdown` (ACPI power button) instead of destroy and
 #               expect the transient domain to disappear (on_poweroff=destroy)
 #   --keep      keep the work dir (console log, overlay, XML) for inspection
+#   --no-metadata  do not start the metadata server; expect "NIMBUS-METADATA error"
 #
 # Steps: install-deps + build-tiny (both no-ops when done), per-guest work dir with a
 # qcow2 overlay on rootfs.qcow2, a NoCloud seed ISO and a metadata HTTP server on a
@@ -21,14 +22,15 @@ REPO=$(cd "$HERE/.." && pwd)
 NIMBUS_HOME=${NIMBUS_HOME:-$REPO/.nimbus}
 IMG=$NIMBUS_HOME/images/tiny
 VIRSH=(virsh -q -c qemu:///system)
-DO_REBOOT=0 DO_SHUTDOWN=0 KEEP=0 TIMEOUT=120
+DO_REBOOT=0 DO_SHUTDOWN=0 KEEP=0 TIMEOUT=120 NO_MD=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --reboot) DO_REBOOT=1 ;;
         --shutdown) DO_SHUTDOWN=1 ;;
         --keep) KEEP=1 ;;
+        --no-metadata) NO_MD=1 ;;
         --timeout) TIMEOUT=$2; shift ;;
-        *) echo "usage: $0 [--reboot] [--shutdown] [--keep] [--timeout SEC]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--reboot] [--shutdown] [--keep] [--no-metadata] [--timeout SEC]" >&2; exit 2 ;;
     esac
     shift
 done
@@ -60,15 +62,49 @@ printf '#cloud-config\n{}\n' >"$WORK/seed/user-data"
 printf '%s' "$IID" >"$WORK/md/latest/meta-data/instance-id"
 CONSOLE=$WORK/console.log
 
-# Metadata server on a free loopback port (must listen before QEMU starts: the
-# guestfwd target is a chardev that QEMU connects to).
+# Metadata server on a free loopback port. With reconnect=1 on the guestfwd chardev
+# QEMU would also start (and retry every second) if it were not listening yet.
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-python3 -m http.server --bind 127.0.0.1 --directory "$WORK/md" "$PORT" >"$WORK/http.log" 2>&1 &
-HTTP_PID=$!
-for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
-    sleep 0.05
-done
+cat >"$WORK/mdserver.py" <<'PY'
+# Metadata server for ONE guest. QEMU's guestfwd to a tcp chardev is a single
+# persistent host connection that carries every guest connection back to back, so:
+# never close it (ignore "Connection: close"), always send Content-Length.
+import http.server, os, sys
+
+root, port = sys.argv[1], int(sys.argv[2])
+
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def handle_one_request(self):
+        super().handle_one_request()
+        if self.raw_requestline:       # keep the stream open unless QEMU hung up
+            self.close_connection = False
+
+    def do_GET(self):
+        p = os.path.normpath(self.path.split("?")[0]).lstrip("/")
+        f = os.path.join(root, p)
+        if p.startswith("..") or not os.path.isfile(f):
+            body, code = b"not found\n", 404
+        else:
+            body, code = open(f, "rb").read(), 200
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+
+http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+PY
+if [ $NO_MD = 0 ]; then
+    python3 "$WORK/mdserver.py" "$WORK/md" "$PORT" >"$WORK/http.log" 2>&1 &
+    HTTP_PID=$!
+    for _ in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
+        sleep 0.05
+    done
+fi
 
 python3 - "$HERE/example-domain.xml" "$WORK/domain.xml" <<EOF
 import sys
@@ -114,7 +150,11 @@ t_md=$(wait_line "NIMBUS-METADATA " 1 "$T0")
 t_ready=$(wait_line "NIMBUS-READY" 1 "$T0")
 expect_line "NIMBUS-BOOT instance-id=$IID"
 expect_line "NIMBUS-ROOT ok"
-expect_line "NIMBUS-METADATA instance-id=$IID"
+if [ $NO_MD = 0 ]; then
+    expect_line "NIMBUS-METADATA instance-id=$IID"
+else
+    expect_line "NIMBUS-METADATA error"
+fi
 echo "try-boot.sh: OK $NAME (metadata port $PORT)"
 echo "  virsh create returned  ${t_create}s"
 echo "  NIMBUS-BOOT            ${t_boot}s"
