@@ -10,6 +10,9 @@
 #               expect the transient domain to disappear (on_poweroff=destroy)
 #   --keep      keep the work dir (console log, overlay, XML) for inspection
 #   --no-metadata  do not start the metadata server; expect "NIMBUS-METADATA error"
+#   --plain-http   use `python3 -m http.server` (closes the connection after each
+#               response) instead of the keep-alive server: shows that reconnect=1
+#               lets later requests through again
 #
 # Steps: install-deps + build-tiny (both no-ops when done), per-guest work dir with a
 # qcow2 overlay on rootfs.qcow2, a NoCloud seed ISO and a metadata HTTP server on a
@@ -22,15 +25,16 @@ REPO=$(cd "$HERE/.." && pwd)
 NIMBUS_HOME=${NIMBUS_HOME:-$REPO/.nimbus}
 IMG=$NIMBUS_HOME/images/tiny
 VIRSH=(virsh -q -c qemu:///system)
-DO_REBOOT=0 DO_SHUTDOWN=0 KEEP=0 TIMEOUT=120 NO_MD=0
+DO_REBOOT=0 DO_SHUTDOWN=0 KEEP=0 TIMEOUT=120 NO_MD=0 PLAIN=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --reboot) DO_REBOOT=1 ;;
         --shutdown) DO_SHUTDOWN=1 ;;
         --keep) KEEP=1 ;;
         --no-metadata) NO_MD=1 ;;
+        --plain-http) PLAIN=1 ;;
         --timeout) TIMEOUT=$2; shift ;;
-        *) echo "usage: $0 [--reboot] [--shutdown] [--keep] [--no-metadata] [--timeout SEC]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--reboot] [--shutdown] [--keep] [--no-metadata] [--plain-http] [--timeout SEC]" >&2; exit 2 ;;
     esac
     shift
 done
@@ -98,7 +102,11 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
 PY
 if [ $NO_MD = 0 ]; then
-    python3 "$WORK/mdserver.py" "$WORK/md" "$PORT" >"$WORK/http.log" 2>&1 &
+    if [ $PLAIN = 1 ]; then
+        python3 -m http.server --bind 127.0.0.1 --directory "$WORK/md" "$PORT" >"$WORK/http.log" 2>&1 &
+    else
+        python3 "$WORK/mdserver.py" "$WORK/md" "$PORT" >"$WORK/http.log" 2>&1 &
+    fi
     HTTP_PID=$!
     for _ in $(seq 100); do
         (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
