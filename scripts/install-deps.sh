@@ -23,11 +23,11 @@ export DEBIAN_FRONTEND=noninteractive
 #   qemu-system-x86        the emulator libvirt drives (TCG here)
 #   cpio                   images/build-tiny.sh (initramfs)
 #   genisoimage            NoCloud seed ISO (host agent, try-boot.sh)
-#   e2fsprogs              mke2fs -d for the tiny root disk
+#   e2fsprogs              mke2fs -d / debugfs for the tiny root disk
 #   python3                try-boot.sh's metadata HTTP server, JSON in build-tiny.sh
 #   qemu-utils             qemu-img (second step, see above)
 # busybox-static is NOT installed on the host: build-tiny.sh only `apt-get download`s it.
-PKGS1=(libvirt-daemon-system libvirt-dev qemu-system-x86 cpio genisoimage e2fsprogs python3 ca-certificates)
+PKGS1=(libvirt-daemon-system libvirt-dev qemu-system-x86 cpio genisoimage e2fsprogs python3)
 PKGS2=(qemu-utils)
 
 LOG=$(mktemp /tmp/nimbus-install-deps.XXXXXX.log)
@@ -82,10 +82,12 @@ command -v qemu-img >/dev/null 2>&1 || die "qemu-img missing after install"
 
 virsh_ok() { timeout 5 virsh -c qemu:///system version >/dev/null 2>&1; }
 
+# virtlogd is checked on its own: libvirtd answers without it, but starting a QEMU
+# domain fails when it is gone (libvirt logs QEMU's stdio through it).
+if ! pgrep -x virtlogd >/dev/null; then
+    run virtlogd -d
+fi
 if ! virsh_ok; then
-    if ! pgrep -x virtlogd >/dev/null; then
-        run virtlogd -d
-    fi
     if ! pgrep -x libvirtd >/dev/null; then
         run libvirtd -d
     fi
