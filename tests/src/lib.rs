@@ -1,1 +1,369 @@
-//! placeholder
+//! Test harness: a real control plane on a fresh PostgreSQL database, and
+//! host agents in this process.
+//!
+//! Needs `DATABASE_URL` pointing at a PostgreSQL role that may create
+//! databases (the README's test command starts one: `scripts/pg.sh`). Each
+//! [`Cloud`] gets its own database, so tests run in parallel.
+//!
+//! Agents use libvirt's `test:///default` driver unless told otherwise: a
+//! real libvirt code path whose state lives in this process while any
+//! connection to it is open. [`Cloud::start`] holds one open, so domains
+//! survive an agent's restart, as they would survive on a real host.
+
+use anyhow::{bail, Context};
+use nimbus_control_plane::{Config, PlacementPolicy, Service};
+use nimbus_host_agent::reconcile::AgentEvent;
+use nimbus_host_agent::{Agent, AgentConfig, HypervisorChoice};
+use nimbus_proto::api::{Image, ImageFile, RegisterImageRequest};
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Once};
+use std::time::Duration;
+use tokio::sync::{broadcast, oneshot};
+
+pub use nimbus_control_plane;
+pub use nimbus_host_agent;
+
+static TRACING: Once = Once::new();
+
+fn init_tracing() {
+    TRACING.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_env("NIMBUS_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+fn random_suffix() -> String {
+    use rand::Rng;
+    let n: u64 = rand::thread_rng().gen();
+    format!("{n:016x}")
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let base = std::env::var_os("NIMBUS_TEST_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+        let dir = base.join(format!("nimbus-{tag}-{}", random_suffix()));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Creates a database of its own for one test.
+async fn fresh_database() -> anyhow::Result<String> {
+    let url = std::env::var("DATABASE_URL")
+        .context("DATABASE_URL is not set: run the tests with scripts/test.sh, which starts PostgreSQL")?;
+    let name = format!("nimbus_test_{}", random_suffix());
+    let admin = sqlx::PgPool::connect(&url).await.context("connect to DATABASE_URL")?;
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await?;
+    admin.close().await;
+    let (base, _) = url.rsplit_once('/').context("DATABASE_URL has no database name")?;
+    Ok(format!("{base}/{name}"))
+}
+
+pub struct CloudOptions {
+    pub placement: PlacementPolicy,
+    pub max_count: u32,
+    pub db_connections: u32,
+}
+
+impl Default for CloudOptions {
+    fn default() -> Self {
+        CloudOptions { placement: PlacementPolicy::Spread, max_count: 100, db_connections: 20 }
+    }
+}
+
+/// A running control plane with its own database.
+pub struct Cloud {
+    pub url: String,
+    pub admin_token: String,
+    pub join_token: String,
+    pub service: Service,
+    pub http: reqwest::Client,
+    pub dir: TempDir,
+    shutdown: Option<oneshot::Sender<()>>,
+    _test_conn: Option<Arc<virt::connect::Connect>>,
+}
+
+/// One host agent running in this process.
+pub struct AgentHandle {
+    pub name: String,
+    pub state_dir: PathBuf,
+    pub events: broadcast::Receiver<AgentEvent>,
+    config: AgentConfig,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl AgentHandle {
+    /// Stops the agent as a crash would, leaving its guests and files behind.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for AgentHandle {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+impl Cloud {
+    pub async fn start() -> anyhow::Result<Cloud> {
+        Self::start_with(CloudOptions::default()).await
+    }
+
+    pub async fn start_with(opts: CloudOptions) -> anyhow::Result<Cloud> {
+        init_tracing();
+        let database_url = fresh_database().await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let config = Config {
+            listen: addr,
+            database_url,
+            admin_token: format!("admin-{}", random_suffix()),
+            join_token: format!("join-{}", random_suffix()),
+            placement: opts.placement,
+            host_timeout_secs: 30,
+            max_count: opts.max_count,
+            db_connections: opts.db_connections,
+        };
+        let (admin_token, join_token) = (config.admin_token.clone(), config.join_token.clone());
+        let service = nimbus_control_plane::build(config).await?;
+        let (tx, rx) = oneshot::channel::<()>();
+        tokio::spawn(nimbus_control_plane::serve(service.clone(), listener, async move {
+            let _ = rx.await;
+        }));
+        // Keep the test driver's state alive across agent restarts.
+        let test_conn = tokio::task::spawn_blocking(|| {
+            virt::error::clear_error_callback();
+            virt::connect::Connect::open(Some("test:///default"))
+        })
+        .await??;
+        Ok(Cloud {
+            url: format!("http://{addr}"),
+            admin_token,
+            join_token,
+            service,
+            http: reqwest::Client::new(),
+            dir: TempDir::new("cloud"),
+            shutdown: Some(tx),
+            _test_conn: Some(Arc::new(test_conn)),
+        })
+    }
+
+    pub fn db(&self) -> &sqlx::PgPool {
+        &self.service.db
+    }
+
+    /// Sends a request with the admin token; returns the status and JSON body.
+    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<(StatusCode, Value)> {
+        self.call_as(Some(&self.admin_token), method, path, body).await
+    }
+
+    pub async fn call_as(&self, token: Option<&str>, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<(StatusCode, Value)> {
+        let mut req = self.http.request(method, format!("{}{path}", self.url));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        let json = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        Ok((status, json))
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        let (status, body) = self.call(Method::GET, path, None).await?;
+        if !status.is_success() {
+            bail!("GET {path}: {status}: {body}");
+        }
+        Ok(body)
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        let (status, resp) = self.call(Method::POST, path, Some(body)).await?;
+        if !status.is_success() {
+            bail!("POST {path}: {status}: {resp}");
+        }
+        Ok(resp)
+    }
+
+    /// Starts an agent on the test driver offering the given capacity.
+    pub async fn add_agent(&self, name: &str, zone: &str, vcpus: u32, memory_mib: u64, disk_gib: u64) -> anyhow::Result<AgentHandle> {
+        let state_dir = self.dir.path().join(name);
+        let config = AgentConfig {
+            control_plane: self.url.clone(),
+            join_token: self.join_token.clone(),
+            name: format!("{name}-{}", &random_suffix()[..8]),
+            availability_zone: zone.to_string(),
+            hypervisor: HypervisorChoice::Test,
+            libvirt_uri: None,
+            state_dir: state_dir.clone(),
+            vcpus: Some(vcpus),
+            memory_mib: Some(memory_mib),
+            disk_gib: Some(disk_gib),
+            cpu_allocation_ratio: 1.0,
+            reserved_memory_mib: 0,
+            poll_ms: 2000,
+        };
+        let mut handle = AgentHandle {
+            name: config.name.clone(),
+            state_dir,
+            events: broadcast::channel(1).1,
+            config,
+            shutdown: None,
+            task: None,
+        };
+        self.start_agent(&mut handle).await?;
+        self.wait_for_host(&handle.name).await?;
+        Ok(handle)
+    }
+
+    /// (Re)starts a stopped agent with its old configuration and state directory.
+    pub async fn start_agent(&self, handle: &mut AgentHandle) -> anyhow::Result<()> {
+        handle.stop().await;
+        let agent = Agent::new(handle.config.clone()).await?;
+        handle.events = agent.events();
+        let (tx, rx) = oneshot::channel::<()>();
+        let name = handle.name.clone();
+        handle.task = Some(tokio::spawn(async move {
+            if let Err(e) = agent.run(async move { let _ = rx.await; }).await {
+                tracing::error!(agent = %name, error = %e, "agent failed");
+            }
+        }));
+        handle.shutdown = Some(tx);
+        Ok(())
+    }
+
+    async fn wait_for_host(&self, name: &str) -> anyhow::Result<()> {
+        let name = name.to_string();
+        self.wait_until(Duration::from_secs(30), || async {
+            let hosts = self.get("/v1/hosts").await?;
+            Ok(hosts["hosts"].as_array().is_some_and(|hs| hs.iter().any(|h| h["name"] == name.as_str())))
+        })
+        .await
+        .with_context(|| format!("agent {name} did not register"))
+    }
+
+    /// Polls `cond` until it holds or `timeout` passes.
+    pub async fn wait_until<F, Fut>(&self, timeout: Duration, mut cond: F) -> anyhow::Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<bool>>,
+    {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if cond().await? {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("condition not met within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until every instance is in `state`; returns their JSON.
+    pub async fn wait_for_state(&self, ids: &[String], state: &str, timeout: Duration) -> anyhow::Result<Vec<Value>> {
+        let path = format!("/v1/instances?instance_id={}", ids.join(","));
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let list = self.get(&path).await?;
+            let instances = list["instances"].as_array().cloned().unwrap_or_default();
+            if instances.len() == ids.len() && instances.iter().all(|i| i["state"]["name"] == state) {
+                return Ok(instances);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("instances did not reach {state} within {timeout:?}: {instances:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Registers a small image whose files are real (a qcow2 base made with
+    /// qemu-img) but boot nothing: enough for the test driver.
+    pub async fn register_test_image(&self) -> anyhow::Result<Image> {
+        let dir = self.dir.path().join("image");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("vmlinuz"), format!("kernel {}", random_suffix()))?;
+        std::fs::write(dir.join("initrd.img"), format!("initrd {}", random_suffix()))?;
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(dir.join("root.qcow2"))
+            .arg("16M")
+            .output()?;
+        if !out.status.success() {
+            bail!("qemu-img: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let file = |name: &str| -> anyhow::Result<ImageFile> {
+            Ok(ImageFile { name: name.into(), sha256: hex::encode(Sha256::digest(std::fs::read(dir.join(name))?)) })
+        };
+        let req = RegisterImageRequest {
+            name: "test-image".into(),
+            description: None,
+            source_url: format!("file://{}", dir.display()),
+            kernel: file("vmlinuz")?,
+            initrd: Some(file("initrd.img")?),
+            root_disk: file("root.qcow2")?,
+            cmdline: "console=ttyS0".into(),
+            default: true,
+        };
+        Ok(serde_json::from_value(self.post("/v1/images", serde_json::to_value(req)?).await?)?)
+    }
+
+    /// Capacity bookkeeping straight from PostgreSQL: per host, (total vCPUs,
+    /// used counter, sum of vCPUs of instances holding capacity).
+    pub async fn vcpu_accounting(&self) -> anyhow::Result<Vec<(String, i64, i64, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT h.name, h.total_vcpus::bigint, h.used_vcpus::bigint, \
+                    coalesce((SELECT sum(vcpus) FROM instances i WHERE i.host_id = h.id AND i.capacity_held), 0)::bigint \
+             FROM hosts h ORDER BY h.name",
+        )
+        .fetch_all(self.db())
+        .await?)
+    }
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// The instance ids of a reservation's JSON.
+pub fn instance_ids(reservation: &Value) -> Vec<String> {
+    reservation["instances"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|i| i["instance_id"].as_str().map(str::to_string)).collect())
+        .unwrap_or_default()
+}

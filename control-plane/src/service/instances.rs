@@ -21,7 +21,6 @@ pub const DEFAULT_PAGE: u32 = 100;
 pub(crate) struct InstanceRow {
     pub id: String,
     pub seq: i64,
-    pub account_id: String,
     pub reservation_id: String,
     pub ami_launch_index: i32,
     pub image_id: String,
@@ -33,7 +32,7 @@ pub(crate) struct InstanceRow {
     pub launch_time: chrono::DateTime<chrono::Utc>,
 }
 
-const INSTANCE_COLUMNS: &str = "id, seq, account_id, reservation_id, ami_launch_index, image_id, instance_type, \
+const INSTANCE_COLUMNS: &str = "id, seq, reservation_id, ami_launch_index, image_id, instance_type, \
      availability_zone, host_id, state, state_reason, launch_time";
 
 pub(crate) fn parse_state(s: &str) -> Result<InstanceState> {
