@@ -10,9 +10,8 @@
 //! stale owner that answered (read repair).
 
 use crate::api::{Context, GetResult};
-use crate::clock::{NodeId, Record, Sibling};
-use crate::error::{check_key, check_value, StoreError};
-use crate::membership::now_ms;
+use crate::clock::{NodeId, Record, VersionVector};
+use crate::error::{check_key, check_value, RpcError, StoreError};
 use crate::node::{merge_all, Node};
 use crate::rpc::{Request, Response};
 use std::collections::VecDeque;
@@ -50,17 +49,87 @@ impl Node {
 
     /// Write `value` (or a tombstone when `None`) with the causal context
     /// the caller read. Returns after W replicas acknowledged durably.
+    ///
+    /// The write is coordinated by a preference-list node (this one if it
+    /// is in the list, else the request is forwarded to the first one that
+    /// answers); only when no owner is reachable does this node coordinate
+    /// as a stand-in.
     pub async fn put(self: &Arc<Self>, key: &[u8], value: Option<Vec<u8>>, context: &Context) -> Result<(), StoreError> {
         check_key(key)?;
         if let Some(v) = &value {
             check_value(v)?;
         }
-        let dot = self.mint_dot().await?;
-        let record = Record::single(Sibling { dot, context: context.0.clone(), value, written_ms: now_ms() });
+        let plan = self.plan(key)?;
+        if !plan.pref.contains(&self.cfg.id) {
+            // forwarded writes wait for the remote coordinator's quorum
+            let timeout = self.cfg.request_timeout * 3;
+            for owner in plan.pref.iter().filter(|o| self.membership.is_alive(o)) {
+                let req = Request::Coordinate { key: key.to_vec(), value: value.clone(), context: context.0.clone() };
+                match self.call_with_timeout(owner, req, timeout).await {
+                    Ok(Response::Ok) => return Ok(()),
+                    Ok(Response::Failed(e)) => return Err(e),
+                    // never delivered: safe to try the next owner
+                    Err(RpcError::Unreachable(_)) => continue,
+                    // possibly applied: retrying here could apply it twice
+                    // (as two siblings), so let the client decide
+                    Err(RpcError::Timeout(n)) => return Err(StoreError::OutcomeUnknown(n)),
+                    _ => continue,
+                }
+            }
+        }
+        self.coordinate_put(key, value, context.0.clone()).await
+    }
+
+    /// Coordinate a write here: store it locally first (minting its dot),
+    /// then replicate this node's full state of the key to the other
+    /// preference-list slots.
+    pub(crate) async fn coordinate_put(
+        self: &Arc<Self>,
+        key: &[u8],
+        value: Option<Vec<u8>>,
+        context: VersionVector,
+    ) -> Result<(), StoreError> {
+        check_key(key)?;
         let plan = self.plan(key)?;
         let needed = self.cfg.w.min(plan.pref.len()).max(1);
+        // As an owner we store into our data; as a stand-in we hold the
+        // write as a hint for the first owner, and that slot is covered.
+        let me = self.cfg.id.clone();
+        let hint_owner = if plan.pref.contains(&me) { None } else { plan.pref.first().cloned() };
+        {
+            // we are no longer a fallback candidate for the other slots
+            let mut fb = plan.fallbacks.lock().unwrap_or_else(|p| p.into_inner());
+            fb.retain(|x| *x != me);
+        }
+        let record = self.storage.coordinate(&me, key, value, context, hint_owner.as_deref()).await?;
+        let covered = hint_owner.clone().unwrap_or(me.clone());
+        let mut acks = 1;
+        if acks >= needed {
+            self.replicate_background(key, record, plan, covered);
+            return Ok(());
+        }
         let (tx, mut rx) = mpsc::channel::<bool>(plan.pref.len());
-        for owner in plan.pref {
+        self.spawn_replicas(key, record, plan, covered, tx);
+        while let Some(ok) = rx.recv().await {
+            if ok {
+                acks += 1;
+                if acks >= needed {
+                    return Ok(());
+                }
+            }
+        }
+        Err(StoreError::QuorumFailed { got: acks, needed })
+    }
+
+    fn replicate_background(self: &Arc<Self>, key: &[u8], record: Record, plan: Plan, covered: NodeId) {
+        let (tx, _rx) = mpsc::channel::<bool>(plan.pref.len().max(1));
+        self.spawn_replicas(key, record, plan, covered, tx);
+    }
+
+    /// One task per preference-list slot other than `covered`: try the
+    /// owner, else successive healthy fallbacks with a hint.
+    fn spawn_replicas(self: &Arc<Self>, key: &[u8], record: Record, plan: Plan, covered: NodeId, tx: mpsc::Sender<bool>) {
+        for owner in plan.pref.into_iter().filter(|o| *o != covered) {
             let (node, tx, fb, key, record) = (self.clone(), tx.clone(), plan.fallbacks.clone(), key.to_vec(), record.clone());
             tokio::spawn(async move {
                 if node.membership.is_alive(&owner)
@@ -80,17 +149,6 @@ impl Node {
                 let _ = tx.send(false).await;
             });
         }
-        drop(tx);
-        let mut acks = 0;
-        while let Some(ok) = rx.recv().await {
-            if ok {
-                acks += 1;
-                if acks >= needed {
-                    return Ok(());
-                }
-            }
-        }
-        Err(StoreError::QuorumFailed { got: acks, needed })
     }
 
     /// Read all surviving versions of `key` from R replicas.

@@ -53,6 +53,8 @@ pub enum StoreError {
     BadContext(String),
     #[error("quorum not reached: {got} of {needed} replicas acknowledged")]
     QuorumFailed { got: usize, needed: usize },
+    #[error("coordinator {0} did not answer in time; the write may or may not have been applied")]
+    OutcomeUnknown(String),
     #[error("the ring has no members")]
     NoNodes,
     #[error("storage: {0}")]

@@ -3,9 +3,9 @@
 //! operations live in `coordinator`, the repair loops in `handoff` and
 //! `anti_entropy`.
 
-use crate::clock::{Dot, NodeId, Record};
+use crate::clock::{NodeId, Record};
 use crate::error::{RpcError, StorageError};
-use crate::membership::{now_ms, Membership};
+use crate::membership::Membership;
 use crate::merkle::key_digest;
 use crate::rpc::{Handler, Request, Response, Transport};
 use crate::storage::{encode_record, Storage};
@@ -64,17 +64,13 @@ impl Config {
     }
 }
 
-/// How many dots a node reserves on disk at once.
-const DOT_LEASE: u64 = 1 << 20;
-
 pub struct Node {
     pub(crate) cfg: Config,
     pub(crate) storage: Arc<Storage>,
     pub(crate) membership: Membership,
     transport: Arc<dyn Transport>,
-    /// (next counter, reserved-up-to) for minting dots.
-    dots: Mutex<(u64, u64)>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    me: Weak<Node>,
 }
 
 impl Node {
@@ -83,19 +79,14 @@ impl Node {
     pub async fn start(cfg: Config, transport: Arc<dyn Transport>) -> Result<Arc<Node>, StorageError> {
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| StorageError::Engine(e.to_string()))?;
         let storage = Arc::new(Storage::open(&cfg.data_dir.join("store.redb"), cfg.partitions)?);
-        // Dot counters must never repeat, even after a crash: start above
-        // both the persisted lease and the clock, and persist a new lease.
-        let lease = storage.get_meta("dot_lease")?.unwrap_or(0);
-        let start = lease.max(now_ms() * 1000);
-        storage.set_meta("dot_lease", start + DOT_LEASE).await?;
         let membership = Membership::new(cfg.id.clone(), &cfg.seeds, cfg.partitions, cfg.fail_timeout);
-        let node = Arc::new(Node {
+        let node = Arc::new_cyclic(|me| Node {
             cfg,
             storage,
             membership,
             transport,
-            dots: Mutex::new((start, start + DOT_LEASE)),
             tasks: Mutex::new(Vec::new()),
+            me: me.clone(),
         });
         if node.cfg.background {
             node.spawn_loops();
@@ -129,32 +120,17 @@ impl Node {
         }
     }
 
-    /// Mint a fresh dot for a write coordinated here.
-    pub(crate) async fn mint_dot(&self) -> Result<Dot, StorageError> {
-        let (counter, extend) = {
-            let mut g = self.dots.lock().unwrap_or_else(|p| p.into_inner());
-            g.0 += 1;
-            let extend = if g.0 + DOT_LEASE / 2 >= g.1 {
-                g.1 += DOT_LEASE;
-                Some(g.1)
-            } else {
-                None
-            };
-            (g.0, extend)
-        };
-        if let Some(l) = extend {
-            self.storage.set_meta("dot_lease", l).await?;
-        }
-        Ok(Dot { node: self.cfg.id.clone(), counter })
-    }
-
     /// Call another node (or ourselves, locally) with the request timeout.
     /// A failed call marks the peer suspect.
     pub(crate) async fn call(&self, to: &NodeId, req: Request) -> Result<Response, RpcError> {
+        self.call_with_timeout(to, req, self.cfg.request_timeout).await
+    }
+
+    pub(crate) async fn call_with_timeout(&self, to: &NodeId, req: Request, timeout: Duration) -> Result<Response, RpcError> {
         if *to == self.cfg.id {
             return Ok(self.handle_local(req).await);
         }
-        let res = match tokio::time::timeout(self.cfg.request_timeout, self.transport.call(&self.cfg.id, to, req)).await {
+        let res = match tokio::time::timeout(timeout, self.transport.call(&self.cfg.id, to, req)).await {
             Ok(r) => r,
             Err(_) => Err(RpcError::Timeout(to.clone())),
         };
@@ -171,6 +147,14 @@ impl Node {
 
     /// Answer a node-to-node request.
     pub async fn handle_local(&self, req: Request) -> Response {
+        if let Request::Coordinate { key, value, context } = req {
+            // coordinating needs an owning handle for the replica tasks
+            let Some(me) = self.me.upgrade() else { return Response::Error("node is stopping".into()) };
+            return match me.coordinate_put(&key, value, context).await {
+                Ok(()) => Response::Ok,
+                Err(e) => Response::Failed(e),
+            };
+        }
         match self.handle_inner(req).await {
             Ok(r) => r,
             Err(e) => Response::Error(e.to_string()),
@@ -230,6 +214,7 @@ impl Node {
                 self.storage.drop_if(&key, digest).await?;
                 Response::Ok
             }
+            Request::Coordinate { .. } => Response::Error("unreachable".into()),
         })
     }
 

@@ -6,7 +6,8 @@
 //! requests or replies with a seeded random generator.
 
 use crate::clock::{NodeId, Record};
-use crate::error::RpcError;
+use crate::clock::VersionVector;
+use crate::error::{RpcError, StoreError};
 use crate::membership::Member;
 use crate::merkle::Digest;
 use async_trait::async_trait;
@@ -34,6 +35,8 @@ pub enum Request {
     GcProbe { key: Vec<u8> },
     /// Remove the key if its digest still matches.
     GcDrop { key: Vec<u8>, digest: Digest },
+    /// Client write forwarded to a preference-list node to coordinate.
+    Coordinate { key: Vec<u8>, value: Option<Vec<u8>>, context: VersionVector },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -46,6 +49,8 @@ pub enum Response {
     Records(Vec<(Vec<u8>, Option<Record>)>),
     Digest(Option<Digest>),
     Error(String),
+    /// A coordinated write failed with a client-visible error.
+    Failed(StoreError),
 }
 
 /// Something that can answer node-to-node requests.

@@ -6,7 +6,8 @@
 //!   as the data, so the tree on disk always matches the data on disk)
 //! * `hints`:  `keylen(u16 BE) ++ key ++ owner` → bincode(`Record`), writes
 //!   held for an unreachable owner (sloppy quorum)
-//! * `meta`:   small named counters (the dot-counter lease)
+//! * `meta`:   the per-node dot counter (updated in the same transaction as
+//!   the write it numbers, so it never repeats after a crash)
 //!
 //! fsync policy: all writes go through one writer thread that performs
 //! *group commit*: it drains every queued write, applies them in one redb
@@ -14,7 +15,7 @@
 //! then acknowledges each of them. An acknowledged write is therefore on
 //! disk, and many concurrent writes share one fsync.
 
-use crate::clock::Record;
+use crate::clock::{Dot, Record, Sibling, VersionVector};
 use crate::error::StorageError;
 use crate::merkle::{bucket_of, key_digest, Digest, MerkleTree};
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -81,6 +82,7 @@ enum Op {
     HintRemoveIf { owner: String, key: Vec<u8>, expected: Record },
     DropIf { key: Vec<u8>, digest: Digest },
     SetMeta { name: &'static str, value: u64 },
+    Coordinate { node: String, key: Vec<u8>, value: Option<Vec<u8>>, context: VersionVector, written_ms: u64, hint_owner: Option<String> },
 }
 
 enum OpResult {
@@ -171,6 +173,37 @@ impl Storage {
         match self.submit(Op::DropIf { key: key.to_vec(), digest }).await? {
             OpResult::Done(b) => Ok(b),
             OpResult::Merged(_) => Ok(false),
+        }
+    }
+
+    /// Coordinate a client write: atomically mint a fresh dot for `node`
+    /// (from a durable per-node counter that only grows), merge the new
+    /// sibling into the local copy (the data table, or the hint for
+    /// `hint_owner` when coordinating as a stand-in), and return the node's
+    /// full local state of the key (data merged with all hints for it).
+    /// Replicating that full state, not just the new sibling, keeps the
+    /// invariant that whoever holds a dot `(node, c)` also holds every
+    /// earlier dot of `node` for the key or a version that supersedes it,
+    /// which is what lets a plain version vector serve as the context.
+    pub async fn coordinate(
+        &self,
+        node: &str,
+        key: &[u8],
+        value: Option<Vec<u8>>,
+        context: VersionVector,
+        hint_owner: Option<&str>,
+    ) -> Result<Record, StorageError> {
+        let op = Op::Coordinate {
+            node: node.to_string(),
+            key: key.to_vec(),
+            value,
+            context,
+            written_ms: crate::membership::now_ms(),
+            hint_owner: hint_owner.map(str::to_string),
+        };
+        match self.submit(op).await? {
+            OpResult::Merged(r) => Ok(r),
+            OpResult::Done(_) => Err(StorageError::Closed),
         }
     }
 
@@ -318,8 +351,69 @@ fn writer_loop(db: Arc<Database>, partitions: u32, rx: std_mpsc::Receiver<Job>) 
     }
 }
 
-/// Apply a batch in one transaction. Per-op failures (e.g. a corrupt
-/// record) fail only that op; engine failures fail the whole batch.
+type BytesTable<'t> = redb::Table<'t, &'static [u8], &'static [u8]>;
+
+fn merge_data(
+    data: &mut BytesTable<'_>,
+    merkle: &mut redb::Table<'_, u32, &'static [u8]>,
+    partitions: u32,
+    key: &[u8],
+    record: &Record,
+) -> Result<Record, StorageError> {
+    let p = crate::ring::partition_of(key, partitions);
+    let dk = data_key(p, key);
+    let old = data.get(dk.as_slice()).map_err(StorageError::engine)?.map(|v| v.value().to_vec());
+    let mut cur = match &old {
+        Some(b) => decode_record(b)?,
+        None => Record::default(),
+    };
+    if cur.merge(record) || old.is_none() {
+        let enc = encode_record(&cur)?;
+        data.insert(dk.as_slice(), enc.as_slice()).map_err(StorageError::engine)?;
+        let mut tree = match merkle.get(p).map_err(StorageError::engine)? {
+            Some(v) => MerkleTree::decode(v.value()).unwrap_or_default(),
+            None => MerkleTree::default(),
+        };
+        if let Some(b) = &old {
+            tree.toggle(key, key_digest(key, b));
+        }
+        tree.toggle(key, key_digest(key, &enc));
+        merkle.insert(p, tree.encode().as_slice()).map_err(StorageError::engine)?;
+    }
+    Ok(cur)
+}
+
+fn merge_hint(hints: &mut BytesTable<'_>, owner: &str, key: &[u8], record: &Record) -> Result<Record, StorageError> {
+    let hk = hint_key(key, owner);
+    let old = hints.get(hk.as_slice()).map_err(StorageError::engine)?.map(|v| v.value().to_vec());
+    let mut cur = match &old {
+        Some(b) => decode_record(b)?,
+        None => Record::default(),
+    };
+    cur.merge(record);
+    hints.insert(hk.as_slice(), encode_record(&cur)?.as_slice()).map_err(StorageError::engine)?;
+    Ok(cur)
+}
+
+/// Data record merged with every hint held for `key`.
+fn full_state(data: &BytesTable<'_>, hints: &BytesTable<'_>, partitions: u32, key: &[u8]) -> Result<Record, StorageError> {
+    let p = crate::ring::partition_of(key, partitions);
+    let mut out = match data.get(data_key(p, key).as_slice()).map_err(StorageError::engine)? {
+        Some(v) => decode_record(v.value())?,
+        None => Record::default(),
+    };
+    let prefix = hint_prefix(key);
+    for item in hints.range(prefix.as_slice()..).map_err(StorageError::engine)? {
+        let (k, v) = item.map_err(StorageError::engine)?;
+        if !k.value().starts_with(&prefix) {
+            break;
+        }
+        out.merge(&decode_record(v.value())?);
+    }
+    Ok(out)
+}
+
+/// Apply a batch in one transaction. Engine failures fail the whole batch.
 fn apply_batch(db: &Database, partitions: u32, ops: &[&Op]) -> Result<Vec<Result<OpResult, StorageError>>, StorageError> {
     let mut w = db.begin_write().map_err(StorageError::engine)?;
     w.set_durability(Durability::Immediate);
@@ -331,41 +425,23 @@ fn apply_batch(db: &Database, partitions: u32, ops: &[&Op]) -> Result<Vec<Result
         let mut meta = w.open_table(META).map_err(StorageError::engine)?;
         for op in ops {
             let res = match op {
-                Op::Merge { key, record } => {
-                    let p = crate::ring::partition_of(key, partitions);
-                    let dk = data_key(p, key);
-                    let old = data.get(dk.as_slice()).map_err(StorageError::engine)?.map(|v| v.value().to_vec());
-                    let mut cur = match &old {
-                        Some(b) => decode_record(b),
-                        None => Ok(Record::default()),
+                Op::Merge { key, record } => merge_data(&mut data, &mut merkle, partitions, key, record).map(OpResult::Merged),
+                Op::HintMerge { owner, key, record } => merge_hint(&mut hints, owner, key, record).map(|_| OpResult::Done(true)),
+                Op::Coordinate { node, key, value, context, written_ms, hint_owner } => {
+                    let last = meta.get("dot_counter").map_err(StorageError::engine)?.map(|v| v.value()).unwrap_or(0);
+                    let counter = (last + 1).max(written_ms.saturating_mul(1000));
+                    meta.insert("dot_counter", counter).map_err(StorageError::engine)?;
+                    let rec = Record::single(Sibling {
+                        dot: Dot { node: node.clone(), counter },
+                        context: context.clone(),
+                        value: value.clone(),
+                        written_ms: *written_ms,
+                    });
+                    let stored = match hint_owner {
+                        None => merge_data(&mut data, &mut merkle, partitions, key, &rec).map(|_| ()),
+                        Some(o) => merge_hint(&mut hints, o, key, &rec).map(|_| ()),
                     };
-                    if let Ok(c) = &mut cur {
-                        if c.merge(record) || old.is_none() {
-                            let enc = encode_record(c)?;
-                            data.insert(dk.as_slice(), enc.as_slice()).map_err(StorageError::engine)?;
-                            let mut tree = match merkle.get(p).map_err(StorageError::engine)? {
-                                Some(v) => MerkleTree::decode(v.value()).unwrap_or_default(),
-                                None => MerkleTree::default(),
-                            };
-                            if let Some(b) = &old {
-                                tree.toggle(key, key_digest(key, b));
-                            }
-                            tree.toggle(key, key_digest(key, &enc));
-                            merkle.insert(p, tree.encode().as_slice()).map_err(StorageError::engine)?;
-                        }
-                    }
-                    cur.map(OpResult::Merged)
-                }
-                Op::HintMerge { owner, key, record } => {
-                    let hk = hint_key(key, owner);
-                    let old = hints.get(hk.as_slice()).map_err(StorageError::engine)?.map(|v| v.value().to_vec());
-                    let mut cur = match &old {
-                        Some(b) => decode_record(b)?,
-                        None => Record::default(),
-                    };
-                    cur.merge(record);
-                    hints.insert(hk.as_slice(), encode_record(&cur)?.as_slice()).map_err(StorageError::engine)?;
-                    Ok(OpResult::Done(true))
+                    stored.and_then(|_| full_state(&data, &hints, partitions, key)).map(OpResult::Merged)
                 }
                 Op::HintRemoveIf { owner, key, expected } => {
                     let hk = hint_key(key, owner);
