@@ -55,6 +55,8 @@ pub struct GuestSpec {
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
     pub root_disk: PathBuf,
+    /// The cached base image under `root_disk` (shared, never written).
+    pub base_disk: PathBuf,
     pub seed_iso: PathBuf,
     pub console_log: PathBuf,
     /// Loopback port of this guest's metadata server (guestfwd target).
@@ -132,6 +134,8 @@ struct OsType {
 struct Features {
     #[serde(skip_serializing_if = "Option::is_none")]
     acpi: Option<Empty>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    apic: Option<Empty>,
 }
 
 #[derive(Serialize)]
@@ -143,7 +147,17 @@ struct Devices {
     #[serde(skip_serializing_if = "Option::is_none")]
     serial: Option<Serial>,
     console: Console,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    controller: Option<Controller>,
     memballoon: Model,
+}
+
+#[derive(Serialize)]
+struct Controller {
+    #[serde(rename = "@type")]
+    kind: &'static str,
+    #[serde(rename = "@model")]
+    model: &'static str,
 }
 
 #[derive(Serialize)]
@@ -154,6 +168,8 @@ struct Disk {
     device: &'static str,
     driver: Driver,
     source: FileSource,
+    #[serde(rename = "backingStore", skip_serializing_if = "Option::is_none")]
+    backing_store: Option<BackingStore>,
     target: Target,
     #[serde(skip_serializing_if = "Option::is_none")]
     readonly: Option<Empty>,
@@ -171,12 +187,45 @@ struct Driver {
 struct FileSource {
     #[serde(rename = "@file")]
     file: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seclabel: Option<Seclabel>,
+}
+
+/// `relabel='no'`: libvirt must not chown a file shared by several guests
+/// (it would hand the base image to one guest's QEMU user, writable).
+#[derive(Serialize)]
+struct Seclabel {
+    #[serde(rename = "@model")]
+    model: &'static str,
+    #[serde(rename = "@relabel")]
+    relabel: &'static str,
+}
+
+/// The overlay's backing file, declared so that libvirt leaves its label alone.
+#[derive(Serialize)]
+struct BackingStore {
+    #[serde(rename = "@type")]
+    kind: &'static str,
+    format: Format,
+    source: FileSource,
+    /// Empty: the chain ends here.
+    #[serde(rename = "backingStore")]
+    end: Empty,
+}
+
+#[derive(Serialize)]
+struct Format {
+    #[serde(rename = "@type")]
+    kind: &'static str,
 }
 
 #[derive(Serialize)]
 struct PathSource {
     #[serde(rename = "@path")]
     path: String,
+    /// Keep the console log across restarts of the guest.
+    #[serde(rename = "@append", skip_serializing_if = "Option::is_none")]
+    append: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -243,12 +292,18 @@ fn path(p: &std::path::Path) -> String {
 /// QEMU's user-mode network for the guest: DHCP on a link-local /24, the
 /// metadata address forwarded to this guest's own loopback port, and
 /// `restrict=on` so no other packet leaves QEMU.
+///
+/// guestfwd carries every guest connection over one chardev connection to the
+/// metadata server; `reconnect=1` re-opens it if the server closed it or the
+/// agent restarted. The NIC gets a fixed PCI slot away from the ones libvirt
+/// assigns to the disks.
 fn user_network_args(metadata_port: u16) -> Vec<QemuArg> {
     let netdev = format!(
         "user,id=nimbus0,restrict=on,net=169.254.169.0/24,host=169.254.169.1,dhcpstart=169.254.169.15,\
-         guestfwd=tcp:169.254.169.254:80-tcp:127.0.0.1:{metadata_port}"
+         guestfwd=tcp:169.254.169.254:80-tcp:127.0.0.1:{metadata_port},,reconnect=1"
     );
-    ["-netdev".to_string(), netdev, "-device".to_string(), "virtio-net-pci,netdev=nimbus0".to_string()]
+    let nic = "virtio-net-pci,netdev=nimbus0,bus=pci.0,addr=0x10".to_string();
+    ["-netdev".to_string(), netdev, "-device".to_string(), nic]
         .into_iter()
         .map(|value| QemuArg { value })
         .collect()
@@ -288,7 +343,7 @@ pub fn render(spec: &GuestSpec) -> Result<String, quick_xml::SeError> {
             initrd: spec.initrd.as_deref().map(path),
             cmdline: spec.cmdline.clone(),
         },
-        features: Features { acpi: qemu_family.then_some(Empty {}) },
+        features: Features { acpi: qemu_family.then_some(Empty {}), apic: qemu_family.then_some(Empty {}) },
         on_poweroff: "destroy",
         on_reboot: "restart",
         on_crash: "destroy",
@@ -298,7 +353,16 @@ pub fn render(spec: &GuestSpec) -> Result<String, quick_xml::SeError> {
                     kind: "file",
                     device: "disk",
                     driver: Driver { name: "qemu", format: "qcow2" },
-                    source: FileSource { file: path(&spec.root_disk) },
+                    source: FileSource { file: path(&spec.root_disk), seclabel: None },
+                    backing_store: Some(BackingStore {
+                        kind: "file",
+                        format: Format { kind: "qcow2" },
+                        source: FileSource {
+                            file: path(&spec.base_disk),
+                            seclabel: Some(Seclabel { model: "dac", relabel: "no" }),
+                        },
+                        end: Empty {},
+                    }),
                     target: Target { dev: root_dev, bus: disk_bus },
                     readonly: None,
                 },
@@ -306,14 +370,15 @@ pub fn render(spec: &GuestSpec) -> Result<String, quick_xml::SeError> {
                     kind: "file",
                     device: "disk",
                     driver: Driver { name: "qemu", format: "raw" },
-                    source: FileSource { file: path(&spec.seed_iso) },
+                    source: FileSource { file: path(&spec.seed_iso), seclabel: None },
+                    backing_store: None,
                     target: Target { dev: seed_dev, bus: disk_bus },
                     readonly: Some(Empty {}),
                 },
             ],
             serial: qemu_family.then(|| Serial {
                 kind: "file",
-                source: PathSource { path: path(&spec.console_log) },
+                source: PathSource { path: path(&spec.console_log), append: Some("on") },
                 target: PortTarget { port: 0 },
             }),
             console: if xen {
@@ -321,10 +386,11 @@ pub fn render(spec: &GuestSpec) -> Result<String, quick_xml::SeError> {
             } else {
                 Console {
                     kind: "file",
-                    source: Some(PathSource { path: path(&spec.console_log) }),
+                    source: Some(PathSource { path: path(&spec.console_log), append: Some("on") }),
                     target: ConsoleTarget { kind: "serial", port: 0 },
                 }
             },
+            controller: qemu_family.then_some(Controller { kind: "usb", model: "none" }),
             memballoon: Model { model: "none" },
         },
         qemu_commandline: qemu_family.then(|| QemuCommandline { args: user_network_args(spec.metadata_port) }),
@@ -391,6 +457,7 @@ mod tests {
             initrd: Some("/var/lib/nimbus/images/i".into()),
             cmdline: "console=ttyS0 nimbus.note=<&'\">".into(),
             root_disk: "/var/lib/nimbus/instances/i-0123456789abcdef0/root.qcow2".into(),
+            base_disk: "/var/lib/nimbus/images/0123".into(),
             seed_iso: "/var/lib/nimbus/instances/i-0123456789abcdef0/seed.iso".into(),
             console_log: "/var/lib/nimbus/instances/i-0123456789abcdef0/console.log".into(),
             metadata_port: 40123,
@@ -407,7 +474,10 @@ mod tests {
         assert!(xml.contains("<type arch=\"x86_64\" machine=\"pc\">hvm</type>"));
         assert!(xml.contains("<target dev=\"vda\" bus=\"virtio\"/>"));
         assert!(xml.contains("<serial type=\"file\">"));
-        assert!(xml.contains("guestfwd=tcp:169.254.169.254:80-tcp:127.0.0.1:40123"));
+        assert!(xml.contains("guestfwd=tcp:169.254.169.254:80-tcp:127.0.0.1:40123,,reconnect=1"));
+        assert!(xml.contains("virtio-net-pci,netdev=nimbus0,bus=pci.0,addr=0x10"));
+        // The shared base image is never relabelled for one guest.
+        assert!(xml.contains("<source file=\"/var/lib/nimbus/images/0123\">\n          <seclabel model=\"dac\" relabel=\"no\"/>"), "{xml}");
         assert!(xml.contains("restrict=on"));
         assert_eq!(xml.matches("<readonly/>").count(), 1);
     }
@@ -430,6 +500,23 @@ mod tests {
         let xml = render(&spec(Hypervisor::Qemu)).unwrap();
         assert!(xml.contains("nimbus.note=&lt;&amp;'\"&gt;"), "{xml}");
         assert!(!xml.contains("<&'"));
+    }
+
+    /// libvirt's own schema accepts what we render, for every hypervisor
+    /// (Xen cannot run here, so its XML is checked offline this way).
+    #[test]
+    fn xml_validates_against_libvirts_schema() {
+        for h in [Hypervisor::Kvm, Hypervisor::Qemu, Hypervisor::Xen] {
+            let file = std::env::temp_dir().join(format!("nimbus-domain-{}-{}.xml", h.as_str(), std::process::id()));
+            std::fs::write(&file, render(&spec(h)).unwrap()).unwrap();
+            let out = std::process::Command::new("virt-xml-validate")
+                .arg(&file)
+                .arg("domain")
+                .output()
+                .expect("virt-xml-validate (package libvirt-clients) must be installed: scripts/install-deps.sh");
+            std::fs::remove_file(&file).unwrap();
+            assert!(out.status.success(), "{h:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        }
     }
 
     #[test]

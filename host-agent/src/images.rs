@@ -8,7 +8,9 @@
 
 use nimbus_proto::api::ImageFile;
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use tokio::io::AsyncWriteExt;
 
 #[derive(Debug, thiserror::Error)]
@@ -27,17 +29,27 @@ pub enum ImageError {
 pub struct ImageCache {
     dir: PathBuf,
     http: reqwest::Client,
+    /// One lock per digest: guests launched together fetch a file once.
+    fetching: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 impl ImageCache {
     pub fn new(dir: PathBuf, http: reqwest::Client) -> ImageCache {
-        ImageCache { dir, http }
+        ImageCache { dir, http, fetching: Arc::default() }
     }
 
     /// The local path of `file`, fetching and verifying it first if needed.
     pub async fn ensure(&self, source_url: &str, file: &ImageFile) -> Result<PathBuf, ImageError> {
         let io = |source| ImageError::Io { name: file.name.clone(), source };
         let target = self.dir.join(&file.sha256);
+        if tokio::fs::try_exists(&target).await.map_err(io)? {
+            return Ok(target);
+        }
+        let lock = {
+            let mut map = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(file.sha256.clone()).or_default().clone()
+        };
+        let _guard = lock.lock().await;
         if tokio::fs::try_exists(&target).await.map_err(io)? {
             return Ok(target);
         }
@@ -121,6 +133,23 @@ mod tests {
             other => panic!("expected a checksum error, got {other:?}"),
         }
         assert!(!dir.join("cache").join("0".repeat(64)).exists(), "a bad file must not enter the cache");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn concurrent_fetches_of_one_file_all_succeed() {
+        let dir = std::env::temp_dir().join(format!("nimbus-imgcache-par-{}", std::process::id()));
+        let src = dir.join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        let body = vec![7u8; 3 << 20];
+        std::fs::write(src.join("disk"), &body).unwrap();
+        let file = ImageFile { name: "disk".into(), sha256: hex::encode(Sha256::digest(&body)) };
+        let cache = ImageCache::new(dir.join("cache"), reqwest::Client::new());
+        let url = format!("file://{}", src.display());
+        let results = futures::future::join_all((0..16).map(|_| cache.ensure(&url, &file))).await;
+        for r in results {
+            assert_eq!(std::fs::read(r.unwrap()).unwrap().len(), body.len());
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -6,6 +6,13 @@
 //! sends is trusted to say who it is, and a guest can reach only its own
 //! server. The port is recorded in the domain's metadata so that a restarted
 //! agent listens on it again.
+//!
+//! QEMU's guestfwd carries all of a guest's connections, one after another,
+//! over a single connection to this server. So the server never closes a
+//! connection because a request said `Connection: close` (busybox wget does),
+//! and always sends `Content-Length`, so the guest knows where each answer
+//! ends. Requests are parsed with `httparse` and routed through an axum
+//! `Router`.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -67,8 +74,16 @@ impl MetadataServers {
             .with_state(content.clone());
         let instance_id = meta.instance_id.clone();
         let task = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::warn!(%instance_id, error = %e, "metadata server stopped");
+            loop {
+                match listener.accept().await {
+                    Ok((conn, _)) => {
+                        tokio::spawn(serve_connection(conn, app.clone()));
+                    }
+                    Err(e) => {
+                        tracing::warn!(%instance_id, error = %e, "metadata server cannot accept");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                }
             }
         });
         let old = self.servers.lock().unwrap_or_else(|p| p.into_inner()).insert(meta.instance_id.clone(), Server { port, content, task });
@@ -91,6 +106,80 @@ impl MetadataServers {
     pub fn stop_all(&self) {
         for (_, s) in self.servers.lock().unwrap_or_else(|p| p.into_inner()).drain() {
             s.task.abort();
+        }
+    }
+}
+
+/// Largest request head accepted; metadata requests are tiny.
+const MAX_HEAD: usize = 16 * 1024;
+
+/// Answers requests on one connection until the peer closes it.
+async fn serve_connection(mut conn: tokio::net::TcpStream, app: Router) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tower::ServiceExt;
+    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    loop {
+        // Read until one whole request head is buffered.
+        let (method, path, head_len, body_len) = loop {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut req = httparse::Request::new(&mut headers);
+            match req.parse(&buf) {
+                Ok(httparse::Status::Complete(n)) => {
+                    let body_len = req
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                        .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    break (req.method.unwrap_or("GET").to_string(), req.path.unwrap_or("/").to_string(), n, body_len);
+                }
+                Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
+                _ => {
+                    let _ = conn.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n").await;
+                    return;
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            match conn.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        // Skip any request body (metadata is read-only).
+        while buf.len() < head_len + body_len {
+            let mut chunk = [0u8; 4096];
+            match conn.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buf.drain(..head_len + body_len);
+
+        let request = axum::http::Request::builder()
+            .method(if method == "GET" || method == "HEAD" { axum::http::Method::GET } else { axum::http::Method::POST })
+            .uri(if path.starts_with('/') { path } else { "/".to_string() })
+            .body(axum::body::Body::empty());
+        let (status, body) = match request {
+            Ok(req) => match app.clone().oneshot(req).await {
+                Ok(resp) => {
+                    let status = resp.status();
+                    (status, axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap_or_default())
+                }
+                Err(never) => match never {},
+            },
+            Err(_) => (StatusCode::BAD_REQUEST, Default::default()),
+        };
+        let head = format!(
+            "HTTP/1.1 {} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            if method == "HEAD" { 0 } else { body.len() }
+        );
+        if conn.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        if method != "HEAD" && conn.write_all(&body).await.is_err() {
+            return;
         }
     }
 }
@@ -197,6 +286,27 @@ mod tests {
         // Same instance again: same port.
         assert_eq!(servers.ensure(&meta("i-000000000000000aa"), None, None).await.unwrap(), a);
         servers.stop("i-000000000000000aa");
+        servers.stop_all();
+    }
+
+    /// guestfwd sends every guest connection down one host connection: the
+    /// server must answer request after request on it, `Connection: close` or not.
+    #[tokio::test]
+    async fn one_connection_carries_many_requests() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let servers = MetadataServers::default();
+        let port = servers.ensure(&meta("i-000000000000000cc"), None, None).await.unwrap();
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let req = "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n";
+        conn.write_all(format!("{req}{req}").as_bytes()).await.unwrap();
+        let expected = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 19\r\n\r\ni-000000000000000cc";
+        let mut got = vec![0u8; expected.len() * 2];
+        conn.read_exact(&mut got).await.unwrap();
+        assert_eq!(String::from_utf8(got).unwrap(), expected.repeat(2));
+        conn.write_all(b"GET /nope HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut got = vec![0u8; 12];
+        conn.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"HTTP/1.1 404");
         servers.stop_all();
     }
 }

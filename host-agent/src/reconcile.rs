@@ -133,6 +133,7 @@ impl Reconciler {
             initrd,
             cmdline: img.cmdline.clone(),
             root_disk: files.root_disk(),
+            base_disk: base,
             seed_iso: files.seed_iso(),
             console_log: files.console_log(),
             metadata_port: port,

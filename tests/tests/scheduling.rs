@@ -1,0 +1,130 @@
+//! Placement against real PostgreSQL with agents on libvirt's test driver.
+
+use nimbus_control_plane::PlacementPolicy;
+use nimbus_tests::{instance_ids, Cloud, CloudOptions};
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+use std::collections::HashMap;
+use std::time::Duration;
+
+async fn hosts_by_name(cloud: &Cloud) -> HashMap<String, serde_json::Value> {
+    let hosts = cloud.get("/v1/hosts").await.unwrap();
+    hosts["hosts"].as_array().unwrap().iter().map(|h| (h["host_id"].as_str().unwrap().to_string(), h.clone())).collect()
+}
+
+#[tokio::test]
+async fn spread_alternates_zones_and_hosts() {
+    let cloud = Cloud::start_with(CloudOptions { placement: PlacementPolicy::Spread, ..Default::default() }).await.unwrap();
+    let _a = cloud.add_agent("a", "az1", 16, 16384, 200).await.unwrap();
+    let _b = cloud.add_agent("b", "az1", 16, 16384, 200).await.unwrap();
+    let _c = cloud.add_agent("c", "az2", 16, 16384, 200).await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    let r = cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "min_count": 4, "max_count": 4})).await.unwrap();
+    let hosts = hosts_by_name(&cloud).await;
+    let zones: Vec<&str> = r["instances"].as_array().unwrap().iter().map(|i| i["availability_zone"].as_str().unwrap()).collect();
+    assert_eq!(zones.iter().filter(|z| **z == "az1").count(), 2, "{zones:?}");
+    assert_eq!(zones.iter().filter(|z| **z == "az2").count(), 2, "{zones:?}");
+    // Within az1, spread puts the two instances on different hosts.
+    let az1_hosts: Vec<&str> = r["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["availability_zone"] == "az1")
+        .map(|i| i["host_id"].as_str().unwrap())
+        .collect();
+    assert_ne!(az1_hosts[0], az1_hosts[1]);
+    for i in r["instances"].as_array().unwrap() {
+        assert_eq!(hosts[i["host_id"].as_str().unwrap()]["availability_zone"], i["availability_zone"]);
+    }
+    // A requested zone is honoured.
+    let r = cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "availability_zone": "az2", "max_count": 3})).await.unwrap();
+    assert!(r["instances"].as_array().unwrap().iter().all(|i| i["availability_zone"] == "az2"));
+    let (status, body) = cloud.call(Method::POST, "/v1/instances", Some(json!({"instance_type": "t3.nano", "availability_zone": "az9"}))).await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("InsufficientInstanceCapacity")));
+}
+
+#[tokio::test]
+async fn pack_fills_one_host_before_the_next() {
+    let cloud = Cloud::start_with(CloudOptions { placement: PlacementPolicy::Pack, ..Default::default() }).await.unwrap();
+    let _a = cloud.add_agent("a", "az1", 8, 16384, 200).await.unwrap();
+    let _b = cloud.add_agent("b", "az1", 8, 16384, 200).await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    let mut placed = Vec::new();
+    for _ in 0..5 {
+        let r = cloud.post("/v1/instances", json!({"instance_type": "t3.nano"})).await.unwrap();
+        placed.push(r["instances"][0]["host_id"].as_str().unwrap().to_string());
+    }
+    // 8 vCPUs hold four t3.nano: the first four share a host, the fifth opens the other.
+    assert!(placed[..4].iter().all(|h| *h == placed[0]), "{placed:?}");
+    assert_ne!(placed[4], placed[0], "{placed:?}");
+}
+
+/// 200 launches at once onto room for 20: exactly 20 win, none over-commits,
+/// the rest are told InsufficientInstanceCapacity, and the bookkeeping in
+/// PostgreSQL agrees with itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_launches_never_overcommit() {
+    let cloud = Cloud::start_with(CloudOptions { placement: PlacementPolicy::Spread, db_connections: 30, ..Default::default() }).await.unwrap();
+    // t3.nano needs 2 vCPUs: 10 + 6 + 4 vCPUs-worth of room = 10 instances;
+    // memory limits host c to 2 instances (1024 MiB).
+    let _a = cloud.add_agent("a", "az1", 20, 65536, 1000).await.unwrap();
+    let _b = cloud.add_agent("b", "az2", 12, 65536, 1000).await.unwrap();
+    let _c = cloud.add_agent("c", "az2", 16, 1024, 1000).await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    let capacity = 10 + 6 + 2;
+
+    let launches = (0..200).map(|_| {
+        let cloud = &cloud;
+        async move { cloud.call(Method::POST, "/v1/instances", Some(json!({"instance_type": "t3.nano"}))).await.unwrap() }
+    });
+    let results = futures::future::join_all(launches).await;
+    let mut ok = Vec::new();
+    let mut insufficient = 0;
+    for (status, body) in &results {
+        match *status {
+            StatusCode::OK => ok.extend(instance_ids(body)),
+            StatusCode::SERVICE_UNAVAILABLE if body["code"] == "InsufficientInstanceCapacity" => insufficient += 1,
+            other => panic!("unexpected answer {other}: {body}"),
+        }
+    }
+    println!("launched {}, refused {insufficient}", ok.len());
+    assert_eq!(ok.len(), capacity);
+    assert_eq!(insufficient, 200 - capacity);
+
+    // Count from PostgreSQL.
+    let accounting = cloud.vcpu_accounting().await.unwrap();
+    for (host, total, used, held) in &accounting {
+        assert!(used <= total, "{host} over-committed: {used} > {total}");
+        assert_eq!(used, held, "{host}: counter and instances disagree");
+    }
+    let (over,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM hosts h WHERE (SELECT coalesce(sum(memory_mib), 0) FROM instances i \
+         WHERE i.host_id = h.id AND i.capacity_held) > h.total_memory_mib",
+    )
+    .fetch_one(cloud.db())
+    .await
+    .unwrap();
+    assert_eq!(over, 0);
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM instances").fetch_one(cloud.db()).await.unwrap();
+    assert_eq!(n as usize, capacity, "refused launches must leave no rows");
+
+    // And the agents really start all of them.
+    cloud.wait_for_state(&ok, "running", Duration::from_secs(60)).await.unwrap();
+}
+
+#[tokio::test]
+async fn min_count_is_all_or_nothing_and_max_count_takes_what_fits() {
+    let cloud = Cloud::start().await.unwrap();
+    let _a = cloud.add_agent("a", "az1", 10, 65536, 1000).await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    let (status, body) = cloud
+        .call(Method::POST, "/v1/instances", Some(json!({"instance_type": "t3.nano", "min_count": 6, "max_count": 8})))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(cloud.vcpu_accounting().await.unwrap()[0].2, 0);
+    let r = cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "min_count": 2, "max_count": 8})).await.unwrap();
+    assert_eq!(instance_ids(&r).len(), 5);
+    let launch_indexes: Vec<u64> = r["instances"].as_array().unwrap().iter().map(|i| i["ami_launch_index"].as_u64().unwrap()).collect();
+    assert_eq!(launch_indexes, vec![0, 1, 2, 3, 4]);
+}
