@@ -1,0 +1,347 @@
+//! The command line (clap derive) and its conversion into API requests.
+
+use crate::client::InstanceQuery;
+use crate::error::CliError;
+use base64::Engine;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use nimbus_proto::api::{RunInstancesRequest, MAX_USER_DATA_BYTES};
+use nimbus_proto::InstanceState;
+use std::path::PathBuf;
+
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:8787";
+
+/// nimbus: launch, list and terminate VM instances on a Nimbus control plane.
+#[derive(Debug, Parser)]
+#[command(name = "nimbus", version, propagate_version = true)]
+pub struct Cli {
+    /// Base URL of the Nimbus REST API.
+    #[arg(long, global = true, env = "NIMBUS_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
+    pub endpoint: String,
+    /// API token, sent as `Authorization: Bearer <token>`.
+    #[arg(long, global = true, env = "NIMBUS_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Launch instances (POST /v1/instances).
+    RunInstances(RunInstancesArgs),
+    /// List instances (GET /v1/instances), following pages.
+    DescribeInstances(DescribeInstancesArgs),
+    /// Terminate instances (POST /v1/instances/terminate).
+    TerminateInstances(TerminateInstancesArgs),
+    /// List hypervisor hosts and their capacity (GET /v1/hosts).
+    DescribeHosts,
+    /// List registered images (GET /v1/images).
+    DescribeImages,
+    /// List instance types (GET /v1/instance-types).
+    DescribeInstanceTypes,
+    /// Register an image built by an image recipe (POST /v1/images).
+    RegisterImage(RegisterImageArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WaitArgs {
+    /// Wait until the instances reach the target state.
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up after this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 300, requires = "wait")]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunInstancesArgs {
+    /// Instance type, e.g. t3.micro (see describe-instance-types).
+    #[arg(long)]
+    pub instance_type: String,
+    /// Image to boot (ami-...); the default image when absent.
+    #[arg(long)]
+    pub image_id: Option<String>,
+    /// Launch exactly N instances (same as --min-count N --max-count N).
+    #[arg(long, value_name = "N", conflicts_with_all = ["min_count", "max_count"],
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub count: Option<u32>,
+    /// Launch at least A instances, or none at all (default 1).
+    #[arg(long, value_name = "A", value_parser = clap::value_parser!(u32).range(1..))]
+    pub min_count: Option<u32>,
+    /// Launch up to B instances, as many as capacity allows (default: --min-count's value).
+    #[arg(long, value_name = "B", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_count: Option<u32>,
+    /// Availability zone; any zone when absent.
+    #[arg(long)]
+    pub availability_zone: Option<String>,
+    /// File whose content is the user data (sent base64-encoded, at most 16 KiB).
+    #[arg(long, value_name = "PATH", conflicts_with = "user_data")]
+    pub user_data_file: Option<PathBuf>,
+    /// User data given inline (sent base64-encoded, at most 16 KiB).
+    #[arg(long, value_name = "STRING")]
+    pub user_data: Option<String>,
+    /// Idempotency token: retrying with the same token returns the same reservation.
+    #[arg(long)]
+    pub client_token: Option<String>,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+fn parse_state(s: &str) -> Result<InstanceState, String> {
+    s.parse::<InstanceState>().map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DescribeInstancesArgs {
+    /// Only these instances (repeat the flag or separate with commas).
+    #[arg(long = "instance-id", value_name = "ID", value_delimiter = ',')]
+    pub instance_ids: Vec<String>,
+    /// Only instances in these states: pending, running, shutting-down, terminated, stopping, stopped.
+    #[arg(long = "state", value_name = "S", value_delimiter = ',', value_parser = parse_state)]
+    pub states: Vec<InstanceState>,
+    /// Only instances in these availability zones.
+    #[arg(long = "availability-zone", value_name = "Z", value_delimiter = ',')]
+    pub availability_zones: Vec<String>,
+    /// Only instances of these types.
+    #[arg(long = "instance-type", value_name = "T", value_delimiter = ',')]
+    pub instance_types: Vec<String>,
+    /// Print one page of at most N instances and the token of the next page.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_results: Option<u32>,
+    /// With --max-results: the page to print (a token printed by a previous call).
+    #[arg(long, value_name = "TOKEN", requires = "max_results")]
+    pub next_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TerminateInstancesArgs {
+    /// Instances to terminate.
+    #[arg(value_name = "ID", required = true, num_args = 1..)]
+    pub instance_ids: Vec<String>,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RegisterImageArgs {
+    /// The recipe's manifest.json; the image files lie next to it.
+    #[arg(long, value_name = "PATH")]
+    pub manifest: PathBuf,
+    /// Image name (default: the manifest's name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Free-text description.
+    #[arg(long)]
+    pub description: Option<String>,
+    /// Where agents fetch the files (default: file://<directory of the manifest>).
+    #[arg(long, value_name = "URL")]
+    pub source_url: Option<String>,
+    /// Make this the image used when a launch names none.
+    #[arg(long)]
+    pub default: bool,
+}
+
+impl RunInstancesArgs {
+    /// `(min_count, max_count)`: `--count N` is `(N, N)`; `--min-count` alone
+    /// is `(A, A)`; `--max-count` alone is `(1, B)`; nothing is `(1, 1)`.
+    pub fn counts(&self) -> Result<(u32, u32), CliError> {
+        let (min, max) = match (self.count, self.min_count, self.max_count) {
+            (Some(n), _, _) => (n, n),
+            (None, Some(a), Some(b)) => (a, b),
+            (None, Some(a), None) => (a, a),
+            (None, None, Some(b)) => (1, b),
+            (None, None, None) => (1, 1),
+        };
+        if min > max {
+            return Err(CliError::Usage(format!("--min-count {min} is greater than --max-count {max}")));
+        }
+        Ok((min, max))
+    }
+
+    /// The user data, base64-encoded, read from the file or the flag.
+    pub fn user_data_base64(&self) -> Result<Option<String>, CliError> {
+        let raw: Vec<u8> = match (&self.user_data_file, &self.user_data) {
+            (Some(path), _) => std::fs::read(path)
+                .map_err(|e| CliError::Usage(format!("cannot read --user-data-file {}: {e}", path.display())))?,
+            (None, Some(s)) => s.clone().into_bytes(),
+            (None, None) => return Ok(None),
+        };
+        if raw.len() > MAX_USER_DATA_BYTES {
+            return Err(CliError::Usage(format!(
+                "user data is {} bytes; at most {MAX_USER_DATA_BYTES} are allowed",
+                raw.len()
+            )));
+        }
+        Ok(Some(base64::engine::general_purpose::STANDARD.encode(raw)))
+    }
+
+    pub fn to_request(&self) -> Result<RunInstancesRequest, CliError> {
+        let (min_count, max_count) = self.counts()?;
+        Ok(RunInstancesRequest {
+            image_id: self.image_id.clone(),
+            instance_type: self.instance_type.clone(),
+            min_count,
+            max_count,
+            availability_zone: self.availability_zone.clone(),
+            user_data: self.user_data_base64()?,
+            client_token: self.client_token.clone(),
+        })
+    }
+}
+
+impl DescribeInstancesArgs {
+    pub fn to_query(&self) -> InstanceQuery {
+        InstanceQuery {
+            instance_ids: self.instance_ids.clone(),
+            states: self.states.clone(),
+            availability_zones: self.availability_zones.clone(),
+            instance_types: self.instance_types.clone(),
+            max_results: self.max_results,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("nimbus").chain(args.iter().copied()))
+    }
+
+    fn run_args(args: &[&str]) -> RunInstancesArgs {
+        let mut v = vec!["run-instances"];
+        v.extend_from_slice(args);
+        match parse(&v).unwrap().command {
+            Command::RunInstances(a) => a,
+            c => panic!("{c:?}"),
+        }
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_instances_minimal_request() {
+        let req = run_args(&["--instance-type", "t3.micro"]).to_request().unwrap();
+        assert_eq!(
+            req,
+            RunInstancesRequest {
+                image_id: None,
+                instance_type: "t3.micro".into(),
+                min_count: 1,
+                max_count: 1,
+                availability_zone: None,
+                user_data: None,
+                client_token: None,
+            }
+        );
+    }
+
+    #[test]
+    fn run_instances_full_request_with_base64_user_data() {
+        let req = run_args(&[
+            "--instance-type", "t3.small", "--image-id", "ami-0123456789abcdef0", "--count", "3",
+            "--availability-zone", "az-1", "--user-data", "#!/bin/sh\necho hi\n", "--client-token", "tok-1",
+        ])
+        .to_request()
+        .unwrap();
+        assert_eq!(req.image_id.as_deref(), Some("ami-0123456789abcdef0"));
+        assert_eq!((req.min_count, req.max_count), (3, 3));
+        assert_eq!(req.availability_zone.as_deref(), Some("az-1"));
+        assert_eq!(req.user_data.as_deref(), Some("IyEvYmluL3NoCmVjaG8gaGkK"));
+        assert_eq!(req.client_token.as_deref(), Some("tok-1"));
+    }
+
+    #[test]
+    fn user_data_file_is_read_raw_and_encoded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ud");
+        std::fs::write(&path, [0u8, 255, b'a']).unwrap();
+        let a = run_args(&["--instance-type", "t", "--user-data-file", path.to_str().unwrap()]);
+        assert_eq!(a.user_data_base64().unwrap().as_deref(), Some("AP9h"));
+        let missing = run_args(&["--instance-type", "t", "--user-data-file", "/nonexistent/ud"]);
+        assert_eq!(missing.to_request().unwrap_err().exit_code(), 2);
+    }
+
+    #[test]
+    fn user_data_too_large_is_rejected_locally() {
+        let big = "x".repeat(MAX_USER_DATA_BYTES + 1);
+        let e = run_args(&["--instance-type", "t", "--user-data", &big]).to_request().unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        let ok = "x".repeat(MAX_USER_DATA_BYTES);
+        assert!(run_args(&["--instance-type", "t", "--user-data", &ok]).to_request().is_ok());
+    }
+
+    #[test]
+    fn count_handling() {
+        let c = |a: &[&str]| {
+            let mut v = vec!["--instance-type", "t"];
+            v.extend_from_slice(a);
+            run_args(&v).counts()
+        };
+        assert_eq!(c(&[]).unwrap(), (1, 1));
+        assert_eq!(c(&["--count", "4"]).unwrap(), (4, 4));
+        assert_eq!(c(&["--min-count", "2", "--max-count", "5"]).unwrap(), (2, 5));
+        assert_eq!(c(&["--min-count", "2"]).unwrap(), (2, 2));
+        assert_eq!(c(&["--max-count", "5"]).unwrap(), (1, 5));
+        assert_eq!(c(&["--min-count", "5", "--max-count", "2"]).unwrap_err().exit_code(), 2);
+        // Usage errors caught by clap (exit code 2).
+        for bad in [
+            &["run-instances", "--instance-type", "t", "--count", "2", "--min-count", "1"][..],
+            &["run-instances", "--instance-type", "t", "--count", "0"],
+            &["run-instances", "--instance-type", "t", "--user-data", "a", "--user-data-file", "f"],
+            &["run-instances", "--instance-type", "t", "--timeout", "5"],
+            &["run-instances"],
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn describe_instances_filters() {
+        let cli = parse(&[
+            "describe-instances", "--instance-id", "i-0000000000000000a,i-0000000000000000b", "--instance-id",
+            "i-0000000000000000c", "--state", "running", "--state", "shutting-down", "--availability-zone", "az-1",
+            "--instance-type", "t3.micro", "--max-results", "10", "--output", "json",
+        ])
+        .unwrap();
+        assert_eq!(cli.output, OutputFormat::Json);
+        let Command::DescribeInstances(a) = cli.command else { panic!() };
+        let q = a.to_query();
+        assert_eq!(q.instance_ids.len(), 3);
+        assert_eq!(q.states, vec![InstanceState::Running, InstanceState::ShuttingDown]);
+        assert_eq!(q.availability_zones, vec!["az-1"]);
+        assert_eq!(q.instance_types, vec!["t3.micro"]);
+        assert_eq!(q.max_results, Some(10));
+        assert_eq!(parse(&["describe-instances", "--state", "bogus"]).unwrap_err().exit_code(), 2);
+        assert_eq!(parse(&["describe-instances", "--max-results", "0"]).unwrap_err().exit_code(), 2);
+        assert_eq!(parse(&["describe-instances", "--next-token", "x"]).unwrap_err().exit_code(), 2);
+    }
+
+    #[test]
+    fn global_flags_anywhere_and_terminate_needs_ids() {
+        let cli = parse(&["describe-hosts", "--endpoint", "http://h:1", "--token", "s3cret", "-o", "json"]).unwrap();
+        assert_eq!(cli.endpoint, "http://h:1");
+        assert_eq!(cli.token.as_deref(), Some("s3cret"));
+        assert!(matches!(cli.command, Command::DescribeHosts));
+        assert_eq!(parse(&["terminate-instances"]).unwrap_err().exit_code(), 2);
+        let cli = parse(&["terminate-instances", "i-1", "i-2", "--wait", "--timeout", "9"]).unwrap();
+        let Command::TerminateInstances(t) = cli.command else { panic!() };
+        assert_eq!(t.instance_ids, vec!["i-1", "i-2"]);
+        assert!(t.wait.wait);
+        assert_eq!(t.wait.timeout, 9);
+    }
+}
