@@ -119,7 +119,9 @@ impl Node {
                 continue;
             }
             for o in &owners {
-                let _ = self.call(o, Request::GcDrop { key: key.clone(), digest }).await;
+                if let Err(e) = self.call(o, Request::GcDrop { key: key.clone(), digest }).await {
+                    tracing::warn!(owner = %o, error = %e, "tombstone drop failed; anti-entropy will retry later");
+                }
             }
             removed += 1;
         }

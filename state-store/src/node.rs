@@ -264,7 +264,7 @@ where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     tokio::spawn(async move {
-        let mut iv = tokio::time::interval(every);
+        let mut iv = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             iv.tick().await;

@@ -1,0 +1,131 @@
+//! Explicit leave and join, and tombstone garbage collection.
+
+mod common;
+use common::{config, wait_until, Cluster};
+use nimbus_state_store::rpc::Handler;
+use nimbus_state_store::{Context, KvClient, LocalClient, Node};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leave_hands_over_and_join_takes_partitions() {
+    let c = Cluster::start(5, 11).await;
+    let client = LocalClient(c.node(0).expect("n0"));
+    for i in 0..500 {
+        client.put(format!("k{i}").as_bytes(), format!("v{i}").into_bytes(), &Context::empty()).await.expect("put");
+    }
+    // n4 leaves: every key it held reaches the new owners first
+    let leaver = c.node(4).expect("n4");
+    let report = leaver.leave().await.expect("leave");
+    assert!(report.keys_handed_off > 0);
+    wait_until("everyone sees the 4-node ring", Duration::from_secs(10), || {
+        c.live().iter().filter(|n| n.id() != "n4").all(|n| n.membership().ring().nodes().len() == 4)
+    })
+    .await;
+    c.kill(4);
+    drop(leaver);
+    for i in 0..500 {
+        let r = client.get(format!("k{i}").as_bytes()).await.expect("get");
+        assert_eq!(r.values, vec![format!("v{i}").into_bytes()]);
+    }
+    // every owner on the new ring already holds its keys: no repair needed
+    for i in 0..500 {
+        let key = format!("k{i}");
+        let ring = c.node(0).expect("n0").membership().ring();
+        for owner in ring.preference_list(ring.partition_of(key.as_bytes()), 3) {
+            let idx = c.ids.iter().position(|x| *x == owner).expect("idx");
+            let has = c.node(idx).and_then(|n| n.storage().get(key.as_bytes()).ok().flatten()).is_some();
+            assert!(has, "{owner} lacks {key} after handoff");
+        }
+    }
+
+    // a new node joins through a seed and takes over partitions
+    let cfg = config(c.dir.path(), "n5", &["n0".to_string()]);
+    let n5 = Node::start(cfg, c.net.clone()).await.expect("start n5");
+    let h: Arc<dyn Handler> = n5.clone();
+    c.net.register(&"n5".to_string(), Arc::downgrade(&h));
+    wait_until("everyone sees the 5-node ring", Duration::from_secs(10), || {
+        let mut all = c.live();
+        all.push(n5.clone());
+        all.iter().filter(|n| n.id() != "n4").all(|n| n.membership().ring().nodes().len() == 5)
+    })
+    .await;
+    let ring = n5.membership().ring();
+    assert!(!ring.replicated_partitions("n5", 3).is_empty());
+    // anti-entropy fills the new replica until its roots match the others
+    for _ in 0..20 {
+        let mut moved = n5.anti_entropy_round().await;
+        for n in c.live() {
+            moved += n.anti_entropy_round().await;
+        }
+        if moved == 0 {
+            break;
+        }
+    }
+    let roots5 = n5.partition_roots();
+    for p in ring.replicated_partitions("n5", 3) {
+        for owner in ring.preference_list(p, 3).into_iter().filter(|o| o != "n5") {
+            let idx = c.ids.iter().position(|x| *x == owner).expect("idx");
+            let other = c.node(idx).expect("owner").partition_roots();
+            assert_eq!(roots5[p as usize], other[p as usize], "partition {p} differs between n5 and {owner}");
+        }
+    }
+    assert!(n5.storage().len().expect("len") > 0);
+    n5.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tombstones_are_collected_only_when_all_replicas_have_them() {
+    let c = Cluster::start(5, 12).await;
+    let client = LocalClient(c.node(0).expect("n0"));
+    client.put(b"gone", b"v".to_vec(), &Context::empty()).await.expect("put");
+    let ctx = client.get(b"gone").await.expect("get").context;
+    let ring = c.node(0).expect("n0").membership().ring();
+    let pref = ring.preference_list(ring.partition_of(b"gone"), 3);
+    let idx = |id: &str| c.ids.iter().position(|x| x == id).expect("idx");
+    // the last replica is cut off while the delete happens
+    let others: Vec<String> = c.ids.iter().filter(|x| **x != pref[2]).cloned().collect();
+    c.net.partition(&[pref[2].clone()], &others);
+    client.delete(b"gone", &ctx).await.expect("delete");
+    let first = c.node(idx(&pref[0])).expect("first owner");
+    // grace period is one hour in the test config: nothing collected yet
+    assert_eq!(first.gc_tombstones().await, 0);
+    c.net.heal();
+    c.wait_all_alive().await;
+    c.drain_hints().await;
+    c.converge().await;
+    // with a zero grace period a node collects once all replicas agree
+    let mut cfg = first.config().clone();
+    cfg.tombstone_grace = Duration::from_millis(0);
+    let first_id = idx(&pref[0]);
+    c.kill(first_id);
+    drop(first);
+    let first = {
+        let start = std::time::Instant::now();
+        loop {
+            match Node::start(cfg.clone(), c.net.clone()).await {
+                Ok(n) => break n,
+                Err(_) => {
+                    assert!(start.elapsed() < Duration::from_secs(10));
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    };
+    let h: Arc<dyn Handler> = first.clone();
+    c.net.register(&pref[0], Arc::downgrade(&h));
+    c.nodes.lock().expect("lock")[first_id] = Some(first.clone());
+    c.wait_all_alive().await;
+    for id in &pref {
+        let n = c.node(idx(id)).expect("owner");
+        assert!(n.storage().get(b"gone").expect("read").is_some_and(|r| r.is_tombstone()), "{id} holds the tombstone");
+    }
+    assert_eq!(first.gc_tombstones().await, 1);
+    for id in &pref {
+        let n = c.node(idx(id)).expect("owner");
+        assert!(n.storage().get(b"gone").expect("read").is_none(), "{id} still holds the tombstone");
+    }
+    let r = client.get(b"gone").await.expect("get");
+    assert!(r.values.is_empty());
+    assert_eq!(c.root_mismatches().1, 0);
+}
