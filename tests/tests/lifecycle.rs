@@ -1,0 +1,233 @@
+//! Instance lifecycle through the real control plane and agents on the test driver.
+
+use nimbus_host_agent::domain::{self, GuestSpec, Hypervisor};
+use nimbus_tests::{instance_ids, Cloud};
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(30);
+
+async fn host_id(cloud: &Cloud, name: &str) -> String {
+    let hosts = cloud.get("/v1/hosts").await.unwrap();
+    hosts["hosts"].as_array().unwrap().iter().find(|h| h["name"] == name).unwrap()["host_id"].as_str().unwrap().to_string()
+}
+
+/// The test driver's view: is there a domain for this instance, and is it running?
+async fn domain_state(instance_id: &str) -> Option<bool> {
+    let name = domain::domain_name(instance_id);
+    tokio::task::spawn_blocking(move || {
+        let conn = virt::connect::Connect::open(Some("test:///default")).unwrap();
+        let dom = conn.lookup_domain_by_name(&name).ok()?;
+        dom.is_active().ok()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn terminate_releases_capacity_only_after_the_agent_confirms() {
+    let cloud = Cloud::start().await.unwrap();
+    let mut agent = cloud.add_agent("a", "az1", 8, 8192, 100).await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    let r = cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "max_count": 2})).await.unwrap();
+    let ids = instance_ids(&r);
+    assert!(r["instances"].as_array().unwrap().iter().all(|i| i["state"]["name"] == "pending" && i["state"]["code"] == 0));
+    let running = cloud.wait_for_state(&ids, "running", T).await.unwrap();
+    assert!(running.iter().all(|i| i["state"]["code"] == 16));
+    assert_eq!(domain_state(&ids[0]).await, Some(true));
+    let dir = agent.state_dir.join("instances").join(&ids[0]);
+    assert!(dir.join("root.qcow2").exists() && dir.join("seed.iso").exists());
+    assert_eq!(cloud.vcpu_accounting().await.unwrap()[0].2, 4);
+
+    // With the agent down, terminating cannot be confirmed: capacity stays held.
+    agent.stop().await;
+    let t = cloud.post("/v1/instances/terminate", json!({"instance_ids": [ids[0]]})).await.unwrap();
+    assert_eq!(t["terminating_instances"][0]["previous_state"]["name"], "running");
+    assert_eq!(t["terminating_instances"][0]["current_state"]["name"], "shutting-down");
+    assert_eq!(t["terminating_instances"][0]["current_state"]["code"], 32);
+    // Idempotent: again, same answer, nothing changes.
+    let again = cloud.post("/v1/instances/terminate", json!({"instance_ids": [ids[0]]})).await.unwrap();
+    assert_eq!(again["terminating_instances"][0]["previous_state"]["name"], "shutting-down");
+    assert_eq!(again["terminating_instances"][0]["current_state"]["name"], "shutting-down");
+    let acct = cloud.vcpu_accounting().await.unwrap();
+    assert_eq!((acct[0].2, acct[0].3), (4, 4), "capacity must stay held until the agent confirms");
+    assert_eq!(domain_state(&ids[0]).await, Some(true), "the guest is still there");
+
+    // The agent comes back, removes the guest, confirms; only then is capacity free.
+    cloud.start_agent(&mut agent).await.unwrap();
+    cloud.wait_for_state(&ids[..1], "terminated", T).await.unwrap();
+    assert_eq!(domain_state(&ids[0]).await, None);
+    assert!(!dir.exists(), "the guest's files are removed");
+    let acct = cloud.vcpu_accounting().await.unwrap();
+    assert_eq!((acct[0].2, acct[0].3), (2, 2));
+    // The other instance was untouched, and terminating a terminated instance is fine.
+    assert_eq!(domain_state(&ids[1]).await, Some(true));
+    let (status, body) = cloud.call(Method::DELETE, &format!("/v1/instances/{}", ids[0]), None).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["current_state"]["name"], "terminated");
+}
+
+#[tokio::test]
+async fn a_restarted_agent_converges() {
+    let cloud = Cloud::start().await.unwrap();
+    let mut agent = cloud.add_agent("a", "az1", 16, 16384, 100).await.unwrap();
+    let hid = host_id(&cloud, &agent.name).await;
+    let image = cloud.register_test_image().await.unwrap();
+
+    // Launches while the agent is down stay pending, then run once it is back.
+    agent.stop().await;
+    let pending = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "max_count": 2})).await.unwrap());
+
+    // A crash between "define" and "start": a domain defined but not running,
+    // its files half made. And a leftover domain of this host that nothing assigns.
+    let crashed = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano"})).await.unwrap()).remove(0);
+    let orphan = "i-0000000000000dead".to_string();
+    let files = agent.state_dir.join("instances");
+    for id in [&crashed, &orphan] {
+        std::fs::create_dir_all(files.join(id)).unwrap();
+        let xml = domain::render(&GuestSpec {
+            hypervisor: Hypervisor::Test,
+            host_id: hid.clone(),
+            instance_id: id.clone(),
+            vcpus: 2,
+            memory_mib: 512,
+            kernel: "/nonexistent/kernel".into(),
+            initrd: None,
+            cmdline: String::new(),
+            root_disk: files.join(id).join("root.qcow2"),
+            base_disk: "/nonexistent/base".into(),
+            seed_iso: files.join(id).join("seed.iso"),
+            console_log: files.join(id).join("console.log"),
+            metadata_port: 1,
+        })
+        .unwrap();
+        tokio::task::spawn_blocking(move || {
+            let conn = virt::connect::Connect::open(Some("test:///default")).unwrap();
+            conn.define_domain_xml(&xml).unwrap();
+        })
+        .await
+        .unwrap();
+    }
+    assert_eq!(domain_state(&crashed).await, Some(false));
+    let list = cloud.get("/v1/instances?state=pending").await.unwrap();
+    assert_eq!(list["instances"].as_array().unwrap().len(), 3);
+
+    cloud.start_agent(&mut agent).await.unwrap();
+    let mut all = pending.clone();
+    all.push(crashed.clone());
+    let running = cloud.wait_for_state(&all, "running", T).await.unwrap();
+    assert!(running.iter().all(|i| i["image_id"] == image.image_id.as_str()));
+    assert_eq!(domain_state(&crashed).await, Some(true), "the half-made guest was adopted and started");
+    cloud
+        .wait_until(T, || async { Ok(domain_state(&orphan).await.is_none() && !files.join(&orphan).exists()) })
+        .await
+        .expect("the orphan is removed");
+    for id in &pending {
+        assert_eq!(domain_state(id).await, Some(true));
+    }
+
+    // A guest that dies on its own is started again (level-triggered).
+    let victim = domain::domain_name(&pending[0]);
+    tokio::task::spawn_blocking(move || {
+        let conn = virt::connect::Connect::open(Some("test:///default")).unwrap();
+        conn.lookup_domain_by_name(&victim).unwrap().destroy().unwrap();
+    })
+    .await
+    .unwrap();
+    let id = pending[0].clone();
+    cloud.wait_until(T, || async { Ok(domain_state(&id).await == Some(true)) }).await.expect("restarted by the agent's resync");
+}
+
+#[tokio::test]
+async fn client_token_makes_launch_idempotent() {
+    let cloud = Cloud::start().await.unwrap();
+    let _a = cloud.add_agent("a", "az1", 64, 65536, 1000).await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    let body = json!({"instance_type": "t3.nano", "max_count": 2, "client_token": "tok-1"});
+    let first = cloud.post("/v1/instances", body.clone()).await.unwrap();
+    let second = cloud.post("/v1/instances", body.clone()).await.unwrap();
+    assert_eq!(first["reservation_id"], second["reservation_id"]);
+    assert_eq!(instance_ids(&first), instance_ids(&second));
+    let (status, err) = cloud
+        .call(Method::POST, "/v1/instances", Some(json!({"instance_type": "t3.micro", "max_count": 2, "client_token": "tok-1"})))
+        .await
+        .unwrap();
+    assert_eq!((status, err["code"].as_str()), (StatusCode::CONFLICT, Some("IdempotentParameterMismatch")));
+
+    // Ten concurrent retries of a new token: one reservation.
+    let body = json!({"instance_type": "t3.nano", "client_token": "tok-2"});
+    let answers = futures::future::join_all((0..10).map(|_| cloud.post("/v1/instances", body.clone()))).await;
+    let reservations: std::collections::BTreeSet<String> =
+        answers.into_iter().map(|a| a.unwrap()["reservation_id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(reservations.len(), 1);
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM instances").fetch_one(cloud.db()).await.unwrap();
+    assert_eq!(n, 3);
+}
+
+#[tokio::test]
+async fn describe_filters_and_paginates() {
+    let cloud = Cloud::start().await.unwrap();
+    let _a = cloud.add_agent("a", "az1", 64, 65536, 1000).await.unwrap();
+    let _b = cloud.add_agent("b", "az2", 64, 65536, 1000).await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    let nanos = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "max_count": 5})).await.unwrap());
+    let micros = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.micro", "max_count": 2, "availability_zone": "az2"})).await.unwrap());
+
+    let mut seen = Vec::new();
+    let mut token: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let path = match &token {
+            Some(t) => format!("/v1/instances?max_results=3&next_token={t}"),
+            None => "/v1/instances?max_results=3".to_string(),
+        };
+        let page = cloud.get(&path).await.unwrap();
+        pages += 1;
+        seen.extend(page["instances"].as_array().unwrap().iter().map(|i| i["instance_id"].as_str().unwrap().to_string()));
+        match page["next_token"].as_str() {
+            Some(t) => token = Some(t.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    let mut expected = nanos.clone();
+    expected.extend(micros.clone());
+    assert_eq!(seen, expected, "every instance once, in launch order");
+
+    let page = cloud.get("/v1/instances?instance_type=t3.micro").await.unwrap();
+    assert_eq!(page["instances"].as_array().unwrap().len(), 2);
+    let page = cloud.get("/v1/instances?availability_zone=az2&instance_type=t3.nano,t3.micro").await.unwrap();
+    assert!(page["instances"].as_array().unwrap().iter().all(|i| i["availability_zone"] == "az2"));
+    assert!(page["instances"].as_array().unwrap().len() >= 2);
+    cloud.post("/v1/instances/terminate", json!({"instance_ids": [nanos[0]]})).await.unwrap();
+    cloud.wait_for_state(&nanos[..1], "terminated", T).await.unwrap();
+    let page = cloud.get("/v1/instances?state=terminated").await.unwrap();
+    assert_eq!(page["instances"].as_array().unwrap().len(), 1);
+    assert_eq!(page["instances"][0]["instance_id"], nanos[0].as_str());
+    let one = cloud.get(&format!("/v1/instances/{}", micros[1])).await.unwrap();
+    assert_eq!(one["instance_type"], "t3.micro");
+}
+
+#[tokio::test]
+async fn an_instance_the_host_cannot_build_ends_terminated_with_a_reason() {
+    let cloud = Cloud::start().await.unwrap();
+    let _a = cloud.add_agent("a", "az1", 8, 8192, 100).await.unwrap();
+    let image = cloud.register_test_image().await.unwrap();
+    // Same files, a wrong digest for the kernel: the agent must refuse it.
+    let mut bad = serde_json::to_value(&image).unwrap();
+    let req = json!({
+        "name": "corrupt",
+        "source_url": bad["source_url"].take(),
+        "kernel": {"name": "vmlinuz", "sha256": "1".repeat(64)},
+        "root_disk": bad["root_disk"].take(),
+    });
+    let corrupt = cloud.post("/v1/images", req).await.unwrap();
+    let r = cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "image_id": corrupt["image_id"]})).await.unwrap();
+    let ids = instance_ids(&r);
+    let done = cloud.wait_for_state(&ids, "terminated", T).await.unwrap();
+    let reason = done[0]["state_reason"].as_str().unwrap();
+    assert!(reason.contains("checksum mismatch"), "{reason}");
+    let acct = cloud.vcpu_accounting().await.unwrap();
+    assert_eq!((acct[0].2, acct[0].3), (0, 0));
+}
