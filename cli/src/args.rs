@@ -15,13 +15,13 @@ pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:8787";
 #[command(name = "nimbus", version, propagate_version = true)]
 pub struct Cli {
     /// Base URL of the Nimbus REST API.
-    #[arg(long, global = true, env = "NIMBUS_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
+    #[arg(long, global = true, env = "NIMBUS_ENDPOINT", default_value = DEFAULT_ENDPOINT, help_heading = "Global options")]
     pub endpoint: String,
     /// API token, sent as `Authorization: Bearer <token>`.
-    #[arg(long, global = true, env = "NIMBUS_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, env = "NIMBUS_TOKEN", hide_env_values = true, help_heading = "Global options")]
     pub token: Option<String>,
     /// Output format.
-    #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Table)]
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Table, help_heading = "Global options")]
     pub output: OutputFormat,
     #[command(subcommand)]
     pub command: Command,

@@ -295,10 +295,12 @@ mod tests {
 
     #[tokio::test]
     async fn unreachable_endpoint_is_a_connection_error_naming_it() {
-        // Port 9 (discard) on loopback: nothing listens there in the test environment.
-        let c = Client::new("http://127.0.0.1:9", "t").unwrap();
+        // A loopback port nothing listens on: bind, note, drop.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let c = Client::new(&endpoint, "t").unwrap();
         let e = c.describe_hosts().await.unwrap_err();
         assert_eq!(e.exit_code(), 3, "{e:?}");
-        assert!(e.to_string().contains("http://127.0.0.1:9"), "{e}");
+        assert!(e.to_string().contains(&endpoint), "{e}");
     }
 }
