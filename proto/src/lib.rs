@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod image;
 pub mod state;
 
 pub use state::{InstanceState, ObservedState};

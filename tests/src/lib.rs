@@ -218,13 +218,26 @@ impl Cloud {
 
     /// Starts an agent on the test driver offering the given capacity.
     pub async fn add_agent(&self, name: &str, zone: &str, vcpus: u32, memory_mib: u64, disk_gib: u64) -> anyhow::Result<AgentHandle> {
+        self.add_agent_with(name, zone, vcpus, memory_mib, disk_gib, HypervisorChoice::Test).await
+    }
+
+    /// Starts an agent with the given hypervisor choice (`Auto` boots real guests).
+    pub async fn add_agent_with(
+        &self,
+        name: &str,
+        zone: &str,
+        vcpus: u32,
+        memory_mib: u64,
+        disk_gib: u64,
+        hypervisor: HypervisorChoice,
+    ) -> anyhow::Result<AgentHandle> {
         let state_dir = self.dir.path().join(name);
         let config = AgentConfig {
             control_plane: self.url.clone(),
             join_token: self.join_token.clone(),
             name: format!("{name}-{}", &random_suffix()[..8]),
             availability_zone: zone.to_string(),
-            hypervisor: HypervisorChoice::Test,
+            hypervisor,
             libvirt_uri: None,
             state_dir: state_dir.clone(),
             vcpus: Some(vcpus),
@@ -336,6 +349,14 @@ impl Cloud {
             cmdline: "console=ttyS0".into(),
             default: true,
         };
+        Ok(serde_json::from_value(self.post("/v1/images", serde_json::to_value(req)?).await?)?)
+    }
+
+    /// Registers the image a recipe built in `dir` (its `manifest.json`).
+    pub async fn register_image_dir(&self, dir: &Path, default: bool) -> anyhow::Result<Image> {
+        let manifest: nimbus_proto::image::ImageManifest =
+            serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).with_context(|| format!("read {}/manifest.json", dir.display()))?)?;
+        let req = manifest.register_request(format!("file://{}", dir.canonicalize()?.display()), None, default)?;
         Ok(serde_json::from_value(self.post("/v1/images", serde_json::to_value(req)?).await?)?)
     }
 
