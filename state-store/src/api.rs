@@ -76,8 +76,11 @@ impl GetResult {
 #[async_trait]
 pub trait KvClient: Send + Sync {
     async fn get(&self, key: &[u8]) -> Result<GetResult, StoreError>;
-    async fn put(&self, key: &[u8], value: Vec<u8>, context: &Context) -> Result<(), StoreError>;
-    async fn delete(&self, key: &[u8], context: &Context) -> Result<(), StoreError>;
+    /// Write `value` superseding the versions described by `context`;
+    /// returns the context of the new version.
+    async fn put(&self, key: &[u8], value: Vec<u8>, context: &Context) -> Result<Context, StoreError>;
+    /// Write a tombstone superseding the versions described by `context`.
+    async fn delete(&self, key: &[u8], context: &Context) -> Result<Context, StoreError>;
 }
 
 /// In-process client: the calling process hosts the node.
@@ -89,10 +92,10 @@ impl KvClient for LocalClient {
     async fn get(&self, key: &[u8]) -> Result<GetResult, StoreError> {
         self.0.get(key).await
     }
-    async fn put(&self, key: &[u8], value: Vec<u8>, context: &Context) -> Result<(), StoreError> {
+    async fn put(&self, key: &[u8], value: Vec<u8>, context: &Context) -> Result<Context, StoreError> {
         self.0.put(key, Some(value), context).await
     }
-    async fn delete(&self, key: &[u8], context: &Context) -> Result<(), StoreError> {
+    async fn delete(&self, key: &[u8], context: &Context) -> Result<Context, StoreError> {
         self.0.put(key, None, context).await
     }
 }

@@ -54,7 +54,10 @@ impl Node {
     /// is in the list, else the request is forwarded to the first one that
     /// answers); only when no owner is reachable does this node coordinate
     /// as a stand-in.
-    pub async fn put(self: &Arc<Self>, key: &[u8], value: Option<Vec<u8>>, context: &Context) -> Result<(), StoreError> {
+    ///
+    /// Returns the context of the new version (the read context plus the
+    /// new write), so a client can overwrite its own write without reading.
+    pub async fn put(self: &Arc<Self>, key: &[u8], value: Option<Vec<u8>>, context: &Context) -> Result<Context, StoreError> {
         check_key(key)?;
         if let Some(v) = &value {
             check_value(v)?;
@@ -66,7 +69,7 @@ impl Node {
             for owner in plan.pref.iter().filter(|o| self.membership.is_alive(o)) {
                 let req = Request::Coordinate { key: key.to_vec(), value: value.clone(), context: context.0.clone() };
                 match self.call_with_timeout(owner, req, timeout).await {
-                    Ok(Response::Ok) => return Ok(()),
+                    Ok(Response::Written(vv)) => return Ok(Context(vv)),
                     Ok(Response::Failed(e)) => return Err(e),
                     // never delivered: safe to try the next owner
                     Err(RpcError::Unreachable(_)) => continue,
@@ -88,7 +91,7 @@ impl Node {
         key: &[u8],
         value: Option<Vec<u8>>,
         context: VersionVector,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Context, StoreError> {
         check_key(key)?;
         let plan = self.plan(key)?;
         let needed = self.cfg.w.min(plan.pref.len()).max(1);
@@ -101,12 +104,15 @@ impl Node {
             let mut fb = plan.fallbacks.lock().unwrap_or_else(|p| p.into_inner());
             fb.retain(|x| *x != me);
         }
-        let record = self.storage.coordinate(&me, key, value, context, hint_owner.as_deref()).await?;
+        let mut written = context.clone();
+        let (record, dot) = self.storage.coordinate(&me, key, value, context, hint_owner.as_deref()).await?;
+        written.add(&dot);
+        let written = Context(written);
         let covered = hint_owner.clone().unwrap_or(me.clone());
         let mut acks = 1;
         if acks >= needed {
             self.replicate_background(key, record, plan, covered);
-            return Ok(());
+            return Ok(written);
         }
         let (tx, mut rx) = mpsc::channel::<bool>(plan.pref.len());
         self.spawn_replicas(key, record, plan, covered, tx);
@@ -114,7 +120,7 @@ impl Node {
             if ok {
                 acks += 1;
                 if acks >= needed {
-                    return Ok(());
+                    return Ok(written);
                 }
             }
         }

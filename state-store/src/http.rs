@@ -3,7 +3,8 @@
 //!
 //! * `POST /internal/rpc`  node-to-node [`Request`] → [`Response`]
 //! * `POST /v1/get`        [`GetRequest`] → `Result<GetResult, StoreError>`
-//! * `POST /v1/put`        [`PutRequest`] → `Result<(), StoreError>` (a `None` value deletes)
+//! * `POST /v1/put`        [`PutRequest`] → `Result<String, StoreError>`: the
+//!   encoded context of the new version (a `None` value deletes)
 //! * `GET  /admin`         JSON [`AdminView`]
 
 use crate::admin::AdminView;
@@ -90,9 +91,9 @@ async fn kv_get(State(node): State<Arc<Node>>, body: Bytes) -> Vec<u8> {
 }
 
 async fn kv_put(State(node): State<Arc<Node>>, body: Bytes) -> Vec<u8> {
-    let res: Result<(), StoreError> = match decode::<PutRequest>(&body, CLIENT_BODY_LIMIT) {
+    let res: Result<String, StoreError> = match decode::<PutRequest>(&body, CLIENT_BODY_LIMIT) {
         Ok(r) => match Context::decode(&r.context) {
-            Ok(ctx) => node.put(&r.key, r.value, &ctx).await,
+            Ok(ctx) => node.put(&r.key, r.value, &ctx).await.map(|c| c.encode()),
             Err(e) => Err(e),
         },
         Err(e) => Err(StoreError::Transport(format!("malformed request: {e}"))),
@@ -184,14 +185,14 @@ impl HttpClient {
 
     /// Put with an already-encoded context string (e.g. from another
     /// process); a malformed string yields `StoreError::BadContext`.
-    pub async fn put_raw_context(&self, key: &[u8], value: Option<Vec<u8>>, context: &str) -> Result<(), StoreError> {
+    pub async fn put_raw_context(&self, key: &[u8], value: Option<Vec<u8>>, context: &str) -> Result<Context, StoreError> {
         check_key(key)?;
         if let Some(v) = &value {
             check_value(v)?;
         }
-        let res: Result<(), StoreError> =
+        let res: Result<String, StoreError> =
             self.post("/v1/put", encode(&PutRequest { key: key.to_vec(), value, context: context.to_string() })).await?;
-        res
+        Context::decode(&res?)
     }
 }
 
@@ -203,11 +204,11 @@ impl KvClient for HttpClient {
         res
     }
 
-    async fn put(&self, key: &[u8], value: Vec<u8>, context: &Context) -> Result<(), StoreError> {
+    async fn put(&self, key: &[u8], value: Vec<u8>, context: &Context) -> Result<Context, StoreError> {
         self.put_raw_context(key, Some(value), &context.encode()).await
     }
 
-    async fn delete(&self, key: &[u8], context: &Context) -> Result<(), StoreError> {
+    async fn delete(&self, key: &[u8], context: &Context) -> Result<Context, StoreError> {
         self.put_raw_context(key, None, &context.encode()).await
     }
 }

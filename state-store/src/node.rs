@@ -151,7 +151,7 @@ impl Node {
             // coordinating needs an owning handle for the replica tasks
             let Some(me) = self.me.upgrade() else { return Response::Error("node is stopping".into()) };
             return match me.coordinate_put(&key, value, context).await {
-                Ok(()) => Response::Ok,
+                Ok(ctx) => Response::Written(ctx.0),
                 Err(e) => Response::Failed(e),
             };
         }

@@ -49,6 +49,8 @@ pub enum Response {
     Records(Vec<(Vec<u8>, Option<Record>)>),
     Digest(Option<Digest>),
     Error(String),
+    /// A coordinated write succeeded; the clock of the new version.
+    Written(VersionVector),
     /// A coordinated write failed with a client-visible error.
     Failed(StoreError),
 }

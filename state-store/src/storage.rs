@@ -87,6 +87,7 @@ enum Op {
 
 enum OpResult {
     Merged(Record),
+    Coordinated(Record, Dot),
     Done(bool),
 }
 
@@ -151,7 +152,7 @@ impl Storage {
     pub async fn merge(&self, key: &[u8], record: Record) -> Result<Record, StorageError> {
         match self.submit(Op::Merge { key: key.to_vec(), record }).await? {
             OpResult::Merged(r) => Ok(r),
-            OpResult::Done(_) => Err(StorageError::Closed),
+            _ => Err(StorageError::Closed),
         }
     }
 
@@ -164,7 +165,7 @@ impl Storage {
     pub async fn hint_remove_if(&self, owner: &str, key: &[u8], expected: Record) -> Result<bool, StorageError> {
         match self.submit(Op::HintRemoveIf { owner: owner.to_string(), key: key.to_vec(), expected }).await? {
             OpResult::Done(b) => Ok(b),
-            OpResult::Merged(_) => Ok(false),
+            _ => Ok(false),
         }
     }
 
@@ -172,7 +173,7 @@ impl Storage {
     pub async fn drop_if(&self, key: &[u8], digest: Digest) -> Result<bool, StorageError> {
         match self.submit(Op::DropIf { key: key.to_vec(), digest }).await? {
             OpResult::Done(b) => Ok(b),
-            OpResult::Merged(_) => Ok(false),
+            _ => Ok(false),
         }
     }
 
@@ -192,7 +193,7 @@ impl Storage {
         value: Option<Vec<u8>>,
         context: VersionVector,
         hint_owner: Option<&str>,
-    ) -> Result<Record, StorageError> {
+    ) -> Result<(Record, Dot), StorageError> {
         let op = Op::Coordinate {
             node: node.to_string(),
             key: key.to_vec(),
@@ -202,8 +203,8 @@ impl Storage {
             hint_owner: hint_owner.map(str::to_string),
         };
         match self.submit(op).await? {
-            OpResult::Merged(r) => Ok(r),
-            OpResult::Done(_) => Err(StorageError::Closed),
+            OpResult::Coordinated(r, d) => Ok((r, d)),
+            _ => Err(StorageError::Closed),
         }
     }
 
@@ -431,8 +432,9 @@ fn apply_batch(db: &Database, partitions: u32, ops: &[&Op]) -> Result<Vec<Result
                     let last = meta.get("dot_counter").map_err(StorageError::engine)?.map(|v| v.value()).unwrap_or(0);
                     let counter = (last + 1).max(written_ms.saturating_mul(1000));
                     meta.insert("dot_counter", counter).map_err(StorageError::engine)?;
+                    let dot = Dot { node: node.clone(), counter };
                     let rec = Record::single(Sibling {
-                        dot: Dot { node: node.clone(), counter },
+                        dot: dot.clone(),
                         context: context.clone(),
                         value: value.clone(),
                         written_ms: *written_ms,
@@ -441,7 +443,7 @@ fn apply_batch(db: &Database, partitions: u32, ops: &[&Op]) -> Result<Vec<Result
                         None => merge_data(&mut data, &mut merkle, partitions, key, &rec).map(|_| ()),
                         Some(o) => merge_hint(&mut hints, o, key, &rec).map(|_| ()),
                     };
-                    stored.and_then(|_| full_state(&data, &hints, partitions, key)).map(OpResult::Merged)
+                    stored.and_then(|_| full_state(&data, &hints, partitions, key)).map(|r| OpResult::Coordinated(r, dot))
                 }
                 Op::HintRemoveIf { owner, key, expected } => {
                     let hk = hint_key(key, owner);

@@ -64,6 +64,11 @@ async fn http_cluster_api_bad_input_and_sigkill_durability() {
     c0.put(b"i-1", b"stopped".to_vec(), &r.context).await.expect("put with context");
     assert_eq!(clients[1].get(b"i-1").await.expect("get").values, vec![b"stopped".to_vec()]);
 
+    // the context returned by put lets a writer overwrite its own write
+    let ctx = c0.put(b"i-2", b"a".to_vec(), &Context::empty()).await.expect("put");
+    clients[1].put(b"i-2", b"b".to_vec(), &ctx).await.expect("overwrite");
+    assert_eq!(clients[2].get(b"i-2").await.expect("get").values, vec![b"b".to_vec()]);
+
     // bad input is a typed error
     let big_key = vec![b'k'; 2000];
     assert!(matches!(c0.get(&big_key).await, Err(StoreError::KeyTooLarge { .. })));

@@ -1,0 +1,261 @@
+//! Load benchmark: 3 nodes on loopback (N=3, R=2, W=2, on-disk, fsync per
+//! group commit), 64 concurrent clients over HTTP, 50/50 get/put of 1 KiB
+//! values for a fixed duration; then, if `redis-server` is on PATH, the
+//! same load against one Redis and the throughput ratio.
+//!
+//! `cargo run --release -p nimbus-state-store --bin store-bench -- --duration-secs 10`
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use nimbus_state_store::{http, Config, Context, HttpClient, HttpTransport, KvClient, Node};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Parser, Debug, Clone)]
+struct Args {
+    /// measured duration per system, seconds
+    #[arg(long, default_value_t = 10)]
+    duration_secs: u64,
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    #[arg(long, default_value_t = 1024)]
+    value_size: usize,
+    #[arg(long, default_value_t = 10_000)]
+    keys: usize,
+    /// skip the Redis comparison
+    #[arg(long)]
+    no_redis: bool,
+}
+
+struct Stats {
+    get: Histogram<u64>,
+    put: Histogram<u64>,
+    errors: u64,
+}
+
+impl Stats {
+    fn new() -> Stats {
+        let h = || Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()));
+        Stats { get: h(), put: h(), errors: 0 }
+    }
+    fn add(&mut self, o: &Stats) {
+        let _ = self.get.add(&o.get);
+        let _ = self.put.add(&o.put);
+        self.errors += o.errors;
+    }
+    fn ops(&self) -> u64 {
+        self.get.len() + self.put.len()
+    }
+    fn print(&self, name: &str, secs: f64) {
+        let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        println!("{name}: {:.0} ops/s ({} ops, {} errors in {secs:.1} s)", self.ops() as f64 / secs, self.ops(), self.errors);
+        for (op, h) in [("get", &self.get), ("put", &self.put)] {
+            println!(
+                "  {op}: {:>8.0} ops/s  p50 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms",
+                h.len() as f64 / secs,
+                ms(h, 0.5),
+                ms(h, 0.99),
+                ms(h, 0.999),
+                h.max() as f64 / 1000.0
+            );
+        }
+    }
+}
+
+fn free_addr() -> Result<String, std::io::Error> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.to_string())
+}
+
+async fn run_store(args: &Args, dir: &std::path::Path) -> Result<(Stats, f64), Box<dyn std::error::Error>> {
+    let addrs: Vec<String> = (0..3).map(|_| free_addr()).collect::<Result<_, _>>()?;
+    let mut nodes = Vec::new();
+    let mut servers = Vec::new();
+    for (i, a) in addrs.iter().enumerate() {
+        let mut cfg = Config::new(a.clone(), dir.join(format!("n{i}")));
+        cfg.seeds = addrs.clone();
+        let listener = tokio::net::TcpListener::bind(a).await?;
+        let node = Node::start(cfg, Arc::new(HttpTransport::new())).await?;
+        servers.push(http::serve(node.clone(), listener));
+        nodes.push(node);
+    }
+    for n in &nodes {
+        n.gossip_all().await;
+    }
+    let value = vec![b'x'; args.value_size];
+    // preload every key once so gets return a value
+    let preload: Vec<_> = (0..args.clients)
+        .map(|c| {
+            let client = HttpClient::new(&addrs[c % 3]);
+            let (value, clients, keys) = (value.clone(), args.clients, args.keys);
+            tokio::spawn(async move {
+                let mut ctxs = HashMap::new();
+                for k in (c..keys).step_by(clients) {
+                    if let Ok(ctx) = client.put(format!("bench/{k}").as_bytes(), value.clone(), &Context::empty()).await {
+                        ctxs.insert(k, ctx);
+                    }
+                }
+                ctxs
+            })
+        })
+        .collect();
+    let mut ctx_maps = Vec::new();
+    for p in preload {
+        ctx_maps.push(p.await?);
+    }
+    let deadline = Instant::now() + Duration::from_secs(args.duration_secs);
+    let start = Instant::now();
+    let tasks: Vec<_> = ctx_maps
+        .into_iter()
+        .enumerate()
+        .map(|(c, mut ctxs)| {
+            let client = HttpClient::new(&addrs[c % 3]);
+            let (value, clients, keys) = (value.clone(), args.clients, args.keys);
+            tokio::spawn(async move {
+                // each client owns the keys k ≡ c (mod clients) and chains
+                // its writes with the context returned by put, so values
+                // never pile up as siblings
+                let mut rng = StdRng::seed_from_u64(c as u64);
+                let mine: Vec<usize> = (c..keys).step_by(clients).collect();
+                let mut st = Stats::new();
+                while Instant::now() < deadline && !mine.is_empty() {
+                    let k = mine[rng.gen_range(0..mine.len())];
+                    let key = format!("bench/{k}");
+                    let t = Instant::now();
+                    if rng.gen_bool(0.5) {
+                        match client.get(key.as_bytes()).await {
+                            Ok(_) => {
+                                let _ = st.get.record(t.elapsed().as_micros() as u64);
+                            }
+                            Err(_) => st.errors += 1,
+                        }
+                    } else {
+                        let ctx = ctxs.get(&k).cloned().unwrap_or_default();
+                        match client.put(key.as_bytes(), value.clone(), &ctx).await {
+                            Ok(new) => {
+                                let _ = st.put.record(t.elapsed().as_micros() as u64);
+                                ctxs.insert(k, new);
+                            }
+                            Err(_) => st.errors += 1,
+                        }
+                    }
+                }
+                st
+            })
+        })
+        .collect();
+    let mut total = Stats::new();
+    for t in tasks {
+        total.add(&t.await?);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    for n in &nodes {
+        n.shutdown();
+    }
+    for s in servers {
+        s.abort();
+    }
+    Ok((total, secs))
+}
+
+async fn run_redis(args: &Args) -> Result<Option<(Stats, f64)>, Box<dyn std::error::Error>> {
+    let Some(bin) = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p).map(|d| d.join("redis-server")).find(|f| f.is_file())
+    }) else {
+        println!("redis-server not on PATH: skipping the Redis comparison");
+        return Ok(None);
+    };
+    let port = free_addr()?.rsplit(':').next().unwrap_or("6399").to_string();
+    let mut child = tokio::process::Command::new(bin)
+        .args(["--port", &port, "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let url = format!("redis://127.0.0.1:{port}/");
+    let client = redis::Client::open(url)?;
+    let ready = Instant::now();
+    loop {
+        if client.get_multiplexed_async_connection().await.is_ok() {
+            break;
+        }
+        if ready.elapsed() > Duration::from_secs(10) {
+            return Err("redis did not start".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let value = vec![b'x'; args.value_size];
+    {
+        let mut con = client.get_multiplexed_async_connection().await?;
+        for k in 0..args.keys {
+            let _: () = redis::cmd("SET").arg(format!("bench/{k}")).arg(&value).query_async(&mut con).await?;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(args.duration_secs);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..args.clients {
+        let mut con = client.get_multiplexed_async_connection().await?;
+        let (value, keys) = (value.clone(), args.keys);
+        tasks.push(tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(c as u64);
+            let mut st = Stats::new();
+            while Instant::now() < deadline {
+                let key = format!("bench/{}", rng.gen_range(0..keys));
+                let t = Instant::now();
+                if rng.gen_bool(0.5) {
+                    let r: redis::RedisResult<Option<Vec<u8>>> = redis::cmd("GET").arg(&key).query_async(&mut con).await;
+                    match r {
+                        Ok(_) => {
+                            let _ = st.get.record(t.elapsed().as_micros() as u64);
+                        }
+                        Err(_) => st.errors += 1,
+                    }
+                } else {
+                    let r: redis::RedisResult<()> = redis::cmd("SET").arg(&key).arg(&value).query_async(&mut con).await;
+                    match r {
+                        Ok(_) => {
+                            let _ = st.put.record(t.elapsed().as_micros() as u64);
+                        }
+                        Err(_) => st.errors += 1,
+                    }
+                }
+            }
+            st
+        }));
+    }
+    let mut total = Stats::new();
+    for t in tasks {
+        total.add(&t.await?);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let _ = child.kill().await;
+    Ok(Some((total, secs)))
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .init();
+    let args = Args::parse();
+    let dir = std::env::temp_dir().join(format!("store-bench-{}", std::process::id()));
+    println!(
+        "store-bench: 3 nodes N=3 R=2 W=2 on-disk, {} clients, 50/50 get/put, {} B values, {} keys, {} s",
+        args.clients, args.value_size, args.keys, args.duration_secs
+    );
+    let res = run_store(&args, &dir).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let (store, secs) = res?;
+    store.print("nimbus-state-store", secs);
+    if !args.no_redis {
+        if let Some((redis, rsecs)) = run_redis(&args).await? {
+            redis.print("redis (single instance, no persistence)", rsecs);
+            let ratio = (store.ops() as f64 / secs) / (redis.ops() as f64 / rsecs).max(1.0);
+            println!("throughput ratio store/redis: {ratio:.3}");
+        }
+    }
+    Ok(())
+}
