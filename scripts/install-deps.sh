@@ -19,7 +19,9 @@ export DEBIAN_FRONTEND=noninteractive
 
 # Packages and what needs them:
 #   libvirt-daemon-system  libvirtd, virtlogd, virsh (host agent, try-boot.sh)
+#   libvirt-clients        virt-xml-validate (domain XML schema test)
 #   libvirt-dev            the `virt` crate links against libvirt
+#   pkg-config             virt-sys finds libvirt with it
 #   qemu-system-x86        the emulator libvirt drives (TCG here)
 #   cpio                   images/build-tiny.sh (initramfs)
 #   genisoimage            NoCloud seed ISO (host agent, try-boot.sh)
@@ -27,7 +29,7 @@ export DEBIAN_FRONTEND=noninteractive
 #   python3                try-boot.sh's metadata HTTP server, JSON in build-tiny.sh
 #   qemu-utils             qemu-img (second step, see above)
 # busybox-static is NOT installed on the host: build-tiny.sh only `apt-get download`s it.
-PKGS1=(libvirt-daemon-system libvirt-dev qemu-system-x86 cpio genisoimage e2fsprogs python3)
+PKGS1=(libvirt-daemon-system libvirt-clients libvirt-dev pkg-config qemu-system-x86 cpio genisoimage e2fsprogs python3)
 PKGS2=(qemu-utils)
 
 LOG=$(mktemp /tmp/nimbus-install-deps.XXXXXX.log)

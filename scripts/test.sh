@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The test command (README, .ci/run): on a fresh Debian 12 machine it installs
+# what is missing, starts libvirt and a project-owned PostgreSQL, builds the
+# tiny guest image, then runs every test of the workspace, including the one
+# that boots a real guest.
+#
+#   scripts/test.sh [extra cargo test args]
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO"
+export PATH="$HOME/.cargo/bin:$PATH"
+export NIMBUS_HOME=${NIMBUS_HOME:-$REPO/.nimbus}
+
+step() { printf '== %s\n' "$*"; }
+
+step "installing packages, starting libvirtd and virtlogd"
+scripts/install-deps.sh
+step "starting PostgreSQL"
+scripts/pg.sh start
+export DATABASE_URL
+DATABASE_URL=$(scripts/pg.sh url)
+step "building the tiny guest image"
+images/build-tiny.sh "$NIMBUS_HOME/images/tiny"
+export NIMBUS_IMAGE_DIR=$NIMBUS_HOME/images/tiny
+# Guests' files live under the test's temp dirs; QEMU (user libvirt-qemu) must reach them.
+export NIMBUS_TEST_DIR=$NIMBUS_HOME/test-tmp
+mkdir -p "$NIMBUS_TEST_DIR"
+chmod 755 "$NIMBUS_HOME" "$NIMBUS_TEST_DIR"
+
+step "cargo test --workspace"
+cargo test --workspace --locked "$@"
