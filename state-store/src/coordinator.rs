@@ -105,16 +105,25 @@ impl Node {
             fb.retain(|x| *x != me);
         }
         let mut written = context.clone();
-        let (record, dot) = self.storage.coordinate(&me, key, value, context, hint_owner.as_deref()).await?;
+        // replicate as soon as the write is applied locally; the local
+        // fsync runs in parallel and counts as one ack when it completes
+        let (record, dot, durable) = self.storage.coordinate(&me, key, value, context, hint_owner.as_deref()).await?;
         written.add(&dot);
         let written = Context(written);
         let covered = hint_owner.clone().unwrap_or(me.clone());
-        let mut acks = 1;
-        if acks >= needed {
-            self.replicate_background(key, record, plan, covered);
-            return Ok(written);
-        }
-        let (tx, mut rx) = mpsc::channel::<bool>(plan.pref.len());
+        let mut acks = 0;
+        let (tx, mut rx) = mpsc::channel::<bool>(plan.pref.len() + 1);
+        let local = tx.clone();
+        tokio::spawn(async move {
+            let ok = match durable.wait().await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!(error = %e, "local write failed");
+                    false
+                }
+            };
+            let _ = local.send(ok).await;
+        });
         self.spawn_replicas(key, record, plan, covered, tx);
         while let Some(ok) = rx.recv().await {
             if ok {
@@ -125,11 +134,6 @@ impl Node {
             }
         }
         Err(StoreError::QuorumFailed { got: acks, needed })
-    }
-
-    fn replicate_background(self: &Arc<Self>, key: &[u8], record: Record, plan: Plan, covered: NodeId) {
-        let (tx, _rx) = mpsc::channel::<bool>(plan.pref.len().max(1));
-        self.spawn_replicas(key, record, plan, covered, tx);
     }
 
     /// One task per preference-list slot other than `covered`: try the

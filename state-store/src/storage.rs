@@ -82,18 +82,41 @@ enum Op {
     HintRemoveIf { owner: String, key: Vec<u8>, expected: Record },
     DropIf { key: Vec<u8>, digest: Digest },
     SetMeta { name: &'static str, value: u64 },
-    Coordinate { node: String, key: Vec<u8>, value: Option<Vec<u8>>, context: VersionVector, written_ms: u64, hint_owner: Option<String> },
+    Coordinate {
+        node: String,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+        context: VersionVector,
+        written_ms: u64,
+        hint_owner: Option<String>,
+        /// receives the merged state as soon as it is applied, before the
+        /// commit's fsync
+        applied: std::sync::Mutex<Option<oneshot::Sender<(Record, Dot)>>>,
+    },
 }
 
 enum OpResult {
     Merged(Record),
-    Coordinated(Record, Dot),
+    Coordinated,
     Done(bool),
 }
 
 struct Job {
     op: Op,
     reply: oneshot::Sender<Result<OpResult, StorageError>>,
+}
+
+/// Resolves when a coordinated write is durable.
+pub struct Durable(oneshot::Receiver<Result<OpResult, StorageError>>);
+
+impl Durable {
+    pub async fn wait(self) -> Result<(), StorageError> {
+        match self.0.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(StorageError::Closed),
+        }
+    }
 }
 
 pub struct Storage {
@@ -186,6 +209,10 @@ impl Storage {
     /// invariant that whoever holds a dot `(node, c)` also holds every
     /// earlier dot of `node` for the key or a version that supersedes it,
     /// which is what lets a plain version vector serve as the context.
+    ///
+    /// Returns as soon as the write is applied in the current transaction,
+    /// with a [`Durable`] handle that resolves once it is fsynced, so the
+    /// caller can replicate while the local commit is in flight.
     pub async fn coordinate(
         &self,
         node: &str,
@@ -193,7 +220,8 @@ impl Storage {
         value: Option<Vec<u8>>,
         context: VersionVector,
         hint_owner: Option<&str>,
-    ) -> Result<(Record, Dot), StorageError> {
+    ) -> Result<(Record, Dot, Durable), StorageError> {
+        let (atx, arx) = oneshot::channel();
         let op = Op::Coordinate {
             node: node.to_string(),
             key: key.to_vec(),
@@ -201,10 +229,18 @@ impl Storage {
             context,
             written_ms: crate::membership::now_ms(),
             hint_owner: hint_owner.map(str::to_string),
+            applied: std::sync::Mutex::new(Some(atx)),
         };
-        match self.submit(op).await? {
-            OpResult::Coordinated(r, d) => Ok((r, d)),
-            _ => Err(StorageError::Closed),
+        let (reply, rx) = oneshot::channel();
+        let tx = self.tx.as_ref().ok_or(StorageError::Closed)?;
+        tx.send(Job { op, reply }).map_err(|_| StorageError::Closed)?;
+        match arx.await {
+            Ok((r, d)) => Ok((r, d, Durable(rx))),
+            // not applied: the durable reply carries the error
+            Err(_) => match rx.await {
+                Ok(Err(e)) => Err(e),
+                _ => Err(StorageError::Closed),
+            },
         }
     }
 
@@ -327,6 +363,8 @@ impl Storage {
 }
 
 fn writer_loop(db: Arc<Database>, partitions: u32, rx: std_mpsc::Receiver<Job>) {
+    // highest dot counter handed out, even in a batch whose commit failed
+    let mut last_dot = 0u64;
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
@@ -336,7 +374,7 @@ fn writer_loop(db: Arc<Database>, partitions: u32, rx: std_mpsc::Receiver<Job>) 
             }
         }
         let ops: Vec<&Op> = jobs.iter().map(|j| &j.op).collect();
-        match apply_batch(&db, partitions, &ops) {
+        match apply_batch(&db, partitions, &ops, &mut last_dot) {
             Ok(results) => {
                 for (job, res) in jobs.into_iter().zip(results) {
                     let _ = job.reply.send(res);
@@ -415,7 +453,12 @@ fn full_state(data: &BytesTable<'_>, hints: &BytesTable<'_>, partitions: u32, ke
 }
 
 /// Apply a batch in one transaction. Engine failures fail the whole batch.
-fn apply_batch(db: &Database, partitions: u32, ops: &[&Op]) -> Result<Vec<Result<OpResult, StorageError>>, StorageError> {
+fn apply_batch(
+    db: &Database,
+    partitions: u32,
+    ops: &[&Op],
+    last_dot: &mut u64,
+) -> Result<Vec<Result<OpResult, StorageError>>, StorageError> {
     let mut w = db.begin_write().map_err(StorageError::engine)?;
     w.set_durability(Durability::Immediate);
     let mut results = Vec::with_capacity(ops.len());
@@ -428,9 +471,10 @@ fn apply_batch(db: &Database, partitions: u32, ops: &[&Op]) -> Result<Vec<Result
             let res = match op {
                 Op::Merge { key, record } => merge_data(&mut data, &mut merkle, partitions, key, record).map(OpResult::Merged),
                 Op::HintMerge { owner, key, record } => merge_hint(&mut hints, owner, key, record).map(|_| OpResult::Done(true)),
-                Op::Coordinate { node, key, value, context, written_ms, hint_owner } => {
+                Op::Coordinate { node, key, value, context, written_ms, hint_owner, applied } => {
                     let last = meta.get("dot_counter").map_err(StorageError::engine)?.map(|v| v.value()).unwrap_or(0);
-                    let counter = (last + 1).max(written_ms.saturating_mul(1000));
+                    let counter = (last.max(*last_dot) + 1).max(written_ms.saturating_mul(1000));
+                    *last_dot = counter;
                     meta.insert("dot_counter", counter).map_err(StorageError::engine)?;
                     let dot = Dot { node: node.clone(), counter };
                     let rec = Record::single(Sibling {
@@ -443,7 +487,13 @@ fn apply_batch(db: &Database, partitions: u32, ops: &[&Op]) -> Result<Vec<Result
                         None => merge_data(&mut data, &mut merkle, partitions, key, &rec).map(|_| ()),
                         Some(o) => merge_hint(&mut hints, o, key, &rec).map(|_| ()),
                     };
-                    stored.and_then(|_| full_state(&data, &hints, partitions, key)).map(|r| OpResult::Coordinated(r, dot))
+                    let state = stored.and_then(|_| full_state(&data, &hints, partitions, key));
+                    if let Ok(r) = &state {
+                        if let Some(tx) = applied.lock().ok().and_then(|mut g| g.take()) {
+                            let _ = tx.send((r.clone(), dot.clone()));
+                        }
+                    }
+                    state.map(|_| OpResult::Coordinated)
                 }
                 Op::HintRemoveIf { owner, key, expected } => {
                     let hk = hint_key(key, owner);
