@@ -16,6 +16,8 @@ struct State {
     handlers: HashMap<NodeId, Weak<dyn Handler>>,
     down: HashSet<NodeId>,
     cut: HashSet<(NodeId, NodeId)>,
+    /// nodes that accept requests but never answer
+    hung: HashSet<NodeId>,
     drop_rate: f64,
     rng: StdRng,
     dropped: u64,
@@ -32,6 +34,7 @@ impl SimNetwork {
                 handlers: HashMap::new(),
                 down: HashSet::new(),
                 cut: HashSet::new(),
+                hung: HashSet::new(),
                 drop_rate: 0.0,
                 rng: StdRng::seed_from_u64(seed),
                 dropped: 0,
@@ -67,8 +70,16 @@ impl SimNetwork {
         }
     }
 
+    /// Requests to `id` never get an answer (exercises timeouts).
+    pub fn hang(&self, id: &NodeId) {
+        self.lock().hung.insert(id.clone());
+    }
+
+    /// Heal cuts and hung nodes.
     pub fn heal(&self) {
-        self.lock().cut.clear();
+        let mut s = self.lock();
+        s.cut.clear();
+        s.hung.clear();
     }
 
     /// Probability that a request, or independently its reply, is lost.
@@ -95,13 +106,16 @@ impl SimNetwork {
 #[async_trait]
 impl Transport for SimNetwork {
     async fn call(&self, from: &NodeId, to: &NodeId, req: Request) -> Result<Response, RpcError> {
-        let handler = {
+        let (handler, hung) = {
             let s = self.lock();
             if s.down.contains(to) || s.down.contains(from) || s.cut.contains(&(from.clone(), to.clone())) {
                 return Err(RpcError::Unreachable(to.clone()));
             }
-            s.handlers.get(to).and_then(|w| w.upgrade())
+            (s.handlers.get(to).and_then(|w| w.upgrade()), s.hung.contains(to))
         };
+        if hung {
+            return futures::future::pending().await;
+        }
         let Some(h) = handler else {
             return Err(RpcError::Unreachable(to.clone()));
         };

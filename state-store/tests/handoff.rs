@@ -66,3 +66,27 @@ async fn read_repair_fixes_stale_replica() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_to_silent_nodes_time_out() {
+    // 3 nodes, N=3: no fallbacks, so two silent owners mean no quorum
+    let c = Cluster::start(3, 9).await;
+    let n0 = c.node(0).expect("n0");
+    let client = LocalClient(n0.clone());
+    client.put(b"k", b"v".to_vec(), &Context::empty()).await.expect("put before");
+    c.net.hang(&"n1".to_string());
+    c.net.hang(&"n2".to_string());
+    let t = std::time::Instant::now();
+    let err = client.put(b"k", b"w".to_vec(), &Context::empty()).await.expect_err("no write quorum");
+    assert!(matches!(err, nimbus_state_store::StoreError::QuorumFailed { got: 1, needed: 2 }), "{err:?}");
+    let err = client.get(b"k").await.expect_err("no read quorum");
+    assert!(matches!(err, nimbus_state_store::StoreError::QuorumFailed { .. }), "{err:?}");
+    assert!(t.elapsed() < Duration::from_secs(3), "timeouts bound the wait: {:?}", t.elapsed());
+    c.net.heal();
+    wait_until("silent nodes answer gossip again", Duration::from_secs(10), || {
+        n0.membership().is_alive("n1") && n0.membership().is_alive("n2")
+    })
+    .await;
+    let r = client.get(b"k").await.expect("get after heal");
+    assert!(r.values.contains(&b"v".to_vec()));
+}
