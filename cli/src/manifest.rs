@@ -1,66 +1,55 @@
-//! The image recipe's `manifest.json` (written by `images/build-tiny.sh`) and
-//! its conversion into a [`RegisterImageRequest`].
+//! `register-image --manifest`: reads the image recipe's `manifest.json`
+//! (written by `images/build-tiny.sh`, format defined by
+//! [`nimbus_proto::image::ImageManifest`]) and turns it into a
+//! [`RegisterImageRequest`] with the command line's overrides.
 
 use crate::error::CliError;
 use nimbus_proto::api::{ImageFile, RegisterImageRequest};
-use serde::Deserialize;
-use std::collections::BTreeMap;
+use nimbus_proto::image::ImageManifest;
 use std::path::Path;
-
-/// The keys of `manifest.json` the registration needs; the others
-/// (`root_disk_format`, `kernel_version`, `modules`, `recipe_*`, ...) are ignored.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-pub struct Manifest {
-    pub name: String,
-    pub kernel: String,
-    #[serde(default)]
-    pub initrd: Option<String>,
-    pub root_disk: String,
-    #[serde(default)]
-    pub cmdline: String,
-    /// File name → lower-case hex SHA-256.
-    pub sha256: BTreeMap<String, String>,
-}
 
 /// What the command line adds to the manifest.
 #[derive(Debug, Clone, Default)]
 pub struct RegisterOptions {
     pub name: Option<String>,
+    /// Replaces the description the manifest implies.
     pub description: Option<String>,
     /// Overrides `file://<manifest dir>`, e.g. an `http://` mirror of the files.
     pub source_url: Option<String>,
     pub default: bool,
 }
 
-impl Manifest {
-    pub fn parse(text: &str) -> Result<Self, CliError> {
-        serde_json::from_str(text).map_err(|e| CliError::Usage(format!("invalid manifest: {e}")))
-    }
+/// Parses `manifest.json`; keys the registration does not need are ignored.
+pub fn parse(text: &str) -> Result<ImageManifest, CliError> {
+    let mut m: ImageManifest = serde_json::from_str(text).map_err(|e| CliError::Usage(format!("invalid manifest: {e}")))?;
+    // `"initrd": ""` means no initrd.
+    m.initrd = m.initrd.filter(|s| !s.is_empty());
+    Ok(m)
+}
 
-    fn file(&self, name: &str) -> Result<ImageFile, CliError> {
-        let sha = self
-            .sha256
-            .get(name)
-            .ok_or_else(|| CliError::Usage(format!("invalid manifest: no sha256 for {name:?}")))?;
-        if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(CliError::Usage(format!("invalid manifest: sha256 of {name:?} is not 64 hex digits")));
-        }
-        Ok(ImageFile { name: name.to_string(), sha256: sha.to_ascii_lowercase() })
+/// Digests must be 64 hex digits; sent lower-case, as the API wants them.
+fn check_digest(f: &mut ImageFile) -> Result<(), CliError> {
+    if f.sha256.len() != 64 || !f.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(CliError::Usage(format!("invalid manifest: sha256 of {:?} is not 64 hex digits", f.name)));
     }
+    f.sha256.make_ascii_lowercase();
+    Ok(())
+}
 
-    /// The registration of this manifest's files, found below `source_url`.
-    pub fn to_request(&self, source_url: String, opts: &RegisterOptions) -> Result<RegisterImageRequest, CliError> {
-        Ok(RegisterImageRequest {
-            name: opts.name.clone().unwrap_or_else(|| self.name.clone()),
-            description: opts.description.clone(),
-            source_url,
-            kernel: self.file(&self.kernel)?,
-            initrd: self.initrd.as_deref().filter(|s| !s.is_empty()).map(|f| self.file(f)).transpose()?,
-            root_disk: self.file(&self.root_disk)?,
-            cmdline: self.cmdline.clone(),
-            default: opts.default,
-        })
+/// The registration of `manifest`'s files, found below `source_url`.
+pub fn to_request(manifest: &ImageManifest, source_url: String, opts: &RegisterOptions) -> Result<RegisterImageRequest, CliError> {
+    let mut req = manifest
+        .register_request(source_url, opts.name.clone(), opts.default)
+        .map_err(|e| CliError::Usage(format!("invalid manifest: {e}")))?;
+    if let Some(d) = &opts.description {
+        req.description = Some(d.clone());
     }
+    check_digest(&mut req.kernel)?;
+    if let Some(initrd) = &mut req.initrd {
+        check_digest(initrd)?;
+    }
+    check_digest(&mut req.root_disk)?;
+    Ok(req)
 }
 
 /// `file://<absolute directory of the manifest>`.
@@ -77,12 +66,12 @@ pub fn file_source_url(manifest_path: &Path) -> Result<String, CliError> {
 /// Reads the manifest at `path` and builds its registration.
 pub fn load_request(path: &Path, opts: &RegisterOptions) -> Result<RegisterImageRequest, CliError> {
     let text = std::fs::read_to_string(path).map_err(|e| CliError::Usage(format!("cannot read manifest {}: {e}", path.display())))?;
-    let manifest = Manifest::parse(&text)?;
+    let manifest = parse(&text)?;
     let source_url = match &opts.source_url {
         Some(u) => u.trim_end_matches('/').to_string(),
         None => file_source_url(path)?,
     };
-    manifest.to_request(source_url, opts)
+    to_request(&manifest, source_url, opts)
 }
 
 #[cfg(test)]
@@ -124,7 +113,7 @@ mod tests {
             req,
             RegisterImageRequest {
                 name: "nimbus-tiny".into(),
-                description: None,
+                description: Some("built by the nimbus-tiny recipe".into()),
                 source_url: format!("file://{}", abs.display()),
                 kernel: ImageFile { name: "vmlinuz".into(), sha256: SHA_K.into() },
                 initrd: Some(ImageFile { name: "initrd.img".into(), sha256: SHA_I.into() }),
@@ -140,10 +129,10 @@ mod tests {
     }
 
     #[test]
-    fn name_and_source_overrides() {
-        let m = Manifest::parse(&sample()).unwrap();
+    fn name_description_and_source_overrides() {
+        let m = parse(&sample()).unwrap();
         let opts = RegisterOptions { name: Some("tiny-2".into()), description: Some("d".into()), ..Default::default() };
-        let req = m.to_request("http://mirror/tiny".into(), &opts).unwrap();
+        let req = to_request(&m, "http://mirror/tiny".into(), &opts).unwrap();
         assert_eq!(req.name, "tiny-2");
         assert_eq!(req.description.as_deref(), Some("d"));
         assert_eq!(req.source_url, "http://mirror/tiny");
@@ -151,23 +140,38 @@ mod tests {
     }
 
     #[test]
-    fn missing_digest_or_field_is_a_usage_error() {
-        let mut m = Manifest::parse(&sample()).unwrap();
+    fn missing_or_malformed_digest_or_field_is_a_usage_error() {
+        let mut m = parse(&sample()).unwrap();
         m.sha256.remove("rootfs.qcow2");
-        let e = m.to_request("file:///x".into(), &RegisterOptions::default()).unwrap_err();
+        let e = to_request(&m, "file:///x".into(), &RegisterOptions::default()).unwrap_err();
         assert_eq!(e.exit_code(), 2);
         assert!(e.to_string().contains("rootfs.qcow2"), "{e}");
-        let e = Manifest::parse(r#"{"name":"x"}"#).unwrap_err();
+        m.sha256.insert("rootfs.qcow2".into(), "abc".into());
+        let e = to_request(&m, "file:///x".into(), &RegisterOptions::default()).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("64 hex digits"), "{e}");
+        let e = parse(r#"{"name":"x"}"#).unwrap_err();
         assert_eq!(e.exit_code(), 2);
         let e = load_request(Path::new("/nonexistent/manifest.json"), &RegisterOptions::default()).unwrap_err();
         assert_eq!(e.exit_code(), 2);
     }
 
     #[test]
+    fn upper_case_digests_are_sent_lower_case() {
+        let mut m = parse(&sample()).unwrap();
+        m.sha256.insert("vmlinuz".into(), SHA_K.to_ascii_uppercase());
+        let req = to_request(&m, "file:///x".into(), &RegisterOptions::default()).unwrap();
+        assert_eq!(req.kernel.sha256, SHA_K);
+    }
+
+    #[test]
     fn initrd_is_optional() {
         let text = format!(r#"{{"name":"n","kernel":"k","root_disk":"r","sha256":{{"k":"{SHA_K}","r":"{SHA_R}"}}}}"#);
-        let req = Manifest::parse(&text).unwrap().to_request("file:///d".into(), &RegisterOptions::default()).unwrap();
+        let req = to_request(&parse(&text).unwrap(), "file:///d".into(), &RegisterOptions::default()).unwrap();
         assert_eq!(req.initrd, None);
         assert_eq!(req.cmdline, "");
+        let text = format!(r#"{{"name":"n","kernel":"k","initrd":"","root_disk":"r","sha256":{{"k":"{SHA_K}","r":"{SHA_R}"}}}}"#);
+        let req = to_request(&parse(&text).unwrap(), "file:///d".into(), &RegisterOptions::default()).unwrap();
+        assert_eq!(req.initrd, None);
     }
 }
