@@ -39,6 +39,8 @@ pub struct Config {
     pub anti_entropy_interval: Duration,
     /// Tombstones younger than this are never garbage-collected.
     pub tombstone_grace: Duration,
+    /// How often the tombstone GC scans the local store.
+    pub gc_interval: Duration,
     /// Spawn the periodic background loops (tests may drive them by hand).
     pub background: bool,
 }
@@ -59,6 +61,7 @@ impl Config {
             hint_interval: Duration::from_secs(1),
             anti_entropy_interval: Duration::from_secs(10),
             tombstone_grace: Duration::from_secs(24 * 3600),
+            gc_interval: Duration::from_secs(600),
             background: true,
         }
     }
@@ -250,6 +253,8 @@ impl Node {
         }));
         tasks.push(spawn_periodic(Arc::downgrade(self), self.cfg.anti_entropy_interval, |n| async move {
             n.anti_entropy_round().await;
+        }));
+        tasks.push(spawn_periodic(Arc::downgrade(self), self.cfg.gc_interval, |n| async move {
             n.gc_tombstones().await;
         }));
         if let Ok(mut t) = self.tasks.lock() {

@@ -24,6 +24,7 @@ pub fn config(dir: &std::path::Path, id: &str, seeds: &[String]) -> Config {
     c.hint_interval = Duration::from_secs(3600);
     c.anti_entropy_interval = Duration::from_secs(3600);
     c.tombstone_grace = Duration::from_secs(3600);
+    c.gc_interval = Duration::from_secs(3600);
     c
 }
 
