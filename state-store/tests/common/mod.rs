@@ -19,7 +19,7 @@ pub fn config(dir: &std::path::Path, id: &str, seeds: &[String]) -> Config {
     c.seeds = seeds.to_vec();
     c.request_timeout = Duration::from_millis(300);
     c.gossip_interval = Duration::from_millis(20);
-    c.fail_timeout = Duration::from_millis(400);
+    c.fail_timeout = Duration::from_millis(1500);
     // repair loops are driven explicitly by the tests
     c.hint_interval = Duration::from_secs(3600);
     c.anti_entropy_interval = Duration::from_secs(3600);
