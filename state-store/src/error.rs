@@ -55,6 +55,8 @@ pub enum StoreError {
     QuorumFailed { got: usize, needed: usize },
     #[error("coordinator {0} did not answer in time; the write may or may not have been applied")]
     OutcomeUnknown(String),
+    #[error("invalid configuration: {0}")]
+    BadConfig(String),
     #[error("the ring has no members")]
     NoNodes,
     #[error("storage: {0}")]

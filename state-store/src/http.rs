@@ -6,6 +6,8 @@
 //! * `POST /v1/put`        [`PutRequest`] → `Result<String, StoreError>`: the
 //!   encoded context of the new version (a `None` value deletes)
 //! * `GET  /admin`         JSON [`AdminView`]
+//! * `POST /admin/leave`   leave the ring, handing all data over; JSON
+//!   `Result<(keys, hints), StoreError>`
 
 use crate::admin::AdminView;
 use crate::api::{Context, GetResult, KvClient};
@@ -61,6 +63,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/get", post(kv_get))
         .route("/v1/put", post(kv_put))
         .route("/admin", get(admin))
+        .route("/admin/leave", post(admin_leave))
         .layer(DefaultBodyLimit::max(CLIENT_BODY_LIMIT));
     internal.merge(client).with_state(node)
 }
@@ -68,7 +71,7 @@ pub fn router(node: Arc<Node>) -> Router {
 /// Serve `node` on `listener` until the task is aborted.
 pub fn serve(node: Arc<Node>, listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(node)).await {
+        if let Err(e) = axum::serve(listener, router(node)).tcp_nodelay(true).await {
             tracing::error!(error = %e, "http server stopped");
         }
     })
@@ -103,6 +106,11 @@ async fn kv_put(State(node): State<Arc<Node>>, body: Bytes) -> Vec<u8> {
 
 async fn admin(State(node): State<Arc<Node>>) -> Json<AdminView> {
     Json(node.admin_view())
+}
+
+/// Leave the cluster, handing every key over; answers when done.
+async fn admin_leave(State(node): State<Arc<Node>>) -> Json<Result<(usize, usize), StoreError>> {
+    Json(node.leave().await.map(|r| (r.keys_handed_off, r.hints_handed_off)))
 }
 
 /// Node-to-node transport over HTTP; node ids are `host:port`.
@@ -181,6 +189,14 @@ impl HttpClient {
         let resp = self.http.get(format!("{}/admin", self.base)).send().await.map_err(|e| StoreError::Transport(e.to_string()))?;
         let b = resp.bytes().await.map_err(|e| StoreError::Transport(e.to_string()))?;
         serde_json::from_slice(&b).map_err(|e| StoreError::Transport(e.to_string()))
+    }
+
+    /// Ask the node to leave the ring; returns (keys, hints) handed over.
+    pub async fn leave(&self) -> Result<(usize, usize), StoreError> {
+        let resp = self.http.post(format!("{}/admin/leave", self.base)).send().await.map_err(|e| StoreError::Transport(e.to_string()))?;
+        let b = resp.bytes().await.map_err(|e| StoreError::Transport(e.to_string()))?;
+        let res: Result<(usize, usize), StoreError> = serde_json::from_slice(&b).map_err(|e| StoreError::Transport(e.to_string()))?;
+        res
     }
 
     /// Put with an already-encoded context string (e.g. from another

@@ -4,7 +4,7 @@
 //! `anti_entropy`.
 
 use crate::clock::{NodeId, Record};
-use crate::error::{RpcError, StorageError};
+use crate::error::{RpcError, StorageError, StoreError};
 use crate::membership::Membership;
 use crate::merkle::key_digest;
 use crate::rpc::{Handler, Request, Response, Transport};
@@ -46,6 +46,17 @@ pub struct Config {
 }
 
 impl Config {
+    /// Check the quorum settings: `1 <= R, W <= N`, at least one partition.
+    pub fn validate(&self) -> Result<(), StoreError> {
+        if self.n == 0 || self.r == 0 || self.w == 0 || self.r > self.n || self.w > self.n {
+            return Err(StoreError::BadConfig(format!("need 1 <= R, W <= N; got N={} R={} W={}", self.n, self.r, self.w)));
+        }
+        if self.partitions == 0 {
+            return Err(StoreError::BadConfig("partitions must be at least 1".into()));
+        }
+        Ok(())
+    }
+
     pub fn new(id: impl Into<NodeId>, data_dir: impl Into<PathBuf>) -> Config {
         Config {
             id: id.into(),
@@ -79,7 +90,8 @@ pub struct Node {
 impl Node {
     /// Open storage and start the node. Registering it with a transport
     /// (HTTP server or simulator) is the caller's job.
-    pub async fn start(cfg: Config, transport: Arc<dyn Transport>) -> Result<Arc<Node>, StorageError> {
+    pub async fn start(cfg: Config, transport: Arc<dyn Transport>) -> Result<Arc<Node>, StoreError> {
+        cfg.validate()?;
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| StorageError::Engine(e.to_string()))?;
         let storage = Arc::new(Storage::open(&cfg.data_dir.join("store.redb"), cfg.partitions)?);
         let membership = Membership::new(cfg.id.clone(), &cfg.seeds, cfg.partitions, cfg.fail_timeout);
@@ -235,6 +247,15 @@ impl Node {
         }
     }
 
+    /// Announce this node to its seeds and every peer it learns of: the
+    /// explicit join. Peers add it to their ring on receipt; its partitions
+    /// are then filled by anti-entropy.
+    pub async fn join(&self) {
+        self.gossip_all().await;
+        // a second pass reaches the peers learned from the seeds
+        self.gossip_all().await;
+    }
+
     /// Gossip with every known peer once (used on join and leave).
     pub async fn gossip_all(&self) {
         let view = self.membership.tick();
@@ -293,4 +314,20 @@ pub(crate) fn merge_all<'a>(records: impl IntoIterator<Item = &'a Record>) -> Re
         out.merge(r);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quorum_settings_are_validated() {
+        let mut c = Config::new("a", "/tmp/unused");
+        assert!(c.validate().is_ok());
+        c.w = 4;
+        assert!(matches!(c.validate(), Err(StoreError::BadConfig(_))));
+        c.w = 2;
+        c.r = 0;
+        assert!(matches!(c.validate(), Err(StoreError::BadConfig(_))));
+    }
 }

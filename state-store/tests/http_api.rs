@@ -100,5 +100,12 @@ async fn http_cluster_api_bad_input_and_sigkill_durability() {
         let r = clients[(i + 1) % 3].get(format!("d-{i}").as_bytes()).await.expect("get after restart");
         assert_eq!(r.values, vec![format!("v{i}").into_bytes()], "key d-{i}");
     }
+    // explicit leave over the admin API: the other two keep every key
+    let (handed, _) = clients[2].leave().await.expect("leave");
+    assert!(handed > 0);
+    for i in 0..300 {
+        let r = clients[i % 2].get(format!("d-{i}").as_bytes()).await.expect("get after leave");
+        assert_eq!(r.values, vec![format!("v{i}").into_bytes()], "key d-{i} after leave");
+    }
     drop(procs);
 }

@@ -58,7 +58,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     let node = Node::start(cfg, Arc::new(HttpTransport::new())).await?;
     let server = http::serve(node.clone(), listener);
-    node.gossip_all().await;
+    node.join().await;
     println!("store-node listening on {}", args.listen);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
