@@ -107,7 +107,19 @@ impl Node {
         let mut written = context.clone();
         // replicate as soon as the write is applied locally; the local
         // fsync runs in parallel and counts as one ack when it completes
-        let (record, dot, durable) = self.storage.coordinate(&me, key, value, context, hint_owner.as_deref()).await?;
+        // Dots are minted for an actor, not for the node: a fresh actor per
+        // incarnation (a write replicated before a crash lost its local
+        // copy must not be implied by later dots of this node) and a
+        // one-off actor per stand-in write (a stand-in does not keep what
+        // it handed off).
+        let actor = match &hint_owner {
+            None => self.actor.clone(),
+            Some(_) => {
+                let n = self.stand_in_writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                format!("{}/h{n}", self.actor)
+            }
+        };
+        let (record, dot, durable) = self.storage.coordinate(&actor, key, value, context, hint_owner.as_deref()).await?;
         written.add(&dot);
         let written = Context(written);
         let covered = hint_owner.clone().unwrap_or(me.clone());

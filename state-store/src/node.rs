@@ -85,6 +85,10 @@ pub struct Node {
     transport: Arc<dyn Transport>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     me: Weak<Node>,
+    /// Actor id for the dots this incarnation mints: `id@start_µs`.
+    pub(crate) actor: String,
+    /// Distinguishes the one-off actors of stand-in writes.
+    pub(crate) stand_in_writes: std::sync::atomic::AtomicU64,
 }
 
 impl Node {
@@ -95,6 +99,7 @@ impl Node {
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| StorageError::Engine(e.to_string()))?;
         let storage = Arc::new(Storage::open(&cfg.data_dir.join("store.redb"), cfg.partitions)?);
         let membership = Membership::new(cfg.id.clone(), &cfg.seeds, cfg.partitions, cfg.fail_timeout);
+        let cfg_id = cfg.id.clone();
         let node = Arc::new_cyclic(|me| Node {
             cfg,
             storage,
@@ -102,6 +107,8 @@ impl Node {
             transport,
             tasks: Mutex::new(Vec::new()),
             me: me.clone(),
+            actor: format!("{}@{}", cfg_id, crate::membership::now_us()),
+            stand_in_writes: std::sync::atomic::AtomicU64::new(0),
         });
         if node.cfg.background {
             node.spawn_loops();
