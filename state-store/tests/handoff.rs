@@ -17,9 +17,13 @@ async fn hinted_handoff_delivers_when_owner_returns() {
     c.kill(owner);
     let client = LocalClient(c.node(coord).expect("coordinator"));
     client.put(key, b"running".to_vec(), &Context::empty()).await.expect("sloppy write acknowledged");
-    // a stand-in holds a hint naming the owner
-    let hinted: u64 = c.live().iter().map(|n| n.admin_view().hints_by_owner.get(&owner_id).copied().unwrap_or(0)).sum();
-    assert_eq!(hinted, 1, "exactly one stand-in holds the hint");
+    // a stand-in holds a hint naming the owner (the slot for the dead
+    // owner may still be finishing after the quorum answered)
+    let hinted = || -> u64 {
+        c.live().iter().map(|n| n.admin_view().hints_by_owner.get(&owner_id).copied().unwrap_or(0)).sum()
+    };
+    wait_until("a stand-in holds the hint", Duration::from_secs(5), || hinted() >= 1).await;
+    assert_eq!(hinted(), 1, "exactly one stand-in holds the hint");
 
     let back = c.restart(owner).await;
     assert!(back.storage().get(key).expect("read").is_none(), "owner missed the write while down");
