@@ -64,6 +64,17 @@ impl Node {
         delivered
     }
 
+    /// Remove a permanently failed node from the ring on its behalf and
+    /// tell every peer. Its hints then go to the keys' new preference
+    /// lists and anti-entropy rebuilds the missing replicas.
+    pub async fn remove_member(self: &Arc<Self>, id: &str) -> Result<(), StoreError> {
+        if !self.membership.remove(id) {
+            return Err(StoreError::BadConfig(format!("cannot remove member {id}")));
+        }
+        self.gossip_all().await;
+        Ok(())
+    }
+
     /// Leave the cluster: stop owning partitions, hand every stored key and
     /// hint to the new owners (each must acknowledge), then announce `Left`.
     pub async fn leave(self: &Arc<Self>) -> Result<LeaveReport, StoreError> {

@@ -8,6 +8,8 @@
 //! * `GET  /admin`         JSON [`AdminView`]
 //! * `POST /admin/leave`   leave the ring, handing all data over; JSON
 //!   `Result<(keys, hints), StoreError>`
+//! * `POST /admin/remove`  body: a member id; declare that (failed) member
+//!   `Left` on its behalf; JSON `Result<(), StoreError>`
 
 use crate::admin::AdminView;
 use crate::api::{Context, GetResult, KvClient};
@@ -64,6 +66,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/put", post(kv_put))
         .route("/admin", get(admin))
         .route("/admin/leave", post(admin_leave))
+        .route("/admin/remove", post(admin_remove))
         .layer(DefaultBodyLimit::max(CLIENT_BODY_LIMIT));
     internal.merge(client).with_state(node)
 }
@@ -106,6 +109,11 @@ async fn kv_put(State(node): State<Arc<Node>>, body: Bytes) -> Vec<u8> {
 
 async fn admin(State(node): State<Arc<Node>>) -> Json<AdminView> {
     Json(node.admin_view())
+}
+
+/// Remove a failed member (body: its id as plain text).
+async fn admin_remove(State(node): State<Arc<Node>>, body: String) -> Json<Result<(), StoreError>> {
+    Json(node.remove_member(body.trim()).await)
 }
 
 /// Leave the cluster, handing every key over; answers when done.

@@ -200,6 +200,20 @@ impl Membership {
         Self::rebuild_ring(&mut g, self.partitions);
     }
 
+    /// Declare another member `Left` on its behalf (an operator removing a
+    /// permanently failed node). Returns false for unknown ids and for us.
+    pub fn remove(&self, id: &str) -> bool {
+        if id == self.me {
+            return false;
+        }
+        let mut g = self.lock();
+        let Some(e) = g.members.get_mut(id) else { return false };
+        e.member.status = Status::Left;
+        e.member.version = now_ms().max(e.member.version + 1);
+        Self::rebuild_ring(&mut g, self.partitions);
+        true
+    }
+
     pub fn status_of(&self, id: &str) -> Option<Status> {
         self.lock().members.get(id).map(|e| e.member.status)
     }

@@ -85,7 +85,7 @@ async fn requests_to_silent_nodes_time_out() {
     assert!(matches!(err, nimbus_state_store::StoreError::QuorumFailed { got: 1, needed: 2 }), "{err:?}");
     let err = client.get(b"k").await.expect_err("no read quorum");
     assert!(matches!(err, nimbus_state_store::StoreError::QuorumFailed { .. }), "{err:?}");
-    assert!(t.elapsed() < Duration::from_secs(3), "timeouts bound the wait: {:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(6), "timeouts bound the wait: {:?}", t.elapsed());
     c.net.heal();
     wait_until("silent nodes answer gossip again", Duration::from_secs(10), || {
         n0.membership().is_alive("n1") && n0.membership().is_alive("n2")

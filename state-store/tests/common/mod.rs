@@ -17,7 +17,7 @@ pub struct Cluster {
 pub fn config(dir: &std::path::Path, id: &str, seeds: &[String]) -> Config {
     let mut c = Config::new(id, dir.join(id));
     c.seeds = seeds.to_vec();
-    c.request_timeout = Duration::from_millis(300);
+    c.request_timeout = Duration::from_millis(1000);
     c.gossip_interval = Duration::from_millis(20);
     c.fail_timeout = Duration::from_millis(1500);
     // repair loops are driven explicitly by the tests
