@@ -103,10 +103,14 @@ CREATE TABLE instances (
     capacity_held     BOOLEAN NOT NULL DEFAULT true,
     user_data         BYTEA,
     state_reason      TEXT,
+    -- The host generation of the last change to what the agent must do with
+    -- this instance (placed, asked to terminate): agents fetch deltas by it.
+    changed_generation BIGINT NOT NULL DEFAULT 0,
     launch_time       TIMESTAMPTZ NOT NULL DEFAULT now(),
     state_changed_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
     CHECK (capacity_held OR state = 'terminated')
 );
 CREATE INDEX instances_host_held ON instances (host_id) WHERE capacity_held;
+CREATE INDEX instances_host_changes ON instances (host_id, changed_generation);
 CREATE INDEX instances_account_seq ON instances (account_id, seq);
 CREATE INDEX instances_reservation ON instances (reservation_id);

@@ -212,6 +212,7 @@ impl Agent {
                         Ok(c) => {
                             self.reconciler.host_id = c.host_id.clone();
                             cred = c;
+                            after = 0;
                         }
                         Err(e) => tracing::warn!(error = %e, "re-registration failed"),
                     }
@@ -229,7 +230,13 @@ impl Agent {
                 }
             };
             backoff = Duration::from_millis(200);
-            let observations = self.reconciler.converge(&assignments.instances).await;
+            // A poll that timed out (or the first) carries the full list: a
+            // resync. One that returned because something changed: the changes.
+            let observations = if assignments.full {
+                self.reconciler.converge(&assignments.instances).await
+            } else {
+                self.reconciler.converge_changes(&assignments.instances).await
+            };
             match self.cp.report(&cred, &Report { observations }).await {
                 // Only a delivered report moves us past this generation.
                 Ok(()) => after = assignments.generation,

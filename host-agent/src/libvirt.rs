@@ -74,10 +74,29 @@ impl Libvirt {
                 if owner.host_id != host_id {
                     continue;
                 }
-                let running = state.is_known_and(|s| matches!(s, DomainState::Running | DomainState::Blocked | DomainState::Paused));
-                out.push(DomainStatus { name, owner, running });
+                out.push(DomainStatus { name, owner, running: is_running(state) });
             }
             Ok(out)
+        })
+        .await
+    }
+
+    /// The status of one instance's domain, if it exists and is this host's.
+    pub async fn domain_status(&self, host_id: &str, instance_id: &str) -> Result<Option<DomainStatus>, LibvirtError> {
+        let (host_id, name) = (host_id.to_string(), domain::domain_name(instance_id));
+        self.call(move |c| {
+            let dom = match c.lookup_domain_by_name(&name) {
+                Ok(d) => d,
+                Err(e) if no_domain(&e) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let xml = dom.xml_desc(0)?;
+            let (state, _) = dom.state()?;
+            Ok(domain::ownership(&xml).filter(|o| o.host_id == host_id).map(|owner| DomainStatus {
+                name,
+                owner,
+                running: is_running(state),
+            }))
         })
         .await
     }
@@ -126,6 +145,10 @@ impl Libvirt {
         })
         .await
     }
+}
+
+fn is_running(state: virt::domain::DomainStateEnum) -> bool {
+    state.is_known_and(|s| matches!(s, DomainState::Running | DomainState::Blocked | DomainState::Paused))
 }
 
 fn no_domain(e: &virt::error::Error) -> bool {

@@ -53,8 +53,9 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    /// One pass over every assignment; returns what it observed. Domains and
-    /// files of this host that no assignment names are removed.
+    /// A full pass over every assignment, starting from everything libvirt
+    /// and the disk hold; returns what it observed. Domains and files of this
+    /// host that no assignment names are removed.
     pub async fn converge(&self, assignments: &[Assignment]) -> Vec<Observation> {
         let domains: HashMap<String, DomainStatus> = match self.libvirt.owned_domains(&self.host_id).await {
             Ok(list) => list.into_iter().map(|d| (d.owner.instance_id.clone(), d)).collect(),
@@ -63,26 +64,49 @@ impl Reconciler {
                 return Vec::new();
             }
         };
+        let work = assignments.iter().map(|a| (a.clone(), Some(domains.get(&a.instance_id).cloned()))).collect();
+        let observations = self.run_all(work).await;
+        let wanted: HashSet<&str> = assignments.iter().map(|a| a.instance_id.as_str()).collect();
+        self.remove_orphans(&domains, &wanted).await;
+        observations
+    }
+
+    /// A pass over the assignments whose desired state changed (a delta from
+    /// the control plane). Cheap when one instance changes among thousands;
+    /// the periodic full [`Reconciler::converge`] catches anything missed.
+    pub async fn converge_changes(&self, changes: &[Assignment]) -> Vec<Observation> {
+        self.run_all(changes.iter().map(|a| (a.clone(), None)).collect()).await
+    }
+
+    /// Converges each assignment in parallel. `Some(status)`: the domain
+    /// listing is already known; `None`: look the domain up.
+    async fn run_all(&self, work: Vec<(Assignment, Option<Option<DomainStatus>>)>) -> Vec<Observation> {
         let limit = Arc::new(Semaphore::new(PARALLEL));
         let mut tasks = tokio::task::JoinSet::new();
-        for a in assignments.iter().cloned() {
+        for (a, known) in work {
             let this = self.clone();
-            let existing = domains.get(&a.instance_id).cloned();
             let limit = limit.clone();
             tasks.spawn(async move {
                 let _permit = limit.acquire_owned().await;
+                let existing = match known {
+                    Some(existing) => existing,
+                    None => match this.libvirt.domain_status(&this.host_id, &a.instance_id).await {
+                        Ok(existing) => existing,
+                        Err(e) => {
+                            return Observation { instance_id: a.instance_id.clone(), state: ObservedState::Failed, message: Some(e.to_string()) }
+                        }
+                    },
+                };
                 this.converge_one(&a, existing).await
             });
         }
-        let mut observations = Vec::with_capacity(assignments.len());
+        let mut observations = Vec::new();
         while let Some(res) = tasks.join_next().await {
             match res {
                 Ok(obs) => observations.push(obs),
                 Err(e) => tracing::error!(error = %e, "converge task failed"),
             }
         }
-        let wanted: HashSet<&str> = assignments.iter().map(|a| a.instance_id.as_str()).collect();
-        self.remove_orphans(&domains, &wanted).await;
         observations
     }
 
@@ -176,7 +200,8 @@ impl Reconciler {
         if let Ok(mut dir) = tokio::fs::read_dir(&self.instances_dir).await {
             while let Ok(Some(entry)) = dir.next_entry().await {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if name.starts_with("i-") && !wanted.contains(name.as_str()) {
+                let is_dir = entry.file_type().await.map(|t| t.is_dir()).unwrap_or(false);
+                if is_dir && name.starts_with("i-") && !wanted.contains(name.as_str()) {
                     orphans.insert(name);
                 }
             }

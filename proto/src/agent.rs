@@ -82,12 +82,15 @@ pub struct Assignment {
     pub metadata: InstanceMetadata,
 }
 
-/// `GET /v1/agent/assignments?after=G&wait_ms=T`: every instance that still
-/// holds capacity on the host. Returns at once when the host's generation is
-/// past `after`, otherwise when it changes or after `wait_ms`.
+/// `GET /v1/agent/assignments?after=G&wait_ms=T`. Returns at once when the
+/// host's generation is past `after`, otherwise when it changes or after
+/// `wait_ms`. With `full`, the list is every instance that holds capacity on
+/// the host (a resync: anything else of this host's must go); without, only
+/// the instances whose desired state changed after `after`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Assignments {
     pub generation: i64,
+    pub full: bool,
     pub instances: Vec<Assignment>,
 }
 

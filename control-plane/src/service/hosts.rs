@@ -177,8 +177,10 @@ impl Service {
         }
     }
 
-    /// Everything placed on the host that still holds capacity. Waits up to
-    /// `wait` for the host's generation to pass `after`.
+    /// Waits up to `wait` for the host's generation to pass `after`. Then
+    /// answers the changes since `after` (instances whose desired state
+    /// changed, including those terminated since); after a timeout, or when
+    /// `after` is 0, the full list of instances that hold capacity.
     pub async fn assignments(&self, host_id: &str, after: i64, wait: Duration) -> Result<Assignments> {
         let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
         // Subscribe before reading, so a change between the read and the wait wakes us.
@@ -198,18 +200,21 @@ impl Service {
         };
         // Read after the generation: a change committed in between shows up in
         // the list and makes the agent's next poll return at once.
-        let rows = sqlx::query_as::<_, AssignmentRow>(
+        let full = after <= 0 || generation <= after;
+        let rows = sqlx::query_as::<_, AssignmentRow>(&format!(
             "SELECT i.id, i.desired_state, i.vcpus, i.memory_mib, i.disk_gib, i.user_data, i.reservation_id, \
                     i.instance_type, i.image_id, i.availability_zone, i.ami_launch_index, i.account_id, \
                     m.source_url, m.kernel, m.kernel_sha256, m.initrd, m.initrd_sha256, m.root_disk, \
                     m.root_disk_sha256, m.cmdline \
              FROM instances i JOIN images m ON m.id = i.image_id \
-             WHERE i.host_id = $1 AND i.capacity_held ORDER BY i.seq",
-        )
+             WHERE i.host_id = $1 AND {} ORDER BY i.seq",
+            if full { "i.capacity_held" } else { "i.changed_generation > $2" }
+        ))
         .bind(host_id)
+        .bind(after)
         .fetch_all(&self.db)
         .await?;
-        Ok(Assignments { generation, instances: rows.into_iter().map(AssignmentRow::into_assignment).collect::<Result<_>>()? })
+        Ok(Assignments { generation, full, instances: rows.into_iter().map(AssignmentRow::into_assignment).collect::<Result<_>>()? })
     }
 
     /// Applies an agent's observations and records its heartbeat.
@@ -275,27 +280,29 @@ impl Service {
             .execute(&mut *tx)
             .await?;
         }
-        if !failed.is_empty() {
-            sqlx::query(
-                "UPDATE instances SET state = 'shutting-down', desired_state = 'terminated', state_changed_at = now(), \
-                     state_reason = r.reason FROM unnest($1::text[], $2::text[]) AS r(id, reason) WHERE instances.id = r.id",
-            )
-            .bind(&failed)
-            .bind(&failed_reasons)
-            .execute(&mut *tx)
-            .await?;
-        }
-        sqlx::query(
+        let (generation,): (i64,) = sqlx::query_as(
             "UPDATE hosts SET last_heartbeat = now(), used_vcpus = used_vcpus - $2, used_memory_mib = used_memory_mib - $3, \
-                 used_disk_gib = used_disk_gib - $4, generation = generation + $5 WHERE id = $1",
+                 used_disk_gib = used_disk_gib - $4, generation = generation + $5 WHERE id = $1 RETURNING generation",
         )
         .bind(host_id)
         .bind(released.0 as i32)
         .bind(released.1)
         .bind(released.2)
         .bind(i64::from(bump))
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
+        if !failed.is_empty() {
+            sqlx::query(
+                "UPDATE instances SET state = 'shutting-down', desired_state = 'terminated', state_changed_at = now(), \
+                     state_reason = r.reason, changed_generation = $3 \
+                 FROM unnest($1::text[], $2::text[]) AS r(id, reason) WHERE instances.id = r.id",
+            )
+            .bind(&failed)
+            .bind(&failed_reasons)
+            .bind(generation)
+            .execute(&mut *tx)
+            .await?;
+        }
         if bump {
             sqlx::query("SELECT pg_notify($1, $2)").bind(crate::notify::CHANNEL).bind(host_id).execute(&mut *tx).await?;
         }

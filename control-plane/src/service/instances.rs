@@ -237,10 +237,14 @@ impl Service {
                 spec.zone.as_ref().map(|z| format!(" in {z}")).unwrap_or_default()
             )));
         }
-        if scheduler::claim(&mut tx, &placements, spec.need).await? == Claim::Raced {
-            tx.rollback().await?;
-            return Ok(None);
-        }
+        let generations = match scheduler::claim(&mut tx, &placements, spec.need).await? {
+            Claim::Claimed(g) => g,
+            Claim::Raced => {
+                tx.rollback().await?;
+                return Ok(None);
+            }
+        };
+        let changed: Vec<i64> = placements.iter().map(|h| generations.get(h).copied().unwrap_or(0)).collect();
         let zones: std::collections::HashMap<&str, &str> =
             hosts.iter().map(|h| (h.id.as_str(), h.availability_zone.as_str())).collect();
         let ids: Vec<String> = placements.iter().map(|_| ids::new_id(ids::INSTANCE)).collect();
@@ -248,9 +252,9 @@ impl Service {
         let placed_zones: Vec<String> = placements.iter().map(|h| zones.get(h.as_str()).copied().unwrap_or("").to_string()).collect();
         sqlx::query(
             "INSERT INTO instances (id, account_id, reservation_id, ami_launch_index, image_id, instance_type, \
-                 vcpus, memory_mib, disk_gib, availability_zone, host_id, state, desired_state, user_data) \
-             SELECT id, $2, $3, idx, $4, $5, $6, $7, $8, zone, host, 'pending', 'running', $9 \
-             FROM unnest($1::text[], $10::int[], $11::text[], $12::text[]) AS t(id, idx, zone, host)",
+                 vcpus, memory_mib, disk_gib, availability_zone, host_id, state, desired_state, user_data, changed_generation) \
+             SELECT id, $2, $3, idx, $4, $5, $6, $7, $8, zone, host, 'pending', 'running', $9, gen \
+             FROM unnest($1::text[], $10::int[], $11::text[], $12::text[], $13::bigint[]) AS t(id, idx, zone, host, gen)",
         )
         .bind(&ids)
         .bind(&caller.account_id)
@@ -264,6 +268,7 @@ impl Service {
         .bind(&indexes)
         .bind(&placed_zones)
         .bind(&placements)
+        .bind(&changed)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -391,18 +396,16 @@ impl Service {
             changes.push(StateChange { instance_id: id, previous_state: prev.into(), current_state: current.into() });
         }
         if !changed.is_empty() {
-            sqlx::query(
-                "UPDATE instances SET state = 'shutting-down', desired_state = 'terminated', state_changed_at = now() \
-                 WHERE id = ANY($1)",
-            )
-            .bind(&changed)
-            .execute(&mut *tx)
-            .await?;
             let hosts: Vec<String> = hosts.into_iter().collect();
             sqlx::query(
-                "WITH h AS (SELECT id FROM hosts WHERE id = ANY($1) ORDER BY id FOR UPDATE) \
-                 UPDATE hosts SET generation = generation + 1 FROM h WHERE hosts.id = h.id",
+                "WITH h AS (SELECT id FROM hosts WHERE id = ANY($2) ORDER BY id FOR UPDATE), \
+                      bumped AS (UPDATE hosts SET generation = generation + 1 FROM h WHERE hosts.id = h.id \
+                                 RETURNING hosts.id, hosts.generation) \
+                 UPDATE instances SET state = 'shutting-down', desired_state = 'terminated', state_changed_at = now(), \
+                        changed_generation = bumped.generation \
+                 FROM bumped WHERE instances.host_id = bumped.id AND instances.id = ANY($1)",
             )
+            .bind(&changed)
             .bind(&hosts)
             .execute(&mut *tx)
             .await?;

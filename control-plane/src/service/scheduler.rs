@@ -134,7 +134,8 @@ pub async fn schedulable_hosts(
 /// Outcome of [`claim`].
 #[derive(Debug, PartialEq, Eq)]
 pub enum Claim {
-    Claimed,
+    /// Each host's generation after the claim.
+    Claimed(BTreeMap<String, i64>),
     /// Another transaction took the capacity after our snapshot: plan again.
     Raced,
 }
@@ -146,26 +147,26 @@ pub async fn claim(tx: &mut Transaction<'_, Postgres>, placements: &[String], ne
     for h in placements {
         *per_host.entry(h.as_str()).or_insert(0) += 1;
     }
+    let mut generations = BTreeMap::new();
     for (host, n) in per_host {
         let total = need.times(n);
-        let updated = sqlx::query(
+        let updated: Option<(i64,)> = sqlx::query_as(
             "UPDATE hosts SET used_vcpus = used_vcpus + $2, used_memory_mib = used_memory_mib + $3, \
                     used_disk_gib = used_disk_gib + $4, generation = generation + 1 \
              WHERE id = $1 AND used_vcpus + $2 <= total_vcpus AND used_memory_mib + $3 <= total_memory_mib \
-                   AND used_disk_gib + $4 <= total_disk_gib",
+                   AND used_disk_gib + $4 <= total_disk_gib RETURNING generation",
         )
         .bind(host)
         .bind(total.vcpus as i32)
         .bind(total.memory_mib)
         .bind(total.disk_gib)
-        .execute(&mut **tx)
+        .fetch_optional(&mut **tx)
         .await?;
-        if updated.rows_affected() == 0 {
-            return Ok(Claim::Raced);
-        }
+        let Some((generation,)) = updated else { return Ok(Claim::Raced) };
+        generations.insert(host.to_string(), generation);
         sqlx::query("SELECT pg_notify($1, $2)").bind(crate::notify::CHANNEL).bind(host).execute(&mut **tx).await?;
     }
-    Ok(Claim::Claimed)
+    Ok(Claim::Claimed(generations))
 }
 
 #[cfg(test)]
