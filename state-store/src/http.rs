@@ -45,7 +45,7 @@ pub struct PutRequest {
     pub context: String,
 }
 
-fn decode<T: serde::de::DeserializeOwned>(b: &[u8], limit: usize) -> Result<T, String> {
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(b: &[u8], limit: usize) -> Result<T, String> {
     bincode::DefaultOptions::new()
         .with_fixint_encoding()
         .allow_trailing_bytes()

@@ -22,8 +22,10 @@ pub mod ring;
 pub mod rpc;
 pub mod sim;
 pub mod storage;
+pub mod tcp;
 
 pub use api::{get_reconciled, Context, GetResult, KvClient, LocalClient};
 pub use error::{RpcError, StorageError, StoreError};
 pub use http::{HttpClient, HttpTransport};
+pub use tcp::TcpTransport;
 pub use node::{Config, Node};

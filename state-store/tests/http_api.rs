@@ -1,5 +1,7 @@
 //! Network API: typed client over HTTP, admin view, bad input, and
 //! durability of acknowledged writes across SIGKILL of a node process.
+//! The first test runs the nodes with the HTTP node-to-node transport, the
+//! second with the framed TCP transport.
 
 use nimbus_state_store::{Context, HttpClient, KvClient, StoreError};
 use std::process::{Child, Command, Stdio};
@@ -17,9 +19,9 @@ impl Drop for Proc {
     }
 }
 
-fn spawn_node(addr: &str, dir: &std::path::Path, seeds: &[String], n: usize) -> Proc {
+fn spawn_node(addr: &str, dir: &std::path::Path, seeds: &[String], n: usize, transport: &str) -> Proc {
     let child = Command::new(env!("CARGO_BIN_EXE_store-node"))
-        .args(["--listen", addr, "--data-dir"])
+        .args(["--transport", transport, "--listen", addr, "--data-dir"])
         .arg(dir)
         .args(["--seeds", &seeds.join(","), "--n", &n.to_string(), "--r", &n.min(2).to_string(), "--w", &n.min(2).to_string()])
         .env("RUST_LOG", "warn")
@@ -47,7 +49,7 @@ async fn http_cluster_api_bad_input_and_sigkill_durability() {
     let dir = tempfile::tempdir().expect("tempdir");
     let addrs: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port())).collect();
     let mut procs: Vec<Option<Proc>> =
-        addrs.iter().enumerate().map(|(i, a)| Some(spawn_node(a, &dir.path().join(format!("n{i}")), &addrs, 3))).collect();
+        addrs.iter().enumerate().map(|(i, a)| Some(spawn_node(a, &dir.path().join(format!("n{i}")), &addrs, 3, "http"))).collect();
     let clients: Vec<HttpClient> = addrs.iter().map(|a| HttpClient::new(a)).collect();
     for c in &clients {
         wait_ready(c, 3).await;
@@ -91,7 +93,7 @@ async fn http_cluster_api_bad_input_and_sigkill_durability() {
         }
     }
     for (i, a) in addrs.iter().enumerate() {
-        procs[i] = Some(spawn_node(a, &dir.path().join(format!("n{i}")), &addrs, 3));
+        procs[i] = Some(spawn_node(a, &dir.path().join(format!("n{i}")), &addrs, 3, "http"));
     }
     for c in &clients {
         wait_ready(c, 3).await;
@@ -116,7 +118,7 @@ async fn sigkill_during_concurrent_writes_loses_no_acknowledged_write() {
     use std::sync::{Arc, Mutex};
     let dir = tempfile::tempdir().expect("tempdir");
     let addrs: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port())).collect();
-    let spawn = |i: usize| spawn_node(&addrs[i], &dir.path().join(format!("n{i}")), &addrs, 3);
+    let spawn = |i: usize| spawn_node(&addrs[i], &dir.path().join(format!("n{i}")), &addrs, 3, "tcp");
     let procs: Arc<Mutex<Vec<Option<Proc>>>> = Arc::new(Mutex::new((0..3).map(|i| Some(spawn(i))).collect()));
     let clients: Vec<HttpClient> = addrs.iter().map(|a| HttpClient::new(a)).collect();
     for c in &clients {

@@ -7,7 +7,7 @@
 
 use clap::Parser;
 use hdrhistogram::Histogram;
-use nimbus_state_store::{http, Config, Context, HttpClient, HttpTransport, KvClient, Node};
+use nimbus_state_store::{http, tcp, Config, Context, HttpClient, HttpTransport, KvClient, Node, TcpTransport};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
@@ -28,6 +28,9 @@ struct Args {
     /// skip the Redis comparison
     #[arg(long)]
     no_redis: bool,
+    /// node-to-node transport: `tcp` (framed binary) or `http`
+    #[arg(long, default_value = "tcp")]
+    transport: String,
 }
 
 struct Stats {
@@ -78,9 +81,15 @@ async fn run_store(args: &Args, dir: &std::path::Path) -> Result<(Stats, f64), B
         let mut cfg = Config::new(a.clone(), dir.join(format!("n{i}")));
         cfg.seeds = addrs.clone();
         let listener = tokio::net::TcpListener::bind(a).await?;
-        let node = Node::start(cfg, Arc::new(HttpTransport::new())).await?;
-        servers.push(http::serve(node.clone(), listener));
-        nodes.push(node);
+        if args.transport == "http" {
+            let node = Node::start(cfg, Arc::new(HttpTransport::new())).await?;
+            servers.push(http::serve(node.clone(), listener));
+            nodes.push(node);
+        } else {
+            let node = Node::start(cfg, Arc::new(TcpTransport::new())).await?;
+            servers.push(tcp::serve(node.clone(), listener));
+            nodes.push(node);
+        }
     }
     for n in &nodes {
         n.join().await;

@@ -6,7 +6,7 @@
 //! it first leaves the ring and hands its data over.
 
 use clap::Parser;
-use nimbus_state_store::{http, Config, HttpTransport, Node};
+use nimbus_state_store::{http, tcp, Config, HttpTransport, Node, TcpTransport};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +39,10 @@ struct Args {
     /// hand partitions over to the other nodes before exiting on SIGTERM
     #[arg(long)]
     leave_on_exit: bool,
+    /// node-to-node transport: `tcp` (framed binary, same port as HTTP) or
+    /// `http` (`POST /internal/rpc`); all nodes of a cluster must agree
+    #[arg(long, default_value = "tcp")]
+    transport: String,
 }
 
 #[tokio::main]
@@ -56,8 +60,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     cfg.request_timeout = Duration::from_millis(args.request_timeout_ms);
     cfg.anti_entropy_interval = Duration::from_millis(args.anti_entropy_ms);
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
-    let node = Node::start(cfg, Arc::new(HttpTransport::new())).await?;
-    let server = http::serve(node.clone(), listener);
+    let (node, server) = match args.transport.as_str() {
+        "http" => {
+            let node = Node::start(cfg, Arc::new(HttpTransport::new())).await?;
+            (node.clone(), http::serve(node, listener))
+        }
+        "tcp" => {
+            let node = Node::start(cfg, Arc::new(TcpTransport::new())).await?;
+            (node.clone(), tcp::serve(node, listener))
+        }
+        other => return Err(format!("unknown transport {other}").into()),
+    };
     node.join().await;
     println!("store-node listening on {}", args.listen);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
