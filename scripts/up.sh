@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# The main job (README): an all-in-one Nimbus cloud on this machine that boots
+# a real guest. Installs what is missing, starts libvirt, a project-owned
+# PostgreSQL, the control plane and one host agent (KVM where it really works,
+# QEMU/TCG otherwise), builds and registers the tiny image, launches one
+# instance and prints the lines its console shows. The cloud keeps running;
+# `scripts/down.sh` stops it.
+#
+#   scripts/up.sh
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO"
+export PATH="$HOME/.cargo/bin:$PATH"
+export NIMBUS_HOME=${NIMBUS_HOME:-$REPO/.nimbus}
+PORT=${NIMBUS_PORT:-8787}
+ENDPOINT="http://127.0.0.1:$PORT"
+RUN=$NIMBUS_HOME/run
+LOGS=$NIMBUS_HOME/logs
+AGENT_STATE=$NIMBUS_HOME/agent
+mkdir -p "$RUN" "$LOGS" "$AGENT_STATE"
+chmod 755 "$NIMBUS_HOME" "$AGENT_STATE"
+
+step() { printf '== %s\n' "$*"; }
+die() { echo "up.sh: $*" >&2; exit 1; }
+
+step "installing packages, starting libvirtd and virtlogd"
+scripts/install-deps.sh
+step "starting PostgreSQL"
+scripts/pg.sh start
+DATABASE_URL=$(scripts/pg.sh url)
+step "building the tiny guest image"
+images/build-tiny.sh "$NIMBUS_HOME/images/tiny"
+step "building Nimbus (release)"
+cargo build --release --locked -q -p nimbus-control-plane -p nimbus-host-agent -p nimbus-cli
+BIN=$REPO/target/release
+
+# Tokens are made once and kept (mode 600) so that later runs reuse them.
+if [ ! -f "$RUN/tokens.env" ]; then
+    umask 077
+    printf 'NIMBUS_ADMIN_TOKEN=%s\nNIMBUS_JOIN_TOKEN=%s\n' "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')" \
+        "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')" >"$RUN/tokens.env"
+    umask 022
+fi
+# shellcheck disable=SC1091
+. "$RUN/tokens.env"
+export NIMBUS_ENDPOINT=$ENDPOINT NIMBUS_TOKEN=$NIMBUS_ADMIN_TOKEN
+
+running() { [ -f "$RUN/$1.pid" ] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
+
+wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
+    local deadline=$((SECONDS + $1)) what=$2; shift 2
+    until "$@" >/dev/null 2>&1; do
+        [ $SECONDS -lt $deadline ] || die "$what did not happen within the time limit (logs in $LOGS)"
+        sleep 0.2
+    done
+}
+
+if ! running control-plane; then
+    step "starting the control plane on $ENDPOINT"
+    DATABASE_URL=$DATABASE_URL NIMBUS_LISTEN=127.0.0.1:$PORT NIMBUS_ADMIN_TOKEN=$NIMBUS_ADMIN_TOKEN \
+        NIMBUS_JOIN_TOKEN=$NIMBUS_JOIN_TOKEN setsid "$BIN/nimbus-control-plane" >>"$LOGS/control-plane.log" 2>&1 </dev/null &
+    echo $! >"$RUN/control-plane.pid"
+fi
+wait_for 30 "control plane start" curl -sf "$ENDPOINT/healthz"
+
+if ! running agent; then
+    step "starting the host agent"
+    NIMBUS_CONTROL_PLANE=$ENDPOINT NIMBUS_JOIN_TOKEN=$NIMBUS_JOIN_TOKEN NIMBUS_HOST_NAME=$(hostname) \
+        NIMBUS_STATE_DIR=$AGENT_STATE setsid "$BIN/nimbus-agent" >>"$LOGS/agent.log" 2>&1 </dev/null &
+    echo $! >"$RUN/agent.pid"
+fi
+host_available() { "$BIN/nimbus" -o json describe-hosts | grep -q '"status": *"available"'; }
+wait_for 60 "host registration" host_available
+"$BIN/nimbus" describe-hosts
+
+if ! "$BIN/nimbus" -o json describe-images | grep -q '"default": *true'; then
+    step "registering the tiny image as the default image"
+    "$BIN/nimbus" register-image --manifest "$NIMBUS_HOME/images/tiny/manifest.json" --default
+fi
+
+step "launching one instance"
+"$BIN/nimbus" -o json run-instances --instance-type t3.nano --user-data "#!/bin/sh
+echo hello from nimbus" --wait >"$RUN/last-launch.json"
+ID=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["instances"][0]["instance_id"])' "$RUN/last-launch.json")
+"$BIN/nimbus" describe-instances --instance-id "$ID"
+
+CONSOLE=$AGENT_STATE/instances/$ID/console.log
+step "waiting for $ID's console (serial log $CONSOLE)"
+wait_for 180 "the guest's NIMBUS-READY line" grep -q NIMBUS-READY "$CONSOLE"
+grep -a '^NIMBUS-' "$CONSOLE" | tr -d '\r'
+
+cat <<EOM
+
+Nimbus is up. Use it with:
+  export NIMBUS_ENDPOINT=$ENDPOINT NIMBUS_TOKEN=\$(grep ADMIN $RUN/tokens.env | cut -d= -f2)
+  $BIN/nimbus describe-instances
+  $BIN/nimbus run-instances --instance-type t3.micro --count 2 --wait
+  $BIN/nimbus terminate-instances $ID --wait
+Logs: $LOGS   Stop everything: scripts/down.sh
+EOM
