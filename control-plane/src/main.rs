@@ -11,7 +11,17 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(listen = %listener.local_addr()?, placement = ?config.placement, "control plane starting");
     let service = build(config).await?;
     serve(service, listener, async {
-        let _ = tokio::signal::ctrl_c().await;
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
     })
     .await
 }

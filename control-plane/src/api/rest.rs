@@ -88,7 +88,7 @@ async fn terminate_instances(
 }
 
 async fn terminate_instance(State(s): State<Service>, Admin(c): Admin, Path(id): Path<String>) -> Result<Json<StateChange>> {
-    let mut changes = s.terminate_instances(&c, &[id.clone()]).await?;
+    let mut changes = s.terminate_instances(&c, std::slice::from_ref(&id)).await?;
     changes.pop().map(Json).ok_or(ServiceError::InstanceNotFound(id))
 }
 
