@@ -2,6 +2,7 @@
 //! PostgreSQL. See ARCHITECTURE.md at the repository root for the map.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod db;
 pub mod error;

@@ -55,6 +55,8 @@ impl GuestFiles {
         user_data_b64: Option<&str>,
     ) -> Result<(), DiskError> {
         tokio::fs::create_dir_all(&self.dir).await.map_err(io(format!("create {}", self.dir.display())))?;
+        // Others may pass through (QEMU's user reaches its files) but not list.
+        set_mode(&self.dir, 0o711).await?;
         // The two tools are independent: run them side by side.
         tokio::try_join!(self.make_overlay(base, disk_gib), async {
             if tokio::fs::try_exists(self.seed_iso()).await.map_err(io("stat seed"))? {
@@ -109,6 +111,9 @@ impl GuestFiles {
                 .arg(staging.join("user-data")),
         )
         .await?;
+        // The seed holds the user-data: readable by root (and by the guest's
+        // QEMU once libvirt hands the file to it), by nobody else.
+        set_mode(&tmp, 0o600).await?;
         tokio::fs::rename(&tmp, self.seed_iso()).await.map_err(io("rename seed"))?;
         tokio::fs::remove_dir_all(&staging).await.map_err(io("remove seed dir"))?;
         Ok(())
@@ -125,6 +130,13 @@ impl GuestFiles {
     pub async fn exists(&self) -> bool {
         tokio::fs::try_exists(&self.dir).await.unwrap_or(true)
     }
+}
+
+async fn set_mode(path: &Path, mode: u32) -> Result<(), DiskError> {
+    use std::os::unix::fs::PermissionsExt;
+    tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .await
+        .map_err(io(format!("chmod {}", path.display())))
 }
 
 async fn run(tool: &'static str, cmd: &mut Command) -> Result<(), DiskError> {
@@ -170,6 +182,9 @@ mod tests {
         let check = std::process::Command::new("qemu-img").arg("check").arg(files.root_disk()).output().unwrap();
         assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
 
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(files.seed_iso()).unwrap().permissions().mode() & 0o777, 0o600, "user-data is private");
+        assert_eq!(std::fs::metadata(&files.dir).unwrap().permissions().mode() & 0o777, 0o711);
         let iso = std::fs::read(files.seed_iso()).unwrap();
         // ISO 9660 primary volume descriptor at 32 KiB: "CD001", volume id at offset 40.
         assert_eq!(&iso[0x8001..0x8006], b"CD001");

@@ -230,13 +230,20 @@ impl Service {
     async fn try_report(&self, host_id: &str, report: &Report) -> Result<()> {
         let mut tx = self.db.begin().await?;
         let ids: Vec<&str> = report.observations.iter().map(|o| o.instance_id.as_str()).collect();
-        // Lock order everywhere: instances (by id), then hosts.
+        let failures: Vec<&str> =
+            report.observations.iter().filter(|o| o.state == ObservedState::Failed).map(|o| o.instance_id.as_str()).collect();
+        // Lock order everywhere: instances (by id), then hosts. A running
+        // instance that should run needs no change unless it failed, so the
+        // common heartbeat locks no instance row.
         let rows: Vec<(String, String, String, i32, i64, i64)> = sqlx::query_as(
             "SELECT id, state, desired_state, vcpus, memory_mib, disk_gib FROM instances \
-             WHERE host_id = $1 AND id = ANY($2) AND capacity_held ORDER BY id FOR UPDATE",
+             WHERE host_id = $1 AND id = ANY($2) AND capacity_held \
+               AND (state <> 'running' OR desired_state <> 'running' OR id = ANY($3)) \
+             ORDER BY id FOR UPDATE",
         )
         .bind(host_id)
         .bind(&ids)
+        .bind(&failures)
         .fetch_all(&mut *tx)
         .await?;
         let (mut released, mut running, mut terminated, mut failed) = ((0i64, 0i64, 0i64), vec![], vec![], vec![]);
