@@ -235,18 +235,7 @@ mod tests {
     #[test]
     fn run_instances_minimal_request() {
         let req = run_args(&["--instance-type", "t3.micro"]).to_request().unwrap();
-        assert_eq!(
-            req,
-            RunInstancesRequest {
-                image_id: None,
-                instance_type: "t3.micro".into(),
-                min_count: 1,
-                max_count: 1,
-                availability_zone: None,
-                user_data: None,
-                client_token: None,
-            }
-        );
+        assert_eq!(req, RunInstancesRequest::of_type("t3.micro"));
     }
 
     #[test]

@@ -161,15 +161,7 @@ mod tests {
         let base = dir.join("base.qcow2");
         let out = std::process::Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&base).arg("16M").output().unwrap();
         assert!(out.status.success());
-        let meta = InstanceMetadata {
-            instance_id: "i-0123456789abcdef0".into(),
-            reservation_id: "r-0123456789abcdef0".into(),
-            instance_type: "t3.nano".into(),
-            image_id: "ami-0123456789abcdef0".into(),
-            availability_zone: "az1".into(),
-            ami_launch_index: 0,
-            owner_id: "000000000000".into(),
-        };
+        let meta = crate::metadata::sample_metadata("i-0123456789abcdef0");
         let files = GuestFiles::new(&dir, "i-0123456789abcdef0");
         files.prepare(&base, 8, &meta, Some("aGVsbG8=")).await.unwrap();
 

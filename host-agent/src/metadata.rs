@@ -250,20 +250,26 @@ async fn identity(State(c): Shared) -> Response {
     .into_response()
 }
 
+/// Metadata of a made-up instance, for tests.
+#[cfg(test)]
+pub(crate) fn sample_metadata(id: &str) -> InstanceMetadata {
+    InstanceMetadata {
+        instance_id: id.into(),
+        reservation_id: "r-0123456789abcdef0".into(),
+        instance_type: "t3.nano".into(),
+        image_id: "ami-0123456789abcdef0".into(),
+        availability_zone: "az1".into(),
+        ami_launch_index: 0,
+        owner_id: "000000000000".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn meta(id: &str) -> InstanceMetadata {
-        InstanceMetadata {
-            instance_id: id.into(),
-            reservation_id: "r-0123456789abcdef0".into(),
-            instance_type: "t3.nano".into(),
-            image_id: "ami-0123456789abcdef0".into(),
-            availability_zone: "az1".into(),
-            ami_launch_index: 0,
-            owner_id: "000000000000".into(),
-        }
+        sample_metadata(id)
     }
 
     async fn get(port: u16, path: &str) -> (u16, String) {

@@ -42,6 +42,21 @@ fn one() -> u32 {
     1
 }
 
+impl RunInstancesRequest {
+    /// One instance of `instance_type` from the default image, nothing else set.
+    pub fn of_type(instance_type: &str) -> RunInstancesRequest {
+        RunInstancesRequest {
+            image_id: None,
+            instance_type: instance_type.to_string(),
+            min_count: 1,
+            max_count: 1,
+            availability_zone: None,
+            user_data: None,
+            client_token: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StateView {
     pub code: u16,

@@ -427,15 +427,7 @@ mod tests {
     use super::*;
 
     fn req() -> RunInstancesRequest {
-        RunInstancesRequest {
-            image_id: None,
-            instance_type: "t3.nano".into(),
-            min_count: 1,
-            max_count: 1,
-            availability_zone: None,
-            user_data: None,
-            client_token: None,
-        }
+        RunInstancesRequest::of_type("t3.nano")
     }
 
     #[test]
