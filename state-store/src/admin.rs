@@ -21,6 +21,8 @@ pub struct AdminView {
     pub stored_keys: u64,
     pub hint_backlog: u64,
     pub hints_by_owner: BTreeMap<NodeId, u64>,
+    /// Group commits since start (commits, writes, µs busy).
+    pub writer: crate::storage::WriterSnapshot,
 }
 
 impl Node {
@@ -43,6 +45,7 @@ impl Node {
             stored_keys: self.storage.len().unwrap_or(0),
             hint_backlog: hints.len() as u64,
             hints_by_owner,
+            writer: self.storage.writer_stats(),
         }
     }
 }

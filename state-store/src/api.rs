@@ -56,6 +56,7 @@ fn decode_limited<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, StoreEr
 pub struct GetResult {
     /// Live concurrent values (siblings). Empty when the key is absent or
     /// deleted.
+    #[serde(with = "bytes_vec")]
     pub values: Vec<Vec<u8>>,
     /// True when one of the surviving versions is a delete.
     pub deleted: bool,
@@ -117,5 +118,20 @@ where
             client.put(key, merged.clone(), &res.context).await?;
             Ok(Some(merged))
         }
+    }
+}
+
+/// Serde helper: a list of byte strings encoded as bytes (not as
+/// sequences of numbers), which bincode reads in one copy.
+mod bytes_vec {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|b| serde_bytes::Bytes::new(b)))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
+        let v: Vec<serde_bytes::ByteBuf> = Vec::deserialize(d)?;
+        Ok(v.into_iter().map(|b| b.into_vec()).collect())
     }
 }

@@ -89,6 +89,7 @@ pub struct Sibling {
     pub dot: Dot,
     /// The causal context the writer had read.
     pub context: VersionVector,
+    #[serde(with = "serde_bytes")]
     pub value: Option<Vec<u8>>,
     /// Wall-clock milliseconds when the coordinator minted the dot; used
     /// only for tombstone garbage-collection grace periods.

@@ -34,12 +34,15 @@ const RPC_BODY_LIMIT: usize = 256 * 1024 * 1024;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GetRequest {
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PutRequest {
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub value: Option<Vec<u8>>,
     /// `Context::encode()` of the context read, or empty.
     pub context: String,

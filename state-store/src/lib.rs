@@ -27,5 +27,5 @@ pub mod tcp;
 pub use api::{get_reconciled, Context, GetResult, KvClient, LocalClient};
 pub use error::{RpcError, StorageError, StoreError};
 pub use http::{HttpClient, HttpTransport};
-pub use tcp::TcpTransport;
+pub use tcp::{TcpClient, TcpTransport};
 pub use node::{Config, Node};

@@ -3,6 +3,7 @@
 //! operations live in `coordinator`, the repair loops in `handoff` and
 //! `anti_entropy`.
 
+use crate::api::Context;
 use crate::clock::{NodeId, Record};
 use crate::error::{RpcError, StorageError, StoreError};
 use crate::membership::Membership;
@@ -167,6 +168,22 @@ impl Node {
         }
     }
 
+    /// Answer a client request that arrived over the framed transport
+    /// (`ClientGet`/`ClientPut`); other requests go to `handle_local`.
+    pub async fn handle_client(self: &Arc<Self>, req: Request) -> Response {
+        match req {
+            Request::ClientGet { key } => match self.get(&key).await {
+                Ok(r) => Response::Got(r),
+                Err(e) => Response::Failed(e),
+            },
+            Request::ClientPut { key, value, context } => match self.put(&key, value, &Context(context)).await {
+                Ok(ctx) => Response::Written(ctx.0),
+                Err(e) => Response::Failed(e),
+            },
+            other => self.handle_local(other).await,
+        }
+    }
+
     /// Answer a node-to-node request.
     pub async fn handle_local(&self, req: Request) -> Response {
         if let Request::Coordinate { key, value, context } = req {
@@ -236,7 +253,9 @@ impl Node {
                 self.storage.drop_if(&key, digest).await?;
                 Response::Ok
             }
-            Request::Coordinate { .. } => Response::Error("unreachable".into()),
+            Request::Coordinate { .. } | Request::ClientGet { .. } | Request::ClientPut { .. } => {
+                Response::Error("unreachable".into())
+            }
         })
     }
 

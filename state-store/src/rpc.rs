@@ -6,6 +6,7 @@
 //! requests or replies with a seeded random generator.
 
 use crate::clock::{NodeId, Record};
+use crate::api::GetResult;
 use crate::clock::VersionVector;
 use crate::error::{RpcError, StoreError};
 use crate::membership::Member;
@@ -16,11 +17,11 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Request {
     /// Replica read: stored data merged with hints held for the key.
-    Get { key: Vec<u8> },
+    Get { #[serde(with = "serde_bytes")] key: Vec<u8> },
     /// Replica write: merge `record` into the key.
-    Put { key: Vec<u8>, record: Record },
+    Put { #[serde(with = "serde_bytes")] key: Vec<u8>, record: Record },
     /// Sloppy-quorum write meant for `owner`.
-    Hinted { owner: NodeId, key: Vec<u8>, record: Record },
+    Hinted { owner: NodeId, #[serde(with = "serde_bytes")] key: Vec<u8>, record: Record },
     /// Push-pull gossip of membership and heartbeats.
     Gossip { members: Vec<Member> },
     /// Encoded Merkle leaves of one partition.
@@ -32,11 +33,15 @@ pub enum Request {
     /// Merge several records.
     PutMany { items: Vec<(Vec<u8>, Record)> },
     /// Digest of the key's record if it is a tombstone.
-    GcProbe { key: Vec<u8> },
+    GcProbe { #[serde(with = "serde_bytes")] key: Vec<u8> },
     /// Remove the key if its digest still matches.
-    GcDrop { key: Vec<u8>, digest: Digest },
+    GcDrop { #[serde(with = "serde_bytes")] key: Vec<u8>, digest: Digest },
     /// Client write forwarded to a preference-list node to coordinate.
-    Coordinate { key: Vec<u8>, value: Option<Vec<u8>>, context: VersionVector },
+    Coordinate { #[serde(with = "serde_bytes")] key: Vec<u8>, #[serde(with = "serde_bytes")] value: Option<Vec<u8>>, context: VersionVector },
+    /// Client API over the framed transport: a quorum read.
+    ClientGet { #[serde(with = "serde_bytes")] key: Vec<u8> },
+    /// Client API over the framed transport: a quorum write (None deletes).
+    ClientPut { #[serde(with = "serde_bytes")] key: Vec<u8>, #[serde(with = "serde_bytes")] value: Option<Vec<u8>>, context: VersionVector },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -44,13 +49,15 @@ pub enum Response {
     Ok,
     Record(Option<Record>),
     Members(Vec<Member>),
-    Leaves(Vec<u8>),
+    Leaves(#[serde(with = "serde_bytes")] Vec<u8>),
     Digests(Vec<(Vec<u8>, Digest)>),
     Records(Vec<(Vec<u8>, Option<Record>)>),
     Digest(Option<Digest>),
     Error(String),
     /// A coordinated write succeeded; the clock of the new version.
     Written(VersionVector),
+    /// Result of a client read.
+    Got(GetResult),
     /// A coordinated write failed with a client-visible error.
     Failed(StoreError),
 }

@@ -124,6 +124,7 @@ pub struct Storage {
     partitions: u32,
     tx: Option<std_mpsc::Sender<Job>>,
     writer: Option<std::thread::JoinHandle<()>>,
+    stats: Arc<WriterStats>,
 }
 
 impl Drop for Storage {
@@ -152,11 +153,24 @@ impl Storage {
         let db = Arc::new(db);
         let (tx, rx) = std_mpsc::channel::<Job>();
         let wdb = db.clone();
+        let stats = Arc::new(WriterStats::default());
+        let wstats = stats.clone();
         let writer = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(wdb, partitions, rx))
+            .spawn(move || writer_loop(wdb, partitions, rx, wstats))
             .map_err(|e| StorageError::Engine(e.to_string()))?;
-        Ok(Storage { db, partitions, tx: Some(tx), writer: Some(writer) })
+        Ok(Storage { db, partitions, tx: Some(tx), writer: Some(writer), stats })
+    }
+
+    /// Group-commit counters since open.
+    pub fn writer_stats(&self) -> WriterSnapshot {
+        use std::sync::atomic::Ordering::Relaxed;
+        WriterSnapshot {
+            commits: self.stats.commits.load(Relaxed),
+            writes: self.stats.writes.load(Relaxed),
+            busy_us: self.stats.busy_us.load(Relaxed),
+            commit_us: self.stats.commit_us.load(Relaxed),
+        }
     }
 
     pub fn partitions(&self) -> u32 {
@@ -362,7 +376,27 @@ impl Storage {
     }
 }
 
-fn writer_loop(db: Arc<Database>, partitions: u32, rx: std_mpsc::Receiver<Job>) {
+/// Counters of the group-commit writer.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    pub commits: std::sync::atomic::AtomicU64,
+    pub writes: std::sync::atomic::AtomicU64,
+    /// time spent in apply + commit (fsync), microseconds
+    pub busy_us: std::sync::atomic::AtomicU64,
+    /// of which in commit (page writes + fsync), microseconds
+    pub commit_us: std::sync::atomic::AtomicU64,
+}
+
+/// Snapshot of [`WriterStats`].
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct WriterSnapshot {
+    pub commits: u64,
+    pub writes: u64,
+    pub busy_us: u64,
+    pub commit_us: u64,
+}
+
+fn writer_loop(db: Arc<Database>, partitions: u32, rx: std_mpsc::Receiver<Job>, stats: Arc<WriterStats>) {
     // highest dot counter handed out, even in a batch whose commit failed
     let mut last_dot = 0u64;
     while let Ok(first) = rx.recv() {
@@ -374,7 +408,14 @@ fn writer_loop(db: Arc<Database>, partitions: u32, rx: std_mpsc::Receiver<Job>) 
             }
         }
         let ops: Vec<&Op> = jobs.iter().map(|j| &j.op).collect();
-        match apply_batch(&db, partitions, &ops, &mut last_dot) {
+        let started = std::time::Instant::now();
+        let mut commit_us = 0;
+        let outcome = apply_batch(&db, partitions, &ops, &mut last_dot, &mut commit_us);
+        stats.commit_us.fetch_add(commit_us, std::sync::atomic::Ordering::Relaxed);
+        stats.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        stats.writes.fetch_add(ops.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        stats.busy_us.fetch_add(started.elapsed().as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
+        match outcome {
             Ok(results) => {
                 for (job, res) in jobs.into_iter().zip(results) {
                     let _ = job.reply.send(res);
@@ -458,6 +499,7 @@ fn apply_batch(
     partitions: u32,
     ops: &[&Op],
     last_dot: &mut u64,
+    commit_us: &mut u64,
 ) -> Result<Vec<Result<OpResult, StorageError>>, StorageError> {
     let mut w = db.begin_write().map_err(StorageError::engine)?;
     w.set_durability(Durability::Immediate);
@@ -535,7 +577,9 @@ fn apply_batch(
             results.push(res);
         }
     }
+    let commit_started = std::time::Instant::now();
     w.commit().map_err(StorageError::engine)?;
+    *commit_us += commit_started.elapsed().as_micros() as u64;
     Ok(results)
 }
 

@@ -8,7 +8,8 @@
 //! the first bytes of each connection (see [`serve`]).
 
 use crate::clock::NodeId;
-use crate::error::RpcError;
+use crate::api::{Context, GetResult, KvClient};
+use crate::error::{check_key, check_value, RpcError, StoreError};
 use crate::node::Node;
 use crate::rpc::{Request, Response, Transport};
 use async_trait::async_trait;
@@ -107,6 +108,61 @@ impl Transport for TcpTransport {
     }
 }
 
+/// Network client of the store over the framed protocol (faster than
+/// [`crate::HttpClient`]; same typed API).
+pub struct TcpClient {
+    addr: NodeId,
+    transport: TcpTransport,
+    timeout: std::time::Duration,
+}
+
+impl TcpClient {
+    /// `addr` is a node's `host:port`; `timeout` bounds each operation.
+    pub fn new(addr: &str, timeout: std::time::Duration) -> TcpClient {
+        TcpClient { addr: addr.to_string(), transport: TcpTransport::new(), timeout }
+    }
+
+    async fn call(&self, req: Request) -> Result<Response, StoreError> {
+        match tokio::time::timeout(self.timeout, self.transport.call(&String::new(), &self.addr, req)).await {
+            Ok(Ok(Response::Failed(e))) => Err(e),
+            Ok(Ok(Response::Error(e))) => Err(StoreError::Transport(e)),
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => Err(StoreError::Transport(e.to_string())),
+            Err(_) => Err(StoreError::OutcomeUnknown(self.addr.clone())),
+        }
+    }
+
+    async fn write(&self, key: &[u8], value: Option<Vec<u8>>, context: &Context) -> Result<Context, StoreError> {
+        check_key(key)?;
+        if let Some(v) = &value {
+            check_value(v)?;
+        }
+        match self.call(Request::ClientPut { key: key.to_vec(), value, context: context.0.clone() }).await? {
+            Response::Written(vv) => Ok(Context(vv)),
+            _ => Err(StoreError::Transport("unexpected response".into())),
+        }
+    }
+}
+
+#[async_trait]
+impl KvClient for TcpClient {
+    async fn get(&self, key: &[u8]) -> Result<GetResult, StoreError> {
+        check_key(key)?;
+        match self.call(Request::ClientGet { key: key.to_vec() }).await? {
+            Response::Got(r) => Ok(r),
+            _ => Err(StoreError::Transport("unexpected response".into())),
+        }
+    }
+
+    async fn put(&self, key: &[u8], value: Vec<u8>, context: &Context) -> Result<Context, StoreError> {
+        self.write(key, Some(value), context).await
+    }
+
+    async fn delete(&self, key: &[u8], context: &Context) -> Result<Context, StoreError> {
+        self.write(key, None, context).await
+    }
+}
+
 async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R) -> std::io::Result<(u64, Vec<u8>)> {
     let len = rd.read_u32().await? as usize;
     if !(8..=MAX_FRAME).contains(&len) {
@@ -148,7 +204,7 @@ async fn serve_rpc(node: Arc<Node>, stream: TcpStream) {
         let (node, tx) = (node.clone(), tx.clone());
         tokio::spawn(async move {
             let resp = match crate::http::decode::<Request>(&payload, MAX_FRAME) {
-                Ok(req) => node.handle_local(req).await,
+                Ok(req) => node.handle_client(req).await,
                 Err(e) => Response::Error(format!("bad request: {e}")),
             };
             let _ = tx.send((id, bincode::serialize(&resp).unwrap_or_default()));

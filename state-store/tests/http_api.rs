@@ -3,7 +3,7 @@
 //! The first test runs the nodes with the HTTP node-to-node transport, the
 //! second with the framed TCP transport.
 
-use nimbus_state_store::{Context, HttpClient, KvClient, StoreError};
+use nimbus_state_store::{Context, HttpClient, KvClient, StoreError, TcpClient};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -171,9 +171,16 @@ async fn sigkill_during_concurrent_writes_loses_no_acknowledged_write() {
         wait_ready(c, 3).await;
     }
     let acked = acked.lock().expect("acked").clone();
+    // read back through both network clients: HTTP and the framed protocol
+    let tcp_clients: Vec<TcpClient> = addrs.iter().map(|a| TcpClient::new(a, Duration::from_secs(5))).collect();
+    assert!(matches!(tcp_clients[0].get(&[b'k'; 2000]).await, Err(StoreError::KeyTooLarge { .. })));
     let mut missing = 0;
     for (i, (k, v)) in acked.iter().enumerate() {
-        let r = clients[i % 3].get(k.as_bytes()).await.expect("get");
+        let r = if i % 2 == 0 {
+            clients[i % 3].get(k.as_bytes()).await.expect("get")
+        } else {
+            tcp_clients[i % 3].get(k.as_bytes()).await.expect("get over tcp")
+        };
         if !r.values.contains(v) {
             missing += 1;
         }

@@ -7,7 +7,7 @@
 
 use clap::Parser;
 use hdrhistogram::Histogram;
-use nimbus_state_store::{http, tcp, Config, Context, HttpClient, HttpTransport, KvClient, Node, TcpTransport};
+use nimbus_state_store::{http, tcp, Config, Context, HttpClient, HttpTransport, KvClient, Node, TcpClient, TcpTransport};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
@@ -31,6 +31,10 @@ struct Args {
     /// node-to-node transport: `tcp` (framed binary) or `http`
     #[arg(long, default_value = "tcp")]
     transport: String,
+    /// client protocol: `tcp` (`TcpClient`, framed binary) or `http` (`HttpClient`)
+    #[arg(long, default_value = "tcp")]
+    client: String,
+
 }
 
 struct Stats {
@@ -73,6 +77,14 @@ fn free_addr() -> Result<String, std::io::Error> {
     Ok(l.local_addr()?.to_string())
 }
 
+fn make_client(kind: &str, addr: &str) -> Box<dyn KvClient> {
+    if kind == "http" {
+        Box::new(HttpClient::new(addr))
+    } else {
+        Box::new(TcpClient::new(addr, Duration::from_secs(5)))
+    }
+}
+
 async fn run_store(args: &Args, dir: &std::path::Path) -> Result<(Stats, f64), Box<dyn std::error::Error>> {
     let addrs: Vec<String> = (0..3).map(|_| free_addr()).collect::<Result<_, _>>()?;
     let mut nodes = Vec::new();
@@ -98,7 +110,7 @@ async fn run_store(args: &Args, dir: &std::path::Path) -> Result<(Stats, f64), B
     // preload every key once so gets return a value
     let preload: Vec<_> = (0..args.clients)
         .map(|c| {
-            let client = HttpClient::new(&addrs[c % 3]);
+            let client = make_client(&args.client, &addrs[c % 3]);
             let (value, clients, keys) = (value.clone(), args.clients, args.keys);
             tokio::spawn(async move {
                 let mut ctxs = HashMap::new();
@@ -121,7 +133,7 @@ async fn run_store(args: &Args, dir: &std::path::Path) -> Result<(Stats, f64), B
         .into_iter()
         .enumerate()
         .map(|(c, mut ctxs)| {
-            let client = HttpClient::new(&addrs[c % 3]);
+            let client = make_client(&args.client, &addrs[c % 3]);
             let (value, clients, keys) = (value.clone(), args.clients, args.keys);
             tokio::spawn(async move {
                 // each client owns the keys k ≡ c (mod clients) and chains
@@ -162,6 +174,15 @@ async fn run_store(args: &Args, dir: &std::path::Path) -> Result<(Stats, f64), B
     }
     let secs = start.elapsed().as_secs_f64();
     for n in &nodes {
+        let w = n.storage().writer_stats();
+        println!(
+            "  node {}: {} group commits, {:.1} writes/commit, {:.2} ms/commit, of which {:.2} ms in commit (page writes + fsync)",
+            n.id(),
+            w.commits,
+            w.writes as f64 / w.commits.max(1) as f64,
+            w.busy_us as f64 / w.commits.max(1) as f64 / 1000.0,
+            w.commit_us as f64 / w.commits.max(1) as f64 / 1000.0
+        );
         n.shutdown();
     }
     for s in servers {

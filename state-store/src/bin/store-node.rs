@@ -59,6 +59,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     cfg.partitions = args.partitions;
     cfg.request_timeout = Duration::from_millis(args.request_timeout_ms);
     cfg.anti_entropy_interval = Duration::from_millis(args.anti_entropy_ms);
+
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     let (node, server) = match args.transport.as_str() {
         "http" => {
