@@ -47,7 +47,7 @@ async fn a_real_guest_boots_and_prints_its_own_instance_id() {
     let id = instance_ids(&r).remove(0);
     let domain = format!("nimbus-{id}");
     let _guard = DomainGuard(domain.clone());
-    cloud.wait_for_state(&[id.clone()], "running", Duration::from_secs(60)).await.unwrap();
+    cloud.wait_for_state(std::slice::from_ref(&id), "running", Duration::from_secs(60)).await.unwrap();
 
     let console = agent.state_dir.join("instances").join(&id).join("console.log");
     let mut text = String::new();
@@ -68,7 +68,7 @@ async fn a_real_guest_boots_and_prints_its_own_instance_id() {
     assert!(lines.contains(&format!("NIMBUS-METADATA instance-id={id}").as_str()), "metadata service: {lines:?}");
 
     cloud.post("/v1/instances/terminate", json!({"instance_ids": [id]})).await.unwrap();
-    cloud.wait_for_state(&[id.clone()], "terminated", Duration::from_secs(60)).await.unwrap();
+    cloud.wait_for_state(std::slice::from_ref(&id), "terminated", Duration::from_secs(60)).await.unwrap();
     assert!(!domain_exists(&domain), "the domain is gone");
     assert!(!agent.state_dir.join("instances").join(&id).exists(), "the guest's files are gone");
 }

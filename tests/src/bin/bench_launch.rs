@@ -134,7 +134,7 @@ async fn real_guest(runs: usize) -> anyhow::Result<()> {
         let name = format!("nimbus-{id}");
         let xml = virsh(&["dumpxml", &name])?;
         cloud.post("/v1/instances/terminate", json!({"instance_ids": [id]})).await?;
-        cloud.wait_for_state(&[id.clone()], "terminated", Duration::from_secs(60)).await?;
+        cloud.wait_for_state(std::slice::from_ref(&id), "terminated", Duration::from_secs(60)).await?;
 
         // The same XML straight to libvirt, with fresh files. Renamed, moved
         // out of the agent's directory and stripped of this host's id, so the
