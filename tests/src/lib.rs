@@ -82,11 +82,13 @@ pub struct CloudOptions {
     pub placement: PlacementPolicy,
     pub max_count: u32,
     pub db_connections: u32,
+    /// Seconds without a heartbeat before a host takes no new instances.
+    pub host_timeout_secs: u64,
 }
 
 impl Default for CloudOptions {
     fn default() -> Self {
-        CloudOptions { placement: PlacementPolicy::Spread, max_count: 100, db_connections: 20 }
+        CloudOptions { placement: PlacementPolicy::Spread, max_count: 100, db_connections: 20, host_timeout_secs: 30 }
     }
 }
 
@@ -148,7 +150,7 @@ impl Cloud {
             admin_token: format!("admin-{}", random_suffix()),
             join_token: format!("join-{}", random_suffix()),
             placement: opts.placement,
-            host_timeout_secs: 30,
+            host_timeout_secs: opts.host_timeout_secs,
             max_count: opts.max_count,
             db_connections: opts.db_connections,
         };

@@ -231,3 +231,40 @@ async fn an_instance_the_host_cannot_build_ends_terminated_with_a_reason() {
     let acct = cloud.vcpu_accounting().await.unwrap();
     assert_eq!((acct[0].2, acct[0].3), (0, 0));
 }
+
+/// Image files can come from an HTTP server; the agent downloads, verifies and caches them.
+#[tokio::test]
+async fn images_are_fetched_over_http() {
+    let cloud = Cloud::start().await.unwrap();
+    let agent = cloud.add_agent("a", "az1", 8, 8192, 100).await.unwrap();
+    let local = cloud.register_test_image().await.unwrap();
+    let dir = local.source_url.strip_prefix("file://").unwrap().to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut server = tokio::process::Command::new("python3")
+        .args(["-m", "http.server", "--bind", "127.0.0.1", "--directory", &dir, &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    cloud
+        .wait_until(T, || async move { Ok(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()) })
+        .await
+        .unwrap();
+    let mut req = serde_json::to_value(&local).unwrap();
+    let req = json!({
+        "name": "over-http",
+        "source_url": format!("http://127.0.0.1:{port}/"),
+        "kernel": req["kernel"].take(),
+        "initrd": req["initrd"].take(),
+        "root_disk": req["root_disk"].take(),
+    });
+    let image = cloud.post("/v1/images", req).await.unwrap();
+    // Drop the copies the first image's launches might have cached: start clean.
+    let _ = std::fs::remove_dir_all(agent.state_dir.join("images"));
+    let r = cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "image_id": image["image_id"]})).await.unwrap();
+    cloud.wait_for_state(&instance_ids(&r), "running", T).await.unwrap();
+    let cached = agent.state_dir.join("images").join(local.root_disk.sha256);
+    assert!(cached.exists(), "the base disk was downloaded into the cache");
+    server.kill().await.unwrap();
+}

@@ -128,3 +128,44 @@ async fn min_count_is_all_or_nothing_and_max_count_takes_what_fits() {
     let launch_indexes: Vec<u64> = r["instances"].as_array().unwrap().iter().map(|i| i["ami_launch_index"].as_u64().unwrap()).collect();
     assert_eq!(launch_indexes, vec![0, 1, 2, 3, 4]);
 }
+
+/// A host whose agent stopped heartbeating gets no new instances, and shows
+/// as unreachable; when the agent returns, it is used again.
+#[tokio::test]
+async fn hosts_without_heartbeat_get_no_instances() {
+    let cloud = Cloud::start_with(CloudOptions { host_timeout_secs: 4, ..Default::default() }).await.unwrap();
+    let mut a = cloud.add_agent("a", "az1", 64, 65536, 1000).await.unwrap();
+    let _b = cloud.add_agent("b", "az1", 4, 65536, 1000).await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    let status = |name: String| {
+        let cloud = &cloud;
+        async move {
+            let hosts = cloud.get("/v1/hosts").await?;
+            Ok::<String, anyhow::Error>(
+                hosts["hosts"].as_array().unwrap().iter().find(|h| h["name"] == name.as_str()).unwrap()["status"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            )
+        }
+    };
+    assert_eq!(status(a.name.clone()).await.unwrap(), "available");
+    a.stop().await;
+    cloud
+        .wait_until(Duration::from_secs(30), || async { Ok(status(a.name.clone()).await? == "unreachable") })
+        .await
+        .unwrap();
+    // Only b (room for two t3.nano) takes launches now.
+    let r = cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "max_count": 5})).await.unwrap();
+    assert_eq!(instance_ids(&r).len(), 2);
+    let hosts = hosts_by_name(&cloud).await;
+    for i in r["instances"].as_array().unwrap() {
+        assert_eq!(hosts[i["host_id"].as_str().unwrap()]["status"], "available");
+    }
+    let (status_code, body) = cloud.call(Method::POST, "/v1/instances", Some(json!({"instance_type": "t3.nano"}))).await.unwrap();
+    assert_eq!((status_code, body["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("InsufficientInstanceCapacity")));
+
+    cloud.start_agent(&mut a).await.unwrap();
+    cloud.wait_until(Duration::from_secs(30), || async { Ok(status(a.name.clone()).await? == "available") }).await.unwrap();
+    cloud.post("/v1/instances", json!({"instance_type": "t3.nano"})).await.unwrap();
+}
