@@ -164,7 +164,9 @@ where
 pub enum AuthKind {
     Header,
     /// Presigned URL valid for this many seconds from its `X-Amz-Date`.
-    Presigned { expires_secs: i64 },
+    Presigned {
+        expires_secs: i64,
+    },
 }
 
 /// The authentication parameters of a request, parsed but not yet checked.
@@ -199,9 +201,7 @@ impl ParsedAuth {
         match (header, presigned) {
             (Some(_), true) => Err(malformed("both an Authorization header and presigned query parameters")),
             (Some(value), false) => {
-                let value = value
-                    .to_str()
-                    .map_err(|_| malformed("the Authorization header is not ASCII"))?;
+                let value = value.to_str().map_err(|_| malformed("the Authorization header is not ASCII"))?;
                 Self::from_header(value, req.headers)
             }
             (None, true) => Self::from_query(&query),
@@ -255,9 +255,7 @@ impl ParsedAuth {
             return Err(malformed(format!("unsupported algorithm {algorithm}")));
         }
         let timestamp = parse_amz_date(get(PARAM_DATE)?)?;
-        let expires_secs: i64 = get(PARAM_EXPIRES)?
-            .parse()
-            .map_err(|_| malformed("X-Amz-Expires is not a number"))?;
+        let expires_secs: i64 = get(PARAM_EXPIRES)?.parse().map_err(|_| malformed("X-Amz-Expires is not a number"))?;
         if !(1..=MAX_PRESIGNED_EXPIRES).contains(&expires_secs) {
             return Err(malformed("X-Amz-Expires must be between 1 and 604800"));
         }
@@ -292,8 +290,8 @@ impl ParsedAuth {
         }
         let names: Vec<String> = signed_headers.split(';').map(str::to_owned).collect();
         for name in &names {
-            let valid = !name.bytes().any(|b| b.is_ascii_uppercase())
-                && http::HeaderName::from_bytes(name.as_bytes()).is_ok();
+            let valid =
+                !name.bytes().any(|b| b.is_ascii_uppercase()) && http::HeaderName::from_bytes(name.as_bytes()).is_ok();
             if !valid {
                 return Err(malformed(format!("bad signed header name {name:?}")));
             }
@@ -347,9 +345,7 @@ impl ParsedAuth {
         let skew = options.max_clock_skew;
         let valid = match self.kind {
             AuthKind::Header => now.signed_duration_since(ts).abs() <= skew,
-            AuthKind::Presigned { expires_secs } => {
-                now >= ts - skew && now <= ts + Duration::seconds(expires_secs)
-            }
+            AuthKind::Presigned { expires_secs } => now >= ts - skew && now <= ts + Duration::seconds(expires_secs),
         };
         if valid {
             Ok(())
@@ -470,9 +466,7 @@ fn header_timestamp(headers: &HeaderMap) -> Result<DateTime<Utc>, SigV4Error> {
         if values.next().is_some() {
             return Err(malformed(format!("more than one {name} header")));
         }
-        first
-            .map(|v| v.to_str().map(str::trim).map_err(|_| malformed(format!("{name} is not ASCII"))))
-            .transpose()
+        first.map(|v| v.to_str().map(str::trim).map_err(|_| malformed(format!("{name} is not ASCII")))).transpose()
     };
     if let Some(value) = single("x-amz-date")? {
         return parse_amz_date(value);
@@ -506,15 +500,7 @@ fn parse_amz_date(value: &str) -> Result<DateTime<Utc>, SigV4Error> {
 }
 
 fn format_amz_date(t: DateTime<Utc>) -> String {
-    format!(
-        "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
-        t.year(),
-        t.month(),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second()
-    )
+    format!("{:04}{:02}{:02}T{:02}{:02}{:02}Z", t.year(), t.month(), t.day(), t.hour(), t.minute(), t.second())
 }
 
 fn payload_hash(req: &RequestView<'_>) -> Result<String, SigV4Error> {
@@ -662,6 +648,10 @@ fn canonical_query(query: &str, exclude: Option<&str>) -> String {
     }
     out
 }
+
+#[cfg(test)]
+#[path = "sigv4_vectors.rs"]
+mod vectors;
 
 #[cfg(test)]
 #[path = "sigv4_tests.rs"]
