@@ -32,6 +32,8 @@ struct Conn {
     tx: mpsc::UnboundedSender<(u64, Vec<u8>)>,
     pending: Pending,
     next: AtomicU64,
+    /// set by the reader when the connection ends
+    dead: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Client side: one multiplexed connection per peer, reconnected on error.
@@ -47,7 +49,7 @@ impl TcpTransport {
 
     async fn conn(&self, to: &NodeId) -> Result<Arc<Conn>, RpcError> {
         if let Some(c) = self.conns.lock().unwrap_or_else(|p| p.into_inner()).get(to) {
-            if !c.tx.is_closed() {
+            if !c.tx.is_closed() && !c.dead.load(Ordering::Acquire) {
                 return Ok(c.clone());
             }
         }
@@ -62,16 +64,20 @@ impl TcpTransport {
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
         tokio::spawn(write_loop(wr, rx));
         let p = pending.clone();
+        let dead = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let d = dead.clone();
         tokio::spawn(async move {
             while let Ok((id, payload)) = read_frame(&mut rd).await {
                 if let Some(tx) = p.lock().unwrap_or_else(|e| e.into_inner()).remove(&id) {
                     let _ = tx.send(payload);
                 }
             }
-            // connection gone: callers waiting on it see a closed channel
+            // connection gone (e.g. the peer restarted): new calls reconnect,
+            // callers waiting on it see a closed channel
+            d.store(true, Ordering::Release);
             p.lock().unwrap_or_else(|e| e.into_inner()).clear();
         });
-        let conn = Arc::new(Conn { tx, pending, next: AtomicU64::new(1) });
+        let conn = Arc::new(Conn { tx, pending, next: AtomicU64::new(1), dead });
         self.conns.lock().unwrap_or_else(|p| p.into_inner()).insert(to.clone(), conn.clone());
         Ok(conn)
     }
@@ -93,6 +99,11 @@ impl Transport for TcpTransport {
         let (otx, orx) = oneshot::channel();
         conn.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id, otx);
         let _guard = PendingGuard(conn.pending.clone(), id);
+        if conn.dead.load(Ordering::Acquire) {
+            // the reader may have cleared the pending map before our insert
+            self.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(to);
+            return Err(RpcError::Unreachable(to.clone()));
+        }
         let payload = bincode::serialize(&req).map_err(|e| RpcError::Codec(e.to_string()))?;
         if conn.tx.send((id, payload)).is_err() {
             self.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(to);
@@ -218,7 +229,15 @@ pub fn serve(node: Arc<Node>, listener: tokio::net::TcpListener) -> tokio::task:
     let router = crate::http::router(node.clone());
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // e.g. out of file descriptors: back off instead of spinning
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
             let _ = stream.set_nodelay(true);
             let (node, router) = (node.clone(), router.clone());
             tokio::spawn(async move {
