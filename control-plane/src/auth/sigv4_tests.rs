@@ -89,6 +89,22 @@ fn suite_header_signed_vectors() {
 }
 
 #[test]
+fn classic_suite_form_post_without_content_sha256_header() {
+    // post-x-www-form-urlencoded from the original (2015) suite, which signs
+    // no x-amz-content-sha256 header: the body hash alone binds the body.
+    let mut raw = Raw::parse(
+        "POST / HTTP/1.1\nContent-Type:application/x-www-form-urlencoded\nHost:example.amazonaws.com\n\
+         X-Amz-Date:20150830T123600Z\nAuthorization:AWS4-HMAC-SHA256 \
+         Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, \
+         SignedHeaders=content-type;host;x-amz-date, \
+         Signature=ff11897932ad3f4e8b18135d722051e5ac45fc38421b1da7b9d196a0fe09473a\n\nParam1=value1",
+    );
+    assert_eq!(verify_raw(&raw, suite_now()), Ok(expected()));
+    raw.body = b"Param1=value2".to_vec();
+    assert_eq!(verify_raw(&raw, suite_now()), Err(SigV4Error::SignatureMismatch));
+}
+
+#[test]
 fn suite_presigned_vectors() {
     for v in vectors::VECTORS {
         let raw = Raw::parse(v.query_signed);
