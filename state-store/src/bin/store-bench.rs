@@ -280,11 +280,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let _ = std::fs::remove_dir_all(&dir);
     let (store, secs) = res?;
     store.print("nimbus-state-store", secs);
+    let p999 = |h: &Histogram<u64>| h.value_at_quantile(0.999) as f64 / 1000.0;
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    println!(
+        "target p99.9 <= 5 ms: get {:.2} ms ({}), put {:.2} ms ({})",
+        p999(&store.get),
+        verdict(p999(&store.get) <= 5.0),
+        p999(&store.put),
+        verdict(p999(&store.put) <= 5.0)
+    );
     if !args.no_redis {
         if let Some((redis, rsecs)) = run_redis(&args).await? {
             redis.print("redis (single instance, no persistence)", rsecs);
             let ratio = (store.ops() as f64 / secs) / (redis.ops() as f64 / rsecs).max(1.0);
-            println!("throughput ratio store/redis: {ratio:.3}");
+            println!("throughput ratio store/redis: {ratio:.3} (target >= 0.25: {})", verdict(ratio >= 0.25));
         }
     }
     Ok(())
