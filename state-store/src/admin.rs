@@ -16,6 +16,8 @@ pub struct AdminView {
     pub members: Vec<MemberView>,
     /// Partition tokens owned per node.
     pub ring_tokens: BTreeMap<NodeId, usize>,
+    /// Preference list (N nodes) of every partition, by partition index.
+    pub preference_lists: Vec<Vec<NodeId>>,
     /// Partitions this node replicates.
     pub replicated_partitions: usize,
     pub stored_keys: u64,
@@ -41,6 +43,7 @@ impl Node {
             partitions: self.cfg.partitions,
             members: self.membership.view(),
             ring_tokens: ring.token_counts().into_iter().collect(),
+            preference_lists: (0..ring.partitions()).map(|p| ring.preference_list(p, self.cfg.n)).collect(),
             replicated_partitions: ring.replicated_partitions(&self.cfg.id, self.cfg.n).len(),
             stored_keys: self.storage.len().unwrap_or(0),
             hint_backlog: hints.len() as u64,

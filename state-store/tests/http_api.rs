@@ -86,6 +86,9 @@ async fn http_cluster_api_bad_input_and_sigkill_durability() {
     }
     let view = c0.admin().await.expect("admin");
     assert_eq!(view.ring_tokens.values().sum::<usize>(), 256);
+    assert_eq!(view.preference_lists.len(), 256);
+    assert!(view.preference_lists.iter().all(|pl| pl.len() == 3));
+    assert_eq!(view.members.iter().filter(|m| m.alive).count(), 3);
     for p in procs.iter_mut() {
         if let Some(mut p) = p.take() {
             p.0.kill().expect("SIGKILL"); // Child::kill sends SIGKILL on Unix
