@@ -81,7 +81,6 @@ enum Op {
     HintMerge { owner: String, key: Vec<u8>, record: Record },
     HintRemoveIf { owner: String, key: Vec<u8>, expected: Record },
     DropIf { key: Vec<u8>, digest: Digest },
-    SetMeta { name: &'static str, value: u64 },
     Coordinate {
         node: String,
         key: Vec<u8>,
@@ -258,10 +257,7 @@ impl Storage {
         }
     }
 
-    pub async fn set_meta(&self, name: &'static str, value: u64) -> Result<(), StorageError> {
-        self.submit(Op::SetMeta { name, value }).await.map(|_| ())
-    }
-
+    /// A counter from the `meta` table (e.g. `dot_counter`).
     pub fn get_meta(&self, name: &str) -> Result<Option<u64>, StorageError> {
         let r = self.db.begin_read().map_err(StorageError::engine)?;
         let t = r.open_table(META).map_err(StorageError::engine)?;
@@ -568,10 +564,6 @@ fn apply_batch(
                         }
                     }
                     Ok(OpResult::Done(dropped))
-                }
-                Op::SetMeta { name, value } => {
-                    meta.insert(*name, *value).map_err(StorageError::engine)?;
-                    Ok(OpResult::Done(true))
                 }
             };
             results.push(res);
