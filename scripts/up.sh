@@ -41,6 +41,9 @@ if [ ! -f "$RUN/tokens.env" ]; then
         "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')" >"$RUN/tokens.env"
     umask 022
 fi
+if ! grep -q NIMBUS_MASTER_KEY "$RUN/tokens.env"; then
+    printf 'NIMBUS_MASTER_KEY=%s\n' "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')" >>"$RUN/tokens.env"
+fi
 # shellcheck disable=SC1091
 . "$RUN/tokens.env"
 export NIMBUS_ENDPOINT=$ENDPOINT NIMBUS_TOKEN=$NIMBUS_ADMIN_TOKEN
@@ -58,7 +61,7 @@ wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
 if ! running control-plane; then
     step "starting the control plane on $ENDPOINT"
     DATABASE_URL=$DATABASE_URL NIMBUS_LISTEN=127.0.0.1:$PORT NIMBUS_ADMIN_TOKEN=$NIMBUS_ADMIN_TOKEN \
-        NIMBUS_JOIN_TOKEN=$NIMBUS_JOIN_TOKEN setsid "$BIN/nimbus-control-plane" >>"$LOGS/control-plane.log" 2>&1 </dev/null &
+        NIMBUS_JOIN_TOKEN=$NIMBUS_JOIN_TOKEN NIMBUS_MASTER_KEY=$NIMBUS_MASTER_KEY setsid "$BIN/nimbus-control-plane" >>"$LOGS/control-plane.log" 2>&1 </dev/null &
     echo $! >"$RUN/control-plane.pid"
 fi
 wait_for 30 "control plane start" curl -sf "$ENDPOINT/healthz"

@@ -37,6 +37,13 @@ pub struct Config {
     /// Largest MaxCount of one launch.
     #[arg(long, env = "NIMBUS_MAX_COUNT", default_value_t = 100)]
     pub max_count: u32,
+    /// 64 hex digits: the AES-256 key that seals access-key secrets (needed
+    /// to create accounts and to verify SigV4 requests).
+    #[arg(long, env = "NIMBUS_MASTER_KEY", hide_env_values = true)]
+    pub master_key: Option<String>,
+    /// Region name the EC2 front door reports.
+    #[arg(long, env = "NIMBUS_REGION", default_value = "nimbus-1")]
+    pub region: String,
     /// Size of the PostgreSQL connection pool.
     #[arg(long, env = "NIMBUS_DB_CONNECTIONS", default_value_t = 20)]
     pub db_connections: u32,

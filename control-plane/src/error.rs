@@ -14,6 +14,8 @@ pub enum ServiceError {
     MissingParameter(String),
     #[error("{0}")]
     MalformedRequest(String),
+    #[error("{0}")]
+    InvalidParameterCombination(String),
     #[error("The image id '{0}' does not exist")]
     ImageNotFound(String),
     #[error("Invalid id: \"{0}\" (expecting \"ami-...\")")]
@@ -32,6 +34,16 @@ pub enum ServiceError {
     IdempotentParameterMismatch(String),
     #[error("{0}")]
     AuthFailure(String),
+    #[error("{0}")]
+    RequestExpired(String),
+    #[error("{0}")]
+    IncompleteSignature(String),
+    #[error("{0}")]
+    MissingAuthenticationToken(String),
+    #[error("The action {0} is not valid for this web service")]
+    InvalidAction(String),
+    #[error("Request would have succeeded, but DryRun flag is set")]
+    DryRunOperation,
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -52,6 +64,7 @@ impl ServiceError {
             InvalidParameterValue(_) => "InvalidParameterValue",
             MissingParameter(_) => "MissingParameter",
             MalformedRequest(_) => "MalformedRequest",
+            InvalidParameterCombination(_) => "InvalidParameterCombination",
             ImageNotFound(_) => "InvalidAMIID.NotFound",
             ImageIdMalformed(_) => "InvalidAMIID.Malformed",
             InstanceNotFound(_) => "InvalidInstanceID.NotFound",
@@ -61,6 +74,11 @@ impl ServiceError {
             InsufficientInstanceCapacity(_) => "InsufficientInstanceCapacity",
             IdempotentParameterMismatch(_) => "IdempotentParameterMismatch",
             AuthFailure(_) => "AuthFailure",
+            RequestExpired(_) => "RequestExpired",
+            IncompleteSignature(_) => "IncompleteSignature",
+            MissingAuthenticationToken(_) => "MissingAuthenticationToken",
+            InvalidAction(_) => "InvalidAction",
+            DryRunOperation => "DryRunOperation",
             Unauthorized(_) => "UnauthorizedOperation",
             Conflict(_) => "Conflict",
             RouteNotFound(_) => "NotFound",
@@ -76,17 +94,34 @@ impl ServiceError {
             InvalidParameterValue(_)
             | MissingParameter(_)
             | MalformedRequest(_)
+            | InvalidParameterCombination(_)
             | ImageNotFound(_)
             | ImageIdMalformed(_)
             | InstanceNotFound(_)
             | InstanceIdMalformed(_)
-            | InstanceTypeNotFound(_) => StatusCode::BAD_REQUEST,
+            | InstanceTypeNotFound(_)
+            | RequestExpired(_)
+            | IncompleteSignature(_)
+            | InvalidAction(_) => StatusCode::BAD_REQUEST,
+            DryRunOperation => StatusCode::PRECONDITION_FAILED,
+            MissingAuthenticationToken(_) => StatusCode::UNAUTHORIZED,
             ImageAlreadyExists(_) | IdempotentParameterMismatch(_) | Conflict(_) => StatusCode::CONFLICT,
             AuthFailure(_) => StatusCode::UNAUTHORIZED,
             Unauthorized(_) => StatusCode::FORBIDDEN,
             RouteNotFound(_) => StatusCode::NOT_FOUND,
             InsufficientInstanceCapacity(_) => StatusCode::SERVICE_UNAVAILABLE,
             Database(_) | Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The status of the EC2 Query front door: as REST, except that lack of
+    /// capacity is a 500 (as EC2 answers it) and conflicts are 400s.
+    pub fn ec2_status(&self) -> StatusCode {
+        use ServiceError::*;
+        match self {
+            InsufficientInstanceCapacity(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ImageAlreadyExists(_) | IdempotentParameterMismatch(_) | Conflict(_) => StatusCode::BAD_REQUEST,
+            other => other.http_status(),
         }
     }
 
@@ -102,3 +137,18 @@ impl ServiceError {
 }
 
 pub type Result<T, E = ServiceError> = std::result::Result<T, E>;
+
+impl From<crate::auth::sigv4::SigV4Error> for ServiceError {
+    fn from(e: crate::auth::sigv4::SigV4Error) -> Self {
+        use crate::auth::sigv4::SigV4Error::*;
+        match e {
+            MissingAuth => ServiceError::MissingAuthenticationToken("Request is missing Authentication Token".into()),
+            Malformed(why) => ServiceError::IncompleteSignature(format!("Incomplete or malformed signature: {why}")),
+            UnknownAccessKey => ServiceError::AuthFailure("AWS was not able to validate the provided access credentials".into()),
+            SignatureMismatch => ServiceError::AuthFailure(
+                "The request signature we calculated does not match the signature you provided".into(),
+            ),
+            RequestExpired => ServiceError::RequestExpired("Request has expired".into()),
+        }
+    }
+}

@@ -153,6 +153,8 @@ impl Cloud {
             host_timeout_secs: opts.host_timeout_secs,
             max_count: opts.max_count,
             db_connections: opts.db_connections,
+            master_key: Some(nimbus_control_plane::auth::secrets::MasterKey::generate().to_hex()),
+            region: "nimbus-1".into(),
         };
         let (admin_token, join_token) = (config.admin_token.clone(), config.join_token.clone());
         let service = nimbus_control_plane::build(config).await?;

@@ -8,6 +8,7 @@
 //! turn malformed input into typed errors.
 
 pub mod agent;
+pub mod ec2;
 pub mod rest;
 
 use crate::error::ServiceError;
@@ -115,6 +116,7 @@ pub fn router(service: Service) -> Router {
     Router::new()
         .merge(rest::routes())
         .merge(agent::routes())
+        .merge(ec2::routes())
         .route("/healthz", axum::routing::get(healthz))
         .fallback(not_found)
         .layer(axum::middleware::from_fn(with_request_id))

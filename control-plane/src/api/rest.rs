@@ -37,6 +37,7 @@ pub fn routes() -> Router<Service> {
         .route("/v1/hosts", get(describe_hosts))
         .route("/v1/instance-types", get(describe_instance_types))
         .route("/v1/images", get(describe_images).post(register_image))
+        .route("/v1/admin/accounts", post(create_account))
 }
 
 async fn run_instances(State(s): State<Service>, Admin(c): Admin, ApiJson(req): ApiJson<RunInstancesRequest>) -> Result<Json<Reservation>> {
@@ -102,6 +103,21 @@ async fn describe_instance_types(State(s): State<Service>, Admin(_): Admin) -> R
 
 async fn describe_images(State(s): State<Service>, Admin(_): Admin) -> Result<Json<ImageList>> {
     Ok(Json(ImageList { images: s.describe_images().await? }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateAccount {
+    name: String,
+}
+
+/// Creates an account and its access key (shown once).
+async fn create_account(
+    State(s): State<Service>,
+    Admin(_): Admin,
+    ApiJson(req): ApiJson<CreateAccount>,
+) -> Result<Json<crate::service::accounts::NewAccount>> {
+    Ok(Json(s.create_account(&req.name).await?))
 }
 
 async fn register_image(State(s): State<Service>, Admin(c): Admin, ApiJson(req): ApiJson<RegisterImageRequest>) -> Result<Json<Image>> {

@@ -157,6 +157,14 @@ pub fn validate_run(req: &RunInstancesRequest, max_count: u32) -> Result<(Option
 }
 
 impl Service {
+    /// Everything a launch checks before it places anything (for DryRun).
+    pub async fn check_run_instances(&self, req: &RunInstancesRequest) -> Result<()> {
+        validate_run(req, self.config.max_count)?;
+        self.image(req.image_id.as_deref()).await?;
+        self.instance_type(&req.instance_type).await?;
+        Ok(())
+    }
+
     pub async fn run_instances(&self, caller: &Caller, req: RunInstancesRequest) -> Result<Reservation> {
         let (user_data, zone) = validate_run(&req, self.config.max_count)?;
         let image = self.image(req.image_id.as_deref()).await?;

@@ -5,6 +5,7 @@
 //! result. Business rules, validation of meaning, and all database access live
 //! here and below.
 
+pub mod accounts;
 pub mod catalog;
 pub mod hosts;
 pub mod images;

@@ -1,0 +1,231 @@
+//! The EC2 Query API front door: `POST /` (form body) and `GET /` (query
+//! string), authenticated by AWS Signature Version 4, answering EC2's XML.
+//! Like the REST handlers, it only decodes, calls the service layer and
+//! encodes; error codes and statuses come from `ServiceError`.
+
+pub mod params;
+pub mod xml;
+
+use crate::auth::sigv4::{ParsedAuth, RequestView, VerifyOptions};
+use crate::error::ServiceError;
+use crate::service::instances::InstanceFilter;
+use crate::service::{Caller, Service};
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use nimbus_proto::api::RunInstancesRequest;
+use nimbus_proto::InstanceState;
+use params::Params;
+use xml::{Envelope, XMLNS};
+
+pub const API_VERSION: &str = "2016-11-15";
+/// Largest request body accepted (user-data is at most 16 KiB decoded).
+const MAX_BODY: usize = 256 * 1024;
+
+pub fn routes() -> Router<Service> {
+    Router::new().route("/", get(handle).post(handle))
+}
+
+fn xml_response(status: StatusCode, body: String) -> Response {
+    (status, [(header::CONTENT_TYPE, "text/xml;charset=UTF-8")], body).into_response()
+}
+
+/// The EC2 wire form of an error.
+fn error_response(e: ServiceError) -> Response {
+    let status = e.ec2_status();
+    if status.is_server_error() && !matches!(e, ServiceError::InsufficientInstanceCapacity(_)) {
+        tracing::error!(error = %e, "EC2 request failed");
+    }
+    let body = xml::ErrorResponse {
+        errors: xml::Errors { error: xml::XmlError { code: e.code().to_string(), message: e.public_message() } },
+        request_id: super::request_id(),
+    };
+    match xml::to_xml("Response", &body) {
+        Ok(x) => xml_response(status, x),
+        Err(_) => status.into_response(),
+    }
+}
+
+async fn handle(State(s): State<Service>, req: Request) -> Response {
+    match serve(&s, req).await {
+        Ok(body) => xml_response(StatusCode::OK, body),
+        Err(e) => error_response(e),
+    }
+}
+
+async fn serve(s: &Service, req: Request) -> Result<String, ServiceError> {
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, MAX_BODY)
+        .await
+        .map_err(|_| ServiceError::MalformedRequest(format!("the body is unreadable or larger than {MAX_BODY} bytes")))?;
+    let caller = authenticate(s, &parts, &body).await?;
+    let mut params = Params::parse(parts.uri.query().unwrap_or("").as_bytes())?;
+    if !body.is_empty() {
+        params.merge(Params::parse(&body)?)?;
+    }
+    let action = params.required("Action")?.to_string();
+    match params.get("Version") {
+        Some(API_VERSION) => {}
+        Some(v) => return Err(ServiceError::InvalidParameterValue(format!("Version {v} is not supported; use {API_VERSION}"))),
+        None => return Err(ServiceError::MissingParameter("Version".into())),
+    }
+    let dry_run = params.bool("DryRun")?;
+    let rid = super::request_id();
+    macro_rules! reply {
+        ($root:expr, $body:expr) => {
+            xml::to_xml($root, &Envelope { xmlns: XMLNS, request_id: rid, body: $body })
+                .map_err(|e| ServiceError::Internal(format!("XML: {e}")))
+        };
+    }
+    match action.as_str() {
+        "RunInstances" => {
+            let req = run_request(&params)?;
+            if dry_run {
+                s.check_run_instances(&req).await?;
+                return Err(ServiceError::DryRunOperation);
+            }
+            let r = s.run_instances(&caller, req).await?;
+            reply!("RunInstancesResponse", xml::run_instances(&r))
+        }
+        "DescribeInstances" => {
+            let filter = instance_filter(&params)?;
+            if dry_run {
+                return Err(ServiceError::DryRunOperation);
+            }
+            let list = s.describe_instances(&caller, filter).await?;
+            reply!("DescribeInstancesResponse", xml::describe_instances(&list.instances, &caller.account_id, list.next_token))
+        }
+        "TerminateInstances" => {
+            let ids = params.list("InstanceId")?;
+            if dry_run {
+                let filter = InstanceFilter { instance_ids: ids, ..Default::default() };
+                s.describe_instances(&caller, filter).await?;
+                return Err(ServiceError::DryRunOperation);
+            }
+            let changes = s.terminate_instances(&caller, &ids).await?;
+            reply!("TerminateInstancesResponse", xml::state_changes(&changes))
+        }
+        "DescribeImages" => {
+            if dry_run {
+                return Err(ServiceError::DryRunOperation);
+            }
+            let wanted = params.list("ImageId")?;
+            let mut images = s.describe_images().await?;
+            if !wanted.is_empty() {
+                for id in &wanted {
+                    if !images.iter().any(|i| &i.image_id == id) {
+                        return Err(if crate::ids::is_valid(crate::ids::IMAGE, id) {
+                            ServiceError::ImageNotFound(id.clone())
+                        } else {
+                            ServiceError::ImageIdMalformed(id.clone())
+                        });
+                    }
+                }
+                images.retain(|i| wanted.contains(&i.image_id));
+            }
+            reply!("DescribeImagesResponse", xml::describe_images(&images))
+        }
+        "DescribeInstanceTypes" => {
+            if dry_run {
+                return Err(ServiceError::DryRunOperation);
+            }
+            let wanted = params.list("InstanceType")?;
+            let mut types = s.describe_instance_types().await?;
+            if let Some(missing) = wanted.iter().find(|w| !types.iter().any(|t| &t.name == *w)) {
+                return Err(ServiceError::InvalidParameterValue(format!("The following supplied instance types do not exist: [{missing}]")));
+            }
+            if !wanted.is_empty() {
+                types.retain(|t| wanted.contains(&t.name));
+            }
+            reply!("DescribeInstanceTypesResponse", xml::describe_instance_types(&types))
+        }
+        "DescribeAvailabilityZones" => {
+            if dry_run {
+                return Err(ServiceError::DryRunOperation);
+            }
+            let zones = s.describe_availability_zones().await?;
+            let region = s.config.region.clone();
+            let items = zones
+                .into_iter()
+                .map(|z| xml::XmlZone { zone_id: z.clone(), zone_name: z, zone_state: "available", region_name: region.clone(), zone_type: "availability-zone" })
+                .collect::<Vec<_>>();
+            reply!("DescribeAvailabilityZonesResponse", xml::DescribeAvailabilityZones { availability_zone_info: items.into() })
+        }
+        other => Err(ServiceError::InvalidAction(other.to_string())),
+    }
+}
+
+/// Verifies the request's SigV4 signature against the access key's secret.
+async fn authenticate(s: &Service, parts: &axum::http::request::Parts, body: &[u8]) -> Result<Caller, ServiceError> {
+    let view = RequestView {
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        query: parts.uri.query().unwrap_or(""),
+        headers: &parts.headers,
+        body,
+    };
+    if parts.headers.contains_key("x-amz-security-token") {
+        return Err(ServiceError::AuthFailure("temporary credentials (session tokens) are not supported".into()));
+    }
+    let auth = ParsedAuth::parse(&view)?;
+    let now = chrono::Utc::now();
+    let options = VerifyOptions::default();
+    auth.check_time(now, &options)?;
+    let (caller, secret) = s.access_key(auth.access_key_id()).await?.ok_or(crate::auth::sigv4::SigV4Error::UnknownAccessKey)?;
+    auth.verify(&view, now, &options, secret.as_bytes())?;
+    Ok(caller)
+}
+
+fn count(params: &Params, name: &str) -> Result<u32, ServiceError> {
+    let n = params.int(name)?.ok_or_else(|| ServiceError::MissingParameter(name.to_string()))?;
+    u32::try_from(n).map_err(|_| ServiceError::InvalidParameterValue(format!("{name} must be between 1 and the account's limit")))
+}
+
+fn run_request(params: &Params) -> Result<RunInstancesRequest, ServiceError> {
+    for unsupported in ["TagSpecification.1.ResourceType", "KeyName", "LaunchTemplate.LaunchTemplateId", "SecurityGroupId.1", "SubnetId"] {
+        if params.get(unsupported).is_some() {
+            return Err(ServiceError::InvalidParameterValue(format!("{unsupported} is not supported by this Nimbus version")));
+        }
+    }
+    Ok(RunInstancesRequest {
+        image_id: Some(params.required("ImageId")?.to_string()),
+        instance_type: params.get("InstanceType").unwrap_or("t3.micro").to_string(),
+        min_count: count(params, "MinCount")?,
+        max_count: count(params, "MaxCount")?,
+        availability_zone: params.get("Placement.AvailabilityZone").map(str::to_string),
+        user_data: params.get("UserData").map(str::to_string),
+        client_token: params.get("ClientToken").map(str::to_string),
+    })
+}
+
+fn instance_filter(params: &Params) -> Result<InstanceFilter, ServiceError> {
+    let mut f = InstanceFilter { instance_ids: params.list("InstanceId")?, ..Default::default() };
+    for filter in params.structs("Filter")? {
+        let name = filter.required("Name")?.to_string();
+        let values = filter.list("Value")?;
+        match name.as_str() {
+            "instance-state-name" => {
+                for v in values {
+                    f.states.push(v.parse::<InstanceState>().map_err(|e| ServiceError::InvalidParameterValue(e.to_string()))?);
+                }
+            }
+            "instance-id" => f.instance_ids.extend(values),
+            "instance-type" => f.instance_types.extend(values),
+            "availability-zone" => f.availability_zones.extend(values),
+            other => return Err(ServiceError::InvalidParameterValue(format!("The filter '{other}' is invalid"))),
+        }
+    }
+    if let Some(n) = params.int("MaxResults")? {
+        if !f.instance_ids.is_empty() && params.get("InstanceId.1").is_some() {
+            return Err(ServiceError::InvalidParameterCombination("The parameter instancesSet cannot be used with the parameter maxResults".into()));
+        }
+        if !(5..=1000).contains(&n) {
+            return Err(ServiceError::InvalidParameterValue("MaxResults must be between 5 and 1000".into()));
+        }
+        f.max_results = Some(n as u32);
+    }
+    f.next_token = params.get("NextToken").map(str::to_string);
+    Ok(f)
+}

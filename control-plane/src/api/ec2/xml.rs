@@ -1,0 +1,391 @@
+//! EC2 Query responses, serialized with serde + quick-xml.
+//!
+//! Shapes follow EC2's 2016-11-15 API as botocore parses it: a root
+//! `<ActionResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">` with a
+//! `<requestId>`, lower-camel element names, lists as wrappers of `<item>`,
+//! timestamps in ISO 8601 with milliseconds and `Z`.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use nimbus_proto::api::{Image, Instance, InstanceType, Reservation, StateChange, StateView};
+use serde::Serialize;
+
+pub const XMLNS: &str = "http://ec2.amazonaws.com/doc/2016-11-15/";
+
+pub fn timestamp(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// Serializes `body` under a root element named `root`.
+pub fn to_xml<T: Serialize>(root: &str, body: &T) -> Result<String, quick_xml::SeError> {
+    let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+    let ser = quick_xml::se::Serializer::with_root(&mut out, Some(root))?;
+    body.serialize(ser)?;
+    Ok(out)
+}
+
+/// `<x><item>…</item>…</x>`.
+#[derive(Serialize)]
+pub struct Items<T> {
+    pub item: Vec<T>,
+}
+
+impl<T> From<Vec<T>> for Items<T> {
+    fn from(item: Vec<T>) -> Self {
+        Items { item }
+    }
+}
+
+#[derive(Serialize)]
+pub struct Empty {}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Envelope<T> {
+    #[serde(rename = "@xmlns")]
+    pub xmlns: &'static str,
+    pub request_id: String,
+    #[serde(flatten)]
+    pub body: T,
+}
+
+#[derive(Serialize)]
+pub struct XmlState {
+    pub code: u16,
+    pub name: String,
+}
+
+impl From<&StateView> for XmlState {
+    fn from(s: &StateView) -> Self {
+        XmlState { code: s.code, name: s.name.as_str().to_string() }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Placement {
+    pub availability_zone: String,
+    pub tenancy: &'static str,
+}
+
+#[derive(Serialize)]
+pub struct StateReason {
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Serialize)]
+pub struct Monitoring {
+    pub state: &'static str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XmlInstance {
+    pub instance_id: String,
+    pub image_id: String,
+    pub instance_state: XmlState,
+    pub private_dns_name: String,
+    pub dns_name: String,
+    pub reason: String,
+    pub ami_launch_index: u32,
+    pub instance_type: String,
+    pub launch_time: String,
+    pub placement: Placement,
+    pub monitoring: Monitoring,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_reason: Option<StateReason>,
+    pub architecture: &'static str,
+    pub root_device_type: &'static str,
+    pub root_device_name: &'static str,
+    pub virtualization_type: &'static str,
+    pub hypervisor: &'static str,
+}
+
+impl From<&Instance> for XmlInstance {
+    fn from(i: &Instance) -> Self {
+        XmlInstance {
+            instance_id: i.instance_id.clone(),
+            image_id: i.image_id.clone(),
+            instance_state: (&i.state).into(),
+            private_dns_name: String::new(),
+            dns_name: String::new(),
+            reason: i.state_reason.clone().unwrap_or_default(),
+            ami_launch_index: i.ami_launch_index,
+            instance_type: i.instance_type.clone(),
+            launch_time: timestamp(&i.launch_time),
+            placement: Placement { availability_zone: i.availability_zone.clone(), tenancy: "default" },
+            monitoring: Monitoring { state: "disabled" },
+            state_reason: i.state_reason.as_ref().map(|m| StateReason {
+                code: m.split(':').next().unwrap_or("Server.InternalError").to_string(),
+                message: m.clone(),
+            }),
+            architecture: "x86_64",
+            root_device_type: "ebs",
+            root_device_name: "/dev/vda",
+            virtualization_type: "hvm",
+            hypervisor: "kvm",
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XmlReservation {
+    pub reservation_id: String,
+    pub owner_id: String,
+    pub group_set: Empty,
+    pub instances_set: Items<XmlInstance>,
+}
+
+impl XmlReservation {
+    pub fn new(reservation_id: String, owner_id: String, instances: &[&Instance]) -> Self {
+        XmlReservation {
+            reservation_id,
+            owner_id,
+            group_set: Empty {},
+            instances_set: instances.iter().map(|i| XmlInstance::from(*i)).collect::<Vec<_>>().into(),
+        }
+    }
+}
+
+/// `RunInstancesResponse` is a reservation at the top level.
+pub fn run_instances(r: &Reservation) -> XmlReservation {
+    XmlReservation::new(r.reservation_id.clone(), r.owner_id.clone(), &r.instances.iter().collect::<Vec<_>>())
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DescribeInstances {
+    pub reservation_set: Items<XmlReservation>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_token: Option<String>,
+}
+
+/// Groups instances by reservation, keeping the order in which each
+/// reservation first appears.
+pub fn describe_instances(instances: &[Instance], owner_id: &str, next_token: Option<String>) -> DescribeInstances {
+    let mut order: Vec<&str> = Vec::new();
+    let mut groups: std::collections::HashMap<&str, Vec<&Instance>> = std::collections::HashMap::new();
+    for i in instances {
+        let key = i.reservation_id.as_str();
+        if !groups.contains_key(key) {
+            order.push(key);
+        }
+        groups.entry(key).or_default().push(i);
+    }
+    let reservations = order
+        .into_iter()
+        .map(|r| XmlReservation::new(r.to_string(), owner_id.to_string(), groups.get(r).map(Vec::as_slice).unwrap_or_default()))
+        .collect::<Vec<_>>();
+    DescribeInstances { reservation_set: reservations.into(), next_token }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XmlStateChange {
+    pub instance_id: String,
+    pub current_state: XmlState,
+    pub previous_state: XmlState,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InstancesSet {
+    pub instances_set: Items<XmlStateChange>,
+}
+
+pub fn state_changes(changes: &[StateChange]) -> InstancesSet {
+    InstancesSet {
+        instances_set: changes
+            .iter()
+            .map(|c| XmlStateChange {
+                instance_id: c.instance_id.clone(),
+                current_state: (&c.current_state).into(),
+                previous_state: (&c.previous_state).into(),
+            })
+            .collect::<Vec<_>>()
+            .into(),
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XmlImage {
+    pub image_id: String,
+    pub image_location: String,
+    pub image_state: String,
+    pub image_owner_id: String,
+    pub creation_date: String,
+    pub is_public: bool,
+    pub architecture: &'static str,
+    pub image_type: &'static str,
+    pub name: String,
+    pub description: String,
+    pub root_device_type: &'static str,
+    pub root_device_name: &'static str,
+    pub virtualization_type: &'static str,
+    pub hypervisor: &'static str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DescribeImages {
+    pub images_set: Items<XmlImage>,
+}
+
+pub fn describe_images(images: &[Image]) -> DescribeImages {
+    DescribeImages {
+        images_set: images
+            .iter()
+            .map(|i| XmlImage {
+                image_id: i.image_id.clone(),
+                image_location: i.source_url.clone(),
+                image_state: i.state.clone(),
+                image_owner_id: i.owner_id.clone(),
+                creation_date: timestamp(&i.creation_date),
+                is_public: true,
+                architecture: "x86_64",
+                image_type: "machine",
+                name: i.name.clone(),
+                description: i.description.clone().unwrap_or_default(),
+                root_device_type: "ebs",
+                root_device_name: "/dev/vda",
+                virtualization_type: "hvm",
+                hypervisor: "kvm",
+            })
+            .collect::<Vec<_>>()
+            .into(),
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VCpuInfo {
+    pub default_v_cpus: u32,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemoryInfo {
+    pub size_in_mi_b: u64,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XmlInstanceType {
+    pub instance_type: String,
+    pub current_generation: bool,
+    pub v_cpu_info: VCpuInfo,
+    pub memory_info: MemoryInfo,
+    pub instance_storage_supported: bool,
+    pub hypervisor: &'static str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DescribeInstanceTypes {
+    pub instance_type_set: Items<XmlInstanceType>,
+}
+
+pub fn describe_instance_types(types: &[InstanceType]) -> DescribeInstanceTypes {
+    DescribeInstanceTypes {
+        instance_type_set: types
+            .iter()
+            .map(|t| XmlInstanceType {
+                instance_type: t.name.clone(),
+                current_generation: true,
+                v_cpu_info: VCpuInfo { default_v_cpus: t.vcpus },
+                memory_info: MemoryInfo { size_in_mi_b: t.memory_mib },
+                instance_storage_supported: false,
+                hypervisor: "kvm",
+            })
+            .collect::<Vec<_>>()
+            .into(),
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XmlZone {
+    pub zone_name: String,
+    pub zone_state: &'static str,
+    pub region_name: String,
+    pub zone_id: String,
+    pub zone_type: &'static str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DescribeAvailabilityZones {
+    pub availability_zone_info: Items<XmlZone>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct XmlError {
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Errors {
+    pub error: XmlError,
+}
+
+/// `<Response><Errors><Error>…</Error></Errors><RequestID>…</RequestID></Response>`.
+#[derive(Serialize)]
+pub struct ErrorResponse {
+    #[serde(rename = "Errors")]
+    pub errors: Errors,
+    #[serde(rename = "RequestID")]
+    pub request_id: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nimbus_proto::InstanceState;
+
+    fn instance(id: &str, r: &str) -> Instance {
+        Instance {
+            instance_id: id.into(),
+            reservation_id: r.into(),
+            image_id: "ami-0123456789abcdef0".into(),
+            instance_type: "t3.nano".into(),
+            state: InstanceState::Running.into(),
+            availability_zone: "nimbus-1a".into(),
+            host_id: "h-0123456789abcdef0".into(),
+            launch_time: DateTime::parse_from_rfc3339("2026-11-25T16:00:00.5Z").unwrap().with_timezone(&Utc),
+            ami_launch_index: 0,
+            state_reason: None,
+        }
+    }
+
+    #[test]
+    fn describe_instances_groups_by_reservation() {
+        let list = vec![instance("i-1", "r-a"), instance("i-2", "r-b"), instance("i-3", "r-a")];
+        let body = describe_instances(&list, "000000000000", Some("tok".into()));
+        let xml = to_xml("DescribeInstancesResponse", &Envelope { xmlns: XMLNS, request_id: "req-1".into(), body }).unwrap();
+        assert!(xml.contains("<DescribeInstancesResponse xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\"><requestId>req-1</requestId><reservationSet><item><reservationId>r-a</reservationId>"), "{xml}");
+        assert_eq!(xml.matches("<reservationId>").count(), 2);
+        assert!(xml.contains("<instanceState><code>16</code><name>running</name></instanceState>"));
+        assert!(xml.contains("<launchTime>2026-11-25T16:00:00.500Z</launchTime>"));
+        assert!(xml.contains("<groupSet/>"));
+        assert!(xml.ends_with("<nextToken>tok</nextToken></DescribeInstancesResponse>"), "{xml}");
+        let a = xml.find("i-1").unwrap();
+        let c = xml.find("i-3").unwrap();
+        let b = xml.find("i-2").unwrap();
+        assert!(a < c && c < b, "i-3 shares r-a's item");
+    }
+
+    #[test]
+    fn errors_have_ec2s_shape() {
+        let e = ErrorResponse {
+            errors: Errors { error: XmlError { code: "InvalidInstanceID.NotFound".into(), message: "The instance ID 'i-1' does not exist".into() } },
+            request_id: "req-2".into(),
+        };
+        let xml = to_xml("Response", &e).unwrap();
+        assert!(xml.ends_with("<Response><Errors><Error><Code>InvalidInstanceID.NotFound</Code><Message>The instance ID &apos;i-1&apos; does not exist</Message></Error></Errors><RequestID>req-2</RequestID></Response>"), "{xml}");
+    }
+}
