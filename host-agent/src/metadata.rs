@@ -261,6 +261,7 @@ pub(crate) fn sample_metadata(id: &str) -> InstanceMetadata {
         availability_zone: "az1".into(),
         ami_launch_index: 0,
         owner_id: "000000000000".into(),
+        public_keys: Vec::new(),
     }
 }
 

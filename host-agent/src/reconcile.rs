@@ -93,7 +93,7 @@ impl Reconciler {
                     None => match this.libvirt.domain_status(&this.host_id, &a.instance_id).await {
                         Ok(existing) => existing,
                         Err(e) => {
-                            return Observation { instance_id: a.instance_id.clone(), state: ObservedState::Failed, message: Some(e.to_string()) }
+                            return Observation { instance_id: a.instance_id.clone(), state: ObservedState::Failed, message: Some(e.to_string()), reboots: None, console: None }
                         }
                     },
                 };
@@ -118,10 +118,10 @@ impl Reconciler {
             DesiredState::Terminated => self.ensure_gone(&id).await,
         };
         match result {
-            Ok(state) => Observation { instance_id: id, state, message: None },
+            Ok(state) => Observation { instance_id: id, state, message: None, reboots: None, console: None },
             Err(e) => {
                 tracing::warn!(instance_id = %id, error = %e, "cannot converge instance");
-                Observation { instance_id: id, state: ObservedState::Failed, message: Some(e.to_string()) }
+                Observation { instance_id: id, state: ObservedState::Failed, message: Some(e.to_string()), reboots: None, console: None }
             }
         }
     }

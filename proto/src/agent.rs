@@ -39,13 +39,7 @@ impl HostCredential {
 }
 
 /// What the control plane wants of one instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DesiredState {
-    Running,
-    Stopped,
-    Terminated,
-}
+pub use crate::state::Desired as DesiredState;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ImageSpec {
@@ -67,6 +61,9 @@ pub struct InstanceMetadata {
     pub availability_zone: String,
     pub ami_launch_index: u32,
     pub owner_id: String,
+    /// SSH public keys served at `public-keys/N/openssh-key`, as (name, key).
+    #[serde(default)]
+    pub public_keys: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -80,6 +77,10 @@ pub struct Assignment {
     /// Raw user-data, base64.
     pub user_data: Option<String>,
     pub metadata: InstanceMetadata,
+    /// How many reboots the user asked for, ever. The agent reboots a
+    /// running guest once for each request it has not yet carried out.
+    #[serde(default)]
+    pub reboots: i64,
 }
 
 /// `GET /v1/agent/assignments?after=G&wait_ms=T`. Returns at once when the
@@ -100,7 +101,17 @@ pub struct Observation {
     pub state: ObservedState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The reboot requests carried out so far (see [`Assignment::reboots`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reboots: Option<i64>,
+    /// The end of the guest's serial console log (at most
+    /// [`CONSOLE_TAIL_BYTES`]), base64, when it changed since the last report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console: Option<String>,
 }
+
+/// How much of the console log an agent ships (EC2 returns the last 64 KiB).
+pub const CONSOLE_TAIL_BYTES: usize = 64 * 1024;
 
 /// `POST /v1/agent/report`: also the host's heartbeat.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -12,4 +12,4 @@ pub mod api;
 pub mod image;
 pub mod state;
 
-pub use state::{InstanceState, ObservedState};
+pub use state::{Desired, InstanceState, ObservedState};

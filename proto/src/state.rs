@@ -61,13 +61,33 @@ impl InstanceState {
         }
     }
 
+    /// The state a stop request moves the instance to; `Err` when it cannot
+    /// be stopped; `Ok(None)` when the request changes nothing.
+    pub fn on_stop(self) -> Result<Option<InstanceState>, ()> {
+        match self {
+            InstanceState::Pending | InstanceState::Running => Ok(Some(InstanceState::Stopping)),
+            InstanceState::Stopping | InstanceState::Stopped => Ok(None),
+            InstanceState::ShuttingDown | InstanceState::Terminated => Err(()),
+        }
+    }
+
+    /// The state a start request moves the instance to (see [`Self::on_stop`]).
+    pub fn on_start(self) -> Result<Option<InstanceState>, ()> {
+        match self {
+            InstanceState::Stopped => Ok(Some(InstanceState::Pending)),
+            InstanceState::Pending | InstanceState::Running => Ok(None),
+            InstanceState::Stopping | InstanceState::ShuttingDown | InstanceState::Terminated => Err(()),
+        }
+    }
+
     /// The state that follows an agent's observation, or `None` when the
-    /// observation does not move the instance. `desired_terminated` says whether
-    /// the user asked for the instance to go away.
-    pub fn on_observed(self, observed: ObservedState, desired_terminated: bool) -> Option<InstanceState> {
-        match (self, observed, desired_terminated) {
-            (InstanceState::Pending, ObservedState::Running, false) => Some(InstanceState::Running),
-            (InstanceState::ShuttingDown, ObservedState::Absent, true) => Some(InstanceState::Terminated),
+    /// observation does not move the instance. `desired` is what the user
+    /// last asked for.
+    pub fn on_observed(self, observed: ObservedState, desired: Desired) -> Option<InstanceState> {
+        match (self, observed, desired) {
+            (InstanceState::Pending, ObservedState::Running, Desired::Running) => Some(InstanceState::Running),
+            (InstanceState::Stopping, ObservedState::Stopped, Desired::Stopped) => Some(InstanceState::Stopped),
+            (InstanceState::ShuttingDown, ObservedState::Absent, Desired::Terminated) => Some(InstanceState::Terminated),
             _ => None,
         }
     }
@@ -90,6 +110,37 @@ impl FromStr for InstanceState {
             .into_iter()
             .find(|st| st.as_str() == s)
             .ok_or_else(|| UnknownState(s.to_string()))
+    }
+}
+
+/// What the user last asked of an instance (its desired state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Desired {
+    Running,
+    Stopped,
+    Terminated,
+}
+
+impl Desired {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Desired::Running => "running",
+            Desired::Stopped => "stopped",
+            Desired::Terminated => "terminated",
+        }
+    }
+}
+
+impl FromStr for Desired {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "running" => Ok(Desired::Running),
+            "stopped" => Ok(Desired::Stopped),
+            "terminated" => Ok(Desired::Terminated),
+            other => Err(UnknownState(other.to_string())),
+        }
     }
 }
 
@@ -145,13 +196,32 @@ mod tests {
     #[test]
     fn observation_transitions() {
         use InstanceState::*;
-        assert_eq!(Pending.on_observed(ObservedState::Running, false), Some(Running));
+        assert_eq!(Pending.on_observed(ObservedState::Running, Desired::Running), Some(Running));
         // A guest seen running after the user asked to terminate does not go back to running.
-        assert_eq!(ShuttingDown.on_observed(ObservedState::Running, true), None);
-        assert_eq!(Pending.on_observed(ObservedState::Running, true), None);
+        assert_eq!(ShuttingDown.on_observed(ObservedState::Running, Desired::Terminated), None);
+        assert_eq!(Pending.on_observed(ObservedState::Running, Desired::Terminated), None);
         // Only a confirmed absence terminates (and so releases capacity).
-        assert_eq!(ShuttingDown.on_observed(ObservedState::Absent, true), Some(Terminated));
-        assert_eq!(ShuttingDown.on_observed(ObservedState::Stopped, true), None);
-        assert_eq!(Running.on_observed(ObservedState::Absent, false), None);
+        assert_eq!(ShuttingDown.on_observed(ObservedState::Absent, Desired::Terminated), Some(Terminated));
+        assert_eq!(ShuttingDown.on_observed(ObservedState::Stopped, Desired::Terminated), None);
+        assert_eq!(Running.on_observed(ObservedState::Absent, Desired::Running), None);
+        // Stop and start.
+        assert_eq!(Stopping.on_observed(ObservedState::Stopped, Desired::Stopped), Some(Stopped));
+        assert_eq!(Stopping.on_observed(ObservedState::Running, Desired::Stopped), None);
+        assert_eq!(Pending.on_observed(ObservedState::Running, Desired::Running), Some(Running));
+        // A stop that arrives after the guest was seen stopped for an older request does not start it.
+        assert_eq!(Pending.on_observed(ObservedState::Stopped, Desired::Running), None);
+    }
+
+    #[test]
+    fn stop_and_start_requests() {
+        use InstanceState::*;
+        assert_eq!(Running.on_stop(), Ok(Some(Stopping)));
+        assert_eq!(Pending.on_stop(), Ok(Some(Stopping)));
+        assert_eq!(Stopped.on_stop(), Ok(None));
+        assert!(Terminated.on_stop().is_err());
+        assert_eq!(Stopped.on_start(), Ok(Some(Pending)));
+        assert_eq!(Running.on_start(), Ok(None));
+        assert!(Stopping.on_start().is_err());
+        assert!(ShuttingDown.on_start().is_err());
     }
 }

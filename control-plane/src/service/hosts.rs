@@ -79,16 +79,15 @@ struct AssignmentRow {
     root_disk: String,
     root_disk_sha256: String,
     cmdline: String,
+    reboots: i64,
+    key_name: Option<String>,
+    public_key: Option<String>,
 }
 
 impl AssignmentRow {
     fn into_assignment(self) -> Result<Assignment> {
-        let desired = match self.desired_state.as_str() {
-            "running" => DesiredState::Running,
-            "stopped" => DesiredState::Stopped,
-            "terminated" => DesiredState::Terminated,
-            other => return Err(ServiceError::Internal(format!("bad desired state {other:?}"))),
-        };
+        let desired: DesiredState =
+            self.desired_state.parse().map_err(|e| ServiceError::Internal(format!("bad desired state in database: {e}")))?;
         Ok(Assignment {
             desired,
             vcpus: self.vcpus as u32,
@@ -114,7 +113,12 @@ impl AssignmentRow {
                 availability_zone: self.availability_zone,
                 ami_launch_index: self.ami_launch_index as u32,
                 owner_id: self.account_id,
+                public_keys: match (self.key_name, self.public_key) {
+                    (Some(name), Some(key)) => vec![(name, key)],
+                    _ => Vec::new(),
+                },
             },
+            reboots: self.reboots,
             instance_id: self.id,
         })
     }
@@ -205,7 +209,7 @@ impl Service {
             "SELECT i.id, i.desired_state, i.vcpus, i.memory_mib, i.disk_gib, i.user_data, i.reservation_id, \
                     i.instance_type, i.image_id, i.availability_zone, i.ami_launch_index, i.account_id, \
                     m.source_url, m.kernel, m.kernel_sha256, m.initrd, m.initrd_sha256, m.root_disk, \
-                    m.root_disk_sha256, m.cmdline \
+                    m.root_disk_sha256, m.cmdline, i.reboots, i.key_name, i.public_key \
              FROM instances i JOIN images m ON m.id = i.image_id \
              WHERE i.host_id = $1 AND {} ORDER BY i.seq",
             if full { "i.capacity_held" } else { "i.changed_generation > $2" }
@@ -219,12 +223,57 @@ impl Service {
 
     /// Applies an agent's observations and records its heartbeat.
     pub async fn report(&self, host_id: &str, report: &Report) -> Result<()> {
+        self.record_guest_output(host_id, report).await?;
         loop {
             match self.try_report(host_id, report).await {
                 Err(ServiceError::Database(e)) if crate::db::is_retryable(&e) => continue,
                 other => return other,
             }
         }
+    }
+
+    /// Console tails and completed reboots: plain facts about the guest,
+    /// stored outside the state-transition transaction (one statement each).
+    async fn record_guest_output(&self, host_id: &str, report: &Report) -> Result<()> {
+        let (mut ids, mut consoles) = (vec![], vec![]);
+        let (mut rids, mut reboots) = (vec![], vec![]);
+        for o in &report.observations {
+            if let Some(c) = &o.console {
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(c)
+                    .map_err(|_| ServiceError::InvalidParameterValue("console must be base64".into()))?;
+                let tail = raw.len().saturating_sub(nimbus_proto::agent::CONSOLE_TAIL_BYTES);
+                ids.push(o.instance_id.as_str());
+                consoles.push(raw[tail..].to_vec());
+            }
+            if let Some(n) = o.reboots {
+                rids.push(o.instance_id.as_str());
+                reboots.push(n);
+            }
+        }
+        if !ids.is_empty() {
+            sqlx::query(
+                "UPDATE instances SET console_output = c.out, console_updated_at = now() \
+                 FROM unnest($2::text[], $3::bytea[]) AS c(id, out) WHERE instances.id = c.id AND instances.host_id = $1",
+            )
+            .bind(host_id)
+            .bind(&ids)
+            .bind(&consoles)
+            .execute(&self.db)
+            .await?;
+        }
+        if !rids.is_empty() {
+            sqlx::query(
+                "UPDATE instances SET reboots_done = GREATEST(reboots_done, r.n) \
+                 FROM unnest($2::text[], $3::bigint[]) AS r(id, n) WHERE instances.id = r.id AND instances.host_id = $1",
+            )
+            .bind(host_id)
+            .bind(&rids)
+            .bind(&reboots)
+            .execute(&self.db)
+            .await?;
+        }
+        Ok(())
     }
 
     async fn try_report(&self, host_id: &str, report: &Report) -> Result<()> {
@@ -247,12 +296,13 @@ impl Service {
         .fetch_all(&mut *tx)
         .await?;
         let (mut released, mut running, mut terminated, mut failed) = ((0i64, 0i64, 0i64), vec![], vec![], vec![]);
-        let (mut failed_reasons, mut bump) = (vec![], false);
+        let (mut failed_reasons, mut bump, mut stopped) = (vec![], false, vec![]);
         for (id, state, desired, vcpus, memory, disk) in rows {
             let Some(obs) = report.observations.iter().find(|o| o.instance_id == id) else { continue };
             let state = parse_state(&state)?;
-            let desired_terminated = desired == "terminated";
-            if obs.state == ObservedState::Failed && !desired_terminated {
+            let desired: nimbus_proto::Desired =
+                desired.parse().map_err(|e| ServiceError::Internal(format!("bad desired state in database: {e}")))?;
+            if obs.state == ObservedState::Failed && desired != nimbus_proto::Desired::Terminated {
                 // The guest cannot be built here: terminate it (the agent cleans up
                 // and confirms, which releases the capacity) and say why.
                 let reason = obs.message.clone().unwrap_or_else(|| "the host could not start the instance".into());
@@ -262,8 +312,9 @@ impl Service {
                 bump = true;
                 continue;
             }
-            match state.on_observed(obs.state, desired_terminated) {
+            match state.on_observed(obs.state, desired) {
                 Some(nimbus_proto::InstanceState::Running) => running.push(id),
+                Some(nimbus_proto::InstanceState::Stopped) => stopped.push(id),
                 Some(nimbus_proto::InstanceState::Terminated) => {
                     released.0 += i64::from(vcpus);
                     released.1 += memory;
@@ -276,6 +327,12 @@ impl Service {
         if !running.is_empty() {
             sqlx::query("UPDATE instances SET state = 'running', state_changed_at = now() WHERE id = ANY($1)")
                 .bind(&running)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if !stopped.is_empty() {
+            sqlx::query("UPDATE instances SET state = 'stopped', state_changed_at = now() WHERE id = ANY($1)")
+                .bind(&stopped)
                 .execute(&mut *tx)
                 .await?;
         }

@@ -157,6 +157,7 @@ async fn real_guest(runs: usize) -> anyhow::Result<()> {
             availability_zone: "az1".into(),
             ami_launch_index: 0,
             owner_id: String::new(),
+            public_keys: Vec::new(),
         };
         files.prepare(&base, 8, &meta, None).await?;
         let xml_path = cloud.dir.path().join(format!("{id}.xml"));
