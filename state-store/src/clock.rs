@@ -220,7 +220,17 @@ mod tests {
     }
 
     /// A causally well-formed history: each write's context is the join of
-    /// the clocks of some earlier writes (what a read could have returned).
+    /// the clocks of some earlier writes (what a read could have returned),
+    /// closed under the store's invariant: whoever has seen dot `(A, c)` has
+    /// seen every earlier dot of `A` (or what superseded it), so a context
+    /// that covers a dot also contains that dot's full clock.
+    ///
+    /// Without the closure the generator produced contexts no read can
+    /// return, e.g. `{n2: 2}` without the context `{n0: 3}` of dot `(n2, 1)`
+    /// that it also covers. Then obsolescence is not transitive and a merge
+    /// can drop a sibling (covered by a sibling that is itself dropped) that
+    /// a later merge of the same record brings back — the flaky
+    /// `!abb.merge(&rb)` failure (see `merge_regression_non_closed_context`).
     fn history(spec: Vec<(u8, Vec<bool>, bool, bool)>) -> (Vec<Sibling>, Vec<Sibling>) {
         let mut writes: Vec<Sibling> = Vec::new();
         let mut counters = std::collections::HashMap::new();
@@ -235,12 +245,29 @@ mod tests {
                     context.join(&writes[j].clock());
                 }
             }
+            close_context(&mut context, &writes);
             let s = Sibling { dot: Dot { node: node.clone(), counter: *c }, context, value: Some(format!("{node}{c}").into_bytes()), written_ms: 0 };
             if in_a || !in_b { a.push(s.clone()); }
             if in_b { b.push(s.clone()); }
             writes.push(s);
         }
         (a, b)
+    }
+
+    /// Join the clock of every earlier write whose dot `context` covers,
+    /// until nothing changes.
+    fn close_context(context: &mut VersionVector, writes: &[Sibling]) {
+        loop {
+            let before = context.clone();
+            for w in writes {
+                if context.covers(&w.dot) {
+                    context.join(&w.context);
+                }
+            }
+            if *context == before {
+                return;
+            }
+        }
     }
 
     fn rec(v: Vec<Sibling>) -> Record {
@@ -251,29 +278,68 @@ mod tests {
         r
     }
 
+    /// The shrunk CI failure. With the old (unclosed) generator, write 7's
+    /// context was `{n2: 2}`: it covers `(n2, 1)` but not that write's
+    /// context `{n0: 3}`, which no read can produce. `Record::merge` was right
+    /// to report a change there (the sibling `(n0, 3)` really comes back), so
+    /// the fix is in the generator; this pins the case with closed contexts.
+    #[test]
+    fn merge_regression_non_closed_context() {
+        let spec = vec![
+            (0, vec![], false, false),
+            (0, vec![], false, false),
+            (0, vec![], false, true),
+            (2, vec![false, false, true], false, false),
+            (0, vec![], false, false),
+            (2, vec![], false, false),
+            (0, vec![false, false, false, false, false, true], false, true),
+        ];
+        let (a, b) = history(spec.clone());
+        // write 7 (n0, 5) picked (n2, 2): its closed context also holds (n2, 1)'s
+        assert_eq!(b[1].context.get("n0"), 3);
+        check_merge_laws(a.clone(), b.clone()).expect("merge laws");
+        // the unclosed history really breaks idempotence: documents why the
+        // generator must close contexts
+        let mut w5 = b[1].clone();
+        w5.context = VersionVector([("n2".to_string(), 2)].into_iter().collect());
+        let ra = rec(a);
+        let rb = rec(vec![b[0].clone(), w5]);
+        let mut ab = ra.clone();
+        ab.merge(&rb);
+        assert!(ab.clone().merge(&rb), "unclosed contexts are not a valid history");
+    }
+
+    fn check_merge_laws(a: Vec<Sibling>, b: Vec<Sibling>) -> Result<(), TestCaseError> {
+        let ra = rec(a);
+        let rb = rec(b);
+        let mut ab = ra.clone(); ab.merge(&rb);
+        let mut ba = rb.clone(); ba.merge(&ra);
+        prop_assert_eq!(&ab, &ba);
+        let mut abb = ab.clone();
+        prop_assert!(!abb.merge(&rb));
+        prop_assert_eq!(&abb, &ab);
+        let mut aba = ab.clone();
+        prop_assert!(!aba.merge(&ra));
+        // pruning: no surviving sibling is covered by another
+        for s in &ab.siblings {
+            for o in &ab.siblings {
+                prop_assert!(!s.obsoleted_by(o));
+            }
+        }
+        // a write with the merged context supersedes everything
+        let mut w = ab.clone();
+        w.merge(&Record::single(Sibling { dot: Dot { node: "w".into(), counter: 1 }, context: ab.context(), value: None, written_ms: 0 }));
+        prop_assert_eq!(w.siblings.len(), 1);
+        Ok(())
+    }
+
     proptest! {
+        #![proptest_config(crate::test_util::proptest_config())]
         #[test]
         fn merge_is_commutative_idempotent(spec in proptest::collection::vec(
             (0u8..3, proptest::collection::vec(any::<bool>(), 0..8), any::<bool>(), any::<bool>()), 0..8)) {
             let (a, b) = history(spec);
-            let ra = rec(a);
-            let rb = rec(b);
-            let mut ab = ra.clone(); ab.merge(&rb);
-            let mut ba = rb.clone(); ba.merge(&ra);
-            prop_assert_eq!(&ab, &ba);
-            let mut abb = ab.clone();
-            prop_assert!(!abb.merge(&rb));
-            prop_assert_eq!(&abb, &ab);
-            // pruning: no surviving sibling is covered by another
-            for s in &ab.siblings {
-                for o in &ab.siblings {
-                    prop_assert!(!s.obsoleted_by(o));
-                }
-            }
-            // a write with the merged context supersedes everything
-            let mut w = ab.clone();
-            w.merge(&Record::single(Sibling { dot: Dot { node: "w".into(), counter: 1 }, context: ab.context(), value: None, written_ms: 0 }));
-            prop_assert_eq!(w.siblings.len(), 1);
+            check_merge_laws(a, b)?;
         }
     }
 }

@@ -24,6 +24,20 @@ pub mod sim;
 pub mod storage;
 pub mod tcp;
 
+#[cfg(test)]
+pub(crate) mod test_util {
+    /// Property tests run a fixed seed so CI is deterministic (plus the
+    /// committed cases in `proptest-regressions/`, replayed first). Set
+    /// `PROPTEST_RNG_SEED` (and e.g. `PROPTEST_CASES=5000`) to explore.
+    pub fn proptest_config() -> proptest::test_runner::Config {
+        let mut c = proptest::test_runner::Config::default();
+        if std::env::var_os("PROPTEST_RNG_SEED").is_none() {
+            c.rng_seed = proptest::test_runner::RngSeed::Fixed(0x6e69_6d62_7573);
+        }
+        c
+    }
+}
+
 pub use api::{get_reconciled, Context, GetResult, KvClient, LocalClient};
 pub use error::{RpcError, StorageError, StoreError};
 pub use http::{HttpClient, HttpTransport};

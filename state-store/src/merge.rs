@@ -84,6 +84,7 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(crate::test_util::proptest_config())]
         #[test]
         fn merge_is_order_independent(a in arb(), b in arb(), c in arb()) {
             prop_assert_eq!(merge_instance(&a, &b), merge_instance(&b, &a));

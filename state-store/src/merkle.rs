@@ -143,6 +143,7 @@ mod tests {
     use proptest::prelude::*;
 
     proptest! {
+        #![proptest_config(crate::test_util::proptest_config())]
         #[test]
         fn diff_finds_exactly_the_differing_keys(
             common in proptest::collection::btree_map(proptest::collection::vec(any::<u8>(), 1..12), any::<u128>(), 0..200),
