@@ -3,21 +3,23 @@
 //! See ARCHITECTURE.md at the repository root for the map.
 
 pub mod client;
+pub mod console;
 pub mod disks;
 pub mod domain;
 pub mod images;
 pub mod libvirt;
 pub mod metadata;
+pub mod power;
 pub mod reconcile;
 
 use clap::{Parser, ValueEnum};
 use client::{ClientError, ControlPlane};
 use domain::Hypervisor;
-use nimbus_proto::agent::{HostCredential, RegisterHost, Report};
+use nimbus_proto::agent::{HostCredential, Observation, RegisterHost, Report};
 use reconcile::{AgentEvent, Reconciler};
 use std::path::PathBuf;
 use std::time::Duration;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum HypervisorChoice {
@@ -68,6 +70,9 @@ pub struct AgentConfig {
     /// Longest wait of one long poll; also the heartbeat and resync period.
     #[arg(long, default_value_t = 5000)]
     pub poll_ms: u64,
+    /// Seconds a guest gets to shut down after an ACPI request before it is powered off.
+    #[arg(long, env = "NIMBUS_STOP_TIMEOUT_SECS", default_value_t = 30)]
+    pub stop_timeout_secs: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +92,8 @@ pub struct Agent {
     config: AgentConfig,
     cp: ControlPlane,
     reconciler: Reconciler,
+    /// Observations that finished after their pass (see [`Reconciler::late`]).
+    late: mpsc::UnboundedReceiver<Observation>,
     capacity: (u32, u64, u64),
 }
 
@@ -122,6 +129,7 @@ impl Agent {
         };
         let http = reqwest::Client::builder().build().map_err(|e| AgentError::Config(e.to_string()))?;
         let (events, _) = broadcast::channel(4096);
+        let (late_tx, late) = mpsc::unbounded_channel();
         let reconciler = Reconciler {
             libvirt: lv,
             hypervisor,
@@ -130,8 +138,13 @@ impl Agent {
             instances_dir: config.state_dir.join("instances"),
             metadata: metadata::MetadataServers::default(),
             events,
+            stop_timeout: Duration::from_secs(config.stop_timeout_secs),
+            stopping: power::InProgress::default(),
+            console: console::ConsoleTracker::default(),
+            late: late_tx,
         };
-        Ok(Agent { cp: ControlPlane::new(&config.control_plane, http), config, reconciler, capacity: (vcpus, memory_mib, disk_gib) })
+        let cp = ControlPlane::new(&config.control_plane, http);
+        Ok(Agent { cp, config, reconciler, late, capacity: (vcpus, memory_mib, disk_gib) })
     }
 
     /// Events of the agent's work (guest started, removed).
@@ -176,6 +189,14 @@ impl Agent {
         Ok(cred)
     }
 
+    /// Sends a report; on delivery, remembers the console output it carried.
+    async fn report(&self, cred: &HostCredential, observations: Vec<Observation>) -> Result<(), ClientError> {
+        let report = Report { observations };
+        self.cp.report(cred, &report).await?;
+        self.reconciler.console.delivered(&report.observations);
+        Ok(())
+    }
+
     /// Runs until `shutdown` resolves. Guests keep running when the agent
     /// stops; the next agent adopts them.
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
@@ -202,6 +223,18 @@ impl Agent {
         loop {
             let polled = tokio::select! {
                 _ = &mut shutdown => break,
+                Some(first) = self.late.recv() => {
+                    // A stop finished after its pass: report it now (the poll
+                    // is simply made again).
+                    let mut observations = vec![first];
+                    while let Ok(o) = self.late.try_recv() {
+                        observations.push(o);
+                    }
+                    if let Err(e) = self.report(&cred, observations).await {
+                        tracing::warn!(error = %e, "cannot report; the next pass observes again");
+                    }
+                    continue;
+                }
                 r = self.cp.assignments(&cred, after, wait) => r,
             };
             let assignments = match polled {
@@ -237,7 +270,7 @@ impl Agent {
             } else {
                 self.reconciler.converge_changes(&assignments.instances).await
             };
-            match self.cp.report(&cred, &Report { observations }).await {
+            match self.report(&cred, observations).await {
                 // Only a delivered report moves us past this generation.
                 Ok(()) => after = assignments.generation,
                 Err(e) => tracing::warn!(error = %e, "cannot report; will converge and report again"),

@@ -40,7 +40,7 @@ impl Libvirt {
         Ok(Libvirt { conn: Arc::new(conn), uri: uri.to_string() })
     }
 
-    async fn call<T: Send + 'static>(
+    pub(crate) async fn call<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connect) -> Result<T, virt::error::Error> + Send + 'static,
     ) -> Result<T, LibvirtError> {
@@ -118,6 +118,62 @@ impl Libvirt {
                 return Ok(());
             }
             dom.create().map(|_| ())
+        })
+        .await
+    }
+
+    /// Whether the domain is active: `None` when it does not exist.
+    pub async fn is_active(&self, name: &str) -> Result<Option<bool>, LibvirtError> {
+        let name = name.to_string();
+        self.call(move |c| match c.lookup_domain_by_name(&name) {
+            Ok(dom) => dom.is_active().map(Some),
+            Err(e) if no_domain(&e) => Ok(None),
+            Err(e) => Err(e),
+        })
+        .await
+    }
+
+    /// Asks the guest to shut down (ACPI power button on QEMU). Returns
+    /// whether the domain was active, i.e. whether there is a shutdown to wait for.
+    pub async fn shutdown(&self, name: &str) -> Result<bool, LibvirtError> {
+        self.on_active(name, |dom| dom.shutdown()).await
+    }
+
+    /// Powers the domain off at once (`destroy`), keeping its definition.
+    pub async fn power_off(&self, name: &str) -> Result<bool, LibvirtError> {
+        self.on_active(name, |dom| dom.destroy().map(|_| ())).await
+    }
+
+    /// Asks the guest to reboot (ACPI on QEMU). Returns whether the domain was active.
+    pub async fn reboot(&self, name: &str) -> Result<bool, LibvirtError> {
+        self.on_active(name, |dom| dom.reboot(0)).await
+    }
+
+    /// Runs `f` on the domain if it exists and is active; `Ok(false)` otherwise.
+    /// An error from `f` while the domain went inactive meanwhile is no error.
+    async fn on_active(
+        &self,
+        name: &str,
+        f: impl FnOnce(&virt::domain::Domain) -> Result<(), virt::error::Error> + Send + 'static,
+    ) -> Result<bool, LibvirtError> {
+        let name = name.to_string();
+        self.call(move |c| {
+            let dom = match c.lookup_domain_by_name(&name) {
+                Ok(d) => d,
+                Err(e) if no_domain(&e) => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            if !dom.is_active()? {
+                return Ok(false);
+            }
+            match f(&dom) {
+                Ok(()) => Ok(true),
+                Err(e) if !dom.is_active().unwrap_or(true) => {
+                    tracing::debug!(domain = %name, error = %e, "domain went inactive during the call");
+                    Ok(false)
+                }
+                Err(e) => Err(e),
+            }
         })
         .await
     }

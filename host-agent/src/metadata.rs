@@ -197,7 +197,8 @@ const KEYS: &[&str] = &[
     "reservation-id",
 ];
 
-async fn listing() -> String {
+async fn listing(State(c): Shared) -> String {
+    let has_keys = !c.read().unwrap_or_else(|p| p.into_inner()).meta.public_keys.is_empty();
     let mut out = String::new();
     for k in KEYS {
         if let Some((dir, _)) = k.split_once('/') {
@@ -210,7 +211,32 @@ async fn listing() -> String {
             out.push('\n');
         }
     }
+    if has_keys {
+        out.push_str("public-keys/\n");
+    }
     out
+}
+
+/// `public-keys/...` as EC2 serves it: `0=<name>` per key, then
+/// `N/` → `openssh-key`, `N/openssh-key` → the key.
+fn public_keys(keys: &[(String, String)], path: &str) -> Option<String> {
+    if keys.is_empty() {
+        return None;
+    }
+    if path.is_empty() {
+        return Some(keys.iter().enumerate().map(|(i, (name, _))| format!("{i}={name}")).collect::<Vec<_>>().join("\n"));
+    }
+    let (index, rest) = path.split_once('/').unwrap_or((path, ""));
+    // Digits only: "+1" or "01" would parse too.
+    if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) || (index.len() > 1 && index.starts_with('0')) {
+        return None;
+    }
+    let (_, key) = keys.get(index.parse::<usize>().ok()?)?;
+    match rest {
+        "" => Some("openssh-key".to_string()),
+        "openssh-key" => Some(key.clone()),
+        _ => None,
+    }
 }
 
 async fn meta_data(State(c): Shared, Path(key): Path<String>) -> Response {
@@ -225,6 +251,14 @@ async fn meta_data(State(c): Shared, Path(key): Path<String>) -> Response {
         "placement" => "availability-zone".to_string(),
         "placement/availability-zone" => m.availability_zone.clone(),
         "reservation-id" => m.reservation_id.clone(),
+        "public-keys" => match public_keys(&m.public_keys, "") {
+            Some(v) => v,
+            None => return (StatusCode::NOT_FOUND, "Not Found\n").into_response(),
+        },
+        k if k.starts_with("public-keys/") => match public_keys(&m.public_keys, &k["public-keys/".len()..]) {
+            Some(v) => v,
+            None => return (StatusCode::NOT_FOUND, "Not Found\n").into_response(),
+        },
         _ => return (StatusCode::NOT_FOUND, "Not Found\n").into_response(),
     };
     value.into_response()
@@ -293,6 +327,38 @@ mod tests {
         // Same instance again: same port.
         assert_eq!(servers.ensure(&meta("i-000000000000000aa"), None, None).await.unwrap(), a);
         servers.stop("i-000000000000000aa");
+        servers.stop_all();
+    }
+
+    #[tokio::test]
+    async fn public_keys_are_served_like_ec2() {
+        let servers = MetadataServers::default();
+        let none = servers.ensure(&meta("i-000000000000000dd"), None, None).await.unwrap();
+        let listing = get(none, "/latest/meta-data/").await;
+        assert_eq!(listing.0, 200);
+        assert!(!listing.1.contains("public-keys"), "no keys, no listing entry: {}", listing.1);
+        assert_eq!(get(none, "/latest/meta-data/public-keys/").await.0, 404);
+        assert_eq!(get(none, "/latest/meta-data/public-keys/0/openssh-key").await.0, 404);
+
+        let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExample user@example".to_string();
+        let mut m = meta("i-000000000000000ee");
+        m.public_keys = vec![("my-key".into(), key.clone())];
+        let port = servers.ensure(&m, None, None).await.unwrap();
+        let listing = get(port, "/latest/meta-data/").await.1;
+        assert!(listing.lines().any(|l| l == "public-keys/"), "{listing}");
+        assert_eq!(get(port, "/latest/meta-data/public-keys").await, (200, "0=my-key".into()));
+        assert_eq!(get(port, "/latest/meta-data/public-keys/").await, (200, "0=my-key".into()));
+        assert_eq!(get(port, "/latest/meta-data/public-keys/0").await, (200, "openssh-key".into()));
+        assert_eq!(get(port, "/latest/meta-data/public-keys/0/").await, (200, "openssh-key".into()));
+        assert_eq!(get(port, "/latest/meta-data/public-keys/0/openssh-key").await, (200, key.clone()));
+        for missing in ["public-keys/1/", "public-keys/1/openssh-key", "public-keys/00/openssh-key", "public-keys/+0/", "public-keys/0/nope", "public-keys/my-key"] {
+            assert_eq!(get(port, &format!("/latest/meta-data/{missing}")).await.0, 404, "{missing}");
+        }
+        // Keys can change (a later assignment): the same server answers the new ones.
+        m.public_keys.push(("second".into(), "ssh-rsa AAAAB3 second".into()));
+        assert_eq!(servers.ensure(&m, None, None).await.unwrap(), port);
+        assert_eq!(get(port, "/latest/meta-data/public-keys/").await, (200, "0=my-key\n1=second".into()));
+        assert_eq!(get(port, "/latest/meta-data/public-keys/1/openssh-key").await, (200, "ssh-rsa AAAAB3 second".into()));
         servers.stop_all();
     }
 

@@ -4,27 +4,37 @@
 //! hold, never from what the agent remembers, so a pass after a crash or a
 //! restart adopts what exists and repairs the rest. Every step is idempotent.
 
+use crate::console::ConsoleTracker;
 use crate::disks::GuestFiles;
 use crate::domain::{self, GuestSpec, Hypervisor};
 use crate::images::ImageCache;
 use crate::libvirt::{DomainStatus, Libvirt};
 use crate::metadata::MetadataServers;
+use crate::power::{self, InProgress};
 use nimbus_proto::agent::{Assignment, DesiredState, Observation};
 use nimbus_proto::ObservedState;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
-use tokio::sync::{broadcast, Semaphore};
+use std::time::{Duration, Instant};
+use tokio::sync::{broadcast, mpsc, Semaphore};
 
 /// Guests converged at once (image fetches, disk tools and libvirt calls).
 const PARALLEL: usize = 8;
+
+/// How long a pass waits for a stop it began before reporting it in
+/// progress; the stop then reports on its own when done.
+const INLINE_STOP_WAIT: Duration = Duration::from_secs(2);
 
 /// Something the agent did, for tests and benchmarks that measure it.
 #[derive(Debug, Clone)]
 pub enum AgentEvent {
     Started { instance_id: String, at: Instant },
     Removed { instance_id: String, at: Instant },
+    /// The guest was shut down (its domain stays defined).
+    Stopped { instance_id: String, at: Instant, forced: bool },
+    /// A reboot was requested of the running guest.
+    Rebooted { instance_id: String, at: Instant },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +49,21 @@ pub enum ConvergeError {
     Xml(#[from] quick_xml::SeError),
     #[error("metadata server: {0}")]
     Metadata(std::io::Error),
+    #[error(transparent)]
+    Counter(#[from] power::CounterError),
+}
+
+/// Where one pass left an instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    /// Running; `started`: by this pass (a fresh boot needs no pending reboot).
+    Running { started: bool },
+    /// A stop is under way (begun by this pass or an earlier one).
+    Stopping,
+    /// The stop failed; the guest presumably still runs. A later pass retries.
+    StopFailed(String),
+    Stopped,
+    Absent,
 }
 
 #[derive(Clone)]
@@ -50,6 +75,12 @@ pub struct Reconciler {
     pub instances_dir: PathBuf,
     pub metadata: MetadataServers,
     pub events: broadcast::Sender<AgentEvent>,
+    /// How long a guest gets to shut down on ACPI before it is powered off.
+    pub stop_timeout: Duration,
+    pub stopping: InProgress,
+    pub console: ConsoleTracker,
+    /// Observations made after their pass reported (a stop that took a while).
+    pub late: mpsc::UnboundedSender<Observation>,
 }
 
 impl Reconciler {
@@ -111,31 +142,86 @@ impl Reconciler {
     }
 
     async fn converge_one(&self, a: &Assignment, existing: Option<DomainStatus>) -> Observation {
-        let id = a.instance_id.clone();
+        // A stop under way owns the guest until it ends: no second stop, no restart.
+        if a.desired != DesiredState::Terminated && self.stopping.contains(&a.instance_id) {
+            return self.observe(a, Outcome::Stopping).await;
+        }
         let result = match a.desired {
             DesiredState::Running => self.ensure_running(a, existing).await,
-            DesiredState::Stopped => self.ensure_stopped(existing).await,
-            DesiredState::Terminated => self.ensure_gone(&id).await,
+            DesiredState::Stopped => self.ensure_stopped(a, existing).await,
+            DesiredState::Terminated => self.ensure_gone(&a.instance_id).await.map(|_| Outcome::Absent),
         };
         match result {
-            Ok(state) => Observation { instance_id: id, state, message: None, reboots: None, console: None },
+            Ok(outcome) => self.observe(a, outcome).await,
             Err(e) => {
-                tracing::warn!(instance_id = %id, error = %e, "cannot converge instance");
-                Observation { instance_id: id, state: ObservedState::Failed, message: Some(e.to_string()), reboots: None, console: None }
+                tracing::warn!(instance_id = %a.instance_id, error = %e, "cannot converge instance");
+                Observation { instance_id: a.instance_id.clone(), state: ObservedState::Failed, message: Some(e.to_string()), reboots: None, console: None }
             }
         }
     }
 
-    async fn ensure_running(&self, a: &Assignment, existing: Option<DomainStatus>) -> Result<ObservedState, ConvergeError> {
+    /// The observation of an instance after a pass: its state, the reboots
+    /// carried out (rebooting the guest first if one is owed) and any new
+    /// console output.
+    async fn observe(&self, a: &Assignment, outcome: Outcome) -> Observation {
+        let id = &a.instance_id;
+        let (state, mut message) = match &outcome {
+            Outcome::Running { .. } => (ObservedState::Running, None),
+            Outcome::Stopping => (ObservedState::Running, Some("stop in progress".to_string())),
+            Outcome::StopFailed(why) => (ObservedState::Running, Some(format!("stop failed: {why}"))),
+            Outcome::Stopped => (ObservedState::Stopped, None),
+            Outcome::Absent => {
+                self.console.forget(id);
+                return Observation { instance_id: id.clone(), state: ObservedState::Absent, message: None, reboots: None, console: None };
+            }
+        };
+        let files = GuestFiles::new(&self.instances_dir, id);
+        let reboots = match self.carry_out_reboots(a, &files, &outcome).await {
+            Ok(n) => Some(n),
+            Err(e) => {
+                // Not a failure of the instance: the guest is as `state` says; retried next pass.
+                tracing::warn!(instance_id = %id, error = %e, "cannot reboot");
+                message = Some(format!("reboot: {e}"));
+                None
+            }
+        };
+        let console = self.console.tail_if_changed(id, &files.console_log()).await;
+        Observation { instance_id: id.clone(), state, message, reboots, console }
+    }
+
+    /// Brings the reboots carried out up to those asked for: one reboot of a
+    /// guest that was already running covers every request still owed; a
+    /// guest that is off or was just booted owes none. Returns the count done.
+    async fn carry_out_reboots(&self, a: &Assignment, files: &GuestFiles, outcome: &Outcome) -> Result<i64, ConvergeError> {
+        let done = power::reboots_done(&files.dir).await?;
+        if a.reboots <= done {
+            return Ok(done);
+        }
+        match outcome {
+            Outcome::Running { started: false } => {
+                if self.libvirt.reboot(&domain::domain_name(&a.instance_id)).await? {
+                    tracing::info!(instance_id = %a.instance_id, requested = a.reboots, done, "guest rebooted");
+                    let _ = self.events.send(AgentEvent::Rebooted { instance_id: a.instance_id.clone(), at: Instant::now() });
+                }
+            }
+            Outcome::Running { started: true } | Outcome::Stopped => {}
+            Outcome::Stopping | Outcome::StopFailed(_) | Outcome::Absent => return Ok(done),
+        }
+        power::record_reboots(&files.dir, a.reboots).await?;
+        Ok(a.reboots)
+    }
+
+    async fn ensure_running(&self, a: &Assignment, existing: Option<DomainStatus>) -> Result<Outcome, ConvergeError> {
         if let Some(d) = existing {
             // Adopt: make sure its metadata server listens where the guest expects it.
             self.metadata.ensure(&a.metadata, a.user_data.as_deref(), Some(d.owner.metadata_port)).await.map_err(ConvergeError::Metadata)?;
-            if !d.running {
+            let started = !d.running;
+            if started {
                 self.libvirt.start(&d.name).await?;
                 tracing::info!(instance_id = %a.instance_id, "restarted a stopped domain");
                 let _ = self.events.send(AgentEvent::Started { instance_id: a.instance_id.clone(), at: Instant::now() });
             }
-            return Ok(ObservedState::Running);
+            return Ok(Outcome::Running { started });
         }
         let files = GuestFiles::new(&self.instances_dir, &a.instance_id);
         let img = &a.image;
@@ -165,18 +251,53 @@ impl Reconciler {
         self.libvirt.define_and_start(domain::render(&spec)?).await?;
         tracing::info!(instance_id = %a.instance_id, metadata_port = port, "guest started");
         let _ = self.events.send(AgentEvent::Started { instance_id: a.instance_id.clone(), at: Instant::now() });
-        Ok(ObservedState::Running)
+        Ok(Outcome::Running { started: true })
     }
 
-    async fn ensure_stopped(&self, existing: Option<DomainStatus>) -> Result<ObservedState, ConvergeError> {
-        // Stop/start arrive with the EC2 front door; a hard stop keeps disks and definition.
-        match existing {
-            Some(d) if d.running => Err(ConvergeError::Metadata(std::io::Error::other(format!(
-                "stopping {} is not supported by this agent version",
-                d.name
-            )))),
-            Some(_) => Ok(ObservedState::Stopped),
-            None => Ok(ObservedState::Absent),
+    /// Stops a running guest (ACPI, then forced after `stop_timeout`),
+    /// keeping its definition and files. The stop runs in its own task; the
+    /// pass waits for it a little, after which the task reports on its own.
+    async fn ensure_stopped(&self, a: &Assignment, existing: Option<DomainStatus>) -> Result<Outcome, ConvergeError> {
+        // No domain: nothing runs; any files are kept, and a start builds the domain.
+        let Some(d) = existing else { return Ok(Outcome::Stopped) };
+        // Keep serving (and holding) the guest's metadata port for its next start.
+        if let Err(e) = self.metadata.ensure(&a.metadata, a.user_data.as_deref(), Some(d.owner.metadata_port)).await {
+            tracing::warn!(instance_id = %a.instance_id, port = d.owner.metadata_port, error = %e, "cannot serve metadata");
+        }
+        if !d.running {
+            return Ok(Outcome::Stopped);
+        }
+        let Some(guard) = self.stopping.begin(&a.instance_id) else { return Ok(Outcome::Stopping) };
+        let (this, name, id) = (self.clone(), d.name.clone(), a.instance_id.clone());
+        let mut task = tokio::spawn(async move {
+            let _guard = guard;
+            tracing::info!(instance_id = %id, timeout_secs = this.stop_timeout.as_secs(), "stopping guest");
+            let r = power::stop_domain(&this.libvirt, &name, this.stop_timeout).await;
+            match &r {
+                Ok(how) => {
+                    tracing::info!(instance_id = %id, ?how, "guest stopped");
+                    let forced = *how == power::Stopped::Forced;
+                    let _ = this.events.send(AgentEvent::Stopped { instance_id: id, at: Instant::now(), forced });
+                }
+                Err(e) => tracing::warn!(instance_id = %id, error = %e, "cannot stop guest"),
+            }
+            r
+        });
+        let outcome = |joined: Result<Result<power::Stopped, crate::libvirt::LibvirtError>, tokio::task::JoinError>| match joined {
+            Ok(Ok(_)) => Outcome::Stopped,
+            Ok(Err(e)) => Outcome::StopFailed(e.to_string()),
+            Err(e) => Outcome::StopFailed(e.to_string()),
+        };
+        match tokio::time::timeout(INLINE_STOP_WAIT, &mut task).await {
+            Ok(joined) => Ok(outcome(joined)),
+            Err(_) => {
+                let (this, a) = (self.clone(), a.clone());
+                tokio::spawn(async move {
+                    let obs = this.observe(&a, outcome(task.await)).await;
+                    let _ = this.late.send(obs);
+                });
+                Ok(Outcome::Stopping)
+            }
         }
     }
 
@@ -184,6 +305,7 @@ impl Reconciler {
     async fn ensure_gone(&self, instance_id: &str) -> Result<ObservedState, ConvergeError> {
         self.libvirt.destroy(&domain::domain_name(instance_id)).await?;
         self.metadata.stop(instance_id);
+        self.console.forget(instance_id);
         let files = GuestFiles::new(&self.instances_dir, instance_id);
         let had_files = files.exists().await;
         files.remove().await?;

@@ -250,6 +250,7 @@ impl Cloud {
             cpu_allocation_ratio: 1.0,
             reserved_memory_mib: 0,
             poll_ms: 2000,
+            stop_timeout_secs: 30,
         };
         let mut handle = AgentHandle {
             name: config.name.clone(),
