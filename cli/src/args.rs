@@ -186,6 +186,8 @@ impl RunInstancesArgs {
     pub fn to_request(&self) -> Result<RunInstancesRequest, CliError> {
         let (min_count, max_count) = self.counts()?;
         Ok(RunInstancesRequest {
+            key_name: None,
+            tags: Vec::new(),
             image_id: self.image_id.clone(),
             instance_type: self.instance_type.clone(),
             min_count,

@@ -30,6 +30,16 @@ pub enum ServiceError {
     ImageAlreadyExists(String),
     #[error("There is not enough capacity to fulfil your request: {0}")]
     InsufficientInstanceCapacity(String),
+    #[error("{0}")]
+    IncorrectInstanceState(String),
+    #[error("The key pair '{0}' does not exist")]
+    KeyPairNotFound(String),
+    #[error("The keypair '{0}' already exists")]
+    KeyPairDuplicate(String),
+    #[error("{0}")]
+    InvalidKeyFormat(String),
+    #[error("{0}")]
+    TagLimitExceeded(String),
     #[error("Client token '{0}' was already used with different parameters")]
     IdempotentParameterMismatch(String),
     #[error("{0}")]
@@ -73,6 +83,11 @@ impl ServiceError {
             ImageAlreadyExists(_) => "InvalidAMIName.Duplicate",
             InsufficientInstanceCapacity(_) => "InsufficientInstanceCapacity",
             IdempotentParameterMismatch(_) => "IdempotentParameterMismatch",
+            IncorrectInstanceState(_) => "IncorrectInstanceState",
+            KeyPairNotFound(_) => "InvalidKeyPair.NotFound",
+            KeyPairDuplicate(_) => "InvalidKeyPair.Duplicate",
+            InvalidKeyFormat(_) => "InvalidKeyPair.Format",
+            TagLimitExceeded(_) => "TagLimitExceeded",
             AuthFailure(_) => "AuthFailure",
             RequestExpired(_) => "RequestExpired",
             IncompleteSignature(_) => "IncompleteSignature",
@@ -95,6 +110,10 @@ impl ServiceError {
             | MissingParameter(_)
             | MalformedRequest(_)
             | InvalidParameterCombination(_)
+            | IncorrectInstanceState(_)
+            | KeyPairNotFound(_)
+            | InvalidKeyFormat(_)
+            | TagLimitExceeded(_)
             | ImageNotFound(_)
             | ImageIdMalformed(_)
             | InstanceNotFound(_)
@@ -105,7 +124,7 @@ impl ServiceError {
             | InvalidAction(_) => StatusCode::BAD_REQUEST,
             DryRunOperation => StatusCode::PRECONDITION_FAILED,
             MissingAuthenticationToken(_) => StatusCode::UNAUTHORIZED,
-            ImageAlreadyExists(_) | IdempotentParameterMismatch(_) | Conflict(_) => StatusCode::CONFLICT,
+            ImageAlreadyExists(_) | IdempotentParameterMismatch(_) | Conflict(_) | KeyPairDuplicate(_) => StatusCode::CONFLICT,
             AuthFailure(_) => StatusCode::UNAUTHORIZED,
             Unauthorized(_) => StatusCode::FORBIDDEN,
             RouteNotFound(_) => StatusCode::NOT_FOUND,
@@ -120,7 +139,7 @@ impl ServiceError {
         use ServiceError::*;
         match self {
             InsufficientInstanceCapacity(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            ImageAlreadyExists(_) | IdempotentParameterMismatch(_) | Conflict(_) => StatusCode::BAD_REQUEST,
+            ImageAlreadyExists(_) | IdempotentParameterMismatch(_) | Conflict(_) | KeyPairDuplicate(_) => StatusCode::BAD_REQUEST,
             other => other.http_status(),
         }
     }

@@ -36,6 +36,19 @@ pub struct RunInstancesRequest {
     /// original reservation instead of launching again.
     #[serde(default)]
     pub client_token: Option<String>,
+    /// Key pair whose public key the instance gets through its metadata.
+    #[serde(default)]
+    pub key_name: Option<String>,
+    /// Tags given to every launched instance.
+    #[serde(default)]
+    pub tags: Vec<ResourceTag>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ResourceTag {
+    pub key: String,
+    #[serde(default)]
+    pub value: String,
 }
 
 fn one() -> u32 {
@@ -53,6 +66,8 @@ impl RunInstancesRequest {
             availability_zone: None,
             user_data: None,
             client_token: None,
+            key_name: None,
+            tags: Vec::new(),
         }
     }
 }
@@ -82,6 +97,10 @@ pub struct Instance {
     pub ami_launch_index: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_name: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<ResourceTag>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -33,6 +33,15 @@ pub fn routes() -> Router<Service> {
     Router::new()
         .route("/v1/instances", post(run_instances).get(describe_instances))
         .route("/v1/instances/terminate", post(terminate_instances))
+        .route("/v1/instances/stop", post(stop_instances))
+        .route("/v1/instances/start", post(start_instances))
+        .route("/v1/instances/reboot", post(reboot_instances))
+        .route("/v1/instances/{id}/console", get(console_output))
+        .route("/v1/tags", get(describe_tags).post(create_tags))
+        .route("/v1/tags/delete", post(delete_tags))
+        .route("/v1/key-pairs", get(describe_key_pairs).post(create_key_pair))
+        .route("/v1/key-pairs/import", post(import_key_pair))
+        .route("/v1/key-pairs/{name}", axum::routing::delete(delete_key_pair))
         .route("/v1/instances/{id}", get(describe_instance).delete(terminate_instance))
         .route("/v1/hosts", get(describe_hosts))
         .route("/v1/instance-types", get(describe_instance_types))
@@ -52,6 +61,9 @@ struct ListQuery {
     state: Option<String>,
     availability_zone: Option<String>,
     instance_type: Option<String>,
+    image_id: Option<String>,
+    /// `tag=Key` (has the key) or `tag=Key=Value`.
+    tag: Option<String>,
     max_results: Option<u32>,
     next_token: Option<String>,
 }
@@ -70,6 +82,15 @@ async fn describe_instances(State(s): State<Service>, Admin(c): Admin, ApiQuery(
         states,
         availability_zones: split(&q.availability_zone),
         instance_types: split(&q.instance_type),
+        image_ids: split(&q.image_id),
+        tags: q
+            .tag
+            .as_deref()
+            .map(|t| match t.split_once('=') {
+                Some((k, v)) => vec![(k.to_string(), Some(vec![v.to_string()]))],
+                None => vec![(t.to_string(), None)],
+            })
+            .unwrap_or_default(),
         max_results: q.max_results,
         next_token: q.next_token,
     };
@@ -86,6 +107,121 @@ async fn terminate_instances(
     ApiJson(req): ApiJson<TerminateInstancesRequest>,
 ) -> Result<Json<TerminateInstancesResponse>> {
     Ok(Json(TerminateInstancesResponse { terminating_instances: s.terminate_instances(&c, &req.instance_ids).await? }))
+}
+
+async fn stop_instances(
+    State(s): State<Service>,
+    Admin(c): Admin,
+    ApiJson(req): ApiJson<TerminateInstancesRequest>,
+) -> Result<Json<serde_json::Value>> {
+    Ok(Json(serde_json::json!({ "stopping_instances": s.stop_instances(&c, &req.instance_ids).await? })))
+}
+
+async fn start_instances(
+    State(s): State<Service>,
+    Admin(c): Admin,
+    ApiJson(req): ApiJson<TerminateInstancesRequest>,
+) -> Result<Json<serde_json::Value>> {
+    Ok(Json(serde_json::json!({ "starting_instances": s.start_instances(&c, &req.instance_ids).await? })))
+}
+
+async fn reboot_instances(
+    State(s): State<Service>,
+    Admin(c): Admin,
+    ApiJson(req): ApiJson<TerminateInstancesRequest>,
+) -> Result<Json<serde_json::Value>> {
+    s.reboot_instances(&c, &req.instance_ids).await?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn console_output(State(s): State<Service>, Admin(c): Admin, Path(id): Path<String>) -> Result<Json<serde_json::Value>> {
+    use base64::Engine;
+    let out = s.console_output(&c, &id).await?;
+    Ok(Json(serde_json::json!({
+        "instance_id": out.instance_id,
+        "output": base64::engine::general_purpose::STANDARD.encode(&out.output),
+        "timestamp": out.timestamp,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TagsRequest {
+    resource_ids: Vec<String>,
+    #[serde(default)]
+    tags: Vec<ResourceTag>,
+}
+
+async fn create_tags(State(s): State<Service>, Admin(c): Admin, ApiJson(req): ApiJson<TagsRequest>) -> Result<Json<serde_json::Value>> {
+    let tags: Vec<(String, String)> = req.tags.into_iter().map(|t| (t.key, t.value)).collect();
+    s.create_tags(&c, &req.resource_ids, &tags).await?;
+    Ok(Json(serde_json::json!({})))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteTagsRequest {
+    resource_ids: Vec<String>,
+    /// Keys, with a value to delete only that value.
+    #[serde(default)]
+    tags: Vec<DeleteTag>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteTag {
+    key: String,
+    value: Option<String>,
+}
+
+async fn delete_tags(State(s): State<Service>, Admin(c): Admin, ApiJson(req): ApiJson<DeleteTagsRequest>) -> Result<Json<serde_json::Value>> {
+    let tags: Vec<(String, Option<String>)> = req.tags.into_iter().map(|t| (t.key, t.value)).collect();
+    s.delete_tags(&c, &req.resource_ids, &tags).await?;
+    Ok(Json(serde_json::json!({})))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TagsQuery {
+    resource_id: Option<String>,
+    key: Option<String>,
+    value: Option<String>,
+}
+
+async fn describe_tags(State(s): State<Service>, Admin(c): Admin, ApiQuery(q): ApiQuery<TagsQuery>) -> Result<Json<serde_json::Value>> {
+    let tags = s.describe_tags(&c, &split(&q.resource_id), &split(&q.key), &split(&q.value)).await?;
+    Ok(Json(serde_json::json!({ "tags": tags })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateKeyPair {
+    name: String,
+    key_type: Option<String>,
+}
+
+async fn create_key_pair(State(s): State<Service>, Admin(c): Admin, ApiJson(req): ApiJson<CreateKeyPair>) -> Result<Json<crate::service::keypairs::NewKeyPair>> {
+    Ok(Json(s.create_key_pair(&c, &req.name, req.key_type.as_deref()).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportKeyPair {
+    name: String,
+    public_key: String,
+}
+
+async fn import_key_pair(State(s): State<Service>, Admin(c): Admin, ApiJson(req): ApiJson<ImportKeyPair>) -> Result<Json<crate::service::keypairs::KeyPair>> {
+    Ok(Json(s.import_key_pair(&c, &req.name, &req.public_key).await?))
+}
+
+async fn describe_key_pairs(State(s): State<Service>, Admin(c): Admin) -> Result<Json<serde_json::Value>> {
+    Ok(Json(serde_json::json!({ "key_pairs": s.describe_key_pairs(&c, &[]).await? })))
+}
+
+async fn delete_key_pair(State(s): State<Service>, Admin(c): Admin, Path(name): Path<String>) -> Result<Json<serde_json::Value>> {
+    s.delete_key_pair(&c, &name).await?;
+    Ok(Json(serde_json::json!({})))
 }
 
 async fn terminate_instance(State(s): State<Service>, Admin(c): Admin, Path(id): Path<String>) -> Result<Json<StateChange>> {

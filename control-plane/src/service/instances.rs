@@ -15,6 +15,10 @@ use std::collections::BTreeSet;
 /// How often a launch re-plans after losing a race for capacity.
 const MAX_PLACEMENT_ATTEMPTS: u32 = 16;
 pub const MAX_PAGE: u32 = 1000;
+/// Terminated instances stay visible this long, then disappear (as in EC2).
+pub const TERMINATED_VISIBLE_FOR: &str = "1 hour";
+/// The SQL condition of an instance the API still shows.
+const VISIBLE: &str = "(state <> 'terminated' OR state_changed_at > now() - interval '1 hour')";
 pub const DEFAULT_PAGE: u32 = 100;
 
 #[derive(sqlx::FromRow)]
@@ -30,10 +34,11 @@ pub(crate) struct InstanceRow {
     pub state: String,
     pub state_reason: Option<String>,
     pub launch_time: chrono::DateTime<chrono::Utc>,
+    pub key_name: Option<String>,
 }
 
 const INSTANCE_COLUMNS: &str = "id, seq, reservation_id, ami_launch_index, image_id, instance_type, \
-     availability_zone, host_id, state, state_reason, launch_time";
+     availability_zone, host_id, state, state_reason, launch_time, key_name";
 
 pub(crate) fn parse_state(s: &str) -> Result<InstanceState> {
     s.parse().map_err(|e| ServiceError::Internal(format!("bad state in database: {e}")))
@@ -52,6 +57,8 @@ impl InstanceRow {
             launch_time: self.launch_time,
             ami_launch_index: self.ami_launch_index as u32,
             state_reason: self.state_reason,
+            key_name: self.key_name,
+            tags: Vec::new(),
         })
     }
 }
@@ -63,6 +70,9 @@ pub struct InstanceFilter {
     pub states: Vec<InstanceState>,
     pub availability_zones: Vec<String>,
     pub instance_types: Vec<String>,
+    pub image_ids: Vec<String>,
+    /// `tag:KEY` filters (any of the values) and `tag-key` filters (values `None`).
+    pub tags: Vec<(String, Option<Vec<String>>)>,
     pub max_results: Option<u32>,
     pub next_token: Option<String>,
 }
@@ -90,6 +100,9 @@ struct LaunchSpec {
     max: u32,
     zone: Option<String>,
     user_data: Option<Vec<u8>>,
+    key_name: Option<String>,
+    public_key: Option<String>,
+    tags: Vec<(String, String)>,
 }
 
 impl LaunchSpec {
@@ -102,6 +115,15 @@ impl LaunchSpec {
         }
         h.update(self.min.to_be_bytes());
         h.update(self.max.to_be_bytes());
+        let key = self.key_name.as_deref().unwrap_or("");
+        h.update((key.len() as u64).to_be_bytes());
+        h.update(key.as_bytes());
+        for (k, v) in &self.tags {
+            h.update((k.len() as u64).to_be_bytes());
+            h.update(k.as_bytes());
+            h.update((v.len() as u64).to_be_bytes());
+            h.update(v.as_bytes());
+        }
         match &self.user_data {
             Some(u) => {
                 h.update([1]);
@@ -158,10 +180,13 @@ pub fn validate_run(req: &RunInstancesRequest, max_count: u32) -> Result<(Option
 
 impl Service {
     /// Everything a launch checks before it places anything (for DryRun).
-    pub async fn check_run_instances(&self, req: &RunInstancesRequest) -> Result<()> {
+    pub async fn check_run_instances(&self, caller: &Caller, req: &RunInstancesRequest) -> Result<()> {
         validate_run(req, self.config.max_count)?;
         self.image(req.image_id.as_deref()).await?;
         self.instance_type(&req.instance_type).await?;
+        if let Some(k) = &req.key_name {
+            self.key_pair_public_key(caller, k).await?;
+        }
         Ok(())
     }
 
@@ -169,6 +194,17 @@ impl Service {
         let (user_data, zone) = validate_run(&req, self.config.max_count)?;
         let image = self.image(req.image_id.as_deref()).await?;
         let itype = self.instance_type(&req.instance_type).await?;
+        let public_key = match &req.key_name {
+            Some(k) => Some(self.key_pair_public_key(caller, k).await?),
+            None => None,
+        };
+        let mut tags: Vec<(String, String)> = req.tags.iter().map(|t| (t.key.clone(), t.value.clone())).collect();
+        tags.sort();
+        tags.dedup_by(|a, b| a.0 == b.0);
+        if tags.len() != req.tags.len() {
+            return Err(ServiceError::InvalidParameterValue("a tag key is given twice".into()));
+        }
+        super::tags::validate_tags(&tags)?;
         let spec = LaunchSpec {
             image_id: image.image_id,
             instance_type: itype.name,
@@ -177,6 +213,9 @@ impl Service {
             max: req.max_count,
             zone,
             user_data,
+            key_name: req.key_name.clone(),
+            public_key,
+            tags,
         };
         let digest = spec.digest();
         for attempt in 1..=MAX_PLACEMENT_ATTEMPTS {
@@ -260,8 +299,9 @@ impl Service {
         let placed_zones: Vec<String> = placements.iter().map(|h| zones.get(h.as_str()).copied().unwrap_or("").to_string()).collect();
         sqlx::query(
             "INSERT INTO instances (id, account_id, reservation_id, ami_launch_index, image_id, instance_type, \
-                 vcpus, memory_mib, disk_gib, availability_zone, host_id, state, desired_state, user_data, changed_generation) \
-             SELECT id, $2, $3, idx, $4, $5, $6, $7, $8, zone, host, 'pending', 'running', $9, gen \
+                 vcpus, memory_mib, disk_gib, availability_zone, host_id, state, desired_state, user_data, changed_generation, \
+                 key_name, public_key) \
+             SELECT id, $2, $3, idx, $4, $5, $6, $7, $8, zone, host, 'pending', 'running', $9, gen, $14, $15 \
              FROM unnest($1::text[], $10::int[], $11::text[], $12::text[], $13::bigint[]) AS t(id, idx, zone, host, gen)",
         )
         .bind(&ids)
@@ -277,8 +317,19 @@ impl Service {
         .bind(&placed_zones)
         .bind(&placements)
         .bind(&changed)
+        .bind(&spec.key_name)
+        .bind(&spec.public_key)
         .execute(&mut *tx)
         .await?;
+        for (k, v) in &spec.tags {
+            sqlx::query("INSERT INTO tags (account_id, resource_id, key, value) SELECT $1, id, $3, $4 FROM unnest($2::text[]) AS id")
+                .bind(&caller.account_id)
+                .bind(&ids)
+                .bind(k)
+                .bind(v)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         tracing::info!(%reservation_id, count = ids.len(), instance_type = %spec.instance_type, "instances launched");
         self.reservation(caller, &reservation_id).await.map(Some)
@@ -295,7 +346,7 @@ impl Service {
         Ok(Reservation {
             reservation_id: reservation_id.to_string(),
             owner_id: caller.account_id.clone(),
-            instances: rows.into_iter().map(InstanceRow::into_api).collect::<Result<_>>()?,
+            instances: self.with_tags(caller, rows).await?,
         })
     }
 
@@ -313,9 +364,13 @@ impl Service {
         let opt = |v: &Vec<String>| if v.is_empty() { None } else { Some(v.clone()) };
         let states: Vec<String> = filter.states.iter().map(|s| s.as_str().to_string()).collect();
         let mut rows = sqlx::query_as::<_, InstanceRow>(&format!(
-            "SELECT {INSTANCE_COLUMNS} FROM instances WHERE account_id = $1 AND seq > $2 \
+            "SELECT {INSTANCE_COLUMNS} FROM instances WHERE account_id = $1 AND seq > $2 AND {VISIBLE} \
                AND ($3::text[] IS NULL OR id = ANY($3)) AND ($4::text[] IS NULL OR state = ANY($4)) \
                AND ($5::text[] IS NULL OR availability_zone = ANY($5)) AND ($6::text[] IS NULL OR instance_type = ANY($6)) \
+               AND ($8::text[] IS NULL OR image_id = ANY($8)) \
+               AND NOT EXISTS (SELECT 1 FROM jsonb_to_recordset($9::jsonb) AS f(k text, v text[]) WHERE NOT EXISTS \
+                   (SELECT 1 FROM tags t WHERE t.account_id = instances.account_id AND t.resource_id = instances.id \
+                      AND t.key = f.k AND (f.v IS NULL OR t.value = ANY(f.v)))) \
              ORDER BY seq LIMIT $7"
         ))
         .bind(&caller.account_id)
@@ -325,6 +380,10 @@ impl Service {
         .bind(opt(&filter.availability_zones))
         .bind(opt(&filter.instance_types))
         .bind(i64::from(limit) + 1)
+        .bind(opt(&filter.image_ids))
+        .bind(serde_json::Value::Array(
+            filter.tags.iter().map(|(k, v)| serde_json::json!({"k": k, "v": v})).collect(),
+        ))
         .fetch_all(&self.db)
         .await?;
         let next_token = if rows.len() > limit as usize {
@@ -342,7 +401,20 @@ impl Service {
                 }
             }
         }
-        Ok(InstanceList { instances: rows.into_iter().map(InstanceRow::into_api).collect::<Result<_>>()?, next_token })
+        Ok(InstanceList { instances: self.with_tags(caller, rows).await?, next_token })
+    }
+
+    async fn with_tags(&self, caller: &Caller, rows: Vec<InstanceRow>) -> Result<Vec<Instance>> {
+        let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
+        let mut tags = self.tags_of(caller, &ids).await?;
+        rows.into_iter()
+            .map(|r| {
+                let t = tags.remove(&r.id).unwrap_or_default();
+                let mut i = r.into_api()?;
+                i.tags = t.into_iter().map(|(key, value)| nimbus_proto::api::ResourceTag { key, value }).collect();
+                Ok(i)
+            })
+            .collect()
     }
 
     pub async fn describe_instance(&self, caller: &Caller, id: &str) -> Result<Instance> {
@@ -355,6 +427,25 @@ impl Service {
     /// terminating or terminated instance reports its state and changes
     /// nothing. Either every id is known to the caller or nothing changes.
     pub async fn terminate_instances(&self, caller: &Caller, instance_ids: &[String]) -> Result<Vec<StateChange>> {
+        self.change_instances(caller, instance_ids, Op::Terminate).await
+    }
+
+    /// Stops the guests (ACPI shutdown, then hard stop after a timeout); their
+    /// disks stay, and so does their place on the host.
+    pub async fn stop_instances(&self, caller: &Caller, instance_ids: &[String]) -> Result<Vec<StateChange>> {
+        self.change_instances(caller, instance_ids, Op::Stop).await
+    }
+
+    pub async fn start_instances(&self, caller: &Caller, instance_ids: &[String]) -> Result<Vec<StateChange>> {
+        self.change_instances(caller, instance_ids, Op::Start).await
+    }
+
+    /// Asks the agents to reboot the guests (once per call).
+    pub async fn reboot_instances(&self, caller: &Caller, instance_ids: &[String]) -> Result<()> {
+        self.change_instances(caller, instance_ids, Op::Reboot).await.map(|_| ())
+    }
+
+    async fn change_instances(&self, caller: &Caller, instance_ids: &[String], op: Op) -> Result<Vec<StateChange>> {
         if instance_ids.is_empty() {
             return Err(ServiceError::MissingParameter("instance_ids".into()));
         }
@@ -368,19 +459,19 @@ impl Service {
         }
         let unique: Vec<String> = instance_ids.iter().cloned().collect::<BTreeSet<_>>().into_iter().collect();
         loop {
-            match self.try_terminate(caller, &unique).await {
+            match self.try_change(caller, &unique, op).await {
                 Err(ServiceError::Database(e)) if crate::db::is_retryable(&e) => continue,
                 other => return other,
             }
         }
     }
 
-    async fn try_terminate(&self, caller: &Caller, ids: &[String]) -> Result<Vec<StateChange>> {
+    async fn try_change(&self, caller: &Caller, ids: &[String], op: Op) -> Result<Vec<StateChange>> {
         let mut tx = self.db.begin().await?;
         // Lock order everywhere: instances (by id), then hosts (by id).
-        let rows: Vec<(String, String, String)> = sqlx::query_as(
-            "SELECT id, state, host_id FROM instances WHERE account_id = $1 AND id = ANY($2) ORDER BY id FOR UPDATE",
-        )
+        let rows: Vec<(String, String, String)> = sqlx::query_as(&format!(
+            "SELECT id, state, host_id FROM instances WHERE account_id = $1 AND id = ANY($2) AND {VISIBLE} ORDER BY id FOR UPDATE"
+        ))
         .bind(&caller.account_id)
         .bind(ids)
         .fetch_all(&mut *tx)
@@ -393,7 +484,10 @@ impl Service {
         let mut hosts: BTreeSet<String> = BTreeSet::new();
         for (id, state, host) in rows {
             let prev = parse_state(&state)?;
-            let current = match prev.on_terminate() {
+            let next = op.next(prev).map_err(|()| {
+                ServiceError::IncorrectInstanceState(format!("The instance '{id}' is not in a state from which it can be {}", op.verb()))
+            })?;
+            let current = match next {
                 Some(next) => {
                     changed.push(id.clone());
                     hosts.insert(host);
@@ -405,16 +499,23 @@ impl Service {
         }
         if !changed.is_empty() {
             let hosts: Vec<String> = hosts.into_iter().collect();
+            let reboot = op == Op::Reboot;
+            let (state, desired) = op.target();
             sqlx::query(
                 "WITH h AS (SELECT id FROM hosts WHERE id = ANY($2) ORDER BY id FOR UPDATE), \
                       bumped AS (UPDATE hosts SET generation = generation + 1 FROM h WHERE hosts.id = h.id \
                                  RETURNING hosts.id, hosts.generation) \
-                 UPDATE instances SET state = 'shutting-down', desired_state = 'terminated', state_changed_at = now(), \
+                 UPDATE instances SET state = coalesce($3, state), desired_state = coalesce($4, desired_state), \
+                        reboots = reboots + $5, state_reason = CASE WHEN $5 = 0 THEN NULL ELSE state_reason END, \
+                        state_changed_at = CASE WHEN $5 = 0 THEN now() ELSE state_changed_at END, \
                         changed_generation = bumped.generation \
                  FROM bumped WHERE instances.host_id = bumped.id AND instances.id = ANY($1)",
             )
             .bind(&changed)
             .bind(&hosts)
+            .bind(state.map(|s| s.as_str()))
+            .bind(desired.map(|d| d.as_str()))
+            .bind(i64::from(reboot))
             .execute(&mut *tx)
             .await?;
             sqlx::query("SELECT pg_notify($1, h) FROM unnest($2::text[]) AS h")
@@ -427,6 +528,75 @@ impl Service {
         // Answer in the order the caller asked.
         changes.sort_by_key(|c| ids.iter().position(|i| *i == c.instance_id));
         Ok(changes)
+    }
+
+    /// The tail of the guest's serial console as last shipped by its agent.
+    pub async fn console_output(&self, caller: &Caller, instance_id: &str) -> Result<ConsoleOutput> {
+        if !ids::is_valid(ids::INSTANCE, instance_id) {
+            return Err(ServiceError::InstanceIdMalformed(instance_id.to_string()));
+        }
+        let row: Option<(Option<Vec<u8>>, Option<chrono::DateTime<chrono::Utc>>)> = sqlx::query_as(&format!(
+            "SELECT console_output, console_updated_at FROM instances WHERE account_id = $1 AND id = $2 AND {VISIBLE}"
+        ))
+        .bind(&caller.account_id)
+        .bind(instance_id)
+        .fetch_optional(&self.db)
+        .await?;
+        let (output, at) = row.ok_or_else(|| ServiceError::InstanceNotFound(instance_id.to_string()))?;
+        Ok(ConsoleOutput { instance_id: instance_id.to_string(), output: output.unwrap_or_default(), timestamp: at })
+    }
+}
+
+/// See [`Service::console_output`].
+#[derive(Debug, Clone)]
+pub struct ConsoleOutput {
+    pub instance_id: String,
+    pub output: Vec<u8>,
+    pub timestamp: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// A user's request to change instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Terminate,
+    Stop,
+    Start,
+    Reboot,
+}
+
+impl Op {
+    /// The state after the request; `Ok(None)`: no change; `Err`: not allowed.
+    fn next(self, s: InstanceState) -> Result<Option<InstanceState>, ()> {
+        match self {
+            Op::Terminate => Ok(s.on_terminate()),
+            Op::Stop => s.on_stop(),
+            Op::Start => s.on_start(),
+            // A reboot changes no state, but must reach the agent.
+            Op::Reboot => match s {
+                InstanceState::Running | InstanceState::Pending => Ok(Some(s)),
+                _ => Err(()),
+            },
+        }
+    }
+
+    /// The state and desired state every changed instance gets (`None`: kept).
+    fn target(self) -> (Option<InstanceState>, Option<nimbus_proto::Desired>) {
+        use nimbus_proto::Desired;
+        match self {
+            Op::Terminate => (Some(InstanceState::ShuttingDown), Some(Desired::Terminated)),
+            Op::Stop => (Some(InstanceState::Stopping), Some(Desired::Stopped)),
+            Op::Start => (Some(InstanceState::Pending), Some(Desired::Running)),
+            Op::Reboot => (None, None),
+        }
+    }
+
+    fn verb(self) -> &'static str {
+        match self {
+            Op::Terminate => "terminated",
+            Op::Stop => "stopped",
+            Op::Start => "started",
+            Op::Reboot => "rebooted",
+        }
     }
 }
 
@@ -483,6 +653,9 @@ mod tests {
             max,
             zone: None,
             user_data: ud,
+            key_name: None,
+            public_key: None,
+            tags: Vec::new(),
         };
         assert_eq!(spec(None, 1).digest(), spec(None, 1).digest());
         assert_ne!(spec(None, 1).digest(), spec(None, 2).digest());

@@ -10,7 +10,9 @@ pub mod catalog;
 pub mod hosts;
 pub mod images;
 pub mod instances;
+pub mod keypairs;
 pub mod scheduler;
+pub mod tags;
 
 use crate::config::Config;
 use crate::notify::HostEvents;

@@ -83,7 +83,7 @@ async fn serve(s: &Service, req: Request) -> Result<String, ServiceError> {
         "RunInstances" => {
             let req = run_request(&params)?;
             if dry_run {
-                s.check_run_instances(&req).await?;
+                s.check_run_instances(&caller, &req).await?;
                 return Err(ServiceError::DryRunOperation);
             }
             let r = s.run_instances(&caller, req).await?;
@@ -97,15 +97,143 @@ async fn serve(s: &Service, req: Request) -> Result<String, ServiceError> {
             let list = s.describe_instances(&caller, filter).await?;
             reply!("DescribeInstancesResponse", xml::describe_instances(&list.instances, &caller.account_id, list.next_token))
         }
-        "TerminateInstances" => {
+        "TerminateInstances" | "StopInstances" | "StartInstances" => {
             let ids = params.list("InstanceId")?;
             if dry_run {
-                let filter = InstanceFilter { instance_ids: ids, ..Default::default() };
-                s.describe_instances(&caller, filter).await?;
+                s.describe_instances(&caller, InstanceFilter { instance_ids: ids, ..Default::default() }).await?;
                 return Err(ServiceError::DryRunOperation);
             }
-            let changes = s.terminate_instances(&caller, &ids).await?;
-            reply!("TerminateInstancesResponse", xml::state_changes(&changes))
+            match action.as_str() {
+                "StopInstances" => {
+                    let changes = xml::state_changes(&s.stop_instances(&caller, &ids).await?);
+                    reply!("StopInstancesResponse", xml::StopInstances { stopping_instances: changes })
+                }
+                "StartInstances" => {
+                    let changes = xml::state_changes(&s.start_instances(&caller, &ids).await?);
+                    reply!("StartInstancesResponse", xml::StartInstances { starting_instances: changes })
+                }
+                _ => {
+                    let changes = xml::state_changes(&s.terminate_instances(&caller, &ids).await?);
+                    reply!("TerminateInstancesResponse", xml::TerminateInstances { instances_set: changes })
+                }
+            }
+        }
+        "RebootInstances" => {
+            let ids = params.list("InstanceId")?;
+            if dry_run {
+                s.describe_instances(&caller, InstanceFilter { instance_ids: ids, ..Default::default() }).await?;
+                return Err(ServiceError::DryRunOperation);
+            }
+            s.reboot_instances(&caller, &ids).await?;
+            reply!("RebootInstancesResponse", xml::Return { value: true })
+        }
+        "GetConsoleOutput" => {
+            let id = params.required("InstanceId")?;
+            if dry_run {
+                s.console_output(&caller, id).await?;
+                return Err(ServiceError::DryRunOperation);
+            }
+            use base64::Engine;
+            let out = s.console_output(&caller, id).await?;
+            reply!(
+                "GetConsoleOutputResponse",
+                xml::ConsoleOutput {
+                    instance_id: out.instance_id,
+                    timestamp: xml::timestamp(&out.timestamp.unwrap_or_else(chrono::Utc::now)),
+                    output: base64::engine::general_purpose::STANDARD.encode(&out.output),
+                }
+            )
+        }
+        "CreateTags" | "DeleteTags" => {
+            let resources = params.list("ResourceId")?;
+            let tags = params.structs("Tag")?;
+            if dry_run {
+                return Err(ServiceError::DryRunOperation);
+            }
+            if action == "CreateTags" {
+                let tags: Vec<(String, String)> = tags
+                    .iter()
+                    .map(|t| Ok((t.required("Key")?.to_string(), t.get("Value").unwrap_or("").to_string())))
+                    .collect::<Result<_, ServiceError>>()?;
+                if tags.is_empty() {
+                    return Err(ServiceError::MissingParameter("Tag".into()));
+                }
+                s.create_tags(&caller, &resources, &tags).await?;
+            } else {
+                let tags: Vec<(String, Option<String>)> = tags
+                    .iter()
+                    .map(|t| Ok((t.required("Key")?.to_string(), t.get("Value").map(str::to_string))))
+                    .collect::<Result<_, ServiceError>>()?;
+                s.delete_tags(&caller, &resources, &tags).await?;
+            }
+            reply!(&format!("{action}Response"), xml::Return { value: true })
+        }
+        "DescribeTags" => {
+            if dry_run {
+                return Err(ServiceError::DryRunOperation);
+            }
+            let (mut resources, mut keys, mut values) = (vec![], vec![], vec![]);
+            for f in params.structs("Filter")? {
+                let vals = f.list("Value")?;
+                match f.required("Name")? {
+                    "resource-id" => resources.extend(vals),
+                    "key" => keys.extend(vals),
+                    "value" => values.extend(vals),
+                    "resource-type" if vals.iter().all(|v| v == "instance" || v == "image") => {}
+                    other => return Err(ServiceError::InvalidParameterValue(format!("The filter '{other}' is invalid"))),
+                }
+            }
+            let tags = s.describe_tags(&caller, &resources, &keys, &values).await?;
+            let items = tags
+                .into_iter()
+                .map(|t| xml::XmlResourceTag { resource_id: t.resource_id, resource_type: t.resource_type, key: t.key, value: t.value })
+                .collect::<Vec<_>>();
+            reply!("DescribeTagsResponse", xml::DescribeTags { tag_set: items.into() })
+        }
+        "CreateKeyPair" => {
+            let name = params.required("KeyName")?.to_string();
+            if dry_run {
+                return Err(ServiceError::DryRunOperation);
+            }
+            let k = s.create_key_pair(&caller, &name, params.get("KeyType")).await?;
+            reply!(
+                "CreateKeyPairResponse",
+                xml::CreateKeyPair {
+                    key_pair_id: k.key_pair.key_pair_id,
+                    key_name: k.key_pair.key_name,
+                    key_fingerprint: k.key_pair.key_fingerprint,
+                    key_material: k.key_material,
+                }
+            )
+        }
+        "ImportKeyPair" => {
+            let name = params.required("KeyName")?.to_string();
+            use base64::Engine;
+            // PublicKeyMaterial is a blob: base64 on the wire.
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(params.required("PublicKeyMaterial")?)
+                .map_err(|_| ServiceError::InvalidParameterValue("PublicKeyMaterial must be base64".into()))?;
+            let text = String::from_utf8(raw).map_err(|_| ServiceError::InvalidKeyFormat("Key is not in valid OpenSSH public key format".into()))?;
+            if dry_run {
+                return Err(ServiceError::DryRunOperation);
+            }
+            let k = s.import_key_pair(&caller, &name, &text).await?;
+            reply!("ImportKeyPairResponse", xml::XmlKeyPair::from(&k))
+        }
+        "DescribeKeyPairs" => {
+            if dry_run {
+                return Err(ServiceError::DryRunOperation);
+            }
+            let keys = s.describe_key_pairs(&caller, &params.list("KeyName")?).await?;
+            reply!("DescribeKeyPairsResponse", xml::DescribeKeyPairs { key_set: keys.iter().map(xml::XmlKeyPair::from).collect::<Vec<_>>().into() })
+        }
+        "DeleteKeyPair" => {
+            let name = params.required("KeyName")?.to_string();
+            if dry_run {
+                return Err(ServiceError::DryRunOperation);
+            }
+            s.delete_key_pair(&caller, &name).await?;
+            reply!("DeleteKeyPairResponse", xml::Return { value: true })
         }
         "DescribeImages" => {
             if dry_run {
@@ -184,12 +312,25 @@ fn count(params: &Params, name: &str) -> Result<u32, ServiceError> {
 }
 
 fn run_request(params: &Params) -> Result<RunInstancesRequest, ServiceError> {
-    for unsupported in ["TagSpecification.1.ResourceType", "KeyName", "LaunchTemplate.LaunchTemplateId", "SecurityGroupId.1", "SubnetId"] {
+    for unsupported in ["LaunchTemplate.LaunchTemplateId", "LaunchTemplate.LaunchTemplateName", "SecurityGroupId.1", "SubnetId"] {
         if params.get(unsupported).is_some() {
             return Err(ServiceError::InvalidParameterValue(format!("{unsupported} is not supported by this Nimbus version")));
         }
     }
+    let mut tags = Vec::new();
+    for spec in params.structs("TagSpecification")? {
+        match spec.get("ResourceType") {
+            Some("instance") => {}
+            Some(other) => return Err(ServiceError::InvalidParameterValue(format!("TagSpecification ResourceType {other:?} is not supported; use instance"))),
+            None => return Err(ServiceError::MissingParameter("TagSpecification.N.ResourceType".into())),
+        }
+        for t in spec.structs("Tag")? {
+            tags.push(nimbus_proto::api::ResourceTag { key: t.required("Key")?.to_string(), value: t.get("Value").unwrap_or("").to_string() });
+        }
+    }
     Ok(RunInstancesRequest {
+        key_name: params.get("KeyName").map(str::to_string),
+        tags,
         image_id: Some(params.required("ImageId")?.to_string()),
         instance_type: params.get("InstanceType").unwrap_or("t3.micro").to_string(),
         min_count: count(params, "MinCount")?,
@@ -214,6 +355,9 @@ fn instance_filter(params: &Params) -> Result<InstanceFilter, ServiceError> {
             "instance-id" => f.instance_ids.extend(values),
             "instance-type" => f.instance_types.extend(values),
             "availability-zone" => f.availability_zones.extend(values),
+            "image-id" => f.image_ids.extend(values),
+            "tag-key" => f.tags.extend(values.into_iter().map(|k| (k, None))),
+            tag if tag.starts_with("tag:") => f.tags.push((tag["tag:".len()..].to_string(), Some(values))),
             other => return Err(ServiceError::InvalidParameterValue(format!("The filter '{other}' is invalid"))),
         }
     }

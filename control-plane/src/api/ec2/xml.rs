@@ -99,6 +99,16 @@ pub struct XmlInstance {
     pub root_device_name: &'static str,
     pub virtualization_type: &'static str,
     pub hypervisor: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag_set: Option<Items<XmlTag>>,
+}
+
+#[derive(Serialize)]
+pub struct XmlTag {
+    pub key: String,
+    pub value: String,
 }
 
 impl From<&Instance> for XmlInstance {
@@ -124,6 +134,9 @@ impl From<&Instance> for XmlInstance {
             root_device_name: "/dev/vda",
             virtualization_type: "hvm",
             hypervisor: "kvm",
+            key_name: i.key_name.clone(),
+            tag_set: (!i.tags.is_empty())
+                .then(|| i.tags.iter().map(|t| XmlTag { key: t.key.clone(), value: t.value.clone() }).collect::<Vec<_>>().into()),
         }
     }
 }
@@ -190,22 +203,99 @@ pub struct XmlStateChange {
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct InstancesSet {
+pub struct TerminateInstances {
     pub instances_set: Items<XmlStateChange>,
 }
 
-pub fn state_changes(changes: &[StateChange]) -> InstancesSet {
-    InstancesSet {
-        instances_set: changes
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StopInstances {
+    pub stopping_instances: Items<XmlStateChange>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StartInstances {
+    pub starting_instances: Items<XmlStateChange>,
+}
+
+pub fn state_changes(changes: &[StateChange]) -> Items<XmlStateChange> {
+    Items {
+        item: changes
             .iter()
             .map(|c| XmlStateChange {
                 instance_id: c.instance_id.clone(),
                 current_state: (&c.current_state).into(),
                 previous_state: (&c.previous_state).into(),
             })
-            .collect::<Vec<_>>()
-            .into(),
+            .collect::<Vec<_>>(),
     }
+}
+
+#[derive(Serialize)]
+pub struct Return {
+    #[serde(rename = "return")]
+    pub value: bool,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XmlKeyPair {
+    pub key_pair_id: String,
+    pub key_name: String,
+    pub key_fingerprint: String,
+    pub key_type: String,
+    pub create_time: String,
+}
+
+impl From<&crate::service::keypairs::KeyPair> for XmlKeyPair {
+    fn from(k: &crate::service::keypairs::KeyPair) -> Self {
+        XmlKeyPair {
+            key_pair_id: k.key_pair_id.clone(),
+            key_name: k.key_name.clone(),
+            key_fingerprint: k.key_fingerprint.clone(),
+            key_type: k.key_type.clone(),
+            create_time: timestamp(&k.create_time),
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateKeyPair {
+    pub key_pair_id: String,
+    pub key_name: String,
+    pub key_fingerprint: String,
+    pub key_material: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DescribeKeyPairs {
+    pub key_set: Items<XmlKeyPair>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XmlResourceTag {
+    pub resource_id: String,
+    pub resource_type: String,
+    pub key: String,
+    pub value: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DescribeTags {
+    pub tag_set: Items<XmlResourceTag>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsoleOutput {
+    pub instance_id: String,
+    pub timestamp: String,
+    pub output: String,
 }
 
 #[derive(Serialize)]
@@ -359,6 +449,8 @@ mod tests {
             launch_time: DateTime::parse_from_rfc3339("2026-11-25T16:00:00.5Z").unwrap().with_timezone(&Utc),
             ami_launch_index: 0,
             state_reason: None,
+            key_name: None,
+            tags: vec![nimbus_proto::api::ResourceTag { key: "Name".into(), value: "web <1>".into() }],
         }
     }
 
@@ -372,6 +464,7 @@ mod tests {
         assert!(xml.contains("<instanceState><code>16</code><name>running</name></instanceState>"));
         assert!(xml.contains("<launchTime>2026-11-25T16:00:00.500Z</launchTime>"));
         assert!(xml.contains("<groupSet/>"));
+        assert!(xml.contains("<tagSet><item><key>Name</key><value>web &lt;1&gt;</value></item></tagSet>"), "{xml}");
         assert!(xml.ends_with("<nextToken>tok</nextToken></DescribeInstancesResponse>"), "{xml}");
         let a = xml.find("i-1").unwrap();
         let c = xml.find("i-3").unwrap();
@@ -386,6 +479,6 @@ mod tests {
             request_id: "req-2".into(),
         };
         let xml = to_xml("Response", &e).unwrap();
-        assert!(xml.ends_with("<Response><Errors><Error><Code>InvalidInstanceID.NotFound</Code><Message>The instance ID &apos;i-1&apos; does not exist</Message></Error></Errors><RequestID>req-2</RequestID></Response>"), "{xml}");
+        assert!(xml.ends_with("<Response><Errors><Error><Code>InvalidInstanceID.NotFound</Code><Message>The instance ID 'i-1' does not exist</Message></Error></Errors><RequestID>req-2</RequestID></Response>"), "{xml}");
     }
 }
