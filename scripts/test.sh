@@ -2,7 +2,7 @@
 # The test command (README, .ci/run): on a fresh Debian 12 machine it installs
 # what is missing, starts libvirt and a project-owned PostgreSQL, builds the
 # tiny guest image, then runs every test of the workspace, including the one
-# that boots a real guest.
+# that boots a real guest, and the boto3 / AWS CLI session in tests/python.
 #
 #   scripts/test.sh [extra cargo test args]
 set -euo pipefail
@@ -29,3 +29,10 @@ chmod 755 "$NIMBUS_HOME" "$NIMBUS_TEST_DIR"
 
 step "cargo test --workspace"
 cargo test --workspace --locked "$@"
+
+step "boto3 and the AWS CLI against the EC2 front door (pytest)"
+if ! python3 -c 'import boto3, pytest' 2>/dev/null || ! command -v aws >/dev/null; then
+    python3 -m pip install -q --disable-pip-version-check boto3 awscli pytest
+fi
+cargo build --locked -q -p nimbus-tests --bin testbed
+NIMBUS_TESTBED=$REPO/target/debug/testbed python3 -m pytest -q tests/python

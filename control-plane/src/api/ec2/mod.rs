@@ -103,20 +103,12 @@ async fn serve(s: &Service, req: Request) -> Result<String, ServiceError> {
                 s.describe_instances(&caller, InstanceFilter { instance_ids: ids, ..Default::default() }).await?;
                 return Err(ServiceError::DryRunOperation);
             }
-            match action.as_str() {
-                "StopInstances" => {
-                    let changes = xml::state_changes(&s.stop_instances(&caller, &ids).await?);
-                    reply!("StopInstancesResponse", xml::StopInstances { stopping_instances: changes })
-                }
-                "StartInstances" => {
-                    let changes = xml::state_changes(&s.start_instances(&caller, &ids).await?);
-                    reply!("StartInstancesResponse", xml::StartInstances { starting_instances: changes })
-                }
-                _ => {
-                    let changes = xml::state_changes(&s.terminate_instances(&caller, &ids).await?);
-                    reply!("TerminateInstancesResponse", xml::TerminateInstances { instances_set: changes })
-                }
-            }
+            let changes = match action.as_str() {
+                "StopInstances" => s.stop_instances(&caller, &ids).await?,
+                "StartInstances" => s.start_instances(&caller, &ids).await?,
+                _ => s.terminate_instances(&caller, &ids).await?,
+            };
+            reply!(&format!("{action}Response"), xml::InstanceStateChanges { instances_set: xml::state_changes(&changes) })
         }
         "RebootInstances" => {
             let ids = params.list("InstanceId")?;

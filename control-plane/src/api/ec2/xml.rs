@@ -201,22 +201,12 @@ pub struct XmlStateChange {
     pub previous_state: XmlState,
 }
 
+/// Terminate, stop and start all answer `<instancesSet>` (botocore maps it
+/// to TerminatingInstances, StoppingInstances, StartingInstances).
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct TerminateInstances {
+pub struct InstanceStateChanges {
     pub instances_set: Items<XmlStateChange>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct StopInstances {
-    pub stopping_instances: Items<XmlStateChange>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct StartInstances {
-    pub starting_instances: Items<XmlStateChange>,
 }
 
 pub fn state_changes(changes: &[StateChange]) -> Items<XmlStateChange> {

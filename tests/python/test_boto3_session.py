@@ -1,0 +1,160 @@
+"""A realistic session with the unmodified AWS SDK for Python (boto3) and the
+AWS CLI against Nimbus's EC2 front door: botocore must parse every answer.
+
+The fixture starts `testbed` (tests/src/bin/testbed.rs): a real control plane
+on a fresh PostgreSQL database with one host agent on libvirt's test driver.
+Run by scripts/test.sh, which builds testbed and sets DATABASE_URL.
+"""
+
+import json
+import os
+import subprocess
+
+import boto3
+import botocore.exceptions
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FAST = {"Delay": 1, "MaxAttempts": 60}
+PUBLIC_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl nimbus@test"
+
+
+@pytest.fixture(scope="module")
+def bed():
+    exe = os.environ.get("NIMBUS_TESTBED", os.path.join(REPO, "target", "debug", "testbed"))
+    proc = subprocess.Popen([exe], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line, "testbed did not start"
+    info = json.loads(line)
+    yield info
+    proc.stdin.close()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def ec2(bed):
+    return boto3.client(
+        "ec2",
+        endpoint_url=bed["endpoint"],
+        region_name=bed["region"],
+        aws_access_key_id=bed["access_key_id"],
+        aws_secret_access_key=bed["secret_access_key"],
+    )
+
+
+def code_of(excinfo):
+    return excinfo.value.response["Error"]["Code"]
+
+
+def test_session(ec2, bed):
+    image = bed["image_id"]
+    # Discovery.
+    zones = ec2.describe_availability_zones()["AvailabilityZones"]
+    assert [z["ZoneName"] for z in zones] == ["nimbus-1a"]
+    types = ec2.describe_instance_types(InstanceTypes=["t3.nano"])["InstanceTypes"]
+    assert types[0]["VCpuInfo"]["DefaultVCpus"] == 2 and types[0]["MemoryInfo"]["SizeInMiB"] == 512
+    assert ec2.describe_images(ImageIds=[image])["Images"][0]["ImageId"] == image
+
+    # DryRun says yes without launching.
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        ec2.run_instances(ImageId=image, InstanceType="t3.nano", MinCount=1, MaxCount=1, DryRun=True)
+    assert code_of(e) == "DryRunOperation"
+
+    # Launch 3 with tags, user-data and a key pair; then 4 more.
+    key = ec2.import_key_pair(KeyName="laptop", PublicKeyMaterial=PUBLIC_KEY.encode())
+    assert key["KeyName"] == "laptop" and key["KeyFingerprint"].startswith("SHA256:")
+    r = ec2.run_instances(
+        ImageId=image,
+        InstanceType="t3.nano",
+        MinCount=3,
+        MaxCount=3,
+        KeyName="laptop",
+        UserData="#!/bin/sh\necho hello\n",
+        ClientToken="session-launch-1",
+        TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "Name", "Value": "web"}, {"Key": "env", "Value": "test"}]}],
+    )
+    ids = [i["InstanceId"] for i in r["Instances"]]
+    assert len(ids) == 3 and all(i["State"]["Name"] == "pending" for i in r["Instances"])
+    assert all(i["KeyName"] == "laptop" for i in r["Instances"])
+    again = ec2.run_instances(
+        ImageId=image, InstanceType="t3.nano", MinCount=3, MaxCount=3, KeyName="laptop",
+        UserData="#!/bin/sh\necho hello\n", ClientToken="session-launch-1",
+        TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "Name", "Value": "web"}, {"Key": "env", "Value": "test"}]}],
+    )
+    assert again["ReservationId"] == r["ReservationId"], "same token, same reservation"
+    more = ec2.run_instances(ImageId=image, InstanceType="t3.micro", MinCount=4, MaxCount=4)
+    all_ids = ids + [i["InstanceId"] for i in more["Instances"]]
+
+    # Paginate with the SDK's paginator: 7 instances in pages of 5.
+    pages = list(ec2.get_paginator("describe_instances").paginate(PaginationConfig={"PageSize": 5}))
+    seen = [i["InstanceId"] for p in pages for res in p["Reservations"] for i in res["Instances"]]
+    assert len(pages) == 2 and sorted(seen) == sorted(all_ids)
+
+    ec2.get_waiter("instance_running").wait(InstanceIds=ids, WaiterConfig=FAST)
+    tagged = ec2.describe_instances(Filters=[{"Name": "tag:Name", "Values": ["web"]}, {"Name": "instance-state-name", "Values": ["running"]}])
+    got = sorted(i["InstanceId"] for res in tagged["Reservations"] for i in res["Instances"])
+    assert got == sorted(ids)
+    inst = tagged["Reservations"][0]["Instances"][0]
+    assert {t["Key"]: t["Value"] for t in inst["Tags"]} == {"Name": "web", "env": "test"}
+    assert inst["State"] == {"Code": 16, "Name": "running"} and inst["LaunchTime"].year >= 2024
+
+    # Tags.
+    ec2.create_tags(Resources=[ids[0]], Tags=[{"Key": "role", "Value": "primary"}])
+    t = ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [ids[0]]}])["Tags"]
+    assert {x["Key"]: x["Value"] for x in t} == {"Name": "web", "env": "test", "role": "primary"}
+    ec2.delete_tags(Resources=[ids[0]], Tags=[{"Key": "role"}])
+    t = ec2.describe_tags(Filters=[{"Name": "key", "Values": ["role"]}])["Tags"]
+    assert t == []
+
+    # Stop and start.
+    stopping = ec2.stop_instances(InstanceIds=[ids[0]])["StoppingInstances"][0]
+    assert stopping["PreviousState"]["Name"] == "running" and stopping["CurrentState"]["Name"] == "stopping"
+    ec2.get_waiter("instance_stopped").wait(InstanceIds=[ids[0]], WaiterConfig=FAST)
+    starting = ec2.start_instances(InstanceIds=[ids[0]])["StartingInstances"][0]
+    assert starting["PreviousState"]["Name"] == "stopped" and starting["CurrentState"]["Name"] == "pending"
+    ec2.get_waiter("instance_running").wait(InstanceIds=[ids[0]], WaiterConfig=FAST)
+    ec2.reboot_instances(InstanceIds=[ids[1]])
+    out = ec2.get_console_output(InstanceId=ids[1])
+    assert out["InstanceId"] == ids[1]
+
+    # Key pairs.
+    created = ec2.create_key_pair(KeyName="generated")
+    assert created["KeyMaterial"].startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    names = sorted(k["KeyName"] for k in ec2.describe_key_pairs()["KeyPairs"])
+    assert names == ["generated", "laptop"]
+    ec2.delete_key_pair(KeyName="generated")
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        ec2.describe_key_pairs(KeyNames=["generated"])
+    assert code_of(e) == "InvalidKeyPair.NotFound"
+
+    # Errors botocore must parse.
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        ec2.describe_instances(InstanceIds=["i-0123456789abcdef0"])
+    assert code_of(e) == "InvalidInstanceID.NotFound"
+    # Starting a running instance changes nothing (as in EC2).
+    noop = ec2.start_instances(InstanceIds=[ids[2]])["StartingInstances"][0]
+    assert noop["PreviousState"]["Name"] == noop["CurrentState"]["Name"] == "running"
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        ec2.run_instances(ImageId="ami-00000000000000000", InstanceType="t3.nano", MinCount=1, MaxCount=1)
+    assert code_of(e) == "InvalidAMIID.NotFound"
+
+    # Terminate everything and wait.
+    term = ec2.terminate_instances(InstanceIds=all_ids)["TerminatingInstances"]
+    assert {t["CurrentState"]["Name"] for t in term} == {"shutting-down"}
+    ec2.get_waiter("instance_terminated").wait(InstanceIds=all_ids, WaiterConfig=FAST)
+
+
+def test_aws_cli(bed):
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=bed["access_key_id"], AWS_SECRET_ACCESS_KEY=bed["secret_access_key"],
+               AWS_DEFAULT_REGION=bed["region"], AWS_PAGER="")
+    base = ["aws", "ec2", "--endpoint-url", bed["endpoint"], "--output", "json"]
+    run = subprocess.run(base + ["run-instances", "--image-id", bed["image_id"], "--instance-type", "t3.nano", "--count", "1"],
+                         env=env, capture_output=True, text=True, check=True)
+    iid = json.loads(run.stdout)["Instances"][0]["InstanceId"]
+    subprocess.run(base + ["wait", "instance-running", "--instance-ids", iid], env=env, check=True, timeout=120)
+    desc = subprocess.run(base + ["describe-instances", "--instance-ids", iid], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(desc.stdout)["Reservations"][0]["Instances"][0]["State"]["Name"] == "running"
+    subprocess.run(base + ["terminate-instances", "--instance-ids", iid], env=env, capture_output=True, check=True)
+    subprocess.run(base + ["wait", "instance-terminated", "--instance-ids", iid], env=env, check=True, timeout=120)
+    bad = subprocess.run(base + ["describe-instances", "--instance-ids", "i-nope"], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "InvalidInstanceID.Malformed" in bad.stderr
