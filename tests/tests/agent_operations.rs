@@ -1,0 +1,297 @@
+//! Stop, start, reboot and console output, through the real control plane
+//! and an agent: on libvirt's test driver (agent logic), and with a real
+//! TCG guest (ACPI shutdown and reboot as the tiny image answers them).
+//!
+//! Operations go through `POST /v1/instances/{stop,start,reboot}` when the
+//! control plane serves them, otherwise the test makes the same change in
+//! SQL (desired state, state, reboot counter, host generation, notify).
+
+use nimbus_host_agent::domain;
+use nimbus_host_agent::reconcile::AgentEvent;
+use nimbus_host_agent::HypervisorChoice;
+use nimbus_tests::{instance_ids, AgentHandle, Cloud};
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(30);
+
+/// Asks for `op` (stop, start, reboot) of one instance.
+async fn request(cloud: &Cloud, op: &str, id: &str) {
+    let (status, body) = cloud.call(Method::POST, &format!("/v1/instances/{op}"), Some(json!({"instance_ids": [id]}))).await.unwrap();
+    if status.is_success() {
+        return;
+    }
+    assert!(
+        status == StatusCode::NOT_FOUND || status == StatusCode::METHOD_NOT_ALLOWED,
+        "{op} {id}: {status}: {body}"
+    );
+    // No such route yet: what the control plane does for it, in SQL.
+    request_in_sql(cloud, op, id).await;
+}
+
+/// The change a stop, start or reboot request makes, made directly.
+async fn request_in_sql(cloud: &Cloud, op: &str, id: &str) {
+    let (host,): (String,) = sqlx::query_as(
+        "WITH h AS (UPDATE hosts SET generation = generation + 1 \
+                    WHERE id = (SELECT host_id FROM instances WHERE id = $1) RETURNING id, generation) \
+         UPDATE instances i SET \
+            desired_state = CASE $2 WHEN 'stop' THEN 'stopped' WHEN 'start' THEN 'running' ELSE i.desired_state END, \
+            state = CASE $2 WHEN 'stop' THEN 'stopping' WHEN 'start' THEN 'pending' ELSE i.state END, \
+            reboots = i.reboots + CASE $2 WHEN 'reboot' THEN 1 ELSE 0 END, \
+            changed_generation = h.generation, state_changed_at = now() \
+         FROM h WHERE i.id = $1 RETURNING h.id",
+    )
+    .bind(id)
+    .bind(op)
+    .fetch_one(cloud.db())
+    .await
+    .unwrap();
+    sqlx::query("SELECT pg_notify('nimbus_host', $1)").bind(&host).execute(cloud.db()).await.unwrap();
+}
+
+/// (reboots asked for, reboots the agent reported carried out).
+async fn reboots(cloud: &Cloud, id: &str) -> (i64, i64) {
+    sqlx::query_as("SELECT reboots, reboots_done FROM instances WHERE id = $1").bind(id).fetch_one(cloud.db()).await.unwrap()
+}
+
+async fn console_output(cloud: &Cloud, id: &str) -> Option<Vec<u8>> {
+    let (out,): (Option<Vec<u8>>,) =
+        sqlx::query_as("SELECT console_output FROM instances WHERE id = $1").bind(id).fetch_one(cloud.db()).await.unwrap();
+    out
+}
+
+/// The test driver's view: `None` when there is no domain, else whether it runs.
+async fn domain_state(instance_id: &str) -> Option<bool> {
+    domain_xml(instance_id).await.map(|(active, _)| active)
+}
+
+async fn domain_xml(instance_id: &str) -> Option<(bool, String)> {
+    let name = domain::domain_name(instance_id);
+    tokio::task::spawn_blocking(move || {
+        let conn = virt::connect::Connect::open(Some("test:///default")).unwrap();
+        let dom = conn.lookup_domain_by_name(&name).ok()?;
+        Some((dom.is_active().ok()?, dom.xml_desc(0).ok()?))
+    })
+    .await
+    .unwrap()
+}
+
+/// Reboots the agent asked of `id`'s guest, among the events received so far.
+fn reboot_events(agent: &mut AgentHandle, id: &str) -> usize {
+    let mut n = 0;
+    while let Ok(e) = agent.events.try_recv() {
+        if matches!(e, AgentEvent::Rebooted { instance_id, .. } if instance_id == id) {
+            n += 1;
+        }
+    }
+    n
+}
+
+async fn metadata_instance_id(port: u16) -> Option<String> {
+    let r = reqwest::get(format!("http://127.0.0.1:{port}/latest/meta-data/instance-id")).await.ok()?;
+    r.text().await.ok()
+}
+
+#[tokio::test]
+async fn stop_start_and_reboot_on_the_test_driver() {
+    let cloud = Cloud::start().await.unwrap();
+    let mut agent = cloud.add_agent("a", "az1", 8, 8192, 100).await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    let ids = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "max_count": 2})).await.unwrap());
+    let (id, other) = (ids[0].clone(), ids[1].clone());
+    cloud.wait_for_state(&ids, "running", T).await.unwrap();
+    let used = cloud.vcpu_accounting().await.unwrap()[0].2;
+    let dir = agent.state_dir.join("instances").join(&id);
+
+    // Stop: the domain stays defined, shut off; the files stay; capacity stays held.
+    request(&cloud, "stop", &id).await;
+    cloud.wait_for_state(std::slice::from_ref(&id), "stopped", T).await.unwrap();
+    assert_eq!(domain_state(&id).await, Some(false), "defined and shut off");
+    assert!(dir.join("root.qcow2").exists() && dir.join("seed.iso").exists(), "the guest's files are kept");
+    assert_eq!(domain_state(&other).await, Some(true), "the other guest is untouched");
+    assert_eq!(cloud.vcpu_accounting().await.unwrap()[0].2, used, "a stopped instance keeps its capacity");
+
+    // Full resyncs (poll_ms is 2 s) and an agent restart do not start it again.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    cloud.start_agent(&mut agent).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(domain_state(&id).await, Some(false), "still shut off after resyncs and a restart");
+    cloud.wait_for_state(std::slice::from_ref(&id), "stopped", T).await.unwrap();
+
+    // A reboot asked of a stopped guest is recorded, not carried out.
+    // (In SQL: the API may refuse to reboot a stopped instance.)
+    request_in_sql(&cloud, "reboot", &id).await;
+    cloud.wait_until(T, || async { Ok(reboots(&cloud, &id).await == (1, 1)) }).await.expect("recorded while stopped");
+    assert_eq!(domain_state(&id).await, Some(false));
+    assert_eq!(reboot_events(&mut agent, &id), 0);
+
+    // Start: the same domain runs again, its metadata server on its recorded port.
+    request(&cloud, "start", &id).await;
+    cloud.wait_for_state(std::slice::from_ref(&id), "running", T).await.unwrap();
+    let (active, xml) = domain_xml(&id).await.unwrap();
+    assert!(active);
+    let port = domain::ownership(&xml).unwrap().metadata_port;
+    assert_eq!(metadata_instance_id(port).await.as_deref(), Some(id.as_str()));
+
+    // Reboot: carried out once, counted, persisted.
+    let before = reboots(&cloud, &id).await.0;
+    reboot_events(&mut agent, &id);
+    request(&cloud, "reboot", &id).await;
+    cloud.wait_until(T, || async { Ok(reboots(&cloud, &id).await == (before + 1, before + 1)) }).await.expect("reboot reported");
+    assert_eq!(reboot_events(&mut agent, &id), 1);
+    assert_eq!(std::fs::read_to_string(dir.join("reboots")).unwrap().trim(), (before + 1).to_string());
+    assert_eq!(domain_state(&id).await, Some(true));
+
+    // Two requests while the agent is down: one reboot once it is back, and
+    // a restart after that does not reboot again.
+    agent.stop().await;
+    request(&cloud, "reboot", &id).await;
+    request(&cloud, "reboot", &id).await;
+    cloud.start_agent(&mut agent).await.unwrap();
+    cloud.wait_until(T, || async { Ok(reboots(&cloud, &id).await == (before + 3, before + 3)) }).await.expect("caught up");
+    assert_eq!(reboot_events(&mut agent, &id), 1, "several requests collapse into one reboot");
+    cloud.start_agent(&mut agent).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(reboot_events(&mut agent, &id), 0, "a restarted agent does not reboot again");
+    assert_eq!(reboots(&cloud, &id).await, (before + 3, before + 3));
+    assert_eq!(std::fs::read_to_string(dir.join("reboots")).unwrap().trim(), (before + 3).to_string());
+    assert_eq!(reboots(&cloud, &other).await, (0, 0));
+
+    // Terminating a stopped instance removes it as usual.
+    request(&cloud, "stop", &id).await;
+    cloud.wait_for_state(std::slice::from_ref(&id), "stopped", T).await.unwrap();
+    cloud.post("/v1/instances/terminate", json!({"instance_ids": [id]})).await.unwrap();
+    cloud.wait_for_state(std::slice::from_ref(&id), "terminated", T).await.unwrap();
+    assert_eq!(domain_state(&id).await, None);
+    assert!(!dir.exists());
+}
+
+/// The test driver writes no console: a console log put where a QEMU guest's
+/// would be is shipped, its last 64 KiB, and again only when it changes.
+#[tokio::test]
+async fn console_tails_reach_the_control_plane() {
+    let cloud = Cloud::start().await.unwrap();
+    let agent = cloud.add_agent("a", "az1", 8, 8192, 100).await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    let id = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano"})).await.unwrap()).remove(0);
+    cloud.wait_for_state(std::slice::from_ref(&id), "running", T).await.unwrap();
+    assert_eq!(console_output(&cloud, &id).await, None, "no console file, nothing sent");
+
+    let log = agent.state_dir.join("instances").join(&id).join("console.log");
+    std::fs::write(&log, "NIMBUS-READY\n").unwrap();
+    cloud
+        .wait_until(T, || async { Ok(console_output(&cloud, &id).await.as_deref() == Some(b"NIMBUS-READY\n".as_slice())) })
+        .await
+        .expect("console shipped");
+
+    let mut big = b"NIMBUS-READY\n".to_vec();
+    big.extend(vec![b'x'; 70 * 1024]);
+    big.extend_from_slice(b"\nEND\n");
+    std::fs::write(&log, &big).unwrap();
+    let tail = big[big.len() - nimbus_proto::agent::CONSOLE_TAIL_BYTES..].to_vec();
+    cloud
+        .wait_until(T, || async { Ok(console_output(&cloud, &id).await.as_deref() == Some(tail.as_slice())) })
+        .await
+        .expect("the last 64 KiB shipped");
+    // Unchanged output is not sent again: the stored copy's time stays put.
+    let at = |cloud: &Cloud| {
+        let id = id.clone();
+        let db = cloud.db().clone();
+        async move {
+            let (t,): (Option<String>,) =
+                sqlx::query_as("SELECT console_updated_at::text FROM instances WHERE id = $1").bind(&id).fetch_one(&db).await.unwrap();
+            t
+        }
+    };
+    let first = at(&cloud).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(at(&cloud).await, first);
+}
+
+/// Destroys the guest if the test fails half-way, so nothing is left running.
+struct DomainGuard(String);
+
+impl Drop for DomainGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("virsh").args(["-q", "-c", "qemu:///system", "destroy", &self.0]).output();
+        let _ = std::process::Command::new("virsh").args(["-q", "-c", "qemu:///system", "undefine", &self.0]).output();
+    }
+}
+
+fn virsh_domstate(name: &str) -> Option<String> {
+    let out = std::process::Command::new("virsh").args(["-q", "-c", "qemu:///system", "domstate", name]).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Waits until the console holds `n` lines equal to `line`; returns the console.
+async fn wait_for_lines(console: &PathBuf, line: &str, n: usize, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(console).unwrap_or_default().replace('\r', "");
+        if text.lines().filter(|l| *l == line).count() >= n {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "no {n} x {line} within {timeout:?}; console:\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A real TCG guest: ACPI stop (the guest prints NIMBUS-POWEROFF), start (a
+/// second boot), reboot (a third), console shipped to the control plane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_guest_stops_starts_and_reboots() {
+    let image_dir = PathBuf::from(
+        std::env::var("NIMBUS_IMAGE_DIR").expect("NIMBUS_IMAGE_DIR must name the built tiny image: run scripts/test.sh"),
+    );
+    let t0 = Instant::now();
+    let cloud = Cloud::start().await.unwrap();
+    let agent = cloud.add_agent_with("real-ops", "az1", 4, 4096, 50, HypervisorChoice::Auto).await.unwrap();
+    cloud.register_image_dir(&image_dir, true).await.unwrap();
+    let id = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano"})).await.unwrap()).remove(0);
+    let name = domain::domain_name(&id);
+    let _guard = DomainGuard(name.clone());
+    let one = std::slice::from_ref(&id);
+    cloud.wait_for_state(one, "running", Duration::from_secs(60)).await.unwrap();
+    let console = agent.state_dir.join("instances").join(&id).join("console.log");
+    wait_for_lines(&console, "NIMBUS-READY", 1, Duration::from_secs(120)).await;
+    println!("booted: {:.1} s", t0.elapsed().as_secs_f64());
+
+    let t = Instant::now();
+    request(&cloud, "stop", &id).await;
+    cloud.wait_for_state(one, "stopped", Duration::from_secs(60)).await.unwrap();
+    println!("stopped in {:.1} s", t.elapsed().as_secs_f64());
+    assert_eq!(virsh_domstate(&name).as_deref(), Some("shut off"), "defined and shut off");
+    let text = wait_for_lines(&console, "NIMBUS-POWEROFF", 1, Duration::from_secs(5)).await;
+    assert!(text.lines().any(|l| l == "NIMBUS-POWEROFF"), "the guest shut down on ACPI, not forced");
+
+    let t = Instant::now();
+    request(&cloud, "start", &id).await;
+    cloud.wait_for_state(one, "running", Duration::from_secs(60)).await.unwrap();
+    let text = wait_for_lines(&console, "NIMBUS-READY", 2, Duration::from_secs(120)).await;
+    println!("started again in {:.1} s", t.elapsed().as_secs_f64());
+    let meta = format!("NIMBUS-METADATA instance-id={id}");
+    assert_eq!(text.lines().filter(|l| *l == meta).count(), 2, "metadata served after the start too:\n{text}");
+
+    let t = Instant::now();
+    request(&cloud, "reboot", &id).await;
+    let text = wait_for_lines(&console, "NIMBUS-READY", 3, Duration::from_secs(120)).await;
+    println!("rebooted in {:.1} s", t.elapsed().as_secs_f64());
+    assert_eq!(text.lines().filter(|l| *l == meta).count(), 3, "{text}");
+    assert_eq!(text.lines().filter(|l| *l == "NIMBUS-POWEROFF").count(), 2, "ACPI reboot goes through the guest's power-off");
+    cloud.wait_until(T, || async { Ok(reboots(&cloud, &id).await == (1, 1)) }).await.expect("reboot reported");
+    assert_eq!(cloud.get(&format!("/v1/instances/{id}")).await.unwrap()["state"]["name"], "running");
+    cloud
+        .wait_until(T, || async {
+            let out = console_output(&cloud, &id).await.unwrap_or_default();
+            Ok(String::from_utf8_lossy(&out).replace('\r', "").lines().filter(|l| *l == "NIMBUS-READY").count() == 3)
+        })
+        .await
+        .expect("the console reaches the control plane");
+
+    cloud.post("/v1/instances/terminate", json!({"instance_ids": [id]})).await.unwrap();
+    cloud.wait_for_state(one, "terminated", Duration::from_secs(60)).await.unwrap();
+    assert_eq!(virsh_domstate(&name), None, "the domain is gone");
+    println!("whole flow: {:.1} s", t0.elapsed().as_secs_f64());
+}
