@@ -212,6 +212,16 @@ impl Cloud {
         Ok(body)
     }
 
+    /// Creates an account; returns its REST bearer token `<access key id>:<secret>`.
+    pub async fn create_account(&self, name: &str) -> anyhow::Result<String> {
+        let a = self.post("/v1/admin/accounts", serde_json::json!({ "name": name })).await?;
+        Ok(format!(
+            "{}:{}",
+            a["access_key_id"].as_str().context("no access key id")?,
+            a["secret_access_key"].as_str().context("no secret")?
+        ))
+    }
+
     pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
         let (status, resp) = self.call(Method::POST, path, Some(body)).await?;
         if !status.is_success() {
@@ -392,4 +402,14 @@ pub fn instance_ids(reservation: &Value) -> Vec<String> {
         .as_array()
         .map(|a| a.iter().filter_map(|i| i["instance_id"].as_str().map(str::to_string)).collect())
         .unwrap_or_default()
+}
+
+impl Cloud {
+    /// Restarts an agent after `tweak` changed its configuration (e.g. a
+    /// shorter stop timeout); its state directory and guests are kept.
+    pub async fn restart_agent_with(&self, handle: &mut AgentHandle, tweak: impl FnOnce(&mut AgentConfig)) -> anyhow::Result<()> {
+        handle.stop().await;
+        tweak(&mut handle.config);
+        self.start_agent(handle).await
+    }
 }

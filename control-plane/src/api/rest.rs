@@ -12,20 +12,36 @@ use nimbus_proto::api::*;
 use nimbus_proto::InstanceState;
 use serde::Deserialize;
 
-/// A caller authenticated by the admin token.
-pub struct Admin(pub Caller);
+/// An authenticated caller: an account (`Bearer <access key id>:<secret>`)
+/// or the operator (`Bearer <admin token>`, acting as the admin account).
+pub struct Authenticated(pub Caller);
 
-impl FromRequestParts<Service> for Admin {
+impl FromRequestParts<Service> for Authenticated {
     type Rejection = ServiceError;
     async fn from_request_parts(parts: &mut Parts, service: &Service) -> Result<Self> {
-        if parts.headers.get(axum::http::header::AUTHORIZATION).is_none() {
-            return Err(ServiceError::AuthFailure("missing Authorization: Bearer <token>".into()));
-        }
+        let Some(token) = super::bearer(&parts.headers) else {
+            return Err(ServiceError::AuthFailure(
+                "missing Authorization: Bearer <access key id>:<secret> (or the admin token)".into(),
+            ));
+        };
         if has_token(&parts.headers, &service.config.admin_token) {
-            Ok(Admin(Caller::admin()))
-        } else {
-            Err(ServiceError::AuthFailure("invalid token".into()))
+            return Ok(Authenticated(Caller::admin()));
         }
+        service.authenticate_account(token).await.map(Authenticated)
+    }
+}
+
+/// The operator only: accounts get UnauthorizedOperation.
+pub struct Operator(pub Caller);
+
+impl FromRequestParts<Service> for Operator {
+    type Rejection = ServiceError;
+    async fn from_request_parts(parts: &mut Parts, service: &Service) -> Result<Self> {
+        let Authenticated(caller) = Authenticated::from_request_parts(parts, service).await?;
+        if !caller.admin {
+            return Err(ServiceError::Unauthorized("You are not authorized to perform this operation (operator only)".into()));
+        }
+        Ok(Operator(caller))
     }
 }
 
@@ -49,7 +65,7 @@ pub fn routes() -> Router<Service> {
         .route("/v1/admin/accounts", post(create_account))
 }
 
-async fn run_instances(State(s): State<Service>, Admin(c): Admin, ApiJson(req): ApiJson<RunInstancesRequest>) -> Result<Json<Reservation>> {
+async fn run_instances(State(s): State<Service>, Authenticated(c): Authenticated, ApiJson(req): ApiJson<RunInstancesRequest>) -> Result<Json<Reservation>> {
     Ok(Json(s.run_instances(&c, req).await?))
 }
 
@@ -72,7 +88,7 @@ fn split(v: &Option<String>) -> Vec<String> {
     v.as_deref().map(|s| s.split(',').filter(|p| !p.is_empty()).map(str::to_string).collect()).unwrap_or_default()
 }
 
-async fn describe_instances(State(s): State<Service>, Admin(c): Admin, ApiQuery(q): ApiQuery<ListQuery>) -> Result<Json<InstanceList>> {
+async fn describe_instances(State(s): State<Service>, Authenticated(c): Authenticated, ApiQuery(q): ApiQuery<ListQuery>) -> Result<Json<InstanceList>> {
     let states = split(&q.state)
         .iter()
         .map(|st| st.parse::<InstanceState>().map_err(|e| ServiceError::InvalidParameterValue(e.to_string())))
@@ -97,13 +113,13 @@ async fn describe_instances(State(s): State<Service>, Admin(c): Admin, ApiQuery(
     Ok(Json(s.describe_instances(&c, filter).await?))
 }
 
-async fn describe_instance(State(s): State<Service>, Admin(c): Admin, Path(id): Path<String>) -> Result<Json<Instance>> {
+async fn describe_instance(State(s): State<Service>, Authenticated(c): Authenticated, Path(id): Path<String>) -> Result<Json<Instance>> {
     Ok(Json(s.describe_instance(&c, &id).await?))
 }
 
 async fn terminate_instances(
     State(s): State<Service>,
-    Admin(c): Admin,
+    Authenticated(c): Authenticated,
     ApiJson(req): ApiJson<TerminateInstancesRequest>,
 ) -> Result<Json<TerminateInstancesResponse>> {
     Ok(Json(TerminateInstancesResponse { terminating_instances: s.terminate_instances(&c, &req.instance_ids).await? }))
@@ -111,7 +127,7 @@ async fn terminate_instances(
 
 async fn stop_instances(
     State(s): State<Service>,
-    Admin(c): Admin,
+    Authenticated(c): Authenticated,
     ApiJson(req): ApiJson<TerminateInstancesRequest>,
 ) -> Result<Json<serde_json::Value>> {
     Ok(Json(serde_json::json!({ "stopping_instances": s.stop_instances(&c, &req.instance_ids).await? })))
@@ -119,7 +135,7 @@ async fn stop_instances(
 
 async fn start_instances(
     State(s): State<Service>,
-    Admin(c): Admin,
+    Authenticated(c): Authenticated,
     ApiJson(req): ApiJson<TerminateInstancesRequest>,
 ) -> Result<Json<serde_json::Value>> {
     Ok(Json(serde_json::json!({ "starting_instances": s.start_instances(&c, &req.instance_ids).await? })))
@@ -127,14 +143,14 @@ async fn start_instances(
 
 async fn reboot_instances(
     State(s): State<Service>,
-    Admin(c): Admin,
+    Authenticated(c): Authenticated,
     ApiJson(req): ApiJson<TerminateInstancesRequest>,
 ) -> Result<Json<serde_json::Value>> {
     s.reboot_instances(&c, &req.instance_ids).await?;
     Ok(Json(serde_json::json!({})))
 }
 
-async fn console_output(State(s): State<Service>, Admin(c): Admin, Path(id): Path<String>) -> Result<Json<serde_json::Value>> {
+async fn console_output(State(s): State<Service>, Authenticated(c): Authenticated, Path(id): Path<String>) -> Result<Json<serde_json::Value>> {
     use base64::Engine;
     let out = s.console_output(&c, &id).await?;
     Ok(Json(serde_json::json!({
@@ -152,7 +168,7 @@ struct TagsRequest {
     tags: Vec<ResourceTag>,
 }
 
-async fn create_tags(State(s): State<Service>, Admin(c): Admin, ApiJson(req): ApiJson<TagsRequest>) -> Result<Json<serde_json::Value>> {
+async fn create_tags(State(s): State<Service>, Authenticated(c): Authenticated, ApiJson(req): ApiJson<TagsRequest>) -> Result<Json<serde_json::Value>> {
     let tags: Vec<(String, String)> = req.tags.into_iter().map(|t| (t.key, t.value)).collect();
     s.create_tags(&c, &req.resource_ids, &tags).await?;
     Ok(Json(serde_json::json!({})))
@@ -174,7 +190,7 @@ struct DeleteTag {
     value: Option<String>,
 }
 
-async fn delete_tags(State(s): State<Service>, Admin(c): Admin, ApiJson(req): ApiJson<DeleteTagsRequest>) -> Result<Json<serde_json::Value>> {
+async fn delete_tags(State(s): State<Service>, Authenticated(c): Authenticated, ApiJson(req): ApiJson<DeleteTagsRequest>) -> Result<Json<serde_json::Value>> {
     let tags: Vec<(String, Option<String>)> = req.tags.into_iter().map(|t| (t.key, t.value)).collect();
     s.delete_tags(&c, &req.resource_ids, &tags).await?;
     Ok(Json(serde_json::json!({})))
@@ -188,7 +204,7 @@ struct TagsQuery {
     value: Option<String>,
 }
 
-async fn describe_tags(State(s): State<Service>, Admin(c): Admin, ApiQuery(q): ApiQuery<TagsQuery>) -> Result<Json<serde_json::Value>> {
+async fn describe_tags(State(s): State<Service>, Authenticated(c): Authenticated, ApiQuery(q): ApiQuery<TagsQuery>) -> Result<Json<serde_json::Value>> {
     let tags = s.describe_tags(&c, &split(&q.resource_id), &split(&q.key), &split(&q.value)).await?;
     Ok(Json(serde_json::json!({ "tags": tags })))
 }
@@ -200,7 +216,7 @@ struct CreateKeyPair {
     key_type: Option<String>,
 }
 
-async fn create_key_pair(State(s): State<Service>, Admin(c): Admin, ApiJson(req): ApiJson<CreateKeyPair>) -> Result<Json<crate::service::keypairs::NewKeyPair>> {
+async fn create_key_pair(State(s): State<Service>, Authenticated(c): Authenticated, ApiJson(req): ApiJson<CreateKeyPair>) -> Result<Json<crate::service::keypairs::NewKeyPair>> {
     Ok(Json(s.create_key_pair(&c, &req.name, req.key_type.as_deref()).await?))
 }
 
@@ -211,33 +227,33 @@ struct ImportKeyPair {
     public_key: String,
 }
 
-async fn import_key_pair(State(s): State<Service>, Admin(c): Admin, ApiJson(req): ApiJson<ImportKeyPair>) -> Result<Json<crate::service::keypairs::KeyPair>> {
+async fn import_key_pair(State(s): State<Service>, Authenticated(c): Authenticated, ApiJson(req): ApiJson<ImportKeyPair>) -> Result<Json<crate::service::keypairs::KeyPair>> {
     Ok(Json(s.import_key_pair(&c, &req.name, &req.public_key).await?))
 }
 
-async fn describe_key_pairs(State(s): State<Service>, Admin(c): Admin) -> Result<Json<serde_json::Value>> {
+async fn describe_key_pairs(State(s): State<Service>, Authenticated(c): Authenticated) -> Result<Json<serde_json::Value>> {
     Ok(Json(serde_json::json!({ "key_pairs": s.describe_key_pairs(&c, &[]).await? })))
 }
 
-async fn delete_key_pair(State(s): State<Service>, Admin(c): Admin, Path(name): Path<String>) -> Result<Json<serde_json::Value>> {
+async fn delete_key_pair(State(s): State<Service>, Authenticated(c): Authenticated, Path(name): Path<String>) -> Result<Json<serde_json::Value>> {
     s.delete_key_pair(&c, &name).await?;
     Ok(Json(serde_json::json!({})))
 }
 
-async fn terminate_instance(State(s): State<Service>, Admin(c): Admin, Path(id): Path<String>) -> Result<Json<StateChange>> {
+async fn terminate_instance(State(s): State<Service>, Authenticated(c): Authenticated, Path(id): Path<String>) -> Result<Json<StateChange>> {
     let mut changes = s.terminate_instances(&c, std::slice::from_ref(&id)).await?;
     changes.pop().map(Json).ok_or(ServiceError::InstanceNotFound(id))
 }
 
-async fn describe_hosts(State(s): State<Service>, Admin(_): Admin) -> Result<Json<HostList>> {
+async fn describe_hosts(State(s): State<Service>, Operator(_): Operator) -> Result<Json<HostList>> {
     Ok(Json(HostList { hosts: s.describe_hosts().await? }))
 }
 
-async fn describe_instance_types(State(s): State<Service>, Admin(_): Admin) -> Result<Json<InstanceTypeList>> {
+async fn describe_instance_types(State(s): State<Service>, Authenticated(_): Authenticated) -> Result<Json<InstanceTypeList>> {
     Ok(Json(InstanceTypeList { instance_types: s.describe_instance_types().await? }))
 }
 
-async fn describe_images(State(s): State<Service>, Admin(_): Admin) -> Result<Json<ImageList>> {
+async fn describe_images(State(s): State<Service>, Authenticated(_): Authenticated) -> Result<Json<ImageList>> {
     Ok(Json(ImageList { images: s.describe_images().await? }))
 }
 
@@ -250,12 +266,12 @@ struct CreateAccount {
 /// Creates an account and its access key (shown once).
 async fn create_account(
     State(s): State<Service>,
-    Admin(_): Admin,
+    Operator(_): Operator,
     ApiJson(req): ApiJson<CreateAccount>,
 ) -> Result<Json<crate::service::accounts::NewAccount>> {
     Ok(Json(s.create_account(&req.name).await?))
 }
 
-async fn register_image(State(s): State<Service>, Admin(c): Admin, ApiJson(req): ApiJson<RegisterImageRequest>) -> Result<Json<Image>> {
+async fn register_image(State(s): State<Service>, Operator(c): Operator, ApiJson(req): ApiJson<RegisterImageRequest>) -> Result<Json<Image>> {
     Ok(Json(s.register_image(&c, req).await?))
 }

@@ -75,7 +75,20 @@ impl Service {
         let Some((account_id, sealed)) = row else { return Ok(None) };
         let secret = secrets::open(&self.master_key()?, access_key_id, &sealed)
             .map_err(|e| ServiceError::Internal(format!("cannot open the secret of {access_key_id}: {e}")))?;
-        Ok(Some((Caller { account_id }, secret)))
+        Ok(Some((Caller::account(account_id), secret)))
+    }
+
+    /// The account of a REST bearer credential `<access key id>:<secret>`.
+    pub async fn authenticate_account(&self, bearer: &str) -> Result<Caller> {
+        use subtle::ConstantTimeEq;
+        let denied = || ServiceError::AuthFailure("invalid credentials".into());
+        let (akid, secret) = bearer.split_once(':').ok_or_else(denied)?;
+        let (caller, expected) = self.access_key(akid).await?.ok_or_else(denied)?;
+        if bool::from(expected.as_bytes().ct_eq(secret.as_bytes())) {
+            Ok(caller)
+        } else {
+            Err(denied())
+        }
     }
 
     /// The availability zones that have hosts.

@@ -25,11 +25,18 @@ pub const ADMIN_ACCOUNT: &str = "000000000000";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     pub account_id: String,
+    /// The operator (admin token): may also register images, see hosts and
+    /// create accounts. Its own instances belong to the admin account.
+    pub admin: bool,
 }
 
 impl Caller {
     pub fn admin() -> Caller {
-        Caller { account_id: ADMIN_ACCOUNT.to_string() }
+        Caller { account_id: ADMIN_ACCOUNT.to_string(), admin: true }
+    }
+
+    pub fn account(account_id: String) -> Caller {
+        Caller { account_id, admin: false }
     }
 }
 
