@@ -49,6 +49,21 @@ pub enum Command {
     DescribeInstanceTypes,
     /// Register an image built by an image recipe (POST /v1/images).
     RegisterImage(RegisterImageArgs),
+    /// Operator commands.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum AdminCommand {
+    /// Create an account and its access key (POST /v1/admin/accounts). The
+    /// secret is shown once; use `<access key id>:<secret>` as the CLI token,
+    /// or both with the AWS CLI and SDKs.
+    CreateAccount {
+        /// Account name (1 to 64 of A-Z a-z 0-9 - _ . @).
+        #[arg(long)]
+        name: String,
+    },
 }
 
 #[derive(Debug, Clone, Args)]

@@ -216,6 +216,10 @@ impl Client {
     pub async fn register_image(&self, req: &RegisterImageRequest) -> Result<Response<Image>, CliError> {
         self.send(Method::POST, &["v1", "images"], &[], json_body(req)?).await
     }
+
+    pub async fn create_account(&self, name: &str) -> Result<Response<serde_json::Value>, CliError> {
+        self.send(Method::POST, &["v1", "admin", "accounts"], &[], json_body(&serde_json::json!({ "name": name }))?).await
+    }
 }
 
 fn json_body<T: Serialize>(v: &T) -> Result<Option<Vec<u8>>, CliError> {

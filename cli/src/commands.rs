@@ -1,6 +1,6 @@
 //! One function per subcommand: build the request, call the API, print.
 
-use crate::args::{Cli, Command, OutputFormat, RunInstancesArgs, TerminateInstancesArgs};
+use crate::args::{AdminCommand, Cli, Command, OutputFormat, RunInstancesArgs, TerminateInstancesArgs};
 use crate::client::Client;
 use crate::error::CliError;
 use crate::manifest::{self, RegisterOptions};
@@ -45,6 +45,21 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
             let req = manifest::load_request(&a.manifest, &opts)?;
             let r = client.register_image(&req).await?;
             render(out, &r.raw, || output::images_table(std::slice::from_ref(&r.body)))
+        }
+        Command::Admin(AdminCommand::CreateAccount { name }) => {
+            let r = client.create_account(&name).await?;
+            let field = |k: &str| r.body[k].as_str().unwrap_or_default().to_string();
+            render(out, &r.raw, || {
+                format!(
+                    "account {} ({})\naccess key id:     {}\nsecret access key: {}   (shown once)\nNIMBUS_TOKEN={}:{}",
+                    field("account_id"),
+                    field("name"),
+                    field("access_key_id"),
+                    field("secret_access_key"),
+                    field("access_key_id"),
+                    field("secret_access_key")
+                )
+            })
         }
     };
     println!("{text}");

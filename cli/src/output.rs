@@ -166,6 +166,8 @@ pub(crate) mod tests {
             launch_time: Utc.with_ymd_and_hms(2026, 11, 25, 15, 4, 5).unwrap(),
             ami_launch_index: 0,
             state_reason: None,
+            key_name: None,
+            tags: Vec::new(),
         }
     }
 

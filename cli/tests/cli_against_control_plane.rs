@@ -457,3 +457,30 @@ async fn errors_exit_with_their_codes() {
     assert_eq!(refused.code, Some(3), "{refused:?}");
     assert!(refused.err.starts_with(&format!("error: cannot reach the Nimbus API at {endpoint}")), "{}", refused.err);
 }
+
+/// The operator creates an account; its token launches in its own account
+/// and is refused operator commands.
+#[tokio::test]
+async fn admin_create_account_and_use_its_token() {
+    let cloud = Cloud::start().await.unwrap();
+    let _agent = cloud.add_agent("a", "az1", 8, 8192, 100).await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    let created = nimbus(&cloud, &["-o", "json", "admin", "create-account", "--name", "erin"]).await.ok().json();
+    let token = format!("{}:{}", created["access_key_id"].as_str().unwrap(), created["secret_access_key"].as_str().unwrap());
+    let as_erin = |args: &[&str]| {
+        let mut all = vec!["--endpoint", cloud.url.as_str(), "--token", token.as_str()];
+        all.extend_from_slice(args);
+        let all: Vec<String> = all.iter().map(|s| s.to_string()).collect();
+        async move { nimbus_raw(&all.iter().map(String::as_str).collect::<Vec<_>>()).await }
+    };
+    let r = as_erin(&["-o", "json", "run-instances", "--instance-type", "t3.nano", "--wait"]).await.ok().json();
+    assert_eq!(r["owner_id"], created["account_id"]);
+    let refused = as_erin(&["describe-hosts"]).await;
+    assert_eq!(refused.code, Some(1));
+    assert!(refused.err.contains("UnauthorizedOperation"), "{}", refused.err);
+    // The operator's own listing does not show erin's instance.
+    let mine = nimbus(&cloud, &["-o", "json", "describe-instances"]).await.ok().json();
+    assert_eq!(mine["instances"].as_array().unwrap().len(), 0);
+    let duplicate = nimbus(&cloud, &["admin", "create-account", "--name", "erin"]).await;
+    assert_eq!(duplicate.code, Some(1));
+}
