@@ -22,8 +22,8 @@ pub enum StorageError {
 }
 
 impl StorageError {
-    pub fn engine<E: Into<redb::Error>>(e: E) -> Self {
-        StorageError::Engine(e.into().to_string())
+    pub fn engine<E: std::fmt::Display>(e: E) -> Self {
+        StorageError::Engine(e.to_string())
     }
 }
 

@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 pub struct Config {
     /// This node's id: its advertised `host:port` over HTTP.
     pub id: NodeId,
-    /// Directory holding `store.redb`.
+    /// Directory holding the store (fjall database in `store/`).
     pub data_dir: PathBuf,
     /// Other nodes to contact first.
     pub seeds: Vec<NodeId>,
@@ -98,7 +98,7 @@ impl Node {
     pub async fn start(cfg: Config, transport: Arc<dyn Transport>) -> Result<Arc<Node>, StoreError> {
         cfg.validate()?;
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| StorageError::Engine(e.to_string()))?;
-        let storage = Arc::new(Storage::open(&cfg.data_dir.join("store.redb"), cfg.partitions)?);
+        let storage = Arc::new(Storage::open(&cfg.data_dir.join("store"), cfg.partitions)?);
         let membership = Membership::new(cfg.id.clone(), &cfg.seeds, cfg.partitions, cfg.fail_timeout);
         let cfg_id = cfg.id.clone();
         let node = Arc::new_cyclic(|me| Node {

@@ -1,37 +1,39 @@
-//! Durable local storage on redb.
+//! Durable local storage on fjall (an LSM tree with a write-ahead journal).
 //!
-//! Tables:
+//! Keyspaces:
 //! * `data`:   `partition(u32 BE) ++ key` → bincode(`Record`)
-//! * `merkle`: partition → 64 leaf digests (updated in the same transaction
-//!   as the data, so the tree on disk always matches the data on disk)
+//! * `merkle`: `partition(u32 BE)` → 64 leaf digests (written in the same
+//!   atomic batch as the data, so the tree on disk always matches the data
+//!   on disk)
 //! * `hints`:  `keylen(u16 BE) ++ key ++ owner` → bincode(`Record`), writes
 //!   held for an unreachable owner (sloppy quorum)
-//! * `meta`:   the per-node dot counter (updated in the same transaction as
-//!   the write it numbers, so it never repeats after a crash)
+//! * `meta`:   the per-node dot counter (written in the same batch as the
+//!   write it numbers, so it never repeats after a crash)
 //!
 //! fsync policy: all writes go through one writer thread that performs
-//! *group commit*: it drains every queued write, applies them in one redb
-//! transaction with `Durability::Immediate` (fsync on commit), and only
-//! then acknowledges each of them. An acknowledged write is therefore on
-//! disk, and many concurrent writes share one fsync.
+//! *group commit*: it drains every queued write, applies them to an
+//! in-memory overlay of the keys they touch (so later writes of the batch
+//! see earlier ones), then commits one atomic fjall write batch (one journal
+//! append) with `PersistMode::SyncData` (fdatasync before the batch becomes
+//! visible), and only then acknowledges each write. An acknowledged write
+//! is therefore in the journal on disk, a torn last batch is discarded as a
+//! whole on recovery, and many concurrent writes share one fsync. Memtable
+//! flushes and compactions run on fjall's background threads.
 
 use crate::clock::{Dot, Record, Sibling, VersionVector};
 use crate::error::StorageError;
 use crate::merkle::{bucket_of, key_digest, Digest, MerkleTree};
-use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
-use std::collections::BTreeMap;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use tokio::sync::oneshot;
 
-const DATA: TableDefinition<&[u8], &[u8]> = TableDefinition::new("data");
-const MERKLE: TableDefinition<u32, &[u8]> = TableDefinition::new("merkle");
-const HINTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("hints");
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-
-/// Largest number of queued writes applied in one transaction.
+/// Largest number of queued writes applied in one batch.
 const MAX_BATCH: usize = 512;
+
+const DOT_COUNTER: &[u8] = b"dot_counter";
 
 pub fn encode_record(r: &Record) -> Result<Vec<u8>, StorageError> {
     bincode::serialize(r).map_err(|e| StorageError::Corrupt(e.to_string()))
@@ -118,8 +120,18 @@ impl Durable {
     }
 }
 
+/// The database and its keyspaces (cheap to clone: handles).
+#[derive(Clone)]
+struct Db {
+    db: Database,
+    data: Keyspace,
+    merkle: Keyspace,
+    hints: Keyspace,
+    meta: Keyspace,
+}
+
 pub struct Storage {
-    db: Arc<Database>,
+    db: Db,
     partitions: u32,
     tx: Option<std_mpsc::Sender<Job>>,
     writer: Option<std::thread::JoinHandle<()>>,
@@ -129,7 +141,8 @@ pub struct Storage {
 impl Drop for Storage {
     fn drop(&mut self) {
         // Closing the queue stops the writer; joining it releases its
-        // database handle so the file can be reopened at once.
+        // database handle so the database can be reopened at once (fjall
+        // stops its background threads when the last handle is dropped).
         self.tx.take();
         if let Some(h) = self.writer.take() {
             let _ = h.join();
@@ -137,19 +150,25 @@ impl Drop for Storage {
     }
 }
 
+fn get_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    if b.len() == 8 {
+        a.copy_from_slice(b);
+    }
+    u64::from_be_bytes(a)
+}
+
 impl Storage {
-    /// Open (or create) the database at `path`.
+    /// Open (or create) the database in directory `path`.
     pub fn open(path: &Path, partitions: u32) -> Result<Storage, StorageError> {
-        let db = Database::create(path).map_err(StorageError::engine)?;
-        {
-            let w = db.begin_write().map_err(StorageError::engine)?;
-            w.open_table(DATA).map_err(StorageError::engine)?;
-            w.open_table(MERKLE).map_err(StorageError::engine)?;
-            w.open_table(HINTS).map_err(StorageError::engine)?;
-            w.open_table(META).map_err(StorageError::engine)?;
-            w.commit().map_err(StorageError::engine)?;
-        }
-        let db = Arc::new(db);
+        let db = Database::builder(path)
+            // the writer thread persists each batch itself
+            .manual_journal_persist(true)
+            .worker_threads(1)
+            .open()
+            .map_err(StorageError::engine)?;
+        let ks = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(StorageError::engine);
+        let db = Db { data: ks("data")?, merkle: ks("merkle")?, hints: ks("hints")?, meta: ks("meta")?, db: db.clone() };
         let (tx, rx) = std_mpsc::channel::<Job>();
         let wdb = db.clone();
         let stats = Arc::new(WriterStats::default());
@@ -160,7 +179,6 @@ impl Storage {
             .map_err(|e| StorageError::Engine(e.to_string()))?;
         Ok(Storage { db, partitions, tx: Some(tx), writer: Some(writer), stats })
     }
-
     /// Group-commit counters since open.
     pub fn writer_stats(&self) -> WriterSnapshot {
         use std::sync::atomic::Ordering::Relaxed;
@@ -257,37 +275,32 @@ impl Storage {
         }
     }
 
-    /// A counter from the `meta` table (e.g. `dot_counter`).
+    /// A counter from the `meta` keyspace (e.g. `dot_counter`).
     pub fn get_meta(&self, name: &str) -> Result<Option<u64>, StorageError> {
-        let r = self.db.begin_read().map_err(StorageError::engine)?;
-        let t = r.open_table(META).map_err(StorageError::engine)?;
-        Ok(t.get(name).map_err(StorageError::engine)?.map(|v| v.value()))
+        Ok(self.db.meta.get(name.as_bytes()).map_err(StorageError::engine)?.map(|v| get_u64(&v)))
     }
 
     /// The stored record of `key` (replica data only).
     pub fn get(&self, key: &[u8]) -> Result<Option<Record>, StorageError> {
         let p = crate::ring::partition_of(key, self.partitions);
-        let r = self.db.begin_read().map_err(StorageError::engine)?;
-        let t = r.open_table(DATA).map_err(StorageError::engine)?;
-        match t.get(data_key(p, key).as_slice()).map_err(StorageError::engine)? {
-            Some(v) => Ok(Some(decode_record(v.value())?)),
+        match self.db.data.get(data_key(p, key)).map_err(StorageError::engine)? {
+            Some(v) => Ok(Some(decode_record(&v)?)),
             None => Ok(None),
         }
     }
 
     /// Replica data merged with any hints held for `key`; what a replica
-    /// (or a sloppy-quorum stand-in) answers to a read.
+    /// (or a sloppy-quorum stand-in) answers to a read. One snapshot.
     pub fn get_with_hints(&self, key: &[u8]) -> Result<Option<Record>, StorageError> {
-        let mut out = self.get(key)?;
-        let r = self.db.begin_read().map_err(StorageError::engine)?;
-        let t = r.open_table(HINTS).map_err(StorageError::engine)?;
-        let prefix = hint_prefix(key);
-        for item in t.range(prefix.as_slice()..).map_err(StorageError::engine)? {
-            let (k, v) = item.map_err(StorageError::engine)?;
-            if !k.value().starts_with(&prefix) {
-                break;
-            }
-            let rec = decode_record(v.value())?;
+        let snap = self.db.db.snapshot();
+        let p = crate::ring::partition_of(key, self.partitions);
+        let mut out = match snap.get(&self.db.data, data_key(p, key)).map_err(StorageError::engine)? {
+            Some(v) => Some(decode_record(&v)?),
+            None => None,
+        };
+        for item in snap.prefix(&self.db.hints, hint_prefix(key)) {
+            let (_, v) = item.into_inner().map_err(StorageError::engine)?;
+            let rec = decode_record(&v)?;
             match &mut out {
                 Some(o) => {
                     o.merge(&rec);
@@ -300,29 +313,20 @@ impl Storage {
 
     /// The Merkle tree of partition `p`.
     pub fn merkle(&self, p: u32) -> Result<MerkleTree, StorageError> {
-        let r = self.db.begin_read().map_err(StorageError::engine)?;
-        let t = r.open_table(MERKLE).map_err(StorageError::engine)?;
-        match t.get(p).map_err(StorageError::engine)? {
-            Some(v) => MerkleTree::decode(v.value()).ok_or_else(|| StorageError::Corrupt(format!("merkle {p}"))),
+        match self.db.merkle.get(p.to_be_bytes()).map_err(StorageError::engine)? {
+            Some(v) => MerkleTree::decode(&v).ok_or_else(|| StorageError::Corrupt(format!("merkle {p}"))),
             None => Ok(MerkleTree::default()),
         }
     }
 
     /// Per-key digests of partition `p` restricted to the given leaves.
     pub fn key_digests(&self, p: u32, leaves: &[usize]) -> Result<BTreeMap<Vec<u8>, Digest>, StorageError> {
-        let r = self.db.begin_read().map_err(StorageError::engine)?;
-        let t = r.open_table(DATA).map_err(StorageError::engine)?;
-        let lo = p.to_be_bytes();
         let mut out = BTreeMap::new();
-        for item in t.range(lo.as_slice()..).map_err(StorageError::engine)? {
-            let (k, v) = item.map_err(StorageError::engine)?;
-            let k = k.value();
-            if k.get(..4) != Some(lo.as_slice()) {
-                break;
-            }
+        for item in self.db.data.prefix(p.to_be_bytes()) {
+            let (k, v) = item.into_inner().map_err(StorageError::engine)?;
             let key = &k[4..];
             if leaves.contains(&bucket_of(key)) {
-                out.insert(key.to_vec(), key_digest(key, v.value()));
+                out.insert(key.to_vec(), key_digest(key, &v));
             }
         }
         Ok(out)
@@ -331,44 +335,36 @@ impl Storage {
     /// Every stored `(key, record)`; used by handoff on leave and by
     /// tombstone GC. Reads one consistent snapshot.
     pub fn scan(&self) -> Result<Vec<(Vec<u8>, Record)>, StorageError> {
-        let r = self.db.begin_read().map_err(StorageError::engine)?;
-        let t = r.open_table(DATA).map_err(StorageError::engine)?;
         let mut out = Vec::new();
-        for item in t.iter().map_err(StorageError::engine)? {
-            let (k, v) = item.map_err(StorageError::engine)?;
-            out.push((k.value()[4..].to_vec(), decode_record(v.value())?));
+        for item in self.db.data.iter() {
+            let (k, v) = item.into_inner().map_err(StorageError::engine)?;
+            out.push((k[4..].to_vec(), decode_record(&v)?));
         }
         Ok(out)
     }
 
-    /// Number of stored keys.
+    /// Number of stored keys (counts them: admin and tests only).
     pub fn len(&self) -> Result<u64, StorageError> {
-        let r = self.db.begin_read().map_err(StorageError::engine)?;
-        let t = r.open_table(DATA).map_err(StorageError::engine)?;
-        t.len().map_err(StorageError::engine)
+        Ok(self.db.data.len().map_err(StorageError::engine)? as u64)
     }
 
     pub fn is_empty(&self) -> Result<bool, StorageError> {
-        Ok(self.len()? == 0)
+        Ok(self.db.data.is_empty().map_err(StorageError::engine)?)
     }
 
     /// All pending hints.
     pub fn hints(&self) -> Result<Vec<Hint>, StorageError> {
-        let r = self.db.begin_read().map_err(StorageError::engine)?;
-        let t = r.open_table(HINTS).map_err(StorageError::engine)?;
         let mut out = Vec::new();
-        for item in t.iter().map_err(StorageError::engine)? {
-            let (k, v) = item.map_err(StorageError::engine)?;
-            let (key, owner) = split_hint_key(k.value()).ok_or_else(|| StorageError::Corrupt("hint key".into()))?;
-            out.push(Hint { owner, key, record: decode_record(v.value())? });
+        for item in self.db.hints.iter() {
+            let (k, v) = item.into_inner().map_err(StorageError::engine)?;
+            let (key, owner) = split_hint_key(&k).ok_or_else(|| StorageError::Corrupt("hint key".into()))?;
+            out.push(Hint { owner, key, record: decode_record(&v)? });
         }
         Ok(out)
     }
 
     pub fn hint_count(&self) -> Result<u64, StorageError> {
-        let r = self.db.begin_read().map_err(StorageError::engine)?;
-        let t = r.open_table(HINTS).map_err(StorageError::engine)?;
-        t.len().map_err(StorageError::engine)
+        Ok(self.db.hints.len().map_err(StorageError::engine)? as u64)
     }
 }
 
@@ -379,7 +375,7 @@ pub struct WriterStats {
     pub writes: std::sync::atomic::AtomicU64,
     /// time spent in apply + commit (fsync), microseconds
     pub busy_us: std::sync::atomic::AtomicU64,
-    /// of which in commit (page writes + fsync), microseconds
+    /// of which in the batch commit (journal append + fdatasync), microseconds
     pub commit_us: std::sync::atomic::AtomicU64,
 }
 
@@ -392,7 +388,7 @@ pub struct WriterSnapshot {
     pub commit_us: u64,
 }
 
-fn writer_loop(db: Arc<Database>, partitions: u32, rx: std_mpsc::Receiver<Job>, stats: Arc<WriterStats>) {
+fn writer_loop(db: Db, partitions: u32, rx: std_mpsc::Receiver<Job>, stats: Arc<WriterStats>) {
     // highest dot counter handed out, even in a batch whose commit failed
     let mut last_dot = 0u64;
     while let Ok(first) = rx.recv() {
@@ -427,150 +423,211 @@ fn writer_loop(db: Arc<Database>, partitions: u32, rx: std_mpsc::Receiver<Job>, 
     }
 }
 
-type BytesTable<'t> = redb::Table<'t, &'static [u8], &'static [u8]>;
+/// The writes of one batch, applied over the database: reads see the
+/// batch's own earlier writes; `None` is a deletion.
+struct Overlay<'a> {
+    db: &'a Db,
+    data: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    hints: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    merkle: HashMap<u32, MerkleTree>,
+    dot_counter: Option<u64>,
+}
 
-fn merge_data(
-    data: &mut BytesTable<'_>,
-    merkle: &mut redb::Table<'_, u32, &'static [u8]>,
-    partitions: u32,
-    key: &[u8],
-    record: &Record,
-) -> Result<Record, StorageError> {
-    let p = crate::ring::partition_of(key, partitions);
-    let dk = data_key(p, key);
-    let old = data.get(dk.as_slice()).map_err(StorageError::engine)?.map(|v| v.value().to_vec());
-    let mut cur = match &old {
-        Some(b) => decode_record(b)?,
-        None => Record::default(),
-    };
-    if cur.merge(record) || old.is_none() {
-        let enc = encode_record(&cur)?;
-        data.insert(dk.as_slice(), enc.as_slice()).map_err(StorageError::engine)?;
-        let mut tree = match merkle.get(p).map_err(StorageError::engine)? {
-            Some(v) => MerkleTree::decode(v.value()).unwrap_or_default(),
-            None => MerkleTree::default(),
+impl<'a> Overlay<'a> {
+    fn new(db: &'a Db) -> Self {
+        Overlay { db, data: HashMap::new(), hints: BTreeMap::new(), merkle: HashMap::new(), dot_counter: None }
+    }
+
+    fn data_get(&self, dk: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        match self.data.get(dk) {
+            Some(v) => Ok(v.clone()),
+            None => Ok(self.db.data.get(dk).map_err(StorageError::engine)?.map(|v| v.to_vec())),
+        }
+    }
+
+    fn hint_get(&self, hk: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        match self.hints.get(hk) {
+            Some(v) => Ok(v.clone()),
+            None => Ok(self.db.hints.get(hk).map_err(StorageError::engine)?.map(|v| v.to_vec())),
+        }
+    }
+
+    /// Every hint whose key starts with `prefix`, overlay applied.
+    fn hints_with_prefix(&self, prefix: &[u8]) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, StorageError> {
+        let mut out = BTreeMap::new();
+        for item in self.db.hints.prefix(prefix) {
+            let (k, v) = item.into_inner().map_err(StorageError::engine)?;
+            out.insert(k.to_vec(), v.to_vec());
+        }
+        for (k, v) in self.hints.range(prefix.to_vec()..) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            match v {
+                Some(v) => out.insert(k.clone(), v.clone()),
+                None => out.remove(k),
+            };
+        }
+        Ok(out)
+    }
+
+    fn tree(&mut self, p: u32) -> Result<&mut MerkleTree, StorageError> {
+        if !self.merkle.contains_key(&p) {
+            let t = match self.db.merkle.get(p.to_be_bytes()).map_err(StorageError::engine)? {
+                Some(v) => MerkleTree::decode(&v).unwrap_or_default(),
+                None => MerkleTree::default(),
+            };
+            self.merkle.insert(p, t);
+        }
+        Ok(self.merkle.get_mut(&p).expect("inserted above"))
+    }
+
+    fn last_dot(&mut self) -> Result<u64, StorageError> {
+        if let Some(c) = self.dot_counter {
+            return Ok(c);
+        }
+        let c = self.db.meta.get(DOT_COUNTER).map_err(StorageError::engine)?.map(|v| get_u64(&v)).unwrap_or(0);
+        self.dot_counter = Some(c);
+        Ok(c)
+    }
+
+    fn merge_data(&mut self, partitions: u32, key: &[u8], record: &Record) -> Result<Record, StorageError> {
+        let p = crate::ring::partition_of(key, partitions);
+        let dk = data_key(p, key);
+        let old = self.data_get(&dk)?;
+        let mut cur = match &old {
+            Some(b) => decode_record(b)?,
+            None => Record::default(),
         };
-        if let Some(b) = &old {
-            tree.toggle(key, key_digest(key, b));
+        if cur.merge(record) || old.is_none() {
+            let enc = encode_record(&cur)?;
+            let tree = self.tree(p)?;
+            if let Some(b) = &old {
+                tree.toggle(key, key_digest(key, b));
+            }
+            tree.toggle(key, key_digest(key, &enc));
+            self.data.insert(dk, Some(enc));
         }
-        tree.toggle(key, key_digest(key, &enc));
-        merkle.insert(p, tree.encode().as_slice()).map_err(StorageError::engine)?;
+        Ok(cur)
     }
-    Ok(cur)
-}
 
-fn merge_hint(hints: &mut BytesTable<'_>, owner: &str, key: &[u8], record: &Record) -> Result<Record, StorageError> {
-    let hk = hint_key(key, owner);
-    let old = hints.get(hk.as_slice()).map_err(StorageError::engine)?.map(|v| v.value().to_vec());
-    let mut cur = match &old {
-        Some(b) => decode_record(b)?,
-        None => Record::default(),
-    };
-    cur.merge(record);
-    hints.insert(hk.as_slice(), encode_record(&cur)?.as_slice()).map_err(StorageError::engine)?;
-    Ok(cur)
-}
+    fn merge_hint(&mut self, owner: &str, key: &[u8], record: &Record) -> Result<Record, StorageError> {
+        let hk = hint_key(key, owner);
+        let mut cur = match self.hint_get(&hk)? {
+            Some(b) => decode_record(&b)?,
+            None => Record::default(),
+        };
+        cur.merge(record);
+        self.hints.insert(hk, Some(encode_record(&cur)?));
+        Ok(cur)
+    }
 
-/// Data record merged with every hint held for `key`.
-fn full_state(data: &BytesTable<'_>, hints: &BytesTable<'_>, partitions: u32, key: &[u8]) -> Result<Record, StorageError> {
-    let p = crate::ring::partition_of(key, partitions);
-    let mut out = match data.get(data_key(p, key).as_slice()).map_err(StorageError::engine)? {
-        Some(v) => decode_record(v.value())?,
-        None => Record::default(),
-    };
-    let prefix = hint_prefix(key);
-    for item in hints.range(prefix.as_slice()..).map_err(StorageError::engine)? {
-        let (k, v) = item.map_err(StorageError::engine)?;
-        if !k.value().starts_with(&prefix) {
-            break;
+    /// Data record merged with every hint held for `key`.
+    fn full_state(&self, partitions: u32, key: &[u8]) -> Result<Record, StorageError> {
+        let p = crate::ring::partition_of(key, partitions);
+        let mut out = match self.data_get(&data_key(p, key))? {
+            Some(v) => decode_record(&v)?,
+            None => Record::default(),
+        };
+        for v in self.hints_with_prefix(&hint_prefix(key))?.values() {
+            out.merge(&decode_record(v)?);
         }
-        out.merge(&decode_record(v.value())?);
+        Ok(out)
     }
-    Ok(out)
+
+    /// Write everything as one atomic batch; returns after fdatasync.
+    fn commit(self) -> Result<(), StorageError> {
+        let mut b = self.db.db.batch().durability(Some(PersistMode::SyncData));
+        for (k, v) in self.data {
+            match v {
+                Some(v) => b.insert(&self.db.data, k, v),
+                None => b.remove(&self.db.data, k),
+            }
+        }
+        for (k, v) in self.hints {
+            match v {
+                Some(v) => b.insert(&self.db.hints, k, v),
+                None => b.remove(&self.db.hints, k),
+            }
+        }
+        for (p, t) in self.merkle {
+            b.insert(&self.db.merkle, p.to_be_bytes(), t.encode());
+        }
+        if let Some(c) = self.dot_counter {
+            b.insert(&self.db.meta, DOT_COUNTER, c.to_be_bytes());
+        }
+        b.commit().map_err(StorageError::engine)
+    }
 }
 
-/// Apply a batch in one transaction. Engine failures fail the whole batch.
+/// Apply a batch as one atomic write. Engine failures fail the whole batch.
 fn apply_batch(
-    db: &Database,
+    db: &Db,
     partitions: u32,
     ops: &[&Op],
     last_dot: &mut u64,
     commit_us: &mut u64,
 ) -> Result<Vec<Result<OpResult, StorageError>>, StorageError> {
-    let mut w = db.begin_write().map_err(StorageError::engine)?;
-    w.set_durability(Durability::Immediate);
+    let mut w = Overlay::new(db);
     let mut results = Vec::with_capacity(ops.len());
-    {
-        let mut data = w.open_table(DATA).map_err(StorageError::engine)?;
-        let mut merkle = w.open_table(MERKLE).map_err(StorageError::engine)?;
-        let mut hints = w.open_table(HINTS).map_err(StorageError::engine)?;
-        let mut meta = w.open_table(META).map_err(StorageError::engine)?;
-        for op in ops {
-            let res = match op {
-                Op::Merge { key, record } => merge_data(&mut data, &mut merkle, partitions, key, record).map(OpResult::Merged),
-                Op::HintMerge { owner, key, record } => merge_hint(&mut hints, owner, key, record).map(|_| OpResult::Done(true)),
-                Op::Coordinate { node, key, value, context, written_ms, hint_owner, applied } => {
-                    let last = meta.get("dot_counter").map_err(StorageError::engine)?.map(|v| v.value()).unwrap_or(0);
-                    let counter = (last.max(*last_dot) + 1).max(written_ms.saturating_mul(1000));
-                    *last_dot = counter;
-                    meta.insert("dot_counter", counter).map_err(StorageError::engine)?;
-                    let dot = Dot { node: node.clone(), counter };
-                    let rec = Record::single(Sibling {
-                        dot: dot.clone(),
-                        context: context.clone(),
-                        value: value.clone(),
-                        written_ms: *written_ms,
-                    });
-                    let stored = match hint_owner {
-                        None => merge_data(&mut data, &mut merkle, partitions, key, &rec).map(|_| ()),
-                        Some(o) => merge_hint(&mut hints, o, key, &rec).map(|_| ()),
-                    };
-                    let state = stored.and_then(|_| full_state(&data, &hints, partitions, key));
-                    if let Ok(r) = &state {
-                        if let Some(tx) = applied.lock().ok().and_then(|mut g| g.take()) {
-                            let _ = tx.send((r.clone(), dot.clone()));
-                        }
+    for op in ops {
+        let res = match op {
+            Op::Merge { key, record } => w.merge_data(partitions, key, record).map(OpResult::Merged),
+            Op::HintMerge { owner, key, record } => w.merge_hint(owner, key, record).map(|_| OpResult::Done(true)),
+            Op::Coordinate { node, key, value, context, written_ms, hint_owner, applied } => {
+                let last = w.last_dot()?;
+                let counter = (last.max(*last_dot) + 1).max(written_ms.saturating_mul(1000));
+                *last_dot = counter;
+                w.dot_counter = Some(counter);
+                let dot = Dot { node: node.clone(), counter };
+                let rec = Record::single(Sibling {
+                    dot: dot.clone(),
+                    context: context.clone(),
+                    value: value.clone(),
+                    written_ms: *written_ms,
+                });
+                let stored = match hint_owner {
+                    None => w.merge_data(partitions, key, &rec).map(|_| ()),
+                    Some(o) => w.merge_hint(o, key, &rec).map(|_| ()),
+                };
+                let state = stored.and_then(|_| w.full_state(partitions, key));
+                if let Ok(r) = &state {
+                    if let Some(tx) = applied.lock().ok().and_then(|mut g| g.take()) {
+                        let _ = tx.send((r.clone(), dot.clone()));
                     }
-                    state.map(|_| OpResult::Coordinated)
                 }
-                Op::HintRemoveIf { owner, key, expected } => {
-                    let hk = hint_key(key, owner);
-                    let old = hints.get(hk.as_slice()).map_err(StorageError::engine)?.map(|v| v.value().to_vec());
-                    let same = match &old {
-                        Some(b) => decode_record(b).map(|r| &r == expected).unwrap_or(false),
-                        None => false,
-                    };
-                    if same {
-                        hints.remove(hk.as_slice()).map_err(StorageError::engine)?;
+                state.map(|_| OpResult::Coordinated)
+            }
+            Op::HintRemoveIf { owner, key, expected } => {
+                let hk = hint_key(key, owner);
+                let same = match w.hint_get(&hk)? {
+                    Some(b) => decode_record(&b).map(|r| &r == expected).unwrap_or(false),
+                    None => false,
+                };
+                if same {
+                    w.hints.insert(hk, None);
+                }
+                Ok(OpResult::Done(same))
+            }
+            Op::DropIf { key, digest } => {
+                let p = crate::ring::partition_of(key, partitions);
+                let dk = data_key(p, key);
+                let mut dropped = false;
+                if let Some(b) = w.data_get(&dk)? {
+                    let d = key_digest(key, &b);
+                    if d == *digest {
+                        w.data.insert(dk, None);
+                        w.tree(p)?.toggle(key, d);
+                        dropped = true;
                     }
-                    Ok(OpResult::Done(same))
                 }
-                Op::DropIf { key, digest } => {
-                    let p = crate::ring::partition_of(key, partitions);
-                    let dk = data_key(p, key);
-                    let old = data.get(dk.as_slice()).map_err(StorageError::engine)?.map(|v| v.value().to_vec());
-                    let mut dropped = false;
-                    if let Some(b) = old {
-                        let d = key_digest(key, &b);
-                        if d == *digest {
-                            data.remove(dk.as_slice()).map_err(StorageError::engine)?;
-                            let mut tree = match merkle.get(p).map_err(StorageError::engine)? {
-                                Some(v) => MerkleTree::decode(v.value()).unwrap_or_default(),
-                                None => MerkleTree::default(),
-                            };
-                            tree.toggle(key, d);
-                            merkle.insert(p, tree.encode().as_slice()).map_err(StorageError::engine)?;
-                            dropped = true;
-                        }
-                    }
-                    Ok(OpResult::Done(dropped))
-                }
-            };
-            results.push(res);
-        }
+                Ok(OpResult::Done(dropped))
+            }
+        };
+        results.push(res);
     }
     let commit_started = std::time::Instant::now();
-    w.commit().map_err(StorageError::engine)?;
+    w.commit()?;
     *commit_us += commit_started.elapsed().as_micros() as u64;
     Ok(results)
 }

@@ -176,7 +176,7 @@ async fn run_store(args: &Args, dir: &std::path::Path) -> Result<(Stats, f64), B
     for n in &nodes {
         let w = n.storage().writer_stats();
         println!(
-            "  node {}: {} group commits, {:.1} writes/commit, {:.2} ms/commit, of which {:.2} ms in commit (page writes + fsync)",
+            "  node {}: {} group commits, {:.1} writes/commit, {:.2} ms/commit, of which {:.2} ms in commit (journal append + fdatasync)",
             n.id(),
             w.commits,
             w.writes as f64 / w.commits.max(1) as f64,
@@ -277,8 +277,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         args.clients, args.value_size, args.keys, args.duration_secs
     );
     let res = run_store(&args, &dir).await;
-    let _ = std::fs::remove_dir_all(&dir);
-    let (store, secs) = res?;
+    let (store, secs) = match res {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+    };
     store.print("nimbus-state-store", secs);
     let p999 = |h: &Histogram<u64>| h.value_at_quantile(0.999) as f64 / 1000.0;
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
@@ -296,5 +301,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!("throughput ratio store/redis: {ratio:.3} (target >= 0.25: {})", verdict(ratio >= 0.25));
         }
     }
+    // removed last: the nodes' databases close once their last in-flight
+    // task has let go of them
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
