@@ -13,6 +13,26 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+/// Most base64 console text one report carries: the control plane takes
+/// JSON bodies up to 2 MiB, and a restarted agent has every tail to send.
+/// Tails left out stay undelivered and go with a later report.
+pub const REPORT_BUDGET: usize = 1 << 20;
+
+/// Drops the console tails beyond `budget` bytes from a report; returns how many.
+pub fn fit_budget(observations: &mut [Observation], budget: usize) -> usize {
+    let (mut used, mut deferred) = (0, 0);
+    for o in observations.iter_mut() {
+        let Some(c) = &o.console else { continue };
+        if used + c.len() > budget {
+            o.console = None;
+            deferred += 1;
+        } else {
+            used += c.len();
+        }
+    }
+    deferred
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Stamp {
     len: u64,
@@ -121,6 +141,15 @@ mod tests {
 
     fn obs(id: &str, console: Option<String>) -> Observation {
         Observation { instance_id: id.into(), state: ObservedState::Running, message: None, reboots: None, console }
+    }
+
+    #[test]
+    fn a_report_carries_at_most_the_budget() {
+        let mut report: Vec<Observation> = (0..5).map(|i| obs(&format!("i-{i}"), Some("x".repeat(400)))).collect();
+        report[2].console = None;
+        assert_eq!(fit_budget(&mut report, 1000), 2);
+        let sent: Vec<bool> = report.iter().map(|o| o.console.is_some()).collect();
+        assert_eq!(sent, vec![true, true, false, false, false]);
     }
 
     #[tokio::test]

@@ -190,7 +190,11 @@ impl Agent {
     }
 
     /// Sends a report; on delivery, remembers the console output it carried.
-    async fn report(&self, cred: &HostCredential, observations: Vec<Observation>) -> Result<(), ClientError> {
+    async fn report(&self, cred: &HostCredential, mut observations: Vec<Observation>) -> Result<(), ClientError> {
+        let deferred = console::fit_budget(&mut observations, console::REPORT_BUDGET);
+        if deferred > 0 {
+            tracing::debug!(deferred, "console tails left for a later report");
+        }
         let report = Report { observations };
         self.cp.report(cred, &report).await?;
         self.reconciler.console.delivered(&report.observations);
@@ -230,6 +234,7 @@ impl Agent {
                     while let Ok(o) = self.late.try_recv() {
                         observations.push(o);
                     }
+                    tracing::debug!(count = observations.len(), "reporting observations made after their pass");
                     if let Err(e) = self.report(&cred, observations).await {
                         tracing::warn!(error = %e, "cannot report; the next pass observes again");
                     }

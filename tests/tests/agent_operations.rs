@@ -225,12 +225,20 @@ fn virsh_domstate(name: &str) -> Option<String> {
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+fn count(text: &str, line: &str) -> usize {
+    text.lines().filter(|l| *l == line).count()
+}
+
+fn read_console(console: &PathBuf) -> String {
+    std::fs::read_to_string(console).unwrap_or_default().replace('\r', "")
+}
+
 /// Waits until the console holds `n` lines equal to `line`; returns the console.
 async fn wait_for_lines(console: &PathBuf, line: &str, n: usize, timeout: Duration) -> String {
     let deadline = Instant::now() + timeout;
     loop {
-        let text = std::fs::read_to_string(console).unwrap_or_default().replace('\r', "");
-        if text.lines().filter(|l| *l == line).count() >= n {
+        let text = read_console(console);
+        if count(&text, line) >= n {
             return text;
         }
         assert!(Instant::now() < deadline, "no {n} x {line} within {timeout:?}; console:\n{text}");
@@ -238,8 +246,10 @@ async fn wait_for_lines(console: &PathBuf, line: &str, n: usize, timeout: Durati
     }
 }
 
-/// A real TCG guest: ACPI stop (the guest prints NIMBUS-POWEROFF), start (a
-/// second boot), reboot (a third), console shipped to the control plane.
+/// A real TCG guest. First a stop while the guest still boots (it misses the
+/// ACPI press): powered off after the stop timeout, reported after its pass.
+/// Then ACPI stop (the guest prints NIMBUS-POWEROFF), start (another boot),
+/// reboot (another), and the console shipped to the control plane.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_guest_stops_starts_and_reboots() {
     let image_dir = PathBuf::from(
@@ -247,15 +257,38 @@ async fn a_real_guest_stops_starts_and_reboots() {
     );
     let t0 = Instant::now();
     let cloud = Cloud::start().await.unwrap();
-    let agent = cloud.add_agent_with("real-ops", "az1", 4, 4096, 50, HypervisorChoice::Auto).await.unwrap();
+    let mut agent = cloud.add_agent_with("real-ops", "az1", 4, 4096, 50, HypervisorChoice::Auto).await.unwrap();
+    cloud.restart_agent_with(&mut agent, |c| c.stop_timeout_secs = 2).await.unwrap();
     cloud.register_image_dir(&image_dir, true).await.unwrap();
     let id = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano"})).await.unwrap()).remove(0);
     let name = domain::domain_name(&id);
     let _guard = DomainGuard(name.clone());
     let one = std::slice::from_ref(&id);
-    cloud.wait_for_state(one, "running", Duration::from_secs(60)).await.unwrap();
     let console = agent.state_dir.join("instances").join(&id).join("console.log");
-    wait_for_lines(&console, "NIMBUS-READY", 1, Duration::from_secs(120)).await;
+
+    // Stop while booting: no acpid yet, so the press is lost; forced after 2 s.
+    cloud.wait_for_state(one, "running", Duration::from_secs(60)).await.unwrap();
+    let t = Instant::now();
+    request(&cloud, "stop", &id).await;
+    cloud.wait_for_state(one, "stopped", Duration::from_secs(60)).await.unwrap();
+    println!("stopped (forced) in {:.1} s", t.elapsed().as_secs_f64());
+    assert_eq!(virsh_domstate(&name).as_deref(), Some("shut off"));
+    let mut forced = None;
+    while let Ok(e) = agent.events.try_recv() {
+        if let AgentEvent::Stopped { instance_id, forced: f, .. } = e {
+            assert_eq!(instance_id, id);
+            forced = Some(f);
+        }
+    }
+    assert_eq!(forced, Some(true), "a guest that ignores ACPI is powered off");
+    assert_eq!(count(&read_console(&console), "NIMBUS-POWEROFF"), 0);
+
+    // Back to the default stop timeout (and an agent restart on the way).
+    cloud.restart_agent_with(&mut agent, |c| c.stop_timeout_secs = 30).await.unwrap();
+    request(&cloud, "start", &id).await;
+    cloud.wait_for_state(one, "running", Duration::from_secs(60)).await.unwrap();
+    let ready = count(&read_console(&console), "NIMBUS-READY");
+    wait_for_lines(&console, "NIMBUS-READY", ready + 1, Duration::from_secs(120)).await;
     println!("booted: {:.1} s", t0.elapsed().as_secs_f64());
 
     let t = Instant::now();
@@ -263,29 +296,28 @@ async fn a_real_guest_stops_starts_and_reboots() {
     cloud.wait_for_state(one, "stopped", Duration::from_secs(60)).await.unwrap();
     println!("stopped in {:.1} s", t.elapsed().as_secs_f64());
     assert_eq!(virsh_domstate(&name).as_deref(), Some("shut off"), "defined and shut off");
-    let text = wait_for_lines(&console, "NIMBUS-POWEROFF", 1, Duration::from_secs(5)).await;
-    assert!(text.lines().any(|l| l == "NIMBUS-POWEROFF"), "the guest shut down on ACPI, not forced");
+    wait_for_lines(&console, "NIMBUS-POWEROFF", 1, Duration::from_secs(5)).await;
 
     let t = Instant::now();
     request(&cloud, "start", &id).await;
     cloud.wait_for_state(one, "running", Duration::from_secs(60)).await.unwrap();
-    let text = wait_for_lines(&console, "NIMBUS-READY", 2, Duration::from_secs(120)).await;
+    let text = wait_for_lines(&console, "NIMBUS-READY", ready + 2, Duration::from_secs(120)).await;
     println!("started again in {:.1} s", t.elapsed().as_secs_f64());
     let meta = format!("NIMBUS-METADATA instance-id={id}");
-    assert_eq!(text.lines().filter(|l| *l == meta).count(), 2, "metadata served after the start too:\n{text}");
+    assert_eq!(count(&text, &meta), ready + 2, "metadata served after each start:\n{text}");
 
     let t = Instant::now();
     request(&cloud, "reboot", &id).await;
-    let text = wait_for_lines(&console, "NIMBUS-READY", 3, Duration::from_secs(120)).await;
+    let text = wait_for_lines(&console, "NIMBUS-READY", ready + 3, Duration::from_secs(120)).await;
     println!("rebooted in {:.1} s", t.elapsed().as_secs_f64());
-    assert_eq!(text.lines().filter(|l| *l == meta).count(), 3, "{text}");
-    assert_eq!(text.lines().filter(|l| *l == "NIMBUS-POWEROFF").count(), 2, "ACPI reboot goes through the guest's power-off");
+    assert_eq!(count(&text, &meta), ready + 3, "{text}");
+    assert_eq!(count(&text, "NIMBUS-POWEROFF"), 2, "ACPI reboot goes through the guest's power-off");
     cloud.wait_until(T, || async { Ok(reboots(&cloud, &id).await == (1, 1)) }).await.expect("reboot reported");
     assert_eq!(cloud.get(&format!("/v1/instances/{id}")).await.unwrap()["state"]["name"], "running");
     cloud
         .wait_until(T, || async {
             let out = console_output(&cloud, &id).await.unwrap_or_default();
-            Ok(String::from_utf8_lossy(&out).replace('\r', "").lines().filter(|l| *l == "NIMBUS-READY").count() == 3)
+            Ok(count(&String::from_utf8_lossy(&out).replace('\r', ""), "NIMBUS-READY") == ready + 3)
         })
         .await
         .expect("the console reaches the control plane");
