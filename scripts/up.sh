@@ -92,6 +92,13 @@ step "waiting for $ID's console (serial log $CONSOLE)"
 wait_for 180 "the guest's NIMBUS-READY line" grep -q NIMBUS-READY "$CONSOLE"
 grep -a '^NIMBUS-' "$CONSOLE" | tr -d '\r'
 
+# An account for everyday use (the admin token is the operator's).
+if [ ! -f "$RUN/account.json" ]; then
+    step "creating the account 'demo'"
+    (umask 077; "$BIN/nimbus" -o json admin create-account --name demo >"$RUN/account.json")
+fi
+AKID=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["access_key_id"])' "$RUN/account.json")
+
 cat <<EOM
 
 Nimbus is up. Use it with:
@@ -99,5 +106,9 @@ Nimbus is up. Use it with:
   $BIN/nimbus describe-instances
   $BIN/nimbus run-instances --instance-type t3.micro --count 2 --wait
   $BIN/nimbus terminate-instances $ID --wait
+The account 'demo' (access key $AKID, secret in $RUN/account.json) works with
+the nimbus CLI (NIMBUS_TOKEN=<access key id>:<secret>) and with the AWS CLI / SDKs:
+  AWS_ACCESS_KEY_ID=$AKID AWS_SECRET_ACCESS_KEY=... AWS_DEFAULT_REGION=nimbus-1 \\
+    aws ec2 describe-instances --endpoint-url $ENDPOINT
 Logs: $LOGS   Stop everything: scripts/down.sh
 EOM
