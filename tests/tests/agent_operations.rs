@@ -195,6 +195,13 @@ async fn console_tails_reach_the_control_plane() {
         .wait_until(T, || async { Ok(console_output(&cloud, &id).await.as_deref() == Some(tail.as_slice())) })
         .await
         .expect("the last 64 KiB shipped");
+    // What the API answers (EC2's GetConsoleOutput): the same bytes, base64.
+    let out = cloud.get(&format!("/v1/instances/{id}/console")).await.unwrap();
+    {
+        use base64::Engine;
+        let raw = base64::engine::general_purpose::STANDARD.decode(out["output"].as_str().unwrap()).unwrap();
+        assert_eq!(raw, tail);
+    }
     // Unchanged output is not sent again: the stored copy's time stays put.
     let at = |cloud: &Cloud| {
         let id = id.clone();
@@ -208,6 +215,47 @@ async fn console_tails_reach_the_control_plane() {
     let first = at(&cloud).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(at(&cloud).await, first);
+}
+
+/// An ed25519 public key in OpenSSH form, built from its wire encoding.
+fn ed25519_public_key(comment: &str) -> String {
+    use base64::Engine;
+    let mut blob = Vec::new();
+    for part in [b"ssh-ed25519".as_slice(), &[7u8; 32]] {
+        blob.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        blob.extend_from_slice(part);
+    }
+    format!("ssh-ed25519 {} {comment}", base64::engine::general_purpose::STANDARD.encode(blob))
+}
+
+/// The key pair named at launch is served by the guest's metadata service,
+/// as EC2's IMDS serves it; an instance launched without one has no
+/// `public-keys/`.
+#[tokio::test]
+async fn the_metadata_service_serves_the_launch_key() {
+    let cloud = Cloud::start().await.unwrap();
+    let _agent = cloud.add_agent("a", "az1", 8, 8192, 100).await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    let kp = cloud.post("/v1/key-pairs/import", json!({"name": "my-key", "public_key": ed25519_public_key("me@example")})).await.unwrap();
+    let with = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "key_name": "my-key"})).await.unwrap()).remove(0);
+    let without = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano"})).await.unwrap()).remove(0);
+    cloud.wait_for_state(&[with.clone(), without.clone()], "running", T).await.unwrap();
+    let port = |id: String| async move { domain::ownership(&domain_xml(&id).await.unwrap().1).unwrap().metadata_port };
+    let get = |port: u16, path: &'static str| async move {
+        let r = reqwest::get(format!("http://127.0.0.1:{port}/latest/meta-data/{path}")).await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    let p = port(with).await;
+    assert!(get(p, "").await.1.lines().any(|l| l == "public-keys/"));
+    assert_eq!(get(p, "public-keys/").await, (200, "0=my-key".to_string()));
+    assert_eq!(get(p, "public-keys/0/").await, (200, "openssh-key".to_string()));
+    let (status, key) = get(p, "public-keys/0/openssh-key").await;
+    assert_eq!(status, 200);
+    assert_eq!(key.trim(), kp["public_key"].as_str().unwrap().trim());
+    assert!(key.starts_with("ssh-ed25519 AAAA"), "{key}");
+    let q = port(without).await;
+    assert!(!get(q, "").await.1.contains("public-keys"));
+    assert_eq!(get(q, "public-keys/").await.0, 404);
 }
 
 /// Destroys the guest if the test fails half-way, so nothing is left running.
