@@ -3,6 +3,11 @@
 //! Level-triggered: each pass starts from what libvirt and the disk actually
 //! hold, never from what the agent remembers, so a pass after a crash or a
 //! restart adopts what exists and repairs the rest. Every step is idempotent.
+//!
+//! Desired `running` starts a defined-but-off domain; `stopped` shuts a
+//! running one down in the background (see [`crate::power`]), keeping its
+//! definition and files; owed reboots are carried out on running guests.
+//! Each observation carries the reboots done and any new console output.
 
 use crate::console::ConsoleTracker;
 use crate::disks::GuestFiles;
