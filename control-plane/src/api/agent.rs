@@ -27,6 +27,8 @@ pub fn routes() -> Router<Service> {
         .route("/v1/agent/register", post(register))
         .route("/v1/agent/assignments", get(assignments))
         .route("/v1/agent/report", post(report))
+        // Reports carry console tails (64 KiB per guest): allow many guests.
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024))
 }
 
 async fn register(State(s): State<Service>, headers: axum::http::HeaderMap, ApiJson(req): ApiJson<RegisterHost>) -> Result<Json<HostCredential>> {
