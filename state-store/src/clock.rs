@@ -126,21 +126,29 @@ impl Record {
     /// whose dot is covered by another sibling's context. Commutative,
     /// associative and idempotent. Returns true when `self` changed.
     pub fn merge(&mut self, other: &Record) -> bool {
-        let before = self.siblings.clone();
-        let mut all: Vec<Sibling> = self.siblings.drain(..).collect();
+        // Works in place (no copy of the previous state): the result differs
+        // from the previous state exactly when a previous sibling is pruned,
+        // a new sibling survives, or the previous state was not sorted.
+        let was_sorted = self.siblings.windows(2).all(|w| w[0].dot <= w[1].dot);
+        let old_len = self.siblings.len();
         for s in &other.siblings {
-            if !all.iter().any(|x| x.dot == s.dot) {
-                all.push(s.clone());
+            if !self.siblings.iter().any(|x| x.dot == s.dot) {
+                self.siblings.push(s.clone());
             }
         }
-        let keep: Vec<Sibling> = all
+        let keep: Vec<bool> = self
+            .siblings
             .iter()
-            .filter(|s| !all.iter().any(|o| s.obsoleted_by(o)))
-            .cloned()
+            .map(|s| !self.siblings.iter().any(|o| s.obsoleted_by(o)))
             .collect();
-        self.siblings = keep;
+        let changed = !was_sorted || keep[..old_len].iter().any(|k| !k) || keep[old_len..].iter().any(|k| *k);
+        let mut i = 0;
+        self.siblings.retain(|_| {
+            i += 1;
+            keep[i - 1]
+        });
         self.siblings.sort_by(|a, b| a.dot.cmp(&b.dot));
-        self.siblings != before
+        changed
     }
 
     /// Join of all sibling clocks: the context a client must send back so
@@ -312,8 +320,12 @@ mod tests {
     fn check_merge_laws(a: Vec<Sibling>, b: Vec<Sibling>) -> Result<(), TestCaseError> {
         let ra = rec(a);
         let rb = rec(b);
-        let mut ab = ra.clone(); ab.merge(&rb);
-        let mut ba = rb.clone(); ba.merge(&ra);
+        let mut ab = ra.clone();
+        let changed = ab.merge(&rb);
+        prop_assert_eq!(changed, ab != ra, "merge must report exactly whether it changed the record");
+        let mut ba = rb.clone();
+        let changed = ba.merge(&ra);
+        prop_assert_eq!(changed, ba != rb, "merge must report exactly whether it changed the record");
         prop_assert_eq!(&ab, &ba);
         let mut abb = ab.clone();
         prop_assert!(!abb.merge(&rb));
