@@ -63,20 +63,20 @@ impl InstanceState {
 
     /// The state a stop request moves the instance to; `Err` when it cannot
     /// be stopped; `Ok(None)` when the request changes nothing.
-    pub fn on_stop(self) -> Result<Option<InstanceState>, ()> {
+    pub fn on_stop(self) -> Result<Option<InstanceState>, NotAllowed> {
         match self {
             InstanceState::Pending | InstanceState::Running => Ok(Some(InstanceState::Stopping)),
             InstanceState::Stopping | InstanceState::Stopped => Ok(None),
-            InstanceState::ShuttingDown | InstanceState::Terminated => Err(()),
+            InstanceState::ShuttingDown | InstanceState::Terminated => Err(NotAllowed(self)),
         }
     }
 
     /// The state a start request moves the instance to (see [`Self::on_stop`]).
-    pub fn on_start(self) -> Result<Option<InstanceState>, ()> {
+    pub fn on_start(self) -> Result<Option<InstanceState>, NotAllowed> {
         match self {
             InstanceState::Stopped => Ok(Some(InstanceState::Pending)),
             InstanceState::Pending | InstanceState::Running => Ok(None),
-            InstanceState::Stopping | InstanceState::ShuttingDown | InstanceState::Terminated => Err(()),
+            InstanceState::Stopping | InstanceState::ShuttingDown | InstanceState::Terminated => Err(NotAllowed(self)),
         }
     }
 
@@ -98,6 +98,11 @@ impl fmt::Display for InstanceState {
         f.write_str(self.as_str())
     }
 }
+
+/// A request the instance's current state does not allow.
+#[derive(Debug, Clone, Copy, thiserror::Error, PartialEq, Eq)]
+#[error("not allowed while the instance is {0}")]
+pub struct NotAllowed(pub InstanceState);
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("unknown instance state {0:?}; expected one of pending, running, shutting-down, terminated, stopping, stopped")]

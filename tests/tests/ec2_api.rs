@@ -135,7 +135,7 @@ async fn bad_requests_get_ec2_errors_and_create_nothing() {
         (format!("Action=FlyToTheMoon&{v}"), 400, "InvalidAction"),
         ("Action=DescribeInstances&Version=2014-01-01".into(), 400, "InvalidParameterValue"),
         ("Action=DescribeInstances".into(), 400, "MissingParameter"),
-        (format!("{v}"), 400, "MissingParameter"),
+        (v.to_string(), 400, "MissingParameter"),
         (format!("Action=DescribeInstances&{v}&InstanceId.1=i-xyz"), 400, "InvalidInstanceID.Malformed"),
         (format!("Action=DescribeInstances&{v}&InstanceId.1=i-0123456789abcdef0"), 400, "InvalidInstanceID.NotFound"),
         (format!("Action=DescribeInstances&{v}&Filter.1.Name=bogus&Filter.1.Value.1=x"), 400, "InvalidParameterValue"),

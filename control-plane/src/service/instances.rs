@@ -484,7 +484,7 @@ impl Service {
         let mut hosts: BTreeSet<String> = BTreeSet::new();
         for (id, state, host) in rows {
             let prev = parse_state(&state)?;
-            let next = op.next(prev).map_err(|()| {
+            let next = op.next(prev).map_err(|_| {
                 ServiceError::IncorrectInstanceState(format!("The instance '{id}' is not in a state from which it can be {}", op.verb()))
             })?;
             let current = match next {
@@ -535,7 +535,8 @@ impl Service {
         if !ids::is_valid(ids::INSTANCE, instance_id) {
             return Err(ServiceError::InstanceIdMalformed(instance_id.to_string()));
         }
-        let row: Option<(Option<Vec<u8>>, Option<chrono::DateTime<chrono::Utc>>)> = sqlx::query_as(&format!(
+        type Row = (Option<Vec<u8>>, Option<chrono::DateTime<chrono::Utc>>);
+        let row: Option<Row> = sqlx::query_as(&format!(
             "SELECT console_output, console_updated_at FROM instances WHERE account_id = $1 AND id = $2 AND {VISIBLE}"
         ))
         .bind(&caller.account_id)
@@ -566,7 +567,7 @@ enum Op {
 
 impl Op {
     /// The state after the request; `Ok(None)`: no change; `Err`: not allowed.
-    fn next(self, s: InstanceState) -> Result<Option<InstanceState>, ()> {
+    fn next(self, s: InstanceState) -> Result<Option<InstanceState>, nimbus_proto::state::NotAllowed> {
         match self {
             Op::Terminate => Ok(s.on_terminate()),
             Op::Stop => s.on_stop(),
@@ -574,7 +575,7 @@ impl Op {
             // A reboot changes no state, but must reach the agent.
             Op::Reboot => match s {
                 InstanceState::Running | InstanceState::Pending => Ok(Some(s)),
-                _ => Err(()),
+                _ => Err(nimbus_proto::state::NotAllowed(s)),
             },
         }
     }
