@@ -391,6 +391,9 @@ pub struct WriterSnapshot {
 fn writer_loop(db: Db, partitions: u32, rx: std_mpsc::Receiver<Job>, stats: Arc<WriterStats>) {
     // highest dot counter handed out, even in a batch whose commit failed
     let mut last_dot = 0u64;
+    // Merkle trees as committed (the writer is their only writer), so a
+    // write does not read its partition's tree back from the LSM tree
+    let mut trees: HashMap<u32, MerkleTree> = HashMap::new();
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
@@ -402,7 +405,7 @@ fn writer_loop(db: Db, partitions: u32, rx: std_mpsc::Receiver<Job>, stats: Arc<
         let ops: Vec<&Op> = jobs.iter().map(|j| &j.op).collect();
         let started = std::time::Instant::now();
         let mut commit_us = 0;
-        let outcome = apply_batch(&db, partitions, &ops, &mut last_dot, &mut commit_us);
+        let outcome = apply_batch(&db, partitions, &ops, &mut last_dot, &mut trees, &mut commit_us);
         stats.commit_us.fetch_add(commit_us, std::sync::atomic::Ordering::Relaxed);
         stats.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         stats.writes.fetch_add(ops.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -427,6 +430,8 @@ fn writer_loop(db: Db, partitions: u32, rx: std_mpsc::Receiver<Job>, stats: Arc<
 /// batch's own earlier writes; `None` is a deletion.
 struct Overlay<'a> {
     db: &'a Db,
+    /// committed Merkle trees cached by the writer
+    trees: &'a HashMap<u32, MerkleTree>,
     data: HashMap<Vec<u8>, Option<Vec<u8>>>,
     hints: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     merkle: HashMap<u32, MerkleTree>,
@@ -434,8 +439,8 @@ struct Overlay<'a> {
 }
 
 impl<'a> Overlay<'a> {
-    fn new(db: &'a Db) -> Self {
-        Overlay { db, data: HashMap::new(), hints: BTreeMap::new(), merkle: HashMap::new(), dot_counter: None }
+    fn new(db: &'a Db, trees: &'a HashMap<u32, MerkleTree>) -> Self {
+        Overlay { db, trees, data: HashMap::new(), hints: BTreeMap::new(), merkle: HashMap::new(), dot_counter: None }
     }
 
     fn data_get(&self, dk: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
@@ -473,9 +478,12 @@ impl<'a> Overlay<'a> {
 
     fn tree(&mut self, p: u32) -> Result<&mut MerkleTree, StorageError> {
         if !self.merkle.contains_key(&p) {
-            let t = match self.db.merkle.get(p.to_be_bytes()).map_err(StorageError::engine)? {
-                Some(v) => MerkleTree::decode(&v).unwrap_or_default(),
-                None => MerkleTree::default(),
+            let t = match self.trees.get(&p) {
+                Some(t) => t.clone(),
+                None => match self.db.merkle.get(p.to_be_bytes()).map_err(StorageError::engine)? {
+                    Some(v) => MerkleTree::decode(&v).unwrap_or_default(),
+                    None => MerkleTree::default(),
+                },
             };
             self.merkle.insert(p, t);
         }
@@ -535,8 +543,9 @@ impl<'a> Overlay<'a> {
         Ok(out)
     }
 
-    /// Write everything as one atomic batch; returns after fdatasync.
-    fn commit(self) -> Result<(), StorageError> {
+    /// Write everything as one atomic batch; returns after fdatasync with
+    /// the Merkle trees it wrote.
+    fn commit(self) -> Result<HashMap<u32, MerkleTree>, StorageError> {
         let mut b = self.db.db.batch().durability(Some(PersistMode::SyncData));
         for (k, v) in self.data {
             match v {
@@ -550,13 +559,14 @@ impl<'a> Overlay<'a> {
                 None => b.remove(&self.db.hints, k),
             }
         }
-        for (p, t) in self.merkle {
+        for (p, t) in &self.merkle {
             b.insert(&self.db.merkle, p.to_be_bytes(), t.encode());
         }
         if let Some(c) = self.dot_counter {
             b.insert(&self.db.meta, DOT_COUNTER, c.to_be_bytes());
         }
-        b.commit().map_err(StorageError::engine)
+        b.commit().map_err(StorageError::engine)?;
+        Ok(self.merkle)
     }
 }
 
@@ -566,9 +576,10 @@ fn apply_batch(
     partitions: u32,
     ops: &[&Op],
     last_dot: &mut u64,
+    trees: &mut HashMap<u32, MerkleTree>,
     commit_us: &mut u64,
 ) -> Result<Vec<Result<OpResult, StorageError>>, StorageError> {
-    let mut w = Overlay::new(db);
+    let mut w = Overlay::new(db, trees);
     let mut results = Vec::with_capacity(ops.len());
     for op in ops {
         let res = match op {
@@ -627,7 +638,9 @@ fn apply_batch(
         results.push(res);
     }
     let commit_started = std::time::Instant::now();
-    w.commit()?;
+    let written = w.commit()?;
+    // only committed trees enter the cache
+    trees.extend(written);
     *commit_us += commit_started.elapsed().as_micros() as u64;
     Ok(results)
 }
