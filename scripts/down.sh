@@ -22,7 +22,9 @@ stop() {
 if [ -f "$RUN/tokens.env" ] && [ -x "$BIN/nimbus" ]; then
     # shellcheck disable=SC1091
     . "$RUN/tokens.env"
-    export NIMBUS_ENDPOINT=http://127.0.0.1:${NIMBUS_PORT:-8787} NIMBUS_TOKEN=$NIMBUS_ADMIN_TOKEN
+    export NIMBUS_ENDPOINT=http://127.0.0.1:${NIMBUS_PORT:-8787}
+    NIMBUS_TOKEN=$(python3 -c 'import json,sys; a=json.load(open(sys.argv[1])); print(a["access_key_id"] + ":" + a["secret_access_key"])' "$RUN/account.json" 2>/dev/null || true)
+    export NIMBUS_TOKEN
     ids=$("$BIN/nimbus" -o json describe-instances --state pending --state running 2>/dev/null |
         python3 -c 'import json,sys; print(" ".join(i["instance_id"] for i in json.load(sys.stdin)["instances"]))' || true)
     if [ -n "$ids" ]; then

@@ -81,34 +81,36 @@ if ! "$BIN/nimbus" -o json describe-images | grep -q '"default": *true'; then
     "$BIN/nimbus" register-image --manifest "$NIMBUS_HOME/images/tiny/manifest.json" --default
 fi
 
-step "launching one instance"
-"$BIN/nimbus" -o json run-instances --instance-type t3.nano --user-data "#!/bin/sh
-echo hello from nimbus" --wait >"$RUN/last-launch.json"
-ID=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["instances"][0]["instance_id"])' "$RUN/last-launch.json")
-"$BIN/nimbus" describe-instances --instance-id "$ID"
-
-CONSOLE=$AGENT_STATE/instances/$ID/console.log
-step "waiting for $ID's console (serial log $CONSOLE)"
-wait_for 180 "the guest's NIMBUS-READY line" grep -q NIMBUS-READY "$CONSOLE"
-grep -a '^NIMBUS-' "$CONSOLE" | tr -d '\r'
-
 # An account for everyday use (the admin token is the operator's).
 if [ ! -f "$RUN/account.json" ]; then
     step "creating the account 'demo'"
     (umask 077; "$BIN/nimbus" -o json admin create-account --name demo >"$RUN/account.json")
 fi
 AKID=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["access_key_id"])' "$RUN/account.json")
+USER_TOKEN=$(python3 -c 'import json,sys; a=json.load(open(sys.argv[1])); print(a["access_key_id"] + ":" + a["secret_access_key"])' "$RUN/account.json")
+
+step "launching one instance as the account demo"
+NIMBUS_TOKEN=$USER_TOKEN "$BIN/nimbus" -o json run-instances --instance-type t3.nano --user-data "#!/bin/sh
+echo hello from nimbus" --wait >"$RUN/last-launch.json"
+ID=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["instances"][0]["instance_id"])' "$RUN/last-launch.json")
+NIMBUS_TOKEN=$USER_TOKEN "$BIN/nimbus" describe-instances --instance-id "$ID"
+
+CONSOLE=$AGENT_STATE/instances/$ID/console.log
+step "waiting for $ID's console (serial log $CONSOLE)"
+wait_for 180 "the guest's NIMBUS-READY line" grep -q NIMBUS-READY "$CONSOLE"
+grep -a '^NIMBUS-' "$CONSOLE" | tr -d '\r'
 
 cat <<EOM
 
-Nimbus is up. Use it with:
-  export NIMBUS_ENDPOINT=$ENDPOINT NIMBUS_TOKEN=\$(grep ADMIN $RUN/tokens.env | cut -d= -f2)
+Nimbus is up. Use it as the account demo with:
+  export NIMBUS_ENDPOINT=$ENDPOINT NIMBUS_TOKEN=\$(python3 -c 'import json; a=json.load(open("$RUN/account.json")); print(a["access_key_id"] + ":" + a["secret_access_key"])')
   $BIN/nimbus describe-instances
   $BIN/nimbus run-instances --instance-type t3.micro --count 2 --wait
   $BIN/nimbus terminate-instances $ID --wait
-The account 'demo' (access key $AKID, secret in $RUN/account.json) works with
-the nimbus CLI (NIMBUS_TOKEN=<access key id>:<secret>) and with the AWS CLI / SDKs:
+The same key works with the AWS CLI and SDKs (secret in $RUN/account.json):
   AWS_ACCESS_KEY_ID=$AKID AWS_SECRET_ACCESS_KEY=... AWS_DEFAULT_REGION=nimbus-1 \\
     aws ec2 describe-instances --endpoint-url $ENDPOINT
+Operator commands (describe-hosts, register-image, admin create-account) take
+the admin token: NIMBUS_TOKEN=\$(grep ADMIN $RUN/tokens.env | cut -d= -f2)
 Logs: $LOGS   Stop everything: scripts/down.sh
 EOM

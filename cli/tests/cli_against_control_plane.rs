@@ -54,9 +54,12 @@ async fn nimbus_raw(args: &[&str]) -> Run {
     }
 }
 
-/// Runs the binary against `cloud` with the admin token.
+/// Runs the binary against `cloud`: operator commands with the admin token,
+/// the others as the account "tester".
 async fn nimbus(cloud: &Cloud, args: &[&str]) -> Run {
-    let mut all = vec!["--endpoint", cloud.url.as_str(), "--token", cloud.admin_token.as_str()];
+    let operator = args.iter().any(|a| matches!(*a, "describe-hosts" | "register-image" | "admin"));
+    let token = if operator { cloud.admin_token.as_str() } else { cloud.user_token.as_str() };
+    let mut all = vec!["--endpoint", cloud.url.as_str(), "--token", token];
     all.extend_from_slice(args);
     nimbus_raw(&all).await
 }

@@ -96,6 +96,9 @@ impl Default for CloudOptions {
 pub struct Cloud {
     pub url: String,
     pub admin_token: String,
+    /// REST token (`<access key id>:<secret>`) of the account "tester", which
+    /// [`Cloud::call`] uses for everything but operator calls.
+    pub user_token: String,
     pub join_token: String,
     pub service: Service,
     pub http: reqwest::Client,
@@ -168,9 +171,12 @@ impl Cloud {
             virt::connect::Connect::open(Some("test:///default"))
         })
         .await??;
+        let tester = service.create_account("tester").await?;
+        let user_token = format!("{}:{}", tester.access_key_id, tester.secret_access_key);
         Ok(Cloud {
             url: format!("http://{addr}"),
             admin_token,
+            user_token,
             join_token,
             service,
             http: reqwest::Client::new(),
@@ -184,9 +190,15 @@ impl Cloud {
         &self.service.db
     }
 
-    /// Sends a request with the admin token; returns the status and JSON body.
+    /// Sends a request as the account "tester", or with the admin token for
+    /// operator calls (hosts, image registration, accounts); returns the
+    /// status and JSON body.
     pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<(StatusCode, Value)> {
-        self.call_as(Some(&self.admin_token), method, path, body).await
+        let operator = path.starts_with("/v1/hosts")
+            || path.starts_with("/v1/admin/")
+            || (path.starts_with("/v1/images") && method == Method::POST);
+        let token = if operator { &self.admin_token } else { &self.user_token };
+        self.call_as(Some(token), method, path, body).await
     }
 
     pub async fn call_as(&self, token: Option<&str>, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<(StatusCode, Value)> {

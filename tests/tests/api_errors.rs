@@ -29,7 +29,7 @@ async fn bad_launches_are_rejected_and_create_nothing() {
     let resp = cloud
         .http
         .post(format!("{}/v1/instances", cloud.url))
-        .bearer_auth(&cloud.admin_token)
+        .bearer_auth(&cloud.user_token)
         .header("content-type", "application/json")
         .body("{\"instance_type\": ")
         .send()

@@ -13,7 +13,7 @@ use nimbus_proto::InstanceState;
 use serde::Deserialize;
 
 /// An authenticated caller: an account (`Bearer <access key id>:<secret>`)
-/// or the operator (`Bearer <admin token>`, acting as the admin account).
+/// or the operator (`Bearer <admin token>`).
 pub struct Authenticated(pub Caller);
 
 impl FromRequestParts<Service> for Authenticated {
@@ -28,6 +28,22 @@ impl FromRequestParts<Service> for Authenticated {
             return Ok(Authenticated(Caller::admin()));
         }
         service.authenticate_account(token).await.map(Authenticated)
+    }
+}
+
+/// An account's call: the admin token is for operator calls only.
+pub struct Tenant(pub Caller);
+
+impl FromRequestParts<Service> for Tenant {
+    type Rejection = ServiceError;
+    async fn from_request_parts(parts: &mut Parts, service: &Service) -> Result<Self> {
+        let Authenticated(caller) = Authenticated::from_request_parts(parts, service).await?;
+        if caller.admin {
+            return Err(ServiceError::Unauthorized(
+                "The admin token is for operator calls; use an account's credentials (nimbus admin create-account)".into(),
+            ));
+        }
+        Ok(Tenant(caller))
     }
 }
 
@@ -65,7 +81,7 @@ pub fn routes() -> Router<Service> {
         .route("/v1/admin/accounts", post(create_account))
 }
 
-async fn run_instances(State(s): State<Service>, Authenticated(c): Authenticated, ApiJson(req): ApiJson<RunInstancesRequest>) -> Result<Json<Reservation>> {
+async fn run_instances(State(s): State<Service>, Tenant(c): Tenant, ApiJson(req): ApiJson<RunInstancesRequest>) -> Result<Json<Reservation>> {
     Ok(Json(s.run_instances(&c, req).await?))
 }
 
@@ -88,7 +104,7 @@ fn split(v: &Option<String>) -> Vec<String> {
     v.as_deref().map(|s| s.split(',').filter(|p| !p.is_empty()).map(str::to_string).collect()).unwrap_or_default()
 }
 
-async fn describe_instances(State(s): State<Service>, Authenticated(c): Authenticated, ApiQuery(q): ApiQuery<ListQuery>) -> Result<Json<InstanceList>> {
+async fn describe_instances(State(s): State<Service>, Tenant(c): Tenant, ApiQuery(q): ApiQuery<ListQuery>) -> Result<Json<InstanceList>> {
     let states = split(&q.state)
         .iter()
         .map(|st| st.parse::<InstanceState>().map_err(|e| ServiceError::InvalidParameterValue(e.to_string())))
@@ -113,13 +129,13 @@ async fn describe_instances(State(s): State<Service>, Authenticated(c): Authenti
     Ok(Json(s.describe_instances(&c, filter).await?))
 }
 
-async fn describe_instance(State(s): State<Service>, Authenticated(c): Authenticated, Path(id): Path<String>) -> Result<Json<Instance>> {
+async fn describe_instance(State(s): State<Service>, Tenant(c): Tenant, Path(id): Path<String>) -> Result<Json<Instance>> {
     Ok(Json(s.describe_instance(&c, &id).await?))
 }
 
 async fn terminate_instances(
     State(s): State<Service>,
-    Authenticated(c): Authenticated,
+    Tenant(c): Tenant,
     ApiJson(req): ApiJson<TerminateInstancesRequest>,
 ) -> Result<Json<TerminateInstancesResponse>> {
     Ok(Json(TerminateInstancesResponse { terminating_instances: s.terminate_instances(&c, &req.instance_ids).await? }))
@@ -127,7 +143,7 @@ async fn terminate_instances(
 
 async fn stop_instances(
     State(s): State<Service>,
-    Authenticated(c): Authenticated,
+    Tenant(c): Tenant,
     ApiJson(req): ApiJson<TerminateInstancesRequest>,
 ) -> Result<Json<serde_json::Value>> {
     Ok(Json(serde_json::json!({ "stopping_instances": s.stop_instances(&c, &req.instance_ids).await? })))
@@ -135,7 +151,7 @@ async fn stop_instances(
 
 async fn start_instances(
     State(s): State<Service>,
-    Authenticated(c): Authenticated,
+    Tenant(c): Tenant,
     ApiJson(req): ApiJson<TerminateInstancesRequest>,
 ) -> Result<Json<serde_json::Value>> {
     Ok(Json(serde_json::json!({ "starting_instances": s.start_instances(&c, &req.instance_ids).await? })))
@@ -143,14 +159,14 @@ async fn start_instances(
 
 async fn reboot_instances(
     State(s): State<Service>,
-    Authenticated(c): Authenticated,
+    Tenant(c): Tenant,
     ApiJson(req): ApiJson<TerminateInstancesRequest>,
 ) -> Result<Json<serde_json::Value>> {
     s.reboot_instances(&c, &req.instance_ids).await?;
     Ok(Json(serde_json::json!({})))
 }
 
-async fn console_output(State(s): State<Service>, Authenticated(c): Authenticated, Path(id): Path<String>) -> Result<Json<serde_json::Value>> {
+async fn console_output(State(s): State<Service>, Tenant(c): Tenant, Path(id): Path<String>) -> Result<Json<serde_json::Value>> {
     use base64::Engine;
     let out = s.console_output(&c, &id).await?;
     Ok(Json(serde_json::json!({
@@ -168,7 +184,7 @@ struct TagsRequest {
     tags: Vec<ResourceTag>,
 }
 
-async fn create_tags(State(s): State<Service>, Authenticated(c): Authenticated, ApiJson(req): ApiJson<TagsRequest>) -> Result<Json<serde_json::Value>> {
+async fn create_tags(State(s): State<Service>, Tenant(c): Tenant, ApiJson(req): ApiJson<TagsRequest>) -> Result<Json<serde_json::Value>> {
     let tags: Vec<(String, String)> = req.tags.into_iter().map(|t| (t.key, t.value)).collect();
     s.create_tags(&c, &req.resource_ids, &tags).await?;
     Ok(Json(serde_json::json!({})))
@@ -190,7 +206,7 @@ struct DeleteTag {
     value: Option<String>,
 }
 
-async fn delete_tags(State(s): State<Service>, Authenticated(c): Authenticated, ApiJson(req): ApiJson<DeleteTagsRequest>) -> Result<Json<serde_json::Value>> {
+async fn delete_tags(State(s): State<Service>, Tenant(c): Tenant, ApiJson(req): ApiJson<DeleteTagsRequest>) -> Result<Json<serde_json::Value>> {
     let tags: Vec<(String, Option<String>)> = req.tags.into_iter().map(|t| (t.key, t.value)).collect();
     s.delete_tags(&c, &req.resource_ids, &tags).await?;
     Ok(Json(serde_json::json!({})))
@@ -204,7 +220,7 @@ struct TagsQuery {
     value: Option<String>,
 }
 
-async fn describe_tags(State(s): State<Service>, Authenticated(c): Authenticated, ApiQuery(q): ApiQuery<TagsQuery>) -> Result<Json<serde_json::Value>> {
+async fn describe_tags(State(s): State<Service>, Tenant(c): Tenant, ApiQuery(q): ApiQuery<TagsQuery>) -> Result<Json<serde_json::Value>> {
     let tags = s.describe_tags(&c, &split(&q.resource_id), &split(&q.key), &split(&q.value)).await?;
     Ok(Json(serde_json::json!({ "tags": tags })))
 }
@@ -216,7 +232,7 @@ struct CreateKeyPair {
     key_type: Option<String>,
 }
 
-async fn create_key_pair(State(s): State<Service>, Authenticated(c): Authenticated, ApiJson(req): ApiJson<CreateKeyPair>) -> Result<Json<crate::service::keypairs::NewKeyPair>> {
+async fn create_key_pair(State(s): State<Service>, Tenant(c): Tenant, ApiJson(req): ApiJson<CreateKeyPair>) -> Result<Json<crate::service::keypairs::NewKeyPair>> {
     Ok(Json(s.create_key_pair(&c, &req.name, req.key_type.as_deref()).await?))
 }
 
@@ -227,20 +243,20 @@ struct ImportKeyPair {
     public_key: String,
 }
 
-async fn import_key_pair(State(s): State<Service>, Authenticated(c): Authenticated, ApiJson(req): ApiJson<ImportKeyPair>) -> Result<Json<crate::service::keypairs::KeyPair>> {
+async fn import_key_pair(State(s): State<Service>, Tenant(c): Tenant, ApiJson(req): ApiJson<ImportKeyPair>) -> Result<Json<crate::service::keypairs::KeyPair>> {
     Ok(Json(s.import_key_pair(&c, &req.name, &req.public_key).await?))
 }
 
-async fn describe_key_pairs(State(s): State<Service>, Authenticated(c): Authenticated) -> Result<Json<serde_json::Value>> {
+async fn describe_key_pairs(State(s): State<Service>, Tenant(c): Tenant) -> Result<Json<serde_json::Value>> {
     Ok(Json(serde_json::json!({ "key_pairs": s.describe_key_pairs(&c, &[]).await? })))
 }
 
-async fn delete_key_pair(State(s): State<Service>, Authenticated(c): Authenticated, Path(name): Path<String>) -> Result<Json<serde_json::Value>> {
+async fn delete_key_pair(State(s): State<Service>, Tenant(c): Tenant, Path(name): Path<String>) -> Result<Json<serde_json::Value>> {
     s.delete_key_pair(&c, &name).await?;
     Ok(Json(serde_json::json!({})))
 }
 
-async fn terminate_instance(State(s): State<Service>, Authenticated(c): Authenticated, Path(id): Path<String>) -> Result<Json<StateChange>> {
+async fn terminate_instance(State(s): State<Service>, Tenant(c): Tenant, Path(id): Path<String>) -> Result<Json<StateChange>> {
     let mut changes = s.terminate_instances(&c, std::slice::from_ref(&id)).await?;
     changes.pop().map(Json).ok_or(ServiceError::InstanceNotFound(id))
 }

@@ -23,6 +23,7 @@ async fn main() -> anyhow::Result<()> {
             "region": "nimbus-1",
             "image_id": image.image_id,
             "admin_token": cloud.admin_token,
+            "user_token": cloud.user_token,
         })
     );
     let mut sink = Vec::new();
