@@ -24,6 +24,12 @@ pub mod sim;
 pub mod storage;
 pub mod tcp;
 
+pub use api::{get_reconciled, Context, GetResult, KvClient, LocalClient};
+pub use error::{RpcError, StorageError, StoreError};
+pub use http::{HttpClient, HttpTransport};
+pub use tcp::{TcpClient, TcpTransport};
+pub use node::{Config, Node};
+
 #[cfg(test)]
 pub(crate) mod test_util {
     /// Property tests run a fixed seed so CI is deterministic (plus the
@@ -37,9 +43,3 @@ pub(crate) mod test_util {
         c
     }
 }
-
-pub use api::{get_reconciled, Context, GetResult, KvClient, LocalClient};
-pub use error::{RpcError, StorageError, StoreError};
-pub use http::{HttpClient, HttpTransport};
-pub use tcp::{TcpClient, TcpTransport};
-pub use node::{Config, Node};

@@ -349,7 +349,7 @@ impl Storage {
     }
 
     pub fn is_empty(&self) -> Result<bool, StorageError> {
-        Ok(self.db.data.is_empty().map_err(StorageError::engine)?)
+        self.db.data.is_empty().map_err(StorageError::engine)
     }
 
     /// All pending hints.
