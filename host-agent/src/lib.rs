@@ -142,6 +142,7 @@ impl Agent {
             stopping: power::InProgress::default(),
             console: console::ConsoleTracker::default(),
             late: late_tx,
+            failures: Default::default(),
         };
         let cp = ControlPlane::new(&config.control_plane, http);
         Ok(Agent { cp, config, reconciler, late, capacity: (vcpus, memory_mib, disk_gib) })

@@ -86,7 +86,14 @@ pub struct Reconciler {
     pub console: ConsoleTracker,
     /// Observations made after their pass reported (a stop that took a while).
     pub late: mpsc::UnboundedSender<Observation>,
+    /// Consecutive failed attempts per instance (see [`FAILED_AFTER`]).
+    pub failures: Arc<std::sync::Mutex<HashMap<String, u32>>>,
 }
+
+/// Attempts before a guest that cannot be converged is reported `Failed`
+/// (which terminates it): one libvirt hiccup must not cost an instance, a
+/// corrupt image must not keep it pending forever.
+pub const FAILED_AFTER: u32 = 3;
 
 impl Reconciler {
     /// A full pass over every assignment, starting from everything libvirt
@@ -157,10 +164,24 @@ impl Reconciler {
             DesiredState::Terminated => self.ensure_gone(&a.instance_id).await.map(|_| Outcome::Absent),
         };
         match result {
-            Ok(outcome) => self.observe(a, outcome).await,
+            Ok(outcome) => {
+                self.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(&a.instance_id);
+                self.observe(a, outcome).await
+            }
             Err(e) => {
-                tracing::warn!(instance_id = %a.instance_id, error = %e, "cannot converge instance");
-                Observation { instance_id: a.instance_id.clone(), state: ObservedState::Failed, message: Some(e.to_string()), reboots: None, console: None }
+                let attempts = {
+                    let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+                    let n = f.entry(a.instance_id.clone()).or_insert(0);
+                    *n += 1;
+                    *n
+                };
+                tracing::warn!(instance_id = %a.instance_id, attempts, error = %e, "cannot converge instance");
+                let (state, message) = if attempts >= FAILED_AFTER {
+                    (ObservedState::Failed, format!("{e} (after {attempts} attempts)"))
+                } else {
+                    (ObservedState::Building, e.to_string())
+                };
+                Observation { instance_id: a.instance_id.clone(), state, message: Some(message), reboots: None, console: None }
             }
         }
     }

@@ -228,6 +228,7 @@ async fn an_instance_the_host_cannot_build_ends_terminated_with_a_reason() {
     let done = cloud.wait_for_state(&ids, "terminated", T).await.unwrap();
     let reason = done[0]["state_reason"].as_str().unwrap();
     assert!(reason.contains("checksum mismatch"), "{reason}");
+    assert!(reason.contains("after 3 attempts"), "a failure is retried before it terminates the instance: {reason}");
     let acct = cloud.vcpu_accounting().await.unwrap();
     assert_eq!((acct[0].2, acct[0].3), (0, 0));
 }
