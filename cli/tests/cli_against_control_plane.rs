@@ -434,7 +434,7 @@ async fn errors_exit_with_their_codes() {
     assert!(wrong.out.is_empty());
     let unknown = nimbus(&cloud, &["run-instances", "--instance-type", "t9.enormous"]).await;
     assert_eq!(unknown.code, Some(1), "{unknown:?}");
-    assert!(unknown.err.starts_with("error: InvalidInstanceType: "), "{}", unknown.err);
+    assert!(unknown.err.starts_with("error: InvalidParameterValue: Invalid value 't9.enormous' for InstanceType"), "{}", unknown.err);
     // 3 × 2 vCPUs do not fit on a 4-vCPU host: nothing is launched.
     let full = nimbus(&cloud, &["run-instances", "--instance-type", "t3.nano", "--count", "3"]).await;
     assert_eq!(full.code, Some(1), "{full:?}");

@@ -24,7 +24,7 @@ pub enum ServiceError {
     InstanceNotFound(String),
     #[error("Invalid id: \"{0}\" (expecting \"i-...\")")]
     InstanceIdMalformed(String),
-    #[error("The instance type '{0}' does not exist")]
+    #[error("Invalid value '{0}' for InstanceType: no such instance type")]
     InstanceTypeNotFound(String),
     #[error("An image named '{0}' already exists")]
     ImageAlreadyExists(String),
@@ -79,7 +79,7 @@ impl ServiceError {
             ImageIdMalformed(_) => "InvalidAMIID.Malformed",
             InstanceNotFound(_) => "InvalidInstanceID.NotFound",
             InstanceIdMalformed(_) => "InvalidInstanceID.Malformed",
-            InstanceTypeNotFound(_) => "InvalidInstanceType",
+            InstanceTypeNotFound(_) => "InvalidParameterValue",
             ImageAlreadyExists(_) => "InvalidAMIName.Duplicate",
             InsufficientInstanceCapacity(_) => "InsufficientInstanceCapacity",
             IdempotentParameterMismatch(_) => "IdempotentParameterMismatch",

@@ -52,7 +52,7 @@ async fn bad_launches_are_rejected_and_create_nothing() {
         StatusCode::BAD_REQUEST,
         "InvalidAMIID.Malformed",
     );
-    assert_error(&launch(json!({"instance_type": "z9.huge"})).await.unwrap(), StatusCode::BAD_REQUEST, "InvalidInstanceType");
+    assert_error(&launch(json!({"instance_type": "z9.huge"})).await.unwrap(), StatusCode::BAD_REQUEST, "InvalidParameterValue");
     assert_error(
         &launch(json!({"instance_type": "t3.nano", "min_count": 0, "max_count": 0})).await.unwrap(),
         StatusCode::BAD_REQUEST,
