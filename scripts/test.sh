@@ -31,7 +31,7 @@ step "cargo test --workspace"
 cargo test --workspace --locked "$@"
 
 step "boto3 and the AWS CLI against the EC2 front door (pytest)"
-if ! python3 -c 'import boto3, pytest' 2>/dev/null || ! command -v aws >/dev/null; then
+if ! python3 -c 'import boto3, awscli, pytest' 2>/dev/null; then
     python3 -m pip install -q --disable-pip-version-check boto3 awscli pytest
 fi
 cargo build --locked -q -p nimbus-tests --bin testbed

@@ -9,6 +9,7 @@ Run by scripts/test.sh, which builds testbed and sets DATABASE_URL.
 import json
 import os
 import subprocess
+import sys
 
 import boto3
 import botocore.exceptions
@@ -147,7 +148,8 @@ def test_session(ec2, bed):
 def test_aws_cli(bed):
     env = dict(os.environ, AWS_ACCESS_KEY_ID=bed["access_key_id"], AWS_SECRET_ACCESS_KEY=bed["secret_access_key"],
                AWS_DEFAULT_REGION=bed["region"], AWS_PAGER="")
-    base = ["aws", "ec2", "--endpoint-url", bed["endpoint"], "--output", "json"]
+    # The AWS CLI as installed from PyPI, run by this interpreter (no PATH shims needed).
+    base = [sys.executable, "-m", "awscli", "ec2", "--endpoint-url", bed["endpoint"], "--output", "json"]
     run = subprocess.run(base + ["run-instances", "--image-id", bed["image_id"], "--instance-type", "t3.nano", "--count", "1"],
                          env=env, capture_output=True, text=True, check=True)
     iid = json.loads(run.stdout)["Instances"][0]["InstanceId"]
