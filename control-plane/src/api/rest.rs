@@ -266,11 +266,11 @@ async fn describe_hosts(State(s): State<Service>, Operator(_): Operator) -> Resu
 }
 
 async fn describe_instance_types(State(s): State<Service>, Authenticated(_): Authenticated) -> Result<Json<InstanceTypeList>> {
-    Ok(Json(InstanceTypeList { instance_types: s.describe_instance_types().await? }))
+    Ok(Json(InstanceTypeList { instance_types: s.describe_instance_types(&[]).await? }))
 }
 
 async fn describe_images(State(s): State<Service>, Authenticated(_): Authenticated) -> Result<Json<ImageList>> {
-    Ok(Json(ImageList { images: s.describe_images().await? }))
+    Ok(Json(ImageList { images: s.describe_images(&[]).await? }))
 }
 
 #[derive(Debug, Deserialize)]

@@ -98,10 +98,7 @@ impl AssignmentRow {
                 image_id: self.image_id.clone(),
                 source_url: self.source_url,
                 kernel: ImageFile { name: self.kernel, sha256: self.kernel_sha256 },
-                initrd: match (self.initrd, self.initrd_sha256) {
-                    (Some(name), Some(sha256)) => Some(ImageFile { name, sha256 }),
-                    _ => None,
-                },
+                initrd: super::images::optional_file(self.initrd, self.initrd_sha256),
                 root_disk: ImageFile { name: self.root_disk, sha256: self.root_disk_sha256 },
                 cmdline: self.cmdline,
             },

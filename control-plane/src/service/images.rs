@@ -28,6 +28,14 @@ pub(crate) struct ImageRow {
 pub(crate) const IMAGE_COLUMNS: &str = "id, account_id, name, description, source_url, kernel, kernel_sha256, initrd, \
      initrd_sha256, root_disk, root_disk_sha256, cmdline, is_default, created_at";
 
+/// An optional image file stored as two nullable columns.
+pub(crate) fn optional_file(name: Option<String>, sha256: Option<String>) -> Option<ImageFile> {
+    match (name, sha256) {
+        (Some(name), Some(sha256)) => Some(ImageFile { name, sha256 }),
+        _ => None,
+    }
+}
+
 impl From<ImageRow> for Image {
     fn from(r: ImageRow) -> Self {
         Image {
@@ -37,10 +45,7 @@ impl From<ImageRow> for Image {
             owner_id: r.account_id,
             source_url: r.source_url,
             kernel: ImageFile { name: r.kernel, sha256: r.kernel_sha256 },
-            initrd: match (r.initrd, r.initrd_sha256) {
-                (Some(name), Some(sha256)) => Some(ImageFile { name, sha256 }),
-                _ => None,
-            },
+            initrd: optional_file(r.initrd, r.initrd_sha256),
             root_disk: ImageFile { name: r.root_disk, sha256: r.root_disk_sha256 },
             cmdline: r.cmdline,
             default: r.is_default,
@@ -133,11 +138,23 @@ impl Service {
         Ok(row.into())
     }
 
-    pub async fn describe_images(&self) -> Result<Vec<Image>> {
+    /// All images, or the named ones (each must exist).
+    pub async fn describe_images(&self, ids: &[String]) -> Result<Vec<Image>> {
         let rows = sqlx::query_as::<_, ImageRow>(&format!("SELECT {IMAGE_COLUMNS} FROM images ORDER BY created_at, id"))
             .fetch_all(&self.db)
             .await?;
-        Ok(rows.into_iter().map(Into::into).collect())
+        let mut images: Vec<Image> = rows.into_iter().map(Into::into).collect();
+        if let Some(missing) = ids.iter().find(|id| !images.iter().any(|i| &i.image_id == *id)) {
+            return Err(if ids::is_valid(ids::IMAGE, missing) {
+                ServiceError::ImageNotFound(missing.clone())
+            } else {
+                ServiceError::ImageIdMalformed(missing.clone())
+            });
+        }
+        if !ids.is_empty() {
+            images.retain(|i| ids.contains(&i.image_id));
+        }
+        Ok(images)
     }
 
     /// The image named by `id`, or the default image when `id` is `None`.

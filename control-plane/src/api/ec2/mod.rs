@@ -231,34 +231,14 @@ async fn serve(s: &Service, req: Request) -> Result<String, ServiceError> {
             if dry_run {
                 return Err(ServiceError::DryRunOperation);
             }
-            let wanted = params.list("ImageId")?;
-            let mut images = s.describe_images().await?;
-            if !wanted.is_empty() {
-                for id in &wanted {
-                    if !images.iter().any(|i| &i.image_id == id) {
-                        return Err(if crate::ids::is_valid(crate::ids::IMAGE, id) {
-                            ServiceError::ImageNotFound(id.clone())
-                        } else {
-                            ServiceError::ImageIdMalformed(id.clone())
-                        });
-                    }
-                }
-                images.retain(|i| wanted.contains(&i.image_id));
-            }
+            let images = s.describe_images(&params.list("ImageId")?).await?;
             reply!("DescribeImagesResponse", xml::describe_images(&images))
         }
         "DescribeInstanceTypes" => {
             if dry_run {
                 return Err(ServiceError::DryRunOperation);
             }
-            let wanted = params.list("InstanceType")?;
-            let mut types = s.describe_instance_types().await?;
-            if let Some(missing) = wanted.iter().find(|w| !types.iter().any(|t| &t.name == *w)) {
-                return Err(ServiceError::InvalidParameterValue(format!("The following supplied instance types do not exist: [{missing}]")));
-            }
-            if !wanted.is_empty() {
-                types.retain(|t| wanted.contains(&t.name));
-            }
+            let types = s.describe_instance_types(&params.list("InstanceType")?).await?;
             reply!("DescribeInstanceTypesResponse", xml::describe_instance_types(&types))
         }
         "DescribeAvailabilityZones" => {
