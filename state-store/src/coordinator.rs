@@ -1,30 +1,36 @@
 //! Client operations: the quorum coordinator.
 //!
 //! Any node coordinates any request. For a key it computes the preference
-//! list (first N distinct nodes on the ring) and, per preference-list slot,
-//! runs one task that tries the owner if it is believed alive and otherwise
+//! list (first N distinct nodes on the ring). A write goes to every
+//! preference-list slot: the owner if it is believed alive and otherwise
 //! (or when the call fails) the next unused healthy fallback node from the
-//! ring walk, carrying a hint that names the owner (sloppy quorum). The
-//! coordinator answers as soon as W (write) or R (read) slots succeeded;
-//! the remaining slots finish in the background. Reads then repair every
-//! stale owner that answered (read repair).
+//! ring walk, carrying a hint that names the owner (sloppy quorum); the
+//! coordinator answers after W acks and the remaining slots finish in the
+//! background. A read asks R replicas, more only on failure, slowness or
+//! a read-repair draw (see [`Node::get`]), and repairs the stale ones.
 
 use crate::api::{Context, GetResult};
 use crate::clock::{NodeId, Record, VersionVector};
 use crate::error::{check_key, check_value, RpcError, StoreError};
 use crate::node::{merge_all, Node};
 use crate::rpc::{Request, Response};
+use futures::stream::{FuturesUnordered, StreamExt};
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use tokio::sync::mpsc;
 
-/// Reply of one preference-list slot.
+/// Reply of one replica (or stand-in) to a read.
 struct SlotReply {
     node: NodeId,
     /// The node answered as the owner itself (not as a stand-in).
     is_owner: bool,
     record: Option<Record>,
 }
+
+/// One write slot: resolves to whether it was acknowledged.
+type Slot = Pin<Box<dyn Future<Output = bool> + Send>>;
 
 struct Plan {
     pref: Vec<NodeId>,
@@ -48,7 +54,7 @@ impl Node {
     }
 
     /// Write `value` (or a tombstone when `None`) with the causal context
-    /// the caller read. Returns after W replicas acknowledged durably.
+    /// the caller read. Returns after W replicas acknowledged.
     ///
     /// The write is coordinated by a preference-list node (this one if it
     /// is in the list, else the request is forwarded to the first one that
@@ -105,8 +111,6 @@ impl Node {
             fb.retain(|x| *x != me);
         }
         let mut written = context.clone();
-        // replicate as soon as the write is applied locally; the local
-        // fsync runs in parallel and counts as one ack when it completes
         // Dots are minted for an actor, not for the node: a fresh actor per
         // incarnation (a write replicated before a crash lost its local
         // copy must not be implied by later dots of this node) and a
@@ -115,32 +119,39 @@ impl Node {
         let actor = match &hint_owner {
             None => self.actor.clone(),
             Some(_) => {
-                let n = self.stand_in_writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let n = self.stand_in_writes.fetch_add(1, Ordering::Relaxed);
                 format!("{}/h{n}", self.actor)
             }
         };
         let (record, dot, durable) = self.storage.coordinate(&actor, key, value, context, hint_owner.as_deref()).await?;
         written.add(&dot);
         let written = Context(written);
-        let covered = hint_owner.clone().unwrap_or(me.clone());
-        let mut acks = 0;
-        let (tx, mut rx) = mpsc::channel::<bool>(plan.pref.len() + 1);
-        let local = tx.clone();
-        tokio::spawn(async move {
-            let ok = match durable.wait().await {
+        let covered = hint_owner.unwrap_or(me);
+        // Replicate as soon as the write is applied locally; the local
+        // commit completes in parallel and counts as one ack. All slots are
+        // polled here; those still running after W acks finish in one
+        // background task.
+        let mut slots: FuturesUnordered<Slot> = FuturesUnordered::new();
+        slots.push(Box::pin(async move {
+            match durable.wait().await {
                 Ok(()) => true,
                 Err(e) => {
                     tracing::error!(error = %e, "local write failed");
                     false
                 }
-            };
-            let _ = local.send(ok).await;
-        });
-        self.spawn_replicas(key, record, plan, covered, tx);
-        while let Some(ok) = rx.recv().await {
+            }
+        }));
+        for owner in plan.pref.into_iter().filter(|o| *o != covered) {
+            slots.push(self.clone().replicate(owner, key.to_vec(), record.clone(), plan.fallbacks.clone()));
+        }
+        let mut acks = 0;
+        while let Some(ok) = slots.next().await {
             if ok {
                 acks += 1;
                 if acks >= needed {
+                    if !slots.is_empty() {
+                        tokio::spawn(async move { while slots.next().await.is_some() {} });
+                    }
                     return Ok(written);
                 }
             }
@@ -148,62 +159,110 @@ impl Node {
         Err(StoreError::QuorumFailed { got: acks, needed })
     }
 
-    /// One task per preference-list slot other than `covered`: try the
-    /// owner, else successive healthy fallbacks with a hint.
-    fn spawn_replicas(self: &Arc<Self>, key: &[u8], record: Record, plan: Plan, covered: NodeId, tx: mpsc::Sender<bool>) {
-        for owner in plan.pref.into_iter().filter(|o| *o != covered) {
-            let (node, tx, fb, key, record) = (self.clone(), tx.clone(), plan.fallbacks.clone(), key.to_vec(), record.clone());
-            tokio::spawn(async move {
-                if node.membership.is_alive(&owner)
-                    && node.call(&owner, Request::Put { key: key.clone(), record: record.clone() }).await.is_ok()
-                {
-                    let _ = tx.send(true).await;
-                    return;
+    /// One preference-list slot of a write: the owner if it is believed
+    /// alive, else successive healthy fallbacks with a hint naming it, and
+    /// when no fallback is left, the owner after all (the suspicion may be
+    /// stale: one failed call marks a node down until its next heartbeat).
+    /// Boxed: the write path recurses through `call` → `handle_local`, and
+    /// the explicitly `Send` future breaks the cycle for the compiler.
+    fn replicate(self: Arc<Self>, owner: NodeId, key: Vec<u8>, record: Record, fallbacks: Arc<Mutex<VecDeque<NodeId>>>) -> Slot {
+        Box::pin(async move {
+            let believed_alive = self.membership.is_alive(&owner);
+            if believed_alive && self.call(&owner, Request::Put { key: key.clone(), record: record.clone() }).await.is_ok() {
+                return true;
+            }
+            while let Some(stand_in) = Node::next_fallback(&fallbacks) {
+                let req = Request::Hinted { owner: owner.clone(), key: key.clone(), record: record.clone() };
+                if self.call(&stand_in, req).await.is_ok() {
+                    tracing::debug!(%owner, %stand_in, "hinted write");
+                    return true;
                 }
-                while let Some(stand_in) = Node::next_fallback(&fb) {
-                    let req = Request::Hinted { owner: owner.clone(), key: key.clone(), record: record.clone() };
-                    if node.call(&stand_in, req).await.is_ok() {
-                        tracing::debug!(%owner, %stand_in, "hinted write");
-                        let _ = tx.send(true).await;
-                        return;
-                    }
-                }
-                let _ = tx.send(false).await;
-            });
-        }
+            }
+            !believed_alive && self.call(&owner, Request::Put { key, record }).await.is_ok()
+        })
     }
 
-    /// Read all surviving versions of `key` from R replicas.
+    /// Read all surviving versions of `key`.
+    ///
+    /// Asks R replicas (this node first when it is one, then the other
+    /// live owners in rotating order), and one more candidate whenever a
+    /// call fails or when the replies are not in after `read_hedge`
+    /// (speculative retry): live fallbacks stand in for owners that are
+    /// down, and owners believed down are tried last. Answers from the
+    /// first R replies; stale replicas among them are repaired in the
+    /// background. With probability `read_repair_chance` the read asks
+    /// every candidate at once instead, and after answering waits for all
+    /// of them and repairs every stale owner (Dynamo's read repair over
+    /// the whole preference list). Replicas a read does not ask are
+    /// brought up to date by anti-entropy.
     pub async fn get(self: &Arc<Self>, key: &[u8]) -> Result<GetResult, StoreError> {
         check_key(key)?;
         let plan = self.plan(key)?;
         let needed = self.cfg.r.min(plan.pref.len()).max(1);
-        let (tx, mut rx) = mpsc::channel::<Option<SlotReply>>(plan.pref.len());
-        for owner in plan.pref {
-            let (node, tx, fb, key) = (self.clone(), tx.clone(), plan.fallbacks.clone(), key.to_vec());
-            tokio::spawn(async move {
-                if node.membership.is_alive(&owner) {
-                    if let Ok(Response::Record(record)) = node.call(&owner, Request::Get { key: key.clone() }).await {
-                        let _ = tx.send(Some(SlotReply { node: owner, is_owner: true, record })).await;
-                        return;
-                    }
-                }
-                while let Some(stand_in) = Node::next_fallback(&fb) {
-                    if let Ok(Response::Record(record)) = node.call(&stand_in, Request::Get { key: key.clone() }).await {
-                        let _ = tx.send(Some(SlotReply { node: stand_in, is_owner: false, record })).await;
-                        return;
-                    }
-                }
-                let _ = tx.send(None).await;
-            });
+        let me = &self.cfg.id;
+        let (mut owners, suspects): (Vec<NodeId>, Vec<NodeId>) =
+            plan.pref.into_iter().partition(|o| o == me || self.membership.is_alive(o));
+        if !owners.is_empty() {
+            let turn = self.read_turn.fetch_add(1, Ordering::Relaxed) % owners.len();
+            owners.rotate_left(turn);
+            // stable: this node first, the rotation among the others kept
+            owners.sort_by_key(|o| o != me);
         }
-        drop(tx);
-        let mut replies = Vec::new();
-        while let Some(r) = rx.recv().await {
-            if let Some(r) = r {
-                replies.push(r);
-                if replies.len() >= needed {
-                    break;
+        let fallbacks: Vec<NodeId> = std::mem::take(&mut *plan.fallbacks.lock().unwrap_or_else(|p| p.into_inner())).into();
+        let mut candidates: VecDeque<(NodeId, bool)> = owners
+            .into_iter()
+            .map(|o| (o, true))
+            .chain(fallbacks.into_iter().map(|f| (f, false)))
+            .chain(suspects.into_iter().map(|o| (o, true)))
+            .collect();
+        let full = self.cfg.read_repair_chance > 0.0 && rand::random::<f64>() < self.cfg.read_repair_chance;
+        let mut replies: Vec<SlotReply> = Vec::with_capacity(needed);
+        let mut inflight = FuturesUnordered::new();
+        let launch = |(target, is_owner): (NodeId, bool), inflight: &mut FuturesUnordered<_>, replies: &mut Vec<SlotReply>| {
+            if target == *me {
+                // a local read: no message, no task
+                match self.storage.get_with_hints(key) {
+                    Ok(record) => replies.push(SlotReply { node: target, is_owner, record }),
+                    Err(e) => tracing::warn!(error = %e, "local read failed"),
+                }
+            } else {
+                inflight.push(self.read_replica(target, is_owner, key.to_vec()));
+            }
+        };
+        let wanted = if full { usize::MAX } else { needed };
+        while replies.len() + inflight.len() < wanted {
+            match candidates.pop_front() {
+                Some(c) => launch(c, &mut inflight, &mut replies),
+                None => break,
+            }
+        }
+        let hedge = tokio::time::sleep(self.cfg.read_hedge);
+        tokio::pin!(hedge);
+        let mut hedged = false;
+        while replies.len() < needed {
+            if inflight.is_empty() {
+                match candidates.pop_front() {
+                    Some(c) => {
+                        launch(c, &mut inflight, &mut replies);
+                        continue;
+                    }
+                    None => break,
+                }
+            }
+            tokio::select! {
+                Some(r) = inflight.next() => match r {
+                    Some(r) => replies.push(r),
+                    None => {
+                        if let Some(c) = candidates.pop_front() {
+                            launch(c, &mut inflight, &mut replies);
+                        }
+                    }
+                },
+                _ = &mut hedge, if !hedged => {
+                    hedged = true;
+                    if let Some(c) = candidates.pop_front() {
+                        launch(c, &mut inflight, &mut replies);
+                    }
                 }
             }
         }
@@ -211,25 +270,46 @@ impl Node {
             return Err(StoreError::QuorumFailed { got: replies.len(), needed });
         }
         let merged = merge_all(replies.iter().filter_map(|r| r.record.as_ref()));
-        // Read repair: wait for the slower replicas in the background, then
-        // bring every stale owner up to the merged version.
-        let node = self.clone();
-        let key = key.to_vec();
-        tokio::spawn(async move {
-            while let Some(r) = rx.recv().await {
-                if let Some(r) = r {
-                    replies.push(r);
+        let result = GetResult {
+            values: merged.values(),
+            deleted: merged.siblings.iter().any(|s| s.value.is_none()),
+            context: Context(merged.context()),
+        };
+        let stale = replies.iter().any(|r| r.is_owner && r.record.as_ref() != Some(&merged));
+        if stale || (full && !inflight.is_empty()) {
+            // read repair, in the background: in a full read, wait for the
+            // slower replicas first (each call is bounded by the request
+            // timeout), then bring every stale owner up to the merged version
+            let node = self.clone();
+            let key = key.to_vec();
+            tokio::spawn(async move {
+                if full {
+                    while let Some(r) = inflight.next().await {
+                        replies.extend(r);
+                    }
                 }
+                drop(inflight);
+                let merged = merge_all(replies.iter().filter_map(|r| r.record.as_ref()));
+                if merged.siblings.is_empty() {
+                    return;
+                }
+                for r in replies.iter().filter(|r| r.is_owner && r.record.as_ref() != Some(&merged)) {
+                    tracing::debug!(node = %r.node, "read repair");
+                    let _ = node.call(&r.node, Request::Put { key: key.clone(), record: merged.clone() }).await;
+                }
+            });
+        }
+        Ok(result)
+    }
+
+    /// Read one replica (or stand-in); `None` when the call failed.
+    fn read_replica(self: &Arc<Self>, target: NodeId, is_owner: bool, key: Vec<u8>) -> impl Future<Output = Option<SlotReply>> + Send + 'static {
+        let node = self.clone();
+        async move {
+            match node.call(&target, Request::Get { key }).await {
+                Ok(Response::Record(record)) => Some(SlotReply { node: target, is_owner, record }),
+                _ => None,
             }
-            let merged = merge_all(replies.iter().filter_map(|r| r.record.as_ref()));
-            if merged.siblings.is_empty() {
-                return;
-            }
-            for r in replies.iter().filter(|r| r.is_owner && r.record.as_ref() != Some(&merged)) {
-                tracing::debug!(node = %r.node, "read repair");
-                let _ = node.call(&r.node, Request::Put { key: key.clone(), record: merged.clone() }).await;
-            }
-        });
-        Ok(GetResult { values: merged.values(), deleted: merged.siblings.iter().any(|s| s.value.is_none()), context: Context(merged.context()) })
+        }
     }
 }

@@ -29,6 +29,7 @@ pub use error::{RpcError, StorageError, StoreError};
 pub use http::{HttpClient, HttpTransport};
 pub use tcp::{TcpClient, TcpTransport};
 pub use node::{Config, Node};
+pub use storage::Fsync;
 
 #[cfg(test)]
 pub(crate) mod test_util {

@@ -9,7 +9,7 @@ use crate::error::{RpcError, StorageError, StoreError};
 use crate::membership::Membership;
 use crate::merkle::key_digest;
 use crate::rpc::{Handler, Request, Response, Transport};
-use crate::storage::{encode_record, Storage};
+use crate::storage::{encode_record, Fsync, Storage};
 use async_trait::async_trait;
 use rand::seq::SliceRandom;
 use std::path::PathBuf;
@@ -34,6 +34,12 @@ pub struct Config {
     pub partitions: u32,
     /// Timeout of one node-to-node call.
     pub request_timeout: Duration,
+    /// A read that has fewer than R replies after this long asks one more
+    /// replica (speculative retry).
+    pub read_hedge: Duration,
+    /// Fraction of reads (0.0..=1.0) that ask every replica and repair all
+    /// stale owners, not only the R they answer from.
+    pub read_repair_chance: f64,
     pub gossip_interval: Duration,
     pub fail_timeout: Duration,
     pub hint_interval: Duration,
@@ -42,6 +48,8 @@ pub struct Config {
     pub tombstone_grace: Duration,
     /// How often the tombstone GC scans the local store.
     pub gc_interval: Duration,
+    /// When writes reach the disk (default: fdatasync every 100 ms).
+    pub fsync: Fsync,
     /// Spawn the periodic background loops (tests may drive them by hand).
     pub background: bool,
 }
@@ -51,6 +59,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), StoreError> {
         if self.n == 0 || self.r == 0 || self.w == 0 || self.r > self.n || self.w > self.n {
             return Err(StoreError::BadConfig(format!("need 1 <= R, W <= N; got N={} R={} W={}", self.n, self.r, self.w)));
+        }
+        if !(0.0..=1.0).contains(&self.read_repair_chance) {
+            return Err(StoreError::BadConfig(format!("read_repair_chance must be in 0..=1; got {}", self.read_repair_chance)));
         }
         if self.partitions == 0 {
             return Err(StoreError::BadConfig("partitions must be at least 1".into()));
@@ -68,12 +79,15 @@ impl Config {
             w: 2,
             partitions: crate::ring::DEFAULT_PARTITIONS,
             request_timeout: Duration::from_millis(500),
+            read_hedge: Duration::from_millis(10),
+            read_repair_chance: 0.1,
             gossip_interval: Duration::from_millis(500),
             fail_timeout: Duration::from_secs(3),
             hint_interval: Duration::from_secs(1),
             anti_entropy_interval: Duration::from_secs(10),
             tombstone_grace: Duration::from_secs(24 * 3600),
             gc_interval: Duration::from_secs(600),
+            fsync: Fsync::Periodic(Duration::from_millis(100)),
             background: true,
         }
     }
@@ -86,10 +100,12 @@ pub struct Node {
     transport: Arc<dyn Transport>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     me: Weak<Node>,
-    /// Actor id for the dots this incarnation mints: `id@start_µs`.
+    /// Actor id for the dots this incarnation mints: `id@incarnation`.
     pub(crate) actor: String,
     /// Distinguishes the one-off actors of stand-in writes.
     pub(crate) stand_in_writes: std::sync::atomic::AtomicU64,
+    /// Rotates which other owners a read asks first.
+    pub(crate) read_turn: std::sync::atomic::AtomicUsize,
 }
 
 impl Node {
@@ -98,9 +114,10 @@ impl Node {
     pub async fn start(cfg: Config, transport: Arc<dyn Transport>) -> Result<Arc<Node>, StoreError> {
         cfg.validate()?;
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| StorageError::Engine(e.to_string()))?;
-        let storage = Arc::new(Storage::open(&cfg.data_dir.join("store"), cfg.partitions)?);
+        let storage = Arc::new(Storage::open(&cfg.data_dir.join("store"), cfg.partitions, cfg.fsync)?);
         let membership = Membership::new(cfg.id.clone(), &cfg.seeds, cfg.partitions, cfg.fail_timeout);
         let cfg_id = cfg.id.clone();
+        let incarnation = storage.incarnation();
         let node = Arc::new_cyclic(|me| Node {
             cfg,
             storage,
@@ -108,8 +125,9 @@ impl Node {
             transport,
             tasks: Mutex::new(Vec::new()),
             me: me.clone(),
-            actor: format!("{}@{}", cfg_id, crate::membership::now_us()),
+            actor: format!("{}@{}", cfg_id, incarnation),
             stand_in_writes: std::sync::atomic::AtomicU64::new(0),
+            read_turn: std::sync::atomic::AtomicUsize::new(0),
         });
         if node.cfg.background {
             node.spawn_loops();

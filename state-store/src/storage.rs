@@ -2,13 +2,14 @@
 //!
 //! Keyspaces:
 //! * `data`:   `partition(u32 BE) ++ key` → bincode(`Record`)
-//! * `merkle`: `partition(u32 BE)` → 64 leaf digests (written in the same
-//!   atomic batch as the data, so the tree on disk always matches the data
-//!   on disk)
 //! * `hints`:  `keylen(u16 BE) ++ key ++ owner` → bincode(`Record`), writes
 //!   held for an unreachable owner (sloppy quorum)
-//! * `meta`:   the per-node dot counter (written in the same batch as the
-//!   write it numbers, so it never repeats after a crash)
+//! * `meta`:   the incarnation stamp (see [`Storage::incarnation`])
+//!
+//! The Merkle trees (one per partition) live in memory: rebuilt from the
+//! data by one scan when the store opens, then updated by the writer in the
+//! same step that commits each batch, so they always describe the committed
+//! data. Keeping them off disk halves the bytes each write commits.
 //!
 //! fsync policy: all writes go through one writer thread that performs
 //! *group commit*: it drains every queued write, applies them to an
@@ -26,14 +27,47 @@ use crate::merkle::{bucket_of, key_digest, Digest, MerkleTree};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use tokio::sync::oneshot;
 
 /// Largest number of queued writes applied in one batch.
 const MAX_BATCH: usize = 512;
 
-const DOT_COUNTER: &[u8] = b"dot_counter";
+const INCARNATION: &[u8] = b"incarnation";
+
+/// The committed Merkle trees, indexed by partition.
+type Trees = Arc<RwLock<Vec<MerkleTree>>>;
+
+/// When a node's writes reach the disk (see the crate README, "Durability
+/// and fsync policy"). Either way a write is in the operating system
+/// before it is acknowledged, so it survives a crash (SIGKILL) of the
+/// process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    /// fdatasync the journal before acknowledging each group commit: an
+    /// acknowledged write also survives a power loss of the machine.
+    Always,
+    /// A syncer thread fdatasyncs the journal every interval: a power loss
+    /// of the machine can lose up to the interval's writes *on that
+    /// replica* (the others, and anti-entropy, still have them).
+    Periodic(std::time::Duration),
+}
+
+impl std::str::FromStr for Fsync {
+    type Err = String;
+    /// `always`, or an interval in milliseconds such as `100ms`.
+    fn from_str(s: &str) -> Result<Fsync, String> {
+        if s == "always" {
+            return Ok(Fsync::Always);
+        }
+        match s.strip_suffix("ms").and_then(|n| n.parse::<u64>().ok()) {
+            Some(ms) if ms > 0 => Ok(Fsync::Periodic(std::time::Duration::from_millis(ms))),
+            _ => Err(format!("fsync policy must be `always` or an interval like `100ms`; got `{s}`")),
+        }
+    }
+}
 
 pub fn encode_record(r: &Record) -> Result<Vec<u8>, StorageError> {
     bincode::serialize(r).map_err(|e| StorageError::Corrupt(e.to_string()))
@@ -120,21 +154,27 @@ impl Durable {
     }
 }
 
-/// The database and its keyspaces (cheap to clone: handles).
+/// The database and its keyspaces (cheap to clone: handles), the
+/// in-memory Merkle trees and the number of stored hints.
 #[derive(Clone)]
 struct Db {
     db: Database,
     data: Keyspace,
-    merkle: Keyspace,
     hints: Keyspace,
-    meta: Keyspace,
+    trees: Trees,
+    /// hints on disk; reads skip the hint scan while it is zero
+    hint_count: Arc<AtomicU64>,
+    fsync: Fsync,
 }
 
 pub struct Storage {
     db: Db,
     partitions: u32,
+    incarnation: u64,
     tx: Option<std_mpsc::Sender<Job>>,
     writer: Option<std::thread::JoinHandle<()>>,
+    /// periodic fsync thread and its stop signal
+    syncer: Option<(std_mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
     stats: Arc<WriterStats>,
 }
 
@@ -146,6 +186,14 @@ impl Drop for Storage {
         self.tx.take();
         if let Some(h) = self.writer.take() {
             let _ = h.join();
+        }
+        if let Some((stop, h)) = self.syncer.take() {
+            drop(stop);
+            let _ = h.join();
+        }
+        // what the syncer has not synced yet
+        if let Err(e) = self.db.db.persist(PersistMode::SyncData) {
+            tracing::warn!(error = %e, "final journal sync failed");
         }
     }
 }
@@ -160,7 +208,7 @@ fn get_u64(b: &[u8]) -> u64 {
 
 impl Storage {
     /// Open (or create) the database in directory `path`.
-    pub fn open(path: &Path, partitions: u32) -> Result<Storage, StorageError> {
+    pub fn open(path: &Path, partitions: u32, fsync: Fsync) -> Result<Storage, StorageError> {
         let db = Database::builder(path)
             // the writer thread persists each batch itself
             .manual_journal_persist(true)
@@ -168,7 +216,16 @@ impl Storage {
             .open()
             .map_err(StorageError::engine)?;
         let ks = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(StorageError::engine);
-        let db = Db { data: ks("data")?, merkle: ks("merkle")?, hints: ks("hints")?, meta: ks("meta")?, db: db.clone() };
+        let (data, hints, meta) = (ks("data")?, ks("hints")?, ks("meta")?);
+        // A new incarnation stamp, durable before any write of this
+        // incarnation: strictly greater than every earlier one.
+        let last = meta.get(INCARNATION).map_err(StorageError::engine)?.map(|v| get_u64(&v)).unwrap_or(0);
+        let incarnation = (last + 1).max(crate::membership::now_us());
+        meta.insert(INCARNATION, incarnation.to_be_bytes()).map_err(StorageError::engine)?;
+        db.persist(PersistMode::SyncAll).map_err(StorageError::engine)?;
+        let trees = build_trees(&data, partitions)?;
+        let hint_count = Arc::new(AtomicU64::new(hints.len().map_err(StorageError::engine)? as u64));
+        let db = Db { data, hints, trees: Arc::new(RwLock::new(trees)), hint_count, fsync, db: db.clone() };
         let (tx, rx) = std_mpsc::channel::<Job>();
         let wdb = db.clone();
         let stats = Arc::new(WriterStats::default());
@@ -177,7 +234,27 @@ impl Storage {
             .name("store-writer".into())
             .spawn(move || writer_loop(wdb, partitions, rx, wstats))
             .map_err(|e| StorageError::Engine(e.to_string()))?;
-        Ok(Storage { db, partitions, tx: Some(tx), writer: Some(writer), stats })
+        let syncer = match fsync {
+            Fsync::Always => None,
+            Fsync::Periodic(every) => {
+                let (stop, stopped) = std_mpsc::channel::<()>();
+                let (dir, sdb, sstats) = (path.to_path_buf(), db.db.clone(), stats.clone());
+                let h = std::thread::Builder::new()
+                    .name("store-syncer".into())
+                    .spawn(move || syncer_loop(&dir, &sdb, every, &stopped, &sstats))
+                    .map_err(|e| StorageError::Engine(e.to_string()))?;
+                Some((stop, h))
+            }
+        };
+        Ok(Storage { db, partitions, incarnation, tx: Some(tx), writer: Some(writer), syncer, stats })
+    }
+
+    /// This opening's incarnation stamp: `max(previous + 1, now_µs)`,
+    /// written and fsynced at open. A node names the actor of the dots it
+    /// mints after it, so dots of different incarnations never collide and
+    /// the dot counter itself can live in memory.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
     }
     /// Group-commit counters since open.
     pub fn writer_stats(&self) -> WriterSnapshot {
@@ -187,6 +264,8 @@ impl Storage {
             writes: self.stats.writes.load(Relaxed),
             busy_us: self.stats.busy_us.load(Relaxed),
             commit_us: self.stats.commit_us.load(Relaxed),
+            syncs: self.stats.syncs.load(Relaxed),
+            sync_us: self.stats.sync_us.load(Relaxed),
         }
     }
 
@@ -232,7 +311,8 @@ impl Storage {
     }
 
     /// Coordinate a client write: atomically mint a fresh dot for `node`
-    /// (from a durable per-node counter that only grows), merge the new
+    /// (counter: one more than the last this opening minted; `node` must
+    /// be an actor of this incarnation, see [`Storage::incarnation`]), merge the new
     /// sibling into the local copy (the data table, or the hint for
     /// `hint_owner` when coordinating as a stand-in), and return the node's
     /// full local state of the key (data merged with all hints for it).
@@ -275,11 +355,6 @@ impl Storage {
         }
     }
 
-    /// A counter from the `meta` keyspace (e.g. `dot_counter`).
-    pub fn get_meta(&self, name: &str) -> Result<Option<u64>, StorageError> {
-        Ok(self.db.meta.get(name.as_bytes()).map_err(StorageError::engine)?.map(|v| get_u64(&v)))
-    }
-
     /// The stored record of `key` (replica data only).
     pub fn get(&self, key: &[u8]) -> Result<Option<Record>, StorageError> {
         let p = crate::ring::partition_of(key, self.partitions);
@@ -292,6 +367,9 @@ impl Storage {
     /// Replica data merged with any hints held for `key`; what a replica
     /// (or a sloppy-quorum stand-in) answers to a read. One snapshot.
     pub fn get_with_hints(&self, key: &[u8]) -> Result<Option<Record>, StorageError> {
+        if self.db.hint_count.load(Ordering::Acquire) == 0 {
+            return self.get(key);
+        }
         let snap = self.db.db.snapshot();
         let p = crate::ring::partition_of(key, self.partitions);
         let mut out = match snap.get(&self.db.data, data_key(p, key)).map_err(StorageError::engine)? {
@@ -313,10 +391,8 @@ impl Storage {
 
     /// The Merkle tree of partition `p`.
     pub fn merkle(&self, p: u32) -> Result<MerkleTree, StorageError> {
-        match self.db.merkle.get(p.to_be_bytes()).map_err(StorageError::engine)? {
-            Some(v) => MerkleTree::decode(&v).ok_or_else(|| StorageError::Corrupt(format!("merkle {p}"))),
-            None => Ok(MerkleTree::default()),
-        }
+        let trees = self.db.trees.read().unwrap_or_else(|e| e.into_inner());
+        trees.get(p as usize).cloned().ok_or_else(|| StorageError::Corrupt(format!("no partition {p}")))
     }
 
     /// Per-key digests of partition `p` restricted to the given leaves.
@@ -368,6 +444,20 @@ impl Storage {
     }
 }
 
+/// The Merkle tree of every partition, from one scan of the data.
+fn build_trees(data: &Keyspace, partitions: u32) -> Result<Vec<MerkleTree>, StorageError> {
+    let mut trees = vec![MerkleTree::default(); partitions as usize];
+    for item in data.iter() {
+        let (k, v) = item.into_inner().map_err(StorageError::engine)?;
+        let p = k.get(..4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+        match p.and_then(|p| trees.get_mut(p as usize)) {
+            Some(t) => t.toggle(&k[4..], key_digest(&k[4..], &v)),
+            None => return Err(StorageError::Corrupt("data key outside the partition range".into())),
+        }
+    }
+    Ok(trees)
+}
+
 /// Counters of the group-commit writer.
 #[derive(Debug, Default)]
 pub struct WriterStats {
@@ -377,6 +467,9 @@ pub struct WriterStats {
     pub busy_us: std::sync::atomic::AtomicU64,
     /// of which in the batch commit (journal append + fdatasync), microseconds
     pub commit_us: std::sync::atomic::AtomicU64,
+    /// periodic fsyncs and their total time, microseconds
+    pub syncs: std::sync::atomic::AtomicU64,
+    pub sync_us: std::sync::atomic::AtomicU64,
 }
 
 /// Snapshot of [`WriterStats`].
@@ -386,14 +479,48 @@ pub struct WriterSnapshot {
     pub writes: u64,
     pub busy_us: u64,
     pub commit_us: u64,
+    pub syncs: u64,
+    pub sync_us: u64,
+}
+
+/// `Fsync::Periodic`: every `every`, fdatasync the active journal through
+/// a descriptor of our own. fjall's `persist` would hold the journal lock
+/// for the whole fsync and stall the writer's commits behind it; an fsync
+/// on another descriptor of the same file flushes the same pages without
+/// that lock. The active journal is the highest-numbered `<n>.jnl` in the
+/// database directory (fjall's layout); when a journal is sealed fjall
+/// fsyncs it itself. If none is found, fall back to `persist`.
+fn syncer_loop(dir: &Path, db: &Database, every: std::time::Duration, stop: &std_mpsc::Receiver<()>, stats: &WriterStats) {
+    while let Err(std_mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(every) {
+        let started = std::time::Instant::now();
+        let res = match active_journal(dir) {
+            Some(p) => std::fs::File::open(&p).and_then(|f| f.sync_data()).map_err(|e| e.to_string()),
+            None => db.persist(PersistMode::SyncData).map_err(|e| e.to_string()),
+        };
+        if let Err(e) = res {
+            tracing::error!(error = %e, "periodic journal fsync failed");
+        }
+        stats.syncs.fetch_add(1, Ordering::Relaxed);
+        stats.sync_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+fn active_journal(dir: &Path) -> Option<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name();
+            let n: u64 = name.to_str()?.strip_suffix(".jnl")?.parse().ok()?;
+            Some((n, e.path()))
+        })
+        .max_by_key(|(n, _)| *n)
+        .map(|(_, p)| p)
 }
 
 fn writer_loop(db: Db, partitions: u32, rx: std_mpsc::Receiver<Job>, stats: Arc<WriterStats>) {
     // highest dot counter handed out, even in a batch whose commit failed
     let mut last_dot = 0u64;
-    // Merkle trees as committed (the writer is their only writer), so a
-    // write does not read its partition's tree back from the LSM tree
-    let mut trees: HashMap<u32, MerkleTree> = HashMap::new();
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
@@ -405,7 +532,7 @@ fn writer_loop(db: Db, partitions: u32, rx: std_mpsc::Receiver<Job>, stats: Arc<
         let ops: Vec<&Op> = jobs.iter().map(|j| &j.op).collect();
         let started = std::time::Instant::now();
         let mut commit_us = 0;
-        let outcome = apply_batch(&db, partitions, &ops, &mut last_dot, &mut trees, &mut commit_us);
+        let outcome = apply_batch(&db, partitions, &ops, &mut last_dot, &mut commit_us);
         stats.commit_us.fetch_add(commit_us, std::sync::atomic::Ordering::Relaxed);
         stats.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         stats.writes.fetch_add(ops.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -430,17 +557,17 @@ fn writer_loop(db: Db, partitions: u32, rx: std_mpsc::Receiver<Job>, stats: Arc<
 /// batch's own earlier writes; `None` is a deletion.
 struct Overlay<'a> {
     db: &'a Db,
-    /// committed Merkle trees cached by the writer
-    trees: &'a HashMap<u32, MerkleTree>,
     data: HashMap<Vec<u8>, Option<Vec<u8>>>,
     hints: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// hints this batch adds minus those it removes
+    hint_delta: i64,
+    /// trees of the partitions this batch touches, committed state + batch
     merkle: HashMap<u32, MerkleTree>,
-    dot_counter: Option<u64>,
 }
 
 impl<'a> Overlay<'a> {
-    fn new(db: &'a Db, trees: &'a HashMap<u32, MerkleTree>) -> Self {
-        Overlay { db, trees, data: HashMap::new(), hints: BTreeMap::new(), merkle: HashMap::new(), dot_counter: None }
+    fn new(db: &'a Db) -> Self {
+        Overlay { db, data: HashMap::new(), hints: BTreeMap::new(), hint_delta: 0, merkle: HashMap::new() }
     }
 
     fn data_get(&self, dk: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
@@ -460,6 +587,9 @@ impl<'a> Overlay<'a> {
     /// Every hint whose key starts with `prefix`, overlay applied.
     fn hints_with_prefix(&self, prefix: &[u8]) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, StorageError> {
         let mut out = BTreeMap::new();
+        if self.hints.is_empty() && self.db.hint_count.load(Ordering::Acquire) == 0 {
+            return Ok(out);
+        }
         for item in self.db.hints.prefix(prefix) {
             let (k, v) = item.into_inner().map_err(StorageError::engine)?;
             out.insert(k.to_vec(), v.to_vec());
@@ -478,25 +608,11 @@ impl<'a> Overlay<'a> {
 
     fn tree(&mut self, p: u32) -> Result<&mut MerkleTree, StorageError> {
         if !self.merkle.contains_key(&p) {
-            let t = match self.trees.get(&p) {
-                Some(t) => t.clone(),
-                None => match self.db.merkle.get(p.to_be_bytes()).map_err(StorageError::engine)? {
-                    Some(v) => MerkleTree::decode(&v).unwrap_or_default(),
-                    None => MerkleTree::default(),
-                },
-            };
-            self.merkle.insert(p, t);
+            // the writer is the trees' only writer: this is the committed tree
+            let t = self.db.trees.read().unwrap_or_else(|e| e.into_inner()).get(p as usize).cloned();
+            self.merkle.insert(p, t.ok_or_else(|| StorageError::Corrupt(format!("no partition {p}")))?);
         }
         Ok(self.merkle.get_mut(&p).expect("inserted above"))
-    }
-
-    fn last_dot(&mut self) -> Result<u64, StorageError> {
-        if let Some(c) = self.dot_counter {
-            return Ok(c);
-        }
-        let c = self.db.meta.get(DOT_COUNTER).map_err(StorageError::engine)?.map(|v| get_u64(&v)).unwrap_or(0);
-        self.dot_counter = Some(c);
-        Ok(c)
     }
 
     fn merge_data(&mut self, partitions: u32, key: &[u8], record: &Record) -> Result<Record, StorageError> {
@@ -523,7 +639,10 @@ impl<'a> Overlay<'a> {
         let hk = hint_key(key, owner);
         let mut cur = match self.hint_get(&hk)? {
             Some(b) => decode_record(&b)?,
-            None => Record::default(),
+            None => {
+                self.hint_delta += 1;
+                Record::default()
+            }
         };
         cur.merge(record);
         self.hints.insert(hk, Some(encode_record(&cur)?));
@@ -543,10 +662,16 @@ impl<'a> Overlay<'a> {
         Ok(out)
     }
 
-    /// Write everything as one atomic batch; returns after fdatasync with
-    /// the Merkle trees it wrote.
-    fn commit(self) -> Result<HashMap<u32, MerkleTree>, StorageError> {
-        let mut b = self.db.db.batch().durability(Some(PersistMode::SyncData));
+    /// Write everything as one atomic batch; after the fdatasync, publish
+    /// the batch's Merkle trees and hint count.
+    fn commit(self) -> Result<(), StorageError> {
+        let mode = match self.db.fsync {
+            Fsync::Always => PersistMode::SyncData,
+            // written to the OS (survives a crash of the process); the
+            // syncer thread makes it durable within the interval
+            Fsync::Periodic(_) => PersistMode::Buffer,
+        };
+        let mut b = self.db.db.batch().durability(Some(mode));
         for (k, v) in self.data {
             match v {
                 Some(v) => b.insert(&self.db.data, k, v),
@@ -559,14 +684,20 @@ impl<'a> Overlay<'a> {
                 None => b.remove(&self.db.hints, k),
             }
         }
-        for (p, t) in &self.merkle {
-            b.insert(&self.db.merkle, p.to_be_bytes(), t.encode());
-        }
-        if let Some(c) = self.dot_counter {
-            b.insert(&self.db.meta, DOT_COUNTER, c.to_be_bytes());
-        }
         b.commit().map_err(StorageError::engine)?;
-        Ok(self.merkle)
+        let mut trees = self.db.trees.write().unwrap_or_else(|e| e.into_inner());
+        for (p, t) in self.merkle {
+            if let Some(slot) = trees.get_mut(p as usize) {
+                *slot = t;
+            }
+        }
+        let c = &self.db.hint_count;
+        if self.hint_delta >= 0 {
+            c.fetch_add(self.hint_delta as u64, Ordering::AcqRel);
+        } else {
+            c.fetch_sub(self.hint_delta.unsigned_abs(), Ordering::AcqRel);
+        }
+        Ok(())
     }
 }
 
@@ -576,20 +707,18 @@ fn apply_batch(
     partitions: u32,
     ops: &[&Op],
     last_dot: &mut u64,
-    trees: &mut HashMap<u32, MerkleTree>,
     commit_us: &mut u64,
 ) -> Result<Vec<Result<OpResult, StorageError>>, StorageError> {
-    let mut w = Overlay::new(db, trees);
+    let mut w = Overlay::new(db);
     let mut results = Vec::with_capacity(ops.len());
     for op in ops {
         let res = match op {
             Op::Merge { key, record } => w.merge_data(partitions, key, record).map(OpResult::Merged),
             Op::HintMerge { owner, key, record } => w.merge_hint(owner, key, record).map(|_| OpResult::Done(true)),
             Op::Coordinate { node, key, value, context, written_ms, hint_owner, applied } => {
-                let last = w.last_dot()?;
-                let counter = (last.max(*last_dot) + 1).max(written_ms.saturating_mul(1000));
-                *last_dot = counter;
-                w.dot_counter = Some(counter);
+                // never reused, even when this batch fails to commit
+                *last_dot += 1;
+                let counter = *last_dot;
                 let dot = Dot { node: node.clone(), counter };
                 let rec = Record::single(Sibling {
                     dot: dot.clone(),
@@ -617,6 +746,7 @@ fn apply_batch(
                 };
                 if same {
                     w.hints.insert(hk, None);
+                    w.hint_delta -= 1;
                 }
                 Ok(OpResult::Done(same))
             }
@@ -638,9 +768,7 @@ fn apply_batch(
         results.push(res);
     }
     let commit_started = std::time::Instant::now();
-    let written = w.commit()?;
-    // only committed trees enter the cache
-    trees.extend(written);
+    w.commit()?;
     *commit_us += commit_started.elapsed().as_micros() as u64;
     Ok(results)
 }
@@ -658,26 +786,33 @@ mod tests {
     async fn merge_persists_and_merkle_tracks_data() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("db");
-        let p;
+        let p = crate::ring::partition_of(b"k1", 16);
+        let all_leaves: Vec<usize> = (0..crate::merkle::LEAVES).collect();
+        let rebuilt = |s: &Storage| {
+            let digests = s.key_digests(p, &all_leaves).expect("digests");
+            MerkleTree::from_digests(digests.iter().map(|(k, d)| (k.as_slice(), *d)))
+        };
+        let first;
         {
-            let s = Storage::open(&path, 16).expect("open");
+            let s = Storage::open(&path, 16, Fsync::Always).expect("open");
+            first = s.incarnation();
             s.merge(b"k1", rec("a", 1, "x")).await.expect("merge");
             let r = s.merge(b"k1", rec("b", 1, "y")).await.expect("merge");
             assert_eq!(r.siblings.len(), 2);
             s.hint_merge("owner", b"k2", rec("a", 2, "z")).await.expect("hint");
-            p = crate::ring::partition_of(b"k1", 16);
+            // the tree kept up to date write by write equals one built from the data
+            assert_eq!(s.merkle(p).expect("merkle"), rebuilt(&s));
+            assert_ne!(s.merkle(p).expect("merkle"), MerkleTree::default());
         }
-        let s = Storage::open(&path, 16).expect("reopen");
+        let s = Storage::open(&path, 16, Fsync::Periodic(std::time::Duration::from_millis(5))).expect("reopen");
+        assert!(s.incarnation() > first, "every opening is a new incarnation");
         assert_eq!(s.get(b"k1").expect("get").map(|r| r.siblings.len()), Some(2));
         let hints = s.hints().expect("hints");
         assert_eq!(hints.len(), 1);
         assert_eq!(hints[0].owner, "owner");
         assert!(s.get(b"k2").expect("get").is_none());
         assert!(s.get_with_hints(b"k2").expect("get").is_some());
-        // stored tree equals a tree rebuilt from the data
-        let digests = s.key_digests(p, &(0..crate::merkle::LEAVES).collect::<Vec<_>>()).expect("digests");
-        let rebuilt = MerkleTree::from_digests(digests.iter().map(|(k, d)| (k.as_slice(), *d)));
-        assert_eq!(s.merkle(p).expect("merkle"), rebuilt);
+        assert_eq!(s.merkle(p).expect("merkle"), rebuilt(&s));
         assert!(!s.hint_remove_if("owner", b"k2", rec("a", 9, "q")).await.expect("rm"));
         assert!(s.hint_remove_if("owner", b"k2", hints[0].record.clone()).await.expect("rm"));
         assert_eq!(s.hint_count().expect("count"), 0);

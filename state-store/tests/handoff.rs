@@ -39,7 +39,9 @@ async fn hinted_handoff_delivers_when_owner_returns() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_repair_fixes_stale_replica() {
-    let c = Cluster::start(5, 8).await;
+    // every read asks all three replicas (the stale one may not be among
+    // the R a read otherwise asks)
+    let c = Cluster::start_with(5, 8, |cfg| cfg.read_repair_chance = 1.0).await;
     let key = b"instance/i-9";
     let n0 = c.node(0).expect("n0");
     let ring = n0.membership().ring();

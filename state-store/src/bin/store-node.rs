@@ -6,10 +6,15 @@
 //! it first leaves the ring and hands its data over.
 
 use clap::Parser;
-use nimbus_state_store::{http, tcp, Config, HttpTransport, Node, TcpTransport};
+use nimbus_state_store::{Fsync, http, tcp, Config, HttpTransport, Node, TcpTransport};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// mimalloc: the store allocates per message; glibc malloc showed up at
+/// ~14% of the profile under load.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser, Debug)]
 #[command(about = "Nimbus Dynamo-style state-store node")]
@@ -43,6 +48,10 @@ struct Args {
     /// `http` (`POST /internal/rpc`); all nodes of a cluster must agree
     #[arg(long, default_value = "tcp")]
     transport: String,
+    /// `always` (fdatasync before acknowledging) or a periodic fdatasync
+    /// interval such as `100ms`
+    #[arg(long, default_value = "100ms")]
+    fsync: Fsync,
 }
 
 #[tokio::main]
@@ -52,6 +61,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let args = Args::parse();
     let mut cfg = Config::new(args.listen.clone(), args.data_dir);
+    cfg.fsync = args.fsync;
     cfg.seeds = args.seeds.into_iter().filter(|s| !s.is_empty()).collect();
     cfg.n = args.n;
     cfg.r = args.r;

@@ -12,6 +12,8 @@ pub struct Cluster {
     pub net: Arc<SimNetwork>,
     pub ids: Vec<String>,
     pub nodes: Mutex<Vec<Option<Arc<Node>>>>,
+    /// applied to every node's config on (re)start
+    pub tweak: fn(&mut Config),
 }
 
 pub fn config(dir: &std::path::Path, id: &str, seeds: &[String]) -> Config {
@@ -40,10 +42,15 @@ pub async fn wait_until<F: FnMut() -> bool>(what: &str, limit: Duration, mut f: 
 
 impl Cluster {
     pub async fn start(n: usize, seed: u64) -> Cluster {
+        Cluster::start_with(n, seed, |_| {}).await
+    }
+
+    /// Start with `tweak` applied to every node's config.
+    pub async fn start_with(n: usize, seed: u64, tweak: fn(&mut Config)) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let net = SimNetwork::new(seed);
         let ids: Vec<String> = (0..n).map(|i| format!("n{i}")).collect();
-        let c = Cluster { dir, net, ids: ids.clone(), nodes: Mutex::new(vec![None; n]) };
+        let c = Cluster { dir, net, ids: ids.clone(), nodes: Mutex::new(vec![None; n]), tweak };
         for i in 0..n {
             c.restart(i).await;
         }
@@ -61,7 +68,8 @@ impl Cluster {
 
     /// Start (or restart, reopening its on-disk store) node `i`.
     pub async fn restart(&self, i: usize) -> Arc<Node> {
-        let cfg = config(self.dir.path(), &self.ids[i], &self.ids);
+        let mut cfg = config(self.dir.path(), &self.ids[i], &self.ids);
+        (self.tweak)(&mut cfg);
         let start = std::time::Instant::now();
         let node = loop {
             // the killed instance's database closes when its last
