@@ -11,15 +11,22 @@
 //! same step that commits each batch, so they always describe the committed
 //! data. Keeping them off disk halves the bytes each write commits.
 //!
-//! fsync policy: all writes go through one writer thread that performs
-//! *group commit*: it drains every queued write, applies them to an
-//! in-memory overlay of the keys they touch (so later writes of the batch
-//! see earlier ones), then commits one atomic fjall write batch (one journal
-//! append) with `PersistMode::SyncData` (fdatasync before the batch becomes
-//! visible), and only then acknowledges each write. An acknowledged write
-//! is therefore in the journal on disk, a torn last batch is discarded as a
-//! whole on recovery, and many concurrent writes share one fsync. Memtable
-//! flushes and compactions run on fjall's background threads.
+//! Every write (replica merge, coordinated write, hint, hint removal, GC
+//! drop) is applied to an in-memory overlay of the keys it touches and
+//! committed as one atomic fjall write batch (one journal append), written
+//! to the operating system before it is acknowledged, so it survives a
+//! crash of the process. When it reaches the disk depends on [`Fsync`]:
+//! * `Always`: one writer thread performs *group commit*: it drains every
+//!   queued write into one batch (later writes of the batch see earlier
+//!   ones), commits it with `PersistMode::SyncData` (fdatasync before the
+//!   batch becomes visible) and only then acknowledges each write, so many
+//!   concurrent writes share one fsync.
+//! * `Periodic(interval)`: the batch (of one write) commits on the caller's
+//!   thread under a lock, with `PersistMode::Buffer`, and a syncer thread
+//!   fdatasyncs the journal every interval.
+//!
+//! A torn last batch is discarded as a whole on recovery. Memtable flushes
+//! and compactions run on fjall's background thread.
 
 use crate::clock::{Dot, Record, Sibling, VersionVector};
 use crate::error::StorageError;
@@ -171,8 +178,12 @@ pub struct Storage {
     db: Db,
     partitions: u32,
     incarnation: u64,
+    /// `Fsync::Always`: the group-commit writer thread and its queue
     tx: Option<std_mpsc::Sender<Job>>,
     writer: Option<std::thread::JoinHandle<()>>,
+    /// `Fsync::Periodic`: writes commit on the caller's thread under this
+    /// lock (it holds the last dot counter handed out)
+    inline: Option<std::sync::Mutex<u64>>,
     /// periodic fsync thread and its stop signal
     syncer: Option<(std_mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
     stats: Arc<WriterStats>,
@@ -226,14 +237,23 @@ impl Storage {
         let trees = build_trees(&data, partitions)?;
         let hint_count = Arc::new(AtomicU64::new(hints.len().map_err(StorageError::engine)? as u64));
         let db = Db { data, hints, trees: Arc::new(RwLock::new(trees)), hint_count, fsync, db: db.clone() };
-        let (tx, rx) = std_mpsc::channel::<Job>();
-        let wdb = db.clone();
         let stats = Arc::new(WriterStats::default());
-        let wstats = stats.clone();
-        let writer = std::thread::Builder::new()
-            .name("store-writer".into())
-            .spawn(move || writer_loop(wdb, partitions, rx, wstats))
-            .map_err(|e| StorageError::Engine(e.to_string()))?;
+        // With an fsync per commit, a writer thread batches concurrent
+        // writes behind each fsync (group commit). Without one a commit is
+        // a journal append of a few microseconds, and handing it to another
+        // thread (two wake-ups on a loaded machine) costs more than it.
+        let (tx, writer, inline) = match fsync {
+            Fsync::Always => {
+                let (tx, rx) = std_mpsc::channel::<Job>();
+                let (wdb, wstats) = (db.clone(), stats.clone());
+                let writer = std::thread::Builder::new()
+                    .name("store-writer".into())
+                    .spawn(move || writer_loop(wdb, partitions, rx, wstats))
+                    .map_err(|e| StorageError::Engine(e.to_string()))?;
+                (Some(tx), Some(writer), None)
+            }
+            Fsync::Periodic(_) => (None, None, Some(std::sync::Mutex::new(0u64))),
+        };
         let syncer = match fsync {
             Fsync::Always => None,
             Fsync::Periodic(every) => {
@@ -246,7 +266,7 @@ impl Storage {
                 Some((stop, h))
             }
         };
-        Ok(Storage { db, partitions, incarnation, tx: Some(tx), writer: Some(writer), syncer, stats })
+        Ok(Storage { db, partitions, incarnation, tx, writer, inline, syncer, stats })
     }
 
     /// This opening's incarnation stamp: `max(previous + 1, now_µs)`,
@@ -273,10 +293,23 @@ impl Storage {
         self.partitions
     }
 
+    /// Commit `job` here (periodic fsync) or queue it for the group-commit
+    /// writer; either way its reply channel carries the outcome.
+    fn dispatch(&self, job: Job) -> Result<(), StorageError> {
+        match (&self.inline, &self.tx) {
+            (Some(last_dot), _) => {
+                let mut last_dot = last_dot.lock().unwrap_or_else(|p| p.into_inner());
+                run_batch(&self.db, self.partitions, vec![job], &mut last_dot, &self.stats);
+                Ok(())
+            }
+            (None, Some(tx)) => tx.send(job).map_err(|_| StorageError::Closed),
+            (None, None) => Err(StorageError::Closed),
+        }
+    }
+
     async fn submit(&self, op: Op) -> Result<OpResult, StorageError> {
         let (reply, rx) = oneshot::channel();
-        let tx = self.tx.as_ref().ok_or(StorageError::Closed)?;
-        tx.send(Job { op, reply }).map_err(|_| StorageError::Closed)?;
+        self.dispatch(Job { op, reply })?;
         rx.await.map_err(|_| StorageError::Closed)?
     }
 
@@ -343,8 +376,7 @@ impl Storage {
             applied: std::sync::Mutex::new(Some(atx)),
         };
         let (reply, rx) = oneshot::channel();
-        let tx = self.tx.as_ref().ok_or(StorageError::Closed)?;
-        tx.send(Job { op, reply }).map_err(|_| StorageError::Closed)?;
+        self.dispatch(Job { op, reply })?;
         match arx.await {
             Ok((r, d)) => Ok((r, d, Durable(rx))),
             // not applied: the durable reply carries the error
@@ -529,25 +561,30 @@ fn writer_loop(db: Db, partitions: u32, rx: std_mpsc::Receiver<Job>, stats: Arc<
                 Err(_) => break,
             }
         }
-        let ops: Vec<&Op> = jobs.iter().map(|j| &j.op).collect();
-        let started = std::time::Instant::now();
-        let mut commit_us = 0;
-        let outcome = apply_batch(&db, partitions, &ops, &mut last_dot, &mut commit_us);
-        stats.commit_us.fetch_add(commit_us, std::sync::atomic::Ordering::Relaxed);
-        stats.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        stats.writes.fetch_add(ops.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        stats.busy_us.fetch_add(started.elapsed().as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
-        match outcome {
-            Ok(results) => {
-                for (job, res) in jobs.into_iter().zip(results) {
-                    let _ = job.reply.send(res);
-                }
+        run_batch(&db, partitions, jobs, &mut last_dot, &stats);
+    }
+}
+
+/// Apply and commit `jobs` as one batch and answer each.
+fn run_batch(db: &Db, partitions: u32, jobs: Vec<Job>, last_dot: &mut u64, stats: &WriterStats) {
+    let ops: Vec<&Op> = jobs.iter().map(|j| &j.op).collect();
+    let started = std::time::Instant::now();
+    let mut commit_us = 0;
+    let outcome = apply_batch(db, partitions, &ops, last_dot, &mut commit_us);
+    stats.commit_us.fetch_add(commit_us, Ordering::Relaxed);
+    stats.commits.fetch_add(1, Ordering::Relaxed);
+    stats.writes.fetch_add(ops.len() as u64, Ordering::Relaxed);
+    stats.busy_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    match outcome {
+        Ok(results) => {
+            for (job, res) in jobs.into_iter().zip(results) {
+                let _ = job.reply.send(res);
             }
-            Err(e) => {
-                tracing::error!(error = %e, "storage batch failed");
-                for job in jobs {
-                    let _ = job.reply.send(Err(StorageError::Engine(e.to_string())));
-                }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "storage batch failed");
+            for job in jobs {
+                let _ = job.reply.send(Err(StorageError::Engine(e.to_string())));
             }
         }
     }

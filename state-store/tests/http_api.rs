@@ -1,7 +1,9 @@
 //! Network API: typed client over HTTP, admin view, bad input, and
 //! durability of acknowledged writes across SIGKILL of a node process.
-//! The first test runs the nodes with the HTTP node-to-node transport, the
-//! second with the framed TCP transport.
+//! The first test runs the nodes with the HTTP node-to-node transport and
+//! an fsync before every acknowledgement (`--fsync always`, group commit
+//! on a writer thread), the second with the framed TCP transport and the
+//! default periodic fsync (writes committed on the caller's thread).
 
 use nimbus_state_store::{Context, HttpClient, KvClient, StoreError, TcpClient};
 use std::process::{Child, Command, Stdio};
@@ -20,8 +22,9 @@ impl Drop for Proc {
 }
 
 fn spawn_node(addr: &str, dir: &std::path::Path, seeds: &[String], n: usize, transport: &str) -> Proc {
+    let fsync = if transport == "http" { "always" } else { "100ms" };
     let child = Command::new(env!("CARGO_BIN_EXE_store-node"))
-        .args(["--transport", transport, "--listen", addr, "--data-dir"])
+        .args(["--transport", transport, "--fsync", fsync, "--listen", addr, "--data-dir"])
         .arg(dir)
         .args(["--seeds", &seeds.join(","), "--n", &n.to_string(), "--r", &n.min(2).to_string(), "--w", &n.min(2).to_string()])
         .env("RUST_LOG", "warn")
