@@ -14,10 +14,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// mimalloc: the store allocates per message; glibc malloc showed up at
-/// ~14% of the profile under load.
+/// jemalloc: the store allocates per message; under store-bench glibc
+/// malloc cost ~14% of the CPU and mimalloc stalled every thread for
+/// milliseconds at a time (fresh huge pages), jemalloc neither.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser, Debug, Clone)]
 struct Args {
@@ -46,21 +47,64 @@ struct Args {
 
 }
 
+/// Operations of at least this many microseconds are counted per window.
+const SLOW_US: u64 = 5_000;
+/// Window of the slow-operation timeline, milliseconds.
+const WINDOW_MS: u128 = 100;
+
 struct Stats {
     get: Histogram<u64>,
     put: Histogram<u64>,
     errors: u64,
+    /// per `WINDOW_MS` window (by start time): operations >= `SLOW_US`
+    slow: Vec<u64>,
 }
 
 impl Stats {
     fn new() -> Stats {
         let h = || Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()));
-        Stats { get: h(), put: h(), errors: 0 }
+        Stats { get: h(), put: h(), errors: 0, slow: Vec::new() }
     }
     fn add(&mut self, o: &Stats) {
         let _ = self.get.add(&o.get);
         let _ = self.put.add(&o.put);
         self.errors += o.errors;
+        if self.slow.len() < o.slow.len() {
+            self.slow.resize(o.slow.len(), 0);
+        }
+        for (a, b) in self.slow.iter_mut().zip(&o.slow) {
+            *a += b;
+        }
+    }
+
+    fn record(&mut self, put: bool, started: Instant, since: Instant) {
+        let us = started.elapsed().as_micros() as u64;
+        let _ = if put { self.put.record(us) } else { self.get.record(us) };
+        if us >= SLOW_US {
+            let w = (started.duration_since(since).as_millis() / WINDOW_MS) as usize;
+            if self.slow.len() <= w {
+                self.slow.resize(w + 1, 0);
+            }
+            self.slow[w] += 1;
+        }
+    }
+
+    /// Where the operations slower than `SLOW_US` happened: how many, in
+    /// how many windows, and the worst windows.
+    fn print_slow(&self) {
+        let total: u64 = self.slow.iter().sum();
+        let windows = self.slow.iter().filter(|n| **n > 0).count();
+        let mut worst: Vec<(usize, u64)> = self.slow.iter().copied().enumerate().filter(|(_, n)| *n > 0).collect();
+        worst.sort_by(|a, b| b.1.cmp(&a.1));
+        let top: u64 = worst.iter().take(5).map(|(_, n)| n).sum();
+        let list: Vec<String> = worst.iter().take(5).map(|(w, n)| format!("{:.1}s:{n}", *w as f64 * WINDOW_MS as f64 / 1000.0)).collect();
+        println!(
+            "  ops >= {} ms: {total} ({:.3}%) in {windows} of {} {WINDOW_MS}-ms windows; the worst 5 windows hold {top}: {}",
+            SLOW_US / 1000,
+            100.0 * total as f64 / self.ops().max(1) as f64,
+            self.slow.len(),
+            list.join(" ")
+        );
     }
     fn ops(&self) -> u64 {
         self.get.len() + self.put.len()
@@ -78,6 +122,7 @@ impl Stats {
                 h.max() as f64 / 1000.0
             );
         }
+        self.print_slow();
     }
 }
 
@@ -158,16 +203,14 @@ async fn run_store(args: &Args, dir: &std::path::Path) -> Result<(Stats, f64), B
                     let t = Instant::now();
                     if rng.gen_bool(0.5) {
                         match client.get(key.as_bytes()).await {
-                            Ok(_) => {
-                                let _ = st.get.record(t.elapsed().as_micros() as u64);
-                            }
+                            Ok(_) => st.record(false, t, start),
                             Err(_) => st.errors += 1,
                         }
                     } else {
                         let ctx = ctxs.get(&k).cloned().unwrap_or_default();
                         match client.put(key.as_bytes(), value.clone(), &ctx).await {
                             Ok(new) => {
-                                let _ = st.put.record(t.elapsed().as_micros() as u64);
+                                st.record(true, t, start);
                                 ctxs.insert(k, new);
                             }
                             Err(_) => st.errors += 1,
@@ -251,17 +294,13 @@ async fn run_redis(args: &Args) -> Result<Option<(Stats, f64)>, Box<dyn std::err
                 if rng.gen_bool(0.5) {
                     let r: redis::RedisResult<Option<Vec<u8>>> = redis::cmd("GET").arg(&key).query_async(&mut con).await;
                     match r {
-                        Ok(_) => {
-                            let _ = st.get.record(t.elapsed().as_micros() as u64);
-                        }
+                        Ok(_) => st.record(false, t, start),
                         Err(_) => st.errors += 1,
                     }
                 } else {
                     let r: redis::RedisResult<()> = redis::cmd("SET").arg(&key).arg(&value).query_async(&mut con).await;
                     match r {
-                        Ok(_) => {
-                            let _ = st.put.record(t.elapsed().as_micros() as u64);
-                        }
+                        Ok(_) => st.record(true, t, start),
                         Err(_) => st.errors += 1,
                     }
                 }
@@ -281,7 +320,7 @@ async fn run_redis(args: &Args) -> Result<Option<(Stats, f64)>, Box<dyn std::err
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,lsm_tree=error".into()))
         .init();
     let args = Args::parse();
     let dir = std::env::temp_dir().join(format!("store-bench-{}", std::process::id()));

@@ -11,10 +11,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// mimalloc: the store allocates per message; glibc malloc showed up at
-/// ~14% of the profile under load.
+/// jemalloc: the store allocates per message; under store-bench glibc
+/// malloc cost ~14% of the CPU and mimalloc stalled every thread for
+/// milliseconds at a time (fresh huge pages), jemalloc neither.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser, Debug)]
 #[command(about = "Nimbus Dynamo-style state-store node")]
