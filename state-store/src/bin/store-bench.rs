@@ -95,7 +95,7 @@ impl Stats {
         let total: u64 = self.slow.iter().sum();
         let windows = self.slow.iter().filter(|n| **n > 0).count();
         let mut worst: Vec<(usize, u64)> = self.slow.iter().copied().enumerate().filter(|(_, n)| *n > 0).collect();
-        worst.sort_by(|a, b| b.1.cmp(&a.1));
+        worst.sort_by_key(|w| std::cmp::Reverse(w.1));
         let top: u64 = worst.iter().take(5).map(|(_, n)| n).sum();
         let list: Vec<String> = worst.iter().take(5).map(|(w, n)| format!("{:.1}s:{n}", *w as f64 * WINDOW_MS as f64 / 1000.0)).collect();
         println!(
