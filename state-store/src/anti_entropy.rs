@@ -5,7 +5,9 @@
 //! the differing leaves, fetches the per-key digests of those leaves only,
 //! and for the differing keys pulls the peer's records and pushes back the
 //! merged result. Merging is deterministic, so afterwards both replicas
-//! hold identical records and identical roots.
+//! hold identical records and identical roots. Keys of partitions the node
+//! no longer replicates (after a ring change) are handed to their owners
+//! and then dropped.
 
 use crate::merkle::{diff_keys, MerkleTree};
 use crate::node::Node;
@@ -13,6 +15,9 @@ use crate::rpc::{Request, Response};
 use crate::storage::encode_record;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+
+/// Keys per `PutMany` when handing off a partition.
+const HANDOFF_BATCH: usize = 256;
 
 impl Node {
     /// One anti-entropy pass over all partitions this node replicates.
@@ -34,7 +39,65 @@ impl Node {
         if exchanged > 0 {
             tracing::info!(exchanged, "anti-entropy repaired keys");
         }
-        exchanged
+        exchanged + self.hand_off_foreign_partitions(&ring).await
+    }
+
+    /// Keys of partitions this node no longer replicates (the ring changed
+    /// since it stored them): push them to every current owner and, once
+    /// all N have acknowledged, delete the local copy if it did not change
+    /// meanwhile. Nothing is deleted before N owners hold it; a partition
+    /// whose owners are not all alive waits for a later round. Skipped
+    /// until the node has run for `fail_timeout` (its first ring view may
+    /// still miss members). Returns the keys handed off.
+    async fn hand_off_foreign_partitions(&self, ring: &crate::ring::Ring) -> usize {
+        if self.started.elapsed() < self.cfg.fail_timeout {
+            return 0;
+        }
+        let partitions = match self.storage.partitions_with_data() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list stored partitions");
+                return 0;
+            }
+        };
+        let mut moved = 0;
+        for p in partitions {
+            let owners = ring.preference_list(p, self.cfg.n);
+            if owners.is_empty() || owners.contains(&self.cfg.id) || !owners.iter().all(|o| self.membership.is_alive(o)) {
+                continue;
+            }
+            let records = match self.storage.partition_records(p) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(partition = p, error = %e, "cannot read a foreign partition");
+                    continue;
+                }
+            };
+            for chunk in records.chunks(HANDOFF_BATCH) {
+                let mut all = true;
+                for o in &owners {
+                    if self.call(o, Request::PutMany { items: chunk.to_vec() }).await.is_err() {
+                        all = false;
+                        break;
+                    }
+                }
+                if !all {
+                    break;
+                }
+                for (key, record) in chunk {
+                    let Ok(enc) = encode_record(record) else { continue };
+                    match self.storage.drop_if(key, crate::merkle::key_digest(key, &enc)).await {
+                        Ok(true) => moved += 1,
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!(error = %e, "cannot drop a handed-off key"),
+                    }
+                }
+            }
+        }
+        if moved > 0 {
+            tracing::info!(moved, "handed off keys of partitions this node no longer replicates");
+        }
+        moved
     }
 
     async fn sync_partition(&self, p: u32, peer: &String) -> Result<usize, String> {

@@ -106,6 +106,7 @@ pub struct Node {
     pub(crate) stand_in_writes: std::sync::atomic::AtomicU64,
     /// Rotates which other owners a read asks first.
     pub(crate) read_turn: std::sync::atomic::AtomicUsize,
+    pub(crate) started: std::time::Instant,
 }
 
 impl Node {
@@ -128,6 +129,7 @@ impl Node {
             actor: format!("{}@{}", cfg_id, incarnation),
             stand_in_writes: std::sync::atomic::AtomicU64::new(0),
             read_turn: std::sync::atomic::AtomicUsize::new(0),
+            started: std::time::Instant::now(),
         });
         if node.cfg.background {
             node.spawn_loops();

@@ -442,6 +442,28 @@ impl Storage {
         Ok(out)
     }
 
+    /// Partitions of which this node stores at least one key.
+    pub fn partitions_with_data(&self) -> Result<Vec<u32>, StorageError> {
+        let mut out = Vec::new();
+        for p in 0..self.partitions {
+            if let Some(item) = self.db.data.prefix(p.to_be_bytes()).next() {
+                item.into_inner().map_err(StorageError::engine)?;
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every stored `(key, record)` of partition `p`.
+    pub fn partition_records(&self, p: u32) -> Result<Vec<(Vec<u8>, Record)>, StorageError> {
+        let mut out = Vec::new();
+        for item in self.db.data.prefix(p.to_be_bytes()) {
+            let (k, v) = item.into_inner().map_err(StorageError::engine)?;
+            out.push((k[4..].to_vec(), decode_record(&v)?));
+        }
+        Ok(out)
+    }
+
     /// Every stored `(key, record)`; used by handoff on leave and by
     /// tombstone GC. Reads one consistent snapshot.
     pub fn scan(&self) -> Result<Vec<(Vec<u8>, Record)>, StorageError> {

@@ -81,6 +81,36 @@ async fn leave_hands_over_and_join_takes_partitions() {
         }
     }
     assert!(n5.storage().len().expect("len") > 0);
+
+    // nodes that lost partitions to n5 hand those keys over and drop them:
+    // in the end every node holds only partitions it replicates, and every
+    // key still reads back
+    let mut all = c.live();
+    all.push(n5.clone());
+    let foreign = |nodes: &[Arc<Node>]| -> usize {
+        nodes
+            .iter()
+            .map(|n| {
+                let ring = n.membership().ring();
+                let held = n.storage().partitions_with_data().expect("partitions");
+                held.into_iter().filter(|p| !ring.preference_list(*p, 3).contains(n.id())).count()
+            })
+            .sum()
+    };
+    let started = std::time::Instant::now();
+    let mut handed_off = 0;
+    while foreign(&all) > 0 {
+        assert!(started.elapsed() < Duration::from_secs(15), "foreign partitions left: {}", foreign(&all));
+        for n in &all {
+            handed_off += n.anti_entropy_round().await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("handed off after the join: {handed_off} key exchanges");
+    for i in 0..500 {
+        let r = client.get(format!("k{i}").as_bytes()).await.expect("get after handoff");
+        assert_eq!(r.values, vec![format!("v{i}").into_bytes()]);
+    }
     n5.shutdown();
 }
 
