@@ -218,7 +218,9 @@ impl Node {
         let full = self.cfg.read_repair_chance > 0.0 && rand::random::<f64>() < self.cfg.read_repair_chance;
         let mut replies: Vec<SlotReply> = Vec::with_capacity(needed);
         let mut inflight = FuturesUnordered::new();
-        let launch = |(target, is_owner): (NodeId, bool), inflight: &mut FuturesUnordered<_>, replies: &mut Vec<SlotReply>| {
+        // ask the next candidate; false when there is none left
+        let launch_next = |candidates: &mut VecDeque<(NodeId, bool)>, inflight: &mut FuturesUnordered<_>, replies: &mut Vec<SlotReply>| {
+            let Some((target, is_owner)) = candidates.pop_front() else { return false };
             if target == *me {
                 // a local read: no message, no task
                 match self.storage.get_with_hints(key) {
@@ -228,41 +230,30 @@ impl Node {
             } else {
                 inflight.push(self.read_replica(target, is_owner, key.to_vec()));
             }
+            true
         };
         let wanted = if full { usize::MAX } else { needed };
-        while replies.len() + inflight.len() < wanted {
-            match candidates.pop_front() {
-                Some(c) => launch(c, &mut inflight, &mut replies),
-                None => break,
-            }
-        }
+        while replies.len() + inflight.len() < wanted && launch_next(&mut candidates, &mut inflight, &mut replies) {}
         let hedge = tokio::time::sleep(self.cfg.read_hedge);
         tokio::pin!(hedge);
         let mut hedged = false;
         while replies.len() < needed {
             if inflight.is_empty() {
-                match candidates.pop_front() {
-                    Some(c) => {
-                        launch(c, &mut inflight, &mut replies);
-                        continue;
-                    }
-                    None => break,
+                if launch_next(&mut candidates, &mut inflight, &mut replies) {
+                    continue;
                 }
+                break;
             }
             tokio::select! {
                 Some(r) = inflight.next() => match r {
                     Some(r) => replies.push(r),
                     None => {
-                        if let Some(c) = candidates.pop_front() {
-                            launch(c, &mut inflight, &mut replies);
-                        }
+                        launch_next(&mut candidates, &mut inflight, &mut replies);
                     }
                 },
                 _ = &mut hedge, if !hedged => {
                     hedged = true;
-                    if let Some(c) = candidates.pop_front() {
-                        launch(c, &mut inflight, &mut replies);
-                    }
+                    launch_next(&mut candidates, &mut inflight, &mut replies);
                 }
             }
         }

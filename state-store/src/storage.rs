@@ -251,7 +251,7 @@ impl Storage {
     /// Open (or create) the database in directory `path`.
     pub fn open(path: &Path, partitions: u32, fsync: Fsync) -> Result<Storage, StorageError> {
         let db = Database::builder(path)
-            // the writer thread persists each batch itself
+            // every fsync is ours: per group commit, or the syncer's
             .manual_journal_persist(true)
             .worker_threads(1)
             .open()
@@ -487,23 +487,13 @@ impl Storage {
 
     /// Every stored `(key, record)` of partition `p`.
     pub fn partition_records(&self, p: u32) -> Result<Vec<(Vec<u8>, Record)>, StorageError> {
-        let mut out = Vec::new();
-        for item in self.db.data.prefix(p.to_be_bytes()) {
-            let (k, v) = item.into_inner().map_err(StorageError::engine)?;
-            out.push((k[4..].to_vec(), decode_record(&v)?));
-        }
-        Ok(out)
+        records(self.db.data.prefix(p.to_be_bytes()))
     }
 
     /// Every stored `(key, record)`; used by handoff on leave and by
     /// tombstone GC. Reads one consistent snapshot.
     pub fn scan(&self) -> Result<Vec<(Vec<u8>, Record)>, StorageError> {
-        let mut out = Vec::new();
-        for item in self.db.data.iter() {
-            let (k, v) = item.into_inner().map_err(StorageError::engine)?;
-            out.push((k[4..].to_vec(), decode_record(&v)?));
-        }
-        Ok(out)
+        records(self.db.data.iter())
     }
 
     /// Number of stored keys (counts them: admin and tests only).
@@ -529,6 +519,17 @@ impl Storage {
     pub fn hint_count(&self) -> Result<u64, StorageError> {
         Ok(self.db.hints.len().map_err(StorageError::engine)? as u64)
     }
+}
+
+/// Decode the `(key, record)` pairs of an iteration over the data keyspace
+/// (keys without their partition prefix).
+fn records(items: impl Iterator<Item = fjall::Guard>) -> Result<Vec<(Vec<u8>, Record)>, StorageError> {
+    let mut out = Vec::new();
+    for item in items {
+        let (k, v) = item.into_inner().map_err(StorageError::engine)?;
+        out.push((k[4..].to_vec(), decode_record(&v)?));
+    }
+    Ok(out)
 }
 
 /// The Merkle tree of every partition, from one scan of the data.
