@@ -1,5 +1,6 @@
-//! Hinted handoff delivers to the returning owner, and read repair fixes a
-//! stale replica.
+//! Hinted handoff delivers to the returning owner, read repair fixes a
+//! stale replica, silent replicas bound requests by the timeout or, when a
+//! quorum remains, do not hold them up at all.
 
 mod common;
 use common::{wait_until, Cluster};
@@ -95,4 +96,33 @@ async fn requests_to_silent_nodes_time_out() {
     .await;
     let r = client.get(b"k").await.expect("get after heal");
     assert!(r.values.contains(&b"v".to_vec()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_and_writes_do_not_wait_for_a_silent_replica() {
+    // 3 nodes, N=3, R=W=2, and a request timeout far longer than the test
+    // may take: with one owner silent, a read must get its second reply
+    // from the third owner (asked when the first call fails or after
+    // `read_hedge`) and a write its second ack from it, without waiting
+    // for the silent one's timeout.
+    let c = Cluster::start_with(3, 10, |cfg| cfg.request_timeout = Duration::from_secs(120)).await;
+    let n0 = c.node(0).expect("n0");
+    let client = LocalClient(n0.clone());
+    let mut ctx = Context::empty();
+    for i in 0..20 {
+        ctx = client.put(b"k", format!("v{i}").into_bytes(), &ctx).await.expect("put before");
+    }
+    c.net.hang(&"n1".to_string());
+    let quick = Duration::from_secs(20);
+    for i in 0..20 {
+        // reads rotate between n1 and n2 as n0's second replica: half of
+        // them ask the silent n1 first
+        let r = tokio::time::timeout(quick, client.get(b"k")).await.expect("a read waited for the silent replica").expect("get");
+        assert_eq!(r.values, vec![format!("v{}", 19 + i).into_bytes()]);
+        tokio::time::timeout(quick, client.put(b"k", format!("v{}", 20 + i).into_bytes(), &r.context))
+            .await
+            .expect("a write waited for the silent replica")
+            .expect("put");
+    }
+    c.net.heal();
 }
