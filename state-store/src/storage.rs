@@ -213,7 +213,7 @@ pub struct Storage {
     writer: Option<std::thread::JoinHandle<()>>,
     /// `Fsync::Periodic`: writes commit on the caller's thread under this
     /// lock (it holds the last dot counter handed out)
-    inline: Option<std::sync::Mutex<u64>>,
+    inline: Option<tokio::sync::Mutex<u64>>,
     /// periodic fsync thread and its stop signal
     syncer: Option<(std_mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
     stats: Arc<WriterStats>,
@@ -285,7 +285,7 @@ impl Storage {
                     .map_err(|e| StorageError::Engine(e.to_string()))?;
                 (Some(tx), Some(writer), None)
             }
-            Fsync::Periodic(_) => (None, None, Some(std::sync::Mutex::new(0u64))),
+            Fsync::Periodic(_) => (None, None, Some(tokio::sync::Mutex::new(0u64))),
         };
         let syncer = match fsync {
             Fsync::Always => None,
@@ -328,10 +328,13 @@ impl Storage {
 
     /// Commit `job` here (periodic fsync) or queue it for the group-commit
     /// writer; either way its reply channel carries the outcome.
-    fn dispatch(&self, job: Job) -> Result<(), StorageError> {
+    async fn dispatch(&self, job: Job) -> Result<(), StorageError> {
         match (&self.inline, &self.tx) {
             (Some(last_dot), _) => {
-                let mut last_dot = last_dot.lock().unwrap_or_else(|p| p.into_inner());
+                // An async lock: a commit waiting for another one (which
+                // may be stuck behind fjall sealing its journal) yields its
+                // worker thread to other requests instead of blocking it.
+                let mut last_dot = last_dot.lock().await;
                 run_batch(&self.db, self.partitions, vec![job], &mut last_dot, &self.stats);
                 Ok(())
             }
@@ -342,7 +345,7 @@ impl Storage {
 
     async fn submit(&self, op: Op) -> Result<OpResult, StorageError> {
         let (reply, rx) = oneshot::channel();
-        self.dispatch(Job { op, reply })?;
+        self.dispatch(Job { op, reply }).await?;
         rx.await.map_err(|_| StorageError::Closed)?
     }
 
@@ -409,7 +412,7 @@ impl Storage {
             applied: std::sync::Mutex::new(Some(atx)),
         };
         let (reply, rx) = oneshot::channel();
-        self.dispatch(Job { op, reply })?;
+        self.dispatch(Job { op, reply }).await?;
         match arx.await {
             Ok((r, d)) => Ok((r, d, Durable(rx))),
             // not applied: the durable reply carries the error
