@@ -4,11 +4,13 @@
 #   scripts/pg.sh start    # initdb on first use, start, wait until ready (idempotent)
 #   scripts/pg.sh stop     # fast shutdown (no-op when not running)
 #   scripts/pg.sh status   # exit 0 when running and accepting connections
-#   scripts/pg.sh url      # postgres://nimbus:nimbus@127.0.0.1:55432/nimbus
+#   scripts/pg.sh url      # postgres://nimbus:nimbus@127.0.0.1:25432/nimbus
 #
 # Environment:
 #   NIMBUS_HOME     default <repo>/.nimbus ; data dir is $NIMBUS_HOME/pg
-#   NIMBUS_PG_PORT  default 55432 ; listens on 127.0.0.1 only, unix socket in the data dir
+#   NIMBUS_PG_PORT  default 25432 ; listens on 127.0.0.1 only, unix socket in the data dir.
+#                   Below Linux's ephemeral range (32768-60999), so no outgoing
+#                   loopback connection can be holding it when the server starts.
 #
 # Runs as the `postgres` OS user (the server refuses root). Role `nimbus` (password
 # `nimbus`, SUPERUSER so tests can create per-test databases) and database `nimbus`
@@ -17,7 +19,7 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 NIMBUS_HOME=${NIMBUS_HOME:-$REPO/.nimbus}
-PORT=${NIMBUS_PG_PORT:-55432}
+PORT=${NIMBUS_PG_PORT:-25432}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 PGDATA=$NIMBUS_HOME/pg
 PGUSER_OS=postgres
