@@ -580,14 +580,18 @@ pub struct WriterSnapshot {
 /// on another descriptor of the same file flushes the same pages without
 /// that lock. The active journal is the highest-numbered `<n>.jnl` in the
 /// database directory (fjall's layout); when a journal is sealed fjall
-/// fsyncs it itself. If none is found, fall back to `persist`.
+/// fsyncs it itself. If none is found, or it was removed before we opened
+/// it, fall back to `persist`.
 fn syncer_loop(dir: &Path, db: &Database, every: std::time::Duration, stop: &std_mpsc::Receiver<()>, stats: &WriterStats) {
     lower_priority(current_tid());
     while let Err(std_mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(every) {
         let started = std::time::Instant::now();
-        let res = match active_journal(dir) {
-            Some(p) => std::fs::File::open(&p).and_then(|f| f.sync_data()).map_err(|e| e.to_string()),
-            None => db.persist(PersistMode::SyncData).map_err(|e| e.to_string()),
+        let own_fd = active_journal(dir).map(|p| std::fs::File::open(p).and_then(|f| f.sync_data()));
+        let res = match own_fd {
+            Some(Ok(())) => Ok(()),
+            // no journal found, or it was sealed and removed between the
+            // listing and the open: let fjall sync whatever is active now
+            None | Some(Err(_)) => db.persist(PersistMode::SyncData).map_err(|e| e.to_string()),
         };
         if let Err(e) = res {
             tracing::error!(error = %e, "periodic journal fsync failed");
