@@ -110,6 +110,14 @@ fn data_key(partition: u32, key: &[u8]) -> Vec<u8> {
     k
 }
 
+/// `(partition, key)` of a data-keyspace key, the inverse of `data_key`.
+fn split_data_key(dk: &[u8]) -> Result<(u32, &[u8]), StorageError> {
+    match dk {
+        [a, b, c, d, key @ ..] => Ok((u32::from_be_bytes([*a, *b, *c, *d]), key)),
+        _ => Err(StorageError::Corrupt("data key shorter than its partition prefix".into())),
+    }
+}
+
 fn hint_prefix(key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(2 + key.len());
     k.extend_from_slice(&(key.len() as u16).to_be_bytes());
@@ -468,7 +476,7 @@ impl Storage {
         let mut out = BTreeMap::new();
         for item in self.db.data.prefix(p.to_be_bytes()) {
             let (k, v) = item.into_inner().map_err(StorageError::engine)?;
-            let key = &k[4..];
+            let (_, key) = split_data_key(&k)?;
             if leaves.contains(&bucket_of(key)) {
                 out.insert(key.to_vec(), key_digest(key, &v));
             }
@@ -530,7 +538,7 @@ fn records(items: impl Iterator<Item = fjall::Guard>) -> Result<Vec<(Vec<u8>, Re
     let mut out = Vec::new();
     for item in items {
         let (k, v) = item.into_inner().map_err(StorageError::engine)?;
-        out.push((k[4..].to_vec(), decode_record(&v)?));
+        out.push((split_data_key(&k)?.1.to_vec(), decode_record(&v)?));
     }
     Ok(out)
 }
@@ -540,16 +548,17 @@ fn build_trees(data: &Keyspace, partitions: u32) -> Result<Vec<MerkleTree>, Stor
     let mut trees = vec![MerkleTree::default(); partitions as usize];
     for item in data.iter() {
         let (k, v) = item.into_inner().map_err(StorageError::engine)?;
-        let p = k.get(..4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
-        match p.and_then(|p| trees.get_mut(p as usize)) {
-            Some(t) => t.toggle(&k[4..], key_digest(&k[4..], &v)),
+        let (p, key) = split_data_key(&k)?;
+        match trees.get_mut(p as usize) {
+            Some(t) => t.toggle(key, key_digest(key, &v)),
             None => return Err(StorageError::Corrupt("data key outside the partition range".into())),
         }
     }
     Ok(trees)
 }
 
-/// Counters of the group-commit writer.
+/// Counters of the commits (group commits on the writer thread, or inline
+/// commits of one write each) and of the periodic fsyncs.
 #[derive(Debug, Default)]
 pub struct WriterStats {
     pub commits: std::sync::atomic::AtomicU64,
