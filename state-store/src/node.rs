@@ -50,12 +50,19 @@ pub struct Config {
     pub gc_interval: Duration,
     /// When writes reach the disk (default: fdatasync every 100 ms).
     pub fsync: Fsync,
+    /// Size at which the data memtable is flushed to a table; applies when
+    /// the store is created (fjall keeps it with the store). At least 1 MiB.
+    pub memtable_bytes: u64,
     /// Spawn the periodic background loops (tests may drive them by hand).
     pub background: bool,
 }
 
+/// Smallest accepted [`Config::memtable_bytes`].
+pub const MIN_MEMTABLE_BYTES: u64 = 1 << 20;
+
 impl Config {
-    /// Check the quorum settings: `1 <= R, W <= N`, at least one partition.
+    /// Check the settings: `1 <= R, W <= N`, at least one partition, a
+    /// memtable of at least [`MIN_MEMTABLE_BYTES`].
     pub fn validate(&self) -> Result<(), StoreError> {
         if self.n == 0 || self.r == 0 || self.w == 0 || self.r > self.n || self.w > self.n {
             return Err(StoreError::BadConfig(format!("need 1 <= R, W <= N; got N={} R={} W={}", self.n, self.r, self.w)));
@@ -65,6 +72,9 @@ impl Config {
         }
         if self.partitions == 0 {
             return Err(StoreError::BadConfig("partitions must be at least 1".into()));
+        }
+        if self.memtable_bytes < MIN_MEMTABLE_BYTES {
+            return Err(StoreError::BadConfig(format!("memtable_bytes must be at least {MIN_MEMTABLE_BYTES}; got {}", self.memtable_bytes)));
         }
         Ok(())
     }
@@ -88,6 +98,7 @@ impl Config {
             tombstone_grace: Duration::from_secs(24 * 3600),
             gc_interval: Duration::from_secs(600),
             fsync: Fsync::Periodic(Duration::from_millis(100)),
+            memtable_bytes: crate::storage::DEFAULT_MEMTABLE_BYTES,
             background: true,
         }
     }
@@ -115,7 +126,7 @@ impl Node {
     pub async fn start(cfg: Config, transport: Arc<dyn Transport>) -> Result<Arc<Node>, StoreError> {
         cfg.validate()?;
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| StorageError::Engine(e.to_string()))?;
-        let storage = Arc::new(Storage::open(&cfg.data_dir.join("store"), cfg.partitions, cfg.fsync)?);
+        let storage = Arc::new(Storage::open(&cfg.data_dir.join("store"), cfg.partitions, cfg.fsync, cfg.memtable_bytes)?);
         let membership = Membership::new(cfg.id.clone(), &cfg.seeds, cfg.partitions, cfg.fail_timeout);
         let cfg_id = cfg.id.clone();
         let incarnation = storage.incarnation();
@@ -374,6 +385,9 @@ mod tests {
         assert!(matches!(c.validate(), Err(StoreError::BadConfig(_))));
         c.w = 2;
         c.r = 0;
+        assert!(matches!(c.validate(), Err(StoreError::BadConfig(_))));
+        c.r = 2;
+        c.memtable_bytes = 1000;
         assert!(matches!(c.validate(), Err(StoreError::BadConfig(_))));
     }
 }

@@ -49,6 +49,12 @@ type Trees = Arc<RwLock<Vec<MerkleTree>>>;
 
 /// Bytes of recently written records kept in memory per store.
 const CACHE_BYTES: u64 = 64 << 20;
+/// Default size at which the data memtable is flushed (fjall's default).
+/// Each flush begins with fsyncs under fjall's journal lock, during which
+/// commits wait; larger memtables flush less often but hold the lock
+/// longer (in store-bench, 256 MiB gave stalls of up to 0.5 s and no
+/// fewer slow operations over 40 s).
+pub const DEFAULT_MEMTABLE_BYTES: u64 = 64 << 20;
 
 /// Weighs a cached record by its key and encoded size.
 #[derive(Clone)]
@@ -256,8 +262,10 @@ fn get_u64(b: &[u8]) -> u64 {
 }
 
 impl Storage {
-    /// Open (or create) the database in directory `path`.
-    pub fn open(path: &Path, partitions: u32, fsync: Fsync) -> Result<Storage, StorageError> {
+    /// Open (or create) the database in directory `path`. The data
+    /// keyspace's memtable is sealed and flushed to a table once it holds
+    /// `memtable_bytes` (see [`DEFAULT_MEMTABLE_BYTES`]).
+    pub fn open(path: &Path, partitions: u32, fsync: Fsync, memtable_bytes: u64) -> Result<Storage, StorageError> {
         let db = Database::builder(path)
             // every fsync is ours: per group commit, or the syncer's
             .manual_journal_persist(true)
@@ -265,7 +273,10 @@ impl Storage {
             .open()
             .map_err(StorageError::engine)?;
         let ks = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(StorageError::engine);
-        let (data, hints, meta) = (ks("data")?, ks("hints")?, ks("meta")?);
+        let data = db
+            .keyspace("data", || KeyspaceCreateOptions::default().max_memtable_size(memtable_bytes))
+            .map_err(StorageError::engine)?;
+        let (hints, meta) = (ks("hints")?, ks("meta")?);
         // A new incarnation stamp, durable before any write of this
         // incarnation: strictly greater than every earlier one.
         let last = meta.get(INCARNATION).map_err(StorageError::engine)?.map(|v| get_u64(&v)).unwrap_or(0);
@@ -325,6 +336,8 @@ impl Storage {
             writes: self.stats.writes.load(Relaxed),
             busy_us: self.stats.busy_us.load(Relaxed),
             commit_us: self.stats.commit_us.load(Relaxed),
+            commit_max_us: self.stats.commit_max_us.load(Relaxed),
+            slow_commits: self.stats.slow_commits.load(Relaxed),
             syncs: self.stats.syncs.load(Relaxed),
             sync_us: self.stats.sync_us.load(Relaxed),
         }
@@ -567,6 +580,9 @@ pub struct WriterStats {
     pub busy_us: std::sync::atomic::AtomicU64,
     /// of which in the batch commit (journal append + fdatasync), microseconds
     pub commit_us: std::sync::atomic::AtomicU64,
+    /// the longest batch commit, and how many took 2 ms or more
+    pub commit_max_us: std::sync::atomic::AtomicU64,
+    pub slow_commits: std::sync::atomic::AtomicU64,
     /// periodic fsyncs and their total time, microseconds
     pub syncs: std::sync::atomic::AtomicU64,
     pub sync_us: std::sync::atomic::AtomicU64,
@@ -579,6 +595,8 @@ pub struct WriterSnapshot {
     pub writes: u64,
     pub busy_us: u64,
     pub commit_us: u64,
+    pub commit_max_us: u64,
+    pub slow_commits: u64,
     pub syncs: u64,
     pub sync_us: u64,
 }
@@ -693,6 +711,10 @@ fn run_batch(db: &Db, partitions: u32, jobs: Vec<Job>, last_dot: &mut u64, stats
     let mut commit_us = 0;
     let outcome = apply_batch(db, partitions, &ops, last_dot, &mut commit_us);
     stats.commit_us.fetch_add(commit_us, Ordering::Relaxed);
+    stats.commit_max_us.fetch_max(commit_us, Ordering::Relaxed);
+    if commit_us >= 2_000 {
+        stats.slow_commits.fetch_add(1, Ordering::Relaxed);
+    }
     stats.commits.fetch_add(1, Ordering::Relaxed);
     stats.writes.fetch_add(ops.len() as u64, Ordering::Relaxed);
     stats.busy_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -967,7 +989,7 @@ mod tests {
         };
         let first;
         {
-            let s = Storage::open(&path, 16, Fsync::Always).expect("open");
+            let s = Storage::open(&path, 16, Fsync::Always, DEFAULT_MEMTABLE_BYTES).expect("open");
             first = s.incarnation();
             s.merge(b"k1", rec("a", 1, "x")).await.expect("merge");
             let r = s.merge(b"k1", rec("b", 1, "y")).await.expect("merge");
@@ -977,7 +999,7 @@ mod tests {
             assert_eq!(s.merkle(p).expect("merkle"), rebuilt(&s));
             assert_ne!(s.merkle(p).expect("merkle"), MerkleTree::default());
         }
-        let s = Storage::open(&path, 16, Fsync::Periodic(std::time::Duration::from_millis(5))).expect("reopen");
+        let s = Storage::open(&path, 16, Fsync::Periodic(std::time::Duration::from_millis(5)), DEFAULT_MEMTABLE_BYTES).expect("reopen");
         assert!(s.incarnation() > first, "every opening is a new incarnation");
         assert_eq!(s.get(b"k1").expect("get").map(|r| r.siblings.len()), Some(2));
         let hints = s.hints().expect("hints");

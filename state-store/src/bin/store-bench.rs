@@ -1,5 +1,6 @@
-//! Load benchmark: 3 nodes on loopback (N=3, R=2, W=2, on-disk, fsync per
-//! group commit), 64 concurrent clients over HTTP, 50/50 get/put of 1 KiB
+//! Load benchmark: 3 nodes on loopback (N=3, R=2, W=2, on-disk; fsync
+//! policy `--fsync`, default as `store-node`), 64 concurrent clients over
+//! the framed TCP protocol (`--client http` for HTTP), 50/50 get/put of 1 KiB
 //! values for a fixed duration; then, if `redis-server` is on PATH, the
 //! same load against one Redis and the throughput ratio.
 //!
@@ -44,6 +45,10 @@ struct Args {
     /// periodic interval such as `100ms` (the default, as `store-node`)
     #[arg(long, default_value = "100ms")]
     fsync: Fsync,
+    /// size at which each node's data memtable is flushed, MiB (as
+    /// `store-node --memtable-mib`)
+    #[arg(long, default_value_t = 64)]
+    memtable_mib: u64,
 
 }
 
@@ -146,6 +151,7 @@ async fn run_store(args: &Args, dir: &std::path::Path) -> Result<(Stats, f64), B
     for (i, a) in addrs.iter().enumerate() {
         let mut cfg = Config::new(a.clone(), dir.join(format!("n{i}")));
         cfg.fsync = args.fsync;
+        cfg.memtable_bytes = args.memtable_mib.saturating_mul(1 << 20);
         cfg.seeds = addrs.clone();
         let listener = tokio::net::TcpListener::bind(a).await?;
         if args.transport == "http" {
@@ -229,13 +235,15 @@ async fn run_store(args: &Args, dir: &std::path::Path) -> Result<(Stats, f64), B
     for n in &nodes {
         let w = n.storage().writer_stats();
         println!(
-            "  node {}: {} group commits, {:.1} writes/commit, {:.2} ms/commit, of which {:.2} ms in commit (journal append{}); {} periodic fdatasyncs, {:.2} ms each",
+            "  node {}: {} group commits, {:.1} writes/commit, {:.2} ms/commit, of which {:.2} ms in commit (journal append{}), {} commits >= 2 ms, longest {:.1} ms; {} periodic fdatasyncs, {:.2} ms each",
             n.id(),
             w.commits,
             w.writes as f64 / w.commits.max(1) as f64,
             w.busy_us as f64 / w.commits.max(1) as f64 / 1000.0,
             w.commit_us as f64 / w.commits.max(1) as f64 / 1000.0,
             if args.fsync == Fsync::Always { " + fdatasync" } else { "" },
+            w.slow_commits,
+            w.commit_max_us as f64 / 1000.0,
             w.syncs,
             w.sync_us as f64 / w.syncs.max(1) as f64 / 1000.0
         );
@@ -325,8 +333,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let dir = std::env::temp_dir().join(format!("store-bench-{}", std::process::id()));
     println!(
-        "store-bench: 3 nodes N=3 R=2 W=2 on-disk (fsync {:?}), {} clients, 50/50 get/put, {} B values, {} keys, {} s",
-        args.fsync, args.clients, args.value_size, args.keys, args.duration_secs
+        "store-bench: 3 nodes N=3 R=2 W=2 on-disk (fsync {:?}, {} MiB memtables), {} clients, 50/50 get/put, {} B values, {} keys, {} s",
+        args.fsync, args.memtable_mib, args.clients, args.value_size, args.keys, args.duration_secs
     );
     let res = run_store(&args, &dir).await;
     let (store, secs) = match res {

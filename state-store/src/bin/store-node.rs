@@ -53,6 +53,10 @@ struct Args {
     /// interval such as `100ms`
     #[arg(long, default_value = "100ms")]
     fsync: Fsync,
+    /// size at which the data memtable is flushed, MiB (used when the
+    /// store is created)
+    #[arg(long, default_value_t = 64)]
+    memtable_mib: u64,
 }
 
 #[tokio::main]
@@ -63,6 +67,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let mut cfg = Config::new(args.listen.clone(), args.data_dir);
     cfg.fsync = args.fsync;
+    cfg.memtable_bytes = args.memtable_mib.saturating_mul(1 << 20);
     cfg.seeds = args.seeds.into_iter().filter(|s| !s.is_empty()).collect();
     cfg.n = args.n;
     cfg.r = args.r;
