@@ -235,7 +235,7 @@ async fn run_store(args: &Args, dir: &std::path::Path) -> Result<(Stats, f64), B
     for n in &nodes {
         let w = n.storage().writer_stats();
         println!(
-            "  node {}: {} group commits, {:.1} writes/commit, {:.2} ms/commit, of which {:.2} ms in commit (journal append{}), {} commits >= 2 ms, longest {:.1} ms; {} periodic fdatasyncs, {:.2} ms each",
+            "  node {}: {} group commits, {:.1} writes/commit, {:.2} ms/commit, of which {:.2} ms in commit (journal append{}), {} commits >= 2 ms, longest {:.1} ms; {} periodic fdatasyncs, {:.2} ms each; {} flushed memtables freed off-lock",
             n.id(),
             w.commits,
             w.writes as f64 / w.commits.max(1) as f64,
@@ -245,7 +245,8 @@ async fn run_store(args: &Args, dir: &std::path::Path) -> Result<(Stats, f64), B
             w.slow_commits,
             w.commit_max_us as f64 / 1000.0,
             w.syncs,
-            w.sync_us as f64 / w.syncs.max(1) as f64 / 1000.0
+            w.sync_us as f64 / w.syncs.max(1) as f64 / 1000.0,
+            w.memtables_freed
         );
         n.shutdown();
     }
