@@ -59,7 +59,7 @@ const CACHE_BYTES: u64 = 64 << 20;
 pub const DEFAULT_MEMTABLE_BYTES: u64 = 64 << 20;
 /// A commit (a journal append) normally takes about 10 µs; one of 2 ms or
 /// more waited for the engine and is counted in [`WriterStats`].
-const SLOW_COMMIT_US: u64 = 2_000;
+pub const SLOW_COMMIT_US: u64 = 2_000;
 
 /// Weighs a cached record by its key and encoded size.
 #[derive(Clone)]

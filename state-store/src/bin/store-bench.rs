@@ -47,7 +47,7 @@ struct Args {
     fsync: Fsync,
     /// size at which each node's data memtable is flushed, MiB (as
     /// `store-node --memtable-mib`)
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = nimbus_state_store::storage::DEFAULT_MEMTABLE_BYTES >> 20)]
     memtable_mib: u64,
 
 }
@@ -235,7 +235,7 @@ async fn run_store(args: &Args, dir: &std::path::Path) -> Result<(Stats, f64), B
     for n in &nodes {
         let w = n.storage().writer_stats();
         println!(
-            "  node {}: {} group commits, {:.1} writes/commit, {:.2} ms/commit, of which {:.2} ms in commit (journal append{}), {} commits >= 2 ms, longest {:.1} ms; {} periodic fdatasyncs, {:.2} ms each; {} flushed memtables freed off-lock",
+            "  node {}: {} group commits, {:.1} writes/commit, {:.2} ms/commit, of which {:.2} ms in commit (journal append{}), {} commits >= {} ms, longest {:.1} ms; {} periodic fdatasyncs, {:.2} ms each; {} flushed memtables freed off-lock",
             n.id(),
             w.commits,
             w.writes as f64 / w.commits.max(1) as f64,
@@ -243,6 +243,7 @@ async fn run_store(args: &Args, dir: &std::path::Path) -> Result<(Stats, f64), B
             w.commit_us as f64 / w.commits.max(1) as f64 / 1000.0,
             if args.fsync == Fsync::Always { " + fdatasync" } else { "" },
             w.slow_commits,
+            nimbus_state_store::storage::SLOW_COMMIT_US / 1000,
             w.commit_max_us as f64 / 1000.0,
             w.syncs,
             w.sync_us as f64 / w.syncs.max(1) as f64 / 1000.0,

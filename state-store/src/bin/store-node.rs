@@ -55,7 +55,7 @@ struct Args {
     fsync: Fsync,
     /// size at which the data memtable is flushed, MiB (used when the
     /// store is created)
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = nimbus_state_store::storage::DEFAULT_MEMTABLE_BYTES >> 20)]
     memtable_mib: u64,
 }
 
