@@ -2,7 +2,8 @@
 //! policy `--fsync`, default as `store-node`), 64 concurrent clients over
 //! the framed TCP protocol (`--client http` for HTTP), 50/50 get/put of 1 KiB
 //! values for a fixed duration; then, if `redis-server` is on PATH, the
-//! same load against one Redis and the throughput ratio.
+//! same load against one Redis (no persistence; `--redis-aof`: its
+//! append-only file fsynced every second) and the throughput ratio.
 //!
 //! `cargo run --release -p nimbus-state-store --bin store-bench -- --duration-secs 10`
 
@@ -49,7 +50,11 @@ struct Args {
     /// `store-node --memtable-mib`)
     #[arg(long, default_value_t = nimbus_state_store::storage::DEFAULT_MEMTABLE_BYTES >> 20)]
     memtable_mib: u64,
-
+    /// run Redis with its append-only file fsynced every second
+    /// (`appendfsync everysec`, the Redis setting closest to the nodes'
+    /// periodic fsync) instead of without persistence: a durable baseline
+    #[arg(long)]
+    redis_aof: bool,
 }
 
 /// Operations of at least this many microseconds are counted per window.
@@ -265,11 +270,26 @@ async fn run_redis(args: &Args) -> Result<Option<(Stats, f64)>, Box<dyn std::err
         return Ok(None);
     };
     let port = free_addr()?.rsplit(':').next().unwrap_or("6399").to_string();
+    let dir = std::env::temp_dir().join(format!("store-bench-redis-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let persistence: &[&str] =
+        if args.redis_aof { &["--appendonly", "yes", "--appendfsync", "everysec"] } else { &["--appendonly", "no"] };
     let mut child = tokio::process::Command::new(bin)
-        .args(["--port", &port, "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
+        .args(["--port", &port, "--save", "", "--bind", "127.0.0.1"])
+        .args(persistence)
+        .arg("--dir")
+        .arg(&dir)
         .stdout(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()?;
+    let res = drive_redis(args, &port).await;
+    // killed and reaped before its directory goes
+    let _ = child.kill().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    res
+}
+
+async fn drive_redis(args: &Args, port: &str) -> Result<Option<(Stats, f64)>, Box<dyn std::error::Error>> {
     let url = format!("redis://127.0.0.1:{port}/");
     let client = redis::Client::open(url)?;
     let ready = Instant::now();
@@ -323,7 +343,6 @@ async fn run_redis(args: &Args) -> Result<Option<(Stats, f64)>, Box<dyn std::err
         total.add(&t.await?);
     }
     let secs = start.elapsed().as_secs_f64();
-    let _ = child.kill().await;
     Ok(Some((total, secs)))
 }
 
@@ -358,7 +377,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     if !args.no_redis {
         if let Some((redis, rsecs)) = run_redis(&args).await? {
-            redis.print("redis (single instance, no persistence)", rsecs);
+            let label = if args.redis_aof {
+                "redis (single instance, append-only file fsynced every second)"
+            } else {
+                "redis (single instance, no persistence)"
+            };
+            redis.print(label, rsecs);
             let ratio = (store.ops() as f64 / secs) / (redis.ops() as f64 / rsecs).max(1.0);
             println!("throughput ratio store/redis: {ratio:.3} (target >= 0.25: {})", verdict(ratio >= 0.25));
         }
