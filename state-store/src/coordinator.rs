@@ -79,10 +79,14 @@ impl Node {
                     Ok(Response::Failed(e)) => return Err(e),
                     // never delivered: safe to try the next owner
                     Err(RpcError::Unreachable(_)) => continue,
+                    // refused (e.g. it is leaving), or answered with
+                    // something else: not applied
+                    Err(RpcError::Remote { .. }) | Ok(_) => continue,
                     // possibly applied: retrying here could apply it twice
                     // (as two siblings), so let the client decide
-                    Err(RpcError::Timeout(n)) => return Err(StoreError::OutcomeUnknown(n)),
-                    _ => continue,
+                    Err(RpcError::Timeout(_) | RpcError::Lost(_) | RpcError::Codec(_)) => {
+                        return Err(StoreError::OutcomeUnknown(owner.clone()))
+                    }
                 }
             }
         }
@@ -188,8 +192,12 @@ impl Node {
     /// live owners in rotating order), and one more candidate whenever a
     /// call fails or when the replies are not in after `read_hedge`
     /// (speculative retry): live fallbacks stand in for owners that are
-    /// down, and owners believed down are tried last. Answers from the
-    /// first R replies; stale replicas among them are repaired in the
+    /// down, and owners believed down are tried last. A fallback's reply
+    /// counts toward R only in place of an owner that is believed down or
+    /// whose call failed: while R live owners can still answer, the read
+    /// waits for them (a fallback that never held the key would otherwise
+    /// make it look missing). Answers from the first R counted replies;
+    /// stale replicas among them are repaired in the
     /// background. With probability `read_repair_chance` the read asks
     /// every candidate at once instead, and after answering waits for all
     /// of them and repairs every stale owner (Dynamo's read repair over
@@ -202,6 +210,9 @@ impl Node {
         let me = &self.cfg.id;
         let (mut owners, suspects): (Vec<NodeId>, Vec<NodeId>) =
             plan.pref.into_iter().partition(|o| o == me || self.membership.is_alive(o));
+        // owners believed alive whose calls have not failed (yet)
+        let live_owners: Vec<NodeId> = owners.clone();
+        let mut live_left = live_owners.len();
         if !owners.is_empty() {
             let turn = self.read_turn.fetch_add(1, Ordering::Relaxed) % owners.len();
             owners.rotate_left(turn);
@@ -216,16 +227,25 @@ impl Node {
             .chain(suspects.into_iter().map(|o| (o, true)))
             .collect();
         let full = self.cfg.read_repair_chance > 0.0 && rand::random::<f64>() < self.cfg.read_repair_chance;
-        let mut replies: Vec<SlotReply> = Vec::with_capacity(needed);
+        let mut tally = Tally { needed, replies: Vec::with_capacity(needed), spare: Vec::new(), stand_ins: 0 };
         let mut inflight = FuturesUnordered::new();
         // ask the next candidate; false when there is none left
-        let launch_next = |candidates: &mut VecDeque<(NodeId, bool)>, inflight: &mut FuturesUnordered<_>, replies: &mut Vec<SlotReply>| {
+        let launch_next = |candidates: &mut VecDeque<(NodeId, bool)>,
+                           inflight: &mut FuturesUnordered<_>,
+                           tally: &mut Tally,
+                           live_left: &mut usize| {
             let Some((target, is_owner)) = candidates.pop_front() else { return false };
             if target == *me {
                 // a local read: no message, no task
                 match self.storage.get_with_hints(key) {
-                    Ok(record) => replies.push(SlotReply { node: target, is_owner, record }),
-                    Err(e) => tracing::warn!(error = %e, "local read failed"),
+                    Ok(record) => tally.add(SlotReply { node: target, is_owner, record }, *live_left),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "local read failed");
+                        if live_owners.contains(&target) {
+                            *live_left -= 1;
+                            tally.promote(*live_left);
+                        }
+                    }
                 }
             } else {
                 inflight.push(self.read_replica(target, is_owner, key.to_vec()));
@@ -233,33 +253,42 @@ impl Node {
             true
         };
         let wanted = if full { usize::MAX } else { needed };
-        while replies.len() + inflight.len() < wanted && launch_next(&mut candidates, &mut inflight, &mut replies) {}
+        while tally.replies.len() + inflight.len() < wanted
+            && launch_next(&mut candidates, &mut inflight, &mut tally, &mut live_left)
+        {}
         let hedge = tokio::time::sleep(self.cfg.read_hedge);
         tokio::pin!(hedge);
         let mut hedged = false;
-        while replies.len() < needed {
+        while tally.replies.len() < needed {
             if inflight.is_empty() {
-                if launch_next(&mut candidates, &mut inflight, &mut replies) {
+                if launch_next(&mut candidates, &mut inflight, &mut tally, &mut live_left) {
                     continue;
                 }
                 break;
             }
             tokio::select! {
                 Some(r) = inflight.next() => match r {
-                    Some(r) => replies.push(r),
-                    None => {
-                        launch_next(&mut candidates, &mut inflight, &mut replies);
+                    Ok(r) => tally.add(r, live_left),
+                    Err(node) => {
+                        if live_owners.contains(&node) {
+                            live_left -= 1;
+                            tally.promote(live_left);
+                        }
+                        launch_next(&mut candidates, &mut inflight, &mut tally, &mut live_left);
                     }
                 },
                 _ = &mut hedge, if !hedged => {
                     hedged = true;
-                    launch_next(&mut candidates, &mut inflight, &mut replies);
+                    launch_next(&mut candidates, &mut inflight, &mut tally, &mut live_left);
                 }
             }
         }
-        if replies.len() < needed {
-            return Err(StoreError::QuorumFailed { got: replies.len(), needed });
+        if tally.replies.len() < needed {
+            return Err(StoreError::QuorumFailed { got: tally.replies.len(), needed });
         }
+        // replies that did not count still carry data (e.g. hints)
+        let mut replies = tally.replies;
+        replies.append(&mut tally.spare);
         let merged = merge_all(replies.iter().filter_map(|r| r.record.as_ref()));
         let result = GetResult {
             values: merged.values(),
@@ -276,7 +305,7 @@ impl Node {
             tokio::spawn(async move {
                 if full {
                     while let Some(r) = inflight.next().await {
-                        replies.extend(r);
+                        replies.extend(r.ok());
                     }
                 }
                 drop(inflight);
@@ -293,14 +322,53 @@ impl Node {
         Ok(result)
     }
 
-    /// Read one replica (or stand-in); `None` when the call failed.
-    fn read_replica(self: &Arc<Self>, target: NodeId, is_owner: bool, key: Vec<u8>) -> impl Future<Output = Option<SlotReply>> + Send + 'static {
+    /// Read one replica (or stand-in); the node's id when the call failed.
+    fn read_replica(
+        self: &Arc<Self>,
+        target: NodeId,
+        is_owner: bool,
+        key: Vec<u8>,
+    ) -> impl Future<Output = Result<SlotReply, NodeId>> + Send + 'static {
         let node = self.clone();
         async move {
             match node.call(&target, Request::Get { key }).await {
-                Ok(Response::Record(record)) => Some(SlotReply { node: target, is_owner, record }),
-                _ => None,
+                Ok(Response::Record(record)) => Ok(SlotReply { node: target, is_owner, record }),
+                _ => Err(target),
             }
+        }
+    }
+}
+
+/// The replies of a read: those that count toward R, and fallbacks'
+/// replies held back while enough live owners can still answer.
+struct Tally {
+    needed: usize,
+    replies: Vec<SlotReply>,
+    spare: Vec<SlotReply>,
+    /// fallbacks' replies counted in place of owners
+    stand_ins: usize,
+}
+
+impl Tally {
+    /// Add a reply; `live_left` is how many owners believed alive have
+    /// not failed. A fallback counts only for an owner short of R.
+    fn add(&mut self, r: SlotReply, live_left: usize) {
+        if r.is_owner {
+            self.replies.push(r);
+        } else if self.stand_ins < self.needed.saturating_sub(live_left) {
+            self.stand_ins += 1;
+            self.replies.push(r);
+        } else {
+            self.spare.push(r);
+        }
+    }
+
+    /// An owner failed: held-back fallback replies may now count.
+    fn promote(&mut self, live_left: usize) {
+        while self.stand_ins < self.needed.saturating_sub(live_left) {
+            let Some(r) = self.spare.pop() else { break };
+            self.stand_ins += 1;
+            self.replies.push(r);
         }
     }
 }

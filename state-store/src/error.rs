@@ -30,12 +30,20 @@ impl StorageError {
 /// Errors of one node-to-node call.
 #[derive(Debug, Error, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RpcError {
+    /// Not delivered: the connection could not be made or the request
+    /// could not be handed to it. Safe to send elsewhere.
     #[error("node {0} is unreachable")]
     Unreachable(String),
+    /// The request was sent but the connection failed before its reply
+    /// arrived: it may have taken effect.
+    #[error("connection to {0} failed after the request was sent")]
+    Lost(String),
     #[error("request to {0} timed out")]
     Timeout(String),
     #[error("node {node} failed the request: {msg}")]
     Remote { node: String, msg: String },
+    /// A message could not be encoded, or a reply decoded (the request
+    /// may then have taken effect).
     #[error("message encoding: {0}")]
     Codec(String),
 }

@@ -157,11 +157,20 @@ impl Transport for HttpTransport {
             .body(encode(&req))
             .send()
             .await
-            .map_err(|e| if e.is_timeout() { RpcError::Timeout(to.clone()) } else { RpcError::Unreachable(to.clone()) })?;
+            .map_err(|e| {
+                if e.is_timeout() {
+                    RpcError::Timeout(to.clone())
+                } else if e.is_connect() {
+                    RpcError::Unreachable(to.clone())
+                } else {
+                    // the request may have been sent
+                    RpcError::Lost(to.clone())
+                }
+            })?;
         if !resp.status().is_success() {
             return Err(RpcError::Remote { node: to.clone(), msg: resp.status().to_string() });
         }
-        let body = resp.bytes().await.map_err(|_| RpcError::Unreachable(to.clone()))?;
+        let body = resp.bytes().await.map_err(|_| RpcError::Lost(to.clone()))?;
         decode(&body, RPC_BODY_LIMIT).map_err(RpcError::Codec)
     }
 }
@@ -173,11 +182,28 @@ pub struct HttpClient {
     http: reqwest::Client,
 }
 
+/// How long an [`HttpClient`] waits for a get or put by default.
+pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long [`HttpClient::leave`] waits: the node hands every key over first.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(3600);
+
 impl HttpClient {
-    /// `addr` is a node's `host:port`.
+    /// `addr` is a node's `host:port`; each request is bounded by
+    /// [`DEFAULT_CLIENT_TIMEOUT`].
     pub fn new(addr: &str) -> HttpClient {
-        let http =
-            reqwest::Client::builder().pool_max_idle_per_host(256).tcp_nodelay(true).build().unwrap_or_default();
+        HttpClient::with_timeout(addr, DEFAULT_CLIENT_TIMEOUT)
+    }
+
+    /// As [`HttpClient::new`], with `timeout` bounding each get, put and
+    /// admin request. A write that times out fails with
+    /// [`StoreError::OutcomeUnknown`]: it may have been applied.
+    pub fn with_timeout(addr: &str, timeout: Duration) -> HttpClient {
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .timeout(timeout)
+            .build()
+            .unwrap_or_default();
         HttpClient { base: format!("http://{addr}"), http }
     }
 
@@ -188,12 +214,22 @@ impl HttpClient {
             .body(body)
             .send()
             .await
-            .map_err(|e| StoreError::Transport(e.to_string()))?;
+            .map_err(|e| self.failed(e))?;
         if !resp.status().is_success() {
             return Err(StoreError::Transport(format!("http status {}", resp.status())));
         }
-        let b = resp.bytes().await.map_err(|e| StoreError::Transport(e.to_string()))?;
+        let b = resp.bytes().await.map_err(|e| self.failed(e))?;
         decode(&b, CLIENT_BODY_LIMIT * 64).map_err(StoreError::Transport)
+    }
+
+    /// A request that failed: refused connections are transport errors;
+    /// after the request may have been sent, the outcome is unknown.
+    fn failed(&self, e: reqwest::Error) -> StoreError {
+        if e.is_connect() {
+            StoreError::Transport(e.to_string())
+        } else {
+            StoreError::OutcomeUnknown(self.base.clone())
+        }
     }
 
     pub async fn admin(&self) -> Result<AdminView, StoreError> {
@@ -204,7 +240,13 @@ impl HttpClient {
 
     /// Ask the node to leave the ring; returns (keys, hints) handed over.
     pub async fn leave(&self) -> Result<(usize, usize), StoreError> {
-        let resp = self.http.post(format!("{}/admin/leave", self.base)).send().await.map_err(|e| StoreError::Transport(e.to_string()))?;
+        let resp = self
+            .http
+            .post(format!("{}/admin/leave", self.base))
+            .timeout(LEAVE_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| StoreError::Transport(e.to_string()))?;
         let b = resp.bytes().await.map_err(|e| StoreError::Transport(e.to_string()))?;
         let res: Result<(usize, usize), StoreError> = serde_json::from_slice(&b).map_err(|e| StoreError::Transport(e.to_string()))?;
         res

@@ -18,6 +18,10 @@ struct State {
     cut: HashSet<(NodeId, NodeId)>,
     /// nodes that accept requests but never answer
     hung: HashSet<NodeId>,
+    /// nodes whose connections break after each request is handled
+    lossy: HashSet<NodeId>,
+    /// nodes that take this long to answer
+    slow: HashMap<NodeId, std::time::Duration>,
     drop_rate: f64,
     rng: StdRng,
     dropped: u64,
@@ -35,6 +39,8 @@ impl SimNetwork {
                 down: HashSet::new(),
                 cut: HashSet::new(),
                 hung: HashSet::new(),
+                lossy: HashSet::new(),
+                slow: HashMap::new(),
                 drop_rate: 0.0,
                 rng: StdRng::seed_from_u64(seed),
                 dropped: 0,
@@ -75,11 +81,24 @@ impl SimNetwork {
         self.lock().hung.insert(id.clone());
     }
 
-    /// Heal cuts and hung nodes.
+    /// Requests to `id` take effect, but the connection breaks before
+    /// the reply arrives (the caller gets `RpcError::Lost`).
+    pub fn lose_replies_from(&self, id: &NodeId) {
+        self.lock().lossy.insert(id.clone());
+    }
+
+    /// Requests to `id` are answered only after `delay`.
+    pub fn slow_down(&self, id: &NodeId, delay: std::time::Duration) {
+        self.lock().slow.insert(id.clone(), delay);
+    }
+
+    /// Heal cuts, hung, lossy and slow nodes.
     pub fn heal(&self) {
         let mut s = self.lock();
         s.cut.clear();
         s.hung.clear();
+        s.lossy.clear();
+        s.slow.clear();
     }
 
     /// Probability that a request, or independently its reply, is lost.
@@ -106,12 +125,12 @@ impl SimNetwork {
 #[async_trait]
 impl Transport for SimNetwork {
     async fn call(&self, from: &NodeId, to: &NodeId, req: Request) -> Result<Response, RpcError> {
-        let (handler, hung) = {
+        let (handler, hung, lossy, delay) = {
             let s = self.lock();
             if s.down.contains(to) || s.down.contains(from) || s.cut.contains(&(from.clone(), to.clone())) {
                 return Err(RpcError::Unreachable(to.clone()));
             }
-            (s.handlers.get(to).and_then(|w| w.upgrade()), s.hung.contains(to))
+            (s.handlers.get(to).and_then(|w| w.upgrade()), s.hung.contains(to), s.lossy.contains(to), s.slow.get(to).copied())
         };
         if hung {
             return futures::future::pending().await;
@@ -124,6 +143,12 @@ impl Transport for SimNetwork {
         }
         tokio::task::yield_now().await;
         let resp = h.handle(req).await;
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
+        if lossy {
+            return Err(RpcError::Lost(to.clone()));
+        }
         if self.roll() {
             // the request took effect but the reply was lost
             return Err(RpcError::Timeout(to.clone()));

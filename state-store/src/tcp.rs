@@ -115,9 +115,10 @@ impl Transport for TcpTransport {
         }
         match orx.await {
             Ok(bytes) => crate::http::decode(&bytes, MAX_FRAME).map_err(RpcError::Codec),
+            // the connection died after the request was queued for it
             Err(_) => {
                 self.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(to);
-                Err(RpcError::Unreachable(to.clone()))
+                Err(RpcError::Lost(to.clone()))
             }
         }
     }
@@ -142,8 +143,11 @@ impl TcpClient {
             Ok(Ok(Response::Failed(e))) => Err(e),
             Ok(Ok(Response::Error(e))) => Err(StoreError::Transport(e)),
             Ok(Ok(r)) => Ok(r),
+            // sent, but no reply: a write may have been applied
+            Ok(Err(RpcError::Lost(_) | RpcError::Timeout(_) | RpcError::Codec(_))) | Err(_) => {
+                Err(StoreError::OutcomeUnknown(self.addr.clone()))
+            }
             Ok(Err(e)) => Err(StoreError::Transport(e.to_string())),
-            Err(_) => Err(StoreError::OutcomeUnknown(self.addr.clone())),
         }
     }
 

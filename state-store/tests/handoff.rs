@@ -4,7 +4,8 @@
 
 mod common;
 use common::{wait_until, Cluster};
-use nimbus_state_store::{Context, KvClient, LocalClient};
+use nimbus_state_store::rpc::{Request, Response};
+use nimbus_state_store::{Context, KvClient, LocalClient, StoreError};
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,4 +126,90 @@ async fn reads_and_writes_do_not_wait_for_a_silent_replica() {
             .expect("put");
     }
     c.net.heal();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_write_whose_reply_is_lost_is_not_applied_twice() {
+    let c = Cluster::start(5, 14).await;
+    let key = b"instance/i-lost";
+    let ring = c.node(0).expect("n0").membership().ring();
+    let pref = ring.preference_list(ring.partition_of(key), 3);
+    let outsider = c.ids.iter().position(|x| !pref.contains(x)).expect("a node that owns no replica");
+    // the outsider forwards the write to the first owner, which applies
+    // and replicates it; then the connection breaks before the reply
+    c.net.lose_replies_from(&pref[0]);
+    let client = LocalClient(c.node(outsider).expect("outsider"));
+    let err = client.put(key, b"v1".to_vec(), &Context::empty()).await.expect_err("the outcome is unknown");
+    assert!(matches!(err, StoreError::OutcomeUnknown(_)), "{err:?}");
+    c.net.heal();
+    c.wait_all_alive().await;
+    let idx = |id: &str| c.ids.iter().position(|x| x == id).expect("idx");
+    wait_until("every owner holds the write", Duration::from_secs(5), || {
+        pref.iter().all(|id| c.node(idx(id)).and_then(|n| n.storage().get(key).ok().flatten()).is_some())
+    })
+    .await;
+    // applied once: one version, not two siblings of the same value
+    for id in &pref {
+        let rec = c.node(idx(id)).and_then(|n| n.storage().get(key).ok().flatten()).expect("record");
+        assert_eq!(rec.values(), vec![b"v1".to_vec()], "{id}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_waits_for_live_owners_instead_of_counting_empty_stand_ins() {
+    // every read asks every candidate at once, fallbacks included
+    let c = Cluster::start_with(5, 15, |cfg| cfg.read_repair_chance = 1.0).await;
+    let key = b"instance/i-slow";
+    let ring = c.node(0).expect("n0").membership().ring();
+    let pref = ring.preference_list(ring.partition_of(key), 3);
+    let outsider = c.ids.iter().position(|x| !pref.contains(x)).expect("a node that owns no replica");
+    let client = LocalClient(c.node(outsider).expect("outsider"));
+    client.put(key, b"v1".to_vec(), &Context::empty()).await.expect("put");
+    let idx = |id: &str| c.ids.iter().position(|x| x == id).expect("idx");
+    wait_until("every owner holds the write", Duration::from_secs(5), || {
+        pref.iter().all(|id| c.node(idx(id)).and_then(|n| n.storage().get(key).ok().flatten()).is_some())
+    })
+    .await;
+    // the owners answer late; the outsider itself and the fifth node,
+    // which never held the key, answer at once
+    for id in &pref {
+        c.net.slow_down(id, Duration::from_millis(200));
+    }
+    for _ in 0..3 {
+        let r = client.get(key).await.expect("get");
+        assert_eq!(r.values, vec![b"v1".to_vec()], "a read answered from stand-ins while the owners were alive");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaving_node_hands_hints_for_a_down_owner_to_another_node() {
+    let c = Cluster::start(5, 16).await;
+    let key = b"instance/i-hint";
+    let ring = c.node(0).expect("n0").membership().ring();
+    let pref = ring.preference_list(ring.partition_of(key), 3);
+    let idx = |id: &str| c.ids.iter().position(|x| x == id).expect("idx");
+    let owner = idx(&pref[0]);
+    c.kill(owner);
+    let client = LocalClient(c.node(idx(&pref[1])).expect("second owner"));
+    client.put(key, b"v1".to_vec(), &Context::empty()).await.expect("sloppy write");
+    let holder = || c.live().into_iter().find(|n| n.storage().hint_count().unwrap_or(0) > 0);
+    wait_until("a stand-in holds the hint", Duration::from_secs(5), || holder().is_some()).await;
+    let leaver = holder().expect("stand-in");
+    let leaver_idx = idx(leaver.id());
+    let report = leaver.leave().await.expect("leave");
+    assert_eq!(report.hints_handed_off, 1, "{report:?}");
+    assert_eq!(leaver.storage().hint_count().expect("count"), 0);
+    // once leaving, the node refuses replica writes
+    let record = c.node(idx(&pref[1])).and_then(|n| n.storage().get(key).ok().flatten()).expect("record");
+    let resp = leaver.handle_local(Request::Hinted { owner: pref[0].clone(), key: key.to_vec(), record }).await;
+    assert!(matches!(resp, Response::Error(_)), "{resp:?}");
+    c.kill(leaver_idx);
+    drop(leaver);
+    // the owner returns and gets the write from the hint's new holder
+    let back = c.restart(owner).await;
+    assert!(back.storage().get(key).expect("read").is_none(), "the owner missed the write while down");
+    c.wait_all_alive().await;
+    c.drain_hints().await;
+    let rec = back.storage().get(key).expect("read").expect("the owner holds the write");
+    assert_eq!(rec.values(), vec![b"v1".to_vec()]);
 }
