@@ -64,6 +64,39 @@ impl Node {
         delivered
     }
 
+    /// Hand every hint still held here to another live node, as a hint
+    /// for the same owner (removed here only after that node acknowledged).
+    /// Fails, keeping the rest, if a hint finds no taker.
+    async fn rehome_hints(self: &Arc<Self>) -> Result<usize, StoreError> {
+        let mut moved = 0;
+        for h in self.storage.hints()? {
+            let ring = self.membership.ring();
+            let takers: Vec<NodeId> = ring
+                .walk(ring.partition_of(&h.key))
+                .into_iter()
+                .filter(|n| *n != self.cfg.id && *n != h.owner && self.membership.is_alive(n))
+                .collect();
+            let mut taken = false;
+            for t in takers {
+                let req = Request::Hinted { owner: h.owner.clone(), key: h.key.clone(), record: h.record.clone() };
+                if self.call(&t, req).await.is_ok() {
+                    taken = true;
+                    break;
+                }
+            }
+            if !taken {
+                tracing::warn!(owner = %h.owner, "no live node takes a hint; the leave stops here");
+                return Err(StoreError::QuorumFailed { got: 0, needed: 1 });
+            }
+            // changed meanwhile (merged with a newer write): the next
+            // leave attempt moves the new version
+            if self.storage.hint_remove_if(&h.owner, &h.key, h.record.clone()).await? {
+                moved += 1;
+            }
+        }
+        Ok(moved)
+    }
+
     /// Remove a permanently failed node from the ring on its behalf and
     /// tell every peer. Its hints then go to the keys' new preference
     /// lists and anti-entropy rebuilds the missing replicas.
@@ -111,10 +144,8 @@ impl Node {
             }
         }
         report.hints_handed_off = self.deliver_hints().await;
-        let left = self.storage.hint_count()?;
-        if left > 0 {
-            tracing::warn!(left, "hints still pending at leave");
-        }
+        // hints whose owners are down stay hints, on another node
+        report.hints_handed_off += self.rehome_hints().await?;
         self.membership.set_status(Status::Left);
         self.gossip_all().await;
         self.shutdown();

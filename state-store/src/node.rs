@@ -5,8 +5,8 @@
 
 use crate::api::Context;
 use crate::clock::{NodeId, Record};
-use crate::error::{RpcError, StorageError, StoreError};
-use crate::membership::Membership;
+use crate::error::{check_key, RpcError, StorageError, StoreError};
+use crate::membership::{Membership, Status};
 use crate::merkle::key_digest;
 use crate::rpc::{Handler, Request, Response, Transport};
 use crate::storage::{encode_record, Fsync, Storage};
@@ -215,8 +215,27 @@ impl Node {
         }
     }
 
-    /// Answer a node-to-node request.
+    /// Answer a node-to-node request. A node that is leaving (or has left)
+    /// refuses writes: its data has been, or is being, handed over, and a
+    /// write it accepted now could stay behind.
     pub async fn handle_local(&self, req: Request) -> Response {
+        let write = matches!(
+            req,
+            Request::Coordinate { .. } | Request::Put { .. } | Request::Hinted { .. } | Request::PutMany { .. }
+        );
+        if write && self.membership.status_of(&self.cfg.id) != Some(Status::Joined) {
+            return Response::Error(format!("node {} is leaving the ring and takes no writes", self.cfg.id));
+        }
+        // peers are checked like clients: a key over the limit never
+        // reaches the storage layer, whose hint keys encode its length
+        let bad_key = match &req {
+            Request::Put { key, .. } | Request::Hinted { key, .. } | Request::Coordinate { key, .. } => check_key(key).err(),
+            Request::PutMany { items } => items.iter().find_map(|(k, _)| check_key(k).err()),
+            _ => None,
+        };
+        if let Some(e) = bad_key {
+            return Response::Error(e.to_string());
+        }
         if let Request::Coordinate { key, value, context } = req {
             // coordinating needs an owning handle for the replica tasks
             let Some(me) = self.me.upgrade() else { return Response::Error("node is stopping".into()) };
