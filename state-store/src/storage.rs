@@ -232,7 +232,7 @@ pub struct Storage {
     writer: Option<std::thread::JoinHandle<()>>,
     /// `Fsync::Periodic`: writes commit on the caller's thread under this
     /// lock (it holds the last dot counter handed out)
-    inline: Option<tokio::sync::Mutex<u64>>,
+    inline: Option<tokio::sync::Mutex<Minter>>,
     /// the background thread (memtable reaping, periodic fsync) and its
     /// stop signal
     syncer: Option<(std_mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
@@ -310,7 +310,7 @@ impl Storage {
                     .map_err(|e| StorageError::Engine(e.to_string()))?;
                 (Some(tx), Some(writer), None)
             }
-            Fsync::Periodic(_) => (None, None, Some(tokio::sync::Mutex::new(0u64))),
+            Fsync::Periodic(_) => (None, None, Some(tokio::sync::Mutex::new(Minter::default()))),
         };
         let sync_every = match fsync {
             Fsync::Always => None,
@@ -357,12 +357,12 @@ impl Storage {
     /// writer; either way its reply channel carries the outcome.
     async fn dispatch(&self, job: Job) -> Result<(), StorageError> {
         match (&self.inline, &self.tx) {
-            (Some(last_dot), _) => {
+            (Some(minter), _) => {
                 // An async lock: a commit waiting for another one (which
                 // may be stuck behind fjall sealing its journal) yields its
                 // worker thread to other requests instead of blocking it.
-                let mut last_dot = last_dot.lock().await;
-                run_batch(&self.db, self.partitions, vec![job], &mut last_dot, &self.stats);
+                let mut minter = minter.lock().await;
+                run_batch(&self.db, self.partitions, vec![job], &mut minter, &self.stats);
                 Ok(())
             }
             (None, Some(tx)) => tx.send(job).map_err(|_| StorageError::Closed),
@@ -744,8 +744,7 @@ fn active_journal(dir: &Path) -> Option<std::path::PathBuf> {
 }
 
 fn writer_loop(db: Db, partitions: u32, rx: std_mpsc::Receiver<Job>, stats: Arc<WriterStats>) {
-    // highest dot counter handed out, even in a batch whose commit failed
-    let mut last_dot = 0u64;
+    let mut minter = Minter::default();
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
@@ -754,16 +753,44 @@ fn writer_loop(db: Db, partitions: u32, rx: std_mpsc::Receiver<Job>, stats: Arc<
                 Err(_) => break,
             }
         }
-        run_batch(&db, partitions, jobs, &mut last_dot, &stats);
+        run_batch(&db, partitions, jobs, &mut minter, &stats);
     }
 }
 
 /// Apply and commit `jobs` as one batch and answer each.
-fn run_batch(db: &Db, partitions: u32, jobs: Vec<Job>, last_dot: &mut u64, stats: &WriterStats) {
+/// Mints the dots of the writes this store coordinates.
+///
+/// A coordinated write is replicated as soon as it is applied to the batch,
+/// before the batch commits. If the commit then fails, the replicas hold a
+/// dot this node's own data lacks, and a later dot of the same actor would
+/// claim (through the contexts readers build) that whoever holds it also
+/// holds the lost one. So after a failed commit the store mints for a new
+/// actor (`actor~k`), exactly as a restart does.
+#[derive(Debug, Default)]
+struct Minter {
+    /// highest counter handed out, even in a batch whose commit failed
+    last: u64,
+    /// commits that failed so far
+    failed: u64,
+}
+
+impl Minter {
+    fn mint(&mut self, actor: &str) -> Dot {
+        self.last += 1;
+        let node = if self.failed == 0 { actor.to_string() } else { format!("{actor}~{}", self.failed) };
+        Dot { node, counter: self.last }
+    }
+
+    fn commit_failed(&mut self) {
+        self.failed += 1;
+    }
+}
+
+fn run_batch(db: &Db, partitions: u32, jobs: Vec<Job>, minter: &mut Minter, stats: &WriterStats) {
     let ops: Vec<&Op> = jobs.iter().map(|j| &j.op).collect();
     let started = std::time::Instant::now();
     let mut commit_us = 0;
-    let outcome = apply_batch(db, partitions, &ops, last_dot, &mut commit_us);
+    let outcome = apply_batch(db, partitions, &ops, minter, &mut commit_us);
     stats.commit_us.fetch_add(commit_us, Ordering::Relaxed);
     stats.commit_max_us.fetch_max(commit_us, Ordering::Relaxed);
     if commit_us >= SLOW_COMMIT_US {
@@ -780,6 +807,7 @@ fn run_batch(db: &Db, partitions: u32, jobs: Vec<Job>, last_dot: &mut u64, stats
         }
         Err(e) => {
             tracing::error!(error = %e, "storage batch failed");
+            minter.commit_failed();
             for job in jobs {
                 let _ = job.reply.send(Err(StorageError::Engine(e.to_string())));
             }
@@ -955,7 +983,7 @@ fn apply_batch(
     db: &Db,
     partitions: u32,
     ops: &[&Op],
-    last_dot: &mut u64,
+    minter: &mut Minter,
     commit_us: &mut u64,
 ) -> Result<Vec<Result<OpResult, StorageError>>, StorageError> {
     let mut w = Overlay::new(db);
@@ -966,9 +994,7 @@ fn apply_batch(
             Op::HintMerge { owner, key, record } => w.merge_hint(owner, key, record).map(|_| OpResult::Done(true)),
             Op::Coordinate { node, key, value, context, written_ms, hint_owner, applied } => {
                 // never reused, even when this batch fails to commit
-                *last_dot += 1;
-                let counter = *last_dot;
-                let dot = Dot { node: node.clone(), counter };
+                let dot = minter.mint(node);
                 let rec = Record::single(Sibling {
                     dot: dot.clone(),
                     context: context.clone(),
@@ -1096,5 +1122,18 @@ mod tests {
         assert!(!s.hint_remove_if("owner", b"k2", rec("a", 9, "q")).await.expect("rm"));
         assert!(s.hint_remove_if("owner", b"k2", hints[0].record.clone()).await.expect("rm"));
         assert_eq!(s.hint_count().expect("count"), 0);
+    }
+
+    #[test]
+    fn after_a_failed_commit_dots_belong_to_a_new_actor() {
+        let mut m = Minter::default();
+        assert_eq!(m.mint("a@1"), Dot { node: "a@1".into(), counter: 1 });
+        m.commit_failed();
+        let d = m.mint("a@1");
+        assert_ne!(d.node, "a@1", "a dot minted after a lost commit must not extend the old actor");
+        assert_eq!(d.counter, 2, "counters are never reused");
+        m.commit_failed();
+        let e = m.mint("a@1");
+        assert!(e.node != "a@1" && e.node != d.node, "each failure starts another actor: {e:?}");
     }
 }
