@@ -116,31 +116,42 @@ async fn leave_hands_over_and_join_takes_partitions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tombstones_are_collected_only_when_all_replicas_have_them() {
-    let c = Cluster::start(5, 12).await;
+    // no grace period: only the all-replicas rule holds the tombstones back
+    let c = Cluster::start_with(5, 12, |cfg| cfg.tombstone_grace = Duration::from_millis(0)).await;
     let client = LocalClient(c.node(0).expect("n0"));
     client.put(b"gone", b"v".to_vec(), &Context::empty()).await.expect("put");
     let ctx = client.get(b"gone").await.expect("get").context;
     let ring = c.node(0).expect("n0").membership().ring();
     let pref = ring.preference_list(ring.partition_of(b"gone"), 3);
     let idx = |id: &str| c.ids.iter().position(|x| x == id).expect("idx");
+    let holds_tombstone = |id: &str| {
+        c.node(idx(id)).and_then(|n| n.storage().get(b"gone").ok().flatten()).is_some_and(|r| r.is_tombstone())
+    };
     // the last replica is cut off while the delete happens
     let others: Vec<String> = c.ids.iter().filter(|x| **x != pref[2]).cloned().collect();
     c.net.partition(&[pref[2].clone()], &others);
     client.delete(b"gone", &ctx).await.expect("delete");
-    let first = c.node(idx(&pref[0])).expect("first owner");
-    // grace period is one hour in the test config: nothing collected yet
-    assert_eq!(first.gc_tombstones().await, 0);
+    wait_until("the reachable owners hold the tombstone", Duration::from_secs(5), || {
+        holds_tombstone(&pref[0]) && holds_tombstone(&pref[1])
+    })
+    .await;
+    let first_id = idx(&pref[0]);
+    let first = c.node(first_id).expect("first owner");
+    assert_eq!(first.gc_tombstones().await, 0, "collected while {} lacks the tombstone", pref[2]);
+    assert!(holds_tombstone(&pref[0]) && holds_tombstone(&pref[1]), "a tombstone went while a replica lacks it");
     c.net.heal();
     c.wait_all_alive().await;
     c.drain_hints().await;
     c.converge().await;
-    // with a zero grace period a node collects once all replicas agree
-    let mut cfg = first.config().clone();
-    cfg.tombstone_grace = Duration::from_millis(0);
-    let first_id = idx(&pref[0]);
+    for id in &pref {
+        assert!(holds_tombstone(id), "{id} holds the tombstone");
+    }
+    // every replica has it now, but within a grace period nothing goes
     c.kill(first_id);
     drop(first);
-    let first = {
+    let mut cfg = config(c.dir.path(), &pref[0], &c.ids);
+    cfg.tombstone_grace = Duration::from_secs(3600);
+    let graceful = {
         let start = std::time::Instant::now();
         loop {
             match Node::start(cfg.clone(), c.net.clone()).await {
@@ -152,14 +163,17 @@ async fn tombstones_are_collected_only_when_all_replicas_have_them() {
             }
         }
     };
-    let h: Arc<dyn Handler> = first.clone();
+    let h: Arc<dyn Handler> = graceful.clone();
     c.net.register(&pref[0], Arc::downgrade(&h));
-    c.nodes.lock().expect("lock")[first_id] = Some(first.clone());
+    drop(h);
+    c.nodes.lock().expect("lock")[first_id] = Some(graceful.clone());
     c.wait_all_alive().await;
-    for id in &pref {
-        let n = c.node(idx(id)).expect("owner");
-        assert!(n.storage().get(b"gone").expect("read").is_some_and(|r| r.is_tombstone()), "{id} holds the tombstone");
-    }
+    assert_eq!(graceful.gc_tombstones().await, 0, "collected within the grace period");
+    // after it (the cluster's zero grace), it is collected everywhere
+    c.kill(first_id);
+    drop(graceful);
+    let first = c.restart(first_id).await;
+    c.wait_all_alive().await;
     assert_eq!(first.gc_tombstones().await, 1);
     for id in &pref {
         let n = c.node(idx(id)).expect("owner");
