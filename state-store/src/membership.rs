@@ -66,6 +66,9 @@ pub struct Membership {
     partitions: u32,
     fail_timeout: Duration,
     inner: Mutex<Inner>,
+    /// our own status is `Joined` (kept beside `inner` so that the write
+    /// path can ask without taking the lock)
+    joined: std::sync::atomic::AtomicBool,
 }
 
 impl Membership {
@@ -91,10 +94,11 @@ impl Membership {
             partitions,
             fail_timeout,
             inner: Mutex::new(Inner { members, ring: Arc::new(Ring::new(&[], partitions)), ring_members: Vec::new() }),
+            joined: std::sync::atomic::AtomicBool::new(false),
         };
         {
             let mut g = m.lock();
-            Self::rebuild_ring(&mut g, partitions);
+            m.rebuild_ring(&mut g);
         }
         m
     }
@@ -103,14 +107,20 @@ impl Membership {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn rebuild_ring(g: &mut Inner, partitions: u32) {
+    fn rebuild_ring(&self, g: &mut Inner) {
         let active: Vec<NodeId> =
             g.members.values().filter(|e| e.member.status == Status::Joined).map(|e| e.member.id.clone()).collect();
+        self.joined.store(active.contains(&self.me), std::sync::atomic::Ordering::Release);
         if active != g.ring_members {
             tracing::info!(members = ?active, "ring membership changed");
-            g.ring = Arc::new(Ring::new(&active, partitions));
+            g.ring = Arc::new(Ring::new(&active, self.partitions));
             g.ring_members = active;
         }
+    }
+
+    /// Whether this node is a `Joined` member (not leaving or gone).
+    pub fn is_joined(&self) -> bool {
+        self.joined.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn me(&self) -> &NodeId {
@@ -186,7 +196,7 @@ impl Membership {
                 }
             }
         }
-        Self::rebuild_ring(&mut g, self.partitions);
+        self.rebuild_ring(&mut g);
     }
 
     /// Change our own status (explicit leave).
@@ -197,7 +207,7 @@ impl Membership {
             e.member.status = status;
             e.member.version = now_ms().max(e.member.version + 1);
         }
-        Self::rebuild_ring(&mut g, self.partitions);
+        self.rebuild_ring(&mut g);
     }
 
     /// Declare another member `Left` on its behalf (an operator removing a
@@ -210,7 +220,7 @@ impl Membership {
         let Some(e) = g.members.get_mut(id) else { return false };
         e.member.status = Status::Left;
         e.member.version = now_ms().max(e.member.version + 1);
-        Self::rebuild_ring(&mut g, self.partitions);
+        self.rebuild_ring(&mut g);
         true
     }
 
@@ -250,7 +260,9 @@ mod tests {
         a.merge(&b.tick());
         assert_eq!(a.ring().nodes().len(), 3);
         assert!(a.is_alive("c"));
+        assert!(c.is_joined());
         c.set_status(Status::Leaving);
+        assert!(!c.is_joined(), "a leaving node takes no writes");
         b.merge(&c.tick());
         a.merge(&b.tick());
         assert_eq!(a.status_of("c"), Some(Status::Leaving));

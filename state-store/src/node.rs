@@ -6,7 +6,7 @@
 use crate::api::Context;
 use crate::clock::{NodeId, Record};
 use crate::error::{check_key, RpcError, StorageError, StoreError};
-use crate::membership::{Membership, Status};
+use crate::membership::Membership;
 use crate::merkle::key_digest;
 use crate::rpc::{Handler, Request, Response, Transport};
 use crate::storage::{encode_record, Fsync, Storage};
@@ -223,7 +223,7 @@ impl Node {
             req,
             Request::Coordinate { .. } | Request::Put { .. } | Request::Hinted { .. } | Request::PutMany { .. }
         );
-        if write && self.membership.status_of(&self.cfg.id) != Some(Status::Joined) {
+        if write && !self.membership.is_joined() {
             return Response::Error(format!("node {} is leaving the ring and takes no writes", self.cfg.id));
         }
         // peers are checked like clients: a key over the limit never
