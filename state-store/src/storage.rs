@@ -45,6 +45,44 @@ use tokio::sync::oneshot;
 const MAX_BATCH: usize = 512;
 
 const INCARNATION: &[u8] = b"incarnation";
+/// The Merkle trees as of a clean close (see [`Storage::merkle_snapshot_used`]).
+const MERKLE_SNAPSHOT: &[u8] = b"merkle-trees";
+/// Format tag of the snapshot: magic and version.
+const MERKLE_SNAPSHOT_MAGIC: &[u8; 4] = b"MRK1";
+
+/// `MRK1 ‖ partitions (u32 BE) ‖ every partition's leaves (u128 BE)`.
+fn encode_trees(trees: &[MerkleTree]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + trees.len() * crate::merkle::LEAVES * 16);
+    out.extend_from_slice(MERKLE_SNAPSHOT_MAGIC);
+    out.extend_from_slice(&(trees.len() as u32).to_be_bytes());
+    for t in trees {
+        for l in &t.leaves {
+            out.extend_from_slice(&l.to_be_bytes());
+        }
+    }
+    out
+}
+
+/// The trees of a snapshot for `partitions` partitions; `None` when it is
+/// not one (another format or partition count: then the trees are rebuilt).
+fn decode_trees(b: &[u8], partitions: u32) -> Option<Vec<MerkleTree>> {
+    let rest = b.strip_prefix(MERKLE_SNAPSHOT_MAGIC)?;
+    let (n, mut rest) = rest.split_first_chunk::<4>()?;
+    if u32::from_be_bytes(*n) != partitions || rest.len() != partitions as usize * crate::merkle::LEAVES * 16 {
+        return None;
+    }
+    let mut trees = Vec::with_capacity(partitions as usize);
+    for _ in 0..partitions {
+        let mut t = MerkleTree::default();
+        for leaf in t.leaves.iter_mut() {
+            let (d, r) = rest.split_first_chunk::<16>()?;
+            *leaf = u128::from_be_bytes(*d);
+            rest = r;
+        }
+        trees.push(t);
+    }
+    Some(trees)
+}
 
 /// The committed Merkle trees, indexed by partition.
 type Trees = Arc<RwLock<Vec<MerkleTree>>>;
@@ -225,8 +263,12 @@ impl Db {
 
 pub struct Storage {
     db: Db,
+    /// the `meta` keyspace: incarnation stamp, Merkle snapshot
+    meta: Keyspace,
     partitions: u32,
     incarnation: u64,
+    /// the trees came from the snapshot of a clean close, not a scan
+    merkle_snapshot_used: bool,
     /// `Fsync::Always`: the group-commit writer thread and its queue
     tx: Option<std_mpsc::Sender<Job>>,
     writer: Option<std::thread::JoinHandle<()>>,
@@ -252,8 +294,14 @@ impl Drop for Storage {
             drop(stop);
             let _ = h.join();
         }
-        // what the syncer has not synced yet
-        if let Err(e) = self.db.db.persist(PersistMode::SyncData) {
+        // Nothing writes any more: save the Merkle trees, which describe
+        // every committed write, for the next opening. Then sync what the
+        // syncer has not synced yet, the snapshot included.
+        let snapshot = encode_trees(&self.db.trees.read().unwrap_or_else(|e| e.into_inner()));
+        if let Err(e) = self.meta.insert(MERKLE_SNAPSHOT, snapshot) {
+            tracing::warn!(error = %e, "cannot save the Merkle trees; the next opening rebuilds them");
+        }
+        if let Err(e) = self.db.db.persist(PersistMode::SyncAll) {
             tracing::warn!(error = %e, "final journal sync failed");
         }
     }
@@ -288,10 +336,22 @@ impl Storage {
         let last = meta.get(INCARNATION).map_err(StorageError::engine)?.map(|v| get_u64(&v)).unwrap_or(0);
         let incarnation = (last + 1).max(crate::membership::now_us());
         meta.insert(INCARNATION, incarnation.to_be_bytes()).map_err(StorageError::engine)?;
+        // The Merkle trees of the last clean close, if it was one; removed
+        // durably before any write, so after a crash of this opening the
+        // next one rebuilds the trees from the data instead.
+        let snapshot = meta.get(MERKLE_SNAPSHOT).map_err(StorageError::engine)?;
+        if snapshot.is_some() {
+            meta.remove(MERKLE_SNAPSHOT).map_err(StorageError::engine)?;
+        }
         db.persist(PersistMode::SyncAll).map_err(StorageError::engine)?;
         // fjall's flush and compaction thread(s) started with the database
         lower_priority_of_threads_named(FJALL_WORKER);
-        let trees = build_trees(&data, partitions)?;
+        let saved = snapshot.and_then(|b| decode_trees(&b, partitions));
+        let merkle_snapshot_used = saved.is_some();
+        let trees = match saved {
+            Some(t) => t,
+            None => build_trees(&data, partitions)?,
+        };
         let hint_count = Arc::new(AtomicU64::new(hints.len().map_err(StorageError::engine)? as u64));
         let cache = Arc::new(RecordCache::with_weighter(100_000, CACHE_BYTES, RecordBytes));
         let db = Db { data, hints, trees: Arc::new(RwLock::new(trees)), hint_count, fsync, cache, db: db.clone() };
@@ -323,7 +383,15 @@ impl Storage {
             .spawn(move || background_loop(&dir, &sdb, &sdata, sync_every, &stopped, &sstats))
             .map_err(|e| StorageError::Engine(e.to_string()))?;
         let syncer = Some((stop, h));
-        Ok(Storage { db, partitions, incarnation, tx, writer, inline, syncer, stats })
+        Ok(Storage { db, meta, partitions, incarnation, merkle_snapshot_used, tx, writer, inline, syncer, stats })
+    }
+
+    /// Whether this opening took its Merkle trees from the snapshot the
+    /// previous one saved when it closed cleanly (else it rebuilt them with
+    /// one scan of the data). The snapshot is removed, durably, when the
+    /// store opens, so it is only ever used right after a clean close.
+    pub fn merkle_snapshot_used(&self) -> bool {
+        self.merkle_snapshot_used
     }
 
     /// This opening's incarnation stamp: `max(previous + 1, now_µs)`,
@@ -1122,6 +1190,42 @@ mod tests {
         assert!(!s.hint_remove_if("owner", b"k2", rec("a", 9, "q")).await.expect("rm"));
         assert!(s.hint_remove_if("owner", b"k2", hints[0].record.clone()).await.expect("rm"));
         assert_eq!(s.hint_count().expect("count"), 0);
+    }
+
+    #[tokio::test]
+    async fn merkle_trees_are_saved_at_a_clean_close_and_used_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        let every = Fsync::Periodic(std::time::Duration::from_millis(5));
+        let all = |s: &Storage| (0..16).map(|p| s.merkle(p).expect("merkle")).collect::<Vec<_>>();
+        let saved;
+        {
+            let s = Storage::open(&path, 16, every, DEFAULT_MEMTABLE_BYTES).expect("open");
+            assert!(!s.merkle_snapshot_used(), "a new store has no snapshot");
+            for i in 0..40u64 {
+                s.merge(format!("k{i}").as_bytes(), rec("a", i + 1, "v")).await.expect("merge");
+            }
+            saved = all(&s);
+        }
+        {
+            let s = Storage::open(&path, 16, every, DEFAULT_MEMTABLE_BYTES).expect("reopen");
+            assert!(s.merkle_snapshot_used(), "a clean close saves the trees");
+            assert_eq!(all(&s), saved);
+            assert_eq!(all(&s), build_trees(&s.db.data, 16).expect("scan"));
+            assert!(
+                s.meta.get(MERKLE_SNAPSHOT).expect("meta").is_none(),
+                "the snapshot is gone while the store is open, so a crash now means a rebuild"
+            );
+            s.merge(b"late", rec("b", 1, "w")).await.expect("merge");
+        }
+        let s = Storage::open(&path, 16, every, DEFAULT_MEMTABLE_BYTES).expect("reopen");
+        assert!(s.merkle_snapshot_used());
+        assert_ne!(all(&s), saved, "the second close saved the later write too");
+        assert_eq!(all(&s), build_trees(&s.db.data, 16).expect("scan"));
+        drop(s);
+        // a snapshot for another partition count is not used
+        let s = Storage::open(&path, 32, every, DEFAULT_MEMTABLE_BYTES).expect("reopen");
+        assert!(!s.merkle_snapshot_used());
     }
 
     #[test]
