@@ -48,7 +48,8 @@ pub struct PutRequest {
     pub context: String,
 }
 
-pub(crate) fn decode<T: serde::de::DeserializeOwned>(b: &[u8], limit: usize) -> Result<T, String> {
+/// Decode a bincode body (requests, replies) of at most `limit` bytes.
+pub fn decode<T: serde::de::DeserializeOwned>(b: &[u8], limit: usize) -> Result<T, String> {
     bincode::DefaultOptions::new()
         .with_fixint_encoding()
         .allow_trailing_bytes()
@@ -57,7 +58,8 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(b: &[u8], limit: usize) -> 
         .map_err(|e| e.to_string())
 }
 
-fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+/// Encode a bincode body, as [`HttpClient`] sends and the routes answer.
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     bincode::serialize(v).unwrap_or_default()
 }
 

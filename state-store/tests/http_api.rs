@@ -5,6 +5,7 @@
 //! on a writer thread), the second with the framed TCP transport and the
 //! default periodic fsync (writes committed on the caller's thread).
 
+use nimbus_state_store::http::{self, PutRequest};
 use nimbus_state_store::{Context, HttpClient, KvClient, StoreError, TcpClient};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -82,6 +83,25 @@ async fn http_cluster_api_bad_input_and_sigkill_durability() {
     assert!(matches!(c0.put(b"k", big_val, &Context::empty()).await, Err(StoreError::ValueTooLarge { .. })));
     assert!(matches!(c0.put_raw_context(b"k", Some(b"v".to_vec()), "!!not-base64!!").await, Err(StoreError::BadContext(_))));
     assert!(matches!(c0.put_raw_context(b"k", Some(b"v".to_vec()), "AAAA").await, Err(StoreError::BadContext(_))));
+    // the node checks too: raw requests that skip the client's checks
+    let raw_put = |key: Vec<u8>, value: Vec<u8>| {
+        let body = http::encode(&PutRequest { key, value: Some(value), context: String::new() });
+        let url = format!("http://{}/v1/put", addrs[0]);
+        async move {
+            let resp = reqwest::Client::new().post(url).body(body).send().await.expect("post");
+            assert!(resp.status().is_success(), "a typed error in the body, not {}", resp.status());
+            let b = resp.bytes().await.expect("body");
+            http::decode::<Result<String, StoreError>>(&b, 1 << 20).expect("decode")
+        }
+    };
+    assert!(matches!(raw_put(big_key.clone(), b"v".to_vec()).await, Err(StoreError::KeyTooLarge { .. })));
+    assert!(matches!(raw_put(Vec::new(), b"v".to_vec()).await, Err(StoreError::EmptyKey)));
+    let too_big = vec![0u8; nimbus_state_store::error::MAX_VALUE_BYTES + 1];
+    assert!(matches!(raw_put(b"k".to_vec(), too_big).await, Err(StoreError::ValueTooLarge { .. })));
+    for c in &clients {
+        let r = c.get(b"k").await.expect("get");
+        assert!(r.values.is_empty(), "refused writes left nothing behind");
+    }
 
     // acknowledged writes survive SIGKILL of every node
     for i in 0..300 {
