@@ -215,3 +215,25 @@ async fn sigkill_during_concurrent_writes_loses_no_acknowledged_write() {
     assert!(acked.len() > 1000, "most writes acknowledged: {}", acked.len());
     assert_eq!(missing, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_client_requests_to_a_silent_node_end_with_the_timeout() {
+    // a "node" that accepts connections and never answers
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            held.push(sock);
+        }
+    });
+    let client = HttpClient::with_timeout(&addr, Duration::from_millis(300));
+    let bound = Duration::from_secs(5);
+    let empty = Context::empty();
+    let put = tokio::time::timeout(bound, client.put(b"k", b"v".to_vec(), &empty));
+    let err = put.await.expect("the client's timeout ends the put").expect_err("no answer");
+    assert!(matches!(err, StoreError::OutcomeUnknown(_)), "a write that may have been sent: {err:?}");
+    let get = tokio::time::timeout(bound, client.get(b"k")).await.expect("the client's timeout ends the get");
+    assert!(get.is_err());
+    silent.abort();
+}
