@@ -131,13 +131,20 @@ impl Node {
             }
         }
         let mut push = Vec::with_capacity(keys.len());
+        // keys we collected that the peer still holds: it buries them too
+        let mut bury = Vec::new();
         for k in &keys {
             if let Some(r) = self.storage.get(k).map_err(|e| e.to_string())? {
                 push.push((k.clone(), r));
+            } else if let Some(g) = self.storage.grave(k).map_err(|e| e.to_string())? {
+                bury.push((k.clone(), g));
             }
         }
         let n = keys.len();
         self.call(peer, Request::PutMany { items: push }).await.map_err(|e| e.to_string())?;
+        if !bury.is_empty() {
+            self.call(peer, Request::Bury { items: bury }).await.map_err(|e| e.to_string())?;
+        }
         Ok(n)
     }
 

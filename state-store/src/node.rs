@@ -221,7 +221,11 @@ impl Node {
     pub async fn handle_local(&self, req: Request) -> Response {
         let write = matches!(
             req,
-            Request::Coordinate { .. } | Request::Put { .. } | Request::Hinted { .. } | Request::PutMany { .. }
+            Request::Coordinate { .. }
+                | Request::Put { .. }
+                | Request::Hinted { .. }
+                | Request::PutMany { .. }
+                | Request::Bury { .. }
         );
         if write && !self.membership.is_joined() {
             return Response::Error(format!("node {} is leaving the ring and takes no writes", self.cfg.id));
@@ -231,6 +235,7 @@ impl Node {
         let bad_key = match &req {
             Request::Put { key, .. } | Request::Hinted { key, .. } | Request::Coordinate { key, .. } => check_key(key).err(),
             Request::PutMany { items } => items.iter().find_map(|(k, _)| check_key(k).err()),
+            Request::Bury { items } => items.iter().find_map(|(k, _)| check_key(k).err()),
             _ => None,
         };
         if let Some(e) = bad_key {
@@ -300,7 +305,13 @@ impl Node {
                 Response::Digest(d)
             }
             Request::GcDrop { key, digest } => {
-                self.storage.drop_if(&key, digest).await?;
+                self.storage.bury_if(&key, digest).await?;
+                Response::Ok
+            }
+            Request::Bury { items } => {
+                for (k, covered) in items {
+                    self.storage.bury(&k, covered).await?;
+                }
                 Response::Ok
             }
             Request::Coordinate { .. } | Request::ClientGet { .. } | Request::ClientPut { .. } => {

@@ -34,8 +34,12 @@ pub enum Request {
     PutMany { items: Vec<(Vec<u8>, Record)> },
     /// Digest of the key's record if it is a tombstone.
     GcProbe { #[serde(with = "serde_bytes")] key: Vec<u8> },
-    /// Remove the key if its digest still matches.
+    /// Collect the key's tombstone if its digest still matches (it leaves
+    /// a grave: see `Storage::bury_if`).
     GcDrop { #[serde(with = "serde_bytes")] key: Vec<u8>, digest: Digest },
+    /// Anti-entropy: these keys were collected; join each version vector
+    /// into the key's grave and drop the siblings it covers.
+    Bury { items: Vec<(Vec<u8>, VersionVector)> },
     /// Client write forwarded to a preference-list node to coordinate.
     Coordinate { #[serde(with = "serde_bytes")] key: Vec<u8>, #[serde(with = "serde_bytes")] value: Option<Vec<u8>>, context: VersionVector },
     /// Client API over the framed transport: a quorum read.

@@ -152,6 +152,14 @@ pub fn decode_record(b: &[u8]) -> Result<Record, StorageError> {
     bincode::deserialize(b).map_err(|e| StorageError::Corrupt(e.to_string()))
 }
 
+fn encode_vv(v: &VersionVector) -> Result<Vec<u8>, StorageError> {
+    bincode::serialize(v).map_err(|e| StorageError::Corrupt(e.to_string()))
+}
+
+fn decode_vv(b: &[u8]) -> Result<VersionVector, StorageError> {
+    bincode::deserialize(b).map_err(|e| StorageError::Corrupt(e.to_string()))
+}
+
 fn data_key(partition: u32, key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(4 + key.len());
     k.extend_from_slice(&partition.to_be_bytes());
@@ -200,6 +208,11 @@ enum Op {
     HintMerge { owner: String, key: Vec<u8>, record: Record },
     HintRemoveIf { owner: String, key: Vec<u8>, expected: Record },
     DropIf { key: Vec<u8>, digest: Digest },
+    /// Collect a tombstone: drop the record if its digest still matches
+    /// and keep its context as the key's grave.
+    BuryIf { key: Vec<u8>, digest: Digest },
+    /// Join `covered` into the key's grave and drop the siblings it covers.
+    Bury { key: Vec<u8>, covered: VersionVector },
     Coordinate {
         node: String,
         key: Vec<u8>,
@@ -244,6 +257,11 @@ struct Db {
     db: Database,
     data: Keyspace,
     hints: Keyspace,
+    /// per collected key, the version vector its tombstone covered
+    graves: Keyspace,
+    /// some grave exists (on disk or committed); merges skip the lookup
+    /// while none does
+    any_graves: Arc<std::sync::atomic::AtomicBool>,
     trees: Trees,
     /// hints on disk; reads skip the hint scan while it is zero
     hint_count: Arc<AtomicU64>,
@@ -252,6 +270,17 @@ struct Db {
 }
 
 impl Db {
+    /// The committed grave under data key `dk`.
+    fn grave(&self, dk: &[u8]) -> Result<Option<VersionVector>, StorageError> {
+        if !self.any_graves.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        match self.graves.get(dk).map_err(StorageError::engine)? {
+            Some(b) => Ok(Some(decode_vv(&b)?)),
+            None => Ok(None),
+        }
+    }
+
     /// The committed encoded record under data key `dk`.
     fn data_bytes(&self, dk: &[u8]) -> Result<Option<Arc<[u8]>>, StorageError> {
         if let Some(v) = self.cache.get(dk) {
@@ -330,7 +359,10 @@ impl Storage {
         let data = db
             .keyspace("data", || KeyspaceCreateOptions::default().max_memtable_size(memtable_bytes))
             .map_err(StorageError::engine)?;
-        let (hints, meta) = (ks("hints")?, ks("meta")?);
+        let (hints, meta, graves) = (ks("hints")?, ks("meta")?, ks("graves")?);
+        let any_graves = Arc::new(std::sync::atomic::AtomicBool::new(
+            !graves.is_empty().map_err(StorageError::engine)?,
+        ));
         // A new incarnation stamp, durable before any write of this
         // incarnation: strictly greater than every earlier one.
         let last = meta.get(INCARNATION).map_err(StorageError::engine)?.map(|v| get_u64(&v)).unwrap_or(0);
@@ -354,7 +386,7 @@ impl Storage {
         };
         let hint_count = Arc::new(AtomicU64::new(hints.len().map_err(StorageError::engine)? as u64));
         let cache = Arc::new(RecordCache::with_weighter(100_000, CACHE_BYTES, RecordBytes));
-        let db = Db { data, hints, trees: Arc::new(RwLock::new(trees)), hint_count, fsync, cache, db: db.clone() };
+        let db = Db { data, hints, graves, any_graves, trees: Arc::new(RwLock::new(trees)), hint_count, fsync, cache, db: db.clone() };
         let stats = Arc::new(WriterStats::default());
         // With an fsync per commit, a writer thread batches concurrent
         // writes behind each fsync (group commit). Without one a commit is
@@ -472,6 +504,34 @@ impl Storage {
             OpResult::Done(b) => Ok(b),
             _ => Ok(false),
         }
+    }
+
+    /// Collect the tombstone of `key`: drop the record if its digest is
+    /// still `digest`, and keep the version vector it covered (its
+    /// context) as the key's *grave*. From then on every merge into the
+    /// key drops the siblings the grave covers, so an older copy that
+    /// surfaces later (a hint, a node back from a long outage) cannot bring
+    /// the deleted value back. Returns whether it dropped the record.
+    pub async fn bury_if(&self, key: &[u8], digest: Digest) -> Result<bool, StorageError> {
+        match self.submit(Op::BuryIf { key: key.to_vec(), digest }).await? {
+            OpResult::Done(b) => Ok(b),
+            _ => Ok(false),
+        }
+    }
+
+    /// Join `covered` into the grave of `key` (a replica that collected
+    /// the key told us) and drop the stored siblings it covers. Returns
+    /// whether the stored record changed.
+    pub async fn bury(&self, key: &[u8], covered: VersionVector) -> Result<bool, StorageError> {
+        match self.submit(Op::Bury { key: key.to_vec(), covered }).await? {
+            OpResult::Done(b) => Ok(b),
+            _ => Ok(false),
+        }
+    }
+
+    /// The grave of `key`: what its collected tombstone covered, if any.
+    pub fn grave(&self, key: &[u8]) -> Result<Option<VersionVector>, StorageError> {
+        self.db.grave(&data_key(crate::ring::partition_of(key, self.partitions), key))
     }
 
     /// Coordinate a client write: atomically mint a fresh dot for `node`
@@ -891,13 +951,14 @@ struct Overlay<'a> {
     hints: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     /// hints this batch adds minus those it removes
     hint_delta: i64,
+    graves: HashMap<Vec<u8>, VersionVector>,
     /// trees of the partitions this batch touches, committed state + batch
     merkle: HashMap<u32, MerkleTree>,
 }
 
 impl<'a> Overlay<'a> {
     fn new(db: &'a Db) -> Self {
-        Overlay { db, data: HashMap::new(), hints: BTreeMap::new(), hint_delta: 0, merkle: HashMap::new() }
+        Overlay { db, data: HashMap::new(), hints: BTreeMap::new(), hint_delta: 0, graves: HashMap::new(), merkle: HashMap::new() }
     }
 
     fn data_get(&self, dk: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
@@ -905,6 +966,50 @@ impl<'a> Overlay<'a> {
             Some(v) => Ok(v.clone()),
             None => Ok(self.db.data_bytes(dk)?.map(|v| v.to_vec())),
         }
+    }
+
+    fn grave(&self, dk: &[u8]) -> Result<Option<VersionVector>, StorageError> {
+        match self.graves.get(dk) {
+            Some(g) => Ok(Some(g.clone())),
+            None => self.db.grave(dk),
+        }
+    }
+
+    /// Store `record` under `dk` (replacing `old`, its encoding if any;
+    /// an empty record deletes), keeping the partition's tree in step.
+    fn put_data(&mut self, p: u32, key: &[u8], dk: Vec<u8>, old: Option<&[u8]>, record: &Record) -> Result<(), StorageError> {
+        let enc = if record.siblings.is_empty() { None } else { Some(encode_record(record)?) };
+        let tree = self.tree(p)?;
+        if let Some(b) = old {
+            tree.toggle(key, key_digest(key, b));
+        }
+        if let Some(e) = &enc {
+            tree.toggle(key, key_digest(key, e));
+        }
+        self.data.insert(dk, enc);
+        Ok(())
+    }
+
+    /// Join `covered` into the grave of `key` and drop the stored siblings
+    /// it covers. Returns whether the stored record changed.
+    fn bury(&mut self, partitions: u32, key: &[u8], covered: &VersionVector) -> Result<bool, StorageError> {
+        let p = crate::ring::partition_of(key, partitions);
+        let dk = data_key(p, key);
+        let mut grave = self.grave(&dk)?.unwrap_or_default();
+        grave.join(covered);
+        let old = self.data_get(&dk)?;
+        let mut changed = false;
+        if let Some(b) = &old {
+            let mut rec = decode_record(b)?;
+            let before = rec.siblings.len();
+            rec.siblings.retain(|s| !grave.covers(&s.dot));
+            if rec.siblings.len() != before {
+                self.put_data(p, key, dk.clone(), Some(b), &rec)?;
+                changed = true;
+            }
+        }
+        self.graves.insert(dk, grave);
+        Ok(changed)
     }
 
     fn hint_get(&self, hk: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
@@ -948,19 +1053,22 @@ impl<'a> Overlay<'a> {
     fn merge_data(&mut self, partitions: u32, key: &[u8], record: &Record) -> Result<Record, StorageError> {
         let p = crate::ring::partition_of(key, partitions);
         let dk = data_key(p, key);
+        // siblings a collected tombstone covered stay collected
+        let buried;
+        let record = match self.grave(&dk)? {
+            Some(g) if record.siblings.iter().any(|s| g.covers(&s.dot)) => {
+                buried = Record { siblings: record.siblings.iter().filter(|s| !g.covers(&s.dot)).cloned().collect() };
+                &buried
+            }
+            _ => record,
+        };
         let old = self.data_get(&dk)?;
         let mut cur = match &old {
             Some(b) => decode_record(b)?,
             None => Record::default(),
         };
-        if cur.merge(record) || old.is_none() {
-            let enc = encode_record(&cur)?;
-            let tree = self.tree(p)?;
-            if let Some(b) = &old {
-                tree.toggle(key, key_digest(key, b));
-            }
-            tree.toggle(key, key_digest(key, &enc));
-            self.data.insert(dk, Some(enc));
+        if (cur.merge(record) || old.is_none()) && !cur.siblings.is_empty() {
+            self.put_data(p, key, dk, old.as_deref(), &cur)?;
         }
         Ok(cur)
     }
@@ -1021,7 +1129,14 @@ impl<'a> Overlay<'a> {
                 None => b.remove(&self.db.hints, k),
             }
         }
+        let new_graves = !self.graves.is_empty();
+        for (k, g) in self.graves {
+            b.insert(&self.db.graves, k, encode_vv(&g)?);
+        }
         b.commit().map_err(StorageError::engine)?;
+        if new_graves {
+            self.db.any_graves.store(true, Ordering::Release);
+        }
         for (k, v) in cached {
             match v {
                 Some(v) => self.db.cache.insert(k, v),
@@ -1107,6 +1222,19 @@ fn apply_batch(
                 }
                 Ok(OpResult::Done(dropped))
             }
+            Op::BuryIf { key, digest } => {
+                let p = crate::ring::partition_of(key, partitions);
+                let dk = data_key(p, key);
+                let mut dropped = false;
+                if let Some(b) = w.data_get(&dk)? {
+                    if key_digest(key, &b) == *digest {
+                        let covered = decode_record(&b)?.context();
+                        dropped = w.bury(partitions, key, &covered)?;
+                    }
+                }
+                Ok(OpResult::Done(dropped))
+            }
+            Op::Bury { key, covered } => w.bury(partitions, key, covered).map(OpResult::Done),
         };
         results.push(res);
     }
@@ -1226,6 +1354,53 @@ mod tests {
         // a snapshot for another partition count is not used
         let s = Storage::open(&path, 32, every, DEFAULT_MEMTABLE_BYTES).expect("reopen");
         assert!(!s.merkle_snapshot_used());
+    }
+
+    #[tokio::test]
+    async fn a_collected_tombstone_keeps_older_copies_from_coming_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        let every = Fsync::Periodic(std::time::Duration::from_millis(5));
+        let tree_ok = |s: &Storage| {
+            let built = build_trees(&s.db.data, 16).expect("scan");
+            (0..16u32).all(|q| s.merkle(q).expect("merkle") == built[q as usize])
+        };
+        // a tombstone written by b after reading a's value
+        let mut ctx = VersionVector::new();
+        ctx.add(&Dot { node: "a".into(), counter: 1 });
+        let tomb = Record::single(Sibling { dot: Dot { node: "b".into(), counter: 1 }, context: ctx, value: None, written_ms: 1 });
+        {
+            let s = Storage::open(&path, 16, every, DEFAULT_MEMTABLE_BYTES).expect("open");
+            assert!(s.grave(b"k").expect("grave").is_none());
+            s.merge(b"k", rec("a", 1, "old")).await.expect("merge");
+            let stored = s.merge(b"k", tomb.clone()).await.expect("merge");
+            assert!(stored.is_tombstone());
+            let d = key_digest(b"k", &encode_record(&stored).expect("encode"));
+            assert!(!s.bury_if(b"k", d ^ 1).await.expect("bury"), "a changed record is not collected");
+            assert!(s.bury_if(b"k", d).await.expect("bury"));
+            assert!(s.get(b"k").expect("get").is_none());
+            assert!(tree_ok(&s));
+        }
+        // the grave survives a restart, and the old value cannot come back
+        let s = Storage::open(&path, 16, every, DEFAULT_MEMTABLE_BYTES).expect("reopen");
+        let grave = s.grave(b"k").expect("grave").expect("a grave");
+        assert!(grave.covers(&Dot { node: "a".into(), counter: 1 }) && grave.covers(&Dot { node: "b".into(), counter: 1 }));
+        s.merge(b"k", rec("a", 1, "old")).await.expect("merge");
+        s.merge(b"k", tomb).await.expect("merge");
+        assert!(s.get(b"k").expect("get").is_none(), "a covered copy was stored again");
+        assert!(tree_ok(&s));
+        // a new write (a dot the grave does not cover) is stored
+        s.merge(b"k", rec("c", 1, "new")).await.expect("merge");
+        assert_eq!(s.get(b"k").expect("get").map(|r| r.values()), Some(vec![b"new".to_vec()]));
+        // burying what another replica collected drops only covered siblings
+        let mut both = rec("a", 2, "stale");
+        both.merge(&rec("c", 1, "new"));
+        s.merge(b"k2", both).await.expect("merge");
+        let mut covered = VersionVector::new();
+        covered.add(&Dot { node: "a".into(), counter: 2 });
+        assert!(s.bury(b"k2", covered).await.expect("bury"));
+        assert_eq!(s.get(b"k2").expect("get").map(|r| r.values()), Some(vec![b"new".to_vec()]));
+        assert!(tree_ok(&s));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 mod common;
 use common::{config, wait_until, Cluster};
 use nimbus_state_store::rpc::Handler;
-use nimbus_state_store::{Context, KvClient, LocalClient, Node};
+use nimbus_state_store::storage::Storage;
+use nimbus_state_store::{Context, Fsync, KvClient, LocalClient, Node};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -211,4 +212,73 @@ async fn removing_a_dead_node_rebuilds_its_replicas() {
             assert_eq!(rec.map(|r| r.values()), Some(vec![format!("v{i}").into_bytes()]), "{owner} holds {key}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collected_key_stays_deleted_when_older_copies_surface() {
+    let c = Cluster::start_with(5, 17, |cfg| cfg.tombstone_grace = Duration::from_millis(0)).await;
+    let key = b"instance/i-buried";
+    let ring = c.node(0).expect("n0").membership().ring();
+    let pref = ring.preference_list(ring.partition_of(key), 3);
+    let idx = |id: &str| c.ids.iter().position(|x| x == id).expect("idx");
+    let stored = |id: &str| c.node(idx(id)).and_then(|n| n.storage().get(key).ok().flatten());
+    // the third owner is down while the value is written: a stand-in
+    // holds its copy as a hint
+    let third = idx(&pref[2]);
+    c.kill(third);
+    let client = LocalClient(c.node(idx(&pref[0])).expect("first owner"));
+    client.put(key, b"v1".to_vec(), &Context::empty()).await.expect("put");
+    let holder = || c.live().into_iter().find(|n| n.storage().hint_count().unwrap_or(0) > 0);
+    wait_until("a stand-in holds the hint", Duration::from_secs(5), || holder().is_some()).await;
+    let holder_id = holder().expect("stand-in").id().clone();
+    let old = stored(&pref[0]).expect("the first owner holds v1");
+    // the stand-in is cut off before it can deliver; the owner returns
+    let others: Vec<String> = c.ids.iter().filter(|x| **x != holder_id).cloned().collect();
+    c.net.partition(std::slice::from_ref(&holder_id), &others);
+    c.restart(third).await;
+    wait_until("the owners see each other", Duration::from_secs(20), || {
+        pref.iter().all(|a| pref.iter().all(|b| c.node(idx(a)).is_some_and(|n| n.membership().is_alive(b))))
+    })
+    .await;
+    // delete, spread the tombstone, collect it on all three owners
+    let ctx = client.get(key).await.expect("get").context;
+    client.delete(key, &ctx).await.expect("delete");
+    c.converge().await;
+    for id in &pref {
+        assert!(stored(id).is_some_and(|r| r.is_tombstone()), "{id} holds the tombstone");
+    }
+    assert_eq!(c.node(idx(&pref[0])).expect("first owner").gc_tombstones().await, 1);
+    for id in &pref {
+        assert!(stored(id).is_none(), "{id} still holds the key");
+    }
+    // the stand-in returns and hands its old copy to the owner
+    c.net.heal();
+    c.wait_all_alive().await;
+    c.drain_hints().await;
+    for id in &pref {
+        assert!(stored(id).is_none(), "the hint brought the deleted value back on {id}");
+    }
+    assert!(client.get(key).await.expect("get").values.is_empty());
+    // a replica that lost its disk gets the old copy again; anti-entropy
+    // with a replica that collected the key buries it there too
+    let second = idx(&pref[1]);
+    c.kill(second);
+    let wiped = c.dir.path().join(&pref[1]);
+    // once the killed instance has closed its store (it can be opened
+    // again), the disk is lost
+    let start = std::time::Instant::now();
+    while Storage::open(&wiped.join("store"), 256, Fsync::Always, 1 << 20).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(10), "the killed replica's store stays open");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    std::fs::remove_dir_all(&wiped).expect("lose the disk");
+    let fresh = c.restart(second).await;
+    c.wait_all_alive().await;
+    fresh.storage().merge(key, old).await.expect("stale copy");
+    assert!(stored(&pref[1]).is_some());
+    c.converge().await;
+    for id in &pref {
+        assert!(stored(id).is_none(), "anti-entropy brought the deleted value back on {id}");
+    }
+    assert_eq!(c.root_mismatches().1, 0);
 }
