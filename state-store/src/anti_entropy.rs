@@ -53,18 +53,25 @@ impl Node {
         if self.started.elapsed() < self.cfg.fail_timeout {
             return 0;
         }
-        let partitions = match self.storage.partitions_with_data() {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot list stored partitions");
-                return 0;
-            }
-        };
+        let partitions: std::collections::BTreeSet<u32> =
+            match (self.storage.partitions_with_data(), self.storage.partitions_with_graves()) {
+                (Ok(d), Ok(g)) => d.into_iter().chain(g).collect(),
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(error = %e, "cannot list stored partitions");
+                    return 0;
+                }
+            };
         let mut moved = 0;
         for p in partitions {
             let owners = ring.preference_list(p, self.cfg.n);
             if owners.is_empty() || owners.contains(&self.cfg.id) || !owners.iter().all(|o| self.membership.is_alive(o)) {
                 continue;
+            }
+            // graves first: the owners then bury stale copies, the ones
+            // handed over below included
+            match self.hand_off_graves(p, &owners).await {
+                Some(n) => moved += n,
+                None => continue,
             }
             let records = match self.storage.partition_records(p) {
                 Ok(r) => r,
@@ -98,6 +105,32 @@ impl Node {
             tracing::info!(moved, "handed off keys of partitions this node no longer replicates");
         }
         moved
+    }
+
+    /// Give the graves of foreign partition `p` to all its owners, then
+    /// forget them here. `None` when an owner did not acknowledge.
+    async fn hand_off_graves(&self, p: u32, owners: &[String]) -> Option<usize> {
+        let graves = match self.storage.partition_graves(p) {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!(partition = p, error = %e, "cannot read the graves of a foreign partition");
+                return None;
+            }
+        };
+        for chunk in graves.chunks(HANDOFF_BATCH) {
+            for o in owners {
+                if self.call(o, Request::Bury { items: chunk.to_vec() }).await.is_err() {
+                    return None;
+                }
+            }
+        }
+        let n = graves.len();
+        if n > 0 {
+            if let Err(e) = self.storage.forget_graves(graves).await {
+                tracing::warn!(partition = p, error = %e, "cannot forget handed-off graves");
+            }
+        }
+        Some(n)
     }
 
     async fn sync_partition(&self, p: u32, peer: &String) -> Result<usize, String> {

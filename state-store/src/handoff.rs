@@ -143,6 +143,21 @@ impl Node {
                 report.keys_handed_off += 1;
             }
         }
+        // the graves of collected keys go with the data, so that the new
+        // owners bury stale copies too
+        let ring = self.membership.ring();
+        for p in self.storage.partitions_with_graves()? {
+            let graves = self.storage.partition_graves(p)?;
+            let mut acks = 0;
+            for o in ring.preference_list(p, self.cfg.n).iter().filter(|o| **o != self.cfg.id) {
+                if self.call(o, Request::Bury { items: graves.clone() }).await.is_ok() {
+                    acks += 1;
+                }
+            }
+            if acks == 0 {
+                return Err(StoreError::QuorumFailed { got: 0, needed: 1 });
+            }
+        }
         report.hints_handed_off = self.deliver_hints().await;
         // hints whose owners are down stay hints, on another node
         report.hints_handed_off += self.rehome_hints().await?;

@@ -213,6 +213,8 @@ enum Op {
     BuryIf { key: Vec<u8>, digest: Digest },
     /// Join `covered` into the key's grave and drop the siblings it covers.
     Bury { key: Vec<u8>, covered: VersionVector },
+    /// Remove graves that are unchanged.
+    ForgetGraves { graves: Vec<(Vec<u8>, VersionVector)> },
     Coordinate {
         node: String,
         key: Vec<u8>,
@@ -648,6 +650,37 @@ impl Storage {
         records(self.db.data.prefix(p.to_be_bytes()))
     }
 
+    /// Partitions that hold at least one grave.
+    pub fn partitions_with_graves(&self) -> Result<Vec<u32>, StorageError> {
+        let mut out = Vec::new();
+        if !self.db.any_graves.load(Ordering::Acquire) {
+            return Ok(out);
+        }
+        for p in 0..self.partitions {
+            if let Some(item) = self.db.graves.prefix(p.to_be_bytes()).next() {
+                item.into_inner().map_err(StorageError::engine)?;
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every `(key, grave)` of partition `p`.
+    pub fn partition_graves(&self, p: u32) -> Result<Vec<(Vec<u8>, VersionVector)>, StorageError> {
+        let mut out = Vec::new();
+        for item in self.db.graves.prefix(p.to_be_bytes()) {
+            let (k, v) = item.into_inner().map_err(StorageError::engine)?;
+            out.push((split_data_key(&k)?.1.to_vec(), decode_vv(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Forget the graves of `keys` if they are still exactly `graves` (the
+    /// partition moved away and its new owners acknowledged them).
+    pub async fn forget_graves(&self, graves: Vec<(Vec<u8>, VersionVector)>) -> Result<(), StorageError> {
+        self.submit(Op::ForgetGraves { graves }).await.map(|_| ())
+    }
+
     /// Every stored `(key, record)`; used by handoff on leave and by
     /// tombstone GC. Reads one consistent snapshot.
     pub fn scan(&self) -> Result<Vec<(Vec<u8>, Record)>, StorageError> {
@@ -951,7 +984,8 @@ struct Overlay<'a> {
     hints: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     /// hints this batch adds minus those it removes
     hint_delta: i64,
-    graves: HashMap<Vec<u8>, VersionVector>,
+    /// graves written (`None`: removed)
+    graves: HashMap<Vec<u8>, Option<VersionVector>>,
     /// trees of the partitions this batch touches, committed state + batch
     merkle: HashMap<u32, MerkleTree>,
 }
@@ -970,7 +1004,7 @@ impl<'a> Overlay<'a> {
 
     fn grave(&self, dk: &[u8]) -> Result<Option<VersionVector>, StorageError> {
         match self.graves.get(dk) {
-            Some(g) => Ok(Some(g.clone())),
+            Some(g) => Ok(g.clone()),
             None => self.db.grave(dk),
         }
     }
@@ -1008,7 +1042,7 @@ impl<'a> Overlay<'a> {
                 changed = true;
             }
         }
-        self.graves.insert(dk, grave);
+        self.graves.insert(dk, Some(grave));
         Ok(changed)
     }
 
@@ -1129,9 +1163,12 @@ impl<'a> Overlay<'a> {
                 None => b.remove(&self.db.hints, k),
             }
         }
-        let new_graves = !self.graves.is_empty();
+        let new_graves = self.graves.values().any(Option::is_some);
         for (k, g) in self.graves {
-            b.insert(&self.db.graves, k, encode_vv(&g)?);
+            match g {
+                Some(g) => b.insert(&self.db.graves, k, encode_vv(&g)?),
+                None => b.remove(&self.db.graves, k),
+            }
         }
         b.commit().map_err(StorageError::engine)?;
         if new_graves {
@@ -1235,6 +1272,15 @@ fn apply_batch(
                 Ok(OpResult::Done(dropped))
             }
             Op::Bury { key, covered } => w.bury(partitions, key, covered).map(OpResult::Done),
+            Op::ForgetGraves { graves } => {
+                for (key, g) in graves {
+                    let dk = data_key(crate::ring::partition_of(key, partitions), key);
+                    if w.grave(&dk)?.as_ref() == Some(g) {
+                        w.graves.insert(dk, None);
+                    }
+                }
+                Ok(OpResult::Done(true))
+            }
         };
         results.push(res);
     }

@@ -282,3 +282,73 @@ async fn a_collected_key_stays_deleted_when_older_copies_surface() {
     }
     assert_eq!(c.root_mismatches().1, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graves_move_with_their_partitions() {
+    let c = Cluster::start_with(5, 18, |cfg| cfg.tombstone_grace = Duration::from_millis(0)).await;
+    let n0 = c.node(0).expect("n0");
+    let ring = n0.membership().ring();
+    // a key whose preference list takes in n5 when it joins
+    let mut with_n5: Vec<String> = c.ids.clone();
+    with_n5.push("n5".into());
+    let joined = nimbus_state_store::ring::Ring::new(&with_n5, ring.partitions());
+    let key = (0..10_000)
+        .map(|i| format!("instance/i-{i}"))
+        .find(|k| {
+            let p = ring.partition_of(k.as_bytes());
+            let (before, after) = (ring.preference_list(p, 3), joined.preference_list(p, 3));
+            after.contains(&"n5".to_string()) && !before.contains(&"n5".to_string())
+        })
+        .expect("a key that moves to n5");
+    let key = key.as_bytes();
+    let pref = ring.preference_list(ring.partition_of(key), 3);
+    let idx = |id: &str| c.ids.iter().position(|x| x == id).expect("idx");
+    let client = LocalClient(n0.clone());
+    client.put(key, b"v1".to_vec(), &Context::empty()).await.expect("put");
+    let ctx = client.get(key).await.expect("get").context;
+    client.delete(key, &ctx).await.expect("delete");
+    c.converge().await;
+    assert_eq!(c.node(idx(&pref[0])).expect("first owner").gc_tombstones().await, 1);
+    for id in &pref {
+        assert!(c.node(idx(id)).expect("owner").storage().grave(key).expect("grave").is_some(), "{id} keeps a grave");
+    }
+    // n5 joins and takes the partition over from one of the owners
+    let cfg = config(c.dir.path(), "n5", &["n0".to_string()]);
+    let n5 = Node::start(cfg, c.net.clone()).await.expect("start n5");
+    let h: Arc<dyn Handler> = n5.clone();
+    c.net.register(&"n5".to_string(), Arc::downgrade(&h));
+    wait_until("everyone sees the 6-node ring", Duration::from_secs(10), || {
+        c.live().iter().all(|n| n.membership().ring().nodes().len() == 6) && n5.membership().ring().nodes().len() == 6
+    })
+    .await;
+    let new_pref = n5.membership().ring().preference_list(ring.partition_of(key), 3);
+    let gone: Vec<String> = pref.iter().filter(|o| !new_pref.contains(o)).cloned().collect();
+    assert!(!gone.is_empty(), "an owner lost the partition: {pref:?} -> {new_pref:?}");
+    let node_of = |id: &str| if id == "n5" { Some(n5.clone()) } else { c.node(idx(id)) };
+    let handed_over = || {
+        new_pref.iter().all(|id| node_of(id).is_some_and(|n| n.storage().grave(key).ok().flatten().is_some()))
+            && gone.iter().all(|id| node_of(id).is_some_and(|n| n.storage().grave(key).ok().flatten().is_none()))
+    };
+    let start = std::time::Instant::now();
+    while !handed_over() {
+        assert!(start.elapsed() < Duration::from_secs(15), "the grave did not move to {new_pref:?}");
+        for n in c.live() {
+            n.anti_entropy_round().await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // an owner leaves: the owners after it hold the grave too
+    let leaver = node_of(&new_pref[0]).expect("an owner");
+    leaver.leave().await.expect("leave");
+    let observer = c.live().into_iter().find(|n| n.id() != leaver.id()).expect("another node");
+    wait_until("the ring drops the leaver", Duration::from_secs(10), || {
+        !observer.membership().ring().nodes().contains(leaver.id())
+    })
+    .await;
+    let last_pref = observer.membership().ring().preference_list(ring.partition_of(key), 3);
+    assert!(last_pref.iter().any(|id| !new_pref.contains(id)), "a new owner took the leaver's place");
+    for id in &last_pref {
+        assert!(node_of(id).is_some_and(|n| n.storage().grave(key).ok().flatten().is_some()), "{id} lacks the grave after the leave");
+    }
+    n5.shutdown();
+}
