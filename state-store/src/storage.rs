@@ -675,8 +675,8 @@ impl Storage {
         Ok(out)
     }
 
-    /// Forget the graves of `keys` if they are still exactly `graves` (the
-    /// partition moved away and its new owners acknowledged them).
+    /// Forget each of `graves` that is unchanged (its partition moved away
+    /// and the new owners acknowledged them).
     pub async fn forget_graves(&self, graves: Vec<(Vec<u8>, VersionVector)>) -> Result<(), StorageError> {
         self.submit(Op::ForgetGraves { graves }).await.map(|_| ())
     }
@@ -1250,10 +1250,8 @@ fn apply_batch(
                 let dk = data_key(p, key);
                 let mut dropped = false;
                 if let Some(b) = w.data_get(&dk)? {
-                    let d = key_digest(key, &b);
-                    if d == *digest {
-                        w.data.insert(dk, None);
-                        w.tree(p)?.toggle(key, d);
+                    if key_digest(key, &b) == *digest {
+                        w.put_data(p, key, dk, Some(&b), &Record::default())?;
                         dropped = true;
                     }
                 }
