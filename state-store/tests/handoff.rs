@@ -213,3 +213,24 @@ async fn a_leaving_node_hands_hints_for_a_down_owner_to_another_node() {
     let rec = back.storage().get(key).expect("read").expect("the owner holds the write");
     assert_eq!(rec.values(), vec![b"v1".to_vec()]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_requests_with_bad_keys_are_refused() {
+    let c = Cluster::start(3, 19).await;
+    let n0 = c.node(0).expect("n0");
+    let client = LocalClient(n0.clone());
+    client.put(b"k", b"v".to_vec(), &Context::empty()).await.expect("put");
+    let record = n0.storage().get(b"k").expect("read").expect("record");
+    let big = vec![b'k'; nimbus_state_store::error::MAX_KEY_BYTES + 1];
+    for req in [
+        Request::Put { key: big.clone(), record: record.clone() },
+        Request::Hinted { owner: "n1".into(), key: big.clone(), record: record.clone() },
+        Request::PutMany { items: vec![(b"ok".to_vec(), record.clone()), (Vec::new(), record.clone())] },
+    ] {
+        let resp = n0.handle_local(req).await;
+        assert!(matches!(resp, Response::Error(_)), "{resp:?}");
+    }
+    assert!(n0.storage().get(&big).expect("read").is_none());
+    assert_eq!(n0.storage().hint_count().expect("hints"), 0);
+    assert!(n0.storage().get(b"ok").expect("read").is_none(), "nothing of a refused batch is written");
+}
