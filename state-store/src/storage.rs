@@ -635,9 +635,14 @@ impl Storage {
 
     /// Partitions of which this node stores at least one key.
     pub fn partitions_with_data(&self) -> Result<Vec<u32>, StorageError> {
+        self.partitions_in(&self.db.data)
+    }
+
+    /// Partitions with at least one entry in `ks` (keyed by data key).
+    fn partitions_in(&self, ks: &Keyspace) -> Result<Vec<u32>, StorageError> {
         let mut out = Vec::new();
         for p in 0..self.partitions {
-            if let Some(item) = self.db.data.prefix(p.to_be_bytes()).next() {
+            if let Some(item) = ks.prefix(p.to_be_bytes()).next() {
                 item.into_inner().map_err(StorageError::engine)?;
                 out.push(p);
             }
@@ -652,17 +657,10 @@ impl Storage {
 
     /// Partitions that hold at least one grave.
     pub fn partitions_with_graves(&self) -> Result<Vec<u32>, StorageError> {
-        let mut out = Vec::new();
         if !self.db.any_graves.load(Ordering::Acquire) {
-            return Ok(out);
+            return Ok(Vec::new());
         }
-        for p in 0..self.partitions {
-            if let Some(item) = self.db.graves.prefix(p.to_be_bytes()).next() {
-                item.into_inner().map_err(StorageError::engine)?;
-                out.push(p);
-            }
-        }
-        Ok(out)
+        self.partitions_in(&self.db.graves)
     }
 
     /// Every `(key, grave)` of partition `p`.
