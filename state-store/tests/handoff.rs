@@ -132,8 +132,7 @@ async fn reads_and_writes_do_not_wait_for_a_silent_replica() {
 async fn a_forwarded_write_whose_reply_is_lost_is_not_applied_twice() {
     let c = Cluster::start(5, 14).await;
     let key = b"instance/i-lost";
-    let ring = c.node(0).expect("n0").membership().ring();
-    let pref = ring.preference_list(ring.partition_of(key), 3);
+    let pref = c.preference_list(key);
     let outsider = c.ids.iter().position(|x| !pref.contains(x)).expect("a node that owns no replica");
     // the outsider forwards the write to the first owner, which applies
     // and replicates it; then the connection breaks before the reply
@@ -143,14 +142,10 @@ async fn a_forwarded_write_whose_reply_is_lost_is_not_applied_twice() {
     assert!(matches!(err, StoreError::OutcomeUnknown(_)), "{err:?}");
     c.net.heal();
     c.wait_all_alive().await;
-    let idx = |id: &str| c.ids.iter().position(|x| x == id).expect("idx");
-    wait_until("every owner holds the write", Duration::from_secs(5), || {
-        pref.iter().all(|id| c.node(idx(id)).and_then(|n| n.storage().get(key).ok().flatten()).is_some())
-    })
-    .await;
+    wait_until("every owner holds the write", Duration::from_secs(5), || pref.iter().all(|id| c.stored(id, key).is_some())).await;
     // applied once: one version, not two siblings of the same value
     for id in &pref {
-        let rec = c.node(idx(id)).and_then(|n| n.storage().get(key).ok().flatten()).expect("record");
+        let rec = c.stored(id, key).expect("record");
         assert_eq!(rec.values(), vec![b"v1".to_vec()], "{id}");
     }
 }
@@ -160,16 +155,11 @@ async fn a_read_waits_for_live_owners_instead_of_counting_empty_stand_ins() {
     // every read asks every candidate at once, fallbacks included
     let c = Cluster::start_with(5, 15, |cfg| cfg.read_repair_chance = 1.0).await;
     let key = b"instance/i-slow";
-    let ring = c.node(0).expect("n0").membership().ring();
-    let pref = ring.preference_list(ring.partition_of(key), 3);
+    let pref = c.preference_list(key);
     let outsider = c.ids.iter().position(|x| !pref.contains(x)).expect("a node that owns no replica");
     let client = LocalClient(c.node(outsider).expect("outsider"));
     client.put(key, b"v1".to_vec(), &Context::empty()).await.expect("put");
-    let idx = |id: &str| c.ids.iter().position(|x| x == id).expect("idx");
-    wait_until("every owner holds the write", Duration::from_secs(5), || {
-        pref.iter().all(|id| c.node(idx(id)).and_then(|n| n.storage().get(key).ok().flatten()).is_some())
-    })
-    .await;
+    wait_until("every owner holds the write", Duration::from_secs(5), || pref.iter().all(|id| c.stored(id, key).is_some())).await;
     // the owners answer late; the outsider itself and the fifth node,
     // which never held the key, answer at once
     for id in &pref {
@@ -185,22 +175,19 @@ async fn a_read_waits_for_live_owners_instead_of_counting_empty_stand_ins() {
 async fn a_leaving_node_hands_hints_for_a_down_owner_to_another_node() {
     let c = Cluster::start(5, 16).await;
     let key = b"instance/i-hint";
-    let ring = c.node(0).expect("n0").membership().ring();
-    let pref = ring.preference_list(ring.partition_of(key), 3);
-    let idx = |id: &str| c.ids.iter().position(|x| x == id).expect("idx");
-    let owner = idx(&pref[0]);
+    let pref = c.preference_list(key);
+    let owner = c.index(&pref[0]);
     c.kill(owner);
-    let client = LocalClient(c.node(idx(&pref[1])).expect("second owner"));
+    let client = LocalClient(c.node(c.index(&pref[1])).expect("second owner"));
     client.put(key, b"v1".to_vec(), &Context::empty()).await.expect("sloppy write");
-    let holder = || c.live().into_iter().find(|n| n.storage().hint_count().unwrap_or(0) > 0);
-    wait_until("a stand-in holds the hint", Duration::from_secs(5), || holder().is_some()).await;
-    let leaver = holder().expect("stand-in");
-    let leaver_idx = idx(leaver.id());
+    wait_until("a stand-in holds the hint", Duration::from_secs(5), || c.hint_holder().is_some()).await;
+    let leaver = c.hint_holder().expect("stand-in");
+    let leaver_idx = c.index(leaver.id());
     let report = leaver.leave().await.expect("leave");
     assert_eq!(report.hints_handed_off, 1, "{report:?}");
     assert_eq!(leaver.storage().hint_count().expect("count"), 0);
     // once leaving, the node refuses replica writes
-    let record = c.node(idx(&pref[1])).and_then(|n| n.storage().get(key).ok().flatten()).expect("record");
+    let record = c.stored(&pref[1], key).expect("record");
     let resp = leaver.handle_local(Request::Hinted { owner: pref[0].clone(), key: key.to_vec(), record }).await;
     assert!(matches!(resp, Response::Error(_)), "{resp:?}");
     c.kill(leaver_idx);

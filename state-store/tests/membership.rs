@@ -218,19 +218,17 @@ async fn removing_a_dead_node_rebuilds_its_replicas() {
 async fn a_collected_key_stays_deleted_when_older_copies_surface() {
     let c = Cluster::start_with(5, 17, |cfg| cfg.tombstone_grace = Duration::from_millis(0)).await;
     let key = b"instance/i-buried";
-    let ring = c.node(0).expect("n0").membership().ring();
-    let pref = ring.preference_list(ring.partition_of(key), 3);
-    let idx = |id: &str| c.ids.iter().position(|x| x == id).expect("idx");
-    let stored = |id: &str| c.node(idx(id)).and_then(|n| n.storage().get(key).ok().flatten());
+    let pref = c.preference_list(key);
+    let idx = |id: &str| c.index(id);
+    let stored = |id: &str| c.stored(id, key);
     // the third owner is down while the value is written: a stand-in
     // holds its copy as a hint
     let third = idx(&pref[2]);
     c.kill(third);
     let client = LocalClient(c.node(idx(&pref[0])).expect("first owner"));
     client.put(key, b"v1".to_vec(), &Context::empty()).await.expect("put");
-    let holder = || c.live().into_iter().find(|n| n.storage().hint_count().unwrap_or(0) > 0);
-    wait_until("a stand-in holds the hint", Duration::from_secs(5), || holder().is_some()).await;
-    let holder_id = holder().expect("stand-in").id().clone();
+    wait_until("a stand-in holds the hint", Duration::from_secs(5), || c.hint_holder().is_some()).await;
+    let holder_id = c.hint_holder().expect("stand-in").id().clone();
     let old = stored(&pref[0]).expect("the first owner holds v1");
     // the stand-in is cut off before it can deliver; the owner returns
     let others: Vec<String> = c.ids.iter().filter(|x| **x != holder_id).cloned().collect();
@@ -302,7 +300,7 @@ async fn graves_move_with_their_partitions() {
         .expect("a key that moves to n5");
     let key = key.as_bytes();
     let pref = ring.preference_list(ring.partition_of(key), 3);
-    let idx = |id: &str| c.ids.iter().position(|x| x == id).expect("idx");
+    let idx = |id: &str| c.index(id);
     let client = LocalClient(n0.clone());
     client.put(key, b"v1".to_vec(), &Context::empty()).await.expect("put");
     let ctx = client.get(key).await.expect("get").context;

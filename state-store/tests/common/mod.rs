@@ -58,6 +58,27 @@ impl Cluster {
         c
     }
 
+    /// Index of node `id` in `ids`.
+    pub fn index(&self, id: &str) -> usize {
+        self.ids.iter().position(|x| x == id).expect("a node of the cluster")
+    }
+
+    /// The key's preference list (N=3) in node 0's view of the ring.
+    pub fn preference_list(&self, key: &[u8]) -> Vec<String> {
+        let ring = self.node(0).expect("n0").membership().ring();
+        ring.preference_list(ring.partition_of(key), 3)
+    }
+
+    /// The record node `id` stores for `key` (replica data only).
+    pub fn stored(&self, id: &str, key: &[u8]) -> Option<nimbus_state_store::clock::Record> {
+        self.node(self.index(id)).and_then(|n| n.storage().get(key).ok().flatten())
+    }
+
+    /// A live node that holds at least one hint.
+    pub fn hint_holder(&self) -> Option<Arc<Node>> {
+        self.live().into_iter().find(|n| n.storage().hint_count().unwrap_or(0) > 0)
+    }
+
     pub fn node(&self, i: usize) -> Option<Arc<Node>> {
         self.nodes.lock().expect("lock")[i].clone()
     }
