@@ -11,15 +11,21 @@
 #      in a SECOND apt-get step: installing libvirt/qemu-system-x86 removes the
 #      preinstalled non-Debian qemu-utils (qemu-img 10.x), and asking for everything
 #      in one command fails with "held broken packages".
-#   2. start virtlogd and libvirtd (daemon mode, no systemd) and wait until
-#      `virsh -c qemu:///system version` answers.
+#   2. give /dev/kvm the permissions a Debian host has (root:kvm 0660) when no udev
+#      did it: with root:root 0600 libvirt re-probes QEMU on every domain start
+#      (~50 s each), because the QEMU user cannot open the device it probed.
+#   3. start virtlogd and libvirtd (daemon mode, no systemd) and wait until
+#      `virsh -c qemu:///system version` answers. The first start on a fresh
+#      machine probes QEMU's capabilities for one to two minutes: the wait is
+#      bounded by NIMBUS_LIBVIRTD_WAIT_SECS (default 600) and says what it waits for.
 set -euo pipefail
 
 export DEBIAN_FRONTEND=noninteractive
 
 # Packages and what needs them:
 #   libvirt-daemon-system  libvirtd, virtlogd, virsh (host agent, try-boot.sh)
-#   libvirt-clients        virt-xml-validate (domain XML schema test)
+#   libvirt-clients        virsh, virt-xml-validate (domain XML schema test)
+#   libxml2-utils          xmllint, which virt-xml-validate runs
 #   libvirt-dev            the `virt` crate links against libvirt
 #   pkg-config             virt-sys finds libvirt with it
 #   qemu-system-x86        the emulator libvirt drives (TCG here)
@@ -29,7 +35,7 @@ export DEBIAN_FRONTEND=noninteractive
 #   python3                try-boot.sh's metadata HTTP server, JSON in build-tiny.sh
 #   qemu-utils             qemu-img (second step, see above)
 # busybox-static is NOT installed on the host: build-tiny.sh only `apt-get download`s it.
-PKGS1=(libvirt-daemon-system libvirt-clients libvirt-dev pkg-config qemu-system-x86 cpio genisoimage e2fsprogs python3)
+PKGS1=(libvirt-daemon-system libvirt-clients libxml2-utils libvirt-dev pkg-config qemu-system-x86 cpio genisoimage e2fsprogs python3)
 PKGS2=(qemu-utils)
 
 LOG=$(mktemp /tmp/nimbus-install-deps.XXXXXX.log)
@@ -80,9 +86,26 @@ fi
 apt_install "${m2[@]}"
 command -v qemu-img >/dev/null 2>&1 || die "qemu-img missing after install"
 
+# ---- /dev/kvm ------------------------------------------------------------------
+
+# Debian's udev rule makes /dev/kvm root:kvm 0660; machines without udev leave it
+# root:root 0600. Only the group and mode are changed, and only when they differ.
+if [ -c /dev/kvm ]; then
+    getent group kvm >/dev/null || run groupadd --system kvm
+    # The QEMU user libvirt runs guests as (Debian: libvirt-qemu) opens it through the group.
+    if id libvirt-qemu >/dev/null 2>&1 && ! id -nG libvirt-qemu | grep -qw kvm; then
+        run usermod -a -G kvm libvirt-qemu
+    fi
+    if [ "$(stat -c %G:%a /dev/kvm)" != "kvm:660" ]; then
+        echo "install-deps.sh: /dev/kvm was $(stat -c %U:%G:%a /dev/kvm); setting root:kvm 0660 as udev would" >&2
+        run chgrp kvm /dev/kvm
+        run chmod 0660 /dev/kvm
+    fi
+fi
+
 # ---- daemons -------------------------------------------------------------------
 
-virsh_ok() { timeout 5 virsh -c qemu:///system version >/dev/null 2>&1; }
+virsh_ok() { timeout 10 virsh -c qemu:///system version >/dev/null 2>&1; }
 
 # virtlogd is checked on its own: libvirtd answers without it, but starting a QEMU
 # domain fails when it is gone (libvirt logs QEMU's stdio through it).
@@ -93,10 +116,20 @@ if ! virsh_ok; then
     if ! pgrep -x libvirtd >/dev/null; then
         run libvirtd -d
     fi
-    # Bounded wait (30 s), polling the condition.
-    deadline=$((SECONDS + 30))
+    # libvirtd answers only once it has probed QEMU's capabilities: one to two
+    # minutes on a fresh machine (seconds once its cache exists).
+    wait_secs=${NIMBUS_LIBVIRTD_WAIT_SECS:-600}
+    echo "install-deps.sh: waiting for libvirtd to answer on qemu:///system (first start probes QEMU, 1-2 min; bound ${wait_secs} s)" >&2
+    start=$SECONDS
+    next_report=$((SECONDS + 30))
     until virsh_ok; do
-        [ $SECONDS -lt $deadline ] || die "libvirtd did not answer on qemu:///system within 30 s"
-        sleep 0.2
+        pgrep -x libvirtd >/dev/null || die "libvirtd exited while starting (see its log in /var/log/libvirt/)"
+        [ $((SECONDS - start)) -lt "$wait_secs" ] || die "libvirtd did not answer on qemu:///system within ${wait_secs} s"
+        if [ $SECONDS -ge $next_report ]; then
+            echo "install-deps.sh: still waiting for libvirtd ($((SECONDS - start)) s)" >&2
+            next_report=$((SECONDS + 30))
+        fi
+        sleep 0.5
     done
+    echo "install-deps.sh: libvirtd answered after $((SECONDS - start)) s" >&2
 fi
