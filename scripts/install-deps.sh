@@ -22,21 +22,60 @@ set -euo pipefail
 
 export DEBIAN_FRONTEND=noninteractive
 
-# Packages and what needs them:
-#   libvirt-daemon-system  libvirtd, virtlogd, virsh (host agent, try-boot.sh)
-#   libvirt-clients        virsh, virt-xml-validate (domain XML schema test)
-#   libxml2-utils          xmllint, which virt-xml-validate runs
-#   libvirt-dev            the `virt` crate links against libvirt
-#   pkg-config             virt-sys finds libvirt with it
-#   qemu-system-x86        the emulator libvirt drives (TCG here)
-#   cpio                   images/build-tiny.sh (initramfs)
-#   genisoimage            NoCloud seed ISO (host agent, try-boot.sh)
-#   e2fsprogs              mke2fs -d / debugfs for the tiny root disk
-#   python3                try-boot.sh's metadata HTTP server, JSON in build-tiny.sh
-#   qemu-utils             qemu-img (second step, see above)
-# busybox-static is NOT installed on the host: build-tiny.sh only `apt-get download`s it.
-PKGS1=(libvirt-daemon-system libvirt-clients libxml2-utils libvirt-dev pkg-config qemu-system-x86 cpio genisoimage e2fsprogs python3)
-PKGS2=(qemu-utils)
+# Every package Nimbus needs on a host, and the external commands the project
+# runs from each: the one list that this script installs and
+# scripts/check-deps.sh checks (`install-deps.sh --table` prints it; each
+# command must resolve to a file that `dpkg -S` says belongs to its package).
+#
+# Columns: step, package, commands run from it (by scripts, tests, image
+# recipes or the agent); "-" for a package needed for its files or its set-up
+# (libvirt-dev, libvirt-daemon-system).
+# Step 1: one apt-get install. Step 2: a second one (installing libvirt and
+# qemu-system-x86 removes the machine's preinstalled non-Debian qemu-utils, and
+# asking for both in one command fails with "held broken packages").
+# Step "machine": the machine's own toolchain, not Debian packages (rustup's
+# cargo, pyenv's python3 with pip): check-deps only checks that they resolve.
+# A command given with a path is checked at that path.
+# Packages the base image already has are named too: a machine of another
+# kind may lack them, and naming them lets check-deps verify where a command
+# really comes from. busybox-static is NOT installed on the host:
+# build-tiny.sh only `apt-get download`s it.
+DEPS_TABLE='
+1  libvirt-daemon-system   -
+1  libvirt-daemon          libvirtd virtlogd
+1  libvirt-clients         virsh virt-xml-validate virt-admin
+1  libxml2-utils           xmllint
+1  libvirt-dev             -
+1  pkgconf                 pkg-config
+1  qemu-system-x86         qemu-system-x86_64
+1  cpio                    cpio
+1  genisoimage             genisoimage
+1  e2fsprogs               mke2fs debugfs
+1  python3                 -
+1  curl                    curl
+1  util-linux              runuser flock setsid
+1  coreutils               timeout stat chgrp chmod sha256sum od truncate mktemp
+1  procps                  pgrep
+1  passwd                  groupadd usermod
+1  dpkg                    dpkg dpkg-deb dpkg-query
+1  apt                     apt-get apt-cache
+1  gzip                    gzip
+1  findutils               find
+1  mawk                    awk
+1  postgresql-15           /usr/lib/postgresql/15/bin/initdb /usr/lib/postgresql/15/bin/pg_ctl /usr/lib/postgresql/15/bin/postgres
+1  postgresql-client-15    /usr/lib/postgresql/15/bin/psql /usr/lib/postgresql/15/bin/pg_isready
+2  qemu-utils              qemu-img
+machine  rustup            cargo
+machine  pyenv             python3
+'
+if [ "${1:-}" = --table ]; then
+    printf '%s\n' "$DEPS_TABLE" | sed '/^$/d'
+    exit 0
+fi
+# shellcheck disable=SC2207
+PKGS1=($(printf '%s\n' "$DEPS_TABLE" | awk '$1 == "1" { print $2 }'))
+# shellcheck disable=SC2207
+PKGS2=($(printf '%s\n' "$DEPS_TABLE" | awk '$1 == "2" { print $2 }'))
 
 LOG=$(mktemp /tmp/nimbus-install-deps.XXXXXX.log)
 trap 'rm -f "$LOG"' EXIT

@@ -15,6 +15,8 @@ step() { printf '== %s\n' "$*"; }
 
 step "installing packages, starting libvirtd and virtlogd"
 scripts/install-deps.sh
+step "checking that every command the project runs comes from a package install-deps.sh names"
+scripts/check-deps.sh
 step "starting PostgreSQL"
 scripts/pg.sh start
 export DATABASE_URL

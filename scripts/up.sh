@@ -25,6 +25,8 @@ die() { echo "up.sh: $*" >&2; exit 1; }
 
 step "installing packages, starting libvirtd and virtlogd"
 scripts/install-deps.sh
+step "checking that every command the project runs comes from a package install-deps.sh names"
+scripts/check-deps.sh
 step "starting PostgreSQL"
 scripts/pg.sh start
 DATABASE_URL=$(scripts/pg.sh url)
