@@ -29,6 +29,7 @@ ROOTFS_HASH_SEED=6e696d62-7573-4000-8000-74696e790002
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 OUTDIR=${1:-${NIMBUS_HOME:-$REPO/.nimbus}/images/tiny}
+OUTDIR=$(realpath -m "$OUTDIR")   # absolute: the build works in a temp dir
 SRC=$HERE/tiny-initramfs
 T0=$(date +%s.%N)
 

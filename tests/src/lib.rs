@@ -51,6 +51,8 @@ pub struct TempDir(pub PathBuf);
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
         let base = std::env::var_os("NIMBUS_TEST_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+        // Absolute: paths under it become file:// URLs and libvirt paths.
+        let base = std::path::absolute(&base).unwrap_or(base);
         let dir = base.join(format!("nimbus-{tag}-{}", random_suffix()));
         std::fs::create_dir_all(&dir).expect("create temp dir");
         TempDir(dir)
@@ -108,8 +110,16 @@ pub struct Cloud {
 }
 
 /// One host agent running in this process.
+///
+/// Dropping the handle of an agent on a real hypervisor (a test that ended,
+/// passed or failed) stops the agent and then destroys every domain it owns,
+/// so no guest outlives its test. Stopping first matters: a running agent
+/// would define a guest again after it was destroyed. Use a multi-threaded
+/// runtime for such tests (the drop waits for the agent to stop).
 pub struct AgentHandle {
     pub name: String,
+    /// Known once the agent registered.
+    pub host_id: Option<String>,
     pub state_dir: PathBuf,
     pub events: broadcast::Receiver<AgentEvent>,
     config: AgentConfig,
@@ -131,8 +141,42 @@ impl AgentHandle {
 
 impl Drop for AgentHandle {
     fn drop(&mut self) {
-        if let Some(task) = &self.task {
-            task.abort();
+        let uri = match (self.config.hypervisor, &self.config.libvirt_uri) {
+            (HypervisorChoice::Test, _) => None,
+            (_, Some(uri)) => Some(uri.clone()),
+            (HypervisorChoice::Xen, None) => Some("xen:///system".to_string()),
+            (_, None) => Some("qemu:///system".to_string()),
+        };
+        let (Some(uri), Some(host_id)) = (uri, self.host_id.clone()) else {
+            if let Some(task) = &self.task {
+                task.abort();
+            }
+            return;
+        };
+        let name = self.name.clone();
+        let cleanup = async {
+            self.stop().await;
+            let lv = nimbus_host_agent::libvirt::Libvirt::open(&uri).await?;
+            for d in lv.owned_domains(&host_id).await? {
+                lv.destroy(&d.name).await?;
+            }
+            Ok::<_, nimbus_host_agent::libvirt::LibvirtError>(())
+        };
+        let result = match tokio::runtime::Handle::try_current() {
+            Ok(rt) if rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| rt.block_on(cleanup))
+            }
+            _ => {
+                drop(cleanup);
+                eprintln!("agent {name}: not on a multi-threaded runtime, cannot stop it to remove its guests");
+                if let Some(task) = &self.task {
+                    task.abort();
+                }
+                return;
+            }
+        };
+        if let Err(e) = result {
+            eprintln!("agent {name}: cannot remove its guests: {e}");
         }
     }
 }
@@ -276,6 +320,7 @@ impl Cloud {
         };
         let mut handle = AgentHandle {
             name: config.name.clone(),
+            host_id: None,
             state_dir,
             events: broadcast::channel(1).1,
             config,
@@ -283,7 +328,7 @@ impl Cloud {
             task: None,
         };
         self.start_agent(&mut handle).await?;
-        self.wait_for_host(&handle.name).await?;
+        handle.host_id = Some(self.wait_for_host(&handle.name).await?);
         Ok(handle)
     }
 
@@ -303,14 +348,18 @@ impl Cloud {
         Ok(())
     }
 
-    async fn wait_for_host(&self, name: &str) -> anyhow::Result<()> {
-        let name = name.to_string();
+    /// Waits until the agent `name` registered; returns its host id.
+    async fn wait_for_host(&self, name: &str) -> anyhow::Result<String> {
+        let host_id = std::sync::Mutex::new(None);
         self.wait_until(Duration::from_secs(30), || async {
             let hosts = self.get("/v1/hosts").await?;
-            Ok(hosts["hosts"].as_array().is_some_and(|hs| hs.iter().any(|h| h["name"] == name.as_str())))
+            let found = hosts["hosts"].as_array().and_then(|hs| hs.iter().find(|h| h["name"] == name)).and_then(|h| h["host_id"].as_str());
+            *host_id.lock().unwrap_or_else(|p| p.into_inner()) = found.map(str::to_string);
+            Ok(found.is_some())
         })
         .await
-        .with_context(|| format!("agent {name} did not register"))
+        .with_context(|| format!("agent {name} did not register"))?;
+        host_id.into_inner().unwrap_or_else(|p| p.into_inner()).context("no host id")
     }
 
     /// Polls `cond` until it holds or `timeout` passes.

@@ -106,6 +106,12 @@ fn virsh(args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// `virsh create` itself (libvirt starting QEMU, not the guest booting)
+/// takes about half a second on a healthy host. Seconds mean the host is
+/// broken, and a ratio measured on it says nothing: both sides pay the same
+/// cost (on a fresh machine, 52 s per start gave a ratio of 1.0).
+const VIRSH_CREATE_SANITY: Duration = Duration::from_secs(5);
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -120,6 +126,11 @@ async fn real_guest(runs: usize) -> anyhow::Result<()> {
     // One launch first, not counted: caches the image files and warms the page cache.
     let warm = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano"})).await?).pop().context("no instance")?;
     wait_marker(&instances_dir.join(&warm).join("console.log"), &warm).await?;
+    // The agent reports slow domain starts as host problems: refuse to measure on such a host.
+    let host = &cloud.get("/v1/hosts").await?["hosts"][0];
+    if host["health"] != "ok" {
+        bail!("the host is not healthy, so its figures would mean nothing: {}", host["problems"]);
+    }
     cloud.post("/v1/instances/terminate", json!({"instance_ids": [warm]})).await?;
     cloud.wait_for_state(&[warm], "terminated", Duration::from_secs(60)).await?;
     let (mut api, mut direct) = (Vec::new(), Vec::new());
@@ -164,6 +175,15 @@ async fn real_guest(runs: usize) -> anyhow::Result<()> {
         std::fs::write(&xml_path, &xml)?;
         let t0 = Instant::now();
         virsh(&["create", &xml_path.to_string_lossy()])?;
+        let create = t0.elapsed();
+        if create > VIRSH_CREATE_SANITY {
+            let _ = virsh(&["destroy", &name]);
+            bail!(
+                "`virsh create` alone took {:.1} s (a healthy host: ~0.5 s); is /dev/kvm root:kvm 0660? \
+                 (libvirt re-probes QEMU on every start when the QEMU user cannot open it; scripts/install-deps.sh fixes it)",
+                create.as_secs_f64()
+            );
+        }
         let seen = wait_marker(&console, &id).await?;
         direct.push(seen - t0);
         virsh(&["destroy", &name])?;
