@@ -100,9 +100,10 @@ fn used_total(used: impl std::fmt::Display, total: impl std::fmt::Display, unit:
     format!("{used}/{total}{unit}")
 }
 
-/// Hosts: ID, NAME, AZ, HYPERVISOR, STATUS, VCPU, MEM, DISK (used/total), INSTANCES, HEARTBEAT.
+/// Hosts: ID, NAME, AZ, HYPERVISOR, STATUS, HEALTH, VCPU, MEM, DISK (used/total), INSTANCES,
+/// HEARTBEAT; then one line per problem a host's agent reported.
 pub fn hosts_table(hosts: &[Host]) -> String {
-    let mut t = table(&["ID", "NAME", "AZ", "HYPERVISOR", "STATUS", "VCPU", "MEM", "DISK", "INSTANCES", "HEARTBEAT"]);
+    let mut t = table(&["ID", "NAME", "AZ", "HYPERVISOR", "STATUS", "HEALTH", "VCPU", "MEM", "DISK", "INSTANCES", "HEARTBEAT"]);
     for h in hosts {
         t.add_row([
             h.host_id.clone(),
@@ -110,6 +111,7 @@ pub fn hosts_table(hosts: &[Host]) -> String {
             h.availability_zone.clone(),
             h.hypervisor.clone(),
             h.status.clone(),
+            h.health.clone(),
             used_total(h.used.vcpus, h.total.vcpus, ""),
             used_total(h.used.memory_mib, h.total.memory_mib, " MiB"),
             used_total(h.used.disk_gib, h.total.disk_gib, " GiB"),
@@ -117,8 +119,14 @@ pub fn hosts_table(hosts: &[Host]) -> String {
             h.last_heartbeat.as_ref().map(time).unwrap_or_else(|| "-".into()),
         ]);
     }
-    right(&mut t, &[5, 6, 7, 8]);
-    finish(t)
+    right(&mut t, &[6, 7, 8, 9]);
+    let mut out = finish(t);
+    for h in hosts {
+        for p in &h.problems {
+            out.push_str(&format!("\nPROBLEM {}: {p}", h.name));
+        }
+    }
+    out
 }
 
 pub fn instance_types_table(types: &[InstanceType]) -> String {
@@ -215,13 +223,21 @@ pub(crate) mod tests {
             used: Resources { vcpus: 2, memory_mib: 1024, disk_gib: 16 },
             instance_count: 2,
             last_heartbeat: None,
+            health: "ok".into(),
+            problems: vec![],
         };
-        let s = hosts_table(&[h]);
+        let s = hosts_table(&[h.clone()]);
         let row = s.lines().nth(1).unwrap();
-        for part in ["h-1", "node1", "kvm", "available", "2/8", "1024/16384 MiB", "16/100 GiB"] {
+        for part in ["h-1", "node1", "kvm", "available", " ok ", "2/8", "1024/16384 MiB", "16/100 GiB"] {
             assert!(row.contains(part), "{part} missing in {row}");
         }
         assert!(row.trim_end().ends_with('-'));
+        assert_eq!(s.lines().count(), 2, "no problems, no problem lines: {s}");
+
+        let sick = Host { health: "degraded".into(), problems: vec!["starting a guest took 52.0 s".into()], ..h };
+        let s = hosts_table(&[sick]);
+        assert!(s.lines().nth(1).unwrap().contains(" degraded "), "{s}");
+        assert_eq!(s.lines().nth(2), Some("PROBLEM node1: starting a guest took 52.0 s"), "{s}");
     }
 
     #[test]

@@ -290,14 +290,14 @@ async fn describe_hosts_instance_types_and_images() {
     // Hosts: one row each, used/total capacity (b holds the t3.micro).
     let hosts = nimbus(&cloud, &["describe-hosts"]).await.ok();
     let rows = hosts.rows(0);
-    assert_eq!(rows[0], ["ID", "NAME", "AZ", "HYPERVISOR", "STATUS", "VCPU", "MEM", "DISK", "INSTANCES", "HEARTBEAT"]);
+    assert_eq!(rows[0], ["ID", "NAME", "AZ", "HYPERVISOR", "STATUS", "HEALTH", "VCPU", "MEM", "DISK", "INSTANCES", "HEARTBEAT"]);
     assert_eq!(rows.len(), 3, "{}", hosts.out);
     let row = |id: &str| rows.iter().find(|r| r[0] == id).unwrap_or_else(|| panic!("{id} missing: {}", hosts.out)).clone();
     let (ra, rb) = (row(&ha), row(&hb));
-    assert_eq!((ra[1].as_str(), ra[2].as_str(), ra[4].as_str()), (a.name.as_str(), "az1", "available"));
-    assert_eq!(&ra[5..11], ["0/8", "0/8192", "MiB", "0/100", "GiB", "0"]);
-    assert_eq!((rb[1].as_str(), rb[2].as_str(), rb[4].as_str()), (b.name.as_str(), "az2", "available"));
-    assert_eq!(&rb[5..11], ["2/4", "1024/4096", "MiB", "8/50", "GiB", "1"]);
+    assert_eq!((ra[1].as_str(), ra[2].as_str(), ra[4].as_str(), ra[5].as_str()), (a.name.as_str(), "az1", "available", "ok"));
+    assert_eq!(&ra[6..12], ["0/8", "0/8192", "MiB", "0/100", "GiB", "0"]);
+    assert_eq!((rb[1].as_str(), rb[2].as_str(), rb[4].as_str(), rb[5].as_str()), (b.name.as_str(), "az2", "available", "ok"));
+    assert_eq!(&rb[6..12], ["2/4", "1024/4096", "MiB", "8/50", "GiB", "1"]);
     let hosts = nimbus(&cloud, &["describe-hosts", "-o", "json"]).await.ok().json();
     let mut got: Vec<(String, String, u64, u64)> = hosts["hosts"]
         .as_array()

@@ -6,6 +6,7 @@ pub mod client;
 pub mod console;
 pub mod disks;
 pub mod domain;
+pub mod health;
 pub mod images;
 pub mod libvirt;
 pub mod metadata;
@@ -196,7 +197,12 @@ impl Agent {
         if deferred > 0 {
             tracing::debug!(deferred, "console tails left for a later report");
         }
-        let report = Report { observations };
+        let kvm = match self.reconciler.hypervisor {
+            Hypervisor::Kvm | Hypervisor::Qemu => health::kvm_device(std::path::Path::new("/dev/kvm")),
+            Hypervisor::Xen | Hypervisor::Test => health::KvmDevice::Absent,
+        };
+        let problems = health::problems(self.reconciler.libvirt.starts.last(), &kvm);
+        let report = Report { observations, problems };
         self.cp.report(cred, &report).await?;
         self.reconciler.console.delivered(&report.observations);
         Ok(())

@@ -27,6 +27,8 @@ pub struct DomainStatus {
 pub struct Libvirt {
     conn: Arc<Connect>,
     pub uri: String,
+    /// How long the last domain start took (see [`crate::health`]).
+    pub starts: crate::health::StartTimes,
 }
 
 impl Libvirt {
@@ -37,7 +39,7 @@ impl Libvirt {
             Connect::open(Some(&u))
         })
         .await??;
-        Ok(Libvirt { conn: Arc::new(conn), uri: uri.to_string() })
+        Ok(Libvirt { conn: Arc::new(conn), uri: uri.to_string(), starts: Default::default() })
     }
 
     pub(crate) async fn call<T: Send + 'static>(
@@ -103,21 +105,22 @@ impl Libvirt {
 
     /// Defines the domain persistently and starts it.
     pub async fn define_and_start(&self, xml: String) -> Result<(), LibvirtError> {
+        let starts = self.starts.clone();
         self.call(move |c| {
             let dom = c.define_domain_xml(&xml)?;
-            dom.create().map(|_| ())
+            create_timed(&dom, &starts)
         })
         .await
     }
 
     pub async fn start(&self, name: &str) -> Result<(), LibvirtError> {
-        let name = name.to_string();
+        let (name, starts) = (name.to_string(), self.starts.clone());
         self.call(move |c| {
             let dom = c.lookup_domain_by_name(&name)?;
             if dom.is_active()? {
                 return Ok(());
             }
-            dom.create().map(|_| ())
+            create_timed(&dom, &starts)
         })
         .await
     }
@@ -201,6 +204,14 @@ impl Libvirt {
         })
         .await
     }
+}
+
+/// Starts a defined domain, recording how long libvirt took.
+fn create_timed(dom: &virt::domain::Domain, starts: &crate::health::StartTimes) -> Result<(), virt::error::Error> {
+    let t0 = std::time::Instant::now();
+    dom.create()?;
+    starts.record(&dom.name().unwrap_or_default(), t0.elapsed());
+    Ok(())
 }
 
 fn is_running(state: virt::domain::DomainStateEnum) -> bool {

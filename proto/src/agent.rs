@@ -117,4 +117,13 @@ pub const CONSOLE_TAIL_BYTES: usize = 64 * 1024;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Report {
     pub observations: Vec<Observation>,
+    /// What the agent finds wrong with its host, as of this report (empty
+    /// when healthy); shown by `describe-hosts`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
 }
+
+/// At most this many host problems per report, each at most
+/// [`MAX_PROBLEM_BYTES`].
+pub const MAX_PROBLEMS: usize = 8;
+pub const MAX_PROBLEM_BYTES: usize = 1024;

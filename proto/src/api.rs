@@ -156,6 +156,17 @@ pub struct Host {
     pub used: Resources,
     pub instance_count: u32,
     pub last_heartbeat: Option<DateTime<Utc>>,
+    /// `ok`, or `degraded` when the host's agent reports problems.
+    #[serde(default = "healthy")]
+    pub health: String,
+    /// What the agent reported wrong with the host (slow guest starts and
+    /// their likely cause, for instance).
+    #[serde(default)]
+    pub problems: Vec<String>,
+}
+
+fn healthy() -> String {
+    "ok".to_string()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

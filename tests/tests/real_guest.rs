@@ -3,6 +3,9 @@
 //! prints its instance id, read from its seed disk and from the metadata
 //! service. Then terminate: the domain and its files are gone.
 //!
+//! The agent's handle destroys the guest when the test ends, passed or
+//! failed (see `AgentHandle`).
+//!
 //! Needs the tiny image (`images/build-tiny.sh`) in `NIMBUS_IMAGE_DIR` and a
 //! running libvirtd; `scripts/test.sh` provides both.
 
@@ -11,16 +14,6 @@ use nimbus_tests::{instance_ids, Cloud};
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-
-/// Destroys the guest if the test fails half-way, so nothing is left running.
-struct DomainGuard(String);
-
-impl Drop for DomainGuard {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("virsh").args(["-q", "-c", "qemu:///system", "destroy", &self.0]).output();
-        let _ = std::process::Command::new("virsh").args(["-q", "-c", "qemu:///system", "undefine", &self.0]).output();
-    }
-}
 
 fn domain_exists(name: &str) -> bool {
     std::process::Command::new("virsh")
@@ -46,7 +39,6 @@ async fn a_real_guest_boots_and_prints_its_own_instance_id() {
     let r = cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "user_data": "IyEvYmluL3NoCmVjaG8gaGk="})).await.unwrap();
     let id = instance_ids(&r).remove(0);
     let domain = format!("nimbus-{id}");
-    let _guard = DomainGuard(domain.clone());
     cloud.wait_for_state(std::slice::from_ref(&id), "running", Duration::from_secs(60)).await.unwrap();
 
     let console = agent.state_dir.join("instances").join(&id).join("console.log");

@@ -40,6 +40,16 @@ fn validate_register(req: &RegisterHost) -> Result<()> {
     Ok(())
 }
 
+fn validate_problems(problems: &[String]) -> Result<()> {
+    use nimbus_proto::agent::{MAX_PROBLEMS, MAX_PROBLEM_BYTES};
+    if problems.len() > MAX_PROBLEMS || problems.iter().any(|p| p.len() > MAX_PROBLEM_BYTES || p.contains('\0')) {
+        return Err(ServiceError::InvalidParameterValue(format!(
+            "a report carries at most {MAX_PROBLEMS} problems of at most {MAX_PROBLEM_BYTES} bytes each, without NUL"
+        )));
+    }
+    Ok(())
+}
+
 #[derive(sqlx::FromRow)]
 struct HostRow {
     id: String,
@@ -55,6 +65,7 @@ struct HostRow {
     last_heartbeat: Option<chrono::DateTime<chrono::Utc>>,
     alive: bool,
     instance_count: i64,
+    problems: Vec<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -220,6 +231,7 @@ impl Service {
 
     /// Applies an agent's observations and records its heartbeat.
     pub async fn report(&self, host_id: &str, report: &Report) -> Result<()> {
+        validate_problems(&report.problems)?;
         self.record_guest_output(host_id, report).await?;
         loop {
             match self.try_report(host_id, report).await {
@@ -343,13 +355,14 @@ impl Service {
         }
         let (generation,): (i64,) = sqlx::query_as(
             "UPDATE hosts SET last_heartbeat = now(), used_vcpus = used_vcpus - $2, used_memory_mib = used_memory_mib - $3, \
-                 used_disk_gib = used_disk_gib - $4, generation = generation + $5 WHERE id = $1 RETURNING generation",
+                 used_disk_gib = used_disk_gib - $4, generation = generation + $5, problems = $6 WHERE id = $1 RETURNING generation",
         )
         .bind(host_id)
         .bind(released.0 as i32)
         .bind(released.1)
         .bind(released.2)
         .bind(i64::from(bump))
+        .bind(&report.problems)
         .fetch_one(&mut *tx)
         .await?;
         if !failed.is_empty() {
@@ -377,7 +390,7 @@ impl Service {
     pub async fn describe_hosts(&self) -> Result<Vec<Host>> {
         let rows = sqlx::query_as::<_, HostRow>(
             "SELECT h.id, h.name, h.availability_zone, h.hypervisor, h.total_vcpus, h.total_memory_mib, h.total_disk_gib, \
-                    h.used_vcpus, h.used_memory_mib, h.used_disk_gib, h.last_heartbeat, \
+                    h.used_vcpus, h.used_memory_mib, h.used_disk_gib, h.last_heartbeat, h.problems, \
                     coalesce(h.last_heartbeat > now() - make_interval(secs => $1), false) AS alive, \
                     (SELECT count(*) FROM instances i WHERE i.host_id = h.id AND i.capacity_held) AS instance_count \
              FROM hosts h ORDER BY h.availability_zone, h.name",
@@ -397,6 +410,8 @@ impl Service {
                 used: Resources { vcpus: r.used_vcpus as u32, memory_mib: r.used_memory_mib as u64, disk_gib: r.used_disk_gib as u64 },
                 instance_count: r.instance_count as u32,
                 last_heartbeat: r.last_heartbeat,
+                health: if r.problems.is_empty() { "ok" } else { "degraded" }.to_string(),
+                problems: r.problems,
             })
             .collect())
     }
