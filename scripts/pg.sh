@@ -4,7 +4,8 @@
 #   scripts/pg.sh start    # initdb on first use, start, wait until ready (idempotent)
 #   scripts/pg.sh stop     # fast shutdown (no-op when not running)
 #   scripts/pg.sh status   # exit 0 when running and accepting connections
-#   scripts/pg.sh url      # postgres://nimbus:nimbus@127.0.0.1:25432/nimbus
+#   scripts/pg.sh url      # the control plane's: postgres://nimbus:<password>@127.0.0.1:25432/nimbus
+#   scripts/pg.sh test-url # the tests' (may create databases): postgres://nimbus_tests:<password>@.../postgres
 #
 # Environment:
 #   NIMBUS_HOME     default <repo>/.nimbus ; data dir is $NIMBUS_HOME/pg
@@ -12,9 +13,15 @@
 #                   Below Linux's ephemeral range (32768-60999), so no outgoing
 #                   loopback connection can be holding it when the server starts.
 #
-# Runs as the `postgres` OS user (the server refuses root). Role `nimbus` (password
-# `nimbus`, SUPERUSER so tests can create per-test databases) and database `nimbus`
-# are created on first start. fsync stays on (the default).
+# Runs as the `postgres` OS user (the server refuses root). Roles, checked and
+# corrected on every start (so an older cluster is repaired too):
+#   nimbus        the control plane's: no SUPERUSER, CREATEDB or CREATEROLE; owns the
+#                 database `nimbus` (and so its schema), which no one else may connect to.
+#   nimbus_tests  the tests': CREATEDB only (each test makes and owns its own database).
+# Each has a random password, generated once and kept in $NIMBUS_HOME/pg-secrets/
+# (directory 0700, files 0600, root's): no well-known password opens anything.
+# Unix-socket connections (trust) are possible only for the postgres OS user: the
+# socket lives in the 0700 data directory. fsync stays on (the default).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -22,8 +29,8 @@ NIMBUS_HOME=${NIMBUS_HOME:-$REPO/.nimbus}
 PORT=${NIMBUS_PG_PORT:-25432}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 PGDATA=$NIMBUS_HOME/pg
+SECRETS=$NIMBUS_HOME/pg-secrets
 PGUSER_OS=postgres
-URL="postgres://nimbus:nimbus@127.0.0.1:$PORT/nimbus"
 
 die() { echo "pg.sh: $*" >&2; exit 1; }
 
@@ -101,20 +108,36 @@ init_cluster() {
     mv "$tmp" "$PGDATA"   # atomic: a half-done initdb never looks like a cluster
 }
 
-first_start_setup() {
-    [ -f "$PGDATA/nimbus.bootstrapped" ] && return 0
-    as_pg "$PGBIN/psql" -q -X -v ON_ERROR_STOP=1 -h "$PGDATA" -p "$PORT" -U postgres -d postgres >/dev/null <<'EOF'
-DO $$
-BEGIN
-  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'nimbus') THEN
-    CREATE ROLE nimbus LOGIN SUPERUSER PASSWORD 'nimbus';
-  END IF;
-END $$;
+# The password of a role: made once (random), kept 0600 in a 0700 directory.
+password() {
+    local f=$SECRETS/$1.password
+    if [ ! -s "$f" ]; then
+        [ "$(id -u)" = 0 ] || die "the password of $1 does not exist yet: run scripts/pg.sh start as root"
+        (umask 077; mkdir -p "$SECRETS"; head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$f.tmp" && mv "$f.tmp" "$f")
+    fi
+    cat "$f"
+}
+
+# Roles and the database, as the header says; idempotent, run on every start.
+setup_roles() {
+    local app tests
+    app=$(password nimbus)
+    tests=$(password nimbus_tests)
+    as_pg "$PGBIN/psql" -q -X -v ON_ERROR_STOP=1 -v app="$app" -v tests="$tests" \
+        -h "$PGDATA" -p "$PORT" -U postgres -d postgres >/dev/null <<'EOF'
+SELECT 'CREATE ROLE nimbus' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'nimbus')\gexec
+SELECT 'CREATE ROLE nimbus_tests' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'nimbus_tests')\gexec
+ALTER ROLE nimbus LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS PASSWORD :'app';
+ALTER ROLE nimbus_tests LOGIN NOSUPERUSER CREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS PASSWORD :'tests';
 SELECT 'CREATE DATABASE nimbus OWNER nimbus'
  WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'nimbus')\gexec
+ALTER DATABASE nimbus OWNER TO nimbus;
+REVOKE ALL ON DATABASE nimbus FROM PUBLIC;
 EOF
-    as_pg touch "$PGDATA/nimbus.bootstrapped"
 }
+
+url() { echo "postgres://nimbus:$(password nimbus)@127.0.0.1:$PORT/nimbus"; }
+test_url() { echo "postgres://nimbus_tests:$(password nimbus_tests)@127.0.0.1:$PORT/postgres"; }
 
 cmd_start() {
     [ -x "$PGBIN/postgres" ] || die "PostgreSQL 15 not found in $PGBIN"
@@ -139,7 +162,7 @@ cmd_start() {
         [ $SECONDS -lt $deadline ] || die "server not ready within 60 s (log: $PGDATA/server.log)"
         sleep 0.1
     done
-    first_start_setup
+    setup_roles
 }
 
 cmd_stop() {
@@ -152,6 +175,7 @@ case "${1:-}" in
     start) cmd_start ;;
     stop) cmd_stop ;;
     status) running && ready ;;
-    url) echo "$URL" ;;
-    *) echo "usage: $0 start|stop|status|url" >&2; exit 2 ;;
+    url) url ;;
+    test-url) test_url ;;
+    *) echo "usage: $0 start|stop|status|url|test-url" >&2; exit 2 ;;
 esac

@@ -19,8 +19,11 @@ step "checking that every command the project runs comes from a package install-
 scripts/check-deps.sh
 step "starting PostgreSQL"
 scripts/pg.sh start
-export DATABASE_URL
-DATABASE_URL=$(scripts/pg.sh url)
+# The tests' role may create databases (one per test); the control plane's
+# own role (checked by tests/tests/security.rs) may not.
+export DATABASE_URL NIMBUS_APP_DATABASE_URL
+DATABASE_URL=$(scripts/pg.sh test-url)
+NIMBUS_APP_DATABASE_URL=$(scripts/pg.sh url)
 step "building the tiny guest image"
 images/build-tiny.sh "$NIMBUS_HOME/images/tiny"
 export NIMBUS_IMAGE_DIR=$NIMBUS_HOME/images/tiny
