@@ -4,7 +4,9 @@
 //!
 //! Each guest owns `<state>/instances/<instance-id>/`; nothing writable is
 //! shared between guests. The base image is only ever a read-only backing file.
+//! Owners and modes follow [`crate::access`].
 
+use crate::access::QemuUser;
 use base64::Engine;
 use nimbus_proto::agent::InstanceMetadata;
 use std::path::{Path, PathBuf};
@@ -53,23 +55,23 @@ impl GuestFiles {
         disk_gib: u64,
         meta: &InstanceMetadata,
         user_data_b64: Option<&str>,
+        qemu: &QemuUser,
     ) -> Result<(), DiskError> {
-        tokio::fs::create_dir_all(&self.dir).await.map_err(io(format!("create {}", self.dir.display())))?;
-        // Others may pass through (QEMU's user reaches its files) but not list.
-        set_mode(&self.dir, 0o711).await?;
+        // QEMU passes through; no one else enters.
+        qemu.private_dir(&self.dir).await.map_err(io(format!("create {}", self.dir.display())))?;
         // The two tools are independent: run them side by side.
-        tokio::try_join!(self.make_overlay(base, disk_gib), async {
+        tokio::try_join!(self.make_overlay(base, disk_gib, qemu), async {
             if tokio::fs::try_exists(self.seed_iso()).await.map_err(io("stat seed"))? {
                 return Ok(());
             }
-            self.write_seed(meta, user_data_b64).await
+            self.write_seed(meta, user_data_b64, qemu).await
         })?;
         Ok(())
     }
 
     /// Writes the qcow2 overlay with imago (no process to spawn: well under a
     /// millisecond, where `qemu-img create` takes about ten).
-    async fn make_overlay(&self, base: &Path, disk_gib: u64) -> Result<(), DiskError> {
+    async fn make_overlay(&self, base: &Path, disk_gib: u64, qemu: &QemuUser) -> Result<(), DiskError> {
         use imago::{FormatCreateBuilder, Storage};
         let root = self.root_disk();
         if tokio::fs::try_exists(&root).await.map_err(io("stat overlay"))? {
@@ -85,12 +87,14 @@ impl GuestFiles {
         .await
         .map_err(|e| DiskError::Io { what: "write overlay".into(), source: std::io::Error::other(e) })?
         .map_err(io("write overlay"))?;
+        // The guest's QEMU writes it (libvirt is told not to relabel anything).
+        qemu.writable(&tmp).await.map_err(io("chown overlay"))?;
         tokio::fs::rename(&tmp, &root).await.map_err(io("rename overlay"))?;
         Ok(())
     }
 
     /// A NoCloud seed (ISO 9660, volume id `cidata`) with `meta-data` and `user-data`.
-    async fn write_seed(&self, meta: &InstanceMetadata, user_data_b64: Option<&str>) -> Result<(), DiskError> {
+    async fn write_seed(&self, meta: &InstanceMetadata, user_data_b64: Option<&str>, qemu: &QemuUser) -> Result<(), DiskError> {
         let staging = self.dir.join("seed.d");
         tokio::fs::create_dir_all(&staging).await.map_err(io("create seed dir"))?;
         let user_data = match user_data_b64 {
@@ -111,9 +115,8 @@ impl GuestFiles {
                 .arg(staging.join("user-data")),
         )
         .await?;
-        // The seed holds the user-data: readable by root (and by the guest's
-        // QEMU once libvirt hands the file to it), by nobody else.
-        set_mode(&tmp, 0o600).await?;
+        // The seed holds the user-data: read by QEMU, by nobody else.
+        qemu.readable(&tmp).await.map_err(io("chown seed"))?;
         tokio::fs::rename(&tmp, self.seed_iso()).await.map_err(io("rename seed"))?;
         tokio::fs::remove_dir_all(&staging).await.map_err(io("remove seed dir"))?;
         Ok(())
@@ -130,13 +133,6 @@ impl GuestFiles {
     pub async fn exists(&self) -> bool {
         tokio::fs::try_exists(&self.dir).await.unwrap_or(true)
     }
-}
-
-async fn set_mode(path: &Path, mode: u32) -> Result<(), DiskError> {
-    use std::os::unix::fs::PermissionsExt;
-    tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .await
-        .map_err(io(format!("chmod {}", path.display())))
 }
 
 async fn run(tool: &'static str, cmd: &mut Command) -> Result<(), DiskError> {
@@ -156,14 +152,15 @@ mod tests {
     /// qcow2 of the right size backed by the base; the seed is a `cidata` ISO.
     #[tokio::test]
     async fn overlay_and_seed_are_what_qemu_and_cloud_init_expect() {
-        let dir = std::env::temp_dir().join(format!("nimbus-disks-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let qemu = QemuUser { uid: 4242, gid: 4343 };
         let base = dir.join("base.qcow2");
         let out = std::process::Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&base).arg("16M").output().unwrap();
         assert!(out.status.success());
         let meta = crate::metadata::sample_metadata("i-0123456789abcdef0");
         let files = GuestFiles::new(&dir, "i-0123456789abcdef0");
-        files.prepare(&base, 8, &meta, Some("aGVsbG8=")).await.unwrap();
+        files.prepare(&base, 8, &meta, Some("aGVsbG8="), &qemu).await.unwrap();
 
         let info = std::process::Command::new("qemu-img").args(["info", "--output=json"]).arg(files.root_disk()).output().unwrap();
         let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
@@ -174,9 +171,14 @@ mod tests {
         let check = std::process::Command::new("qemu-img").arg("check").arg(files.root_disk()).output().unwrap();
         assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
 
-        use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(files.seed_iso()).unwrap().permissions().mode() & 0o777, 0o600, "user-data is private");
-        assert_eq!(std::fs::metadata(&files.dir).unwrap().permissions().mode() & 0o777, 0o711);
+        use std::os::unix::fs::MetadataExt;
+        let owner_mode = |p: &Path| {
+            let m = std::fs::metadata(p).unwrap();
+            (m.uid(), m.gid(), m.mode() & 0o7777)
+        };
+        assert_eq!(owner_mode(&files.seed_iso()), (0, 4343, 0o640), "user-data: QEMU reads it, no one else");
+        assert_eq!(owner_mode(&files.root_disk()), (4242, 4343, 0o600), "the guest's QEMU writes its overlay");
+        assert_eq!(owner_mode(&files.dir), (0, 4343, 0o710), "QEMU passes through, no one else enters");
         let iso = std::fs::read(files.seed_iso()).unwrap();
         // ISO 9660 primary volume descriptor at 32 KiB: "CD001", volume id at offset 40.
         assert_eq!(&iso[0x8001..0x8006], b"CD001");
@@ -185,13 +187,19 @@ mod tests {
         assert!(text.contains("instance-id: i-0123456789abcdef0"));
         assert!(text.contains("hello"));
 
-        // Preparing again keeps the existing overlay (it holds the guest's writes).
-        let before = std::fs::metadata(files.root_disk()).unwrap().modified().unwrap();
-        files.prepare(&base, 8, &meta, None).await.unwrap();
-        assert_eq!(std::fs::metadata(files.root_disk()).unwrap().modified().unwrap(), before);
+        // Preparing again keeps the existing overlay (it holds the guest's
+        // writes): the same file, byte for byte, bytes a guest wrote included.
+        {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().append(true).open(files.root_disk()).unwrap();
+            f.write_all(b"written by the guest").unwrap();
+        }
+        let (inode, bytes) = (std::fs::metadata(files.root_disk()).unwrap().ino(), std::fs::read(files.root_disk()).unwrap());
+        files.prepare(&base, 8, &meta, None, &qemu).await.unwrap();
+        assert_eq!(std::fs::metadata(files.root_disk()).unwrap().ino(), inode);
+        assert_eq!(std::fs::read(files.root_disk()).unwrap(), bytes);
         files.remove().await.unwrap();
         assert!(!files.exists().await);
         files.remove().await.unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

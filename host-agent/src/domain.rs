@@ -59,8 +59,10 @@ pub struct GuestSpec {
     pub base_disk: PathBuf,
     pub seed_iso: PathBuf,
     pub console_log: PathBuf,
-    /// Loopback port of this guest's metadata server (guestfwd target).
-    pub metadata_port: u16,
+    /// Unix socket of this guest's metadata server (guestfwd target).
+    pub metadata_socket: PathBuf,
+    /// Who QEMU runs the guest as; libvirt relabels nothing (see [`crate::access`]).
+    pub qemu: crate::access::QemuUser,
 }
 
 #[derive(Serialize)]
@@ -80,8 +82,24 @@ struct Domain {
     on_reboot: &'static str,
     on_crash: &'static str,
     devices: Devices,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seclabel: Option<DomainSeclabel>,
     #[serde(rename = "qemu:commandline", skip_serializing_if = "Option::is_none")]
     qemu_commandline: Option<QemuCommandline>,
+}
+
+/// `<seclabel type='static' model='dac' relabel='no'>`: QEMU runs as the
+/// given user and libvirt changes the owner of no file (the agent set them:
+/// a shared base image or kernel must never be handed to one guest's QEMU).
+#[derive(Serialize)]
+struct DomainSeclabel {
+    #[serde(rename = "@type")]
+    kind: &'static str,
+    #[serde(rename = "@model")]
+    model: &'static str,
+    #[serde(rename = "@relabel")]
+    relabel: &'static str,
+    label: String,
 }
 
 #[derive(Serialize)]
@@ -98,8 +116,6 @@ struct NimbusInstance {
     host_id: String,
     #[serde(rename = "nimbus:instance-id")]
     instance_id: String,
-    #[serde(rename = "nimbus:metadata-port")]
-    metadata_port: u16,
 }
 
 #[derive(Serialize)]
@@ -187,18 +203,6 @@ struct Driver {
 struct FileSource {
     #[serde(rename = "@file")]
     file: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    seclabel: Option<Seclabel>,
-}
-
-/// `relabel='no'`: libvirt must not chown a file shared by several guests
-/// (it would hand the base image to one guest's QEMU user, writable).
-#[derive(Serialize)]
-struct Seclabel {
-    #[serde(rename = "@model")]
-    model: &'static str,
-    #[serde(rename = "@relabel")]
-    relabel: &'static str,
 }
 
 /// The overlay's backing file, declared so that libvirt leaves its label alone.
@@ -290,17 +294,19 @@ fn path(p: &std::path::Path) -> String {
 }
 
 /// QEMU's user-mode network for the guest: DHCP on a link-local /24, the
-/// metadata address forwarded to this guest's own loopback port, and
+/// metadata address forwarded to this guest's own metadata socket, and
 /// `restrict=on` so no other packet leaves QEMU.
 ///
 /// guestfwd carries every guest connection over one chardev connection to the
 /// metadata server; `reconnect=1` re-opens it if the server closed it or the
 /// agent restarted. The NIC gets a fixed PCI slot away from the ones libvirt
-/// assigns to the disks.
-fn user_network_args(metadata_port: u16) -> Vec<QemuArg> {
+/// assigns to the disks. The socket path cannot hold a comma (QEMU's option
+/// separator): the agent refuses such a state directory at start-up.
+fn user_network_args(metadata_socket: &std::path::Path) -> Vec<QemuArg> {
     let netdev = format!(
         "user,id=nimbus0,restrict=on,net=169.254.169.0/24,host=169.254.169.1,dhcpstart=169.254.169.15,\
-         guestfwd=tcp:169.254.169.254:80-tcp:127.0.0.1:{metadata_port},,reconnect=1"
+         guestfwd=tcp:169.254.169.254:80-unix:{},,reconnect=1",
+        metadata_socket.display()
     );
     let nic = "virtio-net-pci,netdev=nimbus0,bus=pci.0,addr=0x10".to_string();
     ["-netdev".to_string(), netdev, "-device".to_string(), nic]
@@ -328,7 +334,6 @@ pub fn render(spec: &GuestSpec) -> Result<String, quick_xml::SeError> {
                 xmlns: METADATA_NS,
                 host_id: spec.host_id.clone(),
                 instance_id: spec.instance_id.clone(),
-                metadata_port: spec.metadata_port,
             },
         },
         memory: Memory { unit: "MiB", value: spec.memory_mib },
@@ -353,14 +358,11 @@ pub fn render(spec: &GuestSpec) -> Result<String, quick_xml::SeError> {
                     kind: "file",
                     device: "disk",
                     driver: Driver { name: "qemu", format: "qcow2" },
-                    source: FileSource { file: path(&spec.root_disk), seclabel: None },
+                    source: FileSource { file: path(&spec.root_disk) },
                     backing_store: Some(BackingStore {
                         kind: "file",
                         format: Format { kind: "qcow2" },
-                        source: FileSource {
-                            file: path(&spec.base_disk),
-                            seclabel: Some(Seclabel { model: "dac", relabel: "no" }),
-                        },
+                        source: FileSource { file: path(&spec.base_disk) },
                         end: Empty {},
                     }),
                     target: Target { dev: root_dev, bus: disk_bus },
@@ -370,7 +372,7 @@ pub fn render(spec: &GuestSpec) -> Result<String, quick_xml::SeError> {
                     kind: "file",
                     device: "disk",
                     driver: Driver { name: "qemu", format: "raw" },
-                    source: FileSource { file: path(&spec.seed_iso), seclabel: None },
+                    source: FileSource { file: path(&spec.seed_iso) },
                     backing_store: None,
                     target: Target { dev: seed_dev, bus: disk_bus },
                     readonly: Some(Empty {}),
@@ -393,7 +395,8 @@ pub fn render(spec: &GuestSpec) -> Result<String, quick_xml::SeError> {
             controller: qemu_family.then_some(Controller { kind: "usb", model: "none" }),
             memballoon: Model { model: "none" },
         },
-        qemu_commandline: qemu_family.then(|| QemuCommandline { args: user_network_args(spec.metadata_port) }),
+        seclabel: qemu_family.then(|| DomainSeclabel { kind: "static", model: "dac", relabel: "no", label: spec.qemu.dac_label() }),
+        qemu_commandline: qemu_family.then(|| QemuCommandline { args: user_network_args(&spec.metadata_socket) }),
     };
     let mut out = String::new();
     let mut ser = quick_xml::se::Serializer::new(&mut out);
@@ -407,7 +410,6 @@ pub fn render(spec: &GuestSpec) -> Result<String, quick_xml::SeError> {
 pub struct Ownership {
     pub host_id: String,
     pub instance_id: String,
-    pub metadata_port: u16,
 }
 
 /// Reads the nimbus metadata out of a domain's XML description, or `None`
@@ -416,7 +418,7 @@ pub fn ownership(xml: &str) -> Option<Ownership> {
     use quick_xml::events::Event;
     use quick_xml::name::ResolveResult;
     let mut reader = quick_xml::NsReader::from_str(xml);
-    let (mut host_id, mut instance_id, mut port) = (None, None, None);
+    let (mut host_id, mut instance_id) = (None, None);
     let mut current: Option<Vec<u8>> = None;
     loop {
         match reader.read_resolved_event() {
@@ -429,7 +431,6 @@ pub fn ownership(xml: &str) -> Option<Ownership> {
                     match name.as_slice() {
                         b"host-id" => host_id = Some(text),
                         b"instance-id" => instance_id = Some(text),
-                        b"metadata-port" => port = text.parse().ok(),
                         _ => {}
                     }
                 }
@@ -439,7 +440,7 @@ pub fn ownership(xml: &str) -> Option<Ownership> {
             _ => {}
         }
     }
-    Some(Ownership { host_id: host_id?, instance_id: instance_id?, metadata_port: port? })
+    Some(Ownership { host_id: host_id?, instance_id: instance_id? })
 }
 
 #[cfg(test)]
@@ -460,7 +461,8 @@ mod tests {
             base_disk: "/var/lib/nimbus/images/0123".into(),
             seed_iso: "/var/lib/nimbus/instances/i-0123456789abcdef0/seed.iso".into(),
             console_log: "/var/lib/nimbus/instances/i-0123456789abcdef0/console.log".into(),
-            metadata_port: 40123,
+            metadata_socket: "/var/lib/nimbus/instances/i-0123456789abcdef0/metadata.sock".into(),
+            qemu: crate::access::QemuUser { uid: 64055, gid: 107 },
         }
     }
 
@@ -474,10 +476,14 @@ mod tests {
         assert!(xml.contains("<type arch=\"x86_64\" machine=\"pc\">hvm</type>"));
         assert!(xml.contains("<target dev=\"vda\" bus=\"virtio\"/>"));
         assert!(xml.contains("<serial type=\"file\">"));
-        assert!(xml.contains("guestfwd=tcp:169.254.169.254:80-tcp:127.0.0.1:40123,,reconnect=1"));
+        assert!(xml.contains("guestfwd=tcp:169.254.169.254:80-unix:/var/lib/nimbus/instances/i-0123456789abcdef0/metadata.sock,,reconnect=1"));
         assert!(xml.contains("virtio-net-pci,netdev=nimbus0,bus=pci.0,addr=0x10"));
-        // The shared base image is never relabelled for one guest.
-        assert!(xml.contains("<source file=\"/var/lib/nimbus/images/0123\">\n          <seclabel model=\"dac\" relabel=\"no\"/>"), "{xml}");
+        // QEMU runs as the QEMU user and libvirt relabels nothing: a shared
+        // base image or kernel is never handed to one guest's QEMU.
+        assert!(
+            xml.contains("<seclabel type=\"static\" model=\"dac\" relabel=\"no\">\n    <label>+64055:+107</label>\n  </seclabel>"),
+            "{xml}"
+        );
         assert!(xml.contains("restrict=on"));
         assert_eq!(xml.matches("<readonly/>").count(), 1);
     }
@@ -491,6 +497,7 @@ mod tests {
         assert!(xen.contains("<type>linux</type>"));
         assert!(xen.contains("<target dev=\"xvda\" bus=\"xen\"/>"));
         assert!(!xen.contains("qemu:commandline"));
+        assert!(!xen.contains("seclabel"), "no QEMU user runs a Xen PV guest");
         // The test driver gets the XML of a TCG host.
         assert_eq!(render(&spec(Hypervisor::Test)).unwrap(), render(&spec(Hypervisor::Qemu)).unwrap());
     }
@@ -524,7 +531,7 @@ mod tests {
         let xml = render(&spec(Hypervisor::Qemu)).unwrap();
         assert_eq!(
             ownership(&xml),
-            Some(Ownership { host_id: "h-0123456789abcdef0".into(), instance_id: "i-0123456789abcdef0".into(), metadata_port: 40123 })
+            Some(Ownership { host_id: "h-0123456789abcdef0".into(), instance_id: "i-0123456789abcdef0".into() })
         );
         assert_eq!(ownership("<domain type='qemu'><name>other</name></domain>"), None);
         // Same local names in another namespace are not ours.

@@ -29,13 +29,15 @@ pub enum ImageError {
 pub struct ImageCache {
     dir: PathBuf,
     http: reqwest::Client,
+    /// Cached files are QEMU's group's to read, no one else's (see [`crate::access`]).
+    qemu: crate::access::QemuUser,
     /// One lock per digest: guests launched together fetch a file once.
     fetching: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 impl ImageCache {
-    pub fn new(dir: PathBuf, http: reqwest::Client) -> ImageCache {
-        ImageCache { dir, http, fetching: Arc::default() }
+    pub fn new(dir: PathBuf, http: reqwest::Client, qemu: crate::access::QemuUser) -> ImageCache {
+        ImageCache { dir, http, qemu, fetching: Arc::default() }
     }
 
     /// The local path of `file`, fetching and verifying it first if needed.
@@ -53,14 +55,14 @@ impl ImageCache {
         if tokio::fs::try_exists(&target).await.map_err(io)? {
             return Ok(target);
         }
-        tokio::fs::create_dir_all(&self.dir).await.map_err(io)?;
+        self.qemu.private_dir(&self.dir).await.map_err(io)?;
         let tmp = self.dir.join(format!(".{}.{}.part", file.sha256, std::process::id()));
         let result = self.fetch(source_url, file, &tmp).await;
         if let Err(e) = result {
             let _ = tokio::fs::remove_file(&tmp).await;
             return Err(e);
         }
-        set_read_only(&tmp).await.map_err(io)?;
+        self.qemu.readable(&tmp).await.map_err(io)?;
         tokio::fs::rename(&tmp, &target).await.map_err(io)?;
         tracing::info!(file = %file.name, sha256 = %file.sha256, "image file cached");
         Ok(target)
@@ -104,28 +106,33 @@ impl ImageCache {
     }
 }
 
-async fn set_read_only(path: &Path) -> std::io::Result<()> {
-    let mut perms = tokio::fs::metadata(path).await?.permissions();
-    perms.set_readonly(true);
-    tokio::fs::set_permissions(path, perms).await
-}
+
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const QEMU: crate::access::QemuUser = crate::access::QemuUser { uid: 4242, gid: 4343 };
+
     #[tokio::test]
     async fn verifies_and_caches_by_digest() {
-        let dir = std::env::temp_dir().join(format!("nimbus-imgcache-{}", std::process::id()));
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let src = dir.join("src");
         std::fs::create_dir_all(&src).unwrap();
         std::fs::write(src.join("kernel"), b"kernel bytes").unwrap();
         let good = ImageFile { name: "kernel".into(), sha256: hex::encode(Sha256::digest(b"kernel bytes")) };
-        let cache = ImageCache::new(dir.join("cache"), reqwest::Client::new());
+        let cache = ImageCache::new(dir.join("cache"), reqwest::Client::new(), QEMU);
         let url = format!("file://{}", src.display());
         let path = cache.ensure(&url, &good).await.unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"kernel bytes");
         assert!(path.ends_with(&good.sha256));
+        // QEMU's group reads a cached file and cannot write it; no one else reads it.
+        let m = std::fs::metadata(&path).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (0, 4343, 0o640));
+        let m = std::fs::metadata(dir.join("cache")).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (0, 4343, 0o710));
 
         let bad = ImageFile { name: "kernel".into(), sha256: "0".repeat(64) };
         match cache.ensure(&url, &bad).await {
@@ -133,23 +140,22 @@ mod tests {
             other => panic!("expected a checksum error, got {other:?}"),
         }
         assert!(!dir.join("cache").join("0".repeat(64)).exists(), "a bad file must not enter the cache");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test]
     async fn concurrent_fetches_of_one_file_all_succeed() {
-        let dir = std::env::temp_dir().join(format!("nimbus-imgcache-par-{}", std::process::id()));
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let src = dir.join("src");
         std::fs::create_dir_all(&src).unwrap();
         let body = vec![7u8; 3 << 20];
         std::fs::write(src.join("disk"), &body).unwrap();
         let file = ImageFile { name: "disk".into(), sha256: hex::encode(Sha256::digest(&body)) };
-        let cache = ImageCache::new(dir.join("cache"), reqwest::Client::new());
+        let cache = ImageCache::new(dir.join("cache"), reqwest::Client::new(), QEMU);
         let url = format!("file://{}", src.display());
         let results = futures::future::join_all((0..16).map(|_| cache.ensure(&url, &file))).await;
         for r in results {
             assert_eq!(std::fs::read(r.unwrap()).unwrap().len(), body.len());
         }
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

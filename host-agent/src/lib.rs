@@ -2,6 +2,7 @@
 //! plane and converges its libvirt guests to what the control plane assigns.
 //! See ARCHITECTURE.md at the repository root for the map.
 
+pub mod access;
 pub mod client;
 pub mod console;
 pub mod disks;
@@ -55,6 +56,10 @@ pub struct AgentConfig {
     /// Directory for the credential, the image cache and guests' files.
     #[arg(long, env = "NIMBUS_STATE_DIR", default_value = "/var/lib/nimbus")]
     pub state_dir: PathBuf,
+    /// Directory for the guests' metadata sockets. Short: a socket's path
+    /// must fit in 107 bytes, and QEMU connects to it by path.
+    #[arg(long, env = "NIMBUS_RUN_DIR", default_value = "/run/nimbus")]
+    pub run_dir: PathBuf,
     /// vCPUs offered to guests (default: host CPUs x cpu-allocation-ratio).
     #[arg(long)]
     pub vcpus: Option<u32>,
@@ -74,6 +79,10 @@ pub struct AgentConfig {
     /// Seconds a guest gets to shut down after an ACPI request before it is powered off.
     #[arg(long, env = "NIMBUS_STOP_TIMEOUT_SECS", default_value_t = 30)]
     pub stop_timeout_secs: u64,
+    /// The user QEMU runs guests as (libvirt's `user` in qemu.conf); it and
+    /// its primary group own what guests' QEMUs must open (see ARCHITECTURE.md).
+    #[arg(long, env = "NIMBUS_QEMU_USER", default_value = "libvirt-qemu")]
+    pub qemu_user: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +93,8 @@ pub enum AgentError {
     State { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Client(#[from] ClientError),
+    #[error(transparent)]
+    Access(#[from] access::AccessError),
     #[error("{0}")]
     Config(String),
 }
@@ -104,7 +115,15 @@ impl Agent {
             let path = path.clone();
             move |source| AgentError::State { path, source }
         };
-        tokio::fs::create_dir_all(&config.state_dir).await.map_err(state(&config.state_dir))?;
+        let run_dir = std::path::absolute(&config.run_dir).map_err(state(&config.run_dir))?;
+        if run_dir.to_string_lossy().contains(',') || run_dir.as_os_str().len() > metadata::MAX_RUN_DIR_LEN {
+            // QEMU's options use ',' as a separator, and a socket's path is short.
+            return Err(AgentError::Config(format!(
+                "the run directory {} must be at most {} bytes long and hold no comma",
+                run_dir.display(),
+                metadata::MAX_RUN_DIR_LEN
+            )));
+        }
         let (hypervisor, uri) = match (config.hypervisor, &config.libvirt_uri) {
             (HypervisorChoice::Auto, uri) => {
                 let d = libvirt::detect().await?;
@@ -116,6 +135,16 @@ impl Agent {
             (HypervisorChoice::Xen, uri) => (Hypervisor::Xen, uri.clone().unwrap_or("xen:///system".into())),
             (HypervisorChoice::Test, uri) => (Hypervisor::Test, uri.clone().unwrap_or("test:///default".into())),
         };
+        let qemu = match (hypervisor, access::QemuUser::lookup(&config.qemu_user)) {
+            (_, Ok(q)) => q,
+            // No QEMU user opens files of a Xen PV guest or of the test driver.
+            (Hypervisor::Xen | Hypervisor::Test, Err(_)) => access::QemuUser::root(),
+            (_, Err(e)) => return Err(e.into()),
+        };
+        // Closed to local users: guests' files hold tenants' data (see access.rs).
+        for dir in [config.state_dir.clone(), config.state_dir.join("images"), config.state_dir.join("instances"), run_dir.clone()] {
+            qemu.private_dir(&dir).await.map_err(state(&dir))?;
+        }
         let lv = libvirt::Libvirt::open(&uri).await?;
         let (cpus, mem) = lv.node_resources().await?;
         let vcpus = config.vcpus.unwrap_or(((cpus as f64) * config.cpu_allocation_ratio).floor() as u32);
@@ -135,9 +164,10 @@ impl Agent {
             libvirt: lv,
             hypervisor,
             host_id: String::new(),
-            images: images::ImageCache::new(config.state_dir.join("images"), http.clone()),
+            images: images::ImageCache::new(config.state_dir.join("images"), http.clone(), qemu),
             instances_dir: config.state_dir.join("instances"),
-            metadata: metadata::MetadataServers::default(),
+            metadata: metadata::MetadataServers::new(qemu, run_dir),
+            qemu,
             events,
             stop_timeout: Duration::from_secs(config.stop_timeout_secs),
             stopping: power::InProgress::default(),
@@ -186,6 +216,8 @@ impl Agent {
         let state = |source| AgentError::State { path: path.clone(), source };
         let json = serde_json::to_vec(&cred).map_err(|e| AgentError::Config(e.to_string()))?;
         tokio::fs::write(&tmp, json).await.map_err(state)?;
+        // The host's secret: root's alone.
+        access::agent_only(&tmp).await.map_err(state)?;
         tokio::fs::rename(&tmp, &path).await.map_err(state)?;
         tracing::info!(host_id = %cred.host_id, vcpus, memory_mib, disk_gib, "registered with the control plane");
         Ok(cred)

@@ -1,11 +1,21 @@
 //! The instance metadata service (`http://169.254.169.254/`).
 //!
-//! Each guest gets its own HTTP server on a loopback port; QEMU's user-mode
-//! network forwards the guest's connections to 169.254.169.254:80 to that
-//! port (guestfwd). The port alone identifies the guest: nothing the guest
-//! sends is trusted to say who it is, and a guest can reach only its own
-//! server. The port is recorded in the domain's metadata so that a restarted
-//! agent listens on it again.
+//! Each guest gets its own HTTP server on a unix socket,
+//! `<run dir>/<instance id>.sock`; QEMU's user-mode network forwards the
+//! guest's connections to 169.254.169.254:80 to that socket (guestfwd). The
+//! socket alone identifies the guest: nothing the guest sends is trusted to
+//! say who it is, and a guest can reach only its own server. Only root and
+//! QEMU's group can reach the socket (see [`crate::access`]): other local
+//! users cannot read a tenant's user-data, and no local process can stand in
+//! for the server (a loopback port could be taken by anyone after an agent
+//! restart; this path lies in a directory only root writes). The run
+//! directory is separate from the state directory because a unix socket's
+//! path must be short (108 bytes, QEMU connects by path).
+//!
+//! A guest must not be able to hurt the agent, which every guest on the host
+//! depends on: request heads are bounded ([`MAX_HEAD`]), a body is read and
+//! dropped chunk by chunk and only up to [`MAX_BODY`] (more closes the
+//! connection), and nothing a guest sends is buffered beyond one head.
 //!
 //! QEMU's guestfwd carries all of a guest's connections, one after another,
 //! over a single connection to this server. So the server never closes a
@@ -22,8 +32,9 @@ use axum::Router;
 use base64::Engine;
 use nimbus_proto::agent::InstanceMetadata;
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path as FsPath, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::task::JoinHandle;
 
 #[derive(Debug, Clone)]
@@ -33,34 +44,61 @@ struct Content {
 }
 
 struct Server {
-    port: u16,
     content: Arc<RwLock<Content>>,
     task: JoinHandle<()>,
 }
 
-#[derive(Default, Clone)]
+#[derive(Clone)]
 pub struct MetadataServers {
     servers: Arc<Mutex<HashMap<String, Server>>>,
+    /// Gets each socket (root:its group, 0660) so that QEMU can connect.
+    qemu: crate::access::QemuUser,
+    /// Where the sockets live (root:QEMU's group, 0710).
+    dir: PathBuf,
+}
+
+/// The longest run directory whose sockets fit a unix socket address
+/// (`<dir>/i-<17 hex>.sock` within 107 bytes).
+pub const MAX_RUN_DIR_LEN: usize = 107 - "/i-0123456789abcdef0.sock".len();
+
+/// Where the metadata server of an instance listens, given the run directory.
+pub fn socket_path(run_dir: &FsPath, instance_id: &str) -> PathBuf {
+    run_dir.join(format!("{instance_id}.sock"))
 }
 
 impl MetadataServers {
-    /// Serves `meta` for its instance, on `port` when given (a restarted
-    /// agent re-listening for an existing guest), otherwise on a free port.
-    /// Returns the port.
-    pub async fn ensure(&self, meta: &InstanceMetadata, user_data_b64: Option<&str>, port: Option<u16>) -> std::io::Result<u16> {
+    pub fn new(qemu: crate::access::QemuUser, dir: PathBuf) -> MetadataServers {
+        MetadataServers { servers: Arc::default(), qemu, dir }
+    }
+
+    /// The socket of an instance's metadata server.
+    pub fn socket(&self, instance_id: &str) -> PathBuf {
+        socket_path(&self.dir, instance_id)
+    }
+
+    /// Serves `meta` for its instance on its socket, replacing whatever file
+    /// is there (a socket left by an earlier agent, which QEMU then
+    /// reconnects to). Returns the socket's path.
+    pub async fn ensure(&self, meta: &InstanceMetadata, user_data_b64: Option<&str>) -> std::io::Result<PathBuf> {
         let user_data = user_data_b64.and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok());
         let content = Content { meta: meta.clone(), user_data };
+        let socket = self.socket(&meta.instance_id);
         {
             let servers = self.servers.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(s) = servers.get(&meta.instance_id) {
-                if port.is_none_or(|p| p == s.port) && !s.task.is_finished() {
+                if !s.task.is_finished() {
                     *s.content.write().unwrap_or_else(|p| p.into_inner()) = content;
-                    return Ok(s.port);
+                    return Ok(socket);
                 }
             }
         }
-        let listener = tokio::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port.unwrap_or(0)))).await?;
-        let port = listener.local_addr()?.port();
+        self.qemu.private_dir(&self.dir).await?;
+        match tokio::fs::remove_file(&socket).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let listener = tokio::net::UnixListener::bind(&socket)?;
+        self.qemu.connectable(&socket).await?;
         let content = Arc::new(RwLock::new(content));
         let app = Router::new()
             .route("/", get(|| async { "latest\n" }))
@@ -86,23 +124,41 @@ impl MetadataServers {
                 }
             }
         });
-        let old = self.servers.lock().unwrap_or_else(|p| p.into_inner()).insert(meta.instance_id.clone(), Server { port, content, task });
+        let old = self
+            .servers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(meta.instance_id.clone(), Server { content, task });
         if let Some(old) = old {
             old.task.abort();
         }
-        Ok(port)
+        Ok(socket)
     }
 
-    pub fn port(&self, instance_id: &str) -> Option<u16> {
-        self.servers.lock().unwrap_or_else(|p| p.into_inner()).get(instance_id).map(|s| s.port)
+    /// Removes the sockets of instances not in `wanted` (left by an agent
+    /// that crashed before it removed them).
+    pub async fn sweep(&self, wanted: &std::collections::HashSet<&str>) {
+        let Ok(mut dir) = tokio::fs::read_dir(&self.dir).await else { return };
+        while let Ok(Some(entry)) = dir.next_entry().await {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_suffix(".sock").filter(|id| id.starts_with("i-")) {
+                if !wanted.contains(id) {
+                    self.stop(id);
+                }
+            }
+        }
     }
 
+    /// Stops the instance's server and removes its socket.
     pub fn stop(&self, instance_id: &str) {
         if let Some(s) = self.servers.lock().unwrap_or_else(|p| p.into_inner()).remove(instance_id) {
             s.task.abort();
         }
+        let _ = std::fs::remove_file(self.socket(instance_id));
     }
 
+    /// Stops every server (the agent is stopping), leaving the sockets: the
+    /// guests keep running, and the next agent replaces them.
     pub fn stop_all(&self) {
         for (_, s) in self.servers.lock().unwrap_or_else(|p| p.into_inner()).drain() {
             s.task.abort();
@@ -111,49 +167,79 @@ impl MetadataServers {
 }
 
 /// Largest request head accepted; metadata requests are tiny.
-const MAX_HEAD: usize = 16 * 1024;
+pub const MAX_HEAD: usize = 8 * 1024;
+/// Largest request body read (and dropped: the service takes no bodies).
+pub const MAX_BODY: usize = 4 * 1024;
 
-/// Answers requests on one connection until the peer closes it.
-async fn serve_connection(mut conn: tokio::net::TcpStream, app: Router) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// What a request head says, or why it is refused.
+enum Head {
+    Request { method: String, path: String, head_len: usize, body_len: usize },
+    /// Answer this status and close the connection.
+    Refuse(StatusCode),
+}
+
+fn parse_head(buf: &[u8]) -> Option<Head> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => {
+            let mut body_len = 0;
+            for h in req.headers.iter() {
+                if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                    return Some(Head::Refuse(StatusCode::LENGTH_REQUIRED));
+                }
+                if h.name.eq_ignore_ascii_case("content-length") {
+                    match std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<usize>().ok()) {
+                        Some(len) if len <= MAX_BODY => body_len = len,
+                        Some(_) => return Some(Head::Refuse(StatusCode::PAYLOAD_TOO_LARGE)),
+                        None => return Some(Head::Refuse(StatusCode::BAD_REQUEST)),
+                    }
+                }
+            }
+            let (method, path) = (req.method.unwrap_or("GET").to_string(), req.path.unwrap_or("/").to_string());
+            Some(Head::Request { method, path, head_len: n, body_len })
+        }
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => None,
+        Ok(httparse::Status::Partial) => Some(Head::Refuse(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)),
+        Err(_) => Some(Head::Refuse(StatusCode::BAD_REQUEST)),
+    }
+}
+
+async fn write_status<S: AsyncWrite + Unpin>(conn: &mut S, status: StatusCode) {
+    let head = format!("HTTP/1.1 {} {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", status.as_u16(), status.canonical_reason().unwrap_or(""));
+    let _ = conn.write_all(head.as_bytes()).await;
+}
+
+/// Answers requests on one connection until the peer closes it or sends
+/// something the service refuses (then after answering the refusal).
+async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(mut conn: S, app: Router) {
     use tower::ServiceExt;
+    // Holds at most one head (MAX_HEAD) plus what one read brought after it.
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
     loop {
         // Read until one whole request head is buffered.
         let (method, path, head_len, body_len) = loop {
-            let mut headers = [httparse::EMPTY_HEADER; 32];
-            let mut req = httparse::Request::new(&mut headers);
-            match req.parse(&buf) {
-                Ok(httparse::Status::Complete(n)) => {
-                    let body_len = req
-                        .headers
-                        .iter()
-                        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                        .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse::<usize>().ok())
-                        .unwrap_or(0);
-                    break (req.method.unwrap_or("GET").to_string(), req.path.unwrap_or("/").to_string(), n, body_len);
-                }
-                Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
-                _ => {
-                    let _ = conn.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n").await;
-                    return;
-                }
+            match parse_head(&buf) {
+                Some(Head::Request { method, path, head_len, body_len }) => break (method, path, head_len, body_len),
+                Some(Head::Refuse(status)) => return write_status(&mut conn, status).await,
+                None => {}
             }
-            let mut chunk = [0u8; 4096];
             match conn.read(&mut chunk).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
             }
         };
-        // Skip any request body (metadata is read-only).
-        while buf.len() < head_len + body_len {
-            let mut chunk = [0u8; 4096];
-            match conn.read(&mut chunk).await {
+        // Drop the body (at most MAX_BODY): what was buffered, then the rest as it comes.
+        let buffered = buf.len().min(head_len + body_len);
+        buf.drain(..buffered);
+        let mut rest = head_len + body_len - buffered;
+        while rest > 0 {
+            match conn.read(&mut chunk[..rest.min(4096)]).await {
                 Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => rest -= n,
             }
         }
-        buf.drain(..head_len + body_len);
 
         let request = axum::http::Request::builder()
             .method(if method == "GET" || method == "HEAD" { axum::http::Method::GET } else { axum::http::Method::POST })
@@ -284,6 +370,49 @@ async fn identity(State(c): Shared) -> Response {
     .into_response()
 }
 
+/// One request to a guest's metadata socket, made as the guest makes it
+/// (for tests, and for an operator looking at what a guest is served):
+/// `(status, body)`. A new connection per call.
+pub async fn request(socket: &FsPath, method: &str, path: &str, headers: &[(&str, &str)]) -> std::io::Result<(u16, Vec<u8>)> {
+    let mut conn = tokio::net::UnixStream::connect(socket).await?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 169.254.169.254\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    conn.write_all(head.as_bytes()).await?;
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let mut hdrs = [httparse::EMPTY_HEADER; 16];
+        let mut resp = httparse::Response::new(&mut hdrs);
+        if let httparse::Status::Complete(n) = resp.parse(&buf).map_err(|_| bad("bad response head"))? {
+            let status = resp.code.ok_or_else(|| bad("no status"))?;
+            let len = resp
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse::<usize>().ok())
+                .ok_or_else(|| bad("no Content-Length"))?;
+            let body_len = if method == "HEAD" { 0 } else { len };
+            while buf.len() < n + body_len {
+                let got = conn.read(&mut chunk).await?;
+                if got == 0 {
+                    return Err(bad("connection closed mid-body"));
+                }
+                buf.extend_from_slice(&chunk[..got]);
+            }
+            return Ok((status, buf[n..n + body_len].to_vec()));
+        }
+        let got = conn.read(&mut chunk).await?;
+        if got == 0 {
+            return Err(bad("connection closed before a response"));
+        }
+        buf.extend_from_slice(&chunk[..got]);
+    }
+}
+
 /// Metadata of a made-up instance, for tests.
 #[cfg(test)]
 pub(crate) fn sample_metadata(id: &str) -> InstanceMetadata {
@@ -307,79 +436,167 @@ mod tests {
         sample_metadata(id)
     }
 
-    async fn get(port: u16, path: &str) -> (u16, String) {
-        let r = reqwest::get(format!("http://127.0.0.1:{port}{path}")).await.unwrap();
-        (r.status().as_u16(), r.text().await.unwrap())
+    /// Servers whose sockets live in a temporary directory.
+    struct Fixture {
+        servers: MetadataServers,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            Fixture { servers: MetadataServers::new(crate::access::QemuUser::root(), dir.path().join("run")), _dir: dir }
+        }
+        async fn serve(&self, m: &InstanceMetadata, user_data: Option<&str>) -> PathBuf {
+            self.servers.ensure(m, user_data).await.unwrap()
+        }
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            self.servers.stop_all();
+        }
+    }
+
+    async fn get(socket: &FsPath, path: &str) -> (u16, String) {
+        let (status, body) = request(socket, "GET", path, &[]).await.unwrap();
+        (status, String::from_utf8(body).unwrap())
     }
 
     #[tokio::test]
     async fn each_guest_sees_only_its_own_metadata() {
-        let servers = MetadataServers::default();
-        let a = servers.ensure(&meta("i-000000000000000aa"), Some("aGVsbG8="), None).await.unwrap();
-        let b = servers.ensure(&meta("i-000000000000000bb"), None, None).await.unwrap();
-        assert_ne!(a, b);
-        assert_eq!(get(a, "/latest/meta-data/instance-id").await, (200, "i-000000000000000aa".into()));
-        assert_eq!(get(b, "/latest/meta-data/instance-id").await, (200, "i-000000000000000bb".into()));
-        assert_eq!(get(a, "/latest/user-data").await, (200, "hello".into()));
-        assert_eq!(get(b, "/latest/user-data").await.0, 404);
-        assert_eq!(get(a, "/latest/meta-data/placement/availability-zone").await, (200, "az1".into()));
-        assert_eq!(get(a, "/latest/meta-data/nope").await.0, 404);
-        // Same instance again: same port.
-        assert_eq!(servers.ensure(&meta("i-000000000000000aa"), None, None).await.unwrap(), a);
-        servers.stop("i-000000000000000aa");
-        servers.stop_all();
+        let f = Fixture::new();
+        let a = f.serve(&meta("i-000000000000000aa"), Some("aGVsbG8=")).await;
+        let b = f.serve(&meta("i-000000000000000bb"), None).await;
+        assert_eq!(get(&a, "/latest/meta-data/instance-id").await, (200, "i-000000000000000aa".into()));
+        assert_eq!(get(&b, "/latest/meta-data/instance-id").await, (200, "i-000000000000000bb".into()));
+        assert_eq!(get(&a, "/latest/user-data").await, (200, "hello".into()));
+        assert_eq!(get(&b, "/latest/user-data").await.0, 404);
+        assert_eq!(get(&a, "/latest/meta-data/placement/availability-zone").await, (200, "az1".into()));
+        assert_eq!(get(&a, "/latest/meta-data/nope").await.0, 404);
+        // Stopped: nothing answers on the socket any more, and it is gone.
+        f.servers.stop("i-000000000000000aa");
+        assert!(request(&a, "GET", "/latest/meta-data/instance-id", &[]).await.is_err());
+        assert!(!a.exists());
+        // A sweep removes the sockets of instances no longer wanted.
+        let stale = f.servers.socket("i-0000000000000dead");
+        std::fs::write(&stale, b"").unwrap();
+        f.servers.sweep(&["i-000000000000000bb"].into_iter().collect()).await;
+        assert!(!stale.exists() && b.exists());
+        assert_eq!(get(&b, "/latest/meta-data/instance-id").await.0, 200);
+    }
+
+    /// A restarted agent takes its socket back: a file someone left at the
+    /// path is replaced, and the socket is QEMU's group's only.
+    #[tokio::test]
+    async fn a_stale_socket_is_replaced_and_closed_to_others() {
+        use std::os::unix::fs::MetadataExt;
+        let f = Fixture::new();
+        let socket = f.servers.socket("i-000000000000000ab");
+        std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+        let _stale = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        assert_eq!(f.serve(&meta("i-000000000000000ab"), None).await, socket);
+        assert_eq!(get(&socket, "/latest/meta-data/instance-id").await, (200, "i-000000000000000ab".into()));
+        assert_eq!(std::fs::metadata(&socket).unwrap().mode() & 0o777, 0o660);
+        assert_eq!(std::fs::metadata(socket.parent().unwrap()).unwrap().mode() & 0o777, 0o710);
     }
 
     #[tokio::test]
     async fn public_keys_are_served_like_ec2() {
-        let servers = MetadataServers::default();
-        let none = servers.ensure(&meta("i-000000000000000dd"), None, None).await.unwrap();
-        let listing = get(none, "/latest/meta-data/").await;
+        let f = Fixture::new();
+        let none = f.serve(&meta("i-000000000000000dd"), None).await;
+        let listing = get(&none, "/latest/meta-data/").await;
         assert_eq!(listing.0, 200);
         assert!(!listing.1.contains("public-keys"), "no keys, no listing entry: {}", listing.1);
-        assert_eq!(get(none, "/latest/meta-data/public-keys/").await.0, 404);
-        assert_eq!(get(none, "/latest/meta-data/public-keys/0/openssh-key").await.0, 404);
+        assert_eq!(get(&none, "/latest/meta-data/public-keys/").await.0, 404);
+        assert_eq!(get(&none, "/latest/meta-data/public-keys/0/openssh-key").await.0, 404);
 
         let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExample user@example".to_string();
         let mut m = meta("i-000000000000000ee");
         m.public_keys = vec![("my-key".into(), key.clone())];
-        let port = servers.ensure(&m, None, None).await.unwrap();
-        let listing = get(port, "/latest/meta-data/").await.1;
+        let s = f.serve(&m, None).await;
+        let listing = get(&s, "/latest/meta-data/").await.1;
         assert!(listing.lines().any(|l| l == "public-keys/"), "{listing}");
-        assert_eq!(get(port, "/latest/meta-data/public-keys").await, (200, "0=my-key".into()));
-        assert_eq!(get(port, "/latest/meta-data/public-keys/").await, (200, "0=my-key".into()));
-        assert_eq!(get(port, "/latest/meta-data/public-keys/0").await, (200, "openssh-key".into()));
-        assert_eq!(get(port, "/latest/meta-data/public-keys/0/").await, (200, "openssh-key".into()));
-        assert_eq!(get(port, "/latest/meta-data/public-keys/0/openssh-key").await, (200, key.clone()));
+        assert_eq!(get(&s, "/latest/meta-data/public-keys").await, (200, "0=my-key".into()));
+        assert_eq!(get(&s, "/latest/meta-data/public-keys/").await, (200, "0=my-key".into()));
+        assert_eq!(get(&s, "/latest/meta-data/public-keys/0").await, (200, "openssh-key".into()));
+        assert_eq!(get(&s, "/latest/meta-data/public-keys/0/").await, (200, "openssh-key".into()));
+        assert_eq!(get(&s, "/latest/meta-data/public-keys/0/openssh-key").await, (200, key.clone()));
         for missing in ["public-keys/1/", "public-keys/1/openssh-key", "public-keys/00/openssh-key", "public-keys/+0/", "public-keys/0/nope", "public-keys/my-key"] {
-            assert_eq!(get(port, &format!("/latest/meta-data/{missing}")).await.0, 404, "{missing}");
+            assert_eq!(get(&s, &format!("/latest/meta-data/{missing}")).await.0, 404, "{missing}");
         }
         // Keys can change (a later assignment): the same server answers the new ones.
         m.public_keys.push(("second".into(), "ssh-rsa AAAAB3 second".into()));
-        assert_eq!(servers.ensure(&m, None, None).await.unwrap(), port);
-        assert_eq!(get(port, "/latest/meta-data/public-keys/").await, (200, "0=my-key\n1=second".into()));
-        assert_eq!(get(port, "/latest/meta-data/public-keys/1/openssh-key").await, (200, "ssh-rsa AAAAB3 second".into()));
-        servers.stop_all();
+        assert_eq!(f.serve(&m, None).await, s);
+        assert_eq!(get(&s, "/latest/meta-data/public-keys/").await, (200, "0=my-key\n1=second".into()));
+        assert_eq!(get(&s, "/latest/meta-data/public-keys/1/openssh-key").await, (200, "ssh-rsa AAAAB3 second".into()));
     }
 
     /// guestfwd sends every guest connection down one host connection: the
-    /// server must answer request after request on it, `Connection: close` or not.
+    /// server must answer request after request on it, `Connection: close` or
+    /// not, and a small body on the way is skipped.
     #[tokio::test]
     async fn one_connection_carries_many_requests() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let servers = MetadataServers::default();
-        let port = servers.ensure(&meta("i-000000000000000cc"), None, None).await.unwrap();
-        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let f = Fixture::new();
+        let socket = f.serve(&meta("i-000000000000000cc"), None).await;
+        let mut conn = tokio::net::UnixStream::connect(&socket).await.unwrap();
         let req = "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n";
-        conn.write_all(format!("{req}{req}").as_bytes()).await.unwrap();
+        let with_body = "POST /latest/meta-data/instance-id HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello";
+        conn.write_all(format!("{req}{with_body}{req}").as_bytes()).await.unwrap();
         let expected = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 19\r\n\r\ni-000000000000000cc";
-        let mut got = vec![0u8; expected.len() * 2];
+        let mut got = vec![0u8; expected.len()];
         conn.read_exact(&mut got).await.unwrap();
-        assert_eq!(String::from_utf8(got).unwrap(), expected.repeat(2));
-        conn.write_all(b"GET /nope HTTP/1.1\r\n\r\n").await.unwrap();
+        assert_eq!(String::from_utf8(got).unwrap(), expected);
         let mut got = vec![0u8; 12];
         conn.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"HTTP/1.1 404");
-        servers.stop_all();
+        assert_eq!(&got, b"HTTP/1.1 405", "POST is not a method of the metadata service");
+        conn.write_all(b"GET /nope HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut all = Vec::new();
+        let mut chunk = [0u8; 512];
+        while !String::from_utf8_lossy(&all).contains("HTTP/1.1 404") {
+            let n = conn.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&all));
+            all.extend_from_slice(&chunk[..n]);
+        }
+        assert_eq!(String::from_utf8_lossy(&all).matches("i-000000000000000cc").count(), 1, "{}", String::from_utf8_lossy(&all));
+    }
+
+    /// The attack of the security review: a guest sends a huge body. The
+    /// server must not read (let alone buffer) it: it answers 413 and closes
+    /// the connection at once, having read no more than the head.
+    #[tokio::test]
+    async fn a_huge_body_is_refused_unread_and_the_connection_closed() {
+        let f = Fixture::new();
+        let socket = f.serve(&meta("i-000000000000000ff"), None).await;
+        let mut conn = tokio::net::UnixStream::connect(&socket).await.unwrap();
+        conn.write_all(b"PUT /latest/api/token HTTP/1.1\r\nContent-Length: 268435456\r\n\r\n").await.unwrap();
+        let mut resp = Vec::new();
+        let read = tokio::time::timeout(std::time::Duration::from_secs(30), conn.read_to_end(&mut resp)).await;
+        assert!(read.is_ok(), "the server kept the connection open, waiting for 256 MiB");
+        assert!(resp.starts_with(b"HTTP/1.1 413"), "{}", String::from_utf8_lossy(&resp));
+        // Sending the body now fails or goes nowhere: the server closed its side.
+        let mut sent = 0usize;
+        let chunk = vec![0u8; 64 * 1024];
+        while sent < 64 << 20 {
+            match conn.write(&chunk).await {
+                Ok(n) => sent += n,
+                Err(_) => break,
+            }
+        }
+        assert!(sent < 64 << 20, "64 MiB went into a connection the server should have closed");
+        // Chunked bodies have no length to check: refused as well.
+        let mut conn = tokio::net::UnixStream::connect(&socket).await.unwrap();
+        conn.write_all(b"PUT /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").await.unwrap();
+        let mut resp = Vec::new();
+        conn.read_to_end(&mut resp).await.unwrap();
+        assert!(resp.starts_with(b"HTTP/1.1 411"), "{}", String::from_utf8_lossy(&resp));
+        // A head that never ends is cut off at MAX_HEAD.
+        let mut conn = tokio::net::UnixStream::connect(&socket).await.unwrap();
+        let endless = format!("GET / HTTP/1.1\r\nX-Pad: {}", "a".repeat(MAX_HEAD + 1));
+        conn.write_all(endless.as_bytes()).await.unwrap();
+        let mut resp = Vec::new();
+        // The server closes with bytes of ours unread: the answer comes, then a reset.
+        let _ = conn.read_to_end(&mut resp).await;
+        assert!(resp.starts_with(b"HTTP/1.1 431"), "{}", String::from_utf8_lossy(&resp));
     }
 }

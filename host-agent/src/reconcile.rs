@@ -79,6 +79,8 @@ pub struct Reconciler {
     pub images: ImageCache,
     pub instances_dir: PathBuf,
     pub metadata: MetadataServers,
+    /// Who QEMU runs guests as (owner of their overlays; see [`crate::access`]).
+    pub qemu: crate::access::QemuUser,
     pub events: broadcast::Sender<AgentEvent>,
     /// How long a guest gets to shut down on ACPI before it is powered off.
     pub stop_timeout: Duration,
@@ -240,7 +242,7 @@ impl Reconciler {
     async fn ensure_running(&self, a: &Assignment, existing: Option<DomainStatus>) -> Result<Outcome, ConvergeError> {
         if let Some(d) = existing {
             // Adopt: make sure its metadata server listens where the guest expects it.
-            self.metadata.ensure(&a.metadata, a.user_data.as_deref(), Some(d.owner.metadata_port)).await.map_err(ConvergeError::Metadata)?;
+            self.metadata.ensure(&a.metadata, a.user_data.as_deref()).await.map_err(ConvergeError::Metadata)?;
             let started = !d.running;
             if started {
                 self.libvirt.start(&d.name).await?;
@@ -257,8 +259,8 @@ impl Reconciler {
             None => None,
         };
         let base = self.images.ensure(&img.source_url, &img.root_disk).await?;
-        files.prepare(&base, a.disk_gib, &a.metadata, a.user_data.as_deref()).await?;
-        let port = self.metadata.ensure(&a.metadata, a.user_data.as_deref(), None).await.map_err(ConvergeError::Metadata)?;
+        files.prepare(&base, a.disk_gib, &a.metadata, a.user_data.as_deref(), &self.qemu).await?;
+        let metadata_socket = self.metadata.ensure(&a.metadata, a.user_data.as_deref()).await.map_err(ConvergeError::Metadata)?;
         let spec = GuestSpec {
             hypervisor: self.hypervisor,
             host_id: self.host_id.clone(),
@@ -272,10 +274,11 @@ impl Reconciler {
             base_disk: base,
             seed_iso: files.seed_iso(),
             console_log: files.console_log(),
-            metadata_port: port,
+            metadata_socket,
+            qemu: self.qemu,
         };
         self.libvirt.define_and_start(domain::render(&spec)?).await?;
-        tracing::info!(instance_id = %a.instance_id, metadata_port = port, "guest started");
+        tracing::info!(instance_id = %a.instance_id, "guest started");
         let _ = self.events.send(AgentEvent::Started { instance_id: a.instance_id.clone(), at: Instant::now() });
         Ok(Outcome::Running { started: true })
     }
@@ -286,9 +289,9 @@ impl Reconciler {
     async fn ensure_stopped(&self, a: &Assignment, existing: Option<DomainStatus>) -> Result<Outcome, ConvergeError> {
         // No domain: nothing runs; any files are kept, and a start builds the domain.
         let Some(d) = existing else { return Ok(Outcome::Stopped) };
-        // Keep serving (and holding) the guest's metadata port for its next start.
-        if let Err(e) = self.metadata.ensure(&a.metadata, a.user_data.as_deref(), Some(d.owner.metadata_port)).await {
-            tracing::warn!(instance_id = %a.instance_id, port = d.owner.metadata_port, error = %e, "cannot serve metadata");
+        // Keep serving the guest's metadata socket for its next start.
+        if let Err(e) = self.metadata.ensure(&a.metadata, a.user_data.as_deref()).await {
+            tracing::warn!(instance_id = %a.instance_id, error = %e, "cannot serve metadata");
         }
         if !d.running {
             return Ok(Outcome::Stopped);
@@ -354,6 +357,7 @@ impl Reconciler {
                 }
             }
         }
+        self.metadata.sweep(wanted).await;
         for id in orphans {
             tracing::warn!(instance_id = %id, "removing a guest the control plane no longer assigns here");
             if let Err(e) = self.ensure_gone(&id).await {

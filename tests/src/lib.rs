@@ -128,6 +128,11 @@ pub struct AgentHandle {
 }
 
 impl AgentHandle {
+    /// The unix socket of an instance's metadata server on this agent.
+    pub fn metadata_socket(&self, instance_id: &str) -> PathBuf {
+        nimbus_host_agent::metadata::socket_path(&self.config.run_dir, instance_id)
+    }
+
     /// Stops the agent as a crash would, leaving its guests and files behind.
     pub async fn stop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
@@ -141,6 +146,14 @@ impl AgentHandle {
 
 impl Drop for AgentHandle {
     fn drop(&mut self) {
+        self.remove_guests();
+        let _ = std::fs::remove_dir_all(&self.config.run_dir);
+    }
+}
+
+impl AgentHandle {
+    /// See the type's documentation.
+    fn remove_guests(&mut self) {
         let uri = match (self.config.hypervisor, &self.config.libvirt_uri) {
             (HypervisorChoice::Test, _) => None,
             (_, Some(uri)) => Some(uri.clone()),
@@ -310,6 +323,8 @@ impl Cloud {
             hypervisor,
             libvirt_uri: None,
             state_dir: state_dir.clone(),
+            // Short (a socket's path must fit in 107 bytes), QEMU may pass through /tmp.
+            run_dir: std::env::temp_dir().join(format!("nimbus-run-{}", &random_suffix()[..8])),
             vcpus: Some(vcpus),
             memory_mib: Some(memory_mib),
             disk_gib: Some(disk_gib),
@@ -317,6 +332,7 @@ impl Cloud {
             reserved_memory_mib: 0,
             poll_ms: 2000,
             stop_timeout_secs: 30,
+            qemu_user: "libvirt-qemu".into(),
         };
         let mut handle = AgentHandle {
             name: config.name.clone(),

@@ -89,9 +89,10 @@ fn reboot_events(agent: &mut AgentHandle, id: &str) -> usize {
     n
 }
 
-async fn metadata_instance_id(port: u16) -> Option<String> {
-    let r = reqwest::get(format!("http://127.0.0.1:{port}/latest/meta-data/instance-id")).await.ok()?;
-    r.text().await.ok()
+/// What the guest's metadata socket answers for `path`: (status, body).
+async fn metadata(agent: &AgentHandle, id: &str, path: &str) -> (u16, String) {
+    let (status, body) = nimbus_host_agent::metadata::request(&agent.metadata_socket(id), "GET", path, &[]).await.unwrap();
+    (status, String::from_utf8(body).unwrap())
 }
 
 #[tokio::test]
@@ -130,10 +131,8 @@ async fn stop_start_and_reboot_on_the_test_driver() {
     // Start: the same domain runs again, its metadata server on its recorded port.
     request(&cloud, "start", &id).await;
     cloud.wait_for_state(std::slice::from_ref(&id), "running", T).await.unwrap();
-    let (active, xml) = domain_xml(&id).await.unwrap();
-    assert!(active);
-    let port = domain::ownership(&xml).unwrap().metadata_port;
-    assert_eq!(metadata_instance_id(port).await.as_deref(), Some(id.as_str()));
+    assert_eq!(domain_state(&id).await, Some(true));
+    assert_eq!(metadata(&agent, &id, "/latest/meta-data/instance-id").await, (200, id.clone()));
 
     // Reboot: carried out once, counted, persisted.
     let before = reboots(&cloud, &id).await.0;
@@ -234,28 +233,22 @@ fn ed25519_public_key(comment: &str) -> String {
 #[tokio::test]
 async fn the_metadata_service_serves_the_launch_key() {
     let cloud = Cloud::start().await.unwrap();
-    let _agent = cloud.add_agent("a", "az1", 8, 8192, 100).await.unwrap();
+    let agent = cloud.add_agent("a", "az1", 8, 8192, 100).await.unwrap();
     cloud.register_test_image().await.unwrap();
     let kp = cloud.post("/v1/key-pairs/import", json!({"name": "my-key", "public_key": ed25519_public_key("me@example")})).await.unwrap();
     let with = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "key_name": "my-key"})).await.unwrap()).remove(0);
     let without = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano"})).await.unwrap()).remove(0);
     cloud.wait_for_state(&[with.clone(), without.clone()], "running", T).await.unwrap();
-    let port = |id: String| async move { domain::ownership(&domain_xml(&id).await.unwrap().1).unwrap().metadata_port };
-    let get = |port: u16, path: &'static str| async move {
-        let r = reqwest::get(format!("http://127.0.0.1:{port}/latest/meta-data/{path}")).await.unwrap();
-        (r.status().as_u16(), r.text().await.unwrap())
-    };
-    let p = port(with).await;
-    assert!(get(p, "").await.1.lines().any(|l| l == "public-keys/"));
-    assert_eq!(get(p, "public-keys/").await, (200, "0=my-key".to_string()));
-    assert_eq!(get(p, "public-keys/0/").await, (200, "openssh-key".to_string()));
-    let (status, key) = get(p, "public-keys/0/openssh-key").await;
+    let md = "/latest/meta-data";
+    assert!(metadata(&agent, &with, &format!("{md}/")).await.1.lines().any(|l| l == "public-keys/"));
+    assert_eq!(metadata(&agent, &with, &format!("{md}/public-keys/")).await, (200, "0=my-key".to_string()));
+    assert_eq!(metadata(&agent, &with, &format!("{md}/public-keys/0/")).await, (200, "openssh-key".to_string()));
+    let (status, key) = metadata(&agent, &with, &format!("{md}/public-keys/0/openssh-key")).await;
     assert_eq!(status, 200);
     assert_eq!(key.trim(), kp["public_key"].as_str().unwrap().trim());
     assert!(key.starts_with("ssh-ed25519 AAAA"), "{key}");
-    let q = port(without).await;
-    assert!(!get(q, "").await.1.contains("public-keys"));
-    assert_eq!(get(q, "public-keys/").await.0, 404);
+    assert!(!metadata(&agent, &without, &format!("{md}/")).await.1.contains("public-keys"));
+    assert_eq!(metadata(&agent, &without, &format!("{md}/public-keys/")).await.0, 404);
 }
 
 fn virsh_domstate(name: &str) -> Option<String> {

@@ -99,7 +99,8 @@ async fn a_restarted_agent_converges() {
             base_disk: "/nonexistent/base".into(),
             seed_iso: files.join(id).join("seed.iso"),
             console_log: files.join(id).join("console.log"),
-            metadata_port: 1,
+            metadata_socket: files.join(id).join("metadata.sock"),
+            qemu: nimbus_host_agent::access::QemuUser::root(),
         })
         .unwrap();
         tokio::task::spawn_blocking(move || {

@@ -170,7 +170,8 @@ async fn real_guest(runs: usize) -> anyhow::Result<()> {
             owner_id: String::new(),
             public_keys: Vec::new(),
         };
-        files.prepare(&base, 8, &meta, None).await?;
+        let qemu = nimbus_host_agent::access::QemuUser::lookup("libvirt-qemu")?;
+        files.prepare(&base, 8, &meta, None, &qemu).await?;
         let xml_path = cloud.dir.path().join(format!("{id}.xml"));
         std::fs::write(&xml_path, &xml)?;
         let t0 = Instant::now();
