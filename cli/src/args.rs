@@ -64,6 +64,15 @@ pub enum AdminCommand {
         #[arg(long)]
         name: String,
     },
+    /// Reset a host's credential (POST /v1/hosts/{id}/reset-credential): its
+    /// agent's credential stops working at once, and the next registration of
+    /// the host's name with the join token takes the host over (its id and
+    /// instances). For a reinstalled machine or a lost credential; without
+    /// it, the join token alone cannot re-register a name.
+    ResetHost {
+        /// The host's id (h-...) or name.
+        host: String,
+    },
 }
 
 #[derive(Debug, Clone, Args)]

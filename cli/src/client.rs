@@ -217,6 +217,10 @@ impl Client {
         self.send(Method::POST, &["v1", "images"], &[], json_body(req)?).await
     }
 
+    pub async fn reset_host(&self, host: &str) -> Result<Response<serde_json::Value>, CliError> {
+        self.send(Method::POST, &["v1", "hosts", host, "reset-credential"], &[], None).await
+    }
+
     pub async fn create_account(&self, name: &str) -> Result<Response<serde_json::Value>, CliError> {
         self.send(Method::POST, &["v1", "admin", "accounts"], &[], json_body(&serde_json::json!({ "name": name }))?).await
     }

@@ -46,6 +46,15 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
             let r = client.register_image(&req).await?;
             render(out, &r.raw, || output::images_table(std::slice::from_ref(&r.body)))
         }
+        Command::Admin(AdminCommand::ResetHost { host }) => {
+            let r = client.reset_host(&host).await?;
+            render(out, &r.raw, || {
+                format!(
+                    "host {}: credential reset; its agent registers again with the join token (it retries every 10 s)",
+                    r.body["host_id"].as_str().unwrap_or_default()
+                )
+            })
+        }
         Command::Admin(AdminCommand::CreateAccount { name }) => {
             let r = client.create_account(&name).await?;
             let field = |k: &str| r.body[k].as_str().unwrap_or_default().to_string();

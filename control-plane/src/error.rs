@@ -15,6 +15,8 @@ pub enum ServiceError {
     #[error("{0}")]
     MalformedRequest(String),
     #[error("{0}")]
+    RequestTooLarge(String),
+    #[error("{0}")]
     InvalidParameterCombination(String),
     #[error("The image id '{0}' does not exist")]
     ImageNotFound(String),
@@ -58,6 +60,10 @@ pub enum ServiceError {
     Unauthorized(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("A host named '{0}' is registered: re-registering it needs its current credential, or the operator's reset (nimbus admin reset-host {0})")]
+    HostAlreadyRegistered(String),
+    #[error("The host '{0}' does not exist")]
+    HostNotFound(String),
     #[error("No route for {0}")]
     RouteNotFound(String),
     #[error("database error")]
@@ -74,6 +80,7 @@ impl ServiceError {
             InvalidParameterValue(_) => "InvalidParameterValue",
             MissingParameter(_) => "MissingParameter",
             MalformedRequest(_) => "MalformedRequest",
+            RequestTooLarge(_) => "RequestEntityTooLarge",
             InvalidParameterCombination(_) => "InvalidParameterCombination",
             ImageNotFound(_) => "InvalidAMIID.NotFound",
             ImageIdMalformed(_) => "InvalidAMIID.Malformed",
@@ -96,6 +103,8 @@ impl ServiceError {
             DryRunOperation => "DryRunOperation",
             Unauthorized(_) => "UnauthorizedOperation",
             Conflict(_) => "Conflict",
+            HostAlreadyRegistered(_) => "HostAlreadyRegistered",
+            HostNotFound(_) => "InvalidHostID.NotFound",
             RouteNotFound(_) => "NotFound",
             Database(_) | Internal(_) => "InternalError",
         }
@@ -121,10 +130,14 @@ impl ServiceError {
             | InstanceTypeNotFound(_)
             | RequestExpired(_)
             | IncompleteSignature(_)
+            | HostNotFound(_)
             | InvalidAction(_) => StatusCode::BAD_REQUEST,
             DryRunOperation => StatusCode::PRECONDITION_FAILED,
+            RequestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             MissingAuthenticationToken(_) => StatusCode::UNAUTHORIZED,
-            ImageAlreadyExists(_) | IdempotentParameterMismatch(_) | Conflict(_) | KeyPairDuplicate(_) => StatusCode::CONFLICT,
+            ImageAlreadyExists(_) | IdempotentParameterMismatch(_) | Conflict(_) | KeyPairDuplicate(_) | HostAlreadyRegistered(_) => {
+                StatusCode::CONFLICT
+            }
             AuthFailure(_) => StatusCode::UNAUTHORIZED,
             Unauthorized(_) => StatusCode::FORBIDDEN,
             RouteNotFound(_) => StatusCode::NOT_FOUND,

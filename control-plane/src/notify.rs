@@ -18,9 +18,45 @@ pub const CHANNEL: &str = "nimbus_host";
 #[derive(Clone, Default)]
 pub struct HostEvents {
     senders: Arc<Mutex<HashMap<String, watch::Sender<u64>>>>,
+    /// Per host, the number of the newest long poll (see [`HostEvents::begin_poll`]).
+    polls: Arc<Mutex<HashMap<String, watch::Sender<u64>>>>,
+}
+
+/// A long poll's place in its host's line: only the newest poll of a host
+/// waits; beginning one ends the wait of the one before.
+pub struct PollTicket {
+    mine: u64,
+    newest: watch::Receiver<u64>,
+}
+
+impl PollTicket {
+    /// Resolves once a newer poll of the same host has begun.
+    pub async fn superseded(&mut self) {
+        let mine = self.mine;
+        // An error means the sender is gone: nothing newer can begin, wait forever.
+        if self.newest.wait_for(|n| *n != mine).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 impl HostEvents {
+    /// Begins a long poll of `host_id`. A host has one agent and needs one
+    /// poll at a time: a new poll (an agent that restarted, or one credential
+    /// used many times at once) ends the wait of the previous one, which then
+    /// answers at once, so one credential cannot hold many requests open.
+    pub fn begin_poll(&self, host_id: &str) -> PollTicket {
+        let mut polls = self.polls.lock().unwrap_or_else(|p| p.into_inner());
+        polls.retain(|_, tx| tx.receiver_count() > 0);
+        let tx = polls.entry(host_id.to_string()).or_insert_with(|| watch::channel(0).0);
+        let mut mine = 0;
+        tx.send_modify(|n| {
+            *n += 1;
+            mine = *n;
+        });
+        PollTicket { mine, newest: tx.subscribe() }
+    }
+
     /// A receiver that changes whenever `host_id` is notified.
     pub fn subscribe(&self, host_id: &str) -> watch::Receiver<u64> {
         let mut senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());

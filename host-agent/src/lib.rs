@@ -99,6 +99,10 @@ pub enum AgentError {
     Config(String),
 }
 
+/// How long an agent whose name is held by another credential waits between
+/// registration attempts (the operator's reset ends the wait).
+const REREGISTER_BACKOFF: Duration = Duration::from_secs(10);
+
 /// A host agent, built and ready to [`Agent::run`].
 pub struct Agent {
     config: AgentConfig,
@@ -192,15 +196,19 @@ impl Agent {
         self.config.state_dir.join("credential.json")
     }
 
-    /// The saved credential, or a new one from registering.
+    /// The saved credential, or a new one from registering. A registration
+    /// sends the saved credential (if any) as proof that this machine is the
+    /// host registered under its name; without it, or once the control plane
+    /// no longer accepts it, only the operator's reset lets the name be taken
+    /// again (the control plane answers `HostAlreadyRegistered` meanwhile).
     async fn credential(&self, force_register: bool) -> Result<HostCredential, AgentError> {
         let path = self.credential_path();
-        if !force_register {
-            if let Ok(bytes) = tokio::fs::read(&path).await {
-                if let Ok(cred) = serde_json::from_slice::<HostCredential>(&bytes) {
-                    return Ok(cred);
-                }
-            }
+        let saved = match tokio::fs::read(&path).await {
+            Ok(bytes) => serde_json::from_slice::<HostCredential>(&bytes).ok(),
+            Err(_) => None,
+        };
+        if let (false, Some(cred)) = (force_register, &saved) {
+            return Ok(cred.clone());
         }
         let (vcpus, memory_mib, disk_gib) = self.capacity;
         let req = RegisterHost {
@@ -210,6 +218,7 @@ impl Agent {
             vcpus,
             memory_mib,
             disk_gib,
+            current_credential: saved.map(|c| c.bearer()),
         };
         let cred = self.cp.register(&self.config.join_token, &req).await?;
         let tmp = path.with_extension("json.part");
@@ -250,6 +259,12 @@ impl Agent {
                 _ = &mut shutdown => return Ok(()),
                 r = self.credential(false) => match r {
                     Ok(c) => break c,
+                    Err(e @ AgentError::Client(ClientError::Api { status: 409, .. })) => {
+                        // Another machine's name, or ours with a lost credential: the
+                        // operator decides (nimbus admin reset-host); keep asking.
+                        tracing::error!(error = %e, "this host's name is registered to a credential this agent does not hold; retrying every 10 s");
+                        tokio::time::sleep(REREGISTER_BACKOFF).await;
+                    }
                     Err(AgentError::Client(ClientError::Api { status, code, message })) if status < 500 => {
                         return Err(AgentError::Config(format!("registration refused: {code}: {message}")));
                     }
@@ -291,9 +306,14 @@ impl Agent {
                             cred = c;
                             after = 0;
                         }
-                        Err(e) => tracing::warn!(error = %e, "re-registration failed"),
+                        Err(e) => {
+                            tracing::error!(error = %e, "re-registration failed; retrying every 10 s");
+                            tokio::select! {
+                                _ = &mut shutdown => break,
+                                _ = tokio::time::sleep(REREGISTER_BACKOFF) => {}
+                            }
+                        }
                     }
-                    tokio::time::sleep(backoff).await;
                     continue;
                 }
                 Err(e) => {

@@ -12,6 +12,12 @@ use crate::ObservedState;
 use serde::{Deserialize, Serialize};
 
 /// `POST /v1/agent/register`, authenticated by the join token.
+///
+/// A new name registers a new host. A name already registered is taken only
+/// with proof: `current_credential`, the host's present bearer credential
+/// (its secret is then rotated, its capacity updated), or after the operator
+/// reset the host's credential (`POST /v1/hosts/{id}/reset-credential`). The
+/// join token alone never takes over a host.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterHost {
@@ -23,6 +29,9 @@ pub struct RegisterHost {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub disk_gib: u64,
+    /// `<host_id>.<secret>` of the host registered under `name`, if the caller holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_credential: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

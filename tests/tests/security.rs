@@ -3,7 +3,7 @@
 //! fix.
 
 use nimbus_tests::{instance_ids, Cloud};
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -96,4 +96,151 @@ async fn an_agent_hosts_files_and_metadata_are_closed_to_local_users() {
     .unwrap();
     // libvirt is told to relabel nothing.
     assert!(xml.contains("<seclabel type='static' model='dac' relabel='no'>"), "{xml}");
+}
+
+/// Registers a host named `name` with the join token (and `proof`, a bearer
+/// credential, if given): the response.
+async fn register(cloud: &Cloud, name: &str, proof: Option<&str>) -> (StatusCode, Value) {
+    let mut reg = json!({"name": name, "availability_zone": "az1", "hypervisor": "test", "vcpus": 4, "memory_mib": 4096, "disk_gib": 40});
+    if let Some(p) = proof {
+        reg["current_credential"] = json!(p);
+    }
+    cloud.call_as(Some(&cloud.join_token.clone()), Method::POST, "/v1/agent/register", Some(reg)).await.unwrap()
+}
+
+fn bearer(cred: &Value) -> String {
+    format!("{}.{}", cred["host_id"].as_str().unwrap(), cred["secret"].as_str().unwrap())
+}
+
+async fn poll_status(cloud: &Cloud, bearer: &str) -> StatusCode {
+    cloud.call_as(Some(bearer), Method::GET, "/v1/agent/assignments", None).await.unwrap().0
+}
+
+/// Finding 3: anyone holding the join token (every host has it) could
+/// re-register an existing host's name, lock the real host out and receive
+/// its assignments. Now a taken name needs the host's current credential, or
+/// the operator's explicit reset.
+#[tokio::test]
+async fn the_join_token_alone_cannot_take_over_a_registered_host() {
+    let cloud = Cloud::start().await.unwrap();
+    let (status, real) = register(&cloud, "victim", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let real_bearer = bearer(&real);
+
+    // The impostor: join token, same name, no proof (or a made-up one).
+    assert_error(&register(&cloud, "victim", None).await, StatusCode::CONFLICT, "HostAlreadyRegistered");
+    let forged = format!("{}.{}", real["host_id"].as_str().unwrap(), "0".repeat(64));
+    assert_error(&register(&cloud, "victim", Some(&forged)).await, StatusCode::CONFLICT, "HostAlreadyRegistered");
+    assert_eq!(poll_status(&cloud, &real_bearer).await, StatusCode::OK, "the real host is not locked out");
+
+    // The host itself, with its credential, rotates it and keeps its id.
+    let (status, rotated) = register(&cloud, "victim", Some(&real_bearer)).await;
+    assert_eq!(status, StatusCode::OK, "{rotated}");
+    assert_eq!(rotated["host_id"], real["host_id"]);
+    assert_eq!(poll_status(&cloud, &real_bearer).await, StatusCode::UNAUTHORIZED, "the old secret is gone");
+    let rotated_bearer = bearer(&rotated);
+    assert_eq!(poll_status(&cloud, &rotated_bearer).await, StatusCode::OK);
+
+    // Only the operator resets; then the name is free for its machine.
+    let reset = format!("/v1/hosts/{}/reset-credential", real["host_id"].as_str().unwrap());
+    assert_error(&cloud.call_as(Some(&cloud.user_token), Method::POST, &reset, None).await.unwrap(), StatusCode::FORBIDDEN, "UnauthorizedOperation");
+    assert_error(&cloud.call(Method::POST, "/v1/hosts/h-0123456789abcdef0/reset-credential", None).await.unwrap(), StatusCode::BAD_REQUEST, "InvalidHostID.NotFound");
+    let (status, body) = cloud.call(Method::POST, "/v1/hosts/victim/reset-credential", None).await.unwrap();
+    assert_eq!((status, &body["host_id"]), (StatusCode::OK, &real["host_id"]), "by name too");
+    assert_eq!(poll_status(&cloud, &rotated_bearer).await, StatusCode::UNAUTHORIZED, "a reset credential stops working at once");
+    let (status, again) = register(&cloud, "victim", None).await;
+    assert_eq!((status, &again["host_id"]), (StatusCode::OK, &real["host_id"]));
+    assert_eq!(poll_status(&cloud, &bearer(&again)).await, StatusCode::OK);
+    assert_error(&register(&cloud, "victim", None).await, StatusCode::CONFLICT, "HostAlreadyRegistered");
+}
+
+/// The agent's side of a reset: its credential is refused, it registers
+/// again with the join token, and keeps running its guests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_credential_was_reset_registers_again_and_keeps_its_guests() {
+    let cloud = Cloud::start().await.unwrap();
+    let agent = cloud.add_agent("a", "az1", 8, 8192, 100).await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    let first = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano"})).await.unwrap());
+    cloud.wait_for_state(&first, "running", T).await.unwrap();
+    let cred_file = agent.state_dir.join("credential.json");
+    let before = std::fs::read(&cred_file).unwrap();
+    let host_id = agent.host_id.clone().unwrap();
+    cloud.post(&format!("/v1/hosts/{host_id}/reset-credential"), json!({})).await.unwrap();
+    cloud.wait_until(T, || async { Ok(std::fs::read(&cred_file)? != before) }).await.expect("the agent registered again");
+    let cred: Value = serde_json::from_slice(&std::fs::read(&cred_file).unwrap()).unwrap();
+    assert_eq!(cred["host_id"], host_id.as_str(), "same host");
+    let second = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano"})).await.unwrap());
+    cloud.wait_for_state(&second, "running", T).await.unwrap();
+    cloud.wait_for_state(&first, "running", T).await.unwrap();
+}
+
+/// Sends a request head announcing a `len`-byte body and no body; returns the
+/// status line the server answers within 10 s (None: it kept waiting for
+/// the body).
+async fn status_without_body(cloud: &Cloud, method: &str, path: &str, token: Option<&str>, len: usize) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = cloud.url.trim_start_matches("http://").to_string();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{auth}Content-Length: {len}\r\n\r\n");
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 256];
+    match tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf)).await {
+        Ok(Ok(n)) if n > 0 => Some(String::from_utf8_lossy(&buf[..n]).lines().next().unwrap_or_default().to_string()),
+        _ => None,
+    }
+}
+
+/// Finding 5: request bodies (up to 64 MiB) were read and parsed before the
+/// join token was checked. Now every route authenticates from the head
+/// alone, before it reads a byte of body; and each has a small limit (but
+/// an authenticated host's report), enforced from `Content-Length` before
+/// reading too.
+#[tokio::test]
+async fn bodies_are_read_only_after_authentication_and_within_small_limits() {
+    let cloud = Cloud::start().await.unwrap();
+    // (path, a length within the route's limit, one over it)
+    for (path, within, over) in [("/v1/agent/register", 8 << 10, 1 << 20), ("/v1/agent/report", 60 << 20, 65 << 20), ("/v1/instances", 100 << 10, 1 << 20)] {
+        for token in [None, Some("not-a-credential"), Some("h-0123456789abcdef0.forged"), Some("AKIAAAAAAAAAAAAAAAAA:wrong")] {
+            let status = status_without_body(&cloud, "POST", path, token, within).await;
+            assert_eq!(status.as_deref(), Some("HTTP/1.1 401 Unauthorized"), "{path} with {token:?}: answered before any body");
+            let status = status_without_body(&cloud, "POST", path, token, over).await;
+            assert_eq!(status.as_deref(), Some("HTTP/1.1 413 Payload Too Large"), "{path} with {token:?}: refused from the head");
+        }
+    }
+    // Authenticated, a registration or a tenant call gets no large body either.
+    let join = cloud.join_token.clone();
+    let status = status_without_body(&cloud, "POST", "/v1/agent/register", Some(&join), 1 << 20).await;
+    assert_eq!(status.as_deref(), Some("HTTP/1.1 413 Payload Too Large"));
+    let status = status_without_body(&cloud, "POST", "/v1/instances", Some(&cloud.user_token.clone()), 1 << 20).await;
+    assert_eq!(status.as_deref(), Some("HTTP/1.1 413 Payload Too Large"));
+    let padded = json!({"instance_type": "t3.nano", "user_data": "A".repeat(200 * 1024)});
+    assert_error(&cloud.call(Method::POST, "/v1/instances", Some(padded)).await.unwrap(), StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLarge");
+}
+
+/// Finding 12: one host credential could hold any number of long polls
+/// open. Now a new poll of a host ends the wait of the one before: of many
+/// concurrent polls, all but the newest answer at once.
+#[tokio::test]
+async fn a_host_holds_one_long_poll_at_a_time() {
+    let cloud = Cloud::start().await.unwrap();
+    let (_, cred) = register(&cloud, "poller", None).await;
+    let b = bearer(&cred);
+    let (_, first) = cloud.call_as(Some(&b), Method::GET, "/v1/agent/assignments", None).await.unwrap();
+    let generation = first["generation"].as_i64().unwrap();
+    let path = format!("/v1/agent/assignments?after={generation}&wait_ms=30000");
+    let started = std::time::Instant::now();
+    let polls = (0..20).map(|_| {
+        let (cloud, b, path) = (&cloud, b.clone(), path.clone());
+        async move {
+            let (status, _) = cloud.call_as(Some(&b), Method::GET, &path, None).await.unwrap();
+            assert_eq!(status, StatusCode::OK);
+            started.elapsed()
+        }
+    });
+    let mut took: Vec<Duration> = futures::future::join_all(polls).await;
+    took.sort();
+    assert!(took[18] < Duration::from_secs(10), "19 of 20 polls answer at once, superseded by a newer one: {took:?}");
+    assert!(took[19] >= Duration::from_secs(29), "the newest waits its full time: {took:?}");
 }

@@ -1,6 +1,8 @@
 //! `/v1/agent/*`: the host-agent protocol (see `nimbus_proto::agent`).
 
-use super::{has_token, ApiJson, ApiQuery};
+use super::{has_token, refuse_oversized, ApiJson, ApiQuery};
+use axum::extract::DefaultBodyLimit;
+use axum::middleware::from_fn_with_state;
 use crate::error::{Result, ServiceError};
 use crate::service::Service;
 use axum::extract::{FromRequestParts, State};
@@ -10,6 +12,13 @@ use axum::{Json, Router};
 use nimbus_proto::agent::{Assignments, HostCredential, RegisterHost, Report};
 use serde::Deserialize;
 use std::time::Duration;
+
+/// Largest registration body (a few hundred bytes in practice).
+const MAX_REGISTER_BODY: usize = 16 * 1024;
+/// Largest report: console tails of 64 KiB per guest, for many guests. Read
+/// only once the host is authenticated (extractors of the request's parts,
+/// like [`HostAuth`], run before the body is read).
+const MAX_REPORT_BODY: usize = 64 * 1024 * 1024;
 
 /// A host authenticated by its own credential.
 pub struct HostAuth(pub String);
@@ -22,19 +31,34 @@ impl FromRequestParts<Service> for HostAuth {
     }
 }
 
-pub fn routes() -> Router<Service> {
-    Router::new()
-        .route("/v1/agent/register", post(register))
-        .route("/v1/agent/assignments", get(assignments))
-        .route("/v1/agent/report", post(report))
-        // Reports carry console tails (64 KiB per guest): allow many guests.
-        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024))
+/// A caller holding the join token (checked before any body is read).
+pub struct JoinToken;
+
+impl FromRequestParts<Service> for JoinToken {
+    type Rejection = ServiceError;
+    async fn from_request_parts(parts: &mut Parts, service: &Service) -> Result<Self> {
+        if has_token(&parts.headers, &service.config.join_token) {
+            Ok(JoinToken)
+        } else {
+            Err(ServiceError::AuthFailure("registration needs the join token".into()))
+        }
+    }
 }
 
-async fn register(State(s): State<Service>, headers: axum::http::HeaderMap, ApiJson(req): ApiJson<RegisterHost>) -> Result<Json<HostCredential>> {
-    if !has_token(&headers, &s.config.join_token) {
-        return Err(ServiceError::AuthFailure("registration needs the join token".into()));
-    }
+pub fn routes() -> Router<Service> {
+    Router::new()
+        .route(
+            "/v1/agent/register",
+            post(register).layer(DefaultBodyLimit::max(MAX_REGISTER_BODY)).layer(from_fn_with_state(MAX_REGISTER_BODY, refuse_oversized)),
+        )
+        .route("/v1/agent/assignments", get(assignments))
+        .route(
+            "/v1/agent/report",
+            post(report).layer(DefaultBodyLimit::max(MAX_REPORT_BODY)).layer(from_fn_with_state(MAX_REPORT_BODY, refuse_oversized)),
+        )
+}
+
+async fn register(State(s): State<Service>, _: JoinToken, ApiJson(req): ApiJson<RegisterHost>) -> Result<Json<HostCredential>> {
     Ok(Json(s.register_host(req).await?))
 }
 

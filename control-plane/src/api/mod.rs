@@ -76,6 +76,9 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<
             Err(JsonRejection::MissingJsonContentType(_)) => {
                 Err(ServiceError::MalformedRequest("expected Content-Type: application/json".into()))
             }
+            Err(e) if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ServiceError::RequestTooLarge("the request body is larger than this call accepts".into()))
+            }
             Err(e) => Err(ServiceError::MalformedRequest(format!("invalid JSON body: {}", e.body_text()))),
         }
     }
@@ -92,6 +95,19 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Api
             .map(|q| ApiQuery(q.0))
             .map_err(|e: QueryRejection| ServiceError::InvalidParameterValue(format!("invalid query: {}", e.body_text())))
     }
+}
+
+/// Refuses, from its head alone, a request whose `Content-Length` is over
+/// `limit` bytes (413 `RequestEntityTooLarge`, nothing read). Layered with
+/// `DefaultBodyLimit::max(limit)`, which stops reading a body without a
+/// length at the limit. Authentication extractors run before any body is
+/// read, so an unauthenticated caller never gets a byte of it read.
+pub(crate) async fn refuse_oversized(axum::extract::State(limit): axum::extract::State<usize>, req: Request, next: Next) -> Response {
+    let announced = req.headers().get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limit as u64) {
+        return ServiceError::RequestTooLarge(format!("the request body is larger than the {limit} bytes this call accepts")).into_response();
+    }
+    next.run(req).await
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {

@@ -61,6 +61,11 @@ impl FromRequestParts<Service> for Operator {
     }
 }
 
+/// Largest body of a `/v1` call: a launch with 16 KiB of user-data (base64)
+/// or tags on 1,000 resources fit with room to spare. Bodies are read only
+/// after authentication (the [`Authenticated`] extractors run first).
+const MAX_BODY: usize = 128 * 1024;
+
 pub fn routes() -> Router<Service> {
     Router::new()
         .route("/v1/instances", post(run_instances).get(describe_instances))
@@ -79,6 +84,16 @@ pub fn routes() -> Router<Service> {
         .route("/v1/instance-types", get(describe_instance_types))
         .route("/v1/images", get(describe_images).post(register_image))
         .route("/v1/admin/accounts", post(create_account))
+        .route("/v1/hosts/{id}/reset-credential", post(reset_host_credential))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(MAX_BODY, super::refuse_oversized))
+}
+
+/// The operator resets a host's credential (id or name): see
+/// `Service::reset_host_credential`.
+async fn reset_host_credential(State(s): State<Service>, Operator(_): Operator, Path(host): Path<String>) -> Result<Json<serde_json::Value>> {
+    let host_id = s.reset_host_credential(&host).await?;
+    Ok(Json(serde_json::json!({ "host_id": host_id })))
 }
 
 async fn run_instances(State(s): State<Service>, Tenant(c): Tenant, ApiJson(req): ApiJson<RunInstancesRequest>) -> Result<Json<Reservation>> {

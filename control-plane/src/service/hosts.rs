@@ -133,43 +133,97 @@ impl AssignmentRow {
 }
 
 impl Service {
-    /// Registers a host, or re-registers one by name (keeping its id and
-    /// rotating its credential). Capacity may not shrink below what its
+    /// Registers a new host, or re-registers an existing one by name when
+    /// the caller proves the host's current credential or the operator reset
+    /// it (keeping its id, rotating its secret). The join token alone never
+    /// takes over a registered name. Capacity may not shrink below what its
     /// instances hold.
     pub async fn register_host(&self, req: RegisterHost) -> Result<HostCredential> {
         validate_register(&req)?;
         let secret = ids::new_secret();
-        let row: Option<(String,)> = sqlx::query_as(
-            "INSERT INTO hosts (id, name, availability_zone, hypervisor, credential_sha256, total_vcpus, \
-                 total_memory_mib, total_disk_gib, last_heartbeat) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now()) \
-             ON CONFLICT (name) DO UPDATE SET availability_zone = EXCLUDED.availability_zone, \
-                 hypervisor = EXCLUDED.hypervisor, credential_sha256 = EXCLUDED.credential_sha256, \
-                 total_vcpus = EXCLUDED.total_vcpus, total_memory_mib = EXCLUDED.total_memory_mib, \
-                 total_disk_gib = EXCLUDED.total_disk_gib, last_heartbeat = now(), generation = hosts.generation + 1 \
-             RETURNING id",
-        )
-        .bind(ids::new_id(ids::HOST))
-        .bind(&req.name)
-        .bind(&req.availability_zone)
-        .bind(&req.hypervisor)
-        .bind(secret_digest(&secret))
-        .bind(req.vcpus as i32)
-        .bind(req.memory_mib as i64)
-        .bind(req.disk_gib as i64)
-        .fetch_optional(&self.db)
-        .await
-        .map_err(|e| match &e {
-            sqlx::Error::Database(db) if db.code().as_deref() == Some("23514") => ServiceError::Conflict(format!(
-                "host {} cannot shrink below the capacity its instances hold",
-                req.name
-            )),
+        let conflict = |e: sqlx::Error| match &e {
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("23514") => {
+                ServiceError::Conflict(format!("host {} cannot shrink below the capacity its instances hold", req.name))
+            }
+            _ if crate::db::is_unique_violation(&e, "hosts_name_key") => ServiceError::HostAlreadyRegistered(req.name.clone()),
             _ => e.into(),
-        })?;
-        let (host_id,) = row.ok_or_else(|| ServiceError::Internal("host upsert returned nothing".into()))?;
+        };
+        let mut tx = self.db.begin().await?;
+        let existing: Option<(String, Option<Vec<u8>>)> =
+            sqlx::query_as("SELECT id, credential_sha256 FROM hosts WHERE name = $1 FOR UPDATE")
+                .bind(&req.name)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let host_id = match existing {
+            None => {
+                let id = ids::new_id(ids::HOST);
+                sqlx::query(
+                    "INSERT INTO hosts (id, name, availability_zone, hypervisor, credential_sha256, total_vcpus, \
+                         total_memory_mib, total_disk_gib, last_heartbeat) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now())",
+                )
+                .bind(&id)
+                .bind(&req.name)
+                .bind(&req.availability_zone)
+                .bind(&req.hypervisor)
+                .bind(secret_digest(&secret))
+                .bind(req.vcpus as i32)
+                .bind(req.memory_mib as i64)
+                .bind(req.disk_gib as i64)
+                .execute(&mut *tx)
+                .await
+                .map_err(conflict)?;
+                id
+            }
+            Some((id, stored)) => {
+                let proven = match (&stored, req.current_credential.as_deref().and_then(|c| c.split_once('.'))) {
+                    // Reset by the operator: the name is free for its machine to take back.
+                    (None, _) => true,
+                    (Some(digest), Some((cred_id, cred_secret))) => {
+                        cred_id == id && bool::from(digest.ct_eq(&secret_digest(cred_secret)))
+                    }
+                    (Some(_), None) => false,
+                };
+                if !proven {
+                    tracing::warn!(host_id = %id, name = %req.name, "refused to re-register a host without its credential");
+                    return Err(ServiceError::HostAlreadyRegistered(req.name.clone()));
+                }
+                sqlx::query(
+                    "UPDATE hosts SET availability_zone = $2, hypervisor = $3, credential_sha256 = $4, total_vcpus = $5, \
+                         total_memory_mib = $6, total_disk_gib = $7, last_heartbeat = now(), generation = generation + 1 \
+                     WHERE id = $1",
+                )
+                .bind(&id)
+                .bind(&req.availability_zone)
+                .bind(&req.hypervisor)
+                .bind(secret_digest(&secret))
+                .bind(req.vcpus as i32)
+                .bind(req.memory_mib as i64)
+                .bind(req.disk_gib as i64)
+                .execute(&mut *tx)
+                .await
+                .map_err(conflict)?;
+                id
+            }
+        };
+        tx.commit().await.map_err(conflict)?;
         tracing::info!(%host_id, name = %req.name, zone = %req.availability_zone, hypervisor = %req.hypervisor,
             vcpus = req.vcpus, memory_mib = req.memory_mib, disk_gib = req.disk_gib, "host registered");
         Ok(HostCredential { host_id, secret })
+    }
+
+    /// The operator's reset of a host's credential (the host id or its
+    /// name): the current credential stops working at once, and the next
+    /// registration of the name with the join token takes the host (its id,
+    /// its instances) over. For a reinstalled machine, or a lost credential.
+    pub async fn reset_host_credential(&self, host: &str) -> Result<String> {
+        let row: Option<(String,)> =
+            sqlx::query_as("UPDATE hosts SET credential_sha256 = NULL WHERE id = $1 OR name = $1 RETURNING id")
+                .bind(host)
+                .fetch_optional(&self.db)
+                .await?;
+        let (id,) = row.ok_or_else(|| ServiceError::HostNotFound(host.to_string()))?;
+        tracing::warn!(host_id = %id, "host credential reset by the operator");
+        Ok(id)
     }
 
     /// The host a `<host_id>.<secret>` bearer credential belongs to.
@@ -179,12 +233,12 @@ impl Service {
         if !ids::is_valid(ids::HOST, host_id) {
             return Err(denied());
         }
-        let stored: Option<(Vec<u8>,)> = sqlx::query_as("SELECT credential_sha256 FROM hosts WHERE id = $1")
+        let stored: Option<(Option<Vec<u8>>,)> = sqlx::query_as("SELECT credential_sha256 FROM hosts WHERE id = $1")
             .bind(host_id)
             .fetch_optional(&self.db)
             .await?;
         match stored {
-            Some((digest,)) if bool::from(digest.ct_eq(&secret_digest(secret))) => Ok(host_id.to_string()),
+            Some((Some(digest),)) if bool::from(digest.ct_eq(&secret_digest(secret))) => Ok(host_id.to_string()),
             _ => Err(denied()),
         }
     }
@@ -195,6 +249,8 @@ impl Service {
     /// `after` is 0, the full list of instances that hold capacity.
     pub async fn assignments(&self, host_id: &str, after: i64, wait: Duration) -> Result<Assignments> {
         let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
+        // Only the newest poll of a host waits (see HostEvents::begin_poll).
+        let mut ticket = self.events.begin_poll(host_id);
         // Subscribe before reading, so a change between the read and the wait wakes us.
         let mut changes = self.events.subscribe(host_id);
         let generation = loop {
@@ -207,6 +263,7 @@ impl Service {
             }
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { break generation },
+                _ = ticket.superseded() => break generation,
                 _ = tokio::time::sleep_until(deadline) => break generation,
             }
         };
