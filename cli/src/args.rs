@@ -47,6 +47,8 @@ pub enum Command {
     DescribeImages,
     /// List instance types (GET /v1/instance-types).
     DescribeInstanceTypes,
+    /// Your account: its limits and what it holds (GET /v1/account).
+    DescribeAccount,
     /// Register an image built by an image recipe (POST /v1/images).
     RegisterImage(RegisterImageArgs),
     /// Operator commands.
@@ -72,6 +74,18 @@ pub enum AdminCommand {
     ResetHost {
         /// The host's id (h-...) or name.
         host: String,
+    },
+    /// Set an account's limits (PUT /v1/admin/accounts/{id}/limits). A
+    /// limit left out goes back to the control plane's default.
+    SetAccountLimits {
+        /// The account id (12 digits).
+        account: String,
+        /// Instances the account may hold at once (pending to stopped).
+        #[arg(long)]
+        max_instances: Option<u32>,
+        /// vCPUs its instances may hold at once.
+        #[arg(long)]
+        max_vcpus: Option<u32>,
     },
 }
 

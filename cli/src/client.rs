@@ -217,6 +217,20 @@ impl Client {
         self.send(Method::POST, &["v1", "images"], &[], json_body(req)?).await
     }
 
+    pub async fn describe_account(&self) -> Result<Response<serde_json::Value>, CliError> {
+        self.send(Method::GET, &["v1", "account"], &[], None).await
+    }
+
+    pub async fn set_account_limits(
+        &self,
+        account: &str,
+        max_instances: Option<u32>,
+        max_vcpus: Option<u32>,
+    ) -> Result<Response<serde_json::Value>, CliError> {
+        let body = serde_json::json!({ "max_instances": max_instances, "max_vcpus": max_vcpus });
+        self.send(Method::PUT, &["v1", "admin", "accounts", account, "limits"], &[], json_body(&body)?).await
+    }
+
     pub async fn reset_host(&self, host: &str) -> Result<Response<serde_json::Value>, CliError> {
         self.send(Method::POST, &["v1", "hosts", host, "reset-credential"], &[], None).await
     }

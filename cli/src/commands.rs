@@ -46,6 +46,14 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
             let r = client.register_image(&req).await?;
             render(out, &r.raw, || output::images_table(std::slice::from_ref(&r.body)))
         }
+        Command::DescribeAccount => {
+            let r = client.describe_account().await?;
+            render(out, &r.raw, || output::account(&r.body))
+        }
+        Command::Admin(AdminCommand::SetAccountLimits { account, max_instances, max_vcpus }) => {
+            let r = client.set_account_limits(&account, max_instances, max_vcpus).await?;
+            render(out, &r.raw, || output::account(&r.body))
+        }
         Command::Admin(AdminCommand::ResetHost { host }) => {
             let r = client.reset_host(&host).await?;
             render(out, &r.raw, || {

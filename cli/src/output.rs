@@ -48,10 +48,10 @@ fn or_dash(s: &str) -> &str {
     }
 }
 
-/// Instances: ID, STATE, TYPE, AZ, HOST, IMAGE, LAUNCHED (and REASON when any has one).
+/// Instances: ID, STATE, TYPE, AZ, IMAGE, LAUNCHED (and REASON when any has one).
 pub fn instances_table(instances: &[Instance]) -> String {
     let with_reason = instances.iter().any(|i| i.state_reason.is_some());
-    let mut header = vec!["ID", "STATE", "TYPE", "AZ", "HOST", "IMAGE", "LAUNCHED"];
+    let mut header = vec!["ID", "STATE", "TYPE", "AZ", "IMAGE", "LAUNCHED"];
     if with_reason {
         header.push("REASON");
     }
@@ -62,7 +62,6 @@ pub fn instances_table(instances: &[Instance]) -> String {
             i.state.name.to_string(),
             i.instance_type.clone(),
             or_dash(&i.availability_zone).to_string(),
-            or_dash(&i.host_id).to_string(),
             i.image_id.clone(),
             time(&i.launch_time),
         ];
@@ -129,6 +128,20 @@ pub fn hosts_table(hosts: &[Host]) -> String {
     out
 }
 
+/// An account: its id and name, then each limit with what is in use.
+pub fn account(a: &serde_json::Value) -> String {
+    let n = |v: &serde_json::Value| v.as_u64().map(|n| n.to_string()).unwrap_or_else(|| "-".into());
+    format!(
+        "account {} ({})\ninstances: {} of {}\nvCPUs:     {} of {}",
+        a["account_id"].as_str().unwrap_or("-"),
+        a["name"].as_str().unwrap_or("-"),
+        n(&a["usage"]["instances"]),
+        n(&a["limits"]["max_instances"]),
+        n(&a["usage"]["vcpus"]),
+        n(&a["limits"]["max_vcpus"]),
+    )
+}
+
 pub fn instance_types_table(types: &[InstanceType]) -> String {
     let mut t = table(&["NAME", "VCPUS", "MEMORY (MiB)", "DISK (GiB)"]);
     for it in types {
@@ -149,7 +162,7 @@ pub fn images_table(images: &[Image]) -> String {
             if i.default { "yes".into() } else { "no".into() },
             i.kernel.name.clone(),
             i.root_disk.name.clone(),
-            i.source_url.clone(),
+            i.source_url.clone().unwrap_or_else(|| "-".into()),
             time(&i.creation_date),
         ]);
     }
@@ -170,7 +183,6 @@ pub(crate) mod tests {
             instance_type: "t3.micro".into(),
             state: state.into(),
             availability_zone: "az-1".into(),
-            host_id: "h-1".into(),
             launch_time: Utc.with_ymd_and_hms(2026, 11, 25, 15, 4, 5).unwrap(),
             ami_launch_index: 0,
             state_reason: None,
@@ -186,11 +198,11 @@ pub(crate) mod tests {
         assert_eq!(lines.len(), 2, "{s}");
         assert_eq!(
             lines[0],
-            "ID                   STATE    TYPE      AZ    HOST  IMAGE                  LAUNCHED"
+            "ID                   STATE    TYPE      AZ    IMAGE                  LAUNCHED"
         );
         assert_eq!(
             lines[1],
-            "i-0123456789abcdef0  running  t3.micro  az-1  h-1   ami-0123456789abcdef0  2026-11-25T15:04:05Z"
+            "i-0123456789abcdef0  running  t3.micro  az-1  ami-0123456789abcdef0  2026-11-25T15:04:05Z"
         );
     }
 
@@ -198,17 +210,17 @@ pub(crate) mod tests {
     fn reason_column_only_when_some_instance_has_one() {
         let mut failed = sample_instance("i-1", InstanceState::Terminated);
         failed.state_reason = Some("Server.InternalError: boot failed".into());
-        failed.host_id = String::new();
+        failed.availability_zone = String::new();
         let s = instances_table(&[sample_instance("i-2", InstanceState::Pending), failed]);
         assert!(s.lines().next().unwrap().ends_with("REASON"), "{s}");
         assert!(s.contains("Server.InternalError: boot failed"));
-        assert!(s.lines().nth(2).unwrap().contains(" -  "), "empty host shows a dash: {s}");
+        assert!(s.lines().nth(2).unwrap().contains(" -  "), "an empty zone shows a dash: {s}");
     }
 
     #[test]
     fn next_token_line_and_empty_table() {
         let l = InstanceList { instances: vec![], next_token: Some("abc".into()) };
-        assert_eq!(instance_page(&l), "ID  STATE  TYPE  AZ  HOST  IMAGE  LAUNCHED\nNEXT TOKEN: abc");
+        assert_eq!(instance_page(&l), "ID  STATE  TYPE  AZ  IMAGE  LAUNCHED\nNEXT TOKEN: abc");
     }
 
     #[test]

@@ -139,11 +139,12 @@ async fn run_instances_wait_lists_running_instances_and_terminate_wait_ends_term
     assert_eq!(rows[0][0], "RESERVATION", "{}", run.out);
     let reservation_id = rows[0][1].clone();
     assert!(reservation_id.starts_with("r-"), "{}", run.out);
-    assert_eq!(rows[1], ["ID", "STATE", "TYPE", "AZ", "HOST", "IMAGE", "LAUNCHED"]);
+    assert_eq!(rows[1], ["ID", "STATE", "TYPE", "AZ", "IMAGE", "LAUNCHED"]);
     assert_eq!(rows.len(), 5, "three instance rows: {}", run.out);
     for row in &rows[2..] {
-        assert_eq!(&row[1..6], ["running", "t3.nano", "az1", hid.as_str(), image.image_id.as_str()], "{}", run.out);
+        assert_eq!(&row[1..5], ["running", "t3.nano", "az1", image.image_id.as_str()], "{}", run.out);
     }
+    assert!(!run.out.contains(&hid), "tenants do not see which host runs their instances: {}", run.out);
     let ids: Vec<String> = rows[2..].iter().map(|r| r[0].clone()).collect();
 
     // The database agrees: three instances of this reservation, running on the agent's host.
@@ -334,15 +335,18 @@ async fn describe_hosts_instance_types_and_images() {
         .collect();
     assert_eq!(got, expected);
 
-    // Images: the one registered, as the default.
+    // Images: the one registered, as the default; its source is the operator's to see.
     let images = nimbus(&cloud, &["describe-images"]).await.ok();
     let rows = images.rows(0);
     assert_eq!(rows[0], ["ID", "NAME", "STATE", "DEFAULT", "KERNEL", "ROOT", "DISK", "SOURCE", "CREATED"]);
     assert_eq!(rows.len(), 2, "{}", images.out);
-    assert_eq!(&rows[1][..7], [image.image_id.as_str(), "test-image", "available", "yes", "vmlinuz", "root.qcow2", image.source_url.as_str()]);
+    assert_eq!(&rows[1][..7], [image.image_id.as_str(), "test-image", "available", "yes", "vmlinuz", "root.qcow2", "-"]);
     let images = nimbus(&cloud, &["describe-images", "-o", "json"]).await.ok().json();
     assert_eq!(images["images"].as_array().unwrap().len(), 1);
-    assert_eq!(images["images"][0], serde_json::to_value(&image).unwrap());
+    let tenants_view = nimbus_proto::api::Image { source_url: None, ..image.clone() };
+    assert_eq!(images["images"][0], serde_json::to_value(&tenants_view).unwrap());
+    let images = nimbus_raw(&["--endpoint", cloud.url.as_str(), "--token", cloud.admin_token.as_str(), "describe-images", "-o", "json"]).await.ok().json();
+    assert_eq!(images["images"][0], serde_json::to_value(&image).unwrap(), "the operator sees the source");
 }
 
 #[tokio::test]

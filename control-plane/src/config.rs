@@ -47,6 +47,13 @@ pub struct Config {
     /// Size of the PostgreSQL connection pool.
     #[arg(long, env = "NIMBUS_DB_CONNECTIONS", default_value_t = 20)]
     pub db_connections: u32,
+    /// Instances an account may hold (pending to stopped) unless the operator
+    /// set its own limit (`nimbus admin set-account-limits`).
+    #[arg(long, env = "NIMBUS_DEFAULT_MAX_INSTANCES", default_value_t = 256)]
+    pub default_max_instances: u32,
+    /// vCPUs an account's instances may hold unless the operator set its own limit.
+    #[arg(long, env = "NIMBUS_DEFAULT_MAX_VCPUS", default_value_t = 1024)]
+    pub default_max_vcpus: u32,
 }
 
 impl Config {

@@ -42,6 +42,14 @@ pub enum ServiceError {
     InvalidKeyFormat(String),
     #[error("{0}")]
     TagLimitExceeded(String),
+    #[error("{0}")]
+    InstanceLimitExceeded(String),
+    #[error("{0}")]
+    VcpuLimitExceeded(String),
+    #[error("{0}")]
+    RequestLimitExceeded(String),
+    #[error("The account '{0}' does not exist")]
+    AccountNotFound(String),
     #[error("Client token '{0}' was already used with different parameters")]
     IdempotentParameterMismatch(String),
     #[error("{0}")]
@@ -95,6 +103,10 @@ impl ServiceError {
             KeyPairDuplicate(_) => "InvalidKeyPair.Duplicate",
             InvalidKeyFormat(_) => "InvalidKeyPair.Format",
             TagLimitExceeded(_) => "TagLimitExceeded",
+            InstanceLimitExceeded(_) => "InstanceLimitExceeded",
+            VcpuLimitExceeded(_) => "VcpuLimitExceeded",
+            RequestLimitExceeded(_) => "RequestLimitExceeded",
+            AccountNotFound(_) => "InvalidAccountID.NotFound",
             AuthFailure(_) => "AuthFailure",
             RequestExpired(_) => "RequestExpired",
             IncompleteSignature(_) => "IncompleteSignature",
@@ -123,6 +135,9 @@ impl ServiceError {
             | KeyPairNotFound(_)
             | InvalidKeyFormat(_)
             | TagLimitExceeded(_)
+            | InstanceLimitExceeded(_)
+            | VcpuLimitExceeded(_)
+            | AccountNotFound(_)
             | ImageNotFound(_)
             | ImageIdMalformed(_)
             | InstanceNotFound(_)
@@ -141,7 +156,8 @@ impl ServiceError {
             AuthFailure(_) => StatusCode::UNAUTHORIZED,
             Unauthorized(_) => StatusCode::FORBIDDEN,
             RouteNotFound(_) => StatusCode::NOT_FOUND,
-            InsufficientInstanceCapacity(_) => StatusCode::SERVICE_UNAVAILABLE,
+            // Throttling, as EC2 answers it: retry later.
+            InsufficientInstanceCapacity(_) | RequestLimitExceeded(_) => StatusCode::SERVICE_UNAVAILABLE,
             Database(_) | Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -58,6 +58,24 @@ pub enum ConvergeError {
     Counter(#[from] power::CounterError),
 }
 
+impl ConvergeError {
+    /// What the instance's owner may read of this error (its state reason):
+    /// no host paths, URLs or digests. The whole error goes to the agent's log.
+    pub fn public_message(&self) -> String {
+        use crate::images::ImageError;
+        match self {
+            ConvergeError::Image(ImageError::Checksum { name, .. }) => format!("image file {name}: checksum mismatch"),
+            ConvergeError::Image(ImageError::UnsupportedSource { name, .. }) => format!("image file {name}: unsupported source"),
+            ConvergeError::Image(ImageError::Io { name, .. }) => format!("image file {name}: cannot be read"),
+            ConvergeError::Image(ImageError::Http { name, .. }) => format!("image file {name}: download failed"),
+            ConvergeError::Disk(_) => "the host could not prepare the instance's disks".into(),
+            ConvergeError::Libvirt(_) | ConvergeError::Xml(_) => "the hypervisor could not start the instance".into(),
+            ConvergeError::Metadata(_) => "the host could not serve the instance's metadata".into(),
+            ConvergeError::Counter(_) => "the host could not record the instance's reboots".into(),
+        }
+    }
+}
+
 /// Where one pass left an instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Outcome {
@@ -137,9 +155,8 @@ impl Reconciler {
                     Some(existing) => existing,
                     None => match this.libvirt.domain_status(&this.host_id, &a.instance_id).await {
                         Ok(existing) => existing,
-                        Err(e) => {
-                            return Observation { instance_id: a.instance_id.clone(), state: ObservedState::Failed, message: Some(e.to_string()), reboots: None, console: None }
-                        }
+                        // One libvirt hiccup must not cost the instance: counted like any failure.
+                        Err(e) => return this.failed_attempt(&a.instance_id, e.into()),
                     },
                 };
                 this.converge_one(&a, existing).await
@@ -170,22 +187,27 @@ impl Reconciler {
                 self.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(&a.instance_id);
                 self.observe(a, outcome).await
             }
-            Err(e) => {
-                let attempts = {
-                    let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-                    let n = f.entry(a.instance_id.clone()).or_insert(0);
-                    *n += 1;
-                    *n
-                };
-                tracing::warn!(instance_id = %a.instance_id, attempts, error = %e, "cannot converge instance");
-                let (state, message) = if attempts >= FAILED_AFTER {
-                    (ObservedState::Failed, format!("{e} (after {attempts} attempts)"))
-                } else {
-                    (ObservedState::Building, e.to_string())
-                };
-                Observation { instance_id: a.instance_id.clone(), state, message: Some(message), reboots: None, console: None }
-            }
+            Err(e) => self.failed_attempt(&a.instance_id, e),
         }
+    }
+
+    /// Counts a failed attempt at an instance: `Building` (retried next
+    /// pass) until [`FAILED_AFTER`] attempts, then `Failed`. The error goes
+    /// to the log; the observation carries only its public message.
+    fn failed_attempt(&self, instance_id: &str, e: ConvergeError) -> Observation {
+        let attempts = {
+            let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+            let n = f.entry(instance_id.to_string()).or_insert(0);
+            *n += 1;
+            *n
+        };
+        tracing::warn!(%instance_id, attempts, error = %e, "cannot converge instance");
+        let (state, message) = if attempts >= FAILED_AFTER {
+            (ObservedState::Failed, format!("{} (after {attempts} attempts)", e.public_message()))
+        } else {
+            (ObservedState::Building, e.public_message())
+        };
+        Observation { instance_id: instance_id.to_string(), state, message: Some(message), reboots: None, console: None }
     }
 
     /// The observation of an instance after a pass: its state, the reboots

@@ -92,7 +92,6 @@ pub struct Instance {
     pub instance_type: String,
     pub state: StateView,
     pub availability_zone: String,
-    pub host_id: String,
     pub launch_time: DateTime<Utc>,
     pub ami_launch_index: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -224,7 +223,10 @@ pub struct Image {
     pub name: String,
     pub description: Option<String>,
     pub owner_id: String,
-    pub source_url: String,
+    /// Where the files come from: shown to the operator only (tenants see
+    /// no host paths or internal URLs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_url: Option<String>,
     pub kernel: ImageFile,
     pub initrd: Option<ImageFile>,
     pub root_disk: ImageFile,

@@ -86,11 +86,13 @@ pub struct CloudOptions {
     pub db_connections: u32,
     /// Seconds without a heartbeat before a host takes no new instances.
     pub host_timeout_secs: u64,
+    /// Default per-account limits (instances, vCPUs).
+    pub default_limits: (u32, u32),
 }
 
 impl Default for CloudOptions {
     fn default() -> Self {
-        CloudOptions { placement: PlacementPolicy::Spread, max_count: 100, db_connections: 20, host_timeout_secs: 30 }
+        CloudOptions { placement: PlacementPolicy::Spread, max_count: 100, db_connections: 20, host_timeout_secs: 30, default_limits: (256, 1024) }
     }
 }
 
@@ -215,6 +217,8 @@ impl Cloud {
             db_connections: opts.db_connections,
             master_key: Some(nimbus_control_plane::auth::secrets::MasterKey::generate().to_hex()),
             region: "nimbus-1".into(),
+            default_max_instances: opts.default_limits.0,
+            default_max_vcpus: opts.default_limits.1,
         };
         let (admin_token, join_token) = (config.admin_token.clone(), config.join_token.clone());
         let service = nimbus_control_plane::build(config).await?;
@@ -450,6 +454,62 @@ impl Cloud {
             serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).with_context(|| format!("read {}/manifest.json", dir.display()))?)?;
         let req = manifest.register_request(format!("file://{}", dir.canonicalize()?.display()), None, default)?;
         Ok(serde_json::from_value(self.post("/v1/images", serde_json::to_value(req)?).await?)?)
+    }
+
+    /// POSTs `form` to the EC2 front door, signed with SigV4 by the
+    /// `aws-sigv4` crate (the AWS SDK's own signer) for `region` and
+    /// `service` at time `at`; returns (status, body). Every answer of that
+    /// door is XML, errors included: checked here.
+    pub async fn ec2_signed(
+        &self,
+        akid: &str,
+        secret: &str,
+        form: &str,
+        at: std::time::SystemTime,
+        region: &str,
+        service: &str,
+    ) -> anyhow::Result<(u16, String)> {
+        use aws_credential_types::Credentials;
+        use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
+        use aws_sigv4::sign::v4;
+        use aws_smithy_runtime_api::client::identity::Identity;
+        let url = format!("{}/", self.url);
+        let host = self.url.trim_start_matches("http://").to_string();
+        let identity: Identity = Credentials::new(akid, secret, None, None, "test").into();
+        let params = v4::SigningParams::builder()
+            .identity(&identity)
+            .region(region)
+            .name(service)
+            .time(at)
+            .settings(SigningSettings::default())
+            .build()?
+            .into();
+        let headers = [("host", host.as_str()), ("content-type", "application/x-www-form-urlencoded; charset=utf-8")];
+        let signable = SignableRequest::new("POST", &url, headers.iter().copied(), SignableBody::Bytes(form.as_bytes()))?;
+        let (instructions, _) = sign(signable, &params)?.into_parts();
+        let mut req = http::Request::builder().method("POST").uri(&url);
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        let mut req = req.body(form.as_bytes().to_vec())?;
+        instructions.apply_to_request_http1x(&mut req);
+        let mut out = self.http.post(&url).body(form.to_string());
+        for (k, v) in req.headers() {
+            out = out.header(k.as_str(), v.to_str()?);
+        }
+        let resp = out.send().await?;
+        let status = resp.status().as_u16();
+        let content_type = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        if !content_type.starts_with("text/xml") {
+            bail!("the EC2 front door answered {content_type:?}, not XML");
+        }
+        Ok((status, resp.text().await?))
+    }
+
+    /// The host an instance was placed on (tenants do not see it: from PostgreSQL).
+    pub async fn host_of(&self, instance_id: &str) -> anyhow::Result<String> {
+        let (h,): (String,) = sqlx::query_as("SELECT host_id FROM instances WHERE id = $1").bind(instance_id).fetch_one(self.db()).await?;
+        Ok(h)
     }
 
     /// Capacity bookkeeping straight from PostgreSQL: per host, (total vCPUs,

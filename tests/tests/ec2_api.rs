@@ -1,10 +1,6 @@
 //! The EC2 Query front door over the real control plane, with requests
 //! signed by the `aws-sigv4` crate (the AWS SDK's own signer).
 
-use aws_credential_types::Credentials;
-use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
-use aws_sigv4::sign::v4;
-use aws_smithy_runtime_api::client::identity::Identity;
 use nimbus_tests::Cloud;
 use serde_json::json;
 use std::time::{Duration, SystemTime};
@@ -21,36 +17,8 @@ async fn account(cloud: &Cloud, name: &str) -> Keys {
 
 /// POSTs a signed form to the EC2 endpoint; returns (status, body).
 async fn ec2_at(cloud: &Cloud, keys: &Keys, form: &str, at: SystemTime) -> (u16, String) {
-    let url = format!("{}/", cloud.url);
-    let host = cloud.url.trim_start_matches("http://").to_string();
-    let identity: Identity = Credentials::new(&keys.akid, &keys.secret, None, None, "test").into();
-    let params = v4::SigningParams::builder()
-        .identity(&identity)
-        .region("nimbus-1")
-        .name("ec2")
-        .time(at)
-        .settings(SigningSettings::default())
-        .build()
-        .unwrap()
-        .into();
-    let headers = [("host", host.as_str()), ("content-type", "application/x-www-form-urlencoded; charset=utf-8")];
-    let signable = SignableRequest::new("POST", &url, headers.iter().copied(), SignableBody::Bytes(form.as_bytes())).unwrap();
-    let (instructions, _) = sign(signable, &params).unwrap().into_parts();
-    let mut req = http::Request::builder().method("POST").uri(&url);
-    for (k, v) in headers {
-        req = req.header(k, v);
-    }
-    let mut req = req.body(form.as_bytes().to_vec()).unwrap();
-    instructions.apply_to_request_http1x(&mut req);
-    let mut out = cloud.http.post(&url).body(form.to_string());
-    for (k, v) in req.headers() {
-        out = out.header(k.as_str(), v.to_str().unwrap());
-    }
-    let resp = out.send().await.unwrap();
-    let status = resp.status().as_u16();
-    // Every answer of this door is XML, errors included.
-    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/xml"));
-    (status, resp.text().await.unwrap())
+    let (status, body) = cloud.ec2_signed(&keys.akid, &keys.secret, form, at, "nimbus-1", "ec2").await.unwrap();
+    (status, body)
 }
 
 async fn ec2(cloud: &Cloud, keys: &Keys, form: &str) -> (u16, String) {

@@ -240,7 +240,7 @@ async fn images_are_fetched_over_http() {
     let cloud = Cloud::start().await.unwrap();
     let agent = cloud.add_agent("a", "az1", 8, 8192, 100).await.unwrap();
     let local = cloud.register_test_image().await.unwrap();
-    let dir = local.source_url.strip_prefix("file://").unwrap().to_string();
+    let dir = local.source_url.as_deref().unwrap().strip_prefix("file://").unwrap().to_string();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut server = tokio::process::Command::new("python3")
         .args(["-m", "http.server", "--bind", "127.0.0.1", "--directory", &dir, &port.to_string()])

@@ -25,17 +25,16 @@ async fn spread_alternates_zones_and_hosts() {
     assert_eq!(zones.iter().filter(|z| **z == "az1").count(), 2, "{zones:?}");
     assert_eq!(zones.iter().filter(|z| **z == "az2").count(), 2, "{zones:?}");
     // Within az1, spread puts the two instances on different hosts.
-    let az1_hosts: Vec<&str> = r["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|i| i["availability_zone"] == "az1")
-        .map(|i| i["host_id"].as_str().unwrap())
-        .collect();
-    assert_ne!(az1_hosts[0], az1_hosts[1]);
+    let mut az1_hosts = Vec::new();
     for i in r["instances"].as_array().unwrap() {
-        assert_eq!(hosts[i["host_id"].as_str().unwrap()]["availability_zone"], i["availability_zone"]);
+        let host = cloud.host_of(i["instance_id"].as_str().unwrap()).await.unwrap();
+        assert_eq!(hosts[&host]["availability_zone"], i["availability_zone"]);
+        if i["availability_zone"] == "az1" {
+            az1_hosts.push(host);
+        }
     }
+    assert_eq!(az1_hosts.len(), 2);
+    assert_ne!(az1_hosts[0], az1_hosts[1]);
     // A requested zone is honoured.
     let r = cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "availability_zone": "az2", "max_count": 3})).await.unwrap();
     assert!(r["instances"].as_array().unwrap().iter().all(|i| i["availability_zone"] == "az2"));
@@ -52,7 +51,7 @@ async fn pack_fills_one_host_before_the_next() {
     let mut placed = Vec::new();
     for _ in 0..5 {
         let r = cloud.post("/v1/instances", json!({"instance_type": "t3.nano"})).await.unwrap();
-        placed.push(r["instances"][0]["host_id"].as_str().unwrap().to_string());
+        placed.push(cloud.host_of(r["instances"][0]["instance_id"].as_str().unwrap()).await.unwrap());
     }
     // 8 vCPUs hold four t3.nano: the first four share a host, the fifth opens the other.
     assert!(placed[..4].iter().all(|h| *h == placed[0]), "{placed:?}");
@@ -160,7 +159,7 @@ async fn hosts_without_heartbeat_get_no_instances() {
     assert_eq!(instance_ids(&r).len(), 2);
     let hosts = hosts_by_name(&cloud).await;
     for i in r["instances"].as_array().unwrap() {
-        assert_eq!(hosts[i["host_id"].as_str().unwrap()]["status"], "available");
+        assert_eq!(hosts[&cloud.host_of(i["instance_id"].as_str().unwrap()).await.unwrap()]["status"], "available");
     }
     let (status_code, body) = cloud.call(Method::POST, "/v1/instances", Some(json!({"instance_type": "t3.nano"}))).await.unwrap();
     assert_eq!((status_code, body["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("InsufficientInstanceCapacity")));

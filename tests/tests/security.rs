@@ -244,3 +244,202 @@ async fn a_host_holds_one_long_poll_at_a_time() {
     assert!(took[18] < Duration::from_secs(10), "19 of 20 polls answer at once, superseded by a newer one: {took:?}");
     assert!(took[19] >= Duration::from_secs(29), "the newest waits its full time: {took:?}");
 }
+
+/// Finding 6: CreateTags took any number of resource ids and wrote each
+/// (resource, tag) pair with its own statement (4,000 copies of one id with
+/// 48 tags: 226 s in one transaction). Now ids are deduplicated, at most
+/// 1,000, and one statement writes them all.
+#[tokio::test]
+async fn create_tags_is_bounded_and_set_based() {
+    let cloud = Cloud::start().await.unwrap();
+    let _agent = cloud.add_agent("a", "az1", 8, 8192, 100).await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    let id = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano"})).await.unwrap()).remove(0);
+    let tags: Vec<Value> = (0..48).map(|i| json!({"key": format!("k{i}"), "value": "v"})).collect();
+    let t0 = std::time::Instant::now();
+    let (status, body) =
+        cloud.call(Method::POST, "/v1/tags", Some(json!({"resource_ids": vec![id.clone(); 4000], "tags": tags}))).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // The old code took 226 s for this; a bound far above the new cost, far below the old.
+    assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM tags WHERE resource_id = $1").bind(&id).fetch_one(cloud.db()).await.unwrap();
+    assert_eq!(n, 48);
+    let many: Vec<String> = (0..1001).map(|i| format!("i-{i:017x}")).collect();
+    assert_error(
+        &cloud.call(Method::POST, "/v1/tags", Some(json!({"resource_ids": many, "tags": [{"key": "k", "value": "v"}]}))).await.unwrap(),
+        StatusCode::BAD_REQUEST,
+        "InvalidParameterValue",
+    );
+    let dup = json!({"resource_ids": [id], "tags": [{"key": "k", "value": "1"}, {"key": "k", "value": "2"}]});
+    assert_error(&cloud.call(Method::POST, "/v1/tags", Some(dup)).await.unwrap(), StatusCode::BAD_REQUEST, "InvalidParameterValue");
+    // Over 50 tags on the resource: refused, nothing written.
+    let three: Vec<Value> = (0..3).map(|i| json!({"key": format!("x{i}"), "value": "v"})).collect();
+    assert_error(
+        &cloud.call(Method::POST, "/v1/tags", Some(json!({"resource_ids": [id], "tags": three}))).await.unwrap(),
+        StatusCode::BAD_REQUEST,
+        "TagLimitExceeded",
+    );
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM tags WHERE resource_id = $1").bind(&id).fetch_one(cloud.db()).await.unwrap();
+    assert_eq!(n, 48, "all or nothing");
+}
+
+/// Finding 7: no per-account quotas, so one tenant could fill every host.
+/// Now each account has instance and vCPU limits (the operator's per
+/// account, else the defaults), checked inside the launch transaction.
+#[tokio::test]
+async fn accounts_have_limits_enforced_in_the_launch_transaction() {
+    let cloud = Cloud::start_with(nimbus_tests::CloudOptions { default_limits: (4, 6), ..Default::default() }).await.unwrap();
+    let _agent = cloud.add_agent("a", "az1", 64, 65536, 1000).await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    let account = cloud.get("/v1/account").await.unwrap();
+    assert_eq!(account["limits"], json!({"max_instances": 4, "max_vcpus": 6}));
+    assert_eq!(account["usage"], json!({"instances": 0, "vcpus": 0}));
+
+    // t3.nano has 2 vCPUs: 6 vCPUs allow 3 of them, whatever max_count asks.
+    let r = cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "min_count": 1, "max_count": 10})).await.unwrap();
+    assert_eq!(instance_ids(&r).len(), 3);
+    assert_error(
+        &cloud.call(Method::POST, "/v1/instances", Some(json!({"instance_type": "t3.nano"}))).await.unwrap(),
+        StatusCode::BAD_REQUEST,
+        "VcpuLimitExceeded",
+    );
+    let account = cloud.get("/v1/account").await.unwrap();
+    assert_eq!(account["usage"], json!({"instances": 3, "vcpus": 6}));
+
+    // Only the operator raises them; the instance limit binds next.
+    let id = account["account_id"].as_str().unwrap().to_string();
+    let path = format!("/v1/admin/accounts/{id}/limits");
+    assert_error(
+        &cloud.call_as(Some(&cloud.user_token), Method::PUT, &path, Some(json!({"max_vcpus": 100}))).await.unwrap(),
+        StatusCode::FORBIDDEN,
+        "UnauthorizedOperation",
+    );
+    let (status, body) = cloud.call_as(Some(&cloud.admin_token), Method::PUT, &path, Some(json!({"max_vcpus": 100}))).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["limits"], json!({"max_instances": 4, "max_vcpus": 100}));
+    assert_error(
+        &cloud.call(Method::POST, "/v1/instances", Some(json!({"instance_type": "t3.nano", "min_count": 2, "max_count": 2}))).await.unwrap(),
+        StatusCode::BAD_REQUEST,
+        "InstanceLimitExceeded",
+    );
+    let (i,): (i64,) = sqlx::query_as("SELECT count(*) FROM instances").fetch_one(cloud.db()).await.unwrap();
+    assert_eq!(i, 3, "a refused launch creates nothing");
+    assert_error(
+        &cloud.call_as(Some(&cloud.admin_token), Method::PUT, "/v1/admin/accounts/123456789012/limits", Some(json!({}))).await.unwrap(),
+        StatusCode::BAD_REQUEST,
+        "InvalidAccountID.NotFound",
+    );
+
+    // Concurrent launches of one account count each other: 20 racing
+    // launches of one instance fill the last slot once.
+    let launches = (0..20).map(|_| cloud.call(Method::POST, "/v1/instances", Some(json!({"instance_type": "t3.nano"}))));
+    let results = futures::future::join_all(launches).await;
+    let ok = results.iter().filter(|r| r.as_ref().unwrap().0 == StatusCode::OK).count();
+    assert_eq!(ok, 1, "{results:?}");
+    for r in results.iter().map(|r| r.as_ref().unwrap()).filter(|r| r.0 != StatusCode::OK) {
+        assert_error(r, StatusCode::BAD_REQUEST, "InstanceLimitExceeded");
+    }
+    assert_eq!(cloud.get("/v1/account").await.unwrap()["usage"], json!({"instances": 4, "vcpus": 8}));
+}
+
+/// Finding 8: SigV4 requests signed for another region or service (e.g.
+/// `us-west-2/s3`, `xx/iam`) were accepted. Finding 7's limits show in
+/// DescribeAccountAttributes.
+#[tokio::test]
+async fn sigv4_scope_must_be_ec2_in_our_region_and_limits_show_in_account_attributes() {
+    let cloud = Cloud::start().await.unwrap();
+    let a = cloud.post("/v1/admin/accounts", json!({"name": "scoped"})).await.unwrap();
+    let (akid, secret) = (a["access_key_id"].as_str().unwrap(), a["secret_access_key"].as_str().unwrap());
+    let form = "Action=DescribeAccountAttributes&Version=2016-11-15";
+    let now = std::time::SystemTime::now();
+    for (region, service, why) in [("us-west-2", "s3", "correct service"), ("xx", "iam", "correct service"), ("us-west-2", "ec2", "valid region")] {
+        let (status, xml) = cloud.ec2_signed(akid, secret, form, now, region, service).await.unwrap();
+        assert_eq!(status, 401, "{region}/{service}: {xml}");
+        assert!(xml.contains("<Code>AuthFailure</Code>") && xml.contains(why), "{region}/{service}: {xml}");
+    }
+    let (status, xml) = cloud.ec2_signed(akid, secret, form, now, "nimbus-1", "ec2").await.unwrap();
+    assert_eq!(status, 200, "{xml}");
+    assert!(xml.contains("<attributeName>max-instances</attributeName><attributeValueSet><item><attributeValue>256</attributeValue></item></attributeValueSet>"), "{xml}");
+    let (_, xml) = cloud.ec2_signed(akid, secret, &format!("{form}&AttributeName.1=max-vcpus"), now, "nimbus-1", "ec2").await.unwrap();
+    assert!(xml.contains("<attributeValue>1024</attributeValue>") && !xml.contains("max-instances"), "{xml}");
+    let (status, xml) = cloud.ec2_signed(akid, secret, &format!("{form}&AttributeName.1=bogus"), now, "nimbus-1", "ec2").await.unwrap();
+    assert_eq!(status, 400, "{xml}");
+}
+
+/// Finding 9: control characters in tags made the account's own
+/// DescribeInstances invalid XML. Now they are refused on input, in tags
+/// of a launch and of CreateTags alike.
+#[tokio::test]
+async fn control_characters_in_tags_are_refused() {
+    let cloud = Cloud::start().await.unwrap();
+    let _agent = cloud.add_agent("a", "az1", 8, 8192, 100).await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    for (k, v) in [("bell\u{7}", "x"), ("k", "nul\u{0}"), ("k", "esc\u{1b}[31m"), ("k", "del\u{7f}"), ("k", "line\nbreak")] {
+        let launch = json!({"instance_type": "t3.nano", "tags": [{"key": k, "value": v}]});
+        assert_error(&cloud.call(Method::POST, "/v1/instances", Some(launch)).await.unwrap(), StatusCode::BAD_REQUEST, "InvalidParameterValue");
+    }
+    let id = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano"})).await.unwrap()).remove(0);
+    let bad = json!({"resource_ids": [id], "tags": [{"key": "k", "value": "a\u{1}b"}]});
+    assert_error(&cloud.call(Method::POST, "/v1/tags", Some(bad)).await.unwrap(), StatusCode::BAD_REQUEST, "InvalidParameterValue");
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM tags").fetch_one(cloud.db()).await.unwrap();
+    assert_eq!(n, 0);
+}
+
+/// Finding 13: tenants saw which host runs their instances (`host_id`),
+/// the operator's image source path, and an image's actual SHA-256 in a
+/// failed instance's state reason. Now they see none of it; the operator
+/// keeps the source, the agent's log the digests.
+#[tokio::test]
+async fn tenants_see_no_hosts_source_paths_or_digests() {
+    let cloud = Cloud::start().await.unwrap();
+    let agent = cloud.add_agent("a", "az1", 8, 8192, 100).await.unwrap();
+    let image = cloud.register_test_image().await.unwrap();
+    let host_id = agent.host_id.clone().unwrap();
+    let source = image.source_url.clone().unwrap();
+    let id = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano"})).await.unwrap()).remove(0);
+    cloud.wait_for_state(std::slice::from_ref(&id), "running", T).await.unwrap();
+    let seen = [
+        cloud.get("/v1/instances").await.unwrap().to_string(),
+        cloud.get(&format!("/v1/instances/{id}")).await.unwrap().to_string(),
+        cloud.get("/v1/images").await.unwrap().to_string(),
+    ];
+    for text in &seen {
+        assert!(!text.contains(&host_id) && !text.contains("host_id"), "{text}");
+        assert!(!text.contains(&source) && !text.contains("source_url"), "{text}");
+    }
+    let (_, operator_view) = cloud.call_as(Some(&cloud.admin_token), Method::GET, "/v1/images", None).await.unwrap();
+    assert_eq!(operator_view["images"][0]["source_url"], source.as_str(), "the operator sees the source");
+
+    // A corrupt image: the reason names the file and the failure, not the digests.
+    let bad = json!({"name": "corrupt", "source_url": source, "kernel": {"name": "vmlinuz", "sha256": "ab".repeat(32)},
+                     "root_disk": {"name": "root.qcow2", "sha256": image.root_disk.sha256}});
+    let bad = cloud.post("/v1/images", bad).await.unwrap();
+    let failed = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "image_id": bad["image_id"]})).await.unwrap());
+    let gone = cloud.wait_for_state(&failed, "terminated", T).await.unwrap();
+    let reason = gone[0]["state_reason"].as_str().unwrap();
+    assert!(reason.contains("image file vmlinuz: checksum mismatch"), "{reason}");
+    assert!(!reason.contains(&"ab".repeat(32)) && !reason.contains(&image.kernel.sha256), "no digest: {reason}");
+}
+
+/// Finding 15: RSA key generation, a CPU burst per call, was unthrottled.
+/// Now each account gets a burst of 5, then one a minute; ed25519 is free.
+#[tokio::test]
+async fn rsa_key_generation_is_rate_limited_per_account() {
+    let cloud = Cloud::start().await.unwrap();
+    for i in 0..5 {
+        cloud.post("/v1/key-pairs", json!({"name": format!("rsa{i}"), "key_type": "rsa"})).await.unwrap();
+    }
+    let sixth = cloud.call(Method::POST, "/v1/key-pairs", Some(json!({"name": "rsa5", "key_type": "rsa"}))).await.unwrap();
+    assert_error(&sixth, StatusCode::SERVICE_UNAVAILABLE, "RequestLimitExceeded");
+    cloud.post("/v1/key-pairs", json!({"name": "ed", "key_type": "ed25519"})).await.unwrap();
+    let other = cloud.create_account("someone-else").await.unwrap();
+    let (status, body) = cloud.call_as(Some(&other), Method::POST, "/v1/key-pairs", Some(json!({"name": "rsa", "key_type": "rsa"}))).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "another account has its own allowance: {body}");
+    let names: Vec<String> = cloud.get("/v1/key-pairs").await.unwrap()["key_pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["key_name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(!names.contains(&"rsa5".to_string()), "a throttled call creates nothing: {names:?}");
+}

@@ -85,8 +85,23 @@ pub fn routes() -> Router<Service> {
         .route("/v1/images", get(describe_images).post(register_image))
         .route("/v1/admin/accounts", post(create_account))
         .route("/v1/hosts/{id}/reset-credential", post(reset_host_credential))
+        .route("/v1/account", get(describe_account))
+        .route("/v1/admin/accounts/{id}/limits", axum::routing::put(set_account_limits))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(MAX_BODY, super::refuse_oversized))
+}
+
+async fn describe_account(State(s): State<Service>, Tenant(c): Tenant) -> Result<Json<crate::service::accounts::AccountView>> {
+    Ok(Json(s.describe_account(&c).await?))
+}
+
+async fn set_account_limits(
+    State(s): State<Service>,
+    Operator(_): Operator,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<crate::service::accounts::SetLimits>,
+) -> Result<Json<crate::service::accounts::AccountView>> {
+    Ok(Json(s.set_account_limits(&id, &req).await?))
 }
 
 /// The operator resets a host's credential (id or name): see
@@ -284,8 +299,8 @@ async fn describe_instance_types(State(s): State<Service>, Authenticated(_): Aut
     Ok(Json(InstanceTypeList { instance_types: s.describe_instance_types(&[]).await? }))
 }
 
-async fn describe_images(State(s): State<Service>, Authenticated(_): Authenticated) -> Result<Json<ImageList>> {
-    Ok(Json(ImageList { images: s.describe_images(&[]).await? }))
+async fn describe_images(State(s): State<Service>, Authenticated(c): Authenticated) -> Result<Json<ImageList>> {
+    Ok(Json(ImageList { images: s.describe_images(&c, &[]).await? }))
 }
 
 #[derive(Debug, Deserialize)]

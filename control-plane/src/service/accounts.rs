@@ -14,6 +14,62 @@ pub struct NewAccount {
     pub secret_access_key: String,
 }
 
+/// What an account may hold at once: counted over its instances that hold
+/// capacity (pending, running, stopping, stopped, shutting-down until the
+/// host confirms), so a stopped instance's start always fits.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Limits {
+    pub max_instances: u32,
+    pub max_vcpus: u32,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Usage {
+    pub instances: u32,
+    pub vcpus: u32,
+}
+
+/// `GET /v1/account`, DescribeAccountAttributes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AccountView {
+    pub account_id: String,
+    pub name: String,
+    pub limits: Limits,
+    pub usage: Usage,
+}
+
+/// An operator's change of an account's limits; `None` means the default.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SetLimits {
+    #[serde(default)]
+    pub max_instances: Option<u32>,
+    #[serde(default)]
+    pub max_vcpus: Option<u32>,
+}
+
+/// How many of a launch of `max` instances of `vcpus` each fit the account's
+/// limits given its usage: `Err` when not even `min` do.
+pub fn fit_limits(limits: Limits, usage: Usage, vcpus: u32, min: u32, max: u32) -> Result<u32> {
+    let by_count = limits.max_instances.saturating_sub(usage.instances);
+    let by_vcpus = limits.max_vcpus.saturating_sub(usage.vcpus) / vcpus.max(1);
+    if by_count < min {
+        return Err(ServiceError::InstanceLimitExceeded(format!(
+            "You have requested more instances ({min}) than your current instance limit of {} allows ({} in use)",
+            limits.max_instances, usage.instances
+        )));
+    }
+    if by_vcpus < min {
+        return Err(ServiceError::VcpuLimitExceeded(format!(
+            "You have requested more vCPU capacity ({}) than your current vCPU limit of {} allows ({} in use)",
+            u64::from(min) * u64::from(vcpus),
+            limits.max_vcpus,
+            usage.vcpus
+        )));
+    }
+    Ok(max.min(by_count).min(by_vcpus))
+}
+
 impl Service {
     fn master_key(&self) -> Result<MasterKey> {
         let hex = self
@@ -89,6 +145,65 @@ impl Service {
         } else {
             Err(denied())
         }
+    }
+
+    /// The account's effective limits and usage. With `lock`, in a
+    /// transaction, the account row is locked first (`FOR NO KEY UPDATE`:
+    /// launches of one account serialize, while the foreign-key locks that
+    /// inserting a reservation or an instance takes do not conflict with it),
+    /// and the usage is counted by a later statement, whose snapshot (READ
+    /// COMMITTED) includes every launch that held the lock before.
+    pub(crate) async fn limits_and_usage(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        account_id: &str,
+        lock: bool,
+    ) -> Result<(String, Limits, Usage)> {
+        let row: Option<(String, Option<i32>, Option<i32>)> = sqlx::query_as(&format!(
+            "SELECT name, max_instances, max_vcpus FROM accounts WHERE id = $1{}",
+            if lock { " FOR NO KEY UPDATE" } else { "" }
+        ))
+        .bind(account_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let (name, max_i, max_v) = row.ok_or_else(|| ServiceError::AccountNotFound(account_id.to_string()))?;
+        let (used_i, used_v): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), coalesce(sum(vcpus), 0)::bigint FROM instances WHERE account_id = $1 AND capacity_held",
+        )
+        .bind(account_id)
+        .fetch_one(&mut *conn)
+        .await?;
+        let limits = Limits {
+            max_instances: max_i.map_or(self.config.default_max_instances, |n| n as u32),
+            max_vcpus: max_v.map_or(self.config.default_max_vcpus, |n| n as u32),
+        };
+        Ok((name, limits, Usage { instances: used_i as u32, vcpus: used_v as u32 }))
+    }
+
+    /// The caller's account: its limits and what it holds.
+    pub async fn describe_account(&self, caller: &Caller) -> Result<AccountView> {
+        let mut conn = self.db.acquire().await?;
+        let (name, limits, usage) = self.limits_and_usage(&mut conn, &caller.account_id, false).await?;
+        Ok(AccountView { account_id: caller.account_id.clone(), name, limits, usage })
+    }
+
+    /// The operator sets an account's limits (`None`: back to the default).
+    /// Lowering a limit below the usage stops new launches, nothing more.
+    pub async fn set_account_limits(&self, account_id: &str, set: &SetLimits) -> Result<AccountView> {
+        if set.max_instances.is_some_and(|n| n > i32::MAX as u32) || set.max_vcpus.is_some_and(|n| n > i32::MAX as u32) {
+            return Err(ServiceError::InvalidParameterValue("limits must be at most 2147483647".into()));
+        }
+        let done = sqlx::query("UPDATE accounts SET max_instances = $2, max_vcpus = $3 WHERE id = $1")
+            .bind(account_id)
+            .bind(set.max_instances.map(|n| n as i32))
+            .bind(set.max_vcpus.map(|n| n as i32))
+            .execute(&self.db)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(ServiceError::AccountNotFound(account_id.to_string()));
+        }
+        tracing::info!(%account_id, ?set, "account limits set");
+        self.describe_account(&Caller::account(account_id.to_string())).await
     }
 
     /// The availability zones that have hosts.

@@ -43,7 +43,7 @@ impl From<ImageRow> for Image {
             name: r.name,
             description: r.description,
             owner_id: r.account_id,
-            source_url: r.source_url,
+            source_url: Some(r.source_url),
             kernel: ImageFile { name: r.kernel, sha256: r.kernel_sha256 },
             initrd: optional_file(r.initrd, r.initrd_sha256),
             root_disk: ImageFile { name: r.root_disk, sha256: r.root_disk_sha256 },
@@ -139,7 +139,9 @@ impl Service {
     }
 
     /// All images, or the named ones (each must exist).
-    pub async fn describe_images(&self, ids: &[String]) -> Result<Vec<Image>> {
+    /// The images `caller` may see (all of them today: images are the
+    /// operator's and public), each with its source for the operator only.
+    pub async fn describe_images(&self, caller: &Caller, ids: &[String]) -> Result<Vec<Image>> {
         let rows = sqlx::query_as::<_, ImageRow>(&format!("SELECT {IMAGE_COLUMNS} FROM images ORDER BY created_at, id"))
             .fetch_all(&self.db)
             .await?;
@@ -153,6 +155,11 @@ impl Service {
         }
         if !ids.is_empty() {
             images.retain(|i| ids.contains(&i.image_id));
+        }
+        if !caller.admin {
+            for i in &mut images {
+                i.source_url = None;
+            }
         }
         Ok(images)
     }

@@ -30,7 +30,6 @@ pub(crate) struct InstanceRow {
     pub image_id: String,
     pub instance_type: String,
     pub availability_zone: String,
-    pub host_id: String,
     pub state: String,
     pub state_reason: Option<String>,
     pub launch_time: chrono::DateTime<chrono::Utc>,
@@ -38,7 +37,7 @@ pub(crate) struct InstanceRow {
 }
 
 const INSTANCE_COLUMNS: &str = "id, seq, reservation_id, ami_launch_index, image_id, instance_type, \
-     availability_zone, host_id, state, state_reason, launch_time, key_name";
+     availability_zone, state, state_reason, launch_time, key_name";
 
 pub(crate) fn parse_state(s: &str) -> Result<InstanceState> {
     s.parse().map_err(|e| ServiceError::Internal(format!("bad state in database: {e}")))
@@ -53,7 +52,6 @@ impl InstanceRow {
             image_id: self.image_id,
             instance_type: self.instance_type,
             availability_zone: self.availability_zone,
-            host_id: self.host_id,
             launch_time: self.launch_time,
             ami_launch_index: self.ami_launch_index as u32,
             state_reason: self.state_reason,
@@ -199,12 +197,8 @@ impl Service {
             None => None,
         };
         let mut tags: Vec<(String, String)> = req.tags.iter().map(|t| (t.key.clone(), t.value.clone())).collect();
-        tags.sort();
-        tags.dedup_by(|a, b| a.0 == b.0);
-        if tags.len() != req.tags.len() {
-            return Err(ServiceError::InvalidParameterValue("a tag key is given twice".into()));
-        }
         super::tags::validate_tags(&tags)?;
+        tags.sort();
         let spec = LaunchSpec {
             image_id: image.image_id,
             instance_type: itype.name,
@@ -272,8 +266,18 @@ impl Service {
             return self.reservation(caller, &existing_id).await.map(Some);
         }
 
+        // The account's limits, counted with the account row locked: a
+        // concurrent launch of the same account waits here and then sees ours.
+        let (_, limits, usage) = self.limits_and_usage(&mut tx, &caller.account_id, true).await?;
+        let allowed = match super::accounts::fit_limits(limits, usage, spec.need.vcpus as u32, spec.min, spec.max) {
+            Ok(n) => n,
+            Err(e) => {
+                tx.rollback().await?;
+                return Err(e);
+            }
+        };
         let hosts = scheduler::schedulable_hosts(&mut tx, self.config.host_timeout()).await?;
-        let placements = scheduler::plan(&hosts, spec.need, spec.max, spec.zone.as_deref(), self.config.placement);
+        let placements = scheduler::plan(&hosts, spec.need, allowed, spec.zone.as_deref(), self.config.placement);
         if placements.len() < spec.min as usize {
             tx.rollback().await?;
             return Err(ServiceError::InsufficientInstanceCapacity(format!(
@@ -321,14 +325,18 @@ impl Service {
         .bind(&spec.public_key)
         .execute(&mut *tx)
         .await?;
-        for (k, v) in &spec.tags {
-            sqlx::query("INSERT INTO tags (account_id, resource_id, key, value) SELECT $1, id, $3, $4 FROM unnest($2::text[]) AS id")
-                .bind(&caller.account_id)
-                .bind(&ids)
-                .bind(k)
-                .bind(v)
-                .execute(&mut *tx)
-                .await?;
+        if !spec.tags.is_empty() {
+            let (keys, values): (Vec<&str>, Vec<&str>) = spec.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).unzip();
+            sqlx::query(
+                "INSERT INTO tags (account_id, resource_id, key, value) \
+                 SELECT $1, id, t.k, t.v FROM unnest($2::text[]) AS id CROSS JOIN unnest($3::text[], $4::text[]) AS t(k, v)",
+            )
+            .bind(&caller.account_id)
+            .bind(&ids)
+            .bind(&keys)
+            .bind(&values)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         tracing::info!(%reservation_id, count = ids.len(), instance_type = %spec.instance_type, "instances launched");

@@ -74,6 +74,14 @@ impl Service {
             "rsa" => Algorithm::Rsa { hash: None },
             other => return Err(ServiceError::InvalidParameterValue(format!("KeyType must be ed25519 or rsa, not {other:?}"))),
         };
+        if matches!(algorithm, Algorithm::Rsa { .. }) {
+            self.rsa_keygen.take(&caller.account_id).map_err(|wait| {
+                ServiceError::RequestLimitExceeded(format!(
+                    "Request limit exceeded: RSA key generation is limited per account; retry in {} s (ed25519 keys are not limited)",
+                    wait.as_secs() + 1
+                ))
+            })?;
+        }
         let private = tokio::task::spawn_blocking(move || {
             let mut rng = ssh_key::rand_core::OsRng;
             match algorithm {

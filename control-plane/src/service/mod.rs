@@ -13,6 +13,7 @@ pub mod instances;
 pub mod keypairs;
 pub mod scheduler;
 pub mod tags;
+pub mod throttle;
 
 use crate::config::Config;
 use crate::notify::HostEvents;
@@ -45,10 +46,12 @@ pub struct Service {
     pub db: PgPool,
     pub config: Config,
     pub events: HostEvents,
+    /// RSA key generation per account (a CPU burst per call): 5, then one a minute.
+    pub rsa_keygen: throttle::Throttle,
 }
 
 impl Service {
     pub fn new(db: PgPool, config: Config, events: HostEvents) -> Service {
-        Service { db, config, events }
+        Service { db, config, events, rsa_keygen: throttle::Throttle::new(5, std::time::Duration::from_secs(60)) }
     }
 }

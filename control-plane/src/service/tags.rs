@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 pub const MAX_TAGS_PER_RESOURCE: usize = 50;
+/// Resources of one CreateTags or DeleteTags call, as in EC2.
+pub const MAX_RESOURCES_PER_CALL: usize = 1000;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Tag {
@@ -26,11 +28,14 @@ pub fn resource_type(id: &str) -> &'static str {
     }
 }
 
-/// Checks keys and values as EC2 does.
+/// Checks keys and values as EC2 does, and refuses control characters
+/// (they cannot be written in XML 1.0: a tag holding one would make every
+/// DescribeInstances answer of its account unreadable).
 pub fn validate_tags(tags: &[(String, String)]) -> Result<()> {
     if tags.len() > MAX_TAGS_PER_RESOURCE {
         return Err(ServiceError::InvalidParameterValue(format!("at most {MAX_TAGS_PER_RESOURCE} tags per resource")));
     }
+    let mut keys = std::collections::HashSet::new();
     for (k, v) in tags {
         if k.is_empty() || k.chars().count() > 128 || k.starts_with("aws:") {
             return Err(ServiceError::InvalidParameterValue(format!("Tag key {k:?} must be 1 to 128 characters and not start with aws:")));
@@ -38,62 +43,92 @@ pub fn validate_tags(tags: &[(String, String)]) -> Result<()> {
         if v.chars().count() > 256 {
             return Err(ServiceError::InvalidParameterValue(format!("Tag value of {k:?} is longer than 256 characters")));
         }
+        if k.chars().chain(v.chars()).any(char::is_control) {
+            return Err(ServiceError::InvalidParameterValue(format!("Tag {k:?} holds a control character")));
+        }
+        if !keys.insert(k) {
+            return Err(ServiceError::InvalidParameterValue(format!("Tag key {k:?} is given twice")));
+        }
     }
     Ok(())
 }
 
+/// The resource ids of a tags call, each once, in their first order; at most
+/// [`MAX_RESOURCES_PER_CALL`].
+fn distinct_resources(resources: &[String]) -> Result<Vec<String>> {
+    if resources.is_empty() {
+        return Err(ServiceError::MissingParameter("ResourceId".into()));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let distinct: Vec<String> = resources.iter().filter(|r| seen.insert(r.as_str())).cloned().collect();
+    if distinct.len() > MAX_RESOURCES_PER_CALL {
+        return Err(ServiceError::InvalidParameterValue(format!("at most {MAX_RESOURCES_PER_CALL} resources per call")));
+    }
+    Ok(distinct)
+}
+
 impl Service {
-    /// Checks that every resource exists and is the caller's; an unknown or
-    /// foreign id answers exactly as a missing one.
-    async fn check_resources(&self, caller: &Caller, resources: &[String]) -> Result<()> {
-        if resources.is_empty() {
-            return Err(ServiceError::MissingParameter("ResourceId".into()));
-        }
-        for id in resources {
-            let exists: Option<(i32,)> = match resource_type(id) {
-                "instance" if ids::is_valid(ids::INSTANCE, id) => {
-                    sqlx::query_as("SELECT 1 FROM instances WHERE id = $1 AND account_id = $2").bind(id).bind(&caller.account_id).fetch_optional(&self.db).await?
-                }
-                "image" if ids::is_valid(ids::IMAGE, id) => {
-                    sqlx::query_as("SELECT 1 FROM images WHERE id = $1 AND account_id = $2").bind(id).bind(&caller.account_id).fetch_optional(&self.db).await?
-                }
+    /// Checks that every resource exists and is the caller's (two
+    /// set-based queries, whatever the count); an unknown or foreign id
+    /// answers exactly as a missing one. Returns the ids, each once.
+    async fn check_resources(&self, caller: &Caller, resources: &[String]) -> Result<Vec<String>> {
+        let resources = distinct_resources(resources)?;
+        let (mut instances, mut images) = (Vec::new(), Vec::new());
+        for id in &resources {
+            match resource_type(id) {
+                "instance" if ids::is_valid(ids::INSTANCE, id) => instances.push(id.clone()),
+                "image" if ids::is_valid(ids::IMAGE, id) => images.push(id.clone()),
                 _ => return Err(ServiceError::InvalidParameterValue(format!("Invalid resource id {id:?}"))),
-            };
-            if exists.is_none() {
-                return Err(match resource_type(id) {
-                    "instance" => ServiceError::InstanceNotFound(id.clone()),
-                    _ => ServiceError::ImageNotFound(id.clone()),
-                });
             }
         }
-        Ok(())
+        let found: Vec<(String,)> = sqlx::query_as(
+            "SELECT id FROM instances WHERE account_id = $1 AND id = ANY($2) \
+             UNION ALL SELECT id FROM images WHERE account_id = $1 AND id = ANY($3)",
+        )
+        .bind(&caller.account_id)
+        .bind(&instances)
+        .bind(&images)
+        .fetch_all(&self.db)
+        .await?;
+        let found: std::collections::HashSet<String> = found.into_iter().map(|r| r.0).collect();
+        if let Some(missing) = resources.iter().find(|id| !found.contains(*id)) {
+            return Err(match resource_type(missing) {
+                "instance" => ServiceError::InstanceNotFound(missing.clone()),
+                _ => ServiceError::ImageNotFound(missing.clone()),
+            });
+        }
+        Ok(resources)
     }
 
+    /// Tags the caller's resources: one statement writes every (resource,
+    /// tag) pair, one checks the per-resource limit; all or nothing.
     pub async fn create_tags(&self, caller: &Caller, resources: &[String], tags: &[(String, String)]) -> Result<()> {
         validate_tags(tags)?;
-        self.check_resources(caller, resources).await?;
+        let resources = self.check_resources(caller, resources).await?;
+        let (keys, values): (Vec<&str>, Vec<&str>) = tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).unzip();
         let mut tx = self.db.begin().await?;
-        for r in resources {
-            for (k, v) in tags {
-                sqlx::query(
-                    "INSERT INTO tags (account_id, resource_id, key, value) VALUES ($1, $2, $3, $4) \
-                     ON CONFLICT (account_id, resource_id, key) DO UPDATE SET value = EXCLUDED.value",
-                )
-                .bind(&caller.account_id)
-                .bind(r)
-                .bind(k)
-                .bind(v)
-                .execute(&mut *tx)
-                .await?;
-            }
-            let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM tags WHERE account_id = $1 AND resource_id = $2")
-                .bind(&caller.account_id)
-                .bind(r)
-                .fetch_one(&mut *tx)
-                .await?;
-            if n as usize > MAX_TAGS_PER_RESOURCE {
-                return Err(ServiceError::TagLimitExceeded(format!("{r} would have {n} tags; the limit is {MAX_TAGS_PER_RESOURCE}")));
-            }
+        sqlx::query(
+            "INSERT INTO tags (account_id, resource_id, key, value) \
+             SELECT $1, r, t.k, t.v FROM unnest($2::text[]) AS r CROSS JOIN unnest($3::text[], $4::text[]) AS t(k, v) \
+             ON CONFLICT (account_id, resource_id, key) DO UPDATE SET value = EXCLUDED.value",
+        )
+        .bind(&caller.account_id)
+        .bind(&resources)
+        .bind(&keys)
+        .bind(&values)
+        .execute(&mut *tx)
+        .await?;
+        let over: Option<(String, i64)> = sqlx::query_as(
+            "SELECT resource_id, count(*) FROM tags WHERE account_id = $1 AND resource_id = ANY($2) \
+             GROUP BY resource_id HAVING count(*) > $3 ORDER BY resource_id LIMIT 1",
+        )
+        .bind(&caller.account_id)
+        .bind(&resources)
+        .bind(MAX_TAGS_PER_RESOURCE as i64)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some((r, n)) = over {
+            return Err(ServiceError::TagLimitExceeded(format!("{r} would have {n} tags; the limit is {MAX_TAGS_PER_RESOURCE}")));
         }
         tx.commit().await?;
         Ok(())
@@ -101,27 +136,20 @@ impl Service {
 
     /// Deletes tags: each `(key, None)` whatever its value, `(key, Some(v))`
     /// only with that value; no tags at all means every tag of the resources.
+    /// One statement.
     pub async fn delete_tags(&self, caller: &Caller, resources: &[String], tags: &[(String, Option<String>)]) -> Result<()> {
-        self.check_resources(caller, resources).await?;
-        if tags.is_empty() {
-            sqlx::query("DELETE FROM tags WHERE account_id = $1 AND resource_id = ANY($2)")
-                .bind(&caller.account_id)
-                .bind(resources)
-                .execute(&self.db)
-                .await?;
-            return Ok(());
-        }
-        for (k, v) in tags {
-            sqlx::query(
-                "DELETE FROM tags WHERE account_id = $1 AND resource_id = ANY($2) AND key = $3 AND ($4::text IS NULL OR value = $4)",
-            )
-            .bind(&caller.account_id)
-            .bind(resources)
-            .bind(k)
-            .bind(v)
-            .execute(&self.db)
-            .await?;
-        }
+        let resources = self.check_resources(caller, resources).await?;
+        let (keys, values): (Vec<&str>, Vec<Option<&str>>) = tags.iter().map(|(k, v)| (k.as_str(), v.as_deref())).unzip();
+        sqlx::query(
+            "DELETE FROM tags WHERE account_id = $1 AND resource_id = ANY($2) AND (cardinality($3::text[]) = 0 OR EXISTS \
+                 (SELECT 1 FROM unnest($3::text[], $4::text[]) AS d(k, v) WHERE tags.key = d.k AND (d.v IS NULL OR tags.value = d.v)))",
+        )
+        .bind(&caller.account_id)
+        .bind(&resources)
+        .bind(&keys)
+        .bind(&values)
+        .execute(&self.db)
+        .await?;
         Ok(())
     }
 

@@ -44,7 +44,8 @@ fn ms(d: Duration) -> f64 {
 }
 
 async fn test_driver(launches: usize) -> anyhow::Result<()> {
-    let cloud = Cloud::start_with(CloudOptions { db_connections: 10, ..Default::default() }).await?;
+    let limit = launches as u32 + 1;
+    let cloud = Cloud::start_with(CloudOptions { db_connections: 10, default_limits: (limit, limit * 2), ..Default::default() }).await?;
     let mut agent = cloud.add_agent("bench", "az1", (launches as u32 + 1) * 2, (launches as u64 + 1) * 512, (launches as u64 + 1) * 8).await?;
     cloud.register_test_image().await?;
     let mut lat = Vec::with_capacity(launches);

@@ -231,7 +231,7 @@ async fn serve(s: &Service, req: Request) -> Result<String, ServiceError> {
             if dry_run {
                 return Err(ServiceError::DryRunOperation);
             }
-            let images = s.describe_images(&params.list("ImageId")?).await?;
+            let images = s.describe_images(&caller, &params.list("ImageId")?).await?;
             reply!("DescribeImagesResponse", xml::describe_images(&images))
         }
         "DescribeInstanceTypes" => {
@@ -240,6 +240,26 @@ async fn serve(s: &Service, req: Request) -> Result<String, ServiceError> {
             }
             let types = s.describe_instance_types(&params.list("InstanceType")?).await?;
             reply!("DescribeInstanceTypesResponse", xml::describe_instance_types(&types))
+        }
+        "DescribeAccountAttributes" => {
+            if dry_run {
+                return Err(ServiceError::DryRunOperation);
+            }
+            let a = s.describe_account(&caller).await?;
+            let all = xml::account_attributes(&a);
+            let wanted = params.list("AttributeName")?;
+            if let Some(unknown) = wanted.iter().find(|w| !all.iter().any(|(name, _)| name == *w)) {
+                return Err(ServiceError::InvalidParameterValue(format!("The attribute name '{unknown}' is not supported")));
+            }
+            let items = all
+                .into_iter()
+                .filter(|(name, _)| wanted.is_empty() || wanted.iter().any(|w| w == name))
+                .map(|(name, values)| xml::XmlAccountAttribute {
+                    attribute_name: name.to_string(),
+                    attribute_value_set: values.into_iter().map(|v| xml::XmlAttributeValue { attribute_value: v }).collect::<Vec<_>>().into(),
+                })
+                .collect::<Vec<_>>();
+            reply!("DescribeAccountAttributesResponse", xml::DescribeAccountAttributes { account_attribute_set: items.into() })
         }
         "DescribeAvailabilityZones" => {
             if dry_run {
@@ -273,6 +293,13 @@ async fn authenticate(s: &Service, parts: &axum::http::request::Parts, body: &[u
     let now = chrono::Utc::now();
     let options = VerifyOptions::default();
     auth.check_time(now, &options)?;
+    // A signature for another service or region is not one for us.
+    if auth.service() != "ec2" {
+        return Err(ServiceError::AuthFailure("Credential should be scoped to correct service: 'ec2'.".into()));
+    }
+    if auth.region() != s.config.region {
+        return Err(ServiceError::AuthFailure(format!("Credential should be scoped to a valid region, not '{}'.", auth.region())));
+    }
     let (caller, secret) = s.access_key(auth.access_key_id()).await?.ok_or(crate::auth::sigv4::SigV4Error::UnknownAccessKey)?;
     auth.verify(&view, now, &options, secret.as_bytes())?;
     Ok(caller)

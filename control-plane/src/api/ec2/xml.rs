@@ -319,7 +319,8 @@ pub fn describe_images(images: &[Image]) -> DescribeImages {
             .iter()
             .map(|i| XmlImage {
                 image_id: i.image_id.clone(),
-                image_location: i.source_url.clone(),
+                // EC2's form, `<owner>/<name>`: never a host path or an internal URL.
+                image_location: format!("{}/{}", i.owner_id, i.name),
                 image_state: i.state.clone(),
                 image_owner_id: i.owner_id.clone(),
                 creation_date: timestamp(&i.creation_date),
@@ -401,6 +402,39 @@ pub struct DescribeAvailabilityZones {
 }
 
 #[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XmlAttributeValue {
+    pub attribute_value: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XmlAccountAttribute {
+    pub attribute_name: String,
+    pub attribute_value_set: Items<XmlAttributeValue>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DescribeAccountAttributes {
+    pub account_attribute_set: Items<XmlAccountAttribute>,
+}
+
+/// The account attributes EC2 clients ask for, with Nimbus's values:
+/// `max-instances` and `max-vcpus` are the account's limits.
+pub fn account_attributes(a: &crate::service::accounts::AccountView) -> Vec<(&'static str, Vec<String>)> {
+    vec![
+        ("supported-platforms", vec!["VPC".to_string()]),
+        ("default-vpc", vec!["none".to_string()]),
+        ("max-instances", vec![a.limits.max_instances.to_string()]),
+        ("max-vcpus", vec![a.limits.max_vcpus.to_string()]),
+        ("vpc-max-security-groups-per-interface", vec!["5".to_string()]),
+        ("max-elastic-ips", vec!["0".to_string()]),
+        ("vpc-max-elastic-ips", vec!["0".to_string()]),
+    ]
+}
+
+#[derive(Serialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct XmlError {
     pub code: String,
@@ -435,7 +469,6 @@ mod tests {
             instance_type: "t3.nano".into(),
             state: InstanceState::Running.into(),
             availability_zone: "nimbus-1a".into(),
-            host_id: "h-0123456789abcdef0".into(),
             launch_time: DateTime::parse_from_rfc3339("2026-11-25T16:00:00.5Z").unwrap().with_timezone(&Utc),
             ami_launch_index: 0,
             state_reason: None,
