@@ -78,7 +78,7 @@ impl Node {
                     Ok(Response::Written(vv)) => return Ok(Context(vv)),
                     Ok(Response::Failed(e)) => return Err(e),
                     // never delivered: safe to try the next owner
-                    Err(RpcError::Unreachable(_)) => continue,
+                    Err(RpcError::Unreachable(_) | RpcError::Tls { .. }) => continue,
                     // refused (e.g. it is leaving), or answered with
                     // something else: not applied
                     Err(RpcError::Remote { .. }) | Ok(_) => continue,

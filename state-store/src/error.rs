@@ -40,6 +40,10 @@ pub enum RpcError {
     Lost(String),
     #[error("request to {0} timed out")]
     Timeout(String),
+    /// The TLS handshake failed (certificate refused on either side, or
+    /// the peer does not speak TLS): nothing was sent.
+    #[error("TLS handshake with {node} failed: {reason}")]
+    Tls { node: String, reason: String },
     #[error("node {node} failed the request: {msg}")]
     Remote { node: String, msg: String },
     /// A message could not be encoded, or a reply decoded (the request
@@ -71,6 +75,10 @@ pub enum StoreError {
     Storage(String),
     #[error("transport: {0}")]
     Transport(String),
+    /// The TLS handshake failed or the node refused this client's
+    /// certificate: nothing was sent.
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 impl From<StorageError> for StoreError {

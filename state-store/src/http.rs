@@ -69,6 +69,7 @@ pub fn router(node: Arc<Node>) -> Router {
     let client = Router::new()
         .route("/v1/get", post(kv_get))
         .route("/v1/put", post(kv_put))
+        .route("/healthz", get(healthz))
         .route("/admin", get(admin))
         .route("/admin/leave", post(admin_leave))
         .route("/admin/remove", post(admin_remove))
@@ -76,13 +77,42 @@ pub fn router(node: Arc<Node>) -> Router {
     internal.merge(client).with_state(node)
 }
 
-/// Serve `node` on `listener` until the task is aborted.
+/// Serve `node` on `listener` in plaintext until the task is aborted (the
+/// same listener as [`crate::tcp::serve`], which answers HTTP and the
+/// framed protocol on one port; [`crate::tcp::serve_tls`] for TLS).
 pub fn serve(node: Arc<Node>, listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(node)).tcp_nodelay(true).await {
-            tracing::error!(error = %e, "http server stopped");
+    crate::tcp::serve(node, listener)
+}
+
+/// JSON error body of the operator endpoints: `{"code", "message"}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+}
+
+/// A JSON error response.
+pub fn error_response(status: axum::http::StatusCode, code: &str, message: &str) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (status, Json(ErrorBody { code: code.to_string(), message: message.to_string() })).into_response()
+}
+
+/// A rustls error in `e`'s chain of causes (a refused certificate, an
+/// alert from the peer), as text.
+fn tls_cause(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(t) = err.downcast_ref::<rustls::Error>() {
+            return Some(t.to_string());
         }
-    })
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if let Some(t) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                return Some(t.to_string());
+            }
+        }
+        cur = err.source();
+    }
+    None
 }
 
 async fn rpc(State(node): State<Arc<Node>>, body: Bytes) -> Vec<u8> {
@@ -112,6 +142,11 @@ async fn kv_put(State(node): State<Arc<Node>>, body: Bytes) -> Vec<u8> {
     encode(&res)
 }
 
+/// The process is up and serving (the control plane's form: plain 200).
+async fn healthz() -> &'static str {
+    "ok"
+}
+
 async fn admin(State(node): State<Arc<Node>>) -> Json<AdminView> {
     Json(node.admin_view())
 }
@@ -130,17 +165,33 @@ async fn admin_leave(State(node): State<Arc<Node>>) -> Json<Result<(usize, usize
 #[derive(Clone)]
 pub struct HttpTransport {
     http: reqwest::Client,
+    scheme: &'static str,
+}
+
+/// A reqwest client builder with this process's certificate and the CA.
+fn builder(tls: Option<&crate::tls::TlsConfig>) -> (reqwest::ClientBuilder, &'static str) {
+    let b = reqwest::Client::builder().pool_max_idle_per_host(256).tcp_nodelay(true).http1_only();
+    match tls {
+        None => (b, "http"),
+        Some(t) => (b.use_preconfigured_tls((*t.client_config()).clone()).https_only(true), "https"),
+    }
 }
 
 impl HttpTransport {
+    /// Plaintext: for local development and tests only.
     pub fn new() -> HttpTransport {
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(256)
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(1))
-            .build()
-            .unwrap_or_default();
-        HttpTransport { http }
+        HttpTransport::build(None)
+    }
+
+    /// Mutual TLS (`https://`), as [`crate::TcpTransport::with_tls`].
+    pub fn with_tls(tls: &crate::tls::TlsConfig) -> HttpTransport {
+        HttpTransport::build(Some(tls))
+    }
+
+    fn build(tls: Option<&crate::tls::TlsConfig>) -> HttpTransport {
+        let (b, scheme) = builder(tls);
+        let http = b.connect_timeout(Duration::from_secs(1)).build().unwrap_or_default();
+        HttpTransport { http, scheme }
     }
 }
 
@@ -155,12 +206,14 @@ impl Transport for HttpTransport {
     async fn call(&self, _from: &NodeId, to: &NodeId, req: Request) -> Result<Response, RpcError> {
         let resp = self
             .http
-            .post(format!("http://{to}/internal/rpc"))
+            .post(format!("{}://{to}/internal/rpc", self.scheme))
             .body(encode(&req))
             .send()
             .await
             .map_err(|e| {
-                if e.is_timeout() {
+                if let Some(reason) = tls_cause(&e) {
+                    RpcError::Tls { node: to.clone(), reason }
+                } else if e.is_timeout() {
                     RpcError::Timeout(to.clone())
                 } else if e.is_connect() {
                     RpcError::Unreachable(to.clone())
@@ -200,13 +253,19 @@ impl HttpClient {
     /// admin request. A write that times out fails with
     /// [`StoreError::OutcomeUnknown`]: it may have been applied.
     pub fn with_timeout(addr: &str, timeout: Duration) -> HttpClient {
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(256)
-            .tcp_nodelay(true)
-            .timeout(timeout)
-            .build()
-            .unwrap_or_default();
-        HttpClient { base: format!("http://{addr}"), http }
+        HttpClient::build(addr, timeout, None)
+    }
+
+    /// Mutual TLS (`https://`): presents `tls`'s certificate, checks the
+    /// node's against the CA and the host part of `addr`.
+    pub fn with_tls(addr: &str, timeout: Duration, tls: &crate::tls::TlsConfig) -> HttpClient {
+        HttpClient::build(addr, timeout, Some(tls))
+    }
+
+    fn build(addr: &str, timeout: Duration, tls: Option<&crate::tls::TlsConfig>) -> HttpClient {
+        let (b, scheme) = builder(tls);
+        let http = b.timeout(timeout).build().unwrap_or_default();
+        HttpClient { base: format!("{scheme}://{addr}"), http }
     }
 
     async fn post<T: serde::de::DeserializeOwned>(&self, path: &str, body: Vec<u8>) -> Result<T, StoreError> {
@@ -227,7 +286,10 @@ impl HttpClient {
     /// A request that failed: refused connections are transport errors;
     /// after the request may have been sent, the outcome is unknown.
     fn failed(&self, e: reqwest::Error) -> StoreError {
-        if e.is_connect() {
+        if let Some(reason) = tls_cause(&e) {
+            // the TLS session was refused: no request reached the node
+            StoreError::Tls(reason)
+        } else if e.is_connect() {
             StoreError::Transport(e.to_string())
         } else {
             StoreError::OutcomeUnknown(self.base.clone())
@@ -235,7 +297,7 @@ impl HttpClient {
     }
 
     pub async fn admin(&self) -> Result<AdminView, StoreError> {
-        let resp = self.http.get(format!("{}/admin", self.base)).send().await.map_err(|e| StoreError::Transport(e.to_string()))?;
+        let resp = self.http.get(format!("{}/admin", self.base)).send().await.map_err(|e| self.failed(e))?;
         let b = resp.bytes().await.map_err(|e| StoreError::Transport(e.to_string()))?;
         serde_json::from_slice(&b).map_err(|e| StoreError::Transport(e.to_string()))
     }

@@ -23,6 +23,7 @@ pub mod rpc;
 pub mod sim;
 pub mod storage;
 pub mod tcp;
+pub mod tls;
 
 pub use api::{get_reconciled, Context, GetResult, KvClient, LocalClient};
 pub use error::{RpcError, StorageError, StoreError};
@@ -30,6 +31,7 @@ pub use http::{HttpClient, HttpTransport};
 pub use tcp::{TcpClient, TcpTransport};
 pub use node::{Config, Node};
 pub use storage::Fsync;
+pub use tls::{TlsConfig, TlsError};
 
 #[cfg(test)]
 pub(crate) mod test_util {

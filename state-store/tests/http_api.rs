@@ -25,7 +25,7 @@ impl Drop for Proc {
 fn spawn_node(addr: &str, dir: &std::path::Path, seeds: &[String], n: usize, transport: &str) -> Proc {
     let fsync = if transport == "http" { "always" } else { "100ms" };
     let child = Command::new(env!("CARGO_BIN_EXE_store-node"))
-        .args(["--transport", transport, "--fsync", fsync, "--listen", addr, "--data-dir"])
+        .args(["--insecure-plaintext", "--transport", transport, "--fsync", fsync, "--listen", addr, "--data-dir"])
         .arg(dir)
         .args(["--seeds", &seeds.join(","), "--n", &n.to_string(), "--r", &n.min(2).to_string(), "--w", &n.min(2).to_string()])
         .env("RUST_LOG", "warn")

@@ -6,7 +6,7 @@
 //! it first leaves the ring and hands its data over.
 
 use clap::Parser;
-use nimbus_state_store::{Fsync, http, tcp, Config, HttpTransport, Node, TcpTransport};
+use nimbus_state_store::{tcp, Config, Fsync, HttpTransport, Node, TcpTransport, TlsConfig};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,6 +57,38 @@ struct Args {
     /// store is created)
     #[arg(long, default_value_t = nimbus_state_store::storage::DEFAULT_MEMTABLE_BYTES >> 20)]
     memtable_mib: u64,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+/// Mutual TLS, or an explicit choice of plaintext.
+#[derive(clap::Args, Debug, Clone)]
+struct TlsArgs {
+    /// PEM file of the CA that signs every node's and client's certificate
+    #[arg(long, requires_all = ["tls_cert", "tls_key"], conflicts_with = "insecure_plaintext")]
+    tls_ca: Option<PathBuf>,
+    /// PEM file of this process's certificate (chain); a node's must name
+    /// the host part of its --listen address (IP or DNS SAN)
+    #[arg(long, requires_all = ["tls_ca", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    /// PEM file of this process's private key
+    #[arg(long, requires_all = ["tls_ca", "tls_cert"])]
+    tls_key: Option<PathBuf>,
+    /// run without TLS: anyone who reaches the port can read and write
+    /// (local development and tests only)
+    #[arg(long)]
+    insecure_plaintext: bool,
+}
+
+impl TlsArgs {
+    /// `Some` with TLS, `None` for an explicit --insecure-plaintext.
+    fn load(&self) -> Result<Option<TlsConfig>, Box<dyn std::error::Error>> {
+        match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
+            (Some(ca), Some(cert), Some(key)) => Ok(Some(TlsConfig::from_files(ca, cert, key)?)),
+            _ if self.insecure_plaintext => Ok(None),
+            _ => Err("TLS is required: give --tls-ca, --tls-cert and --tls-key (or --insecure-plaintext for local development)".into()),
+        }
+    }
 }
 
 #[tokio::main]
@@ -76,17 +108,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     cfg.request_timeout = Duration::from_millis(args.request_timeout_ms);
     cfg.anti_entropy_interval = Duration::from_millis(args.anti_entropy_ms);
 
+    let tls = args.tls.load()?;
+    let transport: Arc<dyn nimbus_state_store::rpc::Transport> = match (args.transport.as_str(), &tls) {
+        ("http", None) => Arc::new(HttpTransport::new()),
+        ("http", Some(t)) => Arc::new(HttpTransport::with_tls(t)),
+        ("tcp", None) => Arc::new(TcpTransport::new()),
+        ("tcp", Some(t)) => Arc::new(TcpTransport::with_tls(t.clone())),
+        (other, _) => return Err(format!("unknown transport {other}").into()),
+    };
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
-    let (node, server) = match args.transport.as_str() {
-        "http" => {
-            let node = Node::start(cfg, Arc::new(HttpTransport::new())).await?;
-            (node.clone(), http::serve(node, listener))
+    let node = Node::start(cfg, transport).await?;
+    let server = match tls {
+        Some(t) => tcp::serve_tls(node.clone(), listener, t),
+        None => {
+            tracing::warn!("serving in plaintext (--insecure-plaintext): anyone who reaches the port can read and write");
+            tcp::serve(node.clone(), listener)
         }
-        "tcp" => {
-            let node = Node::start(cfg, Arc::new(TcpTransport::new())).await?;
-            (node.clone(), tcp::serve(node, listener))
-        }
-        other => return Err(format!("unknown transport {other}").into()),
     };
     node.join().await;
     println!("store-node listening on {}", args.listen);
