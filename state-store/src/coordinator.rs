@@ -64,6 +64,7 @@ impl Node {
     /// Returns the context of the new version (the read context plus the
     /// new write), so a client can overwrite its own write without reading.
     pub async fn put(self: &Arc<Self>, key: &[u8], value: Option<Vec<u8>>, context: &Context) -> Result<Context, StoreError> {
+        self.check_in_ring()?;
         check_key(key)?;
         if let Some(v) = &value {
             check_value(v)?;
@@ -204,6 +205,7 @@ impl Node {
     /// the whole preference list). Replicas a read does not ask are
     /// brought up to date by anti-entropy.
     pub async fn get(self: &Arc<Self>, key: &[u8]) -> Result<GetResult, StoreError> {
+        self.check_in_ring()?;
         check_key(key)?;
         let plan = self.plan(key)?;
         let needed = self.cfg.r.min(plan.pref.len()).max(1);

@@ -79,6 +79,14 @@ pub enum StoreError {
     /// certificate: nothing was sent.
     #[error("TLS: {0}")]
     Tls(String),
+    /// A node's ring parameters disagree with this one's: it is refused
+    /// (at its join, and its gossip afterwards).
+    #[error("ring parameters disagree: node {node} has {theirs}, node {me} has {ours}; every node of a cluster must be started with the same --n and --partitions")]
+    RingMismatch { me: String, ours: crate::membership::RingParams, node: String, theirs: crate::membership::RingParams },
+    /// This node's join was refused (see the error inside); it serves no
+    /// client operations.
+    #[error("this node is not part of the ring: {0}")]
+    NotInRing(Box<StoreError>),
 }
 
 impl From<StorageError> for StoreError {

@@ -6,7 +6,7 @@
 use crate::api::Context;
 use crate::clock::{NodeId, Record};
 use crate::error::{check_key, RpcError, StorageError, StoreError};
-use crate::membership::Membership;
+use crate::membership::{Member, Membership, RingParams};
 use crate::merkle::key_digest;
 use crate::rpc::{Handler, Request, Response, Transport};
 use crate::storage::{encode_record, Fsync, Storage};
@@ -118,6 +118,22 @@ pub struct Node {
     /// Rotates which other owners a read asks first.
     pub(crate) read_turn: std::sync::atomic::AtomicUsize,
     pub(crate) started: std::time::Instant,
+    /// Outcome of [`Node::join`].
+    join_state: Mutex<JoinState>,
+    /// The join was refused (kept beside `join_state` for the request path).
+    join_refused: std::sync::atomic::AtomicBool,
+}
+
+/// Where the node is with its [`Node::join`].
+#[derive(Debug, Clone)]
+pub enum JoinState {
+    /// `join` has not completed yet.
+    Pending,
+    /// Joined: every peer reached agreed on the ring parameters.
+    Joined,
+    /// A peer refused this node (ring parameters disagree): it serves no
+    /// client operations.
+    Refused(StoreError),
 }
 
 impl Node {
@@ -127,7 +143,8 @@ impl Node {
         cfg.validate()?;
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| StorageError::Engine(e.to_string()))?;
         let storage = Arc::new(Storage::open(&cfg.data_dir.join("store"), cfg.partitions, cfg.fsync, cfg.memtable_bytes)?);
-        let membership = Membership::new(cfg.id.clone(), &cfg.seeds, cfg.partitions, cfg.fail_timeout);
+        let params = RingParams { n: cfg.n as u32, partitions: cfg.partitions };
+        let membership = Membership::new(cfg.id.clone(), &cfg.seeds, params, cfg.fail_timeout);
         let cfg_id = cfg.id.clone();
         let incarnation = storage.incarnation();
         let node = Arc::new_cyclic(|me| Node {
@@ -141,6 +158,8 @@ impl Node {
             stand_in_writes: std::sync::atomic::AtomicU64::new(0),
             read_turn: std::sync::atomic::AtomicUsize::new(0),
             started: std::time::Instant::now(),
+            join_state: Mutex::new(JoinState::Pending),
+            join_refused: std::sync::atomic::AtomicBool::new(false),
         });
         if node.cfg.background {
             node.spawn_loops();
@@ -270,7 +289,16 @@ impl Node {
                 }
                 Response::Ok
             }
-            Request::Gossip { members } => {
+            Request::Gossip { from, params, members } => {
+                let ours = self.membership.params();
+                if params != ours {
+                    let err = StoreError::RingMismatch { me: self.cfg.id.clone(), ours, node: from.clone(), theirs: params };
+                    if self.membership.refuse(&from, err.to_string()) {
+                        tracing::error!(peer = %from, error = %err, "refused a node whose ring parameters disagree");
+                    }
+                    return Ok(Response::Failed(err));
+                }
+                self.membership.accept(&from);
                 self.membership.merge(&members);
                 Response::Members(self.membership.snapshot())
             }
@@ -328,28 +356,74 @@ impl Node {
             peers.choose(&mut rand::thread_rng()).cloned()
         };
         if let Some(peer) = peer {
-            if let Ok(Response::Members(m)) = self.call(&peer, Request::Gossip { members: view }).await {
+            let _ = self.gossip_with(&peer, view).await;
+        }
+    }
+
+    /// A push-pull exchange with `peer`. `Err` only when the peer refused
+    /// us because the ring parameters disagree; the peer is then refused
+    /// here too (out of our ring, no more gossip).
+    async fn gossip_with(&self, peer: &NodeId, members: Vec<Member>) -> Result<(), StoreError> {
+        let req = Request::Gossip { from: self.cfg.id.clone(), params: self.membership.params(), members };
+        match self.call(peer, req).await {
+            Ok(Response::Members(m)) => {
                 self.membership.merge(&m);
+                Ok(())
             }
+            Ok(Response::Failed(e @ StoreError::RingMismatch { .. })) => {
+                if self.membership.refuse(peer, e.to_string()) {
+                    tracing::error!(%peer, error = %e, "a peer refused this node: ring parameters disagree");
+                }
+                Err(e)
+            }
+            _ => Ok(()),
         }
     }
 
     /// Announce this node to its seeds and every peer it learns of: the
     /// explicit join. Peers add it to their ring on receipt; its partitions
-    /// are then filled by anti-entropy.
-    pub async fn join(&self) {
-        self.gossip_all().await;
+    /// are then filled by anti-entropy. Peers that cannot be reached are
+    /// not an error (they learn of this node by gossip later), but a peer
+    /// whose ring parameters (N, partitions) disagree refuses the join:
+    /// the error names both sides' parameters, and from then on this node
+    /// answers client operations with [`StoreError::NotInRing`].
+    pub async fn join(&self) -> Result<(), StoreError> {
         // a second pass reaches the peers learned from the seeds
-        self.gossip_all().await;
+        for _ in 0..2 {
+            let view = self.membership.tick();
+            for peer in self.membership.gossip_peers() {
+                if let Err(e) = self.gossip_with(&peer, view.clone()).await {
+                    tracing::error!(error = %e, "join refused");
+                    self.join_refused.store(true, std::sync::atomic::Ordering::Release);
+                    *self.join_state.lock().unwrap_or_else(|p| p.into_inner()) = JoinState::Refused(e.clone());
+                    return Err(e);
+                }
+            }
+        }
+        *self.join_state.lock().unwrap_or_else(|p| p.into_inner()) = JoinState::Joined;
+        Ok(())
     }
 
-    /// Gossip with every known peer once (used on join and leave).
+    pub fn join_state(&self) -> JoinState {
+        self.join_state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// `Err(NotInRing)` when this node's join was refused.
+    pub(crate) fn check_in_ring(&self) -> Result<(), StoreError> {
+        if !self.join_refused.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
+        match self.join_state() {
+            JoinState::Refused(e) => Err(StoreError::NotInRing(Box::new(e))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Gossip with every known peer once (used on leave and removal).
     pub async fn gossip_all(&self) {
         let view = self.membership.tick();
         for peer in self.membership.gossip_peers() {
-            if let Ok(Response::Members(m)) = self.call(&peer, Request::Gossip { members: view.clone() }).await {
-                self.membership.merge(&m);
-            }
+            let _ = self.gossip_with(&peer, view.clone()).await;
         }
     }
 

@@ -9,7 +9,7 @@ use nimbus_state_store::tls::dev::{self, DevCa};
 use nimbus_state_store::{Context, HttpClient, KvClient, RpcError, StoreError, TcpClient, TcpTransport, TlsConfig};
 use std::sync::Arc;
 use std::time::Duration;
-use support::{eventually, free_addr, spawn_tls_node, Pki, Proc};
+use support::{eventually, exit_of, free_addr, spawn_tls_node, tls_node_command, Pki, Proc};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const T: Duration = Duration::from_secs(5);
@@ -50,6 +50,17 @@ async fn tls_cluster_serves_and_hands_off_end_to_end() {
     let tls = pki.client();
     let admins: Vec<HttpClient> = addrs.iter().map(|a| HttpClient::with_tls(a, T, &tls)).collect();
     eventually("all four nodes see each other", Duration::from_secs(30), || all_see(&admins, 4)).await;
+
+    // a node started with other ring parameters is refused at its join,
+    // and store-node exits saying why
+    let mut cmd = tls_node_command(&pki, &free_addr(), &dir.path().join("bad"), &addrs[..1], &["--partitions", "64"]);
+    let mut bad = Proc(cmd.stderr(std::process::Stdio::piped()).spawn().expect("spawn"));
+    let (status, stderr) = exit_of(&mut bad, Duration::from_secs(30)).await;
+    assert!(!status.success(), "a refused node exits with an error");
+    assert!(stderr.contains("ring parameters disagree") && stderr.contains("partitions=64"), "{stderr}");
+    for a in &admins {
+        assert_eq!(a.admin().await.expect("admin").ring_tokens.len(), 4, "the ring kept its four nodes");
+    }
 
     // a write over the framed protocol on one node reads back over HTTP
     // on another

@@ -170,7 +170,7 @@ async fn run_store(args: &Args, dir: &std::path::Path) -> Result<(Stats, f64), B
         }
     }
     for n in &nodes {
-        n.join().await;
+        n.join().await?;
     }
     let value = vec![b'x'; args.value_size];
     // preload every key once so gets return a value

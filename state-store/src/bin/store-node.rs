@@ -125,7 +125,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             tcp::serve(node.clone(), listener)
         }
     };
-    node.join().await;
+    if let Err(e) = node.join().await {
+        node.shutdown();
+        server.abort();
+        return Err(format!("join refused: {e}").into());
+    }
     println!("store-node listening on {}", args.listen);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

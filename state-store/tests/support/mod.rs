@@ -80,24 +80,43 @@ impl Pki {
     }
 }
 
-/// Start a TLS `store-node` listening on `addr` (its certificate names
-/// 127.0.0.1), with `extra` arguments.
-pub fn spawn_tls_node(pki: &Pki, addr: &str, data_dir: &Path, seeds: &[String], extra: &[&str]) -> Proc {
+/// The command of a TLS `store-node` listening on `addr` (its certificate
+/// names 127.0.0.1), with `extra` arguments.
+pub fn tls_node_command(pki: &Pki, addr: &str, data_dir: &Path, seeds: &[String], extra: &[&str]) -> Command {
     let name = format!("node-{}", addr.replace([':', '.'], "-"));
     if !pki.dir.join(format!("{name}.crt")).exists() {
         pki.issue(&name, &["127.0.0.1"]);
     }
-    let child = Command::new(env!("CARGO_BIN_EXE_store-node"))
-        .args(["--listen", addr, "--data-dir"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_store-node"));
+    cmd.args(["--listen", addr, "--data-dir"])
         .arg(data_dir)
         .args(["--seeds", &seeds.join(",")])
         .args(pki.flags(&name))
         .args(extra)
         .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn store-node");
-    Proc(child)
+        .stdout(Stdio::null());
+    cmd
+}
+
+/// Start a TLS `store-node` (see [`tls_node_command`]).
+pub fn spawn_tls_node(pki: &Pki, addr: &str, data_dir: &Path, seeds: &[String], extra: &[&str]) -> Proc {
+    Proc(tls_node_command(pki, addr, data_dir, seeds, extra).spawn().expect("spawn store-node"))
+}
+
+/// Wait (bounded) for `p` to exit; its status and standard error.
+pub async fn exit_of(p: &mut Proc, limit: Duration) -> (std::process::ExitStatus, String) {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = p.0.try_wait().expect("try_wait") {
+            let mut err = String::new();
+            if let Some(mut e) = p.0.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            return (status, err);
+        }
+        assert!(start.elapsed() < limit, "the process did not exit");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }
 
 /// Poll `f` until it returns true, at most `limit`; panics with `what`.
