@@ -14,6 +14,7 @@ use crate::node::Node;
 use crate::rpc::{Request, Response};
 use crate::storage::encode_record;
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Keys per `PutMany` when handing off a partition.
@@ -32,14 +33,21 @@ impl Node {
                 }
                 match self.sync_partition(p, &peer).await {
                     Ok(n) => exchanged += n,
-                    Err(e) => tracing::debug!(partition = p, %peer, error = %e, "anti-entropy exchange failed"),
+                    Err(e) => {
+                        self.metrics.anti_entropy_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(partition = p, %peer, error = %e, "anti-entropy exchange failed")
+                    }
                 }
             }
         }
         if exchanged > 0 {
             tracing::info!(exchanged, "anti-entropy repaired keys");
         }
-        exchanged + self.hand_off_foreign_partitions(&ring).await
+        let moved = self.hand_off_foreign_partitions(&ring).await;
+        self.metrics.anti_entropy_rounds.fetch_add(1, Ordering::Relaxed);
+        self.metrics.anti_entropy_keys_repaired.fetch_add(exchanged as u64, Ordering::Relaxed);
+        self.metrics.anti_entropy_keys_handed_off.fetch_add(moved as u64, Ordering::Relaxed);
+        exchanged + moved
     }
 
     /// Keys of partitions this node no longer replicates (the ring changed
@@ -228,6 +236,7 @@ impl Node {
             }
             removed += 1;
         }
+        self.metrics.tombstones_collected.fetch_add(removed as u64, Ordering::Relaxed);
         removed
     }
 }

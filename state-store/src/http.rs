@@ -70,6 +70,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/get", post(kv_get))
         .route("/v1/put", post(kv_put))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/admin", get(admin))
         .route("/admin/leave", post(admin_leave))
         .route("/admin/remove", post(admin_remove))
@@ -145,6 +147,22 @@ async fn kv_put(State(node): State<Arc<Node>>, body: Bytes) -> Vec<u8> {
 /// The process is up and serving (the control plane's form: plain 200).
 async fn healthz() -> &'static str {
     "ok"
+}
+
+/// Joined the ring and able to serve quorum operations: 200, else 503 with
+/// the reason (`{"code": "NotReady", "message"}`).
+async fn readyz(State(node): State<Arc<Node>>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match node.readiness() {
+        Ok(()) => "ready".into_response(),
+        Err(e) => error_response(axum::http::StatusCode::SERVICE_UNAVAILABLE, "NotReady", &e.to_string()),
+    }
+}
+
+/// Prometheus text exposition format 0.0.4.
+async fn metrics(State(node): State<Arc<Node>>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], node.render_metrics()).into_response()
 }
 
 async fn admin(State(node): State<Arc<Node>>) -> Json<AdminView> {

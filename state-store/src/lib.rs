@@ -17,6 +17,7 @@ pub mod http;
 pub mod membership;
 pub mod merge;
 pub mod merkle;
+pub mod metrics;
 pub mod node;
 pub mod ring;
 pub mod rpc;
@@ -29,7 +30,7 @@ pub use api::{get_reconciled, Context, GetResult, KvClient, LocalClient};
 pub use error::{RpcError, StorageError, StoreError};
 pub use http::{HttpClient, HttpTransport};
 pub use tcp::{TcpClient, TcpTransport};
-pub use node::{Config, Node};
+pub use node::{Config, JoinState, Node, NotReady};
 pub use storage::Fsync;
 pub use tls::{TlsConfig, TlsError};
 

@@ -122,6 +122,20 @@ pub struct Node {
     join_state: Mutex<JoinState>,
     /// The join was refused (kept beside `join_state` for the request path).
     join_refused: std::sync::atomic::AtomicBool,
+    pub(crate) metrics: crate::metrics::Metrics,
+}
+
+/// Why a node is not ready (`GET /readyz` answers 503 with it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+pub enum NotReady {
+    #[error("the node has not joined the ring yet")]
+    JoinPending,
+    #[error("the join was refused: {0}")]
+    JoinRefused(String),
+    #[error("the node is leaving or has left the ring")]
+    NotJoined,
+    #[error("{alive} of the ring's {members} nodes are alive; quorum operations need {needed} (R={r}, W={w})")]
+    NoQuorum { alive: usize, members: usize, needed: usize, r: usize, w: usize },
 }
 
 /// Where the node is with its [`Node::join`].
@@ -160,6 +174,7 @@ impl Node {
             started: std::time::Instant::now(),
             join_state: Mutex::new(JoinState::Pending),
             join_refused: std::sync::atomic::AtomicBool::new(false),
+            metrics: crate::metrics::Metrics::default(),
         });
         if node.cfg.background {
             node.spawn_loops();
@@ -182,6 +197,32 @@ impl Node {
 
     pub fn storage(&self) -> &Storage {
         &self.storage
+    }
+
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
+    /// Ready: joined the ring (the join completed and was not refused, and
+    /// the node is not leaving) and enough ring members alive for quorum
+    /// operations: max(R, W), capped by the ring's size as N is.
+    pub fn readiness(&self) -> Result<(), NotReady> {
+        match self.join_state() {
+            JoinState::Pending => return Err(NotReady::JoinPending),
+            JoinState::Refused(e) => return Err(NotReady::JoinRefused(e.to_string())),
+            JoinState::Joined => {}
+        }
+        if !self.membership.is_joined() {
+            return Err(NotReady::NotJoined);
+        }
+        let ring = self.membership.ring();
+        let members = ring.nodes().len();
+        let alive = ring.nodes().iter().filter(|n| self.membership.is_alive(n)).count();
+        let needed = self.cfg.r.max(self.cfg.w).min(self.cfg.n).min(members).max(1);
+        if alive < needed {
+            return Err(NotReady::NoQuorum { alive, members, needed, r: self.cfg.r, w: self.cfg.w });
+        }
+        Ok(())
     }
 
     /// Stop the background loops (the node keeps answering requests until
@@ -293,6 +334,7 @@ impl Node {
                 let ours = self.membership.params();
                 if params != ours {
                     let err = StoreError::RingMismatch { me: self.cfg.id.clone(), ours, node: from.clone(), theirs: params };
+                    self.metrics.ring_refusals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if self.membership.refuse(&from, err.to_string()) {
                         tracing::error!(peer = %from, error = %err, "refused a node whose ring parameters disagree");
                     }
@@ -371,6 +413,7 @@ impl Node {
                 Ok(())
             }
             Ok(Response::Failed(e @ StoreError::RingMismatch { .. })) => {
+                self.metrics.ring_refusals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if self.membership.refuse(peer, e.to_string()) {
                     tracing::error!(%peer, error = %e, "a peer refused this node: ring parameters disagree");
                 }

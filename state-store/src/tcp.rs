@@ -330,6 +330,7 @@ where
 {
     if let Some(reason) = peer.refusal(None) {
         tracing::warn!(?peer, "framed connection refused: {reason}");
+        node.metrics().unauthenticated.fetch_add(1, Ordering::Relaxed);
         let mut msg = REFUSED.to_vec();
         msg.extend_from_slice(&(reason.len() as u32).to_be_bytes());
         msg.extend_from_slice(reason.as_bytes());
@@ -374,13 +375,16 @@ where
 
 /// Serve HTTP on `io`; requests `peer` may not make get their refusal
 /// (401 without a client certificate, 400 plaintext on a TLS port).
-async fn serve_http<I>(router: axum::Router, io: I, peer: Peer)
+async fn serve_http<I>(node: Arc<Node>, router: axum::Router, io: I, peer: Peer)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let mut r = router.clone();
         let refusal = peer.refusal(Some(req.uri().path()));
+        if refusal.is_some() {
+            node.metrics().unauthenticated.fetch_add(1, Ordering::Relaxed);
+        }
         async move {
             match refusal {
                 None => tower_service::Service::call(&mut r, req).await,
@@ -462,7 +466,7 @@ async fn serve_plain(node: Arc<Node>, router: axum::Router, stream: TcpStream, p
             serve_rpc(node, rd, wr, peer).await;
         }
     } else {
-        serve_http(router, stream, peer).await;
+        serve_http(node, router, stream, peer).await;
     }
 }
 
@@ -480,7 +484,7 @@ where
         let (rd, wr) = tokio::io::split(stream);
         serve_rpc(node, rd, wr, peer).await;
     } else {
-        serve_http(router, Replay { head, pos: 0, inner: stream }, peer).await;
+        serve_http(node, router, Replay { head, pos: 0, inner: stream }, peer).await;
     }
 }
 
@@ -533,6 +537,7 @@ fn serve_with(
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
                         tracing::warn!(%remote, error = %io_reason(&e), "TLS handshake refused");
+                        node.metrics().tls_refused.fetch_add(1, Ordering::Relaxed);
                         return;
                     }
                     Err(_) => {

@@ -356,6 +356,9 @@ async fn a_node_with_other_ring_parameters_is_refused() {
     use nimbus_state_store::rpc::{Request, Response, Transport};
     use nimbus_state_store::{Config, StoreError};
     let c = Cluster::start(3, 21).await;
+    for n in c.live() {
+        n.join().await.expect("join");
+    }
     let client = LocalClient(c.node(0).expect("n0"));
     let tweaks: [(&str, fn(&mut Config)); 2] = [("partitions", |cfg| cfg.partitions = 64), ("n", |cfg| cfg.n = 2)];
     for (what, tweak) in tweaks {
@@ -388,8 +391,10 @@ async fn a_node_with_other_ring_parameters_is_refused() {
         for n in c.live() {
             assert_eq!(n.membership().ring().nodes().len(), 3, "{} took {id} into its ring", n.id());
             assert!(n.membership().view().iter().all(|m| m.id != id), "{} lists {id}", n.id());
+            assert!(n.readiness().is_ok(), "{} is still ready: {:?}", n.id(), n.readiness());
         }
         // writes through one established node read back through another
+        assert!(matches!(bad.readiness(), Err(nimbus_state_store::NotReady::JoinRefused(_))));
         for i in 0..50 {
             let key = format!("{what}-{i}");
             client.put(key.as_bytes(), b"v".to_vec(), &Context::empty()).await.expect("put");

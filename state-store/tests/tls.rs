@@ -150,12 +150,13 @@ async fn peers_and_clients_without_a_valid_certificate_are_refused() {
     let anon = no_cert_https(&ca_pem);
     let url = |p: &str| format!("https://{addr}{p}");
     assert_eq!(anon.get(url("/healthz")).send().await.expect("healthz").status(), 200);
+    assert_eq!(anon.get(url("/readyz")).send().await.expect("readyz").status(), 200);
     let body = nimbus_state_store::http::encode(&nimbus_state_store::http::PutRequest {
         key: b"anon".to_vec(),
         value: Some(b"v".to_vec()),
         context: String::new(),
     });
-    for (method, path) in [("POST", "/v1/put"), ("POST", "/v1/get"), ("GET", "/admin"), ("POST", "/internal/rpc"), ("POST", "/admin/leave")] {
+    for (method, path) in [("POST", "/v1/put"), ("POST", "/v1/get"), ("GET", "/admin"), ("GET", "/metrics"), ("POST", "/internal/rpc"), ("POST", "/admin/leave")] {
         let req = anon.request(method.parse().expect("method"), url(path)).body(body.clone());
         let resp = req.send().await.expect("request");
         assert_eq!(resp.status(), 401, "{method} {path} without a certificate");
