@@ -75,6 +75,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/admin", get(admin))
         .route("/admin/leave", post(admin_leave))
         .route("/admin/remove", post(admin_remove))
+        .route("/admin/anti-entropy", post(admin_anti_entropy))
         .layer(DefaultBodyLimit::max(CLIENT_BODY_LIMIT));
     internal.merge(client).with_state(node)
 }
@@ -172,6 +173,11 @@ async fn admin(State(node): State<Arc<Node>>) -> Json<AdminView> {
 /// Remove a failed member (body: its id as plain text).
 async fn admin_remove(State(node): State<Arc<Node>>, body: String) -> Json<Result<(), StoreError>> {
     Json(node.remove_member(body.trim()).await)
+}
+
+/// Run one full anti-entropy round now; answers its report when it ends.
+async fn admin_anti_entropy(State(node): State<Arc<Node>>) -> Json<crate::anti_entropy::AntiEntropyReport> {
+    Json(node.run_anti_entropy().await)
 }
 
 /// Leave the cluster, handing every key over; answers when done.
@@ -316,6 +322,24 @@ impl HttpClient {
 
     pub async fn admin(&self) -> Result<AdminView, StoreError> {
         let resp = self.http.get(format!("{}/admin", self.base)).send().await.map_err(|e| self.failed(e))?;
+        let b = resp.bytes().await.map_err(|e| StoreError::Transport(e.to_string()))?;
+        serde_json::from_slice(&b).map_err(|e| StoreError::Transport(e.to_string()))
+    }
+
+    /// Run one full anti-entropy round on the node now (waiting for one in
+    /// progress first); returns its report. Bounded by the leave timeout:
+    /// a round over a large store can take long.
+    pub async fn anti_entropy(&self) -> Result<crate::anti_entropy::AntiEntropyReport, StoreError> {
+        let resp = self
+            .http
+            .post(format!("{}/admin/anti-entropy", self.base))
+            .timeout(LEAVE_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| self.failed(e))?;
+        if !resp.status().is_success() {
+            return Err(StoreError::Transport(format!("http status {}", resp.status())));
+        }
         let b = resp.bytes().await.map_err(|e| StoreError::Transport(e.to_string()))?;
         serde_json::from_slice(&b).map_err(|e| StoreError::Transport(e.to_string()))
     }

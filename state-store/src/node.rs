@@ -123,6 +123,7 @@ pub struct Node {
     /// The join was refused (kept beside `join_state` for the request path).
     join_refused: std::sync::atomic::AtomicBool,
     pub(crate) metrics: crate::metrics::Metrics,
+    pub(crate) anti_entropy: crate::anti_entropy::AntiEntropyState,
 }
 
 /// Why a node is not ready (`GET /readyz` answers 503 with it).
@@ -175,6 +176,7 @@ impl Node {
             join_state: Mutex::new(JoinState::Pending),
             join_refused: std::sync::atomic::AtomicBool::new(false),
             metrics: crate::metrics::Metrics::default(),
+            anti_entropy: Default::default(),
         });
         if node.cfg.background {
             node.spawn_loops();
@@ -477,7 +479,7 @@ impl Node {
             n.deliver_hints().await;
         }));
         tasks.push(spawn_periodic(Arc::downgrade(self), self.cfg.anti_entropy_interval, |n| async move {
-            n.anti_entropy_round().await;
+            n.run_anti_entropy().await;
         }));
         tasks.push(spawn_periodic(Arc::downgrade(self), self.cfg.gc_interval, |n| async move {
             n.gc_tombstones().await;

@@ -97,7 +97,33 @@ async fn metrics_move_with_the_work() {
     holder.storage().merge(lonely, record).await.expect("merge");
     let rounds = metric(&holder, "nimbus_store_anti_entropy_rounds_total");
     let repaired = metric(&holder, "nimbus_store_anti_entropy_keys_repaired_total");
-    holder.anti_entropy_round().await;
+    let report = holder.run_anti_entropy().await;
+    assert!(report.keys_repaired >= 2, "both other replicas repaired: {report:?}");
+    assert_eq!(report.partitions, holder.membership().ring().replicated_partitions(holder.id(), 3).len());
+    assert_eq!(report.failed_exchanges, 0);
     assert_eq!(metric(&holder, "nimbus_store_anti_entropy_rounds_total"), rounds + 1.0);
-    assert!(metric(&holder, "nimbus_store_anti_entropy_keys_repaired_total") >= repaired + 2.0, "both other replicas repaired");
+    assert_eq!(metric(&holder, "nimbus_store_anti_entropy_keys_repaired_total"), repaired + report.keys_repaired as f64);
+    for owner in c.preference_list(lonely) {
+        assert!(c.stored(&owner, lonely).is_some(), "{owner} holds the repaired key");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anti_entropy_rounds_can_be_awaited_and_run_on_demand() {
+    let c = Cluster::start_with(3, 33, |cfg| cfg.anti_entropy_interval = Duration::from_millis(200)).await;
+    let n0 = c.node(0).expect("n0");
+    // the periodic loop's rounds can be awaited
+    let first = tokio::time::timeout(Duration::from_secs(10), n0.next_anti_entropy_round()).await.expect("a periodic round");
+    let second = tokio::time::timeout(Duration::from_secs(10), n0.next_anti_entropy_round()).await.expect("the next one");
+    assert!(first.round >= 1 && second.round == first.round + 1, "{first:?} then {second:?}");
+    // a round on demand waits for a running one and is the next number;
+    // an awaiting task sees it
+    let waiter = {
+        let n0 = n0.clone();
+        tokio::spawn(async move { n0.next_anti_entropy_round().await })
+    };
+    let now = n0.run_anti_entropy().await;
+    assert!(now.round > second.round && now.partitions == 256, "{now:?}");
+    let seen = tokio::time::timeout(Duration::from_secs(10), waiter).await.expect("woken").expect("task");
+    assert!(seen.round > second.round);
 }

@@ -105,6 +105,23 @@ async fn tls_cluster_serves_and_hands_off_end_to_end() {
         let r = admins[3].get(k.as_bytes()).await.expect("get through n3");
         assert_eq!(r.values, vec![k.clone().into_bytes()]);
     }
+
+    // anti-entropy over TLS, on demand: n3 loses its disk and comes back
+    // with the periodic rounds an hour apart; one round run now restores
+    // every key it replicates
+    if let Some(mut p) = procs[3].take() {
+        p.0.kill().expect("SIGKILL");
+        let _ = p.0.wait();
+    }
+    std::fs::remove_dir_all(dir.path().join("n3")).expect("wipe n3");
+    procs[3] = Some(spawn_tls_node(&pki, &addrs[3], &dir.path().join("n3"), &addrs, &["--anti-entropy-ms", "3600000"]));
+    eventually("n3 is back and sees the others", Duration::from_secs(30), || all_see(&admins[3..], 4)).await;
+    assert_eq!(admins[3].admin().await.expect("admin").stored_keys, 0, "n3 starts empty");
+    let report = admins[3].anti_entropy().await.expect("anti-entropy round");
+    assert!(report.round >= 1 && report.failed_exchanges == 0, "{report:?}");
+    let expected = n3_keys + usize::from(view.preference_lists[nimbus_state_store::ring::partition_of(b"instance/i-1", 256) as usize].contains(&addrs[3]));
+    assert_eq!(report.keys_repaired, expected, "{report:?}");
+    assert_eq!(admins[3].admin().await.expect("admin").stored_keys as usize, expected);
     drop(procs);
 }
 
