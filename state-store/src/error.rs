@@ -89,6 +89,46 @@ pub enum StoreError {
     NotInRing(Box<StoreError>),
 }
 
+impl StoreError {
+    /// The error's name, as the JSON API's `code`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            StoreError::EmptyKey => "EmptyKey",
+            StoreError::KeyTooLarge { .. } => "KeyTooLarge",
+            StoreError::ValueTooLarge { .. } => "ValueTooLarge",
+            StoreError::BadContext(_) => "BadContext",
+            StoreError::QuorumFailed { .. } => "QuorumFailed",
+            StoreError::OutcomeUnknown(_) => "OutcomeUnknown",
+            StoreError::BadConfig(_) => "BadConfig",
+            StoreError::NoNodes => "NoNodes",
+            StoreError::Storage(_) => "Storage",
+            StoreError::Transport(_) => "Transport",
+            StoreError::Tls(_) => "Tls",
+            StoreError::RingMismatch { .. } => "RingMismatch",
+            StoreError::NotInRing(_) => "NotInRing",
+        }
+    }
+
+    /// The HTTP status of the JSON API for this error: 400 for bad input
+    /// (nothing was written), 503 when the store cannot serve now, 504
+    /// when a write's outcome is unknown, 500 otherwise.
+    pub fn http_status(&self) -> axum::http::StatusCode {
+        use axum::http::StatusCode;
+        match self {
+            StoreError::EmptyKey | StoreError::KeyTooLarge { .. } | StoreError::ValueTooLarge { .. } | StoreError::BadContext(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            StoreError::QuorumFailed { .. } | StoreError::NoNodes | StoreError::NotInRing(_) => StatusCode::SERVICE_UNAVAILABLE,
+            StoreError::OutcomeUnknown(_) => StatusCode::GATEWAY_TIMEOUT,
+            StoreError::BadConfig(_)
+            | StoreError::Storage(_)
+            | StoreError::Transport(_)
+            | StoreError::Tls(_)
+            | StoreError::RingMismatch { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
 impl From<StorageError> for StoreError {
     fn from(e: StorageError) -> Self {
         StoreError::Storage(e.to_string())

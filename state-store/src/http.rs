@@ -69,6 +69,9 @@ pub fn router(node: Arc<Node>) -> Router {
     let client = Router::new()
         .route("/v1/get", post(kv_get))
         .route("/v1/put", post(kv_put))
+        .route("/v1/json/get", post(crate::json::json_get))
+        .route("/v1/json/put", post(crate::json::json_put))
+        .route("/v1/json/delete", post(crate::json::json_delete))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -98,6 +101,21 @@ pub struct ErrorBody {
 pub fn error_response(status: axum::http::StatusCode, code: &str, message: &str) -> axum::response::Response {
     use axum::response::IntoResponse;
     (status, Json(ErrorBody { code: code.to_string(), message: message.to_string() })).into_response()
+}
+
+/// A request error with its causes (the TLS one when there is one).
+pub(crate) fn describe(e: &reqwest::Error) -> String {
+    if let Some(t) = tls_cause(e) {
+        return format!("TLS: {t}");
+    }
+    let mut msg = e.to_string();
+    let mut cur = std::error::Error::source(e);
+    while let Some(c) = cur {
+        msg.push_str(": ");
+        msg.push_str(&c.to_string());
+        cur = c.source();
+    }
+    msg
 }
 
 /// A rustls error in `e`'s chain of causes (a refused certificate, an
@@ -193,7 +211,7 @@ pub struct HttpTransport {
 }
 
 /// A reqwest client builder with this process's certificate and the CA.
-fn builder(tls: Option<&crate::tls::TlsConfig>) -> (reqwest::ClientBuilder, &'static str) {
+pub(crate) fn client_builder(tls: Option<&crate::tls::TlsConfig>) -> (reqwest::ClientBuilder, &'static str) {
     let b = reqwest::Client::builder().pool_max_idle_per_host(256).tcp_nodelay(true).http1_only();
     match tls {
         None => (b, "http"),
@@ -213,7 +231,7 @@ impl HttpTransport {
     }
 
     fn build(tls: Option<&crate::tls::TlsConfig>) -> HttpTransport {
-        let (b, scheme) = builder(tls);
+        let (b, scheme) = client_builder(tls);
         let http = b.connect_timeout(Duration::from_secs(1)).build().unwrap_or_default();
         HttpTransport { http, scheme }
     }
@@ -287,7 +305,7 @@ impl HttpClient {
     }
 
     fn build(addr: &str, timeout: Duration, tls: Option<&crate::tls::TlsConfig>) -> HttpClient {
-        let (b, scheme) = builder(tls);
+        let (b, scheme) = client_builder(tls);
         let http = b.timeout(timeout).build().unwrap_or_default();
         HttpClient { base: format!("{scheme}://{addr}"), http }
     }

@@ -1,11 +1,15 @@
-//! Standalone state-store node.
+//! Standalone state-store node, and operator commands against a node.
 //!
-//! `store-node --listen 127.0.0.1:7001 --data-dir /var/lib/nimbus/store --seeds 127.0.0.1:7002,127.0.0.1:7003`
+//! `store-node --listen 127.0.0.1:7001 --data-dir /var/lib/nimbus/store --seeds 127.0.0.1:7002,127.0.0.1:7003 --tls-ca ca.pem --tls-cert node.crt --tls-key node.key`
 //! The listen address is also the node's id. SIGTERM or ctrl-c stops the
 //! node (it keeps its partitions, as after a crash); with `--leave-on-exit`
 //! it first leaves the ring and hands its data over.
+//!
+//! `store-node get|put|delete|anti-entropy --node ADDR ...` talk to a
+//! running node through its JSON endpoints and print JSON.
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use nimbus_state_store::json::{JsonClient, JsonDeleteRequest, JsonGetRequest, JsonPutRequest};
 use nimbus_state_store::{tcp, Config, Fsync, HttpTransport, Node, TcpTransport, TlsConfig};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,13 +22,15 @@ use std::time::Duration;
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser, Debug)]
-#[command(about = "Nimbus Dynamo-style state-store node")]
+#[command(about = "Nimbus Dynamo-style state-store node", args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// host:port to listen on; also this node's id
-    #[arg(long)]
-    listen: String,
-    #[arg(long)]
-    data_dir: PathBuf,
+    #[arg(long, required = true)]
+    listen: Option<String>,
+    #[arg(long, required = true)]
+    data_dir: Option<PathBuf>,
     /// comma-separated seed node addresses
     #[arg(long, value_delimiter = ',', default_value = "")]
     seeds: Vec<String>,
@@ -80,6 +86,96 @@ struct TlsArgs {
     insecure_plaintext: bool,
 }
 
+/// How an operator command reaches its node.
+#[derive(clap::Args, Debug, Clone)]
+struct Target {
+    /// the node to ask, host:port
+    #[arg(long)]
+    node: String,
+    /// give up after this many seconds
+    #[arg(long, default_value_t = 30)]
+    timeout_secs: u64,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+/// A key on the command line.
+#[derive(clap::Args, Debug, Clone)]
+struct KeyArg {
+    /// the key (UTF-8; base64 with --key-base64)
+    key: String,
+    /// KEY is base64 (for binary keys)
+    #[arg(long)]
+    key_base64: bool,
+}
+
+impl KeyArg {
+    fn split(&self) -> (Option<String>, Option<String>) {
+        if self.key_base64 {
+            (None, Some(self.key.clone()))
+        } else {
+            (Some(self.key.clone()), None)
+        }
+    }
+}
+
+/// Causal context of a write.
+#[derive(clap::Args, Debug, Clone)]
+struct ContextArg {
+    /// supersede exactly the versions this context (from a get) describes;
+    /// without it the command reads the key first and supersedes every
+    /// version it sees
+    #[arg(long, conflicts_with = "blind")]
+    context: Option<String>,
+    /// write with an empty context: the new version is a sibling of
+    /// whatever is stored
+    #[arg(long)]
+    blind: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Read a key: prints {"values": [{"value"|"value_base64"}...], "deleted", "context"}
+    Get {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        key: KeyArg,
+    },
+    /// Write a key: prints {"context"} of the new version
+    Put {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        key: KeyArg,
+        /// the value (UTF-8; base64 with --value-base64)
+        #[arg(required_unless_present = "value_file", conflicts_with = "value_file")]
+        value: Option<String>,
+        /// VALUE is base64 (for binary values)
+        #[arg(long)]
+        value_base64: bool,
+        /// read the value from this file ('-': standard input), bytes as they are
+        #[arg(long)]
+        value_file: Option<PathBuf>,
+        #[command(flatten)]
+        context: ContextArg,
+    },
+    /// Delete a key (writes a tombstone): prints {"context"}
+    Delete {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        key: KeyArg,
+        #[command(flatten)]
+        context: ContextArg,
+    },
+    /// Run one full anti-entropy round on the node now; prints its report
+    AntiEntropy {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
 impl TlsArgs {
     /// `Some` with TLS, `None` for an explicit --insecure-plaintext.
     fn load(&self) -> Result<Option<TlsConfig>, Box<dyn std::error::Error>> {
@@ -97,7 +193,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();
-    let mut cfg = Config::new(args.listen.clone(), args.data_dir);
+    if let Some(cmd) = args.command {
+        return match operate(cmd).await {
+            Ok(json) => {
+                println!("{json}");
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
+        };
+    }
+    let (Some(listen), Some(data_dir)) = (args.listen, args.data_dir) else {
+        return Err("--listen and --data-dir are required".into());
+    };
+    let mut cfg = Config::new(listen.clone(), data_dir);
     cfg.fsync = args.fsync;
     cfg.memtable_bytes = args.memtable_mib.saturating_mul(1 << 20);
     cfg.seeds = args.seeds.into_iter().filter(|s| !s.is_empty()).collect();
@@ -116,7 +227,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("tcp", Some(t)) => Arc::new(TcpTransport::with_tls(t.clone())),
         (other, _) => return Err(format!("unknown transport {other}").into()),
     };
-    let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+    let listener = tokio::net::TcpListener::bind(&listen).await?;
     let node = Node::start(cfg, transport).await?;
     let server = match tls {
         Some(t) => tcp::serve_tls(node.clone(), listener, t),
@@ -130,7 +241,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         server.abort();
         return Err(format!("join refused: {e}").into());
     }
-    println!("store-node listening on {}", args.listen);
+    println!("store-node listening on {listen}");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
@@ -145,4 +256,58 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     node.shutdown();
     server.abort();
     Ok(())
+}
+
+/// Run an operator command; its JSON answer.
+async fn operate(cmd: Command) -> Result<String, Box<dyn std::error::Error>> {
+    let client = |t: &Target| -> Result<JsonClient, Box<dyn std::error::Error>> {
+        Ok(JsonClient::new(&t.node, t.tls.load()?.as_ref(), Duration::from_secs(t.timeout_secs)))
+    };
+    // the context to write with: given, empty, or that of a read now
+    async fn context_of(c: &JsonClient, key: &KeyArg, ctx: &ContextArg) -> Result<Option<String>, Box<dyn std::error::Error>> {
+        if ctx.blind {
+            return Ok(None);
+        }
+        if let Some(given) = &ctx.context {
+            return Ok(Some(given.clone()));
+        }
+        let (key, key_base64) = key.split();
+        Ok(Some(c.get(&JsonGetRequest { key, key_base64 }).await?.context))
+    }
+    Ok(match cmd {
+        Command::Get { target, key } => {
+            let (key, key_base64) = key.split();
+            serde_json::to_string_pretty(&client(&target)?.get(&JsonGetRequest { key, key_base64 }).await?)?
+        }
+        Command::Put { target, key: k, value, value_base64, value_file, context } => {
+            let c = client(&target)?;
+            let (text, b64) = match (value, value_file) {
+                (Some(v), _) if value_base64 => (None, Some(v)),
+                (Some(v), _) => (Some(v), None),
+                (None, Some(path)) => {
+                    let bytes = if path.as_os_str() == "-" {
+                        let mut b = Vec::new();
+                        std::io::Read::read_to_end(&mut std::io::stdin(), &mut b)?;
+                        b
+                    } else {
+                        std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?
+                    };
+                    use base64::Engine as _;
+                    (None, Some(base64::engine::general_purpose::STANDARD.encode(bytes)))
+                }
+                (None, None) => return Err("a VALUE or --value-file is required".into()),
+            };
+            let ctx = context_of(&c, &k, &context).await?;
+            let (key, key_base64) = k.split();
+            let req = JsonPutRequest { key, key_base64, value: text, value_base64: b64, context: ctx };
+            serde_json::to_string_pretty(&c.put(&req).await?)?
+        }
+        Command::Delete { target, key: k, context } => {
+            let c = client(&target)?;
+            let ctx = context_of(&c, &k, &context).await?;
+            let (key, key_base64) = k.split();
+            serde_json::to_string_pretty(&c.delete(&JsonDeleteRequest { key, key_base64, context: ctx }).await?)?
+        }
+        Command::AntiEntropy { target } => serde_json::to_string_pretty(&client(&target)?.anti_entropy().await?)?,
+    })
 }
