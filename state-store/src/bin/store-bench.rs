@@ -348,8 +348,10 @@ async fn drive_redis(args: &Args, port: &str) -> Result<Option<(Stats, f64)>, Bo
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,lsm_tree=error".into()))
+        .with_ansi(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .init();
     let args = Args::parse();
     let dir = std::env::temp_dir().join(format!("store-bench-{}", std::process::id()));

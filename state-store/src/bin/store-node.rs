@@ -29,23 +29,34 @@ struct Args {
     /// host:port to listen on; also this node's id
     #[arg(long, required = true)]
     listen: Option<String>,
+    /// directory of this node's store (created if missing; the database
+    /// lives in DATA_DIR/store)
     #[arg(long, required = true)]
     data_dir: Option<PathBuf>,
-    /// comma-separated seed node addresses
+    /// comma-separated addresses (host:port) of nodes to join through;
+    /// they are taken as ring members from the start
     #[arg(long, value_delimiter = ',', default_value = "")]
     seeds: Vec<String>,
+    /// N: replicas of each key. Part of the ring: every node of a cluster
+    /// must have the same (a node that differs is refused at its join)
     #[arg(long, default_value_t = 3)]
     n: usize,
+    /// R: replies a read waits for (1..=N); this node's reads only
     #[arg(long, default_value_t = 2)]
     r: usize,
+    /// W: acknowledgements a write waits for (1..=N); this node's writes only
     #[arg(long, default_value_t = 2)]
     w: usize,
+    /// number of partitions of the hash ring, fixed for the life of the
+    /// cluster; every node must have the same
     #[arg(long, default_value_t = 256)]
     partitions: u32,
-    /// per-request timeout in milliseconds
+    /// timeout of one node-to-node request, milliseconds (a forwarded
+    /// write waits three times as long)
     #[arg(long, default_value_t = 500)]
     request_timeout_ms: u64,
-    /// anti-entropy period in milliseconds
+    /// period of the anti-entropy rounds (Merkle exchange with every other
+    /// replica of each partition), milliseconds
     #[arg(long, default_value_t = 10_000)]
     anti_entropy_ms: u64,
     /// hand partitions over to the other nodes before exiting on SIGTERM
@@ -189,10 +200,14 @@ impl TlsArgs {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // colour only when the log goes to a terminal (and NO_COLOR is unset)
+    use std::io::IsTerminal;
+    let ansi = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_ansi(ansi)
         .init();
-    let args = Args::parse();
+    let args = parse_args();
     if let Some(cmd) = args.command {
         return match operate(cmd).await {
             Ok(json) => {
@@ -256,6 +271,35 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     node.shutdown();
     server.abort();
     Ok(())
+}
+
+/// The intervals a node runs with that have no flag (from `Config::new`).
+fn fixed_intervals() -> String {
+    let c = Config::new("", "");
+    let ms = |d: Duration| d.as_millis();
+    format!(
+        "Fixed intervals (no flags):\n  \
+         gossip: one push-pull exchange with a random peer every {} ms\n  \
+         failure detection: a peer is down after {} ms without a newer heartbeat, or at once after a failed request until its next heartbeat\n  \
+         hint delivery: every {} ms, to owners that are alive\n  \
+         reads: one more replica is asked after {} ms without R replies; {:.0}% of reads ask every replica and repair them all\n  \
+         tombstones: collected {} h after the delete, once every replica holds them, by a scan every {} min\n\n\
+         Logs go to standard output, filtered by RUST_LOG (default info), coloured only on a terminal (NO_COLOR turns colour off).\n\
+         Endpoints on the listen port: GET /healthz, GET /readyz (no client certificate needed), GET /metrics (Prometheus), POST /v1/json/get|put|delete, GET /admin, POST /admin/anti-entropy|leave|remove.",
+        ms(c.gossip_interval),
+        ms(c.fail_timeout),
+        ms(c.hint_interval),
+        ms(c.read_hedge),
+        c.read_repair_chance * 100.0,
+        c.tombstone_grace.as_secs() / 3600,
+        c.gc_interval.as_secs() / 60,
+    )
+}
+
+fn parse_args() -> Args {
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Args::command().after_help(fixed_intervals()).get_matches();
+    Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
 /// Run an operator command; its JSON answer.
