@@ -348,9 +348,20 @@ impl HttpClient {
     /// progress first); returns its report. Bounded by the leave timeout:
     /// a round over a large store can take long.
     pub async fn anti_entropy(&self) -> Result<crate::anti_entropy::AntiEntropyReport, StoreError> {
+        self.admin_post("/admin/anti-entropy").await
+    }
+
+    /// Ask the node to leave the ring; returns (keys, hints) handed over.
+    pub async fn leave(&self) -> Result<(usize, usize), StoreError> {
+        let res: Result<(usize, usize), StoreError> = self.admin_post("/admin/leave").await?;
+        res
+    }
+
+    /// POST an admin action that may take long; its JSON answer.
+    async fn admin_post<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, StoreError> {
         let resp = self
             .http
-            .post(format!("{}/admin/anti-entropy", self.base))
+            .post(format!("{}{path}", self.base))
             .timeout(LEAVE_TIMEOUT)
             .send()
             .await
@@ -360,20 +371,6 @@ impl HttpClient {
         }
         let b = resp.bytes().await.map_err(|e| StoreError::Transport(e.to_string()))?;
         serde_json::from_slice(&b).map_err(|e| StoreError::Transport(e.to_string()))
-    }
-
-    /// Ask the node to leave the ring; returns (keys, hints) handed over.
-    pub async fn leave(&self) -> Result<(usize, usize), StoreError> {
-        let resp = self
-            .http
-            .post(format!("{}/admin/leave", self.base))
-            .timeout(LEAVE_TIMEOUT)
-            .send()
-            .await
-            .map_err(|e| StoreError::Transport(e.to_string()))?;
-        let b = resp.bytes().await.map_err(|e| StoreError::Transport(e.to_string()))?;
-        let res: Result<(usize, usize), StoreError> = serde_json::from_slice(&b).map_err(|e| StoreError::Transport(e.to_string()))?;
-        res
     }
 
     /// Put with an already-encoded context string (e.g. from another

@@ -476,9 +476,11 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut head = [0u8; 4];
-    // every HTTP request is longer than 4 bytes
-    if stream.read_exact(&mut head).await.is_err() {
-        return;
+    // every HTTP request is longer than 4 bytes; a client that sends
+    // fewer and waits is dropped
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.read_exact(&mut head)).await {
+        Ok(Ok(_)) => {}
+        _ => return,
     }
     if &head == MAGIC {
         let (rd, wr) = tokio::io::split(stream);

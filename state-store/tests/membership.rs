@@ -360,7 +360,8 @@ async fn a_node_with_other_ring_parameters_is_refused() {
         n.join().await.expect("join");
     }
     let client = LocalClient(c.node(0).expect("n0"));
-    let tweaks: [(&str, fn(&mut Config)); 2] = [("partitions", |cfg| cfg.partitions = 64), ("n", |cfg| cfg.n = 2)];
+    type Tweak = fn(&mut Config);
+    let tweaks: [(&str, Tweak); 2] = [("partitions", |cfg| cfg.partitions = 64), ("n", |cfg| cfg.n = 2)];
     for (what, tweak) in tweaks {
         let id = format!("bad-{what}");
         let mut cfg = config(c.dir.path(), &id, &["n0".to_string()]);

@@ -25,18 +25,23 @@ async fn all_see(clients: &[HttpClient], alive: usize) -> bool {
     true
 }
 
-/// A reqwest client that trusts `ca_pem` and presents no certificate.
-fn no_cert_https(ca_pem: &str) -> reqwest::Client {
+/// A TLS client configuration that trusts `ca_pem` and presents no
+/// certificate.
+fn no_cert_config(ca_pem: &str) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(c.expect("ca pem")).expect("add root");
     }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .expect("versions")
         .with_root_certificates(roots)
-        .with_no_client_auth();
-    reqwest::Client::builder().use_preconfigured_tls(cfg).build().expect("client")
+        .with_no_client_auth()
+}
+
+/// A reqwest client that trusts `ca_pem` and presents no certificate.
+fn no_cert_https(ca_pem: &str) -> reqwest::Client {
+    reqwest::Client::builder().use_preconfigured_tls(no_cert_config(ca_pem)).build().expect("client")
 }
 use rustls_pki_types::pem::PemObject;
 
@@ -183,15 +188,7 @@ async fn peers_and_clients_without_a_valid_certificate_are_refused() {
     }
     // and the framed protocol without a certificate is refused at the magic
     {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-            roots.add(c.expect("pem")).expect("root");
-        }
-        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let cfg = no_cert_config(&ca_pem);
         let tcp = tokio::net::TcpStream::connect(&addr).await.expect("connect");
         let name = nimbus_state_store::tls::server_name(&addr).expect("name");
         let mut s = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.expect("handshake");
