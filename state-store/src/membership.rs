@@ -82,8 +82,12 @@ pub struct Membership {
     me: NodeId,
     params: RingParams,
     /// nodes refused because their ring parameters disagree, with the
-    /// reason: outside the ring, not gossiped with, left out of the views
-    /// this node sends; cleared when that node gossips with agreeing ones
+    /// reason: never merged from gossip (so a new node never enters the
+    /// ring), not alive, not gossiped with, left out of the views this
+    /// node sends; cleared when that node gossips with agreeing ones. A
+    /// member already in the ring (a seed, or a member restarted with other
+    /// parameters) stays in it as a down node, as after a crash: liveness
+    /// never changes the ring
     refused: Mutex<BTreeMap<NodeId, String>>,
     partitions: u32,
     fail_timeout: Duration,
@@ -140,24 +144,15 @@ impl Membership {
         self.params
     }
 
-    /// Refuse `id`, whose ring parameters disagree with ours: it leaves
-    /// the ring at once. Returns true the first time.
+    /// Refuse `id`, whose ring parameters disagree with ours: it is down
+    /// for us from now on. Returns true the first time.
     pub fn refuse(&self, id: &str, reason: String) -> bool {
-        if id == self.me {
-            return false;
-        }
-        let first = self.refused_lock().insert(id.to_string(), reason).is_none();
-        let mut g = self.lock();
-        self.rebuild_ring(&mut g);
-        first
+        id != self.me && self.refused_lock().insert(id.to_string(), reason).is_none()
     }
 
     /// `id` gossiped with agreeing parameters: no longer refused.
     pub fn accept(&self, id: &str) {
-        if self.refused_lock().remove(id).is_some() {
-            let mut g = self.lock();
-            self.rebuild_ring(&mut g);
-        }
+        self.refused_lock().remove(id);
     }
 
     /// Refused nodes and why.
@@ -166,13 +161,8 @@ impl Membership {
     }
 
     fn rebuild_ring(&self, g: &mut Inner) {
-        let refused = self.refused_lock().clone();
-        let active: Vec<NodeId> = g
-            .members
-            .values()
-            .filter(|e| e.member.status == Status::Joined && !refused.contains_key(&e.member.id))
-            .map(|e| e.member.id.clone())
-            .collect();
+        let active: Vec<NodeId> =
+            g.members.values().filter(|e| e.member.status == Status::Joined).map(|e| e.member.id.clone()).collect();
         self.joined.store(active.contains(&self.me), std::sync::atomic::Ordering::Release);
         if active != g.ring_members {
             tracing::info!(members = ?active, "ring membership changed");

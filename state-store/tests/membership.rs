@@ -405,4 +405,27 @@ async fn a_node_with_other_ring_parameters_is_refused() {
         bad.shutdown();
         c.net.kill(&id);
     }
+    // a member restarted with another N (on its own store: a different
+    // partition count would not even open it) is refused too, and stays
+    // in the ring as a down node (its partitions do not move) until it
+    // comes back with the right one
+    c.kill(2);
+    let mut cfg = config(c.dir.path(), "n2", &c.ids);
+    cfg.n = 2;
+    let wrong = Node::start(cfg, c.net.clone()).await.expect("start");
+    let h: Arc<dyn Handler> = wrong.clone();
+    c.net.register(&"n2".to_string(), Arc::downgrade(&h));
+    assert!(matches!(wrong.join().await, Err(StoreError::RingMismatch { .. })));
+    let n0 = c.node(0).expect("n0");
+    assert!(!n0.membership().is_alive("n2"), "refused means down");
+    assert_eq!(n0.membership().ring().nodes().len(), 3, "n2 keeps its partitions");
+    assert!(n0.admin_view().refused_members.contains_key("n2"));
+    wrong.shutdown();
+    c.net.kill(&"n2".to_string());
+    drop((h, wrong));
+    c.restart(2).await;
+    wait_until("n2 is back with the right parameters", Duration::from_secs(10), || {
+        n0.membership().is_alive("n2") && !n0.admin_view().refused_members.contains_key("n2")
+    })
+    .await;
 }
