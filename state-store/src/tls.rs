@@ -42,6 +42,8 @@ pub enum TlsError {
     ServerName(String),
     #[error("certificate generation: {0}")]
     Generate(String),
+    #[error("this node's certificate is not valid for {node}: {reason}")]
+    NotForNode { node: String, reason: String },
 }
 
 /// Mutual-TLS settings of a node or client: the CA that signs every
@@ -51,6 +53,8 @@ pub enum TlsError {
 pub struct TlsConfig {
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
+    roots: Arc<RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
 }
 
 impl std::fmt::Debug for TlsConfig {
@@ -103,10 +107,28 @@ impl TlsConfig {
         let client = ClientConfig::builder_with_provider(p)
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::BadCertificate(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
+            .with_root_certificates(roots.clone())
+            .with_client_auth_cert(chain.clone(), key)
             .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
-        Ok(TlsConfig { server: Arc::new(server), client: Arc::new(client) })
+        Ok(TlsConfig { server: Arc::new(server), client: Arc::new(client), roots, chain })
+    }
+
+    /// Check that this certificate is what peers will accept from node
+    /// `node` (`host:port`): it chains to the CA, is valid now and names
+    /// the host. `store-node` runs it at start, so a wrong certificate
+    /// fails there rather than in every peer's handshake.
+    pub fn check_node(&self, node: &str) -> Result<(), TlsError> {
+        use rustls::client::danger::ServerCertVerifier;
+        let not_for = |reason: String| TlsError::NotForNode { node: node.to_string(), reason };
+        let name = server_name(node)?;
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(self.roots.clone(), provider())
+            .build()
+            .map_err(|e| not_for(e.to_string()))?;
+        let (leaf, rest) = self.chain.split_first().ok_or(TlsError::NoCertificate { what: "certificate" })?;
+        verifier
+            .verify_server_cert(leaf, rest, &name, &[], rustls::pki_types::UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| not_for(e.to_string()))
     }
 
     /// Build from PEM files (as `store-node --tls-ca --tls-cert --tls-key`).
@@ -241,5 +263,19 @@ mod tests {
         assert!(matches!(mismatch, Err(TlsError::BadCertificate(_))), "{mismatch:?}");
         let missing = TlsConfig::from_files(Path::new("/nonexistent/ca.pem"), Path::new("/x"), Path::new("/y"));
         assert!(matches!(missing, Err(TlsError::Read { .. })), "{missing:?}");
+    }
+
+    #[test]
+    fn a_node_certificate_is_checked_against_its_id() {
+        let ca = dev::DevCa::new("test ca").expect("ca");
+        let cfg = ca.tls_config(&["127.0.0.1", "store-1.nimbus"]).expect("cfg");
+        assert!(cfg.check_node("127.0.0.1:7001").is_ok());
+        assert!(cfg.check_node("store-1.nimbus:7001").is_ok());
+        assert!(matches!(cfg.check_node("127.0.0.2:7001"), Err(TlsError::NotForNode { .. })));
+        assert!(matches!(cfg.check_node("store-2.nimbus:7001"), Err(TlsError::NotForNode { .. })));
+        // a certificate of another CA than the one configured
+        let other = dev::DevCa::new("other").expect("ca").issue(&["127.0.0.1"]).expect("issue");
+        let mixed = TlsConfig::from_pem(ca.ca_pem().as_bytes(), other.cert_pem.as_bytes(), other.key_pem.as_bytes()).expect("cfg");
+        assert!(matches!(mixed.check_node("127.0.0.1:7001"), Err(TlsError::NotForNode { .. })));
     }
 }

@@ -214,12 +214,23 @@ async fn peers_and_clients_without_a_valid_certificate_are_refused() {
 async fn clients_refuse_a_node_whose_certificate_is_not_for_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::new(&dir.path().join("pki"));
-    // a node whose certificate names another address
+    // a node whose certificate names another address: store-node refuses
+    // to start with it...
     let addr = free_addr();
     let wrong = pki.ca.issue(&["127.0.0.2", "store.example"]).expect("issue");
     let name = format!("node-{}", addr.replace([':', '.'], "-"));
     pki.write(&name, &wrong);
-    let _node = spawn_tls_node(&pki, &addr, &dir.path().join("n0"), &[], &["--n", "1", "--r", "1", "--w", "1"]);
+    let mut cmd = tls_node_command(&pki, &addr, &dir.path().join("n0"), &[], &["--n", "1"]);
+    let mut refused = Proc(cmd.stderr(std::process::Stdio::piped()).spawn().expect("spawn"));
+    let (status, stderr) = exit_of(&mut refused, Duration::from_secs(30)).await;
+    assert!(!status.success() && stderr.contains("not valid for"), "{stderr}");
+    // ...and a library node serving with it is refused by its clients
+    let wrong_tls = TlsConfig::from_pem(pki.ca.ca_pem().as_bytes(), wrong.cert_pem.as_bytes(), wrong.key_pem.as_bytes()).expect("cfg");
+    let mut cfg = nimbus_state_store::Config::new(addr.clone(), dir.path().join("n0"));
+    (cfg.n, cfg.r, cfg.w) = (1, 1, 1);
+    let node = nimbus_state_store::Node::start(cfg, Arc::new(TcpTransport::with_tls(wrong_tls.clone()))).await.expect("start");
+    let listener = tokio::net::TcpListener::bind(&addr).await.expect("bind");
+    let server = nimbus_state_store::tcp::serve_tls(node.clone(), listener, wrong_tls);
     // a node of another CA on a second port
     let other = Pki::new(&dir.path().join("other"));
     let addr2 = free_addr();
@@ -242,4 +253,6 @@ async fn clients_refuse_a_node_whose_certificate_is_not_for_it() {
     // the same node is fine for a client that checks what it is given
     let ok = TcpClient::with_tls(&addr2, T, other.client());
     assert!(ok.get(b"k").await.is_ok());
+    server.abort();
+    node.shutdown();
 }

@@ -235,6 +235,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     cfg.anti_entropy_interval = Duration::from_millis(args.anti_entropy_ms);
 
     let tls = args.tls.load()?;
+    if let Some(t) = &tls {
+        // peers check our certificate against our id: fail here if they would
+        t.check_node(&listen)?;
+    }
     let transport: Arc<dyn nimbus_state_store::rpc::Transport> = match (args.transport.as_str(), &tls) {
         ("http", None) => Arc::new(HttpTransport::new()),
         ("http", Some(t)) => Arc::new(HttpTransport::with_tls(t)),
