@@ -82,23 +82,31 @@ impl TcpTransport {
             .map_err(|_| RpcError::Unreachable(to.clone()))?;
         let _ = stream.set_nodelay(true);
         let tls_failed = |reason: String| RpcError::Tls { node: to.clone(), reason };
+        // nothing has been sent before the server took the connection: a
+        // silent or failing server is unreachable, a refusing one a TLS error
         let conn = match &self.tls {
             None => {
                 let (rd, wr) = stream.into_split();
-                tokio::time::timeout(HANDSHAKE_TIMEOUT, open(rd, wr)).await
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, open(rd, wr)).await {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(OpenError::Refused(reason))) => return Err(tls_failed(reason)),
+                    Ok(Err(OpenError::Io(_))) | Err(_) => return Err(RpcError::Unreachable(to.clone())),
+                }
             }
             Some(tls) => {
                 let name = server_name(to).map_err(|e| tls_failed(e.to_string()))?;
-                tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
-                    let s = tls.connector().connect(name, stream).await.map_err(|e| io_reason(&e))?;
+                let handshake = async {
+                    let s = tls.connector().connect(name, stream).await.map_err(|e| OpenError::Io(io_reason(&e)))?;
                     let (rd, wr) = tokio::io::split(s);
                     open(rd, wr).await
-                })
-                .await
+                };
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(OpenError::Refused(reason) | OpenError::Io(reason))) => return Err(tls_failed(reason)),
+                    Err(_) => return Err(RpcError::Unreachable(to.clone())),
+                }
             }
-        }
-        .map_err(|_| RpcError::Timeout(to.clone()))?
-        .map_err(tls_failed)?;
+        };
         self.conns.lock().unwrap_or_else(|p| p.into_inner()).insert(to.clone(), conn.clone());
         Ok(conn)
     }
@@ -113,29 +121,37 @@ fn io_reason(e: &std::io::Error) -> String {
     }
 }
 
+/// Why a connection could not be opened.
+enum OpenError {
+    /// the server answered the magic with a refusal
+    Refused(String),
+    /// the connection failed first (with TLS 1.3 the server checks our
+    /// certificate after our side of the handshake completed: its alert
+    /// arrives here)
+    Io(String),
+}
+
 /// Send the magic, wait for the server's answer, and start the reader and
-/// writer of a connection. `Err` (a reason) when the server refused it or
-/// the connection failed first (with TLS 1.3 the server checks our
-/// certificate after our side of the handshake completed: its refusal
-/// arrives here).
-async fn open<R, W>(rd: R, mut wr: W) -> Result<Arc<Conn>, String>
+/// writer of a connection.
+async fn open<R, W>(rd: R, mut wr: W) -> Result<Arc<Conn>, OpenError>
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    let io = |e: std::io::Error| OpenError::Io(io_reason(&e));
     let mut rd = tokio::io::BufReader::with_capacity(READ_BUF, rd);
-    wr.write_all(MAGIC).await.map_err(|e| io_reason(&e))?;
-    wr.flush().await.map_err(|e| io_reason(&e))?;
+    wr.write_all(MAGIC).await.map_err(io)?;
+    wr.flush().await.map_err(io)?;
     let mut answer = [0u8; 4];
-    rd.read_exact(&mut answer).await.map_err(|e| io_reason(&e))?;
+    rd.read_exact(&mut answer).await.map_err(io)?;
     if &answer == REFUSED {
-        let len = rd.read_u32().await.map_err(|e| io_reason(&e))? as usize;
+        let len = rd.read_u32().await.map_err(io)? as usize;
         let mut reason = vec![0u8; len.min(4096)];
-        rd.read_exact(&mut reason).await.map_err(|e| io_reason(&e))?;
-        return Err(format!("refused by the server: {}", String::from_utf8_lossy(&reason)));
+        rd.read_exact(&mut reason).await.map_err(io)?;
+        return Err(OpenError::Refused(format!("refused by the server: {}", String::from_utf8_lossy(&reason))));
     }
     if &answer != MAGIC {
-        return Err("the server does not speak the store's protocol".into());
+        return Err(OpenError::Io("the server does not speak the store's protocol".into()));
     }
     let (tx, rx) = mpsc::unbounded_channel();
     let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
