@@ -261,14 +261,7 @@ async fn clients_refuse_a_node_whose_certificate_is_not_for_it() {
 async fn a_server_that_never_answers_the_magic_is_unreachable_not_lost() {
     // accepts connections and never answers: nothing was sent, so the
     // coordinator may try another node (a lost request would not be)
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr").to_string();
-    let silent = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((sock, _)) = listener.accept().await {
-            held.push(sock);
-        }
-    });
+    let (addr, silent) = support::silent_server().await;
     let record = nimbus_state_store::clock::Record::default();
     let (transport, me) = (TcpTransport::new(), "me:1".to_string());
     let call = transport.call(&me, &addr, Request::Put { key: b"k".to_vec(), record });

@@ -131,3 +131,17 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// A "node" on loopback that accepts connections and never answers: its
+/// address, and the task to abort.
+pub async fn silent_server() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            held.push(sock);
+        }
+    });
+    (addr, task)
+}
