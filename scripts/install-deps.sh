@@ -62,6 +62,7 @@ DEPS_TABLE='
 1  gzip                    gzip
 1  findutils               find
 1  mawk                    awk
+1  redis-server            redis-server
 1  postgresql-15           /usr/lib/postgresql/15/bin/initdb /usr/lib/postgresql/15/bin/pg_ctl /usr/lib/postgresql/15/bin/postgres
 1  postgresql-client-15    /usr/lib/postgresql/15/bin/psql /usr/lib/postgresql/15/bin/pg_isready
 2  qemu-utils              qemu-img

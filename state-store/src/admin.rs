@@ -23,6 +23,12 @@ pub struct AdminView {
     pub stored_keys: u64,
     pub hint_backlog: u64,
     pub hints_by_owner: BTreeMap<NodeId, u64>,
+    /// Nodes refused because their ring parameters disagree, with why.
+    #[serde(default)]
+    pub refused_members: BTreeMap<NodeId, String>,
+    /// Why the node is not ready (`None`: ready).
+    #[serde(default)]
+    pub not_ready: Option<String>,
     /// Group commits since start (commits, writes, µs busy).
     pub writer: crate::storage::WriterSnapshot,
 }
@@ -48,6 +54,8 @@ impl Node {
             stored_keys: self.storage.len().unwrap_or(0),
             hint_backlog: hints.len() as u64,
             hints_by_owner,
+            refused_members: self.membership.refused(),
+            not_ready: self.readiness().err().map(|e| e.to_string()),
             writer: self.storage.writer_stats(),
         }
     }

@@ -13,33 +13,106 @@ use crate::merkle::{diff_keys, MerkleTree};
 use crate::node::Node;
 use crate::rpc::{Request, Response};
 use crate::storage::encode_record;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Keys per `PutMany` when handing off a partition.
 const HANDOFF_BATCH: usize = 256;
 
+/// What one anti-entropy round did (`POST /admin/anti-entropy` answers it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AntiEntropyReport {
+    /// Number of the round on this node since it started (1, 2, ...).
+    pub round: u64,
+    /// Partitions this node replicates, all compared.
+    pub partitions: usize,
+    /// Partition exchanges with live replicas, and how many failed (their
+    /// keys wait for a later round).
+    pub exchanges: usize,
+    pub failed_exchanges: usize,
+    /// Keys that differed between this node and a replica and were
+    /// exchanged (pulled, merged and pushed back).
+    pub keys_repaired: usize,
+    /// Keys and graves of partitions this node no longer replicates,
+    /// handed to their owners and dropped here.
+    pub keys_handed_off: usize,
+    pub duration_ms: u64,
+}
+
+/// Serialises rounds and publishes each one's report.
+pub(crate) struct AntiEntropyState {
+    running: tokio::sync::Mutex<u64>,
+    done: tokio::sync::watch::Sender<AntiEntropyReport>,
+}
+
+impl Default for AntiEntropyState {
+    fn default() -> Self {
+        AntiEntropyState { running: tokio::sync::Mutex::new(0), done: tokio::sync::watch::channel(AntiEntropyReport::default()).0 }
+    }
+}
+
 impl Node {
     /// One anti-entropy pass over all partitions this node replicates.
-    /// Returns the number of keys exchanged.
+    /// Returns the number of keys exchanged or handed off (see
+    /// [`Node::run_anti_entropy`] for the full report).
     pub async fn anti_entropy_round(self: &Arc<Self>) -> usize {
+        let r = self.run_anti_entropy().await;
+        r.keys_repaired + r.keys_handed_off
+    }
+
+    /// Run one full anti-entropy round now and return what it did. Rounds
+    /// never overlap: if one is running (the periodic loop's or another
+    /// caller's) this waits for it to end and then runs a fresh one, so
+    /// the report covers every write acknowledged before the call.
+    pub async fn run_anti_entropy(self: &Arc<Self>) -> AntiEntropyReport {
+        let mut count = self.anti_entropy.running.lock().await;
+        let start = std::time::Instant::now();
+        *count += 1;
+        let mut report = AntiEntropyReport { round: *count, ..Default::default() };
         let ring = self.membership.ring();
-        let mut exchanged = 0;
-        for p in ring.replicated_partitions(&self.cfg.id, self.cfg.n) {
+        let partitions = ring.replicated_partitions(&self.cfg.id, self.cfg.n);
+        report.partitions = partitions.len();
+        for p in partitions {
             for peer in ring.preference_list(p, self.cfg.n) {
                 if peer == self.cfg.id || !self.membership.is_alive(&peer) {
                     continue;
                 }
+                report.exchanges += 1;
                 match self.sync_partition(p, &peer).await {
-                    Ok(n) => exchanged += n,
-                    Err(e) => tracing::debug!(partition = p, %peer, error = %e, "anti-entropy exchange failed"),
+                    Ok(n) => report.keys_repaired += n,
+                    Err(e) => {
+                        report.failed_exchanges += 1;
+                        tracing::debug!(partition = p, %peer, error = %e, "anti-entropy exchange failed")
+                    }
                 }
             }
         }
-        if exchanged > 0 {
-            tracing::info!(exchanged, "anti-entropy repaired keys");
+        if report.keys_repaired > 0 {
+            tracing::info!(exchanged = report.keys_repaired, "anti-entropy repaired keys");
         }
-        exchanged + self.hand_off_foreign_partitions(&ring).await
+        report.keys_handed_off = self.hand_off_foreign_partitions(&ring).await;
+        report.duration_ms = start.elapsed().as_millis() as u64;
+        let m = &self.metrics;
+        m.anti_entropy_rounds.fetch_add(1, Ordering::Relaxed);
+        m.anti_entropy_errors.fetch_add(report.failed_exchanges as u64, Ordering::Relaxed);
+        m.anti_entropy_keys_repaired.fetch_add(report.keys_repaired as u64, Ordering::Relaxed);
+        m.anti_entropy_keys_handed_off.fetch_add(report.keys_handed_off as u64, Ordering::Relaxed);
+        self.anti_entropy.done.send_replace(report.clone());
+        report
+    }
+
+    /// Wait for the next anti-entropy round to end (one started by the
+    /// periodic loop or by anyone calling [`Node::run_anti_entropy`]) and
+    /// return its report.
+    pub async fn next_anti_entropy_round(&self) -> AntiEntropyReport {
+        let mut rx = self.anti_entropy.done.subscribe();
+        rx.mark_unchanged();
+        // the sender lives as long as the node, which `self` keeps alive
+        let _ = rx.changed().await;
+        let r = rx.borrow().clone();
+        r
     }
 
     /// Keys of partitions this node no longer replicates (the ring changed
@@ -228,6 +301,7 @@ impl Node {
             }
             removed += 1;
         }
+        self.metrics.tombstones_collected.fetch_add(removed as u64, Ordering::Relaxed);
         removed
     }
 }

@@ -12,6 +12,7 @@
 use crate::api::{Context, GetResult};
 use crate::clock::{NodeId, Record, VersionVector};
 use crate::error::{check_key, check_value, RpcError, StoreError};
+use crate::metrics::Op;
 use crate::node::{merge_all, Node};
 use crate::rpc::{Request, Response};
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -64,6 +65,15 @@ impl Node {
     /// Returns the context of the new version (the read context plus the
     /// new write), so a client can overwrite its own write without reading.
     pub async fn put(self: &Arc<Self>, key: &[u8], value: Option<Vec<u8>>, context: &Context) -> Result<Context, StoreError> {
+        let op = if value.is_some() { Op::Put } else { Op::Delete };
+        let start = std::time::Instant::now();
+        let res = self.put_inner(key, value, context).await;
+        self.metrics.op(op, res.is_ok(), start.elapsed());
+        res
+    }
+
+    async fn put_inner(self: &Arc<Self>, key: &[u8], value: Option<Vec<u8>>, context: &Context) -> Result<Context, StoreError> {
+        self.check_in_ring()?;
         check_key(key)?;
         if let Some(v) = &value {
             check_value(v)?;
@@ -78,7 +88,7 @@ impl Node {
                     Ok(Response::Written(vv)) => return Ok(Context(vv)),
                     Ok(Response::Failed(e)) => return Err(e),
                     // never delivered: safe to try the next owner
-                    Err(RpcError::Unreachable(_)) => continue,
+                    Err(RpcError::Unreachable(_) | RpcError::Tls { .. }) => continue,
                     // refused (e.g. it is leaving), or answered with
                     // something else: not applied
                     Err(RpcError::Remote { .. }) | Ok(_) => continue,
@@ -204,6 +214,14 @@ impl Node {
     /// the whole preference list). Replicas a read does not ask are
     /// brought up to date by anti-entropy.
     pub async fn get(self: &Arc<Self>, key: &[u8]) -> Result<GetResult, StoreError> {
+        let start = std::time::Instant::now();
+        let res = self.get_inner(key).await;
+        self.metrics.op(Op::Get, res.is_ok(), start.elapsed());
+        res
+    }
+
+    async fn get_inner(self: &Arc<Self>, key: &[u8]) -> Result<GetResult, StoreError> {
+        self.check_in_ring()?;
         check_key(key)?;
         let plan = self.plan(key)?;
         let needed = self.cfg.r.min(plan.pref.len()).max(1);
@@ -315,7 +333,9 @@ impl Node {
                 }
                 for r in replies.iter().filter(|r| r.is_owner && r.record.as_ref() != Some(&merged)) {
                     tracing::debug!(node = %r.node, "read repair");
-                    let _ = node.call(&r.node, Request::Put { key: key.clone(), record: merged.clone() }).await;
+                    if node.call(&r.node, Request::Put { key: key.clone(), record: merged.clone() }).await.is_ok() {
+                        node.metrics.read_repairs.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             });
         }

@@ -40,6 +40,10 @@ pub enum RpcError {
     Lost(String),
     #[error("request to {0} timed out")]
     Timeout(String),
+    /// The TLS handshake failed (certificate refused on either side, or
+    /// the peer does not speak TLS): nothing was sent.
+    #[error("TLS handshake with {node} failed: {reason}")]
+    Tls { node: String, reason: String },
     #[error("node {node} failed the request: {msg}")]
     Remote { node: String, msg: String },
     /// A message could not be encoded, or a reply decoded (the request
@@ -71,6 +75,58 @@ pub enum StoreError {
     Storage(String),
     #[error("transport: {0}")]
     Transport(String),
+    /// The TLS handshake failed or the node refused this client's
+    /// certificate: nothing was sent.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// A node's ring parameters disagree with this one's: it is refused
+    /// (at its join, and its gossip afterwards).
+    #[error("ring parameters disagree: node {node} has {theirs}, node {me} has {ours}; every node of a cluster must be started with the same --n and --partitions")]
+    RingMismatch { me: String, ours: crate::membership::RingParams, node: String, theirs: crate::membership::RingParams },
+    /// This node's join was refused (see the error inside); it serves no
+    /// client operations.
+    #[error("this node is not part of the ring: {0}")]
+    NotInRing(Box<StoreError>),
+}
+
+impl StoreError {
+    /// The error's name, as the JSON API's `code`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            StoreError::EmptyKey => "EmptyKey",
+            StoreError::KeyTooLarge { .. } => "KeyTooLarge",
+            StoreError::ValueTooLarge { .. } => "ValueTooLarge",
+            StoreError::BadContext(_) => "BadContext",
+            StoreError::QuorumFailed { .. } => "QuorumFailed",
+            StoreError::OutcomeUnknown(_) => "OutcomeUnknown",
+            StoreError::BadConfig(_) => "BadConfig",
+            StoreError::NoNodes => "NoNodes",
+            StoreError::Storage(_) => "Storage",
+            StoreError::Transport(_) => "Transport",
+            StoreError::Tls(_) => "Tls",
+            StoreError::RingMismatch { .. } => "RingMismatch",
+            StoreError::NotInRing(_) => "NotInRing",
+        }
+    }
+
+    /// The HTTP status of the JSON API for this error: 400 for bad input
+    /// (nothing was written), 503 when the store cannot serve now, 504
+    /// when a write's outcome is unknown, 500 otherwise.
+    pub fn http_status(&self) -> axum::http::StatusCode {
+        use axum::http::StatusCode;
+        match self {
+            StoreError::EmptyKey | StoreError::KeyTooLarge { .. } | StoreError::ValueTooLarge { .. } | StoreError::BadContext(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            StoreError::QuorumFailed { .. } | StoreError::NoNodes | StoreError::NotInRing(_) => StatusCode::SERVICE_UNAVAILABLE,
+            StoreError::OutcomeUnknown(_) => StatusCode::GATEWAY_TIMEOUT,
+            StoreError::BadConfig(_)
+            | StoreError::Storage(_)
+            | StoreError::Transport(_)
+            | StoreError::Tls(_)
+            | StoreError::RingMismatch { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
 }
 
 impl From<StorageError> for StoreError {

@@ -60,6 +60,7 @@ impl Node {
         }
         if delivered > 0 {
             tracing::info!(delivered, "hints handed off");
+            self.metrics.hints_delivered.fetch_add(delivered as u64, std::sync::atomic::Ordering::Relaxed);
         }
         delivered
     }

@@ -69,20 +69,71 @@ pub fn router(node: Arc<Node>) -> Router {
     let client = Router::new()
         .route("/v1/get", post(kv_get))
         .route("/v1/put", post(kv_put))
+        .route("/v1/json/get", post(crate::json::json_get))
+        .route("/v1/json/put", post(crate::json::json_put))
+        .route("/v1/json/delete", post(crate::json::json_delete))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/admin", get(admin))
         .route("/admin/leave", post(admin_leave))
         .route("/admin/remove", post(admin_remove))
+        .route("/admin/anti-entropy", post(admin_anti_entropy))
         .layer(DefaultBodyLimit::max(CLIENT_BODY_LIMIT));
     internal.merge(client).with_state(node)
 }
 
-/// Serve `node` on `listener` until the task is aborted.
+/// Serve `node` on `listener` in plaintext until the task is aborted (the
+/// same listener as [`crate::tcp::serve`], which answers HTTP and the
+/// framed protocol on one port; [`crate::tcp::serve_tls`] for TLS).
 pub fn serve(node: Arc<Node>, listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(node)).tcp_nodelay(true).await {
-            tracing::error!(error = %e, "http server stopped");
+    crate::tcp::serve(node, listener)
+}
+
+/// JSON error body of the operator endpoints: `{"code", "message"}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+}
+
+/// A JSON error response.
+pub fn error_response(status: axum::http::StatusCode, code: &str, message: &str) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (status, Json(ErrorBody { code: code.to_string(), message: message.to_string() })).into_response()
+}
+
+/// A request error with its causes (the TLS one when there is one).
+pub(crate) fn describe(e: &reqwest::Error) -> String {
+    if let Some(t) = tls_cause(e) {
+        return format!("TLS: {t}");
+    }
+    let mut msg = e.to_string();
+    let mut cur = std::error::Error::source(e);
+    while let Some(c) = cur {
+        msg.push_str(": ");
+        msg.push_str(&c.to_string());
+        cur = c.source();
+    }
+    msg
+}
+
+/// A rustls error in `e`'s chain of causes (a refused certificate, an
+/// alert from the peer), as text.
+fn tls_cause(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(t) = err.downcast_ref::<rustls::Error>() {
+            return Some(t.to_string());
         }
-    })
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if let Some(t) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                return Some(t.to_string());
+            }
+        }
+        cur = err.source();
+    }
+    None
 }
 
 async fn rpc(State(node): State<Arc<Node>>, body: Bytes) -> Vec<u8> {
@@ -112,6 +163,27 @@ async fn kv_put(State(node): State<Arc<Node>>, body: Bytes) -> Vec<u8> {
     encode(&res)
 }
 
+/// The process is up and serving (the control plane's form: plain 200).
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Joined the ring and able to serve quorum operations: 200, else 503 with
+/// the reason (`{"code": "NotReady", "message"}`).
+async fn readyz(State(node): State<Arc<Node>>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match node.readiness() {
+        Ok(()) => "ready".into_response(),
+        Err(e) => error_response(axum::http::StatusCode::SERVICE_UNAVAILABLE, "NotReady", &e.to_string()),
+    }
+}
+
+/// Prometheus text exposition format 0.0.4.
+async fn metrics(State(node): State<Arc<Node>>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], node.render_metrics()).into_response()
+}
+
 async fn admin(State(node): State<Arc<Node>>) -> Json<AdminView> {
     Json(node.admin_view())
 }
@@ -119,6 +191,11 @@ async fn admin(State(node): State<Arc<Node>>) -> Json<AdminView> {
 /// Remove a failed member (body: its id as plain text).
 async fn admin_remove(State(node): State<Arc<Node>>, body: String) -> Json<Result<(), StoreError>> {
     Json(node.remove_member(body.trim()).await)
+}
+
+/// Run one full anti-entropy round now; answers its report when it ends.
+async fn admin_anti_entropy(State(node): State<Arc<Node>>) -> Json<crate::anti_entropy::AntiEntropyReport> {
+    Json(node.run_anti_entropy().await)
 }
 
 /// Leave the cluster, handing every key over; answers when done.
@@ -130,17 +207,33 @@ async fn admin_leave(State(node): State<Arc<Node>>) -> Json<Result<(usize, usize
 #[derive(Clone)]
 pub struct HttpTransport {
     http: reqwest::Client,
+    scheme: &'static str,
+}
+
+/// A reqwest client builder with this process's certificate and the CA.
+pub(crate) fn client_builder(tls: Option<&crate::tls::TlsConfig>) -> (reqwest::ClientBuilder, &'static str) {
+    let b = reqwest::Client::builder().pool_max_idle_per_host(256).tcp_nodelay(true).http1_only();
+    match tls {
+        None => (b, "http"),
+        Some(t) => (b.use_preconfigured_tls((*t.client_config()).clone()).https_only(true), "https"),
+    }
 }
 
 impl HttpTransport {
+    /// Plaintext: for local development and tests only.
     pub fn new() -> HttpTransport {
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(256)
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(1))
-            .build()
-            .unwrap_or_default();
-        HttpTransport { http }
+        HttpTransport::build(None)
+    }
+
+    /// Mutual TLS (`https://`), as [`crate::TcpTransport::with_tls`].
+    pub fn with_tls(tls: &crate::tls::TlsConfig) -> HttpTransport {
+        HttpTransport::build(Some(tls))
+    }
+
+    fn build(tls: Option<&crate::tls::TlsConfig>) -> HttpTransport {
+        let (b, scheme) = client_builder(tls);
+        let http = b.connect_timeout(Duration::from_secs(1)).build().unwrap_or_default();
+        HttpTransport { http, scheme }
     }
 }
 
@@ -155,12 +248,14 @@ impl Transport for HttpTransport {
     async fn call(&self, _from: &NodeId, to: &NodeId, req: Request) -> Result<Response, RpcError> {
         let resp = self
             .http
-            .post(format!("http://{to}/internal/rpc"))
+            .post(format!("{}://{to}/internal/rpc", self.scheme))
             .body(encode(&req))
             .send()
             .await
             .map_err(|e| {
-                if e.is_timeout() {
+                if let Some(reason) = tls_cause(&e) {
+                    RpcError::Tls { node: to.clone(), reason }
+                } else if e.is_timeout() {
                     RpcError::Timeout(to.clone())
                 } else if e.is_connect() {
                     RpcError::Unreachable(to.clone())
@@ -200,13 +295,19 @@ impl HttpClient {
     /// admin request. A write that times out fails with
     /// [`StoreError::OutcomeUnknown`]: it may have been applied.
     pub fn with_timeout(addr: &str, timeout: Duration) -> HttpClient {
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(256)
-            .tcp_nodelay(true)
-            .timeout(timeout)
-            .build()
-            .unwrap_or_default();
-        HttpClient { base: format!("http://{addr}"), http }
+        HttpClient::build(addr, timeout, None)
+    }
+
+    /// Mutual TLS (`https://`): presents `tls`'s certificate, checks the
+    /// node's against the CA and the host part of `addr`.
+    pub fn with_tls(addr: &str, timeout: Duration, tls: &crate::tls::TlsConfig) -> HttpClient {
+        HttpClient::build(addr, timeout, Some(tls))
+    }
+
+    fn build(addr: &str, timeout: Duration, tls: Option<&crate::tls::TlsConfig>) -> HttpClient {
+        let (b, scheme) = client_builder(tls);
+        let http = b.timeout(timeout).build().unwrap_or_default();
+        HttpClient { base: format!("{scheme}://{addr}"), http }
     }
 
     async fn post<T: serde::de::DeserializeOwned>(&self, path: &str, body: Vec<u8>) -> Result<T, StoreError> {
@@ -227,7 +328,10 @@ impl HttpClient {
     /// A request that failed: refused connections are transport errors;
     /// after the request may have been sent, the outcome is unknown.
     fn failed(&self, e: reqwest::Error) -> StoreError {
-        if e.is_connect() {
+        if let Some(reason) = tls_cause(&e) {
+            // the TLS session was refused: no request reached the node
+            StoreError::Tls(reason)
+        } else if e.is_connect() {
             StoreError::Transport(e.to_string())
         } else {
             StoreError::OutcomeUnknown(self.base.clone())
@@ -235,23 +339,38 @@ impl HttpClient {
     }
 
     pub async fn admin(&self) -> Result<AdminView, StoreError> {
-        let resp = self.http.get(format!("{}/admin", self.base)).send().await.map_err(|e| StoreError::Transport(e.to_string()))?;
+        let resp = self.http.get(format!("{}/admin", self.base)).send().await.map_err(|e| self.failed(e))?;
         let b = resp.bytes().await.map_err(|e| StoreError::Transport(e.to_string()))?;
         serde_json::from_slice(&b).map_err(|e| StoreError::Transport(e.to_string()))
     }
 
+    /// Run one full anti-entropy round on the node now (waiting for one in
+    /// progress first); returns its report. Bounded by the leave timeout:
+    /// a round over a large store can take long.
+    pub async fn anti_entropy(&self) -> Result<crate::anti_entropy::AntiEntropyReport, StoreError> {
+        self.admin_post("/admin/anti-entropy").await
+    }
+
     /// Ask the node to leave the ring; returns (keys, hints) handed over.
     pub async fn leave(&self) -> Result<(usize, usize), StoreError> {
+        let res: Result<(usize, usize), StoreError> = self.admin_post("/admin/leave").await?;
+        res
+    }
+
+    /// POST an admin action that may take long; its JSON answer.
+    async fn admin_post<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, StoreError> {
         let resp = self
             .http
-            .post(format!("{}/admin/leave", self.base))
+            .post(format!("{}{path}", self.base))
             .timeout(LEAVE_TIMEOUT)
             .send()
             .await
-            .map_err(|e| StoreError::Transport(e.to_string()))?;
+            .map_err(|e| self.failed(e))?;
+        if !resp.status().is_success() {
+            return Err(StoreError::Transport(format!("http status {}", resp.status())));
+        }
         let b = resp.bytes().await.map_err(|e| StoreError::Transport(e.to_string()))?;
-        let res: Result<(usize, usize), StoreError> = serde_json::from_slice(&b).map_err(|e| StoreError::Transport(e.to_string()))?;
-        res
+        serde_json::from_slice(&b).map_err(|e| StoreError::Transport(e.to_string()))
     }
 
     /// Put with an already-encoded context string (e.g. from another

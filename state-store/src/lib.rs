@@ -14,22 +14,27 @@ pub mod coordinator;
 pub mod error;
 pub mod handoff;
 pub mod http;
+pub mod json;
 pub mod membership;
 pub mod merge;
 pub mod merkle;
+pub mod metrics;
 pub mod node;
 pub mod ring;
 pub mod rpc;
 pub mod sim;
 pub mod storage;
 pub mod tcp;
+pub mod tls;
 
 pub use api::{get_reconciled, Context, GetResult, KvClient, LocalClient};
 pub use error::{RpcError, StorageError, StoreError};
 pub use http::{HttpClient, HttpTransport};
+pub use json::JsonClient;
 pub use tcp::{TcpClient, TcpTransport};
-pub use node::{Config, Node};
+pub use node::{Config, JoinState, Node, NotReady};
 pub use storage::Fsync;
+pub use tls::{TlsConfig, TlsError};
 
 #[cfg(test)]
 pub(crate) mod test_util {

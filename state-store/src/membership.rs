@@ -40,6 +40,23 @@ pub struct Member {
     pub heartbeat: u64,
 }
 
+/// Parameters every node of a cluster must agree on: they decide where
+/// keys live. Carried in every gossip exchange (and so in the join); a
+/// node whose parameters differ is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingParams {
+    /// replicas per key (N)
+    pub n: u32,
+    /// fixed number of partitions (Q)
+    pub partitions: u32,
+}
+
+impl std::fmt::Display for RingParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "N={} partitions={}", self.n, self.partitions)
+    }
+}
+
 /// One member as seen by the local node (for the admin view).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MemberView {
@@ -63,6 +80,15 @@ struct Inner {
 
 pub struct Membership {
     me: NodeId,
+    params: RingParams,
+    /// nodes refused because their ring parameters disagree, with the
+    /// reason: never merged from gossip (so a new node never enters the
+    /// ring), not alive, not gossiped with, left out of the views this
+    /// node sends; cleared when that node gossips with agreeing ones. A
+    /// member already in the ring (a seed, or a member restarted with other
+    /// parameters) stays in it as a down node, as after a crash: liveness
+    /// never changes the ring
+    refused: Mutex<BTreeMap<NodeId, String>>,
     partitions: u32,
     fail_timeout: Duration,
     inner: Mutex<Inner>,
@@ -73,7 +99,8 @@ pub struct Membership {
 
 impl Membership {
     /// Start as a `Joined` member, knowing the seeds as members.
-    pub fn new(me: NodeId, seeds: &[NodeId], partitions: u32, fail_timeout: Duration) -> Membership {
+    pub fn new(me: NodeId, seeds: &[NodeId], params: RingParams, fail_timeout: Duration) -> Membership {
+        let partitions = params.partitions;
         let now = Instant::now();
         let mut members = BTreeMap::new();
         let t = now_ms();
@@ -91,6 +118,8 @@ impl Membership {
         }
         let m = Membership {
             me,
+            params,
+            refused: Mutex::new(BTreeMap::new()),
             partitions,
             fail_timeout,
             inner: Mutex::new(Inner { members, ring: Arc::new(Ring::new(&[], partitions)), ring_members: Vec::new() }),
@@ -105,6 +134,30 @@ impl Membership {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn refused_lock(&self) -> MutexGuard<'_, BTreeMap<NodeId, String>> {
+        self.refused.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn params(&self) -> RingParams {
+        self.params
+    }
+
+    /// Refuse `id`, whose ring parameters disagree with ours: it is down
+    /// for us from now on. Returns true the first time.
+    pub fn refuse(&self, id: &str, reason: String) -> bool {
+        id != self.me && self.refused_lock().insert(id.to_string(), reason).is_none()
+    }
+
+    /// `id` gossiped with agreeing parameters: no longer refused.
+    pub fn accept(&self, id: &str) {
+        self.refused_lock().remove(id);
+    }
+
+    /// Refused nodes and why.
+    pub fn refused(&self) -> BTreeMap<NodeId, String> {
+        self.refused_lock().clone()
     }
 
     fn rebuild_ring(&self, g: &mut Inner) {
@@ -136,6 +189,9 @@ impl Membership {
         if id == self.me {
             return true;
         }
+        if self.refused_lock().contains_key(id) {
+            return false;
+        }
         let g = self.lock();
         match g.members.get(id) {
             Some(e) => e.member.status != Status::Left && !e.suspect && e.last_seen.elapsed() < self.fail_timeout,
@@ -157,18 +213,22 @@ impl Membership {
         if let Some(e) = g.members.get_mut(&me) {
             e.member.heartbeat = now_ms().max(e.member.heartbeat + 1);
         }
-        g.members.values().map(|e| e.member.clone()).collect()
+        let refused = self.refused_lock().clone();
+        g.members.values().filter(|e| !refused.contains_key(&e.member.id)).map(|e| e.member.clone()).collect()
     }
 
+    /// The view sent to peers (refused nodes left out).
     pub fn snapshot(&self) -> Vec<Member> {
-        self.lock().members.values().map(|e| e.member.clone()).collect()
+        let refused = self.refused_lock().clone();
+        self.lock().members.values().filter(|e| !refused.contains_key(&e.member.id)).map(|e| e.member.clone()).collect()
     }
 
     /// Merge a view received by gossip.
     pub fn merge(&self, view: &[Member]) {
+        let refused = self.refused_lock().clone();
         let mut g = self.lock();
         let now = Instant::now();
-        for m in view {
+        for m in view.iter().filter(|m| !refused.contains_key(&m.id)) {
             if m.id == self.me {
                 // Someone believes we left or are leaving with a newer
                 // version (e.g. a stale view after restart): re-assert.
@@ -230,10 +290,11 @@ impl Membership {
 
     /// Peers worth gossiping with (everyone not known to have left).
     pub fn gossip_peers(&self) -> Vec<NodeId> {
+        let refused = self.refused_lock().clone();
         self.lock()
             .members
             .values()
-            .filter(|e| e.member.id != self.me && e.member.status != Status::Left)
+            .filter(|e| e.member.id != self.me && e.member.status != Status::Left && !refused.contains_key(&e.member.id))
             .map(|e| e.member.id.clone())
             .collect()
     }
@@ -253,9 +314,10 @@ mod tests {
 
     #[test]
     fn gossip_merge_spreads_status_and_liveness() {
-        let a = Membership::new("a".into(), &["b".into()], 16, Duration::from_secs(5));
-        let b = Membership::new("b".into(), &[], 16, Duration::from_secs(5));
-        let c = Membership::new("c".into(), &["b".into()], 16, Duration::from_secs(5));
+        let p = RingParams { n: 3, partitions: 16 };
+        let a = Membership::new("a".into(), &["b".into()], p, Duration::from_secs(5));
+        let b = Membership::new("b".into(), &[], p, Duration::from_secs(5));
+        let c = Membership::new("c".into(), &["b".into()], p, Duration::from_secs(5));
         b.merge(&c.tick());
         a.merge(&b.tick());
         assert_eq!(a.ring().nodes().len(), 3);

@@ -6,7 +6,7 @@
 use crate::api::Context;
 use crate::clock::{NodeId, Record};
 use crate::error::{check_key, RpcError, StorageError, StoreError};
-use crate::membership::Membership;
+use crate::membership::{Member, Membership, RingParams};
 use crate::merkle::key_digest;
 use crate::rpc::{Handler, Request, Response, Transport};
 use crate::storage::{encode_record, Fsync, Storage};
@@ -118,6 +118,37 @@ pub struct Node {
     /// Rotates which other owners a read asks first.
     pub(crate) read_turn: std::sync::atomic::AtomicUsize,
     pub(crate) started: std::time::Instant,
+    /// Outcome of [`Node::join`].
+    join_state: Mutex<JoinState>,
+    /// The join was refused (kept beside `join_state` for the request path).
+    join_refused: std::sync::atomic::AtomicBool,
+    pub(crate) metrics: crate::metrics::Metrics,
+    pub(crate) anti_entropy: crate::anti_entropy::AntiEntropyState,
+}
+
+/// Why a node is not ready (`GET /readyz` answers 503 with it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+pub enum NotReady {
+    #[error("the node has not joined the ring yet")]
+    JoinPending,
+    #[error("the join was refused: {0}")]
+    JoinRefused(String),
+    #[error("the node is leaving or has left the ring")]
+    NotJoined,
+    #[error("{alive} of the ring's {members} nodes are alive; quorum operations need {needed} (R={r}, W={w})")]
+    NoQuorum { alive: usize, members: usize, needed: usize, r: usize, w: usize },
+}
+
+/// Where the node is with its [`Node::join`].
+#[derive(Debug, Clone)]
+pub enum JoinState {
+    /// `join` has not completed yet.
+    Pending,
+    /// Joined: every peer reached agreed on the ring parameters.
+    Joined,
+    /// A peer refused this node (ring parameters disagree): it serves no
+    /// client operations.
+    Refused(StoreError),
 }
 
 impl Node {
@@ -127,7 +158,8 @@ impl Node {
         cfg.validate()?;
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| StorageError::Engine(e.to_string()))?;
         let storage = Arc::new(Storage::open(&cfg.data_dir.join("store"), cfg.partitions, cfg.fsync, cfg.memtable_bytes)?);
-        let membership = Membership::new(cfg.id.clone(), &cfg.seeds, cfg.partitions, cfg.fail_timeout);
+        let params = RingParams { n: cfg.n as u32, partitions: cfg.partitions };
+        let membership = Membership::new(cfg.id.clone(), &cfg.seeds, params, cfg.fail_timeout);
         let cfg_id = cfg.id.clone();
         let incarnation = storage.incarnation();
         let node = Arc::new_cyclic(|me| Node {
@@ -141,6 +173,10 @@ impl Node {
             stand_in_writes: std::sync::atomic::AtomicU64::new(0),
             read_turn: std::sync::atomic::AtomicUsize::new(0),
             started: std::time::Instant::now(),
+            join_state: Mutex::new(JoinState::Pending),
+            join_refused: std::sync::atomic::AtomicBool::new(false),
+            metrics: crate::metrics::Metrics::default(),
+            anti_entropy: Default::default(),
         });
         if node.cfg.background {
             node.spawn_loops();
@@ -163,6 +199,32 @@ impl Node {
 
     pub fn storage(&self) -> &Storage {
         &self.storage
+    }
+
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
+    /// Ready: joined the ring (the join completed and was not refused, and
+    /// the node is not leaving) and enough ring members alive for quorum
+    /// operations: max(R, W), capped by the ring's size as N is.
+    pub fn readiness(&self) -> Result<(), NotReady> {
+        match self.join_state() {
+            JoinState::Pending => return Err(NotReady::JoinPending),
+            JoinState::Refused(e) => return Err(NotReady::JoinRefused(e.to_string())),
+            JoinState::Joined => {}
+        }
+        if !self.membership.is_joined() {
+            return Err(NotReady::NotJoined);
+        }
+        let ring = self.membership.ring();
+        let members = ring.nodes().len();
+        let alive = ring.nodes().iter().filter(|n| self.membership.is_alive(n)).count();
+        let needed = self.cfg.r.max(self.cfg.w).min(self.cfg.n).min(members).max(1);
+        if alive < needed {
+            return Err(NotReady::NoQuorum { alive, members, needed, r: self.cfg.r, w: self.cfg.w });
+        }
+        Ok(())
     }
 
     /// Stop the background loops (the node keeps answering requests until
@@ -270,7 +332,17 @@ impl Node {
                 }
                 Response::Ok
             }
-            Request::Gossip { members } => {
+            Request::Gossip { from, params, members } => {
+                let ours = self.membership.params();
+                if params != ours {
+                    let err = StoreError::RingMismatch { me: self.cfg.id.clone(), ours, node: from.clone(), theirs: params };
+                    self.metrics.ring_refusals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if self.membership.refuse(&from, err.to_string()) {
+                        tracing::error!(peer = %from, error = %err, "refused a node whose ring parameters disagree");
+                    }
+                    return Ok(Response::Failed(err));
+                }
+                self.membership.accept(&from);
                 self.membership.merge(&members);
                 Response::Members(self.membership.snapshot())
             }
@@ -328,28 +400,75 @@ impl Node {
             peers.choose(&mut rand::thread_rng()).cloned()
         };
         if let Some(peer) = peer {
-            if let Ok(Response::Members(m)) = self.call(&peer, Request::Gossip { members: view }).await {
+            let _ = self.gossip_with(&peer, view).await;
+        }
+    }
+
+    /// A push-pull exchange with `peer`. `Err` only when the peer refused
+    /// us because the ring parameters disagree; the peer is then refused
+    /// here too (out of our ring, no more gossip).
+    async fn gossip_with(&self, peer: &NodeId, members: Vec<Member>) -> Result<(), StoreError> {
+        let req = Request::Gossip { from: self.cfg.id.clone(), params: self.membership.params(), members };
+        match self.call(peer, req).await {
+            Ok(Response::Members(m)) => {
                 self.membership.merge(&m);
+                Ok(())
             }
+            Ok(Response::Failed(e @ StoreError::RingMismatch { .. })) => {
+                self.metrics.ring_refusals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if self.membership.refuse(peer, e.to_string()) {
+                    tracing::error!(%peer, error = %e, "a peer refused this node: ring parameters disagree");
+                }
+                Err(e)
+            }
+            _ => Ok(()),
         }
     }
 
     /// Announce this node to its seeds and every peer it learns of: the
     /// explicit join. Peers add it to their ring on receipt; its partitions
-    /// are then filled by anti-entropy.
-    pub async fn join(&self) {
-        self.gossip_all().await;
+    /// are then filled by anti-entropy. Peers that cannot be reached are
+    /// not an error (they learn of this node by gossip later), but a peer
+    /// whose ring parameters (N, partitions) disagree refuses the join:
+    /// the error names both sides' parameters, and from then on this node
+    /// answers client operations with [`StoreError::NotInRing`].
+    pub async fn join(&self) -> Result<(), StoreError> {
         // a second pass reaches the peers learned from the seeds
-        self.gossip_all().await;
+        for _ in 0..2 {
+            let view = self.membership.tick();
+            for peer in self.membership.gossip_peers() {
+                if let Err(e) = self.gossip_with(&peer, view.clone()).await {
+                    tracing::error!(error = %e, "join refused");
+                    self.join_refused.store(true, std::sync::atomic::Ordering::Release);
+                    *self.join_state.lock().unwrap_or_else(|p| p.into_inner()) = JoinState::Refused(e.clone());
+                    return Err(e);
+                }
+            }
+        }
+        *self.join_state.lock().unwrap_or_else(|p| p.into_inner()) = JoinState::Joined;
+        Ok(())
     }
 
-    /// Gossip with every known peer once (used on join and leave).
+    pub fn join_state(&self) -> JoinState {
+        self.join_state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// `Err(NotInRing)` when this node's join was refused.
+    pub(crate) fn check_in_ring(&self) -> Result<(), StoreError> {
+        if !self.join_refused.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
+        match self.join_state() {
+            JoinState::Refused(e) => Err(StoreError::NotInRing(Box::new(e))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Gossip with every known peer once (used on leave and removal).
     pub async fn gossip_all(&self) {
         let view = self.membership.tick();
         for peer in self.membership.gossip_peers() {
-            if let Ok(Response::Members(m)) = self.call(&peer, Request::Gossip { members: view.clone() }).await {
-                self.membership.merge(&m);
-            }
+            let _ = self.gossip_with(&peer, view.clone()).await;
         }
     }
 
@@ -360,7 +479,7 @@ impl Node {
             n.deliver_hints().await;
         }));
         tasks.push(spawn_periodic(Arc::downgrade(self), self.cfg.anti_entropy_interval, |n| async move {
-            n.anti_entropy_round().await;
+            n.run_anti_entropy().await;
         }));
         tasks.push(spawn_periodic(Arc::downgrade(self), self.cfg.gc_interval, |n| async move {
             n.gc_tombstones().await;

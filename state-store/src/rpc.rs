@@ -9,7 +9,7 @@ use crate::clock::{NodeId, Record};
 use crate::api::GetResult;
 use crate::clock::VersionVector;
 use crate::error::{RpcError, StoreError};
-use crate::membership::Member;
+use crate::membership::{Member, RingParams};
 use crate::merkle::Digest;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -22,8 +22,10 @@ pub enum Request {
     Put { #[serde(with = "serde_bytes")] key: Vec<u8>, record: Record },
     /// Sloppy-quorum write meant for `owner`.
     Hinted { owner: NodeId, #[serde(with = "serde_bytes")] key: Vec<u8>, record: Record },
-    /// Push-pull gossip of membership and heartbeats.
-    Gossip { members: Vec<Member> },
+    /// Push-pull gossip of membership and heartbeats, with the sender's
+    /// ring parameters (a receiver whose parameters differ refuses it with
+    /// `Response::Failed(StoreError::RingMismatch)`).
+    Gossip { from: NodeId, params: RingParams, members: Vec<Member> },
     /// Encoded Merkle leaves of one partition.
     MerkleLeaves { partition: u32 },
     /// Per-key digests of the given leaves of one partition.

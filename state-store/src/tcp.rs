@@ -1,7 +1,11 @@
-//! Framed binary transport for node-to-node calls over TCP.
+//! Framed binary transport for node-to-node calls over TCP, plaintext or
+//! mutual TLS.
 //!
-//! A connection opens with the 4-byte magic `NMB1`; after that both sides
-//! exchange frames `u32 length ‖ u64 request id ‖ bincode payload`.
+//! A connection opens (inside TLS when configured) with the 4-byte magic
+//! `NMB1`; the server answers `NMB1` when it takes the connection, or
+//! `NMB0 ‖ u32 length ‖ reason` and closes it (no client certificate,
+//! plaintext on a TLS port). After that both sides exchange frames
+//! `u32 length ‖ u64 request id ‖ bincode payload`.
 //! Requests are multiplexed on one connection per peer, answered out of
 //! order, and each side coalesces queued frames into one write. The node's
 //! listener serves both this protocol and HTTP on the same port: it peeks at
@@ -12,6 +16,7 @@ use crate::api::{Context, GetResult, KvClient};
 use crate::error::{check_key, check_value, RpcError, StoreError};
 use crate::node::Node;
 use crate::rpc::{Request, Response, Transport};
+use crate::tls::{server_name, TlsConfig};
 use async_trait::async_trait;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +26,12 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 const MAGIC: &[u8; 4] = b"NMB1";
+/// The server's answer to the magic when it refuses the connection.
+const REFUSED: &[u8; 4] = b"NMB0";
+/// Bound of a TLS handshake plus the magic exchange.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// TLS records start with this content type (handshake).
+const TLS_HANDSHAKE_BYTE: u8 = 0x16;
 /// Largest frame accepted (anti-entropy batches can be large).
 const MAX_FRAME: usize = 256 * 1024 * 1024;
 /// Coalesced writes are flushed at this size at the latest.
@@ -39,15 +50,24 @@ struct Conn {
     dead: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// Client side: one multiplexed connection per peer, reconnected on error.
+/// Client side: one multiplexed connection per peer, reconnected on error;
+/// plaintext ([`TcpTransport::new`]) or mutual TLS ([`TcpTransport::with_tls`]).
 #[derive(Default)]
 pub struct TcpTransport {
     conns: Mutex<HashMap<NodeId, Arc<Conn>>>,
+    tls: Option<TlsConfig>,
 }
 
 impl TcpTransport {
+    /// Plaintext: for local development and tests only.
     pub fn new() -> TcpTransport {
         TcpTransport::default()
+    }
+
+    /// Mutual TLS: presents `tls`'s certificate and checks each node's
+    /// certificate against the CA and the host part of its id.
+    pub fn with_tls(tls: TlsConfig) -> TcpTransport {
+        TcpTransport { conns: Mutex::new(HashMap::new()), tls: Some(tls) }
     }
 
     async fn conn(&self, to: &NodeId) -> Result<Arc<Conn>, RpcError> {
@@ -61,30 +81,96 @@ impl TcpTransport {
             .map_err(|_| RpcError::Timeout(to.clone()))?
             .map_err(|_| RpcError::Unreachable(to.clone()))?;
         let _ = stream.set_nodelay(true);
-        let (rd, mut wr) = stream.into_split();
-        let mut rd = tokio::io::BufReader::with_capacity(READ_BUF, rd);
-        wr.write_all(MAGIC).await.map_err(|_| RpcError::Unreachable(to.clone()))?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
-        tokio::spawn(write_loop(wr, rx));
-        let p = pending.clone();
-        let dead = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let d = dead.clone();
-        tokio::spawn(async move {
-            while let Ok((id, payload)) = read_frame(&mut rd).await {
-                if let Some(tx) = p.lock().unwrap_or_else(|e| e.into_inner()).remove(&id) {
-                    let _ = tx.send(payload);
+        let tls_failed = |reason: String| RpcError::Tls { node: to.clone(), reason };
+        // nothing has been sent before the server took the connection: a
+        // silent or failing server is unreachable, a refusing one a TLS error
+        let conn = match &self.tls {
+            None => {
+                let (rd, wr) = stream.into_split();
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, open(rd, wr)).await {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(OpenError::Refused(reason))) => return Err(tls_failed(reason)),
+                    Ok(Err(OpenError::Io(_))) | Err(_) => return Err(RpcError::Unreachable(to.clone())),
                 }
             }
-            // connection gone (e.g. the peer restarted): new calls reconnect,
-            // callers waiting on it see a closed channel
-            d.store(true, Ordering::Release);
-            p.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        });
-        let conn = Arc::new(Conn { tx, pending, next: AtomicU64::new(1), dead });
+            Some(tls) => {
+                let name = server_name(to).map_err(|e| tls_failed(e.to_string()))?;
+                let handshake = async {
+                    let s = tls.connector().connect(name, stream).await.map_err(|e| OpenError::Io(io_reason(&e)))?;
+                    let (rd, wr) = tokio::io::split(s);
+                    open(rd, wr).await
+                };
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(OpenError::Refused(reason) | OpenError::Io(reason))) => return Err(tls_failed(reason)),
+                    Err(_) => return Err(RpcError::Unreachable(to.clone())),
+                }
+            }
+        };
         self.conns.lock().unwrap_or_else(|p| p.into_inner()).insert(to.clone(), conn.clone());
         Ok(conn)
     }
+}
+
+/// The reason an I/O error on a TLS stream carries (a rustls error, such
+/// as an alert from the peer that refused our certificate, when there is one).
+fn io_reason(e: &std::io::Error) -> String {
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        Some(t) => t.to_string(),
+        None => e.to_string(),
+    }
+}
+
+/// Why a connection could not be opened.
+enum OpenError {
+    /// the server answered the magic with a refusal
+    Refused(String),
+    /// the connection failed first (with TLS 1.3 the server checks our
+    /// certificate after our side of the handshake completed: its alert
+    /// arrives here)
+    Io(String),
+}
+
+/// Send the magic, wait for the server's answer, and start the reader and
+/// writer of a connection.
+async fn open<R, W>(rd: R, mut wr: W) -> Result<Arc<Conn>, OpenError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let io = |e: std::io::Error| OpenError::Io(io_reason(&e));
+    let mut rd = tokio::io::BufReader::with_capacity(READ_BUF, rd);
+    wr.write_all(MAGIC).await.map_err(io)?;
+    wr.flush().await.map_err(io)?;
+    let mut answer = [0u8; 4];
+    rd.read_exact(&mut answer).await.map_err(io)?;
+    if &answer == REFUSED {
+        let len = rd.read_u32().await.map_err(io)? as usize;
+        let mut reason = vec![0u8; len.min(4096)];
+        rd.read_exact(&mut reason).await.map_err(io)?;
+        return Err(OpenError::Refused(format!("refused by the server: {}", String::from_utf8_lossy(&reason))));
+    }
+    if &answer != MAGIC {
+        return Err(OpenError::Io("the server does not speak the store's protocol".into()));
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+    tokio::spawn(write_loop(wr, rx));
+    let p = pending.clone();
+    let dead = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d = dead.clone();
+    tokio::spawn(async move {
+        while let Ok((id, payload)) = read_frame(&mut rd).await {
+            if let Some(tx) = p.lock().unwrap_or_else(|e| e.into_inner()).remove(&id) {
+                let _ = tx.send(payload);
+            }
+        }
+        // connection gone (e.g. the peer restarted): new calls reconnect,
+        // callers waiting on it see a closed channel
+        d.store(true, Ordering::Release);
+        p.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    });
+    Ok(Arc::new(Conn { tx, pending, next: AtomicU64::new(1), dead }))
 }
 
 /// Removes a pending entry when the call is dropped (e.g. on timeout).
@@ -133,9 +219,15 @@ pub struct TcpClient {
 }
 
 impl TcpClient {
-    /// `addr` is a node's `host:port`; `timeout` bounds each operation.
+    /// Plaintext (local development): `addr` is a node's `host:port`;
+    /// `timeout` bounds each operation.
     pub fn new(addr: &str, timeout: std::time::Duration) -> TcpClient {
         TcpClient { addr: addr.to_string(), transport: TcpTransport::new(), timeout }
+    }
+
+    /// Mutual TLS: presents `tls`'s certificate and checks the node's.
+    pub fn with_tls(addr: &str, timeout: std::time::Duration, tls: TlsConfig) -> TcpClient {
+        TcpClient { addr: addr.to_string(), transport: TcpTransport::with_tls(tls), timeout }
     }
 
     async fn call(&self, req: Request) -> Result<Response, StoreError> {
@@ -147,6 +239,8 @@ impl TcpClient {
             Ok(Err(RpcError::Lost(_) | RpcError::Timeout(_) | RpcError::Codec(_))) | Err(_) => {
                 Err(StoreError::OutcomeUnknown(self.addr.clone()))
             }
+            // nothing was sent
+            Ok(Err(RpcError::Tls { node, reason })) => Err(StoreError::Tls(format!("{node}: {reason}"))),
             Ok(Err(e)) => Err(StoreError::Transport(e.to_string())),
         }
     }
@@ -211,16 +305,59 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::UnboundedRec
                 next = rx.try_recv().ok();
             }
         }
-        if wr.write_all(&buf).await.is_err() {
+        // flush: a TLS stream holds records back until flushed
+        if wr.write_all(&buf).await.is_err() || wr.flush().await.is_err() {
             return;
         }
         buf.clear();
     }
 }
 
-/// Serve one framed-RPC connection (magic already consumed).
-async fn serve_rpc(node: Arc<Node>, stream: TcpStream) {
-    let (rd, wr) = stream.into_split();
+/// Who is at the other end of an accepted connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Peer {
+    /// plaintext node, or TLS with a certificate that chains to the CA
+    Trusted,
+    /// TLS without a client certificate: health and readiness only
+    NoCertificate,
+    /// plaintext on a port that requires TLS: refused
+    Plaintext,
+}
+
+impl Peer {
+    /// Why a request from this peer is refused (`None`: it is served).
+    fn refusal(self, path: Option<&str>) -> Option<&'static str> {
+        match self {
+            Peer::Trusted => None,
+            Peer::NoCertificate if matches!(path, Some("/healthz" | "/readyz")) => None,
+            Peer::NoCertificate => Some("a client certificate signed by the cluster CA is required"),
+            Peer::Plaintext => Some("this node requires TLS"),
+        }
+    }
+}
+
+/// Serve one framed-RPC connection (magic already consumed): answer the
+/// magic, then serve frames; a refused peer gets the refusal and the
+/// connection is closed.
+async fn serve_rpc<R, W>(node: Arc<Node>, rd: R, mut wr: W, peer: Peer)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    if let Some(reason) = peer.refusal(None) {
+        tracing::warn!(?peer, "framed connection refused: {reason}");
+        node.metrics().unauthenticated.fetch_add(1, Ordering::Relaxed);
+        let mut msg = REFUSED.to_vec();
+        msg.extend_from_slice(&(reason.len() as u32).to_be_bytes());
+        msg.extend_from_slice(reason.as_bytes());
+        let _ = wr.write_all(&msg).await;
+        let _ = wr.flush().await;
+        let _ = wr.shutdown().await;
+        return;
+    }
+    if wr.write_all(MAGIC).await.is_err() || wr.flush().await.is_err() {
+        return;
+    }
     let mut rd = tokio::io::BufReader::with_capacity(READ_BUF, rd);
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(write_loop(wr, rx));
@@ -252,14 +389,149 @@ async fn serve_rpc(node: Arc<Node>, stream: TcpStream) {
     }
 }
 
-/// Serve `node` on `listener`: framed RPC for connections that start with
-/// the magic, HTTP (the client API, admin and `/internal/rpc`) otherwise.
+/// Serve HTTP on `io`; requests `peer` may not make get their refusal
+/// (401 without a client certificate, 400 plaintext on a TLS port).
+async fn serve_http<I>(node: Arc<Node>, router: axum::Router, io: I, peer: Peer)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let mut r = router.clone();
+        let refusal = peer.refusal(Some(req.uri().path()));
+        if refusal.is_some() {
+            node.metrics().unauthenticated.fetch_add(1, Ordering::Relaxed);
+        }
+        async move {
+            match refusal {
+                None => tower_service::Service::call(&mut r, req).await,
+                Some(reason) => {
+                    let status = if peer == Peer::Plaintext {
+                        axum::http::StatusCode::BAD_REQUEST
+                    } else {
+                        axum::http::StatusCode::UNAUTHORIZED
+                    };
+                    tracing::warn!(?peer, path = %req.uri().path(), "request refused: {reason}");
+                    Ok(crate::http::error_response(status, "Unauthenticated", reason))
+                }
+            }
+        }
+    });
+    let io = hyper_util::rt::TokioIo::new(io);
+    if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await {
+        tracing::debug!(error = %e, "http connection ended");
+    }
+}
+
+/// A stream whose first bytes were already read: they are replayed first.
+struct Replay<S> {
+    head: [u8; 4],
+    pos: usize,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.pos < self.head.len() {
+            let n = (self.head.len() - self.pos).min(buf.remaining());
+            let start = self.pos;
+            buf.put_slice(&self.head[start..start + n]);
+            self.pos += n;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A plaintext connection: framed RPC if it starts with the magic, HTTP
+/// otherwise (peeked, so the stream is split without a lock).
+async fn serve_plain(node: Arc<Node>, router: axum::Router, stream: TcpStream, peer: Peer) {
+    let mut head = [0u8; 4];
+    let is_rpc = loop {
+        match stream.peek(&mut head).await {
+            Ok(n) if n >= 4 => break &head == MAGIC,
+            Ok(0) | Err(_) => return,
+            Ok(n) if head[..n] != MAGIC[..n] => break false,
+            Ok(_) => tokio::task::yield_now().await,
+        }
+    };
+    if is_rpc {
+        let mut stream = stream;
+        let mut skip = [0u8; 4];
+        if stream.read_exact(&mut skip).await.is_ok() {
+            let (rd, wr) = stream.into_split();
+            serve_rpc(node, rd, wr, peer).await;
+        }
+    } else {
+        serve_http(node, router, stream, peer).await;
+    }
+}
+
+/// A TLS connection after the handshake: the same choice of protocol.
+async fn serve_secure<S>(node: Arc<Node>, router: axum::Router, mut stream: S, peer: Peer)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut head = [0u8; 4];
+    // every HTTP request is longer than 4 bytes; a client that sends
+    // fewer and waits is dropped
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.read_exact(&mut head)).await {
+        Ok(Ok(_)) => {}
+        _ => return,
+    }
+    if &head == MAGIC {
+        let (rd, wr) = tokio::io::split(stream);
+        serve_rpc(node, rd, wr, peer).await;
+    } else {
+        serve_http(node, router, Replay { head, pos: 0, inner: stream }, peer).await;
+    }
+}
+
+/// Serve `node` on `listener` in plaintext (local development and tests):
+/// framed RPC for connections that start with the magic, HTTP (the client
+/// API, admin and `/internal/rpc`) otherwise.
 pub fn serve(node: Arc<Node>, listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
+    serve_with(node, listener, None)
+}
+
+/// Serve `node` on `listener` with mutual TLS. A connection must complete
+/// a TLS handshake; a client certificate, when presented, must chain to
+/// the CA. Without one only `GET /healthz` and `GET /readyz` are answered
+/// (probes); every other HTTP request gets 401 and a framed connection is
+/// refused. Plaintext connections get 400 (HTTP) or a refusal (framed).
+pub fn serve_tls(node: Arc<Node>, listener: tokio::net::TcpListener, tls: TlsConfig) -> tokio::task::JoinHandle<()> {
+    serve_with(node, listener, Some(tls.acceptor()))
+}
+
+fn serve_with(
+    node: Arc<Node>,
+    listener: tokio::net::TcpListener,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+) -> tokio::task::JoinHandle<()> {
     let router = crate::http::router(node.clone());
     tokio::spawn(async move {
         loop {
-            let stream = match listener.accept().await {
-                Ok((s, _)) => s,
+            let (stream, remote) = match listener.accept().await {
+                Ok(s) => s,
                 Err(e) => {
                     // e.g. out of file descriptors: back off instead of spinning
                     tracing::warn!(error = %e, "accept failed");
@@ -268,33 +540,32 @@ pub fn serve(node: Arc<Node>, listener: tokio::net::TcpListener) -> tokio::task:
                 }
             };
             let _ = stream.set_nodelay(true);
-            let (node, router) = (node.clone(), router.clone());
+            let (node, router, acceptor) = (node.clone(), router.clone(), acceptor.clone());
             tokio::spawn(async move {
-                let mut head = [0u8; 4];
-                let is_rpc = loop {
-                    match stream.peek(&mut head).await {
-                        Ok(n) if n >= 4 => break &head == MAGIC,
-                        Ok(0) | Err(_) => return,
-                        Ok(n) if head[..n] != MAGIC[..n] => break false,
-                        Ok(_) => tokio::task::yield_now().await,
+                let Some(acceptor) = acceptor else {
+                    return serve_plain(node, router, stream, Peer::Trusted).await;
+                };
+                let mut first = [0u8; 1];
+                match stream.peek(&mut first).await {
+                    Ok(1) if first[0] == TLS_HANDSHAKE_BYTE => {}
+                    Ok(1) => return serve_plain(node, router, stream, Peer::Plaintext).await,
+                    _ => return,
+                }
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::warn!(%remote, error = %io_reason(&e), "TLS handshake refused");
+                        node.metrics().tls_refused.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!(%remote, "TLS handshake timed out");
+                        return;
                     }
                 };
-                if is_rpc {
-                    let mut stream = stream;
-                    let mut skip = [0u8; 4];
-                    if stream.read_exact(&mut skip).await.is_ok() {
-                        serve_rpc(node, stream).await;
-                    }
-                } else {
-                    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                        let mut r = router.clone();
-                        async move { tower_service::Service::call(&mut r, req).await }
-                    });
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await {
-                        tracing::debug!(error = %e, "http connection ended");
-                    }
-                }
+                let has_cert = tls.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
+                let peer = if has_cert { Peer::Trusted } else { Peer::NoCertificate };
+                serve_secure(node, router, tls, peer).await;
             });
         }
     })

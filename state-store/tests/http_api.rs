@@ -5,27 +5,18 @@
 //! on a writer thread), the second with the framed TCP transport and the
 //! default periodic fsync (writes committed on the caller's thread).
 
+mod support;
 use nimbus_state_store::http::{self, PutRequest};
 use nimbus_state_store::{Context, HttpClient, KvClient, StoreError, TcpClient};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
-}
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use support::{free_port, Proc};
 
 fn spawn_node(addr: &str, dir: &std::path::Path, seeds: &[String], n: usize, transport: &str) -> Proc {
     let fsync = if transport == "http" { "always" } else { "100ms" };
     let child = Command::new(env!("CARGO_BIN_EXE_store-node"))
-        .args(["--transport", transport, "--fsync", fsync, "--listen", addr, "--data-dir"])
+        .args(["--insecure-plaintext", "--transport", transport, "--fsync", fsync, "--listen", addr, "--data-dir"])
         .arg(dir)
         .args(["--seeds", &seeds.join(","), "--n", &n.to_string(), "--r", &n.min(2).to_string(), "--w", &n.min(2).to_string()])
         .env("RUST_LOG", "warn")
@@ -219,14 +210,7 @@ async fn sigkill_during_concurrent_writes_loses_no_acknowledged_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_client_requests_to_a_silent_node_end_with_the_timeout() {
     // a "node" that accepts connections and never answers
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr").to_string();
-    let silent = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((sock, _)) = listener.accept().await {
-            held.push(sock);
-        }
-    });
+    let (addr, silent) = support::silent_server().await;
     let client = HttpClient::with_timeout(&addr, Duration::from_millis(300));
     let bound = Duration::from_secs(5);
     let empty = Context::empty();

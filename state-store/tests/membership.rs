@@ -350,3 +350,82 @@ async fn graves_move_with_their_partitions() {
     }
     n5.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_other_ring_parameters_is_refused() {
+    use nimbus_state_store::rpc::{Request, Response, Transport};
+    use nimbus_state_store::{Config, StoreError};
+    let c = Cluster::start(3, 21).await;
+    for n in c.live() {
+        n.join().await.expect("join");
+    }
+    let client = LocalClient(c.node(0).expect("n0"));
+    type Tweak = fn(&mut Config);
+    let tweaks: [(&str, Tweak); 2] = [("partitions", |cfg| cfg.partitions = 64), ("n", |cfg| cfg.n = 2)];
+    for (what, tweak) in tweaks {
+        let id = format!("bad-{what}");
+        let mut cfg = config(c.dir.path(), &id, &["n0".to_string()]);
+        tweak(&mut cfg);
+        let bad = Node::start(cfg, c.net.clone()).await.expect("start");
+        let h: Arc<dyn Handler> = bad.clone();
+        c.net.register(&id, Arc::downgrade(&h));
+        // the join is refused with both sides' parameters
+        let err = bad.join().await.expect_err("a disagreeing node's join is refused");
+        assert!(matches!(err, StoreError::RingMismatch { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains("N=3 partitions=256") && msg.contains(&id), "{msg}");
+        // it serves no client operations
+        let r = LocalClient(bad.clone()).put(b"k", b"v".to_vec(), &Context::empty()).await;
+        assert!(matches!(r, Err(StoreError::NotInRing(_))), "{r:?}");
+        assert!(matches!(LocalClient(bad.clone()).get(b"k").await, Err(StoreError::NotInRing(_))));
+        // its gossip is refused by nodes it did not join through too
+        let req = Request::Gossip { from: id.clone(), params: bad.membership().params(), members: bad.membership().snapshot() };
+        let resp = c.net.call(&id, &"n2".to_string(), req).await;
+        assert!(matches!(resp, Ok(Response::Failed(StoreError::RingMismatch { .. }))), "{resp:?}");
+        // gossip goes on: no established node ever takes it into its ring
+        for _ in 0..10 {
+            bad.gossip_round().await;
+            for n in c.live() {
+                n.gossip_round().await;
+            }
+        }
+        for n in c.live() {
+            assert_eq!(n.membership().ring().nodes().len(), 3, "{} took {id} into its ring", n.id());
+            assert!(n.membership().view().iter().all(|m| m.id != id), "{} lists {id}", n.id());
+            assert!(n.readiness().is_ok(), "{} is still ready: {:?}", n.id(), n.readiness());
+        }
+        // writes through one established node read back through another
+        assert!(matches!(bad.readiness(), Err(nimbus_state_store::NotReady::JoinRefused(_))));
+        for i in 0..50 {
+            let key = format!("{what}-{i}");
+            client.put(key.as_bytes(), b"v".to_vec(), &Context::empty()).await.expect("put");
+            let r = LocalClient(c.node(1 + i % 2).expect("node")).get(key.as_bytes()).await.expect("get");
+            assert_eq!(r.values, vec![b"v".to_vec()], "{key}");
+        }
+        bad.shutdown();
+        c.net.kill(&id);
+    }
+    // a member restarted with another N (on its own store: a different
+    // partition count would not even open it) is refused too, and stays
+    // in the ring as a down node (its partitions do not move) until it
+    // comes back with the right one
+    c.kill(2);
+    let mut cfg = config(c.dir.path(), "n2", &c.ids);
+    cfg.n = 2;
+    let wrong = Node::start(cfg, c.net.clone()).await.expect("start");
+    let h: Arc<dyn Handler> = wrong.clone();
+    c.net.register(&"n2".to_string(), Arc::downgrade(&h));
+    assert!(matches!(wrong.join().await, Err(StoreError::RingMismatch { .. })));
+    let n0 = c.node(0).expect("n0");
+    assert!(!n0.membership().is_alive("n2"), "refused means down");
+    assert_eq!(n0.membership().ring().nodes().len(), 3, "n2 keeps its partitions");
+    assert!(n0.admin_view().refused_members.contains_key("n2"));
+    wrong.shutdown();
+    c.net.kill(&"n2".to_string());
+    drop((h, wrong));
+    c.restart(2).await;
+    wait_until("n2 is back with the right parameters", Duration::from_secs(10), || {
+        n0.membership().is_alive("n2") && !n0.admin_view().refused_members.contains_key("n2")
+    })
+    .await;
+}

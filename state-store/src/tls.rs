@@ -1,0 +1,281 @@
+//! Mutual TLS for node-to-node and client traffic (rustls, ring provider).
+//!
+//! Every node and every client holds a certificate issued by the cluster's
+//! CA (in Nimbus: the control plane's, issued at host registration) and the
+//! CA certificate itself. A [`TlsConfig`] is built once from the three PEMs
+//! (files or bytes) and gives the server side (client certificate checked
+//! against the CA) and the client side (server certificate checked against
+//! the CA and the node's name; this side's certificate presented).
+//!
+//! Naming: a node's id is its listen address `host:port`, and a client
+//! checks the server certificate against the *host* part: an IP address
+//! must be an IP SAN of the certificate, a name a DNS SAN. Client
+//! certificates are checked for the chain only: any certificate the CA
+//! issued is trusted for every request (there are no roles).
+//!
+//! [`dev`] makes a throwaway CA and certificates in-process (store-bench
+//! `--tls`, tests).
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use thiserror::Error;
+
+/// Errors building a TLS configuration.
+#[derive(Debug, Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{what}: no PEM certificate found")]
+    NoCertificate { what: &'static str },
+    #[error("{what}: malformed PEM: {msg}")]
+    Pem { what: &'static str, msg: String },
+    #[error("no private key found in the key PEM: {0}")]
+    NoKey(String),
+    #[error("CA certificate rejected: {0}")]
+    BadCa(String),
+    #[error("certificate and key rejected: {0}")]
+    BadCertificate(String),
+    #[error("invalid server name {0:?}: a node id is host:port, with an IP address or DNS name as host")]
+    ServerName(String),
+    #[error("certificate generation: {0}")]
+    Generate(String),
+    #[error("this node's certificate is not valid for {node}: {reason}")]
+    NotForNode { node: String, reason: String },
+}
+
+/// Mutual-TLS settings of a node or client: the CA that signs every
+/// certificate of the cluster, and this process's certificate (chain) and
+/// private key. Cheap to clone.
+#[derive(Clone)]
+pub struct TlsConfig {
+    server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+    roots: Arc<RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsConfig { .. }")
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn certs(what: &'static str, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem { what, msg: e.to_string() })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate { what });
+    }
+    Ok(certs)
+}
+
+impl TlsConfig {
+    /// Build from PEM bytes: the CA certificate(s), this process's
+    /// certificate chain (leaf first) and its private key (PKCS#8, PKCS#1
+    /// or SEC1).
+    pub fn from_pem(ca_pem: &[u8], cert_pem: &[u8], key_pem: &[u8]) -> Result<TlsConfig, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for ca in certs("CA certificate", ca_pem)? {
+            roots.add(ca).map_err(|e| TlsError::BadCa(e.to_string()))?;
+        }
+        let roots = Arc::new(roots);
+        let chain = certs("certificate", cert_pem)?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::NoKey(e.to_string()))?;
+        let p = provider();
+        // A connection without a client certificate is accepted by the TLS
+        // layer so that health and readiness probes work; every other
+        // request is refused per request (see `tcp::serve_tls`). A
+        // certificate that is presented must chain to the CA.
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), p.clone())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| TlsError::BadCa(e.to_string()))?;
+        let server = ServerConfig::builder_with_provider(p.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::BadCertificate(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+        let client = ClientConfig::builder_with_provider(p)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::BadCertificate(e.to_string()))?
+            .with_root_certificates(roots.clone())
+            .with_client_auth_cert(chain.clone(), key)
+            .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+        Ok(TlsConfig { server: Arc::new(server), client: Arc::new(client), roots, chain })
+    }
+
+    /// Check that this certificate is what peers will accept from node
+    /// `node` (`host:port`): it chains to the CA, is valid now and names
+    /// the host. `store-node` runs it at start, so a wrong certificate
+    /// fails there rather than in every peer's handshake.
+    pub fn check_node(&self, node: &str) -> Result<(), TlsError> {
+        use rustls::client::danger::ServerCertVerifier;
+        let not_for = |reason: String| TlsError::NotForNode { node: node.to_string(), reason };
+        let name = server_name(node)?;
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(self.roots.clone(), provider())
+            .build()
+            .map_err(|e| not_for(e.to_string()))?;
+        let (leaf, rest) = self.chain.split_first().ok_or(TlsError::NoCertificate { what: "certificate" })?;
+        verifier
+            .verify_server_cert(leaf, rest, &name, &[], rustls::pki_types::UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| not_for(e.to_string()))
+    }
+
+    /// Build from PEM files (as `store-node --tls-ca --tls-cert --tls-key`).
+    pub fn from_files(ca: &Path, cert: &Path, key: &Path) -> Result<TlsConfig, TlsError> {
+        let read = |p: &Path| std::fs::read(p).map_err(|source| TlsError::Read { path: p.to_path_buf(), source });
+        TlsConfig::from_pem(&read(ca)?, &read(cert)?, &read(key)?)
+    }
+
+    /// Server side: requires nothing of the TLS handshake beyond a valid
+    /// chain for a certificate that is presented.
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        self.server.clone()
+    }
+
+    /// Client side: presents this certificate, verifies the server's.
+    pub fn client_config(&self) -> Arc<ClientConfig> {
+        self.client.clone()
+    }
+
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.server.clone())
+    }
+
+    pub fn connector(&self) -> tokio_rustls::TlsConnector {
+        tokio_rustls::TlsConnector::from(self.client.clone())
+    }
+}
+
+/// The name a node's certificate must carry: the host part of its id
+/// (`host:port`, `[v6]:port`), as an IP address or DNS name.
+pub fn server_name(node: &str) -> Result<ServerName<'static>, TlsError> {
+    let host = match node.rsplit_once(':') {
+        Some((h, port)) if !h.is_empty() && port.parse::<u16>().is_ok() => h,
+        _ => return Err(TlsError::ServerName(node.to_string())),
+    };
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    ServerName::try_from(host.to_string()).map_err(|_| TlsError::ServerName(node.to_string()))
+}
+
+/// A throwaway CA made in-process (benchmarks, tests, local clusters).
+/// Production certificates come from the control plane's CA.
+pub mod dev {
+    use super::{TlsConfig, TlsError};
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+
+    fn gen<E: std::fmt::Display>(e: E) -> TlsError {
+        TlsError::Generate(e.to_string())
+    }
+
+    /// A certificate and its key, as PEM.
+    #[derive(Debug, Clone)]
+    pub struct Issued {
+        pub cert_pem: String,
+        pub key_pem: String,
+    }
+
+    pub struct DevCa {
+        cert: rcgen::Certificate,
+        key: KeyPair,
+    }
+
+    impl DevCa {
+        /// A new CA named `name` (ECDSA P-256).
+        pub fn new(name: &str) -> Result<DevCa, TlsError> {
+            let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen)?;
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+            let key = KeyPair::generate().map_err(gen)?;
+            let cert = params.self_signed(&key).map_err(gen)?;
+            Ok(DevCa { cert, key })
+        }
+
+        pub fn ca_pem(&self) -> String {
+            self.cert.pem()
+        }
+
+        /// A certificate for `names` (IP addresses become IP SANs, other
+        /// names DNS SANs), usable as server and as client certificate.
+        pub fn issue(&self, names: &[&str]) -> Result<Issued, TlsError> {
+            let mut params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).map_err(gen)?;
+            params.distinguished_name.push(DnType::CommonName, names.first().copied().unwrap_or("nimbus-store-client"));
+            params.extended_key_usages =
+                vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+            let key = KeyPair::generate().map_err(gen)?;
+            let cert = params.signed_by(&key, &self.cert, &self.key).map_err(gen)?;
+            Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+        }
+
+        /// A [`TlsConfig`] with a fresh certificate for `names`.
+        pub fn tls_config(&self, names: &[&str]) -> Result<TlsConfig, TlsError> {
+            let i = self.issue(names)?;
+            TlsConfig::from_pem(self.ca_pem().as_bytes(), i.cert_pem.as_bytes(), i.key_pem.as_bytes())
+        }
+    }
+
+    /// A self-signed certificate for `names` (signed by no CA).
+    pub fn self_signed(names: &[&str]) -> Result<Issued, TlsError> {
+        let key = KeyPair::generate().map_err(gen)?;
+        let params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).map_err(gen)?;
+        let cert = params.self_signed(&key).map_err(gen)?;
+        Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_names_are_the_host_part_of_node_ids() {
+        assert_eq!(server_name("127.0.0.1:7001").ok(), Some(ServerName::try_from("127.0.0.1").expect("ip")));
+        assert_eq!(server_name("[::1]:7001").ok(), Some(ServerName::try_from("::1").expect("ip6")));
+        assert_eq!(server_name("store-1.nimbus:7001").ok(), Some(ServerName::try_from("store-1.nimbus").expect("dns")));
+        assert!(server_name("no-port").is_err());
+        assert!(server_name(":7001").is_err());
+        assert!(server_name("host:notaport").is_err());
+    }
+
+    #[test]
+    fn configs_build_from_generated_pems_and_bad_pems_are_typed_errors() {
+        let ca = dev::DevCa::new("test ca").expect("ca");
+        let i = ca.issue(&["127.0.0.1"]).expect("issue");
+        assert!(TlsConfig::from_pem(ca.ca_pem().as_bytes(), i.cert_pem.as_bytes(), i.key_pem.as_bytes()).is_ok());
+        let no_cert = TlsConfig::from_pem(ca.ca_pem().as_bytes(), b"", i.key_pem.as_bytes());
+        assert!(matches!(no_cert, Err(TlsError::NoCertificate { .. })), "{no_cert:?}");
+        let no_key = TlsConfig::from_pem(ca.ca_pem().as_bytes(), i.cert_pem.as_bytes(), i.cert_pem.as_bytes());
+        assert!(matches!(no_key, Err(TlsError::NoKey(_))), "{no_key:?}");
+        let other = dev::DevCa::new("other").expect("ca").issue(&["127.0.0.1"]).expect("issue");
+        // a key that does not match the certificate
+        let mismatch = TlsConfig::from_pem(ca.ca_pem().as_bytes(), i.cert_pem.as_bytes(), other.key_pem.as_bytes());
+        assert!(matches!(mismatch, Err(TlsError::BadCertificate(_))), "{mismatch:?}");
+        let missing = TlsConfig::from_files(Path::new("/nonexistent/ca.pem"), Path::new("/x"), Path::new("/y"));
+        assert!(matches!(missing, Err(TlsError::Read { .. })), "{missing:?}");
+    }
+
+    #[test]
+    fn a_node_certificate_is_checked_against_its_id() {
+        let ca = dev::DevCa::new("test ca").expect("ca");
+        let cfg = ca.tls_config(&["127.0.0.1", "store-1.nimbus"]).expect("cfg");
+        assert!(cfg.check_node("127.0.0.1:7001").is_ok());
+        assert!(cfg.check_node("store-1.nimbus:7001").is_ok());
+        assert!(matches!(cfg.check_node("127.0.0.2:7001"), Err(TlsError::NotForNode { .. })));
+        assert!(matches!(cfg.check_node("store-2.nimbus:7001"), Err(TlsError::NotForNode { .. })));
+        // a certificate of another CA than the one configured
+        let other = dev::DevCa::new("other").expect("ca").issue(&["127.0.0.1"]).expect("issue");
+        let mixed = TlsConfig::from_pem(ca.ca_pem().as_bytes(), other.cert_pem.as_bytes(), other.key_pem.as_bytes()).expect("cfg");
+        assert!(matches!(mixed.check_node("127.0.0.1:7001"), Err(TlsError::NotForNode { .. })));
+    }
+}
