@@ -219,6 +219,7 @@ impl Agent {
             memory_mib,
             disk_gib,
             current_credential: saved.map(|c| c.bearer()),
+            underlay_ip: None,
         };
         let cred = self.cp.register(&self.config.join_token, &req).await?;
         let tmp = path.with_extension("json.part");

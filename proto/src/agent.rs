@@ -32,6 +32,11 @@ pub struct RegisterHost {
     /// `<host_id>.<secret>` of the host registered under `name`, if the caller holds it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_credential: Option<String>,
+    /// The host's address on the underlay network (VXLAN tunnels end there):
+    /// present when the host runs the VPC data plane, absent for a host in
+    /// QEMU user-mode networking (its guests reach only the metadata service).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay_ip: Option<std::net::Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -90,6 +95,9 @@ pub struct Assignment {
     /// running guest once for each request it has not yet carried out.
     #[serde(default)]
     pub reboots: i64,
+    /// The instance's network interfaces, by device index.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<crate::network::Nic>,
 }
 
 /// `GET /v1/agent/assignments?after=G&wait_ms=T`. Returns at once when the
@@ -102,6 +110,10 @@ pub struct Assignments {
     pub generation: i64,
     pub full: bool,
     pub instances: Vec<Assignment>,
+    /// The host's whole share of the VPC network, in every answer (full or
+    /// not): a rule change reaches the host as a delta with no instance in it.
+    #[serde(default)]
+    pub network: crate::network::HostNetwork,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -4,12 +4,14 @@
 //! - [`state`]: the instance lifecycle (EC2's states and codes) and what an agent observes.
 //! - [`api`]: the REST/JSON bodies of `/v1` (what the CLI and users send and receive).
 //! - [`agent`]: the host-agent protocol (`/v1/agent/*`): registration, assignments, reports.
+//! - [`network`]: the VPC network a host must plumb (interfaces, VPCs, security groups).
 //!
 //! Plain data only: no I/O, no business logic.
 
 pub mod agent;
 pub mod api;
 pub mod image;
+pub mod network;
 pub mod state;
 
 pub use state::{Desired, InstanceState, ObservedState};

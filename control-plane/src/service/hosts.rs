@@ -127,6 +127,7 @@ impl AssignmentRow {
                 },
             },
             reboots: self.reboots,
+            nics: Vec::new(),
             instance_id: self.id,
         })
     }
@@ -283,7 +284,12 @@ impl Service {
         .bind(after)
         .fetch_all(&self.db)
         .await?;
-        Ok(Assignments { generation, full, instances: rows.into_iter().map(AssignmentRow::into_assignment).collect::<Result<_>>()? })
+        Ok(Assignments {
+            generation,
+            full,
+            instances: rows.into_iter().map(AssignmentRow::into_assignment).collect::<Result<_>>()?,
+            network: Default::default(),
+        })
     }
 
     /// Applies an agent's observations and records its heartbeat.
