@@ -11,6 +11,7 @@ pub mod health;
 pub mod images;
 pub mod libvirt;
 pub mod metadata;
+pub mod network;
 pub mod power;
 pub mod reconcile;
 

@@ -126,6 +126,21 @@ pub struct VpcOnHost {
     pub subnets: Vec<SubnetOnHost>,
     /// Underlay addresses of the other hosts that have interfaces in this VPC.
     pub peers: Vec<Ipv4Addr>,
+    /// The VPC's interfaces on other hosts: the host routes to them without
+    /// ARP across the VXLAN (the router's addresses are the same on every
+    /// host, so router ARP must stay local) and forwards to their MACs
+    /// without flooding.
+    #[serde(default)]
+    pub remote_nics: Vec<RemoteNic>,
+}
+
+/// An interface of the VPC on another host.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RemoteNic {
+    pub ip: Ipv4Addr,
+    pub mac: String,
+    /// The underlay address of its host.
+    pub host: Ipv4Addr,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -206,6 +221,7 @@ mod tests {
                 cidr: Cidr::parse("172.31.0.0/16").unwrap(),
                 subnets: vec![SubnetOnHost { subnet_id: "subnet-1".into(), cidr: Cidr::parse("172.31.0.0/20").unwrap(), gateway: Ipv4Addr::new(172, 31, 0, 1) }],
                 peers: vec![Ipv4Addr::new(10, 0, 0, 2)],
+                remote_nics: vec![RemoteNic { ip: Ipv4Addr::new(172, 31, 0, 9), mac: "02:00:00:00:00:09".into(), host: Ipv4Addr::new(10, 0, 0, 2) }],
             }],
             groups: vec![SecurityGroup {
                 group_id: "sg-1".into(),
