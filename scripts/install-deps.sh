@@ -54,7 +54,7 @@ DEPS_TABLE='
 1  python3                 -
 1  curl                    curl
 1  util-linux              runuser flock setsid
-1  coreutils               timeout stat chgrp chmod sha256sum od truncate mktemp
+1  coreutils               timeout stat chgrp chmod sha256sum od truncate mktemp tee
 1  procps                  pgrep
 1  passwd                  groupadd usermod
 1  dpkg                    dpkg dpkg-deb dpkg-query
@@ -62,6 +62,8 @@ DEPS_TABLE='
 1  gzip                    gzip
 1  findutils               find
 1  mawk                    awk
+1  iproute2                ip bridge
+1  nftables                nft
 1  redis-server            redis-server
 1  postgresql-15           /usr/lib/postgresql/15/bin/initdb /usr/lib/postgresql/15/bin/pg_ctl /usr/lib/postgresql/15/bin/postgres
 1  postgresql-client-15    /usr/lib/postgresql/15/bin/psql /usr/lib/postgresql/15/bin/pg_isready

@@ -51,6 +51,12 @@ pub struct Config {
     /// set its own limit (`nimbus admin set-account-limits`).
     #[arg(long, env = "NIMBUS_DEFAULT_MAX_INSTANCES", default_value_t = 256)]
     pub default_max_instances: u32,
+    /// RSA key pairs an account may generate at once (each is a CPU burst);
+    /// then one every `--rsa-key-interval-secs`.
+    #[arg(long, env = "NIMBUS_RSA_KEY_BURST", default_value_t = 5)]
+    pub rsa_key_burst: u32,
+    #[arg(long, env = "NIMBUS_RSA_KEY_INTERVAL_SECS", default_value_t = 60)]
+    pub rsa_key_interval_secs: u64,
     /// vCPUs an account's instances may hold unless the operator set its own limit.
     #[arg(long, env = "NIMBUS_DEFAULT_MAX_VCPUS", default_value_t = 1024)]
     pub default_max_vcpus: u32,

@@ -56,6 +56,7 @@ impl GuestFiles {
         meta: &InstanceMetadata,
         user_data_b64: Option<&str>,
         qemu: &QemuUser,
+        network_config: Option<&str>,
     ) -> Result<(), DiskError> {
         // QEMU passes through; no one else enters.
         qemu.private_dir(&self.dir).await.map_err(io(format!("create {}", self.dir.display())))?;
@@ -64,7 +65,7 @@ impl GuestFiles {
             if tokio::fs::try_exists(self.seed_iso()).await.map_err(io("stat seed"))? {
                 return Ok(());
             }
-            self.write_seed(meta, user_data_b64, qemu).await
+            self.write_seed(meta, user_data_b64, qemu, network_config).await
         })?;
         Ok(())
     }
@@ -94,7 +95,9 @@ impl GuestFiles {
     }
 
     /// A NoCloud seed (ISO 9660, volume id `cidata`) with `meta-data` and `user-data`.
-    async fn write_seed(&self, meta: &InstanceMetadata, user_data_b64: Option<&str>, qemu: &QemuUser) -> Result<(), DiskError> {
+    /// A NoCloud seed with `network-config` too when the guest has static
+    /// VPC addresses (cloud-init's version 2 format).
+    async fn write_seed(&self, meta: &InstanceMetadata, user_data_b64: Option<&str>, qemu: &QemuUser, network_config: Option<&str>) -> Result<(), DiskError> {
         let staging = self.dir.join("seed.d");
         tokio::fs::create_dir_all(&staging).await.map_err(io("create seed dir"))?;
         let user_data = match user_data_b64 {
@@ -105,14 +108,15 @@ impl GuestFiles {
         let meta_data = format!("instance-id: {}\nlocal-hostname: {}\n", meta.instance_id, meta.instance_id);
         tokio::fs::write(staging.join("meta-data"), meta_data).await.map_err(io("write meta-data"))?;
         tokio::fs::write(staging.join("user-data"), user_data).await.map_err(io("write user-data"))?;
+        let mut files = vec![staging.join("meta-data"), staging.join("user-data")];
+        if let Some(nc) = network_config {
+            tokio::fs::write(staging.join("network-config"), nc).await.map_err(io("write network-config"))?;
+            files.push(staging.join("network-config"));
+        }
         let tmp = self.dir.join("seed.iso.part");
         run(
             "genisoimage",
-            Command::new("genisoimage")
-                .args(["-quiet", "-volid", "cidata", "-joliet", "-rock", "-output"])
-                .arg(&tmp)
-                .arg(staging.join("meta-data"))
-                .arg(staging.join("user-data")),
+            Command::new("genisoimage").args(["-quiet", "-volid", "cidata", "-joliet", "-rock", "-output"]).arg(&tmp).args(&files),
         )
         .await?;
         // The seed holds the user-data: read by QEMU, by nobody else.
@@ -160,7 +164,7 @@ mod tests {
         assert!(out.status.success());
         let meta = crate::metadata::sample_metadata("i-0123456789abcdef0");
         let files = GuestFiles::new(&dir, "i-0123456789abcdef0");
-        files.prepare(&base, 8, &meta, Some("aGVsbG8="), &qemu).await.unwrap();
+        files.prepare(&base, 8, &meta, Some("aGVsbG8="), &qemu, Some("version: 2\n")).await.unwrap();
 
         let info = std::process::Command::new("qemu-img").args(["info", "--output=json"]).arg(files.root_disk()).output().unwrap();
         let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
@@ -186,6 +190,7 @@ mod tests {
         let text = String::from_utf8_lossy(&iso);
         assert!(text.contains("instance-id: i-0123456789abcdef0"));
         assert!(text.contains("hello"));
+        assert!(text.contains("version: 2"), "the network-config is on the seed");
 
         // Preparing again keeps the existing overlay (it holds the guest's
         // writes): the same file, byte for byte, bytes a guest wrote included.
@@ -195,7 +200,7 @@ mod tests {
             f.write_all(b"written by the guest").unwrap();
         }
         let (inode, bytes) = (std::fs::metadata(files.root_disk()).unwrap().ino(), std::fs::read(files.root_disk()).unwrap());
-        files.prepare(&base, 8, &meta, None, &qemu).await.unwrap();
+        files.prepare(&base, 8, &meta, None, &qemu, None).await.unwrap();
         assert_eq!(std::fs::metadata(files.root_disk()).unwrap().ino(), inode);
         assert_eq!(std::fs::read(files.root_disk()).unwrap(), bytes);
         files.remove().await.unwrap();

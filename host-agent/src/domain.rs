@@ -63,6 +63,16 @@ pub struct GuestSpec {
     pub metadata_socket: PathBuf,
     /// Who QEMU runs the guest as; libvirt relabels nothing (see [`crate::access`]).
     pub qemu: crate::access::QemuUser,
+    /// The guest's VPC interfaces (taps the agent made); empty: QEMU
+    /// user-mode networking with the metadata service on `metadata_socket`.
+    pub nics: Vec<GuestNic>,
+}
+
+/// One VPC interface: its MAC and the tap it is attached to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestNic {
+    pub mac: String,
+    pub tap: String,
 }
 
 #[derive(Serialize)]
@@ -160,12 +170,53 @@ struct Empty {}
 #[derive(Serialize)]
 struct Devices {
     disk: Vec<Disk>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    interface: Vec<Interface>,
     #[serde(skip_serializing_if = "Option::is_none")]
     serial: Option<Serial>,
     console: Console,
     #[serde(skip_serializing_if = "Option::is_none")]
     controller: Option<Controller>,
     memballoon: Model,
+}
+
+/// `<interface type='ethernet'>` on a tap the agent made (`managed='no'`);
+/// `<driver name='qemu'/>`: QEMU's own virtio-net back end, never vhost
+/// (vhost_net is missing on some hosts, and QEMU aborts asking for it).
+#[derive(Serialize)]
+struct Interface {
+    #[serde(rename = "@type")]
+    kind: &'static str,
+    mac: MacAddress,
+    target: TapTarget,
+    model: InterfaceModel,
+    driver: DriverName,
+}
+
+#[derive(Serialize)]
+struct MacAddress {
+    #[serde(rename = "@address")]
+    address: String,
+}
+
+#[derive(Serialize)]
+struct TapTarget {
+    #[serde(rename = "@dev")]
+    dev: String,
+    #[serde(rename = "@managed")]
+    managed: &'static str,
+}
+
+#[derive(Serialize)]
+struct InterfaceModel {
+    #[serde(rename = "@type")]
+    kind: &'static str,
+}
+
+#[derive(Serialize)]
+struct DriverName {
+    #[serde(rename = "@name")]
+    name: &'static str,
 }
 
 #[derive(Serialize)]
@@ -378,6 +429,17 @@ pub fn render(spec: &GuestSpec) -> Result<String, quick_xml::SeError> {
                     readonly: Some(Empty {}),
                 },
             ],
+            interface: spec
+                .nics
+                .iter()
+                .map(|n| Interface {
+                    kind: "ethernet",
+                    mac: MacAddress { address: n.mac.clone() },
+                    target: TapTarget { dev: n.tap.clone(), managed: "no" },
+                    model: InterfaceModel { kind: "virtio" },
+                    driver: DriverName { name: "qemu" },
+                })
+                .collect(),
             serial: qemu_family.then(|| Serial {
                 kind: "file",
                 source: PathSource { path: path(&spec.console_log), append: Some("on") },
@@ -396,7 +458,7 @@ pub fn render(spec: &GuestSpec) -> Result<String, quick_xml::SeError> {
             memballoon: Model { model: "none" },
         },
         seclabel: qemu_family.then(|| DomainSeclabel { kind: "static", model: "dac", relabel: "no", label: spec.qemu.dac_label() }),
-        qemu_commandline: qemu_family.then(|| QemuCommandline { args: user_network_args(&spec.metadata_socket) }),
+        qemu_commandline: (qemu_family && spec.nics.is_empty()).then(|| QemuCommandline { args: user_network_args(&spec.metadata_socket) }),
     };
     let mut out = String::new();
     let mut ser = quick_xml::se::Serializer::new(&mut out);
@@ -463,6 +525,7 @@ mod tests {
             console_log: "/var/lib/nimbus/instances/i-0123456789abcdef0/console.log".into(),
             metadata_socket: "/var/lib/nimbus/instances/i-0123456789abcdef0/metadata.sock".into(),
             qemu: crate::access::QemuUser { uid: 64055, gid: 107 },
+            nics: Vec::new(),
         }
     }
 
@@ -486,6 +549,23 @@ mod tests {
         );
         assert!(xml.contains("restrict=on"));
         assert_eq!(xml.matches("<readonly/>").count(), 1);
+    }
+
+    /// A VPC guest: one `<interface type='ethernet'>` per tap, and no
+    /// user-mode network (its metadata service is on the VPC's network).
+    #[test]
+    fn vpc_guests_get_tap_interfaces_and_no_user_network() {
+        let mut s = spec(Hypervisor::Qemu);
+        s.nics = vec![GuestNic { mac: "02:00:00:00:00:05".into(), tap: "nt0123456789ab".into() }];
+        let xml = render(&s).unwrap();
+        assert!(
+            xml.contains(
+                "<interface type=\"ethernet\">\n      <mac address=\"02:00:00:00:00:05\"/>\n      \
+                 <target dev=\"nt0123456789ab\" managed=\"no\"/>\n      <model type=\"virtio\"/>\n      <driver name=\"qemu\"/>\n    </interface>"
+            ),
+            "{xml}"
+        );
+        assert!(!xml.contains("qemu:commandline") && !xml.contains("guestfwd"), "{xml}");
     }
 
     #[test]
@@ -513,9 +593,11 @@ mod tests {
     /// (Xen cannot run here, so its XML is checked offline this way).
     #[test]
     fn xml_validates_against_libvirts_schema() {
-        for h in [Hypervisor::Kvm, Hypervisor::Qemu, Hypervisor::Xen] {
-            let file = std::env::temp_dir().join(format!("nimbus-domain-{}-{}.xml", h.as_str(), std::process::id()));
-            std::fs::write(&file, render(&spec(h)).unwrap()).unwrap();
+        let vpc = |h| GuestSpec { nics: vec![GuestNic { mac: "02:00:00:00:00:05".into(), tap: "nt0123456789ab".into() }], ..spec(h) };
+        for (i, s) in [spec(Hypervisor::Kvm), spec(Hypervisor::Qemu), spec(Hypervisor::Xen), vpc(Hypervisor::Kvm), vpc(Hypervisor::Qemu)].iter().enumerate() {
+            let h = s.hypervisor;
+            let file = std::env::temp_dir().join(format!("nimbus-domain-{i}-{}.xml", std::process::id()));
+            std::fs::write(&file, render(s).unwrap()).unwrap();
             let out = std::process::Command::new("virt-xml-validate")
                 .arg(&file)
                 .arg("domain")

@@ -35,6 +35,18 @@ pub enum HypervisorChoice {
     Test,
 }
 
+/// How guests are networked on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NetworkChoice {
+    /// The VPC data plane when `--underlay-address` is given and this agent
+    /// may create network namespaces; QEMU user-mode networking otherwise.
+    Auto,
+    /// The VPC data plane: bridges, VXLAN, nftables (needs root).
+    Vpc,
+    /// QEMU user-mode networking: a guest reaches only its metadata service.
+    User,
+}
+
 #[derive(Debug, Clone, Parser)]
 #[command(name = "nimbus-agent", about = "Nimbus host agent: runs the guests the control plane places here")]
 pub struct AgentConfig {
@@ -80,6 +92,25 @@ pub struct AgentConfig {
     /// Seconds a guest gets to shut down after an ACPI request before it is powered off.
     #[arg(long, env = "NIMBUS_STOP_TIMEOUT_SECS", default_value_t = 30)]
     pub stop_timeout_secs: u64,
+    /// Guest networking: the VPC data plane or QEMU user-mode networking.
+    #[arg(long, env = "NIMBUS_NETWORK", value_enum, default_value = "auto")]
+    pub network: NetworkChoice,
+    /// This host's address on the underlay (VXLAN tunnels end here); enables the VPC data plane.
+    #[arg(long, env = "NIMBUS_UNDERLAY_ADDRESS")]
+    pub underlay_address: Option<std::net::Ipv4Addr>,
+    /// The network namespace that holds the underlay and the uplink (default: the agent's own).
+    #[arg(long, env = "NIMBUS_NETWORK_NAMESPACE")]
+    pub network_namespace: Option<String>,
+    /// The interface facing the public network: the host answers ARP there
+    /// for its instances' public addresses.
+    #[arg(long, env = "NIMBUS_UPLINK")]
+    pub uplink: Option<String>,
+    /// Prefix of the VPC namespaces' names (unique per host on one machine).
+    #[arg(long, env = "NIMBUS_NETNS_PREFIX", default_value = "nimbus")]
+    pub netns_prefix: String,
+    /// The underlay's MTU; guests get 50 bytes less (VXLAN).
+    #[arg(long, default_value_t = 1500)]
+    pub underlay_mtu: u32,
     /// The user QEMU runs guests as (libvirt's `user` in qemu.conf); it and
     /// its primary group own what guests' QEMUs must open (see ARCHITECTURE.md).
     #[arg(long, env = "NIMBUS_QEMU_USER", default_value = "libvirt-qemu")]
@@ -162,6 +193,26 @@ impl Agent {
                 (st.blocks_available() as u64 * st.fragment_size() as u64 / (1 << 30)) * 9 / 10
             }
         };
+        let network = match (config.network, config.underlay_address) {
+            (NetworkChoice::User, _) => None,
+            (NetworkChoice::Vpc, None) => return Err(AgentError::Config("--network vpc needs --underlay-address".into())),
+            (NetworkChoice::Auto, None) => None,
+            (NetworkChoice::Auto, Some(_)) if !nix::unistd::geteuid().is_root() => {
+                tracing::warn!("not root: cannot build the VPC data plane; guests get QEMU user-mode networking");
+                None
+            }
+            (NetworkChoice::Vpc | NetworkChoice::Auto, Some(underlay_ip)) => Some(network::DataPlane::new(network::VpcConfig {
+                underlay_ip,
+                host_ns: match &config.network_namespace {
+                    Some(n) => network::cmd::Ns::named(n),
+                    None => network::cmd::Ns::own(),
+                },
+                uplink: config.uplink.clone(),
+                prefix: config.netns_prefix.clone(),
+                underlay_mtu: config.underlay_mtu,
+            })),
+        };
+        tracing::info!(vpc = network.is_some(), underlay = ?config.underlay_address, "guest networking");
         let http = reqwest::Client::builder().build().map_err(|e| AgentError::Config(e.to_string()))?;
         let (events, _) = broadcast::channel(4096);
         let (late_tx, late) = mpsc::unbounded_channel();
@@ -179,6 +230,8 @@ impl Agent {
             console: console::ConsoleTracker::default(),
             late: late_tx,
             failures: Default::default(),
+            network,
+            nics: Default::default(),
         };
         let cp = ControlPlane::new(&config.control_plane, http);
         Ok(Agent { cp, config, reconciler, late, capacity: (vcpus, memory_mib, disk_gib) })
@@ -220,7 +273,7 @@ impl Agent {
             memory_mib,
             disk_gib,
             current_credential: saved.map(|c| c.bearer()),
-            underlay_ip: None,
+            underlay_ip: self.reconciler.network.as_ref().map(|n| n.config().underlay_ip),
         };
         let cred = self.cp.register(&self.config.join_token, &req).await?;
         let tmp = path.with_extension("json.part");
@@ -332,9 +385,9 @@ impl Agent {
             // A poll that timed out (or the first) carries the full list: a
             // resync. One that returned because something changed: the changes.
             let observations = if assignments.full {
-                self.reconciler.converge(&assignments.instances).await
+                self.reconciler.converge(&assignments.instances, &assignments.network).await
             } else {
-                self.reconciler.converge_changes(&assignments.instances).await
+                self.reconciler.converge_changes(&assignments.instances, &assignments.network).await
             };
             match self.report(&cred, observations).await {
                 // Only a delivered report moves us past this generation.

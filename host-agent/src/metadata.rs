@@ -31,7 +31,9 @@ use axum::routing::get;
 use axum::Router;
 use base64::Engine;
 use nimbus_proto::agent::InstanceMetadata;
+use nimbus_proto::network::Nic;
 use std::collections::HashMap;
+use std::net::Ipv4Addr;
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -41,16 +43,30 @@ use tokio::task::JoinHandle;
 struct Content {
     meta: InstanceMetadata,
     user_data: Option<Vec<u8>>,
+    /// The instance's VPC interfaces (`local-ipv4`, `mac`, `network/…`).
+    nics: Vec<Nic>,
 }
 
-struct Server {
-    content: Arc<RwLock<Content>>,
-    task: JoinHandle<()>,
+type Shared = Arc<RwLock<Content>>;
+
+struct Entry {
+    content: Shared,
+    /// The unix-socket server (QEMU user-mode networking), if any.
+    socket_task: Option<JoinHandle<()>>,
 }
 
+/// The metadata service of every guest on the host: one content per
+/// instance, reached through the instance's unix socket (user-mode
+/// networking) or on its VPC's network (169.254.169.254 in the VPC's
+/// namespace, the instance known by the source address of the connection,
+/// which anti-spoofing makes trustworthy).
 #[derive(Clone)]
 pub struct MetadataServers {
-    servers: Arc<Mutex<HashMap<String, Server>>>,
+    entries: Arc<Mutex<HashMap<String, Entry>>>,
+    /// (VNI, private address) → instance.
+    addresses: Arc<RwLock<HashMap<(u32, Ipv4Addr), String>>>,
+    /// Per VNI, the listener in the VPC's namespace.
+    vpc_listeners: Arc<Mutex<HashMap<u32, JoinHandle<()>>>>,
     /// Gets each socket (root:its group, 0660) so that QEMU can connect.
     qemu: crate::access::QemuUser,
     /// Where the sockets live (root:QEMU's group, 0710).
@@ -66,9 +82,22 @@ pub fn socket_path(run_dir: &FsPath, instance_id: &str) -> PathBuf {
     run_dir.join(format!("{instance_id}.sock"))
 }
 
+fn router(content: Shared) -> Router {
+    Router::new()
+        .route("/", get(|| async { "latest\n" }))
+        .route("/latest", get(|| async { "dynamic\nmeta-data\nuser-data\n" }))
+        .route("/latest/", get(|| async { "dynamic\nmeta-data\nuser-data\n" }))
+        .route("/latest/meta-data", get(listing))
+        .route("/latest/meta-data/", get(listing))
+        .route("/latest/meta-data/{*key}", get(meta_data))
+        .route("/latest/user-data", get(serve_user_data))
+        .route("/latest/dynamic/instance-identity/document", get(identity))
+        .with_state(content)
+}
+
 impl MetadataServers {
     pub fn new(qemu: crate::access::QemuUser, dir: PathBuf) -> MetadataServers {
-        MetadataServers { servers: Arc::default(), qemu, dir }
+        MetadataServers { entries: Arc::default(), addresses: Arc::default(), vpc_listeners: Arc::default(), qemu, dir }
     }
 
     /// The socket of an instance's metadata server.
@@ -76,21 +105,49 @@ impl MetadataServers {
         socket_path(&self.dir, instance_id)
     }
 
-    /// Serves `meta` for its instance on its socket, replacing whatever file
-    /// is there (a socket left by an earlier agent, which QEMU then
-    /// reconnects to). Returns the socket's path.
-    pub async fn ensure(&self, meta: &InstanceMetadata, user_data_b64: Option<&str>) -> std::io::Result<PathBuf> {
+    /// Publishes what the instance is served (new, or its latest version),
+    /// and its VPC addresses, for its VPC's metadata server.
+    pub fn publish(&self, meta: &InstanceMetadata, user_data_b64: Option<&str>, nics: &[Nic]) {
+        self.publish_content(meta, user_data_b64, nics);
+    }
+
+    fn publish_content(&self, meta: &InstanceMetadata, user_data_b64: Option<&str>, nics: &[Nic]) -> Shared {
         let user_data = user_data_b64.and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok());
-        let content = Content { meta: meta.clone(), user_data };
-        let socket = self.socket(&meta.instance_id);
+        let content = Content { meta: meta.clone(), user_data, nics: nics.to_vec() };
+        let id = &meta.instance_id;
         {
-            let servers = self.servers.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(s) = servers.get(&meta.instance_id) {
-                if !s.task.is_finished() {
-                    *s.content.write().unwrap_or_else(|p| p.into_inner()) = content;
-                    return Ok(socket);
-                }
+            let mut addresses = self.addresses.write().unwrap_or_else(|p| p.into_inner());
+            addresses.retain(|_, owner| owner != id);
+            for n in nics {
+                addresses.insert((n.vni, n.private_ip), id.clone());
             }
+        }
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        match entries.get(id) {
+            Some(e) => {
+                *e.content.write().unwrap_or_else(|p| p.into_inner()) = content;
+                e.content.clone()
+            }
+            None => {
+                let shared = Arc::new(RwLock::new(content));
+                entries.insert(id.clone(), Entry { content: shared.clone(), socket_task: None });
+                shared
+            }
+        }
+    }
+
+    /// Serves the instance on its unix socket (QEMU user-mode networking),
+    /// replacing whatever file is there (a socket left by an earlier agent,
+    /// which QEMU then reconnects to). Returns the socket's path.
+    pub async fn ensure(&self, meta: &InstanceMetadata, user_data_b64: Option<&str>) -> std::io::Result<PathBuf> {
+        let content = self.publish_content(meta, user_data_b64, &[]);
+        let socket = self.socket(&meta.instance_id);
+        let running = {
+            let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            entries.get(&meta.instance_id).and_then(|e| e.socket_task.as_ref()).is_some_and(|t| !t.is_finished())
+        };
+        if running {
+            return Ok(socket);
         }
         self.qemu.private_dir(&self.dir).await?;
         match tokio::fs::remove_file(&socket).await {
@@ -99,17 +156,7 @@ impl MetadataServers {
         }
         let listener = tokio::net::UnixListener::bind(&socket)?;
         self.qemu.connectable(&socket).await?;
-        let content = Arc::new(RwLock::new(content));
-        let app = Router::new()
-            .route("/", get(|| async { "latest\n" }))
-            .route("/latest", get(|| async { "dynamic\nmeta-data\nuser-data\n" }))
-            .route("/latest/", get(|| async { "dynamic\nmeta-data\nuser-data\n" }))
-            .route("/latest/meta-data", get(listing))
-            .route("/latest/meta-data/", get(listing))
-            .route("/latest/meta-data/{*key}", get(meta_data))
-            .route("/latest/user-data", get(serve_user_data))
-            .route("/latest/dynamic/instance-identity/document", get(identity))
-            .with_state(content.clone());
+        let app = router(content);
         let instance_id = meta.instance_id.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -124,15 +171,69 @@ impl MetadataServers {
                 }
             }
         });
-        let old = self
-            .servers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(meta.instance_id.clone(), Server { content, task });
-        if let Some(old) = old {
-            old.task.abort();
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = entries.get_mut(&meta.instance_id) {
+            if let Some(old) = e.socket_task.replace(task) {
+                old.abort();
+            }
         }
         Ok(socket)
+    }
+
+    /// Answers 169.254.169.254:80 in the VPC namespace `netns` (made there
+    /// by a thread that entered it). Each connection is served the content
+    /// of the instance whose address it comes from; any other is closed.
+    pub async fn ensure_vpc(&self, vni: u32, netns: &str) -> std::io::Result<()> {
+        if self.vpc_listeners.lock().unwrap_or_else(|p| p.into_inner()).get(&vni).is_some_and(|t| !t.is_finished()) {
+            return Ok(());
+        }
+        let addr = std::net::SocketAddr::from((crate::network::METADATA_IP, 80));
+        let listener = crate::network::testing::in_netns(netns, move || -> std::io::Result<std::net::TcpListener> {
+            let l = std::net::TcpListener::bind(addr)?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })??;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let this = self.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((conn, peer)) => {
+                        let std::net::IpAddr::V4(ip) = peer.ip() else { continue };
+                        let owner = this.addresses.read().unwrap_or_else(|p| p.into_inner()).get(&(vni, ip)).cloned();
+                        let content = owner.and_then(|id| this.entries.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|e| e.content.clone()));
+                        match content {
+                            Some(c) => {
+                                // Answers go out at once (no Nagle wait for the guest's next request).
+                                let _ = conn.set_nodelay(true);
+                                tokio::spawn(serve_connection(conn, router(c)));
+                            }
+                            None => tracing::debug!(vni, %ip, "metadata request from an address of no instance here"),
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(vni, error = %e, "VPC metadata server cannot accept");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+        if let Some(old) = self.vpc_listeners.lock().unwrap_or_else(|p| p.into_inner()).insert(vni, task) {
+            old.abort();
+        }
+        Ok(())
+    }
+
+    /// Stops the listener of a VPC that left this host.
+    pub fn stop_vpc(&self, vni: u32) {
+        if let Some(t) = self.vpc_listeners.lock().unwrap_or_else(|p| p.into_inner()).remove(&vni) {
+            t.abort();
+        }
+    }
+
+    /// The VNIs with a listener.
+    pub fn vpc_listeners(&self) -> Vec<u32> {
+        self.vpc_listeners.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect()
     }
 
     /// Removes the sockets of instances not in `wanted` (left by an agent
@@ -149,19 +250,27 @@ impl MetadataServers {
         }
     }
 
-    /// Stops the instance's server and removes its socket.
+    /// Stops the instance's service: its socket server and file, its addresses.
     pub fn stop(&self, instance_id: &str) {
-        if let Some(s) = self.servers.lock().unwrap_or_else(|p| p.into_inner()).remove(instance_id) {
-            s.task.abort();
+        if let Some(e) = self.entries.lock().unwrap_or_else(|p| p.into_inner()).remove(instance_id) {
+            if let Some(t) = e.socket_task {
+                t.abort();
+            }
         }
+        self.addresses.write().unwrap_or_else(|p| p.into_inner()).retain(|_, owner| owner != instance_id);
         let _ = std::fs::remove_file(self.socket(instance_id));
     }
 
     /// Stops every server (the agent is stopping), leaving the sockets: the
     /// guests keep running, and the next agent replaces them.
     pub fn stop_all(&self) {
-        for (_, s) in self.servers.lock().unwrap_or_else(|p| p.into_inner()).drain() {
-            s.task.abort();
+        for (_, e) in self.entries.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+            if let Some(t) = e.socket_task {
+                t.abort();
+            }
+        }
+        for (_, t) in self.vpc_listeners.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+            t.abort();
         }
     }
 }
@@ -270,7 +379,7 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(mut conn: S, app: R
     }
 }
 
-type Shared = State<Arc<RwLock<Content>>>;
+type Ctx = State<Shared>;
 
 const KEYS: &[&str] = &[
     "ami-id",
@@ -283,8 +392,9 @@ const KEYS: &[&str] = &[
     "reservation-id",
 ];
 
-async fn listing(State(c): Shared) -> String {
-    let has_keys = !c.read().unwrap_or_else(|p| p.into_inner()).meta.public_keys.is_empty();
+async fn listing(State(c): Ctx) -> String {
+    let c = c.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let has_keys = !c.meta.public_keys.is_empty();
     let mut out = String::new();
     for k in KEYS {
         if let Some((dir, _)) = k.split_once('/') {
@@ -300,7 +410,46 @@ async fn listing(State(c): Shared) -> String {
     if has_keys {
         out.push_str("public-keys/\n");
     }
+    if let Some(n) = c.nics.first() {
+        out.push_str("local-ipv4\nmac\nnetwork/\n");
+        if n.public_ip.is_some() {
+            out.push_str("public-ipv4\n");
+        }
+    }
     out
+}
+
+/// `network/interfaces/macs/...` as EC2 serves it.
+fn network(nics: &[Nic], path: &str) -> Option<String> {
+    let path = path.trim_end_matches('/');
+    let lines = |v: Vec<String>| Some(v.join("\n"));
+    match path {
+        "" => Some("interfaces/".into()),
+        "interfaces" => Some("macs/".into()),
+        "interfaces/macs" => lines(nics.iter().map(|n| format!("{}/", n.mac)).collect()),
+        _ => {
+            let rest = path.strip_prefix("interfaces/macs/")?;
+            let (mac, key) = rest.split_once('/').unwrap_or((rest, ""));
+            let n = nics.iter().find(|n| n.mac == mac)?;
+            match key {
+                "" => {
+                    let mut keys = vec!["device-number", "local-ipv4s", "mac", "security-group-ids", "subnet-ipv4-cidr-block", "vpc-id"];
+                    if n.public_ip.is_some() {
+                        keys.push("public-ipv4s");
+                    }
+                    lines(keys.into_iter().map(str::to_string).collect())
+                }
+                "device-number" => Some(n.device_index.to_string()),
+                "local-ipv4s" => Some(n.private_ip.to_string()),
+                "mac" => Some(n.mac.clone()),
+                "security-group-ids" => lines(n.group_ids.clone()),
+                "subnet-ipv4-cidr-block" => Some(n.subnet.to_string()),
+                "vpc-id" => Some(n.vpc_id.clone()),
+                "public-ipv4s" => n.public_ip.map(|p| p.to_string()),
+                _ => None,
+            }
+        }
+    }
 }
 
 /// `public-keys/...` as EC2 serves it: `0=<name>` per key, then
@@ -325,7 +474,7 @@ fn public_keys(keys: &[(String, String)], path: &str) -> Option<String> {
     }
 }
 
-async fn meta_data(State(c): Shared, Path(key): Path<String>) -> Response {
+async fn meta_data(State(c): Ctx, Path(key): Path<String>) -> Response {
     let c = c.read().unwrap_or_else(|p| p.into_inner()).clone();
     let m = &c.meta;
     let value = match key.trim_end_matches('/') {
@@ -337,6 +486,19 @@ async fn meta_data(State(c): Shared, Path(key): Path<String>) -> Response {
         "placement" => "availability-zone".to_string(),
         "placement/availability-zone" => m.availability_zone.clone(),
         "reservation-id" => m.reservation_id.clone(),
+        "local-ipv4" | "mac" | "public-ipv4" => {
+            let primary = c.nics.iter().find(|n| n.device_index == 0);
+            match (key.trim_end_matches('/'), primary) {
+                ("local-ipv4", Some(n)) => n.private_ip.to_string(),
+                ("mac", Some(n)) => n.mac.clone(),
+                ("public-ipv4", Some(Nic { public_ip: Some(p), .. })) => p.to_string(),
+                _ => return (StatusCode::NOT_FOUND, "Not Found\n").into_response(),
+            }
+        }
+        k if k == "network" || k.starts_with("network/") => match network(&c.nics, k.strip_prefix("network").unwrap_or("").trim_start_matches('/')) {
+            Some(v) => v,
+            None => return (StatusCode::NOT_FOUND, "Not Found\n").into_response(),
+        },
         "public-keys" => match public_keys(&m.public_keys, "") {
             Some(v) => v,
             None => return (StatusCode::NOT_FOUND, "Not Found\n").into_response(),
@@ -350,14 +512,14 @@ async fn meta_data(State(c): Shared, Path(key): Path<String>) -> Response {
     value.into_response()
 }
 
-async fn serve_user_data(State(c): Shared) -> Response {
+async fn serve_user_data(State(c): Ctx) -> Response {
     match c.read().unwrap_or_else(|p| p.into_inner()).user_data.clone() {
         Some(data) => data.into_response(),
         None => (StatusCode::NOT_FOUND, "Not Found\n").into_response(),
     }
 }
 
-async fn identity(State(c): Shared) -> Response {
+async fn identity(State(c): Ctx) -> Response {
     let m = c.read().unwrap_or_else(|p| p.into_inner()).meta.clone();
     axum::Json(serde_json::json!({
         "instanceId": m.instance_id,

@@ -11,7 +11,9 @@
 
 use crate::console::ConsoleTracker;
 use crate::disks::GuestFiles;
-use crate::domain::{self, GuestSpec, Hypervisor};
+use crate::domain::{self, GuestNic, GuestSpec, Hypervisor};
+use crate::network::DataPlane;
+use nimbus_proto::network::{HostNetwork, Nic};
 use crate::images::ImageCache;
 use crate::libvirt::{DomainStatus, Libvirt};
 use crate::metadata::MetadataServers;
@@ -56,6 +58,8 @@ pub enum ConvergeError {
     Metadata(std::io::Error),
     #[error(transparent)]
     Counter(#[from] power::CounterError),
+    #[error(transparent)]
+    Network(#[from] crate::network::NetError),
 }
 
 impl ConvergeError {
@@ -72,6 +76,7 @@ impl ConvergeError {
             ConvergeError::Libvirt(_) | ConvergeError::Xml(_) => "the hypervisor could not start the instance".into(),
             ConvergeError::Metadata(_) => "the host could not serve the instance's metadata".into(),
             ConvergeError::Counter(_) => "the host could not record the instance's reboots".into(),
+            ConvergeError::Network(_) => "the host could not plumb the instance's network interfaces".into(),
         }
     }
 }
@@ -108,6 +113,11 @@ pub struct Reconciler {
     pub late: mpsc::UnboundedSender<Observation>,
     /// Consecutive failed attempts per instance (see [`FAILED_AFTER`]).
     pub failures: Arc<std::sync::Mutex<HashMap<String, u32>>>,
+    /// The VPC data plane; `None`: QEMU user-mode networking.
+    pub network: Option<DataPlane>,
+    /// The VPC interfaces of every instance on this host, as last assigned
+    /// (a delta names only what changed; the data plane needs them all).
+    pub nics: Arc<std::sync::Mutex<HashMap<String, Vec<Nic>>>>,
 }
 
 /// Attempts before a guest that cannot be converged is reported `Failed`
@@ -119,7 +129,13 @@ impl Reconciler {
     /// A full pass over every assignment, starting from everything libvirt
     /// and the disk hold; returns what it observed. Domains and files of this
     /// host that no assignment names are removed.
-    pub async fn converge(&self, assignments: &[Assignment]) -> Vec<Observation> {
+    pub async fn converge(&self, assignments: &[Assignment], network: &HostNetwork) -> Vec<Observation> {
+        {
+            let mut known = self.nics.lock().unwrap_or_else(|p| p.into_inner());
+            known.clear();
+            known.extend(assignments.iter().filter(|a| a.desired != DesiredState::Terminated).map(|a| (a.instance_id.clone(), a.nics.clone())));
+        }
+        self.converge_network(network, true).await;
         let domains: HashMap<String, DomainStatus> = match self.libvirt.owned_domains(&self.host_id).await {
             Ok(list) => list.into_iter().map(|d| (d.owner.instance_id.clone(), d)).collect(),
             Err(e) => {
@@ -137,8 +153,81 @@ impl Reconciler {
     /// A pass over the assignments whose desired state changed (a delta from
     /// the control plane). Cheap when one instance changes among thousands;
     /// the periodic full [`Reconciler::converge`] catches anything missed.
-    pub async fn converge_changes(&self, changes: &[Assignment]) -> Vec<Observation> {
+    pub async fn converge_changes(&self, changes: &[Assignment], network: &HostNetwork) -> Vec<Observation> {
+        {
+            let mut known = self.nics.lock().unwrap_or_else(|p| p.into_inner());
+            for a in changes {
+                match a.desired {
+                    DesiredState::Terminated => known.remove(&a.instance_id),
+                    _ => known.insert(a.instance_id.clone(), a.nics.clone()),
+                };
+            }
+        }
+        self.converge_network(network, false).await;
         self.run_all(changes.iter().map(|a| (a.clone(), None)).collect()).await
+    }
+
+    /// Makes the host's VPC network match (before guests start on it), and
+    /// serves metadata on each VPC present. Failures are logged: the next
+    /// pass tries again, and guests that need the network retry with it.
+    async fn converge_network(&self, network: &HostNetwork, full: bool) {
+        let Some(dp) = &self.network else { return };
+        let nics: Vec<Nic> = self.nics.lock().unwrap_or_else(|p| p.into_inner()).values().flatten().cloned().collect();
+        if let Err(e) = dp.reconcile(network, &nics, full).await {
+            tracing::warn!(error = %e, "cannot converge the VPC network");
+            return;
+        }
+        let present: HashSet<u32> = network.vpcs.iter().map(|v| v.vni).collect();
+        for vni in &present {
+            if let Err(e) = self.metadata.ensure_vpc(*vni, &dp.vpc_ns_name(*vni)).await {
+                tracing::warn!(vni, error = %e, "cannot serve metadata on the VPC's network");
+            }
+        }
+        for vni in self.metadata.vpc_listeners() {
+            if !present.contains(&vni) {
+                self.metadata.stop_vpc(vni);
+            }
+        }
+    }
+
+    /// The interfaces the data plane plumbs for `a` (none in user-mode networking).
+    fn vpc_nics<'a>(&self, a: &'a Assignment) -> &'a [Nic] {
+        if self.network.is_some() {
+            &a.nics
+        } else {
+            &[]
+        }
+    }
+
+    /// Serves the instance's metadata: on its VPC network, or on its unix
+    /// socket for user-mode networking. The socket's path either way (the
+    /// domain of a VPC guest does not use it).
+    async fn serve_metadata(&self, a: &Assignment) -> Result<PathBuf, ConvergeError> {
+        let nics = self.vpc_nics(a);
+        if nics.is_empty() {
+            self.metadata.ensure(&a.metadata, a.user_data.as_deref()).await.map_err(ConvergeError::Metadata)
+        } else {
+            self.metadata.publish(&a.metadata, a.user_data.as_deref(), nics);
+            Ok(self.metadata.socket(&a.instance_id))
+        }
+    }
+
+    /// Starts a defined domain: a VPC guest paused, its taps onto the
+    /// bridge, then resumed (see [`crate::network`]).
+    async fn start_guest(&self, name: &str, nics: &[Nic], define: Option<String>) -> Result<(), ConvergeError> {
+        let dp = self.network.as_ref().filter(|_| !nics.is_empty());
+        if let Some(dp) = dp {
+            dp.prepare_taps(nics).await?;
+        }
+        match define {
+            Some(xml) => self.libvirt.define_and_start(xml, dp.is_some()).await?,
+            None => self.libvirt.start(name, dp.is_some()).await?,
+        }
+        if let Some(dp) = dp {
+            dp.attach(nics).await?;
+            self.libvirt.resume(name).await?;
+        }
+        Ok(())
     }
 
     /// Converges each assignment in parallel. `Some(status)`: the domain
@@ -262,14 +351,21 @@ impl Reconciler {
     }
 
     async fn ensure_running(&self, a: &Assignment, existing: Option<DomainStatus>) -> Result<Outcome, ConvergeError> {
+        let nics = self.vpc_nics(a);
         if let Some(d) = existing {
             // Adopt: make sure its metadata server listens where the guest expects it.
-            self.metadata.ensure(&a.metadata, a.user_data.as_deref()).await.map_err(ConvergeError::Metadata)?;
+            self.serve_metadata(a).await?;
             let started = !d.running;
             if started {
-                self.libvirt.start(&d.name).await?;
+                self.start_guest(&d.name, nics, None).await?;
                 tracing::info!(instance_id = %a.instance_id, "restarted a stopped domain");
                 let _ = self.events.send(AgentEvent::Started { instance_id: a.instance_id.clone(), at: Instant::now() });
+            } else if d.paused {
+                // Started paused by an agent that stopped before it resumed the guest.
+                if let (Some(dp), false) = (&self.network, nics.is_empty()) {
+                    dp.attach(nics).await?;
+                }
+                self.libvirt.resume(&d.name).await?;
             }
             return Ok(Outcome::Running { started });
         }
@@ -281,8 +377,12 @@ impl Reconciler {
             None => None,
         };
         let base = self.images.ensure(&img.source_url, &img.root_disk).await?;
-        files.prepare(&base, a.disk_gib, &a.metadata, a.user_data.as_deref(), &self.qemu).await?;
-        let metadata_socket = self.metadata.ensure(&a.metadata, a.user_data.as_deref()).await.map_err(ConvergeError::Metadata)?;
+        let network_config = match (&self.network, nics.is_empty()) {
+            (Some(dp), false) => Some(crate::network::guest_network_config(nics, dp.mtu())),
+            _ => None,
+        };
+        files.prepare(&base, a.disk_gib, &a.metadata, a.user_data.as_deref(), &self.qemu, network_config.as_deref()).await?;
+        let metadata_socket = self.serve_metadata(a).await?;
         let spec = GuestSpec {
             hypervisor: self.hypervisor,
             host_id: self.host_id.clone(),
@@ -298,8 +398,9 @@ impl Reconciler {
             console_log: files.console_log(),
             metadata_socket,
             qemu: self.qemu,
+            nics: nics.iter().map(|n| GuestNic { mac: n.mac.clone(), tap: crate::network::tap_name(&n.eni_id) }).collect(),
         };
-        self.libvirt.define_and_start(domain::render(&spec)?).await?;
+        self.start_guest(&domain::domain_name(&a.instance_id), nics, Some(domain::render(&spec)?)).await?;
         tracing::info!(instance_id = %a.instance_id, "guest started");
         let _ = self.events.send(AgentEvent::Started { instance_id: a.instance_id.clone(), at: Instant::now() });
         Ok(Outcome::Running { started: true })
@@ -356,6 +457,10 @@ impl Reconciler {
     async fn ensure_gone(&self, instance_id: &str) -> Result<ObservedState, ConvergeError> {
         self.libvirt.destroy(&domain::domain_name(instance_id)).await?;
         self.metadata.stop(instance_id);
+        if let Some(dp) = &self.network {
+            let nics = self.nics.lock().unwrap_or_else(|p| p.into_inner()).remove(instance_id);
+            dp.remove_taps(&nics.unwrap_or_default()).await;
+        }
         self.console.forget(instance_id);
         let files = GuestFiles::new(&self.instances_dir, instance_id);
         let had_files = files.exists().await;

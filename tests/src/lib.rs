@@ -88,11 +88,13 @@ pub struct CloudOptions {
     pub host_timeout_secs: u64,
     /// Default per-account limits (instances, vCPUs).
     pub default_limits: (u32, u32),
+    /// RSA key generation per account: (burst, seconds per further key).
+    pub rsa_keys: (u32, u64),
 }
 
 impl Default for CloudOptions {
     fn default() -> Self {
-        CloudOptions { placement: PlacementPolicy::Spread, max_count: 100, db_connections: 20, host_timeout_secs: 30, default_limits: (256, 1024) }
+        CloudOptions { placement: PlacementPolicy::Spread, max_count: 100, db_connections: 20, host_timeout_secs: 30, default_limits: (256, 1024), rsa_keys: (5, 60) }
     }
 }
 
@@ -217,6 +219,8 @@ impl Cloud {
             db_connections: opts.db_connections,
             master_key: Some(nimbus_control_plane::auth::secrets::MasterKey::generate().to_hex()),
             region: "nimbus-1".into(),
+            rsa_key_burst: opts.rsa_keys.0,
+            rsa_key_interval_secs: opts.rsa_keys.1,
             default_max_instances: opts.default_limits.0,
             default_max_vcpus: opts.default_limits.1,
         };
@@ -318,6 +322,37 @@ impl Cloud {
         disk_gib: u64,
         hypervisor: HypervisorChoice,
     ) -> anyhow::Result<AgentHandle> {
+        self.add_agent_configured(name, zone, (vcpus, memory_mib, disk_gib), hypervisor, |_| {}).await
+    }
+
+    /// Starts an agent that runs the VPC data plane of simulated host `host`
+    /// of a [`Topology`](nimbus_host_agent::network::testing::Topology).
+    pub async fn add_vpc_agent(
+        &self,
+        name: &str,
+        zone: &str,
+        capacity: (u32, u64, u64),
+        hypervisor: HypervisorChoice,
+        host: &nimbus_host_agent::network::testing::SimHost,
+    ) -> anyhow::Result<AgentHandle> {
+        self.add_agent_configured(name, zone, capacity, hypervisor, |c| {
+            c.network = nimbus_host_agent::NetworkChoice::Vpc;
+            c.underlay_address = Some(host.underlay_ip);
+            c.network_namespace = Some(host.ns.name.clone());
+            c.uplink = Some(nimbus_host_agent::network::testing::UPLINK.into());
+            c.netns_prefix = host.prefix.clone();
+        })
+        .await
+    }
+
+    async fn add_agent_configured(
+        &self,
+        name: &str,
+        zone: &str,
+        (vcpus, memory_mib, disk_gib): (u32, u64, u64),
+        hypervisor: HypervisorChoice,
+        tweak: impl FnOnce(&mut AgentConfig),
+    ) -> anyhow::Result<AgentHandle> {
         let state_dir = self.dir.path().join(name);
         let config = AgentConfig {
             control_plane: self.url.clone(),
@@ -337,7 +372,15 @@ impl Cloud {
             poll_ms: 2000,
             stop_timeout_secs: 30,
             qemu_user: "libvirt-qemu".into(),
+            network: nimbus_host_agent::NetworkChoice::User,
+            underlay_address: None,
+            network_namespace: None,
+            uplink: None,
+            netns_prefix: "nimbus".into(),
+            underlay_mtu: 1500,
         };
+        let mut config = config;
+        tweak(&mut config);
         let mut handle = AgentHandle {
             name: config.name.clone(),
             host_id: None,

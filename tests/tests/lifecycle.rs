@@ -101,6 +101,7 @@ async fn a_restarted_agent_converges() {
             console_log: files.join(id).join("console.log"),
             metadata_socket: files.join(id).join("metadata.sock"),
             qemu: nimbus_host_agent::access::QemuUser::root(),
+            nics: Vec::new(),
         })
         .unwrap();
         tokio::task::spawn_blocking(move || {

@@ -46,12 +46,13 @@ pub struct Service {
     pub db: PgPool,
     pub config: Config,
     pub events: HostEvents,
-    /// RSA key generation per account (a CPU burst per call): 5, then one a minute.
+    /// RSA key generation per account (a CPU burst per call).
     pub rsa_keygen: throttle::Throttle,
 }
 
 impl Service {
     pub fn new(db: PgPool, config: Config, events: HostEvents) -> Service {
-        Service { db, config, events, rsa_keygen: throttle::Throttle::new(5, std::time::Duration::from_secs(60)) }
+        let rsa_keygen = throttle::Throttle::new(config.rsa_key_burst, std::time::Duration::from_secs(config.rsa_key_interval_secs.max(1)));
+        Service { db, config, events, rsa_keygen }
     }
 }

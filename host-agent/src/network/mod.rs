@@ -82,6 +82,27 @@ pub struct VpcConfig {
     pub underlay_mtu: u32,
 }
 
+/// The guest's static network configuration, cloud-init `network-config`
+/// version 2 (in the NoCloud seed): each interface matched by MAC, its
+/// address, the MTU that fits the VXLAN, and the default route through the
+/// primary interface's router.
+pub fn guest_network_config(nics: &[Nic], mtu: u32) -> String {
+    let mut s = String::from("version: 2\nethernets:\n");
+    for n in nics {
+        s.push_str(&format!(
+            "  eth{i}:\n    match:\n      macaddress: \"{mac}\"\n    set-name: eth{i}\n    mtu: {mtu}\n    addresses:\n      - {ip}/{prefix}\n",
+            i = n.device_index,
+            mac = n.mac,
+            ip = n.private_ip,
+            prefix = n.subnet.prefix
+        ));
+        if n.device_index == 0 {
+            s.push_str(&format!("    routes:\n      - to: 0.0.0.0/0\n        via: {}\n", n.gateway));
+        }
+    }
+    s
+}
+
 /// The tap of an interface (`nt` + the last 12 hex digits of its id: 14 characters).
 pub fn tap_name(eni_id: &str) -> String {
     let hex: String = eni_id.chars().filter(|c| c.is_ascii_hexdigit()).collect();

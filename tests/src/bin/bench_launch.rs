@@ -172,7 +172,7 @@ async fn real_guest(runs: usize) -> anyhow::Result<()> {
             public_keys: Vec::new(),
         };
         let qemu = nimbus_host_agent::access::QemuUser::lookup("libvirt-qemu")?;
-        files.prepare(&base, 8, &meta, None, &qemu).await?;
+        files.prepare(&base, 8, &meta, None, &qemu, None).await?;
         let xml_path = cloud.dir.path().join(format!("{id}.xml"));
         std::fs::write(&xml_path, &xml)?;
         let t0 = Instant::now();
