@@ -9,12 +9,15 @@
 # (RECIPE_VERSION and the sha256 of the recipe files) and the files still match it.
 #
 # Needs (scripts/install-deps.sh installs them): apt-get, dpkg, cpio, gzip,
-# mke2fs (e2fsprogs >= 1.43 for -d), qemu-img, python3, sha256sum.
+# mke2fs (e2fsprogs >= 1.43 for -d), qemu-img, python3, sha256sum, readelf.
 set -euo pipefail
 
-RECIPE_VERSION=1
+RECIPE_VERSION=2
 KERNEL_META=linux-image-cloud-amd64
 BUSYBOX_PKG=busybox-static
+# An SSH server for the guest (dropbear) and the libraries it links against;
+# only the libraries it needs (read from the ELF files) go into the image.
+SSH_PKGS=(dropbear-bin libc6 libcrypt1 libtomcrypt1 libtommath1 libgmp10 zlib1g)
 # Modules the guest needs; their dependencies are added automatically (from each
 # .ko's modinfo depends=) and everything is loaded in dependency order.
 # Anything built into the kernel (e.g. ext4 on the cloud kernel) is skipped.
@@ -36,7 +39,7 @@ T0=$(date +%s.%N)
 die() { echo "build-tiny.sh: $*" >&2; exit 1; }
 elapsed() { awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
 
-for c in apt-get dpkg dpkg-deb cpio gzip mke2fs debugfs qemu-img python3 sha256sum; do
+for c in apt-get dpkg dpkg-deb cpio gzip mke2fs debugfs qemu-img python3 sha256sum readelf; do
     command -v "$c" >/dev/null || die "missing $c (run scripts/install-deps.sh)"
 done
 
@@ -88,7 +91,7 @@ if ! have_candidate "$KERNEL_META" || ! have_candidate "$BUSYBOX_PKG"; then
     apt-get -q update >>"$WORK/apt.log" 2>&1 || { cat "$WORK/apt.log" >&2; die "apt-get update failed"; }
 fi
 mkdir debs
-(cd debs && apt_dl "$KERNEL_META" "$BUSYBOX_PKG") || { cat "$WORK/apt.log" >&2; die "apt-get download failed"; }
+(cd debs && apt_dl "$KERNEL_META" "$BUSYBOX_PKG" "${SSH_PKGS[@]}") || { cat "$WORK/apt.log" >&2; die "apt-get download failed"; }
 # Follow the metapackage to the versioned kernel package (first linux-image-* dependency).
 KPKG=$(dpkg-deb -f debs/"${KERNEL_META}"_*.deb Depends | tr ',|' '\n\n' |
     sed -n 's/^[[:space:]]*\(linux-image-[^[:space:](]*\).*/\1/p' | head -n 1)
@@ -99,9 +102,15 @@ BDEB=$(ls debs/"${BUSYBOX_PKG}"_*.deb)
 KPKG_VER=$(dpkg-deb -f "$KDEB" Version)
 BB_VER=$(dpkg-deb -f "$BDEB" Version)
 
-mkdir pkg
+mkdir pkg ssh
 dpkg -x "$KDEB" pkg
 dpkg -x "$BDEB" pkg
+SSH_VERS=()
+for p in "${SSH_PKGS[@]}"; do
+    deb=$(ls debs/"${p}"_*.deb)
+    dpkg -x "$deb" ssh
+    SSH_VERS+=("$p=$(dpkg-deb -f "$deb" Version)")
+done
 KVER=$(ls pkg/lib/modules | head -n 1)
 [ -n "$KVER" ] && [ -f "pkg/boot/vmlinuz-$KVER" ] || die "no kernel in $KDEB"
 MODDIR=pkg/lib/modules/$KVER
@@ -146,12 +155,34 @@ for m in "${ORDER[@]}"; do
     cp "${KO[$m]}" "$R/lib/modules/$m.ko"
     echo "$m" >>$R/lib/modules/load-order
 done
+# dropbear and, recursively, the shared libraries it needs (DT_NEEDED).
+mkdir -p $R/usr/sbin $R/lib/x86_64-linux-gnu $R/lib64 $R/.ssh $R/etc/dropbear
+install -m 755 ssh/usr/sbin/dropbear $R/usr/sbin/dropbear
+install -m 755 ssh/lib64/ld-linux-x86-64.so.2 $R/lib64/ld-linux-x86-64.so.2
+declare -A LIBSEEN=()
+need_libs() {
+    local lib f
+    for lib in $(readelf -d "$1" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'); do
+        [ -n "${LIBSEEN[$lib]:-}" ] && continue
+        LIBSEEN[$lib]=1
+        f=
+        for c in ssh/lib/x86_64-linux-gnu/"$lib" ssh/usr/lib/x86_64-linux-gnu/"$lib"; do
+            if [ -e "$c" ]; then f=$c; break; fi
+        done
+        [ -n "$f" ] || die "dropbear needs $lib, which none of ${SSH_PKGS[*]} holds"
+        cp -L "$f" $R/lib/x86_64-linux-gnu/"$lib"
+        need_libs "$f"
+    done
+}
+need_libs ssh/usr/sbin/dropbear
+chmod 700 $R/.ssh
 install -m 755 "$SRC/init" $R/init
 install -m 755 "$SRC/udhcpc.script" $R/etc/udhcpc/default.script
 install -m 755 "$SRC/power-button" $R/etc/acpi/PWRF/00000080
 printf 'root:x:0:0:root:/:/bin/sh\n' >$R/etc/passwd
 printf 'root:x:0:\n' >$R/etc/group
-printf 'nimbus-tiny recipe=%s kernel=%s busybox=%s\n' "$RECIPE_VERSION" "$KVER" "$BB_VER" >$R/etc/nimbus-release
+printf 'nimbus-tiny recipe=%s kernel=%s busybox=%s %s\n' "$RECIPE_VERSION" "$KVER" "$BB_VER" "${SSH_VERS[*]}" >$R/etc/nimbus-release
+printf '/bin/sh\n' >$R/etc/shells
 mknod -m 600 $R/dev/console c 5 1 2>/dev/null || true
 find $R -exec touch -h -d "@$EPOCH" {} +
 (cd $R && find . -mindepth 1 | LC_ALL=C sort |
@@ -201,6 +232,7 @@ m = {
     "kernel_version": "$KVER",
     "kernel_package": "$KPKG=$KPKG_VER",
     "busybox_package": "$BUSYBOX_PKG=$BB_VER",
+    "ssh_packages": "${SSH_VERS[*]}".split(),
     "modules": "${ORDER[*]}".split(),
     "recipe_version": $RECIPE_VERSION,
     "recipe_sha256": "$recipe_sha",

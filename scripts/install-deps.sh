@@ -62,6 +62,7 @@ DEPS_TABLE='
 1  gzip                    gzip
 1  findutils               find
 1  mawk                    awk
+1  binutils-x86-64-linux-gnu readelf
 1  iproute2                ip bridge
 1  nftables                nft
 1  redis-server            redis-server
