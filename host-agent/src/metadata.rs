@@ -49,8 +49,25 @@ struct Content {
 
 type Shared = Arc<RwLock<Content>>;
 
-struct Entry {
+/// IMDSv2 session tokens of one instance: token → expiry.
+type Tokens = Arc<Mutex<HashMap<String, tokio::time::Instant>>>;
+
+/// Most live tokens an instance may hold (each `PUT` makes one; the oldest go first).
+const MAX_TOKENS: usize = 1024;
+/// EC2's bounds of a token's life, seconds.
+const TOKEN_TTL: std::ops::RangeInclusive<u64> = 1..=21600;
+pub const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
+pub const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
+
+/// What one instance's requests are answered from.
+#[derive(Clone)]
+struct Guest {
     content: Shared,
+    tokens: Tokens,
+}
+
+struct Entry {
+    guest: Guest,
     /// The unix-socket server (QEMU user-mode networking), if any.
     socket_task: Option<JoinHandle<()>>,
 }
@@ -82,17 +99,88 @@ pub fn socket_path(run_dir: &FsPath, instance_id: &str) -> PathBuf {
     run_dir.join(format!("{instance_id}.sock"))
 }
 
-fn router(content: Shared) -> Router {
+fn router(guest: Guest) -> Router {
+    let content = guest.content.clone();
     Router::new()
         .route("/", get(|| async { "latest\n" }))
-        .route("/latest", get(|| async { "dynamic\nmeta-data\nuser-data\n" }))
-        .route("/latest/", get(|| async { "dynamic\nmeta-data\nuser-data\n" }))
+        .route("/latest", get(|| async { "api/\ndynamic\nmeta-data\nuser-data\n" }))
+        .route("/latest/", get(|| async { "api/\ndynamic\nmeta-data\nuser-data\n" }))
         .route("/latest/meta-data", get(listing))
         .route("/latest/meta-data/", get(listing))
         .route("/latest/meta-data/{*key}", get(meta_data))
         .route("/latest/user-data", get(serve_user_data))
+        .route("/latest/dynamic", get(|| async { "instance-identity/\n" }))
+        .route("/latest/dynamic/", get(|| async { "instance-identity/\n" }))
+        .route("/latest/dynamic/instance-identity", get(|| async { "document\n" }))
+        .route("/latest/dynamic/instance-identity/", get(|| async { "document\n" }))
         .route("/latest/dynamic/instance-identity/document", get(identity))
         .with_state(content)
+        .route("/latest/api/token", axum::routing::put(new_token).with_state(guest.clone()))
+        .layer(axum::middleware::from_fn_with_state(guest, imds_policy))
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response {
+    (status, text).into_response()
+}
+
+/// EC2's rules, before any route: nothing when the endpoint is disabled; a
+/// token, when sent, must be live (401 otherwise, in either mode); without
+/// one, IMDSv1 only when tokens are optional.
+async fn imds_policy(State(g): State<Guest>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let options = g.content.read().unwrap_or_else(|p| p.into_inner()).meta.options;
+    if !options.endpoint_enabled {
+        return plain(StatusCode::FORBIDDEN, "Forbidden\n");
+    }
+    if req.method() == axum::http::Method::PUT {
+        return next.run(req).await;
+    }
+    match req.headers().get(TOKEN_HEADER) {
+        Some(t) => {
+            let live = {
+                let mut tokens = g.tokens.lock().unwrap_or_else(|p| p.into_inner());
+                let now = tokio::time::Instant::now();
+                tokens.retain(|_, expiry| *expiry > now);
+                t.to_str().ok().is_some_and(|t| tokens.contains_key(t))
+            };
+            if !live {
+                return plain(StatusCode::UNAUTHORIZED, "Unauthorized\n");
+            }
+        }
+        None if options.tokens_required => return plain(StatusCode::UNAUTHORIZED, "Unauthorized\n"),
+        None => {}
+    }
+    next.run(req).await
+}
+
+/// `PUT /latest/api/token`: a session token living TTL seconds (1 to
+/// 21600, from `X-aws-ec2-metadata-token-ttl-seconds`). Refused when the
+/// request went through a proxy (`X-Forwarded-For`), as EC2 refuses it.
+async fn new_token(State(g): State<Guest>, headers: axum::http::HeaderMap) -> Response {
+    if headers.contains_key("x-forwarded-for") {
+        return plain(StatusCode::FORBIDDEN, "Forbidden\n");
+    }
+    let ttl = headers.get(TTL_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
+    let Some(ttl) = ttl.filter(|t| TOKEN_TTL.contains(t)) else {
+        return plain(StatusCode::BAD_REQUEST, "Bad Request\n");
+    };
+    let token = {
+        use rand::RngCore;
+        let mut b = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut b);
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+    };
+    {
+        let mut tokens = g.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        let now = tokio::time::Instant::now();
+        tokens.retain(|_, expiry| *expiry > now);
+        if tokens.len() >= MAX_TOKENS {
+            if let Some(oldest) = tokens.iter().min_by_key(|(_, e)| **e).map(|(k, _)| k.clone()) {
+                tokens.remove(&oldest);
+            }
+        }
+        tokens.insert(token.clone(), now + std::time::Duration::from_secs(ttl));
+    }
+    ([(TTL_HEADER, ttl.to_string())], token).into_response()
 }
 
 impl MetadataServers {
@@ -111,7 +199,7 @@ impl MetadataServers {
         self.publish_content(meta, user_data_b64, nics);
     }
 
-    fn publish_content(&self, meta: &InstanceMetadata, user_data_b64: Option<&str>, nics: &[Nic]) -> Shared {
+    fn publish_content(&self, meta: &InstanceMetadata, user_data_b64: Option<&str>, nics: &[Nic]) -> Guest {
         let user_data = user_data_b64.and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok());
         let content = Content { meta: meta.clone(), user_data, nics: nics.to_vec() };
         let id = &meta.instance_id;
@@ -125,13 +213,13 @@ impl MetadataServers {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         match entries.get(id) {
             Some(e) => {
-                *e.content.write().unwrap_or_else(|p| p.into_inner()) = content;
-                e.content.clone()
+                *e.guest.content.write().unwrap_or_else(|p| p.into_inner()) = content;
+                e.guest.clone()
             }
             None => {
-                let shared = Arc::new(RwLock::new(content));
-                entries.insert(id.clone(), Entry { content: shared.clone(), socket_task: None });
-                shared
+                let guest = Guest { content: Arc::new(RwLock::new(content)), tokens: Arc::default() };
+                entries.insert(id.clone(), Entry { guest: guest.clone(), socket_task: None });
+                guest
             }
         }
     }
@@ -201,8 +289,8 @@ impl MetadataServers {
                     Ok((conn, peer)) => {
                         let std::net::IpAddr::V4(ip) = peer.ip() else { continue };
                         let owner = this.addresses.read().unwrap_or_else(|p| p.into_inner()).get(&(vni, ip)).cloned();
-                        let content = owner.and_then(|id| this.entries.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|e| e.content.clone()));
-                        match content {
+                        let guest = owner.and_then(|id| this.entries.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|e| e.guest.clone()));
+                        match guest {
                             Some(c) => {
                                 // Answers go out at once (no Nagle wait for the guest's next request).
                                 let _ = conn.set_nodelay(true);
@@ -280,9 +368,25 @@ pub const MAX_HEAD: usize = 8 * 1024;
 /// Largest request body read (and dropped: the service takes no bodies).
 pub const MAX_BODY: usize = 4 * 1024;
 
+/// The path to route: a dated API version (`/2009-04-04/…`, what
+/// cloud-init's EC2 data source asks for) is served as `latest`.
+fn versioned(path: &str) -> String {
+    if !path.starts_with('/') {
+        return "/".to_string();
+    }
+    let rest = &path[1..];
+    let (first, tail) = rest.split_once('/').map_or((rest, ""), |(a, b)| (a, b));
+    let dated = first.len() == 10 && first.bytes().enumerate().all(|(i, b)| if i == 4 || i == 7 { b == b'-' } else { b.is_ascii_digit() });
+    if dated {
+        format!("/latest/{tail}")
+    } else {
+        path.to_string()
+    }
+}
+
 /// What a request head says, or why it is refused.
 enum Head {
-    Request { method: String, path: String, head_len: usize, body_len: usize },
+    Request { method: String, path: String, headers: Vec<(String, Vec<u8>)>, head_len: usize, body_len: usize },
     /// Answer this status and close the connection.
     Refuse(StatusCode),
 }
@@ -306,7 +410,8 @@ fn parse_head(buf: &[u8]) -> Option<Head> {
                 }
             }
             let (method, path) = (req.method.unwrap_or("GET").to_string(), req.path.unwrap_or("/").to_string());
-            Some(Head::Request { method, path, head_len: n, body_len })
+            let headers = req.headers.iter().map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec())).collect();
+            Some(Head::Request { method, path, headers, head_len: n, body_len })
         }
         Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => None,
         Ok(httparse::Status::Partial) => Some(Head::Refuse(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)),
@@ -328,9 +433,9 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(mut conn: S, app: R
     let mut chunk = [0u8; 4096];
     loop {
         // Read until one whole request head is buffered.
-        let (method, path, head_len, body_len) = loop {
+        let (method, path, headers, head_len, body_len) = loop {
             match parse_head(&buf) {
-                Some(Head::Request { method, path, head_len, body_len }) => break (method, path, head_len, body_len),
+                Some(Head::Request { method, path, headers, head_len, body_len }) => break (method, path, headers, head_len, body_len),
                 Some(Head::Refuse(status)) => return write_status(&mut conn, status).await,
                 None => {}
             }
@@ -350,24 +455,28 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(mut conn: S, app: R
             }
         }
 
-        let request = axum::http::Request::builder()
-            .method(if method == "GET" || method == "HEAD" { axum::http::Method::GET } else { axum::http::Method::POST })
-            .uri(if path.starts_with('/') { path } else { "/".to_string() })
-            .body(axum::body::Body::empty());
-        let (status, body) = match request {
+        let mut request = axum::http::Request::builder()
+            .method(if method == "HEAD" { "GET" } else { method.as_str() })
+            .uri(versioned(&path));
+        for (name, value) in &headers {
+            request = request.header(name.as_str(), value.as_slice());
+        }
+        let (status, ttl, body) = match request.body(axum::body::Body::empty()) {
             Ok(req) => match app.clone().oneshot(req).await {
                 Ok(resp) => {
                     let status = resp.status();
-                    (status, axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap_or_default())
+                    let ttl = resp.headers().get(TTL_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+                    (status, ttl, axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap_or_default())
                 }
                 Err(never) => match never {},
             },
-            Err(_) => (StatusCode::BAD_REQUEST, Default::default()),
+            Err(_) => (StatusCode::BAD_REQUEST, None, Default::default()),
         };
         let head = format!(
-            "HTTP/1.1 {} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
+            "HTTP/1.1 {} {}\r\nContent-Type: text/plain\r\n{}Content-Length: {}\r\n\r\n",
             status.as_u16(),
             status.canonical_reason().unwrap_or(""),
+            ttl.map(|t| format!("X-aws-ec2-metadata-token-ttl-seconds: {t}\r\n")).unwrap_or_default(),
             if method == "HEAD" { 0 } else { body.len() }
         );
         if conn.write_all(head.as_bytes()).await.is_err() {
@@ -409,6 +518,9 @@ async fn listing(State(c): Ctx) -> String {
     }
     if has_keys {
         out.push_str("public-keys/\n");
+    }
+    if c.meta.options.tags_enabled {
+        out.push_str("tags/\n");
     }
     if let Some(n) = c.nics.first() {
         out.push_str("local-ipv4\nmac\nnetwork/\n");
@@ -495,6 +607,12 @@ async fn meta_data(State(c): Ctx, Path(key): Path<String>) -> Response {
                 _ => return (StatusCode::NOT_FOUND, "Not Found\n").into_response(),
             }
         }
+        "tags" if m.options.tags_enabled => "instance".to_string(),
+        "tags/instance" if m.options.tags_enabled => m.tags.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join("\n"),
+        k if m.options.tags_enabled && k.starts_with("tags/instance/") => match m.tags.iter().find(|(t, _)| t == &k["tags/instance/".len()..]) {
+            Some((_, v)) => v.clone(),
+            None => return (StatusCode::NOT_FOUND, "Not Found\n").into_response(),
+        },
         k if k == "network" || k.starts_with("network/") => match network(&c.nics, k.strip_prefix("network").unwrap_or("").trim_start_matches('/')) {
             Some(v) => v,
             None => return (StatusCode::NOT_FOUND, "Not Found\n").into_response(),
@@ -587,6 +705,8 @@ pub(crate) fn sample_metadata(id: &str) -> InstanceMetadata {
         ami_launch_index: 0,
         owner_id: "000000000000".into(),
         public_keys: Vec::new(),
+        options: Default::default(),
+        tags: Vec::new(),
     }
 }
 
@@ -760,5 +880,88 @@ mod tests {
         // The server closes with bytes of ours unread: the answer comes, then a reset.
         let _ = conn.read_to_end(&mut resp).await;
         assert!(resp.starts_with(b"HTTP/1.1 431"), "{}", String::from_utf8_lossy(&resp));
+    }
+}
+
+#[cfg(test)]
+mod imds_tests {
+    use super::*;
+    use nimbus_proto::agent::MetadataOptions;
+
+    async fn serve(options: MetadataOptions, tags: Vec<(String, String)>) -> (MetadataServers, PathBuf, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let servers = MetadataServers::new(crate::access::QemuUser::root(), dir.path().join("run"));
+        let mut m = sample_metadata("i-0000000000000000a");
+        m.options = options;
+        m.tags = tags;
+        let socket = servers.ensure(&m, None).await.unwrap();
+        (servers, socket, dir)
+    }
+
+    async fn call(socket: &FsPath, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+        let (status, body) = request(socket, method, path, headers).await.unwrap();
+        (status, String::from_utf8(body).unwrap())
+    }
+
+    /// IMDSv2 as EC2 answers it: a token from `PUT /latest/api/token` (TTL
+    /// 1 to 21600 s, never through a proxy), sent back in a header; a bad or
+    /// expired token is 401 in either mode; without one, IMDSv1 only while
+    /// tokens are optional.
+    #[tokio::test(start_paused = true)]
+    async fn tokens_are_issued_checked_and_expire() {
+        let (_s, socket, _d) = serve(MetadataOptions::default(), vec![]).await;
+        let path = "/latest/meta-data/instance-id";
+        assert_eq!(call(&socket, "GET", path, &[]).await, (200, "i-0000000000000000a".into()), "IMDSv1 while tokens are optional");
+        for bad in [vec![], vec![(TTL_HEADER, "0")], vec![(TTL_HEADER, "21601")], vec![(TTL_HEADER, "ten")]] {
+            assert_eq!(call(&socket, "PUT", "/latest/api/token", &bad).await.0, 400, "{bad:?}");
+        }
+        assert_eq!(call(&socket, "PUT", "/latest/api/token", &[(TTL_HEADER, "60"), ("X-Forwarded-For", "10.0.0.1")]).await.0, 403);
+        assert_eq!(call(&socket, "POST", "/latest/api/token", &[(TTL_HEADER, "60")]).await.0, 405);
+        let (status, token) = call(&socket, "PUT", "/latest/api/token", &[(TTL_HEADER, "2")]).await;
+        assert_eq!(status, 200);
+        assert!(token.len() >= 40, "{token}");
+        assert_eq!(call(&socket, "GET", path, &[(TOKEN_HEADER, &token)]).await.0, 200);
+        assert_eq!(call(&socket, "GET", path, &[(TOKEN_HEADER, "made-up")]).await.0, 401, "a bad token is refused even in optional mode");
+        tokio::time::advance(std::time::Duration::from_secs(3)).await;
+        assert_eq!(call(&socket, "GET", path, &[(TOKEN_HEADER, &token)]).await.0, 401, "expired");
+        // The TTL comes back in a header.
+        let mut conn = tokio::net::UnixStream::connect(&socket).await.unwrap();
+        conn.write_all(b"PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 21600\r\n\r\n").await.unwrap();
+        let mut buf = vec![0u8; 512];
+        let n = conn.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).contains("X-aws-ec2-metadata-token-ttl-seconds: 21600\r\n"), "{}", String::from_utf8_lossy(&buf[..n]));
+    }
+
+    #[tokio::test]
+    async fn required_tokens_disabled_endpoint_and_tags() {
+        let required = MetadataOptions { tokens_required: true, ..Default::default() };
+        let (_s, socket, _d) = serve(required, vec![("Name".into(), "web".into())]).await;
+        assert_eq!(call(&socket, "GET", "/latest/meta-data/instance-id", &[]).await.0, 401);
+        let (_, token) = call(&socket, "PUT", "/latest/api/token", &[(TTL_HEADER, "60")]).await;
+        assert_eq!(call(&socket, "GET", "/latest/meta-data/instance-id", &[(TOKEN_HEADER, &token)]).await.0, 200);
+        assert_eq!(call(&socket, "GET", "/latest/meta-data/tags/instance", &[(TOKEN_HEADER, &token)]).await.0, 404, "tags are off by default");
+
+        let off = MetadataOptions { endpoint_enabled: false, ..Default::default() };
+        let (_s2, socket, _d2) = serve(off, vec![]).await;
+        assert_eq!(call(&socket, "GET", "/latest/meta-data/instance-id", &[]).await.0, 403);
+        assert_eq!(call(&socket, "PUT", "/latest/api/token", &[(TTL_HEADER, "60")]).await.0, 403);
+
+        let tags = MetadataOptions { tags_enabled: true, ..Default::default() };
+        let (_s3, socket, _d3) = serve(tags, vec![("Name".into(), "web".into()), ("env".into(), "prod".into())]).await;
+        assert!(call(&socket, "GET", "/latest/meta-data/", &[]).await.1.lines().any(|l| l == "tags/"));
+        assert_eq!(call(&socket, "GET", "/latest/meta-data/tags/instance", &[]).await, (200, "Name\nenv".into()));
+        assert_eq!(call(&socket, "GET", "/latest/meta-data/tags/instance/env", &[]).await, (200, "prod".into()));
+        assert_eq!(call(&socket, "GET", "/latest/meta-data/tags/instance/nope", &[]).await.0, 404);
+    }
+
+    /// cloud-init's EC2 data source asks for dated versions and directories
+    /// with a trailing slash.
+    #[tokio::test]
+    async fn dated_versions_and_directories_are_served_like_latest() {
+        let (_s, socket, _d) = serve(MetadataOptions::default(), vec![]).await;
+        assert_eq!(call(&socket, "GET", "/2009-04-04/meta-data/instance-id", &[]).await, (200, "i-0000000000000000a".into()));
+        assert_eq!(call(&socket, "GET", "/2021-03-23/meta-data/placement/", &[]).await, (200, "availability-zone".into()));
+        assert_eq!(call(&socket, "GET", "/2021-03-23/dynamic/instance-identity/", &[]).await, (200, "document\n".into()));
+        assert_eq!(call(&socket, "GET", "/2021-3-23/meta-data/instance-id", &[]).await.0, 404, "not a date");
     }
 }

@@ -78,6 +78,31 @@ pub struct InstanceMetadata {
     /// SSH public keys served at `public-keys/N/openssh-key`, as (name, key).
     #[serde(default)]
     pub public_keys: Vec<(String, String)>,
+    /// How the metadata service answers this instance (EC2's MetadataOptions).
+    #[serde(default)]
+    pub options: MetadataOptions,
+    /// The instance's tags, served under `meta-data/tags/instance/` when
+    /// `options.instance_metadata_tags` allows it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<(String, String)>,
+}
+
+/// EC2's `MetadataOptions` of an instance.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MetadataOptions {
+    /// IMDSv2 only: every request needs a session token (`PUT /latest/api/token`).
+    pub tokens_required: bool,
+    /// The service answers at all (EC2's `HttpEndpoint`).
+    pub endpoint_enabled: bool,
+    /// Tags under `meta-data/tags/instance/` (EC2's `InstanceMetadataTags`).
+    pub tags_enabled: bool,
+}
+
+impl Default for MetadataOptions {
+    /// EC2's defaults: tokens optional, endpoint enabled, tags off.
+    fn default() -> Self {
+        MetadataOptions { tokens_required: false, endpoint_enabled: true, tags_enabled: false }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -125,6 +125,8 @@ impl AssignmentRow {
                     (Some(name), Some(key)) => vec![(name, key)],
                     _ => Vec::new(),
                 },
+                options: Default::default(),
+                tags: Vec::new(),
             },
             reboots: self.reboots,
             nics: Vec::new(),

@@ -170,6 +170,8 @@ async fn real_guest(runs: usize) -> anyhow::Result<()> {
             ami_launch_index: 0,
             owner_id: String::new(),
             public_keys: Vec::new(),
+            options: Default::default(),
+            tags: Vec::new(),
         };
         let qemu = nimbus_host_agent::access::QemuUser::lookup("libvirt-qemu")?;
         files.prepare(&base, 8, &meta, None, &qemu, None).await?;
