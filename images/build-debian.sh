@@ -74,21 +74,37 @@ case $OUTDIR in /*) ;; *) OUTDIR=$PWD/$OUTDIR ;; esac
 up_to_date() {
     [ -f "$OUTDIR/manifest.json" ] || return 1
     python3 - "$OUTDIR" "$RECIPE_VERSION" "$recipe_sha" <<'EOF'
+# A file is hashed again only when its size, mtime or inode changed since it was
+# last hashed (OUTDIR/.verified): a second run does not read 160 MB.
 import hashlib, json, os, sys
 out, ver, rsha = sys.argv[1:]
 m = json.load(open(os.path.join(out, "manifest.json")))
 if str(m.get("recipe_version")) != ver or m.get("recipe_sha256") != rsha:
     sys.exit(1)
+stamp = os.path.join(out, ".verified")
+try:
+    seen = json.load(open(stamp))
+except (OSError, ValueError):
+    seen = {}
+now = {}
 for f, want in m["sha256"].items():
     p = os.path.join(out, f)
     if not os.path.isfile(p):
         sys.exit(1)
-    h = hashlib.sha256()
-    with open(p, "rb") as fh:
-        for b in iter(lambda: fh.read(1 << 20), b""):
-            h.update(b)
-    if h.hexdigest() != want:
-        sys.exit(1)
+    st = os.stat(p)
+    key = [st.st_size, st.st_mtime_ns, st.st_ino, want]
+    if seen.get(f) != key:
+        h = hashlib.sha256()
+        with open(p, "rb") as fh:
+            for b in iter(lambda: fh.read(1 << 20), b""):
+                h.update(b)
+        if h.hexdigest() != want:
+            sys.exit(1)
+    now[f] = key
+if now != seen:
+    with open(stamp + ".tmp", "w") as fh:
+        json.dump(now, fh)
+    os.replace(stamp + ".tmp", stamp)
 EOF
 }
 
@@ -96,7 +112,23 @@ mkdir -p "$(dirname "$OUTDIR")"
 exec 9>"$OUTDIR.lock"
 flock 9   # one build per OUTDIR at a time
 
+# Images of other recipes in the machine-wide cache that no build has asked for in
+# NIMBUS_IMAGE_CACHE_DAYS (default 14) days are removed (not while locked).
+prune_cache() {
+    [ -z "${1:-}" ] || return 0   # only for the default OUTDIR
+    local d ref
+    for d in "$CACHE"/debian-????????????; do
+        [ -d "$d" ] && [ "$d" != "$OUTDIR" ] || continue
+        ref=$d/.last-used
+        [ -e "$ref" ] || ref=$d
+        [ -z "$(find "$ref" -maxdepth 0 -mtime -"${NIMBUS_IMAGE_CACHE_DAYS:-14}")" ] || continue
+        (flock -n 8 && rm -rf "$d" "$d.lock" && log "removed unused $d") 8>"$d.lock" || true
+    done
+}
+
 if [ "${FORCE:-0}" != 1 ] && up_to_date; then
+    touch "$OUTDIR/.last-used"
+    prune_cache "${1:-}"
     log "$OUTDIR is up to date (recipe $RECIPE_VERSION) [$(elapsed)s]"
     echo "$OUTDIR"
     exit 0
@@ -122,6 +154,10 @@ log "building $OUTDIR in $WORK"
 export SOURCE_DATE_EPOCH=$EPOCH ROOT_UUID ROOT_LABEL DISK_ID
 export PYTHONHASHSEED=0   # byte-compiled Python (cloud-init) the same on every build
 mkdir -p "$DEBS"
+# Only .deb files in the package cache: apt's lock and partial/ would be copied in
+# with their old times and make the image depend on the cache's history.
+find "$DEBS" -mindepth 1 -maxdepth 1 ! -name '*.deb' -exec rm -rf {} +
+touch "$WORK/build-start"
 q() { printf '%q' "$1"; }
 CUST=$(q "$HERE/debian/customize.sh")
 FILES=$(q "$HERE/debian/files")
@@ -140,6 +176,7 @@ mmdebstrap --mode=root --variant=apt --include="$(IFS=,; echo "${PACKAGES[*]}")"
     --customize-hook="$CUST \"\$1\"" \
     --customize-hook="find $(q "$DEBS") -maxdepth 1 -name '*.deb' -delete" \
     --customize-hook="sync-out /var/cache/apt/archives $(q "$DEBS")" \
+    --customize-hook="rm -rf $(q "$DEBS")/lock $(q "$DEBS")/partial" \
     "$SUITE" "$R" \
     "deb $MIRROR $SUITE main" \
     "deb $MIRROR $SUITE-updates main" \
@@ -157,9 +194,12 @@ KCMDLINE=$(sed -n "s|^[[:space:]]*linux[[:space:]]\+/boot/vmlinuz-$KVER[[:space:
     head -n 1 | sed 's/[[:space:]]*$//')
 [ -n "$KCMDLINE" ] || die "no kernel line in grub.cfg"
 
-# Times: nothing newer than EPOCH (files written during the build), and every
-# inode's ctime/atime/crtime = EPOCH (mke2fs -d copies them; touch cannot set ctime).
-find "$R" -xdev -newermt "@$EPOCH" -print0 | xargs -0r touch -h -d "@$EPOCH"
+# Times: whatever the build wrote (maintainer scripts, hooks, byte-compiled Python,
+# directories) gets mtime EPOCH; files unpacked from packages keep the mtime in
+# their .deb (a .pyc records its source's mtime: clamping sources would make every
+# .pyc stale and Python would compile on each first boot). Then every inode's
+# ctime/atime/crtime = EPOCH (mke2fs -d copies them; touch cannot set ctime).
+find "$R" -xdev -newer "$WORK/build-start" -print0 | xargs -0r touch -h -d "@$EPOCH"
 if find "$R" -xdev | grep -q '["\\]'; then die "a path in the image has a quote or backslash"; fi
 
 # ---- disk: MBR + ext4 partition ------------------------------------------------------
@@ -268,5 +308,7 @@ if [ -d "$OUTDIR" ]; then
 else
     mv "$NEW" "$OUTDIR"
 fi
+touch "$OUTDIR/.last-used"
+prune_cache "${1:-}"
 log "built $OUTDIR (kernel $KVER, $(du -h --apparent-size "$OUTDIR/disk.qcow2" | cut -f1) qcow2) [$(elapsed)s]"
 echo "$OUTDIR"
