@@ -194,12 +194,14 @@ KCMDLINE=$(sed -n "s|^[[:space:]]*linux[[:space:]]\+/boot/vmlinuz-$KVER[[:space:
     head -n 1 | sed 's/[[:space:]]*$//')
 [ -n "$KCMDLINE" ] || die "no kernel line in grub.cfg"
 
-# Times: whatever the build wrote (maintainer scripts, hooks, byte-compiled Python,
-# directories) gets mtime EPOCH; files unpacked from packages keep the mtime in
-# their .deb (a .pyc records its source's mtime: clamping sources would make every
-# .pyc stale and Python would compile on each first boot). Then every inode's
-# ctime/atime/crtime = EPOCH (mke2fs -d copies them; touch cannot set ctime).
-find "$R" -xdev -newer "$WORK/build-start" -print0 | xargs -0r touch -h -d "@$EPOCH"
+# Times: whatever the build wrote (maintainer scripts, hooks, byte-compiled Python)
+# and every directory gets mtime EPOCH; files unpacked from packages keep the mtime
+# in their .deb (a .pyc records its source's mtime: clamping sources would make every
+# .pyc stale and Python would compile on each first boot). Directories too, because
+# whether apt or dpkg made one first (e.g. /var/cache/apt/archives/partial) depends
+# on what was in the package cache. Then every inode's ctime/atime/crtime = EPOCH
+# (mke2fs -d copies them; touch cannot set ctime).
+find "$R" -xdev \( -newer "$WORK/build-start" -o -type d \) -print0 | xargs -0r touch -h -d "@$EPOCH"
 if find "$R" -xdev | grep -q '["\\]'; then die "a path in the image has a quote or backslash"; fi
 
 # ---- disk: MBR + ext4 partition ------------------------------------------------------
