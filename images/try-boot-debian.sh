@@ -126,6 +126,7 @@ else
     printf 'ami-00000000' >"$M/ami-id"
     printf 't2.micro' >"$M/instance-type"
     printf 'az1' >"$M/placement/availability-zone"
+    printf 'availability-zone' >"$M/placement/_list"
     printf '0=try-boot' >"$M/public-keys/_list"
     printf 'openssh-key' >"$M/public-keys/0/_list"
     printf '%s' "$PUBKEY" >"$M/public-keys/0/openssh-key"
