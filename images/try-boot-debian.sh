@@ -210,6 +210,9 @@ wait_console() { # REGEX T0: wait until a console line matches; print seconds si
     local deadline=$((SECONDS + TIMEOUT))
     until console | grep -qE "$1"; do
         [ $SECONDS -lt $deadline ] || fail_console "no console line matching '$1' within ${TIMEOUT}s"
+        if console | grep -qE 'Cloud-init v\. [^ ]+ finished at .*DataSourceNone'; then
+            fail_console "cloud-init found no datasource (DataSourceNone)"
+        fi
         sleep 0.1
     done
     since "$2"
@@ -229,9 +232,6 @@ t_ci=$(wait_console "Cloud-init v\\. [^ ]+ running 'init-local'" "$T0")
 t_try=$(wait_console "^NIMBUS-TRY-BOOT instance-id=$IID $NONCE\$" "$T0")
 t_done=$(wait_console 'Cloud-init v\. [^ ]+ finished at ' "$T0")
 FINISHED=$(console | grep -oE 'Cloud-init v\. [^ ]+ finished at .*' | tail -n 1)
-case "$FINISHED" in
-    *DataSourceNone*) fail_console "cloud-init found no datasource: $FINISHED" ;;
-esac
 
 # The host keys the guest printed on its console (cloud-init keys-to-console) are
 # the only ones SSH accepts: what GetConsoleOutput shows is what a user can trust.
