@@ -62,6 +62,11 @@ DEPS_TABLE='
 1  gzip                    gzip
 1  findutils               find
 1  mawk                    awk
+1  mmdebstrap              mmdebstrap
+1  fdisk                   sfdisk
+1  mount                   losetup mount umount
+1  debian-archive-keyring  -
+1  openssh-client          ssh ssh-keygen
 1  binutils-x86-64-linux-gnu readelf
 1  iproute2                ip bridge
 1  nftables                nft
