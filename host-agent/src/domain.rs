@@ -63,16 +63,16 @@ pub struct GuestSpec {
     pub metadata_socket: PathBuf,
     /// Who QEMU runs the guest as; libvirt relabels nothing (see [`crate::access`]).
     pub qemu: crate::access::QemuUser,
-    /// The guest's VPC interfaces (taps the agent made); empty: QEMU
+    /// The guest's VPC interfaces (on links the agent made); empty: QEMU
     /// user-mode networking with the metadata service on `metadata_socket`.
     pub nics: Vec<GuestNic>,
 }
 
-/// One VPC interface: its MAC and the tap it is attached to.
+/// One VPC interface: its MAC and the device its macvtap sits on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestNic {
     pub mac: String,
-    pub tap: String,
+    pub link: String,
 }
 
 #[derive(Serialize)]
@@ -180,7 +180,8 @@ struct Devices {
     memballoon: Model,
 }
 
-/// `<interface type='ethernet'>` on a tap the agent made (`managed='no'`);
+/// `<interface type='direct'>`: a macvtap libvirt makes, in passthrough
+/// mode, on the link the agent made (see [`crate::network`]);
 /// `<driver name='qemu'/>`: QEMU's own virtio-net back end, never vhost
 /// (vhost_net is missing on some hosts, and QEMU aborts asking for it).
 #[derive(Serialize)]
@@ -188,7 +189,7 @@ struct Interface {
     #[serde(rename = "@type")]
     kind: &'static str,
     mac: MacAddress,
-    target: TapTarget,
+    source: DirectSource,
     model: InterfaceModel,
     driver: DriverName,
 }
@@ -200,11 +201,11 @@ struct MacAddress {
 }
 
 #[derive(Serialize)]
-struct TapTarget {
+struct DirectSource {
     #[serde(rename = "@dev")]
     dev: String,
-    #[serde(rename = "@managed")]
-    managed: &'static str,
+    #[serde(rename = "@mode")]
+    mode: &'static str,
 }
 
 #[derive(Serialize)]
@@ -433,9 +434,9 @@ pub fn render(spec: &GuestSpec) -> Result<String, quick_xml::SeError> {
                 .nics
                 .iter()
                 .map(|n| Interface {
-                    kind: "ethernet",
+                    kind: "direct",
                     mac: MacAddress { address: n.mac.clone() },
-                    target: TapTarget { dev: n.tap.clone(), managed: "no" },
+                    source: DirectSource { dev: n.link.clone(), mode: "passthrough" },
                     model: InterfaceModel { kind: "virtio" },
                     driver: DriverName { name: "qemu" },
                 })
@@ -551,17 +552,17 @@ mod tests {
         assert_eq!(xml.matches("<readonly/>").count(), 1);
     }
 
-    /// A VPC guest: one `<interface type='ethernet'>` per tap, and no
-    /// user-mode network (its metadata service is on the VPC's network).
+    /// A VPC guest: one macvtap `<interface type='direct'>` per link, and
+    /// no user-mode network (its metadata service is on the VPC's network).
     #[test]
-    fn vpc_guests_get_tap_interfaces_and_no_user_network() {
+    fn vpc_guests_get_macvtap_interfaces_and_no_user_network() {
         let mut s = spec(Hypervisor::Qemu);
-        s.nics = vec![GuestNic { mac: "02:00:00:00:00:05".into(), tap: "nt0123456789ab".into() }];
+        s.nics = vec![GuestNic { mac: "02:00:00:00:00:05".into(), link: "nt0123456789ab".into() }];
         let xml = render(&s).unwrap();
         assert!(
             xml.contains(
-                "<interface type=\"ethernet\">\n      <mac address=\"02:00:00:00:00:05\"/>\n      \
-                 <target dev=\"nt0123456789ab\" managed=\"no\"/>\n      <model type=\"virtio\"/>\n      <driver name=\"qemu\"/>\n    </interface>"
+                "<interface type=\"direct\">\n      <mac address=\"02:00:00:00:00:05\"/>\n      \
+                 <source dev=\"nt0123456789ab\" mode=\"passthrough\"/>\n      <model type=\"virtio\"/>\n      <driver name=\"qemu\"/>\n    </interface>"
             ),
             "{xml}"
         );
@@ -593,7 +594,7 @@ mod tests {
     /// (Xen cannot run here, so its XML is checked offline this way).
     #[test]
     fn xml_validates_against_libvirts_schema() {
-        let vpc = |h| GuestSpec { nics: vec![GuestNic { mac: "02:00:00:00:00:05".into(), tap: "nt0123456789ab".into() }], ..spec(h) };
+        let vpc = |h| GuestSpec { nics: vec![GuestNic { mac: "02:00:00:00:00:05".into(), link: "nt0123456789ab".into() }], ..spec(h) };
         for (i, s) in [spec(Hypervisor::Kvm), spec(Hypervisor::Qemu), spec(Hypervisor::Xen), vpc(Hypervisor::Kvm), vpc(Hypervisor::Qemu)].iter().enumerate() {
             let h = s.hypervisor;
             let file = std::env::temp_dir().join(format!("nimbus-domain-{i}-{}.xml", std::process::id()));

@@ -22,8 +22,6 @@ pub struct DomainStatus {
     pub owner: Ownership,
     /// Running, blocked or paused.
     pub running: bool,
-    /// Paused (a VPC guest is started paused until its taps are on its bridge).
-    pub paused: bool,
 }
 
 #[derive(Clone)]
@@ -79,7 +77,7 @@ impl Libvirt {
                 if owner.host_id != host_id {
                     continue;
                 }
-                out.push(DomainStatus { name, owner, running: is_running(state), paused: is_paused(state) });
+                out.push(DomainStatus { name, owner, running: is_running(state) });
             }
             Ok(out)
         })
@@ -101,46 +99,29 @@ impl Libvirt {
                 name,
                 owner,
                 running: is_running(state),
-                paused: is_paused(state),
             }))
         })
         .await
     }
 
-    /// Defines the domain persistently and starts it (`paused`: with its
-    /// vCPUs stopped, until [`Libvirt::resume`]).
-    pub async fn define_and_start(&self, xml: String, paused: bool) -> Result<(), LibvirtError> {
+    /// Defines the domain persistently and starts it.
+    pub async fn define_and_start(&self, xml: String) -> Result<(), LibvirtError> {
         let starts = self.starts.clone();
         self.call(move |c| {
             let dom = c.define_domain_xml(&xml)?;
-            create_timed(&dom, &starts, paused)
+            create_timed(&dom, &starts)
         })
         .await
     }
 
-    /// Starts a defined domain (`paused`: see [`Libvirt::define_and_start`]).
-    pub async fn start(&self, name: &str, paused: bool) -> Result<(), LibvirtError> {
+    pub async fn start(&self, name: &str) -> Result<(), LibvirtError> {
         let (name, starts) = (name.to_string(), self.starts.clone());
         self.call(move |c| {
             let dom = c.lookup_domain_by_name(&name)?;
             if dom.is_active()? {
                 return Ok(());
             }
-            create_timed(&dom, &starts, paused)
-        })
-        .await
-    }
-
-    /// Resumes a paused domain; a running one is left alone.
-    pub async fn resume(&self, name: &str) -> Result<(), LibvirtError> {
-        let name = name.to_string();
-        self.call(move |c| {
-            let dom = c.lookup_domain_by_name(&name)?;
-            let (state, _) = dom.state()?;
-            if is_paused(state) {
-                dom.resume()?;
-            }
-            Ok(())
+            create_timed(&dom, &starts)
         })
         .await
     }
@@ -227,15 +208,11 @@ impl Libvirt {
 }
 
 /// Starts a defined domain, recording how long libvirt took.
-fn create_timed(dom: &virt::domain::Domain, starts: &crate::health::StartTimes, paused: bool) -> Result<(), virt::error::Error> {
+fn create_timed(dom: &virt::domain::Domain, starts: &crate::health::StartTimes) -> Result<(), virt::error::Error> {
     let t0 = std::time::Instant::now();
-    dom.create_with_flags(if paused { virt::sys::VIR_DOMAIN_START_PAUSED } else { 0 })?;
+    dom.create()?;
     starts.record(&dom.name().unwrap_or_default(), t0.elapsed());
     Ok(())
-}
-
-fn is_paused(state: virt::domain::DomainStateEnum) -> bool {
-    state.is_known_and(|s| matches!(s, DomainState::Paused))
 }
 
 fn is_running(state: virt::domain::DomainStateEnum) -> bool {

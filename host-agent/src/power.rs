@@ -162,7 +162,7 @@ mod tests {
         assert_eq!(stop_domain(&lv, &name, Duration::from_secs(5)).await.unwrap(), Stopped::Graceful);
         assert_eq!(lv.is_active(&name).await.unwrap(), Some(false));
         assert_eq!(stop_domain(&lv, &name, Duration::from_secs(5)).await.unwrap(), Stopped::AlreadyOff);
-        assert!(lv.start(&name, false).await.is_ok());
+        assert!(lv.start(&name).await.is_ok());
         assert!(lv.reboot(&name).await.unwrap());
         assert!(lv.power_off(&name).await.unwrap());
         assert_eq!(lv.is_active(&name).await.unwrap(), Some(false));

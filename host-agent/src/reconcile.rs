@@ -212,20 +212,15 @@ impl Reconciler {
         }
     }
 
-    /// Starts a defined domain: a VPC guest paused, its taps onto the
-    /// bridge, then resumed (see [`crate::network`]).
+    /// Starts a guest (defining it first when `define` has its XML), its
+    /// VPC interfaces made first (see [`crate::network`]).
     async fn start_guest(&self, name: &str, nics: &[Nic], define: Option<String>) -> Result<(), ConvergeError> {
-        let dp = self.network.as_ref().filter(|_| !nics.is_empty());
-        if let Some(dp) = dp {
-            dp.prepare_taps(nics).await?;
+        if let (Some(dp), false) = (&self.network, nics.is_empty()) {
+            dp.prepare(nics).await?;
         }
         match define {
-            Some(xml) => self.libvirt.define_and_start(xml, dp.is_some()).await?,
-            None => self.libvirt.start(name, dp.is_some()).await?,
-        }
-        if let Some(dp) = dp {
-            dp.attach(nics).await?;
-            self.libvirt.resume(name).await?;
+            Some(xml) => self.libvirt.define_and_start(xml).await?,
+            None => self.libvirt.start(name).await?,
         }
         Ok(())
     }
@@ -360,12 +355,6 @@ impl Reconciler {
                 self.start_guest(&d.name, nics, None).await?;
                 tracing::info!(instance_id = %a.instance_id, "restarted a stopped domain");
                 let _ = self.events.send(AgentEvent::Started { instance_id: a.instance_id.clone(), at: Instant::now() });
-            } else if d.paused {
-                // Started paused by an agent that stopped before it resumed the guest.
-                if let (Some(dp), false) = (&self.network, nics.is_empty()) {
-                    dp.attach(nics).await?;
-                }
-                self.libvirt.resume(&d.name).await?;
             }
             return Ok(Outcome::Running { started });
         }
@@ -398,7 +387,7 @@ impl Reconciler {
             console_log: files.console_log(),
             metadata_socket,
             qemu: self.qemu,
-            nics: nics.iter().map(|n| GuestNic { mac: n.mac.clone(), tap: crate::network::tap_name(&n.eni_id) }).collect(),
+            nics: nics.iter().map(|n| GuestNic { mac: n.mac.clone(), link: crate::network::guest_link(&n.eni_id) }).collect(),
         };
         self.start_guest(&domain::domain_name(&a.instance_id), nics, Some(domain::render(&spec)?)).await?;
         tracing::info!(instance_id = %a.instance_id, "guest started");
@@ -459,7 +448,7 @@ impl Reconciler {
         self.metadata.stop(instance_id);
         if let Some(dp) = &self.network {
             let nics = self.nics.lock().unwrap_or_else(|p| p.into_inner()).remove(instance_id);
-            dp.remove_taps(&nics.unwrap_or_default()).await;
+            dp.remove(&nics.unwrap_or_default()).await;
         }
         self.console.forget(instance_id);
         let files = GuestFiles::new(&self.instances_dir, instance_id);

@@ -93,12 +93,12 @@ async fn two_hosts_vpcs_security_groups_public_addresses_and_spoofing() {
     };
     let net1 = |app: SecurityGroup| HostNetwork { vpcs: vec![vpc(100, Some(u0), &[&a])], groups: vec![app], members: members.clone() };
 
-    let mtu = h0.mtu();
-    let (ga, gb, gc, gd) = (FakeGuest::new(&a, mtu).await, FakeGuest::new(&b, mtu).await, FakeGuest::new(&c, mtu).await, FakeGuest::new(&d, mtu).await);
     h0.reconcile(&net0(app(vec![])), &[a.clone(), d.clone()], true).await.unwrap();
     h1.reconcile(&net1(app(vec![])), &[b.clone(), c.clone()], true).await.unwrap();
-    h0.attach(&[a.clone(), d.clone()]).await.unwrap();
-    h1.attach(&[b.clone(), c.clone()]).await.unwrap();
+    h0.prepare(&[a.clone(), d.clone()]).await.unwrap();
+    h1.prepare(&[b.clone(), c.clone()]).await.unwrap();
+    let mtu = h0.mtu();
+    let (ga, gb, gc, gd) = (FakeGuest::new(&a, mtu).await, FakeGuest::new(&b, mtu).await, FakeGuest::new(&c, mtu).await, FakeGuest::new(&d, mtu).await);
 
     let _servers = [
         Echo::start(&gb.ns.name, 8080).await,

@@ -15,7 +15,7 @@
 //! - `ip nimbus_nat`: a public address is DNATed to its interface's private
 //!   address on the way in and SNATed back on the way out; an interface
 //!   without one cannot leave through the public leg.
-//! - `bridge nimbus_guard`: anti-spoofing on every guest tap (its own MAC,
+//! - `bridge nimbus_guard`: anti-spoofing on every guest's bridge port (its own MAC,
 //!   its own address in IPv4 and ARP, nothing but IPv4 and ARP); and no ARP
 //!   about the VPC router's addresses crosses the VXLAN (each host answers
 //!   for the router itself).
@@ -31,7 +31,8 @@ use std::net::Ipv4Addr;
 /// One local interface, as the ruleset sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalNic {
-    pub tap: String,
+    /// The interface's port on the bridge.
+    pub port: String,
     pub mac: String,
     pub ip: Ipv4Addr,
     pub public_ip: Option<Ipv4Addr>,
@@ -207,12 +208,12 @@ pub fn render(v: &VpcRules<'_>) -> String {
     }
     let _ = writeln!(
         s,
-        "  map taps {{ type ifname : verdict;{} }}",
-        elements(v.nics.iter().enumerate().map(|(i, n)| format!("\"{}\" : jump g_{i}", n.tap)))
+        "  map ports {{ type ifname : verdict;{} }}",
+        elements(v.nics.iter().enumerate().map(|(i, n)| format!("\"{}\" : jump g_{i}", n.port)))
     );
     let _ = write!(
         s,
-        "  chain prerouting {{\n    type filter hook prerouting priority -300; policy accept;\n    iifname vmap @taps\n    \
+        "  chain prerouting {{\n    type filter hook prerouting priority -300; policy accept;\n    iifname vmap @ports\n    \
          iifname \"{vx}\" ether type arp arp saddr ip @gateways drop\n    \
          iifname \"{vx}\" ether type arp arp daddr ip @gateways drop\n  }}\n  \
          chain forward {{\n    type filter hook forward priority filter; policy accept;\n    \
@@ -242,9 +243,9 @@ mod tests {
 
     fn sample() -> Sample {
         let nics = vec![
-            LocalNic { tap: "nt000000000001".into(), mac: "02:00:00:00:00:05".into(), ip: Ipv4Addr::new(172, 31, 0, 5), public_ip: None, group_ids: vec!["sg-1".into()] },
+            LocalNic { port: "np000000000001".into(), mac: "02:00:00:00:00:05".into(), ip: Ipv4Addr::new(172, 31, 0, 5), public_ip: None, group_ids: vec!["sg-1".into()] },
             LocalNic {
-                tap: "nt000000000002".into(),
+                port: "np000000000002".into(),
                 mac: "02:00:00:00:00:06".into(),
                 ip: Ipv4Addr::new(172, 31, 0, 6),
                 public_ip: Some(Ipv4Addr::new(198, 51, 100, 10)),
@@ -286,7 +287,7 @@ mod tests {
         assert!(s.contains("    ip saddr 10.0.0.0/8 icmp type 8 accept\n"), "{s}");
         assert!(s.contains("map to_private { type ipv4_addr : ipv4_addr; elements = { 198.51.100.10 : 172.31.0.6 }; }"), "{s}");
         assert!(s.contains("ether type ip ip saddr != 172.31.0.6 drop"), "{s}");
-        assert!(s.contains("\"nt000000000002\" : jump g_1"), "{s}");
+        assert!(s.contains("\"np000000000002\" : jump g_1"), "{s}");
         // The same input renders the same text (the agent skips unchanged rulesets).
         assert_eq!(s, render(&rules(&nics, &groups, &members, &gw)));
         // No interface: still a valid, empty ruleset.

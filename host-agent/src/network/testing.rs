@@ -123,9 +123,9 @@ impl Drop for Topology {
     }
 }
 
-/// A stand-in guest: a namespace whose `eth0` is one end of a veth pair;
-/// the other end, named as the interface's tap, starts in this process's
-/// namespace (where libvirt would have made the tap).
+/// A stand-in guest: a namespace whose `eth0` is the guest end of the
+/// interface's veth pair (what a real guest's macvtap sits on), taken there
+/// after [`super::DataPlane::prepare`] made the pair.
 pub struct FakeGuest {
     pub ns: ScratchNs,
     pub ip: Ipv4Addr,
@@ -134,9 +134,10 @@ pub struct FakeGuest {
 impl FakeGuest {
     pub async fn new(nic: &nimbus_proto::network::Nic, mtu: u32) -> FakeGuest {
         let ns = ScratchNs::new("g").await;
-        let tap = super::tap_name(&nic.eni_id);
+        let link = super::guest_link(&nic.eni_id);
         let n = &ns.name;
-        sh(&["ip", "link", "add", "eth0", "netns", n, "address", &nic.mac, "type", "veth", "peer", "name", &tap]).await;
+        sh(&["ip", "link", "set", &link, "netns", n]).await;
+        sh(&["ip", "-n", n, "link", "set", &link, "name", "eth0", "address", &nic.mac]).await;
         sh(&["ip", "-n", n, "addr", "add", &format!("{}/{}", nic.private_ip, nic.subnet.prefix), "dev", "eth0"]).await;
         sh(&["ip", "-n", n, "link", "set", "eth0", "mtu", &mtu.to_string(), "up"]).await;
         sh(&["ip", "-n", n, "route", "add", "default", "via", &nic.gateway.to_string()]).await;
