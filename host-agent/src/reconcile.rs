@@ -40,6 +40,12 @@ pub enum AgentEvent {
     Stopped { instance_id: String, at: Instant, forced: bool },
     /// A reboot was requested of the running guest.
     Rebooted { instance_id: String, at: Instant },
+    /// A convergence pass ended and its report was sent: `full`, a resync of
+    /// every assignment (a poll that timed out, or the first); otherwise the
+    /// changes a wake-up brought. `generation`: the host generation it
+    /// converged to; `reported`: whether the control plane took the report.
+    /// Tests await these to show that passes ran and changed nothing.
+    PassCompleted { full: bool, generation: i64, reported: bool },
 }
 
 #[derive(Debug, thiserror::Error)]
