@@ -1,7 +1,8 @@
 //! Instance lifecycle through the real control plane and agents on the test driver.
 
 use nimbus_host_agent::domain::{self, GuestSpec, Hypervisor};
-use nimbus_tests::{instance_ids, Cloud};
+use nimbus_host_agent::reconcile::AgentEvent;
+use nimbus_tests::{await_event, instance_ids, AgentHandle, Cloud};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use std::time::Duration;
@@ -269,4 +270,58 @@ async fn images_are_fetched_over_http() {
     let cached = agent.state_dir.join("images").join(local.root_disk.sha256);
     assert!(cached.exists(), "the base disk was downloaded into the cache");
     server.kill().await.unwrap();
+}
+
+/// The next pass the agent completes: whether it was a full resync.
+async fn next_pass(agent: &mut AgentHandle, within: Duration) -> bool {
+    await_event(&mut agent.events, within, |e| match e {
+        AgentEvent::PassCompleted { full, reported, .. } => {
+            assert!(reported, "the control plane took the report");
+            Some(*full)
+        }
+        _ => None,
+    })
+    .await
+    .unwrap()
+}
+
+/// The wake-up: an agent waits in a long poll of 60 s, and LISTEN/NOTIFY
+/// ends it as soon as a change commits; the poll answers only the changes
+/// (a delta) and the pass they bring carries each operation out. So each of
+/// launch, stop, start, reboot and terminate is done by the next pass, a
+/// delta one, within a few seconds and not at the poll's timeout.
+#[tokio::test]
+async fn a_long_poll_is_woken_by_each_change_and_answered_with_it() {
+    const POLL: Duration = Duration::from_secs(60);
+    // Well under the poll: only a wake-up makes it.
+    const WOKEN_WITHIN: Duration = Duration::from_secs(15);
+    let cloud = Cloud::start().await.unwrap();
+    let mut agent = cloud.add_agent("a", "az1", 8, 8192, 100).await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    cloud.restart_agent_with(&mut agent, |c| c.poll_ms = POLL.as_millis() as u64).await.unwrap();
+    // The restarted agent's first pass is a resync; then it waits in its poll.
+    assert!(next_pass(&mut agent, T).await, "the first pass is full");
+
+    let state = |id: String| {
+        let cloud = &cloud;
+        async move { cloud.get(&format!("/v1/instances/{id}")).await.unwrap()["state"]["name"].as_str().unwrap().to_string() }
+    };
+    let id = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano"})).await.unwrap()).remove(0);
+    assert!(!next_pass(&mut agent, WOKEN_WITHIN).await, "a launch is carried out by a delta pass");
+    assert_eq!(state(id.clone()).await, "running");
+
+    for (op, after) in [("stop", "stopped"), ("start", "running")] {
+        cloud.post(&format!("/v1/instances/{op}"), json!({"instance_ids": [id]})).await.unwrap();
+        assert!(!next_pass(&mut agent, WOKEN_WITHIN).await, "{op}: a delta pass");
+        assert_eq!(state(id.clone()).await, after, "{op}");
+    }
+    cloud.post("/v1/instances/reboot", json!({"instance_ids": [id]})).await.unwrap();
+    assert!(!next_pass(&mut agent, WOKEN_WITHIN).await, "reboot: a delta pass");
+    let (done,): (i64,) = sqlx::query_as("SELECT reboots_done FROM instances WHERE id = $1").bind(&id).fetch_one(cloud.db()).await.unwrap();
+    assert_eq!(done, 1, "the reboot was carried out");
+
+    cloud.post("/v1/instances/terminate", json!({"instance_ids": [id]})).await.unwrap();
+    assert!(!next_pass(&mut agent, WOKEN_WITHIN).await, "terminate: a delta pass");
+    assert_eq!(state(id.clone()).await, "terminated");
+    assert_eq!(domain_state(&id).await, None);
 }
