@@ -535,12 +535,20 @@ impl Cloud {
         }
     }
 
-    /// Waits until every instance is in `state`; returns their JSON.
+    /// Waits until every instance (of the account "tester") is in `state`; returns their JSON.
     pub async fn wait_for_state(&self, ids: &[String], state: &str, timeout: Duration) -> anyhow::Result<Vec<Value>> {
+        self.wait_for_state_as(&self.user_token, ids, state, timeout).await
+    }
+
+    /// [`Cloud::wait_for_state`] for the instances of the account whose REST token is `token`.
+    pub async fn wait_for_state_as(&self, token: &str, ids: &[String], state: &str, timeout: Duration) -> anyhow::Result<Vec<Value>> {
         let path = format!("/v1/instances?instance_id={}", ids.join(","));
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let list = self.get(&path).await?;
+            let (status, list) = self.call_as(Some(token), Method::GET, &path, None).await?;
+            if !status.is_success() {
+                bail!("GET {path}: {status}: {list}");
+            }
             let instances = list["instances"].as_array().cloned().unwrap_or_default();
             if instances.len() == ids.len() && instances.iter().all(|i| i["state"]["name"] == state) {
                 return Ok(instances);
@@ -645,6 +653,32 @@ impl Cloud {
     pub async fn host_of(&self, instance_id: &str) -> anyhow::Result<String> {
         let (h,): (String,) = sqlx::query_as("SELECT host_id FROM instances WHERE id = $1").bind(instance_id).fetch_one(self.db()).await?;
         Ok(h)
+    }
+
+    /// Everything a call of another account could change, straight from
+    /// PostgreSQL: the instances (state, desired state, reboots asked for,
+    /// generation, capacity), tags, key pairs, reservations and limits of
+    /// every account, and the hosts' generations and used capacity. Equal before
+    /// and after a call: the call changed nothing.
+    pub async fn everything(&self) -> anyhow::Result<Value> {
+        let (v,): (Value,) = sqlx::query_as(
+            "SELECT jsonb_build_object( \
+               'instances', (SELECT coalesce(jsonb_agg(jsonb_build_array(id, account_id, state, desired_state, reboots, \
+                    changed_generation, capacity_held, key_name) ORDER BY id), '[]') FROM instances), \
+               'tags', (SELECT coalesce(jsonb_agg(jsonb_build_array(account_id, resource_id, key, value) \
+                    ORDER BY account_id, resource_id, key), '[]') FROM tags), \
+               'key_pairs', (SELECT coalesce(jsonb_agg(jsonb_build_array(account_id, name, fingerprint) ORDER BY account_id, name), '[]') \
+                    FROM key_pairs), \
+               'reservations', (SELECT coalesce(jsonb_agg(jsonb_build_array(id, account_id, client_token) ORDER BY id), '[]') \
+                    FROM reservations), \
+               'accounts', (SELECT coalesce(jsonb_agg(jsonb_build_array(id, max_instances, max_vcpus) ORDER BY id), '[]') \
+                    FROM accounts), \
+               'hosts', (SELECT coalesce(jsonb_agg(jsonb_build_array(id, generation, used_vcpus, used_memory_mib) ORDER BY id), '[]') \
+                    FROM hosts))",
+        )
+        .fetch_one(self.db())
+        .await?;
+        Ok(v)
     }
 
     /// Capacity bookkeeping straight from PostgreSQL: per host, (total vCPUs,
