@@ -4,7 +4,7 @@ use nimbus_host_agent::domain::{self, GuestSpec, Hypervisor};
 use nimbus_host_agent::reconcile::AgentEvent;
 use nimbus_tests::{await_event, instance_ids, AgentHandle, Cloud};
 use reqwest::{Method, StatusCode};
-use serde_json::json;
+use serde_json::{json, Value};
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(30);
@@ -145,17 +145,77 @@ async fn a_restarted_agent_converges() {
 async fn client_token_makes_launch_idempotent() {
     let cloud = Cloud::start().await.unwrap();
     let _a = cloud.add_agent("a", "az1", 64, 65536, 1000).await.unwrap();
-    cloud.register_test_image().await.unwrap();
-    let body = json!({"instance_type": "t3.nano", "max_count": 2, "client_token": "tok-1"});
+    let _b = cloud.add_agent("b", "az2", 64, 65536, 1000).await.unwrap();
+    let image = cloud.register_test_image().await.unwrap();
+    let mut other = serde_json::to_value(&image).unwrap();
+    let other = cloud
+        .post("/v1/images", json!({"name": "other", "source_url": other["source_url"].take(), "kernel": other["kernel"].take(),
+            "root_disk": other["root_disk"].take()}))
+        .await
+        .unwrap();
+    let key = |name: &str| {
+        use base64::Engine;
+        let mut blob = Vec::new();
+        for part in [b"ssh-ed25519".as_slice(), &[name.len() as u8; 32]] {
+            blob.extend_from_slice(&(part.len() as u32).to_be_bytes());
+            blob.extend_from_slice(part);
+        }
+        json!({"name": name, "public_key": format!("ssh-ed25519 {}", base64::engine::general_purpose::STANDARD.encode(blob))})
+    };
+    cloud.post("/v1/key-pairs/import", key("k1")).await.unwrap();
+    cloud.post("/v1/key-pairs/import", key("k22")).await.unwrap();
+
+    let body = json!({"instance_type": "t3.nano", "min_count": 1, "max_count": 2, "client_token": "tok-1",
+        "user_data": "aGk=", "key_name": "k1", "availability_zone": "az1",
+        "tags": [{"key": "a", "value": "1"}, {"key": "b", "value": "2"}]});
     let first = cloud.post("/v1/instances", body.clone()).await.unwrap();
     let second = cloud.post("/v1/instances", body.clone()).await.unwrap();
     assert_eq!(first["reservation_id"], second["reservation_id"]);
     assert_eq!(instance_ids(&first), instance_ids(&second));
-    let (status, err) = cloud
-        .call(Method::POST, "/v1/instances", Some(json!({"instance_type": "t3.micro", "max_count": 2, "client_token": "tok-1"})))
-        .await
-        .unwrap();
-    assert_eq!((status, err["code"].as_str()), (StatusCode::CONFLICT, Some("IdempotentParameterMismatch")));
+    assert_eq!(instance_ids(&first).len(), 2);
+
+    // The same request written differently is a retry: tags in another
+    // order, the default image named, base64 with surrounding whitespace.
+    let with = |changes: Value| {
+        let mut b = body.clone();
+        for (k, v) in changes.as_object().unwrap() {
+            if v.is_null() {
+                b.as_object_mut().unwrap().remove(k);
+            } else {
+                b[k] = v.clone();
+            }
+        }
+        b
+    };
+    for same in [
+        json!({"tags": [{"key": "b", "value": "2"}, {"key": "a", "value": "1"}]}),
+        json!({"image_id": image.image_id}),
+        json!({"user_data": " aGk=\n"}),
+    ] {
+        let again = cloud.post("/v1/instances", with(same.clone())).await.unwrap();
+        assert_eq!(again["reservation_id"], first["reservation_id"], "{same}: a retry");
+    }
+    // Any other parameter: IdempotentParameterMismatch, and nothing launched.
+    for changed in [
+        json!({"instance_type": "t3.micro"}),
+        json!({"image_id": other["image_id"]}),
+        json!({"min_count": 2}),
+        json!({"max_count": 3}),
+        json!({"user_data": "aGo="}),
+        json!({"user_data": null}),
+        json!({"key_name": "k22"}),
+        json!({"key_name": null}),
+        json!({"availability_zone": "az2"}),
+        json!({"availability_zone": null}),
+        json!({"tags": [{"key": "a", "value": "1"}, {"key": "b", "value": "3"}]}),
+        json!({"tags": [{"key": "a", "value": "1"}]}),
+        json!({"tags": null}),
+    ] {
+        let (status, err) = cloud.call(Method::POST, "/v1/instances", Some(with(changed.clone()))).await.unwrap();
+        assert_eq!((status, err["code"].as_str()), (StatusCode::CONFLICT, Some("IdempotentParameterMismatch")), "{changed}: {err}");
+    }
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM instances").fetch_one(cloud.db()).await.unwrap();
+    assert_eq!(n, 2);
 
     // Ten concurrent retries of a new token: one reservation.
     let body = json!({"instance_type": "t3.nano", "client_token": "tok-2"});
@@ -173,7 +233,16 @@ async fn describe_filters_and_paginates() {
     let _a = cloud.add_agent("a", "az1", 64, 65536, 1000).await.unwrap();
     let _b = cloud.add_agent("b", "az2", 64, 65536, 1000).await.unwrap();
     cloud.register_test_image().await.unwrap();
-    let nanos = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "max_count": 5})).await.unwrap());
+    let launched = cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "max_count": 5})).await.unwrap();
+    let nanos = instance_ids(&launched);
+    let nanos_in_az2: Vec<String> = launched["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["availability_zone"] == "az2")
+        .map(|i| i["instance_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(nanos_in_az2.len(), 2, "spread: 5 over two zones puts 2 in the second: {launched}");
     let micros = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.micro", "max_count": 2, "availability_zone": "az2"})).await.unwrap());
 
     let mut seen = Vec::new();
@@ -198,10 +267,13 @@ async fn describe_filters_and_paginates() {
     assert_eq!(seen, expected, "every instance once, in launch order");
 
     let page = cloud.get("/v1/instances?instance_type=t3.micro").await.unwrap();
-    assert_eq!(page["instances"].as_array().unwrap().len(), 2);
+    let listed: Vec<&str> = page["instances"].as_array().unwrap().iter().map(|i| i["instance_id"].as_str().unwrap()).collect();
+    assert_eq!(listed, micros);
     let page = cloud.get("/v1/instances?availability_zone=az2&instance_type=t3.nano,t3.micro").await.unwrap();
-    assert!(page["instances"].as_array().unwrap().iter().all(|i| i["availability_zone"] == "az2"));
-    assert!(page["instances"].as_array().unwrap().len() >= 2);
+    let listed: Vec<&str> = page["instances"].as_array().unwrap().iter().map(|i| i["instance_id"].as_str().unwrap()).collect();
+    let mut expected_az2 = nanos_in_az2.clone();
+    expected_az2.extend(micros.clone());
+    assert_eq!(listed, expected_az2, "az2's nanos and both micros, in launch order");
     cloud.post("/v1/instances/terminate", json!({"instance_ids": [nanos[0]]})).await.unwrap();
     cloud.wait_for_state(&nanos[..1], "terminated", T).await.unwrap();
     let page = cloud.get("/v1/instances?state=terminated").await.unwrap();
