@@ -358,9 +358,12 @@ impl Reconciler {
         }
     }
 
-    /// Destroys the domain, stops the metadata server, removes the files.
+    /// Destroys the domain (if this host's: a domain of that name another
+    /// host owns is never touched), stops the metadata server, removes the files.
     async fn ensure_gone(&self, instance_id: &str) -> Result<ObservedState, ConvergeError> {
-        self.libvirt.destroy(&domain::domain_name(instance_id)).await?;
+        if !self.libvirt.destroy_owned(&self.host_id, &domain::domain_name(instance_id)).await? {
+            tracing::warn!(%instance_id, "a domain of this name belongs to another host; left alone");
+        }
         self.metadata.stop(instance_id);
         self.console.forget(instance_id);
         let files = GuestFiles::new(&self.instances_dir, instance_id);

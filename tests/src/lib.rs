@@ -702,6 +702,50 @@ impl Drop for Cloud {
     }
 }
 
+/// On libvirt's test driver: `None` when no domain is named for the
+/// instance, else whether it runs.
+pub async fn test_domain_state(instance_id: &str) -> Option<bool> {
+    let name = nimbus_host_agent::domain::domain_name(instance_id);
+    tokio::task::spawn_blocking(move || {
+        let conn = virt::connect::Connect::open(Some("test:///default")).ok()?;
+        let dom = conn.lookup_domain_by_name(&name).ok()?;
+        dom.is_active().ok()
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// Defines (does not start) on the test driver the domain an agent of
+/// `host_id` would define for `instance_id`, its files under `dir`.
+pub async fn define_test_domain(host_id: &str, instance_id: &str, dir: &Path) -> anyhow::Result<()> {
+    use nimbus_host_agent::domain::{render, GuestSpec, Hypervisor};
+    std::fs::create_dir_all(dir)?;
+    let xml = render(&GuestSpec {
+        hypervisor: Hypervisor::Test,
+        host_id: host_id.to_string(),
+        instance_id: instance_id.to_string(),
+        vcpus: 2,
+        memory_mib: 512,
+        kernel: "/nonexistent/kernel".into(),
+        initrd: None,
+        cmdline: String::new(),
+        root_disk: dir.join("root.qcow2"),
+        base_disk: "/nonexistent/base".into(),
+        seed_iso: dir.join("seed.iso"),
+        console_log: dir.join("console.log"),
+        metadata_socket: dir.join("metadata.sock"),
+        qemu: nimbus_host_agent::access::QemuUser::root(),
+    })?;
+    tokio::task::spawn_blocking(move || {
+        let conn = virt::connect::Connect::open(Some("test:///default"))?;
+        conn.define_domain_xml(&xml)?;
+        Ok::<_, virt::error::Error>(())
+    })
+    .await??;
+    Ok(())
+}
+
 /// Receives events until `f` picks one (returns `Some`), or fails after
 /// `timeout` or when the agent is gone.
 pub async fn await_event<T>(

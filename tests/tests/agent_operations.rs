@@ -9,7 +9,7 @@
 use nimbus_host_agent::domain;
 use nimbus_host_agent::reconcile::AgentEvent;
 use nimbus_host_agent::HypervisorChoice;
-use nimbus_tests::{instance_ids, scaled, AgentHandle, Cloud};
+use nimbus_tests::{instance_ids, scaled, test_domain_state, AgentHandle, Cloud};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use std::path::PathBuf;
@@ -53,22 +53,6 @@ async fn console_output(cloud: &Cloud, id: &str) -> Option<Vec<u8>> {
     out
 }
 
-/// The test driver's view: `None` when there is no domain, else whether it runs.
-async fn domain_state(instance_id: &str) -> Option<bool> {
-    domain_xml(instance_id).await.map(|(active, _)| active)
-}
-
-async fn domain_xml(instance_id: &str) -> Option<(bool, String)> {
-    let name = domain::domain_name(instance_id);
-    tokio::task::spawn_blocking(move || {
-        let conn = virt::connect::Connect::open(Some("test:///default")).unwrap();
-        let dom = conn.lookup_domain_by_name(&name).ok()?;
-        Some((dom.is_active().ok()?, dom.xml_desc(0).ok()?))
-    })
-    .await
-    .unwrap()
-}
-
 /// Reboots the agent asked of `id`'s guest, among the events received so far.
 fn reboot_events(agent: &mut AgentHandle, id: &str) -> usize {
     let mut n = 0;
@@ -100,30 +84,30 @@ async fn stop_start_and_reboot_on_the_test_driver() {
     // Stop: the domain stays defined, shut off; the files stay; capacity stays held.
     request(&cloud, "stop", &id).await;
     cloud.wait_for_state(std::slice::from_ref(&id), "stopped", T).await.unwrap();
-    assert_eq!(domain_state(&id).await, Some(false), "defined and shut off");
+    assert_eq!(test_domain_state(&id).await, Some(false), "defined and shut off");
     assert!(dir.join("root.qcow2").exists() && dir.join("seed.iso").exists(), "the guest's files are kept");
-    assert_eq!(domain_state(&other).await, Some(true), "the other guest is untouched");
+    assert_eq!(test_domain_state(&other).await, Some(true), "the other guest is untouched");
     assert_eq!(cloud.vcpu_accounting().await.unwrap()[0].2, used, "a stopped instance keeps its capacity");
 
     // Full resyncs and an agent restart do not start it again.
     agent.passes(2).await.unwrap();
-    assert_eq!(domain_state(&id).await, Some(false), "still shut off after resyncs");
+    assert_eq!(test_domain_state(&id).await, Some(false), "still shut off after resyncs");
     cloud.start_agent(&mut agent).await.unwrap();
     agent.passes(2).await.unwrap();
-    assert_eq!(domain_state(&id).await, Some(false), "still shut off after a restart");
+    assert_eq!(test_domain_state(&id).await, Some(false), "still shut off after a restart");
     assert_eq!(cloud.get(&format!("/v1/instances/{id}")).await.unwrap()["state"]["name"], "stopped");
 
     // A reboot that reaches the agent after the guest stopped is recorded,
     // not carried out.
     reboot_racing_a_stop(&cloud, &id).await;
     cloud.wait_until(T, || async { Ok(reboots(&cloud, &id).await == (1, 1)) }).await.expect("recorded while stopped");
-    assert_eq!(domain_state(&id).await, Some(false));
+    assert_eq!(test_domain_state(&id).await, Some(false));
     assert_eq!(reboot_events(&mut agent, &id), 0);
 
     // Start: the same domain runs again, its metadata server on its socket.
     request(&cloud, "start", &id).await;
     cloud.wait_for_state(std::slice::from_ref(&id), "running", T).await.unwrap();
-    assert_eq!(domain_state(&id).await, Some(true));
+    assert_eq!(test_domain_state(&id).await, Some(true));
     assert_eq!(metadata(&agent, &id, "/latest/meta-data/instance-id").await, (200, id.clone()));
 
     // Reboot: carried out once, counted, persisted.
@@ -133,7 +117,7 @@ async fn stop_start_and_reboot_on_the_test_driver() {
     cloud.wait_until(T, || async { Ok(reboots(&cloud, &id).await == (before + 1, before + 1)) }).await.expect("reboot reported");
     assert_eq!(reboot_events(&mut agent, &id), 1);
     assert_eq!(std::fs::read_to_string(dir.join("reboots")).unwrap().trim(), (before + 1).to_string());
-    assert_eq!(domain_state(&id).await, Some(true));
+    assert_eq!(test_domain_state(&id).await, Some(true));
 
     // Two requests while the agent is down: one reboot once it is back, and
     // a restart after that does not reboot again.
@@ -155,7 +139,7 @@ async fn stop_start_and_reboot_on_the_test_driver() {
     cloud.wait_for_state(std::slice::from_ref(&id), "stopped", T).await.unwrap();
     cloud.post("/v1/instances/terminate", json!({"instance_ids": [id]})).await.unwrap();
     cloud.wait_for_state(std::slice::from_ref(&id), "terminated", T).await.unwrap();
-    assert_eq!(domain_state(&id).await, None);
+    assert_eq!(test_domain_state(&id).await, None);
     assert!(!dir.exists());
 }
 

@@ -1,8 +1,8 @@
 //! Instance lifecycle through the real control plane and agents on the test driver.
 
-use nimbus_host_agent::domain::{self, GuestSpec, Hypervisor};
+use nimbus_host_agent::domain;
 use nimbus_host_agent::reconcile::AgentEvent;
-use nimbus_tests::{await_event, instance_ids, AgentHandle, Cloud};
+use nimbus_tests::{await_event, define_test_domain, instance_ids, test_domain_state, AgentHandle, Cloud};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -12,18 +12,6 @@ const T: Duration = Duration::from_secs(30);
 async fn host_id(cloud: &Cloud, name: &str) -> String {
     let hosts = cloud.get("/v1/hosts").await.unwrap();
     hosts["hosts"].as_array().unwrap().iter().find(|h| h["name"] == name).unwrap()["host_id"].as_str().unwrap().to_string()
-}
-
-/// The test driver's view: is there a domain for this instance, and is it running?
-async fn domain_state(instance_id: &str) -> Option<bool> {
-    let name = domain::domain_name(instance_id);
-    tokio::task::spawn_blocking(move || {
-        let conn = virt::connect::Connect::open(Some("test:///default")).unwrap();
-        let dom = conn.lookup_domain_by_name(&name).ok()?;
-        dom.is_active().ok()
-    })
-    .await
-    .unwrap()
 }
 
 #[tokio::test]
@@ -36,7 +24,7 @@ async fn terminate_releases_capacity_only_after_the_agent_confirms() {
     assert!(r["instances"].as_array().unwrap().iter().all(|i| i["state"]["name"] == "pending" && i["state"]["code"] == 0));
     let running = cloud.wait_for_state(&ids, "running", T).await.unwrap();
     assert!(running.iter().all(|i| i["state"]["code"] == 16));
-    assert_eq!(domain_state(&ids[0]).await, Some(true));
+    assert_eq!(test_domain_state(&ids[0]).await, Some(true));
     let dir = agent.state_dir.join("instances").join(&ids[0]);
     assert!(dir.join("root.qcow2").exists() && dir.join("seed.iso").exists());
     assert_eq!(cloud.vcpu_accounting().await.unwrap()[0].2, 4);
@@ -53,17 +41,17 @@ async fn terminate_releases_capacity_only_after_the_agent_confirms() {
     assert_eq!(again["terminating_instances"][0]["current_state"]["name"], "shutting-down");
     let acct = cloud.vcpu_accounting().await.unwrap();
     assert_eq!((acct[0].2, acct[0].3), (4, 4), "capacity must stay held until the agent confirms");
-    assert_eq!(domain_state(&ids[0]).await, Some(true), "the guest is still there");
+    assert_eq!(test_domain_state(&ids[0]).await, Some(true), "the guest is still there");
 
     // The agent comes back, removes the guest, confirms; only then is capacity free.
     cloud.start_agent(&mut agent).await.unwrap();
     cloud.wait_for_state(&ids[..1], "terminated", T).await.unwrap();
-    assert_eq!(domain_state(&ids[0]).await, None);
+    assert_eq!(test_domain_state(&ids[0]).await, None);
     assert!(!dir.exists(), "the guest's files are removed");
     let acct = cloud.vcpu_accounting().await.unwrap();
     assert_eq!((acct[0].2, acct[0].3), (2, 2));
     // The other instance was untouched, and terminating a terminated instance is fine.
-    assert_eq!(domain_state(&ids[1]).await, Some(true));
+    assert_eq!(test_domain_state(&ids[1]).await, Some(true));
     let (status, body) = cloud.call(Method::DELETE, &format!("/v1/instances/{}", ids[0]), None).await.unwrap();
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["current_state"]["name"], "terminated");
@@ -86,32 +74,9 @@ async fn a_restarted_agent_converges() {
     let orphan = "i-0000000000000dead".to_string();
     let files = agent.state_dir.join("instances");
     for id in [&crashed, &orphan] {
-        std::fs::create_dir_all(files.join(id)).unwrap();
-        let xml = domain::render(&GuestSpec {
-            hypervisor: Hypervisor::Test,
-            host_id: hid.clone(),
-            instance_id: id.clone(),
-            vcpus: 2,
-            memory_mib: 512,
-            kernel: "/nonexistent/kernel".into(),
-            initrd: None,
-            cmdline: String::new(),
-            root_disk: files.join(id).join("root.qcow2"),
-            base_disk: "/nonexistent/base".into(),
-            seed_iso: files.join(id).join("seed.iso"),
-            console_log: files.join(id).join("console.log"),
-            metadata_socket: files.join(id).join("metadata.sock"),
-            qemu: nimbus_host_agent::access::QemuUser::root(),
-        })
-        .unwrap();
-        tokio::task::spawn_blocking(move || {
-            let conn = virt::connect::Connect::open(Some("test:///default")).unwrap();
-            conn.define_domain_xml(&xml).unwrap();
-        })
-        .await
-        .unwrap();
+        define_test_domain(&hid, id, &files.join(id)).await.unwrap();
     }
-    assert_eq!(domain_state(&crashed).await, Some(false));
+    assert_eq!(test_domain_state(&crashed).await, Some(false));
     let list = cloud.get("/v1/instances?state=pending").await.unwrap();
     assert_eq!(list["instances"].as_array().unwrap().len(), 3);
 
@@ -120,13 +85,13 @@ async fn a_restarted_agent_converges() {
     all.push(crashed.clone());
     let running = cloud.wait_for_state(&all, "running", T).await.unwrap();
     assert!(running.iter().all(|i| i["image_id"] == image.image_id.as_str()));
-    assert_eq!(domain_state(&crashed).await, Some(true), "the half-made guest was adopted and started");
+    assert_eq!(test_domain_state(&crashed).await, Some(true), "the half-made guest was adopted and started");
     cloud
-        .wait_until(T, || async { Ok(domain_state(&orphan).await.is_none() && !files.join(&orphan).exists()) })
+        .wait_until(T, || async { Ok(test_domain_state(&orphan).await.is_none() && !files.join(&orphan).exists()) })
         .await
         .expect("the orphan is removed");
     for id in &pending {
-        assert_eq!(domain_state(id).await, Some(true));
+        assert_eq!(test_domain_state(id).await, Some(true));
     }
 
     // A guest that dies on its own is started again (level-triggered).
@@ -138,7 +103,7 @@ async fn a_restarted_agent_converges() {
     .await
     .unwrap();
     let id = pending[0].clone();
-    cloud.wait_until(T, || async { Ok(domain_state(&id).await == Some(true)) }).await.expect("restarted by the agent's resync");
+    cloud.wait_until(T, || async { Ok(test_domain_state(&id).await == Some(true)) }).await.expect("restarted by the agent's resync");
 }
 
 #[tokio::test]
@@ -395,5 +360,5 @@ async fn a_long_poll_is_woken_by_each_change_and_answered_with_it() {
     cloud.post("/v1/instances/terminate", json!({"instance_ids": [id]})).await.unwrap();
     assert!(!next_pass(&mut agent, WOKEN_WITHIN).await, "terminate: a delta pass");
     assert_eq!(state(id.clone()).await, "terminated");
-    assert_eq!(domain_state(&id).await, None);
+    assert_eq!(test_domain_state(&id).await, None);
 }
