@@ -194,7 +194,8 @@ async fn stop_start_reboot_and_state_rules_on_rest() {
         })
         .await
         .expect("the agent carried out the reboot");
-    call(Method::POST, "/v1/instances/terminate", Some(json!({"instance_ids": [id]}))).await;
+    let (status, body) = call(Method::POST, "/v1/instances/terminate", Some(json!({"instance_ids": [id]}))).await;
+    assert_eq!((status, &body["terminating_instances"][0]["current_state"]["name"]), (StatusCode::OK, &json!("shutting-down")), "{body}");
     wait("terminated").await;
     let (status, body) = call(Method::POST, "/v1/instances/start", Some(json!({"instance_ids": [id]}))).await;
     assert_eq!((status, body["code"].as_str()), (StatusCode::BAD_REQUEST, Some("IncorrectInstanceState")));
