@@ -513,15 +513,15 @@ mod tests {
     /// (Xen cannot run here, so its XML is checked offline this way).
     #[test]
     fn xml_validates_against_libvirts_schema() {
+        let dir = tempfile::tempdir().unwrap();
         for h in [Hypervisor::Kvm, Hypervisor::Qemu, Hypervisor::Xen] {
-            let file = std::env::temp_dir().join(format!("nimbus-domain-{}-{}.xml", h.as_str(), std::process::id()));
+            let file = dir.path().join(format!("{}.xml", h.as_str()));
             std::fs::write(&file, render(&spec(h)).unwrap()).unwrap();
             let out = std::process::Command::new("virt-xml-validate")
                 .arg(&file)
                 .arg("domain")
                 .output()
                 .expect("virt-xml-validate (package libvirt-clients) must be installed: scripts/install-deps.sh");
-            std::fs::remove_file(&file).unwrap();
             assert!(out.status.success(), "{h:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         }
     }
