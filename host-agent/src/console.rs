@@ -154,9 +154,8 @@ mod tests {
 
     #[tokio::test]
     async fn sends_a_tail_once_until_it_changes() {
-        let dir = std::env::temp_dir().join(format!("nimbus-console-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let log = dir.join("console.log");
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
         let t = ConsoleTracker::default();
         assert_eq!(t.tail_if_changed("i-1", &log).await, None, "no file, nothing to send");
         std::fs::write(&log, "").unwrap();
@@ -182,6 +181,5 @@ mod tests {
         t.forget("i-1");
         std::fs::write(&log, "hello\n").unwrap();
         assert!(t.tail_if_changed("i-1", &log).await.is_some(), "forgotten: sent again");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

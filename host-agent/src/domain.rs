@@ -594,17 +594,17 @@ mod tests {
     /// (Xen cannot run here, so its XML is checked offline this way).
     #[test]
     fn xml_validates_against_libvirts_schema() {
+        let dir = tempfile::tempdir().unwrap();
         let vpc = |h| GuestSpec { nics: vec![GuestNic { mac: "02:00:00:00:00:05".into(), link: "nt0123456789ab".into() }], ..spec(h) };
         for (i, s) in [spec(Hypervisor::Kvm), spec(Hypervisor::Qemu), spec(Hypervisor::Xen), vpc(Hypervisor::Kvm), vpc(Hypervisor::Qemu)].iter().enumerate() {
             let h = s.hypervisor;
-            let file = std::env::temp_dir().join(format!("nimbus-domain-{i}-{}.xml", std::process::id()));
+            let file = dir.path().join(format!("{i}.xml"));
             std::fs::write(&file, render(s).unwrap()).unwrap();
             let out = std::process::Command::new("virt-xml-validate")
                 .arg(&file)
                 .arg("domain")
                 .output()
                 .expect("virt-xml-validate (package libvirt-clients) must be installed: scripts/install-deps.sh");
-            std::fs::remove_file(&file).unwrap();
             assert!(out.status.success(), "{h:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         }
     }

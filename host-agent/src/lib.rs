@@ -389,11 +389,19 @@ impl Agent {
             } else {
                 self.reconciler.converge_changes(&assignments.instances, &assignments.network).await
             };
-            match self.report(&cred, observations).await {
+            let reported = match self.report(&cred, observations).await {
                 // Only a delivered report moves us past this generation.
-                Ok(()) => after = assignments.generation,
-                Err(e) => tracing::warn!(error = %e, "cannot report; will converge and report again"),
-            }
+                Ok(()) => {
+                    after = assignments.generation;
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot report; will converge and report again");
+                    false
+                }
+            };
+            let pass = AgentEvent::PassCompleted { full: assignments.full, generation: assignments.generation, reported };
+            let _ = self.reconciler.events.send(pass);
         }
         self.reconciler.metadata.stop_all();
         Ok(())

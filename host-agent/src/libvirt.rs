@@ -182,7 +182,8 @@ impl Libvirt {
         .await
     }
 
-    /// Stops (hard) and undefines the domain. Idempotent: a missing domain is fine.
+    /// Stops (hard) and undefines the domain, whoever owns it. Idempotent:
+    /// a missing domain is fine. The agent uses [`Libvirt::destroy_owned`].
     pub async fn destroy(&self, name: &str) -> Result<(), LibvirtError> {
         let name = name.to_string();
         self.call(move |c| {
@@ -191,19 +192,42 @@ impl Libvirt {
                 Err(e) if no_domain(&e) => return Ok(()),
                 Err(e) => return Err(e),
             };
-            if dom.is_active()? {
-                if let Err(e) = dom.destroy() {
-                    if dom.is_active()? {
-                        return Err(e);
-                    }
-                }
-            }
-            match dom.undefine() {
-                Err(e) if !no_domain(&e) => Err(e),
-                _ => Ok(()),
-            }
+            destroy_and_undefine(&dom)
         })
         .await
+    }
+
+    /// [`Libvirt::destroy`], only if the domain is this host's (its nimbus
+    /// metadata names `host_id`): a domain of the same name that another
+    /// host owns, or nobody, is left alone (`Ok(false)`).
+    pub async fn destroy_owned(&self, host_id: &str, name: &str) -> Result<bool, LibvirtError> {
+        let (host_id, name) = (host_id.to_string(), name.to_string());
+        self.call(move |c| {
+            let dom = match c.lookup_domain_by_name(&name) {
+                Ok(d) => d,
+                Err(e) if no_domain(&e) => return Ok(true),
+                Err(e) => return Err(e),
+            };
+            if domain::ownership(&dom.xml_desc(0)?).is_none_or(|o| o.host_id != host_id) {
+                return Ok(false);
+            }
+            destroy_and_undefine(&dom).map(|()| true)
+        })
+        .await
+    }
+}
+
+fn destroy_and_undefine(dom: &virt::domain::Domain) -> Result<(), virt::error::Error> {
+    if dom.is_active()? {
+        if let Err(e) = dom.destroy() {
+            if dom.is_active()? {
+                return Err(e);
+            }
+        }
+    }
+    match dom.undefine() {
+        Err(e) if !no_domain(&e) => Err(e),
+        _ => Ok(()),
     }
 }
 

@@ -139,7 +139,8 @@ mod tests {
 
     #[tokio::test]
     async fn the_reboot_counter_persists() {
-        let dir = std::env::temp_dir().join(format!("nimbus-power-{}", std::process::id()));
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("i-1");
         assert_eq!(reboots_done(&dir).await.unwrap(), 0);
         record_reboots(&dir, 3).await.unwrap();
         assert_eq!(reboots_done(&dir).await.unwrap(), 3);
@@ -148,7 +149,6 @@ mod tests {
         assert!(!dir.join("reboots.part").exists());
         std::fs::write(dir.join(COUNTER), "junk").unwrap();
         assert!(reboots_done(&dir).await.is_err());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// On the test driver a shutdown takes effect at once; the domain stays defined.

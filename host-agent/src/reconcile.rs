@@ -42,6 +42,12 @@ pub enum AgentEvent {
     Stopped { instance_id: String, at: Instant, forced: bool },
     /// A reboot was requested of the running guest.
     Rebooted { instance_id: String, at: Instant },
+    /// A convergence pass ended and its report was sent: `full`, a resync of
+    /// every assignment (a poll that timed out, or the first); otherwise the
+    /// changes a wake-up brought. `generation`: the host generation it
+    /// converged to; `reported`: whether the control plane took the report.
+    /// Tests await these to show that passes ran and changed nothing.
+    PassCompleted { full: bool, generation: i64, reported: bool },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -442,9 +448,12 @@ impl Reconciler {
         }
     }
 
-    /// Destroys the domain, stops the metadata server, removes the files.
+    /// Destroys the domain (if this host's: a domain of that name another
+    /// host owns is never touched), stops the metadata server, removes the files.
     async fn ensure_gone(&self, instance_id: &str) -> Result<ObservedState, ConvergeError> {
-        self.libvirt.destroy(&domain::domain_name(instance_id)).await?;
+        if !self.libvirt.destroy_owned(&self.host_id, &domain::domain_name(instance_id)).await? {
+            tracing::warn!(%instance_id, "a domain of this name belongs to another host; left alone");
+        }
         self.metadata.stop(instance_id);
         if let Some(dp) = &self.network {
             let nics = self.nics.lock().unwrap_or_else(|p| p.into_inner()).remove(instance_id);

@@ -8,8 +8,11 @@ Run by scripts/test.sh, which builds testbed and sets DATABASE_URL.
 
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
+import time
 
 import boto3
 import botocore.exceptions
@@ -18,18 +21,75 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FAST = {"Delay": 1, "MaxAttempts": 60}
 PUBLIC_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl nimbus@test"
+# Start-up: a fresh database, migrations, an agent registering (seconds; generous for a loaded machine).
+START_TIMEOUT = 120
+
+
+class Bed:
+    """The testbed process: its first line (the endpoint and credentials),
+    then the agent's events, one JSON line each, read by a thread so that
+    every wait has a timeout. Killed by close() if it does not end."""
+
+    def __init__(self, exe):
+        self.proc = subprocess.Popen([exe], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.lines = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def next_line(self, timeout):
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"testbed printed nothing within {timeout} s") from None
+        if line is None:
+            raise AssertionError(f"testbed exited (status {self.proc.wait()})")
+        return json.loads(line)
+
+    def wait_event(self, event, instance_id, timeout=30):
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {event} of {instance_id} within {timeout} s")
+            try:
+                e = self.next_line(left)
+            except AssertionError as why:
+                raise AssertionError(f"no {event} of {instance_id} within {timeout} s: {why}") from None
+            if e.get("event") == event and e.get("instance_id") == instance_id:
+                return e
+
+    def no_event_pending(self):
+        """The events printed so far, none of them consumed."""
+        return [json.loads(l) for l in list(self.lines.queue) if l is not None]
+
+    def close(self):
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 @pytest.fixture(scope="module")
-def bed():
+def testbed():
     exe = os.environ.get("NIMBUS_TESTBED", os.path.join(REPO, "target", "debug", "testbed"))
-    proc = subprocess.Popen([exe], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    assert line, "testbed did not start"
-    info = json.loads(line)
-    yield info
-    proc.stdin.close()
-    proc.wait(timeout=30)
+    tb = Bed(exe)
+    try:
+        tb.info = tb.next_line(START_TIMEOUT)
+        yield tb
+    finally:
+        tb.close()
+
+
+@pytest.fixture(scope="module")
+def bed(testbed):
+    return testbed.info
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +107,7 @@ def code_of(excinfo):
     return excinfo.value.response["Error"]["Code"]
 
 
-def test_session(ec2, bed):
+def test_session(ec2, bed, testbed):
     image = bed["image_id"]
     # Discovery.
     zones = ec2.describe_availability_zones()["AvailabilityZones"]
@@ -114,9 +174,25 @@ def test_session(ec2, bed):
     starting = ec2.start_instances(InstanceIds=[ids[0]])["StartingInstances"][0]
     assert starting["PreviousState"]["Name"] == "stopped" and starting["CurrentState"]["Name"] == "pending"
     ec2.get_waiter("instance_running").wait(InstanceIds=[ids[0]], WaiterConfig=FAST)
+    # Reboot: the agent reboots that guest, once, and it stays running.
     ec2.reboot_instances(InstanceIds=[ids[1]])
+    testbed.wait_event("rebooted", ids[1])
+    assert ec2.describe_instances(InstanceIds=[ids[1]])["Reservations"][0]["Instances"][0]["State"]["Name"] == "running"
+
+    # Console output: what the guest wrote to its serial console (the test
+    # driver writes none: a file where the guest's log would be), which
+    # botocore receives base64 and decodes.
     out = ec2.get_console_output(InstanceId=ids[1])
-    assert out["InstanceId"] == ids[1]
+    assert out["InstanceId"] == ids[1] and not out.get("Output"), out
+    console = "NIMBUS-BOOT instance-id=%s\r\nnimbus-init: h\u00e9llo\r\nNIMBUS-READY\r\n" % ids[1]
+    with open(os.path.join(bed["state_dir"], "instances", ids[1], "console.log"), "w", encoding="utf-8") as f:
+        f.write(console)
+    deadline = time.monotonic() + 30
+    while not out.get("Output") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        out = ec2.get_console_output(InstanceId=ids[1])
+    assert out.get("Output") == console, out
+    assert testbed.no_event_pending() == [], "rebooted once"
 
     # Key pairs.
     created = ec2.create_key_pair(KeyName="generated")

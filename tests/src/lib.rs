@@ -9,6 +9,13 @@
 //! real libvirt code path whose state lives in this process while any
 //! connection to it is open. [`Cloud::start`] holds one open, so domains
 //! survive an agent's restart, as they would survive on a real host.
+//!
+//! A test's database is dropped with its [`Cloud`], passed or failed; the
+//! first [`Cloud`] of a process also drops the databases of runs that
+//! crashed (older than an hour). To show that "nothing happens", await
+//! completed passes of an agent ([`AgentHandle::passes`]), never a sleep.
+//! Bounds on real guests are multiplied by `NIMBUS_TEST_TIME_SCALE`
+//! ([`scaled`]; default 1), for slow or shared machines.
 
 use anyhow::{bail, Context};
 use nimbus_control_plane::{Config, PlacementPolicy, Service};
@@ -19,7 +26,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Once, OnceLock};
 use std::time::Duration;
 use tokio::sync::{broadcast, oneshot};
 
@@ -68,16 +75,120 @@ impl Drop for TempDir {
     }
 }
 
-/// Creates a database of its own for one test.
-async fn fresh_database() -> anyhow::Result<String> {
-    let url = std::env::var("DATABASE_URL")
-        .context("DATABASE_URL is not set: run the tests with scripts/test.sh, which starts PostgreSQL")?;
-    let name = format!("nimbus_test_{}", random_suffix());
-    let admin = sqlx::PgPool::connect(&url).await.context("connect to DATABASE_URL")?;
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await?;
-    admin.close().await;
-    let (base, _) = url.rsplit_once('/').context("DATABASE_URL has no database name")?;
-    Ok(format!("{base}/{name}"))
+/// The factor real-guest bounds are multiplied by: `NIMBUS_TEST_TIME_SCALE`
+/// (a positive number, default 1), read once per process.
+pub fn time_scale() -> f64 {
+    static SCALE: OnceLock<f64> = OnceLock::new();
+    *SCALE.get_or_init(|| match std::env::var("NIMBUS_TEST_TIME_SCALE") {
+        Err(_) => 1.0,
+        Ok(v) => match v.trim().parse::<f64>() {
+            Ok(f) if f.is_finite() && f > 0.0 => f,
+            _ => panic!("NIMBUS_TEST_TIME_SCALE must be a positive number, not {v:?}"),
+        },
+    })
+}
+
+/// `d` times [`time_scale`]: every bound on what a real guest does.
+pub fn scaled(d: Duration) -> Duration {
+    d.mul_f64(time_scale())
+}
+
+/// Test databases are named `nimbus_test_<unix seconds>_<random>`, so that a
+/// later run can tell how old a leftover is.
+const DATABASE_PREFIX: &str = "nimbus_test_";
+/// A test database this old belongs to a run that crashed (no test runs
+/// this long): the next run drops it.
+const STALE_DATABASE: Duration = Duration::from_secs(3600);
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// When a test database was created, from its name (None: not one of ours,
+/// or named by an older harness, whose age cannot be known).
+fn database_created(name: &str) -> Option<u64> {
+    let (secs, random) = name.strip_prefix(DATABASE_PREFIX)?.split_once('_')?;
+    let hex = random.len() == 8 && random.bytes().all(|b| b.is_ascii_hexdigit());
+    if hex && secs.len() >= 9 && secs.bytes().all(|b| b.is_ascii_digit()) {
+        secs.parse().ok()
+    } else {
+        None
+    }
+}
+
+/// Drops the test databases of earlier runs that crashed (older than
+/// [`STALE_DATABASE`]); once per process.
+async fn drop_stale_databases(admin: &sqlx::PgPool) {
+    static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    SWEPT
+        .get_or_init(|| async {
+            let names: Vec<(String,)> = match sqlx::query_as("SELECT datname::text FROM pg_database WHERE datname LIKE 'nimbus\\_test\\_%'")
+                .fetch_all(admin)
+                .await
+            {
+                Ok(n) => n,
+                Err(e) => return eprintln!("cannot list test databases: {e}"),
+            };
+            let now = unix_now();
+            for (name,) in names {
+                let Some(created) = database_created(&name) else { continue };
+                if now.saturating_sub(created) > STALE_DATABASE.as_secs() {
+                    // Another process may drop it at the same time: errors are only reported.
+                    if let Err(e) = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(admin).await {
+                        eprintln!("cannot drop stale test database {name}: {e}");
+                    }
+                }
+            }
+        })
+        .await;
+}
+
+/// A test's own database, dropped with it (see [`Drop`]).
+struct TestDatabase {
+    /// `DATABASE_URL`: the tests' role, which created the database and may drop it.
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl TestDatabase {
+    /// Creates a database of its own for one test.
+    async fn create() -> anyhow::Result<TestDatabase> {
+        let admin_url = std::env::var("DATABASE_URL")
+            .context("DATABASE_URL is not set: run the tests with scripts/test.sh, which starts PostgreSQL")?;
+        let name = format!("{DATABASE_PREFIX}{}_{}", unix_now(), &random_suffix()[..8]);
+        let admin = sqlx::PgPool::connect(&admin_url).await.context("connect to DATABASE_URL")?;
+        drop_stale_databases(&admin).await;
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await?;
+        admin.close().await;
+        let (base, _) = admin_url.rsplit_once('/').context("DATABASE_URL has no database name")?;
+        let url = format!("{base}/{name}");
+        Ok(TestDatabase { admin_url, name, url })
+    }
+}
+
+impl Drop for TestDatabase {
+    /// Drops the database, closing the control plane's connections to it
+    /// (`WITH (FORCE)`). On a thread of its own with its own runtime: a drop
+    /// cannot await, and may run on any runtime or none.
+    fn drop(&mut self) {
+        let (url, name) = (self.admin_url.clone(), self.name.clone());
+        let dropped = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async {
+                let admin = sqlx::PgPool::connect(&url).await?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&admin).await?;
+                admin.close().await;
+                Ok::<_, anyhow::Error>(())
+            })
+        })
+        .join();
+        match dropped {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("cannot drop test database {}: {e}", self.name),
+            Err(_) => eprintln!("dropping test database {} panicked", self.name),
+        }
+    }
 }
 
 pub struct CloudOptions {
@@ -111,6 +222,8 @@ pub struct Cloud {
     pub dir: TempDir,
     shutdown: Option<oneshot::Sender<()>>,
     _test_conn: Option<Arc<virt::connect::Connect>>,
+    /// Last: dropped after the server was told to stop.
+    _database: TestDatabase,
 }
 
 /// One host agent running in this process.
@@ -135,6 +248,26 @@ impl AgentHandle {
     /// The unix socket of an instance's metadata server on this agent.
     pub fn metadata_socket(&self, instance_id: &str) -> PathBuf {
         nimbus_host_agent::metadata::socket_path(&self.config.run_dir, instance_id)
+    }
+
+    /// Waits for `n` full convergence passes (each a resync of every
+    /// assignment, reported to the control plane) that complete after this
+    /// call. The first may have begun before it: await two to be sure that
+    /// a whole pass saw the present state. Fails if they do not come within
+    /// `n` times (poll interval + 30 s), scaled.
+    pub async fn passes(&self, n: usize) -> anyhow::Result<()> {
+        let mut events = self.events.resubscribe();
+        let per_pass = Duration::from_millis(self.config.poll_ms) + Duration::from_secs(30);
+        let timeout = scaled(per_pass * n as u32);
+        let mut seen = 0;
+        await_event(&mut events, timeout, |e| {
+            if matches!(e, AgentEvent::PassCompleted { full: true, reported: true, .. }) {
+                seen += 1;
+            }
+            (seen >= n).then_some(())
+        })
+        .await
+        .with_context(|| format!("agent {}: {seen} of {n} full passes", self.name))
     }
 
     /// Stops the agent as a crash would, leaving its guests and files behind.
@@ -205,7 +338,8 @@ impl Cloud {
 
     pub async fn start_with(opts: CloudOptions) -> anyhow::Result<Cloud> {
         init_tracing();
-        let database_url = fresh_database().await?;
+        let database = TestDatabase::create().await?;
+        let database_url = database.url.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let config = Config {
@@ -248,6 +382,7 @@ impl Cloud {
             dir: TempDir::new("cloud"),
             shutdown: Some(tx),
             _test_conn: Some(Arc::new(test_conn)),
+            _database: database,
         })
     }
 
@@ -443,12 +578,20 @@ impl Cloud {
         }
     }
 
-    /// Waits until every instance is in `state`; returns their JSON.
+    /// Waits until every instance (of the account "tester") is in `state`; returns their JSON.
     pub async fn wait_for_state(&self, ids: &[String], state: &str, timeout: Duration) -> anyhow::Result<Vec<Value>> {
+        self.wait_for_state_as(&self.user_token, ids, state, timeout).await
+    }
+
+    /// [`Cloud::wait_for_state`] for the instances of the account whose REST token is `token`.
+    pub async fn wait_for_state_as(&self, token: &str, ids: &[String], state: &str, timeout: Duration) -> anyhow::Result<Vec<Value>> {
         let path = format!("/v1/instances?instance_id={}", ids.join(","));
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let list = self.get(&path).await?;
+            let (status, list) = self.call_as(Some(token), Method::GET, &path, None).await?;
+            if !status.is_success() {
+                bail!("GET {path}: {status}: {list}");
+            }
             let instances = list["instances"].as_array().cloned().unwrap_or_default();
             if instances.len() == ids.len() && instances.iter().all(|i| i["state"]["name"] == state) {
                 return Ok(instances);
@@ -555,6 +698,32 @@ impl Cloud {
         Ok(h)
     }
 
+    /// Everything a call of another account could change, straight from
+    /// PostgreSQL: the instances (state, desired state, reboots asked for,
+    /// generation, capacity), tags, key pairs, reservations and limits of
+    /// every account, and the hosts' generations and used capacity. Equal before
+    /// and after a call: the call changed nothing.
+    pub async fn everything(&self) -> anyhow::Result<Value> {
+        let (v,): (Value,) = sqlx::query_as(
+            "SELECT jsonb_build_object( \
+               'instances', (SELECT coalesce(jsonb_agg(jsonb_build_array(id, account_id, state, desired_state, reboots, \
+                    changed_generation, capacity_held, key_name) ORDER BY id), '[]') FROM instances), \
+               'tags', (SELECT coalesce(jsonb_agg(jsonb_build_array(account_id, resource_id, key, value) \
+                    ORDER BY account_id, resource_id, key), '[]') FROM tags), \
+               'key_pairs', (SELECT coalesce(jsonb_agg(jsonb_build_array(account_id, name, fingerprint) ORDER BY account_id, name), '[]') \
+                    FROM key_pairs), \
+               'reservations', (SELECT coalesce(jsonb_agg(jsonb_build_array(id, account_id, client_token) ORDER BY id), '[]') \
+                    FROM reservations), \
+               'accounts', (SELECT coalesce(jsonb_agg(jsonb_build_array(id, max_instances, max_vcpus) ORDER BY id), '[]') \
+                    FROM accounts), \
+               'hosts', (SELECT coalesce(jsonb_agg(jsonb_build_array(id, generation, used_vcpus, used_memory_mib) ORDER BY id), '[]') \
+                    FROM hosts))",
+        )
+        .fetch_one(self.db())
+        .await?;
+        Ok(v)
+    }
+
     /// Capacity bookkeeping straight from PostgreSQL: per host, (total vCPUs,
     /// used counter, sum of vCPUs of instances holding capacity).
     pub async fn vcpu_accounting(&self) -> anyhow::Result<Vec<(String, i64, i64, i64)>> {
@@ -572,6 +741,73 @@ impl Drop for Cloud {
     fn drop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
+        }
+    }
+}
+
+/// On libvirt's test driver: `None` when no domain is named for the
+/// instance, else whether it runs.
+pub async fn test_domain_state(instance_id: &str) -> Option<bool> {
+    let name = nimbus_host_agent::domain::domain_name(instance_id);
+    tokio::task::spawn_blocking(move || {
+        let conn = virt::connect::Connect::open(Some("test:///default")).ok()?;
+        let dom = conn.lookup_domain_by_name(&name).ok()?;
+        dom.is_active().ok()
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// Defines (does not start) on the test driver the domain an agent of
+/// `host_id` would define for `instance_id`, its files under `dir`.
+pub async fn define_test_domain(host_id: &str, instance_id: &str, dir: &Path) -> anyhow::Result<()> {
+    use nimbus_host_agent::domain::{render, GuestSpec, Hypervisor};
+    std::fs::create_dir_all(dir)?;
+    let xml = render(&GuestSpec {
+        hypervisor: Hypervisor::Test,
+        host_id: host_id.to_string(),
+        instance_id: instance_id.to_string(),
+        vcpus: 2,
+        memory_mib: 512,
+        kernel: "/nonexistent/kernel".into(),
+        initrd: None,
+        cmdline: String::new(),
+        root_disk: dir.join("root.qcow2"),
+        base_disk: "/nonexistent/base".into(),
+        seed_iso: dir.join("seed.iso"),
+        console_log: dir.join("console.log"),
+        metadata_socket: dir.join("metadata.sock"),
+        qemu: nimbus_host_agent::access::QemuUser::root(),
+        nics: Vec::new(),
+    })?;
+    tokio::task::spawn_blocking(move || {
+        let conn = virt::connect::Connect::open(Some("test:///default"))?;
+        conn.define_domain_xml(&xml)?;
+        Ok::<_, virt::error::Error>(())
+    })
+    .await??;
+    Ok(())
+}
+
+/// Receives events until `f` picks one (returns `Some`), or fails after
+/// `timeout` or when the agent is gone.
+pub async fn await_event<T>(
+    events: &mut broadcast::Receiver<AgentEvent>,
+    timeout: Duration,
+    mut f: impl FnMut(&AgentEvent) -> Option<T>,
+) -> anyhow::Result<T> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Err(_) => bail!("no such agent event within {timeout:?}"),
+            Ok(Err(broadcast::error::RecvError::Lagged(n))) => bail!("missed {n} agent events"),
+            Ok(Err(broadcast::error::RecvError::Closed)) => bail!("the agent stopped"),
+            Ok(Ok(e)) => {
+                if let Some(t) = f(&e) {
+                    return Ok(t);
+                }
+            }
         }
     }
 }

@@ -5,6 +5,8 @@ use nimbus_tests::Cloud;
 use serde_json::json;
 use std::time::{Duration, SystemTime};
 
+const T: Duration = Duration::from_secs(30);
+
 struct Keys {
     akid: String,
     secret: String,
@@ -63,7 +65,7 @@ async fn signed_requests_launch_describe_and_terminate_per_account() {
     let (status, xml) = ec2(&cloud, &alice, &format!("{run}&DryRun=true")).await;
     assert_eq!((status, error_code(&xml)), (412, "DryRunOperation"), "{xml}");
     let (status, xml) = ec2(&cloud, &alice, &format!("{run}&InstanceType=z9.huge&DryRun=true").replace("InstanceType=t3.nano&", "")).await;
-    assert_eq!(status, 400, "a DryRun of a bad request answers the real error: {xml}");
+    assert_eq!((status, error_code(&xml)), (400, "InvalidParameterValue"), "a DryRun of a bad request answers the real error: {xml}");
 
     let (status, xml) = ec2(&cloud, &alice, &run).await;
     assert_eq!(status, 200, "{xml}");
@@ -89,6 +91,123 @@ async fn signed_requests_launch_describe_and_terminate_per_account() {
     assert_eq!(status, 200, "{xml}");
     assert_eq!(between(&xml, "currentState").len(), 1);
     assert!(xml.contains("<currentState><code>32</code><name>shutting-down</name></currentState>"), "{xml}");
+}
+
+/// `xml` without its request id, with `id` written as `<id>`.
+fn comparable(xml: &str, id: &str) -> String {
+    let mut out = xml.replace(id, "<id>");
+    for tag in ["RequestID", "requestId"] {
+        let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+        if let (Some(i), Some(j)) = (out.find(&open), out.find(&close)) {
+            out.replace_range(i + open.len()..j, "");
+        }
+    }
+    out
+}
+
+/// Every action of Bob's that names one of Alice's instances or key pairs
+/// answers exactly as for one that does not exist and changes nothing; his
+/// lists, tags and account attributes are his own; Alice's client token
+/// is not his. Alice's GetConsoleOutput carries her console, base64.
+#[tokio::test]
+async fn another_accounts_resources_answer_as_missing_ones() {
+    use base64::Engine;
+    let cloud = Cloud::start().await.unwrap();
+    let agent = cloud.add_agent("a", "az1", 32, 32768, 500).await.unwrap();
+    let image = cloud.register_test_image().await.unwrap();
+    let alice = account(&cloud, "alice").await;
+    let bob = account(&cloud, "bob").await;
+    let alice_rest = format!("{}:{}", alice.akid, alice.secret);
+    let v = "Version=2016-11-15";
+
+    // Alice: a key pair, two tagged instances (one stopped), console output, her own limits.
+    let (status, xml) = ec2(&cloud, &alice, &format!("Action=CreateKeyPair&{v}&KeyName=k1")).await;
+    assert_eq!(status, 200, "{xml}");
+    let run = format!(
+        "Action=RunInstances&{v}&ImageId={}&InstanceType=t3.nano&MinCount=2&MaxCount=2&ClientToken=shared-token\
+         &TagSpecification.1.ResourceType=instance&TagSpecification.1.Tag.1.Key=team&TagSpecification.1.Tag.1.Value=red",
+        image.image_id
+    );
+    let (status, xml) = ec2(&cloud, &alice, &run).await;
+    assert_eq!(status, 200, "{xml}");
+    let ids: Vec<String> = between(&xml, "instanceId").into_iter().map(str::to_string).collect();
+    let alices_reservation = between(&xml, "reservationId")[0].to_string();
+    cloud.wait_for_state_as(&alice_rest, &ids, "running", T).await.unwrap();
+    let (status, xml) = ec2(&cloud, &alice, &format!("Action=StopInstances&{v}&InstanceId.1={}", ids[1])).await;
+    assert_eq!(status, 200, "{xml}");
+    cloud.wait_for_state_as(&alice_rest, &ids[1..], "stopped", T).await.unwrap();
+    let text = b"alice's console \x1b[1mbold\x1b[0m\r\nNIMBUS-READY\r\n\xff";
+    std::fs::write(agent.state_dir.join("instances").join(&ids[0]).join("console.log"), text).unwrap();
+    let get_console = format!("Action=GetConsoleOutput&{v}&InstanceId={}", ids[0]);
+    cloud
+        .wait_until(T, || async {
+            let (status, xml) = ec2(&cloud, &alice, &get_console).await;
+            assert_eq!(status, 200, "{xml}");
+            Ok(between(&xml, "output").first().is_some_and(|o| !o.is_empty()))
+        })
+        .await
+        .expect("the console reaches the control plane");
+    let (_, xml) = ec2(&cloud, &alice, &get_console).await;
+    assert_eq!(between(&xml, "instanceId"), vec![ids[0].as_str()]);
+    let output = base64::engine::general_purpose::STANDARD.decode(between(&xml, "output")[0]).unwrap();
+    assert_eq!(output, text, "GetConsoleOutput: the console, base64");
+    let alice_id: (String,) = sqlx::query_as("SELECT account_id FROM instances WHERE id = $1").bind(&ids[0]).fetch_one(cloud.db()).await.unwrap();
+    cloud.call(reqwest::Method::PUT, &format!("/v1/admin/accounts/{}/limits", alice_id.0), Some(json!({"max_instances": 7}))).await.unwrap();
+
+    // Bob, on each of them, and on one nobody has.
+    let before = cloud.everything().await.unwrap();
+    let mut forms = Vec::new();
+    for id in &ids {
+        for action in [
+            "DescribeInstances&InstanceId.1={}",
+            "DescribeInstances&Filter.1.Name=instance-id&Filter.1.Value.1={}",
+            "StopInstances&InstanceId.1={}",
+            "StopInstances&DryRun=true&InstanceId.1={}",
+            "StartInstances&InstanceId.1={}",
+            "RebootInstances&InstanceId.1={}",
+            "TerminateInstances&InstanceId.1={}",
+            "GetConsoleOutput&InstanceId={}",
+            "CreateTags&ResourceId.1={}&Tag.1.Key=x&Tag.1.Value=y",
+            "DeleteTags&ResourceId.1={}&Tag.1.Key=team",
+            "DescribeTags&Filter.1.Name=resource-id&Filter.1.Value.1={}",
+        ] {
+            forms.push((format!("Action={}&{v}", action.replace("{}", id)), id.clone(), "i-0123456789abcdef0"));
+        }
+    }
+    for action in ["DescribeKeyPairs&KeyName.1=k1", "DeleteKeyPair&KeyName=k1"] {
+        forms.push((format!("Action={action}&{v}"), "k1".to_string(), "no-such-key"));
+    }
+    let run_with_key = format!("Action=RunInstances&{v}&ImageId={}&InstanceType=t3.nano&MinCount=1&MaxCount=1&KeyName=k1", image.image_id);
+    forms.push((run_with_key, "k1".to_string(), "no-such-key"));
+    for (form, theirs, nobodys) in forms {
+        let (status, xml) = ec2(&cloud, &bob, &form).await;
+        let (ghost_status, ghost_xml) = ec2(&cloud, &bob, &form.replace(&theirs, nobodys)).await;
+        assert_eq!((status, comparable(&xml, &theirs)), (ghost_status, comparable(&ghost_xml, nobodys)), "{form}: as if missing");
+        if theirs.starts_with("i-") && !form.contains("Filter.1") {
+            assert_eq!((status, error_code(&xml)), (400, "InvalidInstanceID.NotFound"), "{form}");
+        }
+        assert_eq!(cloud.everything().await.unwrap(), before, "{form}: changed nothing");
+    }
+    // What Bob lists is his own.
+    for (action, tag) in [("DescribeInstances", "instanceId"), ("DescribeKeyPairs", "keyName"), ("DescribeTags", "resourceId")] {
+        let (status, xml) = ec2(&cloud, &bob, &format!("Action={action}&{v}")).await;
+        assert_eq!((status, between(&xml, tag).len()), (200, 0), "{action}: {xml}");
+    }
+    let (_, xml) = ec2(&cloud, &bob, &format!("Action=DescribeAccountAttributes&{v}&AttributeName.1=max-instances")).await;
+    assert_eq!(between(&xml, "attributeValue"), vec!["256"], "{xml}");
+    let (_, xml) = ec2(&cloud, &alice, &format!("Action=DescribeAccountAttributes&{v}&AttributeName.1=max-instances")).await;
+    assert_eq!(between(&xml, "attributeValue"), vec!["7"], "{xml}");
+
+    // One client token, two accounts: Bob's launch is his own reservation.
+    let (status, xml) = ec2(&cloud, &bob, &run).await;
+    assert_eq!(status, 200, "{xml}");
+    assert_ne!(between(&xml, "reservationId"), vec![alices_reservation.as_str()]);
+    let his: Vec<&str> = between(&xml, "instanceId");
+    assert_eq!(his.len(), 2);
+    assert!(his.iter().all(|i| !ids.iter().any(|a| a == i)), "{xml}");
+    let (_, xml) = ec2(&cloud, &alice, &format!("Action=DescribeInstances&{v}")).await;
+    assert_eq!(between(&xml, "instanceId"), ids.iter().map(String::as_str).collect::<Vec<_>>(), "{xml}");
+    assert_eq!(between(&xml, "name"), vec!["running", "stopped"], "{xml}");
 }
 
 #[tokio::test]
@@ -145,7 +264,9 @@ async fn authentication_failures() {
     assert_eq!(error_code(&resp.text().await.unwrap()), "MissingAuthenticationToken");
     // The admin bearer token is not an EC2 credential.
     let resp = cloud.http.post(format!("{}/", cloud.url)).bearer_auth(&cloud.admin_token).body(form).send().await.unwrap();
-    assert!(resp.status().is_client_error());
+    // An Authorization header that is no SigV4 one: malformed, as AWS answers it.
+    assert_eq!(resp.status().as_u16(), 400);
+    assert_eq!(error_code(&resp.text().await.unwrap()), "IncompleteSignature");
     let (status, _) = ec2(&cloud, &keys, form).await;
     assert_eq!(status, 200);
 }

@@ -120,8 +120,10 @@ async fn min_count_is_all_or_nothing_and_max_count_takes_what_fits() {
         .call(Method::POST, "/v1/instances", Some(json!({"instance_type": "t3.nano", "min_count": 6, "max_count": 8})))
         .await
         .unwrap();
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!((status, body["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("InsufficientInstanceCapacity")), "{body}");
     assert_eq!(cloud.vcpu_accounting().await.unwrap()[0].2, 0);
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM reservations").fetch_one(cloud.db()).await.unwrap();
+    assert_eq!(n, 0, "a refused launch leaves no reservation");
     let r = cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "min_count": 2, "max_count": 8})).await.unwrap();
     assert_eq!(instance_ids(&r).len(), 5);
     let launch_indexes: Vec<u64> = r["instances"].as_array().unwrap().iter().map(|i| i["ami_launch_index"].as_u64().unwrap()).collect();
@@ -129,10 +131,12 @@ async fn min_count_is_all_or_nothing_and_max_count_takes_what_fits() {
 }
 
 /// A host whose agent stopped heartbeating gets no new instances, and shows
-/// as unreachable; when the agent returns, it is used again.
+/// as unreachable; when the agent returns, it is used again. The timeout
+/// (10 s) is five times the agents' heartbeat (a report every 2 s), so that
+/// a loaded machine does not make the live host look dead.
 #[tokio::test]
 async fn hosts_without_heartbeat_get_no_instances() {
-    let cloud = Cloud::start_with(CloudOptions { host_timeout_secs: 4, ..Default::default() }).await.unwrap();
+    let cloud = Cloud::start_with(CloudOptions { host_timeout_secs: 10, ..Default::default() }).await.unwrap();
     let mut a = cloud.add_agent("a", "az1", 64, 65536, 1000).await.unwrap();
     let _b = cloud.add_agent("b", "az1", 4, 65536, 1000).await.unwrap();
     cloud.register_test_image().await.unwrap();
@@ -151,7 +155,7 @@ async fn hosts_without_heartbeat_get_no_instances() {
     assert_eq!(status(a.name.clone()).await.unwrap(), "available");
     a.stop().await;
     cloud
-        .wait_until(Duration::from_secs(30), || async { Ok(status(a.name.clone()).await? == "unreachable") })
+        .wait_until(Duration::from_secs(60), || async { Ok(status(a.name.clone()).await? == "unreachable") })
         .await
         .unwrap();
     // Only b (room for two t3.nano) takes launches now.
@@ -165,6 +169,7 @@ async fn hosts_without_heartbeat_get_no_instances() {
     assert_eq!((status_code, body["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("InsufficientInstanceCapacity")));
 
     cloud.start_agent(&mut a).await.unwrap();
-    cloud.wait_until(Duration::from_secs(30), || async { Ok(status(a.name.clone()).await? == "available") }).await.unwrap();
-    cloud.post("/v1/instances", json!({"instance_type": "t3.nano"})).await.unwrap();
+    cloud.wait_until(Duration::from_secs(60), || async { Ok(status(a.name.clone()).await? == "available") }).await.unwrap();
+    let r = cloud.post("/v1/instances", json!({"instance_type": "t3.nano"})).await.unwrap();
+    assert_eq!(cloud.host_of(&instance_ids(&r)[0]).await.unwrap(), a.host_id.clone().unwrap(), "the returned host takes it (b is full)");
 }
