@@ -129,6 +129,18 @@ pub struct RunInstancesArgs {
     /// Idempotency token: retrying with the same token returns the same reservation.
     #[arg(long)]
     pub client_token: Option<String>,
+    /// Subnet of the instance's interface (it fixes the zone); the zone's default subnet when absent.
+    #[arg(long)]
+    pub subnet_id: Option<String>,
+    /// Security groups of the interface (repeat or separate with commas); the VPC's default group when absent.
+    #[arg(long = "security-group-ids", value_name = "SG", value_delimiter = ',')]
+    pub security_group_ids: Vec<String>,
+    /// The interface's private address (one instance only).
+    #[arg(long)]
+    pub private_ip_address: Option<String>,
+    /// Map a public address from the operator's pool (true/false; default: the subnet's setting).
+    #[arg(long, value_name = "BOOL")]
+    pub associate_public_ip_address: Option<bool>,
     #[command(flatten)]
     pub wait: WaitArgs,
 }
@@ -233,6 +245,13 @@ impl RunInstancesArgs {
             availability_zone: self.availability_zone.clone(),
             user_data: self.user_data_base64()?,
             client_token: self.client_token.clone(),
+            subnet_id: self.subnet_id.clone(),
+            security_group_ids: self.security_group_ids.clone(),
+            security_group_names: Vec::new(),
+            private_ip_address: self.private_ip_address.clone(),
+            associate_public_ip_address: self.associate_public_ip_address,
+            network_interfaces: Vec::new(),
+            network_interface_tags: Vec::new(),
         })
     }
 }

@@ -88,11 +88,15 @@ pub struct CloudOptions {
     pub host_timeout_secs: u64,
     /// Default per-account limits (instances, vCPUs).
     pub default_limits: (u32, u32),
+    /// The operator's public address pool (`--public-pool`).
+    pub public_pool: Option<&'static str>,
+    /// Default per-account Elastic IP limit.
+    pub max_elastic_ips: u32,
 }
 
 impl Default for CloudOptions {
     fn default() -> Self {
-        CloudOptions { placement: PlacementPolicy::Spread, max_count: 100, db_connections: 20, host_timeout_secs: 30, default_limits: (256, 1024) }
+        CloudOptions { placement: PlacementPolicy::Spread, max_count: 100, db_connections: 20, host_timeout_secs: 30, default_limits: (256, 1024), public_pool: None, max_elastic_ips: 5 }
     }
 }
 
@@ -219,6 +223,9 @@ impl Cloud {
             region: "nimbus-1".into(),
             default_max_instances: opts.default_limits.0,
             default_max_vcpus: opts.default_limits.1,
+            public_pool: opts.public_pool.map(|p| nimbus_proto::network::Cidr::parse(p).context("public_pool"))
+                .transpose()?,
+            default_max_elastic_ips: opts.max_elastic_ips,
         };
         let (admin_token, join_token) = (config.admin_token.clone(), config.join_token.clone());
         let service = nimbus_control_plane::build(config).await?;

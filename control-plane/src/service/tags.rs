@@ -1,4 +1,5 @@
-//! Tags on the caller's resources (instances and images today).
+//! Tags on the caller's resources: instances, images, VPCs, subnets,
+//! security groups, network interfaces and Elastic IPs.
 
 use super::{Caller, Service};
 use crate::error::{Result, ServiceError};
@@ -18,14 +19,25 @@ pub struct Tag {
     pub value: String,
 }
 
+/// Resource types by id prefix: (prefix, EC2's resource type, table).
+const RESOURCES: &[(&str, &str, &str)] = &[
+    (ids::INSTANCE, "instance", "instances"),
+    (ids::IMAGE, "image", "images"),
+    (ids::VPC, "vpc", "vpcs"),
+    (ids::SUBNET, "subnet", "subnets"),
+    (ids::SECURITY_GROUP, "security-group", "security_groups"),
+    (ids::NETWORK_INTERFACE, "network-interface", "network_interfaces"),
+];
+
 pub fn resource_type(id: &str) -> &'static str {
-    if id.starts_with("i-") {
-        "instance"
-    } else if id.starts_with("ami-") {
-        "image"
-    } else {
-        "unknown"
+    if id.starts_with("eipalloc-") {
+        return "elastic-ip";
     }
+    RESOURCES
+        .iter()
+        .find(|(prefix, _, _)| ids::is_valid(prefix, id))
+        .map(|(_, t, _)| *t)
+        .unwrap_or("unknown")
 }
 
 /// Checks keys and values as EC2 does, and refuses control characters
@@ -73,27 +85,27 @@ impl Service {
     /// answers exactly as a missing one. Returns the ids, each once.
     async fn check_resources(&self, caller: &Caller, resources: &[String]) -> Result<Vec<String>> {
         let resources = distinct_resources(resources)?;
-        let (mut instances, mut images) = (Vec::new(), Vec::new());
         for id in &resources {
-            match resource_type(id) {
-                "instance" if ids::is_valid(ids::INSTANCE, id) => instances.push(id.clone()),
-                "image" if ids::is_valid(ids::IMAGE, id) => images.push(id.clone()),
-                _ => return Err(ServiceError::InvalidParameterValue(format!("Invalid resource id {id:?}"))),
+            if resource_type(id) == "unknown" || (resource_type(id) == "elastic-ip" && !ids::is_valid(ids::ALLOCATION, id)) {
+                return Err(ServiceError::InvalidParameterValue(format!("Invalid resource id {id:?}")));
             }
         }
-        let found: Vec<(String,)> = sqlx::query_as(
-            "SELECT id FROM instances WHERE account_id = $1 AND id = ANY($2) \
-             UNION ALL SELECT id FROM images WHERE account_id = $1 AND id = ANY($3)",
-        )
-        .bind(&caller.account_id)
-        .bind(&instances)
-        .bind(&images)
-        .fetch_all(&self.db)
-        .await?;
+        let mut union: Vec<String> = RESOURCES.iter().map(|(_, _, table)| format!("SELECT id FROM {table} WHERE account_id = $1 AND id = ANY($2)")).collect();
+        union.push("SELECT allocation_id FROM public_addresses WHERE account_id = $1 AND allocation_id = ANY($2)".into());
+        let found: Vec<(String,)> = sqlx::query_as(&union.join(" UNION ALL "))
+            .bind(&caller.account_id)
+            .bind(&resources)
+            .fetch_all(&self.db)
+            .await?;
         let found: std::collections::HashSet<String> = found.into_iter().map(|r| r.0).collect();
         if let Some(missing) = resources.iter().find(|id| !found.contains(*id)) {
             return Err(match resource_type(missing) {
                 "instance" => ServiceError::InstanceNotFound(missing.clone()),
+                "vpc" => ServiceError::VpcNotFound(missing.clone()),
+                "subnet" => ServiceError::SubnetNotFound(missing.clone()),
+                "security-group" => ServiceError::GroupNotFound(format!("The security group '{missing}' does not exist")),
+                "network-interface" => ServiceError::NetworkInterfaceNotFound(missing.clone()),
+                "elastic-ip" => ServiceError::AllocationNotFound(missing.clone()),
                 _ => ServiceError::ImageNotFound(missing.clone()),
             });
         }
