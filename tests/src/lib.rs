@@ -557,3 +557,45 @@ impl Cloud {
         self.start_agent(handle).await
     }
 }
+
+/// An account's EC2 credentials.
+#[derive(Debug, Clone)]
+pub struct Ec2Keys {
+    pub account_id: String,
+    pub akid: String,
+    pub secret: String,
+}
+
+impl Cloud {
+    /// Creates an account; returns its EC2 credentials.
+    pub async fn ec2_account(&self, name: &str) -> anyhow::Result<Ec2Keys> {
+        let a = self.post("/v1/admin/accounts", serde_json::json!({ "name": name })).await?;
+        Ok(Ec2Keys {
+            account_id: a["account_id"].as_str().context("no account id")?.into(),
+            akid: a["access_key_id"].as_str().context("no access key id")?.into(),
+            secret: a["secret_access_key"].as_str().context("no secret")?.into(),
+        })
+    }
+
+    /// One signed EC2 call (`Version` added): (status, XML body).
+    pub async fn ec2(&self, keys: &Ec2Keys, form: &str) -> anyhow::Result<(u16, String)> {
+        let form = format!("{form}&Version=2016-11-15");
+        self.ec2_signed(&keys.akid, &keys.secret, &form, std::time::SystemTime::now(), "nimbus-1", "ec2").await
+    }
+}
+
+/// The texts of every `<tag>…</tag>` of an XML answer, in order.
+pub fn xml_values<'a>(xml: &'a str, tag: &str) -> Vec<&'a str> {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    xml.match_indices(&open)
+        .filter_map(|(i, _)| {
+            let rest = &xml[i + open.len()..];
+            rest.find(&close).map(|j| &rest[..j])
+        })
+        .collect()
+}
+
+/// The error code of an EC2 error answer ("" if none).
+pub fn xml_error_code(xml: &str) -> &str {
+    xml_values(xml, "Code").first().copied().unwrap_or("")
+}
