@@ -235,6 +235,12 @@ impl Client {
         self.send(Method::POST, &["v1", "hosts", host, "reset-credential"], &[], None).await
     }
 
+    /// Any `/v1` call whose answer the CLI shows as JSON or a generic table.
+    pub async fn call(&self, method: Method, segments: &[&str], query: &[(&'static str, String)], body: Option<&Value>) -> Result<Response<Value>, CliError> {
+        let json = body.map(json_body).transpose()?.flatten();
+        self.send(method, segments, query, json).await
+    }
+
     pub async fn create_account(&self, name: &str) -> Result<Response<serde_json::Value>, CliError> {
         self.send(Method::POST, &["v1", "admin", "accounts"], &[], json_body(&serde_json::json!({ "name": name }))?).await
     }
