@@ -292,7 +292,7 @@ pub(crate) mod tests {
             health: "ok".into(),
             problems: vec![],
         };
-        let s = hosts_table(&[h.clone()]);
+        let s = hosts_table(std::slice::from_ref(&h));
         let row = s.lines().nth(1).unwrap();
         for part in ["h-1", "node1", "kvm", "available", " ok ", "2/8", "1024/16384 MiB", "16/100 GiB"] {
             assert!(row.contains(part), "{part} missing in {row}");

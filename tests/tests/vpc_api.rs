@@ -227,7 +227,7 @@ async fn security_groups_and_rules_all_or_nothing() {
     // Both forms of a rule; a group reference stays a reference.
     let xml = ec2(&cloud, &alice, &format!("Action=AuthorizeSecurityGroupIngress&GroupId={web}&IpPermissions.1.IpProtocol=tcp&IpPermissions.1.FromPort=443&IpPermissions.1.ToPort=443&IpPermissions.1.IpRanges.1.CidrIp=0.0.0.0/0&IpPermissions.1.IpRanges.2.CidrIp=10.0.0.0/8")).await;
     assert_eq!(values(&xml, "securityGroupRuleId").len(), 2);
-    ec2(&cloud, &alice, &format!("Action=AuthorizeSecurityGroupIngress&GroupName=web&IpProtocol=tcp&FromPort=22&ToPort=22&CidrIp=192.0.2.0/24")).await;
+    ec2(&cloud, &alice, "Action=AuthorizeSecurityGroupIngress&GroupName=web&IpProtocol=tcp&FromPort=22&ToPort=22&CidrIp=192.0.2.0/24").await;
     ec2(&cloud, &alice, &format!("Action=AuthorizeSecurityGroupIngress&GroupId={db}&IpPermissions.1.IpProtocol=tcp&IpPermissions.1.FromPort=5432&IpPermissions.1.ToPort=5432&IpPermissions.1.UserIdGroupPairs.1.GroupId={web}")).await;
     let xml = ec2(&cloud, &alice, &format!("Action=DescribeSecurityGroupRules&Filter.1.Name=group-id&Filter.1.Value.1={db}")).await;
     assert!(xml.contains(&format!("<referencedGroupInfo><groupId>{web}</groupId>")), "{xml}");

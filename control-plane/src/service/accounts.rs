@@ -164,7 +164,8 @@ impl Service {
         account_id: &str,
         lock: bool,
     ) -> Result<(String, Limits, Usage)> {
-        let row: Option<(String, Option<i32>, Option<i32>, Option<i32>)> = sqlx::query_as(&format!(
+        type Row = (String, Option<i32>, Option<i32>, Option<i32>);
+        let row: Option<Row> = sqlx::query_as(&format!(
             "SELECT name, max_instances, max_vcpus, max_elastic_ips FROM accounts WHERE id = $1{}",
             if lock { " FOR NO KEY UPDATE" } else { "" }
         ))

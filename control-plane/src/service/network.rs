@@ -2045,18 +2045,12 @@ impl Service {
             (n.id.clone(), n.instance.clone(), n.subnet.id.clone(), n.subnet.vpc_id.clone(), ip, n.delete_on_termination, n.device_index)
         }
         async fn insert_interfaces(conn: &mut PgConnection, caller: &Caller, rows: &[NicRowOwned]) -> Result<BTreeSet<String>> {
-            let mut cols: (Vec<&str>, Vec<&str>, Vec<&str>, Vec<&str>, Vec<&str>, Vec<bool>, Vec<i32>, Vec<String>, Vec<String>) = Default::default();
-            for r in rows {
-                cols.0.push(&r.0);
-                cols.1.push(&r.1);
-                cols.2.push(&r.2);
-                cols.3.push(&r.3);
-                cols.4.push(&r.4);
-                cols.5.push(r.5);
-                cols.6.push(r.6);
-                cols.7.push(ids::new_mac());
-                cols.8.push(ids::new_id(ids::ATTACHMENT));
-            }
+            let col = |f: fn(&NicRowOwned) -> &str| rows.iter().map(f).collect::<Vec<&str>>();
+            let (ids_, instances, subnets, vpcs, ips) = (col(|r| &r.0), col(|r| &r.1), col(|r| &r.2), col(|r| &r.3), col(|r| &r.4));
+            let dots: Vec<bool> = rows.iter().map(|r| r.5).collect();
+            let indexes: Vec<i32> = rows.iter().map(|r| r.6).collect();
+            let macs: Vec<String> = rows.iter().map(|_| ids::new_mac()).collect();
+            let attachments: Vec<String> = rows.iter().map(|_| ids::new_id(ids::ATTACHMENT)).collect();
             let done: Vec<(String,)> = sqlx::query_as(
                 "INSERT INTO network_interfaces (id, account_id, instance_id, subnet_id, vpc_id, private_ip, delete_on_termination, \
                      device_index, mac, attachment_id, attached_at) \
@@ -2066,15 +2060,15 @@ impl Service {
                  ON CONFLICT ON CONSTRAINT network_interfaces_one_address DO NOTHING RETURNING id",
             )
             .bind(&caller.account_id)
-            .bind(&cols.0)
-            .bind(&cols.1)
-            .bind(&cols.2)
-            .bind(&cols.3)
-            .bind(&cols.4)
-            .bind(&cols.5)
-            .bind(&cols.6)
-            .bind(&cols.7)
-            .bind(&cols.8)
+            .bind(&ids_)
+            .bind(&instances)
+            .bind(&subnets)
+            .bind(&vpcs)
+            .bind(&ips)
+            .bind(&dots)
+            .bind(&indexes)
+            .bind(&macs)
+            .bind(&attachments)
             .fetch_all(&mut *conn)
             .await?;
             Ok(done.into_iter().map(|r| r.0).collect())
