@@ -175,6 +175,9 @@ pub enum AdminCommand {
         /// vCPUs its instances may hold at once.
         #[arg(long)]
         max_vcpus: Option<u32>,
+        /// Elastic IPs it may hold.
+        #[arg(long)]
+        max_elastic_ips: Option<u32>,
     },
 }
 

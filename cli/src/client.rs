@@ -226,8 +226,9 @@ impl Client {
         account: &str,
         max_instances: Option<u32>,
         max_vcpus: Option<u32>,
+        max_elastic_ips: Option<u32>,
     ) -> Result<Response<serde_json::Value>, CliError> {
-        let body = serde_json::json!({ "max_instances": max_instances, "max_vcpus": max_vcpus });
+        let body = serde_json::json!({ "max_instances": max_instances, "max_vcpus": max_vcpus, "max_elastic_ips": max_elastic_ips });
         self.send(Method::PUT, &["v1", "admin", "accounts", account, "limits"], &[], json_body(&body)?).await
     }
 

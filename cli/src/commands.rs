@@ -130,8 +130,8 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
             let r = client.describe_account().await?;
             render(out, &r.raw, || output::account(&r.body))
         }
-        Command::Admin(AdminCommand::SetAccountLimits { account, max_instances, max_vcpus }) => {
-            let r = client.set_account_limits(&account, max_instances, max_vcpus).await?;
+        Command::Admin(AdminCommand::SetAccountLimits { account, max_instances, max_vcpus, max_elastic_ips }) => {
+            let r = client.set_account_limits(&account, max_instances, max_vcpus, max_elastic_ips).await?;
             render(out, &r.raw, || output::account(&r.body))
         }
         Command::Admin(AdminCommand::ResetHost { host }) => {

@@ -134,13 +134,14 @@ pub fn hosts_table(hosts: &[Host]) -> String {
 pub fn account(a: &serde_json::Value) -> String {
     let n = |v: &serde_json::Value| v.as_u64().map(|n| n.to_string()).unwrap_or_else(|| "-".into());
     format!(
-        "account {} ({})\ninstances: {} of {}\nvCPUs:     {} of {}",
+        "account {} ({})\ninstances: {} of {}\nvCPUs:     {} of {}\nElastic IPs: at most {}",
         a["account_id"].as_str().unwrap_or("-"),
         a["name"].as_str().unwrap_or("-"),
         n(&a["usage"]["instances"]),
         n(&a["limits"]["max_instances"]),
         n(&a["usage"]["vcpus"]),
         n(&a["limits"]["max_vcpus"]),
+        n(&a["limits"]["max_elastic_ips"]),
     )
 }
 

@@ -493,6 +493,15 @@ async fn elastic_ips_and_public_addresses() {
     ec2(&cloud, &alice, &format!("Action=AssociateAddress&AllocationId={alloc1}&InstanceId={other}&AllowReassociation=true")).await;
     let xml = ec2(&cloud, &alice, &format!("Action=DescribeInstances&InstanceId.1={web}")).await;
     assert!(values(&xml, "ipAddress").is_empty(), "moved away: {xml}");
+    // REST, by allocation id.
+    let token = format!("{}:{}", alice.akid, alice.secret);
+    let (status, v) = cloud.call_as(Some(&token), Method::POST, &format!("/v1/addresses/{alloc2}/associate"), Some(json!({"instance_id": web}))).await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert!(v["association_id"].as_str().unwrap().starts_with("eipassoc-"));
+    let disassociate = format!("/v1/addresses/{alloc2}/disassociate");
+    assert_eq!(cloud.call_as(Some(&token), Method::POST, &disassociate, None).await.unwrap().0, 200);
+    let (status, v) = cloud.call_as(Some(&token), Method::POST, &disassociate, None).await.unwrap();
+    assert_eq!((status.as_u16(), v["code"].as_str()), (400, Some("InvalidAssociationID.NotFound")), "{v}");
 
     // Terminated and confirmed: the Elastic IP stays allocated, disassociated.
     ec2(&cloud, &alice, &format!("Action=TerminateInstances&InstanceId.1={other}")).await;

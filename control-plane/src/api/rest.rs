@@ -476,11 +476,7 @@ async fn associate_address(
 }
 
 async fn disassociate_address(State(s): State<Service>, Tenant(c): Tenant, Path(id): Path<String>) -> Result<Json<serde_json::Value>> {
-    let a = s.describe_addresses(&c, &[], std::slice::from_ref(&id), &Vec::new()).await?;
-    match a.first().and_then(|a| a.association_id.clone()) {
-        Some(assoc) => s.disassociate_address(&c, Some(&assoc), None).await?,
-        None => return Err(ServiceError::AssociationNotFound(format!("{id} is not associated"))),
-    }
+    s.disassociate_address(&c, None, Some(&id), None).await?;
     Ok(Json(serde_json::json!({})))
 }
 

@@ -1611,8 +1611,25 @@ impl Service {
         Ok(())
     }
 
-    /// Unmaps an Elastic IP (by association id, or address).
-    pub async fn disassociate_address(&self, caller: &Caller, association_id: Option<&str>, public_ip: Option<&str>) -> Result<()> {
+    /// Unmaps an Elastic IP named by its association id, its address or
+    /// (REST) its allocation id; an address that is not associated is
+    /// InvalidAssociationID.NotFound.
+    pub async fn disassociate_address(
+        &self,
+        caller: &Caller,
+        association_id: Option<&str>,
+        allocation_id: Option<&str>,
+        public_ip: Option<&str>,
+    ) -> Result<()> {
+        if association_id.is_none() && (allocation_id.is_some() || public_ip.is_some()) {
+            let allocation = self.resolve_address(caller, allocation_id, public_ip).await?;
+            let row: Option<(Option<String>,)> = sqlx::query_as("SELECT association_id FROM public_addresses WHERE allocation_id = $1")
+                .bind(&allocation)
+                .fetch_optional(&self.db)
+                .await?;
+            let association = row.and_then(|r| r.0).ok_or_else(|| ServiceError::AssociationNotFound(format!("{allocation} is not associated")))?;
+            return Box::pin(self.disassociate_address(caller, Some(&association), None, None)).await;
+        }
         let allocation_id = match (association_id, public_ip) {
             (Some(a), _) => {
                 let row: Option<(String,)> = sqlx::query_as("SELECT allocation_id FROM public_addresses WHERE association_id = $1 AND account_id = $2")

@@ -326,7 +326,7 @@ async fn serve(s: &Service, caller: &Caller, action: &str, params: &Params, dry_
         }
         "DisassociateAddress" => {
             dry!();
-            s.disassociate_address(caller, params.get("AssociationId"), params.get("PublicIp")).await?;
+            s.disassociate_address(caller, params.get("AssociationId"), None, params.get("PublicIp")).await?;
             reply("DisassociateAddressResponse", ok())
         }
         "ReleaseAddress" => {
