@@ -3,9 +3,9 @@ amazon.aws.ec2_instance launches and terminates an instance with no subnet
 given (it finds the default VPC, subnet and group itself), boto3 drives the
 VPC calls, and Apache libcloud's EC2 driver lists the nodes.
 
-The fixture starts `testbed` (tests/src/bin/testbed.rs), as
-test_boto3_session.py does. Needs `pip install ansible apache-libcloud`
-(scripts/test.sh installs them).
+The fixtures `bed` and `ec2` (conftest.py) start `testbed`
+(tests/src/bin/testbed.rs). Needs `pip install ansible apache-libcloud`
+(scripts/test.sh should install them with boto3, awscli and pytest).
 """
 
 import json
@@ -14,34 +14,8 @@ import subprocess
 import sys
 import tempfile
 
-import boto3
 import botocore.exceptions
 import pytest
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture(scope="module")
-def bed():
-    exe = os.environ.get("NIMBUS_TESTBED", os.path.join(REPO, "target", "debug", "testbed"))
-    proc = subprocess.Popen([exe], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    assert line, "testbed did not start"
-    yield json.loads(line)
-    proc.stdin.close()
-    proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def ec2(bed):
-    return boto3.client(
-        "ec2",
-        endpoint_url=bed["endpoint"],
-        region_name=bed["region"],
-        aws_access_key_id=bed["access_key_id"],
-        aws_secret_access_key=bed["secret_access_key"],
-    )
-
 
 PLAYBOOK = """
 - hosts: localhost

@@ -396,19 +396,7 @@ impl Service {
         let placed: Vec<super::network::Placed> =
             ids.iter().zip(&placed_zones).map(|(id, zone)| super::network::Placed { instance_id: id, zone }).collect();
         self.attach_launch(&mut tx, caller, net, &placed).await?;
-        if !spec.tags.is_empty() {
-            let (keys, values): (Vec<&str>, Vec<&str>) = spec.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).unzip();
-            sqlx::query(
-                "INSERT INTO tags (account_id, resource_id, key, value) \
-                 SELECT $1, id, t.k, t.v FROM unnest($2::text[]) AS id CROSS JOIN unnest($3::text[], $4::text[]) AS t(k, v)",
-            )
-            .bind(&caller.account_id)
-            .bind(&ids)
-            .bind(&keys)
-            .bind(&values)
-            .execute(&mut *tx)
-            .await?;
-        }
+        super::tags::insert_new_tags(&mut tx, &caller.account_id, &ids, &spec.tags).await?;
         tx.commit().await?;
         tracing::info!(%reservation_id, count = ids.len(), instance_type = %spec.instance_type, "instances launched");
         self.reservation(caller, &reservation_id).await.map(Some)

@@ -2041,20 +2041,8 @@ impl Service {
         if !want.is_empty() {
             allocate_public(conn, self.pool()?, &caller.account_id, &want).await?;
         }
-        if !net.nic_tags.is_empty() {
-            let ids: Vec<&str> = nics.iter().map(|n| n.id.as_str()).collect();
-            let (keys, values): (Vec<&str>, Vec<&str>) = net.nic_tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).unzip();
-            sqlx::query(
-                "INSERT INTO tags (account_id, resource_id, key, value) \
-                 SELECT $1, id, t.k, t.v FROM unnest($2::text[]) AS id CROSS JOIN unnest($3::text[], $4::text[]) AS t(k, v)",
-            )
-            .bind(&caller.account_id)
-            .bind(&ids)
-            .bind(&keys)
-            .bind(&values)
-            .execute(&mut *conn)
-            .await?;
-        }
+        let ids: Vec<String> = nics.iter().map(|n| n.id.clone()).collect();
+        super::tags::insert_new_tags(conn, &caller.account_id, &ids, &net.nic_tags).await?;
         return Ok(());
 
         type NicRowOwned = (String, String, String, String, String, bool, i32);

@@ -79,6 +79,26 @@ fn distinct_resources(resources: &[String]) -> Result<Vec<String>> {
     Ok(distinct)
 }
 
+/// Gives every one of `resources` (just created, in the caller's
+/// transaction) each of `tags`: one statement.
+pub(crate) async fn insert_new_tags(conn: &mut sqlx::PgConnection, account_id: &str, resources: &[String], tags: &[(String, String)]) -> Result<()> {
+    if tags.is_empty() || resources.is_empty() {
+        return Ok(());
+    }
+    let (keys, values): (Vec<&str>, Vec<&str>) = tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).unzip();
+    sqlx::query(
+        "INSERT INTO tags (account_id, resource_id, key, value) \
+         SELECT $1, id, t.k, t.v FROM unnest($2::text[]) AS id CROSS JOIN unnest($3::text[], $4::text[]) AS t(k, v)",
+    )
+    .bind(account_id)
+    .bind(resources)
+    .bind(&keys)
+    .bind(&values)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 impl Service {
     /// Checks that every resource exists and is the caller's (two
     /// set-based queries, whatever the count); an unknown or foreign id
