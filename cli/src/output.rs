@@ -141,7 +141,7 @@ pub fn account(a: &serde_json::Value) -> String {
         n(&a["limits"]["max_instances"]),
         n(&a["usage"]["vcpus"]),
         n(&a["limits"]["max_vcpus"]),
-        n(&a["limits"]["max_elastic_ips"]),
+        n(&a["max_elastic_ips"]),
     )
 }
 

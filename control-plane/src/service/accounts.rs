@@ -21,8 +21,8 @@ pub struct NewAccount {
 pub struct Limits {
     pub max_instances: u32,
     pub max_vcpus: u32,
-    /// Elastic IPs the account may hold.
-    #[serde(default)]
+    /// Elastic IPs the account may hold (shown as `AccountView::max_elastic_ips`).
+    #[serde(skip)]
     pub max_elastic_ips: u32,
 }
 
@@ -39,6 +39,8 @@ pub struct AccountView {
     pub name: String,
     pub limits: Limits,
     pub usage: Usage,
+    /// Elastic IPs the account may hold.
+    pub max_elastic_ips: u32,
 }
 
 /// An operator's change of an account's limits; `None` means the default.
@@ -191,7 +193,7 @@ impl Service {
     pub async fn describe_account(&self, caller: &Caller) -> Result<AccountView> {
         let mut conn = self.db.acquire().await?;
         let (name, limits, usage) = self.limits_and_usage(&mut conn, &caller.account_id, false).await?;
-        Ok(AccountView { account_id: caller.account_id.clone(), name, limits, usage })
+        Ok(AccountView { account_id: caller.account_id.clone(), name, max_elastic_ips: limits.max_elastic_ips, limits, usage })
     }
 
     /// The operator sets an account's limits (`None`: back to the default).
