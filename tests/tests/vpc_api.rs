@@ -283,6 +283,14 @@ async fn security_groups_and_rules_all_or_nothing() {
     ec2(&cloud, &alice, &format!("Action=RevokeSecurityGroupEgress&GroupId={db}&SecurityGroupRuleId.1={rule}")).await;
     let xml = ec2(&cloud, &alice, &format!("Action=DescribeSecurityGroups&GroupId.1={db}")).await;
     assert!(xml.contains("<ipPermissionsEgress/>"), "{xml}");
+    // Groups, VPCs and subnets take tags like instances (ResourceId lists may start at 0).
+    let dvpc = default_vpc(&cloud, &alice).await;
+    ec2(&cloud, &alice, &format!("Action=CreateTags&ResourceId.0={db}&ResourceId.1={dvpc}&Tag.0.Key=team&Tag.0.Value=data")).await;
+    let xml = ec2(&cloud, &alice, "Action=DescribeTags&Filter.1.Name=resource-type&Filter.1.Value.1=security-group").await;
+    assert_eq!(values(&xml, "resourceId"), vec![db.as_str()]);
+    let xml = ec2(&cloud, &alice, "Action=DescribeSecurityGroups&Filter.1.Name=tag:team&Filter.1.Value.1=data").await;
+    assert_eq!(values(&xml, "groupId"), vec![db.as_str()]);
+    ec2_err(&cloud, &bob, &format!("Action=CreateTags&ResourceId.1={db}&Tag.1.Key=x&Tag.1.Value=y"), "InvalidGroup.NotFound").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -185,6 +185,26 @@ impl Service {
         Ok(())
     }
 
+    /// DescribeTags: as [`Service::describe_tags`], and of the given
+    /// resource types only (`instance`, `image`, `vpc`, `subnet`,
+    /// `security-group`, `network-interface`, `elastic-ip`); none: all.
+    pub async fn describe_tags_of_types(
+        &self,
+        caller: &Caller,
+        resource_ids: &[String],
+        keys: &[String],
+        values: &[String],
+        types: &[String],
+    ) -> Result<Vec<Tag>> {
+        const KNOWN: &[&str] = &["instance", "image", "vpc", "subnet", "security-group", "network-interface", "elastic-ip"];
+        if let Some(bad) = types.iter().find(|t| !KNOWN.contains(&t.as_str())) {
+            return Err(ServiceError::InvalidParameterValue(format!("The resource type '{bad}' is not supported")));
+        }
+        let mut tags = self.describe_tags(caller, resource_ids, keys, values).await?;
+        tags.retain(|t| types.is_empty() || types.contains(&t.resource_type));
+        Ok(tags)
+    }
+
     /// The caller's tags, filtered by resource ids, keys and values (each
     /// filter present must match).
     pub async fn describe_tags(&self, caller: &Caller, resource_ids: &[String], keys: &[String], values: &[String]) -> Result<Vec<Tag>> {

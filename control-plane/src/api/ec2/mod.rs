@@ -168,18 +168,18 @@ async fn serve(s: &Service, req: Request) -> Result<String, ServiceError> {
             if dry_run {
                 return Err(ServiceError::DryRunOperation);
             }
-            let (mut resources, mut keys, mut values) = (vec![], vec![], vec![]);
+            let (mut resources, mut keys, mut values, mut types) = (vec![], vec![], vec![], vec![]);
             for f in params.structs("Filter")? {
                 let vals = f.list("Value")?;
                 match f.required("Name")? {
                     "resource-id" => resources.extend(vals),
                     "key" => keys.extend(vals),
                     "value" => values.extend(vals),
-                    "resource-type" if vals.iter().all(|v| v == "instance" || v == "image") => {}
+                    "resource-type" => types.extend(vals),
                     other => return Err(ServiceError::InvalidParameterValue(format!("The filter '{other}' is invalid"))),
                 }
             }
-            let tags = s.describe_tags(&caller, &resources, &keys, &values).await?;
+            let tags = s.describe_tags_of_types(&caller, &resources, &keys, &values, &types).await?;
             let items = tags
                 .into_iter()
                 .map(|t| xml::XmlResourceTag { resource_id: t.resource_id, resource_type: t.resource_type, key: t.key, value: t.value })
