@@ -10,6 +10,7 @@ The fixtures `bed` and `ec2` (conftest.py) start `testbed`
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -58,6 +59,7 @@ PLAYBOOK = """
 
 
 def test_ansible_launches_and_terminates_with_no_subnet(bed, ec2):
+    assert shutil.which("ansible-playbook"), "ansible-playbook is missing: pip install ansible (it brings amazon.aws)"
     with tempfile.TemporaryDirectory() as out:
         book = os.path.join(out, "play.yml")
         with open(book, "w") as f:

@@ -270,6 +270,10 @@ impl Service {
                 Err(ServiceError::Database(e)) if crate::db::is_retryable(&e) => {
                     tracing::debug!(attempt, error = %e, "retrying launch transaction")
                 }
+                // Two random MACs met (40 random bits): draw again.
+                Err(ServiceError::Database(e)) if crate::db::is_unique_violation(&e, "network_interfaces_mac_key") => {
+                    tracing::warn!(attempt, "MAC address collision; retrying launch transaction")
+                }
                 Err(e) => return Err(e),
             }
         }
