@@ -39,8 +39,10 @@ if [ -n "${CI:-}" ]; then export CARGO_INCREMENTAL=0; fi
 cargo test --workspace --locked "$@"
 
 step "boto3 and the AWS CLI against the EC2 front door (pytest)"
-if ! python3 -c 'import boto3, awscli, pytest' 2>/dev/null; then
-    python3 -m pip install -q --disable-pip-version-check boto3 awscli pytest
+# Ansible (with the amazon.aws collection) and Apache libcloud drive the EC2
+# front door as users' launch tools do (tests/python/test_launch_tools.py).
+if ! python3 -c 'import boto3, awscli, pytest, libcloud, ansible' 2>/dev/null || ! command -v ansible-playbook >/dev/null; then
+    python3 -m pip install -q --disable-pip-version-check boto3 awscli pytest ansible apache-libcloud
 fi
 cargo build --locked -q -p nimbus-tests --bin testbed
 NIMBUS_TESTBED=$REPO/target/debug/testbed python3 -m pytest -q tests/python

@@ -51,6 +51,95 @@ pub enum Command {
     DescribeAccount,
     /// Register an image built by an image recipe (POST /v1/images).
     RegisterImage(RegisterImageArgs),
+    /// Change a stopped instance's type, or its security groups (POST /v1/instances/{id}/attributes).
+    ModifyInstanceAttribute {
+        instance_id: String,
+        #[arg(long)]
+        instance_type: Option<String>,
+        /// The primary interface's groups (repeat or separate with commas).
+        #[arg(long = "security-group-ids", value_name = "SG", value_delimiter = ',')]
+        security_group_ids: Vec<String>,
+    },
+    /// List VPCs (GET /v1/vpcs); your default VPC is made on first use.
+    DescribeVpcs,
+    /// Create a VPC, a /16 to a /28 (POST /v1/vpcs).
+    CreateVpc {
+        #[arg(long)]
+        cidr_block: String,
+    },
+    /// Delete a VPC without subnets or groups (DELETE /v1/vpcs/{id}).
+    DeleteVpc { vpc_id: String },
+    /// List subnets (GET /v1/subnets).
+    DescribeSubnets {
+        #[arg(long)]
+        vpc_id: Option<String>,
+    },
+    /// Create a subnet in a VPC and zone (POST /v1/subnets).
+    CreateSubnet {
+        #[arg(long)]
+        vpc_id: String,
+        #[arg(long)]
+        cidr_block: String,
+        #[arg(long)]
+        availability_zone: Option<String>,
+    },
+    /// Delete a subnet without interfaces (DELETE /v1/subnets/{id}).
+    DeleteSubnet { subnet_id: String },
+    /// Map public addresses on launch, or not (POST /v1/subnets/{id}/attributes).
+    ModifySubnetAttribute {
+        subnet_id: String,
+        #[arg(long, value_name = "BOOL")]
+        map_public_ip_on_launch: bool,
+    },
+    /// List security groups and their rules (GET /v1/security-groups).
+    DescribeSecurityGroups {
+        #[arg(long)]
+        vpc_id: Option<String>,
+    },
+    /// Create a security group: no inbound, all outbound (POST /v1/security-groups).
+    CreateSecurityGroup {
+        #[arg(long)]
+        group_name: String,
+        #[arg(long)]
+        description: String,
+        /// Default: your default VPC.
+        #[arg(long)]
+        vpc_id: Option<String>,
+    },
+    /// Delete a security group no interface uses (DELETE /v1/security-groups/{id}).
+    DeleteSecurityGroup { group_id: String },
+    /// Allow inbound traffic (POST /v1/security-groups/{id}/ingress).
+    AuthorizeSecurityGroupIngress(RuleArgs),
+    /// Allow outbound traffic (POST /v1/security-groups/{id}/egress).
+    AuthorizeSecurityGroupEgress(RuleArgs),
+    /// Remove an inbound rule (POST /v1/security-groups/{id}/ingress/revoke).
+    RevokeSecurityGroupIngress(RuleArgs),
+    /// Remove an outbound rule (POST /v1/security-groups/{id}/egress/revoke).
+    RevokeSecurityGroupEgress(RuleArgs),
+    /// Allocate an Elastic IP from the operator's pool (POST /v1/addresses).
+    AllocateAddress,
+    /// List your Elastic IPs (GET /v1/addresses).
+    DescribeAddresses,
+    /// Map an Elastic IP to an instance or interface (POST /v1/addresses/{id}/associate).
+    AssociateAddress {
+        allocation_id: String,
+        #[arg(long)]
+        instance_id: Option<String>,
+        #[arg(long)]
+        network_interface_id: Option<String>,
+        /// Move it even if it is associated elsewhere.
+        #[arg(long)]
+        allow_reassociation: bool,
+    },
+    /// Unmap an Elastic IP (POST /v1/addresses/{id}/disassociate).
+    DisassociateAddress { allocation_id: String },
+    /// Return an Elastic IP to the pool (DELETE /v1/addresses/{id}).
+    ReleaseAddress { allocation_id: String },
+    /// List network interfaces (GET /v1/network-interfaces).
+    DescribeNetworkInterfaces {
+        #[arg(long)]
+        instance_id: Option<String>,
+    },
     /// Operator commands.
     #[command(subcommand)]
     Admin(AdminCommand),
@@ -86,6 +175,9 @@ pub enum AdminCommand {
         /// vCPUs its instances may hold at once.
         #[arg(long)]
         max_vcpus: Option<u32>,
+        /// Elastic IPs it may hold.
+        #[arg(long)]
+        max_elastic_ips: Option<u32>,
     },
 }
 
@@ -129,6 +221,18 @@ pub struct RunInstancesArgs {
     /// Idempotency token: retrying with the same token returns the same reservation.
     #[arg(long)]
     pub client_token: Option<String>,
+    /// Subnet of the instance's interface (it fixes the zone); the zone's default subnet when absent.
+    #[arg(long)]
+    pub subnet_id: Option<String>,
+    /// Security groups of the interface (repeat or separate with commas); the VPC's default group when absent.
+    #[arg(long = "security-group-ids", value_name = "SG", value_delimiter = ',')]
+    pub security_group_ids: Vec<String>,
+    /// The interface's private address (one instance only).
+    #[arg(long)]
+    pub private_ip_address: Option<String>,
+    /// Map a public address from the operator's pool (true/false; default: the subnet's setting).
+    #[arg(long, value_name = "BOOL")]
+    pub associate_public_ip_address: Option<bool>,
     #[command(flatten)]
     pub wait: WaitArgs,
 }
@@ -233,6 +337,13 @@ impl RunInstancesArgs {
             availability_zone: self.availability_zone.clone(),
             user_data: self.user_data_base64()?,
             client_token: self.client_token.clone(),
+            subnet_id: self.subnet_id.clone(),
+            security_group_ids: self.security_group_ids.clone(),
+            security_group_names: Vec::new(),
+            private_ip_address: self.private_ip_address.clone(),
+            associate_public_ip_address: self.associate_public_ip_address,
+            network_interfaces: Vec::new(),
+            network_interface_tags: Vec::new(),
         })
     }
 }
@@ -372,5 +483,42 @@ mod tests {
         assert_eq!(t.instance_ids, vec!["i-1", "i-2"]);
         assert!(t.wait.wait);
         assert_eq!(t.wait.timeout, 9);
+    }
+}
+
+/// A rule of a security group: a protocol, ports, and CIDRs or groups.
+#[derive(Debug, Clone, Args)]
+pub struct RuleArgs {
+    /// The group (sg-...).
+    pub group_id: String,
+    /// tcp, udp, icmp or -1 (all).
+    #[arg(long, default_value = "tcp")]
+    pub protocol: String,
+    /// One port (same as --from-port N --to-port N); for ICMP, the type.
+    #[arg(long, conflicts_with_all = ["from_port", "to_port"], allow_negative_numbers = true)]
+    pub port: Option<i32>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub from_port: Option<i32>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub to_port: Option<i32>,
+    /// Peer networks (repeat or separate with commas).
+    #[arg(long = "cidr", value_delimiter = ',')]
+    pub cidrs: Vec<String>,
+    /// Peer groups (sg-...).
+    #[arg(long = "source-group", value_delimiter = ',')]
+    pub groups: Vec<String>,
+}
+
+impl RuleArgs {
+    pub fn to_permission(&self) -> nimbus_proto::api::IpPermission {
+        nimbus_proto::api::IpPermission {
+            protocol: self.protocol.clone(),
+            from_port: self.port.or(self.from_port),
+            to_port: if self.protocol == "icmp" { self.to_port } else { self.port.or(self.to_port) },
+            cidrs: self.cidrs.clone(),
+            group_ids: self.groups.clone(),
+            group_names: Vec::new(),
+            description: None,
+        }
     }
 }

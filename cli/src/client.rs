@@ -226,13 +226,20 @@ impl Client {
         account: &str,
         max_instances: Option<u32>,
         max_vcpus: Option<u32>,
+        max_elastic_ips: Option<u32>,
     ) -> Result<Response<serde_json::Value>, CliError> {
-        let body = serde_json::json!({ "max_instances": max_instances, "max_vcpus": max_vcpus });
+        let body = serde_json::json!({ "max_instances": max_instances, "max_vcpus": max_vcpus, "max_elastic_ips": max_elastic_ips });
         self.send(Method::PUT, &["v1", "admin", "accounts", account, "limits"], &[], json_body(&body)?).await
     }
 
     pub async fn reset_host(&self, host: &str) -> Result<Response<serde_json::Value>, CliError> {
         self.send(Method::POST, &["v1", "hosts", host, "reset-credential"], &[], None).await
+    }
+
+    /// Any `/v1` call whose answer the CLI shows as JSON or a generic table.
+    pub async fn call(&self, method: Method, segments: &[&str], query: &[(&'static str, String)], body: Option<&Value>) -> Result<Response<Value>, CliError> {
+        let json = body.map(json_body).transpose()?.flatten();
+        self.send(method, segments, query, json).await
     }
 
     pub async fn create_account(&self, name: &str) -> Result<Response<serde_json::Value>, CliError> {

@@ -1,6 +1,7 @@
 //! One function per subcommand: build the request, call the API, print.
 
-use crate::args::{AdminCommand, Cli, Command, OutputFormat, RunInstancesArgs, TerminateInstancesArgs};
+use crate::args::{AdminCommand, Cli, Command, OutputFormat, RuleArgs, RunInstancesArgs, TerminateInstancesArgs};
+use reqwest::Method;
 use crate::client::Client;
 use crate::error::CliError;
 use crate::manifest::{self, RegisterOptions};
@@ -46,12 +47,91 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
             let r = client.register_image(&req).await?;
             render(out, &r.raw, || output::images_table(std::slice::from_ref(&r.body)))
         }
+        Command::ModifyInstanceAttribute { instance_id, instance_type, security_group_ids } => {
+            let body = serde_json::json!({
+                "instance_type": instance_type,
+                "security_group_ids": (!security_group_ids.is_empty()).then_some(security_group_ids),
+            });
+            let r = client.call(Method::POST, &["v1", "instances", &instance_id, "attributes"], &[], Some(&body)).await?;
+            let i: nimbus_proto::api::Instance = serde_json::from_value(r.raw.clone()).map_err(|e| CliError::Usage(format!("unexpected answer: {e}")))?;
+            render(out, &r.raw, || output::instances_table(&[i]))
+        }
+        Command::DescribeVpcs => {
+            let r = client.call(Method::GET, &["v1", "vpcs"], &[], None).await?;
+            render(out, &r.raw, || output::objects_table(&r.raw, "vpcs", VPC_COLUMNS))
+        }
+        Command::CreateVpc { cidr_block } => {
+            let r = client.call(Method::POST, &["v1", "vpcs"], &[], Some(&serde_json::json!({ "cidr_block": cidr_block }))).await?;
+            render(out, &r.raw, || output::objects_table(&r.raw, "", VPC_COLUMNS))
+        }
+        Command::DescribeSubnets { vpc_id } => {
+            let q: Vec<(&'static str, String)> = vpc_id.map(|v| ("vpc_id", v)).into_iter().collect();
+            let r = client.call(Method::GET, &["v1", "subnets"], &q, None).await?;
+            render(out, &r.raw, || output::objects_table(&r.raw, "subnets", SUBNET_COLUMNS))
+        }
+        Command::CreateSubnet { vpc_id, cidr_block, availability_zone } => {
+            let body = serde_json::json!({ "vpc_id": vpc_id, "cidr_block": cidr_block, "availability_zone": availability_zone });
+            let r = client.call(Method::POST, &["v1", "subnets"], &[], Some(&body)).await?;
+            render(out, &r.raw, || output::objects_table(&r.raw, "", SUBNET_COLUMNS))
+        }
+        Command::ModifySubnetAttribute { subnet_id, map_public_ip_on_launch } => {
+            let body = serde_json::json!({ "map_public_ip_on_launch": map_public_ip_on_launch });
+            let r = client.call(Method::POST, &["v1", "subnets", &subnet_id, "attributes"], &[], Some(&body)).await?;
+            render(out, &r.raw, || format!("{subnet_id}: map public IP on launch {map_public_ip_on_launch}"))
+        }
+        Command::DescribeSecurityGroups { vpc_id } => {
+            let q: Vec<(&'static str, String)> = vpc_id.map(|v| ("vpc_id", v)).into_iter().collect();
+            let r = client.call(Method::GET, &["v1", "security-groups"], &q, None).await?;
+            render(out, &r.raw, || output::security_groups(&r.raw))
+        }
+        Command::CreateSecurityGroup { group_name, description, vpc_id } => {
+            let body = serde_json::json!({ "group_name": group_name, "description": description, "vpc_id": vpc_id });
+            let r = client.call(Method::POST, &["v1", "security-groups"], &[], Some(&body)).await?;
+            render(out, &r.raw, || output::security_groups(&serde_json::json!({ "security_groups": [r.raw.clone()] })))
+        }
+        Command::AuthorizeSecurityGroupIngress(a) => rules(&client, out, &a, "ingress", false).await?,
+        Command::AuthorizeSecurityGroupEgress(a) => rules(&client, out, &a, "egress", false).await?,
+        Command::RevokeSecurityGroupIngress(a) => rules(&client, out, &a, "ingress", true).await?,
+        Command::RevokeSecurityGroupEgress(a) => rules(&client, out, &a, "egress", true).await?,
+        Command::AllocateAddress => {
+            let r = client.call(Method::POST, &["v1", "addresses"], &[], None).await?;
+            render(out, &r.raw, || output::objects_table(&r.raw, "", ADDRESS_COLUMNS))
+        }
+        Command::DescribeAddresses => {
+            let r = client.call(Method::GET, &["v1", "addresses"], &[], None).await?;
+            render(out, &r.raw, || output::objects_table(&r.raw, "addresses", ADDRESS_COLUMNS))
+        }
+        Command::AssociateAddress { allocation_id, instance_id, network_interface_id, allow_reassociation } => {
+            let body = serde_json::json!({ "instance_id": instance_id, "network_interface_id": network_interface_id, "allow_reassociation": allow_reassociation });
+            let r = client.call(Method::POST, &["v1", "addresses", &allocation_id, "associate"], &[], Some(&body)).await?;
+            render(out, &r.raw, || format!("{allocation_id}: associated ({})", r.raw["association_id"].as_str().unwrap_or("-")))
+        }
+        Command::DescribeNetworkInterfaces { instance_id } => {
+            let q: Vec<(&'static str, String)> = instance_id.map(|v| ("attachment.instance-id", v)).into_iter().collect();
+            let r = client.call(Method::GET, &["v1", "network-interfaces"], &q, None).await?;
+            render(
+                out,
+                &r.raw,
+                || output::objects_table(&r.raw, "network_interfaces", &[
+                    ("ID", "network_interface_id"), ("INSTANCE", "attachment.instance_id"), ("INDEX", "attachment.device_index"),
+                    ("SUBNET", "subnet_id"), ("PRIVATE-IP", "private_ip_address"), ("PUBLIC-IP", "association.public_ip"),
+                    ("MAC", "mac_address"), ("STATUS", "status"), ("GROUPS", "groups"),
+                ]),
+            )
+        }
+        Command::DeleteVpc { vpc_id: id } => done(&client, out, Method::DELETE, &["v1", "vpcs", &id], &id).await?,
+        Command::DeleteSubnet { subnet_id: id } => done(&client, out, Method::DELETE, &["v1", "subnets", &id], &id).await?,
+        Command::DeleteSecurityGroup { group_id: id } => done(&client, out, Method::DELETE, &["v1", "security-groups", &id], &id).await?,
+        Command::ReleaseAddress { allocation_id: id } => done(&client, out, Method::DELETE, &["v1", "addresses", &id], &id).await?,
+        Command::DisassociateAddress { allocation_id: id } => {
+            done(&client, out, Method::POST, &["v1", "addresses", &id, "disassociate"], &id).await?
+        }
         Command::DescribeAccount => {
             let r = client.describe_account().await?;
             render(out, &r.raw, || output::account(&r.body))
         }
-        Command::Admin(AdminCommand::SetAccountLimits { account, max_instances, max_vcpus }) => {
-            let r = client.set_account_limits(&account, max_instances, max_vcpus).await?;
+        Command::Admin(AdminCommand::SetAccountLimits { account, max_instances, max_vcpus, max_elastic_ips }) => {
+            let r = client.set_account_limits(&account, max_instances, max_vcpus, max_elastic_ips).await?;
             render(out, &r.raw, || output::account(&r.body))
         }
         Command::Admin(AdminCommand::ResetHost { host }) => {
@@ -81,6 +161,42 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
     };
     println!("{text}");
     Ok(())
+}
+
+const VPC_COLUMNS: &[(&str, &str)] = &[("ID", "vpc_id"), ("CIDR", "cidr_block"), ("DEFAULT", "is_default"), ("STATE", "state")];
+const SUBNET_COLUMNS: &[(&str, &str)] = &[
+    ("ID", "subnet_id"),
+    ("VPC", "vpc_id"),
+    ("CIDR", "cidr_block"),
+    ("AZ", "availability_zone"),
+    ("DEFAULT", "default_for_az"),
+    ("PUBLIC-IP", "map_public_ip_on_launch"),
+    ("FREE", "available_ip_address_count"),
+];
+const ADDRESS_COLUMNS: &[(&str, &str)] =
+    &[("ALLOCATION", "allocation_id"), ("PUBLIC-IP", "public_ip"), ("INSTANCE", "instance_id"), ("INTERFACE", "network_interface_id"), ("PRIVATE-IP", "private_ip_address")];
+
+/// A call whose answer is empty: prints `<id>: done`.
+async fn done(client: &Client, out: OutputFormat, method: Method, segments: &[&str], id: &str) -> Result<String, CliError> {
+    let r = client.call(method, segments, &[], None).await?;
+    Ok(render(out, &r.raw, || format!("{id}: done")))
+}
+
+/// Authorizes or revokes one rule of a group.
+async fn rules(client: &Client, out: OutputFormat, a: &RuleArgs, direction: &str, revoke: bool) -> Result<String, CliError> {
+    let body = serde_json::json!({ "rules": [a.to_permission()] });
+    let mut segments = vec!["v1", "security-groups", a.group_id.as_str(), direction];
+    if revoke {
+        segments.push("revoke");
+    }
+    let r = client.call(Method::POST, &segments, &[], Some(&body)).await?;
+    Ok(render(out, &r.raw, || {
+        if revoke {
+            format!("{}: {direction} rule revoked", a.group_id)
+        } else {
+            output::objects_table(&r.raw, "rules", &[("RULE", "rule_id"), ("PROTOCOL", "protocol"), ("FROM", "from_port"), ("TO", "to_port"), ("CIDR", "cidr"), ("GROUP", "referenced_group_id")])
+        }
+    }))
 }
 
 fn render(out: OutputFormat, raw: &Value, table: impl FnOnce() -> String) -> String {

@@ -51,7 +51,7 @@ fn or_dash(s: &str) -> &str {
 /// Instances: ID, STATE, TYPE, AZ, IMAGE, LAUNCHED (and REASON when any has one).
 pub fn instances_table(instances: &[Instance]) -> String {
     let with_reason = instances.iter().any(|i| i.state_reason.is_some());
-    let mut header = vec!["ID", "STATE", "TYPE", "AZ", "IMAGE", "LAUNCHED"];
+    let mut header = vec!["ID", "STATE", "TYPE", "AZ", "IMAGE", "LAUNCHED", "PRIVATE-IP", "PUBLIC-IP"];
     if with_reason {
         header.push("REASON");
     }
@@ -64,6 +64,8 @@ pub fn instances_table(instances: &[Instance]) -> String {
             or_dash(&i.availability_zone).to_string(),
             i.image_id.clone(),
             time(&i.launch_time),
+            i.private_ip_address.clone().unwrap_or_else(|| "-".into()),
+            i.public_ip_address.clone().unwrap_or_else(|| "-".into()),
         ];
         if with_reason {
             row.push(i.state_reason.clone().unwrap_or_else(|| "-".into()));
@@ -132,14 +134,60 @@ pub fn hosts_table(hosts: &[Host]) -> String {
 pub fn account(a: &serde_json::Value) -> String {
     let n = |v: &serde_json::Value| v.as_u64().map(|n| n.to_string()).unwrap_or_else(|| "-".into());
     format!(
-        "account {} ({})\ninstances: {} of {}\nvCPUs:     {} of {}",
+        "account {} ({})\ninstances: {} of {}\nvCPUs:     {} of {}\nElastic IPs: at most {}",
         a["account_id"].as_str().unwrap_or("-"),
         a["name"].as_str().unwrap_or("-"),
         n(&a["usage"]["instances"]),
         n(&a["limits"]["max_instances"]),
         n(&a["usage"]["vcpus"]),
         n(&a["limits"]["max_vcpus"]),
+        n(&a["max_elastic_ips"]),
     )
+}
+
+/// A table of the objects in `raw[list]` with the given (header, field) columns;
+/// a field may be a path `a.b`, a missing one shows `-`.
+pub fn objects_table(raw: &Value, list: &str, columns: &[(&str, &str)]) -> String {
+    let header: Vec<&str> = columns.iter().map(|c| c.0).collect();
+    let mut t = table(&header);
+    let items: Vec<Value> = match raw.get(list) {
+        Some(Value::Array(a)) => a.clone(),
+        _ if list.is_empty() => vec![raw.clone()],
+        _ => Vec::new(),
+    };
+    for item in &items {
+        t.add_row(columns.iter().map(|(_, path)| {
+            let v = path.split('.').try_fold(item, |v, k| v.get(k));
+            match v {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Null) | None => "-".into(),
+                Some(Value::Array(a)) => a.iter().map(|x| x.get("group_id").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| x.to_string())).collect::<Vec<_>>().join(","),
+                Some(other) => other.to_string(),
+            }
+        }));
+    }
+    finish(t)
+}
+
+/// Security groups, then one line per rule.
+pub fn security_groups(raw: &Value) -> String {
+    let mut out = objects_table(raw, "security_groups", &[("ID", "group_id"), ("NAME", "group_name"), ("VPC", "vpc_id"), ("DESCRIPTION", "description")]);
+    for g in raw.get("security_groups").and_then(Value::as_array).into_iter().flatten() {
+        for (dir, key) in [("IN", "ingress"), ("OUT", "egress")] {
+            for r in g.get(key).and_then(Value::as_array).into_iter().flatten() {
+                let s = |k: &str| r.get(k).map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()));
+                out.push_str(&format!(
+                    "\nRULE {} {dir} {} {}-{} {}",
+                    g["group_id"].as_str().unwrap_or("-"),
+                    s("protocol").unwrap_or_default(),
+                    s("from_port").unwrap_or_default(),
+                    s("to_port").unwrap_or_default(),
+                    s("cidr").or_else(|| s("referenced_group_id")).unwrap_or_default()
+                ));
+            }
+        }
+    }
+    out
 }
 
 pub fn instance_types_table(types: &[InstanceType]) -> String {
@@ -188,6 +236,13 @@ pub(crate) mod tests {
             state_reason: None,
             key_name: None,
             tags: Vec::new(),
+            private_ip_address: Some("172.31.0.4".into()),
+            private_dns_name: None,
+            public_ip_address: None,
+            vpc_id: None,
+            subnet_id: None,
+            security_groups: Vec::new(),
+            network_interfaces: Vec::new(),
         }
     }
 
@@ -198,11 +253,11 @@ pub(crate) mod tests {
         assert_eq!(lines.len(), 2, "{s}");
         assert_eq!(
             lines[0],
-            "ID                   STATE    TYPE      AZ    IMAGE                  LAUNCHED"
+            "ID                   STATE    TYPE      AZ    IMAGE                  LAUNCHED              PRIVATE-IP  PUBLIC-IP"
         );
         assert_eq!(
             lines[1],
-            "i-0123456789abcdef0  running  t3.micro  az-1  ami-0123456789abcdef0  2026-11-25T15:04:05Z"
+            "i-0123456789abcdef0  running  t3.micro  az-1  ami-0123456789abcdef0  2026-11-25T15:04:05Z  172.31.0.4  -"
         );
     }
 
@@ -220,7 +275,7 @@ pub(crate) mod tests {
     #[test]
     fn next_token_line_and_empty_table() {
         let l = InstanceList { instances: vec![], next_token: Some("abc".into()) };
-        assert_eq!(instance_page(&l), "ID  STATE  TYPE  AZ  IMAGE  LAUNCHED\nNEXT TOKEN: abc");
+        assert_eq!(instance_page(&l), "ID  STATE  TYPE  AZ  IMAGE  LAUNCHED  PRIVATE-IP  PUBLIC-IP\nNEXT TOKEN: abc");
     }
 
     #[test]
@@ -238,7 +293,7 @@ pub(crate) mod tests {
             health: "ok".into(),
             problems: vec![],
         };
-        let s = hosts_table(&[h.clone()]);
+        let s = hosts_table(std::slice::from_ref(&h));
         let row = s.lines().nth(1).unwrap();
         for part in ["h-1", "node1", "kvm", "available", " ok ", "2/8", "1024/16384 MiB", "16/100 GiB"] {
             assert!(row.contains(part), "{part} missing in {row}");

@@ -139,7 +139,7 @@ async fn run_instances_wait_lists_running_instances_and_terminate_wait_ends_term
     assert_eq!(rows[0][0], "RESERVATION", "{}", run.out);
     let reservation_id = rows[0][1].clone();
     assert!(reservation_id.starts_with("r-"), "{}", run.out);
-    assert_eq!(rows[1], ["ID", "STATE", "TYPE", "AZ", "IMAGE", "LAUNCHED"]);
+    assert_eq!(rows[1], ["ID", "STATE", "TYPE", "AZ", "IMAGE", "LAUNCHED", "PRIVATE-IP", "PUBLIC-IP"]);
     assert_eq!(rows.len(), 5, "three instance rows: {}", run.out);
     for row in &rows[2..] {
         assert_eq!(&row[1..5], ["running", "t3.nano", "az1", image.image_id.as_str()], "{}", run.out);
@@ -490,4 +490,41 @@ async fn admin_create_account_and_use_its_token() {
     assert_eq!(mine["instances"].as_array().unwrap().len(), 0);
     let duplicate = nimbus(&cloud, &["admin", "create-account", "--name", "erin"]).await;
     assert_eq!(duplicate.code, Some(1));
+}
+
+#[tokio::test]
+async fn vpc_commands_create_a_network_and_launch_into_it() {
+    let cloud = Cloud::start().await.unwrap();
+    let _agent = cloud.add_agent("a", "az1", 16, 16384, 200).await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    let vpcs = nimbus(&cloud, &["describe-vpcs"]).await.ok();
+    assert_eq!(vpcs.rows(0)[1][1..3], ["172.31.0.0/16", "true"], "the default VPC: {}", vpcs.out);
+    let vpc = nimbus(&cloud, &["create-vpc", "--cidr-block", "10.1.0.0/16", "-o", "json"]).await.ok().json();
+    let vpc_id = vpc["vpc_id"].as_str().unwrap();
+    let subnet = nimbus(&cloud, &["create-subnet", "--vpc-id", vpc_id, "--cidr-block", "10.1.2.0/24", "-o", "json"]).await.ok().json();
+    let subnet_id = subnet["subnet_id"].as_str().unwrap();
+    let sg = nimbus(&cloud, &["create-security-group", "--group-name", "web", "--description", "web", "--vpc-id", vpc_id, "-o", "json"]).await.ok().json();
+    let sg_id = sg["group_id"].as_str().unwrap();
+    let rule = nimbus(&cloud, &["authorize-security-group-ingress", sg_id, "--port", "22", "--cidr", "0.0.0.0/0"]).await.ok();
+    assert_eq!(rule.rows(1)[0][1..4], ["tcp", "22", "22"], "{}", rule.out);
+    let dup = nimbus(&cloud, &["authorize-security-group-ingress", sg_id, "--port", "22", "--cidr", "0.0.0.0/0"]).await;
+    assert!(dup.err.contains("InvalidPermission.Duplicate"), "{}", dup.err);
+    let groups = nimbus(&cloud, &["describe-security-groups", "--vpc-id", vpc_id]).await.ok();
+    assert!(groups.out.contains(&format!("RULE {sg_id} IN tcp 22-22 0.0.0.0/0")), "{}", groups.out);
+
+    let run = nimbus(
+        &cloud,
+        &["run-instances", "--instance-type", "t3.nano", "--subnet-id", subnet_id, "--security-group-ids", sg_id, "--private-ip-address", "10.1.2.10"],
+    )
+    .await
+    .ok();
+    assert_eq!(run.rows(0)[2][6..], ["10.1.2.10", "-"], "{}", run.out);
+    let enis = nimbus(&cloud, &["describe-network-interfaces"]).await.ok();
+    let row = &enis.rows(0)[1];
+    assert_eq!((row[3].as_str(), row[4].as_str(), row[8].as_str()), (subnet_id, "10.1.2.10", sg_id), "{}", enis.out);
+    // No public pool: no Elastic IPs, with EC2's code.
+    let alloc = nimbus(&cloud, &["allocate-address"]).await;
+    assert!(alloc.err.contains("InsufficientAddressCapacity"), "{}", alloc.err);
+    let del = nimbus(&cloud, &["delete-subnet", subnet_id]).await;
+    assert!(del.err.contains("DependencyViolation"), "{}", del.err);
 }

@@ -1,6 +1,7 @@
 //! Control-plane configuration (flags or environment; see `nimbus-control-plane --help`).
 
 use clap::{Parser, ValueEnum};
+use nimbus_proto::network::Cidr;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -60,6 +61,25 @@ pub struct Config {
     /// vCPUs an account's instances may hold unless the operator set its own limit.
     #[arg(long, env = "NIMBUS_DEFAULT_MAX_VCPUS", default_value_t = 1024)]
     pub default_max_vcpus: u32,
+    /// The public addresses Elastic IPs and auto-assigned public IPs come
+    /// from, e.g. 198.51.100.0/24 (its first and last address are never
+    /// handed out). None: AllocateAddress and public IPs fail
+    /// (InsufficientAddressCapacity), and default subnets do not map public
+    /// addresses on launch.
+    #[arg(long, env = "NIMBUS_PUBLIC_POOL", value_parser = parse_pool)]
+    pub public_pool: Option<Cidr>,
+    /// Elastic IPs an account may hold unless the operator set its own limit.
+    #[arg(long, env = "NIMBUS_DEFAULT_MAX_ELASTIC_IPS", default_value_t = 5)]
+    pub default_max_elastic_ips: u32,
+}
+
+/// A public pool: an IPv4 network of /16 to /32.
+fn parse_pool(s: &str) -> Result<Cidr, String> {
+    let c = Cidr::parse(s).ok_or_else(|| format!("{s:?} is not an IPv4 network a.b.c.d/n"))?;
+    if c.prefix < 16 {
+        return Err("the public pool must be a /16 or smaller".into());
+    }
+    Ok(c)
 }
 
 impl Config {

@@ -74,6 +74,74 @@ pub enum ServiceError {
     HostNotFound(String),
     #[error("No route for {0}")]
     RouteNotFound(String),
+    #[error("The vpc ID '{0}' does not exist")]
+    VpcNotFound(String),
+    #[error("Invalid id: \"{0}\" (expecting \"vpc-...\")")]
+    VpcIdMalformed(String),
+    #[error("{0}")]
+    VpcRange(String),
+    #[error("{0}")]
+    VpcLimitExceeded(String),
+    #[error("The subnet ID '{0}' does not exist")]
+    SubnetNotFound(String),
+    #[error("Invalid id: \"{0}\" (expecting \"subnet-...\")")]
+    SubnetIdMalformed(String),
+    #[error("{0}")]
+    SubnetRange(String),
+    #[error("{0}")]
+    SubnetConflict(String),
+    #[error("{0}")]
+    SubnetLimitExceeded(String),
+    #[error("{0}")]
+    GroupNotFound(String),
+    #[error("Invalid id: \"{0}\" (expecting \"sg-...\")")]
+    GroupIdMalformed(String),
+    #[error("The security group '{0}' already exists for VPC '{1}'")]
+    GroupDuplicate(String, String),
+    #[error("{0}")]
+    GroupReserved(String),
+    #[error("{0}")]
+    SecurityGroupLimitExceeded(String),
+    #[error("{0}")]
+    SecurityGroupsPerInterfaceLimitExceeded(String),
+    #[error("{0}")]
+    RulesPerSecurityGroupLimitExceeded(String),
+    #[error("{0}")]
+    CannotDelete(String),
+    #[error("{0}")]
+    DependencyViolation(String),
+    #[error("{0}")]
+    PermissionDuplicate(String),
+    #[error("{0}")]
+    PermissionNotFound(String),
+    #[error("{0}")]
+    PermissionMalformed(String),
+    #[error("The network interface ID '{0}' does not exist")]
+    NetworkInterfaceNotFound(String),
+    #[error("Invalid id: \"{0}\" (expecting \"eni-...\")")]
+    NetworkInterfaceIdMalformed(String),
+    #[error("The security group rule ID '{0}' does not exist")]
+    SecurityGroupRuleNotFound(String),
+    #[error("Address '{0}' not found.")]
+    AddressNotFound(String),
+    #[error("The allocation ID '{0}' does not exist")]
+    AllocationNotFound(String),
+    #[error("The association ID '{0}' does not exist")]
+    AssociationNotFound(String),
+    #[error("{0}")]
+    AlreadyAssociated(String),
+    #[error("{0}")]
+    AddressInUse(String),
+    #[error("{0}")]
+    AddressLimitExceeded(String),
+    #[error("{0}")]
+    InsufficientFreeAddressesInSubnet(String),
+    #[error("{0}")]
+    InsufficientAddressCapacity(String),
+    #[error("{0}")]
+    OperationNotPermitted(String),
+    #[error("{0}")]
+    UnsupportedOperation(String),
     #[error("database error")]
     Database(#[from] sqlx::Error),
     #[error("internal error: {0}")]
@@ -118,6 +186,40 @@ impl ServiceError {
             HostAlreadyRegistered(_) => "HostAlreadyRegistered",
             HostNotFound(_) => "InvalidHostID.NotFound",
             RouteNotFound(_) => "NotFound",
+            VpcNotFound(_) => "InvalidVpcID.NotFound",
+            VpcIdMalformed(_) => "InvalidVpcID.Malformed",
+            VpcRange(_) => "InvalidVpc.Range",
+            VpcLimitExceeded(_) => "VpcLimitExceeded",
+            SubnetNotFound(_) => "InvalidSubnetID.NotFound",
+            SubnetIdMalformed(_) => "InvalidSubnetID.Malformed",
+            SubnetRange(_) => "InvalidSubnet.Range",
+            SubnetConflict(_) => "InvalidSubnet.Conflict",
+            SubnetLimitExceeded(_) => "SubnetLimitExceeded",
+            GroupNotFound(_) => "InvalidGroup.NotFound",
+            GroupIdMalformed(_) => "InvalidGroupId.Malformed",
+            GroupDuplicate(..) => "InvalidGroup.Duplicate",
+            GroupReserved(_) => "InvalidGroup.Reserved",
+            SecurityGroupLimitExceeded(_) => "SecurityGroupLimitExceeded",
+            SecurityGroupsPerInterfaceLimitExceeded(_) => "SecurityGroupsPerInterfaceLimitExceeded",
+            RulesPerSecurityGroupLimitExceeded(_) => "RulesPerSecurityGroupLimitExceeded",
+            CannotDelete(_) => "CannotDelete",
+            DependencyViolation(_) => "DependencyViolation",
+            PermissionDuplicate(_) => "InvalidPermission.Duplicate",
+            PermissionNotFound(_) => "InvalidPermission.NotFound",
+            PermissionMalformed(_) => "InvalidPermission.Malformed",
+            NetworkInterfaceNotFound(_) => "InvalidNetworkInterfaceID.NotFound",
+            NetworkInterfaceIdMalformed(_) => "InvalidNetworkInterfaceID.Malformed",
+            SecurityGroupRuleNotFound(_) => "InvalidSecurityGroupRuleId.NotFound",
+            AddressNotFound(_) => "InvalidAddress.NotFound",
+            AllocationNotFound(_) => "InvalidAllocationID.NotFound",
+            AssociationNotFound(_) => "InvalidAssociationID.NotFound",
+            AlreadyAssociated(_) => "Resource.AlreadyAssociated",
+            AddressInUse(_) => "InvalidIPAddress.InUse",
+            AddressLimitExceeded(_) => "AddressLimitExceeded",
+            InsufficientFreeAddressesInSubnet(_) => "InsufficientFreeAddressesInSubnet",
+            InsufficientAddressCapacity(_) => "InsufficientAddressCapacity",
+            OperationNotPermitted(_) => "OperationNotPermitted",
+            UnsupportedOperation(_) => "UnsupportedOperation",
             Database(_) | Internal(_) => "InternalError",
         }
     }
@@ -146,18 +248,55 @@ impl ServiceError {
             | RequestExpired(_)
             | IncompleteSignature(_)
             | HostNotFound(_)
-            | InvalidAction(_) => StatusCode::BAD_REQUEST,
+            | InvalidAction(_)
+            | VpcNotFound(_)
+            | VpcIdMalformed(_)
+            | VpcRange(_)
+            | VpcLimitExceeded(_)
+            | SubnetNotFound(_)
+            | SubnetIdMalformed(_)
+            | SubnetRange(_)
+            | SubnetLimitExceeded(_)
+            | GroupNotFound(_)
+            | GroupIdMalformed(_)
+            | GroupReserved(_)
+            | SecurityGroupLimitExceeded(_)
+            | SecurityGroupsPerInterfaceLimitExceeded(_)
+            | RulesPerSecurityGroupLimitExceeded(_)
+            | CannotDelete(_)
+            | PermissionNotFound(_)
+            | PermissionMalformed(_)
+            | NetworkInterfaceNotFound(_)
+            | NetworkInterfaceIdMalformed(_)
+            | SecurityGroupRuleNotFound(_)
+            | AddressNotFound(_)
+            | AllocationNotFound(_)
+            | AssociationNotFound(_)
+            | AddressLimitExceeded(_)
+            | InsufficientFreeAddressesInSubnet(_)
+            | OperationNotPermitted(_)
+            | UnsupportedOperation(_) => StatusCode::BAD_REQUEST,
             DryRunOperation => StatusCode::PRECONDITION_FAILED,
             RequestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             MissingAuthenticationToken(_) => StatusCode::UNAUTHORIZED,
-            ImageAlreadyExists(_) | IdempotentParameterMismatch(_) | Conflict(_) | KeyPairDuplicate(_) | HostAlreadyRegistered(_) => {
-                StatusCode::CONFLICT
-            }
+            ImageAlreadyExists(_)
+            | IdempotentParameterMismatch(_)
+            | Conflict(_)
+            | KeyPairDuplicate(_)
+            | HostAlreadyRegistered(_)
+            | GroupDuplicate(..)
+            | SubnetConflict(_)
+            | DependencyViolation(_)
+            | PermissionDuplicate(_)
+            | AlreadyAssociated(_)
+            | AddressInUse(_) => StatusCode::CONFLICT,
             AuthFailure(_) => StatusCode::UNAUTHORIZED,
             Unauthorized(_) => StatusCode::FORBIDDEN,
             RouteNotFound(_) => StatusCode::NOT_FOUND,
             // Throttling, as EC2 answers it: retry later.
-            InsufficientInstanceCapacity(_) | RequestLimitExceeded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            InsufficientInstanceCapacity(_) | InsufficientAddressCapacity(_) | RequestLimitExceeded(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Database(_) | Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -167,9 +306,11 @@ impl ServiceError {
     pub fn ec2_status(&self) -> StatusCode {
         use ServiceError::*;
         match self {
-            InsufficientInstanceCapacity(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            ImageAlreadyExists(_) | IdempotentParameterMismatch(_) | Conflict(_) | KeyPairDuplicate(_) => StatusCode::BAD_REQUEST,
-            other => other.http_status(),
+            InsufficientInstanceCapacity(_) | InsufficientAddressCapacity(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            other => match other.http_status() {
+                StatusCode::CONFLICT => StatusCode::BAD_REQUEST,
+                s => s,
+            },
         }
     }
 

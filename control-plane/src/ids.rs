@@ -6,6 +6,24 @@ pub const INSTANCE: &str = "i";
 pub const RESERVATION: &str = "r";
 pub const IMAGE: &str = "ami";
 pub const HOST: &str = "h";
+pub const VPC: &str = "vpc";
+pub const SUBNET: &str = "subnet";
+pub const SECURITY_GROUP: &str = "sg";
+pub const SECURITY_GROUP_RULE: &str = "sgr";
+pub const NETWORK_INTERFACE: &str = "eni";
+pub const ATTACHMENT: &str = "eni-attach";
+pub const ALLOCATION: &str = "eipalloc";
+pub const ASSOCIATION: &str = "eipassoc";
+
+/// A locally administered unicast MAC address: `02:` and five random bytes.
+pub fn new_mac() -> String {
+    let bytes: [u8; 5] = rand::thread_rng().gen();
+    let mut s = String::from("02");
+    for b in bytes {
+        s.push_str(&format!(":{b:02x}"));
+    }
+    s
+}
 
 pub fn new_id(prefix: &str) -> String {
     let mut rng = rand::thread_rng();
@@ -39,6 +57,9 @@ mod tests {
         assert!(is_valid(INSTANCE, &a), "{a}");
         assert_eq!(a.len(), 19);
         assert!(is_valid(IMAGE, &new_id(IMAGE)));
+        assert!(is_valid(ATTACHMENT, &new_id(ATTACHMENT)));
+        let mac = new_mac();
+        assert!(mac.len() == 17 && mac.starts_with("02:"), "{mac}");
     }
 
     #[test]

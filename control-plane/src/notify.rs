@@ -63,6 +63,12 @@ impl HostEvents {
         senders.entry(host_id.to_string()).or_insert_with(|| watch::channel(0).0).subscribe()
     }
 
+    /// How many long polls of `host_id` wait for a notification now.
+    pub fn waiting(&self, host_id: &str) -> usize {
+        let senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
+        senders.get(host_id).map_or(0, |tx| tx.receiver_count())
+    }
+
     pub fn notify(&self, host_id: &str) {
         let senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(tx) = senders.get(host_id) {

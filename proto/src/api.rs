@@ -42,6 +42,48 @@ pub struct RunInstancesRequest {
     /// Tags given to every launched instance.
     #[serde(default)]
     pub tags: Vec<ResourceTag>,
+    /// Subnet of the primary interface (`subnet-...`); it fixes the zone.
+    /// Absent: the default subnet of the zone the instance is placed in.
+    #[serde(default)]
+    pub subnet_id: Option<String>,
+    /// Security groups of the primary interface (`sg-...`); none: the VPC's default group.
+    #[serde(default)]
+    pub security_group_ids: Vec<String>,
+    /// Security groups by name, in the interface's VPC (EC2's `SecurityGroup.N`).
+    #[serde(default)]
+    pub security_group_names: Vec<String>,
+    /// The primary interface's private address (one instance only).
+    #[serde(default)]
+    pub private_ip_address: Option<String>,
+    /// Map a public address from the operator's pool to the primary interface
+    /// (absent: the subnet's MapPublicIpOnLaunch).
+    #[serde(default)]
+    pub associate_public_ip_address: Option<bool>,
+    /// Interfaces given one by one (EC2's `NetworkInterface.N`): exclusive
+    /// of the instance-level subnet, groups and address above.
+    #[serde(default)]
+    pub network_interfaces: Vec<NetworkInterfaceSpec>,
+    /// Tags given to every interface the launch creates.
+    #[serde(default)]
+    pub network_interface_tags: Vec<ResourceTag>,
+}
+
+/// One interface of a launch.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterfaceSpec {
+    pub device_index: u32,
+    #[serde(default)]
+    pub subnet_id: Option<String>,
+    #[serde(default)]
+    pub security_group_ids: Vec<String>,
+    #[serde(default)]
+    pub associate_public_ip_address: Option<bool>,
+    /// Default true: the interface (and its address) goes with the instance.
+    #[serde(default)]
+    pub delete_on_termination: Option<bool>,
+    #[serde(default)]
+    pub private_ip_address: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
@@ -68,6 +110,13 @@ impl RunInstancesRequest {
             client_token: None,
             key_name: None,
             tags: Vec::new(),
+            subnet_id: None,
+            security_group_ids: Vec::new(),
+            security_group_names: Vec::new(),
+            private_ip_address: None,
+            associate_public_ip_address: None,
+            network_interfaces: Vec::new(),
+            network_interface_tags: Vec::new(),
         }
     }
 }
@@ -100,6 +149,243 @@ pub struct Instance {
     pub key_name: Option<String>,
     #[serde(default)]
     pub tags: Vec<ResourceTag>,
+    /// The primary interface's private address (absent once terminated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_ip_address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_dns_name: Option<String>,
+    /// The public (or Elastic) address of the primary interface.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_ip_address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vpc_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet_id: Option<String>,
+    /// The security groups of the instance's interfaces.
+    #[serde(default)]
+    pub security_groups: Vec<GroupRef>,
+    #[serde(default)]
+    pub network_interfaces: Vec<NetworkInterface>,
+}
+
+/// A security group named by id and name.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct GroupRef {
+    pub group_id: String,
+    pub group_name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Vpc {
+    pub vpc_id: String,
+    pub cidr_block: String,
+    pub is_default: bool,
+    pub state: String,
+    pub owner_id: String,
+    #[serde(default)]
+    pub tags: Vec<ResourceTag>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Subnet {
+    pub subnet_id: String,
+    pub vpc_id: String,
+    pub cidr_block: String,
+    pub availability_zone: String,
+    pub default_for_az: bool,
+    pub map_public_ip_on_launch: bool,
+    /// Addresses still free (the first four and the last are reserved).
+    pub available_ip_address_count: u64,
+    pub state: String,
+    pub owner_id: String,
+    #[serde(default)]
+    pub tags: Vec<ResourceTag>,
+}
+
+/// A security group and its allow rules.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SecurityGroup {
+    pub group_id: String,
+    pub group_name: String,
+    pub description: String,
+    pub vpc_id: String,
+    pub owner_id: String,
+    pub ingress: Vec<SecurityGroupRule>,
+    pub egress: Vec<SecurityGroupRule>,
+    #[serde(default)]
+    pub tags: Vec<ResourceTag>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SecurityGroupRule {
+    pub rule_id: String,
+    pub group_id: String,
+    pub egress: bool,
+    /// `-1` (all), `tcp`, `udp` or `icmp`.
+    pub protocol: String,
+    /// Port range, or ICMP type and code; -1: all.
+    pub from_port: i32,
+    pub to_port: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cidr: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub referenced_group_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// Rules to authorize or revoke (EC2's IpPermissions): one rule per CIDR
+/// and per group.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IpPermission {
+    /// `tcp`, `udp`, `icmp`, `-1`/`all` (or 6, 17, 1).
+    pub protocol: String,
+    #[serde(default)]
+    pub from_port: Option<i32>,
+    #[serde(default)]
+    pub to_port: Option<i32>,
+    #[serde(default)]
+    pub cidrs: Vec<String>,
+    #[serde(default)]
+    pub group_ids: Vec<String>,
+    /// Groups by name, in the group's VPC.
+    #[serde(default)]
+    pub group_names: Vec<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// A public address of the account: an Elastic IP.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Address {
+    pub allocation_id: String,
+    pub public_ip: String,
+    pub domain: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub association_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_interface_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_ip_address: Option<String>,
+    pub owner_id: String,
+    #[serde(default)]
+    pub tags: Vec<ResourceTag>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetworkInterface {
+    pub network_interface_id: String,
+    pub subnet_id: String,
+    pub vpc_id: String,
+    pub availability_zone: String,
+    pub private_ip_address: String,
+    pub private_dns_name: String,
+    pub mac_address: String,
+    /// `in-use` (attached) or `available`.
+    pub status: String,
+    pub groups: Vec<GroupRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attachment: Option<InterfaceAttachment>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub association: Option<InterfaceAssociation>,
+    pub owner_id: String,
+    #[serde(default)]
+    pub tags: Vec<ResourceTag>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InterfaceAttachment {
+    pub attachment_id: String,
+    pub instance_id: String,
+    pub device_index: u32,
+    pub status: String,
+    pub attach_time: Option<DateTime<Utc>>,
+    pub delete_on_termination: bool,
+}
+
+/// The public address mapped to an interface.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InterfaceAssociation {
+    pub public_ip: String,
+    /// Set for an Elastic IP, absent for an address assigned at launch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocation_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub association_id: Option<String>,
+}
+
+/// `POST /v1/vpcs`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVpcRequest {
+    pub cidr_block: String,
+}
+
+/// `POST /v1/subnets`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSubnetRequest {
+    pub vpc_id: String,
+    pub cidr_block: String,
+    #[serde(default)]
+    pub availability_zone: Option<String>,
+}
+
+/// `POST /v1/subnets/{id}/attributes`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ModifySubnetRequest {
+    pub map_public_ip_on_launch: bool,
+}
+
+/// `POST /v1/security-groups`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSecurityGroupRequest {
+    pub group_name: String,
+    pub description: String,
+    /// Absent: the default VPC.
+    #[serde(default)]
+    pub vpc_id: Option<String>,
+}
+
+/// `POST /v1/security-groups/{id}/{ingress|egress}` (authorize) and
+/// `.../revoke`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RulesRequest {
+    pub rules: Vec<IpPermission>,
+}
+
+/// `POST /v1/addresses/{allocation_id}/associate`: an instance (its primary
+/// interface) or an interface.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AssociateAddressRequest {
+    #[serde(default)]
+    pub instance_id: Option<String>,
+    #[serde(default)]
+    pub network_interface_id: Option<String>,
+    #[serde(default)]
+    pub private_ip_address: Option<String>,
+    /// Move the address even if it is associated elsewhere.
+    #[serde(default)]
+    pub allow_reassociation: bool,
+}
+
+/// `POST /v1/instances/{id}/attributes`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ModifyInstanceRequest {
+    /// A stopped instance's new type.
+    #[serde(default)]
+    pub instance_type: Option<String>,
+    /// The primary interface's security groups.
+    #[serde(default)]
+    pub security_group_ids: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -159,11 +159,16 @@ pub struct SecurityGroup {
     pub egress: Vec<Rule>,
 }
 
+/// The code of an ICMP rule that allows every code of its type (EC2's -1;
+/// no real code, which is one byte).
+pub const ANY_ICMP_CODE: u16 = u16::MAX;
+
 /// One allow rule.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Rule {
     pub protocol: Protocol,
     /// Port range (TCP/UDP), or ICMP type (`from`) and code (`to`); `None`: all.
+    /// An ICMP rule for one type and every code has `to` = [`ANY_ICMP_CODE`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports: Option<(u16, u16)>,
     /// The peer: the source of an ingress rule, the destination of an egress one.

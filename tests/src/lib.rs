@@ -201,11 +201,24 @@ pub struct CloudOptions {
     pub default_limits: (u32, u32),
     /// RSA key generation per account: (burst, seconds per further key).
     pub rsa_keys: (u32, u64),
+    /// The operator's public address pool (`--public-pool`).
+    pub public_pool: Option<&'static str>,
+    /// Default per-account Elastic IP limit.
+    pub max_elastic_ips: u32,
 }
 
 impl Default for CloudOptions {
     fn default() -> Self {
-        CloudOptions { placement: PlacementPolicy::Spread, max_count: 100, db_connections: 20, host_timeout_secs: 30, default_limits: (256, 1024), rsa_keys: (5, 60) }
+        CloudOptions {
+            placement: PlacementPolicy::Spread,
+            max_count: 100,
+            db_connections: 20,
+            host_timeout_secs: 30,
+            default_limits: (256, 1024),
+            rsa_keys: (5, 60),
+            public_pool: None,
+            max_elastic_ips: 5,
+        }
     }
 }
 
@@ -357,6 +370,9 @@ impl Cloud {
             rsa_key_interval_secs: opts.rsa_keys.1,
             default_max_instances: opts.default_limits.0,
             default_max_vcpus: opts.default_limits.1,
+            public_pool: opts.public_pool.map(|p| nimbus_proto::network::Cidr::parse(p).context("public_pool"))
+                .transpose()?,
+            default_max_elastic_ips: opts.max_elastic_ips,
         };
         let (admin_token, join_token) = (config.admin_token.clone(), config.join_token.clone());
         let service = nimbus_control_plane::build(config).await?;
@@ -828,4 +844,46 @@ impl Cloud {
         tweak(&mut handle.config);
         self.start_agent(handle).await
     }
+}
+
+/// An account's EC2 credentials.
+#[derive(Debug, Clone)]
+pub struct Ec2Keys {
+    pub account_id: String,
+    pub akid: String,
+    pub secret: String,
+}
+
+impl Cloud {
+    /// Creates an account; returns its EC2 credentials.
+    pub async fn ec2_account(&self, name: &str) -> anyhow::Result<Ec2Keys> {
+        let a = self.post("/v1/admin/accounts", serde_json::json!({ "name": name })).await?;
+        Ok(Ec2Keys {
+            account_id: a["account_id"].as_str().context("no account id")?.into(),
+            akid: a["access_key_id"].as_str().context("no access key id")?.into(),
+            secret: a["secret_access_key"].as_str().context("no secret")?.into(),
+        })
+    }
+
+    /// One signed EC2 call (`Version` added): (status, XML body).
+    pub async fn ec2(&self, keys: &Ec2Keys, form: &str) -> anyhow::Result<(u16, String)> {
+        let form = format!("{form}&Version=2016-11-15");
+        self.ec2_signed(&keys.akid, &keys.secret, &form, std::time::SystemTime::now(), "nimbus-1", "ec2").await
+    }
+}
+
+/// The texts of every `<tag>…</tag>` of an XML answer, in order.
+pub fn xml_values<'a>(xml: &'a str, tag: &str) -> Vec<&'a str> {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    xml.match_indices(&open)
+        .filter_map(|(i, _)| {
+            let rest = &xml[i + open.len()..];
+            rest.find(&close).map(|j| &rest[..j])
+        })
+        .collect()
+}
+
+/// The error code of an EC2 error answer ("" if none).
+pub fn xml_error_code(xml: &str) -> &str {
+    xml_values(xml, "Code").first().copied().unwrap_or("")
 }

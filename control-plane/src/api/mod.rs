@@ -54,7 +54,7 @@ async fn with_request_id(req: Request, next: Next) -> Response {
 impl IntoResponse for ServiceError {
     fn into_response(self) -> Response {
         let status = self.http_status();
-        if status.is_server_error() && !matches!(self, ServiceError::InsufficientInstanceCapacity(_)) {
+        if status.is_server_error() && !matches!(self, ServiceError::InsufficientInstanceCapacity(_) | ServiceError::InsufficientAddressCapacity(_)) {
             tracing::error!(error = %self, "request failed");
         } else {
             tracing::debug!(code = self.code(), error = %self, "request rejected");

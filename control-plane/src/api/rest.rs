@@ -87,6 +87,22 @@ pub fn routes() -> Router<Service> {
         .route("/v1/hosts/{id}/reset-credential", post(reset_host_credential))
         .route("/v1/account", get(describe_account))
         .route("/v1/admin/accounts/{id}/limits", axum::routing::put(set_account_limits))
+        .route("/v1/instances/{id}/attributes", post(modify_instance))
+        .route("/v1/vpcs", get(describe_vpcs).post(create_vpc))
+        .route("/v1/vpcs/{id}", axum::routing::delete(delete_vpc))
+        .route("/v1/subnets", get(describe_subnets).post(create_subnet))
+        .route("/v1/subnets/{id}", axum::routing::delete(delete_subnet))
+        .route("/v1/subnets/{id}/attributes", post(modify_subnet))
+        .route("/v1/security-groups", get(describe_security_groups).post(create_security_group))
+        .route("/v1/security-groups/{id}", axum::routing::delete(delete_security_group))
+        .route("/v1/security-groups/{id}/{direction}", post(authorize))
+        .route("/v1/security-groups/{id}/{direction}/revoke", post(revoke))
+        .route("/v1/addresses", get(describe_addresses).post(allocate_address))
+        .route("/v1/addresses/{id}", axum::routing::delete(release_address))
+        .route("/v1/addresses/{id}/associate", post(associate_address))
+        .route("/v1/addresses/{id}/disassociate", post(disassociate_address))
+        .route("/v1/network-interfaces", get(describe_network_interfaces))
+        .route("/v1/network-interfaces/{id}", axum::routing::delete(delete_network_interface))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(MAX_BODY, super::refuse_oversized))
 }
@@ -126,6 +142,10 @@ struct ListQuery {
     image_id: Option<String>,
     /// `tag=Key` (has the key) or `tag=Key=Value`.
     tag: Option<String>,
+    vpc_id: Option<String>,
+    subnet_id: Option<String>,
+    private_ip_address: Option<String>,
+    group_id: Option<String>,
     max_results: Option<u32>,
     next_token: Option<String>,
 }
@@ -153,6 +173,11 @@ async fn describe_instances(State(s): State<Service>, Tenant(c): Tenant, ApiQuer
                 None => vec![(t.to_string(), None)],
             })
             .unwrap_or_default(),
+        network: [("vpc-id", &q.vpc_id), ("subnet-id", &q.subnet_id), ("private-ip-address", &q.private_ip_address), ("instance.group-id", &q.group_id)]
+            .into_iter()
+            .filter(|(_, v)| v.is_some())
+            .map(|(k, v)| (k.to_string(), split(v)))
+            .collect(),
         max_results: q.max_results,
         next_token: q.next_token,
     };
@@ -320,4 +345,157 @@ async fn create_account(
 
 async fn register_image(State(s): State<Service>, Operator(c): Operator, ApiJson(req): ApiJson<RegisterImageRequest>) -> Result<Json<Image>> {
     Ok(Json(s.register_image(&c, req).await?))
+}
+
+/// Filters of the network listings: `?name=v1,v2` for the names each
+/// listing knows (its EC2 filter names, `-` spelled `_`).
+#[derive(Debug, Deserialize, Default)]
+#[serde(transparent)]
+struct NetQuery(std::collections::BTreeMap<String, String>);
+
+fn net_filters(q: &NetQuery, id_key: &str) -> (Vec<String>, crate::service::network::Filters) {
+    let mut ids = Vec::new();
+    let mut filters = Vec::new();
+    for (k, v) in &q.0 {
+        let values = split(&Some(v.clone()));
+        if k == id_key {
+            ids = values;
+        } else {
+            filters.push((k.replace('_', "-"), values));
+        }
+    }
+    (ids, filters)
+}
+
+async fn describe_vpcs(State(s): State<Service>, Tenant(c): Tenant, ApiQuery(q): ApiQuery<NetQuery>) -> Result<Json<serde_json::Value>> {
+    let (ids, f) = net_filters(&q, "vpc_id");
+    Ok(Json(serde_json::json!({ "vpcs": s.describe_vpcs(&c, &ids, &f).await? })))
+}
+
+async fn create_vpc(State(s): State<Service>, Tenant(c): Tenant, ApiJson(req): ApiJson<CreateVpcRequest>) -> Result<Json<Vpc>> {
+    Ok(Json(s.create_vpc(&c, &req.cidr_block).await?))
+}
+
+async fn delete_vpc(State(s): State<Service>, Tenant(c): Tenant, Path(id): Path<String>) -> Result<Json<serde_json::Value>> {
+    s.delete_vpc(&c, &id).await?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn describe_subnets(State(s): State<Service>, Tenant(c): Tenant, ApiQuery(q): ApiQuery<NetQuery>) -> Result<Json<serde_json::Value>> {
+    let (ids, f) = net_filters(&q, "subnet_id");
+    Ok(Json(serde_json::json!({ "subnets": s.describe_subnets(&c, &ids, &f).await? })))
+}
+
+async fn create_subnet(State(s): State<Service>, Tenant(c): Tenant, ApiJson(req): ApiJson<CreateSubnetRequest>) -> Result<Json<Subnet>> {
+    Ok(Json(s.create_subnet(&c, &req.vpc_id, &req.cidr_block, req.availability_zone.as_deref()).await?))
+}
+
+async fn delete_subnet(State(s): State<Service>, Tenant(c): Tenant, Path(id): Path<String>) -> Result<Json<serde_json::Value>> {
+    s.delete_subnet(&c, &id).await?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn modify_subnet(
+    State(s): State<Service>,
+    Tenant(c): Tenant,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<ModifySubnetRequest>,
+) -> Result<Json<serde_json::Value>> {
+    s.modify_subnet_attribute(&c, &id, req.map_public_ip_on_launch).await?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn describe_security_groups(State(s): State<Service>, Tenant(c): Tenant, ApiQuery(q): ApiQuery<NetQuery>) -> Result<Json<serde_json::Value>> {
+    let (ids, f) = net_filters(&q, "group_id");
+    Ok(Json(serde_json::json!({ "security_groups": s.describe_security_groups(&c, &ids, &[], &f).await? })))
+}
+
+async fn create_security_group(
+    State(s): State<Service>,
+    Tenant(c): Tenant,
+    ApiJson(req): ApiJson<CreateSecurityGroupRequest>,
+) -> Result<Json<SecurityGroup>> {
+    Ok(Json(s.create_security_group(&c, &req.group_name, &req.description, req.vpc_id.as_deref()).await?))
+}
+
+async fn delete_security_group(State(s): State<Service>, Tenant(c): Tenant, Path(id): Path<String>) -> Result<Json<serde_json::Value>> {
+    s.delete_security_group(&c, &crate::service::network::GroupSel::Id(id)).await?;
+    Ok(Json(serde_json::json!({})))
+}
+
+fn egress(direction: &str) -> Result<bool> {
+    match direction {
+        "ingress" => Ok(false),
+        "egress" => Ok(true),
+        other => Err(ServiceError::RouteNotFound(format!("/v1/security-groups/{{id}}/{other}: use ingress or egress"))),
+    }
+}
+
+async fn authorize(
+    State(s): State<Service>,
+    Tenant(c): Tenant,
+    Path((id, direction)): Path<(String, String)>,
+    ApiJson(req): ApiJson<RulesRequest>,
+) -> Result<Json<serde_json::Value>> {
+    let rules = s.authorize_security_group(&c, &crate::service::network::GroupSel::Id(id), egress(&direction)?, &req.rules).await?;
+    Ok(Json(serde_json::json!({ "rules": rules })))
+}
+
+async fn revoke(
+    State(s): State<Service>,
+    Tenant(c): Tenant,
+    Path((id, direction)): Path<(String, String)>,
+    ApiJson(req): ApiJson<RulesRequest>,
+) -> Result<Json<serde_json::Value>> {
+    s.revoke_security_group(&c, &crate::service::network::GroupSel::Id(id), egress(&direction)?, &req.rules, &[]).await?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn describe_addresses(State(s): State<Service>, Tenant(c): Tenant, ApiQuery(q): ApiQuery<NetQuery>) -> Result<Json<serde_json::Value>> {
+    let (ids, f) = net_filters(&q, "allocation_id");
+    Ok(Json(serde_json::json!({ "addresses": s.describe_addresses(&c, &[], &ids, &f).await? })))
+}
+
+async fn allocate_address(State(s): State<Service>, Tenant(c): Tenant) -> Result<Json<Address>> {
+    Ok(Json(s.allocate_address(&c).await?))
+}
+
+async fn release_address(State(s): State<Service>, Tenant(c): Tenant, Path(id): Path<String>) -> Result<Json<serde_json::Value>> {
+    s.release_address(&c, Some(&id), None).await?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn associate_address(
+    State(s): State<Service>,
+    Tenant(c): Tenant,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<AssociateAddressRequest>,
+) -> Result<Json<serde_json::Value>> {
+    let association_id = s.associate_address(&c, Some(&id), None, &req).await?;
+    Ok(Json(serde_json::json!({ "association_id": association_id })))
+}
+
+async fn disassociate_address(State(s): State<Service>, Tenant(c): Tenant, Path(id): Path<String>) -> Result<Json<serde_json::Value>> {
+    s.disassociate_address(&c, None, Some(&id), None).await?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn describe_network_interfaces(State(s): State<Service>, Tenant(c): Tenant, ApiQuery(q): ApiQuery<NetQuery>) -> Result<Json<serde_json::Value>> {
+    let (ids, f) = net_filters(&q, "network_interface_id");
+    Ok(Json(serde_json::json!({ "network_interfaces": s.describe_network_interfaces(&c, &ids, &f).await? })))
+}
+
+async fn delete_network_interface(State(s): State<Service>, Tenant(c): Tenant, Path(id): Path<String>) -> Result<Json<serde_json::Value>> {
+    s.delete_network_interface(&c, &id).await?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn modify_instance(
+    State(s): State<Service>,
+    Tenant(c): Tenant,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<ModifyInstanceRequest>,
+) -> Result<Json<Instance>> {
+    s.modify_instance(&c, &id, &req).await?;
+    Ok(Json(s.describe_instance(&c, &id).await?))
 }

@@ -21,6 +21,9 @@ pub struct NewAccount {
 pub struct Limits {
     pub max_instances: u32,
     pub max_vcpus: u32,
+    /// Elastic IPs the account may hold (shown as `AccountView::max_elastic_ips`).
+    #[serde(skip)]
+    pub max_elastic_ips: u32,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -36,6 +39,8 @@ pub struct AccountView {
     pub name: String,
     pub limits: Limits,
     pub usage: Usage,
+    /// Elastic IPs the account may hold.
+    pub max_elastic_ips: u32,
 }
 
 /// An operator's change of an account's limits; `None` means the default.
@@ -46,6 +51,8 @@ pub struct SetLimits {
     pub max_instances: Option<u32>,
     #[serde(default)]
     pub max_vcpus: Option<u32>,
+    #[serde(default)]
+    pub max_elastic_ips: Option<u32>,
 }
 
 /// How many of a launch of `max` instances of `vcpus` each fit the account's
@@ -159,14 +166,15 @@ impl Service {
         account_id: &str,
         lock: bool,
     ) -> Result<(String, Limits, Usage)> {
-        let row: Option<(String, Option<i32>, Option<i32>)> = sqlx::query_as(&format!(
-            "SELECT name, max_instances, max_vcpus FROM accounts WHERE id = $1{}",
+        type Row = (String, Option<i32>, Option<i32>, Option<i32>);
+        let row: Option<Row> = sqlx::query_as(&format!(
+            "SELECT name, max_instances, max_vcpus, max_elastic_ips FROM accounts WHERE id = $1{}",
             if lock { " FOR NO KEY UPDATE" } else { "" }
         ))
         .bind(account_id)
         .fetch_optional(&mut *conn)
         .await?;
-        let (name, max_i, max_v) = row.ok_or_else(|| ServiceError::AccountNotFound(account_id.to_string()))?;
+        let (name, max_i, max_v, max_e) = row.ok_or_else(|| ServiceError::AccountNotFound(account_id.to_string()))?;
         let (used_i, used_v): (i64, i64) = sqlx::query_as(
             "SELECT count(*), coalesce(sum(vcpus), 0)::bigint FROM instances WHERE account_id = $1 AND capacity_held",
         )
@@ -176,6 +184,7 @@ impl Service {
         let limits = Limits {
             max_instances: max_i.map_or(self.config.default_max_instances, |n| n as u32),
             max_vcpus: max_v.map_or(self.config.default_max_vcpus, |n| n as u32),
+            max_elastic_ips: max_e.map_or(self.config.default_max_elastic_ips, |n| n as u32),
         };
         Ok((name, limits, Usage { instances: used_i as u32, vcpus: used_v as u32 }))
     }
@@ -184,19 +193,20 @@ impl Service {
     pub async fn describe_account(&self, caller: &Caller) -> Result<AccountView> {
         let mut conn = self.db.acquire().await?;
         let (name, limits, usage) = self.limits_and_usage(&mut conn, &caller.account_id, false).await?;
-        Ok(AccountView { account_id: caller.account_id.clone(), name, limits, usage })
+        Ok(AccountView { account_id: caller.account_id.clone(), name, max_elastic_ips: limits.max_elastic_ips, limits, usage })
     }
 
     /// The operator sets an account's limits (`None`: back to the default).
     /// Lowering a limit below the usage stops new launches, nothing more.
     pub async fn set_account_limits(&self, account_id: &str, set: &SetLimits) -> Result<AccountView> {
-        if set.max_instances.is_some_and(|n| n > i32::MAX as u32) || set.max_vcpus.is_some_and(|n| n > i32::MAX as u32) {
+        if [set.max_instances, set.max_vcpus, set.max_elastic_ips].iter().any(|l| l.is_some_and(|n| n > i32::MAX as u32)) {
             return Err(ServiceError::InvalidParameterValue("limits must be at most 2147483647".into()));
         }
-        let done = sqlx::query("UPDATE accounts SET max_instances = $2, max_vcpus = $3 WHERE id = $1")
+        let done = sqlx::query("UPDATE accounts SET max_instances = $2, max_vcpus = $3, max_elastic_ips = $4 WHERE id = $1")
             .bind(account_id)
             .bind(set.max_instances.map(|n| n as i32))
             .bind(set.max_vcpus.map(|n| n as i32))
+            .bind(set.max_elastic_ips.map(|n| n as i32))
             .execute(&self.db)
             .await?;
         if done.rows_affected() == 0 {

@@ -37,6 +37,11 @@ fn validate_register(req: &RegisterHost) -> Result<()> {
     if req.vcpus > 1_000_000 || req.memory_mib > i64::MAX as u64 / 2 || req.disk_gib > i64::MAX as u64 / 2 {
         return Err(ServiceError::InvalidParameterValue("capacity out of range".into()));
     }
+    if let Some(ip) = req.underlay_ip {
+        if ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() {
+            return Err(ServiceError::InvalidParameterValue(format!("underlay_ip {ip} is not a unicast address")));
+        }
+    }
     Ok(())
 }
 
@@ -151,6 +156,7 @@ impl Service {
             _ if crate::db::is_unique_violation(&e, "hosts_name_key") => ServiceError::HostAlreadyRegistered(req.name.clone()),
             _ => e.into(),
         };
+        let underlay = req.underlay_ip.map(|ip| ip.to_string());
         let mut tx = self.db.begin().await?;
         let existing: Option<(String, Option<Vec<u8>>)> =
             sqlx::query_as("SELECT id, credential_sha256 FROM hosts WHERE name = $1 FOR UPDATE")
@@ -162,7 +168,8 @@ impl Service {
                 let id = ids::new_id(ids::HOST);
                 sqlx::query(
                     "INSERT INTO hosts (id, name, availability_zone, hypervisor, credential_sha256, total_vcpus, \
-                         total_memory_mib, total_disk_gib, last_heartbeat) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now())",
+                         total_memory_mib, total_disk_gib, last_heartbeat, underlay_ip) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now(), $9::inet)",
                 )
                 .bind(&id)
                 .bind(&req.name)
@@ -172,6 +179,7 @@ impl Service {
                 .bind(req.vcpus as i32)
                 .bind(req.memory_mib as i64)
                 .bind(req.disk_gib as i64)
+                .bind(&underlay)
                 .execute(&mut *tx)
                 .await
                 .map_err(conflict)?;
@@ -190,9 +198,28 @@ impl Service {
                     tracing::warn!(host_id = %id, name = %req.name, "refused to re-register a host without its credential");
                     return Err(ServiceError::HostAlreadyRegistered(req.name.clone()));
                 }
+                // A new underlay address changes the peers of every host sharing a VPC with this one.
+                let (moved,): (bool,) = sqlx::query_as("SELECT underlay_ip IS DISTINCT FROM $2::inet FROM hosts WHERE id = $1")
+                    .bind(&id)
+                    .bind(&underlay)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                if moved {
+                    let vpcs: Vec<(String,)> = sqlx::query_as(
+                        "SELECT DISTINCT n.vpc_id FROM network_interfaces n JOIN instances i ON i.id = n.instance_id WHERE i.host_id = $1",
+                    )
+                    .bind(&id)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    let vpcs = vpcs.into_iter().map(|v| v.0).collect();
+                    let mut hosts = super::network::hosts_in_vpcs(&mut tx, &vpcs).await?;
+                    hosts.insert(id.clone());
+                    super::network::bump_hosts(&mut tx, &hosts).await?;
+                }
                 sqlx::query(
                     "UPDATE hosts SET availability_zone = $2, hypervisor = $3, credential_sha256 = $4, total_vcpus = $5, \
-                         total_memory_mib = $6, total_disk_gib = $7, last_heartbeat = now(), generation = generation + 1 \
+                         total_memory_mib = $6, total_disk_gib = $7, last_heartbeat = now(), generation = generation + 1, \
+                         underlay_ip = $8::inet \
                      WHERE id = $1",
                 )
                 .bind(&id)
@@ -202,6 +229,7 @@ impl Service {
                 .bind(req.vcpus as i32)
                 .bind(req.memory_mib as i64)
                 .bind(req.disk_gib as i64)
+                .bind(&underlay)
                 .execute(&mut *tx)
                 .await
                 .map_err(conflict)?;
@@ -270,9 +298,13 @@ impl Service {
                 _ = tokio::time::sleep_until(deadline) => break generation,
             }
         };
-        // Read after the generation: a change committed in between shows up in
-        // the list and makes the agent's next poll return at once.
+        // One snapshot for the answer: the generation, the instances and the
+        // network agree (a change committed after it bumps the generation
+        // again, and the agent's next poll returns at once).
         let full = after <= 0 || generation <= after;
+        let mut tx = self.db.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await?;
+        let (generation,): (i64,) = sqlx::query_as("SELECT generation FROM hosts WHERE id = $1").bind(host_id).fetch_one(&mut *tx).await?;
         let rows = sqlx::query_as::<_, AssignmentRow>(&format!(
             "SELECT i.id, i.desired_state, i.vcpus, i.memory_mib, i.disk_gib, i.user_data, i.reservation_id, \
                     i.instance_type, i.image_id, i.availability_zone, i.ami_launch_index, i.account_id, \
@@ -284,14 +316,19 @@ impl Service {
         ))
         .bind(host_id)
         .bind(after)
-        .fetch_all(&self.db)
+        .fetch_all(&mut *tx)
         .await?;
-        Ok(Assignments {
-            generation,
-            full,
-            instances: rows.into_iter().map(AssignmentRow::into_assignment).collect::<Result<_>>()?,
-            network: Default::default(),
-        })
+        let (network, mut nics) = super::network::host_network(&mut tx, host_id).await?;
+        tx.commit().await?;
+        let instances = rows
+            .into_iter()
+            .map(|r| {
+                let mut a = r.into_assignment()?;
+                a.nics = nics.remove(&a.instance_id).unwrap_or_default();
+                Ok(a)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Assignments { generation, full, instances, network })
     }
 
     /// Applies an agent's observations and records its heartbeat.
@@ -417,6 +454,11 @@ impl Service {
             .bind(&terminated)
             .execute(&mut *tx)
             .await?;
+            // Their interfaces and addresses go back (in this transaction):
+            // the hosts that saw them are bumped, in id order, before the
+            // heartbeat below touches this host's row again.
+            let hosts = super::network::release_interfaces(&mut tx, &terminated, host_id).await?;
+            super::network::bump_hosts(&mut tx, &hosts).await?;
         }
         let (generation,): (i64,) = sqlx::query_as(
             "UPDATE hosts SET last_heartbeat = now(), used_vcpus = used_vcpus - $2, used_memory_mib = used_memory_mib - $3, \

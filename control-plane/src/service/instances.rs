@@ -57,6 +57,13 @@ impl InstanceRow {
             state_reason: self.state_reason,
             key_name: self.key_name,
             tags: Vec::new(),
+            private_ip_address: None,
+            private_dns_name: None,
+            public_ip_address: None,
+            vpc_id: None,
+            subnet_id: None,
+            security_groups: Vec::new(),
+            network_interfaces: Vec::new(),
         })
     }
 }
@@ -71,6 +78,9 @@ pub struct InstanceFilter {
     pub image_ids: Vec<String>,
     /// `tag:KEY` filters (any of the values) and `tag-key` filters (values `None`).
     pub tags: Vec<(String, Option<Vec<String>>)>,
+    /// Network filters (`vpc-id`, `subnet-id`, `private-ip-address`,
+    /// `ip-address`, `instance.group-id`, `network-interface.*`, ...): any of the values.
+    pub network: Vec<(String, Vec<String>)>,
     pub max_results: Option<u32>,
     pub next_token: Option<String>,
 }
@@ -101,13 +111,20 @@ struct LaunchSpec {
     key_name: Option<String>,
     public_key: Option<String>,
     tags: Vec<(String, String)>,
+    /// The network part of the request as given (for the digest).
+    network_key: String,
 }
 
 impl LaunchSpec {
     /// Digest of everything that makes two launches "the same request".
     fn digest(&self) -> Vec<u8> {
         let mut h = Sha256::new();
-        for part in [self.image_id.as_bytes(), self.instance_type.as_bytes(), self.zone.as_deref().unwrap_or("").as_bytes()] {
+        for part in [
+            self.image_id.as_bytes(),
+            self.instance_type.as_bytes(),
+            self.zone.as_deref().unwrap_or("").as_bytes(),
+            self.network_key.as_bytes(),
+        ] {
             h.update((part.len() as u64).to_be_bytes());
             h.update(part);
         }
@@ -131,6 +148,37 @@ impl LaunchSpec {
         }
         h.finalize().to_vec()
     }
+}
+
+/// The network filters of DescribeInstances, checked; `private-dns-name`
+/// becomes the private address it names.
+fn network_filters(filters: &[(String, Vec<String>)]) -> Result<Vec<(String, Vec<String>)>> {
+    const KNOWN: &[&str] = &[
+        "vpc-id", "subnet-id", "private-ip-address", "ip-address", "instance.group-id", "instance.group-name", "group-id", "group-name",
+        "network-interface.network-interface-id", "network-interface.vpc-id", "network-interface.subnet-id", "network-interface.mac-address",
+        "network-interface.addresses.private-ip-address", "network-interface.private-ip-address", "network-interface.attachment.device-index",
+        "network-interface.attachment.attachment-id", "network-interface.status", "network-interface.group-id", "network-interface.group-name",
+        "network-interface.association.public-ip",
+    ];
+    let mut out = Vec::new();
+    for (name, values) in filters {
+        if name == "private-dns-name" || name == "network-interface.private-dns-name" {
+            let ips = values
+                .iter()
+                .map(|v| {
+                    let host = v.split('.').next().unwrap_or("");
+                    host.strip_prefix("ip-").map(|h| h.replace('-', ".")).unwrap_or_default()
+                })
+                .collect();
+            let target = if name == "private-dns-name" { "private-ip-address" } else { "network-interface.addresses.private-ip-address" };
+            out.push((target.to_string(), ips));
+        } else if KNOWN.contains(&name.as_str()) {
+            out.push((name.clone(), values.clone()));
+        } else {
+            return Err(ServiceError::InvalidParameterValue(format!("The filter '{name}' is invalid")));
+        }
+    }
+    Ok(out)
 }
 
 /// Checks everything about a launch that does not need the database.
@@ -185,6 +233,7 @@ impl Service {
         if let Some(k) = &req.key_name {
             self.key_pair_public_key(caller, k).await?;
         }
+        self.resolve_launch_network(caller, req).await?;
         Ok(())
     }
 
@@ -199,6 +248,7 @@ impl Service {
         let mut tags: Vec<(String, String)> = req.tags.iter().map(|t| (t.key.clone(), t.value.clone())).collect();
         super::tags::validate_tags(&tags)?;
         tags.sort();
+        let network = self.resolve_launch_network(caller, &req).await?;
         let spec = LaunchSpec {
             image_id: image.image_id,
             instance_type: itype.name,
@@ -210,14 +260,19 @@ impl Service {
             key_name: req.key_name.clone(),
             public_key,
             tags,
+            network_key: super::network::request_key(&req),
         };
         let digest = spec.digest();
         for attempt in 1..=MAX_PLACEMENT_ATTEMPTS {
-            match self.try_launch(caller, &spec, &digest, req.client_token.as_deref()).await {
+            match self.try_launch(caller, &spec, &network, &digest, req.client_token.as_deref()).await {
                 Ok(Some(reservation)) => return Ok(reservation),
                 Ok(None) => tracing::debug!(attempt, "lost a race for capacity; planning again"),
                 Err(ServiceError::Database(e)) if crate::db::is_retryable(&e) => {
                     tracing::debug!(attempt, error = %e, "retrying launch transaction")
+                }
+                // Two random MACs met (40 random bits): draw again.
+                Err(ServiceError::Database(e)) if crate::db::is_unique_violation(&e, "network_interfaces_mac_key") => {
+                    tracing::warn!(attempt, "MAC address collision; retrying launch transaction")
                 }
                 Err(e) => return Err(e),
             }
@@ -233,6 +288,7 @@ impl Service {
         &self,
         caller: &Caller,
         spec: &LaunchSpec,
+        net: &super::network::LaunchNetwork,
         digest: &[u8],
         client_token: Option<&str>,
     ) -> Result<Option<Reservation>> {
@@ -269,15 +325,28 @@ impl Service {
         // The account's limits, counted with the account row locked: a
         // concurrent launch of the same account waits here and then sees ours.
         let (_, limits, usage) = self.limits_and_usage(&mut tx, &caller.account_id, true).await?;
-        let allowed = match super::accounts::fit_limits(limits, usage, spec.need.vcpus as u32, spec.min, spec.max) {
+        let mut allowed = match super::accounts::fit_limits(limits, usage, spec.need.vcpus as u32, spec.min, spec.max) {
             Ok(n) => n,
             Err(e) => {
                 tx.rollback().await?;
                 return Err(e);
             }
         };
+        // Named subnets: as many instances as they have free addresses for.
+        if let Some(fit) = self.fit_addresses(&mut tx, net).await? {
+            if fit < spec.min {
+                tx.rollback().await?;
+                let subnet = net.nics.first().and_then(|n| n.subnet.as_ref()).map(|s| s.id.clone()).unwrap_or_default();
+                return Err(ServiceError::InsufficientFreeAddressesInSubnet(format!(
+                    "There are not enough free addresses in subnet '{subnet}' to satisfy the requested number of instances."
+                )));
+            }
+            allowed = allowed.min(fit);
+        }
+        // A subnet fixes the zone.
+        let zone = net.zone.as_deref().or(spec.zone.as_deref());
         let hosts = scheduler::schedulable_hosts(&mut tx, self.config.host_timeout()).await?;
-        let placements = scheduler::plan(&hosts, spec.need, allowed, spec.zone.as_deref(), self.config.placement);
+        let placements = scheduler::plan(&hosts, spec.need, allowed, zone, self.config.placement);
         if placements.len() < spec.min as usize {
             tx.rollback().await?;
             return Err(ServiceError::InsufficientInstanceCapacity(format!(
@@ -285,10 +354,13 @@ impl Service {
                 placements.len(),
                 spec.min,
                 spec.instance_type,
-                spec.zone.as_ref().map(|z| format!(" in {z}")).unwrap_or_default()
+                zone.map(|z| format!(" in {z}")).unwrap_or_default()
             )));
         }
-        let generations = match scheduler::claim(&mut tx, &placements, spec.need).await? {
+        // The other hosts whose network the new interfaces change, bumped
+        // with the placement hosts, in id order.
+        let affected = self.launch_affected_hosts(&mut tx, net, &placements).await?;
+        let generations = match scheduler::claim(&mut tx, &placements, spec.need, &affected).await? {
             Claim::Claimed(g) => g,
             Claim::Raced => {
                 tx.rollback().await?;
@@ -325,19 +397,10 @@ impl Service {
         .bind(&spec.public_key)
         .execute(&mut *tx)
         .await?;
-        if !spec.tags.is_empty() {
-            let (keys, values): (Vec<&str>, Vec<&str>) = spec.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).unzip();
-            sqlx::query(
-                "INSERT INTO tags (account_id, resource_id, key, value) \
-                 SELECT $1, id, t.k, t.v FROM unnest($2::text[]) AS id CROSS JOIN unnest($3::text[], $4::text[]) AS t(k, v)",
-            )
-            .bind(&caller.account_id)
-            .bind(&ids)
-            .bind(&keys)
-            .bind(&values)
-            .execute(&mut *tx)
-            .await?;
-        }
+        let placed: Vec<super::network::Placed> =
+            ids.iter().zip(&placed_zones).map(|(id, zone)| super::network::Placed { instance_id: id, zone }).collect();
+        self.attach_launch(&mut tx, caller, net, &placed).await?;
+        super::tags::insert_new_tags(&mut tx, &caller.account_id, &ids, &spec.tags).await?;
         tx.commit().await?;
         tracing::info!(%reservation_id, count = ids.len(), instance_type = %spec.instance_type, "instances launched");
         self.reservation(caller, &reservation_id).await.map(Some)
@@ -369,6 +432,7 @@ impl Service {
             return Err(ServiceError::InvalidParameterValue(format!("max_results must be between 1 and {MAX_PAGE}")));
         }
         let after = filter.next_token.as_deref().map(decode_token).transpose()?.unwrap_or(0);
+        let network_filters = network_filters(&filter.network)?;
         let opt = |v: &Vec<String>| if v.is_empty() { None } else { Some(v.clone()) };
         let states: Vec<String> = filter.states.iter().map(|s| s.as_str().to_string()).collect();
         let mut rows = sqlx::query_as::<_, InstanceRow>(&format!(
@@ -379,6 +443,8 @@ impl Service {
                AND NOT EXISTS (SELECT 1 FROM jsonb_to_recordset($9::jsonb) AS f(k text, v text[]) WHERE NOT EXISTS \
                    (SELECT 1 FROM tags t WHERE t.account_id = instances.account_id AND t.resource_id = instances.id \
                       AND t.key = f.k AND (f.v IS NULL OR t.value = ANY(f.v)))) \
+               AND NOT EXISTS (SELECT 1 FROM jsonb_to_recordset($10::jsonb) AS f(k text, v text[]) WHERE NOT EXISTS \
+                   (SELECT 1 FROM instance_network_facts x WHERE x.instance_id = instances.id AND x.name = f.k AND x.value = ANY(f.v))) \
              ORDER BY seq LIMIT $7"
         ))
         .bind(&caller.account_id)
@@ -392,6 +458,7 @@ impl Service {
         .bind(serde_json::Value::Array(
             filter.tags.iter().map(|(k, v)| serde_json::json!({"k": k, "v": v})).collect(),
         ))
+        .bind(serde_json::Value::Array(network_filters.iter().map(|(k, v)| serde_json::json!({"k": k, "v": v})).collect()))
         .fetch_all(&self.db)
         .await?;
         let next_token = if rows.len() > limit as usize {
@@ -415,14 +482,22 @@ impl Service {
     async fn with_tags(&self, caller: &Caller, rows: Vec<InstanceRow>) -> Result<Vec<Instance>> {
         let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
         let mut tags = self.tags_of(caller, &ids).await?;
-        rows.into_iter()
+        let mut out = rows
+            .into_iter()
             .map(|r| {
                 let t = tags.remove(&r.id).unwrap_or_default();
                 let mut i = r.into_api()?;
                 i.tags = t.into_iter().map(|(key, value)| nimbus_proto::api::ResourceTag { key, value }).collect();
                 Ok(i)
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        self.with_network(caller, &mut out).await?;
+        Ok(out)
+    }
+
+    /// DescribeInstanceStatus: the instances the filter selects (see [`status_checks`]).
+    pub async fn describe_instance_status(&self, caller: &Caller, filter: InstanceFilter) -> Result<InstanceList> {
+        self.describe_instances(caller, filter).await
     }
 
     pub async fn describe_instance(&self, caller: &Caller, id: &str) -> Result<Instance> {
@@ -556,6 +631,151 @@ impl Service {
     }
 }
 
+/// EC2's status checks of an instance in `state` (DescribeInstanceStatus):
+/// (status, reachability detail). `ok` once running (checks backed by the
+/// guest come with the state store), `initializing` while pending.
+pub fn status_checks(state: InstanceState) -> (&'static str, &'static str) {
+    match state {
+        InstanceState::Running => ("ok", "passed"),
+        InstanceState::Pending => ("initializing", "initializing"),
+        _ => ("not-applicable", "not-applicable"),
+    }
+}
+
+/// The value of one instance attribute (DescribeInstanceAttribute).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttributeValue {
+    Text(String),
+    Bool(bool),
+    /// No value (an empty element).
+    Empty,
+    Groups(Vec<nimbus_proto::api::GroupRef>),
+}
+
+impl Service {
+    /// One attribute of an instance, by EC2's name: `instanceType`,
+    /// `userData`, `groupSet`, `disableApiTermination`, `disableApiStop`,
+    /// `instanceInitiatedShutdownBehavior`, `rootDeviceName`,
+    /// `sourceDestCheck`, `ebsOptimized`, `enaSupport`, `kernel`, `ramdisk`,
+    /// `blockDeviceMapping`, `productCodes`.
+    pub async fn describe_instance_attribute(&self, caller: &Caller, instance_id: &str, attribute: &str) -> Result<AttributeValue> {
+        let i = self.describe_instance(caller, instance_id).await?;
+        Ok(match attribute {
+            "instanceType" => AttributeValue::Text(i.instance_type),
+            "userData" => {
+                let (data,): (Option<Vec<u8>>,) = sqlx::query_as("SELECT user_data FROM instances WHERE id = $1 AND account_id = $2")
+                    .bind(instance_id)
+                    .bind(&caller.account_id)
+                    .fetch_one(&self.db)
+                    .await?;
+                match data {
+                    Some(d) => AttributeValue::Text(base64::engine::general_purpose::STANDARD.encode(d)),
+                    None => AttributeValue::Empty,
+                }
+            }
+            "groupSet" => AttributeValue::Groups(i.security_groups),
+            "disableApiTermination" | "disableApiStop" | "ebsOptimized" | "enaSupport" => AttributeValue::Bool(false),
+            "sourceDestCheck" => AttributeValue::Bool(true),
+            "instanceInitiatedShutdownBehavior" => AttributeValue::Text("stop".into()),
+            "rootDeviceName" => AttributeValue::Text("/dev/vda".into()),
+            "kernel" | "ramdisk" | "blockDeviceMapping" | "productCodes" => AttributeValue::Empty,
+            other => {
+                return Err(ServiceError::InvalidParameterValue(format!(
+                    "Value ({other}) for parameter attribute is invalid. Unknown attribute."
+                )))
+            }
+        })
+    }
+
+    /// Changes a stopped instance's type (its host keeps room for it: the
+    /// difference is claimed on the host atomically, or the change is
+    /// refused) and/or its primary interface's security groups.
+    pub async fn modify_instance(&self, caller: &Caller, instance_id: &str, req: &nimbus_proto::api::ModifyInstanceRequest) -> Result<()> {
+        if !ids::is_valid(ids::INSTANCE, instance_id) {
+            return Err(ServiceError::InstanceIdMalformed(instance_id.to_string()));
+        }
+        if req.instance_type.is_none() && req.security_group_ids.is_none() {
+            return Err(ServiceError::MissingParameter("an attribute to modify".into()));
+        }
+        let itype = match &req.instance_type {
+            Some(t) => Some(self.instance_type(t).await?),
+            None => None,
+        };
+        loop {
+            let attempt = async {
+                let mut tx = self.db.begin().await?;
+                let (_, limits, usage) = self.limits_and_usage(&mut tx, &caller.account_id, true).await?;
+                type Row = (String, String, i32, i64, i64, String);
+                let row: Option<Row> = sqlx::query_as(&format!(
+                    "SELECT state, instance_type, vcpus, memory_mib, disk_gib, host_id FROM instances \
+                     WHERE id = $1 AND account_id = $2 AND {VISIBLE} FOR UPDATE"
+                ))
+                .bind(instance_id)
+                .bind(&caller.account_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let (state, old_type, vcpus, memory, disk, host) = row.ok_or_else(|| ServiceError::InstanceNotFound(instance_id.to_string()))?;
+                let state = parse_state(&state)?;
+                if matches!(state, InstanceState::Terminated | InstanceState::ShuttingDown) {
+                    return Err(ServiceError::IncorrectInstanceState(format!("The instance '{instance_id}' is not in a state from which it can be modified")));
+                }
+                // Groups before the host's capacity: lock order (groups, then hosts).
+                if let Some(groups) = &req.security_group_ids {
+                    self.set_instance_groups(&mut tx, caller, instance_id, groups).await?;
+                }
+                if let Some(t) = itype.as_ref().filter(|t| t.name != old_type) {
+                    if state != InstanceState::Stopped {
+                        return Err(ServiceError::IncorrectInstanceState(format!("The instance '{instance_id}' is not in the 'stopped' state.")));
+                    }
+                    let delta = (i64::from(t.vcpus) - i64::from(vcpus), t.memory_mib as i64 - memory, t.disk_gib as i64 - disk);
+                    if i64::from(usage.vcpus) + delta.0 > i64::from(limits.max_vcpus) {
+                        return Err(ServiceError::VcpuLimitExceeded(format!(
+                            "You have requested more vCPU capacity than your current vCPU limit of {} allows ({} in use)",
+                            limits.max_vcpus, usage.vcpus
+                        )));
+                    }
+                    let claimed: Option<(i64,)> = sqlx::query_as(
+                        "UPDATE hosts SET used_vcpus = used_vcpus + $2, used_memory_mib = used_memory_mib + $3, \
+                                used_disk_gib = used_disk_gib + $4, generation = generation + 1 \
+                         WHERE id = $1 AND used_vcpus + $2 <= total_vcpus AND used_memory_mib + $3 <= total_memory_mib \
+                               AND used_disk_gib + $4 <= total_disk_gib RETURNING generation",
+                    )
+                    .bind(&host)
+                    .bind(delta.0 as i32)
+                    .bind(delta.1)
+                    .bind(delta.2)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    let Some((generation,)) = claimed else {
+                        return Err(ServiceError::InsufficientInstanceCapacity(format!(
+                            "There is not enough capacity on the instance's host for type {}; the instance keeps type {old_type}",
+                            t.name
+                        )));
+                    };
+                    sqlx::query(
+                        "UPDATE instances SET instance_type = $2, vcpus = $3, memory_mib = $4, disk_gib = $5, changed_generation = $6 WHERE id = $1",
+                    )
+                    .bind(instance_id)
+                    .bind(&t.name)
+                    .bind(t.vcpus as i32)
+                    .bind(t.memory_mib as i64)
+                    .bind(t.disk_gib as i64)
+                    .bind(generation)
+                    .execute(&mut *tx)
+                    .await?;
+                    sqlx::query("SELECT pg_notify($1, $2)").bind(crate::notify::CHANNEL).bind(&host).execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+                Ok::<_, ServiceError>(())
+            };
+            match attempt.await {
+                Err(ServiceError::Database(e)) if crate::db::is_retryable(&e) => continue,
+                other => return other,
+            }
+        }
+    }
+}
+
 /// See [`Service::console_output`].
 #[derive(Debug, Clone)]
 pub struct ConsoleOutput {
@@ -665,6 +885,7 @@ mod tests {
             key_name: None,
             public_key: None,
             tags: Vec::new(),
+            network_key: String::new(),
         };
         assert_eq!(spec(None, 1).digest(), spec(None, 1).digest());
         assert_ne!(spec(None, 1).digest(), spec(None, 2).digest());

@@ -11,6 +11,7 @@ pub mod hosts;
 pub mod images;
 pub mod instances;
 pub mod keypairs;
+pub mod network;
 pub mod scheduler;
 pub mod tags;
 pub mod throttle;

@@ -141,11 +141,21 @@ pub enum Claim {
 }
 
 /// Claims the capacity of `placements` (host id per instance) in host-id
-/// order, bumping each host's generation and notifying its agent on commit.
-pub async fn claim(tx: &mut Transaction<'_, Postgres>, placements: &[String], need: Need) -> Result<Claim, sqlx::Error> {
+/// order, bumping each host's generation and notifying its agent on commit;
+/// the hosts of `also` (whose network the launch changes) are bumped in
+/// the same order, with nothing claimed.
+pub async fn claim(
+    tx: &mut Transaction<'_, Postgres>,
+    placements: &[String],
+    need: Need,
+    also: &std::collections::BTreeSet<String>,
+) -> Result<Claim, sqlx::Error> {
     let mut per_host: BTreeMap<&str, i64> = BTreeMap::new();
     for h in placements {
         *per_host.entry(h.as_str()).or_insert(0) += 1;
+    }
+    for h in also {
+        per_host.entry(h.as_str()).or_insert(0);
     }
     let mut generations = BTreeMap::new();
     for (host, n) in per_host {

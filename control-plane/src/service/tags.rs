@@ -1,4 +1,5 @@
-//! Tags on the caller's resources (instances and images today).
+//! Tags on the caller's resources: instances, images, VPCs, subnets,
+//! security groups, network interfaces and Elastic IPs.
 
 use super::{Caller, Service};
 use crate::error::{Result, ServiceError};
@@ -18,14 +19,25 @@ pub struct Tag {
     pub value: String,
 }
 
+/// Resource types by id prefix: (prefix, EC2's resource type, table).
+const RESOURCES: &[(&str, &str, &str)] = &[
+    (ids::INSTANCE, "instance", "instances"),
+    (ids::IMAGE, "image", "images"),
+    (ids::VPC, "vpc", "vpcs"),
+    (ids::SUBNET, "subnet", "subnets"),
+    (ids::SECURITY_GROUP, "security-group", "security_groups"),
+    (ids::NETWORK_INTERFACE, "network-interface", "network_interfaces"),
+];
+
 pub fn resource_type(id: &str) -> &'static str {
-    if id.starts_with("i-") {
-        "instance"
-    } else if id.starts_with("ami-") {
-        "image"
-    } else {
-        "unknown"
+    if id.starts_with("eipalloc-") {
+        return "elastic-ip";
     }
+    RESOURCES
+        .iter()
+        .find(|(prefix, _, _)| ids::is_valid(prefix, id))
+        .map(|(_, t, _)| *t)
+        .unwrap_or("unknown")
 }
 
 /// Checks keys and values as EC2 does, and refuses control characters
@@ -67,33 +79,53 @@ fn distinct_resources(resources: &[String]) -> Result<Vec<String>> {
     Ok(distinct)
 }
 
+/// Gives every one of `resources` (just created, in the caller's
+/// transaction) each of `tags`: one statement.
+pub(crate) async fn insert_new_tags(conn: &mut sqlx::PgConnection, account_id: &str, resources: &[String], tags: &[(String, String)]) -> Result<()> {
+    if tags.is_empty() || resources.is_empty() {
+        return Ok(());
+    }
+    let (keys, values): (Vec<&str>, Vec<&str>) = tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).unzip();
+    sqlx::query(
+        "INSERT INTO tags (account_id, resource_id, key, value) \
+         SELECT $1, id, t.k, t.v FROM unnest($2::text[]) AS id CROSS JOIN unnest($3::text[], $4::text[]) AS t(k, v)",
+    )
+    .bind(account_id)
+    .bind(resources)
+    .bind(&keys)
+    .bind(&values)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 impl Service {
     /// Checks that every resource exists and is the caller's (two
     /// set-based queries, whatever the count); an unknown or foreign id
     /// answers exactly as a missing one. Returns the ids, each once.
     async fn check_resources(&self, caller: &Caller, resources: &[String]) -> Result<Vec<String>> {
         let resources = distinct_resources(resources)?;
-        let (mut instances, mut images) = (Vec::new(), Vec::new());
         for id in &resources {
-            match resource_type(id) {
-                "instance" if ids::is_valid(ids::INSTANCE, id) => instances.push(id.clone()),
-                "image" if ids::is_valid(ids::IMAGE, id) => images.push(id.clone()),
-                _ => return Err(ServiceError::InvalidParameterValue(format!("Invalid resource id {id:?}"))),
+            if resource_type(id) == "unknown" || (resource_type(id) == "elastic-ip" && !ids::is_valid(ids::ALLOCATION, id)) {
+                return Err(ServiceError::InvalidParameterValue(format!("Invalid resource id {id:?}")));
             }
         }
-        let found: Vec<(String,)> = sqlx::query_as(
-            "SELECT id FROM instances WHERE account_id = $1 AND id = ANY($2) \
-             UNION ALL SELECT id FROM images WHERE account_id = $1 AND id = ANY($3)",
-        )
-        .bind(&caller.account_id)
-        .bind(&instances)
-        .bind(&images)
-        .fetch_all(&self.db)
-        .await?;
+        let mut union: Vec<String> = RESOURCES.iter().map(|(_, _, table)| format!("SELECT id FROM {table} WHERE account_id = $1 AND id = ANY($2)")).collect();
+        union.push("SELECT allocation_id FROM public_addresses WHERE account_id = $1 AND allocation_id = ANY($2)".into());
+        let found: Vec<(String,)> = sqlx::query_as(&union.join(" UNION ALL "))
+            .bind(&caller.account_id)
+            .bind(&resources)
+            .fetch_all(&self.db)
+            .await?;
         let found: std::collections::HashSet<String> = found.into_iter().map(|r| r.0).collect();
         if let Some(missing) = resources.iter().find(|id| !found.contains(*id)) {
             return Err(match resource_type(missing) {
                 "instance" => ServiceError::InstanceNotFound(missing.clone()),
+                "vpc" => ServiceError::VpcNotFound(missing.clone()),
+                "subnet" => ServiceError::SubnetNotFound(missing.clone()),
+                "security-group" => ServiceError::GroupNotFound(format!("The security group '{missing}' does not exist")),
+                "network-interface" => ServiceError::NetworkInterfaceNotFound(missing.clone()),
+                "elastic-ip" => ServiceError::AllocationNotFound(missing.clone()),
                 _ => ServiceError::ImageNotFound(missing.clone()),
             });
         }
@@ -151,6 +183,26 @@ impl Service {
         .execute(&self.db)
         .await?;
         Ok(())
+    }
+
+    /// DescribeTags: as [`Service::describe_tags`], and of the given
+    /// resource types only (`instance`, `image`, `vpc`, `subnet`,
+    /// `security-group`, `network-interface`, `elastic-ip`); none: all.
+    pub async fn describe_tags_of_types(
+        &self,
+        caller: &Caller,
+        resource_ids: &[String],
+        keys: &[String],
+        values: &[String],
+        types: &[String],
+    ) -> Result<Vec<Tag>> {
+        const KNOWN: &[&str] = &["instance", "image", "vpc", "subnet", "security-group", "network-interface", "elastic-ip"];
+        if let Some(bad) = types.iter().find(|t| !KNOWN.contains(&t.as_str())) {
+            return Err(ServiceError::InvalidParameterValue(format!("The resource type '{bad}' is not supported")));
+        }
+        let mut tags = self.describe_tags(caller, resource_ids, keys, values).await?;
+        tags.retain(|t| types.is_empty() || types.contains(&t.resource_type));
+        Ok(tags)
     }
 
     /// The caller's tags, filtered by resource ids, keys and values (each

@@ -4,6 +4,7 @@
 //! encodes; error codes and statuses come from `ServiceError`.
 
 pub mod params;
+pub mod vpc;
 pub mod xml;
 
 use crate::auth::sigv4::{ParsedAuth, RequestView, VerifyOptions};
@@ -35,7 +36,7 @@ fn xml_response(status: StatusCode, body: String) -> Response {
 /// The EC2 wire form of an error.
 fn error_response(e: ServiceError) -> Response {
     let status = e.ec2_status();
-    if status.is_server_error() && !matches!(e, ServiceError::InsufficientInstanceCapacity(_)) {
+    if status.is_server_error() && !matches!(e, ServiceError::InsufficientInstanceCapacity(_) | ServiceError::InsufficientAddressCapacity(_)) {
         tracing::error!(error = %e, "EC2 request failed");
     }
     let body = xml::ErrorResponse {
@@ -73,6 +74,9 @@ async fn serve(s: &Service, req: Request) -> Result<String, ServiceError> {
     }
     let dry_run = params.bool("DryRun")?;
     let rid = super::request_id();
+    if let Some(answer) = vpc::dispatch(s, &caller, &action, &params, dry_run).await {
+        return answer;
+    }
     macro_rules! reply {
         ($root:expr, $body:expr) => {
             xml::to_xml($root, &Envelope { xmlns: XMLNS, request_id: rid, body: $body })
@@ -87,7 +91,7 @@ async fn serve(s: &Service, req: Request) -> Result<String, ServiceError> {
                 return Err(ServiceError::DryRunOperation);
             }
             let r = s.run_instances(&caller, req).await?;
-            reply!("RunInstancesResponse", xml::run_instances(&r))
+            reply!("RunInstancesResponse", xml::run_instances(&r, &s.config.region))
         }
         "DescribeInstances" => {
             let filter = instance_filter(&params)?;
@@ -95,7 +99,7 @@ async fn serve(s: &Service, req: Request) -> Result<String, ServiceError> {
                 return Err(ServiceError::DryRunOperation);
             }
             let list = s.describe_instances(&caller, filter).await?;
-            reply!("DescribeInstancesResponse", xml::describe_instances(&list.instances, &caller.account_id, list.next_token))
+            reply!("DescribeInstancesResponse", xml::describe_instances(&list.instances, &caller.account_id, list.next_token, &s.config.region))
         }
         "TerminateInstances" | "StopInstances" | "StartInstances" => {
             let ids = params.list("InstanceId")?;
@@ -164,18 +168,18 @@ async fn serve(s: &Service, req: Request) -> Result<String, ServiceError> {
             if dry_run {
                 return Err(ServiceError::DryRunOperation);
             }
-            let (mut resources, mut keys, mut values) = (vec![], vec![], vec![]);
+            let (mut resources, mut keys, mut values, mut types) = (vec![], vec![], vec![], vec![]);
             for f in params.structs("Filter")? {
                 let vals = f.list("Value")?;
                 match f.required("Name")? {
                     "resource-id" => resources.extend(vals),
                     "key" => keys.extend(vals),
                     "value" => values.extend(vals),
-                    "resource-type" if vals.iter().all(|v| v == "instance" || v == "image") => {}
+                    "resource-type" => types.extend(vals),
                     other => return Err(ServiceError::InvalidParameterValue(format!("The filter '{other}' is invalid"))),
                 }
             }
-            let tags = s.describe_tags(&caller, &resources, &keys, &values).await?;
+            let tags = s.describe_tags_of_types(&caller, &resources, &keys, &values, &types).await?;
             let items = tags
                 .into_iter()
                 .map(|t| xml::XmlResourceTag { resource_id: t.resource_id, resource_type: t.resource_type, key: t.key, value: t.value })
@@ -246,7 +250,8 @@ async fn serve(s: &Service, req: Request) -> Result<String, ServiceError> {
                 return Err(ServiceError::DryRunOperation);
             }
             let a = s.describe_account(&caller).await?;
-            let all = xml::account_attributes(&a);
+            let default_vpc = s.ensure_default_network(&caller.account_id).await?;
+            let all = xml::account_attributes(&a, &default_vpc);
             let wanted = params.list("AttributeName")?;
             if let Some(unknown) = wanted.iter().find(|w| !all.iter().any(|(name, _)| name == *w)) {
                 return Err(ServiceError::InvalidParameterValue(format!("The attribute name '{unknown}' is not supported")));
@@ -310,24 +315,58 @@ fn count(params: &Params, name: &str) -> Result<u32, ServiceError> {
     u32::try_from(n).map_err(|_| ServiceError::InvalidParameterValue(format!("{name} must be between 1 and the account's limit")))
 }
 
+fn optional_bool(p: &Params, name: &str) -> Result<Option<bool>, ServiceError> {
+    p.get(name).map(|_| p.bool(name)).transpose()
+}
+
 fn run_request(params: &Params) -> Result<RunInstancesRequest, ServiceError> {
-    for unsupported in ["LaunchTemplate.LaunchTemplateId", "LaunchTemplate.LaunchTemplateName", "SecurityGroupId.1", "SubnetId"] {
+    for unsupported in ["LaunchTemplate.LaunchTemplateId", "LaunchTemplate.LaunchTemplateName"] {
         if params.get(unsupported).is_some() {
             return Err(ServiceError::InvalidParameterValue(format!("{unsupported} is not supported by this Nimbus version")));
         }
     }
     let mut tags = Vec::new();
+    let mut network_interface_tags = Vec::new();
     for spec in params.structs("TagSpecification")? {
-        match spec.get("ResourceType") {
-            Some("instance") => {}
-            Some(other) => return Err(ServiceError::InvalidParameterValue(format!("TagSpecification ResourceType {other:?} is not supported; use instance"))),
+        let into = match spec.get("ResourceType") {
+            Some("instance") => &mut tags,
+            Some("network-interface") => &mut network_interface_tags,
+            // Nimbus has no volumes yet: accepted, nothing to tag.
+            Some("volume") => continue,
+            Some(other) => {
+                return Err(ServiceError::InvalidParameterValue(format!(
+                    "TagSpecification ResourceType {other:?} is not supported; use instance, volume or network-interface"
+                )))
+            }
             None => return Err(ServiceError::MissingParameter("TagSpecification.N.ResourceType".into())),
-        }
+        };
         for t in spec.structs("Tag")? {
-            tags.push(nimbus_proto::api::ResourceTag { key: t.required("Key")?.to_string(), value: t.get("Value").unwrap_or("").to_string() });
+            into.push(nimbus_proto::api::ResourceTag { key: t.required("Key")?.to_string(), value: t.get("Value").unwrap_or("").to_string() });
         }
     }
+    let mut network_interfaces = Vec::new();
+    for n in params.structs("NetworkInterface")? {
+        if n.get("NetworkInterfaceId").is_some() {
+            return Err(ServiceError::InvalidParameterValue("Attaching an existing network interface at launch is not supported by Nimbus".into()));
+        }
+        let device_index = n.int("DeviceIndex")?.ok_or_else(|| ServiceError::MissingParameter("NetworkInterface.N.DeviceIndex".into()))?;
+        network_interfaces.push(nimbus_proto::api::NetworkInterfaceSpec {
+            device_index: u32::try_from(device_index).map_err(|_| ServiceError::InvalidParameterValue("DeviceIndex must be 0 to 7".into()))?,
+            subnet_id: n.get("SubnetId").map(str::to_string),
+            security_group_ids: n.list("SecurityGroupId")?,
+            associate_public_ip_address: optional_bool(&n, "AssociatePublicIpAddress")?,
+            delete_on_termination: optional_bool(&n, "DeleteOnTermination")?,
+            private_ip_address: n.get("PrivateIpAddress").map(str::to_string),
+        });
+    }
     Ok(RunInstancesRequest {
+        subnet_id: params.get("SubnetId").map(str::to_string),
+        security_group_ids: params.list("SecurityGroupId")?,
+        security_group_names: params.list("SecurityGroup")?,
+        private_ip_address: params.get("PrivateIpAddress").map(str::to_string),
+        associate_public_ip_address: None,
+        network_interfaces,
+        network_interface_tags,
         key_name: params.get("KeyName").map(str::to_string),
         tags,
         image_id: Some(params.required("ImageId")?.to_string()),
@@ -357,7 +396,8 @@ fn instance_filter(params: &Params) -> Result<InstanceFilter, ServiceError> {
             "image-id" => f.image_ids.extend(values),
             "tag-key" => f.tags.extend(values.into_iter().map(|k| (k, None))),
             tag if tag.starts_with("tag:") => f.tags.push((tag["tag:".len()..].to_string(), Some(values))),
-            other => return Err(ServiceError::InvalidParameterValue(format!("The filter '{other}' is invalid"))),
+            // The service knows the network filters (and refuses unknown names).
+            _ => f.network.push((name, values)),
         }
     }
     if let Some(n) = params.int("MaxResults")? {

@@ -93,10 +93,18 @@ impl Params {
     }
 }
 
+/// Indexes must run 1, 2, 3, … or 0, 1, 2, … (libcloud starts at 0), without gaps.
 fn check_indexes(prefix: &str, idx: impl Iterator<Item = usize>) -> Result<(), ServiceError> {
-    for (expected, i) in (1..).zip(idx) {
+    let mut idx = idx.peekable();
+    let first = match idx.peek() {
+        Some(0) => 0,
+        _ => 1,
+    };
+    for (expected, i) in (first..).zip(idx) {
         if i != expected || i > MAX_LIST {
-            return Err(ServiceError::InvalidParameterValue(format!("{prefix}.{i}: list indexes must run 1, 2, 3, … (at most {MAX_LIST})")));
+            return Err(ServiceError::InvalidParameterValue(format!(
+                "{prefix}.{i}: list indexes must run 1, 2, 3, … (or from 0), at most {MAX_LIST}"
+            )));
         }
     }
     Ok(())
@@ -125,8 +133,16 @@ mod tests {
     }
 
     #[test]
+    fn lists_may_start_at_zero() {
+        let p = Params::parse(b"ResourceId.0=i-a&ResourceId.1=i-b&Tag.0.Key=k&Tag.0.Value=v").unwrap();
+        assert_eq!(p.list("ResourceId").unwrap(), vec!["i-a", "i-b"]);
+        assert_eq!(p.structs("Tag").unwrap()[0].get("Key"), Some("k"));
+    }
+
+    #[test]
     fn bad_shapes_are_rejected() {
         assert!(Params::parse(b"InstanceId.1=a&InstanceId.3=b").unwrap().list("InstanceId").is_err());
+        assert!(Params::parse(b"InstanceId.0=a&InstanceId.2=b").unwrap().list("InstanceId").is_err());
         assert!(Params::parse(b"A=1&A=2").is_err());
         assert!(Params::parse(b"MaxCount=x").unwrap().int("MaxCount").is_err());
         assert!(Params::parse(b"DryRun=yes").unwrap().bool("DryRun").is_err());

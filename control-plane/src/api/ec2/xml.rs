@@ -6,7 +6,10 @@
 //! timestamps in ISO 8601 with milliseconds and `Z`.
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use nimbus_proto::api::{Image, Instance, InstanceType, Reservation, StateChange, StateView};
+use nimbus_proto::api::{
+    Address, GroupRef, Image, Instance, InstanceType, NetworkInterface, Reservation, ResourceTag, SecurityGroup, SecurityGroupRule,
+    StateChange, StateView, Subnet, Vpc,
+};
 use serde::Serialize;
 
 pub const XMLNS: &str = "http://ec2.amazonaws.com/doc/2016-11-15/";
@@ -103,6 +106,154 @@ pub struct XmlInstance {
     pub key_name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tag_set: Option<Items<XmlTag>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub private_ip_address: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip_address: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vpc_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subnet_id: Option<String>,
+    pub source_dest_check: bool,
+    pub group_set: Items<XmlGroupRef>,
+    pub network_interface_set: Items<XmlInterface>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XmlGroupRef {
+    pub group_id: String,
+    pub group_name: String,
+}
+
+impl From<&GroupRef> for XmlGroupRef {
+    fn from(g: &GroupRef) -> Self {
+        XmlGroupRef { group_id: g.group_id.clone(), group_name: g.group_name.clone() }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XmlAttachment {
+    pub attachment_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance_owner_id: Option<String>,
+    pub device_index: u32,
+    pub network_card_index: u32,
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attach_time: Option<String>,
+    pub delete_on_termination: bool,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XmlAssociation {
+    pub public_ip: String,
+    pub public_dns_name: String,
+    pub ip_owner_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allocation_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub association_id: Option<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XmlPrivateAddress {
+    pub private_ip_address: String,
+    pub private_dns_name: String,
+    pub primary: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub association: Option<XmlAssociation>,
+}
+
+/// A network interface, in DescribeNetworkInterfaces and in an instance's
+/// `networkInterfaceSet`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XmlInterface {
+    pub network_interface_id: String,
+    pub subnet_id: String,
+    pub vpc_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub availability_zone: Option<String>,
+    pub description: String,
+    pub owner_id: String,
+    pub requester_managed: bool,
+    pub status: String,
+    pub mac_address: String,
+    pub private_ip_address: String,
+    pub private_dns_name: String,
+    pub source_dest_check: bool,
+    pub group_set: Items<XmlGroupRef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attachment: Option<XmlAttachment>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub association: Option<XmlAssociation>,
+    pub private_ip_addresses_set: Items<XmlPrivateAddress>,
+    pub interface_type: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag_set: Option<Items<XmlTag>>,
+}
+
+pub fn public_dns_name(ip: &str, region: &str) -> String {
+    format!("ec2-{}.{region}.compute.nimbus", ip.replace('.', "-"))
+}
+
+fn tag_set(tags: &[ResourceTag]) -> Option<Items<XmlTag>> {
+    (!tags.is_empty()).then(|| tags.iter().map(|t| XmlTag { key: t.key.clone(), value: t.value.clone() }).collect::<Vec<_>>().into())
+}
+
+/// `standalone`: DescribeNetworkInterfaces (zone, instance id, tags);
+/// otherwise an instance's own set.
+pub fn interface(n: &NetworkInterface, region: &str, standalone: bool) -> XmlInterface {
+    let association = || {
+        n.association.as_ref().map(|a| XmlAssociation {
+            public_dns_name: public_dns_name(&a.public_ip, region),
+            public_ip: a.public_ip.clone(),
+            ip_owner_id: if a.allocation_id.is_some() { n.owner_id.clone() } else { "amazon".into() },
+            allocation_id: a.allocation_id.clone(),
+            association_id: a.association_id.clone(),
+        })
+    };
+    XmlInterface {
+        network_interface_id: n.network_interface_id.clone(),
+        subnet_id: n.subnet_id.clone(),
+        vpc_id: n.vpc_id.clone(),
+        availability_zone: standalone.then(|| n.availability_zone.clone()),
+        description: String::new(),
+        owner_id: n.owner_id.clone(),
+        requester_managed: false,
+        status: n.status.clone(),
+        mac_address: n.mac_address.clone(),
+        private_ip_address: n.private_ip_address.clone(),
+        private_dns_name: n.private_dns_name.clone(),
+        source_dest_check: true,
+        group_set: n.groups.iter().map(XmlGroupRef::from).collect::<Vec<_>>().into(),
+        attachment: n.attachment.as_ref().map(|a| XmlAttachment {
+            attachment_id: a.attachment_id.clone(),
+            instance_id: standalone.then(|| a.instance_id.clone()),
+            instance_owner_id: standalone.then(|| n.owner_id.clone()),
+            device_index: a.device_index,
+            network_card_index: 0,
+            status: a.status.clone(),
+            attach_time: a.attach_time.as_ref().map(timestamp),
+            delete_on_termination: a.delete_on_termination,
+        }),
+        association: association(),
+        private_ip_addresses_set: vec![XmlPrivateAddress {
+            private_ip_address: n.private_ip_address.clone(),
+            private_dns_name: n.private_dns_name.clone(),
+            primary: true,
+            association: association(),
+        }]
+        .into(),
+        interface_type: "interface",
+        tag_set: if standalone { tag_set(&n.tags) } else { None },
+    }
 }
 
 #[derive(Serialize)]
@@ -111,14 +262,14 @@ pub struct XmlTag {
     pub value: String,
 }
 
-impl From<&Instance> for XmlInstance {
-    fn from(i: &Instance) -> Self {
+impl XmlInstance {
+    pub fn new(i: &Instance, region: &str) -> Self {
         XmlInstance {
             instance_id: i.instance_id.clone(),
             image_id: i.image_id.clone(),
             instance_state: (&i.state).into(),
-            private_dns_name: String::new(),
-            dns_name: String::new(),
+            private_dns_name: i.private_dns_name.clone().unwrap_or_default(),
+            dns_name: i.public_ip_address.as_deref().map(|ip| public_dns_name(ip, region)).unwrap_or_default(),
             reason: i.state_reason.clone().unwrap_or_default(),
             ami_launch_index: i.ami_launch_index,
             instance_type: i.instance_type.clone(),
@@ -135,8 +286,14 @@ impl From<&Instance> for XmlInstance {
             virtualization_type: "hvm",
             hypervisor: "kvm",
             key_name: i.key_name.clone(),
-            tag_set: (!i.tags.is_empty())
-                .then(|| i.tags.iter().map(|t| XmlTag { key: t.key.clone(), value: t.value.clone() }).collect::<Vec<_>>().into()),
+            tag_set: tag_set(&i.tags),
+            private_ip_address: i.private_ip_address.clone(),
+            ip_address: i.public_ip_address.clone(),
+            vpc_id: i.vpc_id.clone(),
+            subnet_id: i.subnet_id.clone(),
+            source_dest_check: true,
+            group_set: i.security_groups.iter().map(XmlGroupRef::from).collect::<Vec<_>>().into(),
+            network_interface_set: i.network_interfaces.iter().map(|n| interface(n, region, false)).collect::<Vec<_>>().into(),
         }
     }
 }
@@ -151,19 +308,19 @@ pub struct XmlReservation {
 }
 
 impl XmlReservation {
-    pub fn new(reservation_id: String, owner_id: String, instances: &[&Instance]) -> Self {
+    pub fn new(reservation_id: String, owner_id: String, instances: &[&Instance], region: &str) -> Self {
         XmlReservation {
             reservation_id,
             owner_id,
             group_set: Empty {},
-            instances_set: instances.iter().map(|i| XmlInstance::from(*i)).collect::<Vec<_>>().into(),
+            instances_set: instances.iter().map(|i| XmlInstance::new(i, region)).collect::<Vec<_>>().into(),
         }
     }
 }
 
 /// `RunInstancesResponse` is a reservation at the top level.
-pub fn run_instances(r: &Reservation) -> XmlReservation {
-    XmlReservation::new(r.reservation_id.clone(), r.owner_id.clone(), &r.instances.iter().collect::<Vec<_>>())
+pub fn run_instances(r: &Reservation, region: &str) -> XmlReservation {
+    XmlReservation::new(r.reservation_id.clone(), r.owner_id.clone(), &r.instances.iter().collect::<Vec<_>>(), region)
 }
 
 #[derive(Serialize)]
@@ -176,7 +333,7 @@ pub struct DescribeInstances {
 
 /// Groups instances by reservation, keeping the order in which each
 /// reservation first appears.
-pub fn describe_instances(instances: &[Instance], owner_id: &str, next_token: Option<String>) -> DescribeInstances {
+pub fn describe_instances(instances: &[Instance], owner_id: &str, next_token: Option<String>, region: &str) -> DescribeInstances {
     let mut order: Vec<&str> = Vec::new();
     let mut groups: std::collections::HashMap<&str, Vec<&Instance>> = std::collections::HashMap::new();
     for i in instances {
@@ -188,7 +345,7 @@ pub fn describe_instances(instances: &[Instance], owner_id: &str, next_token: Op
     }
     let reservations = order
         .into_iter()
-        .map(|r| XmlReservation::new(r.to_string(), owner_id.to_string(), groups.get(r).map(Vec::as_slice).unwrap_or_default()))
+        .map(|r| XmlReservation::new(r.to_string(), owner_id.to_string(), groups.get(r).map(Vec::as_slice).unwrap_or_default(), region))
         .collect::<Vec<_>>();
     DescribeInstances { reservation_set: reservations.into(), next_token }
 }
@@ -421,17 +578,308 @@ pub struct DescribeAccountAttributes {
 }
 
 /// The account attributes EC2 clients ask for, with Nimbus's values:
-/// `max-instances` and `max-vcpus` are the account's limits.
-pub fn account_attributes(a: &crate::service::accounts::AccountView) -> Vec<(&'static str, Vec<String>)> {
+/// `max-instances`, `max-vcpus` and the Elastic IP limits are the
+/// account's limits, `default-vpc` its default VPC.
+pub fn account_attributes(a: &crate::service::accounts::AccountView, default_vpc: &str) -> Vec<(&'static str, Vec<String>)> {
     vec![
         ("supported-platforms", vec!["VPC".to_string()]),
-        ("default-vpc", vec!["none".to_string()]),
+        ("default-vpc", vec![default_vpc.to_string()]),
         ("max-instances", vec![a.limits.max_instances.to_string()]),
         ("max-vcpus", vec![a.limits.max_vcpus.to_string()]),
-        ("vpc-max-security-groups-per-interface", vec!["5".to_string()]),
-        ("max-elastic-ips", vec!["0".to_string()]),
-        ("vpc-max-elastic-ips", vec!["0".to_string()]),
+        ("vpc-max-security-groups-per-interface", vec![crate::service::network::MAX_GROUPS_PER_INTERFACE.to_string()]),
+        ("max-elastic-ips", vec![a.limits.max_elastic_ips.to_string()]),
+        ("vpc-max-elastic-ips", vec![a.limits.max_elastic_ips.to_string()]),
     ]
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XmlCidrAssociation {
+    pub cidr_block: String,
+    pub association_id: String,
+    pub cidr_block_state: XmlStateCode,
+}
+
+#[derive(Serialize)]
+pub struct XmlStateCode {
+    pub state: &'static str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XmlVpc {
+    pub vpc_id: String,
+    pub owner_id: String,
+    pub state: String,
+    pub cidr_block: String,
+    pub cidr_block_association_set: Items<XmlCidrAssociation>,
+    pub dhcp_options_id: &'static str,
+    pub instance_tenancy: &'static str,
+    pub is_default: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag_set: Option<Items<XmlTag>>,
+}
+
+pub fn vpc(v: &Vpc) -> XmlVpc {
+    XmlVpc {
+        vpc_id: v.vpc_id.clone(),
+        owner_id: v.owner_id.clone(),
+        state: v.state.clone(),
+        cidr_block: v.cidr_block.clone(),
+        cidr_block_association_set: vec![XmlCidrAssociation {
+            cidr_block: v.cidr_block.clone(),
+            association_id: format!("vpc-cidr-assoc-{}", v.vpc_id.trim_start_matches("vpc-")),
+            cidr_block_state: XmlStateCode { state: "associated" },
+        }]
+        .into(),
+        dhcp_options_id: "default",
+        instance_tenancy: "default",
+        is_default: v.is_default,
+        tag_set: tag_set(&v.tags),
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XmlSubnet {
+    pub subnet_id: String,
+    pub state: String,
+    pub vpc_id: String,
+    pub owner_id: String,
+    pub cidr_block: String,
+    pub available_ip_address_count: u64,
+    pub availability_zone: String,
+    pub availability_zone_id: String,
+    pub default_for_az: bool,
+    pub map_public_ip_on_launch: bool,
+    pub assign_ipv6_address_on_creation: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag_set: Option<Items<XmlTag>>,
+}
+
+pub fn subnet(s: &Subnet) -> XmlSubnet {
+    XmlSubnet {
+        subnet_id: s.subnet_id.clone(),
+        state: s.state.clone(),
+        vpc_id: s.vpc_id.clone(),
+        owner_id: s.owner_id.clone(),
+        cidr_block: s.cidr_block.clone(),
+        available_ip_address_count: s.available_ip_address_count,
+        availability_zone: s.availability_zone.clone(),
+        availability_zone_id: s.availability_zone.clone(),
+        default_for_az: s.default_for_az,
+        map_public_ip_on_launch: s.map_public_ip_on_launch,
+        assign_ipv6_address_on_creation: false,
+        tag_set: tag_set(&s.tags),
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XmlUserIdGroupPair {
+    pub user_id: String,
+    pub group_id: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XmlIpRange {
+    pub cidr_ip: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XmlIpPermission {
+    pub ip_protocol: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_port: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to_port: Option<i32>,
+    pub groups: Items<XmlUserIdGroupPair>,
+    pub ip_ranges: Items<XmlIpRange>,
+    pub ipv6_ranges: Empty,
+    pub prefix_list_ids: Empty,
+}
+
+/// EC2 answers rules grouped by (protocol, ports), each with its CIDRs and groups.
+fn permissions(rules: &[SecurityGroupRule], owner: &str) -> Items<XmlIpPermission> {
+    let mut out: Vec<XmlIpPermission> = Vec::new();
+    for r in rules {
+        let ports = (r.protocol != "-1").then_some((r.from_port, r.to_port));
+        let found = out.iter().position(|p| p.ip_protocol == r.protocol && p.from_port == ports.map(|p| p.0) && p.to_port == ports.map(|p| p.1));
+        let i = match found {
+            Some(i) => i,
+            None => {
+                out.push(XmlIpPermission {
+                    ip_protocol: r.protocol.clone(),
+                    from_port: ports.map(|p| p.0),
+                    to_port: ports.map(|p| p.1),
+                    groups: Vec::new().into(),
+                    ip_ranges: Vec::new().into(),
+                    ipv6_ranges: Empty {},
+                    prefix_list_ids: Empty {},
+                });
+                out.len() - 1
+            }
+        };
+        if let Some(c) = &r.cidr {
+            out[i].ip_ranges.item.push(XmlIpRange { cidr_ip: c.clone(), description: r.description.clone() });
+        }
+        if let Some(g) = &r.referenced_group_id {
+            out[i].groups.item.push(XmlUserIdGroupPair { user_id: owner.to_string(), group_id: g.clone() });
+        }
+    }
+    out.into()
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XmlSecurityGroup {
+    pub owner_id: String,
+    pub group_id: String,
+    pub group_name: String,
+    pub group_description: String,
+    pub vpc_id: String,
+    pub ip_permissions: Items<XmlIpPermission>,
+    pub ip_permissions_egress: Items<XmlIpPermission>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag_set: Option<Items<XmlTag>>,
+}
+
+pub fn security_group(g: &SecurityGroup) -> XmlSecurityGroup {
+    XmlSecurityGroup {
+        owner_id: g.owner_id.clone(),
+        group_id: g.group_id.clone(),
+        group_name: g.group_name.clone(),
+        group_description: g.description.clone(),
+        vpc_id: g.vpc_id.clone(),
+        ip_permissions: permissions(&g.ingress, &g.owner_id),
+        ip_permissions_egress: permissions(&g.egress, &g.owner_id),
+        tag_set: tag_set(&g.tags),
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XmlReferencedGroup {
+    pub group_id: String,
+    pub user_id: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XmlSecurityGroupRule {
+    pub security_group_rule_id: String,
+    pub group_id: String,
+    pub group_owner_id: String,
+    pub is_egress: bool,
+    pub ip_protocol: String,
+    pub from_port: i32,
+    pub to_port: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cidr_ipv4: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub referenced_group_info: Option<XmlReferencedGroup>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+pub fn security_group_rule(r: &SecurityGroupRule, owner: &str) -> XmlSecurityGroupRule {
+    XmlSecurityGroupRule {
+        security_group_rule_id: r.rule_id.clone(),
+        group_id: r.group_id.clone(),
+        group_owner_id: owner.to_string(),
+        is_egress: r.egress,
+        ip_protocol: r.protocol.clone(),
+        from_port: r.from_port,
+        to_port: r.to_port,
+        cidr_ipv4: r.cidr.clone(),
+        referenced_group_info: r.referenced_group_id.as_ref().map(|g| XmlReferencedGroup { group_id: g.clone(), user_id: owner.to_string() }),
+        description: r.description.clone(),
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XmlAddress {
+    pub public_ip: String,
+    pub allocation_id: String,
+    pub domain: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub association_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network_interface_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network_interface_owner_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub private_ip_address: Option<String>,
+    pub public_ipv4_pool: &'static str,
+    pub network_border_group: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag_set: Option<Items<XmlTag>>,
+}
+
+pub fn address(a: &Address, region: &str) -> XmlAddress {
+    XmlAddress {
+        public_ip: a.public_ip.clone(),
+        allocation_id: a.allocation_id.clone(),
+        domain: a.domain.clone(),
+        instance_id: a.instance_id.clone(),
+        association_id: a.association_id.clone(),
+        network_interface_id: a.network_interface_id.clone(),
+        network_interface_owner_id: a.network_interface_id.as_ref().map(|_| a.owner_id.clone()),
+        private_ip_address: a.private_ip_address.clone(),
+        public_ipv4_pool: "nimbus",
+        network_border_group: region.to_string(),
+        tag_set: tag_set(&a.tags),
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XmlStatusDetail {
+    pub name: &'static str,
+    pub status: &'static str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XmlStatus {
+    pub status: &'static str,
+    pub details: Items<XmlStatusDetail>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XmlInstanceStatus {
+    pub instance_id: String,
+    pub availability_zone: String,
+    pub instance_state: XmlState,
+    pub system_status: XmlStatus,
+    pub instance_status: XmlStatus,
+}
+
+/// EC2's status checks for an instance in `state`: `ok` once running
+/// (the store-backed checks come later), `initializing` while pending.
+pub fn instance_status(i: &Instance) -> XmlInstanceStatus {
+    let (status, detail) = crate::service::instances::status_checks(i.state.name);
+    let check = || XmlStatus { status, details: vec![XmlStatusDetail { name: "reachability", status: detail }].into() };
+    XmlInstanceStatus {
+        instance_id: i.instance_id.clone(),
+        availability_zone: i.availability_zone.clone(),
+        instance_state: (&i.state).into(),
+        system_status: check(),
+        instance_status: check(),
+    }
+}
+
+#[derive(Serialize)]
+pub struct XmlValue<T> {
+    pub value: T,
 }
 
 #[derive(Serialize)]
@@ -474,19 +922,28 @@ mod tests {
             state_reason: None,
             key_name: None,
             tags: vec![nimbus_proto::api::ResourceTag { key: "Name".into(), value: "web <1>".into() }],
+            private_ip_address: Some("172.31.0.4".into()),
+            private_dns_name: Some("ip-172-31-0-4.nimbus-1.compute.internal".into()),
+            public_ip_address: None,
+            vpc_id: Some("vpc-1".into()),
+            subnet_id: Some("subnet-1".into()),
+            security_groups: vec![GroupRef { group_id: "sg-1".into(), group_name: "default".into() }],
+            network_interfaces: vec![],
         }
     }
 
     #[test]
     fn describe_instances_groups_by_reservation() {
         let list = vec![instance("i-1", "r-a"), instance("i-2", "r-b"), instance("i-3", "r-a")];
-        let body = describe_instances(&list, "000000000000", Some("tok".into()));
+        let body = describe_instances(&list, "000000000000", Some("tok".into()), "nimbus-1");
         let xml = to_xml("DescribeInstancesResponse", &Envelope { xmlns: XMLNS, request_id: "req-1".into(), body }).unwrap();
         assert!(xml.contains("<DescribeInstancesResponse xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\"><requestId>req-1</requestId><reservationSet><item><reservationId>r-a</reservationId>"), "{xml}");
         assert_eq!(xml.matches("<reservationId>").count(), 2);
         assert!(xml.contains("<instanceState><code>16</code><name>running</name></instanceState>"));
         assert!(xml.contains("<launchTime>2026-11-25T16:00:00.500Z</launchTime>"));
         assert!(xml.contains("<groupSet/>"));
+        assert!(xml.contains("<privateIpAddress>172.31.0.4</privateIpAddress><vpcId>vpc-1</vpcId><subnetId>subnet-1</subnetId>"), "{xml}");
+        assert!(xml.contains("<groupSet><item><groupId>sg-1</groupId><groupName>default</groupName></item></groupSet>"), "{xml}");
         assert!(xml.contains("<tagSet><item><key>Name</key><value>web &lt;1&gt;</value></item></tagSet>"), "{xml}");
         assert!(xml.ends_with("<nextToken>tok</nextToken></DescribeInstancesResponse>"), "{xml}");
         let a = xml.find("i-1").unwrap();
