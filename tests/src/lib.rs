@@ -828,6 +828,12 @@ pub async fn await_event<T>(
     }
 }
 
+/// A guest's serial console log as text (`\r` dropped): lossy, since a
+/// guest may print any bytes (user-data scripts do); empty when missing.
+pub fn read_console(path: &Path) -> String {
+    String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).replace('\r', "")
+}
+
 /// The instance ids of a reservation's JSON.
 pub fn instance_ids(reservation: &Value) -> Vec<String> {
     reservation["instances"]

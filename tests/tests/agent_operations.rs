@@ -237,7 +237,7 @@ fn count(text: &str, line: &str) -> usize {
 }
 
 fn read_console(console: &PathBuf) -> String {
-    std::fs::read_to_string(console).unwrap_or_default().replace('\r', "")
+    nimbus_tests::read_console(console)
 }
 
 /// Waits until the console holds `n` lines equal to `line`; returns the console.

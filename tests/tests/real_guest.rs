@@ -53,7 +53,7 @@ async fn a_real_guest_boots_and_prints_its_own_instance_id() {
     let mut text = String::new();
     let deadline = Instant::now() + scaled(Duration::from_secs(180));
     while Instant::now() < deadline {
-        text = std::fs::read_to_string(&console).unwrap_or_default().replace('\r', "");
+        text = nimbus_tests::read_console(&console);
         if text.contains("NIMBUS-READY") {
             break;
         }
