@@ -84,11 +84,15 @@ impl HostEvents {
         }
     }
 
-    /// Listens for `nimbus_host` notifications until the process ends.
+    /// Listens for `nimbus_host` notifications until the process ends or
+    /// the pool is closed.
     pub fn spawn_listener(&self, pool: PgPool) {
         let events = self.clone();
         tokio::spawn(async move {
             loop {
+                if pool.is_closed() {
+                    return;
+                }
                 match PgListener::connect_with(&pool).await {
                     Ok(mut listener) => {
                         if let Err(e) = listener.listen(CHANNEL).await {
@@ -103,6 +107,7 @@ impl HostEvents {
                                         tracing::warn!("notification connection lost; reconnecting");
                                         events.notify_all();
                                     }
+                                    Err(_) if pool.is_closed() => return,
                                     Err(e) => {
                                         tracing::warn!(error = %e, "notification listener failed");
                                         break;

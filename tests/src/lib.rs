@@ -758,6 +758,11 @@ impl Drop for Cloud {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+        // Closing the pool also ends the control plane's notification listener.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let db = self.service.db.clone();
+            rt.spawn(async move { db.close().await });
+        }
     }
 }
 

@@ -177,8 +177,15 @@ impl DataPlane {
         let wanted: HashSet<String> = net.vpcs.iter().map(|v| self.vpc_ns_name(v.vni)).collect();
         for name in existing.difference(&wanted) {
             tracing::info!(netns = %name, "removing a VPC that has no interface on this host any more");
+            let vni = name.rsplit_once("-v").and_then(|(_, v)| v.parse::<u32>().ok());
+            if let Some(vni) = vni {
+                // Deleted first, and at once: a namespace is torn down
+                // asynchronously, and until then its VXLAN holds the VNI and
+                // port (the VPC coming back would find them taken).
+                let _ = Ns::named(name).run("ip", &["link", "del", &format!("nx{vni}")]).await;
+            }
             Ns::own().run("ip", &["netns", "del", name]).await?;
-            if let Some(vni) = name.rsplit_once("-v").and_then(|(_, v)| v.parse::<u32>().ok()) {
+            if let Some(vni) = vni {
                 self.applied.lock().unwrap_or_else(|p| p.into_inner()).remove(&vni);
                 // The veth's host end went with its peer; a half-made VXLAN may be left.
                 let _ = self.cfg.host_ns.run("ip", &["link", "del", &format!("nx{vni}")]).await;
