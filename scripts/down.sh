@@ -35,3 +35,4 @@ fi
 stop agent
 stop control-plane
 scripts/pg.sh stop
+scripts/netns.sh down

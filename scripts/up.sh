@@ -2,9 +2,11 @@
 # The main job (README): an all-in-one Nimbus cloud on this machine that boots
 # a real guest. Installs what is missing, starts libvirt, a project-owned
 # PostgreSQL, the control plane and one host agent (KVM where it really works,
-# QEMU/TCG otherwise), builds and registers the tiny image, launches one
-# instance and prints the lines its console shows. The cloud keeps running;
-# `scripts/down.sh` stops it.
+# QEMU/TCG otherwise) with the VPC data plane in network namespaces of its own
+# (scripts/netns.sh: nimbus-host, and nimbus-out playing the internet), builds
+# and registers the tiny image, launches one instance with a key pair and a
+# public address, prints the lines its console shows, and logs into it with
+# SSH from nimbus-out. The cloud keeps running; `scripts/down.sh` stops it.
 #
 #   scripts/up.sh
 set -euo pipefail
@@ -27,6 +29,8 @@ step "installing packages, starting libvirtd and virtlogd"
 scripts/install-deps.sh
 step "checking that every command the project runs comes from a package install-deps.sh names"
 scripts/check-deps.sh
+step "the host's network namespaces (nimbus-host, nimbus-out)"
+scripts/netns.sh up
 step "starting PostgreSQL"
 scripts/pg.sh start
 DATABASE_URL=$(scripts/pg.sh url)
@@ -63,7 +67,8 @@ wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
 if ! running control-plane; then
     step "starting the control plane on $ENDPOINT"
     DATABASE_URL=$DATABASE_URL NIMBUS_LISTEN=127.0.0.1:$PORT NIMBUS_ADMIN_TOKEN=$NIMBUS_ADMIN_TOKEN \
-        NIMBUS_JOIN_TOKEN=$NIMBUS_JOIN_TOKEN NIMBUS_MASTER_KEY=$NIMBUS_MASTER_KEY setsid "$BIN/nimbus-control-plane" >>"$LOGS/control-plane.log" 2>&1 </dev/null &
+        NIMBUS_JOIN_TOKEN=$NIMBUS_JOIN_TOKEN NIMBUS_MASTER_KEY=$NIMBUS_MASTER_KEY NIMBUS_PUBLIC_POOL=198.51.100.0/24 \
+        setsid "$BIN/nimbus-control-plane" >>"$LOGS/control-plane.log" 2>&1 </dev/null &
     echo $! >"$RUN/control-plane.pid"
 fi
 wait_for 30 "control plane start" curl -sf "$ENDPOINT/healthz"
@@ -71,7 +76,9 @@ wait_for 30 "control plane start" curl -sf "$ENDPOINT/healthz"
 if ! running agent; then
     step "starting the host agent"
     NIMBUS_CONTROL_PLANE=$ENDPOINT NIMBUS_JOIN_TOKEN=$NIMBUS_JOIN_TOKEN NIMBUS_HOST_NAME=$(hostname) \
-        NIMBUS_STATE_DIR=$AGENT_STATE setsid "$BIN/nimbus-agent" >>"$LOGS/agent.log" 2>&1 </dev/null &
+        NIMBUS_STATE_DIR=$AGENT_STATE NIMBUS_NETWORK=vpc NIMBUS_UNDERLAY_ADDRESS=10.99.0.11 \
+        NIMBUS_NETWORK_NAMESPACE=nimbus-host NIMBUS_UPLINK=uplink \
+        setsid "$BIN/nimbus-agent" >>"$LOGS/agent.log" 2>&1 </dev/null &
     echo $! >"$RUN/agent.pid"
 fi
 host_available() { "$BIN/nimbus" -o json describe-hosts | grep -q '"status": *"available"'; }
@@ -91,20 +98,46 @@ fi
 AKID=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["access_key_id"])' "$RUN/account.json")
 USER_TOKEN=$(python3 -c 'import json,sys; a=json.load(open(sys.argv[1])); print(a["access_key_id"] + ":" + a["secret_access_key"])' "$RUN/account.json")
 
-step "launching one instance as the account demo"
-NIMBUS_TOKEN=$USER_TOKEN "$BIN/nimbus" -o json run-instances --instance-type t3.nano --user-data "#!/bin/sh
+# A key pair and a group that lets SSH in from the "internet" (nimbus-out), made once.
+demo() { NIMBUS_TOKEN=$USER_TOKEN "$BIN/nimbus" "$@"; }
+KEY=$RUN/demo-key.pem
+if [ ! -f "$KEY" ]; then
+    step "creating the key pair demo-key ($KEY)"
+    demo delete-key-pair demo-key >/dev/null 2>&1 || true
+    demo create-key-pair demo-key --out "$KEY"
+fi
+SG=$(demo -o json describe-security-groups | python3 -c 'import json,sys; print(" ".join(g["group_id"] for g in json.load(sys.stdin)["security_groups"] if g["group_name"] == "ssh"))')
+if [ -z "$SG" ]; then
+    step "creating the security group ssh (port 22 from 10.99.0.0/24)"
+    SG=$(demo -o json create-security-group --group-name ssh --description "SSH from nimbus-out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["group_id"])')
+    demo authorize-security-group-ingress "$SG" --port 22 --cidr 10.99.0.0/24 >/dev/null
+fi
+
+step "launching one instance as the account demo (key demo-key, groups default and ssh)"
+DEFAULT_SG=$(demo -o json describe-security-groups | python3 -c 'import json,sys; print([g["group_id"] for g in json.load(sys.stdin)["security_groups"] if g["group_name"] == "default"][0])')
+demo -o json run-instances --instance-type t3.nano --key-name demo-key --security-group-ids "$DEFAULT_SG,$SG" \
+    --user-data "#!/bin/sh
 echo hello from nimbus" --wait >"$RUN/last-launch.json"
 ID=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["instances"][0]["instance_id"])' "$RUN/last-launch.json")
-NIMBUS_TOKEN=$USER_TOKEN "$BIN/nimbus" describe-instances --instance-id "$ID"
+demo describe-instances --instance-id "$ID"
+PUBLIC_IP=$(demo -o json describe-instances --instance-id "$ID" | python3 -c 'import json,sys; print(json.load(sys.stdin)["instances"][0].get("public_ip_address") or "")')
 
 CONSOLE=$AGENT_STATE/instances/$ID/console.log
 step "waiting for $ID's console (serial log $CONSOLE)"
 wait_for 180 "the guest's NIMBUS-READY line" grep -q NIMBUS-READY "$CONSOLE"
 grep -a '^NIMBUS-' "$CONSOLE" | tr -d '\r'
+SSH=(ip netns exec nimbus-out ssh -i "$KEY" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o ConnectTimeout=10 -o LogLevel=ERROR)
+if [ -n "$PUBLIC_IP" ]; then
+    step "logging into $ID at $PUBLIC_IP from nimbus-out: ${SSH[*]} root@$PUBLIC_IP"
+    wait_for 120 "SSH into $PUBLIC_IP" "${SSH[@]}" "root@$PUBLIC_IP" true
+    "${SSH[@]}" "root@$PUBLIC_IP" 'echo "$(hostname): $(cat /etc/nimbus-release | cut -d" " -f1-2)"; ip -4 -o addr show dev eth0'
+fi
 
 cat <<EOM
 
-Nimbus is up. Use it as the account demo with:
+Nimbus is up. Log into the instance from the "internet" namespace:
+  ip netns exec nimbus-out ssh -i $KEY root@${PUBLIC_IP:-<public ip>}
+Use it as the account demo with:
   export NIMBUS_ENDPOINT=$ENDPOINT NIMBUS_TOKEN=\$(python3 -c 'import json; a=json.load(open("$RUN/account.json")); print(a["access_key_id"] + ":" + a["secret_access_key"])')
   $BIN/nimbus describe-instances
   $BIN/nimbus run-instances --instance-type t3.micro --count 2 --wait

@@ -49,6 +49,29 @@ pub enum Command {
     DescribeInstanceTypes,
     /// Your account: its limits and what it holds (GET /v1/account).
     DescribeAccount,
+    /// Make a key pair (POST /v1/key-pairs): the private key is shown once;
+    /// with --out it goes to that file instead (mode 0600).
+    CreateKeyPair {
+        /// The key pair's name.
+        name: String,
+        /// ed25519 (default) or rsa.
+        #[arg(long)]
+        key_type: Option<String>,
+        /// Write the private key here (a new file, 0600) rather than to stdout.
+        #[arg(long, value_name = "PATH")]
+        out: Option<PathBuf>,
+    },
+    /// Import an OpenSSH public key as a key pair (POST /v1/key-pairs/import).
+    ImportKeyPair {
+        name: String,
+        /// File holding the public key (e.g. ~/.ssh/id_ed25519.pub).
+        #[arg(long, value_name = "PATH")]
+        public_key_file: PathBuf,
+    },
+    /// List key pairs (GET /v1/key-pairs).
+    DescribeKeyPairs,
+    /// Delete a key pair (DELETE /v1/key-pairs/{name}); instances keep their key.
+    DeleteKeyPair { name: String },
     /// Register an image built by an image recipe (POST /v1/images).
     RegisterImage(RegisterImageArgs),
     /// Change a stopped instance's type, or its security groups (POST /v1/instances/{id}/attributes).
@@ -233,6 +256,9 @@ pub struct RunInstancesArgs {
     /// Map a public address from the operator's pool (true/false; default: the subnet's setting).
     #[arg(long, value_name = "BOOL")]
     pub associate_public_ip_address: Option<bool>,
+    /// Key pair whose public key the instance gets (SSH as root on the tiny image).
+    #[arg(long)]
+    pub key_name: Option<String>,
     #[command(flatten)]
     pub wait: WaitArgs,
 }
@@ -328,7 +354,7 @@ impl RunInstancesArgs {
     pub fn to_request(&self) -> Result<RunInstancesRequest, CliError> {
         let (min_count, max_count) = self.counts()?;
         Ok(RunInstancesRequest {
-            key_name: None,
+            key_name: self.key_name.clone(),
             tags: Vec::new(),
             image_id: self.image_id.clone(),
             instance_type: self.instance_type.clone(),

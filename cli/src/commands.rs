@@ -126,6 +126,52 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
         Command::DisassociateAddress { allocation_id: id } => {
             done(&client, out, Method::POST, &["v1", "addresses", &id, "disassociate"], &id).await?
         }
+        Command::CreateKeyPair { name, key_type, out: file } => {
+            let body = serde_json::json!({ "name": name, "key_type": key_type });
+            let r = client.call(Method::POST, &["v1", "key-pairs"], &[], Some(&body)).await?;
+            let material = r.raw["key_material"].as_str().unwrap_or_default().to_string();
+            if let Some(path) = &file {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(path)
+                    .map_err(|e| CliError::Usage(format!("cannot create {}: {e}", path.display())))?;
+                f.write_all(material.as_bytes()).map_err(|e| CliError::Usage(format!("cannot write {}: {e}", path.display())))?;
+            }
+            let summary = format!(
+                "{} {} {}",
+                r.raw["key_name"].as_str().unwrap_or("-"),
+                r.raw["key_type"].as_str().unwrap_or("-"),
+                r.raw["key_fingerprint"].as_str().unwrap_or("-")
+            );
+            match (out, &file) {
+                (OutputFormat::Json, Some(_)) => {
+                    let mut v = r.raw.clone();
+                    v["key_material"] = serde_json::Value::Null;
+                    output::json(&v)
+                }
+                (OutputFormat::Json, None) => output::json(&r.raw),
+                (OutputFormat::Table, Some(p)) => format!("{summary}\nprivate key written to {}", p.display()),
+                (OutputFormat::Table, None) => format!("{summary}\n{material}"),
+            }
+        }
+        Command::ImportKeyPair { name, public_key_file } => {
+            let key = std::fs::read_to_string(&public_key_file)
+                .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", public_key_file.display())))?;
+            let body = serde_json::json!({ "name": name, "public_key": key.trim() });
+            let r = client.call(Method::POST, &["v1", "key-pairs", "import"], &[], Some(&body)).await?;
+            render(out, &r.raw, || format!("{} {}", r.raw["key_name"].as_str().unwrap_or("-"), r.raw["key_fingerprint"].as_str().unwrap_or("-")))
+        }
+        Command::DescribeKeyPairs => {
+            let r = client.call(Method::GET, &["v1", "key-pairs"], &[], None).await?;
+            render(out, &r.raw, || {
+                output::objects_table(&r.raw, "key_pairs", &[("NAME", "key_name"), ("ID", "key_pair_id"), ("TYPE", "key_type"), ("FINGERPRINT", "key_fingerprint")])
+            })
+        }
+        Command::DeleteKeyPair { name } => done(&client, out, Method::DELETE, &["v1", "key-pairs", &name], &name).await?,
         Command::DescribeAccount => {
             let r = client.describe_account().await?;
             render(out, &r.raw, || output::account(&r.body))

@@ -528,3 +528,31 @@ async fn vpc_commands_create_a_network_and_launch_into_it() {
     let del = nimbus(&cloud, &["delete-subnet", subnet_id]).await;
     assert!(del.err.contains("DependencyViolation"), "{}", del.err);
 }
+
+/// Key pairs from the command line: made with the private key written to a
+/// new 0600 file (never printed then), listed, used at launch, deleted; an
+/// existing file is never overwritten.
+#[tokio::test]
+async fn key_pairs_are_made_listed_used_and_deleted() {
+    use std::os::unix::fs::PermissionsExt;
+    let cloud = Cloud::start().await.unwrap();
+    let _agent = cloud.add_agent("a", "az1", 8, 8192, 100).await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    let file = cloud.dir.path().join("demo.pem");
+    let made = nimbus(&cloud, &["create-key-pair", "demo", "--out", file.to_str().unwrap()]).await.ok();
+    assert!(made.out.contains("private key written to"), "{}", made.out);
+    assert!(!made.out.contains("PRIVATE KEY"), "the key went to the file, not the terminal: {}", made.out);
+    let pem = std::fs::read_to_string(&file).unwrap();
+    assert!(pem.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----"), "{pem}");
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    let again = nimbus(&cloud, &["create-key-pair", "demo2", "--out", file.to_str().unwrap()]).await;
+    assert_ne!(again.code, Some(0), "an existing file is not overwritten");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), pem);
+
+    let listed = nimbus(&cloud, &["describe-key-pairs"]).await.ok();
+    assert!(listed.rows(1).iter().any(|r| r[0] == "demo" && r[2] == "ed25519"), "{}", listed.out);
+    let run = nimbus(&cloud, &["-o", "json", "run-instances", "--instance-type", "t3.nano", "--key-name", "demo"]).await.ok().json();
+    assert_eq!(run["instances"][0]["key_name"], "demo");
+    nimbus(&cloud, &["delete-key-pair", "demo"]).await.ok();
+    assert!(!nimbus(&cloud, &["describe-key-pairs"]).await.ok().out.contains("demo "), "deleted");
+}
