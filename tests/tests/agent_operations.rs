@@ -9,7 +9,7 @@
 use nimbus_host_agent::domain;
 use nimbus_host_agent::reconcile::AgentEvent;
 use nimbus_host_agent::HypervisorChoice;
-use nimbus_tests::{instance_ids, scaled, test_domain_state, AgentHandle, Cloud};
+use nimbus_tests::{read_console, instance_ids, scaled, test_domain_state, AgentHandle, Cloud};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use std::path::PathBuf;
@@ -236,12 +236,8 @@ fn count(text: &str, line: &str) -> usize {
     text.lines().filter(|l| *l == line).count()
 }
 
-fn read_console(console: &PathBuf) -> String {
-    nimbus_tests::read_console(console)
-}
-
 /// Waits until the console holds `n` lines equal to `line`; returns the console.
-async fn wait_for_lines(console: &PathBuf, line: &str, n: usize, timeout: Duration) -> String {
+async fn wait_for_lines(console: &std::path::Path, line: &str, n: usize, timeout: Duration) -> String {
     let deadline = Instant::now() + timeout;
     loop {
         let text = read_console(console);
