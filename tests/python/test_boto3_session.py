@@ -89,18 +89,8 @@ def testbed():
 
 @pytest.fixture(scope="module")
 def bed(testbed):
+    """Overrides conftest's `bed`; conftest's `ec2` uses this one."""
     return testbed.info
-
-
-@pytest.fixture(scope="module")
-def ec2(bed):
-    return boto3.client(
-        "ec2",
-        endpoint_url=bed["endpoint"],
-        region_name=bed["region"],
-        aws_access_key_id=bed["access_key_id"],
-        aws_secret_access_key=bed["secret_access_key"],
-    )
 
 
 def code_of(excinfo):

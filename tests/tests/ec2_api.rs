@@ -1,7 +1,7 @@
 //! The EC2 Query front door over the real control plane, with requests
 //! signed by the `aws-sigv4` crate (the AWS SDK's own signer).
 
-use nimbus_tests::Cloud;
+use nimbus_tests::{xml_error_code as error_code, xml_values as between, Cloud};
 use serde_json::json;
 use std::time::{Duration, SystemTime};
 
@@ -25,20 +25,6 @@ async fn ec2_at(cloud: &Cloud, keys: &Keys, form: &str, at: SystemTime) -> (u16,
 
 async fn ec2(cloud: &Cloud, keys: &Keys, form: &str) -> (u16, String) {
     ec2_at(cloud, keys, form, SystemTime::now()).await
-}
-
-fn between<'a>(xml: &'a str, tag: &str) -> Vec<&'a str> {
-    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
-    xml.match_indices(&open)
-        .filter_map(|(i, _)| {
-            let rest = &xml[i + open.len()..];
-            rest.find(&close).map(|j| &rest[..j])
-        })
-        .collect()
-}
-
-fn error_code(xml: &str) -> &str {
-    between(xml, "Code").first().copied().unwrap_or("")
 }
 
 #[tokio::test]
