@@ -43,8 +43,23 @@ pub enum Command {
     TerminateInstances(TerminateInstancesArgs),
     /// List hypervisor hosts and their capacity (GET /v1/hosts).
     DescribeHosts,
-    /// List registered images (GET /v1/images).
-    DescribeImages,
+    /// List the images you may launch (GET /v1/images), with DescribeImages' filters.
+    DescribeImages(DescribeImagesArgs),
+    /// Deregister one of your images (DELETE /v1/images/{id}): no new
+    /// launches; running instances keep running.
+    DeregisterImage { image_id: String },
+    /// Make an image of an instance's disk (POST /v1/instances/{id}/image);
+    /// the instance is shut down cleanly and started again unless --no-reboot.
+    CreateImage {
+        instance_id: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+        /// Copy the disk while the guest runs (crash-consistent).
+        #[arg(long)]
+        no_reboot: bool,
+    },
     /// List instance types (GET /v1/instance-types).
     DescribeInstanceTypes,
     /// Your account: its limits and what it holds (GET /v1/account).
@@ -72,7 +87,8 @@ pub enum Command {
     DescribeKeyPairs,
     /// Delete a key pair (DELETE /v1/key-pairs/{name}); instances keep their key.
     DeleteKeyPair { name: String },
-    /// Register an image built by an image recipe (POST /v1/images).
+    /// Register an image (operator, POST /v1/images): a recipe's manifest,
+    /// or one bootable qcow2 (a path on every host, or an http(s) URL) with its SHA-256.
     RegisterImage(RegisterImageArgs),
     /// Change a stopped instance's type, or its security groups (POST /v1/instances/{id}/attributes).
     ModifyInstanceAttribute {
@@ -298,11 +314,62 @@ pub struct TerminateInstancesArgs {
     pub wait: WaitArgs,
 }
 
+#[derive(Debug, Clone, Args, Default)]
+pub struct DescribeImagesArgs {
+    /// Only these images (repeat or separate with commas).
+    #[arg(long = "image-ids", value_name = "AMI", value_delimiter = ',')]
+    pub image_ids: Vec<String>,
+    /// Owners: self, amazon (the operator's images) or account ids.
+    #[arg(long = "owners", value_name = "OWNER", value_delimiter = ',')]
+    pub owners: Vec<String>,
+    /// Images these accounts may launch: self, all, or account ids.
+    #[arg(long = "executable-users", value_name = "USER", value_delimiter = ',')]
+    pub executable_users: Vec<String>,
+    /// Name, with * and ? wildcards.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// pending, available or failed.
+    #[arg(long)]
+    pub state: Option<String>,
+}
+
+impl DescribeImagesArgs {
+    pub fn to_query(&self) -> Vec<(&'static str, String)> {
+        let mut q = Vec::new();
+        for (k, v) in [("image_id", &self.image_ids), ("owner", &self.owners), ("executable_by", &self.executable_users)] {
+            if !v.is_empty() {
+                q.push((k, v.join(",")));
+            }
+        }
+        q.extend(self.name.clone().map(|n| ("name", n)));
+        q.extend(self.state.clone().map(|s| ("state", s)));
+        q
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct RegisterImageArgs {
     /// The recipe's manifest.json; the image files lie next to it.
-    #[arg(long, value_name = "PATH")]
-    pub manifest: PathBuf,
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["disk", "disk_url"], required_unless_present_any = ["disk", "disk_url"])]
+    pub manifest: Option<PathBuf>,
+    /// A bootable qcow2 (any standard cloud image) at this path on every host.
+    #[arg(long, value_name = "PATH", conflicts_with = "disk_url", requires = "sha256")]
+    pub disk: Option<PathBuf>,
+    /// A bootable qcow2 at this http(s) URL.
+    #[arg(long, value_name = "URL", requires = "sha256")]
+    pub disk_url: Option<String>,
+    /// The SHA-256 of --disk or --disk-url (hosts refuse a file that differs).
+    #[arg(long, value_name = "HEX")]
+    pub sha256: Option<String>,
+    /// The account that owns the image (default: the operator).
+    #[arg(long, value_name = "ACCOUNT")]
+    pub owner: Option<String>,
+    /// Visible to every account (default: when the operator owns it).
+    #[arg(long, conflicts_with = "private")]
+    pub public: bool,
+    /// Visible to its owner only.
+    #[arg(long)]
+    pub private: bool,
     /// Image name (default: the manifest's name).
     #[arg(long)]
     pub name: Option<String>,

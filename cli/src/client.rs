@@ -209,8 +209,8 @@ impl Client {
         self.send(Method::GET, &["v1", "instance-types"], &[], None).await
     }
 
-    pub async fn describe_images(&self) -> Result<Response<ImageList>, CliError> {
-        self.send(Method::GET, &["v1", "images"], &[], None).await
+    pub async fn describe_images(&self, query: &[(&'static str, String)]) -> Result<Response<ImageList>, CliError> {
+        self.send(Method::GET, &["v1", "images"], query, None).await
     }
 
     pub async fn register_image(&self, req: &RegisterImageRequest) -> Result<Response<Image>, CliError> {

@@ -33,17 +33,54 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
             let r = client.describe_hosts().await?;
             render(out, &r.raw, || output::hosts_table(&r.body.hosts))
         }
-        Command::DescribeImages => {
-            let r = client.describe_images().await?;
+        Command::DescribeImages(a) => {
+            let r = client.describe_images(&a.to_query()).await?;
             render(out, &r.raw, || output::images_table(&r.body.images))
+        }
+        Command::DeregisterImage { image_id } => {
+            let r = client.call(Method::DELETE, &["v1", "images", &image_id], &[], None).await?;
+            render(out, &r.raw, || format!("{image_id}: deregistered"))
+        }
+        Command::CreateImage { instance_id, name, description, no_reboot } => {
+            let body = serde_json::json!({ "name": name, "description": description, "no_reboot": no_reboot });
+            let r = client.call(Method::POST, &["v1", "instances", &instance_id, "image"], &[], Some(&body)).await?;
+            let i: nimbus_proto::api::Image = serde_json::from_value(r.raw.clone()).map_err(|e| CliError::Usage(format!("unexpected answer: {e}")))?;
+            render(out, &r.raw, || output::images_table(&[i]))
         }
         Command::DescribeInstanceTypes => {
             let r = client.describe_instance_types().await?;
             render(out, &r.raw, || output::instance_types_table(&r.body.instance_types))
         }
         Command::RegisterImage(a) => {
-            let opts = RegisterOptions { name: a.name, description: a.description, source_url: a.source_url, default: a.default };
-            let req = manifest::load_request(&a.manifest, &opts)?;
+            let public = match (a.public, a.private) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            };
+            let mut req = match (&a.manifest, &a.disk, &a.disk_url) {
+                (Some(m), _, _) => {
+                    let opts = RegisterOptions { name: a.name.clone(), description: a.description.clone(), source_url: a.source_url.clone(), default: a.default };
+                    manifest::load_request(m, &opts)?
+                }
+                (None, disk, url) => {
+                    let disk_url = match (disk, url) {
+                        (Some(path), _) => manifest::file_url(path)?,
+                        (None, Some(u)) => u.clone(),
+                        (None, None) => return Err(CliError::Usage("give --manifest, --disk or --disk-url".into())),
+                    };
+                    let name = a.name.clone().ok_or_else(|| CliError::Usage("--name is required with --disk or --disk-url".into()))?;
+                    nimbus_proto::api::RegisterImageRequest {
+                        name,
+                        description: a.description.clone(),
+                        disk_url: Some(disk_url),
+                        sha256: a.sha256.as_ref().map(|s| s.to_ascii_lowercase()),
+                        default: a.default,
+                        ..Default::default()
+                    }
+                }
+            };
+            req.owner_id = a.owner.clone();
+            req.public = public;
             let r = client.register_image(&req).await?;
             render(out, &r.raw, || output::images_table(std::slice::from_ref(&r.body)))
         }

@@ -44,11 +44,9 @@ pub fn to_request(manifest: &ImageManifest, source_url: String, opts: &RegisterO
     if let Some(d) = &opts.description {
         req.description = Some(d.clone());
     }
-    check_digest(&mut req.kernel)?;
-    if let Some(initrd) = &mut req.initrd {
-        check_digest(initrd)?;
+    for f in [&mut req.kernel, &mut req.initrd, &mut req.root_disk].into_iter().flatten() {
+        check_digest(f)?;
     }
-    check_digest(&mut req.root_disk)?;
     Ok(req)
 }
 
@@ -61,6 +59,13 @@ pub fn file_source_url(manifest_path: &Path) -> Result<String, CliError> {
         .to_str()
         .ok_or_else(|| CliError::Usage(format!("manifest directory {} is not UTF-8", dir.display())))?;
     Ok(format!("file://{dir}"))
+}
+
+/// `file://<absolute path>` of a disk (which must be at that path on every host).
+pub fn file_url(path: &Path) -> Result<String, CliError> {
+    let abs = std::fs::canonicalize(path).map_err(|e| CliError::Usage(format!("cannot read {}: {e}", path.display())))?;
+    let abs = abs.to_str().ok_or_else(|| CliError::Usage(format!("{} is not UTF-8", abs.display())))?;
+    Ok(format!("file://{abs}"))
 }
 
 /// Reads the manifest at `path` and builds its registration.
@@ -114,12 +119,14 @@ mod tests {
             RegisterImageRequest {
                 name: "nimbus-tiny".into(),
                 description: Some("built by the nimbus-tiny recipe".into()),
-                source_url: format!("file://{}", abs.display()),
-                kernel: ImageFile { name: "vmlinuz".into(), sha256: SHA_K.into() },
+                source_url: Some(format!("file://{}", abs.display())),
+                boot: Some(nimbus_proto::api::BootStyle::Kernel),
+                kernel: Some(ImageFile { name: "vmlinuz".into(), sha256: SHA_K.into() }),
                 initrd: Some(ImageFile { name: "initrd.img".into(), sha256: SHA_I.into() }),
-                root_disk: ImageFile { name: "rootfs.qcow2".into(), sha256: SHA_R.into() },
+                root_disk: Some(ImageFile { name: "rootfs.qcow2".into(), sha256: SHA_R.into() }),
                 cmdline: "console=ttyS0 quiet".into(),
                 default: true,
+                ..Default::default()
             }
         );
         // The request must pass the server's deny_unknown_fields.
@@ -135,7 +142,7 @@ mod tests {
         let req = to_request(&m, "http://mirror/tiny".into(), &opts).unwrap();
         assert_eq!(req.name, "tiny-2");
         assert_eq!(req.description.as_deref(), Some("d"));
-        assert_eq!(req.source_url, "http://mirror/tiny");
+        assert_eq!(req.source_url.as_deref(), Some("http://mirror/tiny"));
         assert!(!req.default);
     }
 
@@ -161,7 +168,7 @@ mod tests {
         let mut m = parse(&sample()).unwrap();
         m.sha256.insert("vmlinuz".into(), SHA_K.to_ascii_uppercase());
         let req = to_request(&m, "file:///x".into(), &RegisterOptions::default()).unwrap();
-        assert_eq!(req.kernel.sha256, SHA_K);
+        assert_eq!(req.kernel.unwrap().sha256, SHA_K);
     }
 
     #[test]

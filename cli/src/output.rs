@@ -51,7 +51,11 @@ fn or_dash(s: &str) -> &str {
 /// Instances: ID, STATE, TYPE, AZ, IMAGE, LAUNCHED (and REASON when any has one).
 pub fn instances_table(instances: &[Instance]) -> String {
     let with_reason = instances.iter().any(|i| i.state_reason.is_some());
+    let with_ssh = instances.iter().any(|i| i.ssh_endpoint.is_some());
     let mut header = vec!["ID", "STATE", "TYPE", "AZ", "IMAGE", "LAUNCHED", "PRIVATE-IP", "PUBLIC-IP"];
+    if with_ssh {
+        header.push("SSH");
+    }
     if with_reason {
         header.push("REASON");
     }
@@ -67,6 +71,9 @@ pub fn instances_table(instances: &[Instance]) -> String {
             i.private_ip_address.clone().unwrap_or_else(|| "-".into()),
             i.public_ip_address.clone().unwrap_or_else(|| "-".into()),
         ];
+        if with_ssh {
+            row.push(i.ssh_endpoint.clone().unwrap_or_else(|| "-".into()));
+        }
         if with_reason {
             row.push(i.state_reason.clone().unwrap_or_else(|| "-".into()));
         }
@@ -199,17 +206,20 @@ pub fn instance_types_table(types: &[InstanceType]) -> String {
     finish(t)
 }
 
-/// Images: ID, NAME, STATE, DEFAULT, KERNEL, ROOT DISK, SOURCE, CREATED.
+/// Images: ID, NAME, OWNER, STATE, PUBLIC, DEFAULT, BOOT, ROOT DISK, SOURCE, CREATED.
 pub fn images_table(images: &[Image]) -> String {
-    let mut t = table(&["ID", "NAME", "STATE", "DEFAULT", "KERNEL", "ROOT DISK", "SOURCE", "CREATED"]);
+    let mut t = table(&["ID", "NAME", "OWNER", "STATE", "PUBLIC", "DEFAULT", "BOOT", "ROOT DISK", "SOURCE", "CREATED"]);
+    let yes = |b: bool| if b { "yes".to_string() } else { "no".to_string() };
     for i in images {
         t.add_row([
             i.image_id.clone(),
             i.name.clone(),
+            i.owner_id.clone(),
             i.state.clone(),
-            if i.default { "yes".into() } else { "no".into() },
-            i.kernel.name.clone(),
-            i.root_disk.name.clone(),
+            yes(i.public),
+            yes(i.default),
+            i.boot.as_str().to_string(),
+            i.root_disk.as_ref().map(|d| d.name.clone()).unwrap_or_else(|| "-".into()),
             i.source_url.clone().unwrap_or_else(|| "-".into()),
             time(&i.creation_date),
         ]);
@@ -243,6 +253,7 @@ pub(crate) mod tests {
             subnet_id: None,
             security_groups: Vec::new(),
             network_interfaces: Vec::new(),
+            ssh_endpoint: None,
         }
     }
 

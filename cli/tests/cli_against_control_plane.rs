@@ -338,9 +338,9 @@ async fn describe_hosts_instance_types_and_images() {
     // Images: the one registered, as the default; its source is the operator's to see.
     let images = nimbus(&cloud, &["describe-images"]).await.ok();
     let rows = images.rows(0);
-    assert_eq!(rows[0], ["ID", "NAME", "STATE", "DEFAULT", "KERNEL", "ROOT", "DISK", "SOURCE", "CREATED"]);
+    assert_eq!(rows[0], ["ID", "NAME", "OWNER", "STATE", "PUBLIC", "DEFAULT", "BOOT", "ROOT", "DISK", "SOURCE", "CREATED"]);
     assert_eq!(rows.len(), 2, "{}", images.out);
-    assert_eq!(&rows[1][..7], [image.image_id.as_str(), "test-image", "available", "yes", "vmlinuz", "root.qcow2", "-"]);
+    assert_eq!(&rows[1][..9], [image.image_id.as_str(), "test-image", "000000000000", "available", "yes", "yes", "kernel", "root.qcow2", "-"]);
     let images = nimbus(&cloud, &["describe-images", "-o", "json"]).await.ok().json();
     assert_eq!(images["images"].as_array().unwrap().len(), 1);
     let tenants_view = nimbus_proto::api::Image { source_url: None, ..image.clone() };
@@ -407,7 +407,7 @@ async fn register_image_from_a_manifest_then_boot_it() {
 
     // The images table lists both; only the first is the default.
     let images = nimbus(&cloud, &["describe-images"]).await.ok();
-    let mut rows: Vec<(String, String, String)> = images.rows(1).into_iter().map(|r| (r[0].clone(), r[1].clone(), r[3].clone())).collect();
+    let mut rows: Vec<(String, String, String)> = images.rows(1).into_iter().map(|r| (r[0].clone(), r[1].clone(), r[5].clone())).collect();
     rows.sort();
     let mut expected = vec![(image_id.clone(), "cli-tiny".to_string(), "yes".to_string()), (bad_id.to_string(), "corrupt".to_string(), "no".to_string())];
     expected.sort();

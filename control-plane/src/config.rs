@@ -3,6 +3,7 @@
 use clap::{Parser, ValueEnum};
 use nimbus_proto::network::Cidr;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// How the scheduler chooses among the hosts of one availability zone.
@@ -71,6 +72,13 @@ pub struct Config {
     /// Elastic IPs an account may hold unless the operator set its own limit.
     #[arg(long, env = "NIMBUS_DEFAULT_MAX_ELASTIC_IPS", default_value_t = 5)]
     pub default_max_elastic_ips: u32,
+    /// Directory of the image store: the disks of the images CreateImage
+    /// makes (uploaded by the instance's agent, fetched by every host).
+    #[arg(long, env = "NIMBUS_IMAGE_STORE_DIR", default_value = "/var/lib/nimbus/image-store")]
+    pub image_store_dir: PathBuf,
+    /// Largest image (bytes) an agent may upload to the store.
+    #[arg(long, env = "NIMBUS_MAX_IMAGE_BYTES", default_value_t = 256 << 30)]
+    pub max_image_bytes: u64,
 }
 
 /// A public pool: an IPv4 network of /16 to /32.

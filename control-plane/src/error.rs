@@ -30,6 +30,16 @@ pub enum ServiceError {
     InstanceTypeNotFound(String),
     #[error("An image named '{0}' already exists")]
     ImageAlreadyExists(String),
+    #[error("The image id '{0}' is not available: {1}")]
+    ImageUnavailable(String, String),
+    #[error("{0}")]
+    ImageNameMalformed(String),
+    #[error("{0}")]
+    InvalidBlockDeviceMapping(String),
+    #[error("The image '{0}' is not being made (it is {1})")]
+    ImageNotPending(String, String),
+    #[error(transparent)]
+    ImageStore(#[from] crate::image_store::StoreError),
     #[error("There is not enough capacity to fulfil your request: {0}")]
     InsufficientInstanceCapacity(String),
     #[error("{0}")]
@@ -164,6 +174,13 @@ impl ServiceError {
             InstanceIdMalformed(_) => "InvalidInstanceID.Malformed",
             InstanceTypeNotFound(_) => "InvalidParameterValue",
             ImageAlreadyExists(_) => "InvalidAMIName.Duplicate",
+            ImageUnavailable(..) => "InvalidAMIID.Unavailable",
+            ImageNameMalformed(_) => "InvalidAMIName.Malformed",
+            InvalidBlockDeviceMapping(_) => "InvalidBlockDeviceMapping",
+            ImageNotPending(..) => "IncorrectState",
+            ImageStore(crate::image_store::StoreError::Io { .. }) => "InternalError",
+            ImageStore(crate::image_store::StoreError::TooLarge(_)) => "RequestEntityTooLarge",
+            ImageStore(_) => "InvalidParameterValue",
             InsufficientInstanceCapacity(_) => "InsufficientInstanceCapacity",
             IdempotentParameterMismatch(_) => "IdempotentParameterMismatch",
             IncorrectInstanceState(_) => "IncorrectInstanceState",
@@ -242,6 +259,9 @@ impl ServiceError {
             | AccountNotFound(_)
             | ImageNotFound(_)
             | ImageIdMalformed(_)
+            | ImageUnavailable(..)
+            | ImageNameMalformed(_)
+            | InvalidBlockDeviceMapping(_)
             | InstanceNotFound(_)
             | InstanceIdMalformed(_)
             | InstanceTypeNotFound(_)
@@ -280,6 +300,7 @@ impl ServiceError {
             RequestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             MissingAuthenticationToken(_) => StatusCode::UNAUTHORIZED,
             ImageAlreadyExists(_)
+            | ImageNotPending(..)
             | IdempotentParameterMismatch(_)
             | Conflict(_)
             | KeyPairDuplicate(_)
@@ -297,7 +318,9 @@ impl ServiceError {
             InsufficientInstanceCapacity(_) | InsufficientAddressCapacity(_) | RequestLimitExceeded(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            Database(_) | Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ImageStore(crate::image_store::StoreError::Io { .. }) | Database(_) | Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ImageStore(crate::image_store::StoreError::TooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
+            ImageStore(_) => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -317,7 +340,7 @@ impl ServiceError {
     /// The message shown to clients. Internal details stay in the logs.
     pub fn public_message(&self) -> String {
         match self {
-            ServiceError::Database(_) | ServiceError::Internal(_) => {
+            ServiceError::Database(_) | ServiceError::Internal(_) | ServiceError::ImageStore(crate::image_store::StoreError::Io { .. }) => {
                 "An internal error occurred; the request id identifies it in the server's logs".to_string()
             }
             other => other.to_string(),

@@ -7,6 +7,7 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod ids;
+pub mod image_store;
 pub mod notify;
 pub mod service;
 
@@ -22,7 +23,13 @@ pub async fn build(config: Config) -> anyhow::Result<Service> {
     let db = db::connect(&config.database_url, config.db_connections).await?;
     let events = notify::HostEvents::default();
     events.spawn_listener(db.clone());
-    Ok(Service::new(db, config, events))
+    let service = Service::new(db, config, events);
+    // No upload runs yet: leftovers of uploads a crash cut short, and files
+    // no image refers to, go.
+    if let Err(e) = service.sweep_image_store(true).await {
+        tracing::warn!(error = %e, "cannot sweep the image store");
+    }
+    Ok(service)
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.

@@ -140,7 +140,7 @@ mod tests {
     use nimbus_proto::ObservedState;
 
     fn obs(id: &str, console: Option<String>) -> Observation {
-        Observation { instance_id: id.into(), state: ObservedState::Running, message: None, reboots: None, console }
+        Observation { instance_id: id.into(), state: ObservedState::Running, message: None, reboots: None, console, ssh_endpoint: None }
     }
 
     #[test]

@@ -126,6 +126,30 @@ impl GuestFiles {
         Ok(())
     }
 
+    fn ssh_port_file(&self) -> PathBuf {
+        self.dir.join("ssh_port")
+    }
+
+    /// The loopback port forwarded to the guest's port 22, if it has one.
+    pub async fn ssh_port(&self) -> Option<u16> {
+        tokio::fs::read_to_string(self.ssh_port_file()).await.ok()?.trim().parse().ok()
+    }
+
+    /// The guest's forwarded SSH port: the one it has, or a free loopback
+    /// port picked now and kept in its directory (the guest keeps it across
+    /// restarts of the agent and of the guest).
+    pub async fn ensure_ssh_port(&self) -> Result<u16, DiskError> {
+        if let Some(p) = self.ssh_port().await {
+            return Ok(p);
+        }
+        // The kernel's choice of a free port; QEMU binds it when the guest starts.
+        let port = std::net::TcpListener::bind(("127.0.0.1", 0)).and_then(|l| l.local_addr()).map_err(io("pick an SSH port"))?.port();
+        let tmp = self.dir.join("ssh_port.part");
+        tokio::fs::write(&tmp, port.to_string()).await.map_err(io("write ssh_port"))?;
+        tokio::fs::rename(&tmp, self.ssh_port_file()).await.map_err(io("rename ssh_port"))?;
+        Ok(port)
+    }
+
     /// Removes every file of the guest. Idempotent.
     pub async fn remove(&self) -> Result<(), DiskError> {
         match tokio::fs::remove_dir_all(&self.dir).await {
@@ -137,6 +161,31 @@ impl GuestFiles {
     pub async fn exists(&self) -> bool {
         tokio::fs::try_exists(&self.dir).await.unwrap_or(true)
     }
+}
+
+/// Flattens a guest's overlay and its backing chain into one compressed-free
+/// standalone qcow2 at `out` (`qemu-img convert`; `-U`: the guest may run,
+/// for CreateImage with NoReboot).
+pub async fn flatten(overlay: &Path, out: &Path) -> Result<(), DiskError> {
+    let _ = tokio::fs::remove_file(out).await;
+    run("qemu-img", Command::new("qemu-img").args(["convert", "-U", "-O", "qcow2"]).arg(overlay).arg(out)).await
+}
+
+/// The lower-case hex SHA-256 of a file.
+pub async fn sha256_file(path: &Path) -> Result<String, DiskError> {
+    use sha2::{Digest, Sha256};
+    use tokio::io::AsyncReadExt;
+    let mut f = tokio::fs::File::open(path).await.map_err(io(format!("open {}", path.display())))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).await.map_err(io(format!("read {}", path.display())))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
 }
 
 async fn run(tool: &'static str, cmd: &mut Command) -> Result<(), DiskError> {

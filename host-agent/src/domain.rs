@@ -51,7 +51,9 @@ pub struct GuestSpec {
     pub instance_id: String,
     pub vcpus: u32,
     pub memory_mib: u64,
-    pub kernel: PathBuf,
+    /// Direct kernel boot; `None`: the firmware boots the root disk's own
+    /// boot loader (every standard cloud qcow2).
+    pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
     pub root_disk: PathBuf,
@@ -61,6 +63,9 @@ pub struct GuestSpec {
     pub console_log: PathBuf,
     /// Unix socket of this guest's metadata server (guestfwd target).
     pub metadata_socket: PathBuf,
+    /// User-mode networking: the loopback port of the host forwarded to
+    /// the guest's port 22 (`127.0.0.1:PORT`).
+    pub ssh_port: Option<u16>,
     /// Who QEMU runs the guest as; libvirt relabels nothing (see [`crate::access`]).
     pub qemu: crate::access::QemuUser,
     /// The guest's VPC interfaces (on links the agent made); empty: QEMU
@@ -140,10 +145,21 @@ struct Memory {
 struct Os {
     #[serde(rename = "type")]
     os_type: OsType,
-    kernel: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kernel: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     initrd: Option<String>,
-    cmdline: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cmdline: Option<String>,
+    /// `<boot dev='hd'/>`: firmware boot from the root disk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    boot: Option<BootDev>,
+}
+
+#[derive(Serialize)]
+struct BootDev {
+    #[serde(rename = "@dev")]
+    dev: &'static str,
 }
 
 #[derive(Serialize)]
@@ -354,9 +370,14 @@ fn path(p: &std::path::Path) -> String {
 /// agent restarted. The NIC gets a fixed PCI slot away from the ones libvirt
 /// assigns to the disks. The socket path cannot hold a comma (QEMU's option
 /// separator): the agent refuses such a state directory at start-up.
-fn user_network_args(metadata_socket: &std::path::Path) -> Vec<QemuArg> {
+///
+/// With `ssh_port`, `127.0.0.1:ssh_port` on the host is forwarded to the
+/// guest's port 22 (`hostfwd`; `restrict=on` still keeps the guest from
+/// opening connections out).
+fn user_network_args(metadata_socket: &std::path::Path, ssh_port: Option<u16>) -> Vec<QemuArg> {
+    let hostfwd = ssh_port.map(|p| format!(",hostfwd=tcp:127.0.0.1:{p}-:22")).unwrap_or_default();
     let netdev = format!(
-        "user,id=nimbus0,restrict=on,net=169.254.169.0/24,host=169.254.169.1,dhcpstart=169.254.169.15,\
+        "user,id=nimbus0,restrict=on,net=169.254.169.0/24,host=169.254.169.1,dhcpstart=169.254.169.15{hostfwd},\
          guestfwd=tcp:169.254.169.254:80-unix:{},,reconnect=1",
         metadata_socket.display()
     );
@@ -396,9 +417,10 @@ pub fn render(spec: &GuestSpec) -> Result<String, quick_xml::SeError> {
             } else {
                 OsType { arch: Some("x86_64"), machine: Some("pc"), value: "hvm" }
             },
-            kernel: path(&spec.kernel),
-            initrd: spec.initrd.as_deref().map(path),
-            cmdline: spec.cmdline.clone(),
+            kernel: spec.kernel.as_deref().map(path),
+            initrd: spec.kernel.as_ref().and(spec.initrd.as_deref()).map(path),
+            cmdline: spec.kernel.as_ref().map(|_| spec.cmdline.clone()),
+            boot: spec.kernel.is_none().then_some(BootDev { dev: "hd" }),
         },
         features: Features { acpi: qemu_family.then_some(Empty {}), apic: qemu_family.then_some(Empty {}) },
         on_poweroff: "destroy",
@@ -459,7 +481,7 @@ pub fn render(spec: &GuestSpec) -> Result<String, quick_xml::SeError> {
             memballoon: Model { model: "none" },
         },
         seclabel: qemu_family.then(|| DomainSeclabel { kind: "static", model: "dac", relabel: "no", label: spec.qemu.dac_label() }),
-        qemu_commandline: (qemu_family && spec.nics.is_empty()).then(|| QemuCommandline { args: user_network_args(&spec.metadata_socket) }),
+        qemu_commandline: (qemu_family && spec.nics.is_empty()).then(|| QemuCommandline { args: user_network_args(&spec.metadata_socket, spec.ssh_port) }),
     };
     let mut out = String::new();
     let mut ser = quick_xml::se::Serializer::new(&mut out);
@@ -517,7 +539,7 @@ mod tests {
             instance_id: "i-0123456789abcdef0".into(),
             vcpus: 2,
             memory_mib: 512,
-            kernel: "/var/lib/nimbus/images/k".into(),
+            kernel: Some("/var/lib/nimbus/images/k".into()),
             initrd: Some("/var/lib/nimbus/images/i".into()),
             cmdline: "console=ttyS0 nimbus.note=<&'\">".into(),
             root_disk: "/var/lib/nimbus/instances/i-0123456789abcdef0/root.qcow2".into(),
@@ -525,6 +547,7 @@ mod tests {
             seed_iso: "/var/lib/nimbus/instances/i-0123456789abcdef0/seed.iso".into(),
             console_log: "/var/lib/nimbus/instances/i-0123456789abcdef0/console.log".into(),
             metadata_socket: "/var/lib/nimbus/instances/i-0123456789abcdef0/metadata.sock".into(),
+            ssh_port: None,
             qemu: crate::access::QemuUser { uid: 64055, gid: 107 },
             nics: Vec::new(),
         }
@@ -569,6 +592,22 @@ mod tests {
         assert!(!xml.contains("qemu:commandline") && !xml.contains("guestfwd"), "{xml}");
     }
 
+    /// A disk-booted guest: no kernel, initrd or command line; the
+    /// firmware boots the root disk. Its SSH port is forwarded from loopback.
+    #[test]
+    fn disk_boot_and_ssh_forward() {
+        let mut s = spec(Hypervisor::Qemu);
+        s.kernel = None;
+        s.ssh_port = Some(40022);
+        let xml = render(&s).unwrap();
+        assert!(xml.contains("<boot dev=\"hd\"/>"), "{xml}");
+        assert!(!xml.contains("<kernel>") && !xml.contains("<initrd>") && !xml.contains("<cmdline>"), "{xml}");
+        assert!(xml.contains("dhcpstart=169.254.169.15,hostfwd=tcp:127.0.0.1:40022-:22,guestfwd="), "{xml}");
+        let kernel = render(&spec(Hypervisor::Qemu)).unwrap();
+        assert!(kernel.contains("<kernel>/var/lib/nimbus/images/k</kernel>") && !kernel.contains("<boot "), "{kernel}");
+        assert!(!kernel.contains("hostfwd"));
+    }
+
     #[test]
     fn kvm_and_xen_differ_only_where_they_must() {
         let kvm = render(&spec(Hypervisor::Kvm)).unwrap();
@@ -596,7 +635,11 @@ mod tests {
     fn xml_validates_against_libvirts_schema() {
         let dir = tempfile::tempdir().unwrap();
         let vpc = |h| GuestSpec { nics: vec![GuestNic { mac: "02:00:00:00:00:05".into(), link: "nt0123456789ab".into() }], ..spec(h) };
-        for (i, s) in [spec(Hypervisor::Kvm), spec(Hypervisor::Qemu), spec(Hypervisor::Xen), vpc(Hypervisor::Kvm), vpc(Hypervisor::Qemu)].iter().enumerate() {
+        let disk = GuestSpec { kernel: None, ssh_port: Some(40022), ..spec(Hypervisor::Qemu) };
+        for (i, s) in [spec(Hypervisor::Kvm), spec(Hypervisor::Qemu), spec(Hypervisor::Xen), vpc(Hypervisor::Kvm), vpc(Hypervisor::Qemu), disk]
+            .iter()
+            .enumerate()
+        {
             let h = s.hypervisor;
             let file = dir.path().join(format!("{i}.xml"));
             std::fs::write(&file, render(s).unwrap()).unwrap();

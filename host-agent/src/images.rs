@@ -5,6 +5,13 @@
 //! its content has been checked: downloads go to a temporary name and are
 //! renamed into place. Cached files are read-only; guests write only to their
 //! own overlays.
+//!
+//! A file comes from below an image's source URL (`file://`, `http(s)://`)
+//! or, for the images CreateImage made, from the control plane's image
+//! store (`GET /v1/agent/images/{sha256}` with the host's credential).
+//! Every use refreshes a file's modification time; [`ImageCache::sweep`]
+//! removes the files no assignment uses that were last used longer ago
+//! than the agent's `--image-cache-ttl-secs`.
 
 use nimbus_proto::api::ImageFile;
 use sha2::{Digest, Sha256};
@@ -25,10 +32,28 @@ pub enum ImageError {
     Http { name: String, source: reqwest::Error },
 }
 
+/// Where an image's files come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// Below this directory URL.
+    Url(String),
+    /// The control plane's image store.
+    Store,
+}
+
+/// How to reach the image store: the control plane's URL and the host's bearer.
+#[derive(Debug, Clone)]
+pub struct StoreAccess {
+    pub base: String,
+    pub bearer: String,
+}
+
 #[derive(Clone)]
 pub struct ImageCache {
     dir: PathBuf,
     http: reqwest::Client,
+    /// Set once the agent holds its credential.
+    pub store: Arc<std::sync::RwLock<Option<StoreAccess>>>,
     /// Cached files are QEMU's group's to read, no one else's (see [`crate::access`]).
     qemu: crate::access::QemuUser,
     /// One lock per digest: guests launched together fetch a file once.
@@ -37,14 +62,88 @@ pub struct ImageCache {
 
 impl ImageCache {
     pub fn new(dir: PathBuf, http: reqwest::Client, qemu: crate::access::QemuUser) -> ImageCache {
-        ImageCache { dir, http, qemu, fetching: Arc::default() }
+        ImageCache { dir, http, qemu, fetching: Arc::default(), store: Arc::default() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Marks a cached file used now (the sweep keeps recently used files).
+    async fn touch(path: &Path) {
+        let path = path.to_path_buf();
+        let _ = tokio::task::spawn_blocking(move || std::fs::File::options().write(true).open(&path)?.set_modified(std::time::SystemTime::now())).await;
+    }
+
+    /// Takes a file this host made (CreateImage) into the cache under its
+    /// digest, so that this host never fetches it back.
+    pub async fn adopt(&self, file: &Path, sha256: &str) -> std::io::Result<PathBuf> {
+        self.qemu.private_dir(&self.dir).await?;
+        let target = self.dir.join(sha256);
+        self.qemu.readable(file).await?;
+        tokio::fs::rename(file, &target).await?;
+        Ok(target)
+    }
+
+    /// Uploads the disk of an image this host made to the control plane's
+    /// image store (`PUT /v1/agent/images/{image_id}`), streamed.
+    pub async fn upload(&self, image_id: &str, file: &Path, sha256: &str, virtual_size: u64) -> Result<(), String> {
+        let access = self.store.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or("no credential yet")?;
+        let f = tokio::fs::File::open(file).await.map_err(|e| e.to_string())?;
+        let len = f.metadata().await.map_err(|e| e.to_string())?.len();
+        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(f, 1 << 20));
+        let resp = self
+            .http
+            .put(format!("{}/v1/agent/images/{image_id}", access.base.trim_end_matches('/')))
+            .bearer_auth(&access.bearer)
+            .header(nimbus_proto::agent::UPLOAD_SHA256_HEADER, sha256)
+            .header(nimbus_proto::agent::UPLOAD_VIRTUAL_SIZE_HEADER, virtual_size.to_string())
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if resp.status().is_success() {
+            return Ok(());
+        }
+        let status = resp.status();
+        let body: Option<nimbus_proto::api::ErrorBody> = resp.json().await.ok();
+        Err(body.map(|b| format!("{}: {}", b.code, b.message)).unwrap_or_else(|| status.to_string()))
+    }
+
+    /// Whether a fetch of this digest is under way.
+    fn busy(&self, sha256: &str) -> bool {
+        let map = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(sha256).is_some_and(|l| l.try_lock().is_err())
+    }
+
+    /// Removes the cached files (by digest) not in `in_use` whose last use
+    /// is older than `ttl`; returns the digests removed.
+    pub async fn sweep(&self, in_use: &std::collections::HashSet<String>, ttl: std::time::Duration) -> Vec<String> {
+        let mut removed = Vec::new();
+        let Ok(mut dir) = tokio::fs::read_dir(&self.dir).await else { return removed };
+        let now = std::time::SystemTime::now();
+        while let Ok(Some(entry)) = dir.next_entry().await {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let is_digest = name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit());
+            if !is_digest || in_use.contains(&name) || self.busy(&name) {
+                continue;
+            }
+            let Ok(modified) = entry.metadata().await.and_then(|m| m.modified()) else { continue };
+            if now.duration_since(modified).unwrap_or_default() >= ttl && tokio::fs::remove_file(entry.path()).await.is_ok() {
+                tracing::info!(sha256 = %name, "unused image file removed from the cache");
+                removed.push(name);
+            }
+        }
+        removed
     }
 
     /// The local path of `file`, fetching and verifying it first if needed.
-    pub async fn ensure(&self, source_url: &str, file: &ImageFile) -> Result<PathBuf, ImageError> {
+    pub async fn ensure(&self, source: &Source, file: &ImageFile) -> Result<PathBuf, ImageError> {
         let io = |source| ImageError::Io { name: file.name.clone(), source };
         let target = self.dir.join(&file.sha256);
         if tokio::fs::try_exists(&target).await.map_err(io)? {
+            Self::touch(&target).await;
             return Ok(target);
         }
         let lock = {
@@ -57,7 +156,7 @@ impl ImageCache {
         }
         self.qemu.private_dir(&self.dir).await.map_err(io)?;
         let tmp = self.dir.join(format!(".{}.{}.part", file.sha256, std::process::id()));
-        let result = self.fetch(source_url, file, &tmp).await;
+        let result = self.fetch(source, file, &tmp).await;
         if let Err(e) = result {
             let _ = tokio::fs::remove_file(&tmp).await;
             return Err(e);
@@ -68,11 +167,22 @@ impl ImageCache {
         Ok(target)
     }
 
-    async fn fetch(&self, source_url: &str, file: &ImageFile, tmp: &Path) -> Result<(), ImageError> {
+    async fn fetch(&self, source: &Source, file: &ImageFile, tmp: &Path) -> Result<(), ImageError> {
         let io = |source| ImageError::Io { name: file.name.clone(), source };
-        let base = source_url.trim_end_matches('/');
+        let (base, bearer) = match source {
+            Source::Url(url) => (url.trim_end_matches('/').to_string(), None),
+            Source::Store => {
+                let access = self.store.read().unwrap_or_else(|p| p.into_inner()).clone();
+                let Some(access) = access else {
+                    return Err(ImageError::UnsupportedSource { name: file.name.clone(), url: "the image store (no credential yet)".into() });
+                };
+                (format!("{}/v1/agent/images", access.base.trim_end_matches('/')), Some(access.bearer))
+            }
+        };
+        let base = base.as_str();
+        let remote_name = if bearer.is_some() { file.sha256.as_str() } else { file.name.as_str() };
         let mut hasher = Sha256::new();
-        if let Some(dir) = base.strip_prefix("file://") {
+        if let (Some(dir), None) = (base.strip_prefix("file://"), &bearer) {
             let src = Path::new(dir).join(&file.name);
             let mut input = tokio::fs::File::open(&src).await.map_err(io)?;
             let mut out = tokio::fs::File::create(tmp).await.map_err(io)?;
@@ -88,7 +198,11 @@ impl ImageCache {
             out.sync_all().await.map_err(io)?;
         } else if base.starts_with("http://") || base.starts_with("https://") {
             let http = |source| ImageError::Http { name: file.name.clone(), source };
-            let mut resp = self.http.get(format!("{base}/{}", file.name)).send().await.and_then(|r| r.error_for_status()).map_err(http)?;
+            let mut req = self.http.get(format!("{base}/{remote_name}"));
+            if let Some(b) = &bearer {
+                req = req.bearer_auth(b);
+            }
+            let mut resp = req.send().await.and_then(|r| r.error_for_status()).map_err(http)?;
             let mut out = tokio::fs::File::create(tmp).await.map_err(io)?;
             while let Some(chunk) = resp.chunk().await.map_err(http)? {
                 hasher.update(&chunk);
@@ -96,7 +210,7 @@ impl ImageCache {
             }
             out.sync_all().await.map_err(io)?;
         } else {
-            return Err(ImageError::UnsupportedSource { name: file.name.clone(), url: source_url.to_string() });
+            return Err(ImageError::UnsupportedSource { name: file.name.clone(), url: base.to_string() });
         }
         let actual = hex::encode(hasher.finalize());
         if actual != file.sha256 {
@@ -124,7 +238,7 @@ mod tests {
         std::fs::write(src.join("kernel"), b"kernel bytes").unwrap();
         let good = ImageFile { name: "kernel".into(), sha256: hex::encode(Sha256::digest(b"kernel bytes")) };
         let cache = ImageCache::new(dir.join("cache"), reqwest::Client::new(), QEMU);
-        let url = format!("file://{}", src.display());
+        let url = Source::Url(format!("file://{}", src.display()));
         let path = cache.ensure(&url, &good).await.unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"kernel bytes");
         assert!(path.ends_with(&good.sha256));
@@ -140,6 +254,15 @@ mod tests {
             other => panic!("expected a checksum error, got {other:?}"),
         }
         assert!(!dir.join("cache").join("0".repeat(64)).exists(), "a bad file must not enter the cache");
+
+        // The sweep keeps files in use and recently used ones, and removes the rest.
+        let in_use: std::collections::HashSet<String> = [good.sha256.clone()].into();
+        assert!(cache.sweep(&in_use, std::time::Duration::ZERO).await.is_empty());
+        assert!(cache.sweep(&Default::default(), std::time::Duration::from_secs(3600)).await.is_empty());
+        assert_eq!(cache.sweep(&Default::default(), std::time::Duration::ZERO).await, vec![good.sha256.clone()]);
+        assert!(!path.exists());
+        // Fetched again when needed.
+        assert_eq!(std::fs::read(cache.ensure(&url, &good).await.unwrap()).unwrap(), b"kernel bytes");
     }
 
     #[tokio::test]
@@ -152,7 +275,7 @@ mod tests {
         std::fs::write(src.join("disk"), &body).unwrap();
         let file = ImageFile { name: "disk".into(), sha256: hex::encode(Sha256::digest(&body)) };
         let cache = ImageCache::new(dir.join("cache"), reqwest::Client::new(), QEMU);
-        let url = format!("file://{}", src.display());
+        let url = Source::Url(format!("file://{}", src.display()));
         let results = futures::future::join_all((0..16).map(|_| cache.ensure(&url, &file))).await;
         for r in results {
             assert_eq!(std::fs::read(r.unwrap()).unwrap().len(), body.len());

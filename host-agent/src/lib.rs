@@ -115,6 +115,10 @@ pub struct AgentConfig {
     /// its primary group own what guests' QEMUs must open (see ARCHITECTURE.md).
     #[arg(long, env = "NIMBUS_QEMU_USER", default_value = "libvirt-qemu")]
     pub qemu_user: String,
+    /// Cached image files no instance of this host uses are removed once
+    /// unused this long (seconds).
+    #[arg(long, env = "NIMBUS_IMAGE_CACHE_TTL_SECS", default_value_t = 86400)]
+    pub image_cache_ttl_secs: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -232,6 +236,9 @@ impl Agent {
             failures: Default::default(),
             network,
             nics: Default::default(),
+            image_problems: Default::default(),
+            making: Default::default(),
+            image_cache_ttl: Duration::from_secs(config.image_cache_ttl_secs),
         };
         let cp = ControlPlane::new(&config.control_plane, http);
         Ok(Agent { cp, config, reconciler, late, capacity: (vcpus, memory_mib, disk_gib) })
@@ -287,6 +294,12 @@ impl Agent {
         Ok(cred)
     }
 
+    /// The image store is reached with the host's credential.
+    fn set_store_access(&self, cred: &HostCredential) {
+        let access = images::StoreAccess { base: self.config.control_plane.clone(), bearer: cred.bearer() };
+        *self.reconciler.images.store.write().unwrap_or_else(|p| p.into_inner()) = Some(access);
+    }
+
     /// Sends a report; on delivery, remembers the console output it carried.
     async fn report(&self, cred: &HostCredential, mut observations: Vec<Observation>) -> Result<(), ClientError> {
         let deferred = console::fit_budget(&mut observations, console::REPORT_BUDGET);
@@ -298,8 +311,13 @@ impl Agent {
             Hypervisor::Xen | Hypervisor::Test => health::KvmDevice::Absent,
         };
         let problems = health::problems(self.reconciler.libvirt.starts.last(), &kvm);
-        let report = Report { observations, problems };
-        self.cp.report(cred, &report).await?;
+        let images = std::mem::take(&mut *self.reconciler.image_problems.lock().unwrap_or_else(|p| p.into_inner()));
+        let report = Report { observations, problems, images };
+        if let Err(e) = self.cp.report(cred, &report).await {
+            // Kept for the next report.
+            self.reconciler.image_problems.lock().unwrap_or_else(|p| p.into_inner()).extend(report.images);
+            return Err(e);
+        }
         self.reconciler.console.delivered(&report.observations);
         Ok(())
     }
@@ -331,6 +349,7 @@ impl Agent {
             }
         };
         self.reconciler.host_id = cred.host_id.clone();
+        self.set_store_access(&cred);
         let mut after = 0;
         let mut backoff = Duration::from_millis(200);
         loop {
@@ -358,6 +377,7 @@ impl Agent {
                     match self.credential(true).await {
                         Ok(c) => {
                             self.reconciler.host_id = c.host_id.clone();
+                            self.set_store_access(&c);
                             cred = c;
                             after = 0;
                         }

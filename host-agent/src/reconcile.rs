@@ -18,7 +18,8 @@ use crate::images::ImageCache;
 use crate::libvirt::{DomainStatus, Libvirt};
 use crate::metadata::MetadataServers;
 use crate::power::{self, InProgress};
-use nimbus_proto::agent::{Assignment, DesiredState, Observation};
+use nimbus_proto::agent::{Assignment, DesiredState, ImageProblem, ImageTask, Observation};
+use nimbus_proto::api::BootStyle;
 use nimbus_proto::ObservedState;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -66,6 +67,8 @@ pub enum ConvergeError {
     Counter(#[from] power::CounterError),
     #[error(transparent)]
     Network(#[from] crate::network::NetError),
+    #[error("the image {0} names no source for its files")]
+    NoSource(String),
 }
 
 impl ConvergeError {
@@ -83,6 +86,7 @@ impl ConvergeError {
             ConvergeError::Metadata(_) => "the host could not serve the instance's metadata".into(),
             ConvergeError::Counter(_) => "the host could not record the instance's reboots".into(),
             ConvergeError::Network(_) => "the host could not plumb the instance's network interfaces".into(),
+            ConvergeError::NoSource(image) => format!("the image {image} has no source for its files"),
         }
     }
 }
@@ -124,6 +128,12 @@ pub struct Reconciler {
     /// The VPC interfaces of every instance on this host, as last assigned
     /// (a delta names only what changed; the data plane needs them all).
     pub nics: Arc<std::sync::Mutex<HashMap<String, Vec<Nic>>>>,
+    /// Image problems for the next report (see [`ImageProblem`]).
+    pub image_problems: Arc<std::sync::Mutex<Vec<ImageProblem>>>,
+    /// The images being made here (CreateImage), by image id.
+    pub making: Arc<std::sync::Mutex<HashSet<String>>>,
+    /// Cached image files unused this long are removed (full passes).
+    pub image_cache_ttl: Duration,
 }
 
 /// Attempts before a guest that cannot be converged is reported `Failed`
@@ -153,6 +163,15 @@ impl Reconciler {
         let observations = self.run_all(work).await;
         let wanted: HashSet<&str> = assignments.iter().map(|a| a.instance_id.as_str()).collect();
         self.remove_orphans(&domains, &wanted).await;
+        // Every file an assigned instance boots stays cached (its overlay
+        // needs its base); the others go once unused for the TTL.
+        let in_use: HashSet<String> = assignments
+            .iter()
+            .flat_map(|a| [Some(&a.image.root_disk), a.image.kernel.as_ref(), a.image.initrd.as_ref()])
+            .flatten()
+            .map(|f| f.sha256.clone())
+            .collect();
+        self.images.sweep(&in_use, self.image_cache_ttl).await;
         observations
     }
 
@@ -275,10 +294,91 @@ impl Reconciler {
         match result {
             Ok(outcome) => {
                 self.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(&a.instance_id);
+                if matches!(outcome, Outcome::Running { .. } | Outcome::Stopped) {
+                    for task in &a.create_images {
+                        self.make_image(a, task);
+                    }
+                }
                 self.observe(a, outcome).await
             }
-            Err(e) => self.failed_attempt(&a.instance_id, e),
+            Err(e) => {
+                if let ConvergeError::Image(crate::images::ImageError::Checksum { name, .. }) = &e {
+                    // The registration is wrong (the file is not the one it names).
+                    self.image_problem(&a.image.image_id, format!("image file {name}: its SHA-256 differs from the one registered"));
+                }
+                self.failed_attempt(&a.instance_id, e)
+            }
         }
+    }
+
+    fn image_problem(&self, image_id: &str, message: String) {
+        let mut p = self.image_problems.lock().unwrap_or_else(|p| p.into_inner());
+        if !p.iter().any(|x| x.image_id == image_id) && p.len() < nimbus_proto::agent::MAX_IMAGE_PROBLEMS {
+            p.push(ImageProblem { image_id: image_id.to_string(), message });
+        }
+    }
+
+    /// Makes an image of the instance's disk (CreateImage) in its own task,
+    /// once per image at a time: a clean shutdown first unless `no_reboot`
+    /// (and a start after), `qemu-img convert` of the overlay and its
+    /// backing chain into one qcow2, its digest, the upload to the image
+    /// store; the file then joins this host's cache. Failures become image
+    /// problems (the image fails).
+    fn make_image(&self, a: &Assignment, task: &ImageTask) {
+        if !self.making.lock().unwrap_or_else(|p| p.into_inner()).insert(task.image_id.clone()) {
+            return;
+        }
+        let (this, a, task) = (self.clone(), a.clone(), task.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            match this.try_make_image(&a, &task).await {
+                Ok(sha256) => tracing::info!(image_id = %task.image_id, instance_id = %a.instance_id, %sha256,
+                    secs = started.elapsed().as_secs_f64(), "image made and uploaded"),
+                Err(e) => {
+                    tracing::warn!(image_id = %task.image_id, instance_id = %a.instance_id, error = %e, "cannot make image");
+                    this.image_problem(&task.image_id, e);
+                }
+            }
+            this.making.lock().unwrap_or_else(|p| p.into_inner()).remove(&task.image_id);
+        });
+    }
+
+    async fn try_make_image(&self, a: &Assignment, task: &ImageTask) -> Result<String, String> {
+        let files = GuestFiles::new(&self.instances_dir, &a.instance_id);
+        let name = domain::domain_name(&a.instance_id);
+        let running = self.libvirt.domain_status(&self.host_id, &a.instance_id).await.map_err(|e| e.to_string())?.is_some_and(|d| d.running);
+        // A clean stop unless NoReboot; the guard keeps passes from restarting it meanwhile.
+        let guard = if running && !task.no_reboot {
+            let guard = self.stopping.begin(&a.instance_id).ok_or("the instance is already being stopped")?;
+            power::stop_domain(&self.libvirt, &name, self.stop_timeout).await.map_err(|e| format!("cannot stop the instance: {e}"))?;
+            Some(guard)
+        } else {
+            None
+        };
+        let out = self.images.dir().join(format!(".make-{}.qcow2", task.image_id));
+        let converted = crate::disks::flatten(&files.root_disk(), &out).await;
+        if let Some(guard) = guard {
+            if a.desired == DesiredState::Running {
+                if let Err(e) = self.libvirt.start(&name).await {
+                    tracing::warn!(instance_id = %a.instance_id, error = %e, "cannot start the instance again after imaging; the next pass does");
+                } else {
+                    let _ = self.events.send(AgentEvent::Started { instance_id: a.instance_id.clone(), at: Instant::now() });
+                }
+            }
+            drop(guard);
+        }
+        let result = async {
+            converted.map_err(|e| format!("cannot copy the disk: {e}"))?;
+            let sha256 = crate::disks::sha256_file(&out).await.map_err(|e| format!("cannot read the copied disk: {e}"))?;
+            self.images.upload(&task.image_id, &out, &sha256, a.disk_gib << 30).await.map_err(|e| format!("cannot upload the image: {e}"))?;
+            if let Err(e) = self.images.adopt(&out, &sha256).await {
+                tracing::warn!(image_id = %task.image_id, error = %e, "cannot keep the image in this host's cache");
+            }
+            Ok(sha256)
+        }
+        .await;
+        let _ = tokio::fs::remove_file(&out).await;
+        result
     }
 
     /// Counts a failed attempt at an instance: `Building` (retried next
@@ -297,7 +397,7 @@ impl Reconciler {
         } else {
             (ObservedState::Building, e.public_message())
         };
-        Observation { instance_id: instance_id.to_string(), state, message: Some(message), reboots: None, console: None }
+        Observation { instance_id: instance_id.to_string(), state, message: Some(message), reboots: None, console: None, ssh_endpoint: None }
     }
 
     /// The observation of an instance after a pass: its state, the reboots
@@ -312,7 +412,14 @@ impl Reconciler {
             Outcome::Stopped => (ObservedState::Stopped, None),
             Outcome::Absent => {
                 self.console.forget(id);
-                return Observation { instance_id: id.clone(), state: ObservedState::Absent, message: None, reboots: None, console: None };
+                return Observation {
+                    instance_id: id.clone(),
+                    state: ObservedState::Absent,
+                    message: None,
+                    reboots: None,
+                    console: None,
+                    ssh_endpoint: None,
+                };
             }
         };
         let files = GuestFiles::new(&self.instances_dir, id);
@@ -326,7 +433,8 @@ impl Reconciler {
             }
         };
         let console = self.console.tail_if_changed(id, &files.console_log()).await;
-        Observation { instance_id: id.clone(), state, message, reboots, console }
+        let ssh_endpoint = files.ssh_port().await.map(|p| format!("127.0.0.1:{p}"));
+        Observation { instance_id: id.clone(), state, message, reboots, console, ssh_endpoint }
     }
 
     /// Brings the reboots carried out up to those asked for: one reboot of a
@@ -366,17 +474,28 @@ impl Reconciler {
         }
         let files = GuestFiles::new(&self.instances_dir, &a.instance_id);
         let img = &a.image;
-        let kernel = self.images.ensure(&img.source_url, &img.kernel).await?;
-        let initrd = match &img.initrd {
-            Some(f) => Some(self.images.ensure(&img.source_url, f).await?),
-            None => None,
+        let url = || img.source_url.clone().map(crate::images::Source::Url).ok_or_else(|| ConvergeError::NoSource(img.image_id.clone()));
+        let (kernel, initrd) = match (img.boot, &img.kernel) {
+            (BootStyle::Kernel, Some(k)) => {
+                let kernel = self.images.ensure(&url()?, k).await?;
+                let initrd = match &img.initrd {
+                    Some(f) => Some(self.images.ensure(&url()?, f).await?),
+                    None => None,
+                };
+                (Some(kernel), initrd)
+            }
+            _ => (None, None),
         };
-        let base = self.images.ensure(&img.source_url, &img.root_disk).await?;
+        let disk_source = if img.root_disk_in_store { crate::images::Source::Store } else { url()? };
+        let base = self.images.ensure(&disk_source, &img.root_disk).await?;
         let network_config = match (&self.network, nics.is_empty()) {
             (Some(dp), false) => Some(crate::network::guest_network_config(nics, dp.mtu())),
             _ => None,
         };
         files.prepare(&base, a.disk_gib, &a.metadata, a.user_data.as_deref(), &self.qemu, network_config.as_deref()).await?;
+        // User-mode networking: a loopback port forwarded to the guest's SSH.
+        // (Not on the test driver: no guest runs there to listen.)
+        let ssh_port = if nics.is_empty() && matches!(self.hypervisor, Hypervisor::Kvm | Hypervisor::Qemu) { Some(files.ensure_ssh_port().await?) } else { None };
         let metadata_socket = self.serve_metadata(a).await?;
         let spec = GuestSpec {
             hypervisor: self.hypervisor,
@@ -392,6 +511,7 @@ impl Reconciler {
             seed_iso: files.seed_iso(),
             console_log: files.console_log(),
             metadata_socket,
+            ssh_port,
             qemu: self.qemu,
             nics: nics.iter().map(|n| GuestNic { mac: n.mac.clone(), link: crate::network::guest_link(&n.eni_id) }).collect(),
         };

@@ -7,7 +7,7 @@
 //! an agent that crashed or missed a notification repairs everything on its
 //! next pass.
 
-use crate::api::ImageFile;
+use crate::api::{BootStyle, ImageFile};
 use crate::ObservedState;
 use serde::{Deserialize, Serialize};
 
@@ -55,14 +55,51 @@ impl HostCredential {
 /// What the control plane wants of one instance.
 pub use crate::state::Desired as DesiredState;
 
+/// The image an instance boots: its files, each pinned by its SHA-256.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ImageSpec {
     pub image_id: String,
-    pub source_url: String,
-    pub kernel: ImageFile,
+    #[serde(default)]
+    pub boot: BootStyle,
+    /// The directory the kernel and initrd (and the root disk, unless it is
+    /// in the store) lie below: `file:///dir` or `http(s)://host/dir`.
+    #[serde(default)]
+    pub source_url: Option<String>,
+    /// The root disk is in the control plane's image store (images made by
+    /// CreateImage): fetched with `GET /v1/agent/images/{sha256}`.
+    #[serde(default)]
+    pub root_disk_in_store: bool,
+    /// Direct kernel boot only.
+    #[serde(default)]
+    pub kernel: Option<ImageFile>,
     pub initrd: Option<ImageFile>,
     pub root_disk: ImageFile,
     pub cmdline: String,
+}
+
+/// An image to make of the instance's disk (CreateImage), asked for in the
+/// instance's assignment until it is made or has failed: the agent flattens
+/// the guest's disk into one qcow2 (after a clean shutdown unless
+/// `no_reboot`, then starts the guest again), and uploads it with
+/// `PUT /v1/agent/images/{image_id}`, which makes the image available.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImageTask {
+    pub image_id: String,
+    pub no_reboot: bool,
+}
+
+/// Headers of `PUT /v1/agent/images/{image_id}`: the digest the agent
+/// computed of the body (the control plane checks it while it stores the
+/// body) and the disk's virtual size in bytes.
+pub const UPLOAD_SHA256_HEADER: &str = "x-nimbus-sha256";
+pub const UPLOAD_VIRTUAL_SIZE_HEADER: &str = "x-nimbus-virtual-size";
+
+/// An image the agent could not make (CreateImage) or whose file differs
+/// from its digest: the control plane marks it `failed` with `message`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImageProblem {
+    pub image_id: String,
+    pub message: String,
 }
 
 /// What the metadata service answers for the instance.
@@ -123,6 +160,9 @@ pub struct Assignment {
     /// The instance's network interfaces, by device index.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nics: Vec<crate::network::Nic>,
+    /// Images to make of this instance's disk, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub create_images: Vec<ImageTask>,
 }
 
 /// `GET /v1/agent/assignments?after=G&wait_ms=T`. Returns at once when the
@@ -154,6 +194,10 @@ pub struct Observation {
     /// [`CONSOLE_TAIL_BYTES`]), base64, when it changed since the last report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub console: Option<String>,
+    /// `127.0.0.1:PORT` on the host forwarded to the guest's port 22 (QEMU
+    /// user-mode networking), when the guest has a domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_endpoint: Option<String>,
 }
 
 /// How much of the console log an agent ships (EC2 returns the last 64 KiB).
@@ -167,7 +211,13 @@ pub struct Report {
     /// when healthy); shown by `describe-hosts`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<String>,
+    /// Images that could not be made, or whose file differs from its digest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<ImageProblem>,
 }
+
+/// At most this many image problems per report.
+pub const MAX_IMAGE_PROBLEMS: usize = 256;
 
 /// At most this many host problems per report, each at most
 /// [`MAX_PROBLEM_BYTES`].

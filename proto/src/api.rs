@@ -166,6 +166,11 @@ pub struct Instance {
     pub security_groups: Vec<GroupRef>,
     #[serde(default)]
     pub network_interfaces: Vec<NetworkInterface>,
+    /// `127.0.0.1:PORT` on the instance's host, forwarded to the guest's
+    /// port 22 (guests on QEMU user-mode networking; VPC guests are reached
+    /// at their addresses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_endpoint: Option<String>,
 }
 
 /// A security group named by id and name.
@@ -481,26 +486,106 @@ pub struct ImageFile {
     pub sha256: String,
 }
 
-/// `POST /v1/images`: registers an image whose files an agent can fetch.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+/// How a guest of the image boots.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BootStyle {
+    /// Direct kernel boot: the host gives the kernel, initrd and command line.
+    #[default]
+    Kernel,
+    /// The firmware boots the image's own boot loader from its disk (every
+    /// standard cloud qcow2: Debian's, Ubuntu's).
+    Disk,
+}
+
+impl BootStyle {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BootStyle::Kernel => "kernel",
+            BootStyle::Disk => "disk",
+        }
+    }
+}
+
+impl std::str::FromStr for BootStyle {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "kernel" => Ok(BootStyle::Kernel),
+            "disk" => Ok(BootStyle::Disk),
+            other => Err(format!("boot style {other:?} is neither kernel nor disk")),
+        }
+    }
+}
+
+/// `POST /v1/images` (operator): registers an image whose files an agent
+/// can fetch, in one of two forms:
+///
+/// - files below a directory: `source_url` (`file:///dir` on every host, or
+///   `http(s)://host/dir`), `root_disk`, and for direct kernel boot `kernel`
+///   (and `initrd`, `cmdline`): what an image recipe's manifest describes;
+/// - one qcow2 disk that boots itself (any standard cloud image):
+///   `disk_url` (`file:///path/disk.qcow2` or `http(s)://...`) and its `sha256`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterImageRequest {
     pub name: String,
     #[serde(default)]
     pub description: Option<String>,
-    /// `file:///dir` (on every host) or `http(s)://host/dir`: the files are below it.
-    pub source_url: String,
-    pub kernel: ImageFile,
-    #[serde(default)]
+    /// The directory holding the files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_url: Option<String>,
+    /// The one qcow2 file of a disk-booted image (instead of `source_url`
+    /// and `root_disk`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_url: Option<String>,
+    /// Lower-case hex SHA-256 of the file at `disk_url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// Absent: `kernel` when a kernel is given, `disk` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootStyle>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<ImageFile>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<ImageFile>,
     /// qcow2 base disk, the backing file of every instance's root overlay.
-    pub root_disk: ImageFile,
-    /// Kernel command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_disk: Option<ImageFile>,
+    /// The root disk's virtual size in bytes, if known (an instance type
+    /// with a smaller disk cannot launch the image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_disk_size: Option<u64>,
+    /// Kernel command line (direct kernel boot).
     #[serde(default)]
     pub cmdline: String,
-    /// Make this the image used when a launch names none.
+    /// Make this the image used when a launch names none (it must be public).
     #[serde(default)]
     pub default: bool,
+    /// Visible to every account. Absent: public when the operator owns it,
+    /// private when registered for an account (`owner_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public: Option<bool>,
+    /// The account that owns the image; absent: the operator's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_id: Option<String>,
+}
+
+/// `POST /v1/instances/{id}/image`: an image made of the instance's disk
+/// (EC2's CreateImage).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateImageRequest {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Copy the disk while the guest runs (crash-consistent); otherwise the
+    /// guest is shut down cleanly first and started again after.
+    #[serde(default)]
+    pub no_reboot: bool,
+    /// Tags of the new image.
+    #[serde(default)]
+    pub tags: Vec<ResourceTag>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -513,13 +598,30 @@ pub struct Image {
     /// no host paths or internal URLs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_url: Option<String>,
-    pub kernel: ImageFile,
+    #[serde(default)]
+    pub boot: BootStyle,
+    #[serde(default)]
+    pub kernel: Option<ImageFile>,
     pub initrd: Option<ImageFile>,
-    pub root_disk: ImageFile,
+    /// Absent while the image is being made.
+    pub root_disk: Option<ImageFile>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_disk_size: Option<u64>,
     pub cmdline: String,
     pub default: bool,
+    /// Visible to every account (else to its owner only).
+    #[serde(default)]
+    pub public: bool,
+    /// `pending`, `available` or `failed`.
     pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_reason: Option<String>,
+    /// The instance a CreateImage made it of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_instance_id: Option<String>,
     pub creation_date: DateTime<Utc>,
+    #[serde(default)]
+    pub tags: Vec<ResourceTag>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

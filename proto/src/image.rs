@@ -1,17 +1,25 @@
 //! The manifest an image recipe writes next to the files it builds
-//! (`images/build-tiny.sh` → `manifest.json`).
+//! (`images/build-tiny.sh`, `images/build-debian.sh` → `manifest.json`).
 
-use crate::api::{ImageFile, RegisterImageRequest};
+use crate::api::{BootStyle, ImageFile, RegisterImageRequest};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 pub struct ImageManifest {
     pub name: String,
-    pub kernel: String,
+    /// `disk`: the image boots its own boot loader (no kernel); absent or
+    /// `kernel`: direct kernel boot.
+    #[serde(default)]
+    pub boot: Option<BootStyle>,
+    #[serde(default)]
+    pub kernel: Option<String>,
     #[serde(default)]
     pub initrd: Option<String>,
     pub root_disk: String,
+    /// Bytes (build-debian.sh writes a number; other forms are ignored).
+    #[serde(default)]
+    pub root_disk_virtual_size: Option<serde_json::Value>,
     #[serde(default)]
     pub cmdline: String,
     /// File name → lower-case hex SHA-256.
@@ -19,25 +27,46 @@ pub struct ImageManifest {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("manifest lists {0} but gives no sha256 for it")]
-pub struct MissingDigest(pub String);
+pub enum ManifestError {
+    #[error("manifest lists {0} but gives no sha256 for it")]
+    MissingDigest(String),
+    #[error("manifest of a direct-kernel-boot image names no kernel")]
+    MissingKernel,
+    #[error("manifest of a disk-booted image names a kernel or initrd")]
+    KernelOnDiskBoot,
+}
 
 impl ImageManifest {
+    pub fn boot_style(&self) -> BootStyle {
+        self.boot.unwrap_or(BootStyle::Kernel)
+    }
+
     /// The registration of the image whose files lie under `source_url`.
-    pub fn register_request(&self, source_url: String, name: Option<String>, default: bool) -> Result<RegisterImageRequest, MissingDigest> {
-        let file = |n: &str| -> Result<ImageFile, MissingDigest> {
-            let sha256 = self.sha256.get(n).cloned().ok_or_else(|| MissingDigest(n.to_string()))?;
+    pub fn register_request(&self, source_url: String, name: Option<String>, default: bool) -> Result<RegisterImageRequest, ManifestError> {
+        let file = |n: &str| -> Result<ImageFile, ManifestError> {
+            let sha256 = self.sha256.get(n).cloned().ok_or_else(|| ManifestError::MissingDigest(n.to_string()))?;
             Ok(ImageFile { name: n.to_string(), sha256 })
         };
+        let boot = self.boot_style();
+        let kernel = self.kernel.as_deref().filter(|k| !k.is_empty());
+        let initrd = self.initrd.as_deref().filter(|i| !i.is_empty());
+        match boot {
+            BootStyle::Kernel if kernel.is_none() => return Err(ManifestError::MissingKernel),
+            BootStyle::Disk if kernel.is_some() || initrd.is_some() => return Err(ManifestError::KernelOnDiskBoot),
+            _ => {}
+        }
         Ok(RegisterImageRequest {
             name: name.unwrap_or_else(|| self.name.clone()),
             description: Some(format!("built by the {} recipe", self.name)),
-            source_url,
-            kernel: file(&self.kernel)?,
-            initrd: self.initrd.as_deref().map(file).transpose()?,
-            root_disk: file(&self.root_disk)?,
+            source_url: Some(source_url),
+            boot: Some(boot),
+            kernel: kernel.map(file).transpose()?,
+            initrd: initrd.map(file).transpose()?,
+            root_disk: Some(file(&self.root_disk)?),
+            root_disk_size: self.root_disk_virtual_size.as_ref().and_then(serde_json::Value::as_u64),
             cmdline: self.cmdline.clone(),
             default,
+            ..Default::default()
         })
     }
 }
@@ -50,17 +79,42 @@ mod tests {
     fn manifest_becomes_a_registration() {
         let m: ImageManifest = serde_json::from_str(
             r#"{"name":"nimbus-tiny","kernel":"vmlinuz","initrd":"initrd.img","root_disk":"rootfs.qcow2",
+                "root_disk_virtual_size":"64M",
                 "cmdline":"console=ttyS0","sha256":{"vmlinuz":"aa","initrd.img":"bb","rootfs.qcow2":"cc"},"extra":1}"#,
         )
         .unwrap();
         let r = m.register_request("file:///x".into(), None, true).unwrap();
         assert_eq!(r.name, "nimbus-tiny");
-        assert_eq!(r.kernel, ImageFile { name: "vmlinuz".into(), sha256: "aa".into() });
+        assert_eq!(r.boot, Some(BootStyle::Kernel));
+        assert_eq!(r.kernel, Some(ImageFile { name: "vmlinuz".into(), sha256: "aa".into() }));
         assert_eq!(r.initrd.unwrap().sha256, "bb");
-        assert_eq!(r.root_disk.sha256, "cc");
+        assert_eq!(r.root_disk.unwrap().sha256, "cc");
+        assert_eq!(r.root_disk_size, None, "a size that is not a number of bytes is ignored");
         assert!(r.default);
         let mut m2 = m.clone();
         m2.sha256.remove("rootfs.qcow2");
-        assert_eq!(m2.register_request("file:///x".into(), None, false), Err(MissingDigest("rootfs.qcow2".into())));
+        assert_eq!(m2.register_request("file:///x".into(), None, false), Err(ManifestError::MissingDigest("rootfs.qcow2".into())));
+        let mut m3 = m.clone();
+        m3.kernel = None;
+        assert_eq!(m3.register_request("file:///x".into(), None, false), Err(ManifestError::MissingKernel));
+    }
+
+    /// The Debian recipe's manifest (boot: disk, no kernel).
+    #[test]
+    fn disk_boot_manifest_becomes_a_registration() {
+        let m: ImageManifest = serde_json::from_str(
+            r#"{"name":"debian-12-nimbus","boot":"disk","root_disk":"disk.qcow2","root_disk_format":"qcow2",
+                "root_disk_virtual_size":2147483648,"kernel_cmdline":"root=UUID=x ro",
+                "sha256":{"disk.qcow2":"dd","packages.txt":"ee"}}"#,
+        )
+        .unwrap();
+        let r = m.register_request("file:///img".into(), None, false).unwrap();
+        assert_eq!(r.boot, Some(BootStyle::Disk));
+        assert_eq!((r.kernel, r.initrd, r.cmdline.as_str()), (None, None, ""));
+        assert_eq!(r.root_disk, Some(ImageFile { name: "disk.qcow2".into(), sha256: "dd".into() }));
+        assert_eq!(r.root_disk_size, Some(2 << 30));
+        let mut bad = m.clone();
+        bad.kernel = Some("vmlinuz".into());
+        assert_eq!(bad.register_request("file:///img".into(), None, false), Err(ManifestError::KernelOnDiskBoot));
     }
 }

@@ -355,7 +355,10 @@ impl Cloud {
         let database_url = database.url.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
+        let dir = TempDir::new("cloud");
         let config = Config {
+            image_store_dir: dir.0.join("image-store"),
+            max_image_bytes: 64 << 30,
             listen: addr,
             database_url,
             admin_token: format!("admin-{}", random_suffix()),
@@ -395,7 +398,7 @@ impl Cloud {
             join_token,
             service,
             http: reqwest::Client::new(),
-            dir: TempDir::new("cloud"),
+            dir,
             shutdown: Some(tx),
             _test_conn: Some(Arc::new(test_conn)),
             _database: database,
@@ -528,6 +531,7 @@ impl Cloud {
             network_namespace: None,
             uplink: None,
             netns_prefix: "nimbus".into(),
+            image_cache_ttl_secs: 86400,
             underlay_mtu: 1500,
         };
         let mut config = config;
@@ -640,12 +644,13 @@ impl Cloud {
         let req = RegisterImageRequest {
             name: "test-image".into(),
             description: None,
-            source_url: format!("file://{}", dir.display()),
-            kernel: file("vmlinuz")?,
+            source_url: Some(format!("file://{}", dir.display())),
+            kernel: Some(file("vmlinuz")?),
             initrd: Some(file("initrd.img")?),
-            root_disk: file("root.qcow2")?,
+            root_disk: Some(file("root.qcow2")?),
             cmdline: "console=ttyS0".into(),
             default: true,
+            ..Default::default()
         };
         Ok(serde_json::from_value(self.post("/v1/images", serde_json::to_value(req)?).await?)?)
     }
@@ -791,7 +796,7 @@ pub async fn define_test_domain(host_id: &str, instance_id: &str, dir: &Path) ->
         instance_id: instance_id.to_string(),
         vcpus: 2,
         memory_mib: 512,
-        kernel: "/nonexistent/kernel".into(),
+        kernel: Some("/nonexistent/kernel".into()),
         initrd: None,
         cmdline: String::new(),
         root_disk: dir.join("root.qcow2"),
@@ -799,6 +804,7 @@ pub async fn define_test_domain(host_id: &str, instance_id: &str, dir: &Path) ->
         seed_iso: dir.join("seed.iso"),
         console_log: dir.join("console.log"),
         metadata_socket: dir.join("metadata.sock"),
+        ssh_port: None,
         qemu: nimbus_host_agent::access::QemuUser::root(),
         nics: Vec::new(),
     })?;

@@ -304,7 +304,7 @@ async fn images_are_fetched_over_http() {
     let _ = std::fs::remove_dir_all(agent.state_dir.join("images"));
     let r = cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "image_id": image["image_id"]})).await.unwrap();
     cloud.wait_for_state(&instance_ids(&r), "running", T).await.unwrap();
-    let cached = agent.state_dir.join("images").join(local.root_disk.sha256);
+    let cached = agent.state_dir.join("images").join(local.root_disk.unwrap().sha256);
     assert!(cached.exists(), "the base disk was downloaded into the cache");
     server.kill().await.unwrap();
 }

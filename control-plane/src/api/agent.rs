@@ -5,7 +5,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::middleware::from_fn_with_state;
 use crate::error::{Result, ServiceError};
 use crate::service::Service;
-use axum::extract::{FromRequestParts, State};
+use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -56,6 +56,41 @@ pub fn routes() -> Router<Service> {
             "/v1/agent/report",
             post(report).layer(DefaultBodyLimit::max(MAX_REPORT_BODY)).layer(from_fn_with_state(MAX_REPORT_BODY, refuse_oversized)),
         )
+        // The image store: bodies streamed, bounded by the store's own limit.
+        .route("/v1/agent/images/{id}", get(download_image).put(upload_image).layer(DefaultBodyLimit::disable()))
+}
+
+/// An agent uploads the disk of an image it made (CreateImage); the
+/// digest and virtual size come in headers (see `nimbus_proto::agent`).
+async fn upload_image(
+    State(s): State<Service>,
+    HostAuth(host): HostAuth,
+    Path(image_id): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<Json<nimbus_proto::api::Image>> {
+    let header = |name: &str| -> Result<String> {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .ok_or_else(|| ServiceError::MissingParameter(format!("header {name}")))
+    };
+    let sha256 = header(nimbus_proto::agent::UPLOAD_SHA256_HEADER)?;
+    let size: u64 = header(nimbus_proto::agent::UPLOAD_VIRTUAL_SIZE_HEADER)?
+        .parse()
+        .map_err(|_| ServiceError::InvalidParameterValue("the virtual size must be a number of bytes".into()))?;
+    Ok(Json(s.upload_image(&host, &image_id, &sha256, size, body.into_data_stream()).await?))
+}
+
+/// A host fetches a disk of the image store (named by its SHA-256) that
+/// one of its instances boots.
+async fn download_image(State(s): State<Service>, HostAuth(host): HostAuth, Path(sha256): Path<String>) -> Result<axum::response::Response> {
+    use axum::response::IntoResponse;
+    let (file, len) = s.stored_image_for_host(&host, &sha256).await?;
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));
+    Ok(([(axum::http::header::CONTENT_LENGTH, len.to_string()), (axum::http::header::CONTENT_TYPE, "application/octet-stream".to_string())], body)
+        .into_response())
 }
 
 async fn register(State(s): State<Service>, _: JoinToken, ApiJson(req): ApiJson<RegisterHost>) -> Result<Json<HostCredential>> {

@@ -83,6 +83,8 @@ pub fn routes() -> Router<Service> {
         .route("/v1/hosts", get(describe_hosts))
         .route("/v1/instance-types", get(describe_instance_types))
         .route("/v1/images", get(describe_images).post(register_image))
+        .route("/v1/images/{id}", get(describe_image).delete(deregister_image))
+        .route("/v1/instances/{id}/image", post(create_image))
         .route("/v1/admin/accounts", post(create_account))
         .route("/v1/hosts/{id}/reset-credential", post(reset_host_credential))
         .route("/v1/account", get(describe_account))
@@ -324,8 +326,50 @@ async fn describe_instance_types(State(s): State<Service>, Authenticated(_): Aut
     Ok(Json(InstanceTypeList { instance_types: s.describe_instance_types(&[]).await? }))
 }
 
-async fn describe_images(State(s): State<Service>, Authenticated(c): Authenticated) -> Result<Json<ImageList>> {
-    Ok(Json(ImageList { images: s.describe_images(&c, &[]).await? }))
+/// Query of `GET /v1/images`: comma-separated lists, as DescribeImages'
+/// `ImageId`, `Owner`, `ExecutableBy` and filters (`name` takes `*`/`?`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImageListQuery {
+    image_id: Option<String>,
+    owner: Option<String>,
+    executable_by: Option<String>,
+    name: Option<String>,
+    state: Option<String>,
+    is_public: Option<String>,
+}
+
+async fn describe_images(State(s): State<Service>, Authenticated(c): Authenticated, ApiQuery(q): ApiQuery<ImageListQuery>) -> Result<Json<ImageList>> {
+    let filters = [("name", &q.name), ("state", &q.state), ("is-public", &q.is_public)]
+        .into_iter()
+        .filter(|(_, v)| v.is_some())
+        .map(|(k, v)| (k.to_string(), split(v)))
+        .collect();
+    let query = crate::service::images::ImageQuery {
+        image_ids: split(&q.image_id),
+        owners: split(&q.owner),
+        executable_by: split(&q.executable_by),
+        filters,
+    };
+    Ok(Json(ImageList { images: s.describe_images(&c, &query).await? }))
+}
+
+async fn describe_image(State(s): State<Service>, Authenticated(c): Authenticated, Path(id): Path<String>) -> Result<Json<Image>> {
+    Ok(Json(s.describe_image(&c, &id).await?))
+}
+
+async fn deregister_image(State(s): State<Service>, Authenticated(c): Authenticated, Path(id): Path<String>) -> Result<Json<serde_json::Value>> {
+    s.deregister_image(&c, &id).await?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn create_image(
+    State(s): State<Service>,
+    Tenant(c): Tenant,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<CreateImageRequest>,
+) -> Result<Json<Image>> {
+    Ok(Json(s.create_image(&c, &id, &req).await?))
 }
 
 #[derive(Debug, Deserialize)]

@@ -87,14 +87,17 @@ struct AssignmentRow {
     availability_zone: String,
     ami_launch_index: i32,
     account_id: String,
-    source_url: String,
-    kernel: String,
-    kernel_sha256: String,
+    boot: String,
+    source_url: Option<String>,
+    kernel: Option<String>,
+    kernel_sha256: Option<String>,
     initrd: Option<String>,
     initrd_sha256: Option<String>,
     root_disk: String,
-    root_disk_sha256: String,
+    root_disk_sha256: Option<String>,
+    root_disk_in_store: bool,
     cmdline: String,
+    create_images: sqlx::types::Json<Vec<nimbus_proto::agent::ImageTask>>,
     reboots: i64,
     key_name: Option<String>,
     public_key: Option<String>,
@@ -112,10 +115,16 @@ impl AssignmentRow {
             user_data: self.user_data.map(|u| base64::engine::general_purpose::STANDARD.encode(u)),
             image: ImageSpec {
                 image_id: self.image_id.clone(),
+                boot: super::images::parse_boot(&self.boot)?,
                 source_url: self.source_url,
-                kernel: ImageFile { name: self.kernel, sha256: self.kernel_sha256 },
+                root_disk_in_store: self.root_disk_in_store,
+                kernel: super::images::optional_file(self.kernel, self.kernel_sha256),
                 initrd: super::images::optional_file(self.initrd, self.initrd_sha256),
-                root_disk: ImageFile { name: self.root_disk, sha256: self.root_disk_sha256 },
+                // Only available images launch, and they have their digest.
+                root_disk: ImageFile {
+                    name: self.root_disk,
+                    sha256: self.root_disk_sha256.ok_or_else(|| ServiceError::Internal(format!("image {} has no root disk digest", self.image_id)))?,
+                },
                 cmdline: self.cmdline,
             },
             metadata: InstanceMetadata {
@@ -135,6 +144,7 @@ impl AssignmentRow {
             },
             reboots: self.reboots,
             nics: Vec::new(),
+            create_images: self.create_images.0,
             instance_id: self.id,
         })
     }
@@ -308,8 +318,11 @@ impl Service {
         let rows = sqlx::query_as::<_, AssignmentRow>(&format!(
             "SELECT i.id, i.desired_state, i.vcpus, i.memory_mib, i.disk_gib, i.user_data, i.reservation_id, \
                     i.instance_type, i.image_id, i.availability_zone, i.ami_launch_index, i.account_id, \
-                    m.source_url, m.kernel, m.kernel_sha256, m.initrd, m.initrd_sha256, m.root_disk, \
-                    m.root_disk_sha256, m.cmdline, i.reboots, i.key_name, i.public_key \
+                    m.boot, m.source_url, m.kernel, m.kernel_sha256, m.initrd, m.initrd_sha256, m.root_disk, \
+                    m.root_disk_sha256, m.root_disk_in_store, m.cmdline, i.reboots, i.key_name, i.public_key, \
+                    (SELECT coalesce(jsonb_agg(jsonb_build_object('image_id', p.id, 'no_reboot', p.no_reboot) \
+                         ORDER BY p.created_at, p.id), '[]'::jsonb) \
+                     FROM images p WHERE p.source_instance_id = i.id AND p.state = 'pending') AS create_images \
              FROM instances i JOIN images m ON m.id = i.image_id \
              WHERE i.host_id = $1 AND {} ORDER BY i.seq",
             if full { "i.capacity_held" } else { "i.changed_generation > $2" }
@@ -335,6 +348,7 @@ impl Service {
     pub async fn report(&self, host_id: &str, report: &Report) -> Result<()> {
         validate_problems(&report.problems)?;
         self.record_guest_output(host_id, report).await?;
+        self.record_image_problems(host_id, &report.images).await?;
         loop {
             match self.try_report(host_id, report).await {
                 Err(ServiceError::Database(e)) if crate::db::is_retryable(&e) => continue,
@@ -348,6 +362,7 @@ impl Service {
     async fn record_guest_output(&self, host_id: &str, report: &Report) -> Result<()> {
         let (mut ids, mut consoles) = (vec![], vec![]);
         let (mut rids, mut reboots) = (vec![], vec![]);
+        let (mut sids, mut endpoints) = (vec![], vec![]);
         for o in &report.observations {
             if let Some(c) = &o.console {
                 let raw = base64::engine::general_purpose::STANDARD
@@ -361,6 +376,24 @@ impl Service {
                 rids.push(o.instance_id.as_str());
                 reboots.push(n);
             }
+            if let Some(e) = &o.ssh_endpoint {
+                if e.parse::<std::net::SocketAddr>().is_err() {
+                    return Err(ServiceError::InvalidParameterValue("ssh_endpoint must be an address:port".into()));
+                }
+                sids.push(o.instance_id.as_str());
+                endpoints.push(e.as_str());
+            }
+        }
+        if !sids.is_empty() {
+            sqlx::query(
+                "UPDATE instances SET ssh_endpoint = e.ep FROM unnest($2::text[], $3::text[]) AS e(id, ep) \
+                 WHERE instances.id = e.id AND instances.host_id = $1 AND instances.ssh_endpoint IS DISTINCT FROM e.ep",
+            )
+            .bind(host_id)
+            .bind(&sids)
+            .bind(&endpoints)
+            .execute(&self.db)
+            .await?;
         }
         if !ids.is_empty() {
             sqlx::query(
@@ -459,6 +492,15 @@ impl Service {
             // heartbeat below touches this host's row again.
             let hosts = super::network::release_interfaces(&mut tx, &terminated, host_id).await?;
             super::network::bump_hosts(&mut tx, &hosts).await?;
+            // An image still being made of a terminated instance never will be.
+            sqlx::query(
+                "UPDATE images SET state = 'failed', state_changed_at = now(), \
+                     state_reason = 'the instance was terminated before the image was made' \
+                 WHERE source_instance_id = ANY($1) AND state = 'pending'",
+            )
+            .bind(&terminated)
+            .execute(&mut *tx)
+            .await?;
         }
         let (generation,): (i64,) = sqlx::query_as(
             "UPDATE hosts SET last_heartbeat = now(), used_vcpus = used_vcpus - $2, used_memory_mib = used_memory_mib - $3, \

@@ -18,7 +18,7 @@ pub const MAX_PAGE: u32 = 1000;
 /// Terminated instances stay visible this long, then disappear (as in EC2).
 pub const TERMINATED_VISIBLE_FOR: &str = "1 hour";
 /// The SQL condition of an instance the API still shows.
-const VISIBLE: &str = "(state <> 'terminated' OR state_changed_at > now() - interval '1 hour')";
+pub(crate) const VISIBLE: &str = "(state <> 'terminated' OR state_changed_at > now() - interval '1 hour')";
 pub const DEFAULT_PAGE: u32 = 100;
 
 #[derive(sqlx::FromRow)]
@@ -34,10 +34,11 @@ pub(crate) struct InstanceRow {
     pub state_reason: Option<String>,
     pub launch_time: chrono::DateTime<chrono::Utc>,
     pub key_name: Option<String>,
+    pub ssh_endpoint: Option<String>,
 }
 
 const INSTANCE_COLUMNS: &str = "id, seq, reservation_id, ami_launch_index, image_id, instance_type, \
-     availability_zone, state, state_reason, launch_time, key_name";
+     availability_zone, state, state_reason, launch_time, key_name, ssh_endpoint";
 
 pub(crate) fn parse_state(s: &str) -> Result<InstanceState> {
     s.parse().map_err(|e| ServiceError::Internal(format!("bad state in database: {e}")))
@@ -64,6 +65,8 @@ impl InstanceRow {
             subnet_id: None,
             security_groups: Vec::new(),
             network_interfaces: Vec::new(),
+            // Only while the guest runs (a stopped guest's port is not listened on).
+            ssh_endpoint: self.ssh_endpoint.filter(|_| self.state == "running"),
         })
     }
 }
@@ -181,6 +184,19 @@ fn network_filters(filters: &[(String, Vec<String>)]) -> Result<Vec<(String, Vec
     Ok(out)
 }
 
+/// The root disk of an instance has its type's size: an image with a
+/// larger disk does not fit (EC2 answers InvalidBlockDeviceMapping).
+pub fn fits_disk(image: &nimbus_proto::api::Image, disk_gib: u64) -> Result<()> {
+    match image.root_disk_size {
+        Some(size) if size > disk_gib << 30 => Err(ServiceError::InvalidBlockDeviceMapping(format!(
+            "Volume of size {disk_gib} GiB is smaller than the image {}'s disk of {} GiB: choose an instance type with a larger disk",
+            image.image_id,
+            size.div_ceil(1 << 30)
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Checks everything about a launch that does not need the database.
 pub fn validate_run(req: &RunInstancesRequest, max_count: u32) -> Result<(Option<Vec<u8>>, Option<String>)> {
     if req.min_count < 1 {
@@ -228,8 +244,9 @@ impl Service {
     /// Everything a launch checks before it places anything (for DryRun).
     pub async fn check_run_instances(&self, caller: &Caller, req: &RunInstancesRequest) -> Result<()> {
         validate_run(req, self.config.max_count)?;
-        self.image(req.image_id.as_deref()).await?;
-        self.instance_type(&req.instance_type).await?;
+        let image = self.launch_image(caller, req.image_id.as_deref()).await?;
+        let itype = self.instance_type(&req.instance_type).await?;
+        fits_disk(&image, itype.disk_gib)?;
         if let Some(k) = &req.key_name {
             self.key_pair_public_key(caller, k).await?;
         }
@@ -239,8 +256,9 @@ impl Service {
 
     pub async fn run_instances(&self, caller: &Caller, req: RunInstancesRequest) -> Result<Reservation> {
         let (user_data, zone) = validate_run(&req, self.config.max_count)?;
-        let image = self.image(req.image_id.as_deref()).await?;
+        let image = self.launch_image(caller, req.image_id.as_deref()).await?;
         let itype = self.instance_type(&req.instance_type).await?;
+        fits_disk(&image, itype.disk_gib)?;
         let public_key = match &req.key_name {
             Some(k) => Some(self.key_pair_public_key(caller, k).await?),
             None => None,

@@ -49,11 +49,14 @@ pub struct Service {
     pub events: HostEvents,
     /// RSA key generation per account (a CPU burst per call).
     pub rsa_keygen: throttle::Throttle,
+    /// The disks of the images CreateImage makes.
+    pub image_store: crate::image_store::ImageStore,
 }
 
 impl Service {
     pub fn new(db: PgPool, config: Config, events: HostEvents) -> Service {
         let rsa_keygen = throttle::Throttle::new(config.rsa_key_burst, std::time::Duration::from_secs(config.rsa_key_interval_secs.max(1)));
-        Service { db, config, events, rsa_keygen }
+        let image_store = crate::image_store::ImageStore::new(config.image_store_dir.clone(), config.max_image_bytes);
+        Service { db, config, events, rsa_keygen, image_store }
     }
 }

@@ -160,7 +160,7 @@ async fn real_guest(runs: usize) -> anyhow::Result<()> {
             .replace(&host_id, "h-00000000000000000");
         let console = files.console_log();
         let name = format!("bench-{id}");
-        let base = agent.state_dir.join("images").join(&image.root_disk.sha256);
+        let base = agent.state_dir.join("images").join(&image.root_disk.as_ref().context("the image has a root disk")?.sha256);
         let meta = InstanceMetadata {
             instance_id: id.clone(),
             reservation_id: String::new(),

@@ -235,8 +235,56 @@ async fn serve(s: &Service, req: Request) -> Result<String, ServiceError> {
             if dry_run {
                 return Err(ServiceError::DryRunOperation);
             }
-            let images = s.describe_images(&caller, &params.list("ImageId")?).await?;
+            let mut query = crate::service::images::ImageQuery {
+                image_ids: params.list("ImageId")?,
+                owners: params.list("Owner")?,
+                executable_by: params.list("ExecutableBy")?,
+                filters: Vec::new(),
+            };
+            for f in params.structs("Filter")? {
+                query.filters.push((f.required("Name")?.to_string(), f.list("Value")?));
+            }
+            let images = s.describe_images(&caller, &query).await?;
             reply!("DescribeImagesResponse", xml::describe_images(&images))
+        }
+        "CreateImage" => {
+            let instance_id = params.required("InstanceId")?.to_string();
+            let mut tags = Vec::new();
+            for spec in params.structs("TagSpecification")? {
+                match spec.required("ResourceType")? {
+                    "image" => {}
+                    other => {
+                        return Err(ServiceError::InvalidParameterValue(format!(
+                            "'{other}' is not a valid taggable resource type for this operation (image)"
+                        )))
+                    }
+                }
+                for t in spec.structs("Tag")? {
+                    tags.push(nimbus_proto::api::ResourceTag {
+                        key: t.required("Key")?.to_string(),
+                        value: t.get("Value").unwrap_or("").to_string(),
+                    });
+                }
+            }
+            let req = nimbus_proto::api::CreateImageRequest {
+                name: params.required("Name")?.to_string(),
+                description: params.get("Description").map(str::to_string),
+                no_reboot: params.bool("NoReboot")?,
+                tags,
+            };
+            if dry_run {
+                return Err(ServiceError::DryRunOperation);
+            }
+            let image = s.create_image(&caller, &instance_id, &req).await?;
+            reply!("CreateImageResponse", xml::CreateImage { image_id: image.image_id })
+        }
+        "DeregisterImage" => {
+            let image_id = params.required("ImageId")?.to_string();
+            if dry_run {
+                return Err(ServiceError::DryRunOperation);
+            }
+            s.deregister_image(&caller, &image_id).await?;
+            reply!("DeregisterImageResponse", xml::Return { value: true })
         }
         "DescribeInstanceTypes" => {
             if dry_run {

@@ -462,6 +462,16 @@ pub struct XmlImage {
     pub root_device_name: &'static str,
     pub virtualization_type: &'static str,
     pub hypervisor: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_reason: Option<StateReason>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag_set: Option<Items<XmlTag>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateImage {
+    pub image_id: String,
 }
 
 #[derive(Serialize)]
@@ -481,7 +491,7 @@ pub fn describe_images(images: &[Image]) -> DescribeImages {
                 image_state: i.state.clone(),
                 image_owner_id: i.owner_id.clone(),
                 creation_date: timestamp(&i.creation_date),
-                is_public: true,
+                is_public: i.public,
                 architecture: "x86_64",
                 image_type: "machine",
                 name: i.name.clone(),
@@ -490,6 +500,8 @@ pub fn describe_images(images: &[Image]) -> DescribeImages {
                 root_device_name: "/dev/vda",
                 virtualization_type: "hvm",
                 hypervisor: "kvm",
+                state_reason: i.state_reason.as_ref().map(|m| StateReason { code: "Client.ImageFailed".to_string(), message: m.clone() }),
+                tag_set: tag_set(&i.tags),
             })
             .collect::<Vec<_>>()
             .into(),
@@ -929,6 +941,7 @@ mod tests {
             subnet_id: Some("subnet-1".into()),
             security_groups: vec![GroupRef { group_id: "sg-1".into(), group_name: "default".into() }],
             network_interfaces: vec![],
+            ssh_endpoint: None,
         }
     }
 

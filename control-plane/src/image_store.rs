@@ -1,0 +1,232 @@
+//! The control plane's image store: the root disks of the images CreateImage
+//! makes, one file per digest (`<dir>/<sha256>`), which every host fetches
+//! into its own cache (`GET /v1/agent/images/{sha256}`).
+//!
+//! A file appears under its name only once its content matched the digest
+//! the uploading agent announced: bodies are streamed to a temporary file
+//! (never buffered), hashed on the way, synced and renamed into place. Files
+//! no image refers to any more are removed by [`ImageStore::remove`] (at
+//! deregistration) and by the sweep at start-up (which also removes the
+//! temporary files of uploads a crash cut short).
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use tokio::io::AsyncWriteExt;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("image store {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("the upload was cut short: {0}")]
+    Body(String),
+    #[error("the upload is larger than the {0} bytes an image may have")]
+    TooLarge(u64),
+    #[error("the upload's SHA-256 is {actual}, not the {announced} announced")]
+    DigestMismatch { announced: String, actual: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct ImageStore {
+    dir: PathBuf,
+    max_bytes: u64,
+    /// Held while a file is published and recorded, and while a file's use
+    /// is checked and it is removed: a removal never races a publication.
+    gc: std::sync::Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Whether `s` is 64 lower-case hex digits (a file name in the store).
+pub fn is_digest(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io { path: path.display().to_string(), source }
+}
+
+/// An upload written and verified, not yet visible: [`Staged::publish`]
+/// renames it into place; dropped unpublished, it is removed.
+#[derive(Debug)]
+pub struct Staged {
+    tmp: Option<PathBuf>,
+    target: PathBuf,
+    pub size: u64,
+}
+
+impl Staged {
+    pub async fn publish(mut self) -> Result<u64, StoreError> {
+        if let Some(tmp) = self.tmp.take() {
+            if let Err(e) = tokio::fs::rename(&tmp, &self.target).await {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(io(&self.target)(e));
+            }
+        }
+        Ok(self.size)
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+/// Removes a temporary file unless disarmed (an upload that failed midway).
+struct TempGuard(Option<PathBuf>);
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl ImageStore {
+    pub fn new(dir: PathBuf, max_bytes: u64) -> ImageStore {
+        ImageStore { dir, max_bytes, gc: Default::default() }
+    }
+
+    /// See the `gc` field.
+    pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.gc.lock().await
+    }
+
+    /// The path of a stored file (the digest must be valid).
+    pub fn path(&self, sha256: &str) -> PathBuf {
+        self.dir.join(sha256)
+    }
+
+    /// Streams `body` to a temporary file of the store, checking that it
+    /// is at most the largest image and that its digest is `announced`.
+    /// On any error nothing is left behind.
+    pub async fn stage<S, E>(&self, announced: &str, body: S) -> Result<Staged, StoreError>
+    where
+        S: Stream<Item = Result<Bytes, E>>,
+        E: std::fmt::Display,
+    {
+        tokio::fs::create_dir_all(&self.dir).await.map_err(io(&self.dir))?;
+        let tmp = self.dir.join(format!(".{announced}.{}.part", uuid::Uuid::new_v4().simple()));
+        let mut guard = TempGuard(Some(tmp.clone()));
+        let mut out = tokio::fs::File::create(&tmp).await.map_err(io(&tmp))?;
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        let mut body = std::pin::pin!(body);
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| StoreError::Body(e.to_string()))?;
+            size += chunk.len() as u64;
+            if size > self.max_bytes {
+                return Err(StoreError::TooLarge(self.max_bytes));
+            }
+            hasher.update(&chunk);
+            out.write_all(&chunk).await.map_err(io(&tmp))?;
+        }
+        out.sync_all().await.map_err(io(&tmp))?;
+        drop(out);
+        let actual = hex::encode(hasher.finalize());
+        if actual != announced {
+            return Err(StoreError::DigestMismatch { announced: announced.to_string(), actual });
+        }
+        guard.0 = None;
+        Ok(Staged { tmp: Some(tmp), target: self.path(announced), size })
+    }
+
+    /// Stores `body` as the file of digest `announced` ([`Self::stage`],
+    /// then published); returns its size.
+    pub async fn put<S, E>(&self, announced: &str, body: S) -> Result<u64, StoreError>
+    where
+        S: Stream<Item = Result<Bytes, E>>,
+        E: std::fmt::Display,
+    {
+        self.stage(announced, body).await?.publish().await
+    }
+
+    /// Opens a stored file for reading; `None` when the store lacks it.
+    pub async fn open(&self, sha256: &str) -> Result<Option<(tokio::fs::File, u64)>, StoreError> {
+        let path = self.path(sha256);
+        match tokio::fs::File::open(&path).await {
+            Ok(f) => {
+                let len = f.metadata().await.map_err(io(&path))?.len();
+                Ok(Some((f, len)))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    /// Removes a stored file (idempotent).
+    pub async fn remove(&self, sha256: &str) -> Result<(), StoreError> {
+        let path = self.path(sha256);
+        match tokio::fs::remove_file(&path).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&path)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The digests of the stored files; with `clean`, every temporary
+    /// file goes too (only when no upload runs: at start-up).
+    pub async fn list(&self, clean: bool) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        let mut dir = match tokio::fs::read_dir(&self.dir).await {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(io(&self.dir)(e)),
+        };
+        while let Some(entry) = dir.next_entry().await.map_err(io(&self.dir))? {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if is_digest(&name) {
+                out.push(name);
+            } else if clean && name.starts_with('.') && name.ends_with(".part") {
+                let _ = tokio::fs::remove_file(entry.path()).await;
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunks(parts: &[&'static [u8]]) -> impl Stream<Item = Result<Bytes, std::io::Error>> {
+        futures::stream::iter(parts.iter().map(|p| Ok(Bytes::from_static(p))).collect::<Vec<_>>())
+    }
+
+    #[tokio::test]
+    async fn stores_by_digest_only_what_matches() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::new(dir.path().join("store"), 16);
+        let digest = hex::encode(Sha256::digest(b"hello world"));
+        assert_eq!(store.put(&digest, chunks(&[b"hello ", b"world"])).await.unwrap(), 11);
+        assert_eq!(std::fs::read(store.path(&digest)).unwrap(), b"hello world");
+        let (_, len) = store.open(&digest).await.unwrap().unwrap();
+        assert_eq!(len, 11);
+
+        let other = hex::encode(Sha256::digest(b"other"));
+        match store.put(&other, chunks(&[b"not other"])).await {
+            Err(StoreError::DigestMismatch { .. }) => {}
+            r => panic!("{r:?}"),
+        }
+        match store.put(&other, chunks(&[b"0123456789", b"0123456789"])).await {
+            Err(StoreError::TooLarge(16)) => {}
+            r => panic!("{r:?}"),
+        }
+        let failing = futures::stream::iter(vec![Ok(Bytes::from_static(b"x")), Err(std::io::Error::other("reset"))]);
+        assert!(matches!(store.put(&other, failing).await, Err(StoreError::Body(_))));
+        // Nothing half-made is left: only the one good file.
+        assert_eq!(store.list(true).await.unwrap(), vec![digest.clone()]);
+        assert_eq!(std::fs::read_dir(dir.path().join("store")).unwrap().count(), 1);
+        assert!(store.open(&other).await.unwrap().is_none());
+        store.remove(&digest).await.unwrap();
+        store.remove(&digest).await.unwrap();
+        assert!(store.list(true).await.unwrap().is_empty());
+        // A staged upload dropped before it is published leaves nothing.
+        let staged = store.stage(&digest, chunks(&[b"hello world"])).await.unwrap();
+        drop(staged);
+        assert_eq!(std::fs::read_dir(dir.path().join("store")).unwrap().count(), 0);
+    }
+}
