@@ -350,7 +350,10 @@ impl Reconciler {
         // A clean stop unless NoReboot; the guard keeps passes from restarting it meanwhile.
         let guard = if running && !task.no_reboot {
             let guard = self.stopping.begin(&a.instance_id).ok_or("the instance is already being stopped")?;
-            power::stop_domain(&self.libvirt, &name, self.stop_timeout).await.map_err(|e| format!("cannot stop the instance: {e}"))?;
+            let how = power::stop_domain(&self.libvirt, &name, self.stop_timeout).await.map_err(|e| format!("cannot stop the instance: {e}"))?;
+            tracing::info!(instance_id = %a.instance_id, ?how, "guest stopped to make an image");
+            let forced = how == power::Stopped::Forced;
+            let _ = self.events.send(AgentEvent::Stopped { instance_id: a.instance_id.clone(), at: Instant::now(), forced });
             Some(guard)
         } else {
             None
