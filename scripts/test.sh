@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The test command (README, .ci/run): on a fresh Debian 12 machine it installs
 # what is missing, starts libvirt and a project-owned PostgreSQL, builds the
-# tiny guest image, then runs every test of the workspace, including the one
-# that boots a real guest, and the boto3 / AWS CLI session in tests/python.
+# tiny guest image and the Debian cloud image, then runs every test of the
+# workspace, including those that boot real guests (tiny, and Debian with
+# cloud-init, SSH and CreateImage), and the boto3 / AWS CLI session in tests/python.
 #
 #   scripts/test.sh [extra cargo test args]
 set -euo pipefail
@@ -27,6 +28,10 @@ NIMBUS_APP_DATABASE_URL=$(scripts/pg.sh url)
 step "building the tiny guest image"
 images/build-tiny.sh "$NIMBUS_HOME/images/tiny"
 export NIMBUS_IMAGE_DIR=$NIMBUS_HOME/images/tiny
+step "building the Debian cloud image (cached machine-wide: a no-op unless its recipe changed)"
+# tests/tests/debian_guest.rs boots it (cloud-init, SSH, CreateImage).
+NIMBUS_DEBIAN_IMAGE_DIR=$(images/build-debian.sh)
+export NIMBUS_DEBIAN_IMAGE_DIR
 # Guests' files live under the test's temp dirs; QEMU (user libvirt-qemu) must reach them.
 export NIMBUS_TEST_DIR=$NIMBUS_HOME/test-tmp
 mkdir -p "$NIMBUS_TEST_DIR"

@@ -105,7 +105,15 @@ impl GuestFiles {
             None => Vec::new(),
         };
         // Instance ids are validated as i-[0-9a-f]+ by the control plane, so this YAML needs no quoting.
-        let meta_data = format!("instance-id: {}\nlocal-hostname: {}\n", meta.instance_id, meta.instance_id);
+        let mut meta_data = format!("instance-id: {}\nlocal-hostname: {}\n", meta.instance_id, meta.instance_id);
+        // The launch key pair, for cloud-init's default user (NoCloud reads
+        // `public-keys` from meta-data). JSON strings are YAML strings.
+        if !meta.public_keys.is_empty() {
+            meta_data.push_str("public-keys:\n");
+            for (_, key) in &meta.public_keys {
+                meta_data.push_str(&format!("  - {}\n", serde_json::Value::String(key.trim().to_string())));
+            }
+        }
         tokio::fs::write(staging.join("meta-data"), meta_data).await.map_err(io("write meta-data"))?;
         tokio::fs::write(staging.join("user-data"), user_data).await.map_err(io("write user-data"))?;
         let mut files = vec![staging.join("meta-data"), staging.join("user-data")];

@@ -46,7 +46,8 @@ fn init_tracing() {
     });
 }
 
-fn random_suffix() -> String {
+/// 16 random hex digits (names, nonces).
+pub fn random_suffix() -> String {
     use rand::Rng;
     let n: u64 = rand::thread_rng().gen();
     format!("{n:016x}")
