@@ -130,7 +130,7 @@ pub struct Reconciler {
     pub nics: Arc<std::sync::Mutex<HashMap<String, Vec<Nic>>>>,
     /// Image problems for the next report (see [`ImageProblem`]).
     pub image_problems: Arc<std::sync::Mutex<Vec<ImageProblem>>>,
-    /// The images being made here (CreateImage), by image id.
+    /// The images this agent made or is making (CreateImage), by image id.
     pub making: Arc<std::sync::Mutex<HashSet<String>>>,
     /// Cached image files unused this long are removed (full passes).
     pub image_cache_ttl: Duration,
@@ -339,7 +339,8 @@ impl Reconciler {
                     this.image_problem(&task.image_id, e);
                 }
             }
-            this.making.lock().unwrap_or_else(|p| p.into_inner()).remove(&task.image_id);
+            // The id stays in `making`: an assignment read before the image
+            // became available (or failed) must not make it a second time.
         });
     }
 
