@@ -36,6 +36,8 @@ scripts/pg.sh start
 DATABASE_URL=$(scripts/pg.sh url)
 step "building the tiny guest image"
 images/build-tiny.sh "$NIMBUS_HOME/images/tiny"
+step "building the Debian cloud image (cached machine-wide: a no-op unless its recipe changed)"
+DEBIAN_IMAGE=$(images/build-debian.sh)
 step "building Nimbus (release)"
 cargo build --release --locked -q -p nimbus-control-plane -p nimbus-host-agent -p nimbus-cli
 BIN=$REPO/target/release
@@ -68,6 +70,7 @@ if ! running control-plane; then
     step "starting the control plane on $ENDPOINT"
     DATABASE_URL=$DATABASE_URL NIMBUS_LISTEN=127.0.0.1:$PORT NIMBUS_ADMIN_TOKEN=$NIMBUS_ADMIN_TOKEN \
         NIMBUS_JOIN_TOKEN=$NIMBUS_JOIN_TOKEN NIMBUS_MASTER_KEY=$NIMBUS_MASTER_KEY NIMBUS_PUBLIC_POOL=198.51.100.0/24 \
+        NIMBUS_IMAGE_STORE_DIR=$NIMBUS_HOME/image-store \
         setsid "$BIN/nimbus-control-plane" >>"$LOGS/control-plane.log" 2>&1 </dev/null &
     echo $! >"$RUN/control-plane.pid"
 fi
@@ -88,6 +91,10 @@ wait_for 60 "host registration" host_available
 if ! "$BIN/nimbus" -o json describe-images | grep -q '"default": *true'; then
     step "registering the tiny image as the default image"
     "$BIN/nimbus" register-image --manifest "$NIMBUS_HOME/images/tiny/manifest.json" --default
+fi
+if ! "$BIN/nimbus" -o json describe-images --name debian-12-nimbus | grep -q '"image_id"'; then
+    step "registering the Debian cloud image (public; default user debian)"
+    "$BIN/nimbus" register-image --manifest "$DEBIAN_IMAGE/manifest.json"
 fi
 
 # An account for everyday use (the admin token is the operator's).
