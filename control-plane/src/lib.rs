@@ -9,6 +9,7 @@ pub mod error;
 pub mod ids;
 pub mod notify;
 pub mod service;
+pub mod store;
 
 pub use config::{Config, PlacementPolicy};
 pub use error::ServiceError;
@@ -17,12 +18,14 @@ pub use service::Service;
 use tokio::net::TcpListener;
 
 /// Connects to PostgreSQL, applies migrations and starts the notification
-/// listener: a service ready to be served.
+/// listener, starts the control plane's state-store node: a service ready
+/// to be served.
 pub async fn build(config: Config) -> anyhow::Result<Service> {
     let db = db::connect(&config.database_url, config.db_connections).await?;
     let events = notify::HostEvents::default();
     events.spawn_listener(db.clone());
-    Ok(Service::new(db, config, events))
+    let store = std::sync::Arc::new(store::Store::start(&db, &config).await?);
+    Ok(Service::new(db, config, events, store))
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.

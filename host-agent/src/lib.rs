@@ -14,6 +14,7 @@ pub mod metadata;
 pub mod network;
 pub mod power;
 pub mod reconcile;
+pub mod store;
 
 use clap::{Parser, ValueEnum};
 use client::{ClientError, ControlPlane};
@@ -115,6 +116,11 @@ pub struct AgentConfig {
     /// its primary group own what guests' QEMUs must open (see ARCHITECTURE.md).
     #[arg(long, env = "NIMBUS_QEMU_USER", default_value = "libvirt-qemu")]
     pub qemu_user: String,
+    /// Where this host's state-store node listens (`ip:port`, also its node
+    /// id; the IP must be one the other nodes reach). Without it the host
+    /// runs no store node and serves metadata from its assignments only.
+    #[arg(long, env = "NIMBUS_STORE_LISTEN")]
+    pub store_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +149,8 @@ pub struct Agent {
     /// Observations that finished after their pass (see [`Reconciler::late`]).
     late: mpsc::UnboundedReceiver<Observation>,
     capacity: (u32, u64, u64),
+    /// The embedded state-store node, once certified (see `store.rs`).
+    store: Option<std::sync::Arc<store::HostStore>>,
 }
 
 impl Agent {
@@ -234,7 +242,7 @@ impl Agent {
             nics: Default::default(),
         };
         let cp = ControlPlane::new(&config.control_plane, http);
-        Ok(Agent { cp, config, reconciler, late, capacity: (vcpus, memory_mib, disk_gib) })
+        Ok(Agent { cp, config, reconciler, late, capacity: (vcpus, memory_mib, disk_gib), store: None })
     }
 
     /// Events of the agent's work (guest started, removed).
@@ -331,6 +339,23 @@ impl Agent {
             }
         };
         self.reconciler.host_id = cred.host_id.clone();
+        if let Some(listen) = self.config.store_listen {
+            loop {
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    r = store::start(&self.cp, &cred, &self.config.state_dir, listen) => match r {
+                        Ok(s) => {
+                            self.store = Some(std::sync::Arc::new(s));
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot start the state store node yet; retrying");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                }
+            }
+        }
         let mut after = 0;
         let mut backoff = Duration::from_millis(200);
         loop {

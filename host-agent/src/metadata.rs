@@ -697,6 +697,7 @@ pub async fn request(socket: &FsPath, method: &str, path: &str, headers: &[(&str
 #[cfg(test)]
 pub(crate) fn sample_metadata(id: &str) -> InstanceMetadata {
     InstanceMetadata {
+        version: 0,
         instance_id: id.into(),
         reservation_id: "r-0123456789abcdef0".into(),
         instance_type: "t3.nano".into(),

@@ -46,6 +46,13 @@ fn init_tracing() {
     });
 }
 
+/// A loopback address with a port free now (for a store node, whose id
+/// must stay the same across restarts, so port 0 will not do).
+pub fn free_local_addr() -> anyhow::Result<std::net::SocketAddr> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?)
+}
+
 fn random_suffix() -> String {
     use rand::Rng;
     let n: u64 = rand::thread_rng().gen();
@@ -258,6 +265,11 @@ pub struct AgentHandle {
 }
 
 impl AgentHandle {
+    /// Where the agent's state-store node listens (its node id), if it runs one.
+    pub fn store_address(&self) -> Option<std::net::SocketAddr> {
+        self.config.store_listen
+    }
+
     /// The unix socket of an instance's metadata server on this agent.
     pub fn metadata_socket(&self, instance_id: &str) -> PathBuf {
         nimbus_host_agent::metadata::socket_path(&self.config.run_dir, instance_id)
@@ -355,6 +367,7 @@ impl Cloud {
         let database_url = database.url.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
+        let dir = TempDir::new("cloud");
         let config = Config {
             listen: addr,
             database_url,
@@ -373,6 +386,11 @@ impl Cloud {
             public_pool: opts.public_pool.map(|p| nimbus_proto::network::Cidr::parse(p).context("public_pool"))
                 .transpose()?,
             default_max_elastic_ips: opts.max_elastic_ips,
+            store_listen: "127.0.0.1:0".parse()?,
+            store_dir: dir.path().join("cp-store"),
+            store_seeds: Vec::new(),
+            tls_names: Vec::new(),
+            ca_cert_out: None,
         };
         let (admin_token, join_token) = (config.admin_token.clone(), config.join_token.clone());
         let service = nimbus_control_plane::build(config).await?;
@@ -395,7 +413,7 @@ impl Cloud {
             join_token,
             service,
             http: reqwest::Client::new(),
-            dir: TempDir::new("cloud"),
+            dir,
             shutdown: Some(tx),
             _test_conn: Some(Arc::new(test_conn)),
             _database: database,
@@ -496,7 +514,7 @@ impl Cloud {
         .await
     }
 
-    async fn add_agent_configured(
+    pub async fn add_agent_configured(
         &self,
         name: &str,
         zone: &str,
@@ -529,6 +547,7 @@ impl Cloud {
             uplink: None,
             netns_prefix: "nimbus".into(),
             underlay_mtu: 1500,
+            store_listen: None,
         };
         let mut config = config;
         tweak(&mut config);

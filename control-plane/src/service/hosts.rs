@@ -119,6 +119,7 @@ impl AssignmentRow {
                 cmdline: self.cmdline,
             },
             metadata: InstanceMetadata {
+                version: 0,
                 instance_id: self.id.clone(),
                 reservation_id: self.reservation_id,
                 instance_type: self.instance_type,

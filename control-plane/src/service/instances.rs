@@ -46,6 +46,7 @@ pub(crate) fn parse_state(s: &str) -> Result<InstanceState> {
 impl InstanceRow {
     fn into_api(self) -> Result<Instance> {
         Ok(Instance {
+            metadata_options: None,
             state: parse_state(&self.state)?.into(),
             instance_id: self.id,
             reservation_id: self.reservation_id,

@@ -7,6 +7,7 @@
 
 pub mod accounts;
 pub mod catalog;
+pub mod certificates;
 pub mod hosts;
 pub mod images;
 pub mod instances;
@@ -49,11 +50,13 @@ pub struct Service {
     pub events: HostEvents,
     /// RSA key generation per account (a CPU burst per call).
     pub rsa_keygen: throttle::Throttle,
+    /// The CA and the control plane's state-store node.
+    pub store: std::sync::Arc<crate::store::Store>,
 }
 
 impl Service {
-    pub fn new(db: PgPool, config: Config, events: HostEvents) -> Service {
+    pub fn new(db: PgPool, config: Config, events: HostEvents, store: std::sync::Arc<crate::store::Store>) -> Service {
         let rsa_keygen = throttle::Throttle::new(config.rsa_key_burst, std::time::Duration::from_secs(config.rsa_key_interval_secs.max(1)));
-        Service { db, config, events, rsa_keygen }
+        Service { db, config, events, rsa_keygen, store }
     }
 }

@@ -911,6 +911,7 @@ mod tests {
 
     fn instance(id: &str, r: &str) -> Instance {
         Instance {
+            metadata_options: None,
             instance_id: id.into(),
             reservation_id: r.into(),
             image_id: "ami-0123456789abcdef0".into(),
