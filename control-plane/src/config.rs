@@ -92,6 +92,10 @@ pub struct Config {
     /// --control-plane-ca) to this file at start.
     #[arg(long, env = "NIMBUS_CA_CERT_OUT")]
     pub ca_cert_out: Option<PathBuf>,
+    /// Publish instance documents from the outbox to the state store
+    /// (`--outbox-relay false`: tests drive the relay by hand).
+    #[arg(long, env = "NIMBUS_OUTBOX_RELAY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub outbox_relay: bool,
 }
 
 /// A public pool: an IPv4 network of /16 to /32.

@@ -25,7 +25,11 @@ pub async fn build(config: Config) -> anyhow::Result<Service> {
     let events = notify::HostEvents::default();
     events.spawn_listener(db.clone());
     let store = std::sync::Arc::new(store::Store::start(&db, &config).await?);
-    Ok(Service::new(db, config, events, store))
+    let service = Service::new(db, config, events, store);
+    if service.config.outbox_relay {
+        service.store.start_relay(service.relay());
+    }
+    Ok(service)
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.

@@ -41,6 +41,8 @@ pub struct Store {
     /// node's, and its client side towards other nodes.
     pub tls: TlsConfig,
     server: tokio::task::JoinHandle<()>,
+    /// The outbox relay's task, once started ([`Store::start_relay`]).
+    relay: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -51,8 +53,7 @@ impl std::fmt::Debug for Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
-        self.node.shutdown();
-        self.server.abort();
+        self.stop();
     }
 }
 
@@ -91,7 +92,7 @@ impl Store {
             });
         }
         tracing::info!(%address, "state store node started");
-        Ok(Store { ca, address, node, tls, server })
+        Ok(Store { ca, address, node, tls, server, relay: Default::default() })
     }
 
     /// A client of the ring through this node (quorum reads and writes).
@@ -102,8 +103,19 @@ impl Store {
     /// Stops the node's loops and its listener (tests: a control plane
     /// that "crashes" gives its port back).
     pub fn stop(&self) {
+        if let Some(relay) = self.relay.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            relay.abort();
+        }
         self.node.shutdown();
         self.server.abort();
+    }
+
+    /// Runs `relay` until the store stops.
+    pub fn start_relay(&self, relay: crate::service::outbox::Relay) {
+        let task = tokio::spawn(relay.run());
+        if let Some(old) = self.relay.lock().unwrap_or_else(|p| p.into_inner()).replace(task) {
+            old.abort();
+        }
     }
 }
 

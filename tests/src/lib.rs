@@ -212,6 +212,8 @@ pub struct CloudOptions {
     pub public_pool: Option<&'static str>,
     /// Default per-account Elastic IP limit.
     pub max_elastic_ips: u32,
+    /// Run the control plane's outbox relay (tests of the relay drive it by hand).
+    pub outbox_relay: bool,
 }
 
 impl Default for CloudOptions {
@@ -225,6 +227,7 @@ impl Default for CloudOptions {
             rsa_keys: (5, 60),
             public_pool: None,
             max_elastic_ips: 5,
+            outbox_relay: true,
         }
     }
 }
@@ -391,6 +394,7 @@ impl Cloud {
             store_seeds: Vec::new(),
             tls_names: Vec::new(),
             ca_cert_out: None,
+            outbox_relay: opts.outbox_relay,
         };
         let (admin_token, join_token) = (config.admin_token.clone(), config.join_token.clone());
         let service = nimbus_control_plane::build(config).await?;

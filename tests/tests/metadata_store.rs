@@ -6,7 +6,9 @@
 use nimbus_host_agent::HypervisorChoice;
 use nimbus_state_store::tls::dev::DevCa;
 use nimbus_state_store::{KvClient, TcpClient};
-use nimbus_tests::{free_local_addr, AgentHandle, Cloud};
+use nimbus_control_plane::service::outbox::Published;
+use nimbus_proto::metadata::{document_key, newest_document, InstanceDocument};
+use nimbus_tests::{free_local_addr, instance_ids, AgentHandle, Cloud, CloudOptions};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use std::time::Duration;
@@ -112,4 +114,119 @@ async fn certificates_need_the_host_credential_and_a_good_key() {
     )
     .expect("the certificate matches the key and chains to the CA");
     tls.check_node("127.0.0.1:7999").expect("names the store address");
+}
+
+/// The document of `id` as the store has it (quorum read through the
+/// control plane's node; siblings resolved by version).
+async fn stored(cloud: &Cloud, id: &str) -> (Option<InstanceDocument>, usize) {
+    let got = cloud.service.store.client().get(document_key(id).as_bytes()).await.expect("store read");
+    (newest_document(&got.values), got.values.len())
+}
+
+/// The outbox: each change commits with its outbox row; the relay's steps
+/// cut short (a crash) lose nothing and apply nothing twice; replayed,
+/// duplicated and reordered deliveries leave the newest version; a store
+/// that is down keeps the backlog, which drains once it is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_outbox_survives_relay_crashes_replays_and_a_store_outage() {
+    let cloud = Cloud::start_with(CloudOptions { outbox_relay: false, ..Default::default() }).await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    let mut a = store_agent(&cloud, "a").await;
+    let mut b = store_agent(&cloud, "b").await;
+    ring_of(&cloud, 3).await;
+    let r = cloud
+        .post("/v1/instances", json!({"instance_type": "t3.nano", "user_data": "aGVsbG8=", "tags": [{"key": "Name", "value": "one"}]}))
+        .await
+        .unwrap();
+    let id = instance_ids(&r)[0].clone();
+    // Running first: the agent's report is a change of its own.
+    cloud.wait_for_state(std::slice::from_ref(&id), "running", T).await.unwrap();
+    let relay = cloud.service.relay();
+    let backlog = relay.backlog().await.unwrap();
+    assert!(backlog >= 1, "the launch committed its outbox rows");
+    assert_eq!(stored(&cloud, &id).await.0, None, "nothing is published before the relay runs");
+
+    // Crash after the write, before the acknowledgement.
+    let pending = relay.pending().await.unwrap();
+    assert_eq!(pending.len(), 1);
+    let v1 = relay.render(&id).await.unwrap().expect("rendered");
+    assert_eq!(v1.tags, vec![("Name".to_string(), "one".to_string())]);
+    assert_eq!(v1.user_data.as_deref(), Some("aGVsbG8="));
+    assert_eq!(relay.publish(&v1).await.unwrap(), Published::Written);
+    assert_eq!(relay.backlog().await.unwrap(), backlog, "rows stay until acknowledged");
+    // A new relay (the restarted control plane) finds it published: only acknowledges.
+    let relay = cloud.service.relay();
+    assert_eq!(relay.pass().await.unwrap(), 1);
+    assert_eq!(relay.backlog().await.unwrap(), 0);
+    assert_eq!(stored(&cloud, &id).await, (Some(v1.clone()), 1));
+
+    // A change: a newer version. Crash after rendering, before writing.
+    cloud.post("/v1/tags", json!({"resource_ids": [id], "tags": [{"key": "Name", "value": "two"}]})).await.unwrap();
+    let v2 = relay.render(&id).await.unwrap().expect("rendered");
+    assert!(v2.version > v1.version, "{} > {}", v2.version, v1.version);
+    assert_eq!(v2.tags, vec![("Name".to_string(), "two".to_string())]);
+    // Reordered and duplicated deliveries: the newest stays.
+    assert_eq!(relay.publish(&v2).await.unwrap(), Published::Written);
+    assert_eq!(relay.publish(&v1).await.unwrap(), Published::AlreadyCurrent, "an older replay is ignored");
+    assert_eq!(relay.publish(&v2).await.unwrap(), Published::AlreadyCurrent, "a duplicate is ignored");
+    assert_eq!(stored(&cloud, &id).await, (Some(v2.clone()), 1));
+    // Concurrent writers (blind writes) leave siblings: readers resolve them
+    // by version, and the next publish writes the newest over all of them.
+    let client = cloud.service.store.client();
+    let key = document_key(&id);
+    client.put(key.as_bytes(), serde_json::to_vec(&v1).unwrap(), &Default::default()).await.unwrap();
+    let (newest, siblings) = stored(&cloud, &id).await;
+    assert_eq!((newest.map(|d| d.version), siblings), (Some(v2.version), 2));
+    assert_eq!(relay.publish(&v1).await.unwrap(), Published::Written);
+    assert_eq!(stored(&cloud, &id).await, (Some(v2.clone()), 1), "resolved to the newest");
+    assert_eq!(relay.pass().await.unwrap(), 1);
+    assert_eq!(relay.backlog().await.unwrap(), 0);
+
+    // The store goes down (both hosts' nodes: no write quorum): changes
+    // wait in the outbox, in order.
+    a.stop().await;
+    b.stop().await;
+    cloud.post("/v1/instances/stop", json!({"instance_ids": [id]})).await.unwrap();
+    cloud.post("/v1/tags", json!({"resource_ids": [id], "tags": [{"key": "Name", "value": "three"}]})).await.unwrap();
+    assert!(relay.pass().await.is_err(), "no quorum");
+    assert!(relay.pass().await.is_err(), "still none");
+    assert!(relay.backlog().await.unwrap() >= 2);
+    let local = cloud.service.store.node.storage().get(document_key(&id).as_bytes()).unwrap().map(|r| r.values()).unwrap_or_default();
+    assert_eq!(newest_document(&local).map(|d| d.version), Some(v2.version), "the control plane's replica holds v2 still");
+    // Back: the backlog drains, and the store shows the last change.
+    cloud.start_agent(&mut a).await.unwrap();
+    cloud.start_agent(&mut b).await.unwrap();
+    ring_of(&cloud, 3).await;
+    cloud
+        .wait_until(T, || {
+            let relay = relay.clone();
+            async move { Ok(relay.pass().await.is_ok() && relay.backlog().await? == 0) }
+        })
+        .await
+        .unwrap();
+    let v3 = stored(&cloud, &id).await.0.expect("published");
+    assert!(v3.version > v2.version);
+    assert_eq!(v3.tags, vec![("Name".to_string(), "three".to_string())]);
+    assert_eq!(v3.state, "stopping");
+}
+
+/// With the relay running, a change reaches the store on its own, promptly.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_relay_publishes_changes_on_its_own() {
+    let cloud = Cloud::start().await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    let _a = store_agent(&cloud, "a").await;
+    let _b = store_agent(&cloud, "b").await;
+    ring_of(&cloud, 3).await;
+    let id = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano"})).await.unwrap())[0].clone();
+    cloud
+        .wait_until(T, || async { Ok(stored(&cloud, &id).await.0.is_some_and(|d| d.state == "running")) })
+        .await
+        .expect("the running document is published");
+    cloud.post("/v1/tags", json!({"resource_ids": [id], "tags": [{"key": "k", "value": "v"}]})).await.unwrap();
+    cloud
+        .wait_until(T, || async { Ok(stored(&cloud, &id).await.0.is_some_and(|d| d.tags == vec![("k".into(), "v".into())])) })
+        .await
+        .expect("the tag is published");
+    assert_eq!(cloud.service.relay().backlog().await.unwrap(), 0);
 }
