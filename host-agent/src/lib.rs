@@ -141,6 +141,20 @@ pub enum AgentError {
 /// registration attempts (the operator's reset ends the wait).
 const REREGISTER_BACKOFF: Duration = Duration::from_secs(10);
 
+/// How often the metadata service looks for newer documents in the state store.
+const METADATA_REFRESH: Duration = Duration::from_millis(100);
+
+/// Aborts a task when dropped (the agent's helpers end with its run).
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            t.abort();
+        }
+    }
+}
+
 /// A host agent, built and ready to [`Agent::run`].
 pub struct Agent {
     config: AgentConfig,
@@ -345,6 +359,7 @@ impl Agent {
                     _ = &mut shutdown => return Ok(()),
                     r = store::start(&self.cp, &cred, &self.config.state_dir, listen) => match r {
                         Ok(s) => {
+                            self.reconciler.metadata.attach_store(s.node.clone());
                             self.store = Some(std::sync::Arc::new(s));
                             break;
                         }
@@ -356,6 +371,20 @@ impl Agent {
                 }
             }
         }
+        // Documents newer than the assignments' reach the guests within
+        // one refresh interval of reaching this host's replica.
+        let refresher = self.store.is_some().then(|| {
+            let servers = self.reconciler.metadata.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(METADATA_REFRESH);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    servers.refresh().await;
+                }
+            })
+        });
+        let _refresher = AbortOnDrop(refresher);
         let mut after = 0;
         let mut backoff = Duration::from_millis(200);
         loop {

@@ -230,3 +230,112 @@ async fn the_relay_publishes_changes_on_its_own() {
         .expect("the tag is published");
     assert_eq!(cloud.service.relay().backlog().await.unwrap(), 0);
 }
+
+fn ed25519_public_key(comment: &str) -> String {
+    use base64::Engine;
+    let mut blob = Vec::new();
+    for part in [b"ssh-ed25519".as_slice(), &[7u8; 32]] {
+        blob.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        blob.extend_from_slice(part);
+    }
+    format!("ssh-ed25519 {} {comment}", base64::engine::general_purpose::STANDARD.encode(blob))
+}
+
+/// One GET of a guest's metadata, as the guest makes it.
+async fn imds(agent: &AgentHandle, id: &str, path: &str) -> (u16, String) {
+    match nimbus_host_agent::metadata::request(&agent.metadata_socket(id), "GET", path, &[]).await {
+        Ok((status, body)) => (status, String::from_utf8_lossy(&body).into_owned()),
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+/// Waits until the guest's `path` answers `want`.
+async fn await_imds(cloud: &Cloud, agent: &AgentHandle, id: &str, path: &str, want: &str) {
+    let last = std::sync::Mutex::new(String::new());
+    let found = cloud
+        .wait_until(T, || async {
+            let (status, body) = imds(agent, id, path).await;
+            *last.lock().unwrap() = format!("{status} {body}");
+            Ok(status == 200 && body == want)
+        })
+        .await;
+    assert!(found.is_ok(), "{id} {path}: wanted {want:?}, last answer {:?}", last.lock().unwrap());
+}
+
+/// The metadata service answers from the host's replica of the store: the
+/// full identity document (region, pending time: what only the store's
+/// document has), each guest its own; changes reach guests in bounded
+/// time; with the control plane and its database down, and then one more
+/// store node down, guests still read identity, user-data and keys; after
+/// recovery, changes made before and after arrive, and a node that was
+/// down catches up.
+#[tokio::test(flavor = "multi_thread")]
+async fn metadata_is_served_from_the_store_through_an_outage() {
+    let mut cloud = Cloud::start().await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    let key = ed25519_public_key("me@example");
+    cloud.post("/v1/key-pairs/import", json!({"name": "k", "public_key": key})).await.unwrap();
+    let a = store_agent(&cloud, "a").await;
+    let mut b = store_agent(&cloud, "b").await;
+    ring_of(&cloud, 3).await;
+    // Spread: one instance on each host.
+    let r = cloud
+        .post("/v1/instances", json!({"instance_type": "t3.nano", "min_count": 2, "max_count": 2, "key_name": "k", "user_data": "aGVsbG8="}))
+        .await
+        .unwrap();
+    let ids = instance_ids(&r);
+    cloud.wait_for_state(&ids, "running", T).await.unwrap();
+    let mut on = std::collections::HashMap::new();
+    for id in &ids {
+        let host = cloud.host_of(id).await.unwrap();
+        on.insert(id.clone(), if a.host_id.as_deref() == Some(&host) { "a" } else { "b" });
+    }
+    let agent_of = |id: &str| if on[id] == "a" { &a } else { &b };
+    let (ia, ib) = (ids.iter().find(|i| on[*i] == "a").unwrap().clone(), ids.iter().find(|i| on[*i] == "b").unwrap().clone());
+    for id in &ids {
+        // The store's document reached the guest: the identity has its region.
+        let agent = agent_of(id);
+        cloud
+            .wait_until(T, || async {
+                let (status, body) = imds(agent, id, "/latest/dynamic/instance-identity/document").await;
+                let doc: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                Ok(status == 200 && doc["region"] == "nimbus-1" && doc["instanceId"] == id.as_str() && doc["pendingTime"].is_string())
+            })
+            .await
+            .expect("the store's identity document is served");
+        assert_eq!(imds(agent, id, "/latest/meta-data/instance-id").await, (200, id.clone()), "each guest sees itself only");
+    }
+    // Tags in metadata (set in the database: the same trigger path as the API's).
+    sqlx::query("UPDATE instances SET metadata_tags_enabled = true WHERE id = ANY($1)").bind(&ids).execute(cloud.db()).await.unwrap();
+    cloud.post("/v1/tags", json!({"resource_ids": ids, "tags": [{"key": "phase", "value": "before"}]})).await.unwrap();
+    for id in &ids {
+        await_imds(&cloud, agent_of(id), id, "/latest/meta-data/tags/instance/phase", "before").await;
+    }
+
+    // The control plane and PostgreSQL go down: every guest still reads
+    // its identity, user-data and keys.
+    cloud.outage().await.unwrap();
+    assert!(cloud.get("/v1/instances").await.is_err(), "the API is down");
+    for id in &ids {
+        let agent = agent_of(id);
+        assert_eq!(imds(agent, id, "/latest/meta-data/instance-id").await, (200, id.clone()));
+        assert_eq!(imds(agent, id, "/latest/user-data").await, (200, "hello".to_string()));
+        assert_eq!(imds(agent, id, "/latest/meta-data/public-keys/0/openssh-key").await, (200, key.clone()));
+        assert_eq!(imds(agent, id, "/latest/meta-data/tags/instance/phase").await, (200, "before".to_string()));
+    }
+    // One more store node down (host b's agent, and its node with it):
+    // host a's guest is still served, from a's replica.
+    b.stop().await;
+    assert_eq!(imds(&a, &ia, "/latest/meta-data/instance-id").await, (200, ia.clone()));
+    assert_eq!(imds(&a, &ia, "/latest/meta-data/public-keys/0/openssh-key").await, (200, key.clone()));
+
+    // Recovery: the control plane is back; a change made while b is still
+    // down reaches a's guest; b comes back and catches up with it.
+    cloud.recover().await.unwrap();
+    cloud.post("/v1/tags", json!({"resource_ids": ids, "tags": [{"key": "phase", "value": "after"}]})).await.unwrap();
+    await_imds(&cloud, &a, &ia, "/latest/meta-data/tags/instance/phase", "after").await;
+    cloud.start_agent(&mut b).await.unwrap();
+    await_imds(&cloud, &b, &ib, "/latest/meta-data/tags/instance/phase", "after").await;
+    assert_eq!(imds(&b, &ib, "/latest/meta-data/instance-id").await, (200, ib.clone()));
+    assert_eq!(cloud.service.relay().backlog().await.unwrap(), 0);
+}

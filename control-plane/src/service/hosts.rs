@@ -98,6 +98,10 @@ struct AssignmentRow {
     reboots: i64,
     key_name: Option<String>,
     public_key: Option<String>,
+    doc_version: i64,
+    metadata_tokens_required: bool,
+    metadata_endpoint_enabled: bool,
+    metadata_tags_enabled: bool,
 }
 
 impl AssignmentRow {
@@ -119,7 +123,7 @@ impl AssignmentRow {
                 cmdline: self.cmdline,
             },
             metadata: InstanceMetadata {
-                version: 0,
+                version: self.doc_version as u64,
                 instance_id: self.id.clone(),
                 reservation_id: self.reservation_id,
                 instance_type: self.instance_type,
@@ -131,7 +135,12 @@ impl AssignmentRow {
                     (Some(name), Some(key)) => vec![(name, key)],
                     _ => Vec::new(),
                 },
-                options: Default::default(),
+                options: nimbus_proto::agent::MetadataOptions {
+                    tokens_required: self.metadata_tokens_required,
+                    endpoint_enabled: self.metadata_endpoint_enabled,
+                    tags_enabled: self.metadata_tags_enabled,
+                },
+                // In the state store's document (the metadata service's source).
                 tags: Vec::new(),
             },
             reboots: self.reboots,
@@ -310,7 +319,8 @@ impl Service {
             "SELECT i.id, i.desired_state, i.vcpus, i.memory_mib, i.disk_gib, i.user_data, i.reservation_id, \
                     i.instance_type, i.image_id, i.availability_zone, i.ami_launch_index, i.account_id, \
                     m.source_url, m.kernel, m.kernel_sha256, m.initrd, m.initrd_sha256, m.root_disk, \
-                    m.root_disk_sha256, m.cmdline, i.reboots, i.key_name, i.public_key \
+                    m.root_disk_sha256, m.cmdline, i.reboots, i.key_name, i.public_key, \
+                    i.doc_version, i.metadata_tokens_required, i.metadata_endpoint_enabled, i.metadata_tags_enabled \
              FROM instances i JOIN images m ON m.id = i.image_id \
              WHERE i.host_id = $1 AND {} ORDER BY i.seq",
             if full { "i.capacity_held" } else { "i.changed_generation > $2" }
