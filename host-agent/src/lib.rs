@@ -165,6 +165,8 @@ pub struct Agent {
     capacity: (u32, u64, u64),
     /// The embedded state-store node, once certified (see `store.rs`).
     store: Option<std::sync::Arc<store::HostStore>>,
+    /// Console tails and status checks written to the store.
+    observed: tokio::sync::Mutex<store::Observed>,
 }
 
 impl Agent {
@@ -256,7 +258,7 @@ impl Agent {
             nics: Default::default(),
         };
         let cp = ControlPlane::new(&config.control_plane, http);
-        Ok(Agent { cp, config, reconciler, late, capacity: (vcpus, memory_mib, disk_gib), store: None })
+        Ok(Agent { cp, config, reconciler, late, capacity: (vcpus, memory_mib, disk_gib), store: None, observed: Default::default() })
     }
 
     /// Events of the agent's work (guest started, removed).
@@ -310,7 +312,13 @@ impl Agent {
     }
 
     /// Sends a report; on delivery, remembers the console output it carried.
+    /// With a store node, console tails and status checks go to the store
+    /// instead (a tail whose write failed goes with the report).
     async fn report(&self, cred: &HostCredential, mut observations: Vec<Observation>) -> Result<(), ClientError> {
+        if let Some(store) = &self.store {
+            let written = self.observed.lock().await.write(store, &mut observations).await;
+            self.reconciler.console.delivered(&written);
+        }
         let deferred = console::fit_budget(&mut observations, console::REPORT_BUDGET);
         if deferred > 0 {
             tracing::debug!(deferred, "console tails left for a later report");

@@ -143,3 +143,81 @@ pub async fn start(
     tracing::info!(%address, "state store node started");
     Ok(HostStore { node, address, server })
 }
+
+/// Writes `value` (JSON) under `key`, superseding whatever this node's
+/// quorum read saw (the host is the only writer of its guests' console and
+/// status records, so no siblings are left behind).
+pub async fn write_record<T: serde::Serialize>(client: &LocalClient, key: &str, value: &T) -> Result<(), nimbus_state_store::StoreError> {
+    use nimbus_state_store::KvClient;
+    let bytes = serde_json::to_vec(value).map_err(|e| nimbus_state_store::StoreError::Transport(format!("encoding {key}: {e}")))?;
+    let got = client.get(key.as_bytes()).await?;
+    client.put(key.as_bytes(), bytes, &got.context).await?;
+    Ok(())
+}
+
+/// What the host observes of its guests, written to the store:
+/// console tails (`console/<id>`) when they change, and status checks
+/// (`status/<id>`) when they change.
+#[derive(Default)]
+pub struct Observed {
+    /// The checks last written, per instance.
+    written: std::collections::HashMap<String, (nimbus_proto::metadata::Check, nimbus_proto::metadata::Check)>,
+    /// Instances whose guest showed life (wrote to its console).
+    alive: std::collections::HashSet<String>,
+}
+
+impl Observed {
+    /// Writes the console tails the observations carry (taking them out of
+    /// the report: the control plane reads them from the store) and the
+    /// status checks that changed. Returns the observations whose tails
+    /// were written (for the console tracker), and leaves those whose write
+    /// failed in the report, which then carries them as before.
+    pub async fn write(&mut self, store: &HostStore, observations: &mut [nimbus_proto::agent::Observation]) -> Vec<nimbus_proto::agent::Observation> {
+        use nimbus_proto::metadata::{console_key, status_key, Check, ConsoleRecord, StatusRecord};
+        use nimbus_proto::ObservedState;
+        let client = store.client();
+        let now = chrono::Utc::now();
+        let mut written = Vec::new();
+        for o in observations.iter_mut() {
+            if let Some(output) = o.console.clone() {
+                let record = ConsoleRecord { instance_id: o.instance_id.clone(), output, at: now };
+                match write_record(&client, &console_key(&o.instance_id), &record).await {
+                    Ok(()) => {
+                        self.alive.insert(o.instance_id.clone());
+                        written.push(o.clone());
+                        o.console = None;
+                    }
+                    Err(e) => tracing::warn!(instance_id = %o.instance_id, error = %e, "cannot write the console tail to the store; reporting it"),
+                }
+            }
+            let checks = match o.state {
+                ObservedState::Running => {
+                    (Check::Passed, if self.alive.contains(&o.instance_id) { Check::Passed } else { Check::Initializing })
+                }
+                ObservedState::Failed => (Check::Failed, Check::Failed),
+                ObservedState::Absent => {
+                    self.forget(&o.instance_id);
+                    continue;
+                }
+                _ => continue,
+            };
+            if self.written.get(&o.instance_id) == Some(&checks) {
+                continue;
+            }
+            let record = StatusRecord { instance_id: o.instance_id.clone(), system: checks.0, instance: checks.1, at: now };
+            match write_record(&client, &status_key(&o.instance_id), &record).await {
+                Ok(()) => {
+                    self.written.insert(o.instance_id.clone(), checks);
+                }
+                Err(e) => tracing::warn!(instance_id = %o.instance_id, error = %e, "cannot write status checks to the store"),
+            }
+        }
+        written
+    }
+
+    /// Forgets instances that are gone.
+    pub fn forget(&mut self, instance_id: &str) {
+        self.written.remove(instance_id);
+        self.alive.remove(instance_id);
+    }
+}

@@ -8,7 +8,7 @@ use nimbus_state_store::tls::dev::DevCa;
 use nimbus_state_store::{KvClient, TcpClient};
 use nimbus_control_plane::service::outbox::Published;
 use nimbus_proto::metadata::{document_key, newest_document, InstanceDocument};
-use nimbus_tests::{free_local_addr, instance_ids, AgentHandle, Cloud, CloudOptions};
+use nimbus_tests::{free_local_addr, instance_ids, xml_values, AgentHandle, Cloud, CloudOptions};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use std::time::Duration;
@@ -338,4 +338,63 @@ async fn metadata_is_served_from_the_store_through_an_outage() {
     await_imds(&cloud, &b, &ib, "/latest/meta-data/tags/instance/phase", "after").await;
     assert_eq!(imds(&b, &ib, "/latest/meta-data/instance-id").await, (200, ib.clone()));
     assert_eq!(cloud.service.relay().backlog().await.unwrap(), 0);
+}
+
+/// Console tails and status checks go from the host to the store, and
+/// GetConsoleOutput and DescribeInstanceStatus read them there.
+#[tokio::test(flavor = "multi_thread")]
+async fn console_output_and_status_checks_come_from_the_store() {
+    use nimbus_proto::metadata::{console_key, status_key, Check, StatusRecord};
+    let cloud = Cloud::start().await.unwrap();
+    let img = cloud.register_test_image().await.unwrap().image_id;
+    let a = store_agent(&cloud, "a").await;
+    let b = store_agent(&cloud, "b").await;
+    ring_of(&cloud, 3).await;
+    let alice = cloud.ec2_account("alice").await.unwrap();
+    let (status, xml) = cloud.ec2(&alice, &format!("Action=RunInstances&ImageId={img}&InstanceType=t3.nano&MinCount=1&MaxCount=1")).await.unwrap();
+    assert_eq!(status, 200, "{xml}");
+    let id = xml_values(&xml, "instanceId")[0].to_string();
+    cloud
+        .wait_until(T, || async {
+            let (_, xml) = cloud.ec2(&alice, &format!("Action=DescribeInstances&InstanceId.1={id}")).await?;
+            Ok(xml.contains("<name>running</name>"))
+        })
+        .await
+        .unwrap();
+    // The test driver runs no guest: write its console as a guest would.
+    let host = cloud.host_of(&id).await.unwrap();
+    let dir = if a.host_id.as_deref() == Some(&host) { a.state_dir.clone() } else { b.state_dir.clone() };
+    std::fs::write(dir.join("instances").join(&id).join("console.log"), b"NIMBUS-BOOT hello from the console\n").unwrap();
+    let client = cloud.service.store.client();
+    let ckey = console_key(&id);
+    cloud
+        .wait_until(T, || async { Ok(client.get(ckey.as_bytes()).await?.values.len() == 1) })
+        .await
+        .expect("the host wrote the console tail to the store");
+    // Only the store has it: the report no longer carried it.
+    let (pg,): (Option<Vec<u8>>,) = sqlx::query_as("SELECT console_output FROM instances WHERE id = $1").bind(&id).fetch_one(cloud.db()).await.unwrap();
+    assert_eq!(pg, None);
+    let (_, xml) = cloud.ec2(&alice, &format!("Action=GetConsoleOutput&InstanceId={id}")).await.unwrap();
+    use base64::Engine;
+    let text = base64::engine::general_purpose::STANDARD.decode(xml_values(&xml, "output").first().copied().unwrap_or_default()).unwrap_or_default();
+    assert_eq!(String::from_utf8_lossy(&text), "NIMBUS-BOOT hello from the console\n", "{xml}");
+    // Status checks: the host wrote both as passed (domain running, guest showed life).
+    let skey = status_key(&id);
+    cloud
+        .wait_until(T, || async {
+            let got = client.get(skey.as_bytes()).await?;
+            let rec: Option<StatusRecord> = got.values.first().and_then(|v| serde_json::from_slice(v).ok());
+            Ok(rec.is_some_and(|r| r.instance == Check::Passed && r.system == Check::Passed))
+        })
+        .await
+        .expect("status checks in the store");
+    let (_, xml) = cloud.ec2(&alice, "Action=DescribeInstanceStatus").await.unwrap();
+    assert!(xml.contains("<instanceStatus><status>ok</status>"), "{xml}");
+    // What the store says is what DescribeInstanceStatus shows: a failed check is impaired.
+    let bad = StatusRecord { instance_id: id.clone(), system: Check::Passed, instance: Check::Failed, at: chrono::Utc::now() };
+    let got = client.get(skey.as_bytes()).await.unwrap();
+    client.put(skey.as_bytes(), serde_json::to_vec(&bad).unwrap(), &got.context).await.unwrap();
+    let (_, xml) = cloud.ec2(&alice, "Action=DescribeInstanceStatus").await.unwrap();
+    assert!(xml.contains("<systemStatus><status>ok</status>"), "{xml}");
+    assert!(xml.contains("<instanceStatus><status>impaired</status><details><item><name>reachability</name><status>failed</status>"), "{xml}");
 }

@@ -13,6 +13,7 @@ pub mod images;
 pub mod instances;
 pub mod keypairs;
 pub mod network;
+pub mod observed;
 pub mod outbox;
 pub mod scheduler;
 pub mod tags;
