@@ -421,6 +421,7 @@ impl RunInstancesArgs {
     pub fn to_request(&self) -> Result<RunInstancesRequest, CliError> {
         let (min_count, max_count) = self.counts()?;
         Ok(RunInstancesRequest {
+            metadata_options: None,
             key_name: self.key_name.clone(),
             tags: Vec::new(),
             image_id: self.image_id.clone(),

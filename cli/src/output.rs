@@ -235,6 +235,7 @@ pub(crate) mod tests {
 
     pub(crate) fn sample_instance(id: &str, state: InstanceState) -> Instance {
         Instance {
+            metadata_options: None,
             instance_id: id.into(),
             reservation_id: "r-0123456789abcdef0".into(),
             image_id: "ami-0123456789abcdef0".into(),

@@ -79,6 +79,30 @@ pub struct Config {
     /// Largest image (bytes) an agent may upload to the store.
     #[arg(long, env = "NIMBUS_MAX_IMAGE_BYTES", default_value_t = 256 << 30)]
     pub max_image_bytes: u64,
+    /// Where this control plane's state-store node listens (mutual TLS with
+    /// certificates of the control plane's CA); also its node id, so an
+    /// address the hosts reach (its IP is in the node's certificate).
+    #[arg(long, env = "NIMBUS_STORE_LISTEN", default_value = "127.0.0.1:7400")]
+    pub store_listen: SocketAddr,
+    /// The store node's data directory.
+    #[arg(long, env = "NIMBUS_STORE_DIR", default_value = "/var/lib/nimbus/control-plane/store")]
+    pub store_dir: PathBuf,
+    /// Other store nodes to join the ring through (comma-separated `ip:port`),
+    /// e.g. other control planes' nodes. Hosts are told the rest at registration.
+    #[arg(long, env = "NIMBUS_STORE_SEEDS", value_delimiter = ',')]
+    pub store_seeds: Vec<String>,
+    /// Names (DNS names or IP addresses) the control plane's certificate
+    /// carries besides the IP of --store-listen.
+    #[arg(long, env = "NIMBUS_TLS_NAMES", value_delimiter = ',')]
+    pub tls_names: Vec<String>,
+    /// Write the CA certificate (public; what agents trust with
+    /// --control-plane-ca) to this file at start.
+    #[arg(long, env = "NIMBUS_CA_CERT_OUT")]
+    pub ca_cert_out: Option<PathBuf>,
+    /// Publish instance documents from the outbox to the state store
+    /// (`--outbox-relay false`: tests drive the relay by hand).
+    #[arg(long, env = "NIMBUS_OUTBOX_RELAY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub outbox_relay: bool,
 }
 
 /// A public pool: an IPv4 network of /16 to /32.

@@ -10,6 +10,7 @@ pub mod ids;
 pub mod image_store;
 pub mod notify;
 pub mod service;
+pub mod store;
 
 pub use config::{Config, PlacementPolicy};
 pub use error::ServiceError;
@@ -18,16 +19,21 @@ pub use service::Service;
 use tokio::net::TcpListener;
 
 /// Connects to PostgreSQL, applies migrations and starts the notification
-/// listener: a service ready to be served.
+/// listener, starts the control plane's state-store node: a service ready
+/// to be served.
 pub async fn build(config: Config) -> anyhow::Result<Service> {
     let db = db::connect(&config.database_url, config.db_connections).await?;
     let events = notify::HostEvents::default();
     events.spawn_listener(db.clone());
-    let service = Service::new(db, config, events);
+    let store = std::sync::Arc::new(store::Store::start(&db, &config).await?);
+    let service = Service::new(db, config, events, store);
     // No upload runs yet: leftovers of uploads a crash cut short, and files
     // no image refers to, go.
     if let Err(e) = service.sweep_image_store(true).await {
         tracing::warn!(error = %e, "cannot sweep the image store");
+    }
+    if service.config.outbox_relay {
+        service.store.start_relay(service.relay());
     }
     Ok(service)
 }

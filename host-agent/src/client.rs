@@ -1,6 +1,6 @@
 //! The agent's client of the control plane's `/v1/agent/*` API.
 
-use nimbus_proto::agent::{Assignments, HostCredential, RegisterHost, Report};
+use nimbus_proto::agent::{Assignments, CertificateGrant, CertificateRequest, HostCredential, RegisterHost, Report};
 use nimbus_proto::api::ErrorBody;
 use std::time::Duration;
 
@@ -40,6 +40,19 @@ impl ControlPlane {
 
     pub async fn register(&self, join_token: &str, req: &RegisterHost) -> Result<HostCredential, ClientError> {
         let resp = self.http.post(format!("{}/v1/agent/register", self.base)).bearer_auth(join_token).json(req).send().await?;
+        Self::decode(resp).await
+    }
+
+    /// Has the control plane's CA certify this host's key (see `store.rs`).
+    pub async fn certificate(&self, cred: &HostCredential, req: &CertificateRequest) -> Result<CertificateGrant, ClientError> {
+        let resp = self
+            .http
+            .post(format!("{}/v1/agent/certificate", self.base))
+            .bearer_auth(cred.bearer())
+            .json(req)
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await?;
         Self::decode(resp).await
     }
 

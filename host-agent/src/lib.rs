@@ -14,6 +14,7 @@ pub mod metadata;
 pub mod network;
 pub mod power;
 pub mod reconcile;
+pub mod store;
 
 use clap::{Parser, ValueEnum};
 use client::{ClientError, ControlPlane};
@@ -119,6 +120,11 @@ pub struct AgentConfig {
     /// unused this long (seconds).
     #[arg(long, env = "NIMBUS_IMAGE_CACHE_TTL_SECS", default_value_t = 86400)]
     pub image_cache_ttl_secs: u64,
+    /// Where this host's state-store node listens (`ip:port`, also its node
+    /// id; the IP must be one the other nodes reach). Without it the host
+    /// runs no store node and serves metadata from its assignments only.
+    #[arg(long, env = "NIMBUS_STORE_LISTEN")]
+    pub store_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +145,20 @@ pub enum AgentError {
 /// registration attempts (the operator's reset ends the wait).
 const REREGISTER_BACKOFF: Duration = Duration::from_secs(10);
 
+/// How often the metadata service looks for newer documents in the state store.
+const METADATA_REFRESH: Duration = Duration::from_millis(100);
+
+/// Aborts a task when dropped (the agent's helpers end with its run).
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            t.abort();
+        }
+    }
+}
+
 /// A host agent, built and ready to [`Agent::run`].
 pub struct Agent {
     config: AgentConfig,
@@ -147,6 +167,10 @@ pub struct Agent {
     /// Observations that finished after their pass (see [`Reconciler::late`]).
     late: mpsc::UnboundedReceiver<Observation>,
     capacity: (u32, u64, u64),
+    /// The embedded state-store node, once certified (see `store.rs`).
+    store: Option<std::sync::Arc<store::HostStore>>,
+    /// Console tails and status checks written to the store.
+    observed: tokio::sync::Mutex<store::Observed>,
 }
 
 impl Agent {
@@ -241,7 +265,7 @@ impl Agent {
             image_cache_ttl: Duration::from_secs(config.image_cache_ttl_secs),
         };
         let cp = ControlPlane::new(&config.control_plane, http);
-        Ok(Agent { cp, config, reconciler, late, capacity: (vcpus, memory_mib, disk_gib) })
+        Ok(Agent { cp, config, reconciler, late, capacity: (vcpus, memory_mib, disk_gib), store: None, observed: Default::default() })
     }
 
     /// Events of the agent's work (guest started, removed).
@@ -301,7 +325,13 @@ impl Agent {
     }
 
     /// Sends a report; on delivery, remembers the console output it carried.
+    /// With a store node, console tails and status checks go to the store
+    /// instead (a tail whose write failed goes with the report).
     async fn report(&self, cred: &HostCredential, mut observations: Vec<Observation>) -> Result<(), ClientError> {
+        if let Some(store) = &self.store {
+            let written = self.observed.lock().await.write(store, &mut observations).await;
+            self.reconciler.console.delivered(&written);
+        }
         let deferred = console::fit_budget(&mut observations, console::REPORT_BUDGET);
         if deferred > 0 {
             tracing::debug!(deferred, "console tails left for a later report");
@@ -350,6 +380,38 @@ impl Agent {
         };
         self.reconciler.host_id = cred.host_id.clone();
         self.set_store_access(&cred);
+        if let Some(listen) = self.config.store_listen {
+            loop {
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    r = store::start(&self.cp, &cred, &self.config.state_dir, listen) => match r {
+                        Ok(s) => {
+                            self.reconciler.metadata.attach_store(s.node.clone());
+                            self.store = Some(std::sync::Arc::new(s));
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot start the state store node yet; retrying");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                }
+            }
+        }
+        // Documents newer than the assignments' reach the guests within
+        // one refresh interval of reaching this host's replica.
+        let refresher = self.store.is_some().then(|| {
+            let servers = self.reconciler.metadata.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(METADATA_REFRESH);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    servers.refresh().await;
+                }
+            })
+        });
+        let _refresher = AbortOnDrop(refresher);
         let mut after = 0;
         let mut backoff = Duration::from_millis(200);
         loop {

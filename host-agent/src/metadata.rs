@@ -31,6 +31,7 @@ use axum::routing::get;
 use axum::Router;
 use base64::Engine;
 use nimbus_proto::agent::InstanceMetadata;
+use nimbus_proto::metadata::{document_key, newest_document, InstanceDocument};
 use nimbus_proto::network::Nic;
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -45,6 +46,37 @@ struct Content {
     user_data: Option<Vec<u8>>,
     /// The instance's VPC interfaces (`local-ipv4`, `mac`, `network/…`).
     nics: Vec<Nic>,
+    /// The state store's document this content was made from (none: from
+    /// the assignment). Of two copies of one version the store's wins: it
+    /// has the tags, region and launch time the assignment lacks.
+    doc: Option<Box<InstanceDocument>>,
+}
+
+impl Content {
+    fn from_document(doc: InstanceDocument) -> Content {
+        let meta = InstanceMetadata {
+            version: doc.version,
+            instance_id: doc.instance_id.clone(),
+            reservation_id: doc.reservation_id.clone(),
+            instance_type: doc.instance_type.clone(),
+            image_id: doc.image_id.clone(),
+            availability_zone: doc.availability_zone.clone(),
+            ami_launch_index: doc.ami_launch_index,
+            owner_id: doc.account_id.clone(),
+            public_keys: doc.public_keys.clone(),
+            options: doc.options,
+            tags: doc.tags.clone(),
+        };
+        let user_data = doc.user_data.as_deref().and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok());
+        Content { meta, user_data, nics: doc.nics.clone(), doc: Some(Box::new(doc)) }
+    }
+
+    /// Whether `self` should replace `current`: a newer version, or any
+    /// copy of the same version over the assignment's (so the store's copy
+    /// wins a tie, and is never replaced by an assignment of its version).
+    fn supersedes(&self, current: &Content) -> bool {
+        self.meta.version > current.meta.version || (self.meta.version == current.meta.version && current.doc.is_none())
+    }
 }
 
 type Shared = Arc<RwLock<Content>>;
@@ -88,7 +120,14 @@ pub struct MetadataServers {
     qemu: crate::access::QemuUser,
     /// Where the sockets live (root:QEMU's group, 0710).
     dir: PathBuf,
+    /// The host's state-store node, once it runs: documents newer than the
+    /// assignments' copies come from it (see [`MetadataServers::refresh`]).
+    store: Arc<std::sync::OnceLock<Arc<nimbus_state_store::Node>>>,
 }
+
+/// How long a quorum read of a document may take (when the local replica
+/// has none: this host holds no replica of it, or has not received it yet).
+const QUORUM_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The longest run directory whose sockets fit a unix socket address
 /// (`<dir>/i-<17 hex>.sock` within 107 bytes).
@@ -185,7 +224,7 @@ async fn new_token(State(g): State<Guest>, headers: axum::http::HeaderMap) -> Re
 
 impl MetadataServers {
     pub fn new(qemu: crate::access::QemuUser, dir: PathBuf) -> MetadataServers {
-        MetadataServers { entries: Arc::default(), addresses: Arc::default(), vpc_listeners: Arc::default(), qemu, dir }
+        MetadataServers { entries: Arc::default(), addresses: Arc::default(), vpc_listeners: Arc::default(), qemu, dir, store: Arc::default() }
     }
 
     /// The socket of an instance's metadata server.
@@ -201,27 +240,102 @@ impl MetadataServers {
 
     fn publish_content(&self, meta: &InstanceMetadata, user_data_b64: Option<&str>, nics: &[Nic]) -> Guest {
         let user_data = user_data_b64.and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok());
-        let content = Content { meta: meta.clone(), user_data, nics: nics.to_vec() };
-        let id = &meta.instance_id;
+        let content = Content { meta: meta.clone(), user_data, nics: nics.to_vec(), doc: None };
+        self.install(content, true)
+    }
+
+    /// Serves `content` to its instance: a new entry when `create`, else
+    /// only over an older content of an instance served here.
+    fn install(&self, content: Content, create: bool) -> Guest {
+        let id = &content.meta.instance_id.clone();
+        let nics = content.nics.clone();
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = entries.get(id) {
+            let mut current = e.guest.content.write().unwrap_or_else(|p| p.into_inner());
+            if !content.supersedes(&current) {
+                return e.guest.clone();
+            }
+            *current = content.clone();
+        } else if !create {
+            return Guest { content: Arc::new(RwLock::new(content)), tokens: Arc::default() };
+        }
         {
             let mut addresses = self.addresses.write().unwrap_or_else(|p| p.into_inner());
             addresses.retain(|_, owner| owner != id);
-            for n in nics {
+            for n in &nics {
                 addresses.insert((n.vni, n.private_ip), id.clone());
             }
         }
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         match entries.get(id) {
-            Some(e) => {
-                *e.guest.content.write().unwrap_or_else(|p| p.into_inner()) = content;
-                e.guest.clone()
-            }
+            Some(e) => e.guest.clone(),
             None => {
                 let guest = Guest { content: Arc::new(RwLock::new(content)), tokens: Arc::default() };
                 entries.insert(id.clone(), Entry { guest: guest.clone(), socket_task: None });
                 guest
             }
         }
+    }
+
+    /// Reads documents from `node` from now on (see [`MetadataServers::refresh`]).
+    pub fn attach_store(&self, node: Arc<nimbus_state_store::Node>) {
+        let _ = self.store.set(node);
+    }
+
+    /// Brings every served instance up to the state store's document: the
+    /// host's own replica first (a local read, no network), a quorum read
+    /// when it has none or one older than what is served (the assignment
+    /// named a newer version: this replica missed writes while its node was
+    /// down, and anti-entropy has not caught up yet). A document is only ever served to the instance it
+    /// names (its key is derived from the id, and the id inside is checked
+    /// too), and only over an older copy.
+    pub async fn refresh(&self) {
+        let Some(node) = self.store.get().cloned() else { return };
+        let ids: Vec<(String, u64)> = self
+            .entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, e)| (id.clone(), e.guest.content.read().unwrap_or_else(|p| p.into_inner()).meta.version))
+            .collect();
+        for (id, served) in ids {
+            let key = document_key(&id);
+            let local = match node.storage().get(key.as_bytes()) {
+                Ok(r) => r.map(|r| r.values()).and_then(|v| newest_document(&v)),
+                Err(e) => {
+                    tracing::warn!(instance_id = %id, error = %e, "cannot read the local replica");
+                    None
+                }
+            };
+            let doc = match local {
+                Some(d) if d.version >= served => Some(d),
+                _ => {
+                    use nimbus_state_store::KvClient;
+                    let client = nimbus_state_store::LocalClient(node.clone());
+                    match tokio::time::timeout(QUORUM_READ_TIMEOUT, client.get(key.as_bytes())).await {
+                        Ok(Ok(got)) => newest_document(&got.values),
+                        Ok(Err(e)) => {
+                            tracing::debug!(instance_id = %id, error = %e, "quorum read of a document failed");
+                            None
+                        }
+                        Err(_) => None,
+                    }
+                }
+            };
+            match doc {
+                Some(d) if d.instance_id == id => {
+                    self.install(Content::from_document(d), false);
+                }
+                Some(d) => tracing::error!(instance_id = %id, found = %d.instance_id, "a document under another instance's key; not served"),
+                None => {}
+            }
+        }
+    }
+
+    /// The version of the document an instance is served (tests, benchmarks).
+    pub fn served_version(&self, instance_id: &str) -> Option<(u64, bool)> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let c = entries.get(instance_id)?.guest.content.read().unwrap_or_else(|p| p.into_inner()).clone();
+        Some((c.meta.version, c.doc.is_some()))
     }
 
     /// Serves the instance on its unix socket (QEMU user-mode networking),
@@ -638,7 +752,11 @@ async fn serve_user_data(State(c): Ctx) -> Response {
 }
 
 async fn identity(State(c): Ctx) -> Response {
-    let m = c.read().unwrap_or_else(|p| p.into_inner()).meta.clone();
+    let c = c.read().unwrap_or_else(|p| p.into_inner()).clone();
+    if let Some(doc) = &c.doc {
+        return axum::Json(doc.identity()).into_response();
+    }
+    let m = c.meta;
     axum::Json(serde_json::json!({
         "instanceId": m.instance_id,
         "imageId": m.image_id,
@@ -697,6 +815,7 @@ pub async fn request(socket: &FsPath, method: &str, path: &str, headers: &[(&str
 #[cfg(test)]
 pub(crate) fn sample_metadata(id: &str) -> InstanceMetadata {
     InstanceMetadata {
+        version: 0,
         instance_id: id.into(),
         reservation_id: "r-0123456789abcdef0".into(),
         instance_type: "t3.nano".into(),

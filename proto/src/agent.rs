@@ -102,9 +102,14 @@ pub struct ImageProblem {
     pub message: String,
 }
 
-/// What the metadata service answers for the instance.
+/// What the metadata service answers for the instance, as of the
+/// assignment (the state store's document, [`crate::metadata::InstanceDocument`],
+/// is newer when its version is higher).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct InstanceMetadata {
+    /// The document version this copy was taken at (`instances.doc_version`).
+    #[serde(default)]
+    pub version: u64,
     pub instance_id: String,
     pub reservation_id: String,
     pub instance_type: String,
@@ -223,3 +228,31 @@ pub const MAX_IMAGE_PROBLEMS: usize = 256;
 /// [`MAX_PROBLEM_BYTES`].
 pub const MAX_PROBLEMS: usize = 8;
 pub const MAX_PROBLEM_BYTES: usize = 1024;
+
+/// `POST /v1/agent/certificate`, authenticated by the host's credential:
+/// the control plane's CA certifies the host's own key (generated on the
+/// host; the private key never leaves it). The certificate serves the
+/// host's state-store node (its address as IP SAN) and the agent's side of
+/// mutual TLS with the control plane.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateRequest {
+    /// The public key, an uncompressed ECDSA P-256 point (65 bytes), base64.
+    pub public_key: String,
+    /// `ip:port` where the host's store node listens (its node id), if it runs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_address: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CertificateGrant {
+    /// The host's certificate, PEM.
+    pub certificate_pem: String,
+    /// The control plane's CA certificate, PEM: every store node and the
+    /// control plane present certificates it signed.
+    pub ca_pem: String,
+    pub not_after: chrono::DateTime<chrono::Utc>,
+    /// Store nodes to join the ring through (`ip:port`): the control
+    /// plane's and other hosts'.
+    pub store_seeds: Vec<String>,
+}

@@ -66,6 +66,53 @@ pub struct RunInstancesRequest {
     /// Tags given to every interface the launch creates.
     #[serde(default)]
     pub network_interface_tags: Vec<ResourceTag>,
+    /// How the instance's metadata service answers (EC2's `MetadataOptions`);
+    /// absent: EC2's defaults (tokens optional, endpoint enabled, tags off).
+    #[serde(default)]
+    pub metadata_options: Option<MetadataOptionsRequest>,
+}
+
+/// EC2's `MetadataOptions` of RunInstances and ModifyInstanceMetadataOptions
+/// (`POST /v1/instances/{id}/metadata-options`): each field left out keeps
+/// its value (its default at launch).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MetadataOptionsRequest {
+    /// `optional` (IMDSv1 and v2) or `required` (session tokens only).
+    #[serde(default)]
+    pub http_tokens: Option<String>,
+    /// `enabled` or `disabled`: whether the service answers at all.
+    #[serde(default)]
+    pub http_endpoint: Option<String>,
+    /// `enabled` or `disabled`: tags under `meta-data/tags/instance/`.
+    #[serde(default)]
+    pub instance_metadata_tags: Option<String>,
+    /// 1 to 64 (kept and shown; a guest reaches its metadata service in one hop).
+    #[serde(default)]
+    pub http_put_response_hop_limit: Option<u32>,
+    /// Only `disabled` (Nimbus serves IPv4 only).
+    #[serde(default)]
+    pub http_protocol_ipv6: Option<String>,
+}
+
+/// An instance's metadata options as DescribeInstances and
+/// ModifyInstanceMetadataOptions show them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InstanceMetadataOptions {
+    /// `applied` once the metadata service serves them, `pending` until then.
+    pub state: String,
+    pub http_tokens: String,
+    pub http_endpoint: String,
+    pub instance_metadata_tags: String,
+    pub http_put_response_hop_limit: u32,
+    pub http_protocol_ipv6: String,
+}
+
+/// The answer of `POST /v1/instances/{id}/metadata-options`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ModifyMetadataOptionsResult {
+    pub instance_id: String,
+    pub instance_metadata_options: InstanceMetadataOptions,
 }
 
 /// One interface of a launch.
@@ -117,6 +164,7 @@ impl RunInstancesRequest {
             associate_public_ip_address: None,
             network_interfaces: Vec::new(),
             network_interface_tags: Vec::new(),
+            metadata_options: None,
         }
     }
 }
@@ -171,6 +219,8 @@ pub struct Instance {
     /// at their addresses).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssh_endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata_options: Option<InstanceMetadataOptions>,
 }
 
 /// A security group named by id and name.

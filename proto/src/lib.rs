@@ -5,12 +5,14 @@
 //! - [`api`]: the REST/JSON bodies of `/v1` (what the CLI and users send and receive).
 //! - [`agent`]: the host-agent protocol (`/v1/agent/*`): registration, assignments, reports.
 //! - [`network`]: the VPC network a host must plumb (interfaces, VPCs, security groups).
+//! - [`metadata`]: what the state store holds per instance (metadata document, console, status checks).
 //!
 //! Plain data only: no I/O, no business logic.
 
 pub mod agent;
 pub mod api;
 pub mod image;
+pub mod metadata;
 pub mod network;
 pub mod state;
 

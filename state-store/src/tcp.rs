@@ -518,6 +518,7 @@ pub fn serve(node: Arc<Node>, listener: tokio::net::TcpListener) -> tokio::task:
 /// the CA. Without one only `GET /healthz` and `GET /readyz` are answered
 /// (probes); every other HTTP request gets 401 and a framed connection is
 /// refused. Plaintext connections get 400 (HTTP) or a refusal (framed).
+/// Aborting the returned task closes the listener and every connection.
 pub fn serve_tls(node: Arc<Node>, listener: tokio::net::TcpListener, tls: TlsConfig) -> tokio::task::JoinHandle<()> {
     serve_with(node, listener, Some(tls.acceptor()))
 }
@@ -529,7 +530,12 @@ fn serve_with(
 ) -> tokio::task::JoinHandle<()> {
     let router = crate::http::router(node.clone());
     tokio::spawn(async move {
+        // The connections' tasks live in this set: aborting the returned
+        // handle drops it and so ends every connection too (an embedding
+        // process can stop a node completely and open its store again).
+        let mut conns = tokio::task::JoinSet::new();
         loop {
+            while conns.try_join_next().is_some() {}
             let (stream, remote) = match listener.accept().await {
                 Ok(s) => s,
                 Err(e) => {
@@ -541,7 +547,7 @@ fn serve_with(
             };
             let _ = stream.set_nodelay(true);
             let (node, router, acceptor) = (node.clone(), router.clone(), acceptor.clone());
-            tokio::spawn(async move {
+            conns.spawn(async move {
                 let Some(acceptor) = acceptor else {
                     return serve_plain(node, router, stream, Peer::Trusted).await;
                 };

@@ -46,6 +46,13 @@ fn init_tracing() {
     });
 }
 
+/// A loopback address with a port free now (for a store node, whose id
+/// must stay the same across restarts, so port 0 will not do).
+pub fn free_local_addr() -> anyhow::Result<std::net::SocketAddr> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?)
+}
+
 /// 16 random hex digits (names, nonces).
 pub fn random_suffix() -> String {
     use rand::Rng;
@@ -206,6 +213,8 @@ pub struct CloudOptions {
     pub public_pool: Option<&'static str>,
     /// Default per-account Elastic IP limit.
     pub max_elastic_ips: u32,
+    /// Run the control plane's outbox relay (tests of the relay drive it by hand).
+    pub outbox_relay: bool,
 }
 
 impl Default for CloudOptions {
@@ -219,6 +228,7 @@ impl Default for CloudOptions {
             rsa_keys: (5, 60),
             public_pool: None,
             max_elastic_ips: 5,
+            outbox_relay: true,
         }
     }
 }
@@ -235,6 +245,11 @@ pub struct Cloud {
     pub http: reqwest::Client,
     pub dir: TempDir,
     shutdown: Option<oneshot::Sender<()>>,
+    /// The API server's task (awaited when the control plane is stopped).
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// The control plane's configuration (a restart reuses it: same port,
+    /// same store node id and directory).
+    config: Config,
     _test_conn: Option<Arc<virt::connect::Connect>>,
     /// Last: dropped after the server was told to stop.
     _database: TestDatabase,
@@ -259,6 +274,11 @@ pub struct AgentHandle {
 }
 
 impl AgentHandle {
+    /// Where the agent's state-store node listens (its node id), if it runs one.
+    pub fn store_address(&self) -> Option<std::net::SocketAddr> {
+        self.config.store_listen
+    }
+
     /// The unix socket of an instance's metadata server on this agent.
     pub fn metadata_socket(&self, instance_id: &str) -> PathBuf {
         nimbus_host_agent::metadata::socket_path(&self.config.run_dir, instance_id)
@@ -377,11 +397,20 @@ impl Cloud {
             public_pool: opts.public_pool.map(|p| nimbus_proto::network::Cidr::parse(p).context("public_pool"))
                 .transpose()?,
             default_max_elastic_ips: opts.max_elastic_ips,
+            store_listen: "127.0.0.1:0".parse()?,
+            store_dir: dir.path().join("cp-store"),
+            store_seeds: Vec::new(),
+            tls_names: Vec::new(),
+            ca_cert_out: None,
+            outbox_relay: opts.outbox_relay,
         };
         let (admin_token, join_token) = (config.admin_token.clone(), config.join_token.clone());
-        let service = nimbus_control_plane::build(config).await?;
+        let mut config = config;
+        let service = nimbus_control_plane::build(config.clone()).await?;
+        // A restart keeps the store node's address (its id in the ring).
+        config.store_listen = service.store.address.parse()?;
         let (tx, rx) = oneshot::channel::<()>();
-        tokio::spawn(nimbus_control_plane::serve(service.clone(), listener, async move {
+        let server = tokio::spawn(nimbus_control_plane::serve(service.clone(), listener, async move {
             let _ = rx.await;
         }));
         // Keep the test driver's state alive across agent restarts.
@@ -401,6 +430,8 @@ impl Cloud {
             http: reqwest::Client::new(),
             dir,
             shutdown: Some(tx),
+            server: Some(server),
+            config,
             _test_conn: Some(Arc::new(test_conn)),
             _database: database,
         })
@@ -500,7 +531,7 @@ impl Cloud {
         .await
     }
 
-    async fn add_agent_configured(
+    pub async fn add_agent_configured(
         &self,
         name: &str,
         zone: &str,
@@ -534,6 +565,7 @@ impl Cloud {
             netns_prefix: "nimbus".into(),
             image_cache_ttl_secs: 86400,
             underlay_mtu: 1500,
+            store_listen: None,
         };
         let mut config = config;
         tweak(&mut config);
@@ -756,6 +788,62 @@ impl Cloud {
         )
         .fetch_all(self.db())
         .await?)
+    }
+}
+
+impl Cloud {
+    /// An outage of the control plane and of its database: the API server
+    /// stops (gracefully: agents' long polls end, keep-alive connections
+    /// close), the outbox relay and the control plane's store node stop,
+    /// and this test's database refuses connections (its sessions are
+    /// terminated, `ALLOW_CONNECTIONS false`): nothing of the control plane
+    /// answers. The shared PostgreSQL server itself keeps running.
+    pub async fn outage(&mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            tokio::time::timeout(Duration::from_secs(30), server).await.context("the API server did not stop")???;
+        }
+        self.service.store.stop();
+        self.service.db.close().await;
+        self._database.allow_connections(false).await
+    }
+
+    /// Ends [`Cloud::outage`]: the database takes connections again and a
+    /// new control plane starts with the same configuration (port, store
+    /// node id, CA from the database). Its store node starts on an empty
+    /// directory, as a node whose disk was wiped (the stopped one, still in
+    /// this process, keeps the old directory open) and refills from the
+    /// ring: a restarted process would reopen its directory instead.
+    pub async fn recover(&mut self) -> anyhow::Result<()> {
+        self._database.allow_connections(true).await?;
+        let n = std::fs::read_dir(self.dir.path()).map(|d| d.count()).unwrap_or(0);
+        self.config.store_dir = self.dir.path().join(format!("cp-store-{n}"));
+        let listener = tokio::net::TcpListener::bind(self.config.listen).await?;
+        self.service = nimbus_control_plane::build(self.config.clone()).await.context("restart the control plane")?;
+        let (tx, rx) = oneshot::channel::<()>();
+        self.server = Some(tokio::spawn(nimbus_control_plane::serve(self.service.clone(), listener, async move {
+            let _ = rx.await;
+        })));
+        self.shutdown = Some(tx);
+        Ok(())
+    }
+}
+
+impl TestDatabase {
+    /// Lets sessions into the database, or shuts it to them (ending the open ones).
+    async fn allow_connections(&self, allow: bool) -> anyhow::Result<()> {
+        let admin = sqlx::PgPool::connect(&self.admin_url).await?;
+        sqlx::query(&format!("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {allow}", self.name)).execute(&admin).await?;
+        if !allow {
+            sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
+                .bind(&self.name)
+                .execute(&admin)
+                .await?;
+        }
+        admin.close().await;
+        Ok(())
     }
 }
 

@@ -9,7 +9,7 @@ use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use nimbus_proto::agent::{Assignments, HostCredential, RegisterHost, Report};
+use nimbus_proto::agent::{Assignments, CertificateGrant, CertificateRequest, HostCredential, RegisterHost, Report};
 use serde::Deserialize;
 use std::time::Duration;
 
@@ -50,6 +50,10 @@ pub fn routes() -> Router<Service> {
         .route(
             "/v1/agent/register",
             post(register).layer(DefaultBodyLimit::max(MAX_REGISTER_BODY)).layer(from_fn_with_state(MAX_REGISTER_BODY, refuse_oversized)),
+        )
+        .route(
+            "/v1/agent/certificate",
+            post(certificate).layer(DefaultBodyLimit::max(MAX_REGISTER_BODY)).layer(from_fn_with_state(MAX_REGISTER_BODY, refuse_oversized)),
         )
         .route("/v1/agent/assignments", get(assignments))
         .route(
@@ -95,6 +99,11 @@ async fn download_image(State(s): State<Service>, HostAuth(host): HostAuth, Path
 
 async fn register(State(s): State<Service>, _: JoinToken, ApiJson(req): ApiJson<RegisterHost>) -> Result<Json<HostCredential>> {
     Ok(Json(s.register_host(req).await?))
+}
+
+/// The host's key certified by the control plane's CA (see `service/certificates.rs`).
+async fn certificate(State(s): State<Service>, HostAuth(host): HostAuth, ApiJson(req): ApiJson<CertificateRequest>) -> Result<Json<CertificateGrant>> {
+    Ok(Json(s.issue_host_certificate(&host, &req).await?))
 }
 
 #[derive(Debug, Deserialize)]

@@ -101,6 +101,10 @@ struct AssignmentRow {
     reboots: i64,
     key_name: Option<String>,
     public_key: Option<String>,
+    doc_version: i64,
+    metadata_tokens_required: bool,
+    metadata_endpoint_enabled: bool,
+    metadata_tags_enabled: bool,
 }
 
 impl AssignmentRow {
@@ -128,6 +132,7 @@ impl AssignmentRow {
                 cmdline: self.cmdline,
             },
             metadata: InstanceMetadata {
+                version: self.doc_version as u64,
                 instance_id: self.id.clone(),
                 reservation_id: self.reservation_id,
                 instance_type: self.instance_type,
@@ -139,7 +144,12 @@ impl AssignmentRow {
                     (Some(name), Some(key)) => vec![(name, key)],
                     _ => Vec::new(),
                 },
-                options: Default::default(),
+                options: nimbus_proto::agent::MetadataOptions {
+                    tokens_required: self.metadata_tokens_required,
+                    endpoint_enabled: self.metadata_endpoint_enabled,
+                    tags_enabled: self.metadata_tags_enabled,
+                },
+                // In the state store's document (the metadata service's source).
                 tags: Vec::new(),
             },
             reboots: self.reboots,
@@ -320,6 +330,7 @@ impl Service {
                     i.instance_type, i.image_id, i.availability_zone, i.ami_launch_index, i.account_id, \
                     m.boot, m.source_url, m.kernel, m.kernel_sha256, m.initrd, m.initrd_sha256, m.root_disk, \
                     m.root_disk_sha256, m.root_disk_in_store, m.cmdline, i.reboots, i.key_name, i.public_key, \
+                    i.doc_version, i.metadata_tokens_required, i.metadata_endpoint_enabled, i.metadata_tags_enabled, \
                     (SELECT coalesce(jsonb_agg(jsonb_build_object('image_id', p.id, 'no_reboot', p.no_reboot) \
                          ORDER BY p.created_at, p.id), '[]'::jsonb) \
                      FROM images p WHERE p.source_instance_id = i.id AND p.state = 'pending') AS create_images \

@@ -47,6 +47,7 @@ pub(crate) fn parse_state(s: &str) -> Result<InstanceState> {
 impl InstanceRow {
     fn into_api(self) -> Result<Instance> {
         Ok(Instance {
+            metadata_options: None,
             state: parse_state(&self.state)?.into(),
             instance_id: self.id,
             reservation_id: self.reservation_id,
@@ -631,7 +632,8 @@ impl Service {
         Ok(changes)
     }
 
-    /// The tail of the guest's serial console as last shipped by its agent.
+    /// The tail of the guest's serial console as its host last wrote it to
+    /// the state store (or, from a host without a store node, reported it).
     pub async fn console_output(&self, caller: &Caller, instance_id: &str) -> Result<ConsoleOutput> {
         if !ids::is_valid(ids::INSTANCE, instance_id) {
             return Err(ServiceError::InstanceIdMalformed(instance_id.to_string()));
@@ -645,18 +647,35 @@ impl Service {
         .fetch_optional(&self.db)
         .await?;
         let (output, at) = row.ok_or_else(|| ServiceError::InstanceNotFound(instance_id.to_string()))?;
+        if let Some(rec) = self.stored_console(instance_id).await {
+            if let Ok(output) = base64::engine::general_purpose::STANDARD.decode(&rec.output) {
+                return Ok(ConsoleOutput { instance_id: instance_id.to_string(), output, timestamp: Some(rec.at) });
+            }
+        }
         Ok(ConsoleOutput { instance_id: instance_id.to_string(), output: output.unwrap_or_default(), timestamp: at })
     }
 }
 
 /// EC2's status checks of an instance in `state` (DescribeInstanceStatus):
-/// (status, reachability detail). `ok` once running (checks backed by the
-/// guest come with the state store), `initializing` while pending.
-pub fn status_checks(state: InstanceState) -> (&'static str, &'static str) {
-    match state {
-        InstanceState::Running => ("ok", "passed"),
-        InstanceState::Pending => ("initializing", "initializing"),
-        _ => ("not-applicable", "not-applicable"),
+/// (system, instance) as (status, reachability detail). For a running
+/// instance, what its host wrote to the state store; without a record (a
+/// host that runs no store node), `ok` as the host reported it running;
+/// `initializing` while pending.
+pub fn status_checks(
+    state: InstanceState,
+    observed: Option<&nimbus_proto::metadata::StatusRecord>,
+) -> [(&'static str, &'static str); 2] {
+    use nimbus_proto::metadata::Check;
+    let of = |c: Check| match c {
+        Check::Passed => ("ok", "passed"),
+        Check::Failed => ("impaired", "failed"),
+        Check::Initializing => ("initializing", "initializing"),
+    };
+    match (state, observed) {
+        (InstanceState::Running, Some(r)) => [of(r.system), of(r.instance)],
+        (InstanceState::Running, None) => [("ok", "passed"); 2],
+        (InstanceState::Pending, _) => [("initializing", "initializing"); 2],
+        _ => [("not-applicable", "not-applicable"); 2],
     }
 }
 

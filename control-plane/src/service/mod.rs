@@ -7,11 +7,14 @@
 
 pub mod accounts;
 pub mod catalog;
+pub mod certificates;
 pub mod hosts;
 pub mod images;
 pub mod instances;
 pub mod keypairs;
 pub mod network;
+pub mod observed;
+pub mod outbox;
 pub mod scheduler;
 pub mod tags;
 pub mod throttle;
@@ -51,12 +54,14 @@ pub struct Service {
     pub rsa_keygen: throttle::Throttle,
     /// The disks of the images CreateImage makes.
     pub image_store: crate::image_store::ImageStore,
+    /// The CA and the control plane's state-store node.
+    pub store: std::sync::Arc<crate::store::Store>,
 }
 
 impl Service {
-    pub fn new(db: PgPool, config: Config, events: HostEvents) -> Service {
+    pub fn new(db: PgPool, config: Config, events: HostEvents, store: std::sync::Arc<crate::store::Store>) -> Service {
         let rsa_keygen = throttle::Throttle::new(config.rsa_key_burst, std::time::Duration::from_secs(config.rsa_key_interval_secs.max(1)));
         let image_store = crate::image_store::ImageStore::new(config.image_store_dir.clone(), config.max_image_bytes);
-        Service { db, config, events, rsa_keygen, image_store }
+        Service { db, config, events, rsa_keygen, image_store, store }
     }
 }

@@ -110,11 +110,11 @@ fn parse_cidr(s: &str, what: &str) -> Result<Cidr> {
     Cidr::parse(s).ok_or_else(|| ServiceError::InvalidParameterValue(format!("Value ({s}) for parameter {what} is invalid. This is not a valid CIDR block.")))
 }
 
-fn db_cidr(s: &str) -> Result<Cidr> {
+pub(crate) fn db_cidr(s: &str) -> Result<Cidr> {
     Cidr::parse(s).ok_or_else(|| ServiceError::Internal(format!("bad CIDR in database: {s}")))
 }
 
-fn db_ip(s: &str) -> Result<Ipv4Addr> {
+pub(crate) fn db_ip(s: &str) -> Result<Ipv4Addr> {
     s.parse().map_err(|_| ServiceError::Internal(format!("bad address in database: {s}")))
 }
 

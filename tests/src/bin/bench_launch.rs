@@ -162,6 +162,7 @@ async fn real_guest(runs: usize) -> anyhow::Result<()> {
         let name = format!("bench-{id}");
         let base = agent.state_dir.join("images").join(&image.root_disk.as_ref().context("the image has a root disk")?.sha256);
         let meta = InstanceMetadata {
+            version: 0,
             instance_id: id.clone(),
             reservation_id: String::new(),
             instance_type: "t3.nano".into(),

@@ -415,6 +415,7 @@ fn run_request(params: &Params) -> Result<RunInstancesRequest, ServiceError> {
         associate_public_ip_address: None,
         network_interfaces,
         network_interface_tags,
+        metadata_options: None,
         key_name: params.get("KeyName").map(str::to_string),
         tags,
         image_id: Some(params.required("ImageId")?.to_string()),

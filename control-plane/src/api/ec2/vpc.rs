@@ -378,10 +378,10 @@ async fn serve(s: &Service, caller: &Caller, action: &str, params: &Params, dry_
             filter.next_token = params.get("NextToken").map(str::to_string);
             dry!();
             let list = s.describe_instance_status(caller, filter).await?;
-            reply(
-                "DescribeInstanceStatusResponse",
-                StatusSet { instance_status_set: list.instances.iter().map(xml::instance_status).collect::<Vec<_>>().into(), next_token: list.next_token },
-            )
+            let ids: Vec<String> = list.instances.iter().map(|i| i.instance_id.clone()).collect();
+            let observed = s.stored_status(&ids).await;
+            let set: Vec<_> = list.instances.iter().map(|i| xml::instance_status(i, observed.get(&i.instance_id))).collect();
+            reply("DescribeInstanceStatusResponse", StatusSet { instance_status_set: set.into(), next_token: list.next_token })
         }
         "DescribeInstanceAttribute" => {
             let id = params.required("InstanceId")?.to_string();

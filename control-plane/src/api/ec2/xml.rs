@@ -875,17 +875,19 @@ pub struct XmlInstanceStatus {
     pub instance_status: XmlStatus,
 }
 
-/// EC2's status checks for an instance in `state`: `ok` once running
-/// (the store-backed checks come later), `initializing` while pending.
-pub fn instance_status(i: &Instance) -> XmlInstanceStatus {
-    let (status, detail) = crate::service::instances::status_checks(i.state.name);
-    let check = || XmlStatus { status, details: vec![XmlStatusDetail { name: "reachability", status: detail }].into() };
+/// EC2's status checks for an instance (see `service::instances::status_checks`).
+pub fn instance_status(i: &Instance, observed: Option<&nimbus_proto::metadata::StatusRecord>) -> XmlInstanceStatus {
+    let [system, instance] = crate::service::instances::status_checks(i.state.name, observed);
+    let check = |(status, detail): (&'static str, &'static str)| XmlStatus {
+        status,
+        details: vec![XmlStatusDetail { name: "reachability", status: detail }].into(),
+    };
     XmlInstanceStatus {
         instance_id: i.instance_id.clone(),
         availability_zone: i.availability_zone.clone(),
         instance_state: (&i.state).into(),
-        system_status: check(),
-        instance_status: check(),
+        system_status: check(system),
+        instance_status: check(instance),
     }
 }
 
@@ -923,6 +925,7 @@ mod tests {
 
     fn instance(id: &str, r: &str) -> Instance {
         Instance {
+            metadata_options: None,
             instance_id: id.into(),
             reservation_id: r.into(),
             image_id: "ami-0123456789abcdef0".into(),

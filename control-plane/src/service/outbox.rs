@@ -1,0 +1,300 @@
+//! The transactional outbox of instance metadata documents, and its relay.
+//!
+//! Every transaction that changes what an instance's document says bumps
+//! `instances.doc_version` and inserts a `metadata_outbox` row, in the same
+//! transaction: triggers do it (migration `0009_metadata_store.sql`), so no
+//! code path can forget. The relay then, in four steps that each may be
+//! cut short by a crash:
+//!
+//! 1. [`Relay::pending`]: the instances with outbox rows and the highest
+//!    version each waits for;
+//! 2. [`Relay::render`]: the document as PostgreSQL has it now, labelled with
+//!    the instance's current `doc_version` (at least the pending one: the
+//!    row lock of the bump orders versions as their transactions commit, so
+//!    what is rendered under version V shows every change up to V);
+//! 3. [`publish`]: a quorum read of the stored document; unless it is
+//!    already as new, a write of the newer of the two with the read's
+//!    context (so it supersedes every sibling it saw); concurrent writers'
+//!    siblings are resolved by [`nimbus_proto::metadata::newest_document`]
+//!    on every read;
+//! 4. [`Relay::acknowledge`]: delete the rows up to the published version.
+//!
+//! A crash between any two steps leaves the rows, so the next pass publishes
+//! again: the same version is found stored and only acknowledged (nothing
+//! applied twice), an older replay never replaces a newer document, and
+//! nothing is lost. A store that is down makes a pass fail; the rows wait,
+//! and the relay retries with backoff until the backlog drains.
+
+use super::Service;
+use crate::error::{Result, ServiceError};
+use nimbus_proto::agent::MetadataOptions;
+use nimbus_proto::metadata::{document_key, newest_document, InstanceDocument, ARCHITECTURE};
+use nimbus_proto::network::Nic;
+use nimbus_state_store::{KvClient, StoreError};
+use sqlx::PgPool;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Instances published per pass.
+const BATCH: i64 = 256;
+/// The longest wait between passes when nothing wakes the relay.
+const IDLE: Duration = Duration::from_secs(1);
+/// The longest backoff after a failed pass.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// What [`publish`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// The document was written.
+    Written,
+    /// The store already had this version or a newer one.
+    AlreadyCurrent,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("outbox: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("outbox: {0}")]
+    Render(#[from] ServiceError),
+    #[error("state store: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// Writes `doc` to the store unless the store's copy is as new (see the
+/// module's doc, step 3).
+pub async fn publish(client: &(impl KvClient + ?Sized), doc: &InstanceDocument) -> std::result::Result<Published, StoreError> {
+    let key = document_key(&doc.instance_id);
+    let got = client.get(key.as_bytes()).await?;
+    let stored = newest_document(&got.values);
+    let resolved = got.values.len() <= 1;
+    let value = match stored {
+        Some(s) if s.version >= doc.version && resolved => return Ok(Published::AlreadyCurrent),
+        // Siblings, one of them newer: write that one over all of them.
+        Some(s) if s.version > doc.version => serde_json::to_vec(&s),
+        _ => serde_json::to_vec(doc),
+    }
+    .map_err(|e| StoreError::Transport(format!("encoding a document: {e}")))?;
+    client.put(key.as_bytes(), value, &got.context).await?;
+    Ok(Published::Written)
+}
+
+/// The relay of one control plane (several may run: their writes commute).
+#[derive(Clone)]
+pub struct Relay {
+    db: PgPool,
+    region: String,
+    client: Arc<dyn KvClient>,
+}
+
+type DocRow = (
+    String,
+    String,
+    String,
+    i32,
+    String,
+    String,
+    String,
+    chrono::DateTime<chrono::Utc>,
+    String,
+    Option<Vec<u8>>,
+    Option<String>,
+    Option<String>,
+    (bool, bool, bool),
+    i64,
+);
+
+impl Relay {
+    pub fn new(db: PgPool, region: String, client: Arc<dyn KvClient>) -> Relay {
+        Relay { db, region, client }
+    }
+
+    /// Step 1: instances with outbox rows, with the highest version waiting.
+    pub async fn pending(&self) -> std::result::Result<Vec<(String, i64)>, RelayError> {
+        Ok(sqlx::query_as(
+            "SELECT instance_id, max(version) FROM metadata_outbox GROUP BY instance_id ORDER BY min(seq) LIMIT $1",
+        )
+        .bind(BATCH)
+        .fetch_all(&self.db)
+        .await?)
+    }
+
+    /// Rows still waiting (tests, metrics).
+    pub async fn backlog(&self) -> std::result::Result<i64, RelayError> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM metadata_outbox").fetch_one(&self.db).await?)
+    }
+
+    /// Step 2: the instance's document as of now (`None`: no such instance).
+    pub async fn render(&self, instance_id: &str) -> std::result::Result<Option<InstanceDocument>, RelayError> {
+        let mut tx = self.db.begin().await?;
+        // One snapshot for the row, its tags and its interfaces.
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
+        let row: Option<DocRow> = sqlx::query_as(
+            "SELECT i.id, i.account_id, i.reservation_id, i.ami_launch_index, i.image_id, i.instance_type, i.availability_zone, \
+                    i.launch_time, i.state, i.user_data, i.key_name, i.public_key, \
+                    (i.metadata_tokens_required, i.metadata_endpoint_enabled, i.metadata_tags_enabled), i.doc_version \
+             FROM instances i WHERE i.id = $1",
+        )
+        .bind(instance_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((id, account_id, reservation_id, launch_index, image_id, instance_type, zone, launch_time, state, user_data, key_name, public_key, opts, version)) =
+            row
+        else {
+            return Ok(None);
+        };
+        let tags: Vec<(String, String)> =
+            sqlx::query_as("SELECT key, value FROM tags WHERE account_id = $1 AND resource_id = $2 ORDER BY key")
+                .bind(&account_id)
+                .bind(&id)
+                .fetch_all(&mut *tx)
+                .await?;
+        let nics = instance_nics(&mut tx, &id).await?;
+        tx.commit().await?;
+        use base64::Engine;
+        Ok(Some(InstanceDocument {
+            version: version as u64,
+            instance_id: id,
+            account_id,
+            reservation_id,
+            ami_launch_index: launch_index as u32,
+            image_id,
+            instance_type,
+            region: self.region.clone(),
+            availability_zone: zone,
+            architecture: ARCHITECTURE.into(),
+            launch_time,
+            state,
+            user_data: user_data.map(|u| base64::engine::general_purpose::STANDARD.encode(u)),
+            public_keys: match (key_name, public_key) {
+                (Some(name), Some(key)) => vec![(name, key)],
+                _ => Vec::new(),
+            },
+            tags,
+            options: MetadataOptions { tokens_required: opts.0, endpoint_enabled: opts.1, tags_enabled: opts.2 },
+            nics,
+        }))
+    }
+
+    /// Step 3, through this relay's store client.
+    pub async fn publish(&self, doc: &InstanceDocument) -> std::result::Result<Published, StoreError> {
+        publish(self.client.as_ref(), doc).await
+    }
+
+    /// Step 4: forget the rows of `instance_id` up to `version`.
+    pub async fn acknowledge(&self, instance_id: &str, version: i64) -> std::result::Result<u64, RelayError> {
+        Ok(sqlx::query("DELETE FROM metadata_outbox WHERE instance_id = $1 AND version <= $2")
+            .bind(instance_id)
+            .bind(version)
+            .execute(&self.db)
+            .await?
+            .rows_affected())
+    }
+
+    /// One pass over a batch: every step for each pending instance. Returns
+    /// how many instances were published; the first store error ends the pass.
+    pub async fn pass(&self) -> std::result::Result<usize, RelayError> {
+        let pending = self.pending().await?;
+        let mut done = 0;
+        for (instance_id, waiting) in pending {
+            match self.render(&instance_id).await? {
+                Some(doc) => {
+                    let version = doc.version as i64;
+                    let outcome = self.publish(&doc).await?;
+                    tracing::debug!(%instance_id, version, ?outcome, "document published");
+                    self.acknowledge(&instance_id, version.max(waiting)).await?;
+                }
+                // Gone from PostgreSQL (never happens: instances are kept): nothing to publish.
+                None => {
+                    self.acknowledge(&instance_id, waiting).await?;
+                }
+            }
+            done += 1;
+        }
+        Ok(done)
+    }
+
+    /// Runs passes until the task is aborted: woken by `NOTIFY nimbus_outbox`
+    /// (sent by the outbox trigger), at the latest every [`IDLE`]; after a
+    /// failure, again after a backoff that doubles up to [`MAX_BACKOFF`].
+    pub async fn run(self) {
+        let mut listener = None;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if listener.is_none() {
+                match sqlx::postgres::PgListener::connect_with(&self.db).await {
+                    Ok(mut l) => match l.listen("nimbus_outbox").await {
+                        Ok(()) => listener = Some(l),
+                        Err(e) => tracing::warn!(error = %e, "outbox relay: cannot listen; polling"),
+                    },
+                    Err(e) => tracing::warn!(error = %e, "outbox relay: cannot listen; polling"),
+                }
+            }
+            let wait = match self.pass().await {
+                Ok(n) if n as i64 >= BATCH => Duration::ZERO,
+                Ok(_) => {
+                    backoff = Duration::from_millis(100);
+                    IDLE
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "outbox relay pass failed");
+                    let b = backoff;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    b
+                }
+            };
+            if wait.is_zero() {
+                continue;
+            }
+            match &mut listener {
+                Some(l) => match tokio::time::timeout(wait, l.recv()).await {
+                    Ok(Ok(_)) | Err(_) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "outbox relay: notification listener lost");
+                        listener = None;
+                    }
+                },
+                None => tokio::time::sleep(wait.min(Duration::from_millis(200))).await,
+            }
+        }
+    }
+}
+
+/// The instance's interfaces, by device index.
+async fn instance_nics(conn: &mut sqlx::PgConnection, instance_id: &str) -> Result<Vec<Nic>> {
+    type NicRow = (String, i32, String, String, String, String, String, i32, Option<String>, Vec<String>);
+    let rows: Vec<NicRow> = sqlx::query_as(
+        "SELECT n.id, n.device_index, n.mac, host(n.private_ip), s.id, s.cidr::text, n.vpc_id, v.vni, host(p.public_ip), \
+                ARRAY(SELECT g.group_id FROM network_interface_groups g WHERE g.interface_id = n.id ORDER BY g.group_id) \
+         FROM network_interfaces n JOIN subnets s ON s.id = n.subnet_id JOIN vpcs v ON v.id = n.vpc_id \
+         LEFT JOIN public_addresses p ON p.network_interface_id = n.id \
+         WHERE n.instance_id = $1 ORDER BY n.device_index",
+    )
+    .bind(instance_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.into_iter()
+        .map(|(eni, idx, mac, ip, subnet_id, cidr, vpc_id, vni, public, groups)| {
+            let subnet = super::network::db_cidr(&cidr)?;
+            Ok(Nic {
+                eni_id: eni,
+                device_index: idx as u32,
+                mac,
+                private_ip: super::network::db_ip(&ip)?,
+                gateway: subnet.nth(1).ok_or_else(|| ServiceError::Internal(format!("subnet {subnet_id} has no first host address")))?,
+                subnet,
+                vpc_id,
+                vni: vni as u32,
+                public_ip: public.as_deref().map(super::network::db_ip).transpose()?,
+                group_ids: groups,
+            })
+        })
+        .collect()
+}
+
+impl Service {
+    /// This control plane's relay (through its own store node).
+    pub fn relay(&self) -> Relay {
+        Relay::new(self.db.clone(), self.config.region.clone(), Arc::new(self.store.client()))
+    }
+}

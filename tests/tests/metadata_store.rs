@@ -1,0 +1,400 @@
+//! Instance metadata in the state store (issue 11): the control plane's CA
+//! certifies each host's key at registration, the hosts' embedded store
+//! nodes and the control plane's form one ring by gossip over mutual TLS,
+//! and nothing without a certificate of that CA gets in.
+
+use nimbus_host_agent::HypervisorChoice;
+use nimbus_state_store::tls::dev::DevCa;
+use nimbus_state_store::{KvClient, TcpClient};
+use nimbus_control_plane::service::outbox::Published;
+use nimbus_proto::metadata::{document_key, newest_document, InstanceDocument};
+use nimbus_tests::{free_local_addr, instance_ids, xml_values, AgentHandle, Cloud, CloudOptions};
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(30);
+
+/// A test-driver agent running a store node on a free loopback port.
+async fn store_agent(cloud: &Cloud, name: &str) -> AgentHandle {
+    let addr = free_local_addr().expect("port");
+    cloud
+        .add_agent_configured(name, "az1", (4, 4096, 40), HypervisorChoice::Test, |c| c.store_listen = Some(addr))
+        .await
+        .expect("agent")
+}
+
+/// Waits until the control plane's node sees `n` live members.
+async fn ring_of(cloud: &Cloud, n: usize) {
+    let node = cloud.service.store.node.clone();
+    cloud
+        .wait_until(T, || {
+            let node = node.clone();
+            async move { Ok(node.membership().view().iter().filter(|m| m.alive).count() >= n) }
+        })
+        .await
+        .expect("ring formed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hosts_join_one_ring_over_tls_and_strangers_are_refused() {
+    let cloud = Cloud::start().await.unwrap();
+    let a = store_agent(&cloud, "a").await;
+    let b = store_agent(&cloud, "b").await;
+    ring_of(&cloud, 3).await;
+    // Every host's node holds a certificate of the CA naming its address:
+    // the control plane's identity reaches it, writes and reads back.
+    let (addr_a, addr_b) = (a.store_address().unwrap().to_string(), b.store_address().unwrap().to_string());
+    let trusted = TcpClient::with_tls(&addr_a, T, cloud.service.store.tls.clone());
+    trusted.put(b"probe/1", b"one".to_vec(), &Default::default()).await.expect("a certified client writes");
+    let via_b = TcpClient::with_tls(&addr_b, T, cloud.service.store.tls.clone());
+    assert_eq!(via_b.get(b"probe/1").await.expect("read").values, vec![b"one".to_vec()], "one ring: b reads what a took");
+    // A client with a certificate of another CA, or none, is refused.
+    let stranger = DevCa::new("stranger").unwrap().tls_config(&["127.0.0.1"]).unwrap();
+    let foreign = TcpClient::with_tls(&addr_a, Duration::from_secs(5), stranger.clone());
+    assert!(foreign.get(b"probe/1").await.is_err(), "a certificate of another CA is refused");
+    let plain = TcpClient::new(&addr_a, Duration::from_secs(5));
+    assert!(plain.get(b"probe/1").await.is_err(), "a plaintext client is refused");
+    // A node with a foreign certificate that seeds itself with the ring
+    // never becomes a member of it.
+    let dir = tempfile::tempdir().unwrap();
+    let rogue_addr = free_local_addr().unwrap().to_string();
+    let mut cfg = nimbus_state_store::Config::new(rogue_addr.clone(), dir.path());
+    cfg.seeds = vec![cloud.service.store.address.clone(), addr_a.clone()];
+    let rogue = nimbus_state_store::Node::start(cfg, std::sync::Arc::new(nimbus_state_store::TcpTransport::with_tls(stranger.clone())))
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind(&rogue_addr).await.unwrap();
+    let server = nimbus_state_store::tcp::serve_tls(rogue.clone(), listener, stranger);
+    let _ = rogue.join().await;
+    for _ in 0..3 {
+        rogue.gossip_round().await;
+        cloud.service.store.node.gossip_round().await;
+    }
+    let members: Vec<String> = cloud.service.store.node.membership().view().into_iter().map(|m| m.id).collect();
+    assert!(!members.contains(&rogue_addr), "the rogue node is not a member: {members:?}");
+    assert!(members.contains(&addr_a) && members.contains(&addr_b));
+    rogue.shutdown();
+    server.abort();
+}
+
+/// `POST /v1/agent/certificate` needs the host's credential and a P-256 key.
+#[tokio::test]
+async fn certificates_need_the_host_credential_and_a_good_key() {
+    let cloud = Cloud::start().await.unwrap();
+    let reg = json!({"name": "h1", "availability_zone": "az1", "hypervisor": "test", "vcpus": 4, "memory_mib": 4096, "disk_gib": 40});
+    let (status, cred) = cloud.call_as(Some(&cloud.join_token.clone()), Method::POST, "/v1/agent/register", Some(reg)).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let bearer = format!("{}.{}", cred["host_id"].as_str().unwrap(), cred["secret"].as_str().unwrap());
+    let key = rcgen::KeyPair::generate().unwrap();
+    use base64::Engine;
+    let public_key = base64::engine::general_purpose::STANDARD.encode(key.public_key_raw());
+    let body = json!({"public_key": public_key, "store_address": "127.0.0.1:7999"});
+    let (status, _) = cloud.call_as(None, Method::POST, "/v1/agent/certificate", Some(body.clone())).await.unwrap();
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = cloud.call_as(Some(&cloud.join_token.clone()), Method::POST, "/v1/agent/certificate", Some(body.clone())).await.unwrap();
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "the join token is not a host credential");
+    let (status, err) = cloud
+        .call_as(Some(&bearer), Method::POST, "/v1/agent/certificate", Some(json!({"public_key": "AAAA"})))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+    let (status, err) = cloud
+        .call_as(Some(&bearer), Method::POST, "/v1/agent/certificate", Some(json!({"public_key": public_key, "store_address": "x:1"})))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+    let (status, grant) = cloud.call_as(Some(&bearer), Method::POST, "/v1/agent/certificate", Some(body)).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{grant}");
+    assert_eq!(grant["store_seeds"][0], cloud.service.store.address.as_str());
+    let tls = nimbus_state_store::TlsConfig::from_pem(
+        grant["ca_pem"].as_str().unwrap().as_bytes(),
+        grant["certificate_pem"].as_str().unwrap().as_bytes(),
+        key.serialize_pem().as_bytes(),
+    )
+    .expect("the certificate matches the key and chains to the CA");
+    tls.check_node("127.0.0.1:7999").expect("names the store address");
+}
+
+/// The document of `id` as the store has it (quorum read through the
+/// control plane's node; siblings resolved by version).
+async fn stored(cloud: &Cloud, id: &str) -> (Option<InstanceDocument>, usize) {
+    let got = cloud.service.store.client().get(document_key(id).as_bytes()).await.expect("store read");
+    (newest_document(&got.values), got.values.len())
+}
+
+/// The outbox: each change commits with its outbox row; the relay's steps
+/// cut short (a crash) lose nothing and apply nothing twice; replayed,
+/// duplicated and reordered deliveries leave the newest version; a store
+/// that is down keeps the backlog, which drains once it is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_outbox_survives_relay_crashes_replays_and_a_store_outage() {
+    let cloud = Cloud::start_with(CloudOptions { outbox_relay: false, ..Default::default() }).await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    let mut a = store_agent(&cloud, "a").await;
+    let mut b = store_agent(&cloud, "b").await;
+    ring_of(&cloud, 3).await;
+    let r = cloud
+        .post("/v1/instances", json!({"instance_type": "t3.nano", "user_data": "aGVsbG8=", "tags": [{"key": "Name", "value": "one"}]}))
+        .await
+        .unwrap();
+    let id = instance_ids(&r)[0].clone();
+    // Running first: the agent's report is a change of its own.
+    cloud.wait_for_state(std::slice::from_ref(&id), "running", T).await.unwrap();
+    let relay = cloud.service.relay();
+    let backlog = relay.backlog().await.unwrap();
+    assert!(backlog >= 1, "the launch committed its outbox rows");
+    assert_eq!(stored(&cloud, &id).await.0, None, "nothing is published before the relay runs");
+
+    // Crash after the write, before the acknowledgement.
+    let pending = relay.pending().await.unwrap();
+    assert_eq!(pending.len(), 1);
+    let v1 = relay.render(&id).await.unwrap().expect("rendered");
+    assert_eq!(v1.tags, vec![("Name".to_string(), "one".to_string())]);
+    assert_eq!(v1.user_data.as_deref(), Some("aGVsbG8="));
+    assert_eq!(relay.publish(&v1).await.unwrap(), Published::Written);
+    assert_eq!(relay.backlog().await.unwrap(), backlog, "rows stay until acknowledged");
+    // A new relay (the restarted control plane) finds it published: only acknowledges.
+    let relay = cloud.service.relay();
+    assert_eq!(relay.pass().await.unwrap(), 1);
+    assert_eq!(relay.backlog().await.unwrap(), 0);
+    assert_eq!(stored(&cloud, &id).await, (Some(v1.clone()), 1));
+
+    // A change: a newer version. Crash after rendering, before writing.
+    cloud.post("/v1/tags", json!({"resource_ids": [id], "tags": [{"key": "Name", "value": "two"}]})).await.unwrap();
+    let v2 = relay.render(&id).await.unwrap().expect("rendered");
+    assert!(v2.version > v1.version, "{} > {}", v2.version, v1.version);
+    assert_eq!(v2.tags, vec![("Name".to_string(), "two".to_string())]);
+    // Reordered and duplicated deliveries: the newest stays.
+    assert_eq!(relay.publish(&v2).await.unwrap(), Published::Written);
+    assert_eq!(relay.publish(&v1).await.unwrap(), Published::AlreadyCurrent, "an older replay is ignored");
+    assert_eq!(relay.publish(&v2).await.unwrap(), Published::AlreadyCurrent, "a duplicate is ignored");
+    assert_eq!(stored(&cloud, &id).await, (Some(v2.clone()), 1));
+    // Concurrent writers (blind writes) leave siblings: readers resolve them
+    // by version, and the next publish writes the newest over all of them.
+    let client = cloud.service.store.client();
+    let key = document_key(&id);
+    client.put(key.as_bytes(), serde_json::to_vec(&v1).unwrap(), &Default::default()).await.unwrap();
+    let (newest, siblings) = stored(&cloud, &id).await;
+    assert_eq!((newest.map(|d| d.version), siblings), (Some(v2.version), 2));
+    assert_eq!(relay.publish(&v1).await.unwrap(), Published::Written);
+    assert_eq!(stored(&cloud, &id).await, (Some(v2.clone()), 1), "resolved to the newest");
+    assert_eq!(relay.pass().await.unwrap(), 1);
+    assert_eq!(relay.backlog().await.unwrap(), 0);
+
+    // The store goes down (both hosts' nodes: no write quorum): changes
+    // wait in the outbox, in order.
+    a.stop().await;
+    b.stop().await;
+    cloud.post("/v1/instances/stop", json!({"instance_ids": [id]})).await.unwrap();
+    cloud.post("/v1/tags", json!({"resource_ids": [id], "tags": [{"key": "Name", "value": "three"}]})).await.unwrap();
+    assert!(relay.pass().await.is_err(), "no quorum");
+    assert!(relay.pass().await.is_err(), "still none");
+    assert!(relay.backlog().await.unwrap() >= 2);
+    let local = cloud.service.store.node.storage().get(document_key(&id).as_bytes()).unwrap().map(|r| r.values()).unwrap_or_default();
+    assert_eq!(newest_document(&local).map(|d| d.version), Some(v2.version), "the control plane's replica holds v2 still");
+    // Back: the backlog drains, and the store shows the last change.
+    cloud.start_agent(&mut a).await.unwrap();
+    cloud.start_agent(&mut b).await.unwrap();
+    ring_of(&cloud, 3).await;
+    cloud
+        .wait_until(T, || {
+            let relay = relay.clone();
+            async move { Ok(relay.pass().await.is_ok() && relay.backlog().await? == 0) }
+        })
+        .await
+        .unwrap();
+    let v3 = stored(&cloud, &id).await.0.expect("published");
+    assert!(v3.version > v2.version);
+    assert_eq!(v3.tags, vec![("Name".to_string(), "three".to_string())]);
+    assert_eq!(v3.state, "stopping");
+}
+
+/// With the relay running, a change reaches the store on its own, promptly.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_relay_publishes_changes_on_its_own() {
+    let cloud = Cloud::start().await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    let _a = store_agent(&cloud, "a").await;
+    let _b = store_agent(&cloud, "b").await;
+    ring_of(&cloud, 3).await;
+    let id = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano"})).await.unwrap())[0].clone();
+    cloud
+        .wait_until(T, || async { Ok(stored(&cloud, &id).await.0.is_some_and(|d| d.state == "running")) })
+        .await
+        .expect("the running document is published");
+    cloud.post("/v1/tags", json!({"resource_ids": [id], "tags": [{"key": "k", "value": "v"}]})).await.unwrap();
+    cloud
+        .wait_until(T, || async { Ok(stored(&cloud, &id).await.0.is_some_and(|d| d.tags == vec![("k".into(), "v".into())])) })
+        .await
+        .expect("the tag is published");
+    assert_eq!(cloud.service.relay().backlog().await.unwrap(), 0);
+}
+
+fn ed25519_public_key(comment: &str) -> String {
+    use base64::Engine;
+    let mut blob = Vec::new();
+    for part in [b"ssh-ed25519".as_slice(), &[7u8; 32]] {
+        blob.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        blob.extend_from_slice(part);
+    }
+    format!("ssh-ed25519 {} {comment}", base64::engine::general_purpose::STANDARD.encode(blob))
+}
+
+/// One GET of a guest's metadata, as the guest makes it.
+async fn imds(agent: &AgentHandle, id: &str, path: &str) -> (u16, String) {
+    match nimbus_host_agent::metadata::request(&agent.metadata_socket(id), "GET", path, &[]).await {
+        Ok((status, body)) => (status, String::from_utf8_lossy(&body).into_owned()),
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+/// Waits until the guest's `path` answers `want`.
+async fn await_imds(cloud: &Cloud, agent: &AgentHandle, id: &str, path: &str, want: &str) {
+    let last = std::sync::Mutex::new(String::new());
+    let found = cloud
+        .wait_until(T, || async {
+            let (status, body) = imds(agent, id, path).await;
+            *last.lock().unwrap() = format!("{status} {body}");
+            Ok(status == 200 && body == want)
+        })
+        .await;
+    assert!(found.is_ok(), "{id} {path}: wanted {want:?}, last answer {:?}", last.lock().unwrap());
+}
+
+/// The metadata service answers from the host's replica of the store: the
+/// full identity document (region, pending time: what only the store's
+/// document has), each guest its own; changes reach guests in bounded
+/// time; with the control plane and its database down, and then one more
+/// store node down, guests still read identity, user-data and keys; after
+/// recovery, changes made before and after arrive, and a node that was
+/// down catches up.
+#[tokio::test(flavor = "multi_thread")]
+async fn metadata_is_served_from_the_store_through_an_outage() {
+    let mut cloud = Cloud::start().await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    let key = ed25519_public_key("me@example");
+    cloud.post("/v1/key-pairs/import", json!({"name": "k", "public_key": key})).await.unwrap();
+    let a = store_agent(&cloud, "a").await;
+    let mut b = store_agent(&cloud, "b").await;
+    ring_of(&cloud, 3).await;
+    // Spread: one instance on each host.
+    let r = cloud
+        .post("/v1/instances", json!({"instance_type": "t3.nano", "min_count": 2, "max_count": 2, "key_name": "k", "user_data": "aGVsbG8="}))
+        .await
+        .unwrap();
+    let ids = instance_ids(&r);
+    cloud.wait_for_state(&ids, "running", T).await.unwrap();
+    let mut on = std::collections::HashMap::new();
+    for id in &ids {
+        let host = cloud.host_of(id).await.unwrap();
+        on.insert(id.clone(), if a.host_id.as_deref() == Some(&host) { "a" } else { "b" });
+    }
+    let agent_of = |id: &str| if on[id] == "a" { &a } else { &b };
+    let (ia, ib) = (ids.iter().find(|i| on[*i] == "a").unwrap().clone(), ids.iter().find(|i| on[*i] == "b").unwrap().clone());
+    for id in &ids {
+        // The store's document reached the guest: the identity has its region.
+        let agent = agent_of(id);
+        cloud
+            .wait_until(T, || async {
+                let (status, body) = imds(agent, id, "/latest/dynamic/instance-identity/document").await;
+                let doc: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                Ok(status == 200 && doc["region"] == "nimbus-1" && doc["instanceId"] == id.as_str() && doc["pendingTime"].is_string())
+            })
+            .await
+            .expect("the store's identity document is served");
+        assert_eq!(imds(agent, id, "/latest/meta-data/instance-id").await, (200, id.clone()), "each guest sees itself only");
+    }
+    // Tags in metadata (set in the database: the same trigger path as the API's).
+    sqlx::query("UPDATE instances SET metadata_tags_enabled = true WHERE id = ANY($1)").bind(&ids).execute(cloud.db()).await.unwrap();
+    cloud.post("/v1/tags", json!({"resource_ids": ids, "tags": [{"key": "phase", "value": "before"}]})).await.unwrap();
+    for id in &ids {
+        await_imds(&cloud, agent_of(id), id, "/latest/meta-data/tags/instance/phase", "before").await;
+    }
+
+    // The control plane and PostgreSQL go down: every guest still reads
+    // its identity, user-data and keys.
+    cloud.outage().await.unwrap();
+    assert!(cloud.get("/v1/instances").await.is_err(), "the API is down");
+    for id in &ids {
+        let agent = agent_of(id);
+        assert_eq!(imds(agent, id, "/latest/meta-data/instance-id").await, (200, id.clone()));
+        assert_eq!(imds(agent, id, "/latest/user-data").await, (200, "hello".to_string()));
+        assert_eq!(imds(agent, id, "/latest/meta-data/public-keys/0/openssh-key").await, (200, key.clone()));
+        assert_eq!(imds(agent, id, "/latest/meta-data/tags/instance/phase").await, (200, "before".to_string()));
+    }
+    // One more store node down (host b's agent, and its node with it):
+    // host a's guest is still served, from a's replica.
+    b.stop().await;
+    assert_eq!(imds(&a, &ia, "/latest/meta-data/instance-id").await, (200, ia.clone()));
+    assert_eq!(imds(&a, &ia, "/latest/meta-data/public-keys/0/openssh-key").await, (200, key.clone()));
+
+    // Recovery: the control plane is back; a change made while b is still
+    // down reaches a's guest; b comes back and catches up with it.
+    cloud.recover().await.unwrap();
+    cloud.post("/v1/tags", json!({"resource_ids": ids, "tags": [{"key": "phase", "value": "after"}]})).await.unwrap();
+    await_imds(&cloud, &a, &ia, "/latest/meta-data/tags/instance/phase", "after").await;
+    cloud.start_agent(&mut b).await.unwrap();
+    await_imds(&cloud, &b, &ib, "/latest/meta-data/tags/instance/phase", "after").await;
+    assert_eq!(imds(&b, &ib, "/latest/meta-data/instance-id").await, (200, ib.clone()));
+    assert_eq!(cloud.service.relay().backlog().await.unwrap(), 0);
+}
+
+/// Console tails and status checks go from the host to the store, and
+/// GetConsoleOutput and DescribeInstanceStatus read them there.
+#[tokio::test(flavor = "multi_thread")]
+async fn console_output_and_status_checks_come_from_the_store() {
+    use nimbus_proto::metadata::{console_key, status_key, Check, StatusRecord};
+    let cloud = Cloud::start().await.unwrap();
+    let img = cloud.register_test_image().await.unwrap().image_id;
+    let a = store_agent(&cloud, "a").await;
+    let b = store_agent(&cloud, "b").await;
+    ring_of(&cloud, 3).await;
+    let alice = cloud.ec2_account("alice").await.unwrap();
+    let (status, xml) = cloud.ec2(&alice, &format!("Action=RunInstances&ImageId={img}&InstanceType=t3.nano&MinCount=1&MaxCount=1")).await.unwrap();
+    assert_eq!(status, 200, "{xml}");
+    let id = xml_values(&xml, "instanceId")[0].to_string();
+    cloud
+        .wait_until(T, || async {
+            let (_, xml) = cloud.ec2(&alice, &format!("Action=DescribeInstances&InstanceId.1={id}")).await?;
+            Ok(xml.contains("<name>running</name>"))
+        })
+        .await
+        .unwrap();
+    // The test driver runs no guest: write its console as a guest would.
+    let host = cloud.host_of(&id).await.unwrap();
+    let dir = if a.host_id.as_deref() == Some(&host) { a.state_dir.clone() } else { b.state_dir.clone() };
+    std::fs::write(dir.join("instances").join(&id).join("console.log"), b"NIMBUS-BOOT hello from the console\n").unwrap();
+    let client = cloud.service.store.client();
+    let ckey = console_key(&id);
+    cloud
+        .wait_until(T, || async { Ok(client.get(ckey.as_bytes()).await?.values.len() == 1) })
+        .await
+        .expect("the host wrote the console tail to the store");
+    // Only the store has it: the report no longer carried it.
+    let (pg,): (Option<Vec<u8>>,) = sqlx::query_as("SELECT console_output FROM instances WHERE id = $1").bind(&id).fetch_one(cloud.db()).await.unwrap();
+    assert_eq!(pg, None);
+    let (_, xml) = cloud.ec2(&alice, &format!("Action=GetConsoleOutput&InstanceId={id}")).await.unwrap();
+    use base64::Engine;
+    let text = base64::engine::general_purpose::STANDARD.decode(xml_values(&xml, "output").first().copied().unwrap_or_default()).unwrap_or_default();
+    assert_eq!(String::from_utf8_lossy(&text), "NIMBUS-BOOT hello from the console\n", "{xml}");
+    // Status checks: the host wrote both as passed (domain running, guest showed life).
+    let skey = status_key(&id);
+    cloud
+        .wait_until(T, || async {
+            let got = client.get(skey.as_bytes()).await?;
+            let rec: Option<StatusRecord> = got.values.first().and_then(|v| serde_json::from_slice(v).ok());
+            Ok(rec.is_some_and(|r| r.instance == Check::Passed && r.system == Check::Passed))
+        })
+        .await
+        .expect("status checks in the store");
+    let (_, xml) = cloud.ec2(&alice, "Action=DescribeInstanceStatus").await.unwrap();
+    assert!(xml.contains("<instanceStatus><status>ok</status>"), "{xml}");
+    // What the store says is what DescribeInstanceStatus shows: a failed check is impaired.
+    let bad = StatusRecord { instance_id: id.clone(), system: Check::Passed, instance: Check::Failed, at: chrono::Utc::now() };
+    let got = client.get(skey.as_bytes()).await.unwrap();
+    client.put(skey.as_bytes(), serde_json::to_vec(&bad).unwrap(), &got.context).await.unwrap();
+    let (_, xml) = cloud.ec2(&alice, "Action=DescribeInstanceStatus").await.unwrap();
+    assert!(xml.contains("<systemStatus><status>ok</status>"), "{xml}");
+    assert!(xml.contains("<instanceStatus><status>impaired</status><details><item><name>reachability</name><status>failed</status>"), "{xml}");
+}
