@@ -184,27 +184,7 @@ impl Service {
                 .fetch_optional(&mut *tx)
                 .await?;
         let host_id = match existing {
-            None => {
-                let id = ids::new_id(ids::HOST);
-                sqlx::query(
-                    "INSERT INTO hosts (id, name, availability_zone, hypervisor, credential_sha256, total_vcpus, \
-                         total_memory_mib, total_disk_gib, last_heartbeat, underlay_ip) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now(), $9::inet)",
-                )
-                .bind(&id)
-                .bind(&req.name)
-                .bind(&req.availability_zone)
-                .bind(&req.hypervisor)
-                .bind(secret_digest(&secret))
-                .bind(req.vcpus as i32)
-                .bind(req.memory_mib as i64)
-                .bind(req.disk_gib as i64)
-                .bind(&underlay)
-                .execute(&mut *tx)
-                .await
-                .map_err(conflict)?;
-                id
-            }
+            None => ids::new_id(ids::HOST),
             Some((id, stored)) => {
                 let proven = match (&stored, req.current_credential.as_deref().and_then(|c| c.split_once('.'))) {
                     // Reset by the operator: the name is free for its machine to take back.
@@ -236,26 +216,33 @@ impl Service {
                     hosts.insert(id.clone());
                     super::network::bump_hosts(&mut tx, &hosts).await?;
                 }
-                sqlx::query(
-                    "UPDATE hosts SET availability_zone = $2, hypervisor = $3, credential_sha256 = $4, total_vcpus = $5, \
-                         total_memory_mib = $6, total_disk_gib = $7, last_heartbeat = now(), generation = generation + 1, \
-                         underlay_ip = $8::inet \
-                     WHERE id = $1",
-                )
-                .bind(&id)
-                .bind(&req.availability_zone)
-                .bind(&req.hypervisor)
-                .bind(secret_digest(&secret))
-                .bind(req.vcpus as i32)
-                .bind(req.memory_mib as i64)
-                .bind(req.disk_gib as i64)
-                .bind(&underlay)
-                .execute(&mut *tx)
-                .await
-                .map_err(conflict)?;
                 id
             }
         };
+        // A new host, or the proven re-registration of one (a new secret,
+        // its capacity as it says now, its assignments sent in full again).
+        sqlx::query(
+            "INSERT INTO hosts (id, name, availability_zone, hypervisor, credential_sha256, total_vcpus, \
+                 total_memory_mib, total_disk_gib, last_heartbeat, underlay_ip) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now(), $9::inet) \
+             ON CONFLICT (id) DO UPDATE SET availability_zone = EXCLUDED.availability_zone, \
+                 hypervisor = EXCLUDED.hypervisor, credential_sha256 = EXCLUDED.credential_sha256, \
+                 total_vcpus = EXCLUDED.total_vcpus, total_memory_mib = EXCLUDED.total_memory_mib, \
+                 total_disk_gib = EXCLUDED.total_disk_gib, last_heartbeat = now(), \
+                 generation = hosts.generation + 1, underlay_ip = EXCLUDED.underlay_ip",
+        )
+        .bind(&host_id)
+        .bind(&req.name)
+        .bind(&req.availability_zone)
+        .bind(&req.hypervisor)
+        .bind(secret_digest(&secret))
+        .bind(req.vcpus as i32)
+        .bind(req.memory_mib as i64)
+        .bind(req.disk_gib as i64)
+        .bind(&underlay)
+        .execute(&mut *tx)
+        .await
+        .map_err(conflict)?;
         tx.commit().await.map_err(conflict)?;
         tracing::info!(%host_id, name = %req.name, zone = %req.availability_zone, hypervisor = %req.hypervisor,
             vcpus = req.vcpus, memory_mib = req.memory_mib, disk_gib = req.disk_gib, "host registered");
