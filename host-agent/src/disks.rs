@@ -158,6 +158,11 @@ impl GuestFiles {
         Ok(port)
     }
 
+    /// Drops the recorded SSH port (its guest could not start with it).
+    pub async fn forget_ssh_port(&self) {
+        let _ = tokio::fs::remove_file(self.ssh_port_file()).await;
+    }
+
     /// Removes every file of the guest. Idempotent.
     pub async fn remove(&self) -> Result<(), DiskError> {
         match tokio::fs::remove_dir_all(&self.dir).await {

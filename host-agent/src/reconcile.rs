@@ -519,7 +519,15 @@ impl Reconciler {
             qemu: self.qemu,
             nics: nics.iter().map(|n| GuestNic { mac: n.mac.clone(), link: crate::network::guest_link(&n.eni_id) }).collect(),
         };
-        self.start_guest(&domain::domain_name(&a.instance_id), nics, Some(domain::render(&spec)?)).await?;
+        if let Err(e) = self.start_guest(&domain::domain_name(&a.instance_id), nics, Some(domain::render(&spec)?)).await {
+            // The port picked may have been taken meanwhile: the next attempt
+            // picks another and defines the domain afresh.
+            if ssh_port.is_some() {
+                files.forget_ssh_port().await;
+                let _ = self.libvirt.destroy_owned(&self.host_id, &domain::domain_name(&a.instance_id)).await;
+            }
+            return Err(e);
+        }
         tracing::info!(instance_id = %a.instance_id, "guest started");
         let _ = self.events.send(AgentEvent::Started { instance_id: a.instance_id.clone(), at: Instant::now() });
         Ok(Outcome::Running { started: true })
