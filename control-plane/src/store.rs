@@ -80,10 +80,23 @@ impl Store {
         let own = ca.issue_own(&names)?;
         let tls = TlsConfig::from_pem(ca.cert_pem().as_bytes(), own.cert_pem.as_bytes(), own.key_pem.as_bytes())?;
         let mut cfg = nimbus_state_store::Config::new(address.clone(), &config.store_dir);
-        cfg.seeds = config.store_seeds.iter().filter(|s| **s != address).cloned().collect();
+        // Seeds: the configured ones and the hosts' nodes PostgreSQL knows
+        // (a restarted control plane rejoins the ring at once, instead of
+        // waiting for a host's gossip to find it).
+        let hosts: Vec<(String,)> = sqlx::query_as(
+            "SELECT store_address FROM hosts WHERE store_address IS NOT NULL ORDER BY last_heartbeat DESC NULLS LAST LIMIT 16",
+        )
+        .fetch_all(db)
+        .await?;
+        let mut seeds: Vec<String> = config.store_seeds.clone();
+        seeds.extend(hosts.into_iter().map(|(a,)| a));
+        seeds.retain(|s| *s != address);
+        seeds.sort();
+        seeds.dedup();
+        cfg.seeds = seeds;
         let node = Node::start(cfg, Arc::new(TcpTransport::with_tls(tls.clone()))).await?;
         let server = tcp::serve_tls(node.clone(), listener, tls.clone());
-        if !config.store_seeds.is_empty() {
+        if !node.config().seeds.is_empty() {
             let joining = node.clone();
             tokio::spawn(async move {
                 if let Err(e) = joining.join().await {
