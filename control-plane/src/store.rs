@@ -40,6 +40,9 @@ pub struct Store {
     /// The control plane's TLS identity (CA, own certificate and key): its
     /// node's, and its client side towards other nodes.
     pub tls: TlsConfig,
+    /// The control plane's own certificate and key (PEM): its store node's
+    /// and its TLS listener's (`api/tls.rs`).
+    own: crate::auth::ca::OwnCertificate,
     server: tokio::task::JoinHandle<()>,
     /// The outbox relay's task, once started ([`Store::start_relay`]).
     relay: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -76,7 +79,10 @@ impl Store {
         let local = listener.local_addr().map_err(|source| StoreSetupError::Listen { addr: config.store_listen, source })?;
         let address = local.to_string();
         let mut names = vec![local.ip().to_string()];
+        names.extend(config.agent_listen.map(|a| a.ip().to_string()));
         names.extend(config.tls_names.iter().cloned());
+        names.sort();
+        names.dedup();
         let own = ca.issue_own(&names)?;
         let tls = TlsConfig::from_pem(ca.cert_pem().as_bytes(), own.cert_pem.as_bytes(), own.key_pem.as_bytes())?;
         let mut cfg = nimbus_state_store::Config::new(address.clone(), &config.store_dir);
@@ -105,7 +111,12 @@ impl Store {
             });
         }
         tracing::info!(%address, "state store node started");
-        Ok(Store { ca, address, node, tls, server, relay: Default::default() })
+        Ok(Store { ca, address, node, tls, own, server, relay: Default::default() })
+    }
+
+    /// The control plane's certificate and key, PEM.
+    pub fn own_certificate(&self) -> (&str, &str) {
+        (&self.own.cert_pem, &self.own.key_pem)
     }
 
     /// A client of the ring through this node (quorum reads and writes).
