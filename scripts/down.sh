@@ -33,6 +33,7 @@ if [ -f "$RUN/tokens.env" ] && [ -x "$BIN/nimbus" ]; then
     fi
 fi
 stop agent
+stop store-host
 stop control-plane
 scripts/pg.sh stop
 scripts/netns.sh down

@@ -91,8 +91,18 @@ pub struct Config {
     /// e.g. other control planes' nodes. Hosts are told the rest at registration.
     #[arg(long, env = "NIMBUS_STORE_SEEDS", value_delimiter = ',')]
     pub store_seeds: Vec<String>,
+    /// The TLS listener (the whole API; agents' certificates checked on
+    /// the agent protocol): agents connect with `--control-plane
+    /// https://ADDR --control-plane-ca ca.pem`. With it, the plaintext
+    /// --listen refuses the agent protocol.
+    #[arg(long, env = "NIMBUS_AGENT_LISTEN")]
+    pub agent_listen: Option<SocketAddr>,
+    /// Local development only: with --agent-listen, still serve the agent
+    /// protocol on the plaintext --listen (credentials then travel unencrypted).
+    #[arg(long, env = "NIMBUS_INSECURE_AGENT_PLAINTEXT")]
+    pub insecure_agent_plaintext: bool,
     /// Names (DNS names or IP addresses) the control plane's certificate
-    /// carries besides the IP of --store-listen.
+    /// carries besides the IPs of --store-listen and --agent-listen.
     #[arg(long, env = "NIMBUS_TLS_NAMES", value_delimiter = ',')]
     pub tls_names: Vec<String>,
     /// Write the CA certificate (public; what agents trust with

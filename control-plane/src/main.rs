@@ -9,7 +9,20 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(listen = %listener.local_addr()?, placement = ?config.placement, "control plane starting");
+    let agents = match config.agent_listen {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
+        None => None,
+    };
     let service = build(config).await?;
+    if let Some(listener) = agents {
+        tracing::info!(listen = %listener.local_addr()?, "TLS listener for agents");
+        let tls = service.clone();
+        tokio::spawn(async move {
+            if let Err(e) = nimbus_control_plane::api::tls::serve(tls, listener, std::future::pending()).await {
+                tracing::error!(error = %e, "the TLS listener failed");
+            }
+        });
+    }
     serve(service, listener, async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut term) => {

@@ -40,6 +40,9 @@ pub struct Store {
     /// The control plane's TLS identity (CA, own certificate and key): its
     /// node's, and its client side towards other nodes.
     pub tls: TlsConfig,
+    /// The control plane's own certificate and key (PEM): its store node's
+    /// and its TLS listener's (`api/tls.rs`).
+    own: crate::auth::ca::OwnCertificate,
     server: tokio::task::JoinHandle<()>,
     /// The outbox relay's task, once started ([`Store::start_relay`]).
     relay: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -76,14 +79,30 @@ impl Store {
         let local = listener.local_addr().map_err(|source| StoreSetupError::Listen { addr: config.store_listen, source })?;
         let address = local.to_string();
         let mut names = vec![local.ip().to_string()];
+        names.extend(config.agent_listen.map(|a| a.ip().to_string()));
         names.extend(config.tls_names.iter().cloned());
+        names.sort();
+        names.dedup();
         let own = ca.issue_own(&names)?;
         let tls = TlsConfig::from_pem(ca.cert_pem().as_bytes(), own.cert_pem.as_bytes(), own.key_pem.as_bytes())?;
         let mut cfg = nimbus_state_store::Config::new(address.clone(), &config.store_dir);
-        cfg.seeds = config.store_seeds.iter().filter(|s| **s != address).cloned().collect();
+        // Seeds: the configured ones and the hosts' nodes PostgreSQL knows
+        // (a restarted control plane rejoins the ring at once, instead of
+        // waiting for a host's gossip to find it).
+        let hosts: Vec<(String,)> = sqlx::query_as(
+            "SELECT store_address FROM hosts WHERE store_address IS NOT NULL ORDER BY last_heartbeat DESC NULLS LAST LIMIT 16",
+        )
+        .fetch_all(db)
+        .await?;
+        let mut seeds: Vec<String> = config.store_seeds.clone();
+        seeds.extend(hosts.into_iter().map(|(a,)| a));
+        seeds.retain(|s| *s != address);
+        seeds.sort();
+        seeds.dedup();
+        cfg.seeds = seeds;
         let node = Node::start(cfg, Arc::new(TcpTransport::with_tls(tls.clone()))).await?;
         let server = tcp::serve_tls(node.clone(), listener, tls.clone());
-        if !config.store_seeds.is_empty() {
+        if !node.config().seeds.is_empty() {
             let joining = node.clone();
             tokio::spawn(async move {
                 if let Err(e) = joining.join().await {
@@ -92,7 +111,12 @@ impl Store {
             });
         }
         tracing::info!(%address, "state store node started");
-        Ok(Store { ca, address, node, tls, server, relay: Default::default() })
+        Ok(Store { ca, address, node, tls, own, server, relay: Default::default() })
+    }
+
+    /// The control plane's certificate and key, PEM.
+    pub fn own_certificate(&self) -> (&str, &str) {
+        (&self.own.cert_pem, &self.own.key_pem)
     }
 
     /// A client of the ring through this node (quorum reads and writes).

@@ -51,9 +51,15 @@ pub enum NetworkChoice {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "nimbus-agent", about = "Nimbus host agent: runs the guests the control plane places here")]
 pub struct AgentConfig {
-    /// Base URL of the control plane.
+    /// Base URL of the control plane: `https://` for its TLS listener
+    /// (mutual TLS once this host has its certificate), `http://` for local
+    /// development.
     #[arg(long, env = "NIMBUS_CONTROL_PLANE", default_value = "http://127.0.0.1:8787")]
     pub control_plane: String,
+    /// The control plane's CA certificate (PEM; `--ca-cert-out` of the
+    /// control plane), the only root trusted for an `https://` control plane.
+    #[arg(long, env = "NIMBUS_CONTROL_PLANE_CA")]
+    pub control_plane_ca: Option<PathBuf>,
     /// Join token, used to register (and re-register if the credential is lost).
     #[arg(long, env = "NIMBUS_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: String,
@@ -144,6 +150,22 @@ pub enum AgentError {
 /// How long an agent whose name is held by another credential waits between
 /// registration attempts (the operator's reset ends the wait).
 const REREGISTER_BACKOFF: Duration = Duration::from_secs(10);
+
+/// The HTTP client of the control plane: trusting only `--control-plane-ca`
+/// when given, presenting `identity` (this host's certificate and key,
+/// PEM) when given.
+async fn control_plane_client(config: &AgentConfig, identity: Option<&[u8]>) -> Result<reqwest::Client, AgentError> {
+    let mut b = reqwest::Client::builder();
+    if let Some(path) = &config.control_plane_ca {
+        let pem = tokio::fs::read(path).await.map_err(|source| AgentError::State { path: path.clone(), source })?;
+        let ca = reqwest::Certificate::from_pem(&pem).map_err(|e| AgentError::Config(format!("{}: {e}", path.display())))?;
+        b = b.add_root_certificate(ca).tls_built_in_root_certs(false);
+    }
+    if let Some(id) = identity {
+        b = b.identity(reqwest::Identity::from_pem(id).map_err(|e| AgentError::Config(format!("this host's certificate: {e}")))?);
+    }
+    b.build().map_err(|e| AgentError::Config(e.to_string()))
+}
 
 /// How often the metadata service looks for newer documents in the state store.
 const METADATA_REFRESH: Duration = Duration::from_millis(100);
@@ -241,7 +263,7 @@ impl Agent {
             })),
         };
         tracing::info!(vpc = network.is_some(), underlay = ?config.underlay_address, "guest networking");
-        let http = reqwest::Client::builder().build().map_err(|e| AgentError::Config(e.to_string()))?;
+        let http = control_plane_client(&config, None).await?;
         let (events, _) = broadcast::channel(4096);
         let (late_tx, late) = mpsc::unbounded_channel();
         let reconciler = Reconciler {
@@ -380,19 +402,43 @@ impl Agent {
         };
         self.reconciler.host_id = cred.host_id.clone();
         self.set_store_access(&cred);
-        if let Some(listen) = self.config.store_listen {
-            loop {
+        // A certificate from the control plane's CA: for the store node,
+        // and for mutual TLS with an https:// control plane.
+        let tls = self.config.control_plane.starts_with("https://");
+        if self.config.store_listen.is_some() || tls {
+            let store_address = self.config.store_listen.map(|a| a.to_string());
+            let certified = loop {
                 tokio::select! {
                     _ = &mut shutdown => return Ok(()),
-                    r = store::start(&self.cp, &cred, &self.config.state_dir, listen) => match r {
-                        Ok(s) => {
-                            self.reconciler.metadata.attach_store(s.node.clone());
-                            self.store = Some(std::sync::Arc::new(s));
-                            break;
-                        }
+                    r = store::certify(&self.cp, &cred, &self.config.state_dir, store_address.clone()) => match r {
+                        Ok(c) => break c,
                         Err(e) => {
-                            tracing::warn!(error = %e, "cannot start the state store node yet; retrying");
+                            tracing::warn!(error = %e, "cannot get this host's certificate yet; retrying");
                             tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                }
+            };
+            if tls {
+                let identity = format!("{}{}", certified.cert_pem, certified.key_pem);
+                let http = control_plane_client(&self.config, Some(identity.as_bytes())).await?;
+                self.cp = ControlPlane::new(&self.config.control_plane, http);
+                tracing::info!("mutual TLS with the control plane");
+            }
+            if let Some(listen) = self.config.store_listen {
+                loop {
+                    tokio::select! {
+                        _ = &mut shutdown => return Ok(()),
+                        r = store::start(&certified, &self.config.state_dir, listen) => match r {
+                            Ok(s) => {
+                                self.reconciler.metadata.attach_store(s.node.clone());
+                                self.store = Some(std::sync::Arc::new(s));
+                                break;
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot start the state store node yet; retrying");
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                            }
                         }
                     }
                 }

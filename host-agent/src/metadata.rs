@@ -864,6 +864,56 @@ mod tests {
         (status, String::from_utf8(body).unwrap())
     }
 
+    fn document(id: &str, version: u64, tag: &str) -> InstanceDocument {
+        InstanceDocument {
+            version,
+            instance_id: id.into(),
+            account_id: "000000000000".into(),
+            reservation_id: "r-0123456789abcdef0".into(),
+            ami_launch_index: 0,
+            image_id: "ami-0123456789abcdef0".into(),
+            instance_type: "t3.nano".into(),
+            region: "nimbus-1".into(),
+            availability_zone: "az1".into(),
+            architecture: "x86_64".into(),
+            launch_time: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default(),
+            state: "running".into(),
+            user_data: None,
+            public_keys: vec![],
+            tags: vec![("Name".into(), tag.into())],
+            options: nimbus_proto::agent::MetadataOptions { tags_enabled: true, ..Default::default() },
+            nics: vec![],
+        }
+    }
+
+    /// The store's document replaces the assignment's copy of its version
+    /// or older, never a newer one; an assignment never replaces the
+    /// store's copy of its own version; nothing is served to an instance
+    /// this host does not serve.
+    #[tokio::test]
+    async fn store_documents_replace_only_older_copies() {
+        let f = Fixture::new();
+        let id = "i-000000000000000aa";
+        let mut m = meta(id);
+        m.version = 2;
+        let socket = f.serve(&m, None).await;
+        assert_eq!(get(&socket, "/latest/meta-data/tags/instance/Name").await.0, 404);
+        f.servers.install(Content::from_document(document(id, 1, "old")), false);
+        assert_eq!(f.servers.served_version(id), Some((2, false)), "an older document is ignored");
+        f.servers.install(Content::from_document(document(id, 2, "two")), false);
+        assert_eq!(f.servers.served_version(id), Some((2, true)), "the store's copy wins a tie");
+        assert_eq!(get(&socket, "/latest/meta-data/tags/instance/Name").await, (200, "two".to_string()));
+        let identity = get(&socket, "/latest/dynamic/instance-identity/document").await.1;
+        assert!(identity.contains("\"region\":\"nimbus-1\""), "{identity}");
+        f.servers.publish(&m, None, &[]);
+        assert_eq!(f.servers.served_version(id), Some((2, true)), "the assignment of that version does not replace it");
+        m.version = 3;
+        f.servers.publish(&m, None, &[]);
+        assert_eq!(f.servers.served_version(id), Some((3, false)), "a newer assignment does");
+        f.servers.install(Content::from_document(document("i-000000000000000bb", 9, "x")), false);
+        assert_eq!(f.servers.served_version("i-000000000000000bb"), None, "not served here: not installed");
+    }
+
     #[tokio::test]
     async fn each_guest_sees_only_its_own_metadata() {
         let f = Fixture::new();

@@ -92,22 +92,30 @@ async fn host_key(dir: &Path) -> Result<rcgen::KeyPair, HostStoreError> {
     }
 }
 
-/// Starts the host's node listening on `listen` (its id; the IP is named by
-/// its certificate, so it must be an address the other nodes reach).
-pub async fn start(
+/// This host's key and certificate (PEM), the CA, the ring's seeds.
+pub struct Certified {
+    pub key_pem: String,
+    pub cert_pem: String,
+    pub ca_pem: String,
+    pub seeds: Vec<String>,
+}
+
+/// Has the control plane's CA certify this host's key (made on first use),
+/// naming `store_address` if the host runs a store node; with the control
+/// plane unreachable, the certificate saved last time.
+pub async fn certify(
     cp: &ControlPlane,
     cred: &HostCredential,
     state_dir: &Path,
-    listen: SocketAddr,
-) -> Result<HostStore, HostStoreError> {
+    store_address: Option<String>,
+) -> Result<Certified, HostStoreError> {
     use base64::Engine;
     let dir = state_dir.join("tls");
     tokio::fs::create_dir_all(&dir).await.map_err(io(&dir))?;
     let key = host_key(&dir).await?;
-    let address = listen.to_string();
     let req = CertificateRequest {
         public_key: base64::engine::general_purpose::STANDARD.encode(key.public_key_raw()),
-        store_address: Some(address.clone()),
+        store_address,
     };
     let (cert_path, ca_path, seeds_path) = (dir.join("cert.pem"), dir.join("ca.pem"), dir.join("seeds.json"));
     let seeds: Vec<String> = match cp.certificate(cred, &req).await {
@@ -126,9 +134,17 @@ pub async fn start(
         }
         Err(e) => return Err(HostStoreError::NoCertificate(e.to_string())),
     };
-    let cert = tokio::fs::read(&cert_path).await.map_err(io(&cert_path))?;
-    let ca = tokio::fs::read(&ca_path).await.map_err(io(&ca_path))?;
-    let tls = TlsConfig::from_pem(&ca, &cert, key.serialize_pem().as_bytes())?;
+    let cert_pem = tokio::fs::read_to_string(&cert_path).await.map_err(io(&cert_path))?;
+    let ca_pem = tokio::fs::read_to_string(&ca_path).await.map_err(io(&ca_path))?;
+    Ok(Certified { key_pem: key.serialize_pem(), cert_pem, ca_pem, seeds })
+}
+
+/// Starts the host's node listening on `listen` (its id; the IP is named by
+/// its certificate, so it must be an address the other nodes reach).
+pub async fn start(certified: &Certified, state_dir: &Path, listen: SocketAddr) -> Result<HostStore, HostStoreError> {
+    let address = listen.to_string();
+    let tls = TlsConfig::from_pem(certified.ca_pem.as_bytes(), certified.cert_pem.as_bytes(), certified.key_pem.as_bytes())?;
+    let seeds = certified.seeds.clone();
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(io(Path::new(&address)))?;
     let mut cfg = nimbus_state_store::Config::new(address.clone(), state_dir.join("store"));
     cfg.seeds = seeds.into_iter().filter(|s| *s != address).collect();

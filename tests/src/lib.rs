@@ -215,6 +215,9 @@ pub struct CloudOptions {
     pub max_elastic_ips: u32,
     /// Run the control plane's outbox relay (tests of the relay drive it by hand).
     pub outbox_relay: bool,
+    /// Serve the agent protocol on a TLS listener only (mutual TLS);
+    /// agents connect there.
+    pub agent_tls: bool,
 }
 
 impl Default for CloudOptions {
@@ -229,6 +232,7 @@ impl Default for CloudOptions {
             public_pool: None,
             max_elastic_ips: 5,
             outbox_relay: true,
+            agent_tls: false,
         }
     }
 }
@@ -247,6 +251,10 @@ pub struct Cloud {
     shutdown: Option<oneshot::Sender<()>>,
     /// The API server's task (awaited when the control plane is stopped).
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// The TLS listener's task, with [`CloudOptions::agent_tls`].
+    tls_server: Option<tokio::task::JoinHandle<()>>,
+    /// The control plane's CA certificate (what agents trust).
+    pub ca_file: PathBuf,
     /// The control plane's configuration (a restart reuses it: same port,
     /// same store node id and directory).
     config: Config,
@@ -403,10 +411,22 @@ impl Cloud {
             tls_names: Vec::new(),
             ca_cert_out: None,
             outbox_relay: opts.outbox_relay,
+            agent_listen: None,
+            insecure_agent_plaintext: false,
         };
         let (admin_token, join_token) = (config.admin_token.clone(), config.join_token.clone());
         let mut config = config;
+        let tls_listener = match opts.agent_tls {
+            true => Some(tokio::net::TcpListener::bind("127.0.0.1:0").await?),
+            false => None,
+        };
+        if let Some(l) = &tls_listener {
+            config.agent_listen = Some(l.local_addr()?);
+        }
         let service = nimbus_control_plane::build(config.clone()).await?;
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, service.store.ca.cert_pem())?;
+        let tls_server = tls_listener.map(|l| spawn_tls(service.clone(), l));
         // A restart keeps the store node's address (its id in the ring).
         config.store_listen = service.store.address.parse()?;
         let (tx, rx) = oneshot::channel::<()>();
@@ -431,6 +451,8 @@ impl Cloud {
             dir,
             shutdown: Some(tx),
             server: Some(server),
+            tls_server,
+            ca_file,
             config,
             _test_conn: Some(Arc::new(test_conn)),
             _database: database,
@@ -541,7 +563,8 @@ impl Cloud {
     ) -> anyhow::Result<AgentHandle> {
         let state_dir = self.dir.path().join(name);
         let config = AgentConfig {
-            control_plane: self.url.clone(),
+            control_plane: self.agent_url(),
+            control_plane_ca: self.config.agent_listen.map(|_| self.ca_file.clone()),
             join_token: self.join_token.clone(),
             name: format!("{name}-{}", &random_suffix()[..8]),
             availability_zone: zone.to_string(),
@@ -805,6 +828,9 @@ impl Cloud {
         if let Some(server) = self.server.take() {
             tokio::time::timeout(Duration::from_secs(30), server).await.context("the API server did not stop")???;
         }
+        if let Some(t) = self.tls_server.take() {
+            t.abort();
+        }
         self.service.store.stop();
         self.service.db.close().await;
         self._database.allow_connections(false).await
@@ -822,12 +848,34 @@ impl Cloud {
         self.config.store_dir = self.dir.path().join(format!("cp-store-{n}"));
         let listener = tokio::net::TcpListener::bind(self.config.listen).await?;
         self.service = nimbus_control_plane::build(self.config.clone()).await.context("restart the control plane")?;
+        if let Some(addr) = self.config.agent_listen {
+            self.tls_server = Some(spawn_tls(self.service.clone(), tokio::net::TcpListener::bind(addr).await?));
+        }
         let (tx, rx) = oneshot::channel::<()>();
         self.server = Some(tokio::spawn(nimbus_control_plane::serve(self.service.clone(), listener, async move {
             let _ = rx.await;
         })));
         self.shutdown = Some(tx);
         Ok(())
+    }
+}
+
+/// Serves the control plane's TLS listener until aborted.
+fn spawn_tls(service: Service, listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(e) = nimbus_control_plane::api::tls::serve(service, listener, std::future::pending()).await {
+            tracing::error!(error = %e, "TLS listener failed");
+        }
+    })
+}
+
+impl Cloud {
+    /// The URL agents use: the TLS listener's with [`CloudOptions::agent_tls`].
+    pub fn agent_url(&self) -> String {
+        match self.config.agent_listen {
+            Some(a) => format!("https://{a}"),
+            None => self.url.clone(),
+        }
     }
 }
 
@@ -851,6 +899,9 @@ impl Drop for Cloud {
     fn drop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
+        }
+        if let Some(t) = self.tls_server.take() {
+            t.abort();
         }
         // Closing the pool also ends the control plane's notification listener.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {

@@ -305,8 +305,11 @@ async fn metadata_is_served_from_the_store_through_an_outage() {
             .expect("the store's identity document is served");
         assert_eq!(imds(agent, id, "/latest/meta-data/instance-id").await, (200, id.clone()), "each guest sees itself only");
     }
-    // Tags in metadata (set in the database: the same trigger path as the API's).
-    sqlx::query("UPDATE instances SET metadata_tags_enabled = true WHERE id = ANY($1)").bind(&ids).execute(cloud.db()).await.unwrap();
+    // Tags in metadata (ModifyInstanceMetadataOptions, REST form).
+    for id in &ids {
+        let r = cloud.post(&format!("/v1/instances/{id}/metadata-options"), json!({"instance_metadata_tags": "enabled"})).await.unwrap();
+        assert_eq!(r["instance_metadata_options"]["instance_metadata_tags"], "enabled");
+    }
     cloud.post("/v1/tags", json!({"resource_ids": ids, "tags": [{"key": "phase", "value": "before"}]})).await.unwrap();
     for id in &ids {
         await_imds(&cloud, agent_of(id), id, "/latest/meta-data/tags/instance/phase", "before").await;
@@ -397,4 +400,88 @@ async fn console_output_and_status_checks_come_from_the_store() {
     let (_, xml) = cloud.ec2(&alice, "Action=DescribeInstanceStatus").await.unwrap();
     assert!(xml.contains("<systemStatus><status>ok</status>"), "{xml}");
     assert!(xml.contains("<instanceStatus><status>impaired</status><details><item><name>reachability</name><status>failed</status>"), "{xml}");
+}
+
+/// MetadataOptions at launch and ModifyInstanceMetadataOptions through the
+/// EC2 front door: shown by DescribeInstances, enforced by the metadata
+/// service within a bounded time of the call; bad values refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn metadata_options_at_launch_and_modified() {
+    let cloud = Cloud::start().await.unwrap();
+    let img = cloud.register_test_image().await.unwrap().image_id;
+    let a = store_agent(&cloud, "a").await;
+    let b = store_agent(&cloud, "b").await;
+    ring_of(&cloud, 3).await;
+    let alice = cloud.ec2_account("alice").await.unwrap();
+    let (status, xml) = cloud
+        .ec2(&alice, &format!("Action=RunInstances&ImageId={img}&InstanceType=t3.nano&MinCount=1&MaxCount=1&MetadataOptions.HttpTokens=sometimes"))
+        .await
+        .unwrap();
+    assert_eq!((status, nimbus_tests::xml_error_code(&xml)), (400, "InvalidParameterValue"), "{xml}");
+    let (status, xml) = cloud
+        .ec2(
+            &alice,
+            &format!(
+                "Action=RunInstances&ImageId={img}&InstanceType=t3.nano&MinCount=1&MaxCount=1&MetadataOptions.HttpTokens=required\
+                 &MetadataOptions.InstanceMetadataTags=enabled&TagSpecification.1.ResourceType=instance&TagSpecification.1.Tag.1.Key=Name\
+                 &TagSpecification.1.Tag.1.Value=web"
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{xml}");
+    let id = xml_values(&xml, "instanceId")[0].to_string();
+    assert_eq!(xml_values(&xml, "httpTokens"), vec!["required"]);
+    assert_eq!(xml_values(&xml, "instanceMetadataTags"), vec!["enabled"]);
+    cloud
+        .wait_until(T, || async {
+            let (_, xml) = cloud.ec2(&alice, &format!("Action=DescribeInstances&InstanceId.1={id}")).await?;
+            Ok(xml.contains("<name>running</name>"))
+        })
+        .await
+        .unwrap();
+    let host = cloud.host_of(&id).await.unwrap();
+    let agent = if a.host_id.as_deref() == Some(&host) { &a } else { &b };
+    let socket = agent.metadata_socket(&id);
+    // Tokens required: a GET without one is refused; with one, tags are served.
+    cloud
+        .wait_until(T, || async {
+            let (status, _) = nimbus_host_agent::metadata::request(&socket, "GET", "/latest/meta-data/instance-id", &[]).await?;
+            Ok(status == 401)
+        })
+        .await
+        .expect("tokens required");
+    let (status, token) =
+        nimbus_host_agent::metadata::request(&socket, "PUT", "/latest/api/token", &[("X-aws-ec2-metadata-token-ttl-seconds", "60")]).await.unwrap();
+    assert_eq!(status, 200);
+    let token = String::from_utf8(token).unwrap();
+    let with_token = [("X-aws-ec2-metadata-token", token.as_str())];
+    cloud
+        .wait_until(T, || async {
+            let (status, body) = nimbus_host_agent::metadata::request(&socket, "GET", "/latest/meta-data/tags/instance/Name", &with_token).await?;
+            Ok(status == 200 && body == b"web")
+        })
+        .await
+        .expect("tags served");
+    // Modify: endpoint off. The change reaches the service.
+    let (status, xml) = cloud.ec2(&alice, &format!("Action=ModifyInstanceMetadataOptions&InstanceId={id}&HttpEndpoint=disabled")).await.unwrap();
+    assert_eq!(status, 200, "{xml}");
+    assert_eq!(xml_values(&xml, "httpEndpoint"), vec!["disabled"]);
+    assert_eq!(xml_values(&xml, "state"), vec!["pending"]);
+    let started = std::time::Instant::now();
+    cloud
+        .wait_until(T, || async {
+            let (status, _) = nimbus_host_agent::metadata::request(&socket, "GET", "/latest/meta-data/instance-id", &with_token).await?;
+            Ok(status == 403)
+        })
+        .await
+        .expect("endpoint disabled");
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    let (_, xml) = cloud.ec2(&alice, &format!("Action=DescribeInstances&InstanceId.1={id}")).await.unwrap();
+    assert_eq!(xml_values(&xml, "httpEndpoint"), vec!["disabled"]);
+    assert_eq!(xml_values(&xml, "httpTokens"), vec!["required"], "what was not named stays");
+    let (status, xml) = cloud.ec2(&alice, &format!("Action=ModifyInstanceMetadataOptions&InstanceId={id}&HttpPutResponseHopLimit=65")).await.unwrap();
+    assert_eq!((status, nimbus_tests::xml_error_code(&xml)), (400, "InvalidParameterValue"), "{xml}");
+    let (status, xml) = cloud.ec2(&alice, "Action=ModifyInstanceMetadataOptions&InstanceId=i-0123456789abcdef0&HttpEndpoint=enabled").await.unwrap();
+    assert_eq!((status, nimbus_tests::xml_error_code(&xml)), (400, "InvalidInstanceID.NotFound"), "{xml}");
 }

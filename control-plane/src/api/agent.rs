@@ -20,14 +20,50 @@ const MAX_REGISTER_BODY: usize = 16 * 1024;
 /// like [`HostAuth`], run before the body is read).
 const MAX_REPORT_BODY: usize = 64 * 1024 * 1024;
 
-/// A host authenticated by its own credential.
+/// The channel a request came through: `Some(client certificate digest)`
+/// from the TLS listener, `None` from the plaintext one, which takes the
+/// agent protocol only without `--agent-listen` or with
+/// `--insecure-agent-plaintext`.
+fn channel(parts: &Parts, service: &Service) -> Result<Option<super::tls::ClientCertificate>> {
+    match parts.extensions.get::<super::tls::ClientCertificate>() {
+        Some(c) => Ok(Some(*c)),
+        None if service.config.agent_listen.is_none() || service.config.insecure_agent_plaintext => Ok(None),
+        None => Err(ServiceError::AuthFailure("the agent protocol is served over TLS only (--agent-listen)".into())),
+    }
+}
+
+/// A host authenticated by its own credential (on the TLS listener, with
+/// or without a certificate: the certificate route is how it gets one).
 pub struct HostAuth(pub String);
 
 impl FromRequestParts<Service> for HostAuth {
     type Rejection = ServiceError;
     async fn from_request_parts(parts: &mut Parts, service: &Service) -> Result<Self> {
+        channel(parts, service)?;
         let token = super::bearer(&parts.headers).ok_or_else(|| ServiceError::AuthFailure("missing host credential".into()))?;
         service.authenticate_host(token).await.map(HostAuth)
+    }
+}
+
+/// A host authenticated by its credential and, on the TLS listener, by the
+/// certificate it was issued (mutual TLS): a stolen credential alone does
+/// not fetch a host's assignments or report for it.
+pub struct CertifiedHost(pub String);
+
+impl FromRequestParts<Service> for CertifiedHost {
+    type Rejection = ServiceError;
+    async fn from_request_parts(parts: &mut Parts, service: &Service) -> Result<Self> {
+        let via = channel(parts, service)?;
+        let token = super::bearer(&parts.headers).ok_or_else(|| ServiceError::AuthFailure("missing host credential".into()))?;
+        let host = service.authenticate_host(token).await?;
+        if let Some(super::tls::ClientCertificate(presented)) = via {
+            let issued = service.host_certificate_digest(&host).await?;
+            match (presented, issued) {
+                (Some(p), Some(i)) if bool::from(subtle::ConstantTimeEq::ct_eq(p.as_slice(), i.as_slice())) => {}
+                _ => return Err(ServiceError::AuthFailure("this host's certificate is required (POST /v1/agent/certificate)".into())),
+            }
+        }
+        Ok(CertifiedHost(host))
     }
 }
 
@@ -37,6 +73,7 @@ pub struct JoinToken;
 impl FromRequestParts<Service> for JoinToken {
     type Rejection = ServiceError;
     async fn from_request_parts(parts: &mut Parts, service: &Service) -> Result<Self> {
+        channel(parts, service)?;
         if has_token(&parts.headers, &service.config.join_token) {
             Ok(JoinToken)
         } else {
@@ -115,11 +152,11 @@ struct AssignmentsQuery {
     wait_ms: u64,
 }
 
-async fn assignments(State(s): State<Service>, HostAuth(host): HostAuth, ApiQuery(q): ApiQuery<AssignmentsQuery>) -> Result<Json<Assignments>> {
+async fn assignments(State(s): State<Service>, CertifiedHost(host): CertifiedHost, ApiQuery(q): ApiQuery<AssignmentsQuery>) -> Result<Json<Assignments>> {
     Ok(Json(s.assignments(&host, q.after, Duration::from_millis(q.wait_ms)).await?))
 }
 
-async fn report(State(s): State<Service>, HostAuth(host): HostAuth, ApiJson(r): ApiJson<Report>) -> Result<Json<serde_json::Value>> {
+async fn report(State(s): State<Service>, CertifiedHost(host): CertifiedHost, ApiJson(r): ApiJson<Report>) -> Result<Json<serde_json::Value>> {
     s.report(&host, &r).await?;
     Ok(Json(serde_json::json!({})))
 }

@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod ec2;
 pub mod rest;
+pub mod tls;
 
 use crate::error::ServiceError;
 use crate::service::Service;

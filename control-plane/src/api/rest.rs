@@ -90,6 +90,7 @@ pub fn routes() -> Router<Service> {
         .route("/v1/account", get(describe_account))
         .route("/v1/admin/accounts/{id}/limits", axum::routing::put(set_account_limits))
         .route("/v1/instances/{id}/attributes", post(modify_instance))
+        .route("/v1/instances/{id}/metadata-options", post(modify_metadata_options))
         .route("/v1/vpcs", get(describe_vpcs).post(create_vpc))
         .route("/v1/vpcs/{id}", axum::routing::delete(delete_vpc))
         .route("/v1/subnets", get(describe_subnets).post(create_subnet))
@@ -221,6 +222,16 @@ async fn reboot_instances(
 ) -> Result<Json<serde_json::Value>> {
     s.reboot_instances(&c, &req.instance_ids).await?;
     Ok(Json(serde_json::json!({})))
+}
+
+/// ModifyInstanceMetadataOptions (see `service/metadata_options.rs`).
+async fn modify_metadata_options(
+    State(s): State<Service>,
+    Tenant(c): Tenant,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<nimbus_proto::api::MetadataOptionsRequest>,
+) -> Result<Json<nimbus_proto::api::ModifyMetadataOptionsResult>> {
+    Ok(Json(s.modify_instance_metadata_options(&c, &id, &req).await?))
 }
 
 async fn console_output(State(s): State<Service>, Tenant(c): Tenant, Path(id): Path<String>) -> Result<Json<serde_json::Value>> {

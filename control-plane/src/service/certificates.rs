@@ -23,6 +23,13 @@ impl From<CaError> for ServiceError {
 }
 
 impl Service {
+    /// The SHA-256 of the certificate `host_id` was last issued.
+    pub async fn host_certificate_digest(&self, host_id: &str) -> Result<Option<Vec<u8>>> {
+        let row: Option<(Option<Vec<u8>>,)> =
+            sqlx::query_as("SELECT tls_cert_sha256 FROM hosts WHERE id = $1").bind(host_id).fetch_optional(&self.db).await?;
+        Ok(row.and_then(|(d,)| d))
+    }
+
     /// Certifies `host_id`'s public key (and its store node's address),
     /// records the certificate's digest and the node's address, and
     /// answers the certificate, the CA and the ring's seeds.

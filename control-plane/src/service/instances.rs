@@ -35,10 +35,13 @@ pub(crate) struct InstanceRow {
     pub launch_time: chrono::DateTime<chrono::Utc>,
     pub key_name: Option<String>,
     pub ssh_endpoint: Option<String>,
+    #[sqlx(flatten)]
+    pub metadata: super::metadata_options::Options,
 }
 
 const INSTANCE_COLUMNS: &str = "id, seq, reservation_id, ami_launch_index, image_id, instance_type, \
-     availability_zone, state, state_reason, launch_time, key_name, ssh_endpoint";
+     availability_zone, state, state_reason, launch_time, key_name, ssh_endpoint, \
+     metadata_tokens_required, metadata_endpoint_enabled, metadata_tags_enabled, metadata_hop_limit";
 
 pub(crate) fn parse_state(s: &str) -> Result<InstanceState> {
     s.parse().map_err(|e| ServiceError::Internal(format!("bad state in database: {e}")))
@@ -47,7 +50,7 @@ pub(crate) fn parse_state(s: &str) -> Result<InstanceState> {
 impl InstanceRow {
     fn into_api(self) -> Result<Instance> {
         Ok(Instance {
-            metadata_options: None,
+            metadata_options: Some(self.metadata.to_api("applied")),
             state: parse_state(&self.state)?.into(),
             instance_id: self.id,
             reservation_id: self.reservation_id,
@@ -117,6 +120,7 @@ struct LaunchSpec {
     tags: Vec<(String, String)>,
     /// The network part of the request as given (for the digest).
     network_key: String,
+    metadata: super::metadata_options::Options,
 }
 
 impl LaunchSpec {
@@ -134,6 +138,7 @@ impl LaunchSpec {
         }
         h.update(self.min.to_be_bytes());
         h.update(self.max.to_be_bytes());
+        h.update(self.metadata.key());
         let key = self.key_name.as_deref().unwrap_or("");
         h.update((key.len() as u64).to_be_bytes());
         h.update(key.as_bytes());
@@ -280,6 +285,10 @@ impl Service {
             public_key,
             tags,
             network_key: super::network::request_key(&req),
+            metadata: match &req.metadata_options {
+                Some(o) => super::metadata_options::Options::default().apply(o)?,
+                None => Default::default(),
+            },
         };
         let digest = spec.digest();
         for attempt in 1..=MAX_PLACEMENT_ATTEMPTS {
@@ -395,8 +404,8 @@ impl Service {
         sqlx::query(
             "INSERT INTO instances (id, account_id, reservation_id, ami_launch_index, image_id, instance_type, \
                  vcpus, memory_mib, disk_gib, availability_zone, host_id, state, desired_state, user_data, changed_generation, \
-                 key_name, public_key) \
-             SELECT id, $2, $3, idx, $4, $5, $6, $7, $8, zone, host, 'pending', 'running', $9, gen, $14, $15 \
+                 key_name, public_key, metadata_tokens_required, metadata_endpoint_enabled, metadata_tags_enabled, metadata_hop_limit) \
+             SELECT id, $2, $3, idx, $4, $5, $6, $7, $8, zone, host, 'pending', 'running', $9, gen, $14, $15, $16, $17, $18, $19 \
              FROM unnest($1::text[], $10::int[], $11::text[], $12::text[], $13::bigint[]) AS t(id, idx, zone, host, gen)",
         )
         .bind(&ids)
@@ -414,6 +423,10 @@ impl Service {
         .bind(&changed)
         .bind(&spec.key_name)
         .bind(&spec.public_key)
+        .bind(spec.metadata.metadata_tokens_required)
+        .bind(spec.metadata.metadata_endpoint_enabled)
+        .bind(spec.metadata.metadata_tags_enabled)
+        .bind(spec.metadata.metadata_hop_limit)
         .execute(&mut *tx)
         .await?;
         let placed: Vec<super::network::Placed> =
@@ -921,6 +934,7 @@ mod tests {
             user_data: ud,
             key_name: None,
             public_key: None,
+            metadata: Default::default(),
             tags: Vec::new(),
             network_key: String::new(),
         };

@@ -12,6 +12,7 @@ pub mod hosts;
 pub mod images;
 pub mod instances;
 pub mod keypairs;
+pub mod metadata_options;
 pub mod network;
 pub mod observed;
 pub mod outbox;

@@ -124,6 +124,7 @@ async fn boot(runs: usize, image_dir: &Path) -> anyhow::Result<()> {
         let xml = xml.lines().filter(|l| !l.contains("<uuid>")).collect::<Vec<_>>().join("\n");
         let base = agent.state_dir.join("images").join(&image.root_disk.as_ref().context("root disk")?.sha256);
         let meta = InstanceMetadata {
+            version: 0,
             instance_id: id.clone(),
             reservation_id: String::new(),
             instance_type: "t3.nano".into(),

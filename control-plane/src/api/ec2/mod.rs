@@ -123,6 +123,19 @@ async fn serve(s: &Service, req: Request) -> Result<String, ServiceError> {
             s.reboot_instances(&caller, &ids).await?;
             reply!("RebootInstancesResponse", xml::Return { value: true })
         }
+        "ModifyInstanceMetadataOptions" => {
+            let id = params.required("InstanceId")?.to_string();
+            let req = metadata_options(&params, "")?.unwrap_or_default();
+            if dry_run {
+                s.describe_instances(&caller, InstanceFilter { instance_ids: vec![id], ..Default::default() }).await?;
+                return Err(ServiceError::DryRunOperation);
+            }
+            let r = s.modify_instance_metadata_options(&caller, &id, &req).await?;
+            reply!(
+                "ModifyInstanceMetadataOptionsResponse",
+                xml::ModifyMetadataOptions { instance_id: r.instance_id, instance_metadata_options: (&r.instance_metadata_options).into() }
+            )
+        }
         "GetConsoleOutput" => {
             let id = params.required("InstanceId")?;
             if dry_run {
@@ -363,6 +376,24 @@ fn count(params: &Params, name: &str) -> Result<u32, ServiceError> {
     u32::try_from(n).map_err(|_| ServiceError::InvalidParameterValue(format!("{name} must be between 1 and the account's limit")))
 }
 
+/// EC2's metadata options under `prefix` (`MetadataOptions.` of
+/// RunInstances; none for ModifyInstanceMetadataOptions); `None` when none is given.
+pub(crate) fn metadata_options(p: &Params, prefix: &str) -> Result<Option<nimbus_proto::api::MetadataOptionsRequest>, ServiceError> {
+    let get = |name: &str| p.get(&format!("{prefix}{name}")).map(str::to_string);
+    let hop = match p.int(&format!("{prefix}HttpPutResponseHopLimit"))? {
+        Some(h) => Some(u32::try_from(h).map_err(|_| ServiceError::InvalidParameterValue("HttpPutResponseHopLimit must be between 1 and 64".into()))?),
+        None => None,
+    };
+    let o = nimbus_proto::api::MetadataOptionsRequest {
+        http_tokens: get("HttpTokens"),
+        http_endpoint: get("HttpEndpoint"),
+        instance_metadata_tags: get("InstanceMetadataTags"),
+        http_put_response_hop_limit: hop,
+        http_protocol_ipv6: get("HttpProtocolIpv6"),
+    };
+    Ok((o != Default::default()).then_some(o))
+}
+
 fn optional_bool(p: &Params, name: &str) -> Result<Option<bool>, ServiceError> {
     p.get(name).map(|_| p.bool(name)).transpose()
 }
@@ -415,7 +446,7 @@ fn run_request(params: &Params) -> Result<RunInstancesRequest, ServiceError> {
         associate_public_ip_address: None,
         network_interfaces,
         network_interface_tags,
-        metadata_options: None,
+        metadata_options: metadata_options(params, "MetadataOptions.")?,
         key_name: params.get("KeyName").map(str::to_string),
         tags,
         image_id: Some(params.required("ImageId")?.to_string()),

@@ -117,6 +117,41 @@ pub struct XmlInstance {
     pub source_dest_check: bool,
     pub group_set: Items<XmlGroupRef>,
     pub network_interface_set: Items<XmlInterface>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata_options: Option<XmlMetadataOptions>,
+}
+
+/// An instance's `metadataOptions` as EC2 shows it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XmlMetadataOptions {
+    pub state: String,
+    pub http_tokens: String,
+    pub http_put_response_hop_limit: u32,
+    pub http_endpoint: String,
+    pub http_protocol_ipv6: String,
+    pub instance_metadata_tags: String,
+}
+
+impl From<&nimbus_proto::api::InstanceMetadataOptions> for XmlMetadataOptions {
+    fn from(o: &nimbus_proto::api::InstanceMetadataOptions) -> Self {
+        XmlMetadataOptions {
+            state: o.state.clone(),
+            http_tokens: o.http_tokens.clone(),
+            http_put_response_hop_limit: o.http_put_response_hop_limit,
+            http_endpoint: o.http_endpoint.clone(),
+            http_protocol_ipv6: o.http_protocol_ipv6.clone(),
+            instance_metadata_tags: o.instance_metadata_tags.clone(),
+        }
+    }
+}
+
+/// ModifyInstanceMetadataOptions's answer.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModifyMetadataOptions {
+    pub instance_id: String,
+    pub instance_metadata_options: XmlMetadataOptions,
 }
 
 #[derive(Serialize)]
@@ -294,6 +329,7 @@ impl XmlInstance {
             source_dest_check: true,
             group_set: i.security_groups.iter().map(XmlGroupRef::from).collect::<Vec<_>>().into(),
             network_interface_set: i.network_interfaces.iter().map(|n| interface(n, region, false)).collect::<Vec<_>>().into(),
+            metadata_options: i.metadata_options.as_ref().map(XmlMetadataOptions::from),
         }
     }
 }

@@ -1,0 +1,75 @@
+//! The agent protocol over mutual TLS (`--agent-listen`): agents register
+//! and get their certificate over server-authenticated TLS, then fetch
+//! assignments and report only with the certificate they were issued; the
+//! plaintext listener refuses the agent protocol.
+
+use nimbus_proto::agent::HostCredential;
+use nimbus_tests::{instance_ids, Cloud, CloudOptions};
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(30);
+
+fn client(cloud: &Cloud, identity: Option<String>) -> reqwest::Client {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&cloud.ca_file).unwrap()).unwrap();
+    let mut b = reqwest::Client::builder().add_root_certificate(ca).tls_built_in_root_certs(false);
+    if let Some(id) = identity {
+        b = b.identity(reqwest::Identity::from_pem(id.as_bytes()).unwrap());
+    }
+    b.build().unwrap()
+}
+
+async fn assignments(cloud: &Cloud, http: &reqwest::Client, bearer: &str) -> Result<StatusCode, reqwest::Error> {
+    let url = format!("{}/v1/agent/assignments?after=0&wait_ms=0", cloud.agent_url());
+    Ok(http.get(url).bearer_auth(bearer).send().await?.status())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agents_use_mutual_tls_and_plaintext_is_refused() {
+    let cloud = Cloud::start_with(CloudOptions { agent_tls: true, ..Default::default() }).await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    assert!(cloud.agent_url().starts_with("https://"));
+    // The whole path over mutual TLS: registration, certificate, assignments, reports.
+    let a = cloud.add_agent("a", "az1", 4, 4096, 40).await.unwrap();
+    let id = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano"})).await.unwrap())[0].clone();
+    cloud.wait_for_state(std::slice::from_ref(&id), "running", T).await.unwrap();
+
+    let cred: HostCredential = serde_json::from_slice(&std::fs::read(a.state_dir.join("credential.json")).unwrap()).unwrap();
+    let bearer = cred.bearer();
+    // The plaintext listener takes no agent call, not even a registration.
+    let (status, body) = cloud.call_as(Some(&bearer), Method::GET, "/v1/agent/assignments?after=0&wait_ms=0", None).await.unwrap();
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let reg = json!({"name": "h2", "availability_zone": "az1", "hypervisor": "test", "vcpus": 1, "memory_mib": 512, "disk_gib": 1});
+    let (status, _) = cloud.call_as(Some(&cloud.join_token.clone()), Method::POST, "/v1/agent/register", Some(reg.clone())).await.unwrap();
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // Over TLS without a client certificate: the credential alone fetches nothing.
+    let anon = client(&cloud, None);
+    assert_eq!(assignments(&cloud, &anon, &bearer).await.unwrap(), StatusCode::UNAUTHORIZED);
+    // With the host's own certificate: answered.
+    let tls = a.state_dir.join("tls");
+    let own = format!(
+        "{}{}",
+        std::fs::read_to_string(tls.join("cert.pem")).unwrap(),
+        std::fs::read_to_string(tls.join("key.pem")).unwrap()
+    );
+    assert_eq!(assignments(&cloud, &client(&cloud, Some(own)), &bearer).await.unwrap(), StatusCode::OK);
+    // Another host's certificate (of the same CA) with this host's credential: refused.
+    let r = anon.post(format!("{}/v1/agent/register", cloud.agent_url())).bearer_auth(&cloud.join_token).json(&reg).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let other: HostCredential = r.json().await.unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    use base64::Engine;
+    let req = json!({"public_key": base64::engine::general_purpose::STANDARD.encode(key.public_key_raw())});
+    let r = anon.post(format!("{}/v1/agent/certificate", cloud.agent_url())).bearer_auth(other.bearer()).json(&req).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let grant: serde_json::Value = r.json().await.unwrap();
+    let theirs = format!("{}{}", grant["certificate_pem"].as_str().unwrap(), key.serialize_pem());
+    let theirs = client(&cloud, Some(theirs));
+    assert_eq!(assignments(&cloud, &theirs, &bearer).await.unwrap(), StatusCode::UNAUTHORIZED);
+    assert_eq!(assignments(&cloud, &theirs, &other.bearer()).await.unwrap(), StatusCode::OK, "its own host's calls pass");
+    // A certificate of another CA: the handshake fails.
+    let stranger = nimbus_state_store::tls::dev::DevCa::new("stranger").unwrap().issue(&["127.0.0.1"]).unwrap();
+    let foreign = client(&cloud, Some(format!("{}{}", stranger.cert_pem, stranger.key_pem)));
+    assert!(assignments(&cloud, &foreign, &bearer).await.is_err());
+}
