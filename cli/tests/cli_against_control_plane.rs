@@ -556,3 +556,59 @@ async fn key_pairs_are_made_listed_used_and_deleted() {
     nimbus(&cloud, &["delete-key-pair", "demo"]).await.ok();
     assert!(!nimbus(&cloud, &["describe-key-pairs"]).await.ok().out.contains("demo "), "deleted");
 }
+
+/// `register-image --disk` (a qcow2 on the host, with its SHA-256) for an
+/// account, `describe-images` with owners and a name pattern, `create-image`
+/// of a running instance (pending, then available), `deregister-image`.
+#[tokio::test]
+async fn images_by_disk_path_create_image_and_deregister() {
+    let cloud = Cloud::start().await.unwrap();
+    let _agent = cloud.add_agent("a", "az1", 8, 8192, 100).await.unwrap();
+    let tester = cloud.get("/v1/account").await.unwrap()["account_id"].as_str().unwrap().to_string();
+    let dir = TempDir::new("cli-disk");
+    let disk = dir.path().join("disk.qcow2");
+    let out = std::process::Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&disk).arg("32M").output().unwrap();
+    assert!(out.status.success());
+    let digest = sha256_hex(&std::fs::read(&disk).unwrap());
+
+    // Without --sha256 the command line refuses (usage error, exit 2).
+    let refused = nimbus(&cloud, &["register-image", "--name", "mine", "--disk", disk.to_str().unwrap()]).await;
+    assert_eq!(refused.code, Some(2), "{refused:?}");
+    let reg = nimbus(
+        &cloud,
+        &["register-image", "--name", "mine", "--disk", disk.to_str().unwrap(), "--sha256", &digest.to_uppercase(), "--owner", &tester, "-o", "json"],
+    )
+    .await
+    .ok()
+    .json();
+    assert_eq!((reg["boot"].as_str(), reg["public"].as_bool(), reg["owner_id"].as_str()), (Some("disk"), Some(false), Some(tester.as_str())));
+    let ami = reg["image_id"].as_str().unwrap().to_string();
+
+    let mine = nimbus(&cloud, &["describe-images", "--owners", "self", "--name", "mi*", "-o", "json"]).await.ok().json();
+    let ids: Vec<&str> = mine["images"].as_array().unwrap().iter().map(|i| i["image_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [ami.as_str()]);
+    let amazon = nimbus(&cloud, &["describe-images", "--owners", "amazon", "-o", "json"]).await.ok().json();
+    assert!(amazon["images"].as_array().unwrap().is_empty(), "{amazon}");
+
+    let run = nimbus(&cloud, &["run-instances", "--instance-type", "t3.nano", "--image-id", &ami, "--wait", "-o", "json"]).await.ok().json();
+    let id = run["instances"][0]["instance_id"].as_str().unwrap().to_string();
+    let made = nimbus(&cloud, &["create-image", &id, "--name", "mine-copy", "--no-reboot", "-o", "json"]).await.ok().json();
+    assert_eq!(made["state"], "pending");
+    let copy = made["image_id"].as_str().unwrap().to_string();
+    let dup = nimbus(&cloud, &["create-image", &id, "--name", "mine-copy"]).await;
+    assert_eq!(dup.code, Some(1));
+    assert!(dup.err.contains("InvalidAMIName.Duplicate"), "{}", dup.err);
+    cloud
+        .wait_until(std::time::Duration::from_secs(60), || {
+            let (cloud, copy) = (&cloud, &copy);
+            async move { Ok(nimbus(cloud, &["describe-images", "--image-ids", copy, "-o", "json"]).await.ok().json()["images"][0]["state"] == "available") }
+        })
+        .await
+        .unwrap();
+
+    let gone = nimbus(&cloud, &["deregister-image", &copy]).await.ok();
+    assert!(gone.out.contains("deregistered"), "{}", gone.out);
+    let missing = nimbus(&cloud, &["describe-images", "--image-ids", &copy]).await;
+    assert_eq!(missing.code, Some(1));
+    assert!(missing.err.contains("InvalidAMIID.NotFound"), "{}", missing.err);
+}

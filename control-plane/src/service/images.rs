@@ -289,7 +289,7 @@ fn account_ref(caller: &Caller, v: &str) -> Result<String> {
 const CONSTANT_FILTERS: &[(&str, &str)] =
     &[("architecture", "x86_64"), ("image-type", "machine"), ("root-device-type", "ebs"), ("virtualization-type", "hvm"), ("hypervisor", "kvm")];
 
-/// Which visible images the instance launches: `Some`: visible, with its state.
+/// The images a caller sees ($1: operator, $2: account): not deregistered, and public, its own, or any for the operator.
 const VISIBLE: &str = "state <> 'deregistered' AND ($1 OR is_public OR account_id = $2)";
 
 impl Service {
