@@ -114,6 +114,15 @@ async fn certificates_need_the_host_credential_and_a_good_key() {
     )
     .expect("the certificate matches the key and chains to the CA");
     tls.check_node("127.0.0.1:7999").expect("names the store address");
+    // Another host cannot claim that address, nor the control plane's.
+    let reg = json!({"name": "h2", "availability_zone": "az1", "hypervisor": "test", "vcpus": 4, "memory_mib": 4096, "disk_gib": 40});
+    let (_, cred2) = cloud.call_as(Some(&cloud.join_token.clone()), Method::POST, "/v1/agent/register", Some(reg)).await.unwrap();
+    let bearer2 = format!("{}.{}", cred2["host_id"].as_str().unwrap(), cred2["secret"].as_str().unwrap());
+    for taken in ["127.0.0.1:7999".to_string(), cloud.service.store.address.clone()] {
+        let body = json!({"public_key": public_key, "store_address": taken});
+        let (status, err) = cloud.call_as(Some(&bearer2), Method::POST, "/v1/agent/certificate", Some(body)).await.unwrap();
+        assert_eq!(status, StatusCode::CONFLICT, "{err}");
+    }
 }
 
 /// The document of `id` as the store has it (quorum read through the
