@@ -501,6 +501,12 @@ impl Agent {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot fetch assignments");
+                    if after == 0 && self.store.is_some() {
+                        // None yet since this agent started: its guests'
+                        // metadata comes from the store meanwhile.
+                        let served = self.reconciler.serve_from_store().await;
+                        tracing::info!(served, "serving guests' metadata from the state store until the control plane answers");
+                    }
                     tokio::select! {
                         _ = &mut shutdown => break,
                         _ = tokio::time::sleep(backoff) => {}

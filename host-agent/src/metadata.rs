@@ -298,37 +298,37 @@ impl MetadataServers {
             .map(|(id, e)| (id.clone(), e.guest.content.read().unwrap_or_else(|p| p.into_inner()).meta.version))
             .collect();
         for (id, served) in ids {
-            let key = document_key(&id);
-            let local = match node.storage().get(key.as_bytes()) {
-                Ok(r) => r.map(|r| r.values()).and_then(|v| newest_document(&v)),
-                Err(e) => {
-                    tracing::warn!(instance_id = %id, error = %e, "cannot read the local replica");
-                    None
-                }
-            };
-            let doc = match local {
-                Some(d) if d.version >= served => Some(d),
-                _ => {
-                    use nimbus_state_store::KvClient;
-                    let client = nimbus_state_store::LocalClient(node.clone());
-                    match tokio::time::timeout(QUORUM_READ_TIMEOUT, client.get(key.as_bytes())).await {
-                        Ok(Ok(got)) => newest_document(&got.values),
-                        Ok(Err(e)) => {
-                            tracing::debug!(instance_id = %id, error = %e, "quorum read of a document failed");
-                            None
-                        }
-                        Err(_) => None,
-                    }
-                }
-            };
-            match doc {
-                Some(d) if d.instance_id == id => {
-                    self.install(Content::from_document(d), false);
-                }
-                Some(d) => tracing::error!(instance_id = %id, found = %d.instance_id, "a document under another instance's key; not served"),
-                None => {}
+            if let Some(d) = read_document(&node, &id, served).await {
+                self.install(Content::from_document(d), false);
             }
         }
+    }
+
+    /// The store's document of `instance_id` (the host's replica, else a
+    /// quorum read), if the store runs here and has one.
+    pub async fn document(&self, instance_id: &str) -> Option<InstanceDocument> {
+        let node = self.store.get().cloned()?;
+        read_document(&node, instance_id, 0).await
+    }
+
+    /// Serves `doc` to its instance (new or not): on its unix socket, or,
+    /// for an instance with VPC interfaces, on its VPCs' networks (the
+    /// namespace of each VNI from `namespace_of`, none without a data plane).
+    /// Used when no assignment can be had (see `Reconciler::serve_from_store`).
+    pub async fn ensure_document(&self, doc: InstanceDocument, namespace_of: impl Fn(u32) -> Option<String>) -> std::io::Result<()> {
+        let content = Content::from_document(doc.clone());
+        let vpcs: Vec<(u32, String)> = doc.nics.iter().filter_map(|n| namespace_of(n.vni).map(|ns| (n.vni, ns))).collect();
+        if vpcs.is_empty() {
+            // User-mode networking (no data plane here): the unix socket.
+            self.ensure(&content.meta, doc.user_data.as_deref()).await?;
+        } else {
+            self.publish(&content.meta, doc.user_data.as_deref(), &doc.nics);
+            for (vni, ns) in vpcs {
+                self.ensure_vpc(vni, &ns).await?;
+            }
+        }
+        self.install(content, false);
+        Ok(())
     }
 
     /// The version of the document an instance is served (tests, benchmarks).
@@ -474,6 +474,42 @@ impl MetadataServers {
         for (_, t) in self.vpc_listeners.lock().unwrap_or_else(|p| p.into_inner()).drain() {
             t.abort();
         }
+    }
+}
+
+/// The document of `id`: the host's replica when it has one at least
+/// `at_least` new, else a quorum read. Only a document that names `id`.
+async fn read_document(node: &Arc<nimbus_state_store::Node>, id: &str, at_least: u64) -> Option<InstanceDocument> {
+    let key = document_key(id);
+    let local = match node.storage().get(key.as_bytes()) {
+        Ok(r) => r.map(|r| r.values()).and_then(|v| newest_document(&v)),
+        Err(e) => {
+            tracing::warn!(instance_id = %id, error = %e, "cannot read the local replica");
+            None
+        }
+    };
+    let doc = match local {
+        Some(d) if d.version >= at_least => Some(d),
+        _ => {
+            use nimbus_state_store::KvClient;
+            let client = nimbus_state_store::LocalClient(node.clone());
+            match tokio::time::timeout(QUORUM_READ_TIMEOUT, client.get(key.as_bytes())).await {
+                Ok(Ok(got)) => newest_document(&got.values),
+                Ok(Err(e)) => {
+                    tracing::debug!(instance_id = %id, error = %e, "quorum read of a document failed");
+                    None
+                }
+                Err(_) => None,
+            }
+        }
+    };
+    match doc {
+        Some(d) if d.instance_id == id => Some(d),
+        Some(d) => {
+            tracing::error!(instance_id = %id, found = %d.instance_id, "a document under another instance's key; not served");
+            None
+        }
+        None => None,
     }
 }
 

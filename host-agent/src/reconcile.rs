@@ -224,6 +224,31 @@ impl Reconciler {
         }
     }
 
+    /// No assignment could be had since this agent started (the control
+    /// plane is unreachable): serves the metadata of the guests running
+    /// here from the state store's documents, so that a guest keeps its
+    /// metadata across an agent restart during a control-plane outage. The
+    /// first assignments take over. Returns how many guests are served so.
+    pub async fn serve_from_store(&self) -> usize {
+        let domains = match self.libvirt.owned_domains(&self.host_id).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list this host's domains");
+                return 0;
+            }
+        };
+        let mut served = 0;
+        for d in domains.into_iter().filter(|d| d.running) {
+            let Some(doc) = self.metadata.document(&d.owner.instance_id).await else { continue };
+            let namespace_of = |vni: u32| self.network.as_ref().map(|dp| dp.vpc_ns_name(vni));
+            match self.metadata.ensure_document(doc, namespace_of).await {
+                Ok(()) => served += 1,
+                Err(e) => tracing::warn!(instance_id = %d.owner.instance_id, error = %e, "cannot serve metadata from the store"),
+            }
+        }
+        served
+    }
+
     /// Serves the instance's metadata: on its VPC network, or on its unix
     /// socket for user-mode networking. The socket's path either way (the
     /// domain of a VPC guest does not use it).

@@ -114,6 +114,15 @@ async fn certificates_need_the_host_credential_and_a_good_key() {
     )
     .expect("the certificate matches the key and chains to the CA");
     tls.check_node("127.0.0.1:7999").expect("names the store address");
+    // Another host cannot claim that address, nor the control plane's.
+    let reg = json!({"name": "h2", "availability_zone": "az1", "hypervisor": "test", "vcpus": 4, "memory_mib": 4096, "disk_gib": 40});
+    let (_, cred2) = cloud.call_as(Some(&cloud.join_token.clone()), Method::POST, "/v1/agent/register", Some(reg)).await.unwrap();
+    let bearer2 = format!("{}.{}", cred2["host_id"].as_str().unwrap(), cred2["secret"].as_str().unwrap());
+    for taken in ["127.0.0.1:7999".to_string(), cloud.service.store.address.clone()] {
+        let body = json!({"public_key": public_key, "store_address": taken});
+        let (status, err) = cloud.call_as(Some(&bearer2), Method::POST, "/v1/agent/certificate", Some(body)).await.unwrap();
+        assert_eq!(status, StatusCode::CONFLICT, "{err}");
+    }
 }
 
 /// The document of `id` as the store has it (quorum read through the
@@ -266,7 +275,8 @@ async fn await_imds(cloud: &Cloud, agent: &AgentHandle, id: &str, path: &str, wa
 /// full identity document (region, pending time: what only the store's
 /// document has), each guest its own; changes reach guests in bounded
 /// time; with the control plane and its database down, and then one more
-/// store node down, guests still read identity, user-data and keys; after
+/// store node down, guests still read identity, user-data and keys (also
+/// after their agent restarted, from the store alone); after
 /// recovery, changes made before and after arrive, and a node that was
 /// down catches up.
 #[tokio::test(flavor = "multi_thread")]
@@ -275,7 +285,7 @@ async fn metadata_is_served_from_the_store_through_an_outage() {
     cloud.register_test_image().await.unwrap();
     let key = ed25519_public_key("me@example");
     cloud.post("/v1/key-pairs/import", json!({"name": "k", "public_key": key})).await.unwrap();
-    let a = store_agent(&cloud, "a").await;
+    let mut a = store_agent(&cloud, "a").await;
     let mut b = store_agent(&cloud, "b").await;
     ring_of(&cloud, 3).await;
     // Spread: one instance on each host.
@@ -331,6 +341,15 @@ async fn metadata_is_served_from_the_store_through_an_outage() {
     b.stop().await;
     assert_eq!(imds(&a, &ia, "/latest/meta-data/instance-id").await, (200, ia.clone()));
     assert_eq!(imds(&a, &ia, "/latest/meta-data/public-keys/0/openssh-key").await, (200, key.clone()));
+    // Host a's agent restarts meanwhile: no assignment can be had, and its
+    // guest is served from a's replica of the store.
+    a.stop().await;
+    assert_eq!(imds(&a, &ia, "/latest/meta-data/instance-id").await.0, 0, "the agent is down");
+    cloud.start_agent(&mut a).await.unwrap();
+    await_imds(&cloud, &a, &ia, "/latest/meta-data/instance-id", &ia).await;
+    assert_eq!(imds(&a, &ia, "/latest/user-data").await, (200, "hello".to_string()));
+    assert_eq!(imds(&a, &ia, "/latest/meta-data/public-keys/0/openssh-key").await, (200, key.clone()));
+    assert_eq!(imds(&a, &ia, "/latest/meta-data/tags/instance/phase").await, (200, "before".to_string()));
 
     // Recovery: the control plane is back; a change made while b is still
     // down reaches a's guest; b comes back and catches up with it.

@@ -36,6 +36,20 @@ impl Service {
     pub async fn issue_host_certificate(&self, host_id: &str, req: &CertificateRequest) -> Result<CertificateGrant> {
         let key = ca::parse_public_key(&req.public_key)?;
         let ip = req.store_address.as_deref().map(ca::store_address_ip).transpose()?;
+        // A node address is one node's: not the control plane's, not another
+        // host's. (Certificates name the IP, not the port: nodes that share
+        // a machine, as in local development, share an IP and so trust each
+        // other's certificates for it; on separate hosts each has its own.)
+        if let Some(addr) = &req.store_address {
+            let taken: Option<(String,)> = sqlx::query_as("SELECT id FROM hosts WHERE store_address = $1 AND id <> $2")
+                .bind(addr)
+                .bind(host_id)
+                .fetch_optional(&self.db)
+                .await?;
+            if taken.is_some() || *addr == self.store.address {
+                return Err(ServiceError::Conflict(format!("the store address {addr} is another node's")));
+            }
+        }
         let (pem, der, not_after) = self.store.ca.issue_host(host_id, &key, ip)?;
         let digest = Sha256::digest(&der).to_vec();
         sqlx::query("UPDATE hosts SET tls_cert_sha256 = $2, tls_cert_not_after = $3, store_address = $4 WHERE id = $1")
