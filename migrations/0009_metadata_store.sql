@@ -50,10 +50,10 @@ BEGIN
     IF TG_OP = 'INSERT' THEN
         NEW.doc_version := 1;
     ELSIF NEW.doc_version = OLD.doc_version AND (
-        NEW.state, NEW.host_id, NEW.user_data, NEW.key_name, NEW.public_key,
+        NEW.state, NEW.host_id, NEW.instance_type, NEW.user_data, NEW.key_name, NEW.public_key,
         NEW.metadata_tokens_required, NEW.metadata_endpoint_enabled, NEW.metadata_tags_enabled, NEW.metadata_hop_limit
     ) IS DISTINCT FROM (
-        OLD.state, OLD.host_id, OLD.user_data, OLD.key_name, OLD.public_key,
+        OLD.state, OLD.host_id, OLD.instance_type, OLD.user_data, OLD.key_name, OLD.public_key,
         OLD.metadata_tokens_required, OLD.metadata_endpoint_enabled, OLD.metadata_tags_enabled, OLD.metadata_hop_limit
     ) THEN
         NEW.doc_version := OLD.doc_version + 1;

@@ -237,6 +237,14 @@ async fn the_relay_publishes_changes_on_its_own() {
         .wait_until(T, || async { Ok(stored(&cloud, &id).await.0.is_some_and(|d| d.tags == vec![("k".into(), "v".into())])) })
         .await
         .expect("the tag is published");
+    // A stopped instance's new type is in its identity document.
+    cloud.post("/v1/instances/stop", json!({"instance_ids": [id]})).await.unwrap();
+    cloud.wait_for_state(std::slice::from_ref(&id), "stopped", T).await.unwrap();
+    cloud.post(&format!("/v1/instances/{id}/attributes"), json!({"instance_type": "t3.micro"})).await.unwrap();
+    cloud
+        .wait_until(T, || async { Ok(stored(&cloud, &id).await.0.is_some_and(|d| d.instance_type == "t3.micro")) })
+        .await
+        .expect("the new instance type is published");
     assert_eq!(cloud.service.relay().backlog().await.unwrap(), 0);
 }
 
