@@ -4,7 +4,7 @@ use crate::client::InstanceQuery;
 use crate::error::CliError;
 use base64::Engine;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use nimbus_proto::api::{RunInstancesRequest, MAX_USER_DATA_BYTES};
+use nimbus_proto::api::{MetadataOptionsRequest, RunInstancesRequest, MAX_USER_DATA_BYTES};
 use nimbus_proto::InstanceState;
 use std::path::PathBuf;
 
@@ -98,6 +98,13 @@ pub enum Command {
         /// The primary interface's groups (repeat or separate with commas).
         #[arg(long = "security-group-ids", value_name = "SG", value_delimiter = ',')]
         security_group_ids: Vec<String>,
+    },
+    /// Change how an instance's metadata service answers (POST
+    /// /v1/instances/{id}/metadata-options); options left out keep their value.
+    ModifyInstanceMetadataOptions {
+        instance_id: String,
+        #[command(flatten)]
+        options: MetadataOptionsArgs,
     },
     /// List VPCs (GET /v1/vpcs); your default VPC is made on first use.
     DescribeVpcs,
@@ -276,7 +283,40 @@ pub struct RunInstancesArgs {
     #[arg(long)]
     pub key_name: Option<String>,
     #[command(flatten)]
+    pub metadata: MetadataOptionsArgs,
+    #[command(flatten)]
     pub wait: WaitArgs,
+}
+
+/// EC2's MetadataOptions: how the instance metadata service answers.
+#[derive(Debug, Clone, Default, Args)]
+pub struct MetadataOptionsArgs {
+    /// `required`: only requests with an IMDSv2 session token are answered; `optional`: also without.
+    #[arg(long, value_parser = ["optional", "required"])]
+    pub http_tokens: Option<String>,
+    /// `disabled`: the metadata service does not answer the instance at all.
+    #[arg(long, value_parser = ["enabled", "disabled"])]
+    pub http_endpoint: Option<String>,
+    /// `enabled`: the instance's tags are served under meta-data/tags/instance/.
+    #[arg(long, value_parser = ["enabled", "disabled"])]
+    pub instance_metadata_tags: Option<String>,
+    /// 1 to 64 (kept and shown, as EC2 does).
+    #[arg(long, value_name = "HOPS", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub http_put_response_hop_limit: Option<u32>,
+}
+
+impl MetadataOptionsArgs {
+    /// The request's options, or `None` when no flag was given.
+    pub fn to_request(&self) -> Option<MetadataOptionsRequest> {
+        let r = MetadataOptionsRequest {
+            http_tokens: self.http_tokens.clone(),
+            http_endpoint: self.http_endpoint.clone(),
+            instance_metadata_tags: self.instance_metadata_tags.clone(),
+            http_put_response_hop_limit: self.http_put_response_hop_limit,
+            http_protocol_ipv6: None,
+        };
+        (r != MetadataOptionsRequest::default()).then_some(r)
+    }
 }
 
 fn parse_state(s: &str) -> Result<InstanceState, String> {
@@ -421,7 +461,7 @@ impl RunInstancesArgs {
     pub fn to_request(&self) -> Result<RunInstancesRequest, CliError> {
         let (min_count, max_count) = self.counts()?;
         Ok(RunInstancesRequest {
-            metadata_options: None,
+            metadata_options: self.metadata.to_request(),
             key_name: self.key_name.clone(),
             tags: Vec::new(),
             image_id: self.image_id.clone(),

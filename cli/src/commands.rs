@@ -93,6 +93,14 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
             let i: nimbus_proto::api::Instance = serde_json::from_value(r.raw.clone()).map_err(|e| CliError::Usage(format!("unexpected answer: {e}")))?;
             render(out, &r.raw, || output::instances_table(&[i]))
         }
+        Command::ModifyInstanceMetadataOptions { instance_id, options } => {
+            let Some(body) = options.to_request() else {
+                return Err(CliError::Usage("give at least one of --http-tokens, --http-endpoint, --instance-metadata-tags, --http-put-response-hop-limit".into()));
+            };
+            let body = serde_json::to_value(body).map_err(|e| CliError::Usage(format!("metadata options: {e}")))?;
+            let r = client.call(Method::POST, &["v1", "instances", &instance_id, "metadata-options"], &[], Some(&body)).await?;
+            render(out, &r.raw, || output::objects_table(&r.raw, "", METADATA_OPTIONS_COLUMNS))
+        }
         Command::DescribeVpcs => {
             let r = client.call(Method::GET, &["v1", "vpcs"], &[], None).await?;
             render(out, &r.raw, || output::objects_table(&r.raw, "vpcs", VPC_COLUMNS))
@@ -246,6 +254,14 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
     Ok(())
 }
 
+const METADATA_OPTIONS_COLUMNS: &[(&str, &str)] = &[
+    ("INSTANCE", "instance_id"),
+    ("STATE", "instance_metadata_options.state"),
+    ("TOKENS", "instance_metadata_options.http_tokens"),
+    ("ENDPOINT", "instance_metadata_options.http_endpoint"),
+    ("TAGS", "instance_metadata_options.instance_metadata_tags"),
+    ("HOPS", "instance_metadata_options.http_put_response_hop_limit"),
+];
 const VPC_COLUMNS: &[(&str, &str)] = &[("ID", "vpc_id"), ("CIDR", "cidr_block"), ("DEFAULT", "is_default"), ("STATE", "state")];
 const SUBNET_COLUMNS: &[(&str, &str)] = &[
     ("ID", "subnet_id"),

@@ -557,6 +557,35 @@ async fn key_pairs_are_made_listed_used_and_deleted() {
     assert!(!nimbus(&cloud, &["describe-key-pairs"]).await.ok().out.contains("demo "), "deleted");
 }
 
+/// Metadata options at launch (`run-instances --http-tokens required ...`)
+/// and changed afterwards (`modify-instance-metadata-options`); bad values
+/// are usage errors, and a modify with no option says what to give.
+#[tokio::test]
+async fn metadata_options_at_launch_and_modified() {
+    let cloud = Cloud::start().await.unwrap();
+    let _agent = cloud.add_agent("a", "az1", 8, 8192, 100).await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    let run = nimbus(&cloud, &["-o", "json", "run-instances", "--instance-type", "t3.nano", "--http-tokens", "required", "--instance-metadata-tags", "enabled"])
+        .await
+        .ok()
+        .json();
+    let id = run["instances"][0]["instance_id"].as_str().unwrap().to_string();
+    let opts = &run["instances"][0]["metadata_options"];
+    assert_eq!((opts["http_tokens"].as_str(), opts["instance_metadata_tags"].as_str(), opts["http_endpoint"].as_str()),
+        (Some("required"), Some("enabled"), Some("enabled")), "{run}");
+    let bad = nimbus(&cloud, &["run-instances", "--instance-type", "t3.nano", "--http-tokens", "sometimes"]).await;
+    assert_eq!(bad.code, Some(2), "a usage error: {}", bad.err);
+    let none = nimbus(&cloud, &["modify-instance-metadata-options", &id]).await;
+    assert_eq!(none.code, Some(2), "{}", none.err);
+    assert!(none.err.contains("--http-tokens"), "{}", none.err);
+    let changed = nimbus(&cloud, &["modify-instance-metadata-options", &id, "--http-endpoint", "disabled", "--http-tokens", "optional"]).await.ok();
+    let row = changed.rows(1).into_iter().next().unwrap_or_default();
+    assert_eq!(row.get(0..6).map(|r| r.to_vec()), Some(vec![id.clone(), row[1].clone(), "optional".into(), "disabled".into(), "enabled".into(), "1".into()]), "{}", changed.out);
+    let described = nimbus(&cloud, &["-o", "json", "describe-instances", "--instance-id", &id]).await.ok().json();
+    let opts = &described["instances"][0]["metadata_options"];
+    assert_eq!((opts["http_tokens"].as_str(), opts["http_endpoint"].as_str()), (Some("optional"), Some("disabled")), "{described}");
+}
+
 /// `register-image --disk` (a qcow2 on the host, with its SHA-256) for an
 /// account, `describe-images` with owners and a name pattern, `create-image`
 /// of a running instance (pending, then available), `deregister-image`.

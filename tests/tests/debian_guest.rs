@@ -165,6 +165,12 @@ async fn debian_with_cloud_init_ssh_and_create_image() {
     let got = ssh_until(&key, &known, port, "cat /var/tmp/nimbus-e2e", scaled(Duration::from_secs(120))).await;
     assert_eq!(got.trim(), line);
     assert_eq!(ssh(&key, &known, port, "hostname").await.unwrap().trim(), id, "hostname from the metadata");
+    // The guest reaches the metadata service the way cloud-init's Ec2 data
+    // source does (an IMDSv2 token, then a dated path), on 169.254.169.254.
+    let ec2 = "python3 -c \"import urllib.request as u; m='http://169.254.169.254'; \
+        t=u.urlopen(u.Request(m+'/latest/api/token', method='PUT', headers={'X-aws-ec2-metadata-token-ttl-seconds': '60'})).read().decode(); \
+        print(u.urlopen(u.Request(m+'/2009-04-04/meta-data/instance-id', headers={'X-aws-ec2-metadata-token': t})).read().decode())\"";
+    assert_eq!(ssh(&key, &known, port, ec2).await.unwrap().trim(), id, "the EC2 metadata API from inside the guest");
     // The root file system grew to the type's 8 GiB disk (the image's is 2 GiB).
     let size: u64 = ssh(&key, &known, port, "df --output=size -B1 / | tail -1").await.unwrap().trim().parse().unwrap();
     assert!(size > 6 << 30, "root file system of {size} bytes");
