@@ -53,6 +53,27 @@ pub fn free_local_addr() -> anyhow::Result<std::net::SocketAddr> {
     Ok(l.local_addr()?)
 }
 
+/// Whether libvirt (qemu:///system) knows a domain of this name.
+pub fn domain_exists(name: &str) -> bool {
+    std::process::Command::new("virsh")
+        .args(["-q", "-c", "qemu:///system", "domstate", name])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// An ed25519 public key in OpenSSH form (a fixed key), built from its wire
+/// encoding, for importing as a key pair.
+pub fn ed25519_public_key(comment: &str) -> String {
+    use base64::Engine;
+    let mut blob = Vec::new();
+    for part in [b"ssh-ed25519".as_slice(), &[7u8; 32]] {
+        blob.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        blob.extend_from_slice(part);
+    }
+    format!("ssh-ed25519 {} {comment}", base64::engine::general_purpose::STANDARD.encode(blob))
+}
+
 /// 16 random hex digits (names, nonces).
 pub fn random_suffix() -> String {
     use rand::Rng;

@@ -9,7 +9,7 @@
 use nimbus_host_agent::domain;
 use nimbus_host_agent::reconcile::AgentEvent;
 use nimbus_host_agent::HypervisorChoice;
-use nimbus_tests::{read_console, instance_ids, scaled, test_domain_state, AgentHandle, Cloud};
+use nimbus_tests::{ed25519_public_key, read_console, instance_ids, scaled, test_domain_state, AgentHandle, Cloud};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use std::path::PathBuf;
@@ -190,17 +190,6 @@ async fn console_tails_reach_the_control_plane() {
     let first = at(&cloud).await;
     agent.passes(2).await.unwrap();
     assert_eq!(at(&cloud).await, first);
-}
-
-/// An ed25519 public key in OpenSSH form, built from its wire encoding.
-fn ed25519_public_key(comment: &str) -> String {
-    use base64::Engine;
-    let mut blob = Vec::new();
-    for part in [b"ssh-ed25519".as_slice(), &[7u8; 32]] {
-        blob.extend_from_slice(&(part.len() as u32).to_be_bytes());
-        blob.extend_from_slice(part);
-    }
-    format!("ssh-ed25519 {} {comment}", base64::engine::general_purpose::STANDARD.encode(blob))
 }
 
 /// The key pair named at launch is served by the guest's metadata service,

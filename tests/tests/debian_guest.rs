@@ -18,7 +18,7 @@
 //! handle destroys its guests when the test ends, passed or failed.
 
 use nimbus_host_agent::HypervisorChoice;
-use nimbus_tests::{instance_ids, read_console, scaled, Cloud};
+use nimbus_tests::{domain_exists, instance_ids, read_console, scaled, Cloud};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -26,14 +26,6 @@ use std::time::{Duration, Instant};
 
 const FINISHED: &str = "Cloud-init v. ";
 const FINISHED_AT: &str = " finished at ";
-
-fn domain_exists(name: &str) -> bool {
-    std::process::Command::new("virsh")
-        .args(["-q", "-c", "qemu:///system", "domstate", name])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
 
 fn cloud_init_finished(console: &str) -> bool {
     console.lines().any(|l| l.contains(FINISHED) && l.contains(FINISHED_AT))

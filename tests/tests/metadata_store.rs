@@ -8,7 +8,7 @@ use nimbus_state_store::tls::dev::DevCa;
 use nimbus_state_store::{KvClient, TcpClient};
 use nimbus_control_plane::service::outbox::Published;
 use nimbus_proto::metadata::{document_key, newest_document, InstanceDocument};
-use nimbus_tests::{free_local_addr, instance_ids, xml_values, AgentHandle, Cloud, CloudOptions};
+use nimbus_tests::{ed25519_public_key, free_local_addr, instance_ids, xml_values, AgentHandle, Cloud, CloudOptions};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use std::time::Duration;
@@ -246,16 +246,6 @@ async fn the_relay_publishes_changes_on_its_own() {
         .await
         .expect("the new instance type is published");
     assert_eq!(cloud.service.relay().backlog().await.unwrap(), 0);
-}
-
-fn ed25519_public_key(comment: &str) -> String {
-    use base64::Engine;
-    let mut blob = Vec::new();
-    for part in [b"ssh-ed25519".as_slice(), &[7u8; 32]] {
-        blob.extend_from_slice(&(part.len() as u32).to_be_bytes());
-        blob.extend_from_slice(part);
-    }
-    format!("ssh-ed25519 {} {comment}", base64::engine::general_purpose::STANDARD.encode(blob))
 }
 
 /// One GET of a guest's metadata, as the guest makes it.

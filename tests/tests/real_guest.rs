@@ -12,19 +12,11 @@
 //! running libvirtd; `scripts/test.sh` provides both.
 
 use nimbus_host_agent::HypervisorChoice;
-use nimbus_tests::{instance_ids, scaled, Cloud};
+use nimbus_tests::{domain_exists, instance_ids, scaled, Cloud};
 use sha2::{Digest, Sha256};
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-
-fn domain_exists(name: &str) -> bool {
-    std::process::Command::new("virsh")
-        .args(["-q", "-c", "qemu:///system", "domstate", name])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_guest_boots_and_prints_its_own_instance_id() {

@@ -292,6 +292,16 @@ const CONSTANT_FILTERS: &[(&str, &str)] =
 /// The images a caller sees ($1: operator, $2: account): not deregistered, and public, its own, or any for the operator.
 const VISIBLE: &str = "state <> 'deregistered' AND ($1 OR is_public OR account_id = $2)";
 
+/// An account's image names are unique among its images that are not
+/// deregistered (`images_account_name`).
+fn name_taken(e: sqlx::Error, name: &str) -> ServiceError {
+    if crate::db::is_unique_violation(&e, "images_account_name") {
+        ServiceError::ImageAlreadyExists(name.to_string())
+    } else {
+        e.into()
+    }
+}
+
 impl Service {
     /// Registers an image (operator): its files are fetched by the hosts
     /// that launch it, which verify every digest.
@@ -331,13 +341,7 @@ impl Service {
         .bind(new.public)
         .fetch_one(&mut *tx)
         .await
-        .map_err(|e| {
-            if crate::db::is_unique_violation(&e, "images_account_name") {
-                ServiceError::ImageAlreadyExists(req.name.clone())
-            } else {
-                e.into()
-            }
-        })?;
+        .map_err(|e| name_taken(e, &req.name))?;
         tx.commit().await?;
         tracing::info!(image_id = %row.id, name = %row.name, boot = %row.boot, owner = %row.account_id, "image registered");
         row.into_api(true)
@@ -537,13 +541,7 @@ impl Service {
         .bind(&source_image)
         .fetch_one(&mut *tx)
         .await
-        .map_err(|e| {
-            if crate::db::is_unique_violation(&e, "images_account_name") {
-                ServiceError::ImageAlreadyExists(req.name.clone())
-            } else {
-                e.into()
-            }
-        })?;
+        .map_err(|e| name_taken(e, &req.name))?;
         super::tags::insert_new_tags(&mut tx, &caller.account_id, std::slice::from_ref(&image_id), tags).await?;
         // The request reaches the agent with the instance's assignment.
         sqlx::query(
