@@ -12,7 +12,7 @@
 //! | path | owner | mode | why |
 //! |---|---|---|---|
 //! | state dir, `images/`, `instances/`, `instances/<id>/` | root:qemu group | 0710 | QEMU passes through; no one else enters; only root lists |
-//! | `credential.json`, reboot counters | root:root | 0600 | the agent's own |
+//! | `credential.json`, `credential.pending` (a secret made before registering), `tls/key.pem`, reboot counters | root:root | 0600 | the agent's own |
 //! | `images/<sha256>` | root:qemu group | 0640 | QEMU reads a base disk or kernel, cannot write it |
 //! | `instances/<id>/root.qcow2` | qemu user:qemu group | 0600 | the guest's own disk, written by its QEMU |
 //! | `instances/<id>/seed.iso` | root:qemu group | 0640 | read by QEMU (holds the user-data) |

@@ -317,6 +317,23 @@ impl Agent {
         if let (false, Some(cred)) = (force_register, &saved) {
             return Ok(cred.clone());
         }
+        // The secret to be registered with is saved first: if this agent
+        // stops before it saved the answer, the next one asks again with the
+        // same secret, and the name is still its own.
+        let pending = self.config.state_dir.join("credential.pending");
+        let state = |p: &std::path::Path, source| AgentError::State { path: p.to_path_buf(), source };
+        let secret = match tokio::fs::read_to_string(&pending).await {
+            Ok(s) if nimbus_proto::agent::is_host_secret(s.trim()) => s.trim().to_string(),
+            _ => {
+                let bytes: [u8; 32] = rand::random();
+                let secret = hex::encode(bytes);
+                let tmp = pending.with_extension("part");
+                tokio::fs::write(&tmp, &secret).await.map_err(|e| state(&tmp, e))?;
+                access::agent_only(&tmp).await.map_err(|e| state(&tmp, e))?;
+                tokio::fs::rename(&tmp, &pending).await.map_err(|e| state(&pending, e))?;
+                secret
+            }
+        };
         let (vcpus, memory_mib, disk_gib) = self.capacity;
         let req = RegisterHost {
             name: self.config.name.clone(),
@@ -327,15 +344,19 @@ impl Agent {
             disk_gib,
             current_credential: saved.map(|c| c.bearer()),
             underlay_ip: self.reconciler.network.as_ref().map(|n| n.config().underlay_ip),
+            secret: Some(secret),
         };
         let cred = self.cp.register(&self.config.join_token, &req).await?;
         let tmp = path.with_extension("json.part");
-        let state = |source| AgentError::State { path: path.clone(), source };
         let json = serde_json::to_vec(&cred).map_err(|e| AgentError::Config(e.to_string()))?;
-        tokio::fs::write(&tmp, json).await.map_err(state)?;
+        tokio::fs::write(&tmp, json).await.map_err(|e| state(&tmp, e))?;
         // The host's secret: root's alone.
-        access::agent_only(&tmp).await.map_err(state)?;
-        tokio::fs::rename(&tmp, &path).await.map_err(state)?;
+        access::agent_only(&tmp).await.map_err(|e| state(&tmp, e))?;
+        tokio::fs::rename(&tmp, &path).await.map_err(|e| state(&path, e))?;
+        // Saved: the next registration makes a new secret.
+        if let Err(e) = tokio::fs::remove_file(&pending).await {
+            tracing::warn!(error = %e, path = %pending.display(), "cannot remove the registered secret's file");
+        }
         tracing::info!(host_id = %cred.host_id, vcpus, memory_mib, disk_gib, "registered with the control plane");
         Ok(cred)
     }

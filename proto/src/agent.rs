@@ -37,6 +37,21 @@ pub struct RegisterHost {
     /// QEMU user-mode networking (its guests reach only the metadata service).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub underlay_ip: Option<std::net::Ipv4Addr>,
+    /// The secret the host is to hold after this registration
+    /// ([`HOST_SECRET_LEN`] hex digits), made and saved by the agent before
+    /// it asks: if the answer is lost (the agent stopped before saving it),
+    /// the agent asks again with the same secret, which proves the name is
+    /// its own. Without it the control plane makes the secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+/// Length of a host secret: 32 random bytes, hex.
+pub const HOST_SECRET_LEN: usize = 64;
+
+/// Whether `s` has the form of a host secret.
+pub fn is_host_secret(s: &str) -> bool {
+    s.len() == HOST_SECRET_LEN && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -154,6 +154,56 @@ async fn the_join_token_alone_cannot_take_over_a_registered_host() {
     assert_error(&register(&cloud, "victim", None).await, StatusCode::CONFLICT, "HostAlreadyRegistered");
 }
 
+/// A registration whose answer was lost (the agent stopped before it saved
+/// the credential) is repeated with the secret the agent made and saved
+/// first: the same host, the same secret. Another secret, or none, is still
+/// an impostor; a malformed secret is refused.
+#[tokio::test]
+async fn a_lost_registration_answer_is_repeated_with_the_agents_own_secret() {
+    let cloud = Cloud::start().await.unwrap();
+    let with_secret = |secret: &str| {
+        let reg = json!({"name": "h", "availability_zone": "az1", "hypervisor": "test", "vcpus": 4, "memory_mib": 4096,
+                         "disk_gib": 40, "secret": secret});
+        cloud.call_as(Some(&cloud.join_token), Method::POST, "/v1/agent/register", Some(reg))
+    };
+    let mine = "ab".repeat(32);
+    let (status, first) = with_secret(&mine).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert_eq!(first["secret"], mine.as_str(), "the host holds the secret it made");
+    let (status, again) = with_secret(&mine).await.unwrap();
+    assert_eq!((status, &again["host_id"], &again["secret"]), (StatusCode::OK, &first["host_id"], &first["secret"]));
+    assert_eq!(poll_status(&cloud, &bearer(&again)).await, StatusCode::OK);
+    assert_error(&with_secret(&"cd".repeat(32)).await.unwrap(), StatusCode::CONFLICT, "HostAlreadyRegistered");
+    assert_error(&register(&cloud, "h", None).await, StatusCode::CONFLICT, "HostAlreadyRegistered");
+    for bad in ["AB".repeat(32), "ab".repeat(31), format!("{}.x", "a".repeat(62))] {
+        assert_error(&with_secret(&bad).await.unwrap(), StatusCode::BAD_REQUEST, "InvalidParameterValue");
+    }
+    assert_eq!(poll_status(&cloud, &bearer(&first)).await, StatusCode::OK, "the host was not disturbed");
+}
+
+/// The agent's side: it saves the secret before registering, so an agent
+/// stopped after the control plane registered it but before it saved the
+/// answer (here: the credential file removed) gets its name back at the
+/// next start instead of `HostAlreadyRegistered` until an operator's reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_lost_its_registration_answer_registers_again() {
+    let cloud = Cloud::start().await.unwrap();
+    let mut agent = cloud.add_agent("lost", "az1", 8, 8192, 100).await.unwrap();
+    let host_id = agent.host_id.clone();
+    agent.stop().await;
+    let cred: Value = serde_json::from_slice(&std::fs::read(agent.state_dir.join("credential.json")).unwrap()).unwrap();
+    // The state a stop between the answer and its saving leaves.
+    std::fs::write(agent.state_dir.join("credential.pending"), cred["secret"].as_str().unwrap()).unwrap();
+    std::fs::remove_file(agent.state_dir.join("credential.json")).unwrap();
+    cloud.start_agent(&mut agent).await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    let id = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano"})).await.unwrap());
+    cloud.wait_for_state(&id, "running", Duration::from_secs(60)).await.expect("the agent has its name back and works");
+    let saved: Value = serde_json::from_slice(&std::fs::read(agent.state_dir.join("credential.json")).unwrap()).unwrap();
+    assert_eq!((saved["host_id"].as_str(), &saved["secret"]), (host_id.as_deref(), &cred["secret"]), "the same host and secret");
+    assert!(!agent.state_dir.join("credential.pending").exists(), "the pending secret is gone once the answer is saved");
+}
+
 /// The agent's side of a reset: its credential is refused, it registers
 /// again with the join token, and keeps running its guests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,6 +37,12 @@ fn validate_register(req: &RegisterHost) -> Result<()> {
     if req.vcpus > 1_000_000 || req.memory_mib > i64::MAX as u64 / 2 || req.disk_gib > i64::MAX as u64 / 2 {
         return Err(ServiceError::InvalidParameterValue("capacity out of range".into()));
     }
+    if req.secret.as_deref().is_some_and(|s| !nimbus_proto::agent::is_host_secret(s)) {
+        return Err(ServiceError::InvalidParameterValue(format!(
+            "secret must be {} lower-case hex digits",
+            nimbus_proto::agent::HOST_SECRET_LEN
+        )));
+    }
     if let Some(ip) = req.underlay_ip {
         if ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() {
             return Err(ServiceError::InvalidParameterValue(format!("underlay_ip {ip} is not a unicast address")));
@@ -168,7 +174,7 @@ impl Service {
     /// instances hold.
     pub async fn register_host(&self, req: RegisterHost) -> Result<HostCredential> {
         validate_register(&req)?;
-        let secret = ids::new_secret();
+        let secret = req.secret.clone().unwrap_or_else(ids::new_secret);
         let conflict = |e: sqlx::Error| match &e {
             sqlx::Error::Database(db) if db.code().as_deref() == Some("23514") => {
                 ServiceError::Conflict(format!("host {} cannot shrink below the capacity its instances hold", req.name))
@@ -186,13 +192,14 @@ impl Service {
         let host_id = match existing {
             None => ids::new_id(ids::HOST),
             Some((id, stored)) => {
+                let holds = |digest: &Vec<u8>, secret: &str| bool::from(digest.ct_eq(&secret_digest(secret)));
                 let proven = match (&stored, req.current_credential.as_deref().and_then(|c| c.split_once('.'))) {
                     // Reset by the operator: the name is free for its machine to take back.
                     (None, _) => true,
-                    (Some(digest), Some((cred_id, cred_secret))) => {
-                        cred_id == id && bool::from(digest.ct_eq(&secret_digest(cred_secret)))
-                    }
-                    (Some(_), None) => false,
+                    (Some(digest), Some((cred_id, cred_secret))) => cred_id == id && holds(digest, cred_secret),
+                    // The same registration again (its answer was lost): the
+                    // caller made the secret this host holds.
+                    (Some(digest), None) => req.secret.as_deref().is_some_and(|s| holds(digest, s)),
                 };
                 if !proven {
                     tracing::warn!(host_id = %id, name = %req.name, "refused to re-register a host without its credential");
