@@ -41,11 +41,15 @@ pub enum Source {
     Store,
 }
 
-/// How to reach the image store: the control plane's URL and the host's bearer.
+/// How to reach the image store: the control plane's URL, the host's
+/// bearer, and the control plane's client (trusting its CA and presenting
+/// this host's certificate once it has one). Registered sources are
+/// fetched with the cache's own client, which trusts the usual roots.
 #[derive(Debug, Clone)]
 pub struct StoreAccess {
     pub base: String,
     pub bearer: String,
+    pub client: reqwest::Client,
 }
 
 #[derive(Clone)]
@@ -92,8 +96,8 @@ impl ImageCache {
         let f = tokio::fs::File::open(file).await.map_err(|e| e.to_string())?;
         let len = f.metadata().await.map_err(|e| e.to_string())?.len();
         let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(f, 1 << 20));
-        let resp = self
-            .http
+        let resp = access
+            .client
             .put(format!("{}/v1/agent/images/{image_id}", access.base.trim_end_matches('/')))
             .bearer_auth(&access.bearer)
             .header(nimbus_proto::agent::UPLOAD_SHA256_HEADER, sha256)
@@ -169,14 +173,14 @@ impl ImageCache {
 
     async fn fetch(&self, source: &Source, file: &ImageFile, tmp: &Path) -> Result<(), ImageError> {
         let io = |source| ImageError::Io { name: file.name.clone(), source };
-        let (base, bearer) = match source {
-            Source::Url(url) => (url.trim_end_matches('/').to_string(), None),
+        let (base, bearer, client) = match source {
+            Source::Url(url) => (url.trim_end_matches('/').to_string(), None, self.http.clone()),
             Source::Store => {
                 let access = self.store.read().unwrap_or_else(|p| p.into_inner()).clone();
                 let Some(access) = access else {
                     return Err(ImageError::UnsupportedSource { name: file.name.clone(), url: "the image store (no credential yet)".into() });
                 };
-                (format!("{}/v1/agent/images", access.base.trim_end_matches('/')), Some(access.bearer))
+                (format!("{}/v1/agent/images", access.base.trim_end_matches('/')), Some(access.bearer), access.client)
             }
         };
         let base = base.as_str();
@@ -198,7 +202,7 @@ impl ImageCache {
             out.sync_all().await.map_err(io)?;
         } else if base.starts_with("http://") || base.starts_with("https://") {
             let http = |source| ImageError::Http { name: file.name.clone(), source };
-            let mut req = self.http.get(format!("{base}/{remote_name}"));
+            let mut req = client.get(format!("{base}/{remote_name}"));
             if let Some(b) = &bearer {
                 req = req.bearer_auth(b);
             }

@@ -193,6 +193,8 @@ pub struct Agent {
     store: Option<std::sync::Arc<store::HostStore>>,
     /// Console tails and status checks written to the store.
     observed: tokio::sync::Mutex<store::Observed>,
+    /// The client `cp` uses (with this host's certificate once it has one).
+    cp_http: reqwest::Client,
 }
 
 impl Agent {
@@ -270,7 +272,12 @@ impl Agent {
             libvirt: lv,
             hypervisor,
             host_id: String::new(),
-            images: images::ImageCache::new(config.state_dir.join("images"), http.clone(), qemu),
+            // Registered sources: any http(s) server, trusted by the usual roots.
+            images: images::ImageCache::new(
+                config.state_dir.join("images"),
+                reqwest::Client::builder().build().map_err(|e| AgentError::Config(e.to_string()))?,
+                qemu,
+            ),
             instances_dir: config.state_dir.join("instances"),
             metadata: metadata::MetadataServers::new(qemu, run_dir),
             qemu,
@@ -286,8 +293,8 @@ impl Agent {
             making: Default::default(),
             image_cache_ttl: Duration::from_secs(config.image_cache_ttl_secs),
         };
-        let cp = ControlPlane::new(&config.control_plane, http);
-        Ok(Agent { cp, config, reconciler, late, capacity: (vcpus, memory_mib, disk_gib), store: None, observed: Default::default() })
+        let cp = ControlPlane::new(&config.control_plane, http.clone());
+        Ok(Agent { cp, config, reconciler, late, capacity: (vcpus, memory_mib, disk_gib), store: None, observed: Default::default(), cp_http: http })
     }
 
     /// Events of the agent's work (guest started, removed).
@@ -363,7 +370,7 @@ impl Agent {
 
     /// The image store is reached with the host's credential.
     fn set_store_access(&self, cred: &HostCredential) {
-        let access = images::StoreAccess { base: self.config.control_plane.clone(), bearer: cred.bearer() };
+        let access = images::StoreAccess { base: self.config.control_plane.clone(), bearer: cred.bearer(), client: self.cp_http.clone() };
         *self.reconciler.images.store.write().unwrap_or_else(|p| p.into_inner()) = Some(access);
     }
 
@@ -387,8 +394,10 @@ impl Agent {
         let images = std::mem::take(&mut *self.reconciler.image_problems.lock().unwrap_or_else(|p| p.into_inner()));
         let report = Report { observations, problems, images };
         if let Err(e) = self.cp.report(cred, &report).await {
-            // Kept for the next report.
-            self.reconciler.image_problems.lock().unwrap_or_else(|p| p.into_inner()).extend(report.images);
+            // Kept for the next report (within what one report may carry).
+            for p in report.images {
+                self.reconciler.image_problem(&p.image_id, p.message);
+            }
             return Err(e);
         }
         self.reconciler.console.delivered(&report.observations);
@@ -443,7 +452,9 @@ impl Agent {
             if tls {
                 let identity = format!("{}{}", certified.cert_pem, certified.key_pem);
                 let http = control_plane_client(&self.config, Some(identity.as_bytes())).await?;
-                self.cp = ControlPlane::new(&self.config.control_plane, http);
+                self.cp = ControlPlane::new(&self.config.control_plane, http.clone());
+                self.cp_http = http;
+                self.set_store_access(&cred);
                 tracing::info!("mutual TLS with the control plane");
             }
             if let Some(listen) = self.config.store_listen {

@@ -336,7 +336,9 @@ impl Reconciler {
         }
     }
 
-    fn image_problem(&self, image_id: &str, message: String) {
+    /// Queues a problem for the next report: one per image, at most
+    /// [`nimbus_proto::agent::MAX_IMAGE_PROBLEMS`] (what a report may carry).
+    pub(crate) fn image_problem(&self, image_id: &str, message: String) {
         let mut p = self.image_problems.lock().unwrap_or_else(|p| p.into_inner());
         if !p.iter().any(|x| x.image_id == image_id) && p.len() < nimbus_proto::agent::MAX_IMAGE_PROBLEMS {
             p.push(ImageProblem { image_id: image_id.to_string(), message });

@@ -46,6 +46,12 @@ async fn agents_use_mutual_tls_and_plaintext_is_refused() {
     // Over TLS without a client certificate: the credential alone fetches nothing.
     let anon = client(&cloud, None);
     assert_eq!(assignments(&cloud, &anon, &bearer).await.unwrap(), StatusCode::UNAUTHORIZED);
+    // Nor does it reach the image store (tenants' disks).
+    let digest = "0".repeat(64);
+    let r = anon.get(format!("{}/v1/agent/images/{digest}", cloud.agent_url())).bearer_auth(&bearer).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "image download with the credential alone");
+    let r = anon.put(format!("{}/v1/agent/images/ami-0123456789abcdef0", cloud.agent_url())).bearer_auth(&bearer).body("x").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "image upload with the credential alone");
     // With the host's own certificate: answered.
     let tls = a.state_dir.join("tls");
     let own = format!(

@@ -101,11 +101,12 @@ pub fn routes() -> Router<Service> {
         .route("/v1/agent/images/{id}", get(download_image).put(upload_image).layer(DefaultBodyLimit::disable()))
 }
 
-/// An agent uploads the disk of an image it made (CreateImage); the
+/// An agent uploads the disk of an image it made (CreateImage), with its
+/// certificate on the TLS listener as for assignments; the
 /// digest and virtual size come in headers (see `nimbus_proto::agent`).
 async fn upload_image(
     State(s): State<Service>,
-    HostAuth(host): HostAuth,
+    CertifiedHost(host): CertifiedHost,
     Path(image_id): Path<String>,
     headers: axum::http::HeaderMap,
     body: axum::body::Body,
@@ -126,7 +127,7 @@ async fn upload_image(
 
 /// A host fetches a disk of the image store (named by its SHA-256) that
 /// one of its instances boots.
-async fn download_image(State(s): State<Service>, HostAuth(host): HostAuth, Path(sha256): Path<String>) -> Result<axum::response::Response> {
+async fn download_image(State(s): State<Service>, CertifiedHost(host): CertifiedHost, Path(sha256): Path<String>) -> Result<axum::response::Response> {
     use axum::response::IntoResponse;
     let (file, len) = s.stored_image_for_host(&host, &sha256).await?;
     let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));

@@ -360,6 +360,17 @@ impl Service {
                 return Err(e);
             }
         };
+        // The image stays launchable until we commit: a DeregisterImage
+        // (which locks the row FOR UPDATE) waits for this launch, and then
+        // sees its instances; one that committed first makes this launch fail.
+        let launchable: Option<(i32,)> = sqlx::query_as("SELECT 1 FROM images WHERE id = $1 AND state = 'available' FOR SHARE")
+            .bind(&spec.image_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if launchable.is_none() {
+            tx.rollback().await?;
+            return Err(ServiceError::ImageNotFound(spec.image_id.clone()));
+        }
         // Named subnets: as many instances as they have free addresses for.
         if let Some(fit) = self.fit_addresses(&mut tx, net).await? {
             if fit < spec.min {

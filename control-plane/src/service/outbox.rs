@@ -192,12 +192,22 @@ impl Relay {
     }
 
     /// One pass over a batch: every step for each pending instance. Returns
-    /// how many instances were published; the first store error ends the pass.
+    /// how many instances were published; the first store or database error
+    /// ends the pass. An instance whose document cannot be rendered (bad
+    /// data in its row) is logged and left in the outbox: it does not hold
+    /// back the others.
     pub async fn pass(&self) -> std::result::Result<usize, RelayError> {
         let pending = self.pending().await?;
         let mut done = 0;
         for (instance_id, waiting) in pending {
-            match self.render(&instance_id).await? {
+            let rendered = match self.render(&instance_id).await {
+                Err(RelayError::Render(e)) => {
+                    tracing::error!(%instance_id, error = %e, "outbox relay: cannot render the instance's document; skipped");
+                    continue;
+                }
+                other => other?,
+            };
+            match rendered {
                 Some(doc) => {
                     let version = doc.version as i64;
                     let outcome = self.publish(&doc).await?;
