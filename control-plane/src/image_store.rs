@@ -37,9 +37,7 @@ pub struct ImageStore {
 }
 
 /// Whether `s` is 64 lower-case hex digits (a file name in the store).
-pub fn is_digest(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
+pub use nimbus_proto::image::is_sha256_hex as is_digest;
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::Io { path: path.display().to_string(), source }
@@ -60,6 +58,14 @@ impl Staged {
             if let Err(e) = tokio::fs::rename(&tmp, &self.target).await {
                 let _ = std::fs::remove_file(&tmp);
                 return Err(io(&self.target)(e));
+            }
+            // The rename is durable before the image is said to be available.
+            if let Some(dir) = self.target.parent() {
+                let dir = dir.to_path_buf();
+                tokio::task::spawn_blocking(move || std::fs::File::open(&dir).and_then(|d| d.sync_all()))
+                    .await
+                    .map_err(|e| StoreError::Io { path: self.target.display().to_string(), source: std::io::Error::other(e) })?
+                    .map_err(io(&self.target))?;
             }
         }
         Ok(self.size)

@@ -123,20 +123,29 @@ impl ImageCache {
 
     /// Removes the cached files (by digest) not in `in_use` whose last use
     /// is older than `ttl`; returns the digests removed.
+    /// Returns the digests removed (leftovers of interrupted work go too,
+    /// by the same age rule, and are not listed).
     pub async fn sweep(&self, in_use: &std::collections::HashSet<String>, ttl: std::time::Duration) -> Vec<String> {
         let mut removed = Vec::new();
         let Ok(mut dir) = tokio::fs::read_dir(&self.dir).await else { return removed };
         let now = std::time::SystemTime::now();
         while let Ok(Some(entry)) = dir.next_entry().await {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let is_digest = name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit());
-            if !is_digest || in_use.contains(&name) || self.busy(&name) {
+            // Leftovers of a fetch or an image make that a crash cut short
+            // (a running one writes its file all the time, so it is never this old).
+            let leftover = name.starts_with('.') && (name.ends_with(".part") || name.starts_with(".make-"));
+            let is_digest = nimbus_proto::image::is_sha256_hex(&name);
+            if !(is_digest || leftover) || in_use.contains(&name) || self.busy(&name) {
                 continue;
             }
             let Ok(modified) = entry.metadata().await.and_then(|m| m.modified()) else { continue };
             if now.duration_since(modified).unwrap_or_default() >= ttl && tokio::fs::remove_file(entry.path()).await.is_ok() {
-                tracing::info!(sha256 = %name, "unused image file removed from the cache");
-                removed.push(name);
+                if leftover {
+                    tracing::info!(file = %name, "leftover of an interrupted fetch or image removed from the cache");
+                } else {
+                    tracing::info!(sha256 = %name, "unused image file removed from the cache");
+                    removed.push(name);
+                }
             }
         }
         removed
@@ -261,8 +270,13 @@ mod tests {
 
         // The sweep keeps files in use and recently used ones, and removes the rest.
         let in_use: std::collections::HashSet<String> = [good.sha256.clone()].into();
+        let leftover = cache.dir().join(".make-ami-0123456789abcdef0.qcow2");
+        std::fs::write(&leftover, b"half an image").unwrap();
         assert!(cache.sweep(&in_use, std::time::Duration::ZERO).await.is_empty());
+        assert!(!leftover.exists(), "an old leftover goes");
+        std::fs::write(&leftover, b"half an image").unwrap();
         assert!(cache.sweep(&Default::default(), std::time::Duration::from_secs(3600)).await.is_empty());
+        assert!(leftover.exists(), "a recent one stays (its make may be running)");
         assert_eq!(cache.sweep(&Default::default(), std::time::Duration::ZERO).await, vec![good.sha256.clone()]);
         assert!(!path.exists());
         // Fetched again when needed.

@@ -51,7 +51,7 @@ pub const HOST_SECRET_LEN: usize = 64;
 
 /// Whether `s` has the form of a host secret.
 pub fn is_host_secret(s: &str) -> bool {
-    s.len() == HOST_SECRET_LEN && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    crate::is_lower_hex(s, HOST_SECRET_LEN)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

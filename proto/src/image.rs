@@ -5,6 +5,12 @@ use crate::api::{BootStyle, ImageFile, RegisterImageRequest};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
+/// Whether `s` is a SHA-256 as Nimbus writes them: 64 lower-case hex digits
+/// (image files are named by it in caches and the image store).
+pub fn is_sha256_hex(s: &str) -> bool {
+    crate::is_lower_hex(s, 64)
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 pub struct ImageManifest {
     pub name: String,

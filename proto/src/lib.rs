@@ -17,3 +17,8 @@ pub mod network;
 pub mod state;
 
 pub use state::{Desired, InstanceState, ObservedState};
+
+/// Whether `s` is exactly `len` lower-case hex digits.
+pub fn is_lower_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
