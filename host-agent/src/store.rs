@@ -2,8 +2,10 @@
 //!
 //! Why embedded rather than a process the agent supervises: the metadata
 //! service (this process) reads its guests' documents from the node's local
-//! replica on every request, and in-process that read is a function call
-//! on the node's storage (microseconds, no socket, no serialisation); the
+//! replica on every refresh, and in-process that read is a function call
+//! on the node's storage (microseconds, no socket, no serialisation) for
+//! every document this node holds a replica of (the others are quorum
+//! reads); the
 //! node shares the agent's lifetime, its TLS identity and its logs, and
 //! there is one fewer daemon to install, supervise and upgrade. The cost:
 //! an agent crash takes the node down too, which the ring tolerates like

@@ -7,7 +7,7 @@
 //! key is opened in memory only, never logged, never written elsewhere.
 //!
 //! It certifies:
-//! - each host's own key pair, at registration (`POST /v1/agent/certificate`):
+//! - each host's own key pair, at every agent start (`POST /v1/agent/certificate`):
 //!   the host sends only its public key, so the host's private key never
 //!   leaves the host. The certificate names the host id (common name) and
 //!   the address of the host's store node (IP SAN); it serves both that node
