@@ -265,7 +265,19 @@ impl Agent {
             })),
         };
         tracing::info!(vpc = network.is_some(), underlay = ?config.underlay_address, "guest networking");
-        let http = control_plane_client(&config, None).await?;
+        // An https control plane: present the certificate saved at the last
+        // start, if any; renewing it needs it (a credential alone gets no
+        // certificate once the host has one).
+        let saved_identity = if config.control_plane.starts_with("https://") {
+            let tls = config.state_dir.join("tls");
+            match (tokio::fs::read_to_string(tls.join("cert.pem")).await, tokio::fs::read_to_string(tls.join("key.pem")).await) {
+                (Ok(cert), Ok(key)) => Some(format!("{cert}{key}")),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        let http = control_plane_client(&config, saved_identity.as_deref().map(str::as_bytes)).await?;
         let (events, _) = broadcast::channel(4096);
         let (late_tx, late) = mpsc::unbounded_channel();
         let reconciler = Reconciler {

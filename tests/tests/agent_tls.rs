@@ -45,6 +45,7 @@ async fn agents_use_mutual_tls_and_plaintext_is_refused() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     // Over TLS without a client certificate: the credential alone fetches nothing.
     let anon = client(&cloud, None);
+    use base64::Engine;
     assert_eq!(assignments(&cloud, &anon, &bearer).await.unwrap(), StatusCode::UNAUTHORIZED);
     // Nor does it reach the image store (tenants' disks).
     let digest = "0".repeat(64);
@@ -59,13 +60,24 @@ async fn agents_use_mutual_tls_and_plaintext_is_refused() {
         std::fs::read_to_string(tls.join("cert.pem")).unwrap(),
         std::fs::read_to_string(tls.join("key.pem")).unwrap()
     );
-    assert_eq!(assignments(&cloud, &client(&cloud, Some(own)), &bearer).await.unwrap(), StatusCode::OK);
+    assert_eq!(assignments(&cloud, &client(&cloud, Some(own.clone())), &bearer).await.unwrap(), StatusCode::OK);
+    // A certificate for the credential alone, once the host holds one: refused
+    // (a thief's key is not certified); renewing with the current one: issued.
+    let thief = rcgen::KeyPair::generate().unwrap();
+    let thief_req = json!({"public_key": base64::engine::general_purpose::STANDARD.encode(thief.public_key_raw())});
+    let r = anon.post(format!("{}/v1/agent/certificate", cloud.agent_url())).bearer_auth(&bearer).json(&thief_req).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "a certificate for the credential alone");
+    assert_eq!(assignments(&cloud, &client(&cloud, Some(own.clone())), &bearer).await.unwrap(), StatusCode::OK, "the real host is not displaced");
+    // The agent restarts: it renews presenting its saved certificate, and works on.
+    let mut a = a;
+    cloud.start_agent(&mut a).await.unwrap();
+    let second = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano"})).await.unwrap());
+    cloud.wait_for_state(&second, "running", T).await.expect("the restarted agent renewed its certificate");
     // Another host's certificate (of the same CA) with this host's credential: refused.
     let r = anon.post(format!("{}/v1/agent/register", cloud.agent_url())).bearer_auth(&cloud.join_token).json(&reg).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     let other: HostCredential = r.json().await.unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
-    use base64::Engine;
     let req = json!({"public_key": base64::engine::general_purpose::STANDARD.encode(key.public_key_raw())});
     let r = anon.post(format!("{}/v1/agent/certificate", cloud.agent_url())).bearer_auth(other.bearer()).json(&req).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);

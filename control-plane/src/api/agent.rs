@@ -67,6 +67,35 @@ impl FromRequestParts<Service> for CertifiedHost {
     }
 }
 
+/// A host asking for a certificate: its credential and, on the TLS
+/// listener once the host holds an unexpired certificate, that certificate
+/// (a renewal): a stolen credential alone gets no key of the thief's
+/// certified. The operator's reset (`reset-host`) clears the certificate
+/// with the credential.
+pub struct CertificateCaller(pub String);
+
+impl FromRequestParts<Service> for CertificateCaller {
+    type Rejection = ServiceError;
+    async fn from_request_parts(parts: &mut Parts, service: &Service) -> Result<Self> {
+        let via = channel(parts, service)?;
+        let token = super::bearer(&parts.headers).ok_or_else(|| ServiceError::AuthFailure("missing host credential".into()))?;
+        let host = service.authenticate_host(token).await?;
+        if let Some(super::tls::ClientCertificate(presented)) = via {
+            if let Some(issued) = service.unexpired_host_certificate_digest(&host).await? {
+                match presented {
+                    Some(p) if bool::from(subtle::ConstantTimeEq::ct_eq(p.as_slice(), issued.as_slice())) => {}
+                    _ => {
+                        return Err(ServiceError::AuthFailure(
+                            "this host holds a certificate: renew it presenting that certificate (or have the operator reset the host)".into(),
+                        ))
+                    }
+                }
+            }
+        }
+        Ok(CertificateCaller(host))
+    }
+}
+
 /// A caller holding the join token (checked before any body is read).
 pub struct JoinToken;
 
@@ -140,7 +169,7 @@ async fn register(State(s): State<Service>, _: JoinToken, ApiJson(req): ApiJson<
 }
 
 /// The host's key certified by the control plane's CA (see `service/certificates.rs`).
-async fn certificate(State(s): State<Service>, HostAuth(host): HostAuth, ApiJson(req): ApiJson<CertificateRequest>) -> Result<Json<CertificateGrant>> {
+async fn certificate(State(s): State<Service>, CertificateCaller(host): CertificateCaller, ApiJson(req): ApiJson<CertificateRequest>) -> Result<Json<CertificateGrant>> {
     Ok(Json(s.issue_host_certificate(&host, &req).await?))
 }
 

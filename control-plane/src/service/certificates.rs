@@ -30,6 +30,16 @@ impl Service {
         Ok(row.and_then(|(d,)| d))
     }
 
+    /// The digest of `host_id`'s certificate while it is valid.
+    pub async fn unexpired_host_certificate_digest(&self, host_id: &str) -> Result<Option<Vec<u8>>> {
+        let row: Option<(Option<Vec<u8>>,)> =
+            sqlx::query_as("SELECT tls_cert_sha256 FROM hosts WHERE id = $1 AND tls_cert_not_after > now()")
+                .bind(host_id)
+                .fetch_optional(&self.db)
+                .await?;
+        Ok(row.and_then(|(d,)| d))
+    }
+
     /// Certifies `host_id`'s public key (and its store node's address),
     /// records the certificate's digest and the node's address, and
     /// answers the certificate, the CA and the ring's seeds.

@@ -260,9 +260,13 @@ impl Service {
     /// name): the current credential stops working at once, and the next
     /// registration of the name with the join token takes the host (its id,
     /// its instances) over. For a reinstalled machine, or a lost credential.
+    /// Its certificate goes too (the new machine has its key certified).
     pub async fn reset_host_credential(&self, host: &str) -> Result<String> {
         let row: Option<(String,)> =
-            sqlx::query_as("UPDATE hosts SET credential_sha256 = NULL WHERE id = $1 OR name = $1 RETURNING id")
+            sqlx::query_as(
+                "UPDATE hosts SET credential_sha256 = NULL, tls_cert_sha256 = NULL, tls_cert_not_after = NULL \
+                 WHERE id = $1 OR name = $1 RETURNING id",
+            )
                 .bind(host)
                 .fetch_optional(&self.db)
                 .await?;
