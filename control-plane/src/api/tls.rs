@@ -16,6 +16,12 @@ use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
+/// A client that has not finished its TLS handshake by then is dropped, and
+/// one that has not sent a request's head: a stalled connection holds
+/// nothing for long.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The SHA-256 of the certificate the client presented on this TLS
 /// connection (`None`: none). Absent from requests of the plaintext listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,10 +86,14 @@ pub async fn serve(
         };
         let (acceptor, router) = (acceptor.clone(), router.clone());
         conns.spawn(async move {
-            let tls = match acceptor.accept(stream).await {
-                Ok(t) => t,
-                Err(e) => {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
                     return;
                 }
             };
@@ -93,7 +103,11 @@ pub async fn serve(
                 use tower::ServiceExt;
                 app.clone().oneshot(req.map(axum::body::Body::new))
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(tls), svc).await {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
+            if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "TLS connection ended");
             }
         });
