@@ -227,11 +227,12 @@ async fn the_relay_publishes_changes_on_its_own() {
     let _a = store_agent(&cloud, "a").await;
     let _b = store_agent(&cloud, "b").await;
     ring_of(&cloud, 3).await;
-    let id = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano"})).await.unwrap())[0].clone();
+    let id = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "user_data": "aGVsbG8="})).await.unwrap())[0].clone();
     cloud
         .wait_until(T, || async { Ok(stored(&cloud, &id).await.0.is_some_and(|d| d.state == "running")) })
         .await
         .expect("the running document is published");
+    assert_eq!(stored(&cloud, &id).await.0.and_then(|d| d.user_data).as_deref(), Some("aGVsbG8="));
     cloud.post("/v1/tags", json!({"resource_ids": [id], "tags": [{"key": "k", "value": "v"}]})).await.unwrap();
     cloud
         .wait_until(T, || async { Ok(stored(&cloud, &id).await.0.is_some_and(|d| d.tags == vec![("k".into(), "v".into())])) })
@@ -245,6 +246,14 @@ async fn the_relay_publishes_changes_on_its_own() {
         .wait_until(T, || async { Ok(stored(&cloud, &id).await.0.is_some_and(|d| d.instance_type == "t3.micro")) })
         .await
         .expect("the new instance type is published");
+    // Terminated: the document says so and keeps no user-data.
+    cloud.post("/v1/instances/terminate", json!({"instance_ids": [id]})).await.unwrap();
+    cloud
+        .wait_until(T, || async { Ok(stored(&cloud, &id).await.0.is_some_and(|d| d.state == "terminated")) })
+        .await
+        .expect("the terminated document is published");
+    let doc = stored(&cloud, &id).await.0.unwrap();
+    assert_eq!((doc.user_data, doc.public_keys.len()), (None, 0), "a terminated instance's document keeps no secrets");
     assert_eq!(cloud.service.relay().backlog().await.unwrap(), 0);
 }
 

@@ -151,6 +151,10 @@ impl Relay {
                 .await?;
         let nics = instance_nics(&mut tx, &id).await?;
         tx.commit().await?;
+        // A terminated instance's document keeps what describes it, not its
+        // secrets: no guest will read them again, and replicas keep documents.
+        let (user_data, key_name, public_key) =
+            if state == "terminated" { (None, None, None) } else { (user_data, key_name, public_key) };
         use base64::Engine;
         Ok(Some(InstanceDocument {
             version: version as u64,
