@@ -542,6 +542,9 @@ impl Service {
         if !running.is_empty() || !terminated.is_empty() {
             tracing::info!(%host_id, running = running.len(), terminated = terminated.len(), "instance states observed");
         }
+        if !terminated.is_empty() {
+            self.drop_stored_disks_of(&terminated).await;
+        }
         Ok(())
     }
 

@@ -614,6 +614,28 @@ impl Service {
         Ok(())
     }
 
+    /// After `terminated` ended: the stored disks of deregistered images
+    /// they ran go once no instance needs them (errors are logged; the next
+    /// start's sweep repeats it).
+    pub(crate) async fn drop_stored_disks_of(&self, terminated: &[String]) {
+        let digests: std::result::Result<Vec<(String,)>, sqlx::Error> = sqlx::query_as(
+            "SELECT DISTINCT m.root_disk_sha256 FROM instances i JOIN images m ON m.id = i.image_id \
+             WHERE i.id = ANY($1) AND m.root_disk_in_store AND m.state = 'deregistered' AND m.root_disk_sha256 IS NOT NULL",
+        )
+        .bind(terminated)
+        .fetch_all(&self.db)
+        .await;
+        let digests = digests.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot look up the stored disks of terminated instances");
+            Vec::new()
+        });
+        for (digest,) in digests {
+            if let Err(e) = self.drop_stored_if_unused(&digest).await {
+                tracing::warn!(sha256 = %digest, error = %e, "cannot remove an image file from the store; the next sweep does");
+            }
+        }
+    }
+
     /// Removes from the store every file no image needs (see
     /// [`Service::drop_stored_if_unused`]), and with `at_start` the
     /// leftovers of uploads a crash cut short.
