@@ -123,7 +123,17 @@ pub struct MetadataServers {
     /// The host's state-store node, once it runs: documents newer than the
     /// assignments' copies come from it (see [`MetadataServers::refresh`]).
     store: Arc<std::sync::OnceLock<Arc<nimbus_state_store::Node>>>,
+    /// Refreshes so far: quorum reads run on every [`QUORUM_EVERY`]th.
+    refreshes: Arc<std::sync::atomic::AtomicU64>,
 }
+
+/// Documents this host holds no replica of (or an older one) are read by
+/// quorum on every this-many refreshes only, at most [`QUORUM_READS_AT_ONCE`]
+/// at a time: in a ring larger than N nodes most documents are not local,
+/// and a quorum read per guest per refresh would be network work on the
+/// metadata service's hot path.
+const QUORUM_EVERY: u64 = 5;
+const QUORUM_READS_AT_ONCE: usize = 8;
 
 /// How long a quorum read of a document may take (when the local replica
 /// has none: this host holds no replica of it, or has not received it yet).
@@ -224,7 +234,15 @@ async fn new_token(State(g): State<Guest>, headers: axum::http::HeaderMap) -> Re
 
 impl MetadataServers {
     pub fn new(qemu: crate::access::QemuUser, dir: PathBuf) -> MetadataServers {
-        MetadataServers { entries: Arc::default(), addresses: Arc::default(), vpc_listeners: Arc::default(), qemu, dir, store: Arc::default() }
+        MetadataServers {
+            entries: Arc::default(),
+            addresses: Arc::default(),
+            vpc_listeners: Arc::default(),
+            qemu,
+            dir,
+            store: Arc::default(),
+            refreshes: Arc::default(),
+        }
     }
 
     /// The socket of an instance's metadata server.
@@ -297,8 +315,25 @@ impl MetadataServers {
             .iter()
             .map(|(id, e)| (id.clone(), e.guest.content.read().unwrap_or_else(|p| p.into_inner()).meta.version))
             .collect();
+        let quorum_due = self.refreshes.fetch_add(1, std::sync::atomic::Ordering::Relaxed).is_multiple_of(QUORUM_EVERY);
+        let mut remote = Vec::new();
         for (id, served) in ids {
-            if let Some(d) = read_document(&node, &id, served).await {
+            match local_document(&node, &id) {
+                Some(d) if d.version >= served => {
+                    self.install(Content::from_document(d), false);
+                }
+                _ if quorum_due => remote.push(id),
+                _ => {}
+            }
+        }
+        use futures::StreamExt;
+        let mut reads = futures::stream::iter(remote).map(|id| {
+            let node = node.clone();
+            async move { quorum_document(&node, &id).await }
+        })
+        .buffer_unordered(QUORUM_READS_AT_ONCE);
+        while let Some(read) = reads.next().await {
+            if let Some(d) = read {
                 self.install(Content::from_document(d), false);
             }
         }
@@ -480,29 +515,39 @@ impl MetadataServers {
 /// The document of `id`: the host's replica when it has one at least
 /// `at_least` new, else a quorum read. Only a document that names `id`.
 async fn read_document(node: &Arc<nimbus_state_store::Node>, id: &str, at_least: u64) -> Option<InstanceDocument> {
-    let key = document_key(id);
-    let local = match node.storage().get(key.as_bytes()) {
-        Ok(r) => r.map(|r| r.values()).and_then(|v| newest_document(&v)),
+    match local_document(node, id) {
+        Some(d) if d.version >= at_least => Some(d),
+        _ => quorum_document(node, id).await,
+    }
+}
+
+/// The host's replica's copy of `id`'s document, if it holds one.
+fn local_document(node: &Arc<nimbus_state_store::Node>, id: &str) -> Option<InstanceDocument> {
+    match node.storage().get(document_key(id).as_bytes()) {
+        Ok(r) => only_its_own(id, r.map(|r| r.values()).and_then(|v| newest_document(&v))),
         Err(e) => {
             tracing::warn!(instance_id = %id, error = %e, "cannot read the local replica");
             None
         }
-    };
-    let doc = match local {
-        Some(d) if d.version >= at_least => Some(d),
-        _ => {
-            use nimbus_state_store::KvClient;
-            let client = nimbus_state_store::LocalClient(node.clone());
-            match tokio::time::timeout(QUORUM_READ_TIMEOUT, client.get(key.as_bytes())).await {
-                Ok(Ok(got)) => newest_document(&got.values),
-                Ok(Err(e)) => {
-                    tracing::debug!(instance_id = %id, error = %e, "quorum read of a document failed");
-                    None
-                }
-                Err(_) => None,
-            }
+    }
+}
+
+/// `id`'s document by a quorum read (bounded by [`QUORUM_READ_TIMEOUT`]).
+async fn quorum_document(node: &Arc<nimbus_state_store::Node>, id: &str) -> Option<InstanceDocument> {
+    use nimbus_state_store::KvClient;
+    let client = nimbus_state_store::LocalClient(node.clone());
+    match tokio::time::timeout(QUORUM_READ_TIMEOUT, client.get(document_key(id).as_bytes())).await {
+        Ok(Ok(got)) => only_its_own(id, newest_document(&got.values)),
+        Ok(Err(e)) => {
+            tracing::debug!(instance_id = %id, error = %e, "quorum read of a document failed");
+            None
         }
-    };
+        Err(_) => None,
+    }
+}
+
+/// A document is only ever `id`'s if it names `id`.
+fn only_its_own(id: &str, doc: Option<InstanceDocument>) -> Option<InstanceDocument> {
     match doc {
         Some(d) if d.instance_id == id => Some(d),
         Some(d) => {
