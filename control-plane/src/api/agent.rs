@@ -39,10 +39,23 @@ pub struct HostAuth(pub String);
 impl FromRequestParts<Service> for HostAuth {
     type Rejection = ServiceError;
     async fn from_request_parts(parts: &mut Parts, service: &Service) -> Result<Self> {
-        channel(parts, service)?;
-        let token = super::bearer(&parts.headers).ok_or_else(|| ServiceError::AuthFailure("missing host credential".into()))?;
-        service.authenticate_host(token).await.map(HostAuth)
+        host_and_channel(parts, service).await.map(|(host, _)| HostAuth(host))
     }
+}
+
+/// The host whose credential the request carries, and what came through
+/// the TLS listener (the digest of the client certificate, if any); `None`
+/// for the plaintext listener.
+async fn host_and_channel(parts: &Parts, service: &Service) -> Result<(String, Option<Option<[u8; 32]>>)> {
+    let via = channel(parts, service)?;
+    let token = super::bearer(&parts.headers).ok_or_else(|| ServiceError::AuthFailure("missing host credential".into()))?;
+    let host = service.authenticate_host(token).await?;
+    Ok((host, via.map(|super::tls::ClientCertificate(c)| c)))
+}
+
+/// Whether the presented certificate is the one issued (constant time).
+fn is_issued(presented: Option<[u8; 32]>, issued: &[u8]) -> bool {
+    presented.is_some_and(|p| bool::from(subtle::ConstantTimeEq::ct_eq(p.as_slice(), issued)))
 }
 
 /// A host authenticated by its credential and, on the TLS listener, by the
@@ -53,14 +66,11 @@ pub struct CertifiedHost(pub String);
 impl FromRequestParts<Service> for CertifiedHost {
     type Rejection = ServiceError;
     async fn from_request_parts(parts: &mut Parts, service: &Service) -> Result<Self> {
-        let via = channel(parts, service)?;
-        let token = super::bearer(&parts.headers).ok_or_else(|| ServiceError::AuthFailure("missing host credential".into()))?;
-        let host = service.authenticate_host(token).await?;
-        if let Some(super::tls::ClientCertificate(presented)) = via {
+        let (host, via) = host_and_channel(parts, service).await?;
+        if let Some(presented) = via {
             let issued = service.host_certificate_digest(&host).await?;
-            match (presented, issued) {
-                (Some(p), Some(i)) if bool::from(subtle::ConstantTimeEq::ct_eq(p.as_slice(), i.as_slice())) => {}
-                _ => return Err(ServiceError::AuthFailure("this host's certificate is required (POST /v1/agent/certificate)".into())),
+            if !issued.is_some_and(|i| is_issued(presented, &i)) {
+                return Err(ServiceError::AuthFailure("this host's certificate is required (POST /v1/agent/certificate)".into()));
             }
         }
         Ok(CertifiedHost(host))
@@ -77,18 +87,13 @@ pub struct CertificateCaller(pub String);
 impl FromRequestParts<Service> for CertificateCaller {
     type Rejection = ServiceError;
     async fn from_request_parts(parts: &mut Parts, service: &Service) -> Result<Self> {
-        let via = channel(parts, service)?;
-        let token = super::bearer(&parts.headers).ok_or_else(|| ServiceError::AuthFailure("missing host credential".into()))?;
-        let host = service.authenticate_host(token).await?;
-        if let Some(super::tls::ClientCertificate(presented)) = via {
+        let (host, via) = host_and_channel(parts, service).await?;
+        if let Some(presented) = via {
             if let Some(issued) = service.unexpired_host_certificate_digest(&host).await? {
-                match presented {
-                    Some(p) if bool::from(subtle::ConstantTimeEq::ct_eq(p.as_slice(), issued.as_slice())) => {}
-                    _ => {
-                        return Err(ServiceError::AuthFailure(
-                            "this host holds a certificate: renew it presenting that certificate (or have the operator reset the host)".into(),
-                        ))
-                    }
+                if !is_issued(presented, &issued) {
+                    return Err(ServiceError::AuthFailure(
+                        "this host holds a certificate: renew it presenting that certificate (or have the operator reset the host)".into(),
+                    ));
                 }
             }
         }
