@@ -369,17 +369,24 @@ async fn metadata_is_served_from_the_store_through_an_outage() {
     assert_eq!(cloud.service.relay().backlog().await.unwrap(), 0);
 }
 
-/// Console tails and status checks go from the host to the store, and
-/// GetConsoleOutput and DescribeInstanceStatus read them there.
-#[tokio::test(flavor = "multi_thread")]
-async fn console_output_and_status_checks_come_from_the_store() {
-    use nimbus_proto::metadata::{console_key, status_key, Check, StatusRecord};
+/// A cloud with the test image, two hosts running store nodes (a ring of
+/// three with the control plane's), and an EC2 account.
+async fn ec2_ring() -> (Cloud, String, AgentHandle, AgentHandle, nimbus_tests::Ec2Keys) {
     let cloud = Cloud::start().await.unwrap();
     let img = cloud.register_test_image().await.unwrap().image_id;
     let a = store_agent(&cloud, "a").await;
     let b = store_agent(&cloud, "b").await;
     ring_of(&cloud, 3).await;
     let alice = cloud.ec2_account("alice").await.unwrap();
+    (cloud, img, a, b, alice)
+}
+
+/// Console tails and status checks go from the host to the store, and
+/// GetConsoleOutput and DescribeInstanceStatus read them there.
+#[tokio::test(flavor = "multi_thread")]
+async fn console_output_and_status_checks_come_from_the_store() {
+    use nimbus_proto::metadata::{console_key, status_key, Check, StatusRecord};
+    let (cloud, img, a, b, alice) = ec2_ring().await;
     let (status, xml) = cloud.ec2(&alice, &format!("Action=RunInstances&ImageId={img}&InstanceType=t3.nano&MinCount=1&MaxCount=1")).await.unwrap();
     assert_eq!(status, 200, "{xml}");
     let id = xml_values(&xml, "instanceId")[0].to_string();
@@ -433,12 +440,7 @@ async fn console_output_and_status_checks_come_from_the_store() {
 /// service within a bounded time of the call; bad values refused.
 #[tokio::test(flavor = "multi_thread")]
 async fn metadata_options_at_launch_and_modified() {
-    let cloud = Cloud::start().await.unwrap();
-    let img = cloud.register_test_image().await.unwrap().image_id;
-    let a = store_agent(&cloud, "a").await;
-    let b = store_agent(&cloud, "b").await;
-    ring_of(&cloud, 3).await;
-    let alice = cloud.ec2_account("alice").await.unwrap();
+    let (cloud, img, a, b, alice) = ec2_ring().await;
     let (status, xml) = cloud
         .ec2(&alice, &format!("Action=RunInstances&ImageId={img}&InstanceType=t3.nano&MinCount=1&MaxCount=1&MetadataOptions.HttpTokens=sometimes"))
         .await
