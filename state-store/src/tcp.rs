@@ -523,6 +523,25 @@ pub fn serve_tls(node: Arc<Node>, listener: tokio::net::TcpListener, tls: TlsCon
     serve_with(node, listener, Some(tls.acceptor()))
 }
 
+/// Closes a connection whose TLS handshake was refused, after the alert
+/// that says why: our side first, then what the client sent meanwhile (with
+/// TLS 1.3 a client may already send its request) is read and dropped for a
+/// moment. Dropping a socket with unread bytes makes the kernel answer with
+/// a reset, which can destroy the alert before the client reads it: the
+/// client would then see a broken connection, not a refusal.
+async fn close_refused(stream: &mut tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = stream.shutdown().await;
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(REFUSED_LINGER, async {
+        while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
+/// How long a refused connection is drained before it is dropped.
+const REFUSED_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+
 fn serve_with(
     node: Arc<Node>,
     listener: tokio::net::TcpListener,
@@ -557,11 +576,12 @@ fn serve_with(
                     Ok(1) => return serve_plain(node, router, stream, Peer::Plaintext).await,
                     _ => return,
                 }
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream).into_fallible()).await {
                     Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
+                    Ok(Err((e, mut stream))) => {
                         tracing::warn!(%remote, error = %io_reason(&e), "TLS handshake refused");
                         node.metrics().tls_refused.fetch_add(1, Ordering::Relaxed);
+                        close_refused(&mut stream).await;
                         return;
                     }
                     Err(_) => {
