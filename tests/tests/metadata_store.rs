@@ -381,6 +381,17 @@ async fn ec2_ring() -> (Cloud, String, AgentHandle, AgentHandle, nimbus_tests::E
     (cloud, img, a, b, alice)
 }
 
+/// Waits until DescribeInstances (EC2 front door) shows `id` running.
+async fn ec2_running(cloud: &Cloud, keys: &nimbus_tests::Ec2Keys, id: &str) {
+    cloud
+        .wait_until(T, || async {
+            let (_, xml) = cloud.ec2(keys, &format!("Action=DescribeInstances&InstanceId.1={id}")).await?;
+            Ok(xml.contains("<name>running</name>"))
+        })
+        .await
+        .unwrap();
+}
+
 /// Console tails and status checks go from the host to the store, and
 /// GetConsoleOutput and DescribeInstanceStatus read them there.
 #[tokio::test(flavor = "multi_thread")]
@@ -390,13 +401,7 @@ async fn console_output_and_status_checks_come_from_the_store() {
     let (status, xml) = cloud.ec2(&alice, &format!("Action=RunInstances&ImageId={img}&InstanceType=t3.nano&MinCount=1&MaxCount=1")).await.unwrap();
     assert_eq!(status, 200, "{xml}");
     let id = xml_values(&xml, "instanceId")[0].to_string();
-    cloud
-        .wait_until(T, || async {
-            let (_, xml) = cloud.ec2(&alice, &format!("Action=DescribeInstances&InstanceId.1={id}")).await?;
-            Ok(xml.contains("<name>running</name>"))
-        })
-        .await
-        .unwrap();
+    ec2_running(&cloud, &alice, &id).await;
     // The test driver runs no guest: write its console as a guest would.
     let host = cloud.host_of(&id).await.unwrap();
     let dir = if a.host_id.as_deref() == Some(&host) { a.state_dir.clone() } else { b.state_dir.clone() };
@@ -461,13 +466,7 @@ async fn metadata_options_at_launch_and_modified() {
     let id = xml_values(&xml, "instanceId")[0].to_string();
     assert_eq!(xml_values(&xml, "httpTokens"), vec!["required"]);
     assert_eq!(xml_values(&xml, "instanceMetadataTags"), vec!["enabled"]);
-    cloud
-        .wait_until(T, || async {
-            let (_, xml) = cloud.ec2(&alice, &format!("Action=DescribeInstances&InstanceId.1={id}")).await?;
-            Ok(xml.contains("<name>running</name>"))
-        })
-        .await
-        .unwrap();
+    ec2_running(&cloud, &alice, &id).await;
     let host = cloud.host_of(&id).await.unwrap();
     let agent = if a.host_id.as_deref() == Some(&host) { &a } else { &b };
     let socket = agent.metadata_socket(&id);
