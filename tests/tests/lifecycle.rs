@@ -190,6 +190,21 @@ async fn client_token_makes_launch_idempotent() {
     assert_eq!(reservations.len(), 1);
     let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM instances").fetch_one(cloud.db()).await.unwrap();
     assert_eq!(n, 3);
+
+    // A retry after what the launch named is gone (its key pair deleted,
+    // its image deregistered) is still a retry: the original reservation.
+    let body = json!({"instance_type": "t3.nano", "client_token": "tok-3", "image_id": other["image_id"], "key_name": "k22"});
+    let first = cloud.post("/v1/instances", body.clone()).await.unwrap();
+    cloud.call(Method::DELETE, "/v1/key-pairs/k22", None).await.unwrap();
+    let id = other["image_id"].as_str().unwrap();
+    let (status, _) = cloud.call_as(Some(&cloud.admin_token), Method::DELETE, &format!("/v1/images/{id}"), None).await.unwrap();
+    assert!(status.is_success(), "deregistered: {status}");
+    let again = cloud.post("/v1/instances", body.clone()).await.unwrap();
+    assert_eq!(again["reservation_id"], first["reservation_id"], "a retry: {again}");
+    let (status, err) = cloud.call(Method::POST, "/v1/instances", Some(json!({"instance_type": "t3.nano", "image_id": id}))).await.unwrap();
+    assert_eq!((status, err["code"].as_str()), (StatusCode::BAD_REQUEST, Some("InvalidAMIID.NotFound")), "a new launch is refused: {err}");
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM instances").fetch_one(cloud.db()).await.unwrap();
+    assert_eq!(n, 4);
 }
 
 #[tokio::test]

@@ -118,37 +118,48 @@ struct LaunchSpec {
     key_name: Option<String>,
     public_key: Option<String>,
     tags: Vec<(String, String)>,
-    /// The network part of the request as given (for the digest).
-    network_key: String,
     metadata: super::metadata_options::Options,
 }
 
-impl LaunchSpec {
-    /// Digest of everything that makes two launches "the same request".
+/// What makes two launches "the same request" for a ClientToken: the
+/// request as given (the default image named when none was, tags sorted,
+/// user-data decoded), nothing that a later change could alter — a retry
+/// after the key pair was deleted or the image deregistered still finds
+/// the original reservation, as EC2's does.
+struct RequestKey<'a> {
+    image_id: &'a str,
+    instance_type: &'a str,
+    zone: Option<&'a str>,
+    /// The network part of the request as given.
+    network_key: &'a str,
+    min: u32,
+    max: u32,
+    metadata: &'a super::metadata_options::Options,
+    key_name: Option<&'a str>,
+    tags: &'a [(String, String)],
+    user_data: Option<&'a [u8]>,
+}
+
+impl RequestKey<'_> {
     fn digest(&self) -> Vec<u8> {
         let mut h = Sha256::new();
-        for part in [
-            self.image_id.as_bytes(),
-            self.instance_type.as_bytes(),
-            self.zone.as_deref().unwrap_or("").as_bytes(),
-            self.network_key.as_bytes(),
-        ] {
+        for part in [self.image_id.as_bytes(), self.instance_type.as_bytes(), self.zone.unwrap_or("").as_bytes(), self.network_key.as_bytes()] {
             h.update((part.len() as u64).to_be_bytes());
             h.update(part);
         }
         h.update(self.min.to_be_bytes());
         h.update(self.max.to_be_bytes());
         h.update(self.metadata.key());
-        let key = self.key_name.as_deref().unwrap_or("");
+        let key = self.key_name.unwrap_or("");
         h.update((key.len() as u64).to_be_bytes());
         h.update(key.as_bytes());
-        for (k, v) in &self.tags {
+        for (k, v) in self.tags {
             h.update((k.len() as u64).to_be_bytes());
             h.update(k.as_bytes());
             h.update((v.len() as u64).to_be_bytes());
             h.update(v.as_bytes());
         }
-        match &self.user_data {
+        match self.user_data {
             Some(u) => {
                 h.update([1]);
                 h.update(u);
@@ -262,6 +273,38 @@ impl Service {
 
     pub async fn run_instances(&self, caller: &Caller, req: RunInstancesRequest) -> Result<Reservation> {
         let (user_data, zone) = validate_run(&req, self.config.max_count)?;
+        let mut tags: Vec<(String, String)> = req.tags.iter().map(|t| (t.key.clone(), t.value.clone())).collect();
+        super::tags::validate_tags(&tags)?;
+        tags.sort();
+        let metadata = match &req.metadata_options {
+            Some(o) => super::metadata_options::Options::default().apply(o)?,
+            None => Default::default(),
+        };
+        // A retry is answered before anything it named is looked up again.
+        let image_named = match &req.image_id {
+            Some(id) => id.clone(),
+            None => self.default_image_id().await?.unwrap_or_default(),
+        };
+        let network_key = super::network::request_key(&req);
+        let digest = RequestKey {
+            image_id: &image_named,
+            instance_type: &req.instance_type,
+            zone: zone.as_deref(),
+            network_key: &network_key,
+            min: req.min_count,
+            max: req.max_count,
+            metadata: &metadata,
+            key_name: req.key_name.as_deref(),
+            tags: &tags,
+            user_data: user_data.as_deref(),
+        }
+        .digest();
+        if let Some(token) = req.client_token.as_deref() {
+            if let Some(reservation) = self.launched_with_token(caller, token, &digest).await? {
+                return Ok(reservation);
+            }
+        }
+
         let image = self.launch_image(caller, req.image_id.as_deref()).await?;
         let itype = self.instance_type(&req.instance_type).await?;
         fits_disk(&image, itype.disk_gib)?;
@@ -269,9 +312,6 @@ impl Service {
             Some(k) => Some(self.key_pair_public_key(caller, k).await?),
             None => None,
         };
-        let mut tags: Vec<(String, String)> = req.tags.iter().map(|t| (t.key.clone(), t.value.clone())).collect();
-        super::tags::validate_tags(&tags)?;
-        tags.sort();
         let network = self.resolve_launch_network(caller, &req).await?;
         let spec = LaunchSpec {
             image_id: image.image_id,
@@ -284,13 +324,8 @@ impl Service {
             key_name: req.key_name.clone(),
             public_key,
             tags,
-            network_key: super::network::request_key(&req),
-            metadata: match &req.metadata_options {
-                Some(o) => super::metadata_options::Options::default().apply(o)?,
-                None => Default::default(),
-            },
+            metadata,
         };
-        let digest = spec.digest();
         for attempt in 1..=MAX_PLACEMENT_ATTEMPTS {
             match self.try_launch(caller, &spec, &network, &digest, req.client_token.as_deref()).await {
                 Ok(Some(reservation)) => return Ok(reservation),
@@ -308,6 +343,24 @@ impl Service {
         Err(ServiceError::InsufficientInstanceCapacity(
             "capacity is contended by concurrent launches; try again".into(),
         ))
+    }
+
+    /// The reservation an earlier launch with this token made, if any;
+    /// IdempotentParameterMismatch if that launch asked for something else.
+    async fn launched_with_token(&self, caller: &Caller, token: &str, digest: &[u8]) -> Result<Option<Reservation>> {
+        let existing: Option<(String, Vec<u8>)> =
+            sqlx::query_as("SELECT id, request_sha256 FROM reservations WHERE account_id = $1 AND client_token = $2")
+                .bind(&caller.account_id)
+                .bind(token)
+                .fetch_optional(&self.db)
+                .await?;
+        match existing {
+            None => Ok(None),
+            Some((_, existing_digest)) if existing_digest != digest => {
+                Err(ServiceError::IdempotentParameterMismatch(token.to_string()))
+            }
+            Some((id, _)) => self.reservation(caller, &id).await.map(Some),
+        }
     }
 
     /// One launch transaction. `Ok(None)`: capacity was taken by a concurrent
@@ -335,19 +388,13 @@ impl Service {
         .execute(&mut *tx)
         .await?;
         if inserted.rows_affected() == 0 {
+            // A concurrent retry committed first.
             tx.rollback().await?;
             let token = client_token.unwrap_or_default();
-            let (existing_id, existing_digest): (String, Vec<u8>) = sqlx::query_as(
-                "SELECT id, request_sha256 FROM reservations WHERE account_id = $1 AND client_token = $2",
-            )
-            .bind(&caller.account_id)
-            .bind(token)
-            .fetch_one(&self.db)
-            .await?;
-            if existing_digest != digest {
-                return Err(ServiceError::IdempotentParameterMismatch(token.to_string()));
-            }
-            return self.reservation(caller, &existing_id).await.map(Some);
+            return match self.launched_with_token(caller, token, digest).await? {
+                Some(reservation) => Ok(Some(reservation)),
+                None => Err(ServiceError::Internal(format!("the reservation of client token {token} vanished"))),
+            };
         }
 
         // The account's limits, counted with the account row locked: a
@@ -935,22 +982,24 @@ mod tests {
 
     #[test]
     fn digest_distinguishes_parameters() {
-        let spec = |ud: Option<Vec<u8>>, max| LaunchSpec {
-            image_id: "ami-1".into(),
-            instance_type: "t3.nano".into(),
-            need: Need::default(),
-            min: 1,
-            max,
-            zone: None,
-            user_data: ud,
-            key_name: None,
-            public_key: None,
-            metadata: Default::default(),
-            tags: Vec::new(),
-            network_key: String::new(),
+        let metadata = Default::default();
+        let digest = |ud: Option<&[u8]>, max| {
+            RequestKey {
+                image_id: "ami-1",
+                instance_type: "t3.nano",
+                zone: None,
+                network_key: "",
+                min: 1,
+                max,
+                metadata: &metadata,
+                key_name: None,
+                tags: &[],
+                user_data: ud,
+            }
+            .digest()
         };
-        assert_eq!(spec(None, 1).digest(), spec(None, 1).digest());
-        assert_ne!(spec(None, 1).digest(), spec(None, 2).digest());
-        assert_ne!(spec(None, 1).digest(), spec(Some(vec![]), 1).digest());
+        assert_eq!(digest(None, 1), digest(None, 1));
+        assert_ne!(digest(None, 1), digest(None, 2));
+        assert_ne!(digest(None, 1), digest(Some(&[]), 1));
     }
 }
