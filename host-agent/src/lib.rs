@@ -300,7 +300,7 @@ impl Agent {
             late: late_tx,
             failures: Default::default(),
             network,
-            nics: Default::default(),
+            assigned: Default::default(),
             image_problems: Default::default(),
             making: Default::default(),
             image_cache_ttl: Duration::from_secs(config.image_cache_ttl_secs),

@@ -43,6 +43,8 @@ pub enum AgentEvent {
     Stopped { instance_id: String, at: Instant, forced: bool },
     /// A reboot was requested of the running guest.
     Rebooted { instance_id: String, at: Instant },
+    /// Making an image of the instance's disk began (CreateImage).
+    Imaging { instance_id: String, image_id: String },
     /// A convergence pass ended and its report was sent: `full`, a resync of
     /// every assignment (a poll that timed out, or the first); otherwise the
     /// changes a wake-up brought. `generation`: the host generation it
@@ -125,15 +127,29 @@ pub struct Reconciler {
     pub failures: Arc<std::sync::Mutex<HashMap<String, u32>>>,
     /// The VPC data plane; `None`: QEMU user-mode networking.
     pub network: Option<DataPlane>,
-    /// The VPC interfaces of every instance on this host, as last assigned
-    /// (a delta names only what changed; the data plane needs them all).
-    pub nics: Arc<std::sync::Mutex<HashMap<String, Vec<Nic>>>>,
+    /// Every instance on this host as last assigned (a delta names only
+    /// what changed): the data plane needs all the VPC interfaces, and a
+    /// task that outlives its pass (CreateImage) the latest desired state.
+    pub assigned: Arc<std::sync::Mutex<HashMap<String, Assigned>>>,
     /// Image problems for the next report (see [`ImageProblem`]).
     pub image_problems: Arc<std::sync::Mutex<Vec<ImageProblem>>>,
     /// The images this agent made or is making (CreateImage), by image id.
     pub making: Arc<std::sync::Mutex<HashSet<String>>>,
     /// Cached image files unused this long are removed (full passes).
     pub image_cache_ttl: Duration,
+}
+
+/// What the agent last heard of an instance on this host.
+#[derive(Debug, Clone)]
+pub struct Assigned {
+    pub desired: DesiredState,
+    pub nics: Vec<Nic>,
+}
+
+impl Assigned {
+    fn of(a: &Assignment) -> Self {
+        Assigned { desired: a.desired, nics: a.nics.clone() }
+    }
 }
 
 /// Attempts before a guest that cannot be converged is reported `Failed`
@@ -147,9 +163,9 @@ impl Reconciler {
     /// host that no assignment names are removed.
     pub async fn converge(&self, assignments: &[Assignment], network: &HostNetwork) -> Vec<Observation> {
         {
-            let mut known = self.nics.lock().unwrap_or_else(|p| p.into_inner());
+            let mut known = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
             known.clear();
-            known.extend(assignments.iter().filter(|a| a.desired != DesiredState::Terminated).map(|a| (a.instance_id.clone(), a.nics.clone())));
+            known.extend(assignments.iter().filter(|a| a.desired != DesiredState::Terminated).map(|a| (a.instance_id.clone(), Assigned::of(a))));
         }
         self.converge_network(network, true).await;
         let domains: HashMap<String, DomainStatus> = match self.libvirt.owned_domains(&self.host_id).await {
@@ -180,11 +196,11 @@ impl Reconciler {
     /// the periodic full [`Reconciler::converge`] catches anything missed.
     pub async fn converge_changes(&self, changes: &[Assignment], network: &HostNetwork) -> Vec<Observation> {
         {
-            let mut known = self.nics.lock().unwrap_or_else(|p| p.into_inner());
+            let mut known = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
             for a in changes {
                 match a.desired {
                     DesiredState::Terminated => known.remove(&a.instance_id),
-                    _ => known.insert(a.instance_id.clone(), a.nics.clone()),
+                    _ => known.insert(a.instance_id.clone(), Assigned::of(a)),
                 };
             }
         }
@@ -197,7 +213,7 @@ impl Reconciler {
     /// pass tries again, and guests that need the network retry with it.
     async fn converge_network(&self, network: &HostNetwork, full: bool) {
         let Some(dp) = &self.network else { return };
-        let nics: Vec<Nic> = self.nics.lock().unwrap_or_else(|p| p.into_inner()).values().flatten().cloned().collect();
+        let nics: Vec<Nic> = self.assigned.lock().unwrap_or_else(|p| p.into_inner()).values().flat_map(|a| a.nics.iter().cloned()).collect();
         if let Err(e) = dp.reconcile(network, &nics, full).await {
             tracing::warn!(error = %e, "cannot converge the VPC network");
             return;
@@ -336,6 +352,12 @@ impl Reconciler {
         }
     }
 
+    /// The instance's desired state as last assigned (`None`: terminated
+    /// or never assigned here).
+    fn desired_now(&self, instance_id: &str) -> Option<DesiredState> {
+        self.assigned.lock().unwrap_or_else(|p| p.into_inner()).get(instance_id).map(|a| a.desired)
+    }
+
     /// Queues a problem for the next report: one per image, at most
     /// [`nimbus_proto::agent::MAX_IMAGE_PROBLEMS`] (what a report may carry).
     pub(crate) fn image_problem(&self, image_id: &str, message: String) {
@@ -374,6 +396,7 @@ impl Reconciler {
     async fn try_make_image(&self, a: &Assignment, task: &ImageTask) -> Result<String, String> {
         let files = GuestFiles::new(&self.instances_dir, &a.instance_id);
         let name = domain::domain_name(&a.instance_id);
+        let _ = self.events.send(AgentEvent::Imaging { instance_id: a.instance_id.clone(), image_id: task.image_id.clone() });
         let running = self.libvirt.domain_status(&self.host_id, &a.instance_id).await.map_err(|e| e.to_string())?.is_some_and(|d| d.running);
         // A clean stop unless NoReboot; the guard keeps passes from restarting it meanwhile.
         let guard = if running && !task.no_reboot {
@@ -389,7 +412,9 @@ impl Reconciler {
         let out = self.images.dir().join(format!(".make-{}.qcow2", task.image_id));
         let converted = crate::disks::flatten(&files.root_disk(), &out).await;
         if let Some(guard) = guard {
-            if a.desired == DesiredState::Running {
+            // Started again only if it is still wanted running: a stop or a
+            // termination that came while the disk was copied wins.
+            if self.desired_now(&a.instance_id) == Some(DesiredState::Running) {
                 if let Err(e) = self.libvirt.start(&name).await {
                     tracing::warn!(instance_id = %a.instance_id, error = %e, "cannot start the instance again after imaging; the next pass does");
                 } else {
@@ -615,8 +640,8 @@ impl Reconciler {
         }
         self.metadata.stop(instance_id);
         if let Some(dp) = &self.network {
-            let nics = self.nics.lock().unwrap_or_else(|p| p.into_inner()).remove(instance_id);
-            dp.remove(&nics.unwrap_or_default()).await;
+            let gone = self.assigned.lock().unwrap_or_else(|p| p.into_inner()).remove(instance_id);
+            dp.remove(&gone.map(|a| a.nics).unwrap_or_default()).await;
         }
         self.console.forget(instance_id);
         let files = GuestFiles::new(&self.instances_dir, instance_id);
