@@ -419,6 +419,26 @@ async fn console_output_and_status_checks_come_from_the_store() {
     use base64::Engine;
     let text = base64::engine::general_purpose::STANDARD.decode(xml_values(&xml, "output").first().copied().unwrap_or_default()).unwrap_or_default();
     assert_eq!(String::from_utf8_lossy(&text), "NIMBUS-BOOT hello from the console\n", "{xml}");
+    // The newer tail wins, wherever it is: one reported to the control plane
+    // later (as a host does while the store refuses it; written here in SQL
+    // as the report's handler writes it), then a newer one in the store.
+    let console = || async {
+        let (_, xml) = cloud.ec2(&alice, &format!("Action=GetConsoleOutput&InstanceId={id}")).await?;
+        let out = base64::engine::general_purpose::STANDARD.decode(xml_values(&xml, "output").first().copied().unwrap_or_default())?;
+        anyhow::Ok(String::from_utf8_lossy(&out).into_owned())
+    };
+    sqlx::query("UPDATE instances SET console_output = $2, console_updated_at = now() WHERE id = $1")
+        .bind(&id)
+        .bind(b"reported later\n".as_slice())
+        .execute(cloud.db())
+        .await
+        .unwrap();
+    assert_eq!(console().await.unwrap(), "reported later\n");
+    std::fs::write(dir.join("instances").join(&id).join("console.log"), b"NIMBUS-BOOT newer still\n").unwrap();
+    cloud
+        .wait_until(T, || async { Ok(console().await? == "NIMBUS-BOOT newer still\n") })
+        .await
+        .expect("the store's newer tail");
     // Status checks: the host wrote both as passed (domain running, guest showed life).
     let skey = status_key(&id);
     cloud

@@ -586,8 +586,23 @@ impl Service {
     }
 
     /// DescribeInstanceStatus: the instances the filter selects (see [`status_checks`]).
-    pub async fn describe_instance_status(&self, caller: &Caller, filter: InstanceFilter) -> Result<InstanceList> {
-        self.describe_instances(caller, filter).await
+    /// DescribeInstanceStatus: the instances the filter selects, each with
+    /// its status checks (for running ones, what their hosts last wrote to
+    /// the state store; see [`status_checks`]).
+    pub async fn describe_instance_status(&self, caller: &Caller, filter: InstanceFilter) -> Result<InstanceStatusList> {
+        let list = self.describe_instances(caller, filter).await?;
+        let running: Vec<String> =
+            list.instances.iter().filter(|i| i.state.name == InstanceState::Running).map(|i| i.instance_id.clone()).collect();
+        let observed = self.stored_status(&running).await;
+        let statuses = list
+            .instances
+            .into_iter()
+            .map(|instance| {
+                let checks = status_checks(instance.state.name, observed.get(&instance.instance_id));
+                InstanceStatus { instance, checks }
+            })
+            .collect();
+        Ok(InstanceStatusList { statuses, next_token: list.next_token })
     }
 
     pub async fn describe_instance(&self, caller: &Caller, id: &str) -> Result<Instance> {
@@ -718,13 +733,31 @@ impl Service {
         .fetch_optional(&self.db)
         .await?;
         let (output, at) = row.ok_or_else(|| ServiceError::InstanceNotFound(instance_id.to_string()))?;
+        // The newer of the two: a host writes its tails to the store, or,
+        // without a store node (or while the store refused), reports them.
         if let Some(rec) = self.stored_console(instance_id).await {
-            if let Ok(output) = base64::engine::general_purpose::STANDARD.decode(&rec.output) {
-                return Ok(ConsoleOutput { instance_id: instance_id.to_string(), output, timestamp: Some(rec.at) });
+            if let Ok(stored) = base64::engine::general_purpose::STANDARD.decode(&rec.output) {
+                if at.is_none_or(|reported| rec.at >= reported) {
+                    return Ok(ConsoleOutput { instance_id: instance_id.to_string(), output: stored, timestamp: Some(rec.at) });
+                }
             }
         }
         Ok(ConsoleOutput { instance_id: instance_id.to_string(), output: output.unwrap_or_default(), timestamp: at })
     }
+}
+
+/// An instance and its status checks (DescribeInstanceStatus).
+#[derive(Debug, Clone)]
+pub struct InstanceStatus {
+    pub instance: Instance,
+    /// (system, instance) checks as (status, reachability detail).
+    pub checks: [(&'static str, &'static str); 2],
+}
+
+#[derive(Debug, Clone)]
+pub struct InstanceStatusList {
+    pub statuses: Vec<InstanceStatus>,
+    pub next_token: Option<String>,
 }
 
 /// EC2's status checks of an instance in `state` (DescribeInstanceStatus):

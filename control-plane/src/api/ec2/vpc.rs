@@ -378,9 +378,7 @@ async fn serve(s: &Service, caller: &Caller, action: &str, params: &Params, dry_
             filter.next_token = params.get("NextToken").map(str::to_string);
             dry!();
             let list = s.describe_instance_status(caller, filter).await?;
-            let ids: Vec<String> = list.instances.iter().map(|i| i.instance_id.clone()).collect();
-            let observed = s.stored_status(&ids).await;
-            let set: Vec<_> = list.instances.iter().map(|i| xml::instance_status(i, observed.get(&i.instance_id))).collect();
+            let set: Vec<_> = list.statuses.iter().map(xml::instance_status).collect();
             reply("DescribeInstanceStatusResponse", StatusSet { instance_status_set: set.into(), next_token: list.next_token })
         }
         "DescribeInstanceAttribute" => {

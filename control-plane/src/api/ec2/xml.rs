@@ -912,8 +912,8 @@ pub struct XmlInstanceStatus {
 }
 
 /// EC2's status checks for an instance (see `service::instances::status_checks`).
-pub fn instance_status(i: &Instance, observed: Option<&nimbus_proto::metadata::StatusRecord>) -> XmlInstanceStatus {
-    let [system, instance] = crate::service::instances::status_checks(i.state.name, observed);
+pub fn instance_status(s: &crate::service::instances::InstanceStatus) -> XmlInstanceStatus {
+    let (i, [system, instance]) = (&s.instance, s.checks);
     let check = |(status, detail): (&'static str, &'static str)| XmlStatus {
         status,
         details: vec![XmlStatusDetail { name: "reachability", status: detail }].into(),
