@@ -532,3 +532,52 @@ async fn metadata_options_at_launch_and_modified() {
     let (status, xml) = cloud.ec2(&alice, "Action=ModifyInstanceMetadataOptions&InstanceId=i-0123456789abcdef0&HttpEndpoint=enabled").await.unwrap();
     assert_eq!((status, nimbus_tests::xml_error_code(&xml)), (400, "InvalidInstanceID.NotFound"), "{xml}");
 }
+
+/// A tag call bumps each instance's document once, whatever the number of
+/// tags (one outbox row per instance, not per tag row), for creating,
+/// changing and deleting tags; concurrent tag calls naming the same
+/// instances in different orders all succeed (instances are locked in id
+/// order first: no deadlock answered as an internal error).
+#[tokio::test(flavor = "multi_thread")]
+async fn tag_calls_bump_each_document_once_and_never_deadlock() {
+    let cloud = Cloud::start_with(CloudOptions { outbox_relay: false, ..Default::default() }).await.unwrap();
+    let _a = cloud.add_agent("a", "az1", 64, 65536, 1000).await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    let ids = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "min_count": 8, "max_count": 8})).await.unwrap());
+    cloud.wait_for_state(&ids, "running", T).await.unwrap();
+    let versions = || async {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT id, doc_version FROM instances WHERE id = ANY($1)").bind(&ids).fetch_all(cloud.db()).await.unwrap();
+        let (outbox,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM metadata_outbox WHERE instance_id = ANY($1)").bind(&ids).fetch_one(cloud.db()).await.unwrap();
+        (rows.into_iter().collect::<std::collections::HashMap<_, _>>(), outbox)
+    };
+    let forty = |value: &str| (0..40).map(|i| json!({"key": format!("k{i}"), "value": value})).collect::<Vec<_>>();
+    for (path, body) in [
+        ("/v1/tags", json!({"resource_ids": ids, "tags": forty("a")})),
+        ("/v1/tags", json!({"resource_ids": ids, "tags": forty("b")})),
+        ("/v1/tags/delete", json!({"resource_ids": ids, "tags": []})),
+    ] {
+        let (before, outbox_before) = versions().await;
+        cloud.post(path, body).await.unwrap();
+        let (after, outbox_after) = versions().await;
+        for id in &ids {
+            assert_eq!(after[id], before[id] + 1, "{path}: {id} bumped once");
+        }
+        assert_eq!(outbox_after - outbox_before, ids.len() as i64, "{path}: one outbox row per instance");
+    }
+
+    let calls = (0..16).map(|n| {
+        let mut order = ids.clone();
+        order.rotate_left(n % ids.len());
+        if n % 2 == 1 {
+            order.reverse();
+        }
+        let (path, tags) = if n % 3 == 2 { ("/v1/tags/delete", json!([{"key": "k1"}])) } else { ("/v1/tags", json!(forty(&n.to_string()))) };
+        let cloud = &cloud;
+        async move { cloud.call(Method::POST, path, Some(json!({"resource_ids": order, "tags": tags}))).await.unwrap() }
+    });
+    for (status, body) in futures::future::join_all(calls).await {
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+}

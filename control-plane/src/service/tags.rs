@@ -99,6 +99,17 @@ pub(crate) async fn insert_new_tags(conn: &mut sqlx::PgConnection, account_id: &
     Ok(())
 }
 
+/// Locks the instances among `resources` in id order, before their tag
+/// rows: the lock order (instances, then what belongs to them) that the
+/// tag triggers' document bumps would otherwise reverse.
+async fn lock_instances(tx: &mut sqlx::PgConnection, resources: &[String]) -> Result<()> {
+    sqlx::query("SELECT 1 FROM instances WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
+        .bind(resources)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
 impl Service {
     /// Checks that every resource exists and is the caller's (two
     /// set-based queries, whatever the count); an unknown or foreign id
@@ -136,18 +147,30 @@ impl Service {
     /// tag) pair, one checks the per-resource limit; all or nothing.
     pub async fn create_tags(&self, caller: &Caller, resources: &[String], tags: &[(String, String)]) -> Result<()> {
         validate_tags(tags)?;
-        let resources = self.check_resources(caller, resources).await?;
+        let mut resources = self.check_resources(caller, resources).await?;
+        // Written in id order: concurrent calls lock rows in one order.
+        resources.sort();
         let (keys, values): (Vec<&str>, Vec<&str>) = tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).unzip();
+        loop {
+            match self.try_create_tags(caller, &resources, &keys, &values).await {
+                Err(ServiceError::Database(e)) if crate::db::is_retryable(&e) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_create_tags(&self, caller: &Caller, resources: &[String], keys: &[&str], values: &[&str]) -> Result<()> {
         let mut tx = self.db.begin().await?;
+        lock_instances(&mut tx, resources).await?;
         sqlx::query(
             "INSERT INTO tags (account_id, resource_id, key, value) \
              SELECT $1, r, t.k, t.v FROM unnest($2::text[]) AS r CROSS JOIN unnest($3::text[], $4::text[]) AS t(k, v) \
              ON CONFLICT (account_id, resource_id, key) DO UPDATE SET value = EXCLUDED.value",
         )
         .bind(&caller.account_id)
-        .bind(&resources)
-        .bind(&keys)
-        .bind(&values)
+        .bind(resources)
+        .bind(keys)
+        .bind(values)
         .execute(&mut *tx)
         .await?;
         let over: Option<(String, i64)> = sqlx::query_as(
@@ -155,7 +178,7 @@ impl Service {
              GROUP BY resource_id HAVING count(*) > $3 ORDER BY resource_id LIMIT 1",
         )
         .bind(&caller.account_id)
-        .bind(&resources)
+        .bind(resources)
         .bind(MAX_TAGS_PER_RESOURCE as i64)
         .fetch_optional(&mut *tx)
         .await?;
@@ -170,18 +193,31 @@ impl Service {
     /// only with that value; no tags at all means every tag of the resources.
     /// One statement.
     pub async fn delete_tags(&self, caller: &Caller, resources: &[String], tags: &[(String, Option<String>)]) -> Result<()> {
-        let resources = self.check_resources(caller, resources).await?;
+        let mut resources = self.check_resources(caller, resources).await?;
+        resources.sort();
         let (keys, values): (Vec<&str>, Vec<Option<&str>>) = tags.iter().map(|(k, v)| (k.as_str(), v.as_deref())).unzip();
+        loop {
+            match self.try_delete_tags(caller, &resources, &keys, &values).await {
+                Err(ServiceError::Database(e)) if crate::db::is_retryable(&e) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_delete_tags(&self, caller: &Caller, resources: &[String], keys: &[&str], values: &[Option<&str>]) -> Result<()> {
+        let mut tx = self.db.begin().await?;
+        lock_instances(&mut tx, resources).await?;
         sqlx::query(
             "DELETE FROM tags WHERE account_id = $1 AND resource_id = ANY($2) AND (cardinality($3::text[]) = 0 OR EXISTS \
                  (SELECT 1 FROM unnest($3::text[], $4::text[]) AS d(k, v) WHERE tags.key = d.k AND (d.v IS NULL OR tags.value = d.v)))",
         )
         .bind(&caller.account_id)
-        .bind(&resources)
-        .bind(&keys)
-        .bind(&values)
-        .execute(&self.db)
+        .bind(resources)
+        .bind(keys)
+        .bind(values)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
