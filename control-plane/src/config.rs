@@ -113,6 +113,12 @@ pub struct Config {
     /// (`--outbox-relay false`: tests drive the relay by hand).
     #[arg(long, env = "NIMBUS_OUTBOX_RELAY", default_value_t = true, action = clap::ArgAction::Set)]
     pub outbox_relay: bool,
+    /// A terminated instance is forgotten this long after it ended: its
+    /// rows, its client token, and its document, console tail and status
+    /// checks in the state store (DescribeInstances shows it for the first
+    /// hour only).
+    #[arg(long, env = "NIMBUS_TERMINATED_RETENTION_SECS", default_value_t = 86_400)]
+    pub terminated_retention_secs: u64,
 }
 
 /// A public pool: an IPv4 network of /16 to /32.

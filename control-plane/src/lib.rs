@@ -35,6 +35,7 @@ pub async fn build(config: Config) -> anyhow::Result<Service> {
     if service.config.outbox_relay {
         service.store.start_relay(service.relay());
     }
+    service.start_retention();
     Ok(service)
 }
 

@@ -432,6 +432,7 @@ impl Cloud {
             tls_names: Vec::new(),
             ca_cert_out: None,
             outbox_relay: opts.outbox_relay,
+            terminated_retention_secs: 86_400,
             agent_listen: None,
             insecure_agent_plaintext: false,
         };

@@ -581,3 +581,100 @@ async fn tag_calls_bump_each_document_once_and_never_deadlock() {
         assert_eq!(status, StatusCode::OK, "{body}");
     }
 }
+
+/// Terminated instances are forgotten after the retention: their document,
+/// console tail and status record leave the store, then their rows (their
+/// tags, and their reservation with its client token); a live instance and
+/// one terminated within the retention are left alone; a second pass finds
+/// nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn terminated_instances_are_forgotten_after_the_retention() {
+    use nimbus_proto::metadata::{console_key, status_key};
+    let cloud = Cloud::start().await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    let a = store_agent(&cloud, "a").await;
+    let b = store_agent(&cloud, "b").await;
+    ring_of(&cloud, 3).await;
+    let launch = |token: &'static str| {
+        cloud.post(
+            "/v1/instances",
+            json!({"instance_type": "t3.nano", "client_token": token, "tags": [{"key": "k", "value": "v"}]}),
+        )
+    };
+    let doomed = instance_ids(&launch("gone").await.unwrap()).remove(0);
+    let kept = instance_ids(&launch("kept").await.unwrap()).remove(0);
+    cloud.wait_for_state(&[doomed.clone(), kept.clone()], "running", T).await.unwrap();
+    // Every kind of record the store keeps of an instance, for both.
+    for id in [&doomed, &kept] {
+        let host = cloud.host_of(id).await.unwrap();
+        let dir = if a.host_id.as_deref() == Some(&host) {
+            &a.state_dir
+        } else {
+            &b.state_dir
+        };
+        std::fs::write(dir.join("instances").join(id).join("console.log"), b"NIMBUS-BOOT\n").unwrap();
+    }
+    let client = cloud.service.store.client();
+    let held = |id: String| {
+        let client = &client;
+        async move {
+            let mut n = 0;
+            for key in [document_key(&id), console_key(&id), status_key(&id)] {
+                n += usize::from(!client.get(key.as_bytes()).await?.values.is_empty());
+            }
+            anyhow::Ok(n)
+        }
+    };
+    cloud
+        .wait_until(T, || async { Ok(held(doomed.clone()).await? == 3 && held(kept.clone()).await? == 3) })
+        .await
+        .expect("all records stored");
+    cloud.post("/v1/instances/terminate", json!({"instance_ids": [doomed]})).await.unwrap();
+    cloud.wait_for_state(std::slice::from_ref(&doomed), "terminated", T).await.unwrap();
+    cloud
+        .wait_until(T, || async {
+            Ok(stored(&cloud, &doomed).await.0.is_some_and(|d| d.state == "terminated"))
+        })
+        .await
+        .expect("the terminated document is published");
+    let db = cloud.db().clone();
+    let rows = |id: String| {
+        let db = db.clone();
+        async move {
+            let (i, t, r): (i64, i64, i64) = sqlx::query_as(
+                "SELECT (SELECT count(*) FROM instances WHERE id = $1), (SELECT count(*) FROM tags WHERE resource_id = $1), \
+                    (SELECT count(*) FROM reservations r JOIN instances i ON i.reservation_id = r.id WHERE i.id = $1)",
+            )
+            .bind(&id)
+            .fetch_one(&db)
+            .await
+            .unwrap();
+            (i, t, r)
+        }
+    };
+
+    assert_eq!(
+        cloud.service.purge_terminated(Duration::from_secs(3600)).await.unwrap(),
+        0,
+        "within the retention"
+    );
+    assert_eq!(held(doomed.clone()).await.unwrap(), 3);
+    assert_eq!(cloud.service.purge_terminated(Duration::ZERO).await.unwrap(), 1, "past it");
+    assert_eq!(held(doomed.clone()).await.unwrap(), 0, "nothing of it in the store");
+    assert_eq!(rows(doomed.clone()).await, (0, 0, 0), "nor in PostgreSQL");
+    let (tokens,): (i64,) = sqlx::query_as("SELECT count(*) FROM reservations WHERE client_token = 'gone'")
+        .fetch_one(cloud.db())
+        .await
+        .unwrap();
+    assert_eq!(tokens, 0, "its reservation and client token went with it");
+    assert_eq!(held(kept.clone()).await.unwrap(), 3, "a live instance keeps its records");
+    assert_eq!(rows(kept.clone()).await, (1, 1, 1));
+    assert_eq!(
+        cloud.service.purge_terminated(Duration::ZERO).await.unwrap(),
+        0,
+        "a second pass finds nothing"
+    );
+    // The client token is free again: a new launch.
+    let again = instance_ids(&launch("gone").await.unwrap()).remove(0);
+    assert_ne!(again, doomed);
+}

@@ -16,6 +16,7 @@ pub mod metadata_options;
 pub mod network;
 pub mod observed;
 pub mod outbox;
+pub mod retention;
 pub mod scheduler;
 pub mod tags;
 pub mod throttle;
