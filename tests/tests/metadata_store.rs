@@ -36,6 +36,18 @@ async fn ring_of(cloud: &Cloud, n: usize) {
         .expect("ring formed");
 }
 
+/// A cloud with the test image and a store ring of three: the control
+/// plane's node and those of two test-driver agents.
+/// Returns the image's id too.
+async fn ring_cloud(opts: CloudOptions) -> (Cloud, String, AgentHandle, AgentHandle) {
+    let cloud = Cloud::start_with(opts).await.unwrap();
+    let img = cloud.register_test_image().await.unwrap().image_id;
+    let a = store_agent(&cloud, "a").await;
+    let b = store_agent(&cloud, "b").await;
+    ring_of(&cloud, 3).await;
+    (cloud, img, a, b)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn hosts_join_one_ring_over_tls_and_strangers_are_refused() {
     let cloud = Cloud::start().await.unwrap();
@@ -138,11 +150,7 @@ async fn stored(cloud: &Cloud, id: &str) -> (Option<InstanceDocument>, usize) {
 /// that is down keeps the backlog, which drains once it is back.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_outbox_survives_relay_crashes_replays_and_a_store_outage() {
-    let cloud = Cloud::start_with(CloudOptions { outbox_relay: false, ..Default::default() }).await.unwrap();
-    cloud.register_test_image().await.unwrap();
-    let mut a = store_agent(&cloud, "a").await;
-    let mut b = store_agent(&cloud, "b").await;
-    ring_of(&cloud, 3).await;
+    let (cloud, _, mut a, mut b) = ring_cloud(CloudOptions { outbox_relay: false, ..Default::default() }).await;
     let r = cloud
         .post("/v1/instances", json!({"instance_type": "t3.nano", "user_data": "aGVsbG8=", "tags": [{"key": "Name", "value": "one"}]}))
         .await
@@ -222,11 +230,7 @@ async fn the_outbox_survives_relay_crashes_replays_and_a_store_outage() {
 /// With the relay running, a change reaches the store on its own, promptly.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_relay_publishes_changes_on_its_own() {
-    let cloud = Cloud::start().await.unwrap();
-    cloud.register_test_image().await.unwrap();
-    let _a = store_agent(&cloud, "a").await;
-    let _b = store_agent(&cloud, "b").await;
-    ring_of(&cloud, 3).await;
+    let (cloud, _, _a, _b) = ring_cloud(CloudOptions::default()).await;
     let id = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "user_data": "aGVsbG8="})).await.unwrap())[0].clone();
     cloud
         .wait_until(T, || async { Ok(stored(&cloud, &id).await.0.is_some_and(|d| d.state == "running")) })
@@ -372,11 +376,7 @@ async fn metadata_is_served_from_the_store_through_an_outage() {
 /// A cloud with the test image, two hosts running store nodes (a ring of
 /// three with the control plane's), and an EC2 account.
 async fn ec2_ring() -> (Cloud, String, AgentHandle, AgentHandle, nimbus_tests::Ec2Keys) {
-    let cloud = Cloud::start().await.unwrap();
-    let img = cloud.register_test_image().await.unwrap().image_id;
-    let a = store_agent(&cloud, "a").await;
-    let b = store_agent(&cloud, "b").await;
-    ring_of(&cloud, 3).await;
+    let (cloud, img, a, b) = ring_cloud(CloudOptions::default()).await;
     let alice = cloud.ec2_account("alice").await.unwrap();
     (cloud, img, a, b, alice)
 }
@@ -590,11 +590,7 @@ async fn tag_calls_bump_each_document_once_and_never_deadlock() {
 #[tokio::test(flavor = "multi_thread")]
 async fn terminated_instances_are_forgotten_after_the_retention() {
     use nimbus_proto::metadata::{console_key, status_key};
-    let cloud = Cloud::start().await.unwrap();
-    cloud.register_test_image().await.unwrap();
-    let a = store_agent(&cloud, "a").await;
-    let b = store_agent(&cloud, "b").await;
-    ring_of(&cloud, 3).await;
+    let (cloud, _, a, b) = ring_cloud(CloudOptions::default()).await;
     let launch = |token: &'static str| {
         cloud.post(
             "/v1/instances",
