@@ -131,6 +131,10 @@ pub struct AgentConfig {
     /// runs no store node and serves metadata from its assignments only.
     #[arg(long, env = "NIMBUS_STORE_LISTEN")]
     pub store_listen: Option<std::net::SocketAddr>,
+    /// How often a running agent renews this host's certificate (seconds;
+    /// certificates last a year, and every start renews too).
+    #[arg(long, env = "NIMBUS_CERT_RENEW_SECS", default_value_t = 30 * 86_400)]
+    pub cert_renew_secs: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -145,11 +149,16 @@ pub enum AgentError {
     Access(#[from] access::AccessError),
     #[error("{0}")]
     Config(String),
+    #[error("this host's certificate: {0}")]
+    Certificate(#[from] store::HostStoreError),
 }
 
 /// How long an agent whose name is held by another credential waits between
 /// registration attempts (the operator's reset ends the wait).
 const REREGISTER_BACKOFF: Duration = Duration::from_secs(10);
+
+/// How long an agent waits to try again after a failed certificate renewal.
+const RENEW_RETRY: Duration = Duration::from_secs(60);
 
 /// The HTTP client of the control plane: trusting only `--control-plane-ca`
 /// when given, presenting `identity` (this host's certificate and key,
@@ -381,6 +390,33 @@ impl Agent {
     }
 
     /// The image store is reached with the host's credential.
+    /// Presents `certified` to an https:// control plane from now on (a
+    /// new client: the control plane accepts only a host's latest
+    /// certificate), also for the image store.
+    async fn present(&mut self, certified: &store::Certified, cred: &HostCredential) -> Result<(), AgentError> {
+        let identity = format!("{}{}", certified.cert_pem, certified.key_pem);
+        let http = control_plane_client(&self.config, Some(identity.as_bytes())).await?;
+        self.cp = ControlPlane::new(&self.config.control_plane, http.clone());
+        self.cp_http = http;
+        self.set_store_access(cred);
+        Ok(())
+    }
+
+    /// Renews this host's certificate (presenting the current one) and
+    /// presents the new one to the control plane and in the store node.
+    async fn renew_certificate(&mut self, cred: &HostCredential) -> Result<(), AgentError> {
+        let store_address = self.config.store_listen.map(|a| a.to_string());
+        let certified = store::renew(&self.cp, cred, &self.config.state_dir, store_address).await?;
+        if self.config.control_plane.starts_with("https://") {
+            self.present(&certified, cred).await?;
+        }
+        if let Some(s) = &self.store {
+            s.present(&certified)?;
+        }
+        tracing::info!("certificate renewed");
+        Ok(())
+    }
+
     fn set_store_access(&self, cred: &HostCredential) {
         let access = images::StoreAccess { base: self.config.control_plane.clone(), bearer: cred.bearer(), client: self.cp_http.clone() };
         *self.reconciler.images.store.write().unwrap_or_else(|p| p.into_inner()) = Some(access);
@@ -462,11 +498,7 @@ impl Agent {
                 }
             };
             if tls {
-                let identity = format!("{}{}", certified.cert_pem, certified.key_pem);
-                let http = control_plane_client(&self.config, Some(identity.as_bytes())).await?;
-                self.cp = ControlPlane::new(&self.config.control_plane, http.clone());
-                self.cp_http = http;
-                self.set_store_access(&cred);
+                self.present(&certified, &cred).await?;
                 tracing::info!("mutual TLS with the control plane");
             }
             if let Some(listen) = self.config.store_listen {
@@ -502,11 +534,24 @@ impl Agent {
             })
         });
         let _refresher = AbortOnDrop(refresher);
+        let certified = self.config.store_listen.is_some() || tls;
+        let mut renew_at = tokio::time::Instant::now() + Duration::from_secs(self.config.cert_renew_secs);
         let mut after = 0;
         let mut backoff = Duration::from_millis(200);
         loop {
             let polled = tokio::select! {
                 _ = &mut shutdown => break,
+                _ = tokio::time::sleep_until(renew_at), if certified => {
+                    let again = match self.renew_certificate(&cred).await {
+                        Ok(()) => Duration::from_secs(self.config.cert_renew_secs),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot renew this host's certificate; trying again in a minute");
+                            RENEW_RETRY.min(Duration::from_secs(self.config.cert_renew_secs))
+                        }
+                    };
+                    renew_at = tokio::time::Instant::now() + again;
+                    continue;
+                }
                 Some(first) = self.late.recv() => {
                     // A stop finished after its pass: report it now (the poll
                     // is simply made again).

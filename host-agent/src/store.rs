@@ -18,7 +18,10 @@
 //! the answer carries the CA and the seeds of the ring (the control
 //! plane's node and other hosts'). The certificate and CA are kept next to
 //! the key, so an agent that restarts while the control plane is down
-//! still starts its node with the certificate it had.
+//! still starts its node with the certificate it had. A running agent
+//! renews it every `--cert-renew-secs` (30 days; certificates last a
+//! year): [`renew`], then [`HostStore::present`] swaps it into the node's
+//! TLS for every later handshake.
 
 use crate::client::ControlPlane;
 use nimbus_proto::agent::{CertificateRequest, HostCredential};
@@ -46,6 +49,8 @@ pub struct HostStore {
     pub node: Arc<Node>,
     pub address: String,
     server: tokio::task::JoinHandle<()>,
+    /// Shared with the node's listener and transport.
+    tls: TlsConfig,
 }
 
 impl std::fmt::Debug for HostStore {
@@ -64,6 +69,11 @@ impl Drop for HostStore {
 impl HostStore {
     pub fn client(&self) -> LocalClient {
         LocalClient(self.node.clone())
+    }
+
+    /// Presents a renewed certificate from now on (new connections, in and out).
+    pub fn present(&self, certified: &Certified) -> Result<(), HostStoreError> {
+        Ok(self.tls.replace_identity(certified.cert_pem.as_bytes(), certified.key_pem.as_bytes())?)
     }
 }
 
@@ -111,6 +121,30 @@ pub async fn certify(
     state_dir: &Path,
     store_address: Option<String>,
 ) -> Result<Certified, HostStoreError> {
+    match renew(cp, cred, state_dir, store_address).await {
+        Ok(c) => Ok(c),
+        Err(HostStoreError::NoCertificate(e)) => {
+            let dir = state_dir.join("tls");
+            if !tokio::fs::try_exists(dir.join("cert.pem")).await.unwrap_or(false) {
+                return Err(HostStoreError::NoCertificate(e));
+            }
+            tracing::warn!(error = %e, "cannot renew the certificate; starting with the saved one");
+            let raw = tokio::fs::read(dir.join("seeds.json")).await.unwrap_or_default();
+            saved(&dir, serde_json::from_slice(&raw).unwrap_or_default()).await
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A new certificate for this host's key from the control plane's CA,
+/// saved next to the key (`NoCertificate` when the control plane refuses
+/// or cannot be reached).
+pub async fn renew(
+    cp: &ControlPlane,
+    cred: &HostCredential,
+    state_dir: &Path,
+    store_address: Option<String>,
+) -> Result<Certified, HostStoreError> {
     use base64::Engine;
     let dir = state_dir.join("tls");
     tokio::fs::create_dir_all(&dir).await.map_err(io(&dir))?;
@@ -119,23 +153,20 @@ pub async fn certify(
         public_key: base64::engine::general_purpose::STANDARD.encode(key.public_key_raw()),
         store_address,
     };
+    let grant = cp.certificate(cred, &req).await.map_err(|e| HostStoreError::NoCertificate(e.to_string()))?;
     let (cert_path, ca_path, seeds_path) = (dir.join("cert.pem"), dir.join("ca.pem"), dir.join("seeds.json"));
-    let seeds: Vec<String> = match cp.certificate(cred, &req).await {
-        Ok(grant) => {
-            write_private(&cert_path, grant.certificate_pem.as_bytes()).await?;
-            write_private(&ca_path, grant.ca_pem.as_bytes()).await?;
-            let json = serde_json::to_vec(&grant.store_seeds).unwrap_or_default();
-            write_private(&seeds_path, &json).await?;
-            tracing::info!(not_after = %grant.not_after, seeds = ?grant.store_seeds, "certificate issued by the control plane's CA");
-            grant.store_seeds
-        }
-        Err(e) if tokio::fs::try_exists(&cert_path).await.unwrap_or(false) => {
-            tracing::warn!(error = %e, "cannot renew the certificate; starting the store node with the saved one");
-            let raw = tokio::fs::read(&seeds_path).await.unwrap_or_default();
-            serde_json::from_slice(&raw).unwrap_or_default()
-        }
-        Err(e) => return Err(HostStoreError::NoCertificate(e.to_string())),
-    };
+    write_private(&cert_path, grant.certificate_pem.as_bytes()).await?;
+    write_private(&ca_path, grant.ca_pem.as_bytes()).await?;
+    let json = serde_json::to_vec(&grant.store_seeds).unwrap_or_default();
+    write_private(&seeds_path, &json).await?;
+    tracing::info!(not_after = %grant.not_after, seeds = ?grant.store_seeds, "certificate issued by the control plane's CA");
+    saved(&dir, grant.store_seeds).await
+}
+
+/// The key, certificate and CA saved in `dir`.
+async fn saved(dir: &Path, seeds: Vec<String>) -> Result<Certified, HostStoreError> {
+    let key = host_key(dir).await?;
+    let (cert_path, ca_path) = (dir.join("cert.pem"), dir.join("ca.pem"));
     let cert_pem = tokio::fs::read_to_string(&cert_path).await.map_err(io(&cert_path))?;
     let ca_pem = tokio::fs::read_to_string(&ca_path).await.map_err(io(&ca_path))?;
     Ok(Certified { key_pem: key.serialize_pem(), cert_pem, ca_pem, seeds })
@@ -151,7 +182,7 @@ pub async fn start(certified: &Certified, state_dir: &Path, listen: SocketAddr) 
     let mut cfg = nimbus_state_store::Config::new(address.clone(), state_dir.join("store"));
     cfg.seeds = seeds.into_iter().filter(|s| *s != address).collect();
     let node = Node::start(cfg, Arc::new(TcpTransport::with_tls(tls.clone()))).await?;
-    let server = tcp::serve_tls(node.clone(), listener, tls);
+    let server = tcp::serve_tls(node.clone(), listener, tls.clone());
     let joining = node.clone();
     tokio::spawn(async move {
         if let Err(e) = joining.join().await {
@@ -159,7 +190,7 @@ pub async fn start(certified: &Certified, state_dir: &Path, listen: SocketAddr) 
         }
     });
     tracing::info!(%address, "state store node started");
-    Ok(HostStore { node, address, server })
+    Ok(HostStore { node, address, server, tls })
 }
 
 /// Writes `value` (JSON) under `key`, superseding whatever this node's

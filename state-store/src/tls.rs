@@ -48,13 +48,50 @@ pub enum TlsError {
 
 /// Mutual-TLS settings of a node or client: the CA that signs every
 /// certificate of the cluster, and this process's certificate (chain) and
-/// private key. Cheap to clone.
+/// private key. Cheap to clone; clones share the identity, which
+/// [`TlsConfig::replace_identity`] swaps for every later handshake of the
+/// server and client sides alike (a renewed certificate; connections
+/// already open keep theirs).
 #[derive(Clone)]
 pub struct TlsConfig {
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
     roots: Arc<RootCertStore>,
-    chain: Vec<CertificateDer<'static>>,
+    identity: Arc<Identity>,
+}
+
+/// This process's certificate and key, presented by both sides.
+#[derive(Debug)]
+struct Identity(std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>);
+
+impl Identity {
+    fn current(&self) -> Arc<rustls::sign::CertifiedKey> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for Identity {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for Identity {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[rustls::SignatureScheme]) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// A certificate chain (leaf first) and its private key, checked to match.
+fn certified_key(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<rustls::sign::CertifiedKey>, TlsError> {
+    let chain = certs("certificate", cert_pem)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::NoKey(e.to_string()))?;
+    let certified = rustls::sign::CertifiedKey::from_der(chain, key, &provider()).map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+    Ok(Arc::new(certified))
 }
 
 impl std::fmt::Debug for TlsConfig {
@@ -87,8 +124,7 @@ impl TlsConfig {
             roots.add(ca).map_err(|e| TlsError::BadCa(e.to_string()))?;
         }
         let roots = Arc::new(roots);
-        let chain = certs("certificate", cert_pem)?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::NoKey(e.to_string()))?;
+        let identity = Arc::new(Identity(std::sync::RwLock::new(certified_key(cert_pem, key_pem)?)));
         let p = provider();
         // A connection without a client certificate is accepted by the TLS
         // layer so that health and readiness probes work; every other
@@ -102,15 +138,21 @@ impl TlsConfig {
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::BadCertificate(e.to_string()))?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(chain.clone(), key.clone_key())
-            .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+            .with_cert_resolver(identity.clone());
         let client = ClientConfig::builder_with_provider(p)
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::BadCertificate(e.to_string()))?
             .with_root_certificates(roots.clone())
-            .with_client_auth_cert(chain.clone(), key)
-            .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
-        Ok(TlsConfig { server: Arc::new(server), client: Arc::new(client), roots, chain })
+            .with_client_cert_resolver(identity.clone());
+        Ok(TlsConfig { server: Arc::new(server), client: Arc::new(client), roots, identity })
+    }
+
+    /// Presents `cert_pem` and `key_pem` from now on, in every clone of
+    /// this configuration (a renewed certificate of the same CA).
+    pub fn replace_identity(&self, cert_pem: &[u8], key_pem: &[u8]) -> Result<(), TlsError> {
+        let new = certified_key(cert_pem, key_pem)?;
+        *self.identity.0.write().unwrap_or_else(|p| p.into_inner()) = new;
+        Ok(())
     }
 
     /// Check that this certificate is what peers will accept from node
@@ -124,7 +166,8 @@ impl TlsConfig {
         let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(self.roots.clone(), provider())
             .build()
             .map_err(|e| not_for(e.to_string()))?;
-        let (leaf, rest) = self.chain.split_first().ok_or(TlsError::NoCertificate { what: "certificate" })?;
+        let current = self.identity.current();
+        let (leaf, rest) = current.cert.split_first().ok_or(TlsError::NoCertificate { what: "certificate" })?;
         verifier
             .verify_server_cert(leaf, rest, &name, &[], rustls::pki_types::UnixTime::now())
             .map(|_| ())
@@ -263,6 +306,49 @@ mod tests {
         assert!(matches!(mismatch, Err(TlsError::BadCertificate(_))), "{mismatch:?}");
         let missing = TlsConfig::from_files(Path::new("/nonexistent/ca.pem"), Path::new("/x"), Path::new("/y"));
         assert!(matches!(missing, Err(TlsError::Read { .. })), "{missing:?}");
+    }
+
+    /// The leaf certificates of a new connection: what `server` presents to
+    /// `client`, and what `client` presents to `server`.
+    async fn presented(server: &TlsConfig, client: &TlsConfig) -> (Vec<u8>, Vec<u8>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let acceptor = server.acceptor();
+        let accepted = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let tls = acceptor.accept(tcp).await.expect("the server accepts the client's certificate");
+            tls.get_ref().1.peer_certificates().expect("a client certificate")[0].to_vec()
+        });
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let name = server_name(&addr.to_string()).expect("name");
+        let tls = client.connector().connect(name, tcp).await.expect("handshake");
+        let leaf = tls.get_ref().1.peer_certificates().expect("a server certificate")[0].to_vec();
+        (leaf, accepted.await.expect("server task"))
+    }
+
+    fn der(pem: &str) -> Vec<u8> {
+        certs("certificate", pem.as_bytes()).expect("pem")[0].to_vec()
+    }
+
+    /// A renewed certificate: every later handshake of every clone presents
+    /// it, as server and as client; a key that does not match is refused
+    /// and changes nothing.
+    #[tokio::test]
+    async fn a_replaced_identity_is_presented_by_later_handshakes() {
+        let ca = dev::DevCa::new("test ca").expect("ca");
+        let (first, second) = (ca.issue(&["127.0.0.1"]).expect("issue"), ca.issue(&["127.0.0.1"]).expect("issue"));
+        let node = TlsConfig::from_pem(ca.ca_pem().as_bytes(), first.cert_pem.as_bytes(), first.key_pem.as_bytes()).expect("tls");
+        let peer = ca.tls_config(&["127.0.0.1"]).expect("tls");
+        assert_eq!(presented(&node, &peer).await.0, der(&first.cert_pem));
+        assert_eq!(presented(&peer, &node).await.1, der(&first.cert_pem));
+        let clone = node.clone();
+        clone.replace_identity(second.cert_pem.as_bytes(), second.key_pem.as_bytes()).expect("replaced");
+        assert_eq!(presented(&node, &peer).await.0, der(&second.cert_pem), "as server");
+        assert_eq!(presented(&peer, &node).await.1, der(&second.cert_pem), "as client");
+        let bad = node.replace_identity(first.cert_pem.as_bytes(), second.key_pem.as_bytes());
+        assert!(matches!(bad, Err(TlsError::BadCertificate(_))), "{bad:?}");
+        assert_eq!(presented(&node, &peer).await.0, der(&second.cert_pem), "unchanged");
+        node.check_node("127.0.0.1:7000").expect("the current certificate names the node");
     }
 
     #[test]

@@ -611,6 +611,7 @@ impl Cloud {
             image_cache_ttl_secs: 86400,
             underlay_mtu: 1500,
             store_listen: None,
+            cert_renew_secs: 30 * 86_400,
         };
         let mut config = config;
         tweak(&mut config);

@@ -91,3 +91,51 @@ async fn agents_use_mutual_tls_and_plaintext_is_refused() {
     let foreign = client(&cloud, Some(format!("{}{}", stranger.cert_pem, stranger.key_pem)));
     assert!(assignments(&cloud, &foreign, &bearer).await.is_err());
 }
+
+/// A running agent renews its certificate every `--cert-renew-secs`
+/// (here 2 s): the control plane records each new one and accepts only it,
+/// and the agent goes on fetching assignments and reporting with it; its
+/// store node presents a renewed one to new connections.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_running_agent_renews_its_certificate() {
+    use sha2::{Digest, Sha256};
+    let cloud = Cloud::start_with(CloudOptions { agent_tls: true, ..Default::default() }).await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    let listen = nimbus_tests::free_local_addr().unwrap();
+    let a = cloud
+        .add_agent_configured("a", "az1", (4, 4096, 40), nimbus_host_agent::HypervisorChoice::Test, |c| {
+            c.store_listen = Some(listen);
+            c.cert_renew_secs = 2;
+        })
+        .await
+        .unwrap();
+    let host = a.host_id.clone().expect("registered");
+    let recorded = || async {
+        let (d,): (Option<Vec<u8>>,) = sqlx::query_as("SELECT tls_cert_sha256 FROM hosts WHERE id = $1").bind(&host).fetch_one(cloud.db()).await?;
+        anyhow::Ok(d.unwrap_or_default())
+    };
+    let first = recorded().await.unwrap();
+    let seen = std::sync::Mutex::new(std::collections::HashSet::from([first.clone()]));
+    cloud
+        .wait_until(T, || async {
+            let d = recorded().await?;
+            let mut seen = seen.lock().unwrap();
+            seen.insert(d);
+            Ok(seen.len() >= 3)
+        })
+        .await
+        .expect("two renewals recorded");
+    // The agent works on with whichever certificate is its latest.
+    let id = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano"})).await.unwrap()).remove(0);
+    cloud.wait_for_state(std::slice::from_ref(&id), "running", T).await.expect("assignments and reports after renewals");
+    // Its store node presents a renewed certificate (any of the CA's may connect).
+    let tls = a.state_dir.join("tls");
+    let client = nimbus_state_store::TlsConfig::from_files(&tls.join("ca.pem"), &tls.join("cert.pem"), &tls.join("key.pem")).unwrap();
+    let tcp = tokio::net::TcpStream::connect(listen).await.unwrap();
+    let name = nimbus_state_store::tls::server_name(&listen.to_string()).unwrap();
+    let conn = client.connector().connect(name, tcp).await.unwrap();
+    let presented = Sha256::digest(conn.get_ref().1.peer_certificates().unwrap()[0].as_ref()).to_vec();
+    assert_ne!(presented, first, "the store node presents a renewed certificate");
+    let recorded_since = recorded().await.unwrap();
+    assert!(seen.lock().unwrap().contains(&presented) || presented == recorded_since, "one the control plane issued");
+}
