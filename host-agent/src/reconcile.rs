@@ -396,31 +396,35 @@ impl Reconciler {
     async fn try_make_image(&self, a: &Assignment, task: &ImageTask) -> Result<String, String> {
         let files = GuestFiles::new(&self.instances_dir, &a.instance_id);
         let name = domain::domain_name(&a.instance_id);
-        let _ = self.events.send(AgentEvent::Imaging { instance_id: a.instance_id.clone(), image_id: task.image_id.clone() });
-        let running = self.libvirt.domain_status(&self.host_id, &a.instance_id).await.map_err(|e| e.to_string())?.is_some_and(|d| d.running);
-        // A clean stop unless NoReboot; the guard keeps passes from restarting it meanwhile.
-        let guard = if running && !task.no_reboot {
-            let guard = self.stopping.begin(&a.instance_id).ok_or("the instance is already being stopped")?;
-            let how = power::stop_domain(&self.libvirt, &name, self.stop_timeout).await.map_err(|e| format!("cannot stop the instance: {e}"))?;
-            tracing::info!(instance_id = %a.instance_id, ?how, "guest stopped to make an image");
-            let forced = how == power::Stopped::Forced;
-            let _ = self.events.send(AgentEvent::Stopped { instance_id: a.instance_id.clone(), at: Instant::now(), forced });
-            Some(guard)
-        } else {
-            None
+        let id = &a.instance_id;
+        // A clean stop unless NoReboot; the guard keeps passes from
+        // restarting it meanwhile. A stop already under way (a StopInstances
+        // that came first) is waited for: the disk is then copied stopped.
+        let waited_for = Instant::now();
+        let guard = loop {
+            let running = self.libvirt.domain_status(&self.host_id, id).await.map_err(|e| e.to_string())?.is_some_and(|d| d.running);
+            if !running || task.no_reboot {
+                break None;
+            }
+            if let Some(guard) = self.stopping.begin(id) {
+                break Some(guard);
+            }
+            if waited_for.elapsed() > self.stop_timeout * 2 + Duration::from_secs(10) {
+                return Err("the instance's stop under way did not end".into());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         };
+        let _ = self.events.send(AgentEvent::Imaging { instance_id: id.clone(), image_id: task.image_id.clone() });
+        if guard.is_some() {
+            let how = power::stop_domain(&self.libvirt, &name, self.stop_timeout).await.map_err(|e| format!("cannot stop the instance: {e}"))?;
+            tracing::info!(instance_id = %id, ?how, "guest stopped to make an image");
+            let forced = how == power::Stopped::Forced;
+            let _ = self.events.send(AgentEvent::Stopped { instance_id: id.clone(), at: Instant::now(), forced });
+        }
         let out = self.images.dir().join(format!(".make-{}.qcow2", task.image_id));
         let converted = crate::disks::flatten(&files.root_disk(), &out).await;
         if let Some(guard) = guard {
-            // Started again only if it is still wanted running: a stop or a
-            // termination that came while the disk was copied wins.
-            if self.desired_now(&a.instance_id) == Some(DesiredState::Running) {
-                if let Err(e) = self.libvirt.start(&name).await {
-                    tracing::warn!(instance_id = %a.instance_id, error = %e, "cannot start the instance again after imaging; the next pass does");
-                } else {
-                    let _ = self.events.send(AgentEvent::Started { instance_id: a.instance_id.clone(), at: Instant::now() });
-                }
-            }
+            self.after_imaging(a, &name).await;
             drop(guard);
         }
         let result = async {
@@ -435,6 +439,39 @@ impl Reconciler {
         .await;
         let _ = tokio::fs::remove_file(&out).await;
         result
+    }
+
+    /// Brings a guest that CreateImage stopped to what is wanted of it now
+    /// (not when the task began): started again if still wanted running;
+    /// else left stopped and reported so (the stop's own pass could only
+    /// answer "stopping"). A stop that came while it was being started
+    /// stops it again. Runs under the stop guard.
+    async fn after_imaging(&self, a: &Assignment, name: &str) {
+        let id = &a.instance_id;
+        let mut running = false;
+        if self.desired_now(id) == Some(DesiredState::Running) {
+            match self.libvirt.start(name).await {
+                Ok(()) => {
+                    running = true;
+                    let _ = self.events.send(AgentEvent::Started { instance_id: id.clone(), at: Instant::now() });
+                }
+                Err(e) => tracing::warn!(instance_id = %id, error = %e, "cannot start the instance again after imaging; the next pass does"),
+            }
+        }
+        if running && self.desired_now(id) != Some(DesiredState::Running) {
+            match power::stop_domain(&self.libvirt, name, self.stop_timeout).await {
+                Ok(how) => {
+                    running = false;
+                    let forced = how == power::Stopped::Forced;
+                    let _ = self.events.send(AgentEvent::Stopped { instance_id: id.clone(), at: Instant::now(), forced });
+                }
+                Err(e) => tracing::warn!(instance_id = %id, error = %e, "cannot stop the instance after imaging; the next pass does"),
+            }
+        }
+        if !running && self.desired_now(id) == Some(DesiredState::Stopped) {
+            let stopped = Assignment { desired: DesiredState::Stopped, ..a.clone() };
+            let _ = self.late.send(self.observe(&stopped, Outcome::Stopped).await);
+        }
     }
 
     /// Counts a failed attempt at an instance: `Building` (retried next

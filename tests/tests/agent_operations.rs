@@ -238,8 +238,8 @@ async fn wait_for_lines(console: &std::path::Path, line: &str, n: usize, timeout
     }
 }
 
-/// A real TCG guest. First a stop that the guest ignores (it misses the
-/// ACPI press): powered off after the stop timeout, once, although several
+/// A real TCG guest. First a stop that the guest ignores (its first boot
+/// drops its power-button handler): powered off after the stop timeout, once, although several
 /// full passes of the agent ran while the stop was under way. Then ACPI stop
 /// (the guest prints NIMBUS-POWEROFF), start (another boot), reboot
 /// (another), and the console shipped to the control plane. Bounds are
@@ -266,7 +266,8 @@ async fn a_real_guest_stops_starts_and_reboots() {
     // On its first boot only, the guest drops its power-button handler, so
     // that the first stop is ignored whether its press comes before acpid
     // starts or after: how long the boot takes no longer decides the test.
-    let first_boot_ignores_acpi = "#!/bin/sh\n[ \"$(wc -l </mnt/root/var/lib/nimbus/boots)\" -eq 1 ] && rm -f /etc/acpi/PWRF/00000080\n";
+    let first_boot_ignores_acpi =
+        "#!/bin/sh\n[ \"$(wc -l </mnt/root/var/lib/nimbus/boots)\" -eq 1 ] && rm -f /etc/acpi/PWRF/00000080 && echo ignoring-acpi\n";
     let user_data = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, first_boot_ignores_acpi);
     let launch = json!({"instance_type": "t3.nano", "user_data": user_data});
     let id = instance_ids(&cloud.post("/v1/instances", launch).await.unwrap()).remove(0);
@@ -275,8 +276,9 @@ async fn a_real_guest_stops_starts_and_reboots() {
     let console = agent.state_dir.join("instances").join(&id).join("console.log");
     let (running, ready_within) = (scaled(Duration::from_secs(120)), scaled(Duration::from_secs(180)));
 
-    // Stop while booting: the presses are lost (no acpid yet, or no handler); forced after 10 s.
+    // A stop the guest ignores (its handler is gone): forced after 10 s.
     cloud.wait_for_state(one, "running", running).await.unwrap();
+    wait_for_lines(&console, "ignoring-acpi", 1, ready_within).await;
     while agent.events.try_recv().is_ok() {}
     let t = Instant::now();
     request(&cloud, "stop", &id).await;
@@ -356,9 +358,9 @@ async fn a_real_guest_stops_starts_and_reboots() {
 /// CreateImage of a running real guest shuts it down cleanly, copies its
 /// disk and starts it again — unless a StopInstances came meanwhile: then
 /// the guest stays stopped (the agent asks what is wanted once the copy is
-/// made, not what was wanted when the task began). The guest's power
-/// button takes 3 s (user-data wraps its handler), so the stop always
-/// arrives while the image is being made.
+/// made, not what was wanted when the task began), and is reported stopped
+/// at once. The guest's power button takes 8 s (user-data wraps its
+/// handler), so the stop arrives while the image is being made.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_during_create_image_leaves_the_guest_stopped() {
     let image_dir = PathBuf::from(
@@ -368,7 +370,7 @@ async fn a_stop_during_create_image_leaves_the_guest_stopped() {
     let mut agent = cloud.add_agent_with("real-image", "az1", 4, 4096, 50, HypervisorChoice::Auto).await.unwrap();
     cloud.register_image_dir(&image_dir, true).await.unwrap();
     let slow_button = "#!/bin/sh\nmv /etc/acpi/PWRF/00000080 /run/power-button\n\
-        printf '#!/bin/sh\\nsleep 3\\nexec /run/power-button\\n' >/etc/acpi/PWRF/00000080\n\
+        printf '#!/bin/sh\\nsleep 8\\nexec /run/power-button\\n' >/etc/acpi/PWRF/00000080\n\
         chmod 755 /etc/acpi/PWRF/00000080\necho slow-power-button\n";
     let user_data = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, slow_button);
     let id = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "user_data": user_data})).await.unwrap()).remove(0);
