@@ -458,6 +458,14 @@ async fn console_output_and_status_checks_come_from_the_store() {
     let (_, xml) = cloud.ec2(&alice, "Action=DescribeInstanceStatus").await.unwrap();
     assert!(xml.contains("<systemStatus><status>ok</status>"), "{xml}");
     assert!(xml.contains("<instanceStatus><status>impaired</status><details><item><name>reachability</name><status>failed</status>"), "{xml}");
+    // The store unreadable (both hosts' nodes down, no read quorum): nothing
+    // is known, and DescribeInstanceStatus says so rather than "ok".
+    let (mut a, mut b) = (a, b);
+    a.stop().await;
+    b.stop().await;
+    let (_, xml) = cloud.ec2(&alice, "Action=DescribeInstanceStatus").await.unwrap();
+    assert!(xml.contains("<systemStatus><status>insufficient-data</status>"), "{xml}");
+    assert!(xml.contains("<instanceStatus><status>insufficient-data</status><details><item><name>reachability</name><status>insufficient-data</status>"), "{xml}");
 }
 
 /// MetadataOptions at launch and ModifyInstanceMetadataOptions through the

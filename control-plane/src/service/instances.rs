@@ -1,5 +1,6 @@
 //! Instances: launch, describe, terminate.
 
+use super::observed::Observed;
 use super::scheduler::{self, Claim, Need};
 use super::{Caller, Service};
 use crate::error::{Result, ServiceError};
@@ -585,7 +586,6 @@ impl Service {
         Ok(out)
     }
 
-    /// DescribeInstanceStatus: the instances the filter selects (see [`status_checks`]).
     /// DescribeInstanceStatus: the instances the filter selects, each with
     /// its status checks (for running ones, what their hosts last wrote to
     /// the state store; see [`status_checks`]).
@@ -598,7 +598,7 @@ impl Service {
             .instances
             .into_iter()
             .map(|instance| {
-                let checks = status_checks(instance.state.name, observed.get(&instance.instance_id));
+                let checks = status_checks(instance.state.name, observed.get(&instance.instance_id).unwrap_or(&Observed::Unread));
                 InstanceStatus { instance, checks }
             })
             .collect();
@@ -764,11 +764,9 @@ pub struct InstanceStatusList {
 /// (system, instance) as (status, reachability detail). For a running
 /// instance, what its host wrote to the state store; without a record (a
 /// host that runs no store node), `ok` as the host reported it running;
-/// `initializing` while pending.
-pub fn status_checks(
-    state: InstanceState,
-    observed: Option<&nimbus_proto::metadata::StatusRecord>,
-) -> [(&'static str, &'static str); 2] {
+/// when the store could not be read, `insufficient-data`; `initializing`
+/// while pending.
+pub fn status_checks(state: InstanceState, observed: &Observed<nimbus_proto::metadata::StatusRecord>) -> [(&'static str, &'static str); 2] {
     use nimbus_proto::metadata::Check;
     let of = |c: Check| match c {
         Check::Passed => ("ok", "passed"),
@@ -776,8 +774,9 @@ pub fn status_checks(
         Check::Initializing => ("initializing", "initializing"),
     };
     match (state, observed) {
-        (InstanceState::Running, Some(r)) => [of(r.system), of(r.instance)],
-        (InstanceState::Running, None) => [("ok", "passed"); 2],
+        (InstanceState::Running, Observed::Found(r)) => [of(r.system), of(r.instance)],
+        (InstanceState::Running, Observed::Absent) => [("ok", "passed"); 2],
+        (InstanceState::Running, Observed::Unread) => [("insufficient-data", "insufficient-data"); 2],
         (InstanceState::Pending, _) => [("initializing", "initializing"); 2],
         _ => [("not-applicable", "not-applicable"); 2],
     }
