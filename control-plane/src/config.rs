@@ -116,8 +116,9 @@ pub struct Config {
     /// A terminated instance is forgotten this long after it ended: its
     /// rows, its client token, and its document, console tail and status
     /// checks in the state store (DescribeInstances shows it for the first
-    /// hour only).
-    #[arg(long, env = "NIMBUS_TERMINATED_RETENTION_SECS", default_value_t = 86_400)]
+    /// hour only). At least an hour.
+    #[arg(long, env = "NIMBUS_TERMINATED_RETENTION_SECS", default_value_t = 86_400,
+          value_parser = clap::value_parser!(u64).range(crate::service::retention::MIN_RETENTION_SECS..))]
     pub terminated_retention_secs: u64,
 }
 

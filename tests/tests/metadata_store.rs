@@ -543,7 +543,7 @@ async fn metadata_options_at_launch_and_modified() {
 
 /// A tag call bumps each instance's document once, whatever the number of
 /// tags (one outbox row per instance, not per tag row), for creating,
-/// changing and deleting tags; concurrent tag calls naming the same
+/// changing (also both at once) and deleting tags; concurrent tag calls naming the same
 /// instances in different orders all succeed (instances are locked in id
 /// order first: no deadlock answered as an internal error).
 #[tokio::test(flavor = "multi_thread")]
@@ -561,9 +561,13 @@ async fn tag_calls_bump_each_document_once_and_never_deadlock() {
         (rows.into_iter().collect::<std::collections::HashMap<_, _>>(), outbox)
     };
     let forty = |value: &str| (0..40).map(|i| json!({"key": format!("k{i}"), "value": value})).collect::<Vec<_>>();
+    let mut mixed = forty("c");
+    mixed.push(json!({"key": "k40", "value": "new"}));
     for (path, body) in [
         ("/v1/tags", json!({"resource_ids": ids, "tags": forty("a")})),
         ("/v1/tags", json!({"resource_ids": ids, "tags": forty("b")})),
+        // Changes and an addition: the upsert fires both statement triggers.
+        ("/v1/tags", json!({"resource_ids": ids, "tags": mixed})),
         ("/v1/tags/delete", json!({"resource_ids": ids, "tags": []})),
     ] {
         let (before, outbox_before) = versions().await;
@@ -592,32 +596,40 @@ async fn tag_calls_bump_each_document_once_and_never_deadlock() {
 
 /// Terminated instances are forgotten after the retention: their document,
 /// console tail and status record leave the store, then their rows (their
-/// tags, and their reservation with its client token); a live instance and
-/// one terminated within the retention are left alone; a second pass finds
-/// nothing.
+/// tags, and their reservation with its client token). Not before: while
+/// the instance is within the retention, while a change of its document
+/// waits in the outbox, while another instance of its reservation is not
+/// past the retention too. Tags on an instance terminated over an hour ago
+/// are refused. A live instance keeps everything; a second pass finds
+/// nothing. (Time passing is simulated: `state_changed_at` set back.)
 #[tokio::test(flavor = "multi_thread")]
 async fn terminated_instances_are_forgotten_after_the_retention() {
     use nimbus_proto::metadata::{console_key, status_key};
-    let (cloud, _, a, b) = ring_cloud(CloudOptions::default()).await;
-    let launch = |token: &'static str| {
-        cloud.post(
-            "/v1/instances",
-            json!({"instance_type": "t3.nano", "client_token": token, "tags": [{"key": "k", "value": "v"}]}),
-        )
+    let (cloud, _, a, b) = ring_cloud(CloudOptions { outbox_relay: false, ..Default::default() }).await;
+    let relay = cloud.service.relay();
+    let drain = || async {
+        cloud
+            .wait_until(T, || async { Ok(relay.pass().await.is_ok() && relay.backlog().await? == 0) })
+            .await
+            .expect("the outbox drained");
     };
-    let doomed = instance_ids(&launch("gone").await.unwrap()).remove(0);
-    let kept = instance_ids(&launch("kept").await.unwrap()).remove(0);
-    cloud.wait_for_state(&[doomed.clone(), kept.clone()], "running", T).await.unwrap();
-    // Every kind of record the store keeps of an instance, for both.
-    for id in [&doomed, &kept] {
+    let pair = instance_ids(
+        &cloud
+            .post("/v1/instances", json!({"instance_type": "t3.nano", "client_token": "pair", "min_count": 2, "max_count": 2,
+                "tags": [{"key": "k", "value": "v"}]}))
+            .await
+            .unwrap(),
+    );
+    let kept = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "client_token": "kept"})).await.unwrap()).remove(0);
+    let all: Vec<String> = pair.iter().cloned().chain([kept.clone()]).collect();
+    cloud.wait_for_state(&all, "running", T).await.unwrap();
+    // Every kind of record the store keeps of an instance.
+    for id in &all {
         let host = cloud.host_of(id).await.unwrap();
-        let dir = if a.host_id.as_deref() == Some(&host) {
-            &a.state_dir
-        } else {
-            &b.state_dir
-        };
+        let dir = if a.host_id.as_deref() == Some(&host) { &a.state_dir } else { &b.state_dir };
         std::fs::write(dir.join("instances").join(id).join("console.log"), b"NIMBUS-BOOT\n").unwrap();
     }
+    drain().await;
     let client = cloud.service.store.client();
     let held = |id: String| {
         let client = &client;
@@ -629,56 +641,68 @@ async fn terminated_instances_are_forgotten_after_the_retention() {
             anyhow::Ok(n)
         }
     };
-    cloud
-        .wait_until(T, || async { Ok(held(doomed.clone()).await? == 3 && held(kept.clone()).await? == 3) })
-        .await
-        .expect("all records stored");
-    cloud.post("/v1/instances/terminate", json!({"instance_ids": [doomed]})).await.unwrap();
-    cloud.wait_for_state(std::slice::from_ref(&doomed), "terminated", T).await.unwrap();
-    cloud
-        .wait_until(T, || async {
-            Ok(stored(&cloud, &doomed).await.0.is_some_and(|d| d.state == "terminated"))
-        })
-        .await
-        .expect("the terminated document is published");
+    for id in &all {
+        cloud.wait_until(T, || async { Ok(held(id.clone()).await? == 3) }).await.expect("all records stored");
+    }
     let db = cloud.db().clone();
     let rows = |id: String| {
         let db = db.clone();
         async move {
-            let (i, t, r): (i64, i64, i64) = sqlx::query_as(
-                "SELECT (SELECT count(*) FROM instances WHERE id = $1), (SELECT count(*) FROM tags WHERE resource_id = $1), \
-                    (SELECT count(*) FROM reservations r JOIN instances i ON i.reservation_id = r.id WHERE i.id = $1)",
-            )
-            .bind(&id)
-            .fetch_one(&db)
-            .await
-            .unwrap();
-            (i, t, r)
+            let (i, t): (i64, i64) =
+                sqlx::query_as("SELECT (SELECT count(*) FROM instances WHERE id = $1), (SELECT count(*) FROM tags WHERE resource_id = $1)")
+                    .bind(&id)
+                    .fetch_one(&db)
+                    .await
+                    .unwrap();
+            (i, t)
         }
     };
+    let hours_ago = |ids: Vec<String>, h: i32| {
+        let db = db.clone();
+        async move {
+            sqlx::query("UPDATE instances SET state_changed_at = now() - make_interval(hours => $2) WHERE id = ANY($1)")
+                .bind(&ids)
+                .bind(h)
+                .execute(&db)
+                .await
+                .unwrap();
+        }
+    };
+    let purge = |secs: u64| cloud.service.purge_terminated(Duration::from_secs(secs));
 
-    assert_eq!(
-        cloud.service.purge_terminated(Duration::from_secs(3600)).await.unwrap(),
-        0,
-        "within the retention"
-    );
-    assert_eq!(held(doomed.clone()).await.unwrap(), 3);
-    assert_eq!(cloud.service.purge_terminated(Duration::ZERO).await.unwrap(), 1, "past it");
-    assert_eq!(held(doomed.clone()).await.unwrap(), 0, "nothing of it in the store");
-    assert_eq!(rows(doomed.clone()).await, (0, 0, 0), "nor in PostgreSQL");
-    let (tokens,): (i64,) = sqlx::query_as("SELECT count(*) FROM reservations WHERE client_token = 'gone'")
-        .fetch_one(cloud.db())
+    // One of the pair ends, long ago: its sibling still runs.
+    cloud.post("/v1/instances/terminate", json!({"instance_ids": [pair[0]]})).await.unwrap();
+    cloud.wait_for_state(&pair[..1], "terminated", T).await.unwrap();
+    drain().await;
+    hours_ago(pair[..1].to_vec(), 2).await;
+    assert_eq!(purge(3600).await.unwrap(), 0, "its reservation's other instance is not past the retention");
+    // Both end; a change of one waits in the outbox (the relay is not running).
+    cloud.post("/v1/instances/terminate", json!({"instance_ids": [pair[1]]})).await.unwrap();
+    cloud.wait_for_state(&pair[1..], "terminated", T).await.unwrap();
+    hours_ago(pair.clone(), 2).await;
+    assert_eq!(purge(3600).await.unwrap(), 0, "a document waits in the outbox");
+    assert_eq!(held(pair[1].clone()).await.unwrap(), 3);
+    drain().await;
+    assert_eq!(purge(3 * 3600).await.unwrap(), 0, "within the retention");
+    let (status, body) = cloud
+        .call(Method::POST, "/v1/tags", Some(json!({"resource_ids": [pair[0]], "tags": [{"key": "late", "value": "x"}]})))
         .await
         .unwrap();
-    assert_eq!(tokens, 0, "its reservation and client token went with it");
+    assert_eq!((status, body["code"].as_str()), (StatusCode::BAD_REQUEST, Some("InvalidInstanceID.NotFound")), "{body}");
+
+    assert_eq!(purge(3600).await.unwrap(), 2, "past it");
+    for id in &pair {
+        assert_eq!(held(id.clone()).await.unwrap(), 0, "nothing of {id} in the store");
+        assert_eq!(rows(id.clone()).await, (0, 0), "nor in PostgreSQL");
+    }
+    let (tokens,): (i64,) = sqlx::query_as("SELECT count(*) FROM reservations WHERE client_token = 'pair'").fetch_one(cloud.db()).await.unwrap();
+    assert_eq!(tokens, 0, "their reservation and client token went with them");
     assert_eq!(held(kept.clone()).await.unwrap(), 3, "a live instance keeps its records");
-    assert_eq!(rows(kept.clone()).await, (1, 1, 1));
-    assert_eq!(
-        cloud.service.purge_terminated(Duration::ZERO).await.unwrap(),
-        0,
-        "a second pass finds nothing"
-    );
+    assert_eq!(rows(kept.clone()).await, (1, 0));
+    assert_eq!(purge(3600).await.unwrap(), 0, "a second pass finds nothing");
     // The client token is free again: a new launch.
-    let again = instance_ids(&launch("gone").await.unwrap()).remove(0);
-    assert_ne!(again, doomed);
+    let again = instance_ids(
+        &cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "client_token": "pair", "min_count": 2, "max_count": 2})).await.unwrap(),
+    );
+    assert!(again.iter().all(|id| !pair.contains(id)), "{again:?}");
 }

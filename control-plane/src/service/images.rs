@@ -450,14 +450,14 @@ impl Service {
         list.pop().ok_or_else(|| ServiceError::ImageNotFound(id.to_string()))
     }
 
-    /// The image a launch boots: the one named (visible to the caller and
-    /// available), or the default image when `id` is `None`.
     /// The id of the default image, whatever its state.
     pub(crate) async fn default_image_id(&self) -> Result<Option<String>> {
         let row: Option<(String,)> = sqlx::query_as("SELECT id FROM images WHERE is_default").fetch_optional(&self.db).await?;
         Ok(row.map(|r| r.0))
     }
 
+    /// The image a launch boots: the one named (visible to the caller and
+    /// available), or the default image when `id` is `None`.
     pub async fn launch_image(&self, caller: &Caller, id: Option<&str>) -> Result<Image> {
         let row = match id {
             Some(id) => {

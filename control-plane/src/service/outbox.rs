@@ -218,7 +218,8 @@ impl Relay {
                     tracing::debug!(%instance_id, version, ?outcome, "document published");
                     self.acknowledge(&instance_id, version.max(waiting)).await?;
                 }
-                // Gone from PostgreSQL (never happens: instances are kept): nothing to publish.
+                // Gone from PostgreSQL (retention purges only instances with no
+                // outbox row, so only a row left by a crash): nothing to publish.
                 None => {
                     self.acknowledge(&instance_id, waiting).await?;
                 }

@@ -101,13 +101,21 @@ pub(crate) async fn insert_new_tags(conn: &mut sqlx::PgConnection, account_id: &
 
 /// Locks the instances among `resources` in id order, before their tag
 /// rows: the lock order (instances, then what belongs to them) that the
-/// tag triggers' document bumps would otherwise reverse.
+/// tag triggers' document bumps would otherwise reverse. An instance that
+/// went meanwhile (forgotten after its retention) is InvalidInstanceID.NotFound.
 async fn lock_instances(tx: &mut sqlx::PgConnection, resources: &[String]) -> Result<()> {
-    sqlx::query("SELECT 1 FROM instances WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
-        .bind(resources)
-        .execute(&mut *tx)
-        .await?;
-    Ok(())
+    let locked: Vec<(String,)> = sqlx::query_as(&format!(
+        "SELECT id FROM instances WHERE id = ANY($1) AND {} ORDER BY id FOR NO KEY UPDATE",
+        super::instances::VISIBLE
+    ))
+    .bind(resources)
+    .fetch_all(&mut *tx)
+    .await?;
+    let locked: std::collections::HashSet<String> = locked.into_iter().map(|r| r.0).collect();
+    match resources.iter().find(|r| resource_type(r) == "instance" && !locked.contains(*r)) {
+        Some(gone) => Err(ServiceError::InstanceNotFound(gone.clone())),
+        None => Ok(()),
+    }
 }
 
 impl Service {
@@ -121,7 +129,14 @@ impl Service {
                 return Err(ServiceError::InvalidParameterValue(format!("Invalid resource id {id:?}")));
             }
         }
-        let mut union: Vec<String> = RESOURCES.iter().map(|(_, _, table)| format!("SELECT id FROM {table} WHERE account_id = $1 AND id = ANY($2)")).collect();
+        // Instances as DescribeInstances shows them: a terminated one for an hour.
+        let mut union: Vec<String> = RESOURCES
+            .iter()
+            .map(|(_, _, table)| {
+                let visible = if *table == "instances" { format!(" AND {}", super::instances::VISIBLE) } else { String::new() };
+                format!("SELECT id FROM {table} WHERE account_id = $1 AND id = ANY($2){visible}")
+            })
+            .collect();
         union.push("SELECT allocation_id FROM public_addresses WHERE account_id = $1 AND allocation_id = ANY($2)".into());
         let found: Vec<(String,)> = sqlx::query_as(&union.join(" UNION ALL "))
             .bind(&caller.account_id)
