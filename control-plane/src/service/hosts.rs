@@ -358,12 +358,7 @@ impl Service {
         validate_problems(&report.problems)?;
         self.record_guest_output(host_id, report).await?;
         self.record_image_problems(host_id, &report.images).await?;
-        loop {
-            match self.try_report(host_id, report).await {
-                Err(ServiceError::Database(e)) if crate::db::is_retryable(&e) => continue,
-                other => return other,
-            }
-        }
+        super::retrying(|| self.try_report(host_id, report)).await
     }
 
     /// Console tails and completed reboots: plain facts about the guest,

@@ -499,12 +499,7 @@ impl Service {
         let mut tags: Vec<(String, String)> = req.tags.iter().map(|t| (t.key.clone(), t.value.clone())).collect();
         super::tags::validate_tags(&tags)?;
         tags.sort();
-        loop {
-            match self.try_create_image(caller, instance_id, req, &tags).await {
-                Err(ServiceError::Database(e)) if crate::db::is_retryable(&e) => continue,
-                other => return other,
-            }
-        }
+        super::retrying(|| self.try_create_image(caller, instance_id, req, &tags)).await
     }
 
     async fn try_create_image(&self, caller: &Caller, instance_id: &str, req: &CreateImageRequest, tags: &[(String, String)]) -> Result<Image> {

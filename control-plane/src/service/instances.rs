@@ -646,12 +646,7 @@ impl Service {
             }
         }
         let unique: Vec<String> = instance_ids.iter().cloned().collect::<BTreeSet<_>>().into_iter().collect();
-        loop {
-            match self.try_change(caller, &unique, op).await {
-                Err(ServiceError::Database(e)) if crate::db::is_retryable(&e) => continue,
-                other => return other,
-            }
-        }
+        super::retrying(|| self.try_change(caller, &unique, op)).await
     }
 
     async fn try_change(&self, caller: &Caller, ids: &[String], op: Op) -> Result<Vec<StateChange>> {
@@ -841,78 +836,74 @@ impl Service {
             Some(t) => Some(self.instance_type(t).await?),
             None => None,
         };
-        loop {
-            let attempt = async {
-                let mut tx = self.db.begin().await?;
-                let (_, limits, usage) = self.limits_and_usage(&mut tx, &caller.account_id, true).await?;
-                type Row = (String, String, i32, i64, i64, String);
-                let row: Option<Row> = sqlx::query_as(&format!(
-                    "SELECT state, instance_type, vcpus, memory_mib, disk_gib, host_id FROM instances \
-                     WHERE id = $1 AND account_id = $2 AND {VISIBLE} FOR UPDATE"
-                ))
-                .bind(instance_id)
-                .bind(&caller.account_id)
+        let itype = &itype;
+        super::retrying(|| async move {
+            let mut tx = self.db.begin().await?;
+            let (_, limits, usage) = self.limits_and_usage(&mut tx, &caller.account_id, true).await?;
+            type Row = (String, String, i32, i64, i64, String);
+            let row: Option<Row> = sqlx::query_as(&format!(
+                "SELECT state, instance_type, vcpus, memory_mib, disk_gib, host_id FROM instances \
+                 WHERE id = $1 AND account_id = $2 AND {VISIBLE} FOR UPDATE"
+            ))
+            .bind(instance_id)
+            .bind(&caller.account_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let (state, old_type, vcpus, memory, disk, host) = row.ok_or_else(|| ServiceError::InstanceNotFound(instance_id.to_string()))?;
+            let state = parse_state(&state)?;
+            if matches!(state, InstanceState::Terminated | InstanceState::ShuttingDown) {
+                return Err(ServiceError::IncorrectInstanceState(format!("The instance '{instance_id}' is not in a state from which it can be modified")));
+            }
+            // Groups before the host's capacity: lock order (groups, then hosts).
+            if let Some(groups) = &req.security_group_ids {
+                self.set_instance_groups(&mut tx, caller, instance_id, groups).await?;
+            }
+            if let Some(t) = itype.as_ref().filter(|t| t.name != old_type) {
+                if state != InstanceState::Stopped {
+                    return Err(ServiceError::IncorrectInstanceState(format!("The instance '{instance_id}' is not in the 'stopped' state.")));
+                }
+                let delta = (i64::from(t.vcpus) - i64::from(vcpus), t.memory_mib as i64 - memory, t.disk_gib as i64 - disk);
+                if i64::from(usage.vcpus) + delta.0 > i64::from(limits.max_vcpus) {
+                    return Err(ServiceError::VcpuLimitExceeded(format!(
+                        "You have requested more vCPU capacity than your current vCPU limit of {} allows ({} in use)",
+                        limits.max_vcpus, usage.vcpus
+                    )));
+                }
+                let claimed: Option<(i64,)> = sqlx::query_as(
+                    "UPDATE hosts SET used_vcpus = used_vcpus + $2, used_memory_mib = used_memory_mib + $3, \
+                            used_disk_gib = used_disk_gib + $4, generation = generation + 1 \
+                     WHERE id = $1 AND used_vcpus + $2 <= total_vcpus AND used_memory_mib + $3 <= total_memory_mib \
+                           AND used_disk_gib + $4 <= total_disk_gib RETURNING generation",
+                )
+                .bind(&host)
+                .bind(delta.0 as i32)
+                .bind(delta.1)
+                .bind(delta.2)
                 .fetch_optional(&mut *tx)
                 .await?;
-                let (state, old_type, vcpus, memory, disk, host) = row.ok_or_else(|| ServiceError::InstanceNotFound(instance_id.to_string()))?;
-                let state = parse_state(&state)?;
-                if matches!(state, InstanceState::Terminated | InstanceState::ShuttingDown) {
-                    return Err(ServiceError::IncorrectInstanceState(format!("The instance '{instance_id}' is not in a state from which it can be modified")));
-                }
-                // Groups before the host's capacity: lock order (groups, then hosts).
-                if let Some(groups) = &req.security_group_ids {
-                    self.set_instance_groups(&mut tx, caller, instance_id, groups).await?;
-                }
-                if let Some(t) = itype.as_ref().filter(|t| t.name != old_type) {
-                    if state != InstanceState::Stopped {
-                        return Err(ServiceError::IncorrectInstanceState(format!("The instance '{instance_id}' is not in the 'stopped' state.")));
-                    }
-                    let delta = (i64::from(t.vcpus) - i64::from(vcpus), t.memory_mib as i64 - memory, t.disk_gib as i64 - disk);
-                    if i64::from(usage.vcpus) + delta.0 > i64::from(limits.max_vcpus) {
-                        return Err(ServiceError::VcpuLimitExceeded(format!(
-                            "You have requested more vCPU capacity than your current vCPU limit of {} allows ({} in use)",
-                            limits.max_vcpus, usage.vcpus
-                        )));
-                    }
-                    let claimed: Option<(i64,)> = sqlx::query_as(
-                        "UPDATE hosts SET used_vcpus = used_vcpus + $2, used_memory_mib = used_memory_mib + $3, \
-                                used_disk_gib = used_disk_gib + $4, generation = generation + 1 \
-                         WHERE id = $1 AND used_vcpus + $2 <= total_vcpus AND used_memory_mib + $3 <= total_memory_mib \
-                               AND used_disk_gib + $4 <= total_disk_gib RETURNING generation",
-                    )
-                    .bind(&host)
-                    .bind(delta.0 as i32)
-                    .bind(delta.1)
-                    .bind(delta.2)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                    let Some((generation,)) = claimed else {
-                        return Err(ServiceError::InsufficientInstanceCapacity(format!(
-                            "There is not enough capacity on the instance's host for type {}; the instance keeps type {old_type}",
-                            t.name
-                        )));
-                    };
-                    sqlx::query(
-                        "UPDATE instances SET instance_type = $2, vcpus = $3, memory_mib = $4, disk_gib = $5, changed_generation = $6 WHERE id = $1",
-                    )
-                    .bind(instance_id)
-                    .bind(&t.name)
-                    .bind(t.vcpus as i32)
-                    .bind(t.memory_mib as i64)
-                    .bind(t.disk_gib as i64)
-                    .bind(generation)
-                    .execute(&mut *tx)
-                    .await?;
-                    sqlx::query("SELECT pg_notify($1, $2)").bind(crate::notify::CHANNEL).bind(&host).execute(&mut *tx).await?;
-                }
-                tx.commit().await?;
-                Ok::<_, ServiceError>(())
-            };
-            match attempt.await {
-                Err(ServiceError::Database(e)) if crate::db::is_retryable(&e) => continue,
-                other => return other,
+                let Some((generation,)) = claimed else {
+                    return Err(ServiceError::InsufficientInstanceCapacity(format!(
+                        "There is not enough capacity on the instance's host for type {}; the instance keeps type {old_type}",
+                        t.name
+                    )));
+                };
+                sqlx::query(
+                    "UPDATE instances SET instance_type = $2, vcpus = $3, memory_mib = $4, disk_gib = $5, changed_generation = $6 WHERE id = $1",
+                )
+                .bind(instance_id)
+                .bind(&t.name)
+                .bind(t.vcpus as i32)
+                .bind(t.memory_mib as i64)
+                .bind(t.disk_gib as i64)
+                .bind(generation)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query("SELECT pg_notify($1, $2)").bind(crate::notify::CHANNEL).bind(&host).execute(&mut *tx).await?;
             }
-        }
+            tx.commit().await?;
+            Ok::<_, ServiceError>(())
+        })
+        .await
     }
 }
 

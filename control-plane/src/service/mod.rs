@@ -22,8 +22,35 @@ pub mod tags;
 pub mod throttle;
 
 use crate::config::Config;
+use crate::error::{Result, ServiceError};
 use crate::notify::HostEvents;
 use sqlx::PgPool;
+
+/// How many times one operation runs its transaction when deadlocks or
+/// serialization failures abort it, before the caller gets the error.
+const TX_ATTEMPTS: u32 = 16;
+
+/// Runs `attempt` (one transaction) again while it fails with an error
+/// that may pass when run again ([`crate::db::is_retryable`]), at most
+/// [`TX_ATTEMPTS`] times, sleeping a random 0–2^n ms (at most 64 ms) in
+/// between so that two colliding transactions do not collide again.
+pub(crate) async fn retrying<T, Fut>(mut attempt: impl FnMut() -> Fut) -> Result<T>
+where
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut n = 0;
+    loop {
+        match attempt().await {
+            Err(ServiceError::Database(e)) if crate::db::is_retryable(&e) && n + 1 < TX_ATTEMPTS => {
+                n += 1;
+                tracing::debug!(attempt = n, error = %e, "transaction aborted; running it again");
+                let ms = rand::random::<u64>() % (1 << n.min(6));
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            }
+            other => return other,
+        }
+    }
+}
 
 /// The account every call of the admin token acts as.
 pub const ADMIN_ACCOUNT: &str = "000000000000";

@@ -520,12 +520,7 @@ impl Service {
     /// safe under concurrency: its own transaction, the VPC row locked while
     /// subnets are added.
     pub async fn ensure_default_network(&self, account_id: &str) -> Result<String> {
-        loop {
-            match self.try_ensure_default_network(account_id).await {
-                Err(ServiceError::Database(e)) if crate::db::is_retryable(&e) => continue,
-                other => return other,
-            }
-        }
+        super::retrying(|| self.try_ensure_default_network(account_id)).await
     }
 
     async fn try_ensure_default_network(&self, account_id: &str) -> Result<String> {
@@ -1163,12 +1158,7 @@ impl Service {
                 return Err(ServiceError::PermissionDuplicate(format!("the specified rule \"{}\" already exists", k.describe())));
             }
         }
-        loop {
-            match self.try_authorize(&group_id, egress, &keys).await {
-                Err(ServiceError::Database(e)) if crate::db::is_retryable(&e) => continue,
-                other => return other,
-            }
-        }
+        super::retrying(|| self.try_authorize(&group_id, egress, &keys)).await
     }
 
     async fn try_authorize(&self, group_id: &str, egress: bool, keys: &[(RuleKey, Option<String>)]) -> Result<Vec<SecurityGroupRule>> {
@@ -1222,49 +1212,45 @@ impl Service {
         } else {
             Vec::new()
         };
-        loop {
-            let attempt = async {
-                let mut tx = self.db.begin().await?;
-                let mut groups: BTreeSet<String> = keys.iter().filter_map(|k| k.peer.clone()).collect();
-                groups.insert(group_id.clone());
-                lock_groups(&mut tx, &groups).await?;
-                let rows = sqlx::query_as::<_, RuleRow>(&format!("SELECT {RULE_COLUMNS} FROM security_group_rules WHERE group_id = $1 AND egress = $2"))
-                    .bind(&group_id)
-                    .bind(egress)
-                    .fetch_all(&mut *tx)
-                    .await?;
-                let mut doomed = BTreeSet::new();
-                for k in &keys {
-                    let mut found = None;
-                    for r in &rows {
-                        if &r.key()? == k {
-                            found = Some(r.id.clone());
-                        }
+        let (group_id, keys) = (&group_id, &keys);
+        super::retrying(|| async move {
+            let mut tx = self.db.begin().await?;
+            let mut groups: BTreeSet<String> = keys.iter().filter_map(|k| k.peer.clone()).collect();
+            groups.insert(group_id.clone());
+            lock_groups(&mut tx, &groups).await?;
+            let rows = sqlx::query_as::<_, RuleRow>(&format!("SELECT {RULE_COLUMNS} FROM security_group_rules WHERE group_id = $1 AND egress = $2"))
+                .bind(&group_id)
+                .bind(egress)
+                .fetch_all(&mut *tx)
+                .await?;
+            let mut doomed = BTreeSet::new();
+            for k in keys {
+                let mut found = None;
+                for r in &rows {
+                    if &r.key()? == k {
+                        found = Some(r.id.clone());
                     }
-                    let id = found.ok_or_else(|| {
-                        ServiceError::PermissionNotFound(format!("The specified rule \"{}\" does not exist in this security group.", k.describe()))
-                    })?;
-                    doomed.insert(id);
                 }
-                for id in rule_ids {
-                    if !rows.iter().any(|r| &r.id == id) {
-                        return Err(ServiceError::SecurityGroupRuleNotFound(id.clone()));
-                    }
-                    doomed.insert(id.clone());
-                }
-                let doomed: Vec<String> = doomed.into_iter().collect();
-                sqlx::query("DELETE FROM security_group_rules WHERE id = ANY($1)").bind(&doomed).execute(&mut *tx).await?;
-                let hosts = hosts_in_groups(&mut tx, &BTreeSet::from([group_id.clone()])).await?;
-                bump_hosts(&mut tx, &hosts).await?;
-                tx.commit().await?;
-                tracing::info!(%group_id, egress, rules = doomed.len(), hosts = hosts.len(), "security group rules revoked");
-                Ok::<_, ServiceError>(())
-            };
-            match attempt.await {
-                Err(ServiceError::Database(e)) if crate::db::is_retryable(&e) => continue,
-                other => return other,
+                let id = found.ok_or_else(|| {
+                    ServiceError::PermissionNotFound(format!("The specified rule \"{}\" does not exist in this security group.", k.describe()))
+                })?;
+                doomed.insert(id);
             }
-        }
+            for id in rule_ids {
+                if !rows.iter().any(|r| &r.id == id) {
+                    return Err(ServiceError::SecurityGroupRuleNotFound(id.clone()));
+                }
+                doomed.insert(id.clone());
+            }
+            let doomed: Vec<String> = doomed.into_iter().collect();
+            sqlx::query("DELETE FROM security_group_rules WHERE id = ANY($1)").bind(&doomed).execute(&mut *tx).await?;
+            let hosts = hosts_in_groups(&mut tx, &BTreeSet::from([group_id.clone()])).await?;
+            bump_hosts(&mut tx, &hosts).await?;
+            tx.commit().await?;
+            tracing::info!(%group_id, egress, rules = doomed.len(), hosts = hosts.len(), "security group rules revoked");
+            Ok::<_, ServiceError>(())
+        })
+        .await
     }
 
     pub async fn describe_security_group_rules(&self, caller: &Caller, rule_ids: &[String], filters: &Filters) -> Result<Vec<SecurityGroupRule>> {
@@ -1500,12 +1486,10 @@ impl Service {
                 n.clone()
             }
         };
+        // `None`: the interface changed under us; look again.
         loop {
-            match self.try_associate(caller, &allocation_id, &eni_id, target).await {
-                Err(ServiceError::Database(e)) if crate::db::is_retryable(&e) => continue,
-                Ok(None) => continue,
-                Ok(Some(id)) => return Ok(id),
-                Err(e) => return Err(e),
+            if let Some(id) = super::retrying(|| self.try_associate(caller, &allocation_id, &eni_id, target)).await? {
+                return Ok(id);
             }
         }
     }
@@ -1642,47 +1626,43 @@ impl Service {
             (None, Some(_)) => self.resolve_address(caller, None, public_ip).await?,
             (None, None) => return Err(ServiceError::MissingParameter("AssociationId".into())),
         };
-        loop {
-            let attempt = async {
-                let mut tx = self.db.begin().await?;
-                let row: Option<(Option<String>, Option<String>)> = sqlx::query_as(
-                    "SELECT n.instance_id, i.host_id FROM public_addresses p JOIN network_interfaces n ON n.id = p.network_interface_id \
-                     LEFT JOIN instances i ON i.id = n.instance_id WHERE p.allocation_id = $1",
-                )
-                .bind(&allocation_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-                let Some((instance, host)) = row else {
-                    return match association_id {
-                        Some(a) => Err(ServiceError::AssociationNotFound(a.to_string())),
-                        None => Ok(()),
-                    };
+        let allocation_id = &allocation_id;
+        super::retrying(|| async move {
+            let mut tx = self.db.begin().await?;
+            let row: Option<(Option<String>, Option<String>)> = sqlx::query_as(
+                "SELECT n.instance_id, i.host_id FROM public_addresses p JOIN network_interfaces n ON n.id = p.network_interface_id \
+                 LEFT JOIN instances i ON i.id = n.instance_id WHERE p.allocation_id = $1",
+            )
+            .bind(&allocation_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some((instance, host)) = row else {
+                return match association_id {
+                    Some(a) => Err(ServiceError::AssociationNotFound(a.to_string())),
+                    None => Ok(()),
                 };
-                if let Some(i) = &instance {
-                    sqlx::query("SELECT 1 FROM instances WHERE id = $1 FOR UPDATE").bind(i).execute(&mut *tx).await?;
-                }
-                let done = sqlx::query(
-                    "UPDATE public_addresses SET network_interface_id = NULL, association_id = NULL \
-                     WHERE allocation_id = $1 AND ($2::text IS NULL OR association_id = $2) AND network_interface_id IS NOT NULL",
-                )
-                .bind(&allocation_id)
-                .bind(association_id)
-                .execute(&mut *tx)
-                .await?;
-                if done.rows_affected() == 0 {
-                    if let Some(a) = association_id {
-                        return Err(ServiceError::AssociationNotFound(a.to_string()));
-                    }
-                }
-                self.touch_instances(&mut tx, &host.into_iter().collect(), instance.into_iter().collect()).await?;
-                tx.commit().await?;
-                Ok::<_, ServiceError>(())
             };
-            match attempt.await {
-                Err(ServiceError::Database(e)) if crate::db::is_retryable(&e) => continue,
-                other => return other,
+            if let Some(i) = &instance {
+                sqlx::query("SELECT 1 FROM instances WHERE id = $1 FOR UPDATE").bind(i).execute(&mut *tx).await?;
             }
-        }
+            let done = sqlx::query(
+                "UPDATE public_addresses SET network_interface_id = NULL, association_id = NULL \
+                 WHERE allocation_id = $1 AND ($2::text IS NULL OR association_id = $2) AND network_interface_id IS NOT NULL",
+            )
+            .bind(&allocation_id)
+            .bind(association_id)
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() == 0 {
+                if let Some(a) = association_id {
+                    return Err(ServiceError::AssociationNotFound(a.to_string()));
+                }
+            }
+            self.touch_instances(&mut tx, &host.into_iter().collect(), instance.into_iter().collect()).await?;
+            tx.commit().await?;
+            Ok::<_, ServiceError>(())
+        })
+        .await
     }
 
     /// Returns an Elastic IP to the pool; it must not be associated.

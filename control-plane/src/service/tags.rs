@@ -166,12 +166,7 @@ impl Service {
         // Written in id order: concurrent calls lock rows in one order.
         resources.sort();
         let (keys, values): (Vec<&str>, Vec<&str>) = tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).unzip();
-        loop {
-            match self.try_create_tags(caller, &resources, &keys, &values).await {
-                Err(ServiceError::Database(e)) if crate::db::is_retryable(&e) => continue,
-                other => return other,
-            }
-        }
+        super::retrying(|| self.try_create_tags(caller, &resources, &keys, &values)).await
     }
 
     async fn try_create_tags(&self, caller: &Caller, resources: &[String], keys: &[&str], values: &[&str]) -> Result<()> {
@@ -211,12 +206,7 @@ impl Service {
         let mut resources = self.check_resources(caller, resources).await?;
         resources.sort();
         let (keys, values): (Vec<&str>, Vec<Option<&str>>) = tags.iter().map(|(k, v)| (k.as_str(), v.as_deref())).unzip();
-        loop {
-            match self.try_delete_tags(caller, &resources, &keys, &values).await {
-                Err(ServiceError::Database(e)) if crate::db::is_retryable(&e) => continue,
-                other => return other,
-            }
-        }
+        super::retrying(|| self.try_delete_tags(caller, &resources, &keys, &values)).await
     }
 
     async fn try_delete_tags(&self, caller: &Caller, resources: &[String], keys: &[&str], values: &[Option<&str>]) -> Result<()> {
