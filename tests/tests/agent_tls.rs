@@ -139,3 +139,43 @@ async fn a_running_agent_renews_its_certificate() {
     let recorded_since = recorded().await.unwrap();
     assert!(seen.lock().unwrap().contains(&presented) || presented == recorded_since, "one the control plane issued");
 }
+
+/// The certificate a host renews with stays valid until its next renewal
+/// (a renewal whose answer the host never took into use does not lock it
+/// out); two renewals old, it is refused, also for renewing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_renewal_keeps_the_presented_certificate_valid_until_the_next() {
+    use base64::Engine;
+    let cloud = Cloud::start_with(CloudOptions { agent_tls: true, ..Default::default() }).await.unwrap();
+    let anon = client(&cloud, None);
+    let reg = json!({"name": "h", "availability_zone": "az1", "hypervisor": "test", "vcpus": 1, "memory_mib": 512, "disk_gib": 1});
+    let r = anon.post(format!("{}/v1/agent/register", cloud.agent_url())).bearer_auth(&cloud.join_token).json(&reg).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let bearer = r.json::<HostCredential>().await.unwrap().bearer();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let req = json!({"public_key": base64::engine::general_purpose::STANDARD.encode(key.public_key_raw())});
+    let renew = |with: reqwest::Client| {
+        let (url, bearer, req) = (format!("{}/v1/agent/certificate", cloud.agent_url()), bearer.clone(), req.clone());
+        async move {
+            let r = with.post(url).bearer_auth(bearer).json(&req).send().await.unwrap();
+            (r.status(), r.json::<serde_json::Value>().await.unwrap()["certificate_pem"].as_str().map(str::to_string))
+        }
+    };
+    let holding = |pem: &str| client(&cloud, Some(format!("{pem}{}", key.serialize_pem())));
+    let (status, first) = renew(anon.clone()).await;
+    assert_eq!(status, StatusCode::OK, "the first certificate, for the credential");
+    let first = holding(&first.unwrap());
+    let (status, second) = renew(first.clone()).await;
+    assert_eq!(status, StatusCode::OK);
+    let second = holding(&second.unwrap());
+    assert_eq!(assignments(&cloud, &second, &bearer).await.unwrap(), StatusCode::OK, "the new certificate");
+    assert_eq!(assignments(&cloud, &first, &bearer).await.unwrap(), StatusCode::OK, "and the one it renewed with");
+    let (status, third) = renew(second.clone()).await;
+    assert_eq!(status, StatusCode::OK);
+    let third = holding(&third.unwrap());
+    assert_eq!(assignments(&cloud, &third, &bearer).await.unwrap(), StatusCode::OK);
+    assert_eq!(assignments(&cloud, &second, &bearer).await.unwrap(), StatusCode::OK);
+    assert_eq!(assignments(&cloud, &first, &bearer).await.unwrap(), StatusCode::UNAUTHORIZED, "two renewals old");
+    assert_eq!(renew(first).await.0, StatusCode::UNAUTHORIZED, "nor does it renew");
+    assert_eq!(renew(anon).await.0, StatusCode::UNAUTHORIZED, "nor does the credential alone");
+}

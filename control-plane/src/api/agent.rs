@@ -53,9 +53,9 @@ async fn host_and_channel(parts: &Parts, service: &Service) -> Result<(String, O
     Ok((host, via.map(|super::tls::ClientCertificate(c)| c)))
 }
 
-/// Whether the presented certificate is the one issued (constant time).
-fn is_issued(presented: Option<[u8; 32]>, issued: &[u8]) -> bool {
-    presented.is_some_and(|p| bool::from(subtle::ConstantTimeEq::ct_eq(p.as_slice(), issued)))
+/// Whether the presented certificate is one of those issued (constant time).
+fn is_issued(presented: Option<[u8; 32]>, issued: &[Vec<u8>]) -> bool {
+    presented.is_some_and(|p| issued.iter().any(|i| bool::from(subtle::ConstantTimeEq::ct_eq(p.as_slice(), i.as_slice()))))
 }
 
 /// A host authenticated by its credential and, on the TLS listener, by the
@@ -68,8 +68,8 @@ impl FromRequestParts<Service> for CertifiedHost {
     async fn from_request_parts(parts: &mut Parts, service: &Service) -> Result<Self> {
         let (host, via) = host_and_channel(parts, service).await?;
         if let Some(presented) = via {
-            let issued = service.host_certificate_digest(&host).await?;
-            if !issued.is_some_and(|i| is_issued(presented, &i)) {
+            let issued = service.host_certificate_digests(&host, false).await?;
+            if !is_issued(presented, &issued) {
                 return Err(ServiceError::AuthFailure("this host's certificate is required (POST /v1/agent/certificate)".into()));
             }
         }
@@ -81,23 +81,22 @@ impl FromRequestParts<Service> for CertifiedHost {
 /// listener once the host holds an unexpired certificate, that certificate
 /// (a renewal): a stolen credential alone gets no key of the thief's
 /// certified. The operator's reset (`reset-host`) clears the certificate
-/// with the credential.
-pub struct CertificateCaller(pub String);
+/// with the credential. Carries the certificate presented, if any.
+pub struct CertificateCaller(pub String, pub Option<[u8; 32]>);
 
 impl FromRequestParts<Service> for CertificateCaller {
     type Rejection = ServiceError;
     async fn from_request_parts(parts: &mut Parts, service: &Service) -> Result<Self> {
         let (host, via) = host_and_channel(parts, service).await?;
         if let Some(presented) = via {
-            if let Some(issued) = service.unexpired_host_certificate_digest(&host).await? {
-                if !is_issued(presented, &issued) {
-                    return Err(ServiceError::AuthFailure(
-                        "this host holds a certificate: renew it presenting that certificate (or have the operator reset the host)".into(),
-                    ));
-                }
+            let issued = service.host_certificate_digests(&host, true).await?;
+            if !issued.is_empty() && !is_issued(presented, &issued) {
+                return Err(ServiceError::AuthFailure(
+                    "this host holds a certificate: renew it presenting that certificate (or have the operator reset the host)".into(),
+                ));
             }
         }
-        Ok(CertificateCaller(host))
+        Ok(CertificateCaller(host, via.flatten()))
     }
 }
 
@@ -174,8 +173,12 @@ async fn register(State(s): State<Service>, _: JoinToken, ApiJson(req): ApiJson<
 }
 
 /// The host's key certified by the control plane's CA (see `service/certificates.rs`).
-async fn certificate(State(s): State<Service>, CertificateCaller(host): CertificateCaller, ApiJson(req): ApiJson<CertificateRequest>) -> Result<Json<CertificateGrant>> {
-    Ok(Json(s.issue_host_certificate(&host, &req).await?))
+async fn certificate(
+    State(s): State<Service>,
+    CertificateCaller(host, presented): CertificateCaller,
+    ApiJson(req): ApiJson<CertificateRequest>,
+) -> Result<Json<CertificateGrant>> {
+    Ok(Json(s.issue_host_certificate(&host, &req, presented).await?))
 }
 
 #[derive(Debug, Deserialize)]

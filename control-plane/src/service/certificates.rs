@@ -23,27 +23,29 @@ impl From<CaError> for ServiceError {
 }
 
 impl Service {
-    /// The SHA-256 of the certificate `host_id` was last issued.
-    pub async fn host_certificate_digest(&self, host_id: &str) -> Result<Option<Vec<u8>>> {
-        let row: Option<(Option<Vec<u8>>,)> =
-            sqlx::query_as("SELECT tls_cert_sha256 FROM hosts WHERE id = $1").bind(host_id).fetch_optional(&self.db).await?;
-        Ok(row.and_then(|(d,)| d))
-    }
-
-    /// The digest of `host_id`'s certificate while it is valid.
-    pub async fn unexpired_host_certificate_digest(&self, host_id: &str) -> Result<Option<Vec<u8>>> {
-        let row: Option<(Option<Vec<u8>>,)> =
-            sqlx::query_as("SELECT tls_cert_sha256 FROM hosts WHERE id = $1 AND tls_cert_not_after > now()")
-                .bind(host_id)
-                .fetch_optional(&self.db)
-                .await?;
-        Ok(row.and_then(|(d,)| d))
+    /// The SHA-256 digests of the certificates `host_id` may present: the
+    /// one it was last issued, and the one it presented when it asked for
+    /// that (until its next renewal); with `unexpired`, only those still
+    /// valid.
+    pub async fn host_certificate_digests(&self, host_id: &str, unexpired: bool) -> Result<Vec<Vec<u8>>> {
+        let row: Option<(Option<Vec<u8>>, Option<Vec<u8>>)> = sqlx::query_as(
+            "SELECT CASE WHEN NOT $2 OR tls_cert_not_after > now() THEN tls_cert_sha256 END, \
+                    CASE WHEN NOT $2 OR tls_prev_cert_not_after > now() THEN tls_prev_cert_sha256 END \
+             FROM hosts WHERE id = $1",
+        )
+        .bind(host_id)
+        .bind(unexpired)
+        .fetch_optional(&self.db)
+        .await?;
+        Ok(row.map(|(current, previous)| current.into_iter().chain(previous).collect()).unwrap_or_default())
     }
 
     /// Certifies `host_id`'s public key (and its store node's address),
     /// records the certificate's digest and the node's address, and
-    /// answers the certificate, the CA and the ring's seeds.
-    pub async fn issue_host_certificate(&self, host_id: &str, req: &CertificateRequest) -> Result<CertificateGrant> {
+    /// answers the certificate, the CA and the ring's seeds. `presented`:
+    /// the certificate the host renewed with, which stays valid until the
+    /// next renewal.
+    pub async fn issue_host_certificate(&self, host_id: &str, req: &CertificateRequest, presented: Option<[u8; 32]>) -> Result<CertificateGrant> {
         let key = ca::parse_public_key(&req.public_key)?;
         let ip = req.store_address.as_deref().map(ca::store_address_ip).transpose()?;
         // A node address is one node's: not the control plane's, not another
@@ -62,13 +64,23 @@ impl Service {
         }
         let (pem, der, not_after) = self.store.ca.issue_host(host_id, &key, ip)?;
         let digest = Sha256::digest(&der).to_vec();
-        sqlx::query("UPDATE hosts SET tls_cert_sha256 = $2, tls_cert_not_after = $3, store_address = $4 WHERE id = $1")
-            .bind(host_id)
-            .bind(&digest)
-            .bind(not_after)
-            .bind(&req.store_address)
-            .execute(&self.db)
-            .await?;
+        // (SET sees the row as it was: the presented certificate is the
+        // current or the previous one, or none of this host's.)
+        sqlx::query(
+            "UPDATE hosts SET tls_cert_sha256 = $2, tls_cert_not_after = $3, store_address = $4, \
+                 tls_prev_cert_sha256 = CASE WHEN $5 = tls_cert_sha256 THEN tls_cert_sha256 \
+                                             WHEN $5 = tls_prev_cert_sha256 THEN tls_prev_cert_sha256 END, \
+                 tls_prev_cert_not_after = CASE WHEN $5 = tls_cert_sha256 THEN tls_cert_not_after \
+                                                WHEN $5 = tls_prev_cert_sha256 THEN tls_prev_cert_not_after END \
+             WHERE id = $1",
+        )
+        .bind(host_id)
+        .bind(&digest)
+        .bind(not_after)
+        .bind(&req.store_address)
+        .bind(presented.map(|p| p.to_vec()))
+        .execute(&self.db)
+        .await?;
         let others: Vec<(String,)> = sqlx::query_as(
             "SELECT store_address FROM hosts WHERE store_address IS NOT NULL AND id <> $1 \
              ORDER BY last_heartbeat DESC NULLS LAST LIMIT $2",

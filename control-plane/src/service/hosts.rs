@@ -264,7 +264,8 @@ impl Service {
     pub async fn reset_host_credential(&self, host: &str) -> Result<String> {
         let row: Option<(String,)> =
             sqlx::query_as(
-                "UPDATE hosts SET credential_sha256 = NULL, tls_cert_sha256 = NULL, tls_cert_not_after = NULL \
+                "UPDATE hosts SET credential_sha256 = NULL, tls_cert_sha256 = NULL, tls_cert_not_after = NULL, \
+                     tls_prev_cert_sha256 = NULL, tls_prev_cert_not_after = NULL \
                  WHERE id = $1 OR name = $1 RETURNING id",
             )
                 .bind(host)
