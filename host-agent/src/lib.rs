@@ -131,9 +131,11 @@ pub struct AgentConfig {
     /// runs no store node and serves metadata from its assignments only.
     #[arg(long, env = "NIMBUS_STORE_LISTEN")]
     pub store_listen: Option<std::net::SocketAddr>,
-    /// How often a running agent renews this host's certificate (seconds;
-    /// certificates last a year, and every start renews too).
-    #[arg(long, env = "NIMBUS_CERT_RENEW_SECS", default_value_t = 30 * 86_400)]
+    /// How often a running agent renews this host's certificate (seconds,
+    /// at most 180 days; certificates last a year, and every start renews
+    /// too).
+    #[arg(long, env = "NIMBUS_CERT_RENEW_SECS", default_value_t = 30 * 86_400,
+          value_parser = clap::value_parser!(u64).range(1..=180 * 86_400))]
     pub cert_renew_secs: u64,
 }
 

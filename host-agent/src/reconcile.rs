@@ -397,13 +397,14 @@ impl Reconciler {
         let files = GuestFiles::new(&self.instances_dir, &a.instance_id);
         let name = domain::domain_name(&a.instance_id);
         let id = &a.instance_id;
-        // A clean stop unless NoReboot; the guard keeps passes from
-        // restarting it meanwhile. A stop already under way (a StopInstances
-        // that came first) is waited for: the disk is then copied stopped.
+        // Unless NoReboot, the copy is made of a stopped guest under the
+        // stop guard, which keeps passes (and another image of the same
+        // instance) from starting it meanwhile: a stop already under way
+        // (a StopInstances that came first) is waited for, a running guest
+        // is shut down cleanly.
         let waited_for = Instant::now();
         let guard = loop {
-            let running = self.libvirt.domain_status(&self.host_id, id).await.map_err(|e| e.to_string())?.is_some_and(|d| d.running);
-            if !running || task.no_reboot {
+            if task.no_reboot {
                 break None;
             }
             if let Some(guard) = self.stopping.begin(id) {
@@ -415,7 +416,8 @@ impl Reconciler {
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
         let _ = self.events.send(AgentEvent::Imaging { instance_id: id.clone(), image_id: task.image_id.clone() });
-        if guard.is_some() {
+        let running = self.libvirt.domain_status(&self.host_id, id).await.map_err(|e| e.to_string())?.is_some_and(|d| d.running);
+        if guard.is_some() && running {
             let how = power::stop_domain(&self.libvirt, &name, self.stop_timeout).await.map_err(|e| format!("cannot stop the instance: {e}"))?;
             tracing::info!(instance_id = %id, ?how, "guest stopped to make an image");
             let forced = how == power::Stopped::Forced;
@@ -441,16 +443,20 @@ impl Reconciler {
         result
     }
 
-    /// Brings a guest that CreateImage stopped to what is wanted of it now
-    /// (not when the task began): started again if still wanted running;
-    /// else left stopped and reported so (the stop's own pass could only
-    /// answer "stopping"). A stop that came while it was being started
-    /// stops it again. Runs under the stop guard.
+    /// Brings a guest whose disk CreateImage copied under the stop guard to
+    /// what is wanted of it now (not when the task began): started (with
+    /// its VPC interfaces) if wanted running; else left stopped and
+    /// reported so (a stop's own pass could only answer "stopping"). A stop
+    /// that came while it was being started stops it again; a termination
+    /// is left to the pass that removes it.
     async fn after_imaging(&self, a: &Assignment, name: &str) {
         let id = &a.instance_id;
+        let latest = self.assigned.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned();
+        let Some(latest) = latest else { return };
         let mut running = false;
-        if self.desired_now(id) == Some(DesiredState::Running) {
-            match self.libvirt.start(name).await {
+        if latest.desired == DesiredState::Running {
+            let nics = if self.network.is_some() { latest.nics.as_slice() } else { &[] };
+            match self.start_guest(name, nics, None).await {
                 Ok(()) => {
                     running = true;
                     let _ = self.events.send(AgentEvent::Started { instance_id: id.clone(), at: Instant::now() });
@@ -458,7 +464,7 @@ impl Reconciler {
                 Err(e) => tracing::warn!(instance_id = %id, error = %e, "cannot start the instance again after imaging; the next pass does"),
             }
         }
-        if running && self.desired_now(id) != Some(DesiredState::Running) {
+        if running && self.desired_now(id) == Some(DesiredState::Stopped) {
             match power::stop_domain(&self.libvirt, name, self.stop_timeout).await {
                 Ok(how) => {
                     running = false;

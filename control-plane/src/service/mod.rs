@@ -28,7 +28,7 @@ use sqlx::PgPool;
 
 /// How many times one operation runs its transaction when deadlocks or
 /// serialization failures abort it, before the caller gets the error.
-const TX_ATTEMPTS: u32 = 16;
+pub(crate) const TX_ATTEMPTS: u32 = 16;
 
 /// Runs `attempt` (one transaction) again while it fails with an error
 /// that may pass when run again ([`crate::db::is_retryable`]), at most

@@ -1486,12 +1486,13 @@ impl Service {
                 n.clone()
             }
         };
-        // `None`: the interface changed under us; look again.
-        loop {
+        // `None`: the interface changed under us; look again (a few times).
+        for _ in 0..super::TX_ATTEMPTS {
             if let Some(id) = super::retrying(|| self.try_associate(caller, &allocation_id, &eni_id, target)).await? {
                 return Ok(id);
             }
         }
+        Err(ServiceError::Internal(format!("the network interface {eni_id} kept changing while {allocation_id} was associated")))
     }
 
     /// `Ok(None)`: the interface moved between our read and our lock; try again.

@@ -55,6 +55,11 @@ impl Service {
         let newest = got.values.iter().filter_map(|v| serde_json::from_slice::<T>(v).ok()).max_by_key(|r| about(r).1);
         match newest {
             Some(r) if about(&r).0 == instance_id => Observed::Found(r),
+            // Values, none of them readable (written by a newer host?): unknown.
+            None if !got.values.is_empty() => {
+                tracing::warn!(%key, "an observation in the store cannot be read");
+                Observed::Unread
+            }
             _ => Observed::Absent,
         }
     }
