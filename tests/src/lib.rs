@@ -30,6 +30,8 @@ use std::sync::{Arc, Once, OnceLock};
 use std::time::Duration;
 use tokio::sync::{broadcast, oneshot};
 
+pub mod baseline;
+
 pub use nimbus_control_plane;
 pub use nimbus_host_agent;
 

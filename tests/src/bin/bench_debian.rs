@@ -15,9 +15,8 @@
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use nimbus_host_agent::disks::GuestFiles;
 use nimbus_host_agent::HypervisorChoice;
-use nimbus_proto::agent::InstanceMetadata;
+use nimbus_tests::baseline::{median, virsh, Baseline};
 use nimbus_tests::{instance_ids, read_console, Cloud};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -41,19 +40,6 @@ struct Args {
     skip_boot: bool,
     #[arg(long)]
     skip_create_image: bool,
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn virsh(args: &[&str]) -> anyhow::Result<String> {
-    let out = std::process::Command::new("virsh").arg("-c").arg("qemu:///system").args(args).output()?;
-    if !out.status.success() {
-        bail!("virsh {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Waits for cloud-init's finished line; returns when it was seen.
@@ -89,7 +75,6 @@ async fn boot(runs: usize, image_dir: &Path) -> anyhow::Result<()> {
     let agent = cloud.add_agent_with("bench-debian", "az1", 4, 4096, 50, HypervisorChoice::Auto).await?;
     let image = cloud.register_image_dir(image_dir, true).await?;
     let instances_dir = agent.state_dir.join("instances");
-    let qemu = nimbus_host_agent::access::QemuUser::lookup("libvirt-qemu")?;
     let (mut api, mut direct) = (Vec::new(), Vec::new());
     let mut last = None;
     for run in 0..runs {
@@ -98,54 +83,19 @@ async fn boot(runs: usize, image_dir: &Path) -> anyhow::Result<()> {
         let id = instance_ids(&r).pop().context("no instance")?;
         let seen = wait_finished(&instances_dir.join(&id).join("console.log")).await?;
         api.push(seen - t0);
-        let name = format!("nimbus-{id}");
-        let xml = virsh(&["dumpxml", &name])?;
+        let xml = virsh(&["dumpxml", &format!("nimbus-{id}")])?;
         // Stopped, not terminated: its metadata server keeps serving the
         // socket the same XML names (a missing guestfwd socket slows QEMU),
         // and no second guest competes for the CPU.
         cloud.post("/v1/instances/stop", json!({"instance_ids": [id]})).await?;
         cloud.wait_for_state(std::slice::from_ref(&id), "stopped", Duration::from_secs(300)).await?;
 
-        // The same XML straight to libvirt, with fresh files (renamed, moved
-        // out of the agent's directory, another host id: the agent leaves it alone).
-        let baseline_dir = cloud.dir.path().join("baseline");
-        let files = GuestFiles::new(&baseline_dir, &id);
-        let host_id = cloud.get("/v1/hosts").await?["hosts"][0]["host_id"].as_str().unwrap_or_default().to_string();
-        let port = GuestFiles::new(&instances_dir, &id).ssh_port().await;
-        let mut xml = xml
-            .replace(&instances_dir.to_string_lossy().to_string(), &baseline_dir.to_string_lossy())
-            .replace(&format!("<name>{name}</name>"), &format!("<name>bench-{id}</name>"))
-            .replace(&host_id, "h-00000000000000000");
-        if let Some(p) = port {
-            // The agent's guest may still hold its port (part 3 keeps the last one).
-            let free = std::net::TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port();
-            xml = xml.replace(&format!("hostfwd=tcp:127.0.0.1:{p}-:22"), &format!("hostfwd=tcp:127.0.0.1:{free}-:22"));
-        }
-        let xml = xml.lines().filter(|l| !l.contains("<uuid>")).collect::<Vec<_>>().join("\n");
-        let base = agent.state_dir.join("images").join(&image.root_disk.as_ref().context("root disk")?.sha256);
-        let meta = InstanceMetadata {
-            version: 0,
-            instance_id: id.clone(),
-            reservation_id: String::new(),
-            instance_type: "t3.nano".into(),
-            image_id: image.image_id.clone(),
-            availability_zone: "az1".into(),
-            ami_launch_index: 0,
-            owner_id: String::new(),
-            public_keys: Vec::new(),
-            options: Default::default(),
-            tags: Vec::new(),
-        };
-        files.prepare(&base, 8, &meta, None, &qemu, None).await?;
-        let xml_path = cloud.dir.path().join(format!("{id}.xml"));
-        std::fs::write(&xml_path, &xml)?;
-        let t0 = Instant::now();
-        virsh(&["create", &xml_path.to_string_lossy()])?;
-        let seen = wait_finished(&files.console_log()).await;
-        let _ = virsh(&["destroy", &format!("bench-{id}")]);
+        // The same XML straight to libvirt, with fresh files.
+        let baseline = Baseline::prepare(&cloud, &agent, &image, &id, &xml).await?;
+        let (t0, _) = baseline.create()?;
+        let seen = wait_finished(&baseline.files.console_log()).await;
+        baseline.remove().await?;
         direct.push(seen? - t0);
-        files.remove().await?;
-        std::fs::remove_file(&xml_path)?;
         if run + 1 == runs {
             // Kept for part 3.
             last = Some(id.clone());

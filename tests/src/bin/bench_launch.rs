@@ -12,10 +12,9 @@
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use nimbus_host_agent::disks::GuestFiles;
 use nimbus_host_agent::reconcile::AgentEvent;
 use nimbus_host_agent::HypervisorChoice;
-use nimbus_proto::agent::InstanceMetadata;
+use nimbus_tests::baseline::{median, virsh, Baseline};
 use nimbus_tests::{instance_ids, Cloud, CloudOptions};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -99,24 +98,11 @@ async fn wait_marker(console: &Path, id: &str) -> anyhow::Result<Instant> {
     }
 }
 
-fn virsh(args: &[&str]) -> anyhow::Result<String> {
-    let out = std::process::Command::new("virsh").arg("-c").arg("qemu:///system").args(args).output()?;
-    if !out.status.success() {
-        bail!("virsh {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// `virsh create` itself (libvirt starting QEMU, not the guest booting)
 /// takes about half a second on a healthy host. Seconds mean the host is
 /// broken, and a ratio measured on it says nothing: both sides pay the same
 /// cost (on a fresh machine, 52 s per start gave a ratio of 1.0).
 const VIRSH_CREATE_SANITY: Duration = Duration::from_secs(5);
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
 
 async fn real_guest(runs: usize) -> anyhow::Result<()> {
     let image_dir = PathBuf::from(std::env::var("NIMBUS_IMAGE_DIR").context("NIMBUS_IMAGE_DIR must name the built tiny image")?);
@@ -143,57 +129,24 @@ async fn real_guest(runs: usize) -> anyhow::Result<()> {
         let console = instances_dir.join(&id).join("console.log");
         let seen = wait_marker(&console, &id).await?;
         api.push(seen - t0);
-        let name = format!("nimbus-{id}");
-        let xml = virsh(&["dumpxml", &name])?;
+        let xml = virsh(&["dumpxml", &format!("nimbus-{id}")])?;
         cloud.post("/v1/instances/terminate", json!({"instance_ids": [id]})).await?;
         cloud.wait_for_state(std::slice::from_ref(&id), "terminated", Duration::from_secs(60)).await?;
 
-        // The same XML straight to libvirt, with fresh files. Renamed, moved
-        // out of the agent's directory and stripped of this host's id, so the
-        // agent does not remove it as an orphan of its own.
-        let baseline_dir = cloud.dir.path().join("baseline");
-        let files = GuestFiles::new(&baseline_dir, &id);
-        let host_id = cloud.get("/v1/hosts").await?["hosts"][0]["host_id"].as_str().unwrap_or_default().to_string();
-        let xml = xml
-            .replace(&instances_dir.to_string_lossy().to_string(), &baseline_dir.to_string_lossy())
-            .replace(&format!("<name>{name}</name>"), &format!("<name>bench-{id}</name>"))
-            .replace(&host_id, "h-00000000000000000");
-        let console = files.console_log();
-        let name = format!("bench-{id}");
-        let base = agent.state_dir.join("images").join(&image.root_disk.as_ref().context("the image has a root disk")?.sha256);
-        let meta = InstanceMetadata {
-            version: 0,
-            instance_id: id.clone(),
-            reservation_id: String::new(),
-            instance_type: "t3.nano".into(),
-            image_id: image.image_id.clone(),
-            availability_zone: "az1".into(),
-            ami_launch_index: 0,
-            owner_id: String::new(),
-            public_keys: Vec::new(),
-            options: Default::default(),
-            tags: Vec::new(),
-        };
-        let qemu = nimbus_host_agent::access::QemuUser::lookup("libvirt-qemu")?;
-        files.prepare(&base, 8, &meta, None, &qemu, None).await?;
-        let xml_path = cloud.dir.path().join(format!("{id}.xml"));
-        std::fs::write(&xml_path, &xml)?;
-        let t0 = Instant::now();
-        virsh(&["create", &xml_path.to_string_lossy()])?;
-        let create = t0.elapsed();
+        // The same XML straight to libvirt, with fresh files.
+        let baseline = Baseline::prepare(&cloud, &agent, &image, &id, &xml).await?;
+        let (t0, create) = baseline.create()?;
         if create > VIRSH_CREATE_SANITY {
-            let _ = virsh(&["destroy", &name]);
+            baseline.remove().await?;
             bail!(
                 "`virsh create` alone took {:.1} s (a healthy host: ~0.5 s); is /dev/kvm root:kvm 0660? \
                  (libvirt re-probes QEMU on every start when the QEMU user cannot open it; scripts/install-deps.sh fixes it)",
                 create.as_secs_f64()
             );
         }
-        let seen = wait_marker(&console, &id).await?;
-        direct.push(seen - t0);
-        virsh(&["destroy", &name])?;
-        files.remove().await?;
-        std::fs::remove_file(&xml_path)?;
+        let seen = wait_marker(&baseline.files.console_log(), &id).await;
+        baseline.remove().await?;
+        direct.push(seen? - t0);
         println!("  run {}: API -> marker {:.2} s, virsh create -> marker {:.2} s", run + 1, api[run].as_secs_f64(), direct[run].as_secs_f64());
     }
     let (a, d) = (median(api), median(direct));
