@@ -947,23 +947,8 @@ mod tests {
 
     fn document(id: &str, version: u64, tag: &str) -> InstanceDocument {
         InstanceDocument {
-            version,
-            instance_id: id.into(),
-            account_id: "000000000000".into(),
-            reservation_id: "r-0123456789abcdef0".into(),
-            ami_launch_index: 0,
-            image_id: "ami-0123456789abcdef0".into(),
-            instance_type: "t3.nano".into(),
-            region: "nimbus-1".into(),
-            availability_zone: "az1".into(),
-            architecture: "x86_64".into(),
-            launch_time: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default(),
-            state: "running".into(),
-            user_data: None,
-            public_keys: vec![],
-            tags: vec![("Name".into(), tag.into())],
             options: nimbus_proto::agent::MetadataOptions { tags_enabled: true, ..Default::default() },
-            nics: vec![],
+            ..InstanceDocument::example(id, version, tag)
         }
     }
 

@@ -177,14 +177,13 @@ pub struct StatusRecord {
     pub at: DateTime<Utc>,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn doc(version: u64, tag: &str) -> InstanceDocument {
+#[cfg(any(test, feature = "test-support"))]
+impl InstanceDocument {
+    /// A running instance's document at `version`, tagged `Name=tag`, for tests.
+    pub fn example(instance_id: &str, version: u64, tag: &str) -> InstanceDocument {
         InstanceDocument {
             version,
-            instance_id: "i-0123456789abcdef0".into(),
+            instance_id: instance_id.into(),
             account_id: "123456789012".into(),
             reservation_id: "r-0123456789abcdef0".into(),
             ami_launch_index: 0,
@@ -201,6 +200,15 @@ mod tests {
             options: MetadataOptions::default(),
             nics: vec![],
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(version: u64, tag: &str) -> InstanceDocument {
+        InstanceDocument::example("i-0123456789abcdef0", version, tag)
     }
 
     #[test]
