@@ -15,6 +15,7 @@ pub mod error;
 pub mod handoff;
 pub mod http;
 pub mod json;
+pub mod local;
 pub mod membership;
 pub mod merge;
 pub mod merkle;

@@ -51,8 +51,7 @@ fn init_tracing() {
 /// A loopback address with a port free now (for a store node, whose id
 /// must stay the same across restarts, so port 0 will not do).
 pub fn free_local_addr() -> anyhow::Result<std::net::SocketAddr> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?)
+    Ok(std::net::SocketAddr::from(([127, 0, 0, 1], nimbus_state_store::local::free_port()?)))
 }
 
 /// Whether libvirt (qemu:///system) knows a domain of this name.

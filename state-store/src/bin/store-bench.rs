@@ -144,11 +144,6 @@ impl Stats {
     }
 }
 
-fn free_addr() -> Result<String, std::io::Error> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.to_string())
-}
-
 fn make_client(kind: &str, addr: &str, tls: Option<&TlsConfig>) -> Box<dyn KvClient> {
     let t = Duration::from_secs(5);
     match (kind, tls) {
@@ -160,7 +155,7 @@ fn make_client(kind: &str, addr: &str, tls: Option<&TlsConfig>) -> Box<dyn KvCli
 }
 
 async fn run_store(args: &Args, dir: &std::path::Path) -> Result<(Stats, f64), Box<dyn std::error::Error>> {
-    let addrs: Vec<String> = (0..3).map(|_| free_addr()).collect::<Result<_, _>>()?;
+    let addrs: Vec<String> = (0..3).map(|_| nimbus_state_store::local::free_addr()).collect::<Result<_, _>>()?;
     let ca = if args.tls { Some(DevCa::new("store-bench CA")?) } else { None };
     let client_tls = ca.as_ref().map(|ca| ca.tls_config(&["store-bench-client"])).transpose()?;
     let mut nodes = Vec::new();
@@ -285,7 +280,7 @@ async fn run_redis(args: &Args) -> Result<Option<(Stats, f64)>, Box<dyn std::err
         println!("redis-server not on PATH: skipping the Redis comparison");
         return Ok(None);
     };
-    let port = free_addr()?.rsplit(':').next().unwrap_or("6399").to_string();
+    let port = nimbus_state_store::local::free_port()?.to_string();
     let dir = std::env::temp_dir().join(format!("store-bench-redis-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let persistence: &[&str] =

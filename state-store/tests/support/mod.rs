@@ -11,11 +11,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    nimbus_state_store::local::free_port().expect("free port")
 }
 
 pub fn free_addr() -> String {
-    format!("127.0.0.1:{}", free_port())
+    nimbus_state_store::local::free_addr().expect("free port")
 }
 
 /// A child process killed (SIGKILL) and reaped when dropped, so a failing
