@@ -136,6 +136,22 @@ fn tls_cause(e: &(dyn std::error::Error + 'static)) -> Option<String> {
     None
 }
 
+/// How [`HttpClient`] words a request given up before it was sent.
+pub const NEVER_SENT: &str = "the connection closed before the request was sent";
+
+/// Whether the request was given up before any of it was written (hyper's
+/// "canceled": the connection closed before the request could be sent).
+fn never_sent(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_canceled) {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
 async fn rpc(State(node): State<Arc<Node>>, body: Bytes) -> Vec<u8> {
     let resp = match decode::<Request>(&body, RPC_BODY_LIMIT) {
         Ok(req) => node.handle_local(req).await,
@@ -325,14 +341,20 @@ impl HttpClient {
         decode(&b, CLIENT_BODY_LIMIT * 64).map_err(StoreError::Transport)
     }
 
-    /// A request that failed: refused connections are transport errors;
-    /// after the request may have been sent, the outcome is unknown.
+    /// A request that failed: refused connections, and requests given up
+    /// before any of them was sent, are transport errors; after the
+    /// request may have been sent, the outcome is unknown.
     fn failed(&self, e: reqwest::Error) -> StoreError {
         if let Some(reason) = tls_cause(&e) {
             // the TLS session was refused: no request reached the node
             StoreError::Tls(reason)
         } else if e.is_connect() {
             StoreError::Transport(e.to_string())
+        } else if never_sent(&e) {
+            // The connection closed as it was handed the request: in TLS 1.3
+            // the client's handshake ends before the node has checked the
+            // client's certificate, so a refusal can arrive this way.
+            StoreError::Transport(format!("{NEVER_SENT}: {e}"))
         } else {
             StoreError::OutcomeUnknown(self.base.clone())
         }
