@@ -391,10 +391,9 @@ impl Agent {
         Ok(cred)
     }
 
-    /// The image store is reached with the host's credential.
     /// Presents `certified` to an https:// control plane from now on (a
-    /// new client: the control plane accepts only a host's latest
-    /// certificate), also for the image store.
+    /// new client: the control plane refuses certificates older than the
+    /// one a host renewed with), also for the image store.
     async fn present(&mut self, certified: &store::Certified, cred: &HostCredential) -> Result<(), AgentError> {
         let identity = format!("{}{}", certified.cert_pem, certified.key_pem);
         let http = control_plane_client(&self.config, Some(identity.as_bytes())).await?;
@@ -419,6 +418,7 @@ impl Agent {
         Ok(())
     }
 
+    /// The image store is reached with the host's credential.
     fn set_store_access(&self, cred: &HostCredential) {
         let access = images::StoreAccess { base: self.config.control_plane.clone(), bearer: cred.bearer(), client: self.cp_http.clone() };
         *self.reconciler.images.store.write().unwrap_or_else(|p| p.into_inner()) = Some(access);

@@ -231,13 +231,22 @@ impl Reconciler {
         }
     }
 
-    /// The interfaces the data plane plumbs for `a` (none in user-mode networking).
-    fn vpc_nics<'a>(&self, a: &'a Assignment) -> &'a [Nic] {
+    /// The interfaces of `nics` the data plane plumbs (none in user-mode networking).
+    fn vpc_nics<'a>(&self, nics: &'a [Nic]) -> &'a [Nic] {
         if self.network.is_some() {
-            &a.nics
+            nics
         } else {
             &[]
         }
+    }
+
+    /// Shuts the guest down (ACPI, then forced after the stop timeout) and
+    /// announces it (`AgentEvent::Stopped`).
+    async fn stop_guest(&self, instance_id: &str, name: &str) -> Result<power::Stopped, crate::libvirt::LibvirtError> {
+        let how = power::stop_domain(&self.libvirt, name, self.stop_timeout).await?;
+        let forced = how == power::Stopped::Forced;
+        let _ = self.events.send(AgentEvent::Stopped { instance_id: instance_id.to_string(), at: Instant::now(), forced });
+        Ok(how)
     }
 
     /// No assignment could be had since this agent started (the control
@@ -269,7 +278,7 @@ impl Reconciler {
     /// socket for user-mode networking. The socket's path either way (the
     /// domain of a VPC guest does not use it).
     async fn serve_metadata(&self, a: &Assignment) -> Result<PathBuf, ConvergeError> {
-        let nics = self.vpc_nics(a);
+        let nics = self.vpc_nics(&a.nics);
         if nics.is_empty() {
             self.metadata.ensure(&a.metadata, a.user_data.as_deref()).await.map_err(ConvergeError::Metadata)
         } else {
@@ -418,10 +427,8 @@ impl Reconciler {
         let _ = self.events.send(AgentEvent::Imaging { instance_id: id.clone(), image_id: task.image_id.clone() });
         let running = self.libvirt.domain_status(&self.host_id, id).await.map_err(|e| e.to_string())?.is_some_and(|d| d.running);
         if guard.is_some() && running {
-            let how = power::stop_domain(&self.libvirt, &name, self.stop_timeout).await.map_err(|e| format!("cannot stop the instance: {e}"))?;
+            let how = self.stop_guest(id, &name).await.map_err(|e| format!("cannot stop the instance: {e}"))?;
             tracing::info!(instance_id = %id, ?how, "guest stopped to make an image");
-            let forced = how == power::Stopped::Forced;
-            let _ = self.events.send(AgentEvent::Stopped { instance_id: id.clone(), at: Instant::now(), forced });
         }
         let out = self.images.dir().join(format!(".make-{}.qcow2", task.image_id));
         let converted = crate::disks::flatten(&files.root_disk(), &out).await;
@@ -455,8 +462,7 @@ impl Reconciler {
         let Some(latest) = latest else { return };
         let mut running = false;
         if latest.desired == DesiredState::Running {
-            let nics = if self.network.is_some() { latest.nics.as_slice() } else { &[] };
-            match self.start_guest(name, nics, None).await {
+            match self.start_guest(name, self.vpc_nics(&latest.nics), None).await {
                 Ok(()) => {
                     running = true;
                     let _ = self.events.send(AgentEvent::Started { instance_id: id.clone(), at: Instant::now() });
@@ -465,12 +471,8 @@ impl Reconciler {
             }
         }
         if running && self.desired_now(id) == Some(DesiredState::Stopped) {
-            match power::stop_domain(&self.libvirt, name, self.stop_timeout).await {
-                Ok(how) => {
-                    running = false;
-                    let forced = how == power::Stopped::Forced;
-                    let _ = self.events.send(AgentEvent::Stopped { instance_id: id.clone(), at: Instant::now(), forced });
-                }
+            match self.stop_guest(id, name).await {
+                Ok(_) => running = false,
                 Err(e) => tracing::warn!(instance_id = %id, error = %e, "cannot stop the instance after imaging; the next pass does"),
             }
         }
@@ -559,7 +561,7 @@ impl Reconciler {
     }
 
     async fn ensure_running(&self, a: &Assignment, existing: Option<DomainStatus>) -> Result<Outcome, ConvergeError> {
-        let nics = self.vpc_nics(a);
+        let nics = self.vpc_nics(&a.nics);
         if let Some(d) = existing {
             // Adopt: make sure its metadata server listens where the guest expects it.
             self.serve_metadata(a).await?;
@@ -646,13 +648,9 @@ impl Reconciler {
         let mut task = tokio::spawn(async move {
             let _guard = guard;
             tracing::info!(instance_id = %id, timeout_secs = this.stop_timeout.as_secs(), "stopping guest");
-            let r = power::stop_domain(&this.libvirt, &name, this.stop_timeout).await;
+            let r = this.stop_guest(&id, &name).await;
             match &r {
-                Ok(how) => {
-                    tracing::info!(instance_id = %id, ?how, "guest stopped");
-                    let forced = *how == power::Stopped::Forced;
-                    let _ = this.events.send(AgentEvent::Stopped { instance_id: id, at: Instant::now(), forced });
-                }
+                Ok(how) => tracing::info!(instance_id = %id, ?how, "guest stopped"),
                 Err(e) => tracing::warn!(instance_id = %id, error = %e, "cannot stop guest"),
             }
             r

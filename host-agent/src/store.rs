@@ -130,7 +130,7 @@ pub async fn certify(
             }
             tracing::warn!(error = %e, "cannot renew the certificate; starting with the saved one");
             let raw = tokio::fs::read(dir.join("seeds.json")).await.unwrap_or_default();
-            saved(&dir, serde_json::from_slice(&raw).unwrap_or_default()).await
+            saved(&dir, &host_key(&dir).await?, serde_json::from_slice(&raw).unwrap_or_default()).await
         }
         Err(e) => Err(e),
     }
@@ -160,12 +160,11 @@ pub async fn renew(
     let json = serde_json::to_vec(&grant.store_seeds).unwrap_or_default();
     write_private(&seeds_path, &json).await?;
     tracing::info!(not_after = %grant.not_after, seeds = ?grant.store_seeds, "certificate issued by the control plane's CA");
-    saved(&dir, grant.store_seeds).await
+    saved(&dir, &key, grant.store_seeds).await
 }
 
-/// The key, certificate and CA saved in `dir`.
-async fn saved(dir: &Path, seeds: Vec<String>) -> Result<Certified, HostStoreError> {
-    let key = host_key(dir).await?;
+/// `key` with the certificate and CA saved in `dir`.
+async fn saved(dir: &Path, key: &rcgen::KeyPair, seeds: Vec<String>) -> Result<Certified, HostStoreError> {
     let (cert_path, ca_path) = (dir.join("cert.pem"), dir.join("ca.pem"));
     let cert_pem = tokio::fs::read_to_string(&cert_path).await.map_err(io(&cert_path))?;
     let ca_pem = tokio::fs::read_to_string(&ca_path).await.map_err(io(&ca_path))?;
