@@ -23,6 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use nimbus_proto::api::ErrorBody;
 use subtle::ConstantTimeEq;
+use tracing::Instrument;
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
@@ -40,12 +41,10 @@ pub fn request_id() -> String {
 async fn with_request_id(req: Request, next: Next) -> Response {
     let id = uuid::Uuid::new_v4().to_string();
     let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
-    let mut resp = REQUEST_ID
-        .scope(id.clone(), async move {
-            let _enter = span.enter();
-            next.run(req).await
-        })
-        .await;
+    // The span is attached to the request's future (entered only while it
+    // is polled), never held entered across an await: otherwise requests
+    // served on the same thread nest in each other's spans.
+    let mut resp = REQUEST_ID.scope(id.clone(), next.run(req).instrument(span)).await;
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
