@@ -55,7 +55,7 @@ DEPS_TABLE='
 1  curl                    curl
 1  util-linux              runuser flock setsid
 1  coreutils               timeout stat chgrp chmod sha256sum od truncate mktemp tee
-1  procps                  pgrep
+1  procps                  pgrep sysctl
 1  passwd                  groupadd usermod
 1  dpkg                    dpkg dpkg-deb dpkg-query
 1  apt                     apt-get apt-cache
@@ -71,7 +71,7 @@ DEPS_TABLE='
 1  iproute2                ip bridge
 1  nftables                nft
 1  redis-server            redis-server
-1  postgresql-15           /usr/lib/postgresql/15/bin/initdb /usr/lib/postgresql/15/bin/pg_ctl /usr/lib/postgresql/15/bin/postgres
+1  postgresql-15           /usr/lib/postgresql/15/bin/initdb /usr/lib/postgresql/15/bin/pg_ctl /usr/lib/postgresql/15/bin/postgres /usr/lib/postgresql/15/bin/pgbench
 1  postgresql-client-15    /usr/lib/postgresql/15/bin/psql /usr/lib/postgresql/15/bin/pg_isready
 2  qemu-utils              qemu-img
 machine  rustup            cargo

@@ -8,6 +8,7 @@ pub mod db;
 pub mod error;
 pub mod ids;
 pub mod image_store;
+pub mod jobs;
 pub mod notify;
 pub mod service;
 pub mod store;
@@ -35,6 +36,7 @@ pub async fn build(config: Config) -> anyhow::Result<Service> {
     if service.config.outbox_relay {
         service.store.start_relay(service.relay());
     }
+    service.start_network_relay();
     service.start_retention();
     Ok(service)
 }

@@ -839,6 +839,30 @@ impl Cloud {
 }
 
 impl Cloud {
+    /// Waits until the network relay delivered every recorded network
+    /// change (their hosts are bumped), so that host generations stand still.
+    pub async fn network_settled(&self) -> anyhow::Result<()> {
+        self.wait_until(Duration::from_secs(30), || async {
+            let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM network_changes").fetch_one(self.db()).await?;
+            Ok(n == 0)
+        })
+        .await
+    }
+
+    /// The accounts' usage counters against what they hold, straight from
+    /// PostgreSQL: per account with a mismatch, (account, counted instances,
+    /// counted vCPUs, held instances, held vCPUs). Empty when all agree.
+    pub async fn account_usage_mismatches(&self) -> anyhow::Result<Vec<(String, i64, i64, i64, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT * FROM (SELECT u.account_id, u.instances::bigint AS ci, u.vcpus::bigint AS cv, \
+                    (SELECT count(*) FROM instances i WHERE i.account_id = u.account_id AND i.capacity_held) AS hi, \
+                    (SELECT coalesce(sum(vcpus), 0) FROM instances i WHERE i.account_id = u.account_id AND i.capacity_held)::bigint AS hv \
+                 FROM account_usage u) x WHERE ci <> hi OR cv <> hv",
+        )
+        .fetch_all(self.db())
+        .await?)
+    }
+
     /// An outage of the control plane and of its database: the API server
     /// stops (gracefully: agents' long polls end, keep-alive connections
     /// close), the outbox relay and the control plane's store node stop,

@@ -106,9 +106,49 @@ async fn concurrent_launches_never_overcommit() {
     assert_eq!(over, 0);
     let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM instances").fetch_one(cloud.db()).await.unwrap();
     assert_eq!(n as usize, capacity, "refused launches must leave no rows");
+    assert_eq!(cloud.account_usage_mismatches().await.unwrap(), vec![]);
 
     // And the agents really start all of them.
     cloud.wait_for_state(&ok, "running", Duration::from_secs(60)).await.unwrap();
+}
+
+/// 32 clients of one account launch as fast as they can against its
+/// instance limit: exactly the limit is used (the usage counter is claimed
+/// conditionally at the end of each launch, with no account-wide lock), the
+/// rest are told InstanceLimitExceeded, and the counter matches the rows;
+/// terminations confirmed by the agent give it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_accounts_concurrent_clients_use_exactly_its_limit() {
+    let limit = 40;
+    let cloud = Cloud::start_with(CloudOptions { db_connections: 40, default_limits: (limit, 10_000), ..Default::default() }).await.unwrap();
+    let _a = cloud.add_agent("a", "az1", 1000, 1 << 20, 100_000).await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    let clients = (0..32).map(|_| {
+        let cloud = &cloud;
+        async move {
+            let mut mine = Vec::new();
+            loop {
+                let (status, body) = cloud.call(Method::POST, "/v1/instances", Some(json!({"instance_type": "t3.nano"}))).await.unwrap();
+                match status {
+                    StatusCode::OK => mine.extend(instance_ids(&body)),
+                    StatusCode::BAD_REQUEST if body["code"] == "InstanceLimitExceeded" => return mine,
+                    other => panic!("unexpected answer {other}: {body}"),
+                }
+            }
+        }
+    });
+    let launched: Vec<String> = futures::future::join_all(clients).await.into_iter().flatten().collect();
+    assert_eq!(launched.len(), limit as usize);
+    assert_eq!(cloud.get("/v1/account").await.unwrap()["usage"], json!({"instances": limit, "vcpus": 2 * limit}));
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM instances").fetch_one(cloud.db()).await.unwrap();
+    assert_eq!(n, i64::from(limit));
+    assert_eq!(cloud.account_usage_mismatches().await.unwrap(), vec![]);
+
+    // Terminations confirmed by the agent give the usage back.
+    cloud.call(Method::POST, "/v1/instances/terminate", Some(json!({"instance_ids": launched}))).await.unwrap();
+    cloud.wait_for_state(&launched, "terminated", Duration::from_secs(60)).await.unwrap();
+    assert_eq!(cloud.get("/v1/account").await.unwrap()["usage"], json!({"instances": 0, "vcpus": 0}));
+    assert_eq!(cloud.account_usage_mismatches().await.unwrap(), vec![]);
 }
 
 #[tokio::test]

@@ -154,45 +154,31 @@ impl Service {
         }
     }
 
-    /// The account's effective limits and usage. With `lock`, in a
-    /// transaction, the account row is locked first (`FOR NO KEY UPDATE`:
-    /// launches of one account serialize, while the foreign-key locks that
-    /// inserting a reservation or an instance takes do not conflict with it),
-    /// and the usage is counted by a later statement, whose snapshot (READ
-    /// COMMITTED) includes every launch that held the lock before.
-    pub(crate) async fn limits_and_usage(
-        &self,
-        conn: &mut sqlx::PgConnection,
-        account_id: &str,
-        lock: bool,
-    ) -> Result<(String, Limits, Usage)> {
-        type Row = (String, Option<i32>, Option<i32>, Option<i32>);
-        let row: Option<Row> = sqlx::query_as(&format!(
-            "SELECT name, max_instances, max_vcpus, max_elastic_ips FROM accounts WHERE id = $1{}",
-            if lock { " FOR NO KEY UPDATE" } else { "" }
-        ))
+    /// The account's effective limits and usage (its counters in
+    /// `account_usage`; no lock: a launch checks the limits again with
+    /// [`claim_usage`] when it commits).
+    pub(crate) async fn limits_and_usage(&self, conn: &mut sqlx::PgConnection, account_id: &str) -> Result<(String, Limits, Usage)> {
+        type Row = (String, Option<i32>, Option<i32>, Option<i32>, i32, i32);
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT a.name, a.max_instances, a.max_vcpus, a.max_elastic_ips, u.instances, u.vcpus \
+             FROM accounts a JOIN account_usage u ON u.account_id = a.id WHERE a.id = $1",
+        )
         .bind(account_id)
         .fetch_optional(&mut *conn)
         .await?;
-        let (name, max_i, max_v, max_e) = row.ok_or_else(|| ServiceError::AccountNotFound(account_id.to_string()))?;
-        let (used_i, used_v): (i64, i64) = sqlx::query_as(
-            "SELECT count(*), coalesce(sum(vcpus), 0)::bigint FROM instances WHERE account_id = $1 AND capacity_held",
-        )
-        .bind(account_id)
-        .fetch_one(&mut *conn)
-        .await?;
+        let (name, max_i, max_v, max_e, used_i, used_v) = row.ok_or_else(|| ServiceError::AccountNotFound(account_id.to_string()))?;
         let limits = Limits {
             max_instances: max_i.map_or(self.config.default_max_instances, |n| n as u32),
             max_vcpus: max_v.map_or(self.config.default_max_vcpus, |n| n as u32),
             max_elastic_ips: max_e.map_or(self.config.default_max_elastic_ips, |n| n as u32),
         };
-        Ok((name, limits, Usage { instances: used_i as u32, vcpus: used_v as u32 }))
+        Ok((name, limits, Usage { instances: used_i.max(0) as u32, vcpus: used_v.max(0) as u32 }))
     }
 
     /// The caller's account: its limits and what it holds.
     pub async fn describe_account(&self, caller: &Caller) -> Result<AccountView> {
         let mut conn = self.db.acquire().await?;
-        let (name, limits, usage) = self.limits_and_usage(&mut conn, &caller.account_id, false).await?;
+        let (name, limits, usage) = self.limits_and_usage(&mut conn, &caller.account_id).await?;
         Ok(AccountView { account_id: caller.account_id.clone(), name, max_elastic_ips: limits.max_elastic_ips, limits, usage })
     }
 
@@ -221,4 +207,49 @@ impl Service {
         let rows: Vec<(String,)> = sqlx::query_as("SELECT DISTINCT availability_zone FROM hosts ORDER BY 1").fetch_all(&self.db).await?;
         Ok(rows.into_iter().map(|r| r.0).collect())
     }
+}
+
+/// Adds `instances` and `vcpus` (either may be negative) to the account's
+/// usage when the caller's transaction commits, if what rises stays within
+/// `limits`; otherwise the commit fails with [`is_over_limit`]. The claim is
+/// an insert; a deferred trigger applies it during the commit (migration
+/// `0013_account_usage.sql`), so the account's usage row is never locked
+/// across a round trip and launches of one account do not wait for each
+/// other's transactions, only for each other's commits.
+pub(crate) async fn claim_usage(conn: &mut sqlx::PgConnection, account_id: &str, limits: Option<Limits>, instances: i64, vcpus: i64) -> Result<()> {
+    claim_usages(conn, &[(account_id, instances, vcpus)], limits).await
+}
+
+/// Lowers the usage of accounts whose instances released their capacity:
+/// `(instances, vcpus)` per account, applied at commit in account order.
+pub(crate) async fn release_usage(conn: &mut sqlx::PgConnection, released: &std::collections::BTreeMap<String, (i64, i64)>) -> Result<()> {
+    let claims: Vec<(&str, i64, i64)> = released.iter().map(|(a, (n, v))| (a.as_str(), -n, -v)).collect();
+    claim_usages(conn, &claims, None).await
+}
+
+async fn claim_usages(conn: &mut sqlx::PgConnection, claims: &[(&str, i64, i64)], limits: Option<Limits>) -> Result<()> {
+    if claims.is_empty() {
+        return Ok(());
+    }
+    let accounts: Vec<&str> = claims.iter().map(|c| c.0).collect();
+    let instances: Vec<i32> = claims.iter().map(|c| c.1 as i32).collect();
+    let vcpus: Vec<i32> = claims.iter().map(|c| c.2 as i32).collect();
+    sqlx::query(
+        "INSERT INTO usage_claims (account_id, instances, vcpus, max_instances, max_vcpus) \
+         SELECT a, n, v, $4, $5 FROM unnest($1::text[], $2::int[], $3::int[]) WITH ORDINALITY AS c(a, n, v, o) ORDER BY o",
+    )
+    .bind(&accounts)
+    .bind(&instances)
+    .bind(&vcpus)
+    .bind(limits.map(|l| i64::from(l.max_instances)))
+    .bind(limits.map(|l| i64::from(l.max_vcpus)))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Whether a commit failed because a usage claim did not fit the account's
+/// limits (a concurrent launch of the account used the room first).
+pub(crate) fn is_over_limit(e: &ServiceError) -> bool {
+    matches!(e, ServiceError::Database(sqlx::Error::Database(d)) if d.code().as_deref() == Some("NQ001"))
 }

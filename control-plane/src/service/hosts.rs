@@ -13,6 +13,7 @@ use nimbus_proto::agent::{
 use nimbus_proto::api::{Host, ImageFile, Resources};
 use nimbus_proto::ObservedState;
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::time::Duration;
 use subtle::ConstantTimeEq;
 
@@ -219,9 +220,8 @@ impl Service {
                     .fetch_all(&mut *tx)
                     .await?;
                     let vpcs = vpcs.into_iter().map(|v| v.0).collect();
-                    let mut hosts = super::network::hosts_in_vpcs(&mut tx, &vpcs).await?;
-                    hosts.insert(id.clone());
-                    super::network::bump_hosts(&mut tx, &hosts).await?;
+                    super::network_changes::note(&mut tx, &super::network_changes::Change { vpcs, ..Default::default() }).await?;
+                    super::network::bump_hosts(&mut tx, &std::collections::BTreeSet::from([id.clone()])).await?;
                 }
                 id
             }
@@ -323,7 +323,8 @@ impl Service {
         let full = after <= 0 || generation <= after;
         let mut tx = self.db.begin().await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await?;
-        let (generation,): (i64,) = sqlx::query_as("SELECT generation FROM hosts WHERE id = $1").bind(host_id).fetch_one(&mut *tx).await?;
+        let (generation, data_plane): (i64, bool) =
+            sqlx::query_as("SELECT generation, underlay_ip IS NOT NULL FROM hosts WHERE id = $1").bind(host_id).fetch_one(&mut *tx).await?;
         let rows = sqlx::query_as::<_, AssignmentRow>(&format!(
             "SELECT i.id, i.desired_state, i.vcpus, i.memory_mib, i.disk_gib, i.user_data, i.reservation_id, \
                     i.instance_type, i.image_id, i.availability_zone, i.ami_launch_index, i.account_id, \
@@ -341,7 +342,7 @@ impl Service {
         .bind(after)
         .fetch_all(&mut *tx)
         .await?;
-        let (network, mut nics) = super::network::host_network(&mut tx, host_id).await?;
+        let (network, mut nics) = super::network::host_network(&mut tx, host_id, data_plane).await?;
         tx.commit().await?;
         let instances = rows
             .into_iter()
@@ -433,8 +434,8 @@ impl Service {
         // Lock order everywhere: instances (by id), then hosts. A running
         // instance that should run needs no change unless it failed, so the
         // common heartbeat locks no instance row.
-        let rows: Vec<(String, String, String, i32, i64, i64)> = sqlx::query_as(
-            "SELECT id, state, desired_state, vcpus, memory_mib, disk_gib FROM instances \
+        let rows: Vec<(String, String, String, i32, i64, i64, String)> = sqlx::query_as(
+            "SELECT id, state, desired_state, vcpus, memory_mib, disk_gib, account_id FROM instances \
              WHERE host_id = $1 AND id = ANY($2) AND capacity_held \
                AND (state <> 'running' OR desired_state <> 'running' OR id = ANY($3)) \
              ORDER BY id FOR UPDATE",
@@ -446,7 +447,8 @@ impl Service {
         .await?;
         let (mut released, mut running, mut terminated, mut failed) = ((0i64, 0i64, 0i64), vec![], vec![], vec![]);
         let (mut failed_reasons, mut bump, mut stopped) = (vec![], false, vec![]);
-        for (id, state, desired, vcpus, memory, disk) in rows {
+        let mut released_by_account: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+        for (id, state, desired, vcpus, memory, disk, account) in rows {
             let Some(obs) = report.observations.iter().find(|o| o.instance_id == id) else { continue };
             let state = parse_state(&state)?;
             let desired: nimbus_proto::Desired =
@@ -468,6 +470,9 @@ impl Service {
                     released.0 += i64::from(vcpus);
                     released.1 += memory;
                     released.2 += disk;
+                    let by_account = released_by_account.entry(account).or_default();
+                    by_account.0 += 1;
+                    by_account.1 += i64::from(vcpus);
                     terminated.push(id);
                 }
                 _ => {}
@@ -534,6 +539,8 @@ impl Service {
         if bump {
             sqlx::query("SELECT pg_notify($1, $2)").bind(crate::notify::CHANNEL).bind(host_id).execute(&mut *tx).await?;
         }
+        // The accounts' usage, lowered as the transaction commits.
+        super::accounts::release_usage(&mut tx, &released_by_account).await?;
         tx.commit().await?;
         if !running.is_empty() || !terminated.is_empty() {
             tracing::info!(%host_id, running = running.len(), terminated = terminated.len(), "instance states observed");

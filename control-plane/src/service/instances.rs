@@ -330,8 +330,12 @@ impl Service {
         for attempt in 1..=MAX_PLACEMENT_ATTEMPTS {
             match self.try_launch(caller, &spec, &network, &digest, req.client_token.as_deref()).await {
                 Ok(Some(reservation)) => return Ok(reservation),
-                Ok(None) => tracing::debug!(attempt, "lost a race for capacity; planning again"),
+                Ok(None) => {
+                    super::count_placement_retry();
+                    tracing::debug!(attempt, "lost a race for capacity or quota; planning again")
+                }
                 Err(ServiceError::Database(e)) if crate::db::is_retryable(&e) => {
+                    super::count_placement_retry();
                     tracing::debug!(attempt, error = %e, "retrying launch transaction")
                 }
                 // Two random MACs met (40 random bits): draw again.
@@ -398,9 +402,10 @@ impl Service {
             };
         }
 
-        // The account's limits, counted with the account row locked: a
-        // concurrent launch of the same account waits here and then sees ours.
-        let (_, limits, usage) = self.limits_and_usage(&mut tx, &caller.account_id, true).await?;
+        // The account's limits against its usage as last committed; the
+        // claim at the end checks them again (a concurrent launch of the
+        // account may commit meanwhile), without locking the account here.
+        let (_, limits, usage) = self.limits_and_usage(&mut tx, &caller.account_id).await?;
         let mut allowed = match super::accounts::fit_limits(limits, usage, spec.need.vcpus as u32, spec.min, spec.max) {
             Ok(n) => n,
             Err(e) => {
@@ -420,7 +425,8 @@ impl Service {
             return Err(ServiceError::ImageNotFound(spec.image_id.clone()));
         }
         // Named subnets: as many instances as they have free addresses for.
-        if let Some(fit) = self.fit_addresses(&mut tx, net).await? {
+        let fitted = self.fit_addresses(&mut tx, net).await?;
+        if let Some(fit) = fitted {
             if fit < spec.min {
                 tx.rollback().await?;
                 let subnet = net.nics.first().and_then(|n| n.subnet.as_ref()).map(|s| s.id.clone()).unwrap_or_default();
@@ -433,7 +439,7 @@ impl Service {
         // A subnet fixes the zone.
         let zone = net.zone.as_deref().or(spec.zone.as_deref());
         let hosts = scheduler::schedulable_hosts(&mut tx, self.config.host_timeout()).await?;
-        let placements = scheduler::plan(&hosts, spec.need, allowed, zone, self.config.placement);
+        let placements = scheduler::plan(&hosts, spec.need, allowed, zone, self.config.placement, rand::random());
         if placements.len() < spec.min as usize {
             tx.rollback().await?;
             return Err(ServiceError::InsufficientInstanceCapacity(format!(
@@ -444,10 +450,10 @@ impl Service {
                 zone.map(|z| format!(" in {z}")).unwrap_or_default()
             )));
         }
-        // The other hosts whose network the new interfaces change, bumped
-        // with the placement hosts, in id order.
-        let affected = self.launch_affected_hosts(&mut tx, net, &placements).await?;
-        let generations = match scheduler::claim(&mut tx, &placements, spec.need, &affected).await? {
+        // Only the placement hosts are bumped here; the other hosts whose
+        // network the new interfaces change learn it from the network relay
+        // after the commit (`attach_launch` records the change).
+        let generations = match scheduler::claim(&mut tx, &placements, spec.need).await? {
             Claim::Claimed(g) => g,
             Claim::Raced => {
                 tx.rollback().await?;
@@ -490,9 +496,27 @@ impl Service {
         .await?;
         let placed: Vec<super::network::Placed> =
             ids.iter().zip(&placed_zones).map(|(id, zone)| super::network::Placed { instance_id: id, zone }).collect();
-        self.attach_launch(&mut tx, caller, net, &placed).await?;
+        match self.attach_launch(&mut tx, caller, net, &placed).await {
+            Ok(()) => {}
+            // Named subnets had room when counted, and a concurrent launch
+            // took some of it since: plan again with a new count.
+            Err(ServiceError::InsufficientFreeAddressesInSubnet(_)) if fitted.is_some() => {
+                tx.rollback().await?;
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        }
         super::tags::insert_new_tags(&mut tx, &caller.account_id, &ids, &spec.tags).await?;
-        tx.commit().await?;
+        // The account's usage, checked against its limits as the transaction
+        // commits: a concurrent launch of the account that committed since we
+        // read the usage may have used the room; then plan again.
+        let count = ids.len() as i64;
+        super::accounts::claim_usage(&mut tx, &caller.account_id, Some(limits), count, count * spec.need.vcpus).await?;
+        match tx.commit().await.map_err(ServiceError::from) {
+            Ok(()) => {}
+            Err(e) if super::accounts::is_over_limit(&e) => return Ok(None),
+            Err(e) => return Err(e),
+        }
         tracing::info!(%reservation_id, count = ids.len(), instance_type = %spec.instance_type, "instances launched");
         self.reservation(caller, &reservation_id).await.map(Some)
     }
@@ -839,7 +863,13 @@ impl Service {
         let itype = &itype;
         super::retrying(|| async move {
             let mut tx = self.db.begin().await?;
-            let (_, limits, usage) = self.limits_and_usage(&mut tx, &caller.account_id, true).await?;
+            let (_, limits, usage) = self.limits_and_usage(&mut tx, &caller.account_id).await?;
+            let over_limit = || {
+                ServiceError::VcpuLimitExceeded(format!(
+                    "You have requested more vCPU capacity than your current vCPU limit of {} allows ({} in use)",
+                    limits.max_vcpus, usage.vcpus
+                ))
+            };
             type Row = (String, String, i32, i64, i64, String);
             let row: Option<Row> = sqlx::query_as(&format!(
                 "SELECT state, instance_type, vcpus, memory_mib, disk_gib, host_id FROM instances \
@@ -863,11 +893,8 @@ impl Service {
                     return Err(ServiceError::IncorrectInstanceState(format!("The instance '{instance_id}' is not in the 'stopped' state.")));
                 }
                 let delta = (i64::from(t.vcpus) - i64::from(vcpus), t.memory_mib as i64 - memory, t.disk_gib as i64 - disk);
-                if i64::from(usage.vcpus) + delta.0 > i64::from(limits.max_vcpus) {
-                    return Err(ServiceError::VcpuLimitExceeded(format!(
-                        "You have requested more vCPU capacity than your current vCPU limit of {} allows ({} in use)",
-                        limits.max_vcpus, usage.vcpus
-                    )));
+                if delta.0 > 0 && i64::from(usage.vcpus) + delta.0 > i64::from(limits.max_vcpus) {
+                    return Err(over_limit());
                 }
                 let claimed: Option<(i64,)> = sqlx::query_as(
                     "UPDATE hosts SET used_vcpus = used_vcpus + $2, used_memory_mib = used_memory_mib + $3, \
@@ -899,8 +926,13 @@ impl Service {
                 .execute(&mut *tx)
                 .await?;
                 sqlx::query("SELECT pg_notify($1, $2)").bind(crate::notify::CHANNEL).bind(&host).execute(&mut *tx).await?;
+                // The account's vCPUs, checked again as the transaction commits.
+                super::accounts::claim_usage(&mut tx, &caller.account_id, Some(limits), 0, delta.0).await?;
             }
-            tx.commit().await?;
+            match tx.commit().await.map_err(ServiceError::from) {
+                Err(e) if super::accounts::is_over_limit(&e) => return Err(over_limit()),
+                other => other?,
+            }
             Ok::<_, ServiceError>(())
         })
         .await

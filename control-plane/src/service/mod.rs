@@ -1,6 +1,6 @@
 //! The service layer: every operation of the API, whatever the front door.
 //!
-//! REST handlers (and the EC2 Query front door to come) decode a request,
+//! REST handlers and the EC2 Query front door decode a request,
 //! call one method here with the authenticated [`Caller`], and encode the
 //! result. Business rules, validation of meaning, and all database access live
 //! here and below.
@@ -14,6 +14,7 @@ pub mod instances;
 pub mod keypairs;
 pub mod metadata_options;
 pub mod network;
+pub mod network_changes;
 pub mod observed;
 pub mod outbox;
 pub mod retention;
@@ -50,6 +51,19 @@ where
             other => return other,
         }
     }
+}
+
+static PLACEMENT_RETRIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Launch transactions run again since start because a concurrent launch
+/// took the capacity or the account's quota they had planned on, or a
+/// deadlock or serialization failure aborted them (process-wide).
+pub fn placement_retries() -> u64 {
+    PLACEMENT_RETRIES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+pub(crate) fn count_placement_retry() {
+    PLACEMENT_RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// The account every call of the admin token acts as.

@@ -8,22 +8,24 @@
 //! security group, created lazily by [`Service::ensure_default_network`].
 //!
 //! Every change that alters some host's [`HostNetwork`] or an instance's
-//! interfaces bumps the generation of the hosts it affects, and notifies
-//! them, in its own transaction ([`bump_hosts`]):
+//! interfaces reaches the hosts it affects: the hosts the changing
+//! transaction knows directly are bumped in it ([`bump_hosts`]: a launch's
+//! placement hosts, an interface's own host), and what other hosts must
+//! learn is recorded for the network relay, which bumps them after the
+//! commit ([`super::network_changes`], where the reason is):
 //! - a rule authorized or revoked: the hosts with an interface in the group;
 //! - an interface added or removed (launch, termination confirmed, groups
-//!   changed): the hosts with an interface in its groups or in a group whose
-//!   rules name them (their `members`), and, when the interface's host joins
-//!   or leaves the VPC, the hosts with an interface in the VPC (their `peers`);
-//! - a subnet added or deleted: the hosts with an interface in the VPC;
+//!   changed): the hosts with an interface in its VPC (their `peers` and
+//!   remote interfaces), in its groups or in a group whose rules name them
+//!   (their `members`);
+//! - a subnet added or deleted, a host's underlay address changed: the
+//!   hosts with an interface in the VPC;
 //! - a public address associated or disassociated: the interface's host.
 //!
-//! To see every committed change that concerns the hosts it bumps, a
-//! transaction locks the VPC and the groups whose membership or rules it
-//! changes (`FOR NO KEY UPDATE`, in id order) before computing the hosts.
 //! Lock order: account → instances → VPCs → security groups → interfaces →
-//! public addresses → hosts.
+//! public addresses → hosts; launches lock no VPC or group.
 
+use super::network_changes::Change;
 use super::{Caller, Service};
 use crate::error::{Result, ServiceError};
 use crate::ids;
@@ -585,8 +587,8 @@ impl Service {
                 .await?;
                 taken.push(block);
             }
-            let hosts = hosts_in_vpcs(&mut tx, &BTreeSet::from([vpc_id.clone()])).await?;
-            bump_hosts(&mut tx, &hosts).await?;
+            let change = Change { vpcs: BTreeSet::from([vpc_id.clone()]), ..Default::default() };
+            super::network_changes::note(&mut tx, &change).await?;
         }
         tx.commit().await?;
         Ok(vpc_id)
@@ -749,8 +751,8 @@ impl Service {
                 }
                 _ => e.into(),
             })?;
-        let hosts = hosts_in_vpcs(&mut tx, &BTreeSet::from([vpc_id.to_string()])).await?;
-        bump_hosts(&mut tx, &hosts).await?;
+        let change = Change { vpcs: BTreeSet::from([vpc_id.to_string()]), ..Default::default() };
+        super::network_changes::note(&mut tx, &change).await?;
         tx.commit().await?;
         tracing::info!(subnet_id = %id, %vpc_id, %cidr, %zone, "subnet created");
         Ok(Subnet {
@@ -795,8 +797,7 @@ impl Service {
             return Err(ServiceError::SubnetNotFound(subnet_id.to_string()));
         }
         sqlx::query("DELETE FROM tags WHERE account_id = $1 AND resource_id = $2").bind(&caller.account_id).bind(subnet_id).execute(&mut *tx).await?;
-        let hosts = hosts_in_vpcs(&mut tx, &vpcs).await?;
-        bump_hosts(&mut tx, &hosts).await?;
+        super::network_changes::note(&mut tx, &Change { vpcs, ..Default::default() }).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -1189,10 +1190,10 @@ impl Service {
                 dup.map(RuleKey::describe).unwrap_or_default()
             )));
         }
-        let hosts = hosts_in_groups(&mut tx, &BTreeSet::from([group_id.to_string()])).await?;
-        bump_hosts(&mut tx, &hosts).await?;
+        let change = Change { rules_of: BTreeSet::from([group_id.to_string()]), ..Default::default() };
+        super::network_changes::note(&mut tx, &change).await?;
         tx.commit().await?;
-        tracing::info!(%group_id, egress, rules = created.len(), hosts = hosts.len(), "security group rules authorized");
+        tracing::info!(%group_id, egress, rules = created.len(), "security group rules authorized");
         Ok(created)
     }
 
@@ -1244,10 +1245,10 @@ impl Service {
             }
             let doomed: Vec<String> = doomed.into_iter().collect();
             sqlx::query("DELETE FROM security_group_rules WHERE id = ANY($1)").bind(&doomed).execute(&mut *tx).await?;
-            let hosts = hosts_in_groups(&mut tx, &BTreeSet::from([group_id.clone()])).await?;
-            bump_hosts(&mut tx, &hosts).await?;
+            let change = Change { rules_of: BTreeSet::from([group_id.clone()]), ..Default::default() };
+            super::network_changes::note(&mut tx, &change).await?;
             tx.commit().await?;
-            tracing::info!(%group_id, egress, rules = doomed.len(), hosts = hosts.len(), "security group rules revoked");
+            tracing::info!(%group_id, egress, rules = doomed.len(), "security group rules revoked");
             Ok::<_, ServiceError>(())
         })
         .await
@@ -1879,8 +1880,9 @@ impl Service {
     }
 
     /// How many instances of a launch whose subnets are all named fit the
-    /// addresses those subnets have free (under the account's lock, which
-    /// every launch of the account takes: the count holds until commit).
+    /// addresses those subnets have free, as committed now (no lock: a
+    /// concurrent launch may take some before this one allocates, which
+    /// then finds too few and plans again, see `Service::try_launch`).
     pub(crate) async fn fit_addresses(&self, conn: &mut PgConnection, net: &LaunchNetwork) -> Result<Option<u32>> {
         if net.nics.iter().any(|n| n.subnet.is_none()) {
             return Ok(None);
@@ -1905,24 +1907,12 @@ impl Service {
         Ok(Some(fit.min(u64::from(u32::MAX)) as u32))
     }
 
-    /// The hosts a launch's new interfaces affect besides the ones it
-    /// places instances on: those holding the members of its groups, and
-    /// the VPC's hosts when a placement host is new to the VPC. Locks the
-    /// VPC and the groups first (see the module's doc).
-    pub(crate) async fn launch_affected_hosts(&self, conn: &mut PgConnection, net: &LaunchNetwork, placements: &[String]) -> Result<BTreeSet<String>> {
-        let vpcs = BTreeSet::from([net.vpc_id.clone()]);
-        lock_vpcs(conn, &vpcs).await?;
-        let groups = net.groups();
-        let locked = lock_groups(conn, &groups).await?;
-        if let Some(gone) = groups.iter().find(|g| !locked.contains(g)) {
-            return Err(ServiceError::GroupNotFound(format!("The security group '{gone}' does not exist")));
-        }
-        let mut hosts = hosts_seeing_groups(conn, &groups).await?;
-        let in_vpc = hosts_in_vpcs(conn, &vpcs).await?;
-        if placements.iter().any(|p| !in_vpc.contains(p)) {
-            hosts.extend(in_vpc);
-        }
-        Ok(hosts)
+    /// What a launch's new interfaces change for hosts other than its
+    /// placement hosts: the VPC's hosts (a new remote interface, maybe a
+    /// new peer) and those holding the members of its groups. Recorded for
+    /// the network relay, no lock taken (see [`super::network_changes`]).
+    pub(crate) fn launch_change(net: &LaunchNetwork) -> Change {
+        Change { vpcs: BTreeSet::from([net.vpc_id.clone()]), members_of: net.groups(), rules_of: BTreeSet::new() }
     }
 
     /// Creates the interfaces of launched instances: addresses from their
@@ -1967,8 +1957,11 @@ impl Service {
                 });
             }
         }
-        // Addresses, per subnet: the lowest free ones; a conflict (a
-        // concurrent allocation) only makes us pick again.
+        // Addresses, per subnet: free ones from a random place in the subnet
+        // on (concurrent launches into one subnet rarely want the same
+        // address, so they do not wait for each other); a conflict (a
+        // concurrent allocation, waited for by the insert) makes us pick
+        // again, and each round settles at least one address.
         let mut by_subnet: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for (i, n) in nics.iter().enumerate() {
             by_subnet.entry(n.subnet.id.clone()).or_default().push(i);
@@ -1985,16 +1978,18 @@ impl Service {
             while !auto.is_empty() {
                 rounds += 1;
                 let free: Vec<(String,)> = sqlx::query_as(
-                    "SELECT host(c.a) FROM (SELECT set_masklen(network(s.cidr) + n, 32) AS a FROM subnets s, \
-                         generate_series(4::bigint, (2::bigint ^ (32 - masklen(s.cidr)))::bigint - 2) AS n WHERE s.id = $1) c \
+                    "WITH s AS (SELECT network(cidr) AS net, (2::bigint ^ (32 - masklen(cidr)))::bigint - 2 AS last FROM subnets WHERE id = $1), \
+                          r AS (SELECT 4 + floor(random() * (last - 3))::bigint AS start FROM s) \
+                     SELECT host(c.a) FROM (SELECT set_masklen(s.net + n, 32) AS a FROM s, r, \
+                         LATERAL (SELECT generate_series(r.start, s.last) UNION ALL SELECT generate_series(4, r.start - 1)) AS g(n)) c \
                      WHERE NOT EXISTS (SELECT 1 FROM network_interfaces x WHERE x.subnet_id = $1 AND x.private_ip = c.a) \
-                     ORDER BY c.a LIMIT $2",
+                     LIMIT $2",
                 )
                 .bind(&subnet_id)
                 .bind(auto.len() as i64)
                 .fetch_all(&mut *conn)
                 .await?;
-                if free.len() < auto.len() || rounds > 8 {
+                if free.len() < auto.len() || rounds > 64 {
                     return Err(ServiceError::InsufficientFreeAddressesInSubnet(format!(
                         "There are not enough free addresses in subnet '{subnet_id}' to satisfy the requested number of instances."
                     )));
@@ -2012,11 +2007,19 @@ impl Service {
                 plan.map(|p| p.groups.clone()).unwrap_or_default().into_iter().map(move |g| (n.id.clone(), g))
             })
             .unzip();
+        // A group deleted since the launch resolved it: the foreign key says so.
         sqlx::query("INSERT INTO network_interface_groups (interface_id, group_id) SELECT * FROM unnest($1::text[], $2::text[])")
             .bind(&ifs)
             .bind(&gs)
             .execute(&mut *conn)
-            .await?;
+            .await
+            .map_err(|e| match &e {
+                sqlx::Error::Database(d) if d.constraint() == Some("network_interface_groups_group_id_fkey") => {
+                    ServiceError::GroupNotFound("A security group of the launch does not exist".into())
+                }
+                _ => e.into(),
+            })?;
+        super::network_changes::note(conn, &Self::launch_change(net)).await?;
         // Public addresses.
         let want: Vec<(Option<String>, Option<String>)> = nics.iter().filter(|n| n.public).map(|n| (None, Some(n.id.clone()))).collect();
         if !want.is_empty() {
@@ -2121,9 +2124,8 @@ impl Service {
             .bind(&new)
             .execute(&mut *conn)
             .await?;
-        let mut hosts = hosts_seeing_groups(conn, &all).await?;
-        hosts.insert(host);
-        self.touch_instances(conn, &hosts, vec![instance_id.to_string()]).await
+        super::network_changes::note(conn, &Change { members_of: all, ..Default::default() }).await?;
+        self.touch_instances(conn, &BTreeSet::from([host]), vec![instance_id.to_string()]).await
     }
 }
 
@@ -2238,8 +2240,9 @@ async fn allocate_public(conn: &mut PgConnection, pool: Cidr, account_id: &str, 
 /// (the report transaction, which holds their rows): those with
 /// DeleteOnTermination are deleted (their address returns to the subnet),
 /// the others detached; addresses assigned at launch return to the pool,
-/// Elastic IPs on deleted interfaces are disassociated. Returns the hosts
-/// whose network this changes (the reporting host included when anything did).
+/// Elastic IPs on deleted interfaces are disassociated. Records what other
+/// hosts must learn for the network relay; returns the hosts to bump now
+/// (the reporting host, when anything changed).
 pub(crate) async fn release_interfaces(conn: &mut PgConnection, instances: &[String], host_id: &str) -> Result<BTreeSet<String>> {
     let rows: Vec<(String, String, bool, String)> =
         sqlx::query_as("SELECT id, vpc_id, delete_on_termination, account_id FROM network_interfaces WHERE instance_id = ANY($1) ORDER BY id")
@@ -2257,8 +2260,6 @@ pub(crate) async fn release_interfaces(conn: &mut PgConnection, instances: &[Str
         .fetch_all(&mut *conn)
         .await?;
     let groups: BTreeSet<String> = groups.into_iter().map(|r| r.0).collect();
-    lock_vpcs(conn, &vpcs).await?;
-    lock_groups(conn, &groups).await?;
     sqlx::query("SELECT 1 FROM network_interfaces WHERE id = ANY($1) ORDER BY id FOR UPDATE").bind(&all).execute(&mut *conn).await?;
     let (doomed, kept): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.2);
     let doomed: Vec<String> = doomed.into_iter().map(|r| r.0).collect();
@@ -2276,15 +2277,16 @@ pub(crate) async fn release_interfaces(conn: &mut PgConnection, instances: &[Str
     .bind(&kept)
     .execute(&mut *conn)
     .await?;
-    let mut hosts = hosts_seeing_groups(conn, &groups).await?;
-    hosts.extend(hosts_in_vpcs(conn, &vpcs).await?);
-    hosts.insert(host_id.to_string());
-    Ok(hosts)
+    super::network_changes::note(conn, &Change { vpcs, members_of: groups, rules_of: BTreeSet::new() }).await?;
+    Ok(BTreeSet::from([host_id.to_string()]))
 }
 
 /// A host's share of the network and its instances' interfaces (by
 /// instance id): five set-based queries, whatever the number of interfaces.
-pub(crate) async fn host_network(conn: &mut PgConnection, host_id: &str) -> Result<(HostNetwork, HashMap<String, Vec<Nic>>)> {
+/// A host without the VPC data plane (no underlay address: its guests are on
+/// QEMU user-mode networking) gets its interfaces only: it programs no
+/// network, and the rest costs queries over the whole VPC.
+pub(crate) async fn host_network(conn: &mut PgConnection, host_id: &str, data_plane: bool) -> Result<(HostNetwork, HashMap<String, Vec<Nic>>)> {
     type NicRow = (String, String, i32, String, String, String, String, String, i32, Option<String>, Vec<String>);
     let rows: Vec<NicRow> = sqlx::query_as(
         "SELECT n.instance_id, n.id, n.device_index, n.mac, host(n.private_ip), s.id, s.cidr::text, n.vpc_id, v.vni, host(p.public_ip), \
@@ -2317,7 +2319,7 @@ pub(crate) async fn host_network(conn: &mut PgConnection, host_id: &str) -> Resu
         });
     }
     let mut net = HostNetwork::default();
-    if vpc_ids.is_empty() {
+    if vpc_ids.is_empty() || !data_plane {
         return Ok((net, nics));
     }
     let vpc_list: Vec<String> = vpc_ids.into_iter().collect();

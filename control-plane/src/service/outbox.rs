@@ -39,8 +39,6 @@ use std::time::Duration;
 const BATCH: i64 = 256;
 /// The longest wait between passes when nothing wakes the relay.
 const IDLE: Duration = Duration::from_secs(1);
-/// The longest backoff after a failed pass.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// What [`publish`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,47 +229,11 @@ impl Relay {
 
     /// Runs passes until the task is aborted: woken by `NOTIFY nimbus_outbox`
     /// (sent by the outbox trigger), at the latest every [`IDLE`]; after a
-    /// failure, again after a backoff that doubles up to [`MAX_BACKOFF`].
+    /// failure, again after a backoff ([`crate::jobs`]).
     pub async fn run(self) {
-        let mut listener = None;
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            if listener.is_none() {
-                match sqlx::postgres::PgListener::connect_with(&self.db).await {
-                    Ok(mut l) => match l.listen("nimbus_outbox").await {
-                        Ok(()) => listener = Some(l),
-                        Err(e) => tracing::warn!(error = %e, "outbox relay: cannot listen; polling"),
-                    },
-                    Err(e) => tracing::warn!(error = %e, "outbox relay: cannot listen; polling"),
-                }
-            }
-            let wait = match self.pass().await {
-                Ok(n) if n as i64 >= BATCH => Duration::ZERO,
-                Ok(_) => {
-                    backoff = Duration::from_millis(100);
-                    IDLE
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "outbox relay pass failed");
-                    let b = backoff;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                    b
-                }
-            };
-            if wait.is_zero() {
-                continue;
-            }
-            match &mut listener {
-                Some(l) => match tokio::time::timeout(wait, l.recv()).await {
-                    Ok(Ok(_)) | Err(_) => {}
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "outbox relay: notification listener lost");
-                        listener = None;
-                    }
-                },
-                None => tokio::time::sleep(wait.min(Duration::from_millis(200))).await,
-            }
-        }
+        let pace = crate::jobs::Pace { idle: IDLE, min_interval: Duration::ZERO };
+        let db = self.db.clone();
+        crate::jobs::run_woken(db, "nimbus_outbox", "outbox relay", pace, || async { self.pass().await.map(|n| n as i64 >= BATCH) }).await
     }
 }
 

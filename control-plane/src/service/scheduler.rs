@@ -68,15 +68,22 @@ impl HostCapacity {
     }
 }
 
+/// How close to the best load a host counts as equally good for `Spread`
+/// (a t3.nano is 1/32 of a 64-vCPU host's vCPUs).
+const SPREAD_SLACK: f64 = 0.02;
+
 /// Chooses a host for each of up to `count` instances needing `need` each,
 /// returning host ids in launch order (possibly fewer than `count`).
 ///
 /// Without a requested zone, each instance goes to the zone where this launch
 /// placed the fewest so far, then the least loaded zone, so launches spread
 /// across zones. Within the zone, `Pack` picks the most loaded host that fits,
-/// `Spread` the least loaded. Ties go to the lower host id, so plans are
-/// deterministic.
-pub fn plan(hosts: &[HostCapacity], need: Need, count: u32, zone: Option<&str>, policy: PlacementPolicy) -> Vec<String> {
+/// `Spread` one of the least loaded (within [`SPREAD_SLACK`]). Ties are
+/// broken by a hash of `seed` and the host id: a launch passes a random seed,
+/// so concurrent launches that see the same snapshot choose different hosts
+/// among equally good ones instead of all queueing on the same host row;
+/// the same seed gives the same plan.
+pub fn plan(hosts: &[HostCapacity], need: Need, count: u32, zone: Option<&str>, policy: PlacementPolicy, seed: u64) -> Vec<String> {
     let mut hosts: Vec<HostCapacity> =
         hosts.iter().filter(|h| zone.is_none_or(|z| h.availability_zone == z)).cloned().collect();
     hosts.sort_by(|a, b| a.id.cmp(&b.id));
@@ -103,17 +110,38 @@ pub fn plan(hosts: &[HostCapacity], need: Need, count: u32, zone: Option<&str>, 
         else {
             break;
         };
-        let candidates = hosts.iter_mut().filter(|h| h.availability_zone == best_zone && h.fits(need));
-        let chosen = match policy {
-            PlacementPolicy::Pack => candidates.min_by(|a, b| b.load().total_cmp(&a.load()).then(a.id.cmp(&b.id))),
-            PlacementPolicy::Spread => candidates.min_by(|a, b| a.load().total_cmp(&b.load()).then(a.id.cmp(&b.id))),
+        let loads = hosts.iter().filter(|h| h.availability_zone == best_zone && h.fits(need)).map(HostCapacity::load);
+        // The loads that count as best: the fullest for Pack, the emptiest (and
+        // those within the slack) for Spread.
+        let (lo, hi) = match policy {
+            PlacementPolicy::Pack => {
+                let max = loads.fold(f64::MIN, f64::max);
+                (max, max)
+            }
+            PlacementPolicy::Spread => {
+                let min = loads.fold(f64::MAX, f64::min);
+                (min, min + SPREAD_SLACK)
+            }
         };
+        let chosen = hosts
+            .iter_mut()
+            .filter(|h| h.availability_zone == best_zone && h.fits(need) && (lo..=hi).contains(&h.load()))
+            .min_by_key(|h| (tie_break(seed, &h.id), h.id.clone()));
         let Some(host) = chosen else { break };
         host.take(need);
         out.push(host.id.clone());
         *placed_in_zone.entry(best_zone).or_insert(0) += 1;
     }
     out
+}
+
+/// A host's rank among equally good ones, for one seed.
+fn tie_break(seed: u64, host_id: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    seed.hash(&mut h);
+    host_id.hash(&mut h);
+    h.finish()
 }
 
 /// Hosts that take new instances: those with a recent heartbeat.
@@ -141,21 +169,15 @@ pub enum Claim {
 }
 
 /// Claims the capacity of `placements` (host id per instance) in host-id
-/// order, bumping each host's generation and notifying its agent on commit;
-/// the hosts of `also` (whose network the launch changes) are bumped in
-/// the same order, with nothing claimed.
+/// order, bumping each host's generation and notifying its agent on commit.
 pub async fn claim(
     tx: &mut Transaction<'_, Postgres>,
     placements: &[String],
     need: Need,
-    also: &std::collections::BTreeSet<String>,
 ) -> Result<Claim, sqlx::Error> {
     let mut per_host: BTreeMap<&str, i64> = BTreeMap::new();
     for h in placements {
         *per_host.entry(h.as_str()).or_insert(0) += 1;
-    }
-    for h in also {
-        per_host.entry(h.as_str()).or_insert(0);
     }
     let mut generations = BTreeMap::new();
     for (host, n) in per_host {
@@ -200,42 +222,57 @@ mod tests {
     #[test]
     fn pack_fills_the_fullest_host_first() {
         let hosts = [host("h-a", "z1", 4, 0), host("h-b", "z1", 4, 2)];
-        assert_eq!(plan(&hosts, ONE, 3, None, PlacementPolicy::Pack), vec!["h-b", "h-b", "h-a"]);
+        assert_eq!(plan(&hosts, ONE, 3, None, PlacementPolicy::Pack, 0), vec!["h-b", "h-b", "h-a"]);
     }
 
     #[test]
     fn spread_uses_the_emptiest_host() {
         let hosts = [host("h-a", "z1", 4, 0), host("h-b", "z1", 4, 2)];
-        assert_eq!(plan(&hosts, ONE, 3, None, PlacementPolicy::Spread), vec!["h-a", "h-a", "h-a"]);
+        assert_eq!(plan(&hosts, ONE, 3, None, PlacementPolicy::Spread, 0), vec!["h-a", "h-a", "h-a"]);
         let hosts = [host("h-a", "z1", 4, 0), host("h-b", "z1", 4, 0)];
-        assert_eq!(plan(&hosts, ONE, 4, None, PlacementPolicy::Spread), vec!["h-a", "h-b", "h-a", "h-b"]);
+        for seed in 0..8 {
+            let p = plan(&hosts, ONE, 4, None, PlacementPolicy::Spread, seed);
+            assert_eq!(p.iter().filter(|h| *h == "h-a").count(), 2, "{p:?}");
+            assert_ne!(p[0], p[1], "{p:?}");
+            assert_eq!(p, plan(&hosts, ONE, 4, None, PlacementPolicy::Spread, seed), "same seed, same plan");
+        }
+    }
+
+    /// Concurrent launches see the same snapshot: with their own seeds
+    /// they choose among the equally empty hosts, not all the same one.
+    #[test]
+    fn seeds_spread_launches_over_equally_good_hosts() {
+        let hosts: Vec<HostCapacity> = (0..100).map(|i| host(&format!("h-{i:03}"), "z1", 64, 0)).collect();
+        let chosen: std::collections::BTreeSet<String> =
+            (0..32).map(|seed| plan(&hosts, ONE, 1, None, PlacementPolicy::Spread, seed).remove(0)).collect();
+        assert!(chosen.len() >= 20, "32 launches chose only {} hosts", chosen.len());
     }
 
     #[test]
     fn zones_alternate_without_a_requested_zone() {
         let hosts = [host("h-a", "z1", 8, 0), host("h-b", "z2", 8, 0)];
-        let p = plan(&hosts, ONE, 4, None, PlacementPolicy::Pack);
+        let p = plan(&hosts, ONE, 4, None, PlacementPolicy::Pack, 0);
         assert_eq!(p, vec!["h-a", "h-b", "h-a", "h-b"]);
     }
 
     #[test]
     fn single_launches_go_to_the_least_loaded_zone() {
         let hosts = [host("h-a", "z1", 8, 6), host("h-b", "z2", 8, 1)];
-        assert_eq!(plan(&hosts, ONE, 1, None, PlacementPolicy::Pack), vec!["h-b"]);
+        assert_eq!(plan(&hosts, ONE, 1, None, PlacementPolicy::Pack, 0), vec!["h-b"]);
     }
 
     #[test]
     fn requested_zone_is_honoured() {
         let hosts = [host("h-a", "z1", 8, 0), host("h-b", "z2", 8, 0)];
-        assert_eq!(plan(&hosts, ONE, 3, Some("z2"), PlacementPolicy::Spread), vec!["h-b", "h-b", "h-b"]);
-        assert!(plan(&hosts, ONE, 1, Some("z9"), PlacementPolicy::Spread).is_empty());
+        assert_eq!(plan(&hosts, ONE, 3, Some("z2"), PlacementPolicy::Spread, 0), vec!["h-b", "h-b", "h-b"]);
+        assert!(plan(&hosts, ONE, 1, Some("z9"), PlacementPolicy::Spread, 0).is_empty());
     }
 
     #[test]
     fn never_plans_beyond_capacity() {
         let hosts = [host("h-a", "z1", 3, 1), host("h-b", "z2", 2, 0)];
         let need = Need { vcpus: 2, memory_mib: 1, disk_gib: 1 };
-        let p = plan(&hosts, need, 10, None, PlacementPolicy::Pack);
+        let p = plan(&hosts, need, 10, None, PlacementPolicy::Pack, 0);
         assert_eq!(p.len(), 2, "{p:?}");
         assert!(p.contains(&"h-a".to_string()) && p.contains(&"h-b".to_string()));
     }
@@ -245,10 +282,10 @@ mod tests {
         let mut h = host("h-a", "z1", 64, 0);
         h.total_memory_mib = 1000;
         let need = Need { vcpus: 1, memory_mib: 512, disk_gib: 1 };
-        assert_eq!(plan(&[h.clone()], need, 5, None, PlacementPolicy::Pack).len(), 1);
+        assert_eq!(plan(&[h.clone()], need, 5, None, PlacementPolicy::Pack, 0).len(), 1);
         h.total_memory_mib = 1 << 20;
         h.total_disk_gib = 20;
         let need = Need { vcpus: 1, memory_mib: 1, disk_gib: 8 };
-        assert_eq!(plan(&[h], need, 5, None, PlacementPolicy::Pack).len(), 2);
+        assert_eq!(plan(&[h], need, 5, None, PlacementPolicy::Pack, 0).len(), 2);
     }
 }
