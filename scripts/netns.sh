@@ -6,7 +6,9 @@
 #   scripts/netns.sh up     # idempotent
 #   scripts/netns.sh down
 #
-#   nimbus-out (10.99.0.2, routes the public pool 198.51.100.0/24 to the host)
+#   nimbus-out: the internet (203.0.113.2, a public address; 10.99.0.2 on the
+#        │      link, the host's default router; routes the public pool
+#        │      198.51.100.0/24 to the host)
 #        │ veth
 #   nimbus-host (10.99.0.11 on "uplink": the underlay; the agent's VPC namespaces hang off it)
 #
@@ -14,7 +16,7 @@
 #   ip netns exec nimbus-out ssh -i .nimbus/run/demo-key.pem root@<public ip>
 set -euo pipefail
 HOST=nimbus-host OUT=nimbus-out
-HOST_IP=10.99.0.11 OUT_IP=10.99.0.2 POOL=198.51.100.0/24
+HOST_IP=10.99.0.11 OUT_IP=10.99.0.2 POOL=198.51.100.0/24 INTERNET_IP=203.0.113.2
 
 up() {
     for ns in $HOST $OUT; do
@@ -28,7 +30,9 @@ up() {
     ip -n $OUT addr replace $OUT_IP/24 dev uplink
     ip -n $HOST link set uplink up
     ip -n $OUT link set uplink up
-    ip -n $OUT route replace $POOL dev uplink
+    ip -n $OUT addr replace $INTERNET_IP/32 dev lo
+    ip -n $OUT route replace $POOL dev uplink src $INTERNET_IP
+    ip -n $HOST route replace default via $OUT_IP
 }
 
 down() {

@@ -118,6 +118,17 @@ pub struct AgentConfig {
     /// The underlay's MTU; guests get 50 bytes less (VXLAN).
     #[arg(long, default_value_t = 1500)]
     pub underlay_mtu: u32,
+    /// Destinations guests must never reach through this host, besides the
+    /// underlay's own network, which is always denied (comma-separated
+    /// CIDRs: e.g. the operator's management network).
+    #[arg(long, env = "NIMBUS_GUEST_DENY", value_delimiter = ',', value_parser = parse_cidr)]
+    pub guest_deny: Vec<nimbus_proto::network::Cidr>,
+    /// Private source ranges allowed to reach instances' public addresses
+    /// from outside (comma-separated CIDRs: the operator's own network).
+    /// Otherwise a source inside a private, shared, loopback, link-local or
+    /// multicast range is taken as spoofed and dropped.
+    #[arg(long, env = "NIMBUS_OUTSIDE_ALLOW", value_delimiter = ',', value_parser = parse_cidr)]
+    pub outside_allow: Vec<nimbus_proto::network::Cidr>,
     /// The user QEMU runs guests as (libvirt's `user` in qemu.conf); it and
     /// its primary group own what guests' QEMUs must open (see ARCHITECTURE.md).
     #[arg(long, env = "NIMBUS_QEMU_USER", default_value = "libvirt-qemu")]
@@ -273,6 +284,8 @@ impl Agent {
                 uplink: config.uplink.clone(),
                 prefix: config.netns_prefix.clone(),
                 underlay_mtu: config.underlay_mtu,
+                guest_deny: config.guest_deny.clone(),
+                outside_allow: config.outside_allow.clone(),
             })),
         };
         tracing::info!(vpc = network.is_some(), underlay = ?config.underlay_address, "guest networking");
@@ -631,4 +644,8 @@ impl Agent {
         self.reconciler.metadata.stop_all();
         Ok(())
     }
+}
+
+fn parse_cidr(s: &str) -> Result<nimbus_proto::network::Cidr, String> {
+    nimbus_proto::network::Cidr::parse(s).ok_or_else(|| format!("{s:?} is not an IPv4 CIDR (a.b.c.d/n)"))
 }

@@ -118,7 +118,7 @@ async fn two_hosts_vpcs_security_groups_public_addresses_and_spoofing() {
     assert!(connect(&gd.ns.name, None, addr(b.private_ip, 8080), BLOCKED).await.is_err());
     // The outside reaches b's public address only once a rule allows it.
     assert!(connect(&topo.outside.name, None, addr(public, 22), BLOCKED).await.is_err());
-    let open = app(vec![tcp(22, Peer::Cidr(cidr("10.99.0.0/24")))]);
+    let open = app(vec![tcp(22, Peer::Cidr(cidr(nimbus_host_agent::network::testing::INTERNET)))]);
     h1.reconcile(&net1(open.clone()), &[b.clone(), c.clone()], false).await.unwrap();
     assert_eq!(connect(&topo.outside.name, None, addr(public, 22), T).await, Ok(format!("hello {OUTSIDE_IP}")));
     // A revoked rule stops new connections.

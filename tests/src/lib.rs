@@ -611,6 +611,8 @@ impl Cloud {
             netns_prefix: "nimbus".into(),
             image_cache_ttl_secs: 86400,
             underlay_mtu: 1500,
+            guest_deny: Vec::new(),
+            outside_allow: Vec::new(),
             store_listen: None,
             cert_renew_secs: 30 * 86_400,
         };

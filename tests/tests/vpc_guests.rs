@@ -134,7 +134,7 @@ async fn guests_in_a_vpc_talk_as_their_groups_allow_and_outsiders_reach_them_ove
     let other = cloud.create_account("other").await.unwrap();
 
     // Groups: SSH from the outside; "server" takes 8080 from "client".
-    let outside_net = json!({"cidrs": ["10.99.0.0/24"]});
+    let outside_net = json!({"cidrs": [nimbus_host_agent::network::testing::INTERNET]});
     let (ssh_g, client, server) = (group(&cloud, &me, "ssh").await, group(&cloud, &me, "client").await, group(&cloud, &me, "server").await);
     allow(&cloud, &me, &ssh_g, 22, outside_net.clone(), false).await;
     allow(&cloud, &me, &server, 8080, json!({"group_ids": [client]}), false).await;

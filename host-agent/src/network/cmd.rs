@@ -67,6 +67,20 @@ impl Ns {
 
     /// Sets a sysctl in this namespace (`net.ipv4.ip_forward=1`): written to
     /// /proc/sys by a process inside the namespace.
+    /// Several sysctls of this namespace in one command (`sysctl -w`).
+    pub async fn sysctls(&self, settings: &[(&str, &str)]) -> Result<(), NetError> {
+        let mut cmd = match &self.0 {
+            None => Command::new("sysctl"),
+            Some(n) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", n, "sysctl"]);
+                c
+            }
+        };
+        cmd.args(["-q", "-w"]).args(settings.iter().map(|(k, v)| format!("{k}={v}"))).stdout(Stdio::null());
+        output("sysctl", cmd, None).await.map(|_| ())
+    }
+
     pub async fn sysctl(&self, key: &str, value: &str) -> Result<(), NetError> {
         let path = format!("/proc/sys/{}", key.replace('.', "/"));
         match &self.0 {

@@ -45,7 +45,7 @@ pub mod nft;
 pub mod testing;
 
 use cmd::Ns;
-use nimbus_proto::network::{HostNetwork, Nic, SecurityGroup, VpcOnHost};
+use nimbus_proto::network::{Cidr, HostNetwork, Nic, SecurityGroup, VpcOnHost};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
@@ -84,6 +84,19 @@ pub struct VpcConfig {
     /// Prefix of the VPC namespaces' names: unique per host on a machine.
     pub prefix: String,
     pub underlay_mtu: u32,
+    /// Destinations guests must not reach through the host, besides the
+    /// underlay's own network (which is always denied).
+    pub guest_deny: Vec<Cidr>,
+    /// Private or martian source ranges the operator lets reach public
+    /// addresses from outside (its own network); others are dropped.
+    pub outside_allow: Vec<Cidr>,
+}
+
+/// The MAC of a host's VPC routers, derived from its underlay address (one
+/// per host; every host's router has the same IP addresses).
+pub fn router_mac(underlay_ip: Ipv4Addr) -> String {
+    let o = underlay_ip.octets();
+    format!("02:4e:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
 }
 
 /// The guest's static network configuration, cloud-init `network-config`
@@ -135,8 +148,7 @@ pub struct DataPlane {
 
 impl DataPlane {
     pub fn new(cfg: VpcConfig) -> DataPlane {
-        let o = cfg.underlay_ip.octets();
-        let router_mac = format!("02:4e:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]);
+        let router_mac = router_mac(cfg.underlay_ip);
         DataPlane { cfg: Arc::new(cfg), router_mac, applied: Arc::default() }
     }
 
@@ -162,6 +174,7 @@ impl DataPlane {
     pub async fn reconcile(&self, net: &HostNetwork, nics: &[Nic], full: bool) -> Result<(), NetError> {
         let groups: BTreeMap<String, SecurityGroup> = net.groups.iter().map(|g| (g.group_id.clone(), g.clone())).collect();
         let existing = self.vpc_namespaces().await?;
+        self.ensure_host_rules(net, full).await?;
         for vpc in &net.vpcs {
             let local: Vec<&Nic> = nics.iter().filter(|n| n.vni == vpc.vni).collect();
             let digest = serde_json::to_string(&(vpc, &local, &net.groups, &net.members)).unwrap_or_default();
@@ -194,6 +207,53 @@ impl DataPlane {
         self.ensure_public_routes(nics).await
     }
 
+    /// The host namespace's table ([`nft::render_host`]): no guest reaches
+    /// the host or the underlay, VXLAN only from the VPCs' peers. Applied
+    /// before any VPC's devices exist (so a new VXLAN socket is never open
+    /// without it), when its inputs changed, and on full passes.
+    async fn ensure_host_rules(&self, net: &HostNetwork, full: bool) -> Result<(), NetError> {
+        let underlay = self.underlay_network().await?;
+        let mut rules = nft::HostRules {
+            legs: net.vpcs.iter().map(|v| format!("nv{}", v.vni)).collect(),
+            vxlan: Vec::new(),
+            guest_deny: std::iter::once(underlay).chain(self.cfg.guest_deny.iter().copied()).collect(),
+        };
+        for v in &net.vpcs {
+            for r in &v.remote_nics {
+                rules.vxlan.push((r.host, v.vni, r.mac.clone()));
+                rules.vxlan.push((r.host, v.vni, router_mac(r.host)));
+            }
+        }
+        rules.vxlan.sort();
+        rules.vxlan.dedup();
+        let script = nft::render_host(&rules);
+        const HOST_KEY: u32 = u32::MAX;
+        let unchanged = self.applied.lock().unwrap_or_else(|p| p.into_inner()).get(&HOST_KEY) == Some(&script);
+        if unchanged && !full {
+            return Ok(());
+        }
+        self.cfg.host_ns.nft(&script).await?;
+        self.applied.lock().unwrap_or_else(|p| p.into_inner()).insert(HOST_KEY, script);
+        Ok(())
+    }
+
+    /// The underlay's network: the prefix of the underlay address on the
+    /// host namespace's interface that carries it (a /32 if none does).
+    async fn underlay_network(&self) -> Result<Cidr, NetError> {
+        let v = self.cfg.host_ns.json("ip", &["-4", "addr", "show"]).await?;
+        let ip = self.cfg.underlay_ip;
+        let prefix = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
+            .find(|a| a["local"].as_str() == Some(&ip.to_string()))
+            .and_then(|a| a["prefixlen"].as_u64())
+            .unwrap_or(32) as u8;
+        let c = Cidr { addr: ip, prefix };
+        Ok(Cidr { addr: c.network(), prefix })
+    }
+
     /// The VPC namespaces of this host that exist.
     async fn vpc_namespaces(&self) -> Result<HashSet<String>, NetError> {
         let list = Ns::own().json("ip", &["netns", "list"]).await?;
@@ -223,8 +283,18 @@ impl DataPlane {
             tracing::info!(netns = %name, vni, vpc_id = %vpc.vpc_id, "creating the VPC's router on this host");
             Ns::own().run("ip", &["netns", "add", &name]).await?;
         }
-        ns.sysctl("net.ipv4.ip_forward", "1").await?;
-        ns.sysctl("net.bridge.bridge-nf-call-iptables", "1").await?;
+        // Routing and bridged IPv4 through nftables; no IPv6 in a VPC until
+        // it is offered; strict reverse-path filtering (a source must route
+        // back where it came from).
+        ns.sysctls(&[
+            ("net.ipv4.ip_forward", "1"),
+            ("net.bridge.bridge-nf-call-iptables", "1"),
+            ("net.ipv6.conf.all.disable_ipv6", "1"),
+            ("net.ipv6.conf.default.disable_ipv6", "1"),
+            ("net.ipv4.conf.all.rp_filter", "1"),
+            ("net.ipv4.conf.default.rp_filter", "1"),
+        ])
+        .await?;
         let links = link_names(&ns).await?;
         let mut lines = vec!["link set lo up".to_string(), format!("addr replace {METADATA_IP}/32 dev lo")];
         if !links.contains(BRIDGE) {
@@ -326,10 +396,20 @@ impl DataPlane {
             .map(|n| nft::LocalNic { port: port_name(&n.eni_id), mac: n.mac.clone(), ip: n.private_ip, public_ip: n.public_ip, group_ids: n.group_ids.clone() })
             .collect();
         let gateways: Vec<Ipv4Addr> = vpc.subnets.iter().map(|s| s.gateway).collect();
+        let subnets: Vec<Cidr> = vpc.subnets.iter().map(|s| s.cidr).collect();
+        let remote: Vec<(String, Ipv4Addr)> = vpc
+            .remote_nics
+            .iter()
+            .flat_map(|r| [(r.mac.clone(), r.ip), (router_mac(r.host), r.ip)])
+            .collect();
         let script = nft::render(&nft::VpcRules {
             nics: &nics,
             groups,
             members,
+            vpc_cidr: vpc.cidr,
+            subnets: &subnets,
+            remote: &remote,
+            outside_allow: &self.cfg.outside_allow,
             gateways: &gateways,
             metadata: METADATA_IP,
             bridge: BRIDGE,

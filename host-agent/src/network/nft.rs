@@ -16,14 +16,22 @@
 //!   address on the way in and SNATed back on the way out; an interface
 //!   without one cannot leave through the public leg.
 //! - `bridge nimbus_guard`: anti-spoofing on every guest's bridge port (its own MAC,
-//!   its own address in IPv4 and ARP, nothing but IPv4 and ARP); and no ARP
-//!   about the VPC router's addresses crosses the VXLAN (each host answers
-//!   for the router itself).
+//!   its own address in IPv4 and ARP, nothing but IPv4 and ARP, no IPv4
+//!   broadcast or multicast: as in EC2, a VPC carries unicast only); the
+//!   same for what arrives over the VXLAN (only the pairs of MAC and
+//!   address the VPC's other hosts hold: their interfaces', and their
+//!   routers' MACs with their interfaces' addresses, for traffic they
+//!   routed; see [`render_host`] for who may send on the VXLAN at all);
+//!   and no ARP about the VPC router's addresses crosses the VXLAN (each
+//!   host answers for the router itself).
 //!
 //! Addresses are trustworthy in the first two tables because the third drops
-//! anything a guest sends from another address.
+//! anything a guest or a peer sends from another address, and the forward
+//! hook drops what arrives from the public side with a source inside the
+//! VPC or a martian or private source (unless the operator allows that
+//! outside range), before conntrack can let it through.
 
-use nimbus_proto::network::{Peer, Protocol, Rule, SecurityGroup};
+use nimbus_proto::network::{Cidr, Peer, Protocol, Rule, SecurityGroup};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use std::net::Ipv4Addr;
@@ -45,8 +53,18 @@ pub struct VpcRules<'a> {
     pub nics: &'a [LocalNic],
     pub groups: &'a BTreeMap<String, SecurityGroup>,
     pub members: &'a BTreeMap<String, Vec<Ipv4Addr>>,
+    /// The VPC's address range: never a source from the public side.
+    pub vpc_cidr: Cidr,
+    /// The VPC's subnets (their broadcast addresses are dropped).
+    pub subnets: &'a [Cidr],
     /// The router's addresses (one per subnet).
     pub gateways: &'a [Ipv4Addr],
+    /// (MAC, address) pairs that may arrive over the VXLAN: each remote
+    /// interface's own, and its host's router MAC with its address.
+    pub remote: &'a [(String, Ipv4Addr)],
+    /// Private ranges the operator lets reach public addresses from
+    /// outside (martian and private sources are dropped otherwise).
+    pub outside_allow: &'a [Cidr],
     /// The metadata service's address, answered in the namespace.
     pub metadata: Ipv4Addr,
     pub bridge: &'a str,
@@ -54,6 +72,12 @@ pub struct VpcRules<'a> {
     /// The public leg (veth to the host's namespace).
     pub public: &'a str,
 }
+
+/// Sources that never come from the outside: "this network", private
+/// ranges (RFC 1918, shared address space), loopback, link-local, and
+/// multicast and reserved (224.0.0.0/3).
+pub const MARTIANS: &[&str] =
+    &["0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16", "224.0.0.0/3"];
 
 /// An nft set name for a group (`sg-0abc…` → `m_0abc…`).
 fn set_name(group_id: &str) -> String {
@@ -161,13 +185,21 @@ pub fn render(v: &VpcRules<'_>) -> String {
     };
     let _ = writeln!(s, "  map egress {{ type ipv4_addr : verdict;{} }}", vmap("eg"));
     let _ = writeln!(s, "  map ingress {{ type ipv4_addr : verdict;{} }}", vmap("in"));
+    // Sources from the public side that cannot be genuine: the VPC's own
+    // (a member of a group that allows its members would be let in),
+    // martian and private ranges (unless the operator allows them).
+    let _ = writeln!(s, "  set martians {{ type ipv4_addr; flags interval;{} }}", elements(MARTIANS));
+    let _ = writeln!(s, "  set outside_allow {{ type ipv4_addr; flags interval;{} }}", elements(v.outside_allow));
     let _ = write!(
         s,
         "  chain forward {{\n    type filter hook forward priority filter; policy accept;\n    \
+         iifname \"{public}\" ip saddr {vpc} drop\n    \
+         iifname \"{public}\" ip saddr != @outside_allow ip saddr @martians drop\n    \
          ct state established,related accept\n    ct state invalid drop\n    \
          iifname \"{public}\" ct status & dnat != dnat drop\n    ip saddr vmap @egress\n    ip daddr vmap @ingress\n    \
          oifname \"{public}\" ip saddr != @natted drop\n  }}\n",
-        public = v.public
+        public = v.public,
+        vpc = v.vpc_cidr
     );
     // The namespace itself answers only the metadata service (and pings of the router).
     let _ = write!(
@@ -196,16 +228,34 @@ pub fn render(v: &VpcRules<'_>) -> String {
     // ---- anti-spoofing and router ARP ----------------------------------------------
     let _ = writeln!(s, "table bridge nimbus_guard {{");
     let _ = writeln!(s, "  set gateways {{ type ipv4_addr;{} }}", elements(v.gateways));
+    // Broadcast and multicast destinations: the limited broadcast, the
+    // multicast range, each subnet's broadcast address.
+    let broadcasts: BTreeSet<String> = ["255.255.255.255".to_string(), "224.0.0.0/4".to_string()]
+        .into_iter()
+        .chain(v.subnets.iter().filter_map(|c| c.nth(c.size().saturating_sub(1))).map(|a| a.to_string()))
+        .collect();
+    let _ = writeln!(s, "  set broadcasts {{ type ipv4_addr; flags interval;{} }}", elements(&broadcasts));
+    let remote: BTreeSet<String> = v.remote.iter().map(|(mac, ip)| format!("{} . {ip}", mac.to_lowercase())).collect();
+    let _ = writeln!(s, "  set remote {{ type ether_addr . ipv4_addr;{} }}", elements(&remote));
     for (i, n) in v.nics.iter().enumerate() {
         let _ = write!(
             s,
             "  chain g_{i} {{\n    ether saddr != {mac} drop\n    ether type arp arp saddr ether != {mac} drop\n    \
              ether type arp arp saddr ip != {ip} drop\n    ether type ip ip saddr != {ip} drop\n    \
-             ether type != {{ ip, arp }} drop\n  }}\n",
+             ether type != {{ ip, arp }} drop\n    ether type ip pkttype {{ broadcast, multicast }} drop\n    \
+             ether type ip ip daddr @broadcasts drop\n  }}\n",
             mac = n.mac,
             ip = n.ip
         );
     }
+    // What arrives over the VXLAN: IPv4 and ARP only, from the pairs the
+    // VPC's other hosts hold, never to a broadcast address.
+    let _ = write!(
+        s,
+        "  chain overlay {{\n    ether type != {{ ip, arp }} drop\n    ether type ip ether saddr . ip saddr != @remote drop\n    \
+         ether type arp ether saddr . arp saddr ip != @remote drop\n    ether type ip pkttype {{ broadcast, multicast }} drop\n    \
+         ether type ip ip daddr @broadcasts drop\n  }}\n"
+    );
     let _ = writeln!(
         s,
         "  map ports {{ type ifname : verdict;{} }}",
@@ -214,6 +264,7 @@ pub fn render(v: &VpcRules<'_>) -> String {
     let _ = write!(
         s,
         "  chain prerouting {{\n    type filter hook prerouting priority -300; policy accept;\n    iifname vmap @ports\n    \
+         iifname \"{vx}\" jump overlay\n    \
          iifname \"{vx}\" ether type arp arp saddr ip @gateways drop\n    \
          iifname \"{vx}\" ether type arp arp daddr ip @gateways drop\n  }}\n  \
          chain forward {{\n    type filter hook forward priority filter; policy accept;\n    \
@@ -221,6 +272,54 @@ pub fn render(v: &VpcRules<'_>) -> String {
          chain output {{\n    type filter hook output priority filter; policy accept;\n    \
          oifname \"{vx}\" ether type arp drop\n  }}\n}}\n",
         vx = v.vxlan
+    );
+    s
+}
+
+/// What the host's own namespace (where the VXLAN sockets and the VPCs'
+/// public legs are) lets through, as the table `inet nimbus_host`.
+#[derive(Debug, Clone, Default)]
+pub struct HostRules {
+    /// The host ends of the VPCs' public legs (`nv<vni>`).
+    pub legs: Vec<String>,
+    /// Who may send VXLAN here: (peer's underlay address, VNI, inner
+    /// source MAC) for each VPC's other hosts and the MACs they hold (their
+    /// interfaces' and their router's).
+    pub vxlan: Vec<(Ipv4Addr, u32, String)>,
+    /// Destinations guests never reach through the host: the underlay
+    /// (other hosts, the control plane, the store) and what the operator adds.
+    pub guest_deny: Vec<Cidr>,
+}
+
+/// The VXLAN port.
+pub const VXLAN_PORT: u16 = 4789;
+
+/// Renders the host namespace's table (replaced as a whole, one
+/// transaction): a guest reaches nothing of the host itself and nothing on
+/// the underlay; VXLAN is accepted only from a peer of the VPC its VNI
+/// names, carrying a source MAC that peer holds (the VNI is the 24 bits
+/// after the VXLAN flags: transport header bit 96; the inner source MAC
+/// follows the 8-byte UDP and VXLAN headers and the inner destination
+/// MAC: bit 176).
+pub fn render_host(h: &HostRules) -> String {
+    let mut s = String::from("table inet nimbus_host\ndelete table inet nimbus_host\ntable inet nimbus_host {\n");
+    let _ = writeln!(s, "  set legs {{ type ifname;{} }}", elements(h.legs.iter().map(|l| format!("\"{l}\""))));
+    let vx: BTreeSet<String> = h
+        .vxlan
+        .iter()
+        .map(|(peer, vni, mac)| format!("{peer} . {vni} . 0x{}", mac.replace(':', "").to_lowercase()))
+        .collect();
+    let _ = writeln!(s, "  set vxlan_peers {{ typeof ip saddr . @th,96,24 . @th,176,48;{} }}", elements(&vx));
+    let _ = writeln!(s, "  set guest_deny {{ type ipv4_addr; flags interval;{} }}", elements(&h.guest_deny));
+    let _ = write!(
+        s,
+        "  chain input {{\n    type filter hook input priority filter; policy accept;\n    \
+         iifname @legs drop\n    \
+         udp dport {VXLAN_PORT} ip saddr . @th,96,24 . @th,176,48 @vxlan_peers accept\n    \
+         udp dport {VXLAN_PORT} drop\n  }}\n  \
+         chain forward {{\n    type filter hook forward priority filter; policy accept;\n    \
+         iifname @legs ip daddr @guest_deny drop\n    \
+         iifname @legs meta nfproto ipv6 drop\n  }}\n}}\n"
     );
     s
 }

@@ -3,8 +3,9 @@
 //! guests. Everything is removed on drop, also when a test fails.
 //!
 //! ```text
-//!   outside (10.99.0.2, routes the public pool onto the underlay)
-//!      │
+//!   outside: the internet (203.0.113.2, a public address; its router on
+//!      │      the underlay is 10.99.0.2, the hosts' default route; it
+//!      │      routes the public pool onto the underlay)
 //!   underlay switch ── host 0 (10.99.0.11, "uplink") ── VPC namespaces …
 //!                   └─ host 1 (10.99.0.12) …
 //! ```
@@ -18,7 +19,12 @@ use std::time::Duration;
 
 /// The public pool the outside namespace routes onto the underlay.
 pub const PUBLIC_POOL: &str = "198.51.100.0/24";
-pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
+/// The outside's address: a host on the internet (TEST-NET-3).
+pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
+/// The internet as the outside announces it.
+pub const INTERNET: &str = "203.0.113.0/24";
+/// The outside's address on the underlay: the hosts' default router.
+pub const OUTSIDE_ROUTER: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
 /// Every simulated host's (and the outside's) interface on the underlay.
 pub const UPLINK: &str = "uplink";
 
@@ -70,7 +76,15 @@ pub struct SimHost {
 
 impl SimHost {
     pub fn vpc_config(&self) -> VpcConfig {
-        VpcConfig { underlay_ip: self.underlay_ip, host_ns: self.ns.ns(), uplink: Some(UPLINK.into()), prefix: self.prefix.clone(), underlay_mtu: 1500 }
+        VpcConfig {
+            underlay_ip: self.underlay_ip,
+            host_ns: self.ns.ns(),
+            uplink: Some(UPLINK.into()),
+            prefix: self.prefix.clone(),
+            underlay_mtu: 1500,
+            guest_deny: Vec::new(),
+            outside_allow: Vec::new(),
+        }
     }
 }
 
@@ -96,13 +110,15 @@ impl Topology {
                 sh(&["ip", "-n", &ns, "link", "set", UPLINK, "up"]).await;
             }
         };
-        plug(outside.name.clone(), "p-out".into(), OUTSIDE_IP).await;
-        sh(&["ip", "-n", &outside.name, "route", "add", PUBLIC_POOL, "dev", UPLINK]).await;
+        plug(outside.name.clone(), "p-out".into(), OUTSIDE_ROUTER).await;
+        sh(&["ip", "-n", &outside.name, "addr", "add", &format!("{OUTSIDE_IP}/32"), "dev", "lo"]).await;
+        sh(&["ip", "-n", &outside.name, "route", "add", PUBLIC_POOL, "dev", UPLINK, "src", &OUTSIDE_IP.to_string()]).await;
         let mut sims = Vec::new();
         for i in 0..hosts {
             let ns = ScratchNs::new(&format!("{tag}h{i}")).await;
             let ip = Ipv4Addr::new(10, 99, 0, 11 + i as u8);
             plug(ns.name.clone(), format!("p-h{i}"), ip).await;
+            sh(&["ip", "-n", &ns.name, "route", "add", "default", "via", &OUTSIDE_ROUTER.to_string()]).await;
             sims.push(SimHost { ns, underlay_ip: ip, prefix: format!("nv{tag}{i}") });
         }
         Topology { underlay, outside, hosts: sims }
