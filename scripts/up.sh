@@ -81,19 +81,22 @@ if ! running agent; then
     step "starting the host agent"
     NIMBUS_CONTROL_PLANE=$ENDPOINT NIMBUS_JOIN_TOKEN=$NIMBUS_JOIN_TOKEN NIMBUS_HOST_NAME=$(hostname) \
         NIMBUS_STATE_DIR=$AGENT_STATE NIMBUS_NETWORK=vpc NIMBUS_UNDERLAY_ADDRESS=10.99.0.11 \
-        NIMBUS_NETWORK_NAMESPACE=nimbus-host NIMBUS_UPLINK=uplink NIMBUS_STORE_LISTEN=127.0.0.1:7401 \
+        NIMBUS_NETWORK_NAMESPACE=nimbus-host NIMBUS_UPLINK=uplink NIMBUS_STORE_LISTEN=127.0.0.2:7401 \
         setsid "$BIN/nimbus-agent" >>"$LOGS/agent.log" 2>&1 </dev/null &
     echo $! >"$RUN/agent.pid"
 fi
-# The state store's ring of three: the control plane's node, the agent's,
-# and a store-only host (an agent with no capacity on libvirt's test driver,
-# so nothing is ever placed on it) that gets its certificate the same way.
+# The state store's ring of three: the control plane's node (127.0.0.1),
+# the agent's (127.0.0.2) and a store-only host's (127.0.0.3): a host's
+# certificate names its node's IP, which no other node may share (all of
+# 127.0.0.0/8 is loopback). The store-only host is an agent with no
+# capacity on libvirt's test driver (nothing is ever placed on it) that
+# gets its certificate the same way.
 if ! running store-host; then
     step "starting the store-only host (third node of the state store's ring)"
     mkdir -p "$NIMBUS_HOME/store-host"
     NIMBUS_CONTROL_PLANE=$ENDPOINT NIMBUS_JOIN_TOKEN=$NIMBUS_JOIN_TOKEN NIMBUS_HOST_NAME=$(hostname)-store \
         NIMBUS_STATE_DIR=$NIMBUS_HOME/store-host NIMBUS_RUN_DIR=$RUN/store-host NIMBUS_HYPERVISOR=test NIMBUS_NETWORK=user \
-        NIMBUS_STORE_LISTEN=127.0.0.1:7402 \
+        NIMBUS_STORE_LISTEN=127.0.0.3:7402 \
         setsid "$BIN/nimbus-agent" --vcpus 0 --memory-mib 0 --disk-gib 0 >>"$LOGS/store-host.log" 2>&1 </dev/null &
     echo $! >"$RUN/store-host.pid"
 fi

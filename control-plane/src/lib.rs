@@ -37,6 +37,7 @@ pub async fn build(config: Config) -> anyhow::Result<Service> {
         service.store.start_relay(service.relay());
     }
     service.start_network_relay();
+    service.start_revocation();
     service.start_retention();
     Ok(service)
 }

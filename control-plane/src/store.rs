@@ -46,6 +46,9 @@ pub struct Store {
     server: tokio::task::JoinHandle<()>,
     /// The outbox relay's task, once started ([`Store::start_relay`]).
     relay: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The control plane's document key: signs instance documents and the
+    /// revocation list (see `nimbus-records`).
+    pub doc_key: nimbus_records::KeyPair,
 }
 
 impl std::fmt::Debug for Store {
@@ -70,6 +73,7 @@ impl Store {
             None => None,
         };
         let ca = load_ca(db, master.as_ref()).await?;
+        let doc_key = load_doc_key(db, master.as_ref()).await?;
         if let Some(path) = &config.ca_cert_out {
             std::fs::write(path, ca.cert_pem()).map_err(|source| StoreSetupError::Write { path: path.clone(), source })?;
         }
@@ -84,7 +88,8 @@ impl Store {
         names.sort();
         names.dedup();
         let own = ca.issue_own(&names)?;
-        let tls = TlsConfig::from_pem(ca.cert_pem().as_bytes(), own.cert_pem.as_bytes(), own.key_pem.as_bytes())?;
+        let tls = TlsConfig::from_pem(ca.cert_pem().as_bytes(), own.cert_pem.as_bytes(), own.key_pem.as_bytes())?
+            .with_admin_name(nimbus_proto::agent::CONTROL_PLANE_NAME)?;
         let mut cfg = nimbus_state_store::Config::new(address.clone(), &config.store_dir);
         // Seeds: the configured ones and the hosts' nodes PostgreSQL knows
         // (a restarted control plane rejoins the ring at once, instead of
@@ -111,12 +116,17 @@ impl Store {
             });
         }
         tracing::info!(%address, "state store node started");
-        Ok(Store { ca, address, node, tls, own, server, relay: Default::default() })
+        Ok(Store { ca, address, node, tls, own, server, relay: Default::default(), doc_key })
     }
 
     /// The control plane's certificate and key, PEM.
     pub fn own_certificate(&self) -> (&str, &str) {
         (&self.own.cert_pem, &self.own.key_pem)
+    }
+
+    /// The document keys readers trust (the one this control plane signs with).
+    pub fn trusted_keys(&self) -> nimbus_records::TrustedKeys {
+        nimbus_records::TrustedKeys::from_points([self.doc_key.public().as_slice()])
     }
 
     /// A client of the ring through this node (quorum reads and writes).
@@ -140,6 +150,37 @@ impl Store {
         if let Some(old) = self.relay.lock().unwrap_or_else(|p| p.into_inner()).replace(task) {
             old.abort();
         }
+    }
+}
+
+/// The control plane's document key: the stored one, or a new one stored
+/// now (the first of two control planes starting at once wins; both use
+/// it). Without a master key it lives in this process only, like the CA.
+async fn load_doc_key(db: &PgPool, master: Option<&MasterKey>) -> Result<nimbus_records::KeyPair, StoreSetupError> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    const AAD: &str = "nimbus-document-key";
+    let Some(master) = master else { return Ok(nimbus_records::KeyPair::generate()) };
+    let select = "SELECT doc_key_sealed FROM cluster_ca WHERE doc_key_sealed IS NOT NULL";
+    if let Some((sealed,)) = sqlx::query_as::<_, (Vec<u8>,)>(select).fetch_optional(db).await? {
+        return open_doc_key(master, &sealed);
+    }
+    let key = nimbus_records::KeyPair::generate();
+    let der = key.to_der().map_err(|e| CaError::Generate(e.to_string()))?;
+    let sealed = crate::auth::secrets::seal(master, AAD, &b64.encode(der)).map_err(CaError::Sealed)?;
+    sqlx::query("UPDATE cluster_ca SET doc_key_sealed = $1, doc_key_public = $2 WHERE doc_key_sealed IS NULL")
+        .bind(&sealed)
+        .bind(key.public())
+        .execute(db)
+        .await?;
+    let (sealed,): (Vec<u8>,) = sqlx::query_as(select).fetch_one(db).await?;
+    tracing::info!("document key ready");
+    return open_doc_key(master, &sealed);
+
+    fn open_doc_key(master: &MasterKey, sealed: &[u8]) -> Result<nimbus_records::KeyPair, StoreSetupError> {
+        let der = crate::auth::secrets::open(master, AAD, sealed).map_err(CaError::Sealed)?;
+        let der = base64::engine::general_purpose::STANDARD.decode(der).map_err(|e| CaError::Generate(format!("document key: {e}")))?;
+        Ok(nimbus_records::KeyPair::from_der(&der).map_err(|e| CaError::Generate(e.to_string()))?)
     }
 }
 

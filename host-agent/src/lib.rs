@@ -173,20 +173,90 @@ const REREGISTER_BACKOFF: Duration = Duration::from_secs(10);
 /// How long an agent waits to try again after a failed certificate renewal.
 const RENEW_RETRY: Duration = Duration::from_secs(60);
 
-/// The HTTP client of the control plane: trusting only `--control-plane-ca`
-/// when given, presenting `identity` (this host's certificate and key,
-/// PEM) when given.
+/// The HTTP client of the control plane. With `--control-plane-ca`: the
+/// control plane must present a certificate of that CA valid for
+/// [`nimbus_proto::agent::CONTROL_PLANE_NAME`] (whatever address it is
+/// reached at), a name no host certificate carries, so no host can pass
+/// for the control plane; `identity` (this host's certificate and key, PEM)
+/// is presented when given.
 async fn control_plane_client(config: &AgentConfig, identity: Option<&[u8]>) -> Result<reqwest::Client, AgentError> {
-    let mut b = reqwest::Client::builder();
-    if let Some(path) = &config.control_plane_ca {
-        let pem = tokio::fs::read(path).await.map_err(|source| AgentError::State { path: path.clone(), source })?;
-        let ca = reqwest::Certificate::from_pem(&pem).map_err(|e| AgentError::Config(format!("{}: {e}", path.display())))?;
-        b = b.add_root_certificate(ca).tls_built_in_root_certs(false);
+    let b = reqwest::Client::builder();
+    let Some(path) = &config.control_plane_ca else {
+        let b = match identity {
+            Some(id) => b.identity(reqwest::Identity::from_pem(id).map_err(|e| AgentError::Config(format!("this host's certificate: {e}")))?),
+            None => b,
+        };
+        return b.build().map_err(|e| AgentError::Config(e.to_string()));
+    };
+    let pem = tokio::fs::read(path).await.map_err(|source| AgentError::State { path: path.clone(), source })?;
+    let tls = control_plane_tls(&pem, identity).map_err(|e| AgentError::Config(format!("{}: {e}", path.display())))?;
+    b.use_preconfigured_tls(tls).build().map_err(|e| AgentError::Config(e.to_string()))
+}
+
+/// The rustls side of [`control_plane_client`].
+pub fn control_plane_tls(ca_pem: &[u8], identity: Option<&[u8]>) -> Result<rustls::ClientConfig, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(ca.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
     }
-    if let Some(id) = identity {
-        b = b.identity(reqwest::Identity::from_pem(id).map_err(|e| AgentError::Config(format!("this host's certificate: {e}")))?);
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(std::sync::Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| e.to_string())?;
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(ControlPlaneVerifier(inner)));
+    match identity {
+        Some(id) => {
+            let certs = CertificateDer::pem_slice_iter(id).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
+            let key = PrivateKeyDer::from_pem_slice(id).map_err(|e| e.to_string())?;
+            builder.with_client_auth_cert(certs, key).map_err(|e| e.to_string())
+        }
+        None => Ok(builder.with_no_client_auth()),
     }
-    b.build().map_err(|e| AgentError::Config(e.to_string()))
+}
+
+/// Checks a server certificate as the control plane's: the CA's chain and
+/// the control plane's name, not the name the URL happened to use.
+#[derive(Debug)]
+struct ControlPlaneVerifier(std::sync::Arc<rustls::client::WebPkiServerVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for ControlPlaneVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls_pki_types::CertificateDer<'_>,
+        intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let name = rustls_pki_types::ServerName::try_from(nimbus_proto::agent::CONTROL_PLANE_NAME)
+            .map_err(|_| rustls::Error::General("the control plane's name".into()))?;
+        self.0.verify_server_cert(end_entity, intermediates, &name, ocsp_response, now)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
 }
 
 /// How often the metadata service looks for newer documents in the state store.
@@ -520,9 +590,9 @@ impl Agent {
                 loop {
                     tokio::select! {
                         _ = &mut shutdown => return Ok(()),
-                        r = store::start(&certified, &self.config.state_dir, listen) => match r {
+                        r = store::start(&certified, &cred.host_id, &self.config.state_dir, listen) => match r {
                             Ok(s) => {
-                                self.reconciler.metadata.attach_store(s.node.clone());
+                                self.reconciler.metadata.attach_store(s.documents());
                                 self.store = Some(std::sync::Arc::new(s));
                                 break;
                             }

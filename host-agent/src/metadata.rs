@@ -31,7 +31,7 @@ use axum::routing::get;
 use axum::Router;
 use base64::Engine;
 use nimbus_proto::agent::InstanceMetadata;
-use nimbus_proto::metadata::{document_key, newest_document, InstanceDocument};
+use nimbus_proto::metadata::{document_key, InstanceDocument};
 use nimbus_proto::network::Nic;
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -120,9 +120,10 @@ pub struct MetadataServers {
     qemu: crate::access::QemuUser,
     /// Where the sockets live (root:QEMU's group, 0710).
     dir: PathBuf,
-    /// The host's state-store node, once it runs: documents newer than the
-    /// assignments' copies come from it (see [`MetadataServers::refresh`]).
-    store: Arc<std::sync::OnceLock<Arc<nimbus_state_store::Node>>>,
+    /// The host's state-store node and what opens documents, once it runs:
+    /// documents newer than the assignments' copies come from it (see
+    /// [`MetadataServers::refresh`]).
+    store: Arc<std::sync::OnceLock<DocumentSource>>,
     /// Refreshes so far: quorum reads run on every [`QUORUM_EVERY`]th.
     refreshes: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -294,20 +295,21 @@ impl MetadataServers {
         }
     }
 
-    /// Reads documents from `node` from now on (see [`MetadataServers::refresh`]).
-    pub fn attach_store(&self, node: Arc<nimbus_state_store::Node>) {
-        let _ = self.store.set(node);
+    /// Reads documents through `source` from now on (see [`MetadataServers::refresh`]).
+    pub fn attach_store(&self, source: DocumentSource) {
+        let _ = self.store.set(source);
     }
 
     /// Brings every served instance up to the state store's document: the
     /// host's own replica first (a local read, no network), a quorum read
     /// when it has none or one older than what is served (the assignment
     /// named a newer version: this replica missed writes while its node was
-    /// down, and anti-entropy has not caught up yet). A document is only ever served to the instance it
-    /// names (its key is derived from the id, and the id inside is checked
-    /// too), and only over an older copy.
+    /// down, and anti-entropy has not caught up yet). A document is only
+    /// ever served if the control plane signed it for the instance it names
+    /// and for this host, and it opens with this host's key; and only over
+    /// an older copy ([`DocumentSource`]).
     pub async fn refresh(&self) {
-        let Some(node) = self.store.get().cloned() else { return };
+        let Some(source) = self.store.get().cloned() else { return };
         let ids: Vec<(String, u64)> = self
             .entries
             .lock()
@@ -316,9 +318,10 @@ impl MetadataServers {
             .map(|(id, e)| (id.clone(), e.guest.content.read().unwrap_or_else(|p| p.into_inner()).meta.version))
             .collect();
         let quorum_due = self.refreshes.fetch_add(1, std::sync::atomic::Ordering::Relaxed).is_multiple_of(QUORUM_EVERY);
+        source.keep_only(ids.iter().map(|(id, _)| id.as_str()));
         let mut remote = Vec::new();
         for (id, served) in ids {
-            match local_document(&node, &id) {
+            match source.local(&id) {
                 Some(d) if d.version >= served => {
                     self.install(Content::from_document(d), false);
                 }
@@ -328,8 +331,8 @@ impl MetadataServers {
         }
         use futures::StreamExt;
         let mut reads = futures::stream::iter(remote).map(|id| {
-            let node = node.clone();
-            async move { quorum_document(&node, &id).await }
+            let source = source.clone();
+            async move { source.quorum(&id).await }
         })
         .buffer_unordered(QUORUM_READS_AT_ONCE);
         while let Some(read) = reads.next().await {
@@ -342,8 +345,8 @@ impl MetadataServers {
     /// The store's document of `instance_id` (the host's replica, else a
     /// quorum read), if the store runs here and has one.
     pub async fn document(&self, instance_id: &str) -> Option<InstanceDocument> {
-        let node = self.store.get().cloned()?;
-        read_document(&node, instance_id, 0).await
+        let source = self.store.get().cloned()?;
+        source.read(instance_id, 0).await
     }
 
     /// Serves `doc` to its instance (new or not): on its unix socket, or,
@@ -512,49 +515,93 @@ impl MetadataServers {
     }
 }
 
-/// The document of `id`: the host's replica when it has one at least
-/// `at_least` new, else a quorum read. Only a document that names `id`.
-async fn read_document(node: &Arc<nimbus_state_store::Node>, id: &str, at_least: u64) -> Option<InstanceDocument> {
-    match local_document(node, id) {
-        Some(d) if d.version >= at_least => Some(d),
-        _ => quorum_document(node, id).await,
-    }
+/// Where a host's documents come from and what makes them trustworthy:
+/// its store node, its id and key (documents are sealed for it), and the
+/// control plane's document keys (documents are signed with one).
+#[derive(Clone)]
+pub struct DocumentSource {
+    pub node: Arc<nimbus_state_store::Node>,
+    pub host_id: String,
+    pub key: nimbus_records::KeyPair,
+    pub trusted: nimbus_records::TrustedKeys,
+    /// Per instance, the digest of the siblings last opened and what they
+    /// gave: the refresh reads every document ten times a second, and
+    /// checks a signature and decrypts only when the stored value changed.
+    opened: Arc<Mutex<HashMap<String, ([u8; 32], Option<InstanceDocument>)>>>,
 }
 
-/// The host's replica's copy of `id`'s document, if it holds one.
-fn local_document(node: &Arc<nimbus_state_store::Node>, id: &str) -> Option<InstanceDocument> {
-    match node.storage().get(document_key(id).as_bytes()) {
-        Ok(r) => only_its_own(id, r.map(|r| r.values()).and_then(|v| newest_document(&v))),
-        Err(e) => {
-            tracing::warn!(instance_id = %id, error = %e, "cannot read the local replica");
-            None
+impl DocumentSource {
+    pub fn new(node: Arc<nimbus_state_store::Node>, host_id: String, key: nimbus_records::KeyPair, trusted: nimbus_records::TrustedKeys) -> Self {
+        DocumentSource { node, host_id, key, trusted, opened: Arc::default() }
+    }
+
+    /// The document of `id`: the host's replica when it has one at least
+    /// `at_least` new, else a quorum read.
+    async fn read(&self, id: &str, at_least: u64) -> Option<InstanceDocument> {
+        match self.local(id) {
+            Some(d) if d.version >= at_least => Some(d),
+            _ => self.quorum(id).await,
         }
     }
-}
 
-/// `id`'s document by a quorum read (bounded by [`QUORUM_READ_TIMEOUT`]).
-async fn quorum_document(node: &Arc<nimbus_state_store::Node>, id: &str) -> Option<InstanceDocument> {
-    use nimbus_state_store::KvClient;
-    let client = nimbus_state_store::LocalClient(node.clone());
-    match tokio::time::timeout(QUORUM_READ_TIMEOUT, client.get(document_key(id).as_bytes())).await {
-        Ok(Ok(got)) => only_its_own(id, newest_document(&got.values)),
-        Ok(Err(e)) => {
-            tracing::debug!(instance_id = %id, error = %e, "quorum read of a document failed");
-            None
+    /// The host's replica's copy of `id`'s document, if it holds one.
+    fn local(&self, id: &str) -> Option<InstanceDocument> {
+        match self.node.storage().get(document_key(id).as_bytes()) {
+            Ok(r) => self.open(id, &r.map(|r| r.values()).unwrap_or_default()),
+            Err(e) => {
+                tracing::warn!(instance_id = %id, error = %e, "cannot read the local replica");
+                None
+            }
         }
-        Err(_) => None,
     }
-}
 
-/// A document is only ever `id`'s if it names `id`.
-fn only_its_own(id: &str, doc: Option<InstanceDocument>) -> Option<InstanceDocument> {
-    match doc {
-        Some(d) if d.instance_id == id => Some(d),
-        Some(d) => {
-            tracing::error!(instance_id = %id, found = %d.instance_id, "a document under another instance's key; not served");
-            None
+    /// Forgets what was opened for instances no longer served.
+    fn keep_only<'a>(&self, served: impl Iterator<Item = &'a str>) {
+        let served: std::collections::HashSet<&str> = served.collect();
+        self.opened.lock().unwrap_or_else(|p| p.into_inner()).retain(|id, _| served.contains(id.as_str()));
+    }
+
+    /// `id`'s document by a quorum read (bounded by [`QUORUM_READ_TIMEOUT`]).
+    async fn quorum(&self, id: &str) -> Option<InstanceDocument> {
+        use nimbus_state_store::KvClient;
+        let client = nimbus_state_store::LocalClient(self.node.clone());
+        match tokio::time::timeout(QUORUM_READ_TIMEOUT, client.get(document_key(id).as_bytes())).await {
+            Ok(Ok(got)) => self.open(id, &got.values),
+            Ok(Err(e)) => {
+                tracing::debug!(instance_id = %id, error = %e, "quorum read of a document failed");
+                None
+            }
+            Err(_) => None,
         }
-        None => None,
+    }
+
+    /// Of the stored siblings, the newest the control plane signed for
+    /// `id`, opened with this host's key: a forged one (any version) counts
+    /// as absent, one sealed for another host is not served.
+    fn open(&self, id: &str, siblings: &[Vec<u8>]) -> Option<InstanceDocument> {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for s in siblings {
+            h.update((s.len() as u64).to_be_bytes());
+            h.update(s);
+        }
+        let digest: [u8; 32] = h.finalize().into();
+        if let Some((seen, doc)) = self.opened.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+            if *seen == digest {
+                return doc.clone();
+            }
+        }
+        let doc = nimbus_records::newest_sealed(siblings, &self.trusted, id).and_then(|sealed| {
+            match sealed.open(&self.trusted, id, &self.host_id, &self.key) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    tracing::debug!(instance_id = %id, error = %e, "a stored document is not for this host; not served");
+                    None
+                }
+            }
+        });
+        self.opened.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), (digest, doc.clone()));
+        doc
     }
 }
 

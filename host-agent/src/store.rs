@@ -51,6 +51,13 @@ pub struct HostStore {
     server: tokio::task::JoinHandle<()>,
     /// Shared with the node's listener and transport.
     tls: TlsConfig,
+    /// Follows the control plane's revocation list (see [`follow_revocations`]).
+    revocations: tokio::task::JoinHandle<()>,
+    /// Who writes this host's records, and with which key.
+    pub host_id: String,
+    pub key: nimbus_records::KeyPair,
+    /// The control plane's document keys.
+    pub trusted: nimbus_records::TrustedKeys,
 }
 
 impl std::fmt::Debug for HostStore {
@@ -63,6 +70,7 @@ impl Drop for HostStore {
     fn drop(&mut self) {
         self.node.shutdown();
         self.server.abort();
+        self.revocations.abort();
     }
 }
 
@@ -74,6 +82,41 @@ impl HostStore {
     /// Presents a renewed certificate from now on (new connections, in and out).
     pub fn present(&self, certified: &Certified) -> Result<(), HostStoreError> {
         Ok(self.tls.replace_identity(certified.cert_pem.as_bytes(), certified.key_pem.as_bytes())?)
+    }
+
+    /// What the metadata service reads this host's documents through.
+    pub fn documents(&self) -> crate::metadata::DocumentSource {
+        crate::metadata::DocumentSource::new(self.node.clone(), self.host_id.clone(), self.key.clone(), self.trusted.clone())
+    }
+}
+
+/// How often a host's node reads the control plane's revocation list.
+pub const REVOCATION_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Applies the control plane's revocation list (`cluster/revoked`, signed
+/// by its document key) to this node's TLS every [`REVOCATION_REFRESH`]:
+/// revoked certificates are refused in later handshakes, and connections
+/// open with them closed. A list that does not verify is ignored; without
+/// the store, the last list stays.
+async fn follow_revocations(node: Arc<Node>, tls: TlsConfig, trusted: nimbus_records::TrustedKeys) {
+    use nimbus_state_store::KvClient;
+    let key = nimbus_proto::agent::REVOCATION_KEY;
+    let client = LocalClient(node);
+    let mut tick = tokio::time::interval(REVOCATION_REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let got = match client.get(key.as_bytes()).await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the revocation list");
+                continue;
+            }
+        };
+        let Some((_, payload)) = nimbus_records::ClusterRecord::newest(&got.values, key, &trusted) else { continue };
+        let Ok(list) = serde_json::from_slice::<Vec<String>>(&payload) else { continue };
+        let digests: Vec<[u8; 32]> = list.iter().filter_map(|h| hex::decode(h).ok()?.try_into().ok()).collect();
+        tls.set_revoked(digests);
     }
 }
 
@@ -110,6 +153,8 @@ pub struct Certified {
     pub cert_pem: String,
     pub ca_pem: String,
     pub seeds: Vec<String>,
+    /// The control plane's document keys (saved beside the certificate).
+    pub trusted: nimbus_records::TrustedKeys,
 }
 
 /// Has the control plane's CA certify this host's key (made on first use),
@@ -130,7 +175,9 @@ pub async fn certify(
             }
             tracing::warn!(error = %e, "cannot renew the certificate; starting with the saved one");
             let raw = tokio::fs::read(dir.join("seeds.json")).await.unwrap_or_default();
-            saved(&dir, &host_key(&dir).await?, serde_json::from_slice(&raw).unwrap_or_default()).await
+            let keys = tokio::fs::read(dir.join("document-keys.json")).await.unwrap_or_default();
+            let trusted = nimbus_records::TrustedKeys(serde_json::from_slice(&keys).unwrap_or_default());
+            saved(&dir, &host_key(&dir).await?, serde_json::from_slice(&raw).unwrap_or_default(), trusted).await
         }
         Err(e) => Err(e),
     }
@@ -159,23 +206,29 @@ pub async fn renew(
     write_private(&ca_path, grant.ca_pem.as_bytes()).await?;
     let json = serde_json::to_vec(&grant.store_seeds).unwrap_or_default();
     write_private(&seeds_path, &json).await?;
+    let keys_path = dir.join("document-keys.json");
+    write_private(&keys_path, &serde_json::to_vec(&grant.document_keys).unwrap_or_default()).await?;
     tracing::info!(not_after = %grant.not_after, seeds = ?grant.store_seeds, "certificate issued by the control plane's CA");
-    saved(&dir, &key, grant.store_seeds).await
+    saved(&dir, &key, grant.store_seeds, nimbus_records::TrustedKeys(grant.document_keys)).await
 }
 
 /// `key` with the certificate and CA saved in `dir`.
-async fn saved(dir: &Path, key: &rcgen::KeyPair, seeds: Vec<String>) -> Result<Certified, HostStoreError> {
+async fn saved(dir: &Path, key: &rcgen::KeyPair, seeds: Vec<String>, trusted: nimbus_records::TrustedKeys) -> Result<Certified, HostStoreError> {
     let (cert_path, ca_path) = (dir.join("cert.pem"), dir.join("ca.pem"));
     let cert_pem = tokio::fs::read_to_string(&cert_path).await.map_err(io(&cert_path))?;
     let ca_pem = tokio::fs::read_to_string(&ca_path).await.map_err(io(&ca_path))?;
-    Ok(Certified { key_pem: key.serialize_pem(), cert_pem, ca_pem, seeds })
+    Ok(Certified { key_pem: key.serialize_pem(), cert_pem, ca_pem, seeds, trusted })
 }
 
 /// Starts the host's node listening on `listen` (its id; the IP is named by
 /// its certificate, so it must be an address the other nodes reach).
-pub async fn start(certified: &Certified, state_dir: &Path, listen: SocketAddr) -> Result<HostStore, HostStoreError> {
+pub async fn start(certified: &Certified, host_id: &str, state_dir: &Path, listen: SocketAddr) -> Result<HostStore, HostStoreError> {
     let address = listen.to_string();
-    let tls = TlsConfig::from_pem(certified.ca_pem.as_bytes(), certified.cert_pem.as_bytes(), certified.key_pem.as_bytes())?;
+    let key = nimbus_records::KeyPair::from_pem(&certified.key_pem).map_err(|e| HostStoreError::Key(e.to_string()))?;
+    // The control plane is the administrator (the client API, /admin);
+    // other hosts' nodes may only replicate.
+    let tls = TlsConfig::from_pem(certified.ca_pem.as_bytes(), certified.cert_pem.as_bytes(), certified.key_pem.as_bytes())?
+        .with_admin_name(nimbus_proto::agent::CONTROL_PLANE_NAME)?;
     let seeds = certified.seeds.clone();
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(io(Path::new(&address)))?;
     let mut cfg = nimbus_state_store::Config::new(address.clone(), state_dir.join("store"));
@@ -189,17 +242,22 @@ pub async fn start(certified: &Certified, state_dir: &Path, listen: SocketAddr) 
         }
     });
     tracing::info!(%address, "state store node started");
-    Ok(HostStore { node, address, server, tls })
+    let revocations = tokio::spawn(follow_revocations(node.clone(), tls.clone(), certified.trusted.clone()));
+    Ok(HostStore { node, address, server, tls, revocations, host_id: host_id.to_string(), key, trusted: certified.trusted.clone() })
 }
 
 /// Writes `value` (JSON) under `key`, superseding whatever this node's
 /// quorum read saw (the host is the only writer of its guests' console and
 /// status records, so no siblings are left behind).
-pub async fn write_record<T: serde::Serialize>(client: &LocalClient, key: &str, value: &T) -> Result<(), nimbus_state_store::StoreError> {
+pub async fn write_record<T: serde::Serialize>(store: &HostStore, key: &str, value: &T) -> Result<(), nimbus_state_store::StoreError> {
     use nimbus_state_store::KvClient;
     let bytes = serde_json::to_vec(value).map_err(|e| nimbus_state_store::StoreError::Transport(format!("encoding {key}: {e}")))?;
+    // Signed by this host: the control plane takes a record only from the
+    // instance's host (`nimbus_records::SignedRecord`).
+    let signed = nimbus_records::SignedRecord::sign(key, &store.host_id, &bytes, &store.key);
+    let client = store.client();
     let got = client.get(key.as_bytes()).await?;
-    client.put(key.as_bytes(), bytes, &got.context).await?;
+    client.put(key.as_bytes(), signed.encode(), &got.context).await?;
     Ok(())
 }
 
@@ -223,13 +281,12 @@ impl Observed {
     pub async fn write(&mut self, store: &HostStore, observations: &mut [nimbus_proto::agent::Observation]) -> Vec<nimbus_proto::agent::Observation> {
         use nimbus_proto::metadata::{console_key, status_key, Check, ConsoleRecord, StatusRecord};
         use nimbus_proto::ObservedState;
-        let client = store.client();
         let now = chrono::Utc::now();
         let mut written = Vec::new();
         for o in observations.iter_mut() {
             if let Some(output) = o.console.clone() {
                 let record = ConsoleRecord { instance_id: o.instance_id.clone(), output, at: now };
-                match write_record(&client, &console_key(&o.instance_id), &record).await {
+                match write_record(store, &console_key(&o.instance_id), &record).await {
                     Ok(()) => {
                         self.alive.insert(o.instance_id.clone());
                         written.push(o.clone());
@@ -253,7 +310,7 @@ impl Observed {
                 continue;
             }
             let record = StatusRecord { instance_id: o.instance_id.clone(), system: checks.0, instance: checks.1, at: now };
-            match write_record(&client, &status_key(&o.instance_id), &record).await {
+            match write_record(store, &status_key(&o.instance_id), &record).await {
                 Ok(()) => {
                     self.written.insert(o.instance_id.clone(), checks);
                 }

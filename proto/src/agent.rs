@@ -270,4 +270,18 @@ pub struct CertificateGrant {
     /// Store nodes to join the ring through (`ip:port`): the control
     /// plane's and other hosts'.
     pub store_seeds: Vec<String>,
+    /// The control plane's document keys (key id → uncompressed P-256
+    /// point, base64): what signs instance documents and the revocation
+    /// list in the state store (see `nimbus-records`).
+    #[serde(default)]
+    pub document_keys: std::collections::BTreeMap<String, String>,
 }
+
+/// The name the control plane's certificate carries (a DNS SAN no host
+/// certificate ever has): agents accept a control plane, and store nodes
+/// an administrator, only with a certificate valid for it.
+pub const CONTROL_PLANE_NAME: &str = "control-plane.nimbus.internal";
+
+/// The state-store key of the revocation list (certificates of reset
+/// hosts), signed by the control plane's document key.
+pub const REVOCATION_KEY: &str = "cluster/revoked";

@@ -3,13 +3,14 @@
 //! - `instance/<id>`: the [`InstanceDocument`] the guest and tools read
 //!   (identity, user-data, public keys, tags, network configuration,
 //!   placement, state, metadata options). Written only by the control
-//!   plane's outbox relay; every version is numbered, and of concurrent
-//!   siblings the highest version wins ([`newest_document`]).
+//!   plane's outbox relay; every version is numbered.
 //! - `console/<id>`: the tail of the guest's serial console
 //!   ([`ConsoleRecord`]), written by the instance's host agent.
 //! - `status/<id>`: the status checks the host observes ([`StatusRecord`]).
 //!
-//! Values are JSON. Plain data and the pure merge rule only.
+//! Plain data only. How they are stored (the document sealed for its host
+//! and signed by the control plane, the records signed by their host), and
+//! which of concurrent siblings wins, is `nimbus-records`'.
 
 use crate::agent::MetadataOptions;
 use crate::network::Nic;
@@ -105,34 +106,6 @@ impl InstanceDocument {
     }
 }
 
-/// The store's merge hook for metadata documents: of the siblings that
-/// decode, the one with the highest version (on a tie, the greatest
-/// encoding, so every reader picks the same one whatever the order).
-/// `None` when none decodes.
-pub fn newest_document(siblings: &[Vec<u8>]) -> Option<InstanceDocument> {
-    siblings
-        .iter()
-        .filter_map(|raw| serde_json::from_slice::<InstanceDocument>(raw).ok().map(|d| (d.version, raw, d)))
-        .max_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)))
-        .map(|(_, _, d)| d)
-}
-
-/// [`newest_document`] over encoded siblings, encoded (for the store's
-/// `get_reconciled`); the first sibling when none decodes.
-pub fn merge_documents(siblings: &[Vec<u8>]) -> Vec<u8> {
-    siblings
-        .iter()
-        .filter(|raw| serde_json::from_slice::<InstanceDocument>(raw).is_ok())
-        .max_by(|a, b| (version_of(a), *a).cmp(&(version_of(b), *b)))
-        .or_else(|| siblings.first())
-        .cloned()
-        .unwrap_or_default()
-}
-
-fn version_of(raw: &[u8]) -> u64 {
-    serde_json::from_slice::<InstanceDocument>(raw).map(|d| d.version).unwrap_or(0)
-}
-
 /// The tail of a guest's serial console, as its host last read it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ConsoleRecord {
@@ -209,23 +182,6 @@ mod tests {
 
     fn doc(version: u64, tag: &str) -> InstanceDocument {
         InstanceDocument::example("i-0123456789abcdef0", version, tag)
-    }
-
-    #[test]
-    fn the_newest_version_wins_whatever_the_order() {
-        let enc = |d: &InstanceDocument| serde_json::to_vec(d).unwrap_or_default();
-        let (v1, v2, v3) = (enc(&doc(1, "a")), enc(&doc(2, "b")), enc(&doc(3, "c")));
-        for order in [vec![v1.clone(), v2.clone(), v3.clone()], vec![v3.clone(), v1.clone(), v2.clone()], vec![v2.clone(), v3.clone()]] {
-            assert_eq!(newest_document(&order).map(|d| d.version), Some(3));
-            assert_eq!(merge_documents(&order), v3);
-        }
-        // Garbage among the siblings is skipped; all garbage: none.
-        assert_eq!(newest_document(&[b"{".to_vec(), v1.clone()]).map(|d| d.version), Some(1));
-        assert_eq!(newest_document(&[b"{".to_vec()]), None);
-        // A tie (two writers that rendered the same version differently,
-        // which the outbox never does) still picks one, the same one in any order.
-        let (x, y) = (enc(&doc(5, "x")), enc(&doc(5, "y")));
-        assert_eq!(merge_documents(&[x.clone(), y.clone()]), merge_documents(&[y, x]));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::api::{Context, GetResult, KvClient};
 use crate::error::{check_key, check_value, RpcError, StoreError};
 use crate::node::Node;
 use crate::rpc::{Request, Response, Transport};
-use crate::tls::{server_name, TlsConfig};
+use crate::tls::{cert_digest, server_name, Authority, CertDigest, TlsConfig};
 use async_trait::async_trait;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,6 +56,9 @@ struct Conn {
 pub struct TcpTransport {
     conns: Mutex<HashMap<NodeId, Arc<Conn>>>,
     tls: Option<TlsConfig>,
+    /// Revocation changes: the cached connections are dropped (a server
+    /// whose certificate was revoked must be reached through a new handshake).
+    revocations: Option<Mutex<tokio::sync::watch::Receiver<u64>>>,
 }
 
 impl TcpTransport {
@@ -67,10 +70,18 @@ impl TcpTransport {
     /// Mutual TLS: presents `tls`'s certificate and checks each node's
     /// certificate against the CA and the host part of its id.
     pub fn with_tls(tls: TlsConfig) -> TcpTransport {
-        TcpTransport { conns: Mutex::new(HashMap::new()), tls: Some(tls) }
+        let revocations = Some(Mutex::new(tls.revocations()));
+        TcpTransport { conns: Mutex::new(HashMap::new()), tls: Some(tls), revocations }
     }
 
     async fn conn(&self, to: &NodeId) -> Result<Arc<Conn>, RpcError> {
+        if let Some(rx) = &self.revocations {
+            let mut rx = rx.lock().unwrap_or_else(|p| p.into_inner());
+            if rx.has_changed().unwrap_or(false) {
+                rx.borrow_and_update();
+                self.conns.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            }
+        }
         if let Some(c) = self.conns.lock().unwrap_or_else(|p| p.into_inner()).get(to) {
             if !c.tx.is_closed() && !c.dead.load(Ordering::Acquire) {
                 return Ok(c.clone());
@@ -316,22 +327,40 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::UnboundedRec
 /// Who is at the other end of an accepted connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Peer {
-    /// plaintext node, or TLS with a certificate that chains to the CA
-    Trusted,
+    /// A plaintext node (development), or TLS with a certificate that
+    /// chains to the CA, with what it may do ([`Authority`]).
+    Trusted(Authority),
     /// TLS without a client certificate: health and readiness only
     NoCertificate,
     /// plaintext on a port that requires TLS: refused
     Plaintext,
 }
 
+/// HTTP paths a node (not an administrator) may use: replication and probes.
+const NODE_PATHS: &[&str] = &["/internal/rpc", "/healthz", "/readyz", "/metrics"];
+
 impl Peer {
     /// Why a request from this peer is refused (`None`: it is served).
+    /// `path`: the HTTP path; `None` for a framed connection.
     fn refusal(self, path: Option<&str>) -> Option<&'static str> {
         match self {
-            Peer::Trusted => None,
+            Peer::Trusted(Authority::Admin) => None,
+            Peer::Trusted(Authority::Node) if path.is_none_or(|p| NODE_PATHS.contains(&p)) => None,
+            Peer::Trusted(Authority::Node) => Some("a node's certificate is for replication only"),
             Peer::NoCertificate if matches!(path, Some("/healthz" | "/readyz")) => None,
             Peer::NoCertificate => Some("a client certificate signed by the cluster CA is required"),
             Peer::Plaintext => Some("this node requires TLS"),
+        }
+    }
+
+    /// Why a framed request from this peer is refused: a node may not use
+    /// the client API (quorum reads and writes of any key).
+    fn refuses_request(self, req: &Request) -> Option<&'static str> {
+        match (self, req) {
+            (Peer::Trusted(Authority::Node), Request::ClientGet { .. } | Request::ClientPut { .. }) => {
+                Some("a node's certificate is for replication only")
+            }
+            _ => None,
         }
     }
 }
@@ -370,6 +399,12 @@ where
                 continue;
             }
         };
+        if let Some(reason) = peer.refuses_request(&req) {
+            tracing::warn!(?peer, "framed request refused: {reason}");
+            node.metrics().unauthenticated.fetch_add(1, Ordering::Relaxed);
+            let _ = tx.send((id, bincode::serialize(&Response::Error(reason.to_string())).unwrap_or_default()));
+            continue;
+        }
         // Single-key replica requests usually complete on their first poll
         // (a read, or a write when commits run inline): answer those here
         // and spawn a task only when one has to wait. Everything else
@@ -513,6 +548,20 @@ pub fn serve(node: Arc<Node>, listener: tokio::net::TcpListener) -> tokio::task:
     serve_with(node, listener, None)
 }
 
+/// Resolves once the certificate `digest` is revoked (see
+/// [`TlsConfig::set_revoked`]); never if the set can no longer change.
+async fn revoked(tls: &TlsConfig, digest: CertDigest) {
+    let mut changes = tls.revocations();
+    loop {
+        if tls.is_revoked(&digest) {
+            return;
+        }
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
 /// Serve `node` on `listener` with mutual TLS. A connection must complete
 /// a TLS handshake; a client certificate, when presented, must chain to
 /// the CA. Without one only `GET /healthz` and `GET /readyz` are answered
@@ -520,7 +569,12 @@ pub fn serve(node: Arc<Node>, listener: tokio::net::TcpListener) -> tokio::task:
 /// refused. Plaintext connections get 400 (HTTP) or a refusal (framed).
 /// Aborting the returned task closes the listener and every connection.
 pub fn serve_tls(node: Arc<Node>, listener: tokio::net::TcpListener, tls: TlsConfig) -> tokio::task::JoinHandle<()> {
-    serve_with(node, listener, Some(tls.acceptor()))
+    serve_with(node, listener, Some(tls))
+}
+
+/// The client certificate of an accepted TLS connection.
+fn stream_leaf(conn: &tokio_rustls::server::TlsStream<TcpStream>) -> Option<rustls::pki_types::CertificateDer<'static>> {
+    conn.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned())
 }
 
 /// Closes a connection whose TLS handshake was refused, after the alert
@@ -542,11 +596,8 @@ async fn close_refused(stream: &mut tokio::net::TcpStream) {
 /// How long a refused connection is drained before it is dropped.
 const REFUSED_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
-fn serve_with(
-    node: Arc<Node>,
-    listener: tokio::net::TcpListener,
-    acceptor: Option<tokio_rustls::TlsAcceptor>,
-) -> tokio::task::JoinHandle<()> {
+fn serve_with(node: Arc<Node>, listener: tokio::net::TcpListener, tls: Option<TlsConfig>) -> tokio::task::JoinHandle<()> {
+    let acceptor = tls.as_ref().map(TlsConfig::acceptor);
     let router = crate::http::router(node.clone());
     tokio::spawn(async move {
         // The connections' tasks live in this set: aborting the returned
@@ -565,10 +616,10 @@ fn serve_with(
                 }
             };
             let _ = stream.set_nodelay(true);
-            let (node, router, acceptor) = (node.clone(), router.clone(), acceptor.clone());
+            let (node, router, acceptor, tls) = (node.clone(), router.clone(), acceptor.clone(), tls.clone());
             conns.spawn(async move {
-                let Some(acceptor) = acceptor else {
-                    return serve_plain(node, router, stream, Peer::Trusted).await;
+                let (Some(acceptor), Some(tls)) = (acceptor, tls) else {
+                    return serve_plain(node, router, stream, Peer::Trusted(Authority::Admin)).await;
                 };
                 let mut first = [0u8; 1];
                 match stream.peek(&mut first).await {
@@ -576,7 +627,7 @@ fn serve_with(
                     Ok(1) => return serve_plain(node, router, stream, Peer::Plaintext).await,
                     _ => return,
                 }
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream).into_fallible()).await {
+                let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream).into_fallible()).await {
                     Ok(Ok(s)) => s,
                     Ok(Err((e, mut stream))) => {
                         tracing::warn!(%remote, error = %io_reason(&e), "TLS handshake refused");
@@ -589,9 +640,17 @@ fn serve_with(
                         return;
                     }
                 };
-                let has_cert = tls.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
-                let peer = if has_cert { Peer::Trusted } else { Peer::NoCertificate };
-                serve_secure(node, router, tls, peer).await;
+                let leaf = stream_leaf(&conn);
+                let Some(leaf) = leaf else {
+                    return serve_secure(node, router, conn, Peer::NoCertificate).await;
+                };
+                let peer = Peer::Trusted(tls.authority(&leaf));
+                // A certificate revoked while its connection is open ends it.
+                let digest = cert_digest(&leaf);
+                tokio::select! {
+                    _ = serve_secure(node, router, conn, peer) => {}
+                    _ = revoked(&tls, digest) => tracing::warn!(%remote, "closed a connection whose certificate was revoked"),
+                }
             });
         }
     })

@@ -9,9 +9,19 @@
 //!
 //! Naming: a node's id is its listen address `host:port`, and a client
 //! checks the server certificate against the *host* part: an IP address
-//! must be an IP SAN of the certificate, a name a DNS SAN. Client
-//! certificates are checked for the chain only: any certificate the CA
-//! issued is trusted for every request (there are no roles).
+//! must be an IP SAN of the certificate, a name a DNS SAN.
+//!
+//! Authority ([`Authority`]): with an administrator name configured
+//! ([`TlsConfig::with_admin_name`]; Nimbus: the control plane's), a peer
+//! whose certificate is valid for that name is an administrator (the client
+//! API, `/admin/*`, everything); any other certified peer is a node
+//! (replication between nodes only). Without one, every certified peer is
+//! an administrator (a cluster with no roles: benchmarks, tests).
+//!
+//! Revocation: the certificates whose SHA-256 is in the revoked set
+//! ([`TlsConfig::set_revoked`]) are refused in every later handshake, as
+//! client and as server, and the connections already open with them are
+//! closed ([`TlsConfig::revocations`] tells the connections).
 //!
 //! [`dev`] makes a throwaway CA and certificates in-process (store-bench
 //! `--tls`, tests).
@@ -58,6 +68,133 @@ pub struct TlsConfig {
     client: Arc<ClientConfig>,
     roots: Arc<RootCertStore>,
     identity: Arc<Identity>,
+    policy: Arc<Policy>,
+}
+
+/// What a certified peer may ask of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Authority {
+    /// Everything: the client API, administration, replication.
+    Admin,
+    /// Replication between nodes only.
+    Node,
+}
+
+/// The SHA-256 of a certificate (its DER).
+pub type CertDigest = [u8; 32];
+
+/// The certificate's SHA-256.
+pub fn cert_digest(cert: &[u8]) -> CertDigest {
+    use sha2::Digest;
+    sha2::Sha256::digest(cert).into()
+}
+
+/// Who is an administrator, and which certificates are revoked; shared by
+/// every clone and by the verifiers of both sides.
+#[derive(Debug)]
+struct Policy {
+    admin_name: std::sync::RwLock<Option<ServerName<'static>>>,
+    revoked: std::sync::RwLock<Arc<std::collections::HashSet<CertDigest>>>,
+    /// Bumped on every change of the revoked set.
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Policy {
+    fn is_revoked(&self, cert: &CertificateDer<'_>) -> bool {
+        self.revoked.read().unwrap_or_else(|p| p.into_inner()).contains(&cert_digest(cert))
+    }
+}
+
+/// The server side's client-certificate check: the CA's, then revocation.
+#[derive(Debug)]
+struct ClientVerifier {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    policy: Arc<Policy>,
+}
+
+impl rustls::server::danger::ClientCertVerifier for ClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        if self.policy.is_revoked(end_entity) {
+            return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked));
+        }
+        self.inner.verify_client_cert(end_entity, intermediates, now)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The client side's server-certificate check: the CA's and the name's,
+/// then revocation.
+#[derive(Debug)]
+struct ServerVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    policy: Arc<Policy>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for ServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if self.policy.is_revoked(end_entity) {
+            return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked));
+        }
+        self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::client::danger::ServerCertVerifier::verify_tls12_signature(self.inner.as_ref(), message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::client::danger::ServerCertVerifier::verify_tls13_signature(self.inner.as_ref(), message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::client::danger::ServerCertVerifier::supported_verify_schemes(self.inner.as_ref())
+    }
 }
 
 /// This process's certificate and key, presented by both sides.
@@ -125,26 +262,83 @@ impl TlsConfig {
         }
         let roots = Arc::new(roots);
         let identity = Arc::new(Identity(std::sync::RwLock::new(certified_key(cert_pem, key_pem)?)));
+        let policy = Arc::new(Policy {
+            admin_name: std::sync::RwLock::new(None),
+            revoked: Default::default(),
+            changes: tokio::sync::watch::channel(0).0,
+        });
         let p = provider();
         // A connection without a client certificate is accepted by the TLS
         // layer so that health and readiness probes work; every other
         // request is refused per request (see `tcp::serve_tls`). A
-        // certificate that is presented must chain to the CA.
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), p.clone())
+        // certificate that is presented must chain to the CA and not be revoked.
+        let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), p.clone())
             .allow_unauthenticated()
             .build()
             .map_err(|e| TlsError::BadCa(e.to_string()))?;
-        let server = ServerConfig::builder_with_provider(p.clone())
+        let mut server = ServerConfig::builder_with_provider(p.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::BadCertificate(e.to_string()))?
-            .with_client_cert_verifier(verifier)
+            .with_client_cert_verifier(Arc::new(ClientVerifier { inner, policy: policy.clone() }))
             .with_cert_resolver(identity.clone());
+        // No session resumption: a resumed session brings back the client
+        // certificate of its first handshake without checking it again, so
+        // a revoked certificate would still get in. (Connections between
+        // nodes are few and long-lived; a full handshake each costs little.)
+        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        server.send_tls13_tickets = 0;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(roots.clone(), p.clone())
+            .build()
+            .map_err(|e| TlsError::BadCa(e.to_string()))?;
         let client = ClientConfig::builder_with_provider(p)
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::BadCertificate(e.to_string()))?
-            .with_root_certificates(roots.clone())
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ServerVerifier { inner, policy: policy.clone() }))
             .with_client_cert_resolver(identity.clone());
-        Ok(TlsConfig { server: Arc::new(server), client: Arc::new(client), roots, identity })
+        Ok(TlsConfig { server: Arc::new(server), client: Arc::new(client), roots, identity, policy })
+    }
+
+    /// A peer whose certificate is valid for the DNS name `name` is an
+    /// administrator from now on; every other certified peer a node (see
+    /// the module doc). Shared by every clone.
+    pub fn with_admin_name(self, name: &str) -> Result<TlsConfig, TlsError> {
+        let name = ServerName::try_from(name.to_string()).map_err(|_| TlsError::ServerName(name.to_string()))?;
+        *self.policy.admin_name.write().unwrap_or_else(|p| p.into_inner()) = Some(name);
+        Ok(self)
+    }
+
+    /// What the peer presenting `cert` (already verified) may do.
+    pub fn authority(&self, cert: &CertificateDer<'_>) -> Authority {
+        let admin = self.policy.admin_name.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(name) = admin else { return Authority::Admin };
+        match webpki::EndEntityCert::try_from(cert) {
+            Ok(ee) if ee.verify_is_valid_for_subject_name(&name).is_ok() => Authority::Admin,
+            _ => Authority::Node,
+        }
+    }
+
+    /// Replaces the set of revoked certificates (their SHA-256), for every
+    /// clone: later handshakes with them fail, and connections open with
+    /// them are told to close ([`TlsConfig::revocations`]).
+    pub fn set_revoked(&self, revoked: impl IntoIterator<Item = CertDigest>) {
+        let new: std::collections::HashSet<CertDigest> = revoked.into_iter().collect();
+        let mut cur = self.policy.revoked.write().unwrap_or_else(|p| p.into_inner());
+        if **cur != new {
+            *cur = Arc::new(new);
+            drop(cur);
+            self.policy.changes.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Whether the certificate with this digest is revoked.
+    pub fn is_revoked(&self, digest: &CertDigest) -> bool {
+        self.policy.revoked.read().unwrap_or_else(|p| p.into_inner()).contains(digest)
+    }
+
+    /// Changes whenever the revoked set changes.
+    pub fn revocations(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.policy.changes.subscribe()
     }
 
     /// Presents `cert_pem` and `key_pem` from now on, in every clone of
@@ -349,6 +543,27 @@ mod tests {
         assert!(matches!(bad, Err(TlsError::BadCertificate(_))), "{bad:?}");
         assert_eq!(presented(&node, &peer).await.0, der(&second.cert_pem), "unchanged");
         node.check_node("127.0.0.1:7000").expect("the current certificate names the node");
+    }
+
+    /// With an administrator name, only a certificate valid for it is an
+    /// administrator; without one, every certified peer is.
+    #[test]
+    fn authority_follows_the_administrator_name() {
+        let ca = dev::DevCa::new("test ca").expect("ca");
+        let admin = ca.issue(&["127.0.0.1", "admin.example"]).expect("issue");
+        let node = ca.issue(&["127.0.0.2"]).expect("issue");
+        let plain = ca.tls_config(&["127.0.0.3"]).expect("cfg");
+        let cfg = ca.tls_config(&["127.0.0.3"]).expect("cfg").with_admin_name("admin.example").expect("name");
+        let (admin, node) = (CertificateDer::from(der(&admin.cert_pem)), CertificateDer::from(der(&node.cert_pem)));
+        assert_eq!(cfg.authority(&admin), Authority::Admin);
+        assert_eq!(cfg.authority(&node), Authority::Node);
+        assert_eq!(plain.authority(&node), Authority::Admin);
+        // Revocation is shared by clones, and announced.
+        let changes = cfg.revocations();
+        let clone = cfg.clone();
+        clone.set_revoked([cert_digest(&node)]);
+        assert!(cfg.is_revoked(&cert_digest(&node)) && !cfg.is_revoked(&cert_digest(&admin)));
+        assert!(changes.has_changed().unwrap());
     }
 
     #[test]

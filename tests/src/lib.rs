@@ -48,10 +48,26 @@ fn init_tracing() {
     });
 }
 
-/// A loopback address with a port free now (for a store node, whose id
-/// must stay the same across restarts, so port 0 will not do).
+/// A loopback address of its own with a port free now, for a host's store
+/// node (whose id must stay the same across restarts, so port 0 will not
+/// do). Each call of a process gets another address of 127.0.0.0/8 (all of
+/// it is loopback): a host's certificate names its node's IP, which no
+/// other node (the control plane's is on 127.0.0.1) may share.
 pub fn free_local_addr() -> anyhow::Result<std::net::SocketAddr> {
-    Ok(std::net::SocketAddr::from(([127, 0, 0, 1], nimbus_state_store::local::free_port()?)))
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Processes start at different places, so concurrent test binaries
+    // rarely hand out the same address (ports differ anyway).
+    let n = NEXT.fetch_add(1, Ordering::Relaxed) + std::process::id().wrapping_mul(97);
+    let ip = std::net::Ipv4Addr::new(127, 1 + (n / 250 % 250) as u8, 0, 2 + (n % 250) as u8);
+    let port = nimbus_state_store::local::free_port()?;
+    // The port is free on 127.0.0.1; on this address too, or another one is found.
+    for port in std::iter::once(port).chain(std::iter::repeat_with(|| nimbus_state_store::local::free_port().unwrap_or(0))).take(16) {
+        if std::net::TcpListener::bind((ip, port)).is_ok() {
+            return Ok(std::net::SocketAddr::from((ip, port)));
+        }
+    }
+    anyhow::bail!("no free port on {ip}")
 }
 
 /// Whether libvirt (qemu:///system) knows a domain of this name.
@@ -281,6 +297,9 @@ pub struct Cloud {
     /// same store node id and directory).
     config: Config,
     _test_conn: Option<Arc<virt::connect::Connect>>,
+    /// Each agent's state directory, by the name it registers with (where
+    /// its key is: documents are sealed for it).
+    agent_dirs: std::sync::Mutex<std::collections::HashMap<String, PathBuf>>,
     /// Last: dropped after the server was told to stop.
     _database: TestDatabase,
 }
@@ -478,6 +497,7 @@ impl Cloud {
             ca_file,
             config,
             _test_conn: Some(Arc::new(test_conn)),
+            agent_dirs: Default::default(),
             _database: database,
         })
     }
@@ -618,6 +638,7 @@ impl Cloud {
         };
         let mut config = config;
         tweak(&mut config);
+        self.agent_dirs.lock().unwrap_or_else(|p| p.into_inner()).insert(config.name.clone(), state_dir.clone());
         let mut handle = AgentHandle {
             name: config.name.clone(),
             host_id: None,
@@ -841,6 +862,22 @@ impl Cloud {
 }
 
 impl Cloud {
+    /// The document of `id` as the store has it (a quorum read through the
+    /// control plane's node), opened as its host opens it: the newest
+    /// genuine version sealed for that host, and how many siblings the
+    /// key holds.
+    pub async fn stored_document(&self, id: &str) -> anyhow::Result<(Option<nimbus_proto::metadata::InstanceDocument>, usize)> {
+        use nimbus_state_store::KvClient;
+        let got = self.service.store.client().get(nimbus_proto::metadata::document_key(id).as_bytes()).await?;
+        let (host_id, name): (String, String) =
+            sqlx::query_as("SELECT h.id, h.name FROM instances i JOIN hosts h ON h.id = i.host_id WHERE i.id = $1").bind(id).fetch_one(self.db()).await?;
+        let dir = self.agent_dirs.lock().unwrap_or_else(|p| p.into_inner()).get(&name).cloned().context("no such agent here")?;
+        let key = nimbus_records::KeyPair::from_pem(&std::fs::read_to_string(dir.join("tls/key.pem"))?).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let trusted = self.service.store.trusted_keys();
+        let doc = nimbus_records::newest_sealed(&got.values, &trusted, id).map(|s| s.open(&trusted, id, &host_id, &key)).transpose().map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok((doc, got.values.len()))
+    }
+
     /// Waits until the network relay delivered every recorded network
     /// change (their hosts are bumped), so that host generations stand still.
     pub async fn network_settled(&self) -> anyhow::Result<()> {

@@ -179,3 +179,49 @@ async fn a_renewal_keeps_the_presented_certificate_valid_until_the_next() {
     assert_eq!(renew(first).await.0, StatusCode::UNAUTHORIZED, "nor does it renew");
     assert_eq!(renew(anon).await.0, StatusCode::UNAUTHORIZED, "nor does the credential alone");
 }
+
+/// Issue 18, finding 4: agents trusted any certificate of the cluster CA
+/// naming the address they dialled, and a host could get one for another
+/// node's or the control plane's IP. Now a host's certificate names only
+/// its own node's IP (no other node's, not the control plane's: see
+/// `metadata_store.rs`), and agents accept as the control plane only a
+/// certificate carrying its name, which no host certificate has: a host
+/// that answers at the control plane's address with its own certificate
+/// (a compromised host with a network position) is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hosts_certificate_cannot_pass_for_the_control_plane() {
+    let cloud = Cloud::start_with(CloudOptions { agent_tls: true, ..Default::default() }).await.unwrap();
+    let listen = nimbus_tests::free_local_addr().unwrap();
+    let a = cloud.add_agent_configured("a", "az1", (4, 4096, 40), nimbus_host_agent::HypervisorChoice::Test, |c| c.store_listen = Some(listen)).await.unwrap();
+    // A rogue HTTPS server at a's address, presenting a's certificate.
+    let tls = a.state_dir.join("tls");
+    cloud.wait_until(T, || async { Ok(tls.join("ca.pem").exists() && tls.join("document-keys.json").exists()) }).await.expect("a is certified");
+    let rogue_tls = nimbus_state_store::TlsConfig::from_files(&tls.join("ca.pem"), &tls.join("cert.pem"), &tls.join("key.pem")).unwrap();
+    let rogue = tokio::net::TcpListener::bind((listen.ip(), 0)).await.unwrap();
+    let rogue_addr = rogue.local_addr().unwrap();
+    let acceptor = rogue_tls.acceptor();
+    let server = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((tcp, _)) = rogue.accept().await {
+            if let Ok(mut s) = acceptor.accept(tcp).await {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}").await;
+            }
+        }
+    });
+    let url = format!("https://{rogue_addr}/v1/agent/assignments?after=0&wait_ms=0");
+    // A client that checks only the CA and the dialled address (what agents
+    // did) takes the rogue for the control plane.
+    assert!(client(&cloud, None).get(&url).send().await.is_ok(), "the attack: the CA and the address match");
+    // The agent's client refuses it, and still reaches the real one, by
+    // whatever address (here one its certificate does not name).
+    let ca = std::fs::read(&cloud.ca_file).unwrap();
+    let agents = reqwest::Client::builder().use_preconfigured_tls(nimbus_host_agent::control_plane_tls(&ca, None).unwrap()).build().unwrap();
+    let refused = agents.get(&url).send().await;
+    assert!(refused.is_err(), "a host's certificate passed for the control plane: {refused:?}");
+    let real = cloud.agent_url().replace("127.0.0.1", "localhost");
+    let resp = agents.get(format!("{real}/healthz")).send().await.expect("the control plane's certificate carries its name");
+    assert!(resp.status().is_success() || resp.status() == StatusCode::NOT_FOUND, "{}", resp.status());
+    server.abort();
+}

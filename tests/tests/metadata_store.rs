@@ -7,7 +7,7 @@ use nimbus_host_agent::HypervisorChoice;
 use nimbus_state_store::tls::dev::DevCa;
 use nimbus_state_store::{KvClient, TcpClient};
 use nimbus_control_plane::service::outbox::Published;
-use nimbus_proto::metadata::{document_key, newest_document, InstanceDocument};
+use nimbus_proto::metadata::{document_key, InstanceDocument};
 use nimbus_tests::{ed25519_public_key, free_local_addr, instance_ids, xml_values, AgentHandle, Cloud, CloudOptions};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
@@ -101,7 +101,7 @@ async fn certificates_need_the_host_credential_and_a_good_key() {
     let key = rcgen::KeyPair::generate().unwrap();
     use base64::Engine;
     let public_key = base64::engine::general_purpose::STANDARD.encode(key.public_key_raw());
-    let body = json!({"public_key": public_key, "store_address": "127.0.0.1:7999"});
+    let body = json!({"public_key": public_key, "store_address": "127.1.2.3:7999"});
     let (status, _) = cloud.call_as(None, Method::POST, "/v1/agent/certificate", Some(body.clone())).await.unwrap();
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let (status, _) = cloud.call_as(Some(&cloud.join_token.clone()), Method::POST, "/v1/agent/certificate", Some(body.clone())).await.unwrap();
@@ -125,23 +125,25 @@ async fn certificates_need_the_host_credential_and_a_good_key() {
         key.serialize_pem().as_bytes(),
     )
     .expect("the certificate matches the key and chains to the CA");
-    tls.check_node("127.0.0.1:7999").expect("names the store address");
-    // Another host cannot claim that address, nor the control plane's.
+    tls.check_node("127.1.2.3:7999").expect("names the store address");
+    // Another host cannot claim that address, nor the control plane's: a
+    // certificate names the IP, not the port (issue 18, finding 4: asking
+    // for the victim's IP with another port got a certificate for it).
     let reg = json!({"name": "h2", "availability_zone": "az1", "hypervisor": "test", "vcpus": 4, "memory_mib": 4096, "disk_gib": 40});
     let (_, cred2) = cloud.call_as(Some(&cloud.join_token.clone()), Method::POST, "/v1/agent/register", Some(reg)).await.unwrap();
     let bearer2 = format!("{}.{}", cred2["host_id"].as_str().unwrap(), cred2["secret"].as_str().unwrap());
-    for taken in ["127.0.0.1:7999".to_string(), cloud.service.store.address.clone()] {
+    let cp_ip = cloud.service.store.address.rsplit_once(':').unwrap().0.to_string();
+    for taken in ["127.1.2.3:7999".to_string(), "127.1.2.3:7998".to_string(), cloud.service.store.address.clone(), format!("{cp_ip}:1")] {
         let body = json!({"public_key": public_key, "store_address": taken});
         let (status, err) = cloud.call_as(Some(&bearer2), Method::POST, "/v1/agent/certificate", Some(body)).await.unwrap();
         assert_eq!(status, StatusCode::CONFLICT, "{err}");
     }
 }
 
-/// The document of `id` as the store has it (quorum read through the
-/// control plane's node; siblings resolved by version).
+/// The document of `id` as the store has it, opened with its host's key
+/// (see [`Cloud::stored_document`]).
 async fn stored(cloud: &Cloud, id: &str) -> (Option<InstanceDocument>, usize) {
-    let got = cloud.service.store.client().get(document_key(id).as_bytes()).await.expect("store read");
-    (newest_document(&got.values), got.values.len())
+    cloud.stored_document(id).await.expect("store read")
 }
 
 /// The outbox: each change commits with its outbox row; the relay's steps
@@ -166,10 +168,11 @@ async fn the_outbox_survives_relay_crashes_replays_and_a_store_outage() {
     // Crash after the write, before the acknowledgement.
     let pending = relay.pending().await.unwrap();
     assert_eq!(pending.len(), 1);
-    let v1 = relay.render(&id).await.unwrap().expect("rendered");
+    let r1 = relay.render(&id).await.unwrap().expect("rendered");
+    let v1 = r1.doc.clone();
     assert_eq!(v1.tags, vec![("Name".to_string(), "one".to_string())]);
     assert_eq!(v1.user_data.as_deref(), Some("aGVsbG8="));
-    assert_eq!(relay.publish(&v1).await.unwrap(), Published::Written);
+    assert_eq!(relay.publish(&r1).await.unwrap(), Published::Written);
     assert_eq!(relay.backlog().await.unwrap(), backlog, "rows stay until acknowledged");
     // A new relay (the restarted control plane) finds it published: only acknowledges.
     let relay = cloud.service.relay();
@@ -179,22 +182,24 @@ async fn the_outbox_survives_relay_crashes_replays_and_a_store_outage() {
 
     // A change: a newer version. Crash after rendering, before writing.
     cloud.post("/v1/tags", json!({"resource_ids": [id], "tags": [{"key": "Name", "value": "two"}]})).await.unwrap();
-    let v2 = relay.render(&id).await.unwrap().expect("rendered");
+    let r2 = relay.render(&id).await.unwrap().expect("rendered");
+    let v2 = r2.doc.clone();
     assert!(v2.version > v1.version, "{} > {}", v2.version, v1.version);
     assert_eq!(v2.tags, vec![("Name".to_string(), "two".to_string())]);
     // Reordered and duplicated deliveries: the newest stays.
-    assert_eq!(relay.publish(&v2).await.unwrap(), Published::Written);
-    assert_eq!(relay.publish(&v1).await.unwrap(), Published::AlreadyCurrent, "an older replay is ignored");
-    assert_eq!(relay.publish(&v2).await.unwrap(), Published::AlreadyCurrent, "a duplicate is ignored");
+    assert_eq!(relay.publish(&r2).await.unwrap(), Published::Written);
+    assert_eq!(relay.publish(&r1).await.unwrap(), Published::AlreadyCurrent, "an older replay is ignored");
+    assert_eq!(relay.publish(&r2).await.unwrap(), Published::AlreadyCurrent, "a duplicate is ignored");
     assert_eq!(stored(&cloud, &id).await, (Some(v2.clone()), 1));
     // Concurrent writers (blind writes) leave siblings: readers resolve them
     // by version, and the next publish writes the newest over all of them.
     let client = cloud.service.store.client();
     let key = document_key(&id);
-    client.put(key.as_bytes(), serde_json::to_vec(&v1).unwrap(), &Default::default()).await.unwrap();
+    let sealed_v1 = nimbus_records::SealedDocument::seal(&v1, &r1.host_id, r1.recipient.as_deref().unwrap(), &cloud.service.store.doc_key).unwrap();
+    client.put(key.as_bytes(), sealed_v1.encode(), &Default::default()).await.unwrap();
     let (newest, siblings) = stored(&cloud, &id).await;
     assert_eq!((newest.map(|d| d.version), siblings), (Some(v2.version), 2));
-    assert_eq!(relay.publish(&v1).await.unwrap(), Published::Written);
+    assert_eq!(relay.publish(&r1).await.unwrap(), Published::Written);
     assert_eq!(stored(&cloud, &id).await, (Some(v2.clone()), 1), "resolved to the newest");
     assert_eq!(relay.pass().await.unwrap(), 1);
     assert_eq!(relay.backlog().await.unwrap(), 0);
@@ -209,7 +214,8 @@ async fn the_outbox_survives_relay_crashes_replays_and_a_store_outage() {
     assert!(relay.pass().await.is_err(), "still none");
     assert!(relay.backlog().await.unwrap() >= 2);
     let local = cloud.service.store.node.storage().get(document_key(&id).as_bytes()).unwrap().map(|r| r.values()).unwrap_or_default();
-    assert_eq!(newest_document(&local).map(|d| d.version), Some(v2.version), "the control plane's replica holds v2 still");
+    let trusted = cloud.service.store.trusted_keys();
+    assert_eq!(nimbus_records::newest_sealed(&local, &trusted, &id).map(|d| d.version), Some(v2.version), "the control plane's replica holds v2 still");
     // Back: the backlog drains, and the store shows the last change.
     cloud.start_agent(&mut a).await.unwrap();
     cloud.start_agent(&mut b).await.unwrap();
@@ -440,21 +446,39 @@ async fn console_output_and_status_checks_come_from_the_store() {
         .await
         .expect("the store's newer tail");
     // Status checks: the host wrote both as passed (domain running, guest showed life).
+    // Records are signed by the host that wrote them.
+    let (other_dir, host_key) = {
+        let other = if a.host_id.as_deref() == Some(&host) { &b } else { &a };
+        let key = |d: &std::path::Path| nimbus_records::KeyPair::from_pem(&std::fs::read_to_string(d.join("tls/key.pem")).unwrap()).unwrap();
+        (key(&other.state_dir), key(&dir))
+    };
     let skey = status_key(&id);
+    let open = |raw: &Vec<u8>| -> Option<StatusRecord> {
+        let payload = nimbus_records::SignedRecord::decode(raw).ok()?.open(&skey, &host, &host_key.public()).ok()?;
+        serde_json::from_slice(&payload).ok()
+    };
     cloud
         .wait_until(T, || async {
             let got = client.get(skey.as_bytes()).await?;
-            let rec: Option<StatusRecord> = got.values.first().and_then(|v| serde_json::from_slice(v).ok());
-            Ok(rec.is_some_and(|r| r.instance == Check::Passed && r.system == Check::Passed))
+            Ok(got.values.first().and_then(open).is_some_and(|r| r.instance == Check::Passed && r.system == Check::Passed))
         })
         .await
-        .expect("status checks in the store");
+        .expect("status checks in the store, signed by the instance's host");
     let (_, xml) = cloud.ec2(&alice, "Action=DescribeInstanceStatus").await.unwrap();
     assert!(xml.contains("<instanceStatus><status>ok</status>"), "{xml}");
-    // What the store says is what DescribeInstanceStatus shows: a failed check is impaired.
+    // A record another host signed (a compromised node holding a replica)
+    // is not the instance's: DescribeInstanceStatus ignores it.
     let bad = StatusRecord { instance_id: id.clone(), system: Check::Passed, instance: Check::Failed, at: chrono::Utc::now() };
+    let forged = nimbus_records::SignedRecord::sign(&skey, &host, &serde_json::to_vec(&bad).unwrap(), &other_dir);
     let got = client.get(skey.as_bytes()).await.unwrap();
-    client.put(skey.as_bytes(), serde_json::to_vec(&bad).unwrap(), &got.context).await.unwrap();
+    client.put(skey.as_bytes(), forged.encode(), &got.context).await.unwrap();
+    let (_, xml) = cloud.ec2(&alice, "Action=DescribeInstanceStatus").await.unwrap();
+    assert!(!xml.contains("<status>impaired</status>"), "a forged record counted: {xml}");
+    // What the store says is what DescribeInstanceStatus shows: a failed
+    // check the host itself signed is impaired.
+    let genuine = nimbus_records::SignedRecord::sign(&skey, &host, &serde_json::to_vec(&bad).unwrap(), &host_key);
+    let got = client.get(skey.as_bytes()).await.unwrap();
+    client.put(skey.as_bytes(), genuine.encode(), &got.context).await.unwrap();
     let (_, xml) = cloud.ec2(&alice, "Action=DescribeInstanceStatus").await.unwrap();
     assert!(xml.contains("<systemStatus><status>ok</status>"), "{xml}");
     assert!(xml.contains("<instanceStatus><status>impaired</status><details><item><name>reachability</name><status>failed</status>"), "{xml}");
@@ -705,4 +729,125 @@ async fn terminated_instances_are_forgotten_after_the_retention() {
         &cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "client_token": "pair", "min_count": 2, "max_count": 2})).await.unwrap(),
     );
     assert!(again.iter().all(|id| !pair.contains(id)), "{again:?}");
+}
+
+/// Issue 18, finding 3: a host's certificate (here b's: any host, or a
+/// store-only one) is a node's, not the control plane's. With it one could
+/// read any instance's document with its user-data through the client API,
+/// write a document with a forged version (+1000), SSH key and user-data
+/// that the guest's metadata service then served and that froze every
+/// later change, and use the admin routes; and a reset host's certificate
+/// kept working for a year. Now: the client API and the admin routes
+/// refuse a node's certificate; replicas hold documents sealed for their
+/// host (no user-data in the clear); a forged document is never served and
+/// holds nothing back; a reset host's certificate is refused by every node
+/// within the revocation bound.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hosts_certificate_cannot_read_forge_or_administer_and_dies_with_its_reset() {
+    use nimbus_state_store::rpc::{Request, Transport};
+    use nimbus_state_store::{TcpTransport, TlsConfig};
+    let (cloud, _, a, mut b) = ring_cloud(CloudOptions::default()).await;
+    // One instance on each host; the one on a is the victim.
+    let r = cloud
+        .post("/v1/instances", json!({"instance_type": "t3.nano", "min_count": 2, "max_count": 2, "user_data": "c2VjcmV0LXVzZXItZGF0YQ=="}))
+        .await
+        .unwrap();
+    let ids = instance_ids(&r);
+    cloud.wait_for_state(&ids, "running", T).await.unwrap();
+    let mut victim = None;
+    for id in &ids {
+        if cloud.host_of(id).await.unwrap() == *a.host_id.as_ref().unwrap() {
+            victim = Some(id.clone());
+        }
+    }
+    let id = victim.expect("an instance on a");
+    cloud
+        .wait_until(T, || async { Ok(imds(&a, &id, "/latest/dynamic/instance-identity/document").await.1.contains("nimbus-1")) })
+        .await
+        .expect("a serves the store's document");
+    assert_eq!(imds(&a, &id, "/latest/user-data").await, (200, "secret-user-data".into()));
+    let key = document_key(&id);
+
+    // b's identity, as a compromised b would use it.
+    let tls_dir = b.state_dir.join("tls");
+    let b_tls = TlsConfig::from_files(&tls_dir.join("ca.pem"), &tls_dir.join("cert.pem"), &tls_dir.join("key.pem")).unwrap();
+    let cp_node = cloud.service.store.address.clone();
+    let a_node = a.store_address().unwrap().to_string();
+    let b_node = b.store_address().unwrap().to_string();
+
+    // The client API (quorum reads of any key) refuses it, on every node.
+    for node in [&cp_node, &a_node] {
+        let got = TcpClient::with_tls(node, T, b_tls.clone()).get(key.as_bytes()).await;
+        assert!(got.is_err(), "{node} answered a host's client read ({} values)", got.map(|g| g.values.len()).unwrap_or(0));
+    }
+    // And so do the admin routes.
+    let http = reqwest::Client::builder().use_preconfigured_tls((*b_tls.client_config()).clone()).build().unwrap();
+    let resp = http.post(format!("https://{cp_node}/admin/remove")).body(r#"{"node":"x"}"#).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "admin routes need the control plane");
+    // The control plane's own identity still has them.
+    let trusted = TcpClient::with_tls(&cp_node, T, cloud.service.store.tls.clone()).get(key.as_bytes()).await.expect("the control plane reads");
+    // Every replica (this is a ring of three: each node holds one) has the
+    // document sealed: no user-data in the clear.
+    let raw: Vec<u8> = trusted.values.concat();
+    let local = cloud.service.store.node.storage().get(key.as_bytes()).unwrap().map(|r| r.values().concat()).unwrap_or_default();
+    for bytes in [&raw, &local] {
+        let text = String::from_utf8_lossy(bytes);
+        assert!(!bytes.is_empty() && !text.contains("c2VjcmV0LXVzZXItZGF0YQ") && !text.contains("secret-user-data"), "user-data in a replica: {text}");
+    }
+
+    // Forged documents written through replication (a node's right): a
+    // plain one with version + 1000 and one sealed for a but signed by b.
+    let genuine = cloud.stored_document(&id).await.unwrap().0.expect("published");
+    let mut forged = genuine.clone();
+    forged.version += 1000;
+    forged.user_data = Some("Zm9yZ2Vk".into());
+    forged.public_keys = vec![("evil".into(), "ssh-ed25519 AAAA evil".into())];
+    let a_key = nimbus_records::KeyPair::from_pem(&std::fs::read_to_string(a.state_dir.join("tls/key.pem")).unwrap()).unwrap();
+    let b_key = nimbus_records::KeyPair::from_pem(&std::fs::read_to_string(tls_dir.join("key.pem")).unwrap()).unwrap();
+    let mut sealed = nimbus_records::SealedDocument::seal(&forged, a.host_id.as_ref().unwrap(), &a_key.public(), &b_key).unwrap();
+    sealed.signer = cloud.service.store.doc_key.key_id();
+    let transport = TcpTransport::with_tls(b_tls.clone());
+    for value in [serde_json::to_vec(&forged).unwrap(), sealed.encode()] {
+        let req = Request::Coordinate { key: key.as_bytes().to_vec(), value: Some(value), context: Default::default() };
+        let resp = transport.call(&b_node, &cp_node, req).await;
+        assert!(resp.is_ok(), "replication is a node's right: {resp:?}");
+    }
+    let got = cloud.service.store.client().get(key.as_bytes()).await.unwrap();
+    assert!(got.values.len() >= 2, "the forgeries are stored as siblings: {}", got.values.len());
+    // Never served, and nothing held back: a later genuine change (tokens
+    // required) reaches the guest although the forgery claims a far newer
+    // version.
+    a.passes(2).await.unwrap();
+    assert_eq!(imds(&a, &id, "/latest/user-data").await, (200, "secret-user-data".into()));
+    let (status, keys) = imds(&a, &id, "/latest/meta-data/public-keys/").await;
+    assert!(!keys.contains("evil"), "{status} {keys}");
+    cloud.post(&format!("/v1/instances/{id}/metadata-options"), json!({"http_tokens": "required"})).await.unwrap();
+    cloud
+        .wait_until(T, || async { Ok(imds(&a, &id, "/latest/meta-data/instance-id").await.0 == 401) })
+        .await
+        .expect("the genuine change is served despite the forged version");
+    let stored = cloud.stored_document(&id).await.unwrap().0.unwrap();
+    assert!(stored.options.tokens_required && stored.user_data.as_deref() == Some("c2VjcmV0LXVzZXItZGF0YQ=="), "{stored:?}");
+
+    // The operator resets b (a machine to reinstall): its certificate is
+    // refused by every node within the revocation bound, and a connection
+    // it holds open is closed.
+    b.stop().await;
+    let open = TcpClient::with_tls(&a_node, T, b_tls.clone());
+    let probe = Request::GcProbe { key: key.as_bytes().to_vec() };
+    assert!(transport.call(&b_node, &a_node, probe.clone()).await.is_ok(), "b's certificate works before the reset");
+    let started = std::time::Instant::now();
+    let (status, body) = cloud.call_as(Some(&cloud.admin_token.clone()), Method::POST, &format!("/v1/hosts/{}/reset-credential", b.host_id.as_ref().unwrap()), None).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for node in [&cp_node, &a_node] {
+        cloud
+            .wait_until(Duration::from_secs(60), || async { Ok(transport.call(&b_node, node, probe.clone()).await.is_err()) })
+            .await
+            .unwrap_or_else(|_| panic!("{node} still takes b's revoked certificate"));
+    }
+    println!("a reset host's certificate refused by every node after {:?}", started.elapsed());
+    assert!(open.get(key.as_bytes()).await.is_err());
+    // Fresh handshakes too.
+    let fresh = TcpTransport::with_tls(b_tls);
+    assert!(fresh.call(&b_node, &a_node, probe).await.is_err());
 }

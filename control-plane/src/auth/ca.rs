@@ -13,7 +13,11 @@
 //!   the address of the host's store node (IP SAN); it serves both that node
 //!   and the agent's side of mutual TLS with the control plane;
 //! - the control plane's own key, made afresh at every start (never
-//!   stored), for its store node and its TLS listener for agents.
+//!   stored), for its store node and its TLS listener for agents; its
+//!   certificate alone carries the DNS name
+//!   [`nimbus_proto::agent::CONTROL_PLANE_NAME`] (host certificates carry
+//!   one IP address and no name), which agents check and store nodes take
+//!   as an administrator's.
 //!
 //! rcgen cannot read a certificate back without `x509-parser`; it does not
 //! need to: signing needs only the CA's name, key usages and key, so a
@@ -182,8 +186,13 @@ impl Ca {
 
     /// A certificate and a fresh key for the control plane itself, naming
     /// `names` (IP addresses become IP SANs, others DNS SANs).
+    /// The certificate also names [`nimbus_proto::agent::CONTROL_PLANE_NAME`],
+    /// which no host certificate carries: agents accept a control plane,
+    /// and store nodes an administrator, only with it.
     pub fn issue_own(&self, names: &[String]) -> Result<OwnCertificate, CaError> {
-        let mut params = CertificateParams::new(names.to_vec()).map_err(gen)?;
+        let mut names = names.to_vec();
+        names.push(nimbus_proto::agent::CONTROL_PLANE_NAME.to_string());
+        let mut params = CertificateParams::new(names).map_err(gen)?;
         params.distinguished_name.push(DnType::CommonName, "nimbus-control-plane");
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];

@@ -48,26 +48,41 @@ impl Service {
     pub async fn issue_host_certificate(&self, host_id: &str, req: &CertificateRequest, presented: Option<[u8; 32]>) -> Result<CertificateGrant> {
         let key = ca::parse_public_key(&req.public_key)?;
         let ip = req.store_address.as_deref().map(ca::store_address_ip).transpose()?;
-        // A node address is one node's: not the control plane's, not another
-        // host's. (Certificates name the IP, not the port: nodes that share
-        // a machine, as in local development, share an IP and so trust each
-        // other's certificates for it; on separate hosts each has its own.)
-        if let Some(addr) = &req.store_address {
-            let taken: Option<(String,)> = sqlx::query_as("SELECT id FROM hosts WHERE store_address = $1 AND id <> $2")
-                .bind(addr)
-                .bind(host_id)
-                .fetch_optional(&self.db)
-                .await?;
-            if taken.is_some() || *addr == self.store.address {
-                return Err(ServiceError::Conflict(format!("the store address {addr} is another node's")));
+        // A certificate names the node's IP address (not its port), and
+        // clients check the IP: so an address is one node's, compared by IP.
+        // Not the control plane's (any of the addresses it serves on), not
+        // another host's, and a real unicast address (nodes sharing a
+        // machine use distinct loopback addresses: 127.0.0.0/8 is all loopback).
+        if let Some(ip) = ip {
+            if ip.is_unspecified() || ip.is_multicast() || ip == std::net::IpAddr::V4(std::net::Ipv4Addr::BROADCAST) {
+                return Err(ServiceError::InvalidParameterValue(format!("{ip} is not a node address")));
+            }
+            let others: Vec<(String,)> =
+                sqlx::query_as("SELECT store_address FROM hosts WHERE store_address IS NOT NULL AND id <> $1").bind(host_id).fetch_all(&self.db).await?;
+            let host_taken = others.iter().any(|(a,)| ca::store_address_ip(a).ok() == Some(ip));
+            if host_taken || self.control_plane_ips().contains(&ip) {
+                tracing::warn!(%host_id, %ip, "refused a certificate for another node's address");
+                return Err(ServiceError::Conflict(format!("the address {ip} is another node's")));
             }
         }
         let (pem, der, not_after) = self.store.ca.issue_host(host_id, &key, ip)?;
         let digest = Sha256::digest(&der).to_vec();
+        // Documents are sealed for the host's key: a new key needs every
+        // document of the host's instances sealed again (a new version).
+        let (old_key,): (Option<Vec<u8>>,) = sqlx::query_as("SELECT public_key FROM hosts WHERE id = $1").bind(host_id).fetch_one(&self.db).await?;
+        if old_key.as_deref() != Some(key.as_slice()) {
+            let mut tx = self.db.begin().await?;
+            sqlx::query("UPDATE hosts SET public_key = $2 WHERE id = $1").bind(host_id).bind(&key).execute(&mut *tx).await?;
+            sqlx::query("UPDATE instances SET doc_version = doc_version + 1 WHERE host_id = $1 AND capacity_held")
+                .bind(host_id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+        }
         // (SET sees the row as it was: the presented certificate is the
         // current or the previous one, or none of this host's.)
         sqlx::query(
-            "UPDATE hosts SET tls_cert_sha256 = $2, tls_cert_not_after = $3, store_address = $4, \
+            "UPDATE hosts SET tls_cert_sha256 = $2, tls_cert_not_after = $3, store_address = $4, store_ip = $6::inet, \
                  tls_prev_cert_sha256 = CASE WHEN $5 = tls_cert_sha256 THEN tls_cert_sha256 \
                                              WHEN $5 = tls_prev_cert_sha256 THEN tls_prev_cert_sha256 END, \
                  tls_prev_cert_not_after = CASE WHEN $5 = tls_cert_sha256 THEN tls_cert_not_after \
@@ -79,8 +94,16 @@ impl Service {
         .bind(not_after)
         .bind(&req.store_address)
         .bind(presented.map(|p| p.to_vec()))
+        .bind(ip.map(|i| i.to_string()))
         .execute(&self.db)
-        .await?;
+        .await
+        .map_err(|e| {
+            if crate::db::is_unique_violation(&e, "hosts_store_ip") {
+                ServiceError::Conflict(format!("the address {} is another node's", ip.map(|i| i.to_string()).unwrap_or_default()))
+            } else {
+                e.into()
+            }
+        })?;
         let others: Vec<(String,)> = sqlx::query_as(
             "SELECT store_address FROM hosts WHERE store_address IS NOT NULL AND id <> $1 \
              ORDER BY last_heartbeat DESC NULLS LAST LIMIT $2",
@@ -92,6 +115,23 @@ impl Service {
         let mut store_seeds = vec![self.store.address.clone()];
         store_seeds.extend(others.into_iter().map(|(a,)| a).filter(|a| Some(a) != req.store_address.as_ref()));
         tracing::info!(%host_id, store_address = ?req.store_address, "host certificate issued");
-        Ok(CertificateGrant { certificate_pem: pem, ca_pem: self.store.ca.cert_pem().to_string(), not_after, store_seeds })
+        Ok(CertificateGrant {
+            certificate_pem: pem,
+            ca_pem: self.store.ca.cert_pem().to_string(),
+            not_after,
+            store_seeds,
+            document_keys: self.store.trusted_keys().0,
+        })
+    }
+
+    /// The addresses the control plane serves on (its store node, its API
+    /// and agent listeners, the addresses its certificate names): no host
+    /// may have a certificate for one.
+    fn control_plane_ips(&self) -> Vec<std::net::IpAddr> {
+        let mut ips: Vec<std::net::IpAddr> = self.config.tls_names.iter().filter_map(|n| n.parse().ok()).collect();
+        ips.extend(ca::store_address_ip(&self.store.address).ok());
+        ips.extend(self.config.agent_listen.map(|a| a.ip()));
+        ips.push(self.config.listen.ip());
+        ips
     }
 }

@@ -261,18 +261,22 @@ impl Service {
     /// registration of the name with the join token takes the host (its id,
     /// its instances) over. For a reinstalled machine, or a lost credential.
     /// Its certificate goes too (the new machine has its key certified).
+    /// Its certificates are revoked: every store node refuses them within
+    /// a bound ([`super::revocation`]).
     pub async fn reset_host_credential(&self, host: &str) -> Result<String> {
-        let row: Option<(String,)> =
-            sqlx::query_as(
-                "UPDATE hosts SET credential_sha256 = NULL, tls_cert_sha256 = NULL, tls_cert_not_after = NULL, \
-                     tls_prev_cert_sha256 = NULL, tls_prev_cert_not_after = NULL \
-                 WHERE id = $1 OR name = $1 RETURNING id",
-            )
-                .bind(host)
-                .fetch_optional(&self.db)
-                .await?;
+        let mut tx = self.db.begin().await?;
+        let row: Option<(String,)> = sqlx::query_as("SELECT id FROM hosts WHERE id = $1 OR name = $1 FOR UPDATE").bind(host).fetch_optional(&mut *tx).await?;
         let (id,) = row.ok_or_else(|| ServiceError::HostNotFound(host.to_string()))?;
-        tracing::warn!(host_id = %id, "host credential reset by the operator");
+        super::revocation::revoke_host(&mut tx, &id).await?;
+        sqlx::query(
+            "UPDATE hosts SET credential_sha256 = NULL, tls_cert_sha256 = NULL, tls_cert_not_after = NULL, \
+                 tls_prev_cert_sha256 = NULL, tls_prev_cert_not_after = NULL WHERE id = $1",
+        )
+        .bind(&id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        tracing::warn!(host_id = %id, "host credential reset by the operator; its certificates are revoked");
         Ok(id)
     }
 

@@ -18,6 +18,7 @@ pub mod network_changes;
 pub mod observed;
 pub mod outbox;
 pub mod retention;
+pub mod revocation;
 pub mod scheduler;
 pub mod tags;
 pub mod throttle;

@@ -1,10 +1,15 @@
 //! What hosts observe of their guests, read from the state store: console
 //! tails (`GetConsoleOutput`, which also weighs the tail a host reported to
 //! PostgreSQL when it could not write the store) and status checks
-//! (`DescribeInstanceStatus`). Hosts write them (`host-agent/src/store.rs`).
+//! (`DescribeInstanceStatus`). Hosts write them (`host-agent/src/store.rs`),
+//! each signed by the host ([`nimbus_records::SignedRecord`]): a record
+//! counts only if the instance's host (as PostgreSQL has it) signed it for
+//! its key. Another host's node holding a replica (or a compromised one
+//! writing there) cannot make up an instance's console or status.
 
 use super::Service;
 use nimbus_proto::metadata::{console_key, status_key, ConsoleRecord, StatusRecord};
+use nimbus_records::SignedRecord;
 use nimbus_state_store::KvClient;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -29,17 +34,39 @@ pub enum Observed<T> {
     Unread,
 }
 
+/// Who may write an instance's observations: its host's id and public key.
+type Writer = (String, Vec<u8>);
+
 impl Service {
-    /// The record under `key`; of siblings (never written so, but possible
-    /// after a host moved) the one `newest` picks; only a record about
-    /// `instance_id` counts. `Unread` when the store cannot answer in time
-    /// (logged).
+    /// The host (id and public key) of each of `ids` that has a key.
+    async fn writers(&self, ids: &[String]) -> HashMap<String, Writer> {
+        let rows: Result<Vec<(String, String, Vec<u8>)>, sqlx::Error> = sqlx::query_as(
+            "SELECT i.id, h.id, h.public_key FROM instances i JOIN hosts h ON h.id = i.host_id WHERE i.id = ANY($1) AND h.public_key IS NOT NULL",
+        )
+        .bind(ids)
+        .fetch_all(&self.db)
+        .await;
+        match rows {
+            Ok(rows) => rows.into_iter().map(|(i, h, k)| (i, (h, k))).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the hosts of instances");
+                HashMap::new()
+            }
+        }
+    }
+
+    /// The record under `key`, signed by `writer` (the instance's host); of
+    /// siblings (possible after a host moved) the one `newest` picks; only
+    /// a record about `instance_id` counts. `Unread` when the store cannot
+    /// answer in time (logged); `Absent` when nothing there is the host's.
     async fn observation<T: serde::de::DeserializeOwned>(
         &self,
         key: &str,
         instance_id: &str,
+        writer: Option<&Writer>,
         about: impl Fn(&T) -> (&str, chrono::DateTime<chrono::Utc>),
     ) -> Observed<T> {
+        let Some((host_id, public)) = writer else { return Observed::Absent };
         let client = self.store.client();
         let got = match tokio::time::timeout(READ_TIMEOUT, client.get(key.as_bytes())).await {
             Ok(Ok(g)) => g,
@@ -52,13 +79,16 @@ impl Service {
                 return Observed::Unread;
             }
         };
-        let newest = got.values.iter().filter_map(|v| serde_json::from_slice::<T>(v).ok()).max_by_key(|r| about(r).1);
+        let genuine = |v: &Vec<u8>| -> Option<T> {
+            let payload = SignedRecord::decode(v).ok()?.open(key, host_id, public).ok()?;
+            serde_json::from_slice::<T>(&payload).ok()
+        };
+        let newest = got.values.iter().filter_map(genuine).max_by_key(|r| about(r).1);
         match newest {
             Some(r) if about(&r).0 == instance_id => Observed::Found(r),
-            // Values, none of them readable (written by a newer host?): unknown.
             None if !got.values.is_empty() => {
-                tracing::warn!(%key, "an observation in the store cannot be read");
-                Observed::Unread
+                tracing::warn!(%key, %host_id, "no observation in the store is signed by the instance's host");
+                Observed::Absent
             }
             _ => Observed::Absent,
         }
@@ -66,7 +96,9 @@ impl Service {
 
     /// The console tail the instance's host last wrote.
     pub(crate) async fn stored_console(&self, instance_id: &str) -> Option<ConsoleRecord> {
-        match self.observation(&console_key(instance_id), instance_id, |r: &ConsoleRecord| (&r.instance_id, r.at)).await {
+        let writers = self.writers(&[instance_id.to_string()]).await;
+        let writer = writers.get(instance_id);
+        match self.observation(&console_key(instance_id), instance_id, writer, |r: &ConsoleRecord| (&r.instance_id, r.at)).await {
             Observed::Found(r) => Some(r),
             Observed::Absent | Observed::Unread => None,
         }
@@ -80,8 +112,10 @@ impl Service {
     pub(crate) async fn stored_status(&self, ids: &[String]) -> HashMap<String, Observed<StatusRecord>> {
         use futures::StreamExt;
         let deadline = tokio::time::Instant::now() + STATUS_BUDGET;
+        let writers = self.writers(ids).await;
+        let writers = &writers;
         let read = |id: String| async move {
-            let record = self.observation(&status_key(&id), &id, |r: &StatusRecord| (&r.instance_id, r.at)).await;
+            let record = self.observation(&status_key(&id), &id, writers.get(&id), |r: &StatusRecord| (&r.instance_id, r.at)).await;
             (id, record)
         };
         let mut reads = futures::stream::iter(ids.to_vec()).map(read).buffer_unordered(READS_AT_ONCE);

@@ -12,11 +12,17 @@
 //!    the instance's current `doc_version` (at least the pending one: the
 //!    row lock of the bump orders versions as their transactions commit, so
 //!    what is rendered under version V shows every change up to V);
-//! 3. [`publish`]: a quorum read of the stored document; unless it is
-//!    already as new, a write of the newer of the two with the read's
-//!    context (so it supersedes every sibling it saw); concurrent writers'
-//!    siblings are resolved by [`nimbus_proto::metadata::newest_document`]
-//!    on every read;
+//! 3. [`publish`]: the document sealed for the instance's host and signed
+//!    by the control plane's document key ([`nimbus_records::SealedDocument`]:
+//!    only that host can read it, and no node can forge it); a quorum read
+//!    of the stored document; unless a validly signed one is already as
+//!    new, a write of the newer of the two with the read's context (so it
+//!    supersedes every sibling it saw); siblings are resolved by
+//!    [`nimbus_records::newest_sealed`], which ignores any that does not
+//!    verify (a forged version can neither be served nor hold back a
+//!    genuine one). A host without a key (never certified) has no document
+//!    published: it has no store node to read one from, and its key, when
+//!    it comes, bumps every document of its instances;
 //! 4. [`Relay::acknowledge`]: delete the rows up to the published version.
 //!
 //! A crash between any two steps leaves the rows, so the next pass publishes
@@ -28,7 +34,8 @@
 use super::Service;
 use crate::error::{Result, ServiceError};
 use nimbus_proto::agent::MetadataOptions;
-use nimbus_proto::metadata::{document_key, newest_document, InstanceDocument, ARCHITECTURE};
+use nimbus_proto::metadata::{document_key, InstanceDocument, ARCHITECTURE};
+use nimbus_records::{newest_sealed, KeyPair, SealedDocument, TrustedKeys};
 use nimbus_proto::network::Nic;
 use nimbus_state_store::{KvClient, StoreError};
 use sqlx::PgPool;
@@ -47,6 +54,18 @@ pub enum Published {
     Written,
     /// The store already had this version or a newer one.
     AlreadyCurrent,
+    /// The instance's host has no key to seal it for: nothing written.
+    NoRecipient,
+}
+
+/// A document as rendered, with whom it is for.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    pub doc: InstanceDocument,
+    /// The instance's host.
+    pub host_id: String,
+    /// That host's public key (uncompressed P-256 point), if it has one.
+    pub recipient: Option<Vec<u8>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,20 +78,29 @@ pub enum RelayError {
     Store(#[from] StoreError),
 }
 
-/// Writes `doc` to the store unless the store's copy is as new (see the
-/// module's doc, step 3).
-pub async fn publish(client: &(impl KvClient + ?Sized), doc: &InstanceDocument) -> std::result::Result<Published, StoreError> {
+/// Writes the document, sealed for its host and signed with `signer`,
+/// unless the store's validly signed copy is as new (see the module's doc,
+/// step 3).
+pub async fn publish(
+    client: &(impl KvClient + ?Sized),
+    rendered: &Rendered,
+    signer: &KeyPair,
+    trusted: &TrustedKeys,
+) -> std::result::Result<Published, StoreError> {
+    let doc = &rendered.doc;
+    let Some(recipient) = &rendered.recipient else { return Ok(Published::NoRecipient) };
     let key = document_key(&doc.instance_id);
     let got = client.get(key.as_bytes()).await?;
-    let stored = newest_document(&got.values);
+    let stored = newest_sealed(&got.values, trusted, &doc.instance_id);
     let resolved = got.values.len() <= 1;
     let value = match stored {
         Some(s) if s.version >= doc.version && resolved => return Ok(Published::AlreadyCurrent),
-        // Siblings, one of them newer: write that one over all of them.
-        Some(s) if s.version > doc.version => serde_json::to_vec(&s),
-        _ => serde_json::to_vec(doc),
-    }
-    .map_err(|e| StoreError::Transport(format!("encoding a document: {e}")))?;
+        // Siblings (or forgeries), a genuine one newer: write that one over all of them.
+        Some(s) if s.version > doc.version => s.encode(),
+        _ => SealedDocument::seal(doc, &rendered.host_id, recipient, signer)
+            .map_err(|e| StoreError::Transport(format!("sealing a document: {e}")))?
+            .encode(),
+    };
     client.put(key.as_bytes(), value, &got.context).await?;
     Ok(Published::Written)
 }
@@ -83,6 +111,8 @@ pub struct Relay {
     db: PgPool,
     region: String,
     client: Arc<dyn KvClient>,
+    signer: KeyPair,
+    trusted: TrustedKeys,
 }
 
 type DocRow = (
@@ -100,11 +130,13 @@ type DocRow = (
     Option<String>,
     (bool, bool, bool),
     i64,
+    String,
+    Option<Vec<u8>>,
 );
 
 impl Relay {
-    pub fn new(db: PgPool, region: String, client: Arc<dyn KvClient>) -> Relay {
-        Relay { db, region, client }
+    pub fn new(db: PgPool, region: String, client: Arc<dyn KvClient>, signer: KeyPair, trusted: TrustedKeys) -> Relay {
+        Relay { db, region, client, signer, trusted }
     }
 
     /// Step 1: instances with outbox rows, with the highest version waiting.
@@ -122,22 +154,40 @@ impl Relay {
         Ok(sqlx::query_scalar("SELECT count(*) FROM metadata_outbox").fetch_one(&self.db).await?)
     }
 
-    /// Step 2: the instance's document as of now (`None`: no such instance).
-    pub async fn render(&self, instance_id: &str) -> std::result::Result<Option<InstanceDocument>, RelayError> {
+    /// Step 2: the instance's document as of now, with its host and the
+    /// host's key (`None`: no such instance).
+    pub async fn render(&self, instance_id: &str) -> std::result::Result<Option<Rendered>, RelayError> {
         let mut tx = self.db.begin().await?;
         // One snapshot for the row, its tags and its interfaces.
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
         let row: Option<DocRow> = sqlx::query_as(
             "SELECT i.id, i.account_id, i.reservation_id, i.ami_launch_index, i.image_id, i.instance_type, i.availability_zone, \
                     i.launch_time, i.state, i.user_data, i.key_name, i.public_key, \
-                    (i.metadata_tokens_required, i.metadata_endpoint_enabled, i.metadata_tags_enabled), i.doc_version \
-             FROM instances i WHERE i.id = $1",
+                    (i.metadata_tokens_required, i.metadata_endpoint_enabled, i.metadata_tags_enabled), i.doc_version, \
+                    i.host_id, h.public_key \
+             FROM instances i JOIN hosts h ON h.id = i.host_id WHERE i.id = $1",
         )
         .bind(instance_id)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((id, account_id, reservation_id, launch_index, image_id, instance_type, zone, launch_time, state, user_data, key_name, public_key, opts, version)) =
-            row
+        let Some((
+            id,
+            account_id,
+            reservation_id,
+            launch_index,
+            image_id,
+            instance_type,
+            zone,
+            launch_time,
+            state,
+            user_data,
+            key_name,
+            public_key,
+            opts,
+            version,
+            host_id,
+            recipient,
+        )) = row
         else {
             return Ok(None);
         };
@@ -154,7 +204,7 @@ impl Relay {
         let (user_data, key_name, public_key) =
             if state == "terminated" { (None, None, None) } else { (user_data, key_name, public_key) };
         use base64::Engine;
-        Ok(Some(InstanceDocument {
+        let doc = InstanceDocument {
             version: version as u64,
             instance_id: id,
             account_id,
@@ -175,12 +225,13 @@ impl Relay {
             tags,
             options: MetadataOptions { tokens_required: opts.0, endpoint_enabled: opts.1, tags_enabled: opts.2 },
             nics,
-        }))
+        };
+        Ok(Some(Rendered { doc, host_id, recipient }))
     }
 
     /// Step 3, through this relay's store client.
-    pub async fn publish(&self, doc: &InstanceDocument) -> std::result::Result<Published, StoreError> {
-        publish(self.client.as_ref(), doc).await
+    pub async fn publish(&self, rendered: &Rendered) -> std::result::Result<Published, StoreError> {
+        publish(self.client.as_ref(), rendered, &self.signer, &self.trusted).await
     }
 
     /// Step 4: forget the rows of `instance_id` up to `version`.
@@ -210,9 +261,9 @@ impl Relay {
                 other => other?,
             };
             match rendered {
-                Some(doc) => {
-                    let version = doc.version as i64;
-                    let outcome = self.publish(&doc).await?;
+                Some(r) => {
+                    let version = r.doc.version as i64;
+                    let outcome = self.publish(&r).await?;
                     tracing::debug!(%instance_id, version, ?outcome, "document published");
                     self.acknowledge(&instance_id, version.max(waiting)).await?;
                 }
@@ -272,6 +323,6 @@ async fn instance_nics(conn: &mut sqlx::PgConnection, instance_id: &str) -> Resu
 impl Service {
     /// This control plane's relay (through its own store node).
     pub fn relay(&self) -> Relay {
-        Relay::new(self.db.clone(), self.config.region.clone(), Arc::new(self.store.client()))
+        Relay::new(self.db.clone(), self.config.region.clone(), Arc::new(self.store.client()), self.store.doc_key.clone(), self.store.trusted_keys())
     }
 }

@@ -369,15 +369,41 @@ mod tests {
         (nics, groups, members)
     }
 
-    fn rules<'a>(nics: &'a [LocalNic], groups: &'a BTreeMap<String, SecurityGroup>, members: &'a BTreeMap<String, Vec<Ipv4Addr>>, gw: &'a [Ipv4Addr]) -> VpcRules<'a> {
-        VpcRules { nics, groups, members, gateways: gw, metadata: Ipv4Addr::new(169, 254, 169, 254), bridge: "br0", vxlan: "vx0", public: "pub" }
+    const SUBNETS: &[Cidr] = &[Cidr { addr: Ipv4Addr::new(172, 31, 0, 0), prefix: 20 }, Cidr { addr: Ipv4Addr::new(172, 31, 16, 0), prefix: 20 }];
+    const ALLOW: &[Cidr] = &[Cidr { addr: Ipv4Addr::new(10, 20, 0, 0), prefix: 16 }];
+
+    fn remote() -> Vec<(String, Ipv4Addr)> {
+        vec![("02:00:00:00:00:09".into(), Ipv4Addr::new(172, 31, 16, 9)), ("02:4e:0a:63:00:0c".into(), Ipv4Addr::new(172, 31, 16, 9))]
+    }
+
+    fn rules<'a>(
+        nics: &'a [LocalNic],
+        groups: &'a BTreeMap<String, SecurityGroup>,
+        members: &'a BTreeMap<String, Vec<Ipv4Addr>>,
+        gw: &'a [Ipv4Addr],
+        remote: &'a [(String, Ipv4Addr)],
+    ) -> VpcRules<'a> {
+        VpcRules {
+            nics,
+            groups,
+            members,
+            vpc_cidr: Cidr { addr: Ipv4Addr::new(172, 31, 0, 0), prefix: 16 },
+            subnets: SUBNETS,
+            gateways: gw,
+            remote,
+            outside_allow: ALLOW,
+            metadata: Ipv4Addr::new(169, 254, 169, 254),
+            bridge: "br0",
+            vxlan: "vx0",
+            public: "pub",
+        }
     }
 
     #[test]
     fn interfaces_with_the_same_groups_share_chains_and_groups_are_sets() {
         let (nics, groups, members) = sample();
         let gw = [Ipv4Addr::new(172, 31, 0, 1)];
-        let s = render(&rules(&nics, &groups, &members, &gw));
+        let s = render(&rules(&nics, &groups, &members, &gw, &remote()));
         assert!(s.contains("set m_1 { type ipv4_addr; elements = { 172.31.0.5, 172.31.0.6, 172.31.16.9 }; }"), "{s}");
         assert!(s.contains("map ingress { type ipv4_addr : verdict; elements = { 172.31.0.5 : jump in_0, 172.31.0.6 : jump in_1 }; }"), "{s}");
         assert!(s.contains("    ip saddr @m_1 accept\n"), "{s}");
@@ -387,10 +413,15 @@ mod tests {
         assert!(s.contains("map to_private { type ipv4_addr : ipv4_addr; elements = { 198.51.100.10 : 172.31.0.6 }; }"), "{s}");
         assert!(s.contains("ether type ip ip saddr != 172.31.0.6 drop"), "{s}");
         assert!(s.contains("\"np000000000002\" : jump g_1"), "{s}");
+        // The overlay: the remote pairs, broadcast addresses, the public side's drops.
+        assert!(s.contains("set remote { type ether_addr . ipv4_addr; elements = { 02:00:00:00:00:09 . 172.31.16.9, 02:4e:0a:63:00:0c . 172.31.16.9 }; }"), "{s}");
+        assert!(s.contains("elements = { 172.31.15.255, 172.31.31.255, 224.0.0.0/4, 255.255.255.255 }"), "{s}");
+        assert!(s.contains("iifname \"pub\" ip saddr 172.31.0.0/16 drop"), "{s}");
+        assert!(s.contains("set outside_allow { type ipv4_addr; flags interval; elements = { 10.20.0.0/16 }; }"), "{s}");
         // The same input renders the same text (the agent skips unchanged rulesets).
-        assert_eq!(s, render(&rules(&nics, &groups, &members, &gw)));
+        assert_eq!(s, render(&rules(&nics, &groups, &members, &gw, &remote())));
         // No interface: still a valid, empty ruleset.
-        let empty = render(&rules(&[], &groups, &members, &gw));
+        let empty = render(&rules(&[], &groups, &members, &gw, &[]));
         assert!(empty.contains("map ingress { type ipv4_addr : verdict; }"), "{empty}");
     }
 
@@ -400,10 +431,20 @@ mod tests {
         let ns = crate::network::testing::ScratchNs::new("nft").await;
         let (nics, groups, members) = sample();
         let gw = [Ipv4Addr::new(172, 31, 0, 1), Ipv4Addr::new(172, 31, 16, 1)];
-        for script in [render(&rules(&nics, &groups, &members, &gw)), render(&rules(&[], &groups, &members, &gw))] {
+        for script in [render(&rules(&nics, &groups, &members, &gw, &remote())), render(&rules(&[], &groups, &members, &gw, &[]))] {
             ns.ns().nft(&script).await.unwrap_or_else(|e| panic!("{e}\n{script}"));
         }
         // Applying again replaces the tables (nothing doubled).
-        ns.ns().nft(&render(&rules(&nics, &groups, &members, &gw))).await.unwrap();
+        ns.ns().nft(&render(&rules(&nics, &groups, &members, &gw, &remote()))).await.unwrap();
+        // The host's table, with peers and without.
+        let host = HostRules {
+            legs: vec!["nv7".into(), "nv9".into()],
+            vxlan: vec![(Ipv4Addr::new(10, 99, 0, 12), 7, "02:00:00:00:00:09".into()), (Ipv4Addr::new(10, 99, 0, 12), 7, "02:4e:0a:63:00:0c".into())],
+            guest_deny: vec![Cidr { addr: Ipv4Addr::new(10, 99, 0, 0), prefix: 24 }],
+        };
+        for script in [render_host(&host), render_host(&HostRules::default())] {
+            ns.ns().nft(&script).await.unwrap_or_else(|e| panic!("{e}\n{script}"));
+        }
+        assert!(render_host(&host).contains("10.99.0.12 . 7 . 0x024e0a63000c"), "{}", render_host(&host));
     }
 }
