@@ -100,7 +100,7 @@ type DocRow = (
     Option<Vec<u8>>,
     Option<String>,
     Option<String>,
-    (bool, bool, bool),
+    (bool, bool, bool, i32),
     i64,
 );
 
@@ -132,7 +132,7 @@ impl Relay {
         let row: Option<DocRow> = sqlx::query_as(
             "SELECT i.id, i.account_id, i.reservation_id, i.ami_launch_index, i.image_id, i.instance_type, i.availability_zone, \
                     i.launch_time, i.state, i.user_data, i.key_name, i.public_key, \
-                    (i.metadata_tokens_required, i.metadata_endpoint_enabled, i.metadata_tags_enabled), i.doc_version \
+                    (i.metadata_tokens_required, i.metadata_endpoint_enabled, i.metadata_tags_enabled, i.metadata_hop_limit), i.doc_version \
              FROM instances i WHERE i.id = $1",
         )
         .bind(instance_id)
@@ -175,7 +175,7 @@ impl Relay {
                 _ => Vec::new(),
             },
             tags,
-            options: MetadataOptions { tokens_required: opts.0, endpoint_enabled: opts.1, tags_enabled: opts.2 },
+            options: MetadataOptions { tokens_required: opts.0, endpoint_enabled: opts.1, tags_enabled: opts.2, hop_limit: opts.3.clamp(1, 255) as u8 },
             nics,
         }))
     }
