@@ -650,7 +650,11 @@ impl Reconciler {
             tracing::info!(instance_id = %id, timeout_secs = this.stop_timeout.as_secs(), "stopping guest");
             let r = this.stop_guest(&id, &name).await;
             match &r {
-                Ok(how) => tracing::info!(instance_id = %id, ?how, "guest stopped"),
+                Ok(how) => {
+                    tracing::info!(instance_id = %id, ?how, "guest stopped");
+                    // Its service stays for the next start; what it had open goes.
+                    this.metadata.close_connections(&id);
+                }
                 Err(e) => tracing::warn!(instance_id = %id, error = %e, "cannot stop guest"),
             }
             r
