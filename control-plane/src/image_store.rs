@@ -8,10 +8,16 @@
 //! no image refers to any more are removed by [`ImageStore::remove`] (at
 //! deregistration) and by the sweep at start-up (which also removes the
 //! temporary files of uploads a crash cut short).
+//!
+//! Stored disks are tenants' data (private images): the directory is the
+//! control plane's alone (0700) and every file in it 0600, whatever the
+//! umask; [`ImageStore::close_to_others`] closes a store an older version
+//! left open, at start-up.
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use tokio::io::AsyncWriteExt;
 
@@ -96,6 +102,31 @@ impl ImageStore {
         ImageStore { dir, max_bytes, gc: Default::default() }
     }
 
+    /// Creates the directory (0700, whatever the umask).
+    async fn private_dir(&self) -> Result<(), StoreError> {
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir))
+            .await
+            .map_err(|e| StoreError::Io { path: self.dir.display().to_string(), source: std::io::Error::other(e) })?
+            .map_err(io(&self.dir))
+    }
+
+    /// Makes the store the control plane's alone: the directory 0700 and
+    /// every file in it 0600 (a store made by an older version, or by hand,
+    /// was left readable by every local user).
+    pub async fn close_to_others(&self) -> Result<(), StoreError> {
+        self.private_dir().await?;
+        tokio::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700)).await.map_err(io(&self.dir))?;
+        let mut dir = tokio::fs::read_dir(&self.dir).await.map_err(io(&self.dir))?;
+        while let Some(entry) = dir.next_entry().await.map_err(io(&self.dir))? {
+            let path = entry.path();
+            if entry.file_type().await.map_err(io(&path))?.is_file() {
+                tokio::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).await.map_err(io(&path))?;
+            }
+        }
+        Ok(())
+    }
+
     /// See the `gc` field.
     pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
         self.gc.lock().await
@@ -114,10 +145,10 @@ impl ImageStore {
         S: Stream<Item = Result<Bytes, E>>,
         E: std::fmt::Display,
     {
-        tokio::fs::create_dir_all(&self.dir).await.map_err(io(&self.dir))?;
+        self.private_dir().await?;
         let tmp = self.dir.join(format!(".{announced}.{}.part", uuid::Uuid::new_v4().simple()));
         let mut guard = TempGuard(Some(tmp.clone()));
-        let mut out = tokio::fs::File::create(&tmp).await.map_err(io(&tmp))?;
+        let mut out = tokio::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).await.map_err(io(&tmp))?;
         let mut hasher = Sha256::new();
         let mut size = 0u64;
         let mut body = std::pin::pin!(body);
@@ -234,5 +265,21 @@ mod tests {
         let staged = store.stage(&digest, chunks(&[b"hello world"])).await.unwrap();
         drop(staged);
         assert_eq!(std::fs::read_dir(dir.path().join("store")).unwrap().count(), 0);
+    }
+
+    /// Issue 18, finding 7: private images were 0644 in a 0755 directory.
+    #[tokio::test]
+    async fn stored_disks_are_the_control_planes_alone() {
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::new(dir.path().join("store"), 1 << 20);
+        let digest = hex::encode(Sha256::digest(b"a private disk"));
+        store.put(&digest, chunks(&[b"a private disk"])).await.unwrap();
+        assert_eq!((mode(&dir.path().join("store")), mode(&store.path(&digest))), (0o700, 0o600));
+        // A store an older version left open is closed at start-up.
+        std::fs::set_permissions(dir.path().join("store"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(store.path(&digest), std::fs::Permissions::from_mode(0o644)).unwrap();
+        store.close_to_others().await.unwrap();
+        assert_eq!((mode(&dir.path().join("store")), mode(&store.path(&digest))), (0o700, 0o600));
     }
 }

@@ -1,0 +1,134 @@
+//! Issue 18's findings on hosts, images and limits (5 to 8, and 10 in the
+//! agent's own tests), kept as tests so that they stay fixed. Each test
+//! names the finding it covers; each failed before its fix.
+
+use nimbus_host_agent::HypervisorChoice;
+use nimbus_tests::{free_local_addr, instance_ids, Cloud};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const T: Duration = Duration::from_secs(60);
+
+/// Every file below `dir` (not following links).
+fn files_below(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display())) {
+            let e = e.unwrap();
+            let t = e.file_type().unwrap();
+            if t.is_dir() {
+                todo.push(e.path());
+            } else if t.is_file() {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+/// Whether local user `user` can read `file` (`runuser … cat`).
+fn readable_by(user: &str, file: &Path) -> bool {
+    let out = std::process::Command::new("runuser").args(["-u", user, "--", "cat"]).arg(file).output().expect("runuser");
+    out.status.success()
+}
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).permissions().mode() & 0o7777
+}
+
+/// Finding 7: as uid 65534, `strings` on the control plane's store journal
+/// printed every tenant's user-data (0644 files in 0755 directories); the
+/// QEMU user could read the agent's store; private images in the image
+/// store were 0644. Now the store directories are 0700 and the image
+/// store's files 0600: neither `nobody` nor the QEMU user reads any of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_and_stored_images_are_closed_to_local_users() {
+    let cloud = Cloud::start().await.unwrap();
+    let addr = free_local_addr().unwrap();
+    let agent = cloud
+        .add_agent_configured("a", "az1", (8, 8192, 100), HypervisorChoice::Test, |c| c.store_listen = Some(addr))
+        .await
+        .unwrap();
+    cloud.register_test_image().await.unwrap();
+    // user-data: "tenant-secret-user-data", as the document carries it (base64).
+    let secret = "dGVuYW50LXNlY3JldC11c2VyLWRhdGE=";
+    let id = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "user_data": secret})).await.unwrap()).remove(0);
+    cloud.wait_for_state(std::slice::from_ref(&id), "running", T).await.unwrap();
+    let cp_store = cloud.dir.path().join("cp-store");
+    let agent_store = agent.state_dir.join("store");
+    // The document (with the user-data) is in both nodes' files.
+    for store in [&cp_store, &agent_store] {
+        let holds = || files_below(store).iter().any(|f| std::fs::read(f).is_ok_and(|b| b.windows(secret.len()).any(|w| w == secret.as_bytes())));
+        cloud.wait_until(T, || async { Ok(holds()) }).await.unwrap_or_else(|_| panic!("{}: no file holds the document", store.display()));
+    }
+    // An image of the instance: a private disk in the image store.
+    let made = cloud.post(&format!("/v1/instances/{id}/image"), json!({"name": "private-snapshot"})).await.unwrap();
+    let ami = made["image_id"].as_str().unwrap().to_string();
+    cloud
+        .wait_until(T, || async {
+            let i = cloud.get(&format!("/v1/images/{ami}")).await?;
+            anyhow::ensure!(i["state"] != "failed", "{i}");
+            Ok(i["state"] == "available")
+        })
+        .await
+        .unwrap();
+    let image_store = cloud.dir.path().join("image-store");
+
+    let stored = files_below(&image_store);
+    assert!(!stored.is_empty());
+    let qemu = "libvirt-qemu";
+    for f in files_below(&cp_store).iter().chain(&stored) {
+        assert!(!readable_by("nobody", f), "nobody reads {}", f.display());
+    }
+    for f in files_below(&agent_store) {
+        assert!(!readable_by("nobody", &f), "nobody reads {}", f.display());
+        assert!(!readable_by(qemu, &f), "the QEMU user reads {}", f.display());
+    }
+    assert_eq!(mode(&cp_store), 0o700);
+    assert_eq!(mode(&agent_store), 0o700);
+    assert_eq!(mode(&image_store), 0o700);
+    for f in &stored {
+        assert_eq!(mode(f), 0o600, "{}", f.display());
+    }
+}
+
+/// Finding 5, end to end: the connections a terminated guest held open
+/// with half-sent requests stayed open in the agent for good. Now the
+/// termination closes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_guests_metadata_connections_are_closed() {
+    let cloud = Cloud::start().await.unwrap();
+    let agent = cloud.add_agent("a", "az1", 8, 8192, 100).await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    let ids = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "min_count": 2, "max_count": 2})).await.unwrap());
+    cloud.wait_for_state(&ids, "running", T).await.unwrap();
+    let (doomed, other) = (&ids[0], &ids[1]);
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        let mut c = tokio::net::UnixStream::connect(agent.metadata_socket(doomed)).await.unwrap();
+        c.write_all(b"GET /latest/user-data HTTP/1.1\r\nHost: 169.254.169.254\r\nX-Slow: ").await.unwrap();
+        held.push(c);
+    }
+    // Open (the agent's request timeout, 10 s, would close them too: the
+    // termination must close them well before).
+    let opened = tokio::time::Instant::now();
+    let mut buf = [0u8; 64];
+    for c in &mut held {
+        assert!(tokio::time::timeout(Duration::from_millis(50), c.read(&mut buf)).await.is_err(), "closed before the termination");
+    }
+    cloud.post("/v1/instances/terminate", json!({"instance_ids": [doomed]})).await.unwrap();
+    cloud.wait_for_state(std::slice::from_ref(doomed), "terminated", T).await.unwrap();
+    for c in &mut held {
+        let read = tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf)).await.expect("a connection of the terminated guest is still open");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+    let took = opened.elapsed();
+    assert!(took < Duration::from_secs(8), "the termination took {took:?}: the request timeout may have closed them instead");
+    // The other guest is served as before.
+    let (status, body) = nimbus_host_agent::metadata::request(&agent.metadata_socket(other), "GET", "/latest/meta-data/instance-id", &[]).await.unwrap();
+    assert_eq!((status, body.as_slice()), (200, other.as_bytes()));
+}
