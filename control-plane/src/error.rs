@@ -40,6 +40,8 @@ pub enum ServiceError {
     ImageNotPending(String, String),
     #[error(transparent)]
     ImageStore(#[from] crate::image_store::StoreError),
+    #[error("The root disk {0}")]
+    ImageNotStandalone(String),
     #[error("There is not enough capacity to fulfil your request: {0}")]
     InsufficientInstanceCapacity(String),
     #[error("{0}")]
@@ -181,6 +183,7 @@ impl ServiceError {
             ImageStore(crate::image_store::StoreError::Io { .. }) => "InternalError",
             ImageStore(crate::image_store::StoreError::TooLarge(_)) => "RequestEntityTooLarge",
             ImageStore(_) => "InvalidParameterValue",
+            ImageNotStandalone(_) => "InvalidParameterValue",
             InsufficientInstanceCapacity(_) => "InsufficientInstanceCapacity",
             IdempotentParameterMismatch(_) => "IdempotentParameterMismatch",
             IncorrectInstanceState(_) => "IncorrectInstanceState",
@@ -262,6 +265,7 @@ impl ServiceError {
             | ImageUnavailable(..)
             | ImageNameMalformed(_)
             | InvalidBlockDeviceMapping(_)
+            | ImageNotStandalone(_)
             | InstanceNotFound(_)
             | InstanceIdMalformed(_)
             | InstanceTypeNotFound(_)

@@ -9,6 +9,11 @@
 //! deregistration) and by the sweep at start-up (which also removes the
 //! temporary files of uploads a crash cut short).
 //!
+//! Only a standalone qcow2 is published ([`check_standalone`], which
+//! registrations of files the control plane can read go through too): a
+//! disk naming a backing or external data file would have the hosts that
+//! boot it open a file of theirs by the name its author chose.
+//!
 //! Stored disks are tenants' data (private images): the directory is the
 //! control plane's alone (0700) and every file in it 0600, whatever the
 //! umask; [`ImageStore::close_to_others`] closes a store an older version
@@ -59,6 +64,11 @@ pub struct Staged {
 }
 
 impl Staged {
+    /// Where the upload waits to be published.
+    pub fn path(&self) -> &Path {
+        self.tmp.as_deref().unwrap_or(&self.target)
+    }
+
     pub async fn publish(mut self) -> Result<u64, StoreError> {
         if let Some(tmp) = self.tmp.take() {
             if let Err(e) = tokio::fs::rename(&tmp, &self.target).await {
@@ -95,6 +105,25 @@ impl Drop for TempGuard {
             let _ = std::fs::remove_file(p);
         }
     }
+}
+
+/// Why `disk` may not be a root disk (`Some`), after `qemu-img info -f
+/// qcow2` (which opens no file the disk names; see
+/// [`nimbus_proto::image::DiskInfo`]).
+pub async fn check_standalone(disk: &Path) -> Result<Option<String>, StoreError> {
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["info", "-U", "-f", "qcow2", "--output=json"])
+        .arg(disk)
+        .output()
+        .await
+        .map_err(io(disk))?;
+    if !out.status.success() {
+        tracing::info!(disk = %disk.display(), stderr = %String::from_utf8_lossy(&out.stderr).trim(), "not a qcow2 image");
+        return Ok(Some("it is not a qcow2 image".into()));
+    }
+    let info: nimbus_proto::image::DiskInfo = serde_json::from_slice(&out.stdout)
+        .map_err(|e| StoreError::Io { path: disk.display().to_string(), source: std::io::Error::other(format!("qemu-img info: {e}")) })?;
+    Ok(info.refusal())
 }
 
 impl ImageStore {

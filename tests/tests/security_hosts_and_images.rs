@@ -132,3 +132,93 @@ async fn a_terminated_guests_metadata_connections_are_closed() {
     let (status, body) = nimbus_host_agent::metadata::request(&agent.metadata_socket(other), "GET", "/latest/meta-data/instance-id", &[]).await.unwrap();
     assert_eq!((status, body.as_slice()), (200, other.as_bytes()));
 }
+
+/// A qcow2 at `dir/name` whose header names `backing` (a raw file of the
+/// host) as its backing file; its SHA-256.
+fn evil_disk(dir: &Path, name: &str, backing: &Path) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-b"])
+        .arg(backing)
+        .args(["-F", "raw"])
+        .arg(dir.join(name))
+        .arg("16M")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(std::fs::read(dir.join(name)).unwrap()))
+}
+
+/// Finding 6: a base image whose qcow2 header names a backing file of the
+/// host (`secret.raw`) was flattened by CreateImage into an image holding
+/// that file. Now such a disk is refused wherever it enters: at
+/// registration (a file the control plane reads), by the host's cache
+/// (one served over http: the instance fails, the image fails, nothing is
+/// cached), and by the image store (an upload). (The flattening's pinned
+/// chain: `disks.rs`'s `create_image_never_copies_a_file_a_base_names`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_naming_a_host_file_is_refused_at_registration_fetch_and_upload() {
+    let cloud = Cloud::start().await.unwrap();
+    let mut agent = cloud.add_agent("a", "az1", 8, 8192, 100).await.unwrap();
+    let secret = cloud.dir.path().join("secret.raw");
+    std::fs::write(&secret, vec![0x5a; 1 << 20]).unwrap();
+    let dir = cloud.dir.path().join("evil");
+    let digest = evil_disk(&dir, "evil.qcow2", &secret);
+
+    // Registration of a file the control plane can read.
+    let (status, body) = cloud
+        .call(reqwest::Method::POST, "/v1/images", Some(json!({"name": "evil-local", "disk_url": format!("file://{}/evil.qcow2", dir.display()), "sha256": digest})))
+        .await
+        .unwrap();
+    assert_eq!((status.as_u16(), body["code"].as_str()), (400, Some("InvalidParameterValue")), "{body}");
+    assert!(body["message"].as_str().unwrap().contains("backing file"), "{body}");
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM images").fetch_one(cloud.db()).await.unwrap();
+    assert_eq!(n, 0);
+
+    // One the control plane cannot check (http): the host refuses it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let _server = tokio::process::Command::new("python3")
+        .args(["-m", "http.server", "--bind", "127.0.0.1", "--directory", dir.to_str().unwrap(), &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    cloud.wait_until(T, || async move { Ok(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()) }).await.unwrap();
+    let evil = cloud.post("/v1/images", json!({"name": "evil-remote", "disk_url": format!("http://127.0.0.1:{port}/evil.qcow2"), "sha256": digest})).await.unwrap();
+    let ids = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "image_id": evil["image_id"]})).await.unwrap());
+    let gone = cloud.wait_for_state(&ids, "terminated", T).await.unwrap();
+    let reason = gone[0]["state_reason"].as_str().unwrap();
+    assert!(reason.contains("evil.qcow2: refused: not a standalone qcow2"), "{reason}");
+    assert!(!reason.contains(secret.to_str().unwrap()), "no host path in a tenant's view: {reason}");
+    let image = cloud.get(&format!("/v1/images/{}", evil["image_id"].as_str().unwrap())).await.unwrap();
+    assert_eq!(image["state"], "failed", "{image}");
+    assert!(!agent.state_dir.join("images").join(&digest).exists(), "not in the host's cache");
+
+    // An upload (a host that sends such a disk for an image it makes).
+    cloud.register_test_image().await.unwrap();
+    let id = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano"})).await.unwrap()).remove(0);
+    cloud.wait_for_state(std::slice::from_ref(&id), "running", T).await.unwrap();
+    let cred: serde_json::Value = serde_json::from_slice(&std::fs::read(agent.state_dir.join("credential.json")).unwrap()).unwrap();
+    agent.stop().await;
+    let made = cloud.post(&format!("/v1/instances/{id}/image"), json!({"name": "made-evil"})).await.unwrap();
+    let ami = made["image_id"].as_str().unwrap();
+    let body = std::fs::read(dir.join("evil.qcow2")).unwrap();
+    let resp = cloud
+        .http
+        .put(format!("{}/v1/agent/images/{ami}", cloud.url))
+        .bearer_auth(format!("{}.{}", cred["host_id"].as_str().unwrap(), cred["secret"].as_str().unwrap()))
+        .header(nimbus_proto::agent::UPLOAD_SHA256_HEADER, &digest)
+        .header(nimbus_proto::agent::UPLOAD_VIRTUAL_SIZE_HEADER, (16u64 << 20).to_string())
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let answer: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!((status.as_u16(), answer["code"].as_str()), (400, Some("InvalidParameterValue")), "{answer}");
+    let image = cloud.get(&format!("/v1/images/{ami}")).await.unwrap();
+    assert_eq!(image["state"], "failed", "{image}");
+    assert!(!cloud.dir.path().join("image-store").join(&digest).exists(), "not in the image store");
+}

@@ -310,6 +310,7 @@ impl Service {
             return Err(ServiceError::Unauthorized("You are not authorized to perform this operation (operator only)".into()));
         }
         let new = validate_register(&req)?;
+        self.check_registered_disk(&new).await?;
         let mut tx = self.db.begin().await?;
         let owner: Option<(String,)> = sqlx::query_as("SELECT id FROM accounts WHERE id = $1").bind(&new.owner_id).fetch_optional(&mut *tx).await?;
         if owner.is_none() {
@@ -345,6 +346,25 @@ impl Service {
         tx.commit().await?;
         tracing::info!(image_id = %row.id, name = %row.name, boot = %row.boot, owner = %row.account_id, "image registered");
         row.into_api(true)
+    }
+
+    /// Refuses a registration whose root disk names a backing or external
+    /// data file, when the control plane can read the disk (a `file://`
+    /// source on a filesystem it shares with the hosts, as in the
+    /// all-in-one). Other disks are checked by each host before its cache
+    /// takes them (which fails the image), and no disk's digest is checked
+    /// here: that is the hosts' job too.
+    async fn check_registered_disk(&self, new: &NewImage) -> Result<()> {
+        let Some(dir) = new.source_url.strip_prefix("file://") else { return Ok(()) };
+        let disk = std::path::Path::new(dir).join(&new.root_disk.name);
+        if !tokio::fs::metadata(&disk).await.is_ok_and(|m| m.is_file()) {
+            tracing::debug!(disk = %disk.display(), "the root disk is not here to check; the hosts check it");
+            return Ok(());
+        }
+        match crate::image_store::check_standalone(&disk).await? {
+            Some(why) => Err(ServiceError::ImageNotStandalone(format!("{}: {why}", new.root_disk.name))),
+            None => Ok(()),
+        }
     }
 
     /// The images `caller` may see that `query` selects, oldest first,
@@ -678,6 +698,21 @@ impl Service {
             Some(_) => {}
         }
         let staged = self.image_store.stage(sha256, body).await?;
+        if let Some(why) = crate::image_store::check_standalone(staged.path()).await? {
+            // Whatever the host sends again, this image is not one.
+            let reason = format!("the disk uploaded was refused: {why}");
+            sqlx::query(
+                "UPDATE images SET state = 'failed', state_reason = $3, state_changed_at = now() \
+                 WHERE id = $1 AND source_host_id = $2 AND state = 'pending'",
+            )
+            .bind(image_id)
+            .bind(host_id)
+            .bind(&reason)
+            .execute(&self.db)
+            .await?;
+            tracing::warn!(%image_id, %host_id, %why, "an upload that is not a standalone qcow2 refused; image failed");
+            return Err(ServiceError::ImageNotStandalone(format!("uploaded for {image_id}: {why}")));
+        }
         let updated = {
             // Published and recorded together: a sweep never sees the file unreferenced.
             let _store = self.image_store.lock().await;
