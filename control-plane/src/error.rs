@@ -59,6 +59,8 @@ pub enum ServiceError {
     #[error("{0}")]
     VcpuLimitExceeded(String),
     #[error("{0}")]
+    ResourceLimitExceeded(String),
+    #[error("{0}")]
     RequestLimitExceeded(String),
     #[error("The account '{0}' does not exist")]
     AccountNotFound(String),
@@ -193,6 +195,7 @@ impl ServiceError {
             TagLimitExceeded(_) => "TagLimitExceeded",
             InstanceLimitExceeded(_) => "InstanceLimitExceeded",
             VcpuLimitExceeded(_) => "VcpuLimitExceeded",
+            ResourceLimitExceeded(_) => "ResourceLimitExceeded",
             RequestLimitExceeded(_) => "RequestLimitExceeded",
             AccountNotFound(_) => "InvalidAccountID.NotFound",
             AuthFailure(_) => "AuthFailure",
@@ -259,6 +262,7 @@ impl ServiceError {
             | TagLimitExceeded(_)
             | InstanceLimitExceeded(_)
             | VcpuLimitExceeded(_)
+            | ResourceLimitExceeded(_)
             | AccountNotFound(_)
             | ImageNotFound(_)
             | ImageIdMalformed(_)

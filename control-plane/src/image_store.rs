@@ -174,6 +174,17 @@ impl ImageStore {
         S: Stream<Item = Result<Bytes, E>>,
         E: std::fmt::Display,
     {
+        self.stage_at_most(announced, body, self.max_bytes).await
+    }
+
+    /// [`ImageStore::stage`] of at most `limit` bytes (and at most the
+    /// largest image): more is `TooLarge(limit)`.
+    pub async fn stage_at_most<S, E>(&self, announced: &str, body: S, limit: u64) -> Result<Staged, StoreError>
+    where
+        S: Stream<Item = Result<Bytes, E>>,
+        E: std::fmt::Display,
+    {
+        let limit = limit.min(self.max_bytes);
         self.private_dir().await?;
         let tmp = self.dir.join(format!(".{announced}.{}.part", uuid::Uuid::new_v4().simple()));
         let mut guard = TempGuard(Some(tmp.clone()));
@@ -184,8 +195,8 @@ impl ImageStore {
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| StoreError::Body(e.to_string()))?;
             size += chunk.len() as u64;
-            if size > self.max_bytes {
-                return Err(StoreError::TooLarge(self.max_bytes));
+            if size > limit {
+                return Err(StoreError::TooLarge(limit));
             }
             hasher.update(&chunk);
             out.write_all(&chunk).await.map_err(io(&tmp))?;

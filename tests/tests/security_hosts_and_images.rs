@@ -3,7 +3,7 @@
 //! names the finding it covers; each failed before its fix.
 
 use nimbus_host_agent::HypervisorChoice;
-use nimbus_tests::{free_local_addr, instance_ids, Cloud};
+use nimbus_tests::{free_local_addr, instance_ids, Cloud, CloudOptions};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -221,4 +221,105 @@ async fn a_disk_naming_a_host_file_is_refused_at_registration_fetch_and_upload()
     let image = cloud.get(&format!("/v1/images/{ami}")).await.unwrap();
     assert_eq!(image["state"], "failed", "{image}");
     assert!(!cloud.dir.path().join("image-store").join(&digest).exists(), "not in the image store");
+}
+
+/// Waits until every image in `ids` is available (as the account of `token` sees it).
+async fn all_available(cloud: &Cloud, token: &str, ids: &[String]) {
+    for id in ids {
+        cloud
+            .wait_until(T, || async {
+                let (_, i) = cloud.call_as(Some(token), reqwest::Method::GET, &format!("/v1/images/{id}"), None).await?;
+                anyhow::ensure!(i["state"] != "failed", "{i}");
+                Ok(i["state"] == "available")
+            })
+            .await
+            .unwrap();
+    }
+}
+
+async fn create_image(cloud: &Cloud, token: &str, instance: &str, name: &str) -> (u16, serde_json::Value) {
+    let (status, body) =
+        cloud.call_as(Some(token), reqwest::Method::POST, &format!("/v1/instances/{instance}/image"), Some(json!({ "name": name }))).await.unwrap();
+    (status.as_u16(), body)
+}
+
+/// Finding 8: per-account limits covered instances, vCPUs and Elastic IPs
+/// but not images, so one account could fill the control plane's disk
+/// with CreateImage. Now an account holds at most `max_images` images
+/// (concurrent CreateImage calls count each other) and its images at most
+/// `max_image_bytes` in the image store (an upload beyond it is refused
+/// and its image fails); the operator sets both, others are unaffected,
+/// and both show in the account and its attributes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_quotas_bound_what_an_account_stores() {
+    let cloud = Cloud::start_with(CloudOptions { image_limits: (3, 500 << 30), ..Default::default() }).await.unwrap();
+    let _agent = cloud.add_agent("a", "az1", 64, 65536, 1000).await.unwrap();
+    cloud.register_test_image().await.unwrap();
+    let me = cloud.user_token.clone();
+    let ids = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "min_count": 6, "max_count": 6})).await.unwrap());
+    cloud.wait_for_state(&ids, "running", T).await.unwrap();
+    let account = cloud.get("/v1/account").await.unwrap();
+    assert_eq!(account["image_quota"], json!({"max_images": 3, "max_image_bytes": 500u64 << 30, "images": 0, "image_bytes": 0}));
+
+    // Six CreateImage calls at once, of six instances: three fit.
+    let names: Vec<String> = (0..ids.len()).map(|i| format!("image-{i}")).collect();
+    let calls = ids.iter().zip(&names).map(|(id, name)| create_image(&cloud, &me, id, name));
+    let results = futures::future::join_all(calls).await;
+    let made: Vec<String> = results.iter().filter(|r| r.0 == 200).map(|r| r.1["image_id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(made.len(), 3, "{results:?}");
+    for r in results.iter().filter(|r| r.0 != 200) {
+        assert_eq!((r.0, r.1["code"].as_str()), (400, Some("ResourceLimitExceeded")), "{r:?}");
+    }
+    all_available(&cloud, &me, &made).await;
+    let quota = cloud.get("/v1/account").await.unwrap()["image_quota"].clone();
+    assert_eq!(quota["images"], 3, "{quota}");
+    let used = quota["image_bytes"].as_u64().unwrap();
+    assert!(used > 0, "{quota}");
+    let (status, body) = create_image(&cloud, &me, &ids[5], "one-too-many").await;
+    assert_eq!((status, body["code"].as_str()), (400, Some("ResourceLimitExceeded")), "{body}");
+
+    // Another account is not affected.
+    let bob = cloud.create_account("bob").await.unwrap();
+    let (_, r) = cloud.call_as(Some(&bob), reqwest::Method::POST, "/v1/instances", Some(json!({"instance_type": "t3.nano"}))).await.unwrap();
+    let bobs = instance_ids(&r);
+    cloud.wait_for_state_as(&bob, &bobs, "running", T).await.unwrap();
+    let (status, body) = create_image(&cloud, &bob, &bobs[0], "bobs-image").await;
+    assert_eq!(status, 200, "{body}");
+
+    // The operator raises the count; the bytes then bind: a disk larger
+    // than what is left is refused at its upload, and its image fails.
+    let account_id = cloud.get("/v1/account").await.unwrap()["account_id"].as_str().unwrap().to_string();
+    let limits = format!("/v1/admin/accounts/{account_id}/limits");
+    let (status, view) = cloud.call(reqwest::Method::PUT, &limits, Some(json!({"max_images": 10, "max_image_bytes": used + 1}))).await.unwrap();
+    assert_eq!(status.as_u16(), 200, "{view}");
+    assert_eq!((view["image_quota"]["max_images"].as_u64(), view["image_quota"]["max_image_bytes"].as_u64()), (Some(10), Some(used + 1)));
+    let (status, body) = create_image(&cloud, &me, &ids[3], "too-big").await;
+    assert_eq!(status, 200, "{body}");
+    let too_big = body["image_id"].as_str().unwrap().to_string();
+    cloud
+        .wait_until(T, || async { Ok(cloud.get(&format!("/v1/images/{too_big}")).await?["state"] == "failed") })
+        .await
+        .expect("the upload over the byte limit fails its image");
+    let failed = cloud.get(&format!("/v1/images/{too_big}")).await.unwrap();
+    assert!(failed["state_reason"].as_str().unwrap().contains("image storage"), "{failed}");
+    assert_eq!(cloud.get("/v1/account").await.unwrap()["image_quota"]["image_bytes"], used, "nothing more is stored");
+    // With the bytes used up, CreateImage is refused at once.
+    cloud.call(reqwest::Method::PUT, &limits, Some(json!({"max_images": 10, "max_image_bytes": used}))).await.unwrap();
+    let (status, body) = create_image(&cloud, &me, &ids[4], "no-room").await;
+    assert_eq!((status, body["code"].as_str()), (400, Some("ResourceLimitExceeded")), "{body}");
+    // Room again: made.
+    cloud.call(reqwest::Method::PUT, &limits, Some(json!({"max_images": 10}))).await.unwrap();
+    let (status, body) = create_image(&cloud, &me, &ids[4], "room-again").await;
+    assert_eq!(status, 200, "{body}");
+    all_available(&cloud, &me, &[body["image_id"].as_str().unwrap().to_string()]).await;
+    // Only the operator sets them.
+    let (status, _) = cloud.call_as(Some(&me), reqwest::Method::PUT, &limits, Some(json!({"max_images": 1000}))).await.unwrap();
+    assert_eq!(status.as_u16(), 403);
+
+    // DescribeAccountAttributes shows them.
+    let carol = cloud.ec2_account("carol").await.unwrap();
+    let (status, xml) = cloud.ec2(&carol, "Action=DescribeAccountAttributes").await.unwrap();
+    assert_eq!(status, 200, "{xml}");
+    assert!(xml.contains("<attributeName>max-images</attributeName><attributeValueSet><item><attributeValue>3</attributeValue>"), "{xml}");
+    assert!(xml.contains(&format!("<attributeName>max-image-bytes</attributeName><attributeValueSet><item><attributeValue>{}</attributeValue>", 500u64 << 30)), "{xml}");
 }
