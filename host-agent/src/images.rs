@@ -174,10 +174,15 @@ impl ImageCache {
         if self.vetted.lock().unwrap_or_else(|p| p.into_inner()).contains(&file.sha256) {
             return Ok(path);
         }
-        if let Err(source) = crate::disks::check_standalone(&path).await {
-            let _ = tokio::fs::remove_file(&path).await;
-            tracing::warn!(file = %file.name, sha256 = %file.sha256, error = %source, "a cached root disk is not standalone: removed");
-            return Err(ImageError::NotStandalone { name: file.name.clone(), source });
+        match crate::disks::check_standalone(&path).await {
+            Ok(()) => {}
+            Err(source @ crate::disks::DiskError::NotStandalone { .. }) => {
+                let _ = tokio::fs::remove_file(&path).await;
+                tracing::warn!(file = %file.name, sha256 = %file.sha256, error = %source, "a cached root disk is not standalone: removed");
+                return Err(ImageError::NotStandalone { name: file.name.clone(), source });
+            }
+            // The check could not run (qemu-img missing?): this host's problem, not the image's.
+            Err(e) => return Err(ImageError::Io { name: file.name.clone(), source: std::io::Error::other(e.to_string()) }),
         }
         self.vetted.lock().unwrap_or_else(|p| p.into_inner()).insert(file.sha256.clone());
         Ok(path)
@@ -208,7 +213,8 @@ impl ImageCache {
                     self.vetted.lock().unwrap_or_else(|p| p.into_inner()).insert(file.sha256.clone());
                     Ok(())
                 }
-                Err(source) => Err(ImageError::NotStandalone { name: file.name.clone(), source }),
+                Err(source @ crate::disks::DiskError::NotStandalone { .. }) => Err(ImageError::NotStandalone { name: file.name.clone(), source }),
+                Err(e) => Err(ImageError::Io { name: file.name.clone(), source: std::io::Error::other(e.to_string()) }),
             };
         }
         if let Err(e) = result {
