@@ -54,7 +54,7 @@ DEPS_TABLE='
 1  python3                 -
 1  curl                    curl
 1  util-linux              runuser flock setsid
-1  coreutils               timeout stat chgrp chmod sha256sum od truncate mktemp tee
+1  coreutils               timeout stat chgrp chmod sha256sum od truncate mktemp tee cat
 1  procps                  pgrep sysctl
 1  passwd                  groupadd usermod
 1  dpkg                    dpkg dpkg-deb dpkg-query

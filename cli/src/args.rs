@@ -224,6 +224,12 @@ pub enum AdminCommand {
         /// Elastic IPs it may hold.
         #[arg(long)]
         max_elastic_ips: Option<u32>,
+        /// Images it may hold (pending or available).
+        #[arg(long)]
+        max_images: Option<u32>,
+        /// Bytes its images may take in the image store.
+        #[arg(long)]
+        max_image_bytes: Option<u64>,
     },
 }
 

@@ -221,14 +221,14 @@ impl Client {
         self.send(Method::GET, &["v1", "account"], &[], None).await
     }
 
-    pub async fn set_account_limits(
-        &self,
-        account: &str,
-        max_instances: Option<u32>,
-        max_vcpus: Option<u32>,
-        max_elastic_ips: Option<u32>,
-    ) -> Result<Response<serde_json::Value>, CliError> {
-        let body = serde_json::json!({ "max_instances": max_instances, "max_vcpus": max_vcpus, "max_elastic_ips": max_elastic_ips });
+    pub async fn set_account_limits(&self, account: &str, limits: AccountLimits) -> Result<Response<serde_json::Value>, CliError> {
+        let body = serde_json::json!({
+            "max_instances": limits.max_instances,
+            "max_vcpus": limits.max_vcpus,
+            "max_elastic_ips": limits.max_elastic_ips,
+            "max_images": limits.max_images,
+            "max_image_bytes": limits.max_image_bytes,
+        });
         self.send(Method::PUT, &["v1", "admin", "accounts", account, "limits"], &[], json_body(&body)?).await
     }
 
@@ -332,4 +332,14 @@ mod tests {
         assert_eq!(e.exit_code(), 3, "{e:?}");
         assert!(e.to_string().contains(&endpoint), "{e}");
     }
+}
+
+/// An account's limits as the operator sets them (`None`: the default).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AccountLimits {
+    pub max_instances: Option<u32>,
+    pub max_vcpus: Option<u32>,
+    pub max_elastic_ips: Option<u32>,
+    pub max_images: Option<u32>,
+    pub max_image_bytes: Option<u64>,
 }

@@ -221,8 +221,9 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
             let r = client.describe_account().await?;
             render(out, &r.raw, || output::account(&r.body))
         }
-        Command::Admin(AdminCommand::SetAccountLimits { account, max_instances, max_vcpus, max_elastic_ips }) => {
-            let r = client.set_account_limits(&account, max_instances, max_vcpus, max_elastic_ips).await?;
+        Command::Admin(AdminCommand::SetAccountLimits { account, max_instances, max_vcpus, max_elastic_ips, max_images, max_image_bytes }) => {
+            let limits = crate::client::AccountLimits { max_instances, max_vcpus, max_elastic_ips, max_images, max_image_bytes };
+            let r = client.set_account_limits(&account, limits).await?;
             render(out, &r.raw, || output::account(&r.body))
         }
         Command::Admin(AdminCommand::ResetHost { host }) => {

@@ -141,7 +141,7 @@ pub fn hosts_table(hosts: &[Host]) -> String {
 pub fn account(a: &serde_json::Value) -> String {
     let n = |v: &serde_json::Value| v.as_u64().map(|n| n.to_string()).unwrap_or_else(|| "-".into());
     format!(
-        "account {} ({})\ninstances: {} of {}\nvCPUs:     {} of {}\nElastic IPs: at most {}",
+        "account {} ({})\ninstances: {} of {}\nvCPUs:     {} of {}\nElastic IPs: at most {}\nimages:    {} of {} ({} of {} bytes)",
         a["account_id"].as_str().unwrap_or("-"),
         a["name"].as_str().unwrap_or("-"),
         n(&a["usage"]["instances"]),
@@ -149,6 +149,10 @@ pub fn account(a: &serde_json::Value) -> String {
         n(&a["usage"]["vcpus"]),
         n(&a["limits"]["max_vcpus"]),
         n(&a["max_elastic_ips"]),
+        n(&a["image_quota"]["images"]),
+        n(&a["image_quota"]["max_images"]),
+        n(&a["image_quota"]["image_bytes"]),
+        n(&a["image_quota"]["max_image_bytes"]),
     )
 }
 

@@ -72,6 +72,15 @@ pub struct Config {
     /// Elastic IPs an account may hold unless the operator set its own limit.
     #[arg(long, env = "NIMBUS_DEFAULT_MAX_ELASTIC_IPS", default_value_t = 5)]
     pub default_max_elastic_ips: u32,
+    /// Images (pending or available) an account may hold unless the
+    /// operator set its own limit: CreateImage beyond it is refused.
+    #[arg(long, env = "NIMBUS_DEFAULT_MAX_IMAGES", default_value_t = 100)]
+    pub default_max_images: u32,
+    /// Bytes an account's images may take in the image store unless the
+    /// operator set its own limit: an upload beyond it is refused (and its
+    /// image fails). 500 GiB.
+    #[arg(long, env = "NIMBUS_DEFAULT_MAX_IMAGE_BYTES", default_value_t = 500 << 30)]
+    pub default_max_image_bytes: u64,
     /// Directory of the image store: the disks of the images CreateImage
     /// makes (uploaded by the instance's agent, fetched by every host).
     #[arg(long, env = "NIMBUS_IMAGE_STORE_DIR", default_value = "/var/lib/nimbus/image-store")]

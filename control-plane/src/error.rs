@@ -40,6 +40,8 @@ pub enum ServiceError {
     ImageNotPending(String, String),
     #[error(transparent)]
     ImageStore(#[from] crate::image_store::StoreError),
+    #[error("The root disk {0}")]
+    ImageNotStandalone(String),
     #[error("There is not enough capacity to fulfil your request: {0}")]
     InsufficientInstanceCapacity(String),
     #[error("{0}")]
@@ -56,6 +58,8 @@ pub enum ServiceError {
     InstanceLimitExceeded(String),
     #[error("{0}")]
     VcpuLimitExceeded(String),
+    #[error("{0}")]
+    ResourceLimitExceeded(String),
     #[error("{0}")]
     RequestLimitExceeded(String),
     #[error("The account '{0}' does not exist")]
@@ -181,6 +185,7 @@ impl ServiceError {
             ImageStore(crate::image_store::StoreError::Io { .. }) => "InternalError",
             ImageStore(crate::image_store::StoreError::TooLarge(_)) => "RequestEntityTooLarge",
             ImageStore(_) => "InvalidParameterValue",
+            ImageNotStandalone(_) => "InvalidParameterValue",
             InsufficientInstanceCapacity(_) => "InsufficientInstanceCapacity",
             IdempotentParameterMismatch(_) => "IdempotentParameterMismatch",
             IncorrectInstanceState(_) => "IncorrectInstanceState",
@@ -190,6 +195,7 @@ impl ServiceError {
             TagLimitExceeded(_) => "TagLimitExceeded",
             InstanceLimitExceeded(_) => "InstanceLimitExceeded",
             VcpuLimitExceeded(_) => "VcpuLimitExceeded",
+            ResourceLimitExceeded(_) => "ResourceLimitExceeded",
             RequestLimitExceeded(_) => "RequestLimitExceeded",
             AccountNotFound(_) => "InvalidAccountID.NotFound",
             AuthFailure(_) => "AuthFailure",
@@ -256,12 +262,14 @@ impl ServiceError {
             | TagLimitExceeded(_)
             | InstanceLimitExceeded(_)
             | VcpuLimitExceeded(_)
+            | ResourceLimitExceeded(_)
             | AccountNotFound(_)
             | ImageNotFound(_)
             | ImageIdMalformed(_)
             | ImageUnavailable(..)
             | ImageNameMalformed(_)
             | InvalidBlockDeviceMapping(_)
+            | ImageNotStandalone(_)
             | InstanceNotFound(_)
             | InstanceIdMalformed(_)
             | InstanceTypeNotFound(_)

@@ -8,10 +8,21 @@
 //! no image refers to any more are removed by [`ImageStore::remove`] (at
 //! deregistration) and by the sweep at start-up (which also removes the
 //! temporary files of uploads a crash cut short).
+//!
+//! Only a standalone qcow2 is published ([`check_standalone`], which
+//! registrations of files the control plane can read go through too): a
+//! disk naming a backing or external data file would have the hosts that
+//! boot it open a file of theirs by the name its author chose.
+//!
+//! Stored disks are tenants' data (private images): the directory is the
+//! control plane's alone (0700) and every file in it 0600, whatever the
+//! umask; [`ImageStore::close_to_others`] closes a store an older version
+//! left open, at start-up.
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use tokio::io::AsyncWriteExt;
 
@@ -53,6 +64,11 @@ pub struct Staged {
 }
 
 impl Staged {
+    /// Where the upload waits to be published.
+    pub fn path(&self) -> &Path {
+        self.tmp.as_deref().unwrap_or(&self.target)
+    }
+
     pub async fn publish(mut self) -> Result<u64, StoreError> {
         if let Some(tmp) = self.tmp.take() {
             if let Err(e) = tokio::fs::rename(&tmp, &self.target).await {
@@ -91,9 +107,53 @@ impl Drop for TempGuard {
     }
 }
 
+/// Why `disk` may not be a root disk (`Some`), after `qemu-img info -f
+/// qcow2` (which opens no file the disk names; see
+/// [`nimbus_proto::image::DiskInfo`]).
+pub async fn check_standalone(disk: &Path) -> Result<Option<String>, StoreError> {
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["info", "-U", "-f", "qcow2", "--output=json"])
+        .arg(disk)
+        .output()
+        .await
+        .map_err(io(disk))?;
+    if !out.status.success() {
+        tracing::info!(disk = %disk.display(), stderr = %String::from_utf8_lossy(&out.stderr).trim(), "not a qcow2 image");
+        return Ok(Some("it is not a qcow2 image".into()));
+    }
+    let info: nimbus_proto::image::DiskInfo = serde_json::from_slice(&out.stdout)
+        .map_err(|e| StoreError::Io { path: disk.display().to_string(), source: std::io::Error::other(format!("qemu-img info: {e}")) })?;
+    Ok(info.refusal())
+}
+
 impl ImageStore {
     pub fn new(dir: PathBuf, max_bytes: u64) -> ImageStore {
         ImageStore { dir, max_bytes, gc: Default::default() }
+    }
+
+    /// Creates the directory (0700, whatever the umask).
+    async fn private_dir(&self) -> Result<(), StoreError> {
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir))
+            .await
+            .map_err(|e| StoreError::Io { path: self.dir.display().to_string(), source: std::io::Error::other(e) })?
+            .map_err(io(&self.dir))
+    }
+
+    /// Makes the store the control plane's alone: the directory 0700 and
+    /// every file in it 0600 (a store made by an older version, or by hand,
+    /// was left readable by every local user).
+    pub async fn close_to_others(&self) -> Result<(), StoreError> {
+        self.private_dir().await?;
+        tokio::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700)).await.map_err(io(&self.dir))?;
+        let mut dir = tokio::fs::read_dir(&self.dir).await.map_err(io(&self.dir))?;
+        while let Some(entry) = dir.next_entry().await.map_err(io(&self.dir))? {
+            let path = entry.path();
+            if entry.file_type().await.map_err(io(&path))?.is_file() {
+                tokio::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).await.map_err(io(&path))?;
+            }
+        }
+        Ok(())
     }
 
     /// See the `gc` field.
@@ -114,18 +174,29 @@ impl ImageStore {
         S: Stream<Item = Result<Bytes, E>>,
         E: std::fmt::Display,
     {
-        tokio::fs::create_dir_all(&self.dir).await.map_err(io(&self.dir))?;
+        self.stage_at_most(announced, body, self.max_bytes).await
+    }
+
+    /// [`ImageStore::stage`] of at most `limit` bytes (and at most the
+    /// largest image): more is `TooLarge(limit)`.
+    pub async fn stage_at_most<S, E>(&self, announced: &str, body: S, limit: u64) -> Result<Staged, StoreError>
+    where
+        S: Stream<Item = Result<Bytes, E>>,
+        E: std::fmt::Display,
+    {
+        let limit = limit.min(self.max_bytes);
+        self.private_dir().await?;
         let tmp = self.dir.join(format!(".{announced}.{}.part", uuid::Uuid::new_v4().simple()));
         let mut guard = TempGuard(Some(tmp.clone()));
-        let mut out = tokio::fs::File::create(&tmp).await.map_err(io(&tmp))?;
+        let mut out = tokio::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).await.map_err(io(&tmp))?;
         let mut hasher = Sha256::new();
         let mut size = 0u64;
         let mut body = std::pin::pin!(body);
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| StoreError::Body(e.to_string()))?;
             size += chunk.len() as u64;
-            if size > self.max_bytes {
-                return Err(StoreError::TooLarge(self.max_bytes));
+            if size > limit {
+                return Err(StoreError::TooLarge(limit));
             }
             hasher.update(&chunk);
             out.write_all(&chunk).await.map_err(io(&tmp))?;
@@ -234,5 +305,21 @@ mod tests {
         let staged = store.stage(&digest, chunks(&[b"hello world"])).await.unwrap();
         drop(staged);
         assert_eq!(std::fs::read_dir(dir.path().join("store")).unwrap().count(), 0);
+    }
+
+    /// Issue 18, finding 7: private images were 0644 in a 0755 directory.
+    #[tokio::test]
+    async fn stored_disks_are_the_control_planes_alone() {
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::new(dir.path().join("store"), 1 << 20);
+        let digest = hex::encode(Sha256::digest(b"a private disk"));
+        store.put(&digest, chunks(&[b"a private disk"])).await.unwrap();
+        assert_eq!((mode(&dir.path().join("store")), mode(&store.path(&digest))), (0o700, 0o600));
+        // A store an older version left open is closed at start-up.
+        std::fs::set_permissions(dir.path().join("store"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(store.path(&digest), std::fs::Permissions::from_mode(0o644)).unwrap();
+        store.close_to_others().await.unwrap();
+        assert_eq!((mode(&dir.path().join("store")), mode(&store.path(&digest))), (0o700, 0o600));
     }
 }

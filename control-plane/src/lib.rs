@@ -28,6 +28,8 @@ pub async fn build(config: Config) -> anyhow::Result<Service> {
     events.spawn_listener(db.clone());
     let store = std::sync::Arc::new(store::Store::start(&db, &config).await?);
     let service = Service::new(db, config, events, store);
+    // Private images are tenants' data: the store is the control plane's alone.
+    service.image_store.close_to_others().await.map_err(|e| anyhow::anyhow!("cannot close the image store to other users: {e}"))?;
     // No upload runs yet: leftovers of uploads a crash cut short, and files
     // no image refers to, go.
     if let Err(e) = service.sweep_image_store(true).await {

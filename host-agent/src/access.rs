@@ -12,11 +12,13 @@
 //! | path | owner | mode | why |
 //! |---|---|---|---|
 //! | state dir, `images/`, `instances/`, `instances/<id>/` | root:qemu group | 0710 | QEMU passes through; no one else enters; only root lists |
+//! | `store/` (the embedded state-store node: every served instance's document, user-data included) | root:root | 0700 | the agent's own; QEMU passes through the state dir but not into it (files inside follow the umask, so the directory is what closes them) |
 //! | `credential.json`, `credential.pending` (a secret made before registering), `tls/key.pem`, reboot counters | root:root | 0600 | the agent's own |
 //! | `images/<sha256>` | root:qemu group | 0640 | QEMU reads a base disk or kernel, cannot write it |
 //! | `instances/<id>/root.qcow2` | qemu user:qemu group | 0600 | the guest's own disk, written by its QEMU |
 //! | `instances/<id>/seed.iso` | root:qemu group | 0640 | read by QEMU (holds the user-data) |
-//! | `instances/<id>/metadata.sock` | root:qemu group | 0660 | QEMU connects to it (guestfwd) |
+//! | run dir (`--run-dir`) | root:qemu group | 0710 | QEMU passes through to the sockets |
+//! | `<run dir>/<id>.sock` (the guest's metadata server) | root:qemu group | 0660 | QEMU connects to it (guestfwd) |
 //! | `instances/<id>/console.log` | root:root | 0600 | written by virtlogd |
 //!
 //! Every guest's QEMU runs as the same user, as with libvirt's own DAC

@@ -20,6 +20,8 @@ pub enum DiskError {
     Tool { tool: &'static str, stderr: String },
     #[error("user-data is not valid base64")]
     UserData,
+    #[error("{path}: refused as a root disk: {why}")]
+    NotStandalone { path: String, why: String },
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DiskError {
@@ -176,12 +178,46 @@ impl GuestFiles {
     }
 }
 
-/// Flattens a guest's overlay and its backing chain into one compressed-free
-/// standalone qcow2 at `out` (`qemu-img convert`; `-U`: the guest may run,
-/// for CreateImage with NoReboot).
-pub async fn flatten(overlay: &Path, out: &Path) -> Result<(), DiskError> {
+/// Checks that `disk` may be a root disk: a standalone qcow2, naming no
+/// backing or external data file (see [`nimbus_proto::image::DiskInfo`]).
+/// `qemu-img info` opens neither (it reads only the header); `-f qcow2`:
+/// nothing is probed.
+pub async fn check_standalone(disk: &Path) -> Result<(), DiskError> {
+    let out = Command::new("qemu-img").args(["info", "-U", "-f", "qcow2", "--output=json"]).arg(disk).output().await.map_err(io("run qemu-img"))?;
+    let refused = |why: String| DiskError::NotStandalone { path: disk.display().to_string(), why };
+    if !out.status.success() {
+        return Err(refused(format!("not a qcow2 image ({})", String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    let info: nimbus_proto::image::DiskInfo =
+        serde_json::from_slice(&out.stdout).map_err(|e| DiskError::Tool { tool: "qemu-img", stderr: format!("unreadable info: {e}") })?;
+    match info.refusal() {
+        Some(why) => Err(refused(why)),
+        None => Ok(()),
+    }
+}
+
+/// Flattens a guest's overlay over its cached `base` into one standalone
+/// qcow2 at `out` (`qemu-img convert`; `-U`: the guest may run, for
+/// CreateImage with NoReboot). The chain is pinned: the overlay's backing
+/// is `base` whatever its header says, and `base` has none (`backing:
+/// null`), so no file named inside an image is ever opened; `base` is
+/// checked first ([`check_standalone`]: an external data file cannot be
+/// pinned away), in case a bad one reached the cache.
+pub async fn flatten(overlay: &Path, base: &Path, out: &Path) -> Result<(), DiskError> {
+    check_standalone(base).await?;
+    convert_pinned(overlay, base, out).await
+}
+
+/// The pinned `qemu-img convert` of [`flatten`].
+async fn convert_pinned(overlay: &Path, base: &Path, out: &Path) -> Result<(), DiskError> {
     let _ = tokio::fs::remove_file(out).await;
-    run("qemu-img", Command::new("qemu-img").args(["convert", "-U", "-O", "qcow2"]).arg(overlay).arg(out)).await
+    let file = |p: &Path| serde_json::json!({"driver": "file", "filename": p.to_string_lossy()});
+    let chain = serde_json::json!({
+        "driver": "qcow2",
+        "file": file(overlay),
+        "backing": {"driver": "qcow2", "file": file(base), "backing": null},
+    });
+    run("qemu-img", Command::new("qemu-img").args(["convert", "-U", "-O", "qcow2"]).arg(format!("json:{chain}")).arg(out)).await
 }
 
 /// The lower-case hex SHA-256 of a file.
@@ -268,5 +304,54 @@ mod tests {
         files.remove().await.unwrap();
         assert!(!files.exists().await);
         files.remove().await.unwrap();
+    }
+
+    fn qemu_img(args: &[&str]) {
+        let out = std::process::Command::new("qemu-img").args(args).output().unwrap();
+        assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    fn contains(file: &Path, needle: &[u8]) -> bool {
+        std::fs::read(file).unwrap().windows(needle.len()).any(|w| w == needle)
+    }
+
+    /// Issue 18, finding 6: a base whose qcow2 header names a backing file
+    /// (`secret.raw`) flattened into an image holding that host file. Now
+    /// such a base is refused, and the flattening pins the chain, so that
+    /// even a base that slipped into the cache opens nothing it names.
+    #[tokio::test]
+    async fn create_image_never_copies_a_file_a_base_names() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = |n: &str| tmp.path().join(n);
+        let secret = b"HOST-SECRET-0123456789";
+        std::fs::write(p("secret.raw"), secret).unwrap();
+        qemu_img(&["resize", "-q", "-f", "raw", p("secret.raw").to_str().unwrap(), "1M"]);
+        // The evil base, and an instance's overlay over it (as the agent makes it).
+        qemu_img(&["create", "-q", "-f", "qcow2", "-b", p("secret.raw").to_str().unwrap(), "-F", "raw", p("evil.qcow2").to_str().unwrap()]);
+        qemu_img(&["create", "-q", "-f", "qcow2", "-b", p("evil.qcow2").to_str().unwrap(), "-F", "qcow2", p("overlay.qcow2").to_str().unwrap()]);
+        match flatten(&p("overlay.qcow2"), &p("evil.qcow2"), &p("out.qcow2")).await {
+            Err(DiskError::NotStandalone { why, .. }) => assert!(why.contains("backing file"), "{why}"),
+            other => panic!("the evil base was not refused: {other:?}"),
+        }
+        assert!(!p("out.qcow2").exists() || !contains(&p("out.qcow2"), secret));
+        // Had the check been passed, the pinned chain still opens nothing the base names.
+        convert_pinned(&p("overlay.qcow2"), &p("evil.qcow2"), &p("out.qcow2")).await.unwrap();
+        assert!(!contains(&p("out.qcow2"), secret), "the host file's bytes are in the image");
+        // Nor what the overlay's own header names: only the base given is its backing.
+        let good = p("good.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", good.to_str().unwrap(), "1M"]);
+        convert_pinned(&p("overlay.qcow2"), &good, &p("out.qcow2")).await.unwrap();
+        assert!(!contains(&p("out.qcow2"), secret));
+        check_standalone(&p("out.qcow2")).await.unwrap();
+        flatten(&p("overlay.qcow2"), &good, &p("out.qcow2")).await.unwrap();
+
+        // An external data file is refused too.
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", &format!("data_file={},data_file_raw=on", p("data.raw").display()), p("data.qcow2").to_str().unwrap(), "1M"]);
+        match check_standalone(&p("data.qcow2")).await {
+            Err(DiskError::NotStandalone { why, .. }) => assert!(why.contains("data file"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        // And anything that is not a qcow2.
+        assert!(matches!(check_standalone(&p("secret.raw")).await, Err(DiskError::NotStandalone { .. })));
     }
 }

@@ -12,6 +12,11 @@
 //! Every use refreshes a file's modification time; [`ImageCache::sweep`]
 //! removes the files no assignment uses that were last used longer ago
 //! than the agent's `--image-cache-ttl-secs`.
+//!
+//! A root disk must be a standalone qcow2 ([`ImageCache::ensure_disk`],
+//! [`crate::disks::check_standalone`]): one naming a backing or external
+//! data file never enters the cache, and one already there (cached by an
+//! older agent) is checked once per run before use and removed if bad.
 
 use nimbus_proto::api::ImageFile;
 use sha2::{Digest, Sha256};
@@ -30,6 +35,8 @@ pub enum ImageError {
     Io { name: String, source: std::io::Error },
     #[error("image file {name}: download failed: {source}")]
     Http { name: String, source: reqwest::Error },
+    #[error("image file {name}: {source}")]
+    NotStandalone { name: String, source: crate::disks::DiskError },
 }
 
 /// Where an image's files come from.
@@ -62,11 +69,13 @@ pub struct ImageCache {
     qemu: crate::access::QemuUser,
     /// One lock per digest: guests launched together fetch a file once.
     fetching: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    /// Cached root disks found standalone during this run.
+    vetted: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 impl ImageCache {
     pub fn new(dir: PathBuf, http: reqwest::Client, qemu: crate::access::QemuUser) -> ImageCache {
-        ImageCache { dir, http, qemu, fetching: Arc::default(), store: Arc::default() }
+        ImageCache { dir, http, qemu, fetching: Arc::default(), store: Arc::default(), vetted: Arc::default() }
     }
 
     pub fn dir(&self) -> &Path {
@@ -151,8 +160,35 @@ impl ImageCache {
         removed
     }
 
-    /// The local path of `file`, fetching and verifying it first if needed.
+    /// The local path of `file` (a kernel or an initrd), fetching and
+    /// verifying it first if needed.
     pub async fn ensure(&self, source: &Source, file: &ImageFile) -> Result<PathBuf, ImageError> {
+        self.ensure_file(source, file, false).await
+    }
+
+    /// [`ImageCache::ensure`] for a root disk, which must also be a
+    /// standalone qcow2 (checked before it enters the cache, and once per
+    /// run for one already there, which is removed if it is not).
+    pub async fn ensure_disk(&self, source: &Source, file: &ImageFile) -> Result<PathBuf, ImageError> {
+        let path = self.ensure_file(source, file, true).await?;
+        if self.vetted.lock().unwrap_or_else(|p| p.into_inner()).contains(&file.sha256) {
+            return Ok(path);
+        }
+        match crate::disks::check_standalone(&path).await {
+            Ok(()) => {}
+            Err(source @ crate::disks::DiskError::NotStandalone { .. }) => {
+                let _ = tokio::fs::remove_file(&path).await;
+                tracing::warn!(file = %file.name, sha256 = %file.sha256, error = %source, "a cached root disk is not standalone: removed");
+                return Err(ImageError::NotStandalone { name: file.name.clone(), source });
+            }
+            // The check could not run (qemu-img missing?): this host's problem, not the image's.
+            Err(e) => return Err(ImageError::Io { name: file.name.clone(), source: std::io::Error::other(e.to_string()) }),
+        }
+        self.vetted.lock().unwrap_or_else(|p| p.into_inner()).insert(file.sha256.clone());
+        Ok(path)
+    }
+
+    async fn ensure_file(&self, source: &Source, file: &ImageFile, disk: bool) -> Result<PathBuf, ImageError> {
         let io = |source| ImageError::Io { name: file.name.clone(), source };
         let target = self.dir.join(&file.sha256);
         if tokio::fs::try_exists(&target).await.map_err(io)? {
@@ -169,7 +205,18 @@ impl ImageCache {
         }
         self.qemu.private_dir(&self.dir).await.map_err(io)?;
         let tmp = self.dir.join(format!(".{}.{}.part", file.sha256, std::process::id()));
-        let result = self.fetch(source, file, &tmp).await;
+        let mut result = self.fetch(source, file, &tmp).await;
+        if let (Ok(()), true) = (&result, disk) {
+            // Before it has a name in the cache: nothing opens what it names.
+            result = match crate::disks::check_standalone(&tmp).await {
+                Ok(()) => {
+                    self.vetted.lock().unwrap_or_else(|p| p.into_inner()).insert(file.sha256.clone());
+                    Ok(())
+                }
+                Err(source @ crate::disks::DiskError::NotStandalone { .. }) => Err(ImageError::NotStandalone { name: file.name.clone(), source }),
+                Err(e) => Err(ImageError::Io { name: file.name.clone(), source: std::io::Error::other(e.to_string()) }),
+            };
+        }
         if let Err(e) = result {
             let _ = tokio::fs::remove_file(&tmp).await;
             return Err(e);
@@ -281,6 +328,35 @@ mod tests {
         assert!(!path.exists());
         // Fetched again when needed.
         assert_eq!(std::fs::read(cache.ensure(&url, &good).await.unwrap()).unwrap(), b"kernel bytes");
+    }
+
+    /// Issue 18, finding 6: a root disk naming a backing file (here a host
+    /// file, `secret.raw`) never enters the cache, nor stays there if an
+    /// older agent cached it; a standalone one does.
+    #[tokio::test]
+    async fn a_root_disk_naming_a_backing_file_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, cache_dir) = (tmp.path().join("src"), tmp.path().join("cache"));
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(tmp.path().join("secret.raw"), b"HOST-SECRET").unwrap();
+        let qemu_img = |args: &[&str]| assert!(std::process::Command::new("qemu-img").args(args).status().unwrap().success());
+        let (evil, good) = (src.join("evil.qcow2"), src.join("good.qcow2"));
+        qemu_img(&["create", "-q", "-f", "qcow2", "-b", tmp.path().join("secret.raw").to_str().unwrap(), "-F", "raw", evil.to_str().unwrap(), "1M"]);
+        qemu_img(&["create", "-q", "-f", "qcow2", good.to_str().unwrap(), "1M"]);
+        let file = |p: &Path| ImageFile { name: p.file_name().unwrap().to_string_lossy().into(), sha256: hex::encode(Sha256::digest(std::fs::read(p).unwrap())) };
+        let cache = ImageCache::new(cache_dir.clone(), reqwest::Client::new(), QEMU);
+        let url = Source::Url(format!("file://{}", src.display()));
+        match cache.ensure_disk(&url, &file(&evil)).await {
+            Err(ImageError::NotStandalone { name, .. }) => assert_eq!(name, "evil.qcow2"),
+            other => panic!("not refused: {other:?}"),
+        }
+        assert_eq!(std::fs::read_dir(&cache_dir).unwrap().count(), 0, "nothing of it in the cache");
+        cache.ensure_disk(&url, &file(&good)).await.unwrap();
+        // Cached before the check existed: refused at its next use, and removed.
+        let old = cache_dir.join(file(&evil).sha256);
+        std::fs::copy(&evil, &old).unwrap();
+        assert!(matches!(cache.ensure_disk(&url, &file(&evil)).await, Err(ImageError::NotStandalone { .. })));
+        assert!(!old.exists());
     }
 
     #[tokio::test]

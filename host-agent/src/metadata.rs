@@ -15,14 +15,32 @@
 //! A guest must not be able to hurt the agent, which every guest on the host
 //! depends on: request heads are bounded ([`MAX_HEAD`]), a body is read and
 //! dropped chunk by chunk and only up to [`MAX_BODY`] (more closes the
-//! connection), and nothing a guest sends is buffered beyond one head.
+//! connection), and nothing a guest sends is buffered beyond one head. Nor
+//! can it hold the agent's file descriptors ([`ConnectionLimits`]): a
+//! request (head, body, and taking its answer) must be done within
+//! [`ConnectionLimits::request_timeout`] of its first byte, a VPC connection
+//! idle between requests for [`ConnectionLimits::idle_timeout`] is closed, an
+//! instance holds at most [`ConnectionLimits::per_instance`] connections (a
+//! new one closes its oldest) and all instances together at most
+//! [`ConnectionLimits::total`] (a new one closes the oldest connection of
+//! the instance holding the most), so one guest's flood costs other guests
+//! nothing; every connection of an instance closes when its service stops
+//! ([`MetadataServers::stop`], at termination) or its guest stops
+//! ([`MetadataServers::close_connections`]).
+//!
+//! The IMDSv2 token response leaves with the instance's hop limit as its IP
+//! TTL (EC2's `HttpPutResponseHopLimit`, default 1), so a token does not
+//! reach a container or host routed behind the guest; other answers keep
+//! the system's TTL. (Only on the VPC listener: a unix socket carries no IP.)
 //!
 //! QEMU's guestfwd carries all of a guest's connections, one after another,
 //! over a single connection to this server. So the server never closes a
 //! connection because a request said `Connection: close` (busybox wget does),
 //! and always sends `Content-Length`, so the guest knows where each answer
-//! ends. Requests are parsed with `httparse` and routed through an axum
-//! `Router`.
+//! ends. Nor does it close that connection for being idle: QEMU would
+//! reconnect only a second later, and a request sent meanwhile would be lost
+//! (only root and QEMU's group reach the socket, one connection per guest).
+//! Requests are parsed with `httparse` and routed through an axum `Router`.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -36,7 +54,9 @@ use nimbus_proto::network::Nic;
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::path::{Path as FsPath, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::task::JoinHandle;
 
@@ -96,7 +116,178 @@ pub const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 struct Guest {
     content: Shared,
     tokens: Tokens,
+    /// Set when the instance's service stops: no connection is admitted after.
+    stopped: Arc<AtomicBool>,
 }
+
+impl Guest {
+    fn new(content: Content) -> Guest {
+        Guest { content: Arc::new(RwLock::new(content)), tokens: Arc::default(), stopped: Arc::default() }
+    }
+}
+
+/// Bounds on the metadata service's connections (see the module's doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// A request's head and body must have arrived, and its answer been
+    /// taken, within this of the request's first byte.
+    pub request_timeout: Duration,
+    /// A VPC connection idle this long between requests (or before the
+    /// first) is closed. Not the unix socket's (QEMU's one stream per guest).
+    pub idle_timeout: Duration,
+    /// Connections one instance may hold; a new one closes its oldest.
+    pub per_instance: usize,
+    /// Connections of all instances; a new one closes the oldest of the
+    /// instance holding the most.
+    pub total: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits { request_timeout: Duration::from_secs(10), idle_timeout: Duration::from_secs(60), per_instance: 16, total: 256 }
+    }
+}
+
+impl ConnectionLimits {
+    /// The defaults, with the total cut to a quarter of the process's file
+    /// descriptor limit (at least 64), so guests cannot use up what the
+    /// agent needs for libvirt, the store and the control plane.
+    pub fn for_this_process() -> ConnectionLimits {
+        let d = ConnectionLimits::default();
+        let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map(|(soft, _)| soft).unwrap_or(1024);
+        let total = usize::try_from(soft / 4).unwrap_or(usize::MAX).clamp(64, 1024);
+        ConnectionLimits { total, per_instance: d.per_instance.min(total), ..d }
+    }
+}
+
+/// The live connections of every instance: what the caps count, and how an
+/// instance's connections are closed (dropping a sender ends its task).
+struct Connections {
+    limits: ConnectionLimits,
+    inner: Mutex<ConnectionTable>,
+}
+
+#[derive(Default)]
+struct ConnectionTable {
+    next: u64,
+    total: usize,
+    /// Per instance, by age (ids only grow): the close signal of each connection.
+    by_instance: HashMap<String, std::collections::BTreeMap<u64, tokio::sync::oneshot::Sender<()>>>,
+}
+
+impl ConnectionTable {
+    /// Closes the oldest connection of `instance_id`.
+    fn close_oldest(&mut self, instance_id: &str) {
+        if let Some(conns) = self.by_instance.get_mut(instance_id) {
+            if conns.pop_first().is_some() {
+                self.total -= 1;
+            }
+            if conns.is_empty() {
+                self.by_instance.remove(instance_id);
+            }
+        }
+    }
+}
+
+impl Connections {
+    fn new(limits: ConnectionLimits) -> Connections {
+        Connections { limits, inner: Mutex::default() }
+    }
+
+    /// Admits a new connection of `instance_id`, closing what the caps
+    /// require first; `None` once the instance's service stopped.
+    fn admit(&self, instance_id: &str, stopped: &AtomicBool) -> Option<(u64, tokio::sync::oneshot::Receiver<()>)> {
+        let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if stopped.load(Ordering::SeqCst) {
+            return None;
+        }
+        while t.by_instance.get(instance_id).is_some_and(|c| c.len() >= self.limits.per_instance.max(1)) {
+            t.close_oldest(instance_id);
+            tracing::debug!(%instance_id, "metadata connection closed: the instance's cap");
+        }
+        while t.total >= self.limits.total.max(1) {
+            let Some(heaviest) = t.by_instance.iter().max_by_key(|(_, c)| c.len()).map(|(id, _)| id.clone()) else { break };
+            t.close_oldest(&heaviest);
+            tracing::debug!(instance_id = %heaviest, "metadata connection closed: the host's cap");
+        }
+        let id = t.next;
+        t.next += 1;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        t.by_instance.entry(instance_id.to_string()).or_default().insert(id, tx);
+        t.total += 1;
+        Some((id, rx))
+    }
+
+    /// Forgets a connection that ended.
+    fn release(&self, instance_id: &str, id: u64) {
+        let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(conns) = t.by_instance.get_mut(instance_id) {
+            if conns.remove(&id).is_some() {
+                if conns.is_empty() {
+                    t.by_instance.remove(instance_id);
+                }
+                t.total -= 1;
+            }
+        }
+    }
+
+    /// Closes every connection of `instance_id`; how many there were.
+    fn close_instance(&self, instance_id: &str) -> usize {
+        let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let n = t.by_instance.remove(instance_id).map_or(0, |c| c.len());
+        t.total -= n;
+        n
+    }
+
+    fn close_all(&self) {
+        let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        t.by_instance.clear();
+        t.total = 0;
+    }
+
+    fn count(&self, instance_id: &str) -> usize {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).by_instance.get(instance_id).map_or(0, |c| c.len())
+    }
+}
+
+/// Releases a connection's place in [`Connections`] when its task ends.
+struct Admitted {
+    connections: Arc<Connections>,
+    instance_id: String,
+    id: u64,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.connections.release(&self.instance_id, self.id);
+    }
+}
+
+/// What the service needs of a connection besides reading and writing.
+trait Connection: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// The IP TTL of what the connection sends (`None`: no IP, a unix socket).
+    fn ip_ttl(&self) -> Option<u32> {
+        None
+    }
+    fn set_ip_ttl(&self, _ttl: u32) {}
+}
+
+impl Connection for tokio::net::UnixStream {}
+
+impl Connection for tokio::net::TcpStream {
+    fn ip_ttl(&self) -> Option<u32> {
+        self.ttl().ok()
+    }
+    fn set_ip_ttl(&self, ttl: u32) {
+        if let Err(e) = self.set_ttl(ttl) {
+            tracing::warn!(error = %e, ttl, "cannot set the TTL of a metadata connection");
+        }
+    }
+}
+
+/// The IP TTL a response must leave with (the token response's hop limit).
+#[derive(Debug, Clone, Copy)]
+struct HopLimit(u8);
 
 struct Entry {
     guest: Guest,
@@ -126,6 +317,8 @@ pub struct MetadataServers {
     store: Arc<std::sync::OnceLock<DocumentSource>>,
     /// Refreshes so far: quorum reads run on every [`QUORUM_EVERY`]th.
     refreshes: Arc<std::sync::atomic::AtomicU64>,
+    /// Every live connection, per instance.
+    connections: Arc<Connections>,
 }
 
 /// Documents this host holds no replica of (or an older one) are read by
@@ -230,11 +423,18 @@ async fn new_token(State(g): State<Guest>, headers: axum::http::HeaderMap) -> Re
         }
         tokens.insert(token.clone(), now + std::time::Duration::from_secs(ttl));
     }
-    ([(TTL_HEADER, ttl.to_string())], token).into_response()
+    let hop_limit = g.content.read().unwrap_or_else(|p| p.into_inner()).meta.options.hop_limit;
+    let mut resp = ([(TTL_HEADER, ttl.to_string())], token).into_response();
+    resp.extensions_mut().insert(HopLimit(hop_limit.max(1)));
+    resp
 }
 
 impl MetadataServers {
     pub fn new(qemu: crate::access::QemuUser, dir: PathBuf) -> MetadataServers {
+        MetadataServers::with_limits(qemu, dir, ConnectionLimits::for_this_process())
+    }
+
+    pub fn with_limits(qemu: crate::access::QemuUser, dir: PathBuf, limits: ConnectionLimits) -> MetadataServers {
         MetadataServers {
             entries: Arc::default(),
             addresses: Arc::default(),
@@ -243,7 +443,37 @@ impl MetadataServers {
             dir,
             store: Arc::default(),
             refreshes: Arc::default(),
+            connections: Arc::new(Connections::new(limits)),
         }
+    }
+
+    /// Serves one connection of `instance_id` (its content `guest`) in a
+    /// task of its own, within the caps; nothing once the instance's
+    /// service stopped.
+    fn serve<S: Connection>(&self, instance_id: &str, guest: &Guest, conn: S, app: Router, idle: Option<Duration>) {
+        let Some((id, closed)) = self.connections.admit(instance_id, &guest.stopped) else { return };
+        let admitted = Admitted { connections: self.connections.clone(), instance_id: instance_id.to_string(), id };
+        let timeouts = Timeouts { request: self.connections.limits.request_timeout, idle };
+        tokio::spawn(async move {
+            let _admitted = admitted;
+            tokio::select! {
+                _ = serve_connection(conn, app, timeouts) => {}
+                // Evicted, or the instance's service stopped: dropping the connection closes it.
+                _ = closed => {}
+            }
+        });
+    }
+
+    /// Closes every metadata connection of an instance (its guest stopped:
+    /// a VPC guest's connections would otherwise stay open until they idle
+    /// out). Returns how many there were.
+    pub fn close_connections(&self, instance_id: &str) -> usize {
+        self.connections.close_instance(instance_id)
+    }
+
+    /// The live metadata connections of an instance (tests).
+    pub fn connection_count(&self, instance_id: &str) -> usize {
+        self.connections.count(instance_id)
     }
 
     /// The socket of an instance's metadata server.
@@ -276,7 +506,7 @@ impl MetadataServers {
             }
             *current = content.clone();
         } else if !create {
-            return Guest { content: Arc::new(RwLock::new(content)), tokens: Arc::default() };
+            return Guest::new(content);
         }
         {
             let mut addresses = self.addresses.write().unwrap_or_else(|p| p.into_inner());
@@ -288,7 +518,7 @@ impl MetadataServers {
         match entries.get(id) {
             Some(e) => e.guest.clone(),
             None => {
-                let guest = Guest { content: Arc::new(RwLock::new(content)), tokens: Arc::default() };
+                let guest = Guest::new(content);
                 entries.insert(id.clone(), Entry { guest: guest.clone(), socket_task: None });
                 guest
             }
@@ -396,14 +626,13 @@ impl MetadataServers {
         }
         let listener = tokio::net::UnixListener::bind(&socket)?;
         self.qemu.connectable(&socket).await?;
-        let app = router(content);
+        let app = router(content.clone());
         let instance_id = meta.instance_id.clone();
+        let this = self.clone();
         let task = tokio::spawn(async move {
             loop {
                 match listener.accept().await {
-                    Ok((conn, _)) => {
-                        tokio::spawn(serve_connection(conn, app.clone()));
-                    }
+                    Ok((conn, _)) => this.serve(&instance_id, &content, conn, app.clone(), None),
                     Err(e) => {
                         tracing::warn!(%instance_id, error = %e, "metadata server cannot accept");
                         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -441,12 +670,16 @@ impl MetadataServers {
                     Ok((conn, peer)) => {
                         let std::net::IpAddr::V4(ip) = peer.ip() else { continue };
                         let owner = this.addresses.read().unwrap_or_else(|p| p.into_inner()).get(&(vni, ip)).cloned();
-                        let guest = owner.and_then(|id| this.entries.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|e| e.guest.clone()));
+                        let guest = owner.and_then(|id| {
+                            let g = this.entries.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|e| e.guest.clone());
+                            g.map(|g| (id, g))
+                        });
                         match guest {
-                            Some(c) => {
+                            Some((id, g)) => {
                                 // Answers go out at once (no Nagle wait for the guest's next request).
                                 let _ = conn.set_nodelay(true);
-                                tokio::spawn(serve_connection(conn, router(c)));
+                                let idle = Some(this.connections.limits.idle_timeout);
+                                this.serve(&id, &g, conn, router(g.clone()), idle);
                             }
                             None => tracing::debug!(vni, %ip, "metadata request from an address of no instance here"),
                         }
@@ -490,14 +723,21 @@ impl MetadataServers {
         }
     }
 
-    /// Stops the instance's service: its socket server and file, its addresses.
+    /// Stops the instance's service: its socket server and file, its
+    /// addresses, and every connection it has (on either listener).
     pub fn stop(&self, instance_id: &str) {
         if let Some(e) = self.entries.lock().unwrap_or_else(|p| p.into_inner()).remove(instance_id) {
+            // Before the connections close: none is admitted after them.
+            e.guest.stopped.store(true, Ordering::SeqCst);
             if let Some(t) = e.socket_task {
                 t.abort();
             }
         }
         self.addresses.write().unwrap_or_else(|p| p.into_inner()).retain(|_, owner| owner != instance_id);
+        let closed = self.connections.close_instance(instance_id);
+        if closed > 0 {
+            tracing::debug!(%instance_id, closed, "metadata connections closed");
+        }
         let _ = std::fs::remove_file(self.socket(instance_id));
     }
 
@@ -505,6 +745,7 @@ impl MetadataServers {
     /// guests keep running, and the next agent replaces them.
     pub fn stop_all(&self) {
         for (_, e) in self.entries.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+            e.guest.stopped.store(true, Ordering::SeqCst);
             if let Some(t) = e.socket_task {
                 t.abort();
             }
@@ -512,6 +753,7 @@ impl MetadataServers {
         for (_, t) in self.vpc_listeners.lock().unwrap_or_else(|p| p.into_inner()).drain() {
             t.abort();
         }
+        self.connections.close_all();
     }
 }
 
@@ -661,40 +903,69 @@ fn parse_head(buf: &[u8]) -> Option<Head> {
     }
 }
 
-async fn write_status<S: AsyncWrite + Unpin>(conn: &mut S, status: StatusCode) {
+async fn write_status<S: AsyncWrite + Unpin>(conn: &mut S, status: StatusCode, timeout: Duration) {
     let head = format!("HTTP/1.1 {} {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", status.as_u16(), status.canonical_reason().unwrap_or(""));
-    let _ = conn.write_all(head.as_bytes()).await;
+    let _ = tokio::time::timeout(timeout, conn.write_all(head.as_bytes())).await;
 }
 
-/// Answers requests on one connection until the peer closes it or sends
-/// something the service refuses (then after answering the refusal).
-async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(mut conn: S, app: Router) {
+/// How long a connection may take (see [`ConnectionLimits`]).
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    request: Duration,
+    /// Between requests; `None`: no limit (the unix socket).
+    idle: Option<Duration>,
+}
+
+/// Reads into `chunk` before `deadline` (if any); `None` when the peer
+/// closed, failed or ran out of time.
+async fn read_before<S: AsyncRead + Unpin>(conn: &mut S, chunk: &mut [u8], deadline: Option<tokio::time::Instant>) -> Option<usize> {
+    let read = match deadline {
+        Some(d) => tokio::time::timeout_at(d, conn.read(chunk)).await.ok()?,
+        None => conn.read(chunk).await,
+    };
+    match read {
+        Ok(0) | Err(_) => None,
+        Ok(n) => Some(n),
+    }
+}
+
+/// Answers requests on one connection until the peer closes it, sends
+/// something the service refuses (then after answering the refusal), takes
+/// longer than `timeouts.request` over a request, or idles longer than
+/// `timeouts.idle` between requests.
+async fn serve_connection<S: Connection>(mut conn: S, app: Router, timeouts: Timeouts) {
     use tower::ServiceExt;
     // Holds at most one head (MAX_HEAD) plus what one read brought after it.
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
+    // The system's TTL, restored after a token response went out with the hop limit.
+    let default_ttl = conn.ip_ttl();
+    let mut ttl_lowered = false;
     loop {
+        // The request's clock starts with its first byte (already here when pipelined).
+        let now = tokio::time::Instant::now();
+        let mut deadline = (!buf.is_empty()).then(|| now + timeouts.request);
+        let idle_until = timeouts.idle.map(|i| now + i);
         // Read until one whole request head is buffered.
         let (method, path, headers, head_len, body_len) = loop {
             match parse_head(&buf) {
                 Some(Head::Request { method, path, headers, head_len, body_len }) => break (method, path, headers, head_len, body_len),
-                Some(Head::Refuse(status)) => return write_status(&mut conn, status).await,
+                Some(Head::Refuse(status)) => return write_status(&mut conn, status, timeouts.request).await,
                 None => {}
             }
-            match conn.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
+            let Some(n) = read_before(&mut conn, &mut chunk, deadline.or(idle_until)).await else { return };
+            buf.extend_from_slice(&chunk[..n]);
+            deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeouts.request);
         };
+        let deadline = deadline.unwrap_or_else(|| tokio::time::Instant::now() + timeouts.request);
         // Drop the body (at most MAX_BODY): what was buffered, then the rest as it comes.
         let buffered = buf.len().min(head_len + body_len);
         buf.drain(..buffered);
         let mut rest = head_len + body_len - buffered;
         while rest > 0 {
-            match conn.read(&mut chunk[..rest.min(4096)]).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => rest -= n,
-            }
+            let want = rest.min(chunk.len());
+            let Some(n) = read_before(&mut conn, &mut chunk[..want], Some(deadline)).await else { return };
+            rest -= n;
         }
 
         let mut request = axum::http::Request::builder()
@@ -703,17 +974,31 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(mut conn: S, app: R
         for (name, value) in &headers {
             request = request.header(name.as_str(), value.as_slice());
         }
-        let (status, ttl, body) = match request.body(axum::body::Body::empty()) {
+        let (status, ttl, hop_limit, body) = match request.body(axum::body::Body::empty()) {
             Ok(req) => match app.clone().oneshot(req).await {
                 Ok(resp) => {
                     let status = resp.status();
                     let ttl = resp.headers().get(TTL_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
-                    (status, ttl, axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap_or_default())
+                    let hop_limit = resp.extensions().get::<HopLimit>().map(|h| h.0);
+                    (status, ttl, hop_limit, axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap_or_default())
                 }
                 Err(never) => match never {},
             },
-            Err(_) => (StatusCode::BAD_REQUEST, None, Default::default()),
+            Err(_) => (StatusCode::BAD_REQUEST, None, None, Default::default()),
         };
+        // A token leaves with the instance's hop limit as its TTL; later
+        // answers with the system's again.
+        match (hop_limit, default_ttl) {
+            (Some(h), Some(_)) => {
+                conn.set_ip_ttl(u32::from(h));
+                ttl_lowered = true;
+            }
+            (None, Some(d)) if ttl_lowered => {
+                conn.set_ip_ttl(d);
+                ttl_lowered = false;
+            }
+            _ => {}
+        }
         let head = format!(
             "HTTP/1.1 {} {}\r\nContent-Type: text/plain\r\n{}Content-Length: {}\r\n\r\n",
             status.as_u16(),
@@ -721,10 +1006,15 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(mut conn: S, app: R
             ttl.map(|t| format!("X-aws-ec2-metadata-token-ttl-seconds: {t}\r\n")).unwrap_or_default(),
             if method == "HEAD" { 0 } else { body.len() }
         );
-        if conn.write_all(head.as_bytes()).await.is_err() {
-            return;
-        }
-        if method != "HEAD" && conn.write_all(&body).await.is_err() {
+        // The answer must be taken in time too (a guest that never reads holds nothing).
+        let write = async {
+            conn.write_all(head.as_bytes()).await?;
+            if method != "HEAD" {
+                conn.write_all(&body).await?;
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        if !matches!(tokio::time::timeout(timeouts.request, write).await, Ok(Ok(()))) {
             return;
         }
     }
@@ -1245,5 +1535,322 @@ mod imds_tests {
         assert_eq!(call(&socket, "GET", "/2021-03-23/meta-data/placement/", &[]).await, (200, "availability-zone".into()));
         assert_eq!(call(&socket, "GET", "/2021-03-23/dynamic/instance-identity/", &[]).await, (200, "document\n".into()));
         assert_eq!(call(&socket, "GET", "/2021-3-23/meta-data/instance-id", &[]).await.0, 404, "not a date");
+    }
+}
+
+/// The attacks of issue 18 on the metadata service: a guest holding
+/// half-sent requests (finding 5) and the hop limit (finding 10).
+#[cfg(test)]
+mod connection_tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// The connections the server holds on the listener at `socket`
+    /// (accepted ones, and those waiting to be: the kernel gives them the
+    /// listener's path in /proc/net/unix; clients' sockets have none).
+    fn server_side(socket: &FsPath) -> usize {
+        let path = socket.to_string_lossy();
+        let table = std::fs::read_to_string("/proc/net/unix").unwrap();
+        table.lines().filter(|l| l.split_whitespace().nth(7) == Some(&path)).filter(|l| l.split_whitespace().nth(5) == Some("03")).count()
+    }
+
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd").unwrap().count()
+    }
+
+    /// Waits (at most `bound`) for `cond`; whether it came.
+    async fn eventually(bound: Duration, mut cond: impl FnMut() -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + bound;
+        while !cond() {
+            if tokio::time::Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    /// Clients that sent half a request and wait; each drops its socket
+    /// once the server closed the connection. Aborted on drop.
+    struct HalfSent {
+        closed: Arc<AtomicUsize>,
+        tasks: Vec<tokio::task::JoinHandle<()>>,
+    }
+
+    impl HalfSent {
+        async fn open(socket: &FsPath, n: usize) -> HalfSent {
+            let closed = Arc::new(AtomicUsize::new(0));
+            let mut tasks = Vec::new();
+            for _ in 0..n {
+                let mut conn = tokio::net::UnixStream::connect(socket).await.unwrap();
+                conn.write_all(b"GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: 169.254.169.254\r\nX-Slow: ").await.unwrap();
+                let closed = closed.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut buf = [0u8; 256];
+                    while matches!(conn.read(&mut buf).await, Ok(n) if n > 0) {}
+                    closed.fetch_add(1, Ordering::SeqCst);
+                }));
+            }
+            HalfSent { closed, tasks }
+        }
+
+        fn closed(&self) -> usize {
+            self.closed.load(Ordering::SeqCst)
+        }
+    }
+
+    impl Drop for HalfSent {
+        fn drop(&mut self) {
+            for t in &self.tasks {
+                t.abort();
+            }
+        }
+    }
+
+    /// Stops every server when the test ends, passed or failed.
+    struct Servers(MetadataServers, #[allow(dead_code)] tempfile::TempDir);
+
+    impl Servers {
+        fn new(limits: ConnectionLimits) -> Servers {
+            let dir = tempfile::tempdir().unwrap();
+            Servers(MetadataServers::with_limits(crate::access::QemuUser::root(), dir.path().join("run"), limits), dir)
+        }
+    }
+
+    impl Drop for Servers {
+        fn drop(&mut self) {
+            self.0.stop_all();
+        }
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    /// Finding 5: a guest held 1,000 half-sent requests and the agent's
+    /// descriptors went from 23 to 1,023. Now an instance holds at most its
+    /// cap (a new connection closes its oldest), all guests together at most
+    /// the host's (a new one closes the oldest of the guest holding the
+    /// most), and another guest's metadata answers all along.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flood_of_half_sent_requests_is_capped_per_guest_and_per_host() {
+        let limits = ConnectionLimits { request_timeout: HOUR, idle_timeout: HOUR, per_instance: 8, total: 24 };
+        let s = Servers::new(limits);
+        let ids = ["i-00000000000000a01", "i-00000000000000a02", "i-00000000000000a03", "i-00000000000000b01"];
+        let mut sockets = Vec::new();
+        for id in ids {
+            sockets.push(s.0.ensure(&sample_metadata(id), None).await.unwrap());
+        }
+        let (attackers, victim) = (&sockets[..3], &sockets[3]);
+        let before = open_fds();
+        let mut floods = Vec::new();
+        for socket in attackers {
+            let flood = HalfSent::open(socket, 150).await;
+            // Every connection the server did not keep is closed (and its client with it).
+            assert!(
+                eventually(Duration::from_secs(60), || flood.closed() >= 150 - limits.per_instance && server_side(socket) <= limits.per_instance).await,
+                "the guest keeps {} connections open on the server ({} closed)",
+                server_side(socket),
+                flood.closed()
+            );
+            floods.push(flood);
+        }
+        let held: usize = attackers.iter().map(|s| server_side(s)).sum();
+        assert!(held <= limits.total, "{held} connections held for the attackers");
+        // The descriptors of this process: the clients still open, the
+        // server's side of them, and some slack for the tests running beside.
+        let fds = open_fds();
+        assert!(fds <= before + 2 * limits.total + 32, "descriptors went from {before} to {fds}");
+        for (i, id) in ids[..3].iter().enumerate() {
+            assert!(s.0.connection_count(id) <= limits.per_instance, "{id}: {}", s.0.connection_count(id));
+            assert_eq!(s.0.connection_count(id), server_side(&attackers[i]));
+        }
+        // The host is full of the attackers' connections, yet the other guest is answered.
+        for _ in 0..3 {
+            let (status, body) = request(victim, "GET", "/latest/meta-data/instance-id", &[]).await.unwrap();
+            assert_eq!((status, body.as_slice()), (200, ids[3].as_bytes()));
+        }
+        let total: usize = sockets.iter().map(|s| server_side(s)).sum();
+        assert!(total <= limits.total, "{total} connections in all");
+    }
+
+    /// Finding 5: half-sent requests stayed open forever. Now a request must
+    /// be done within the request timeout of its first byte (sending a byte
+    /// now and then does not extend it), and a VPC connection idle for the
+    /// idle timeout closes (see `token_responses_leave_with_the_hop_limit`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn half_sent_requests_are_closed_after_the_request_timeout() {
+        let limits = ConnectionLimits { request_timeout: Duration::from_millis(1500), idle_timeout: HOUR, per_instance: 8, total: 24 };
+        let s = Servers::new(limits);
+        let id = "i-00000000000000c01";
+        let socket = s.0.ensure(&sample_metadata(id), None).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let flood = HalfSent::open(&socket, 6).await;
+        // A trickle: a byte of the head every 200 ms.
+        let mut trickle = tokio::net::UnixStream::connect(&socket).await.unwrap();
+        trickle.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let cut = tokio::spawn(async move {
+            for _ in 0..600 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if trickle.write_all(b"X").await.is_err() {
+                    return true;
+                }
+            }
+            false
+        });
+        assert!(eventually(Duration::from_secs(30), || flood.closed() == 6).await, "{} of 6 half-sent requests closed", flood.closed());
+        assert!(started.elapsed() >= Duration::from_millis(1400), "closed before the timeout: {:?}", started.elapsed());
+        assert!(tokio::time::timeout(Duration::from_secs(30), cut).await.unwrap().unwrap(), "a trickled head kept its connection");
+        assert!(eventually(Duration::from_secs(10), || server_side(&socket) == 0 && s.0.connection_count(id) == 0).await);
+        // Whole requests are answered as ever, also one after another on one connection.
+        let mut conn = tokio::net::UnixStream::connect(&socket).await.unwrap();
+        let expected = format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 19\r\n\r\n{id}");
+        for _ in 0..2 {
+            conn.write_all(b"GET /latest/meta-data/instance-id HTTP/1.1\r\n\r\n").await.unwrap();
+            let mut got = vec![0u8; expected.len()];
+            tokio::time::timeout(Duration::from_secs(30), conn.read_exact(&mut got)).await.unwrap().unwrap();
+            assert_eq!(String::from_utf8_lossy(&got), expected);
+        }
+    }
+
+    /// Finding 5: the connections of a terminated guest stayed open for
+    /// good. Now stopping an instance's service (termination), or its guest
+    /// (a stop), closes every connection it has.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_instances_connections_close_when_it_stops_or_terminates() {
+        let s = Servers::new(ConnectionLimits { request_timeout: HOUR, idle_timeout: HOUR, per_instance: 8, total: 24 });
+        let (gone, stopped, other) = ("i-00000000000000d01", "i-00000000000000d02", "i-00000000000000d03");
+        let mut sockets = Vec::new();
+        for id in [gone, stopped, other] {
+            sockets.push(s.0.ensure(&sample_metadata(id), None).await.unwrap());
+        }
+        let floods = [HalfSent::open(&sockets[0], 5).await, HalfSent::open(&sockets[1], 5).await, HalfSent::open(&sockets[2], 5).await];
+        assert!(eventually(Duration::from_secs(30), || sockets.iter().all(|s| server_side(s) == 5)).await);
+        s.0.stop(gone);
+        assert!(eventually(Duration::from_secs(10), || floods[0].closed() == 5).await, "{} of 5 closed at termination", floods[0].closed());
+        assert!(eventually(Duration::from_secs(10), || server_side(&sockets[0]) == 0).await);
+        assert_eq!(s.0.connection_count(gone), 0);
+        assert_eq!(s.0.close_connections(stopped), 5);
+        assert!(eventually(Duration::from_secs(10), || floods[1].closed() == 5).await, "{} of 5 closed at the stop", floods[1].closed());
+        // The stopped instance is still served (for its next start); the other is untouched.
+        assert_eq!(request(&sockets[1], "GET", "/latest/meta-data/instance-id", &[]).await.unwrap().0, 200);
+        assert_eq!((floods[2].closed(), s.0.connection_count(other)), (0, 5));
+    }
+
+    /// The server's packets to `client` with a payload, as (TTL, payload),
+    /// read from a raw socket in the namespace.
+    fn packets_from_metadata(raw: &socket2::Socket, client_port: u16) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 65536];
+        while let Ok(n) = raw.recv(&mut buf) {
+            // SAFETY: recv initialised the first n bytes.
+            let p: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
+            let ihl = usize::from(p[0] & 0x0f) * 4;
+            if p.len() < ihl + 20 || p[9] != 6 || p[12..16] != crate::network::METADATA_IP.octets() {
+                continue;
+            }
+            let tcp = &p[ihl..];
+            let (sport, dport) = (u16::from_be_bytes([tcp[0], tcp[1]]), u16::from_be_bytes([tcp[2], tcp[3]]));
+            let data = usize::from(tcp[12] >> 4) * 4;
+            if sport == 80 && dport == client_port && tcp.len() > data {
+                out.push((p[8], tcp[data..].to_vec()));
+            }
+        }
+        out
+    }
+
+    async fn ip(args: &[&str]) {
+        let out = tokio::process::Command::new("ip").args(args).output().await.unwrap();
+        assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Reads one answer (head and Content-Length body) from `conn`.
+    async fn answer(conn: &mut tokio::net::TcpStream) -> String {
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 1024];
+        loop {
+            let text = String::from_utf8_lossy(&got).to_string();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len: usize = head.lines().find_map(|l| l.strip_prefix("Content-Length: ")).and_then(|v| v.parse().ok()).unwrap();
+                if body.len() >= len {
+                    return text;
+                }
+            }
+            let n = conn.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Finding 10: `http_put_response_hop_limit` was shown but the token
+    /// response left with TTL 64, so a token reached any host or container
+    /// routed behind the guest. Now its TTL is the instance's hop limit (as
+    /// EC2's), other answers keep the system's; and (finding 5) a VPC
+    /// connection that sends nothing is closed after the idle timeout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn token_responses_leave_with_the_hop_limit_as_ttl() {
+        let ns = crate::network::testing::ScratchNs::new("imds").await;
+        let guest_ip = Ipv4Addr::new(10, 9, 0, 5);
+        ip(&["-n", &ns.name, "addr", "add", &format!("{}/32", crate::network::METADATA_IP), "dev", "lo"]).await;
+        ip(&["-n", &ns.name, "addr", "add", &format!("{guest_ip}/32"), "dev", "lo"]).await;
+        let s = Servers::new(ConnectionLimits { request_timeout: HOUR, idle_timeout: Duration::from_secs(1), per_instance: 8, total: 24 });
+        let nic = Nic {
+            eni_id: "eni-0123456789abcdef0".into(),
+            device_index: 0,
+            mac: "02:00:00:00:00:05".into(),
+            private_ip: guest_ip,
+            subnet: nimbus_proto::network::Cidr::parse("10.9.0.0/24").unwrap(),
+            gateway: Ipv4Addr::new(10, 9, 0, 1),
+            vpc_id: "vpc-0123456789abcdef0".into(),
+            vni: 7,
+            public_ip: None,
+            group_ids: vec!["sg-0123456789abcdef0".into()],
+        };
+        let mut m = sample_metadata("i-00000000000000e01");
+        s.0.publish(&m, None, std::slice::from_ref(&nic));
+        s.0.ensure_vpc(7, &ns.name).await.unwrap();
+        let raw = crate::network::testing::in_netns(&ns.name, || -> std::io::Result<socket2::Socket> {
+            let r = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::from(nix::libc::SOCK_RAW), Some(socket2::Protocol::TCP))?;
+            r.set_read_timeout(Some(Duration::from_millis(300)))?;
+            Ok(r)
+        })
+        .unwrap()
+        .unwrap();
+        let connect = |ns: String| async move {
+            let sock = crate::network::testing::in_netns(&ns, move || -> std::io::Result<std::net::TcpStream> {
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                s.bind(&std::net::SocketAddr::from((guest_ip, 0)).into())?;
+                s.set_nonblocking(true)?;
+                Ok(s.into())
+            })
+            .unwrap()
+            .unwrap();
+            tokio::net::TcpSocket::from_std_stream(sock).connect((crate::network::METADATA_IP, 80).into()).await.unwrap()
+        };
+
+        for hop_limit in [1u8, 3] {
+            m.options.hop_limit = hop_limit;
+            m.version += 1;
+            s.0.publish(&m, None, std::slice::from_ref(&nic));
+            let mut conn = connect(ns.name.clone()).await;
+            let port = conn.local_addr().unwrap().port();
+            conn.write_all(b"PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\n\r\n").await.unwrap();
+            let token = answer(&mut conn).await;
+            assert!(token.starts_with("HTTP/1.1 200"), "{token}");
+            conn.write_all(b"GET /latest/meta-data/instance-id HTTP/1.1\r\n\r\n").await.unwrap();
+            let id = answer(&mut conn).await;
+            assert!(id.ends_with("i-00000000000000e01"), "{id}");
+            let raw = raw.try_clone().unwrap();
+            let packets = tokio::task::spawn_blocking(move || packets_from_metadata(&raw, port)).await.unwrap();
+            let ttl_of = |text: &str| packets.iter().find(|(_, p)| String::from_utf8_lossy(p).contains(text)).map(|(t, _)| *t);
+            let token_body = token.split_once("\r\n\r\n").unwrap().1;
+            assert_eq!(ttl_of(token_body), Some(hop_limit), "the token response's TTL: {packets:?}");
+            assert_eq!(ttl_of("i-00000000000000e01"), Some(64), "other answers keep the system's TTL: {packets:?}");
+        }
+
+        // A connection that sends nothing is closed once idle for the idle timeout.
+        let mut idle = connect(ns.name.clone()).await;
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(30), idle.read(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "an idle connection stayed open: {read:?}");
+        assert_eq!(s.0.connection_count("i-00000000000000e01"), 0);
     }
 }

@@ -83,6 +83,7 @@ impl ConvergeError {
             ConvergeError::Image(ImageError::UnsupportedSource { name, .. }) => format!("image file {name}: unsupported source"),
             ConvergeError::Image(ImageError::Io { name, .. }) => format!("image file {name}: cannot be read"),
             ConvergeError::Image(ImageError::Http { name, .. }) => format!("image file {name}: download failed"),
+            ConvergeError::Image(ImageError::NotStandalone { name, .. }) => format!("image file {name}: {NOT_STANDALONE}"),
             ConvergeError::Disk(_) => "the host could not prepare the instance's disks".into(),
             ConvergeError::Libvirt(_) | ConvergeError::Xml(_) => "the hypervisor could not start the instance".into(),
             ConvergeError::Metadata(_) => "the host could not serve the instance's metadata".into(),
@@ -151,6 +152,10 @@ impl Assigned {
         Assigned { desired: a.desired, nics: a.nics.clone() }
     }
 }
+
+/// Why a root disk was refused, as its owner may read it (the details,
+/// host paths among them, stay in the agent's log).
+const NOT_STANDALONE: &str = "refused: not a standalone qcow2 (it names a backing or external data file, or is another format)";
 
 /// Attempts before a guest that cannot be converged is reported `Failed`
 /// (which terminates it): one libvirt hiccup must not cost an instance, a
@@ -352,9 +357,16 @@ impl Reconciler {
                 self.observe(a, outcome).await
             }
             Err(e) => {
-                if let ConvergeError::Image(crate::images::ImageError::Checksum { name, .. }) = &e {
+                match &e {
                     // The registration is wrong (the file is not the one it names).
-                    self.image_problem(&a.image.image_id, format!("image file {name}: its SHA-256 differs from the one registered"));
+                    ConvergeError::Image(crate::images::ImageError::Checksum { name, .. }) => {
+                        self.image_problem(&a.image.image_id, format!("image file {name}: its SHA-256 differs from the one registered"))
+                    }
+                    // So is the image itself, wherever it is fetched.
+                    ConvergeError::Image(crate::images::ImageError::NotStandalone { name, .. }) => {
+                        self.image_problem(&a.image.image_id, format!("image file {name}: {NOT_STANDALONE}"))
+                    }
+                    _ => {}
                 }
                 self.failed_attempt(&a.instance_id, e)
             }
@@ -431,7 +443,8 @@ impl Reconciler {
             tracing::info!(instance_id = %id, ?how, "guest stopped to make an image");
         }
         let out = self.images.dir().join(format!(".make-{}.qcow2", task.image_id));
-        let converted = crate::disks::flatten(&files.root_disk(), &out).await;
+        let base = self.images.dir().join(&a.image.root_disk.sha256);
+        let converted = crate::disks::flatten(&files.root_disk(), &base, &out).await;
         if let Some(guard) = guard {
             self.after_imaging(a, &name).await;
             drop(guard);
@@ -588,7 +601,7 @@ impl Reconciler {
             _ => (None, None),
         };
         let disk_source = if img.root_disk_in_store { crate::images::Source::Store } else { url()? };
-        let base = self.images.ensure(&disk_source, &img.root_disk).await?;
+        let base = self.images.ensure_disk(&disk_source, &img.root_disk).await?;
         let network_config = match (&self.network, nics.is_empty()) {
             (Some(dp), false) => Some(crate::network::guest_network_config(nics, dp.mtu())),
             _ => None,
@@ -650,7 +663,11 @@ impl Reconciler {
             tracing::info!(instance_id = %id, timeout_secs = this.stop_timeout.as_secs(), "stopping guest");
             let r = this.stop_guest(&id, &name).await;
             match &r {
-                Ok(how) => tracing::info!(instance_id = %id, ?how, "guest stopped"),
+                Ok(how) => {
+                    tracing::info!(instance_id = %id, ?how, "guest stopped");
+                    // Its service stays for the next start; what it had open goes.
+                    this.metadata.close_connections(&id);
+                }
                 Err(e) => tracing::warn!(instance_id = %id, error = %e, "cannot stop guest"),
             }
             r

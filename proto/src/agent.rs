@@ -153,12 +153,21 @@ pub struct MetadataOptions {
     pub endpoint_enabled: bool,
     /// Tags under `meta-data/tags/instance/` (EC2's `InstanceMetadataTags`).
     pub tags_enabled: bool,
+    /// The IP TTL of the IMDSv2 token response (EC2's
+    /// `HttpPutResponseHopLimit`, 1 to 64): with 1, a token never reaches
+    /// a container or a host routed behind the guest.
+    #[serde(default = "default_hop_limit")]
+    pub hop_limit: u8,
+}
+
+fn default_hop_limit() -> u8 {
+    1
 }
 
 impl Default for MetadataOptions {
-    /// EC2's defaults: tokens optional, endpoint enabled, tags off.
+    /// EC2's defaults: tokens optional, endpoint enabled, tags off, one hop.
     fn default() -> Self {
-        MetadataOptions { tokens_required: false, endpoint_enabled: true, tags_enabled: false }
+        MetadataOptions { tokens_required: false, endpoint_enabled: true, tags_enabled: false, hop_limit: default_hop_limit() }
     }
 }
 

@@ -87,7 +87,7 @@ pub struct MetadataOptionsRequest {
     /// `enabled` or `disabled`: tags under `meta-data/tags/instance/`.
     #[serde(default)]
     pub instance_metadata_tags: Option<String>,
-    /// 1 to 64 (kept and shown; a guest reaches its metadata service in one hop).
+    /// 1 to 64: the IP TTL of the token response (`PUT /latest/api/token`).
     #[serde(default)]
     pub http_put_response_hop_limit: Option<u32>,
     /// Only `disabled` (Nimbus serves IPv4 only).

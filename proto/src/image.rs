@@ -1,5 +1,6 @@
 //! The manifest an image recipe writes next to the files it builds
-//! (`images/build-tiny.sh`, `images/build-debian.sh` → `manifest.json`).
+//! (`images/build-tiny.sh`, `images/build-debian.sh` → `manifest.json`),
+//! and what a root disk must be ([`DiskInfo`]).
 
 use crate::api::{BootStyle, ImageFile, RegisterImageRequest};
 use serde::Deserialize;
@@ -9,6 +10,52 @@ use std::collections::BTreeMap;
 /// (image files are named by it in caches and the image store).
 pub fn is_sha256_hex(s: &str) -> bool {
     crate::is_lower_hex(s, 64)
+}
+
+/// What `qemu-img info -f qcow2 --output=json` says of a root disk, as far
+/// as Nimbus checks it. A root disk must be a standalone qcow2: one that
+/// names a backing file or an external data file would have QEMU, or
+/// `qemu-img convert` (run as root for CreateImage), open a file of the
+/// host by the name the image's author chose (e.g. `/etc/shadow`) and hand
+/// its bytes to the guest or into a new image. Every place a disk enters
+/// refuses one that is not standalone: registration (when the control plane
+/// can read the file), a host's cache, the image store's uploads.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct DiskInfo {
+    pub format: String,
+    #[serde(rename = "backing-filename")]
+    pub backing_filename: Option<String>,
+    #[serde(rename = "full-backing-filename")]
+    pub full_backing_filename: Option<String>,
+    #[serde(rename = "format-specific")]
+    pub format_specific: Option<FormatSpecific>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct FormatSpecific {
+    pub data: Option<FormatData>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct FormatData {
+    #[serde(rename = "data-file")]
+    pub data_file: Option<String>,
+}
+
+impl DiskInfo {
+    /// Why this disk may not be a root disk, if it may not.
+    pub fn refusal(&self) -> Option<String> {
+        if self.format != "qcow2" {
+            return Some(format!("it is {}, not qcow2", self.format));
+        }
+        if let Some(b) = self.backing_filename.as_ref().or(self.full_backing_filename.as_ref()) {
+            return Some(format!("it names a backing file ({b}); an image must be standalone"));
+        }
+        if let Some(d) = self.format_specific.as_ref().and_then(|f| f.data.as_ref()).and_then(|d| d.data_file.as_ref()) {
+            return Some(format!("it names an external data file ({d}); an image must be standalone"));
+        }
+        None
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -103,6 +150,25 @@ mod tests {
         let mut m3 = m.clone();
         m3.kernel = None;
         assert_eq!(m3.register_request("file:///x".into(), None, false), Err(ManifestError::MissingKernel));
+    }
+
+    /// `qemu-img info`'s answers (7.2) for a standalone disk, one with a
+    /// backing file and one with an external data file.
+    #[test]
+    fn only_a_standalone_qcow2_may_be_a_root_disk() {
+        let info = |json: &str| serde_json::from_str::<DiskInfo>(json).unwrap().refusal();
+        let plain = r#"{"virtual-size":1048576,"filename":"d.qcow2","cluster-size":65536,"format":"qcow2","actual-size":200704,
+            "format-specific":{"type":"qcow2","data":{"compat":"1.1","compression-type":"zlib","lazy-refcounts":false,
+            "refcount-bits":16,"corrupt":false,"extended-l2":false}},"dirty-flag":false}"#;
+        assert_eq!(info(plain), None);
+        let backed = r#"{"backing-filename-format":"raw","virtual-size":1048576,"filename":"evil.qcow2","format":"qcow2",
+            "format-specific":{"type":"qcow2","data":{"compat":"1.1"}},"full-backing-filename":"/tmp/q/secret.raw",
+            "backing-filename":"/tmp/q/secret.raw","dirty-flag":false}"#;
+        assert!(info(backed).unwrap().contains("backing file (/tmp/q/secret.raw)"));
+        let data = r#"{"virtual-size":1048576,"filename":"evil2.qcow2","format":"qcow2","format-specific":{"type":"qcow2",
+            "data":{"compat":"1.1","data-file":"/tmp/q/secret.raw","data-file-raw":true}},"dirty-flag":false}"#;
+        assert!(info(data).unwrap().contains("external data file (/tmp/q/secret.raw)"));
+        assert!(info(r#"{"format":"raw"}"#).unwrap().contains("not qcow2"));
     }
 
     /// The Debian recipe's manifest (boot: disk, no kernel).

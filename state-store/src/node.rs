@@ -22,7 +22,9 @@ use tokio::task::JoinHandle;
 pub struct Config {
     /// This node's id: its advertised `host:port` over HTTP.
     pub id: NodeId,
-    /// Directory holding the store (fjall database in `store/`).
+    /// Directory holding the store (fjall database in `store/`). Made (or
+    /// closed) 0700 at start: the store holds every tenant's documents, and
+    /// the files fjall writes inside follow the umask.
     pub data_dir: PathBuf,
     /// Other nodes to contact first.
     pub seeds: Vec<NodeId>,
@@ -156,7 +158,7 @@ impl Node {
     /// (HTTP server or simulator) is the caller's job.
     pub async fn start(cfg: Config, transport: Arc<dyn Transport>) -> Result<Arc<Node>, StoreError> {
         cfg.validate()?;
-        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| StorageError::Engine(e.to_string()))?;
+        private_dir(&cfg.data_dir).map_err(|e| StorageError::Engine(format!("{}: {e}", cfg.data_dir.display())))?;
         let storage = Arc::new(Storage::open(&cfg.data_dir.join("store"), cfg.partitions, cfg.fsync, cfg.memtable_bytes)?);
         let params = RingParams { n: cfg.n as u32, partitions: cfg.partitions };
         let membership = Membership::new(cfg.id.clone(), &cfg.seeds, params, cfg.fail_timeout);
@@ -490,6 +492,15 @@ impl Node {
     }
 }
 
+/// Creates `dir` (and missing parents) as its owner's alone, 0700 whatever
+/// the umask, and closes an existing one: nothing below it is reachable by
+/// other users, whatever modes the files inside have.
+pub fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 fn spawn_periodic<F, Fut>(node: Weak<Node>, every: Duration, f: F) -> JoinHandle<()>
 where
     F: Fn(Arc<Node>) -> Fut + Send + 'static,
@@ -538,5 +549,23 @@ mod tests {
         c.r = 2;
         c.memtable_bytes = 1000;
         assert!(matches!(c.validate(), Err(StoreError::BadConfig(_))));
+    }
+
+    /// Issue 18, finding 7: the store's files were 0644 in 0755 directories,
+    /// every tenant's user-data readable by any local user.
+    #[test]
+    fn the_data_directory_is_its_owners_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let new = tmp.path().join("a/b");
+        private_dir(&new).unwrap();
+        assert_eq!((mode(&tmp.path().join("a")), mode(&new)), (0o700, 0o700));
+        // One made by an older version (or by hand) is closed.
+        let old = tmp.path().join("old");
+        std::fs::create_dir(&old).unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).unwrap();
+        private_dir(&old).unwrap();
+        assert_eq!(mode(&old), 0o700);
     }
 }

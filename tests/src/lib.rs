@@ -251,6 +251,8 @@ pub struct CloudOptions {
     pub public_pool: Option<&'static str>,
     /// Default per-account Elastic IP limit.
     pub max_elastic_ips: u32,
+    /// Default per-account image limits (images, bytes in the image store).
+    pub image_limits: (u32, u64),
     /// Run the control plane's outbox relay (tests of the relay drive it by hand).
     pub outbox_relay: bool,
     /// Serve the agent protocol on a TLS listener only (mutual TLS);
@@ -269,6 +271,7 @@ impl Default for CloudOptions {
             rsa_keys: (5, 60),
             public_pool: None,
             max_elastic_ips: 5,
+            image_limits: (100, 500 << 30),
             outbox_relay: true,
             agent_tls: false,
         }
@@ -446,6 +449,8 @@ impl Cloud {
             public_pool: opts.public_pool.map(|p| nimbus_proto::network::Cidr::parse(p).context("public_pool"))
                 .transpose()?,
             default_max_elastic_ips: opts.max_elastic_ips,
+            default_max_images: opts.image_limits.0,
+            default_max_image_bytes: opts.image_limits.1,
             store_listen: "127.0.0.1:0".parse()?,
             store_dir: dir.path().join("cp-store"),
             store_seeds: Vec::new(),

@@ -41,6 +41,8 @@ pub struct AccountView {
     pub usage: Usage,
     /// Elastic IPs the account may hold.
     pub max_elastic_ips: u32,
+    /// Its image limits and what its images hold.
+    pub image_quota: super::image_quota::ImageQuota,
 }
 
 /// An operator's change of an account's limits; `None` means the default.
@@ -53,6 +55,12 @@ pub struct SetLimits {
     pub max_vcpus: Option<u32>,
     #[serde(default)]
     pub max_elastic_ips: Option<u32>,
+    /// Images it may hold (pending or available).
+    #[serde(default)]
+    pub max_images: Option<u32>,
+    /// Bytes its images may take in the image store.
+    #[serde(default)]
+    pub max_image_bytes: Option<u64>,
 }
 
 /// How many of a launch of `max` instances of `vcpus` each fit the account's
@@ -179,22 +187,30 @@ impl Service {
     pub async fn describe_account(&self, caller: &Caller) -> Result<AccountView> {
         let mut conn = self.db.acquire().await?;
         let (name, limits, usage) = self.limits_and_usage(&mut conn, &caller.account_id).await?;
-        Ok(AccountView { account_id: caller.account_id.clone(), name, max_elastic_ips: limits.max_elastic_ips, limits, usage })
+        let image_quota = self.image_quota(&mut conn, &caller.account_id, false, None).await?;
+        Ok(AccountView { account_id: caller.account_id.clone(), name, max_elastic_ips: limits.max_elastic_ips, limits, usage, image_quota })
     }
 
     /// The operator sets an account's limits (`None`: back to the default).
     /// Lowering a limit below the usage stops new launches, nothing more.
     pub async fn set_account_limits(&self, account_id: &str, set: &SetLimits) -> Result<AccountView> {
-        if [set.max_instances, set.max_vcpus, set.max_elastic_ips].iter().any(|l| l.is_some_and(|n| n > i32::MAX as u32)) {
+        if [set.max_instances, set.max_vcpus, set.max_elastic_ips, set.max_images].iter().any(|l| l.is_some_and(|n| n > i32::MAX as u32)) {
             return Err(ServiceError::InvalidParameterValue("limits must be at most 2147483647".into()));
         }
-        let done = sqlx::query("UPDATE accounts SET max_instances = $2, max_vcpus = $3, max_elastic_ips = $4 WHERE id = $1")
-            .bind(account_id)
-            .bind(set.max_instances.map(|n| n as i32))
-            .bind(set.max_vcpus.map(|n| n as i32))
-            .bind(set.max_elastic_ips.map(|n| n as i32))
-            .execute(&self.db)
-            .await?;
+        if set.max_image_bytes.is_some_and(|n| n > i64::MAX as u64) {
+            return Err(ServiceError::InvalidParameterValue("max_image_bytes must be at most 9223372036854775807".into()));
+        }
+        let done = sqlx::query(
+            "UPDATE accounts SET max_instances = $2, max_vcpus = $3, max_elastic_ips = $4, max_images = $5, max_image_bytes = $6 WHERE id = $1",
+        )
+        .bind(account_id)
+        .bind(set.max_instances.map(|n| n as i32))
+        .bind(set.max_vcpus.map(|n| n as i32))
+        .bind(set.max_elastic_ips.map(|n| n as i32))
+        .bind(set.max_images.map(|n| n as i32))
+        .bind(set.max_image_bytes.map(|n| n as i64))
+        .execute(&self.db)
+        .await?;
         if done.rows_affected() == 0 {
             return Err(ServiceError::AccountNotFound(account_id.to_string()));
         }

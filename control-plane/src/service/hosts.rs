@@ -112,6 +112,7 @@ struct AssignmentRow {
     metadata_tokens_required: bool,
     metadata_endpoint_enabled: bool,
     metadata_tags_enabled: bool,
+    metadata_hop_limit: i32,
 }
 
 impl AssignmentRow {
@@ -155,6 +156,7 @@ impl AssignmentRow {
                     tokens_required: self.metadata_tokens_required,
                     endpoint_enabled: self.metadata_endpoint_enabled,
                     tags_enabled: self.metadata_tags_enabled,
+                    hop_limit: self.metadata_hop_limit.clamp(1, 255) as u8,
                 },
                 // In the state store's document (the metadata service's source).
                 tags: Vec::new(),
@@ -334,7 +336,7 @@ impl Service {
                     i.instance_type, i.image_id, i.availability_zone, i.ami_launch_index, i.account_id, \
                     m.boot, m.source_url, m.kernel, m.kernel_sha256, m.initrd, m.initrd_sha256, m.root_disk, \
                     m.root_disk_sha256, m.root_disk_in_store, m.cmdline, i.reboots, i.key_name, i.public_key, \
-                    i.doc_version, i.metadata_tokens_required, i.metadata_endpoint_enabled, i.metadata_tags_enabled, \
+                    i.doc_version, i.metadata_tokens_required, i.metadata_endpoint_enabled, i.metadata_tags_enabled, i.metadata_hop_limit, \
                     (SELECT coalesce(jsonb_agg(jsonb_build_object('image_id', p.id, 'no_reboot', p.no_reboot) \
                          ORDER BY p.created_at, p.id), '[]'::jsonb) \
                      FROM images p WHERE p.source_instance_id = i.id AND p.state = 'pending') AS create_images \

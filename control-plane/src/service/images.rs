@@ -302,6 +302,13 @@ fn name_taken(e: sqlx::Error, name: &str) -> ServiceError {
     }
 }
 
+/// An upload that does not fit what the account's images may take.
+fn over_quota(account_id: &str, left: u64) -> ServiceError {
+    ServiceError::ResourceLimitExceeded(format!(
+        "the disk is larger than the {left} bytes of image storage account {account_id} has left; deregister unused images or ask for a higher limit"
+    ))
+}
+
 impl Service {
     /// Registers an image (operator): its files are fetched by the hosts
     /// that launch it, which verify every digest.
@@ -310,6 +317,7 @@ impl Service {
             return Err(ServiceError::Unauthorized("You are not authorized to perform this operation (operator only)".into()));
         }
         let new = validate_register(&req)?;
+        self.check_registered_disk(&new).await?;
         let mut tx = self.db.begin().await?;
         let owner: Option<(String,)> = sqlx::query_as("SELECT id FROM accounts WHERE id = $1").bind(&new.owner_id).fetch_optional(&mut *tx).await?;
         if owner.is_none() {
@@ -345,6 +353,25 @@ impl Service {
         tx.commit().await?;
         tracing::info!(image_id = %row.id, name = %row.name, boot = %row.boot, owner = %row.account_id, "image registered");
         row.into_api(true)
+    }
+
+    /// Refuses a registration whose root disk names a backing or external
+    /// data file, when the control plane can read the disk (a `file://`
+    /// source on a filesystem it shares with the hosts, as in the
+    /// all-in-one). Other disks are checked by each host before its cache
+    /// takes them (which fails the image), and no disk's digest is checked
+    /// here: that is the hosts' job too.
+    async fn check_registered_disk(&self, new: &NewImage) -> Result<()> {
+        let Some(dir) = new.source_url.strip_prefix("file://") else { return Ok(()) };
+        let disk = std::path::Path::new(dir).join(&new.root_disk.name);
+        if !tokio::fs::metadata(&disk).await.is_ok_and(|m| m.is_file()) {
+            tracing::debug!(disk = %disk.display(), "the root disk is not here to check; the hosts check it");
+            return Ok(());
+        }
+        match crate::image_store::check_standalone(&disk).await? {
+            Some(why) => Err(ServiceError::ImageNotStandalone(format!("{}: {why}", new.root_disk.name))),
+            None => Ok(()),
+        }
     }
 
     /// The images `caller` may see that `query` selects, oldest first,
@@ -504,7 +531,9 @@ impl Service {
 
     async fn try_create_image(&self, caller: &Caller, instance_id: &str, req: &CreateImageRequest, tags: &[(String, String)]) -> Result<Image> {
         let mut tx = self.db.begin().await?;
-        // Lock order: the instance, then its host.
+        // Lock order: the account (its image quota, counted under the lock,
+        // so concurrent calls count each other), the instance, its host.
+        self.image_quota(&mut tx, &caller.account_id, true, None).await?.check_new_image()?;
         type Row = (String, String, String, i64);
         let row: Option<Row> = sqlx::query_as(&format!(
             "SELECT state, host_id, image_id, disk_gib FROM instances WHERE id = $1 AND account_id = $2 AND {} FOR UPDATE",
@@ -642,6 +671,17 @@ impl Service {
     /// leftovers of uploads a crash cut short.
     pub async fn sweep_image_store(&self, at_start: bool) -> Result<()> {
         let files = self.image_store.list(at_start).await?;
+        if at_start {
+            // Images stored before their size was recorded (it counts in their account's quota).
+            for digest in &files {
+                let Some((_, size)) = self.image_store.open(digest).await? else { continue };
+                sqlx::query("UPDATE images SET stored_bytes = $2 WHERE root_disk_sha256 = $1 AND root_disk_in_store AND stored_bytes IS NULL")
+                    .bind(digest)
+                    .bind(size as i64)
+                    .execute(&self.db)
+                    .await?;
+            }
+        }
         for digest in files {
             self.drop_stored_if_unused(&digest).await?;
         }
@@ -667,31 +707,69 @@ impl Service {
             return Err(ServiceError::InvalidParameterValue("the disk's virtual size is out of range".into()));
         }
         let pending = |state: String| ServiceError::ImageNotPending(image_id.to_string(), state);
-        let row: Option<(String,)> = sqlx::query_as("SELECT state FROM images WHERE id = $1 AND source_host_id = $2")
+        let row: Option<(String, String)> = sqlx::query_as("SELECT state, account_id FROM images WHERE id = $1 AND source_host_id = $2")
             .bind(image_id)
             .bind(host_id)
             .fetch_optional(&self.db)
             .await?;
-        match row {
+        let account_id = match row {
             None => return Err(ServiceError::ImageNotFound(image_id.to_string())),
-            Some((state,)) if state != "pending" => return Err(pending(state)),
-            Some(_) => {}
+            Some((state, _)) if state != "pending" => return Err(pending(state)),
+            Some((_, account)) => account,
+        };
+        // Whatever the host sends again, this image is not one.
+        let fail = |reason: String| async move {
+            sqlx::query(
+                "UPDATE images SET state = 'failed', state_reason = $3, state_changed_at = now() \
+                 WHERE id = $1 AND source_host_id = $2 AND state = 'pending'",
+            )
+            .bind(image_id)
+            .bind(host_id)
+            .bind(&reason)
+            .execute(&self.db)
+            .await
+        };
+        // The account's image bytes: no more is written than it has left
+        // (checked again below, under its lock, with the real size).
+        let left = self.image_quota(&mut *self.db.acquire().await?, &account_id, false, Some(image_id)).await?.bytes_left();
+        let staged = match self.image_store.stage_at_most(sha256, body, left).await {
+            Err(crate::image_store::StoreError::TooLarge(n)) if n == left => {
+                let e = over_quota(&account_id, left);
+                fail(format!("the disk uploaded was refused: {e}")).await?;
+                return Err(e);
+            }
+            other => other?,
+        };
+        if let Some(why) = crate::image_store::check_standalone(staged.path()).await? {
+            fail(format!("the disk uploaded was refused: {why}")).await?;
+            tracing::warn!(%image_id, %host_id, %why, "an upload that is not a standalone qcow2 refused; image failed");
+            return Err(ServiceError::ImageNotStandalone(format!("uploaded for {image_id}: {why}")));
         }
-        let staged = self.image_store.stage(sha256, body).await?;
         let updated = {
             // Published and recorded together: a sweep never sees the file unreferenced.
             let _store = self.image_store.lock().await;
-            staged.publish().await?;
-            sqlx::query_as::<_, ImageRow>(&format!(
-                "UPDATE images SET state = 'available', root_disk_sha256 = $3, root_disk_size = $4, state_changed_at = now() \
+            let mut tx = self.db.begin().await?;
+            let quota = self.image_quota(&mut tx, &account_id, true, Some(image_id)).await?;
+            if staged.size > quota.bytes_left() {
+                drop(tx);
+                let e = over_quota(&account_id, quota.bytes_left());
+                fail(format!("the disk uploaded was refused: {e}")).await?;
+                return Err(e);
+            }
+            let size = staged.publish().await?;
+            let row = sqlx::query_as::<_, ImageRow>(&format!(
+                "UPDATE images SET state = 'available', root_disk_sha256 = $3, root_disk_size = $4, stored_bytes = $5, state_changed_at = now() \
                  WHERE id = $1 AND source_host_id = $2 AND state = 'pending' RETURNING {IMAGE_COLUMNS}"
             ))
             .bind(image_id)
             .bind(host_id)
             .bind(sha256)
             .bind(virtual_size as i64)
-            .fetch_optional(&self.db)
-            .await?
+            .bind(size as i64)
+            .fetch_optional(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            row
         };
         match updated {
             Some(row) => {

@@ -9,6 +9,7 @@ pub mod accounts;
 pub mod catalog;
 pub mod certificates;
 pub mod hosts;
+pub mod image_quota;
 pub mod images;
 pub mod instances;
 pub mod keypairs;

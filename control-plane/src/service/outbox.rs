@@ -128,7 +128,7 @@ type DocRow = (
     Option<Vec<u8>>,
     Option<String>,
     Option<String>,
-    (bool, bool, bool),
+    (bool, bool, bool, i32),
     i64,
     String,
     Option<Vec<u8>>,
@@ -163,7 +163,7 @@ impl Relay {
         let row: Option<DocRow> = sqlx::query_as(
             "SELECT i.id, i.account_id, i.reservation_id, i.ami_launch_index, i.image_id, i.instance_type, i.availability_zone, \
                     i.launch_time, i.state, i.user_data, i.key_name, i.public_key, \
-                    (i.metadata_tokens_required, i.metadata_endpoint_enabled, i.metadata_tags_enabled), i.doc_version, \
+                    (i.metadata_tokens_required, i.metadata_endpoint_enabled, i.metadata_tags_enabled, i.metadata_hop_limit), i.doc_version, \
                     i.host_id, h.public_key \
              FROM instances i JOIN hosts h ON h.id = i.host_id WHERE i.id = $1",
         )
@@ -223,7 +223,7 @@ impl Relay {
                 _ => Vec::new(),
             },
             tags,
-            options: MetadataOptions { tokens_required: opts.0, endpoint_enabled: opts.1, tags_enabled: opts.2 },
+            options: MetadataOptions { tokens_required: opts.0, endpoint_enabled: opts.1, tags_enabled: opts.2, hop_limit: opts.3.clamp(1, 255) as u8 },
             nics,
         };
         Ok(Some(Rendered { doc, host_id, recipient }))

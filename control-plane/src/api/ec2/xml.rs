@@ -626,7 +626,8 @@ pub struct DescribeAccountAttributes {
 }
 
 /// The account attributes EC2 clients ask for, with Nimbus's values:
-/// `max-instances`, `max-vcpus` and the Elastic IP limits are the
+/// `max-instances`, `max-vcpus`, the Elastic IP limits and the image
+/// limits (`max-images`, `max-image-bytes`, Nimbus's own) are the
 /// account's limits, `default-vpc` its default VPC.
 pub fn account_attributes(a: &crate::service::accounts::AccountView, default_vpc: &str) -> Vec<(&'static str, Vec<String>)> {
     vec![
@@ -637,6 +638,8 @@ pub fn account_attributes(a: &crate::service::accounts::AccountView, default_vpc
         ("vpc-max-security-groups-per-interface", vec![crate::service::network::MAX_GROUPS_PER_INTERFACE.to_string()]),
         ("max-elastic-ips", vec![a.limits.max_elastic_ips.to_string()]),
         ("vpc-max-elastic-ips", vec![a.limits.max_elastic_ips.to_string()]),
+        ("max-images", vec![a.image_quota.max_images.to_string()]),
+        ("max-image-bytes", vec![a.image_quota.max_image_bytes.to_string()]),
     ]
 }
 
