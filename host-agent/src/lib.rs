@@ -278,7 +278,7 @@ pub struct Agent {
     config: AgentConfig,
     cp: ControlPlane,
     reconciler: Reconciler,
-    /// Observations that finished after their pass (see [`Reconciler::late`]).
+    /// Observations that finished after their pass (see [`Reconciler::new`]).
     late: mpsc::UnboundedReceiver<Observation>,
     capacity: (u32, u64, u64),
     /// The embedded state-store node, once certified (see `store.rs`).
@@ -372,12 +372,9 @@ impl Agent {
             None
         };
         let http = control_plane_client(&config, saved_identity.as_deref().map(str::as_bytes)).await?;
-        let (events, _) = broadcast::channel(4096);
-        let (late_tx, late) = mpsc::unbounded_channel();
-        let reconciler = Reconciler {
+        let (reconciler, late) = Reconciler::new(reconcile::Setup {
             libvirt: lv,
             hypervisor,
-            host_id: String::new(),
             // Registered sources: any http(s) server, trusted by the usual roots.
             images: images::ImageCache::new(
                 config.state_dir.join("images"),
@@ -387,29 +384,21 @@ impl Agent {
             instances_dir: config.state_dir.join("instances"),
             metadata: metadata::MetadataServers::new(qemu, run_dir),
             qemu,
-            events,
-            stop_timeout: Duration::from_secs(config.stop_timeout_secs),
-            stopping: power::InProgress::default(),
-            console: console::ConsoleTracker::default(),
-            late: late_tx,
-            failures: Default::default(),
             network,
-            assigned: Default::default(),
-            image_problems: Default::default(),
-            making: Default::default(),
+            stop_timeout: Duration::from_secs(config.stop_timeout_secs),
             image_cache_ttl: Duration::from_secs(config.image_cache_ttl_secs),
-        };
+        });
         let cp = ControlPlane::new(&config.control_plane, http.clone());
         Ok(Agent { cp, config, reconciler, late, capacity: (vcpus, memory_mib, disk_gib), store: None, observed: Default::default(), cp_http: http })
     }
 
     /// Events of the agent's work (guest started, removed).
     pub fn events(&self) -> broadcast::Receiver<AgentEvent> {
-        self.reconciler.events.subscribe()
+        self.reconciler.subscribe()
     }
 
     pub fn hypervisor(&self) -> Hypervisor {
-        self.reconciler.hypervisor
+        self.reconciler.hypervisor()
     }
 
     fn credential_path(&self) -> PathBuf {
@@ -451,12 +440,12 @@ impl Agent {
         let req = RegisterHost {
             name: self.config.name.clone(),
             availability_zone: self.config.availability_zone.clone(),
-            hypervisor: self.reconciler.hypervisor.as_str().to_string(),
+            hypervisor: self.reconciler.hypervisor().as_str().to_string(),
             vcpus,
             memory_mib,
             disk_gib,
             current_credential: saved.map(|c| c.bearer()),
-            underlay_ip: self.reconciler.network.as_ref().map(|n| n.config().underlay_ip),
+            underlay_ip: self.reconciler.network().map(|n| n.config().underlay_ip),
             secret: Some(secret),
         };
         let cred = self.cp.register(&self.config.join_token, &req).await?;
@@ -504,7 +493,7 @@ impl Agent {
     /// The image store is reached with the host's credential.
     fn set_store_access(&self, cred: &HostCredential) {
         let access = images::StoreAccess { base: self.config.control_plane.clone(), bearer: cred.bearer(), client: self.cp_http.clone() };
-        *self.reconciler.images.store.write().unwrap_or_else(|p| p.into_inner()) = Some(access);
+        *self.reconciler.images().store.write().unwrap_or_else(|p| p.into_inner()) = Some(access);
     }
 
     /// Sends a report; on delivery, remembers the console output it carried.
@@ -513,18 +502,18 @@ impl Agent {
     async fn report(&self, cred: &HostCredential, mut observations: Vec<Observation>) -> Result<(), ClientError> {
         if let Some(store) = &self.store {
             let written = self.observed.lock().await.write(store, &mut observations).await;
-            self.reconciler.console.delivered(&written);
+            self.reconciler.console_delivered(&written);
         }
         let deferred = console::fit_budget(&mut observations, console::REPORT_BUDGET);
         if deferred > 0 {
             tracing::debug!(deferred, "console tails left for a later report");
         }
-        let kvm = match self.reconciler.hypervisor {
+        let kvm = match self.reconciler.hypervisor() {
             Hypervisor::Kvm | Hypervisor::Qemu => health::kvm_device(std::path::Path::new("/dev/kvm")),
             Hypervisor::Xen | Hypervisor::Test => health::KvmDevice::Absent,
         };
-        let problems = health::problems(self.reconciler.libvirt.starts.last(), &kvm);
-        let images = std::mem::take(&mut *self.reconciler.image_problems.lock().unwrap_or_else(|p| p.into_inner()));
+        let problems = health::problems(self.reconciler.libvirt().starts.last(), &kvm);
+        let images = self.reconciler.take_image_problems();
         let report = Report { observations, problems, images };
         if let Err(e) = self.cp.report(cred, &report).await {
             // Kept for the next report (within what one report may carry).
@@ -533,7 +522,7 @@ impl Agent {
             }
             return Err(e);
         }
-        self.reconciler.console.delivered(&report.observations);
+        self.reconciler.console_delivered(&report.observations);
         Ok(())
     }
 
@@ -563,7 +552,7 @@ impl Agent {
                 }
             }
         };
-        self.reconciler.host_id = cred.host_id.clone();
+        self.reconciler.set_host_id(&cred.host_id);
         self.set_store_access(&cred);
         // A certificate from the control plane's CA: for the store node,
         // and for mutual TLS with an https:// control plane.
@@ -592,7 +581,7 @@ impl Agent {
                         _ = &mut shutdown => return Ok(()),
                         r = store::start(&certified, &cred.host_id, &self.config.state_dir, listen) => match r {
                             Ok(s) => {
-                                self.reconciler.metadata.attach_store(s.documents());
+                                self.reconciler.metadata().attach_store(s.documents());
                                 self.store = Some(std::sync::Arc::new(s));
                                 break;
                             }
@@ -608,7 +597,7 @@ impl Agent {
         // Documents newer than the assignments' reach the guests within
         // one refresh interval of reaching this host's replica.
         let refresher = self.store.is_some().then(|| {
-            let servers = self.reconciler.metadata.clone();
+            let servers = self.reconciler.metadata().clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(METADATA_REFRESH);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -658,7 +647,7 @@ impl Agent {
                     tracing::warn!(%msg, "credential rejected; registering again");
                     match self.credential(true).await {
                         Ok(c) => {
-                            self.reconciler.host_id = c.host_id.clone();
+                            self.reconciler.set_host_id(&c.host_id);
                             self.set_store_access(&c);
                             cred = c;
                             after = 0;
@@ -709,9 +698,9 @@ impl Agent {
                 }
             };
             let pass = AgentEvent::PassCompleted { full: assignments.full, generation: assignments.generation, reported };
-            let _ = self.reconciler.events.send(pass);
+            self.reconciler.announce(pass);
         }
-        self.reconciler.metadata.stop_all();
+        self.reconciler.metadata().stop_all();
         Ok(())
     }
 }

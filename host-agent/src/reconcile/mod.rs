@@ -8,8 +8,13 @@
 //! running one down in the background (see [`crate::power`]), keeping its
 //! definition and files; owed reboots are carried out on running guests.
 //! Each observation carries the reboots done and any new console output.
+//!
+//! What the agent keeps of each instance between passes (its assignment,
+//! failed attempts, stop guard, images being made, console) has one owner,
+//! its slot ([`slots`]).
 
-use crate::console::ConsoleTracker;
+mod slots;
+
 use crate::disks::GuestFiles;
 use crate::domain::{self, GuestNic, GuestSpec, Hypervisor};
 use crate::network::DataPlane;
@@ -17,10 +22,11 @@ use nimbus_proto::network::{HostNetwork, Nic};
 use crate::images::ImageCache;
 use crate::libvirt::{DomainStatus, Libvirt};
 use crate::metadata::MetadataServers;
-use crate::power::{self, InProgress};
+use crate::power;
 use nimbus_proto::agent::{Assignment, DesiredState, ImageProblem, ImageTask, Observation};
 use nimbus_proto::api::BootStyle;
 use nimbus_proto::ObservedState;
+use slots::Instances;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -107,50 +113,50 @@ enum Outcome {
     Absent,
 }
 
-#[derive(Clone)]
-pub struct Reconciler {
+/// What a reconciler works with: this host's hypervisor, caches,
+/// directories, services and policies (see [`Reconciler::new`]).
+pub struct Setup {
     pub libvirt: Libvirt,
     pub hypervisor: Hypervisor,
-    pub host_id: String,
     pub images: ImageCache,
+    /// Where each guest's files live (`<dir>/<instance id>/`).
     pub instances_dir: PathBuf,
     pub metadata: MetadataServers,
     /// Who QEMU runs guests as (owner of their overlays; see [`crate::access`]).
     pub qemu: crate::access::QemuUser,
-    pub events: broadcast::Sender<AgentEvent>,
-    /// How long a guest gets to shut down on ACPI before it is powered off.
-    pub stop_timeout: Duration,
-    pub stopping: InProgress,
-    pub console: ConsoleTracker,
-    /// Observations made after their pass reported (a stop that took a while).
-    pub late: mpsc::UnboundedSender<Observation>,
-    /// Consecutive failed attempts per instance (see [`FAILED_AFTER`]).
-    pub failures: Arc<std::sync::Mutex<HashMap<String, u32>>>,
     /// The VPC data plane; `None`: QEMU user-mode networking.
     pub network: Option<DataPlane>,
-    /// Every instance on this host as last assigned (a delta names only
-    /// what changed): the data plane needs all the VPC interfaces, and a
-    /// task that outlives its pass (CreateImage) the latest desired state.
-    pub assigned: Arc<std::sync::Mutex<HashMap<String, Assigned>>>,
-    /// Image problems for the next report (see [`ImageProblem`]).
-    pub image_problems: Arc<std::sync::Mutex<Vec<ImageProblem>>>,
-    /// The images this agent made or is making (CreateImage), by image id.
-    pub making: Arc<std::sync::Mutex<HashSet<String>>>,
+    /// How long a guest gets to shut down on ACPI before it is powered off.
+    pub stop_timeout: Duration,
     /// Cached image files unused this long are removed (full passes).
     pub image_cache_ttl: Duration,
 }
 
-/// What the agent last heard of an instance on this host.
-#[derive(Debug, Clone)]
-pub struct Assigned {
-    pub desired: DesiredState,
-    pub nics: Vec<Nic>,
-}
-
-impl Assigned {
-    fn of(a: &Assignment) -> Self {
-        Assigned { desired: a.desired, nics: a.nics.clone() }
-    }
+/// Converges this host's guests to their assignments. Cheap to clone: a
+/// clone is what a task that outlives its pass (a stop, CreateImage)
+/// holds, and every clone shares the instances' state, the image problems
+/// and the channels.
+#[derive(Clone)]
+pub struct Reconciler {
+    libvirt: Libvirt,
+    hypervisor: Hypervisor,
+    /// Set once registered (see [`Reconciler::set_host_id`]).
+    host_id: String,
+    images: ImageCache,
+    instances_dir: PathBuf,
+    metadata: MetadataServers,
+    qemu: crate::access::QemuUser,
+    network: Option<DataPlane>,
+    stop_timeout: Duration,
+    image_cache_ttl: Duration,
+    // Shared by every clone:
+    /// Each instance's state, one slot per instance (see [`slots`]).
+    instances: Instances,
+    /// Image problems for the next report (see [`ImageProblem`]).
+    image_problems: Arc<std::sync::Mutex<Vec<ImageProblem>>>,
+    events: broadcast::Sender<AgentEvent>,
+    /// Observations made after their pass reported (a stop that took a while).
+    late: mpsc::UnboundedSender<Observation>,
 }
 
 /// Why a root disk was refused, as its owner may read it (the details,
@@ -163,15 +169,83 @@ const NOT_STANDALONE: &str = "refused: not a standalone qcow2 (it names a backin
 pub const FAILED_AFTER: u32 = 3;
 
 impl Reconciler {
+    /// A reconciler of `setup`'s host (whose id comes with
+    /// [`Reconciler::set_host_id`]), and the receiver of the observations
+    /// it makes after their pass reported.
+    pub fn new(setup: Setup) -> (Reconciler, mpsc::UnboundedReceiver<Observation>) {
+        let Setup { libvirt, hypervisor, images, instances_dir, metadata, qemu, network, stop_timeout, image_cache_ttl } = setup;
+        let (events, _) = broadcast::channel(4096);
+        let (late, late_rx) = mpsc::unbounded_channel();
+        let reconciler = Reconciler {
+            libvirt,
+            hypervisor,
+            host_id: String::new(),
+            images,
+            instances_dir,
+            metadata,
+            qemu,
+            network,
+            stop_timeout,
+            image_cache_ttl,
+            instances: Instances::default(),
+            image_problems: Arc::default(),
+            events,
+            late,
+        };
+        (reconciler, late_rx)
+    }
+
+    /// The id this host registered as (again: a lost credential).
+    pub fn set_host_id(&mut self, host_id: &str) {
+        self.host_id = host_id.to_string();
+    }
+
+    pub fn hypervisor(&self) -> Hypervisor {
+        self.hypervisor
+    }
+
+    pub fn libvirt(&self) -> &Libvirt {
+        &self.libvirt
+    }
+
+    pub fn images(&self) -> &ImageCache {
+        &self.images
+    }
+
+    pub fn metadata(&self) -> &MetadataServers {
+        &self.metadata
+    }
+
+    /// The VPC data plane; `None`: QEMU user-mode networking.
+    pub fn network(&self) -> Option<&DataPlane> {
+        self.network.as_ref()
+    }
+
+    /// Events of the agent's work, from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<AgentEvent> {
+        self.events.subscribe()
+    }
+
+    /// Tells the subscribers of [`Reconciler::subscribe`].
+    pub fn announce(&self, event: AgentEvent) {
+        let _ = self.events.send(event);
+    }
+
+    /// Records the console tails a delivered report carried.
+    pub fn console_delivered(&self, observations: &[Observation]) {
+        self.instances.console_delivered(observations);
+    }
+
+    /// The image problems queued for a report (see [`Reconciler::image_problem`]).
+    pub fn take_image_problems(&self) -> Vec<ImageProblem> {
+        std::mem::take(&mut *self.image_problems.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     /// A full pass over every assignment, starting from everything libvirt
     /// and the disk hold; returns what it observed. Domains and files of this
     /// host that no assignment names are removed.
     pub async fn converge(&self, assignments: &[Assignment], network: &HostNetwork) -> Vec<Observation> {
-        {
-            let mut known = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
-            known.clear();
-            known.extend(assignments.iter().filter(|a| a.desired != DesiredState::Terminated).map(|a| (a.instance_id.clone(), Assigned::of(a))));
-        }
+        self.instances.assign_all(assignments);
         self.converge_network(network, true).await;
         let domains: HashMap<String, DomainStatus> = match self.libvirt.owned_domains(&self.host_id).await {
             Ok(list) => list.into_iter().map(|d| (d.owner.instance_id.clone(), d)).collect(),
@@ -200,15 +274,7 @@ impl Reconciler {
     /// the control plane). Cheap when one instance changes among thousands;
     /// the periodic full [`Reconciler::converge`] catches anything missed.
     pub async fn converge_changes(&self, changes: &[Assignment], network: &HostNetwork) -> Vec<Observation> {
-        {
-            let mut known = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
-            for a in changes {
-                match a.desired {
-                    DesiredState::Terminated => known.remove(&a.instance_id),
-                    _ => known.insert(a.instance_id.clone(), Assigned::of(a)),
-                };
-            }
-        }
+        self.instances.assign_changes(changes);
         self.converge_network(network, false).await;
         self.run_all(changes.iter().map(|a| (a.clone(), None)).collect()).await
     }
@@ -218,7 +284,7 @@ impl Reconciler {
     /// pass tries again, and guests that need the network retry with it.
     async fn converge_network(&self, network: &HostNetwork, full: bool) {
         let Some(dp) = &self.network else { return };
-        let nics: Vec<Nic> = self.assigned.lock().unwrap_or_else(|p| p.into_inner()).values().flat_map(|a| a.nics.iter().cloned()).collect();
+        let nics = self.instances.assigned_nics();
         if let Err(e) = dp.reconcile(network, &nics, full).await {
             tracing::warn!(error = %e, "cannot converge the VPC network");
             return;
@@ -338,7 +404,7 @@ impl Reconciler {
 
     async fn converge_one(&self, a: &Assignment, existing: Option<DomainStatus>) -> Observation {
         // A stop under way owns the guest until it ends: no second stop, no restart.
-        if a.desired != DesiredState::Terminated && self.stopping.contains(&a.instance_id) {
+        if a.desired != DesiredState::Terminated && self.instances.stopping(&a.instance_id) {
             return self.observe(a, Outcome::Stopping).await;
         }
         let result = match a.desired {
@@ -348,7 +414,7 @@ impl Reconciler {
         };
         match result {
             Ok(outcome) => {
-                self.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(&a.instance_id);
+                self.instances.clear_failures(&a.instance_id);
                 if matches!(outcome, Outcome::Running { .. } | Outcome::Stopped) {
                     for task in &a.create_images {
                         self.make_image(a, task);
@@ -376,7 +442,7 @@ impl Reconciler {
     /// The instance's desired state as last assigned (`None`: terminated
     /// or never assigned here).
     fn desired_now(&self, instance_id: &str) -> Option<DesiredState> {
-        self.assigned.lock().unwrap_or_else(|p| p.into_inner()).get(instance_id).map(|a| a.desired)
+        self.instances.assigned(instance_id).map(|a| a.desired)
     }
 
     /// Queues a problem for the next report: one per image, at most
@@ -395,7 +461,7 @@ impl Reconciler {
     /// store; the file then joins this host's cache. Failures become image
     /// problems (the image fails).
     fn make_image(&self, a: &Assignment, task: &ImageTask) {
-        if !self.making.lock().unwrap_or_else(|p| p.into_inner()).insert(task.image_id.clone()) {
+        if !self.instances.begin_image(&a.instance_id, &task.image_id) {
             return;
         }
         let (this, a, task) = (self.clone(), a.clone(), task.clone());
@@ -409,8 +475,8 @@ impl Reconciler {
                     this.image_problem(&task.image_id, e);
                 }
             }
-            // The id stays in `making`: an assignment read before the image
-            // became available (or failed) must not make it a second time.
+            // The id stays in the instance's slot: an assignment read before
+            // the image became available (or failed) must not make it a second time.
         });
     }
 
@@ -428,7 +494,7 @@ impl Reconciler {
             if task.no_reboot {
                 break None;
             }
-            if let Some(guard) = self.stopping.begin(id) {
+            if let Some(guard) = self.instances.begin_stop(id) {
                 break Some(guard);
             }
             if waited_for.elapsed() > self.stop_timeout * 2 + Duration::from_secs(10) {
@@ -471,7 +537,7 @@ impl Reconciler {
     /// is left to the pass that removes it.
     async fn after_imaging(&self, a: &Assignment, name: &str) {
         let id = &a.instance_id;
-        let latest = self.assigned.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned();
+        let latest = self.instances.assigned(id);
         let Some(latest) = latest else { return };
         let mut running = false;
         if latest.desired == DesiredState::Running {
@@ -499,12 +565,7 @@ impl Reconciler {
     /// pass) until [`FAILED_AFTER`] attempts, then `Failed`. The error goes
     /// to the log; the observation carries only its public message.
     fn failed_attempt(&self, instance_id: &str, e: ConvergeError) -> Observation {
-        let attempts = {
-            let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-            let n = f.entry(instance_id.to_string()).or_insert(0);
-            *n += 1;
-            *n
-        };
+        let attempts = self.instances.count_failure(instance_id);
         tracing::warn!(%instance_id, attempts, error = %e, "cannot converge instance");
         let (state, message) = if attempts >= FAILED_AFTER {
             (ObservedState::Failed, format!("{} (after {attempts} attempts)", e.public_message()))
@@ -525,7 +586,7 @@ impl Reconciler {
             Outcome::StopFailed(why) => (ObservedState::Running, Some(format!("stop failed: {why}"))),
             Outcome::Stopped => (ObservedState::Stopped, None),
             Outcome::Absent => {
-                self.console.forget(id);
+                self.instances.forget_console(id);
                 return Observation {
                     instance_id: id.clone(),
                     state: ObservedState::Absent,
@@ -546,7 +607,7 @@ impl Reconciler {
                 None
             }
         };
-        let console = self.console.tail_if_changed(id, &files.console_log()).await;
+        let console = self.instances.console_tail(id, &files.console_log()).await;
         let ssh_endpoint = files.ssh_port().await.map(|p| format!("127.0.0.1:{p}"));
         Observation { instance_id: id.clone(), state, message, reboots, console, ssh_endpoint }
     }
@@ -656,7 +717,7 @@ impl Reconciler {
         if !d.running {
             return Ok(Outcome::Stopped);
         }
-        let Some(guard) = self.stopping.begin(&a.instance_id) else { return Ok(Outcome::Stopping) };
+        let Some(guard) = self.instances.begin_stop(&a.instance_id) else { return Ok(Outcome::Stopping) };
         let (this, name, id) = (self.clone(), d.name.clone(), a.instance_id.clone());
         let mut task = tokio::spawn(async move {
             let _guard = guard;
@@ -698,10 +759,10 @@ impl Reconciler {
         }
         self.metadata.stop(instance_id);
         if let Some(dp) = &self.network {
-            let gone = self.assigned.lock().unwrap_or_else(|p| p.into_inner()).remove(instance_id);
+            let gone = self.instances.unassign(instance_id);
             dp.remove(&gone.map(|a| a.nics).unwrap_or_default()).await;
         }
-        self.console.forget(instance_id);
+        self.instances.forget_console(instance_id);
         let files = GuestFiles::new(&self.instances_dir, instance_id);
         let had_files = files.exists().await;
         files.remove().await?;
