@@ -11,7 +11,7 @@
 //!
 //! What the agent keeps of each instance between passes (its assignment,
 //! failed attempts, stop guard, images being made, console) has one owner,
-//! its slot ([`slots`]); `imaging` is CreateImage's side on this host.
+//! its slot (`slots.rs`); `imaging.rs` is CreateImage's side on this host.
 
 mod imaging;
 mod slots;
@@ -237,7 +237,7 @@ impl Reconciler {
         self.instances.console_delivered(observations);
     }
 
-    /// The image problems queued for a report (see [`Reconciler::image_problem`]).
+    /// Takes the image problems queued for the next report (by `image_problem`).
     pub fn take_image_problems(&self) -> Vec<ImageProblem> {
         std::mem::take(&mut *self.image_problems.lock().unwrap_or_else(|p| p.into_inner()))
     }
