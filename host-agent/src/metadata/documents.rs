@@ -25,8 +25,11 @@ pub struct DocumentSource {
     /// Per instance, the digest of the siblings last opened and what they
     /// gave: the refresh reads every document ten times a second, and
     /// checks a signature and decrypts only when the stored value changed.
-    opened: Arc<Mutex<HashMap<String, ([u8; 32], Option<InstanceDocument>)>>>,
+    opened: Arc<Mutex<HashMap<String, Opened>>>,
 }
+
+/// The SHA-256 of an instance's stored siblings, and the document they gave.
+type Opened = ([u8; 32], Option<InstanceDocument>);
 
 impl DocumentSource {
     pub fn new(node: Arc<nimbus_state_store::Node>, host_id: String, key: nimbus_records::KeyPair, trusted: nimbus_records::TrustedKeys) -> Self {
