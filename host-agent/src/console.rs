@@ -1,16 +1,15 @@
 //! The tail of each guest's serial console log, shipped to the control plane
 //! in reports, and only when it changed since the last delivered report.
 //!
-//! What was delivered is remembered in memory only (a restarted agent sends
-//! each tail once more, which is harmless). The file's length and mtime spare
-//! re-reading a console that did not move.
+//! What was delivered is remembered in memory only, in each instance's slot
+//! ([`ConsoleState`]; a restarted agent sends each tail once more, which is
+//! harmless). The file's length and mtime spare re-reading a console that
+//! did not move.
 
 use base64::Engine;
 use nimbus_proto::agent::{Observation, CONSOLE_TAIL_BYTES};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 /// Most base64 console text one report carries: the control plane takes
@@ -41,86 +40,87 @@ struct Stamp {
     digest: [u8; 32],
 }
 
-#[derive(Default)]
-struct Inner {
-    delivered: HashMap<String, Stamp>,
-    /// Computed by a pass, not yet known to have reached the control plane.
-    pending: HashMap<String, Stamp>,
-}
-
-#[derive(Clone, Default)]
-pub struct ConsoleTracker {
-    inner: Arc<Mutex<Inner>>,
-}
-
 fn digest(b64: &str) -> [u8; 32] {
     Sha256::digest(b64.as_bytes()).into()
 }
 
-impl ConsoleTracker {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+/// What was sent of one guest's console (kept in the instance's slot, see
+/// `crate::reconcile`).
+#[derive(Debug, Default)]
+pub struct ConsoleState {
+    delivered: Option<Stamp>,
+    /// Computed by a pass, not yet known to have reached the control plane.
+    pending: Option<Stamp>,
+}
+
+/// A tail read from a guest's console log, to be offered to its
+/// [`ConsoleState`].
+pub struct Tail {
+    b64: String,
+    stamp: Stamp,
+}
+
+impl ConsoleState {
+    /// Whether nothing is known (a guest never seen, or forgotten).
+    pub fn is_empty(&self) -> bool {
+        self.delivered.is_none() && self.pending.is_none()
     }
 
-    /// The last [`CONSOLE_TAIL_BYTES`] of the console log at `path`, base64,
-    /// unless the file is missing or empty or its tail was already delivered.
-    pub async fn tail_if_changed(&self, instance_id: &str, path: &Path) -> Option<String> {
-        let meta = tokio::fs::metadata(path).await.ok()?;
-        let (len, modified) = (meta.len(), meta.modified().ok());
-        if len == 0 {
+    /// Whether a log of this length and mtime is the one whose tail was
+    /// delivered (no need to read it again).
+    pub fn unchanged(&self, len: u64, modified: Option<SystemTime>) -> bool {
+        self.delivered.as_ref().is_some_and(|s| s.len == len && s.modified.is_some() && s.modified == modified)
+    }
+
+    /// The base64 tail to send, unless it is the one delivered (whose
+    /// stamp is then brought up to the file's).
+    pub fn offer(&mut self, tail: Tail) -> Option<String> {
+        if let Some(s) = &mut self.delivered {
+            if s.digest == tail.stamp.digest {
+                *s = tail.stamp;
+                return None;
+            }
+        }
+        self.pending = Some(tail.stamp);
+        Some(tail.b64)
+    }
+
+    /// Records that a delivered report carried the tail `b64`.
+    pub fn delivered(&mut self, b64: &str) {
+        let d = digest(b64);
+        let stamp = match self.pending.take() {
+            Some(p) if p.digest == d => p,
+            // A newer pass computed another tail meanwhile: keep it pending,
+            // and re-read the file next time.
+            Some(p) => {
+                self.pending = Some(p);
+                Stamp { len: 0, modified: None, digest: d }
+            }
+            None => Stamp { len: 0, modified: None, digest: d },
+        };
+        self.delivered = Some(stamp);
+    }
+}
+
+/// The last [`CONSOLE_TAIL_BYTES`] of the console log at `path`, unless
+/// the file is missing or empty or `unchanged` says (from its length and
+/// mtime) that its tail was already delivered.
+pub async fn read_if_changed(instance_id: &str, path: &Path, unchanged: impl FnOnce(u64, Option<SystemTime>) -> bool) -> Option<Tail> {
+    let meta = tokio::fs::metadata(path).await.ok()?;
+    let (len, modified) = (meta.len(), meta.modified().ok());
+    if len == 0 || unchanged(len, modified) {
+        return None;
+    }
+    let tail = match read_tail(path, len).await {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(%instance_id, error = %e, "cannot read the console log");
             return None;
         }
-        if let Some(s) = self.lock().delivered.get(instance_id) {
-            if s.len == len && s.modified.is_some() && s.modified == modified {
-                return None;
-            }
-        }
-        let tail = match read_tail(path, len).await {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(%instance_id, error = %e, "cannot read the console log");
-                return None;
-            }
-        };
-        let b64 = base64::engine::general_purpose::STANDARD.encode(&tail);
-        let stamp = Stamp { len, modified, digest: digest(&b64) };
-        let mut inner = self.lock();
-        if let Some(s) = inner.delivered.get_mut(instance_id) {
-            if s.digest == stamp.digest {
-                *s = stamp;
-                return None;
-            }
-        }
-        inner.pending.insert(instance_id.to_string(), stamp);
-        Some(b64)
-    }
-
-    /// Records the console tails that a delivered report carried.
-    pub fn delivered(&self, observations: &[Observation]) {
-        let mut inner = self.lock();
-        for o in observations {
-            let Some(b64) = &o.console else { continue };
-            let d = digest(b64);
-            let stamp = match inner.pending.remove(&o.instance_id) {
-                Some(p) if p.digest == d => p,
-                // A newer pass computed another tail meanwhile: keep it pending,
-                // and re-read the file next time.
-                Some(p) => {
-                    inner.pending.insert(o.instance_id.clone(), p);
-                    Stamp { len: 0, modified: None, digest: d }
-                }
-                None => Stamp { len: 0, modified: None, digest: d },
-            };
-            inner.delivered.insert(o.instance_id.clone(), stamp);
-        }
-    }
-
-    /// Drops what is known of a removed guest.
-    pub fn forget(&self, instance_id: &str) {
-        let mut inner = self.lock();
-        inner.delivered.remove(instance_id);
-        inner.pending.remove(instance_id);
-    }
+    };
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&tail);
+    let stamp = Stamp { len, modified, digest: digest(&b64) };
+    Some(Tail { b64, stamp })
 }
 
 /// The last `CONSOLE_TAIL_BYTES` of a file `len` bytes long (or what it holds now).
@@ -150,36 +150,5 @@ mod tests {
         assert_eq!(fit_budget(&mut report, 1000), 2);
         let sent: Vec<bool> = report.iter().map(|o| o.console.is_some()).collect();
         assert_eq!(sent, vec![true, true, false, false, false]);
-    }
-
-    #[tokio::test]
-    async fn sends_a_tail_once_until_it_changes() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("console.log");
-        let t = ConsoleTracker::default();
-        assert_eq!(t.tail_if_changed("i-1", &log).await, None, "no file, nothing to send");
-        std::fs::write(&log, "").unwrap();
-        assert_eq!(t.tail_if_changed("i-1", &log).await, None, "empty file, nothing to send");
-
-        std::fs::write(&log, "hello\n").unwrap();
-        let first = t.tail_if_changed("i-1", &log).await.expect("new output");
-        assert_eq!(first, base64::engine::general_purpose::STANDARD.encode("hello\n"));
-        // Not delivered (the report failed): sent again.
-        assert_eq!(t.tail_if_changed("i-1", &log).await.as_ref(), Some(&first));
-        t.delivered(&[obs("i-1", Some(first.clone()))]);
-        assert_eq!(t.tail_if_changed("i-1", &log).await, None, "unchanged since delivered");
-
-        // Longer than the tail: only the last CONSOLE_TAIL_BYTES go.
-        let mut big = vec![b'a'; CONSOLE_TAIL_BYTES];
-        big.extend_from_slice(b"END");
-        std::fs::write(&log, &big).unwrap();
-        let tail = t.tail_if_changed("i-1", &log).await.expect("changed");
-        let raw = base64::engine::general_purpose::STANDARD.decode(tail).unwrap();
-        assert_eq!(raw.len(), CONSOLE_TAIL_BYTES);
-        assert!(raw.ends_with(b"aEND"));
-
-        t.forget("i-1");
-        std::fs::write(&log, "hello\n").unwrap();
-        assert!(t.tail_if_changed("i-1", &log).await.is_some(), "forgotten: sent again");
     }
 }

@@ -14,6 +14,7 @@ pub mod metadata;
 pub mod network;
 pub mod power;
 pub mod reconcile;
+mod setup;
 pub mod store;
 
 use clap::{Parser, ValueEnum};
@@ -21,6 +22,7 @@ use client::{ClientError, ControlPlane};
 use domain::Hypervisor;
 use nimbus_proto::agent::{HostCredential, Observation, RegisterHost, Report};
 use reconcile::{AgentEvent, Reconciler};
+pub use setup::Capacity;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
@@ -278,9 +280,9 @@ pub struct Agent {
     config: AgentConfig,
     cp: ControlPlane,
     reconciler: Reconciler,
-    /// Observations that finished after their pass (see [`Reconciler::late`]).
+    /// Observations that finished after their pass (see [`Reconciler::new`]).
     late: mpsc::UnboundedReceiver<Observation>,
-    capacity: (u32, u64, u64),
+    capacity: Capacity,
     /// The embedded state-store node, once certified (see `store.rs`).
     store: Option<std::sync::Arc<store::HostStore>>,
     /// Console tails and status checks written to the store.
@@ -290,126 +292,29 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Builds the agent of `config`, one named step after another (`setup.rs`).
     pub async fn new(config: AgentConfig) -> Result<Agent, AgentError> {
-        let state = |path: &PathBuf| {
-            let path = path.clone();
-            move |source| AgentError::State { path, source }
-        };
-        let run_dir = std::path::absolute(&config.run_dir).map_err(state(&config.run_dir))?;
-        if run_dir.to_string_lossy().contains(',') || run_dir.as_os_str().len() > metadata::MAX_RUN_DIR_LEN {
-            // QEMU's options use ',' as a separator, and a socket's path is short.
-            return Err(AgentError::Config(format!(
-                "the run directory {} must be at most {} bytes long and hold no comma",
-                run_dir.display(),
-                metadata::MAX_RUN_DIR_LEN
-            )));
-        }
-        let (hypervisor, uri) = match (config.hypervisor, &config.libvirt_uri) {
-            (HypervisorChoice::Auto, uri) => {
-                let d = libvirt::detect().await?;
-                tracing::info!(hypervisor = d.hypervisor.as_str(), reason = %d.reason, "hypervisor detected");
-                (d.hypervisor, uri.clone().unwrap_or(d.uri))
-            }
-            (HypervisorChoice::Kvm, uri) => (Hypervisor::Kvm, uri.clone().unwrap_or("qemu:///system".into())),
-            (HypervisorChoice::Qemu, uri) => (Hypervisor::Qemu, uri.clone().unwrap_or("qemu:///system".into())),
-            (HypervisorChoice::Xen, uri) => (Hypervisor::Xen, uri.clone().unwrap_or("xen:///system".into())),
-            (HypervisorChoice::Test, uri) => (Hypervisor::Test, uri.clone().unwrap_or("test:///default".into())),
-        };
-        let qemu = match (hypervisor, access::QemuUser::lookup(&config.qemu_user)) {
-            (_, Ok(q)) => q,
-            // No QEMU user opens files of a Xen PV guest or of the test driver.
-            (Hypervisor::Xen | Hypervisor::Test, Err(_)) => access::QemuUser::root(),
-            (_, Err(e)) => return Err(e.into()),
-        };
-        // Closed to local users: guests' files hold tenants' data (see access.rs).
-        for dir in [config.state_dir.clone(), config.state_dir.join("images"), config.state_dir.join("instances"), run_dir.clone()] {
-            qemu.private_dir(&dir).await.map_err(state(&dir))?;
-        }
+        let run_dir = setup::run_dir(&config)?;
+        let (hypervisor, uri) = setup::hypervisor(&config).await?;
+        let qemu = setup::qemu_user(&config, hypervisor)?;
+        setup::private_dirs(&config, &run_dir, qemu).await?;
         let lv = libvirt::Libvirt::open(&uri).await?;
-        let (cpus, mem) = lv.node_resources().await?;
-        let vcpus = config.vcpus.unwrap_or(((cpus as f64) * config.cpu_allocation_ratio).floor() as u32);
-        let memory_mib = config.memory_mib.unwrap_or(mem.saturating_sub(config.reserved_memory_mib));
-        let disk_gib = match config.disk_gib {
-            Some(d) => d,
-            None => {
-                let st = nix::sys::statvfs::statvfs(&config.state_dir)
-                    .map_err(|e| AgentError::State { path: config.state_dir.clone(), source: e.into() })?;
-                (st.blocks_available() as u64 * st.fragment_size() as u64 / (1 << 30)) * 9 / 10
-            }
-        };
-        let network = match (config.network, config.underlay_address) {
-            (NetworkChoice::User, _) => None,
-            (NetworkChoice::Vpc, None) => return Err(AgentError::Config("--network vpc needs --underlay-address".into())),
-            (NetworkChoice::Auto, None) => None,
-            (NetworkChoice::Auto, Some(_)) if !nix::unistd::geteuid().is_root() => {
-                tracing::warn!("not root: cannot build the VPC data plane; guests get QEMU user-mode networking");
-                None
-            }
-            (NetworkChoice::Vpc | NetworkChoice::Auto, Some(underlay_ip)) => Some(network::DataPlane::new(network::VpcConfig {
-                underlay_ip,
-                host_ns: match &config.network_namespace {
-                    Some(n) => network::cmd::Ns::named(n),
-                    None => network::cmd::Ns::own(),
-                },
-                uplink: config.uplink.clone(),
-                prefix: config.netns_prefix.clone(),
-                underlay_mtu: config.underlay_mtu,
-                guest_deny: config.guest_deny.clone(),
-                outside_allow: config.outside_allow.clone(),
-            })),
-        };
-        tracing::info!(vpc = network.is_some(), underlay = ?config.underlay_address, "guest networking");
-        // An https control plane: present the certificate saved at the last
-        // start, if any; renewing it needs it (a credential alone gets no
-        // certificate once the host has one).
-        let saved_identity = if config.control_plane.starts_with("https://") {
-            let tls = config.state_dir.join("tls");
-            match (tokio::fs::read_to_string(tls.join("cert.pem")).await, tokio::fs::read_to_string(tls.join("key.pem")).await) {
-                (Ok(cert), Ok(key)) => Some(format!("{cert}{key}")),
-                _ => None,
-            }
-        } else {
-            None
-        };
+        let capacity = Capacity::detect(&config, &lv).await?;
+        let network = setup::data_plane(&config)?;
+        let saved_identity = setup::saved_identity(&config).await;
         let http = control_plane_client(&config, saved_identity.as_deref().map(str::as_bytes)).await?;
-        let (events, _) = broadcast::channel(4096);
-        let (late_tx, late) = mpsc::unbounded_channel();
-        let reconciler = Reconciler {
-            libvirt: lv,
-            hypervisor,
-            host_id: String::new(),
-            // Registered sources: any http(s) server, trusted by the usual roots.
-            images: images::ImageCache::new(
-                config.state_dir.join("images"),
-                reqwest::Client::builder().build().map_err(|e| AgentError::Config(e.to_string()))?,
-                qemu,
-            ),
-            instances_dir: config.state_dir.join("instances"),
-            metadata: metadata::MetadataServers::new(qemu, run_dir),
-            qemu,
-            events,
-            stop_timeout: Duration::from_secs(config.stop_timeout_secs),
-            stopping: power::InProgress::default(),
-            console: console::ConsoleTracker::default(),
-            late: late_tx,
-            failures: Default::default(),
-            network,
-            assigned: Default::default(),
-            image_problems: Default::default(),
-            making: Default::default(),
-            image_cache_ttl: Duration::from_secs(config.image_cache_ttl_secs),
-        };
+        let (reconciler, late) = Reconciler::new(setup::reconciler(&config, lv, hypervisor, qemu, run_dir, network)?);
         let cp = ControlPlane::new(&config.control_plane, http.clone());
-        Ok(Agent { cp, config, reconciler, late, capacity: (vcpus, memory_mib, disk_gib), store: None, observed: Default::default(), cp_http: http })
+        Ok(Agent { cp, config, reconciler, late, capacity, store: None, observed: Default::default(), cp_http: http })
     }
 
     /// Events of the agent's work (guest started, removed).
     pub fn events(&self) -> broadcast::Receiver<AgentEvent> {
-        self.reconciler.events.subscribe()
+        self.reconciler.subscribe()
     }
 
     pub fn hypervisor(&self) -> Hypervisor {
-        self.reconciler.hypervisor
+        self.reconciler.hypervisor()
     }
 
     fn credential_path(&self) -> PathBuf {
@@ -447,16 +352,16 @@ impl Agent {
                 secret
             }
         };
-        let (vcpus, memory_mib, disk_gib) = self.capacity;
+        let Capacity { vcpus, memory_mib, disk_gib } = self.capacity;
         let req = RegisterHost {
             name: self.config.name.clone(),
             availability_zone: self.config.availability_zone.clone(),
-            hypervisor: self.reconciler.hypervisor.as_str().to_string(),
+            hypervisor: self.reconciler.hypervisor().as_str().to_string(),
             vcpus,
             memory_mib,
             disk_gib,
             current_credential: saved.map(|c| c.bearer()),
-            underlay_ip: self.reconciler.network.as_ref().map(|n| n.config().underlay_ip),
+            underlay_ip: self.reconciler.network().map(|n| n.config().underlay_ip),
             secret: Some(secret),
         };
         let cred = self.cp.register(&self.config.join_token, &req).await?;
@@ -504,7 +409,7 @@ impl Agent {
     /// The image store is reached with the host's credential.
     fn set_store_access(&self, cred: &HostCredential) {
         let access = images::StoreAccess { base: self.config.control_plane.clone(), bearer: cred.bearer(), client: self.cp_http.clone() };
-        *self.reconciler.images.store.write().unwrap_or_else(|p| p.into_inner()) = Some(access);
+        *self.reconciler.images().store.write().unwrap_or_else(|p| p.into_inner()) = Some(access);
     }
 
     /// Sends a report; on delivery, remembers the console output it carried.
@@ -513,18 +418,18 @@ impl Agent {
     async fn report(&self, cred: &HostCredential, mut observations: Vec<Observation>) -> Result<(), ClientError> {
         if let Some(store) = &self.store {
             let written = self.observed.lock().await.write(store, &mut observations).await;
-            self.reconciler.console.delivered(&written);
+            self.reconciler.console_delivered(&written);
         }
         let deferred = console::fit_budget(&mut observations, console::REPORT_BUDGET);
         if deferred > 0 {
             tracing::debug!(deferred, "console tails left for a later report");
         }
-        let kvm = match self.reconciler.hypervisor {
+        let kvm = match self.reconciler.hypervisor() {
             Hypervisor::Kvm | Hypervisor::Qemu => health::kvm_device(std::path::Path::new("/dev/kvm")),
             Hypervisor::Xen | Hypervisor::Test => health::KvmDevice::Absent,
         };
-        let problems = health::problems(self.reconciler.libvirt.starts.last(), &kvm);
-        let images = std::mem::take(&mut *self.reconciler.image_problems.lock().unwrap_or_else(|p| p.into_inner()));
+        let problems = health::problems(self.reconciler.libvirt().starts.last(), &kvm);
+        let images = self.reconciler.take_image_problems();
         let report = Report { observations, problems, images };
         if let Err(e) = self.cp.report(cred, &report).await {
             // Kept for the next report (within what one report may carry).
@@ -533,7 +438,7 @@ impl Agent {
             }
             return Err(e);
         }
-        self.reconciler.console.delivered(&report.observations);
+        self.reconciler.console_delivered(&report.observations);
         Ok(())
     }
 
@@ -563,7 +468,7 @@ impl Agent {
                 }
             }
         };
-        self.reconciler.host_id = cred.host_id.clone();
+        self.reconciler.set_host_id(&cred.host_id);
         self.set_store_access(&cred);
         // A certificate from the control plane's CA: for the store node,
         // and for mutual TLS with an https:// control plane.
@@ -592,7 +497,7 @@ impl Agent {
                         _ = &mut shutdown => return Ok(()),
                         r = store::start(&certified, &cred.host_id, &self.config.state_dir, listen) => match r {
                             Ok(s) => {
-                                self.reconciler.metadata.attach_store(s.documents());
+                                self.reconciler.metadata().attach_store(s.documents());
                                 self.store = Some(std::sync::Arc::new(s));
                                 break;
                             }
@@ -608,7 +513,7 @@ impl Agent {
         // Documents newer than the assignments' reach the guests within
         // one refresh interval of reaching this host's replica.
         let refresher = self.store.is_some().then(|| {
-            let servers = self.reconciler.metadata.clone();
+            let servers = self.reconciler.metadata().clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(METADATA_REFRESH);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -658,7 +563,7 @@ impl Agent {
                     tracing::warn!(%msg, "credential rejected; registering again");
                     match self.credential(true).await {
                         Ok(c) => {
-                            self.reconciler.host_id = c.host_id.clone();
+                            self.reconciler.set_host_id(&c.host_id);
                             self.set_store_access(&c);
                             cred = c;
                             after = 0;
@@ -709,9 +614,9 @@ impl Agent {
                 }
             };
             let pass = AgentEvent::PassCompleted { full: assignments.full, generation: assignments.generation, reported };
-            let _ = self.reconciler.events.send(pass);
+            self.reconciler.announce(pass);
         }
-        self.reconciler.metadata.stop_all();
+        self.reconciler.metadata().stop_all();
         Ok(())
     }
 }

@@ -2,17 +2,16 @@
 //! reboot, with the bookkeeping that makes them safe to repeat.
 //!
 //! - A stop runs in the background: ACPI shutdown, wait (bounded), then a
-//!   hard power-off. The domain stays defined and its files stay. A
-//!   per-instance in-progress set keeps a second pass from starting it again
-//!   (or from restarting the guest while it goes down).
+//!   hard power-off. The domain stays defined and its files stay. The
+//!   instance's stop guard (its slot's, see `crate::reconcile`) keeps a
+//!   second pass from starting it again (or from restarting the guest while
+//!   it goes down).
 //! - Reboots are counted: the control plane sends how many were ever asked
 //!   for; the agent keeps how many it carried out in `<instance dir>/reboots`
 //!   (written atomically), so a restarted agent does not reboot again.
 
 use crate::libvirt::{Libvirt, LibvirtError};
-use std::collections::HashSet;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -51,36 +50,6 @@ pub async fn stop_domain(lv: &Libvirt, name: &str, timeout: Duration) -> Result<
     }
     lv.power_off(name).await?;
     Ok(Stopped::Forced)
-}
-
-/// The instances with a stop in progress.
-#[derive(Clone, Default)]
-pub struct InProgress {
-    set: Arc<Mutex<HashSet<String>>>,
-}
-
-impl InProgress {
-    /// Marks the instance busy; `None` if it already is. The mark goes with the guard.
-    pub fn begin(&self, instance_id: &str) -> Option<Guard> {
-        let mut set = self.set.lock().unwrap_or_else(|p| p.into_inner());
-        set.insert(instance_id.to_string()).then(|| Guard { set: self.set.clone(), id: instance_id.to_string() })
-    }
-
-    pub fn contains(&self, instance_id: &str) -> bool {
-        self.set.lock().unwrap_or_else(|p| p.into_inner()).contains(instance_id)
-    }
-}
-
-/// Clears an instance's in-progress mark when dropped (also on panic or abort).
-pub struct Guard {
-    set: Arc<Mutex<HashSet<String>>>,
-    id: String,
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        self.set.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,18 +93,6 @@ pub async fn record_reboots(dir: &Path, n: i64) -> Result<(), CounterError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_stop_cannot_begin_twice() {
-        let p = InProgress::default();
-        let g = p.begin("i-1").expect("first");
-        assert!(p.begin("i-1").is_none());
-        assert!(p.contains("i-1"));
-        assert!(p.begin("i-2").is_some());
-        drop(g);
-        assert!(!p.contains("i-1"));
-        assert!(p.begin("i-1").is_some());
-    }
 
     #[tokio::test]
     async fn the_reboot_counter_persists() {

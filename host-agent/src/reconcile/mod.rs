@@ -8,8 +8,14 @@
 //! running one down in the background (see [`crate::power`]), keeping its
 //! definition and files; owed reboots are carried out on running guests.
 //! Each observation carries the reboots done and any new console output.
+//!
+//! What the agent keeps of each instance between passes (its assignment,
+//! failed attempts, stop guard, images being made, console) has one owner,
+//! its slot (`slots.rs`); `imaging.rs` is CreateImage's side on this host.
 
-use crate::console::ConsoleTracker;
+mod imaging;
+mod slots;
+
 use crate::disks::GuestFiles;
 use crate::domain::{self, GuestNic, GuestSpec, Hypervisor};
 use crate::network::DataPlane;
@@ -17,10 +23,11 @@ use nimbus_proto::network::{HostNetwork, Nic};
 use crate::images::ImageCache;
 use crate::libvirt::{DomainStatus, Libvirt};
 use crate::metadata::MetadataServers;
-use crate::power::{self, InProgress};
-use nimbus_proto::agent::{Assignment, DesiredState, ImageProblem, ImageTask, Observation};
+use crate::power;
+use nimbus_proto::agent::{Assignment, DesiredState, ImageProblem, Observation};
 use nimbus_proto::api::BootStyle;
 use nimbus_proto::ObservedState;
+use slots::Instances;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -107,50 +114,50 @@ enum Outcome {
     Absent,
 }
 
-#[derive(Clone)]
-pub struct Reconciler {
+/// What a reconciler works with: this host's hypervisor, caches,
+/// directories, services and policies (see [`Reconciler::new`]).
+pub struct Setup {
     pub libvirt: Libvirt,
     pub hypervisor: Hypervisor,
-    pub host_id: String,
     pub images: ImageCache,
+    /// Where each guest's files live (`<dir>/<instance id>/`).
     pub instances_dir: PathBuf,
     pub metadata: MetadataServers,
     /// Who QEMU runs guests as (owner of their overlays; see [`crate::access`]).
     pub qemu: crate::access::QemuUser,
-    pub events: broadcast::Sender<AgentEvent>,
-    /// How long a guest gets to shut down on ACPI before it is powered off.
-    pub stop_timeout: Duration,
-    pub stopping: InProgress,
-    pub console: ConsoleTracker,
-    /// Observations made after their pass reported (a stop that took a while).
-    pub late: mpsc::UnboundedSender<Observation>,
-    /// Consecutive failed attempts per instance (see [`FAILED_AFTER`]).
-    pub failures: Arc<std::sync::Mutex<HashMap<String, u32>>>,
     /// The VPC data plane; `None`: QEMU user-mode networking.
     pub network: Option<DataPlane>,
-    /// Every instance on this host as last assigned (a delta names only
-    /// what changed): the data plane needs all the VPC interfaces, and a
-    /// task that outlives its pass (CreateImage) the latest desired state.
-    pub assigned: Arc<std::sync::Mutex<HashMap<String, Assigned>>>,
-    /// Image problems for the next report (see [`ImageProblem`]).
-    pub image_problems: Arc<std::sync::Mutex<Vec<ImageProblem>>>,
-    /// The images this agent made or is making (CreateImage), by image id.
-    pub making: Arc<std::sync::Mutex<HashSet<String>>>,
+    /// How long a guest gets to shut down on ACPI before it is powered off.
+    pub stop_timeout: Duration,
     /// Cached image files unused this long are removed (full passes).
     pub image_cache_ttl: Duration,
 }
 
-/// What the agent last heard of an instance on this host.
-#[derive(Debug, Clone)]
-pub struct Assigned {
-    pub desired: DesiredState,
-    pub nics: Vec<Nic>,
-}
-
-impl Assigned {
-    fn of(a: &Assignment) -> Self {
-        Assigned { desired: a.desired, nics: a.nics.clone() }
-    }
+/// Converges this host's guests to their assignments. Cheap to clone: a
+/// clone is what a task that outlives its pass (a stop, CreateImage)
+/// holds, and every clone shares the instances' state, the image problems
+/// and the channels.
+#[derive(Clone)]
+pub struct Reconciler {
+    libvirt: Libvirt,
+    hypervisor: Hypervisor,
+    /// Set once registered (see [`Reconciler::set_host_id`]).
+    host_id: String,
+    images: ImageCache,
+    instances_dir: PathBuf,
+    metadata: MetadataServers,
+    qemu: crate::access::QemuUser,
+    network: Option<DataPlane>,
+    stop_timeout: Duration,
+    image_cache_ttl: Duration,
+    // Shared by every clone:
+    /// Each instance's state, one slot per instance (see [`slots`]).
+    instances: Instances,
+    /// Image problems for the next report (see [`ImageProblem`]).
+    image_problems: Arc<std::sync::Mutex<Vec<ImageProblem>>>,
+    events: broadcast::Sender<AgentEvent>,
+    /// Observations made after their pass reported (a stop that took a while).
+    late: mpsc::UnboundedSender<Observation>,
 }
 
 /// Why a root disk was refused, as its owner may read it (the details,
@@ -163,15 +170,83 @@ const NOT_STANDALONE: &str = "refused: not a standalone qcow2 (it names a backin
 pub const FAILED_AFTER: u32 = 3;
 
 impl Reconciler {
+    /// A reconciler of `setup`'s host (whose id comes with
+    /// [`Reconciler::set_host_id`]), and the receiver of the observations
+    /// it makes after their pass reported.
+    pub fn new(setup: Setup) -> (Reconciler, mpsc::UnboundedReceiver<Observation>) {
+        let Setup { libvirt, hypervisor, images, instances_dir, metadata, qemu, network, stop_timeout, image_cache_ttl } = setup;
+        let (events, _) = broadcast::channel(4096);
+        let (late, late_rx) = mpsc::unbounded_channel();
+        let reconciler = Reconciler {
+            libvirt,
+            hypervisor,
+            host_id: String::new(),
+            images,
+            instances_dir,
+            metadata,
+            qemu,
+            network,
+            stop_timeout,
+            image_cache_ttl,
+            instances: Instances::default(),
+            image_problems: Arc::default(),
+            events,
+            late,
+        };
+        (reconciler, late_rx)
+    }
+
+    /// The id this host registered as (again: a lost credential).
+    pub fn set_host_id(&mut self, host_id: &str) {
+        self.host_id = host_id.to_string();
+    }
+
+    pub fn hypervisor(&self) -> Hypervisor {
+        self.hypervisor
+    }
+
+    pub fn libvirt(&self) -> &Libvirt {
+        &self.libvirt
+    }
+
+    pub fn images(&self) -> &ImageCache {
+        &self.images
+    }
+
+    pub fn metadata(&self) -> &MetadataServers {
+        &self.metadata
+    }
+
+    /// The VPC data plane; `None`: QEMU user-mode networking.
+    pub fn network(&self) -> Option<&DataPlane> {
+        self.network.as_ref()
+    }
+
+    /// Events of the agent's work, from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<AgentEvent> {
+        self.events.subscribe()
+    }
+
+    /// Tells the subscribers of [`Reconciler::subscribe`].
+    pub fn announce(&self, event: AgentEvent) {
+        let _ = self.events.send(event);
+    }
+
+    /// Records the console tails a delivered report carried.
+    pub fn console_delivered(&self, observations: &[Observation]) {
+        self.instances.console_delivered(observations);
+    }
+
+    /// Takes the image problems queued for the next report (by `image_problem`).
+    pub fn take_image_problems(&self) -> Vec<ImageProblem> {
+        std::mem::take(&mut *self.image_problems.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     /// A full pass over every assignment, starting from everything libvirt
     /// and the disk hold; returns what it observed. Domains and files of this
     /// host that no assignment names are removed.
     pub async fn converge(&self, assignments: &[Assignment], network: &HostNetwork) -> Vec<Observation> {
-        {
-            let mut known = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
-            known.clear();
-            known.extend(assignments.iter().filter(|a| a.desired != DesiredState::Terminated).map(|a| (a.instance_id.clone(), Assigned::of(a))));
-        }
+        self.instances.assign_all(assignments);
         self.converge_network(network, true).await;
         let domains: HashMap<String, DomainStatus> = match self.libvirt.owned_domains(&self.host_id).await {
             Ok(list) => list.into_iter().map(|d| (d.owner.instance_id.clone(), d)).collect(),
@@ -200,15 +275,7 @@ impl Reconciler {
     /// the control plane). Cheap when one instance changes among thousands;
     /// the periodic full [`Reconciler::converge`] catches anything missed.
     pub async fn converge_changes(&self, changes: &[Assignment], network: &HostNetwork) -> Vec<Observation> {
-        {
-            let mut known = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
-            for a in changes {
-                match a.desired {
-                    DesiredState::Terminated => known.remove(&a.instance_id),
-                    _ => known.insert(a.instance_id.clone(), Assigned::of(a)),
-                };
-            }
-        }
+        self.instances.assign_changes(changes);
         self.converge_network(network, false).await;
         self.run_all(changes.iter().map(|a| (a.clone(), None)).collect()).await
     }
@@ -218,7 +285,7 @@ impl Reconciler {
     /// pass tries again, and guests that need the network retry with it.
     async fn converge_network(&self, network: &HostNetwork, full: bool) {
         let Some(dp) = &self.network else { return };
-        let nics: Vec<Nic> = self.assigned.lock().unwrap_or_else(|p| p.into_inner()).values().flat_map(|a| a.nics.iter().cloned()).collect();
+        let nics = self.instances.assigned_nics();
         if let Err(e) = dp.reconcile(network, &nics, full).await {
             tracing::warn!(error = %e, "cannot converge the VPC network");
             return;
@@ -338,7 +405,7 @@ impl Reconciler {
 
     async fn converge_one(&self, a: &Assignment, existing: Option<DomainStatus>) -> Observation {
         // A stop under way owns the guest until it ends: no second stop, no restart.
-        if a.desired != DesiredState::Terminated && self.stopping.contains(&a.instance_id) {
+        if a.desired != DesiredState::Terminated && self.instances.stopping(&a.instance_id) {
             return self.observe(a, Outcome::Stopping).await;
         }
         let result = match a.desired {
@@ -348,7 +415,7 @@ impl Reconciler {
         };
         match result {
             Ok(outcome) => {
-                self.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(&a.instance_id);
+                self.instances.clear_failures(&a.instance_id);
                 if matches!(outcome, Outcome::Running { .. } | Outcome::Stopped) {
                     for task in &a.create_images {
                         self.make_image(a, task);
@@ -376,7 +443,7 @@ impl Reconciler {
     /// The instance's desired state as last assigned (`None`: terminated
     /// or never assigned here).
     fn desired_now(&self, instance_id: &str) -> Option<DesiredState> {
-        self.assigned.lock().unwrap_or_else(|p| p.into_inner()).get(instance_id).map(|a| a.desired)
+        self.instances.assigned(instance_id).map(|a| a.desired)
     }
 
     /// Queues a problem for the next report: one per image, at most
@@ -388,123 +455,11 @@ impl Reconciler {
         }
     }
 
-    /// Makes an image of the instance's disk (CreateImage) in its own task,
-    /// once per image at a time: a clean shutdown first unless `no_reboot`
-    /// (and a start after), `qemu-img convert` of the overlay and its
-    /// backing chain into one qcow2, its digest, the upload to the image
-    /// store; the file then joins this host's cache. Failures become image
-    /// problems (the image fails).
-    fn make_image(&self, a: &Assignment, task: &ImageTask) {
-        if !self.making.lock().unwrap_or_else(|p| p.into_inner()).insert(task.image_id.clone()) {
-            return;
-        }
-        let (this, a, task) = (self.clone(), a.clone(), task.clone());
-        tokio::spawn(async move {
-            let started = Instant::now();
-            match this.try_make_image(&a, &task).await {
-                Ok(sha256) => tracing::info!(image_id = %task.image_id, instance_id = %a.instance_id, %sha256,
-                    secs = started.elapsed().as_secs_f64(), "image made and uploaded"),
-                Err(e) => {
-                    tracing::warn!(image_id = %task.image_id, instance_id = %a.instance_id, error = %e, "cannot make image");
-                    this.image_problem(&task.image_id, e);
-                }
-            }
-            // The id stays in `making`: an assignment read before the image
-            // became available (or failed) must not make it a second time.
-        });
-    }
-
-    async fn try_make_image(&self, a: &Assignment, task: &ImageTask) -> Result<String, String> {
-        let files = GuestFiles::new(&self.instances_dir, &a.instance_id);
-        let name = domain::domain_name(&a.instance_id);
-        let id = &a.instance_id;
-        // Unless NoReboot, the copy is made of a stopped guest under the
-        // stop guard, which keeps passes (and another image of the same
-        // instance) from starting it meanwhile: a stop already under way
-        // (a StopInstances that came first) is waited for, a running guest
-        // is shut down cleanly.
-        let waited_for = Instant::now();
-        let guard = loop {
-            if task.no_reboot {
-                break None;
-            }
-            if let Some(guard) = self.stopping.begin(id) {
-                break Some(guard);
-            }
-            if waited_for.elapsed() > self.stop_timeout * 2 + Duration::from_secs(10) {
-                return Err("the instance's stop under way did not end".into());
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
-        let _ = self.events.send(AgentEvent::Imaging { instance_id: id.clone(), image_id: task.image_id.clone() });
-        let running = self.libvirt.domain_status(&self.host_id, id).await.map_err(|e| e.to_string())?.is_some_and(|d| d.running);
-        if guard.is_some() && running {
-            let how = self.stop_guest(id, &name).await.map_err(|e| format!("cannot stop the instance: {e}"))?;
-            tracing::info!(instance_id = %id, ?how, "guest stopped to make an image");
-        }
-        let out = self.images.dir().join(format!(".make-{}.qcow2", task.image_id));
-        let base = self.images.dir().join(&a.image.root_disk.sha256);
-        let converted = crate::disks::flatten(&files.root_disk(), &base, &out).await;
-        if let Some(guard) = guard {
-            self.after_imaging(a, &name).await;
-            drop(guard);
-        }
-        let result = async {
-            converted.map_err(|e| format!("cannot copy the disk: {e}"))?;
-            let sha256 = crate::disks::sha256_file(&out).await.map_err(|e| format!("cannot read the copied disk: {e}"))?;
-            self.images.upload(&task.image_id, &out, &sha256, a.disk_gib << 30).await.map_err(|e| format!("cannot upload the image: {e}"))?;
-            if let Err(e) = self.images.adopt(&out, &sha256).await {
-                tracing::warn!(image_id = %task.image_id, error = %e, "cannot keep the image in this host's cache");
-            }
-            Ok(sha256)
-        }
-        .await;
-        let _ = tokio::fs::remove_file(&out).await;
-        result
-    }
-
-    /// Brings a guest whose disk CreateImage copied under the stop guard to
-    /// what is wanted of it now (not when the task began): started (with
-    /// its VPC interfaces) if wanted running; else left stopped and
-    /// reported so (a stop's own pass could only answer "stopping"). A stop
-    /// that came while it was being started stops it again; a termination
-    /// is left to the pass that removes it.
-    async fn after_imaging(&self, a: &Assignment, name: &str) {
-        let id = &a.instance_id;
-        let latest = self.assigned.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned();
-        let Some(latest) = latest else { return };
-        let mut running = false;
-        if latest.desired == DesiredState::Running {
-            match self.start_guest(name, self.vpc_nics(&latest.nics), None).await {
-                Ok(()) => {
-                    running = true;
-                    let _ = self.events.send(AgentEvent::Started { instance_id: id.clone(), at: Instant::now() });
-                }
-                Err(e) => tracing::warn!(instance_id = %id, error = %e, "cannot start the instance again after imaging; the next pass does"),
-            }
-        }
-        if running && self.desired_now(id) == Some(DesiredState::Stopped) {
-            match self.stop_guest(id, name).await {
-                Ok(_) => running = false,
-                Err(e) => tracing::warn!(instance_id = %id, error = %e, "cannot stop the instance after imaging; the next pass does"),
-            }
-        }
-        if !running && self.desired_now(id) == Some(DesiredState::Stopped) {
-            let stopped = Assignment { desired: DesiredState::Stopped, ..a.clone() };
-            let _ = self.late.send(self.observe(&stopped, Outcome::Stopped).await);
-        }
-    }
-
     /// Counts a failed attempt at an instance: `Building` (retried next
     /// pass) until [`FAILED_AFTER`] attempts, then `Failed`. The error goes
     /// to the log; the observation carries only its public message.
     fn failed_attempt(&self, instance_id: &str, e: ConvergeError) -> Observation {
-        let attempts = {
-            let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-            let n = f.entry(instance_id.to_string()).or_insert(0);
-            *n += 1;
-            *n
-        };
+        let attempts = self.instances.count_failure(instance_id);
         tracing::warn!(%instance_id, attempts, error = %e, "cannot converge instance");
         let (state, message) = if attempts >= FAILED_AFTER {
             (ObservedState::Failed, format!("{} (after {attempts} attempts)", e.public_message()))
@@ -525,7 +480,7 @@ impl Reconciler {
             Outcome::StopFailed(why) => (ObservedState::Running, Some(format!("stop failed: {why}"))),
             Outcome::Stopped => (ObservedState::Stopped, None),
             Outcome::Absent => {
-                self.console.forget(id);
+                self.instances.forget_console(id);
                 return Observation {
                     instance_id: id.clone(),
                     state: ObservedState::Absent,
@@ -546,7 +501,7 @@ impl Reconciler {
                 None
             }
         };
-        let console = self.console.tail_if_changed(id, &files.console_log()).await;
+        let console = self.instances.console_tail(id, &files.console_log()).await;
         let ssh_endpoint = files.ssh_port().await.map(|p| format!("127.0.0.1:{p}"));
         Observation { instance_id: id.clone(), state, message, reboots, console, ssh_endpoint }
     }
@@ -656,7 +611,7 @@ impl Reconciler {
         if !d.running {
             return Ok(Outcome::Stopped);
         }
-        let Some(guard) = self.stopping.begin(&a.instance_id) else { return Ok(Outcome::Stopping) };
+        let Some(guard) = self.instances.begin_stop(&a.instance_id) else { return Ok(Outcome::Stopping) };
         let (this, name, id) = (self.clone(), d.name.clone(), a.instance_id.clone());
         let mut task = tokio::spawn(async move {
             let _guard = guard;
@@ -698,10 +653,10 @@ impl Reconciler {
         }
         self.metadata.stop(instance_id);
         if let Some(dp) = &self.network {
-            let gone = self.assigned.lock().unwrap_or_else(|p| p.into_inner()).remove(instance_id);
+            let gone = self.instances.unassign(instance_id);
             dp.remove(&gone.map(|a| a.nics).unwrap_or_default()).await;
         }
-        self.console.forget(instance_id);
+        self.instances.forget_console(instance_id);
         let files = GuestFiles::new(&self.instances_dir, instance_id);
         let had_files = files.exists().await;
         files.remove().await?;
