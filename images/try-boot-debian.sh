@@ -13,7 +13,7 @@
 #                on 169.254.169.254:80 with the host agent's tree (GET only), under
 #                /latest/ and under every dated version (/2009-04-04/ ...: cloud-init
 #                polls /2009-04-04/meta-data/instance-id); prints the paths asked for
-#   --ec2-latest-only  like --ec2 but only /latest/, as host-agent/src/metadata.rs
+#   --ec2-latest-only  like --ec2 but only /latest/, as host-agent/src/metadata/routes.rs
 #                serves it today (cloud-init then gives up on Ec2 after max_wait)
 #   --base FILE  boot this qcow2 instead of building/using build-debian.sh's image
 #                (e.g. an official Debian/Ubuntu genericcloud image)
@@ -116,7 +116,7 @@ if [ $EC2 = 0 ]; then
     (cd "$WORK/seed" && genisoimage -quiet -output "$WORK/seed.iso" -volid cidata -joliet -rock \
         meta-data user-data network-config)
 else
-    # The routes of the host agent's metadata server (host-agent/src/metadata.rs):
+    # The routes of the host agent's metadata server (host-agent/src/metadata/routes.rs):
     # GET only, everything under /latest/.
     M=$WORK/md/latest/meta-data
     mkdir -p "$M/public-keys/0" "$M/placement"
