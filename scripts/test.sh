@@ -14,6 +14,10 @@ export NIMBUS_HOME=${NIMBUS_HOME:-$REPO/.nimbus}
 
 step() { printf '== %s\n' "$*"; }
 
+# Format first: a slip fails in seconds, before anything is installed or built.
+step "cargo fmt --check"
+cargo fmt --all --check
+
 step "installing packages, starting libvirtd and virtlogd"
 scripts/install-deps.sh
 step "checking that every command the project runs comes from a package install-deps.sh names"

@@ -450,16 +450,14 @@ impl RunInstancesArgs {
     /// The user data, base64-encoded, read from the file or the flag.
     pub fn user_data_base64(&self) -> Result<Option<String>, CliError> {
         let raw: Vec<u8> = match (&self.user_data_file, &self.user_data) {
-            (Some(path), _) => std::fs::read(path)
-                .map_err(|e| CliError::Usage(format!("cannot read --user-data-file {}: {e}", path.display())))?,
+            (Some(path), _) => {
+                std::fs::read(path).map_err(|e| CliError::Usage(format!("cannot read --user-data-file {}: {e}", path.display())))?
+            }
             (None, Some(s)) => s.clone().into_bytes(),
             (None, None) => return Ok(None),
         };
         if raw.len() > MAX_USER_DATA_BYTES {
-            return Err(CliError::Usage(format!(
-                "user data is {} bytes; at most {MAX_USER_DATA_BYTES} are allowed",
-                raw.len()
-            )));
+            return Err(CliError::Usage(format!("user data is {} bytes; at most {MAX_USER_DATA_BYTES} are allowed", raw.len())));
         }
         Ok(Some(base64::engine::general_purpose::STANDARD.encode(raw)))
     }
@@ -532,8 +530,18 @@ mod tests {
     #[test]
     fn run_instances_full_request_with_base64_user_data() {
         let req = run_args(&[
-            "--instance-type", "t3.small", "--image-id", "ami-0123456789abcdef0", "--count", "3",
-            "--availability-zone", "az-1", "--user-data", "#!/bin/sh\necho hi\n", "--client-token", "tok-1",
+            "--instance-type",
+            "t3.small",
+            "--image-id",
+            "ami-0123456789abcdef0",
+            "--count",
+            "3",
+            "--availability-zone",
+            "az-1",
+            "--user-data",
+            "#!/bin/sh\necho hi\n",
+            "--client-token",
+            "tok-1",
         ])
         .to_request()
         .unwrap();
@@ -593,9 +601,23 @@ mod tests {
     #[test]
     fn describe_instances_filters() {
         let cli = parse(&[
-            "describe-instances", "--instance-id", "i-0000000000000000a,i-0000000000000000b", "--instance-id",
-            "i-0000000000000000c", "--state", "running", "--state", "shutting-down", "--availability-zone", "az-1",
-            "--instance-type", "t3.micro", "--max-results", "10", "--output", "json",
+            "describe-instances",
+            "--instance-id",
+            "i-0000000000000000a,i-0000000000000000b",
+            "--instance-id",
+            "i-0000000000000000c",
+            "--state",
+            "running",
+            "--state",
+            "shutting-down",
+            "--availability-zone",
+            "az-1",
+            "--instance-type",
+            "t3.micro",
+            "--max-results",
+            "10",
+            "--output",
+            "json",
         ])
         .unwrap();
         assert_eq!(cli.output, OutputFormat::Json);

@@ -237,7 +237,13 @@ impl Client {
     }
 
     /// Any `/v1` call whose answer the CLI shows as JSON or a generic table.
-    pub async fn call(&self, method: Method, segments: &[&str], query: &[(&'static str, String)], body: Option<&Value>) -> Result<Response<Value>, CliError> {
+    pub async fn call(
+        &self,
+        method: Method,
+        segments: &[&str],
+        query: &[(&'static str, String)],
+        body: Option<&Value>,
+    ) -> Result<Response<Value>, CliError> {
         let json = body.map(json_body).transpose()?.flatten();
         self.send(method, segments, query, json).await
     }

@@ -1,7 +1,6 @@
 //! One function per subcommand: build the request, call the API, print.
 
 use crate::args::{AdminCommand, Cli, Command, OutputFormat, RuleArgs, RunInstancesArgs, TerminateInstancesArgs};
-use reqwest::Method;
 use crate::client::Client;
 use crate::error::CliError;
 use crate::manifest::{self, RegisterOptions};
@@ -9,6 +8,7 @@ use crate::output;
 use crate::wait::{self, Goal};
 use nimbus_proto::api::StateView;
 use nimbus_proto::InstanceState;
+use reqwest::Method;
 use serde_json::Value;
 use std::time::Duration;
 
@@ -44,7 +44,8 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
         Command::CreateImage { instance_id, name, description, no_reboot } => {
             let body = serde_json::json!({ "name": name, "description": description, "no_reboot": no_reboot });
             let r = client.call(Method::POST, &["v1", "instances", &instance_id, "image"], &[], Some(&body)).await?;
-            let i: nimbus_proto::api::Image = serde_json::from_value(r.raw.clone()).map_err(|e| CliError::Usage(format!("unexpected answer: {e}")))?;
+            let i: nimbus_proto::api::Image =
+                serde_json::from_value(r.raw.clone()).map_err(|e| CliError::Usage(format!("unexpected answer: {e}")))?;
             render(out, &r.raw, || output::images_table(&[i]))
         }
         Command::DescribeInstanceTypes => {
@@ -59,7 +60,12 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
             };
             let mut req = match (&a.manifest, &a.disk, &a.disk_url) {
                 (Some(m), _, _) => {
-                    let opts = RegisterOptions { name: a.name.clone(), description: a.description.clone(), source_url: a.source_url.clone(), default: a.default };
+                    let opts = RegisterOptions {
+                        name: a.name.clone(),
+                        description: a.description.clone(),
+                        source_url: a.source_url.clone(),
+                        default: a.default,
+                    };
                     manifest::load_request(m, &opts)?
                 }
                 (None, disk, url) => {
@@ -90,12 +96,15 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
                 "security_group_ids": (!security_group_ids.is_empty()).then_some(security_group_ids),
             });
             let r = client.call(Method::POST, &["v1", "instances", &instance_id, "attributes"], &[], Some(&body)).await?;
-            let i: nimbus_proto::api::Instance = serde_json::from_value(r.raw.clone()).map_err(|e| CliError::Usage(format!("unexpected answer: {e}")))?;
+            let i: nimbus_proto::api::Instance =
+                serde_json::from_value(r.raw.clone()).map_err(|e| CliError::Usage(format!("unexpected answer: {e}")))?;
             render(out, &r.raw, || output::instances_table(&[i]))
         }
         Command::ModifyInstanceMetadataOptions { instance_id, options } => {
             let Some(body) = options.to_request() else {
-                return Err(CliError::Usage("give at least one of --http-tokens, --http-endpoint, --instance-metadata-tags, --http-put-response-hop-limit".into()));
+                return Err(CliError::Usage(
+                    "give at least one of --http-tokens, --http-endpoint, --instance-metadata-tags, --http-put-response-hop-limit".into(),
+                ));
             };
             let body = serde_json::to_value(body).map_err(|e| CliError::Usage(format!("metadata options: {e}")))?;
             let r = client.call(Method::POST, &["v1", "instances", &instance_id, "metadata-options"], &[], Some(&body)).await?;
@@ -154,15 +163,23 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
         Command::DescribeNetworkInterfaces { instance_id } => {
             let q: Vec<(&'static str, String)> = instance_id.map(|v| ("attachment.instance-id", v)).into_iter().collect();
             let r = client.call(Method::GET, &["v1", "network-interfaces"], &q, None).await?;
-            render(
-                out,
-                &r.raw,
-                || output::objects_table(&r.raw, "network_interfaces", &[
-                    ("ID", "network_interface_id"), ("INSTANCE", "attachment.instance_id"), ("INDEX", "attachment.device_index"),
-                    ("SUBNET", "subnet_id"), ("PRIVATE-IP", "private_ip_address"), ("PUBLIC-IP", "association.public_ip"),
-                    ("MAC", "mac_address"), ("STATUS", "status"), ("GROUPS", "groups"),
-                ]),
-            )
+            render(out, &r.raw, || {
+                output::objects_table(
+                    &r.raw,
+                    "network_interfaces",
+                    &[
+                        ("ID", "network_interface_id"),
+                        ("INSTANCE", "attachment.instance_id"),
+                        ("INDEX", "attachment.device_index"),
+                        ("SUBNET", "subnet_id"),
+                        ("PRIVATE-IP", "private_ip_address"),
+                        ("PUBLIC-IP", "association.public_ip"),
+                        ("MAC", "mac_address"),
+                        ("STATUS", "status"),
+                        ("GROUPS", "groups"),
+                    ],
+                )
+            })
         }
         Command::DeleteVpc { vpc_id: id } => done(&client, out, Method::DELETE, &["v1", "vpcs", &id], &id).await?,
         Command::DeleteSubnet { subnet_id: id } => done(&client, out, Method::DELETE, &["v1", "subnets", &id], &id).await?,
@@ -208,12 +225,18 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
                 .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", public_key_file.display())))?;
             let body = serde_json::json!({ "name": name, "public_key": key.trim() });
             let r = client.call(Method::POST, &["v1", "key-pairs", "import"], &[], Some(&body)).await?;
-            render(out, &r.raw, || format!("{} {}", r.raw["key_name"].as_str().unwrap_or("-"), r.raw["key_fingerprint"].as_str().unwrap_or("-")))
+            render(out, &r.raw, || {
+                format!("{} {}", r.raw["key_name"].as_str().unwrap_or("-"), r.raw["key_fingerprint"].as_str().unwrap_or("-"))
+            })
         }
         Command::DescribeKeyPairs => {
             let r = client.call(Method::GET, &["v1", "key-pairs"], &[], None).await?;
             render(out, &r.raw, || {
-                output::objects_table(&r.raw, "key_pairs", &[("NAME", "key_name"), ("ID", "key_pair_id"), ("TYPE", "key_type"), ("FINGERPRINT", "key_fingerprint")])
+                output::objects_table(
+                    &r.raw,
+                    "key_pairs",
+                    &[("NAME", "key_name"), ("ID", "key_pair_id"), ("TYPE", "key_type"), ("FINGERPRINT", "key_fingerprint")],
+                )
             })
         }
         Command::DeleteKeyPair { name } => done(&client, out, Method::DELETE, &["v1", "key-pairs", &name], &name).await?,
@@ -221,7 +244,14 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
             let r = client.describe_account().await?;
             render(out, &r.raw, || output::account(&r.body))
         }
-        Command::Admin(AdminCommand::SetAccountLimits { account, max_instances, max_vcpus, max_elastic_ips, max_images, max_image_bytes }) => {
+        Command::Admin(AdminCommand::SetAccountLimits {
+            account,
+            max_instances,
+            max_vcpus,
+            max_elastic_ips,
+            max_images,
+            max_image_bytes,
+        }) => {
             let limits = crate::client::AccountLimits { max_instances, max_vcpus, max_elastic_ips, max_images, max_image_bytes };
             let r = client.set_account_limits(&account, limits).await?;
             render(out, &r.raw, || output::account(&r.body))
@@ -273,8 +303,13 @@ const SUBNET_COLUMNS: &[(&str, &str)] = &[
     ("PUBLIC-IP", "map_public_ip_on_launch"),
     ("FREE", "available_ip_address_count"),
 ];
-const ADDRESS_COLUMNS: &[(&str, &str)] =
-    &[("ALLOCATION", "allocation_id"), ("PUBLIC-IP", "public_ip"), ("INSTANCE", "instance_id"), ("INTERFACE", "network_interface_id"), ("PRIVATE-IP", "private_ip_address")];
+const ADDRESS_COLUMNS: &[(&str, &str)] = &[
+    ("ALLOCATION", "allocation_id"),
+    ("PUBLIC-IP", "public_ip"),
+    ("INSTANCE", "instance_id"),
+    ("INTERFACE", "network_interface_id"),
+    ("PRIVATE-IP", "private_ip_address"),
+];
 
 /// A call whose answer is empty: prints `<id>: done`.
 async fn done(client: &Client, out: OutputFormat, method: Method, segments: &[&str], id: &str) -> Result<String, CliError> {
@@ -294,7 +329,18 @@ async fn rules(client: &Client, out: OutputFormat, a: &RuleArgs, direction: &str
         if revoke {
             format!("{}: {direction} rule revoked", a.group_id)
         } else {
-            output::objects_table(&r.raw, "rules", &[("RULE", "rule_id"), ("PROTOCOL", "protocol"), ("FROM", "from_port"), ("TO", "to_port"), ("CIDR", "cidr"), ("GROUP", "referenced_group_id")])
+            output::objects_table(
+                &r.raw,
+                "rules",
+                &[
+                    ("RULE", "rule_id"),
+                    ("PROTOCOL", "protocol"),
+                    ("FROM", "from_port"),
+                    ("TO", "to_port"),
+                    ("CIDR", "cidr"),
+                    ("GROUP", "referenced_group_id"),
+                ],
+            )
         }
     }))
 }
@@ -315,10 +361,7 @@ async fn run_instances(client: &Client, out: OutputFormat, a: &RunInstancesArgs)
         let done = wait::wait_for(client, &ids, Goal::Running, Duration::from_secs(a.wait.timeout)).await?;
         // Show the instances as they are now, in the reservation's order.
         let raws: Vec<Value> = ids.iter().filter_map(|id| wait::raw_instance(&done.raw, id).cloned()).collect();
-        r.body.instances = ids
-            .iter()
-            .filter_map(|id| done.body.instances.iter().find(|i| &i.instance_id == id).cloned())
-            .collect();
+        r.body.instances = ids.iter().filter_map(|id| done.body.instances.iter().find(|i| &i.instance_id == id).cloned()).collect();
         if let Some(obj) = r.raw.as_object_mut() {
             obj.insert("instances".into(), Value::Array(raws));
         }

@@ -55,9 +55,7 @@ pub fn file_source_url(manifest_path: &Path) -> Result<String, CliError> {
     let abs = std::fs::canonicalize(manifest_path)
         .map_err(|e| CliError::Usage(format!("cannot read manifest {}: {e}", manifest_path.display())))?;
     let dir = abs.parent().ok_or_else(|| CliError::Usage(format!("manifest {} has no directory", abs.display())))?;
-    let dir = dir
-        .to_str()
-        .ok_or_else(|| CliError::Usage(format!("manifest directory {} is not UTF-8", dir.display())))?;
+    let dir = dir.to_str().ok_or_else(|| CliError::Usage(format!("manifest directory {} is not UTF-8", dir.display())))?;
     Ok(format!("file://{dir}"))
 }
 

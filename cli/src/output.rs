@@ -172,7 +172,11 @@ pub fn objects_table(raw: &Value, list: &str, columns: &[(&str, &str)]) -> Strin
             match v {
                 Some(Value::String(s)) => s.clone(),
                 Some(Value::Null) | None => "-".into(),
-                Some(Value::Array(a)) => a.iter().map(|x| x.get("group_id").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| x.to_string())).collect::<Vec<_>>().join(","),
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .map(|x| x.get("group_id").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| x.to_string()))
+                    .collect::<Vec<_>>()
+                    .join(","),
                 Some(other) => other.to_string(),
             }
         }));
@@ -182,7 +186,11 @@ pub fn objects_table(raw: &Value, list: &str, columns: &[(&str, &str)]) -> Strin
 
 /// Security groups, then one line per rule.
 pub fn security_groups(raw: &Value) -> String {
-    let mut out = objects_table(raw, "security_groups", &[("ID", "group_id"), ("NAME", "group_name"), ("VPC", "vpc_id"), ("DESCRIPTION", "description")]);
+    let mut out = objects_table(
+        raw,
+        "security_groups",
+        &[("ID", "group_id"), ("NAME", "group_name"), ("VPC", "vpc_id"), ("DESCRIPTION", "description")],
+    );
     for g in raw.get("security_groups").and_then(Value::as_array).into_iter().flatten() {
         for (dir, key) in [("IN", "ingress"), ("OUT", "egress")] {
             for r in g.get(key).and_then(Value::as_array).into_iter().flatten() {
@@ -271,10 +279,7 @@ pub(crate) mod tests {
             lines[0],
             "ID                   STATE    TYPE      AZ    IMAGE                  LAUNCHED              PRIVATE-IP  PUBLIC-IP"
         );
-        assert_eq!(
-            lines[1],
-            "i-0123456789abcdef0  running  t3.micro  az-1  ami-0123456789abcdef0  2026-11-25T15:04:05Z  172.31.0.4  -"
-        );
+        assert_eq!(lines[1], "i-0123456789abcdef0  running  t3.micro  az-1  ami-0123456789abcdef0  2026-11-25T15:04:05Z  172.31.0.4  -");
     }
 
     #[test]

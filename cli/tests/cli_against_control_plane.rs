@@ -161,11 +161,8 @@ async fn run_instances_wait_lists_running_instances_and_terminate_wait_ends_term
     // Terminate one and wait: the table reports running → terminated.
     let term = nimbus(&cloud, &["terminate-instances", &ids[0], "--wait"]).await.ok();
     assert_eq!(term.rows(0), [vec!["ID", "PREVIOUS", "CURRENT"], vec![ids[0].as_str(), "running", "terminated"]]);
-    let mut expected = vec![
-        (ids[0].clone(), "terminated".to_string()),
-        (ids[1].clone(), "running".to_string()),
-        (ids[2].clone(), "running".to_string()),
-    ];
+    let mut expected =
+        vec![(ids[0].clone(), "terminated".to_string()), (ids[1].clone(), "running".to_string()), (ids[2].clone(), "running".to_string())];
     expected.sort();
     assert_eq!(api_states(&cloud, &ids).await, expected);
     // Terminated means the agent confirmed: the capacity of one instance is free again.
@@ -213,7 +210,8 @@ async fn describe_instances_pages_and_filters_by_state() {
     let cloud = Cloud::start().await.unwrap();
     let mut agent = cloud.add_agent("a", "az1", 256, 65536, 1000).await.unwrap();
     cloud.register_test_image().await.unwrap();
-    let launched = nimbus(&cloud, &["run-instances", "--instance-type", "t3.nano", "--count", "7", "--wait", "-o", "json"]).await.ok().json();
+    let launched =
+        nimbus(&cloud, &["run-instances", "--instance-type", "t3.nano", "--count", "7", "--wait", "-o", "json"]).await.ok().json();
     let ids = instance_ids(&launched);
     assert_eq!(ids.len(), 7);
     assert!(launched["instances"].as_array().unwrap().iter().all(|i| i["state"]["name"] == "running"), "{launched}");
@@ -256,7 +254,10 @@ async fn describe_instances_pages_and_filters_by_state() {
     assert_eq!(instance_ids(&running), ids[2..]);
     let terminated = nimbus(&cloud, &["describe-instances", "--state", "terminated"]).await.ok();
     let rows = terminated.rows(1);
-    assert_eq!(rows.iter().map(|r| (r[0].as_str(), r[1].as_str())).collect::<Vec<_>>(), [(ids[0].as_str(), "terminated"), (ids[1].as_str(), "terminated")]);
+    assert_eq!(
+        rows.iter().map(|r| (r[0].as_str(), r[1].as_str())).collect::<Vec<_>>(),
+        [(ids[0].as_str(), "terminated"), (ids[1].as_str(), "terminated")]
+    );
     let both = nimbus(&cloud, &["describe-instances", "--state", "terminated,running", "-o", "json"]).await.ok().json();
     assert_eq!(instance_ids(&both), ids);
     let none = nimbus(&cloud, &["describe-instances", "--state", "pending", "-o", "json"]).await.ok().json();
@@ -323,7 +324,10 @@ async fn describe_hosts_instance_types_and_images() {
     let expected: BTreeSet<Vec<String>> =
         catalog.iter().map(|(n, c, m, d)| vec![n.clone(), c.to_string(), m.to_string(), d.to_string()]).collect();
     let types = nimbus(&cloud, &["describe-instance-types"]).await.ok();
-    assert_eq!(types.out.lines().next().unwrap().split_whitespace().collect::<Vec<_>>(), ["NAME", "VCPUS", "MEMORY", "(MiB)", "DISK", "(GiB)"]);
+    assert_eq!(
+        types.out.lines().next().unwrap().split_whitespace().collect::<Vec<_>>(),
+        ["NAME", "VCPUS", "MEMORY", "(MiB)", "DISK", "(GiB)"]
+    );
     assert_eq!(types.rows(1).into_iter().collect::<BTreeSet<_>>(), expected);
     assert_eq!(types.rows(1).len(), catalog.len());
     let types = nimbus(&cloud, &["describe-instance-types", "-o", "json"]).await.ok().json();
@@ -331,7 +335,9 @@ async fn describe_hosts_instance_types_and_images() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|t| vec![t["name"].as_str().unwrap().to_string(), t["vcpus"].to_string(), t["memory_mib"].to_string(), t["disk_gib"].to_string()])
+        .map(|t| {
+            vec![t["name"].as_str().unwrap().to_string(), t["vcpus"].to_string(), t["memory_mib"].to_string(), t["disk_gib"].to_string()]
+        })
         .collect();
     assert_eq!(got, expected);
 
@@ -340,12 +346,18 @@ async fn describe_hosts_instance_types_and_images() {
     let rows = images.rows(0);
     assert_eq!(rows[0], ["ID", "NAME", "OWNER", "STATE", "PUBLIC", "DEFAULT", "BOOT", "ROOT", "DISK", "SOURCE", "CREATED"]);
     assert_eq!(rows.len(), 2, "{}", images.out);
-    assert_eq!(&rows[1][..9], [image.image_id.as_str(), "test-image", "000000000000", "available", "yes", "yes", "kernel", "root.qcow2", "-"]);
+    assert_eq!(
+        &rows[1][..9],
+        [image.image_id.as_str(), "test-image", "000000000000", "available", "yes", "yes", "kernel", "root.qcow2", "-"]
+    );
     let images = nimbus(&cloud, &["describe-images", "-o", "json"]).await.ok().json();
     assert_eq!(images["images"].as_array().unwrap().len(), 1);
     let tenants_view = nimbus_proto::api::Image { source_url: None, ..image.clone() };
     assert_eq!(images["images"][0], serde_json::to_value(&tenants_view).unwrap());
-    let images = nimbus_raw(&["--endpoint", cloud.url.as_str(), "--token", cloud.admin_token.as_str(), "describe-images", "-o", "json"]).await.ok().json();
+    let images = nimbus_raw(&["--endpoint", cloud.url.as_str(), "--token", cloud.admin_token.as_str(), "describe-images", "-o", "json"])
+        .await
+        .ok()
+        .json();
     assert_eq!(images["images"][0], serde_json::to_value(&image).unwrap(), "the operator sees the source");
 }
 
@@ -357,10 +369,13 @@ async fn register_image_from_a_manifest_then_boot_it() {
     let manifest = write_image_dir(good.path(), None);
     let text: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
 
-    let reg = nimbus(&cloud, &["register-image", "--manifest", manifest.to_str().unwrap(), "--default", "--description", "from the cli test", "-o", "json"])
-        .await
-        .ok()
-        .json();
+    let reg = nimbus(
+        &cloud,
+        &["register-image", "--manifest", manifest.to_str().unwrap(), "--default", "--description", "from the cli test", "-o", "json"],
+    )
+    .await
+    .ok()
+    .json();
     let image_id = reg["image_id"].as_str().unwrap().to_string();
     assert!(image_id.starts_with("ami-"), "{reg}");
     let source_url = format!("file://{}", good.path().canonicalize().unwrap().display());
@@ -369,13 +384,12 @@ async fn register_image_from_a_manifest_then_boot_it() {
     assert_eq!(reg["description"], "from the cli test");
     assert_eq!(reg["default"], true);
     assert_eq!(reg["cmdline"], "console=ttyS0");
-    let row: (String, String, String, Option<String>, String, bool) = sqlx::query_as(
-        "SELECT source_url, kernel, kernel_sha256, initrd_sha256, root_disk_sha256, is_default FROM images WHERE id = $1",
-    )
-    .bind(&image_id)
-    .fetch_one(cloud.db())
-    .await
-    .unwrap();
+    let row: (String, String, String, Option<String>, String, bool) =
+        sqlx::query_as("SELECT source_url, kernel, kernel_sha256, initrd_sha256, root_disk_sha256, is_default FROM images WHERE id = $1")
+            .bind(&image_id)
+            .fetch_one(cloud.db())
+            .await
+            .unwrap();
     assert_eq!(
         row,
         (
@@ -398,7 +412,10 @@ async fn register_image_from_a_manifest_then_boot_it() {
     // `--wait` fails with the agent's reason.
     let bad = TempDir::new("cli-image-bad");
     let bad_manifest = write_image_dir(bad.path(), Some(sha256_hex(b"not the kernel")));
-    let reg_bad = nimbus(&cloud, &["register-image", "--manifest", bad_manifest.to_str().unwrap(), "--name", "corrupt", "-o", "json"]).await.ok().json();
+    let reg_bad = nimbus(&cloud, &["register-image", "--manifest", bad_manifest.to_str().unwrap(), "--name", "corrupt", "-o", "json"])
+        .await
+        .ok()
+        .json();
     let bad_id = reg_bad["image_id"].as_str().unwrap();
     assert_eq!(reg_bad["default"], false);
     let failed = nimbus(&cloud, &["run-instances", "--instance-type", "t3.nano", "--image-id", bad_id, "--wait"]).await;
@@ -409,7 +426,8 @@ async fn register_image_from_a_manifest_then_boot_it() {
     let images = nimbus(&cloud, &["describe-images"]).await.ok();
     let mut rows: Vec<(String, String, String)> = images.rows(1).into_iter().map(|r| (r[0].clone(), r[1].clone(), r[5].clone())).collect();
     rows.sort();
-    let mut expected = vec![(image_id.clone(), "cli-tiny".to_string(), "yes".to_string()), (bad_id.to_string(), "corrupt".to_string(), "no".to_string())];
+    let mut expected =
+        vec![(image_id.clone(), "cli-tiny".to_string(), "yes".to_string()), (bad_id.to_string(), "corrupt".to_string(), "no".to_string())];
     expected.sort();
     assert_eq!(rows, expected, "{}", images.out);
 
@@ -503,7 +521,10 @@ async fn vpc_commands_create_a_network_and_launch_into_it() {
     let vpc_id = vpc["vpc_id"].as_str().unwrap();
     let subnet = nimbus(&cloud, &["create-subnet", "--vpc-id", vpc_id, "--cidr-block", "10.1.2.0/24", "-o", "json"]).await.ok().json();
     let subnet_id = subnet["subnet_id"].as_str().unwrap();
-    let sg = nimbus(&cloud, &["create-security-group", "--group-name", "web", "--description", "web", "--vpc-id", vpc_id, "-o", "json"]).await.ok().json();
+    let sg = nimbus(&cloud, &["create-security-group", "--group-name", "web", "--description", "web", "--vpc-id", vpc_id, "-o", "json"])
+        .await
+        .ok()
+        .json();
     let sg_id = sg["group_id"].as_str().unwrap();
     let rule = nimbus(&cloud, &["authorize-security-group-ingress", sg_id, "--port", "22", "--cidr", "0.0.0.0/0"]).await.ok();
     assert_eq!(rule.rows(1)[0][1..4], ["tcp", "22", "22"], "{}", rule.out);
@@ -514,7 +535,17 @@ async fn vpc_commands_create_a_network_and_launch_into_it() {
 
     let run = nimbus(
         &cloud,
-        &["run-instances", "--instance-type", "t3.nano", "--subnet-id", subnet_id, "--security-group-ids", sg_id, "--private-ip-address", "10.1.2.10"],
+        &[
+            "run-instances",
+            "--instance-type",
+            "t3.nano",
+            "--subnet-id",
+            subnet_id,
+            "--security-group-ids",
+            sg_id,
+            "--private-ip-address",
+            "10.1.2.10",
+        ],
     )
     .await
     .ok();
@@ -565,22 +596,34 @@ async fn metadata_options_at_launch_and_modified() {
     let cloud = Cloud::start().await.unwrap();
     let _agent = cloud.add_agent("a", "az1", 8, 8192, 100).await.unwrap();
     cloud.register_test_image().await.unwrap();
-    let run = nimbus(&cloud, &["-o", "json", "run-instances", "--instance-type", "t3.nano", "--http-tokens", "required", "--instance-metadata-tags", "enabled"])
-        .await
-        .ok()
-        .json();
+    let run = nimbus(
+        &cloud,
+        &["-o", "json", "run-instances", "--instance-type", "t3.nano", "--http-tokens", "required", "--instance-metadata-tags", "enabled"],
+    )
+    .await
+    .ok()
+    .json();
     let id = run["instances"][0]["instance_id"].as_str().unwrap().to_string();
     let opts = &run["instances"][0]["metadata_options"];
-    assert_eq!((opts["http_tokens"].as_str(), opts["instance_metadata_tags"].as_str(), opts["http_endpoint"].as_str()),
-        (Some("required"), Some("enabled"), Some("enabled")), "{run}");
+    assert_eq!(
+        (opts["http_tokens"].as_str(), opts["instance_metadata_tags"].as_str(), opts["http_endpoint"].as_str()),
+        (Some("required"), Some("enabled"), Some("enabled")),
+        "{run}"
+    );
     let bad = nimbus(&cloud, &["run-instances", "--instance-type", "t3.nano", "--http-tokens", "sometimes"]).await;
     assert_eq!(bad.code, Some(2), "a usage error: {}", bad.err);
     let none = nimbus(&cloud, &["modify-instance-metadata-options", &id]).await;
     assert_eq!(none.code, Some(2), "{}", none.err);
     assert!(none.err.contains("--http-tokens"), "{}", none.err);
-    let changed = nimbus(&cloud, &["modify-instance-metadata-options", &id, "--http-endpoint", "disabled", "--http-tokens", "optional"]).await.ok();
+    let changed =
+        nimbus(&cloud, &["modify-instance-metadata-options", &id, "--http-endpoint", "disabled", "--http-tokens", "optional"]).await.ok();
     let row = changed.rows(1).into_iter().next().unwrap_or_default();
-    assert_eq!(row.get(0..6).map(|r| r.to_vec()), Some(vec![id.clone(), row[1].clone(), "optional".into(), "disabled".into(), "enabled".into(), "1".into()]), "{}", changed.out);
+    assert_eq!(
+        row.get(0..6).map(|r| r.to_vec()),
+        Some(vec![id.clone(), row[1].clone(), "optional".into(), "disabled".into(), "enabled".into(), "1".into()]),
+        "{}",
+        changed.out
+    );
     let described = nimbus(&cloud, &["-o", "json", "describe-instances", "--instance-id", &id]).await.ok().json();
     let opts = &described["instances"][0]["metadata_options"];
     assert_eq!((opts["http_tokens"].as_str(), opts["http_endpoint"].as_str()), (Some("optional"), Some("disabled")), "{described}");
@@ -605,12 +648,27 @@ async fn images_by_disk_path_create_image_and_deregister() {
     assert_eq!(refused.code, Some(2), "{refused:?}");
     let reg = nimbus(
         &cloud,
-        &["register-image", "--name", "mine", "--disk", disk.to_str().unwrap(), "--sha256", &digest.to_uppercase(), "--owner", &tester, "-o", "json"],
+        &[
+            "register-image",
+            "--name",
+            "mine",
+            "--disk",
+            disk.to_str().unwrap(),
+            "--sha256",
+            &digest.to_uppercase(),
+            "--owner",
+            &tester,
+            "-o",
+            "json",
+        ],
     )
     .await
     .ok()
     .json();
-    assert_eq!((reg["boot"].as_str(), reg["public"].as_bool(), reg["owner_id"].as_str()), (Some("disk"), Some(false), Some(tester.as_str())));
+    assert_eq!(
+        (reg["boot"].as_str(), reg["public"].as_bool(), reg["owner_id"].as_str()),
+        (Some("disk"), Some(false), Some(tester.as_str()))
+    );
     let ami = reg["image_id"].as_str().unwrap().to_string();
 
     let mine = nimbus(&cloud, &["describe-images", "--owners", "self", "--name", "mi*", "-o", "json"]).await.ok().json();
@@ -619,7 +677,8 @@ async fn images_by_disk_path_create_image_and_deregister() {
     let amazon = nimbus(&cloud, &["describe-images", "--owners", "amazon", "-o", "json"]).await.ok().json();
     assert!(amazon["images"].as_array().unwrap().is_empty(), "{amazon}");
 
-    let run = nimbus(&cloud, &["run-instances", "--instance-type", "t3.nano", "--image-id", &ami, "--wait", "-o", "json"]).await.ok().json();
+    let run =
+        nimbus(&cloud, &["run-instances", "--instance-type", "t3.nano", "--image-id", &ami, "--wait", "-o", "json"]).await.ok().json();
     let id = run["instances"][0]["instance_id"].as_str().unwrap().to_string();
     let made = nimbus(&cloud, &["create-image", &id, "--name", "mine-copy", "--no-reboot", "-o", "json"]).await.ok().json();
     assert_eq!(made["state"], "pending");
@@ -630,7 +689,10 @@ async fn images_by_disk_path_create_image_and_deregister() {
     cloud
         .wait_until(std::time::Duration::from_secs(60), || {
             let (cloud, copy) = (&cloud, &copy);
-            async move { Ok(nimbus(cloud, &["describe-images", "--image-ids", copy, "-o", "json"]).await.ok().json()["images"][0]["state"] == "available") }
+            async move {
+                Ok(nimbus(cloud, &["describe-images", "--image-ids", copy, "-o", "json"]).await.ok().json()["images"][0]["state"]
+                    == "available")
+            }
         })
         .await
         .unwrap();

@@ -323,9 +323,7 @@ impl ServiceError {
             Unauthorized(_) => StatusCode::FORBIDDEN,
             RouteNotFound(_) => StatusCode::NOT_FOUND,
             // Throttling, as EC2 answers it: retry later.
-            InsufficientInstanceCapacity(_) | InsufficientAddressCapacity(_) | RequestLimitExceeded(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            InsufficientInstanceCapacity(_) | InsufficientAddressCapacity(_) | RequestLimitExceeded(_) => StatusCode::SERVICE_UNAVAILABLE,
             ImageStore(crate::image_store::StoreError::Io { .. }) | Database(_) | Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ImageStore(crate::image_store::StoreError::TooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
             ImageStore(_) => StatusCode::BAD_REQUEST,
@@ -365,9 +363,9 @@ impl From<crate::auth::sigv4::SigV4Error> for ServiceError {
             MissingAuth => ServiceError::MissingAuthenticationToken("Request is missing Authentication Token".into()),
             Malformed(why) => ServiceError::IncompleteSignature(format!("Incomplete or malformed signature: {why}")),
             UnknownAccessKey => ServiceError::AuthFailure("AWS was not able to validate the provided access credentials".into()),
-            SignatureMismatch => ServiceError::AuthFailure(
-                "The request signature we calculated does not match the signature you provided".into(),
-            ),
+            SignatureMismatch => {
+                ServiceError::AuthFailure("The request signature we calculated does not match the signature you provided".into())
+            }
             RequestExpired => ServiceError::RequestExpired("Request has expired".into()),
         }
     }

@@ -99,7 +99,13 @@ impl GuestFiles {
     /// A NoCloud seed (ISO 9660, volume id `cidata`) with `meta-data` and `user-data`.
     /// A NoCloud seed with `network-config` too when the guest has static
     /// VPC addresses (cloud-init's version 2 format).
-    async fn write_seed(&self, meta: &InstanceMetadata, user_data_b64: Option<&str>, qemu: &QemuUser, network_config: Option<&str>) -> Result<(), DiskError> {
+    async fn write_seed(
+        &self,
+        meta: &InstanceMetadata,
+        user_data_b64: Option<&str>,
+        qemu: &QemuUser,
+        network_config: Option<&str>,
+    ) -> Result<(), DiskError> {
         let staging = self.dir.join("seed.d");
         tokio::fs::create_dir_all(&staging).await.map_err(io("create seed dir"))?;
         let user_data = match user_data_b64 {
@@ -183,7 +189,12 @@ impl GuestFiles {
 /// `qemu-img info` opens neither (it reads only the header); `-f qcow2`:
 /// nothing is probed.
 pub async fn check_standalone(disk: &Path) -> Result<(), DiskError> {
-    let out = Command::new("qemu-img").args(["info", "-U", "-f", "qcow2", "--output=json"]).arg(disk).output().await.map_err(io("run qemu-img"))?;
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "-f", "qcow2", "--output=json"])
+        .arg(disk)
+        .output()
+        .await
+        .map_err(io("run qemu-img"))?;
     let refused = |why: String| DiskError::NotStandalone { path: disk.display().to_string(), why };
     if !out.status.success() {
         return Err(refused(format!("not a qcow2 image ({})", String::from_utf8_lossy(&out.stderr).trim())));
@@ -328,7 +339,17 @@ mod tests {
         qemu_img(&["resize", "-q", "-f", "raw", p("secret.raw").to_str().unwrap(), "1M"]);
         // The evil base, and an instance's overlay over it (as the agent makes it).
         qemu_img(&["create", "-q", "-f", "qcow2", "-b", p("secret.raw").to_str().unwrap(), "-F", "raw", p("evil.qcow2").to_str().unwrap()]);
-        qemu_img(&["create", "-q", "-f", "qcow2", "-b", p("evil.qcow2").to_str().unwrap(), "-F", "qcow2", p("overlay.qcow2").to_str().unwrap()]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            p("evil.qcow2").to_str().unwrap(),
+            "-F",
+            "qcow2",
+            p("overlay.qcow2").to_str().unwrap(),
+        ]);
         match flatten(&p("overlay.qcow2"), &p("evil.qcow2"), &p("out.qcow2")).await {
             Err(DiskError::NotStandalone { why, .. }) => assert!(why.contains("backing file"), "{why}"),
             other => panic!("the evil base was not refused: {other:?}"),
@@ -346,7 +367,16 @@ mod tests {
         flatten(&p("overlay.qcow2"), &good, &p("out.qcow2")).await.unwrap();
 
         // An external data file is refused too.
-        qemu_img(&["create", "-q", "-f", "qcow2", "-o", &format!("data_file={},data_file_raw=on", p("data.raw").display()), p("data.qcow2").to_str().unwrap(), "1M"]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={},data_file_raw=on", p("data.raw").display()),
+            p("data.qcow2").to_str().unwrap(),
+            "1M",
+        ]);
         match check_standalone(&p("data.qcow2")).await {
             Err(DiskError::NotStandalone { why, .. }) => assert!(why.contains("data file"), "{why}"),
             other => panic!("{other:?}"),

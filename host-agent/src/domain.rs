@@ -382,10 +382,7 @@ fn user_network_args(metadata_socket: &std::path::Path, ssh_port: Option<u16>) -
         metadata_socket.display()
     );
     let nic = "virtio-net-pci,netdev=nimbus0,bus=pci.0,addr=0x10".to_string();
-    ["-netdev".to_string(), netdev, "-device".to_string(), nic]
-        .into_iter()
-        .map(|value| QemuArg { value })
-        .collect()
+    ["-netdev".to_string(), netdev, "-device".to_string(), nic].into_iter().map(|value| QemuArg { value }).collect()
 }
 
 /// Renders the domain XML of a guest.
@@ -403,11 +400,7 @@ pub fn render(spec: &GuestSpec) -> Result<String, quick_xml::SeError> {
         xmlns_qemu: qemu_family.then_some(QEMU_NS),
         name: domain_name(&spec.instance_id),
         metadata: Metadata {
-            instance: NimbusInstance {
-                xmlns: METADATA_NS,
-                host_id: spec.host_id.clone(),
-                instance_id: spec.instance_id.clone(),
-            },
+            instance: NimbusInstance { xmlns: METADATA_NS, host_id: spec.host_id.clone(), instance_id: spec.instance_id.clone() },
         },
         memory: Memory { unit: "MiB", value: spec.memory_mib },
         vcpu: spec.vcpus,
@@ -481,7 +474,8 @@ pub fn render(spec: &GuestSpec) -> Result<String, quick_xml::SeError> {
             memballoon: Model { model: "none" },
         },
         seclabel: qemu_family.then(|| DomainSeclabel { kind: "static", model: "dac", relabel: "no", label: spec.qemu.dac_label() }),
-        qemu_commandline: (qemu_family && spec.nics.is_empty()).then(|| QemuCommandline { args: user_network_args(&spec.metadata_socket, spec.ssh_port) }),
+        qemu_commandline: (qemu_family && spec.nics.is_empty())
+            .then(|| QemuCommandline { args: user_network_args(&spec.metadata_socket, spec.ssh_port) }),
     };
     let mut out = String::new();
     let mut ser = quick_xml::se::Serializer::new(&mut out);
@@ -563,7 +557,9 @@ mod tests {
         assert!(xml.contains("<type arch=\"x86_64\" machine=\"pc\">hvm</type>"));
         assert!(xml.contains("<target dev=\"vda\" bus=\"virtio\"/>"));
         assert!(xml.contains("<serial type=\"file\">"));
-        assert!(xml.contains("guestfwd=tcp:169.254.169.254:80-unix:/var/lib/nimbus/instances/i-0123456789abcdef0/metadata.sock,,reconnect=1"));
+        assert!(
+            xml.contains("guestfwd=tcp:169.254.169.254:80-unix:/var/lib/nimbus/instances/i-0123456789abcdef0/metadata.sock,,reconnect=1")
+        );
         assert!(xml.contains("virtio-net-pci,netdev=nimbus0,bus=pci.0,addr=0x10"));
         // QEMU runs as the QEMU user and libvirt relabels nothing: a shared
         // base image or kernel is never handed to one guest's QEMU.
@@ -636,9 +632,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let vpc = |h| GuestSpec { nics: vec![GuestNic { mac: "02:00:00:00:00:05".into(), link: "nt0123456789ab".into() }], ..spec(h) };
         let disk = GuestSpec { kernel: None, ssh_port: Some(40022), ..spec(Hypervisor::Qemu) };
-        for (i, s) in [spec(Hypervisor::Kvm), spec(Hypervisor::Qemu), spec(Hypervisor::Xen), vpc(Hypervisor::Kvm), vpc(Hypervisor::Qemu), disk]
-            .iter()
-            .enumerate()
+        for (i, s) in
+            [spec(Hypervisor::Kvm), spec(Hypervisor::Qemu), spec(Hypervisor::Xen), vpc(Hypervisor::Kvm), vpc(Hypervisor::Qemu), disk]
+                .iter()
+                .enumerate()
         {
             let h = s.hypervisor;
             let file = dir.path().join(format!("{i}.xml"));
@@ -655,10 +652,7 @@ mod tests {
     #[test]
     fn ownership_round_trips_through_the_xml() {
         let xml = render(&spec(Hypervisor::Qemu)).unwrap();
-        assert_eq!(
-            ownership(&xml),
-            Some(Ownership { host_id: "h-0123456789abcdef0".into(), instance_id: "i-0123456789abcdef0".into() })
-        );
+        assert_eq!(ownership(&xml), Some(Ownership { host_id: "h-0123456789abcdef0".into(), instance_id: "i-0123456789abcdef0".into() }));
         assert_eq!(ownership("<domain type='qemu'><name>other</name></domain>"), None);
         // Same local names in another namespace are not ours.
         let foreign = "<domain><metadata><x:instance xmlns:x='urn:other'><x:host-id>h</x:host-id>\

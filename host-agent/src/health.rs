@@ -44,11 +44,13 @@ pub enum KvmDevice {
     /// Group `kvm`, readable and writable by the group (Debian's udev rule).
     GroupKvm,
     /// Anything else: the QEMU user (group `kvm`) cannot open it.
-    Other { gid: u32, mode: u32 },
+    Other {
+        gid: u32,
+        mode: u32,
+    },
 }
 
-const UNKNOWN_CAUSE: &str =
-    "libvirtd may be re-probing QEMU's capabilities on every start (see its debug log) or the host is overloaded";
+const UNKNOWN_CAUSE: &str = "libvirtd may be re-probing QEMU's capabilities on every start (see its debug log) or the host is overloaded";
 
 impl KvmDevice {
     /// The likely cause of slow starts that this device's permissions show.

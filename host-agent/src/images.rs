@@ -85,7 +85,10 @@ impl ImageCache {
     /// Marks a cached file used now (the sweep keeps recently used files).
     async fn touch(path: &Path) {
         let path = path.to_path_buf();
-        let _ = tokio::task::spawn_blocking(move || std::fs::File::options().write(true).open(&path)?.set_modified(std::time::SystemTime::now())).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            std::fs::File::options().write(true).open(&path)?.set_modified(std::time::SystemTime::now())
+        })
+        .await;
     }
 
     /// Takes a file this host made (CreateImage) into the cache under its
@@ -213,7 +216,9 @@ impl ImageCache {
                     self.vetted.lock().unwrap_or_else(|p| p.into_inner()).insert(file.sha256.clone());
                     Ok(())
                 }
-                Err(source @ crate::disks::DiskError::NotStandalone { .. }) => Err(ImageError::NotStandalone { name: file.name.clone(), source }),
+                Err(source @ crate::disks::DiskError::NotStandalone { .. }) => {
+                    Err(ImageError::NotStandalone { name: file.name.clone(), source })
+                }
                 Err(e) => Err(ImageError::Io { name: file.name.clone(), source: std::io::Error::other(e.to_string()) }),
             };
         }
@@ -234,7 +239,10 @@ impl ImageCache {
             Source::Store => {
                 let access = self.store.read().unwrap_or_else(|p| p.into_inner()).clone();
                 let Some(access) = access else {
-                    return Err(ImageError::UnsupportedSource { name: file.name.clone(), url: "the image store (no credential yet)".into() });
+                    return Err(ImageError::UnsupportedSource {
+                        name: file.name.clone(),
+                        url: "the image store (no credential yet)".into(),
+                    });
                 };
                 (format!("{}/v1/agent/images", access.base.trim_end_matches('/')), Some(access.bearer), access.client)
             }
@@ -279,8 +287,6 @@ impl ImageCache {
         Ok(())
     }
 }
-
-
 
 #[cfg(test)]
 mod tests {
@@ -341,9 +347,23 @@ mod tests {
         std::fs::write(tmp.path().join("secret.raw"), b"HOST-SECRET").unwrap();
         let qemu_img = |args: &[&str]| assert!(std::process::Command::new("qemu-img").args(args).status().unwrap().success());
         let (evil, good) = (src.join("evil.qcow2"), src.join("good.qcow2"));
-        qemu_img(&["create", "-q", "-f", "qcow2", "-b", tmp.path().join("secret.raw").to_str().unwrap(), "-F", "raw", evil.to_str().unwrap(), "1M"]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            tmp.path().join("secret.raw").to_str().unwrap(),
+            "-F",
+            "raw",
+            evil.to_str().unwrap(),
+            "1M",
+        ]);
         qemu_img(&["create", "-q", "-f", "qcow2", good.to_str().unwrap(), "1M"]);
-        let file = |p: &Path| ImageFile { name: p.file_name().unwrap().to_string_lossy().into(), sha256: hex::encode(Sha256::digest(std::fs::read(p).unwrap())) };
+        let file = |p: &Path| ImageFile {
+            name: p.file_name().unwrap().to_string_lossy().into(),
+            sha256: hex::encode(Sha256::digest(std::fs::read(p).unwrap())),
+        };
         let cache = ImageCache::new(cache_dir.clone(), reqwest::Client::new(), QEMU);
         let url = Source::Url(format!("file://{}", src.display()));
         match cache.ensure_disk(&url, &file(&evil)).await {

@@ -185,7 +185,9 @@ async fn control_plane_client(config: &AgentConfig, identity: Option<&[u8]>) -> 
     let b = reqwest::Client::builder();
     let Some(path) = &config.control_plane_ca else {
         let b = match identity {
-            Some(id) => b.identity(reqwest::Identity::from_pem(id).map_err(|e| AgentError::Config(format!("this host's certificate: {e}")))?),
+            Some(id) => {
+                b.identity(reqwest::Identity::from_pem(id).map_err(|e| AgentError::Config(format!("this host's certificate: {e}")))?)
+            }
             None => b,
         };
         return b.build().map_err(|e| AgentError::Config(e.to_string()));

@@ -66,10 +66,7 @@ pub async fn reboots_done(dir: &Path) -> Result<i64, CounterError> {
     let path = dir.join(COUNTER);
     let err = |source| CounterError { path: path.display().to_string(), source };
     match tokio::fs::read_to_string(&path).await {
-        Ok(text) => text
-            .trim()
-            .parse()
-            .map_err(|_| err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a number"))),
+        Ok(text) => text.trim().parse().map_err(|_| err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a number"))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
         Err(e) => Err(err(e)),
     }

@@ -196,10 +196,7 @@ pub async fn renew(
     let dir = state_dir.join("tls");
     tokio::fs::create_dir_all(&dir).await.map_err(io(&dir))?;
     let key = host_key(&dir).await?;
-    let req = CertificateRequest {
-        public_key: base64::engine::general_purpose::STANDARD.encode(key.public_key_raw()),
-        store_address,
-    };
+    let req = CertificateRequest { public_key: base64::engine::general_purpose::STANDARD.encode(key.public_key_raw()), store_address };
     let grant = cp.certificate(cred, &req).await.map_err(|e| HostStoreError::NoCertificate(e.to_string()))?;
     let (cert_path, ca_path, seeds_path) = (dir.join("cert.pem"), dir.join("ca.pem"), dir.join("seeds.json"));
     write_private(&cert_path, grant.certificate_pem.as_bytes()).await?;
@@ -213,7 +210,12 @@ pub async fn renew(
 }
 
 /// `key` with the certificate and CA saved in `dir`.
-async fn saved(dir: &Path, key: &rcgen::KeyPair, seeds: Vec<String>, trusted: nimbus_records::TrustedKeys) -> Result<Certified, HostStoreError> {
+async fn saved(
+    dir: &Path,
+    key: &rcgen::KeyPair,
+    seeds: Vec<String>,
+    trusted: nimbus_records::TrustedKeys,
+) -> Result<Certified, HostStoreError> {
     let (cert_path, ca_path) = (dir.join("cert.pem"), dir.join("ca.pem"));
     let cert_pem = tokio::fs::read_to_string(&cert_path).await.map_err(io(&cert_path))?;
     let ca_pem = tokio::fs::read_to_string(&ca_path).await.map_err(io(&ca_path))?;
@@ -278,7 +280,11 @@ impl Observed {
     /// status checks that changed. Returns the observations whose tails
     /// were written (for the console tracker), and leaves those whose write
     /// failed in the report, which then carries them as before.
-    pub async fn write(&mut self, store: &HostStore, observations: &mut [nimbus_proto::agent::Observation]) -> Vec<nimbus_proto::agent::Observation> {
+    pub async fn write(
+        &mut self,
+        store: &HostStore,
+        observations: &mut [nimbus_proto::agent::Observation],
+    ) -> Vec<nimbus_proto::agent::Observation> {
         use nimbus_proto::metadata::{console_key, status_key, Check, ConsoleRecord, StatusRecord};
         use nimbus_proto::ObservedState;
         let now = chrono::Utc::now();
@@ -292,7 +298,9 @@ impl Observed {
                         written.push(o.clone());
                         o.console = None;
                     }
-                    Err(e) => tracing::warn!(instance_id = %o.instance_id, error = %e, "cannot write the console tail to the store; reporting it"),
+                    Err(e) => {
+                        tracing::warn!(instance_id = %o.instance_id, error = %e, "cannot write the console tail to the store; reporting it")
+                    }
                 }
             }
             let checks = match o.state {

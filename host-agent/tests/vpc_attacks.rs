@@ -44,7 +44,10 @@ fn vpc(vni: u32, peer: Option<Ipv4Addr>, remote: &[&Nic]) -> VpcOnHost {
         cidr: cidr("172.31.0.0/16"),
         subnets: vec![SubnetOnHost { subnet_id: "subnet-a".into(), cidr: cidr("172.31.0.0/20"), gateway: Ipv4Addr::new(172, 31, 0, 1) }],
         peers: peer.into_iter().collect(),
-        remote_nics: remote.iter().map(|n| RemoteNic { ip: n.private_ip, mac: n.mac.clone(), host: peer.unwrap_or(Ipv4Addr::UNSPECIFIED) }).collect(),
+        remote_nics: remote
+            .iter()
+            .map(|n| RemoteNic { ip: n.private_ip, mac: n.mac.clone(), host: peer.unwrap_or(Ipv4Addr::UNSPECIFIED) })
+            .collect(),
     }
 }
 
@@ -290,7 +293,13 @@ async fn the_overlay_the_host_and_the_public_side_refuse_what_does_not_belong() 
     // 1. From a compromised peer (host 0, a real peer of VNI 100, with a MAC
     // it holds): a source address it does not hold, IPv6, and a gratuitous
     // ARP claiming b's address are all dropped on arrival.
-    send_vxlan(&topo.hosts[0].ns.name, Some(u0), u1, 100, &ethernet(bmac, amac, 0x0800, &ipv4_udp(spoofed_src, b.private_ip, 9000, b"peer-spoof")));
+    send_vxlan(
+        &topo.hosts[0].ns.name,
+        Some(u0),
+        u1,
+        100,
+        &ethernet(bmac, amac, 0x0800, &ipv4_udp(spoofed_src, b.private_ip, 9000, b"peer-spoof")),
+    );
     assert!(!received(&listener, b"peer-spoof"), "a peer sent from an address it does not hold");
     let listener6 = listen_udp(&gb.ns.name, 9006, true);
     let v6 = ipv6_udp(link_local(amac), link_local(bmac), 9006, b"peer-v6");
@@ -308,7 +317,13 @@ async fn the_overlay_the_host_and_the_public_side_refuse_what_does_not_belong() 
     assert!(!neigh.contains(&a.mac), "a peer's ARP claimed another host's address: {neigh}");
     assert_eq!(connect(&topo.outside.name, None, SocketAddr::from((public, 22)), T).await, Ok(format!("hello {OUTSIDE_IP}")));
     // The same peer sending as itself (a's MAC and address) is delivered.
-    send_vxlan(&topo.hosts[0].ns.name, Some(u0), u1, 100, &ethernet(bmac, amac, 0x0800, &ipv4_udp(a.private_ip, b.private_ip, 9000, b"peer-honest")));
+    send_vxlan(
+        &topo.hosts[0].ns.name,
+        Some(u0),
+        u1,
+        100,
+        &ethernet(bmac, amac, 0x0800, &ipv4_udp(a.private_ip, b.private_ip, 9000, b"peer-honest")),
+    );
     assert!(received(&listener, b"peer-honest"), "a peer's own traffic must pass");
 
     // 2. A VPC source spoofed from the internet through b's public address
@@ -340,5 +355,4 @@ async fn the_overlay_the_host_and_the_public_side_refuse_what_does_not_belong() 
         send_udp(&g.ns.name, src, SocketAddr::from((b.private_ip, 9100)), b"unicast", false);
         assert!(received(&bcast_listener, b"unicast"), "unicast between members passes ({name})");
     }
-
 }

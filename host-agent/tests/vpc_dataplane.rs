@@ -38,7 +38,12 @@ fn any() -> Cidr {
 }
 
 fn group(id: &str, vpc: &str, ingress: Vec<Rule>) -> SecurityGroup {
-    SecurityGroup { group_id: id.into(), vpc_id: vpc.into(), ingress, egress: vec![Rule { protocol: Protocol::All, ports: None, peer: Peer::Cidr(any()) }] }
+    SecurityGroup {
+        group_id: id.into(),
+        vpc_id: vpc.into(),
+        ingress,
+        egress: vec![Rule { protocol: Protocol::All, ports: None, peer: Peer::Cidr(any()) }],
+    }
 }
 
 fn tcp(port: u16, peer: Peer) -> Rule {
@@ -56,7 +61,10 @@ fn vpc(vni: u32, peer: Option<Ipv4Addr>, remote: &[&Nic]) -> VpcOnHost {
             SubnetOnHost { subnet_id: "subnet-b".into(), cidr: cidr("172.31.16.0/20"), gateway: Ipv4Addr::new(172, 31, 16, 1) },
         ],
         peers: peer.into_iter().collect(),
-        remote_nics: remote.iter().map(|n| RemoteNic { ip: n.private_ip, mac: n.mac.clone(), host: peer.unwrap_or(Ipv4Addr::UNSPECIFIED) }).collect(),
+        remote_nics: remote
+            .iter()
+            .map(|n| RemoteNic { ip: n.private_ip, mac: n.mac.clone(), host: peer.unwrap_or(Ipv4Addr::UNSPECIFIED) })
+            .collect(),
     }
 }
 
@@ -98,7 +106,8 @@ async fn two_hosts_vpcs_security_groups_public_addresses_and_spoofing() {
     h0.prepare(&[a.clone(), d.clone()]).await.unwrap();
     h1.prepare(&[b.clone(), c.clone()]).await.unwrap();
     let mtu = h0.mtu();
-    let (ga, gb, gc, gd) = (FakeGuest::new(&a, mtu).await, FakeGuest::new(&b, mtu).await, FakeGuest::new(&c, mtu).await, FakeGuest::new(&d, mtu).await);
+    let (ga, gb, gc, gd) =
+        (FakeGuest::new(&a, mtu).await, FakeGuest::new(&b, mtu).await, FakeGuest::new(&c, mtu).await, FakeGuest::new(&d, mtu).await);
 
     let _servers = [
         Echo::start(&gb.ns.name, 8080).await,
@@ -127,7 +136,8 @@ async fn two_hosts_vpcs_security_groups_public_addresses_and_spoofing() {
 
     // A guest that claims another address gets nowhere; its own still works.
     let spoofed = Ipv4Addr::new(172, 31, 0, 9);
-    let _ = tokio::process::Command::new("ip").args(["-n", &ga.ns.name, "addr", "add", &format!("{spoofed}/20"), "dev", "eth0"]).status().await;
+    let _ =
+        tokio::process::Command::new("ip").args(["-n", &ga.ns.name, "addr", "add", &format!("{spoofed}/20"), "dev", "eth0"]).status().await;
     assert!(connect(&ga.ns.name, Some(spoofed), addr(b.private_ip, 8080), BLOCKED).await.is_err());
     assert_eq!(connect(&ga.ns.name, Some(a.private_ip), addr(b.private_ip, 8080), T).await, Ok("hello 172.31.0.5".into()));
 
@@ -136,9 +146,13 @@ async fn two_hosts_vpcs_security_groups_public_addresses_and_spoofing() {
     assert_eq!(connect(&ga.ns.name, None, addr(b.private_ip, 8080), T).await, Ok("hello 172.31.0.5".into()));
 
     // A VPC with no interface left on a host is removed from it.
-    h0.reconcile(&HostNetwork { vpcs: vec![vpc(100, Some(u1), &[&b, &c])], groups: vec![app(vec![])], members: members.clone() }, std::slice::from_ref(&a), false)
-        .await
-        .unwrap();
+    h0.reconcile(
+        &HostNetwork { vpcs: vec![vpc(100, Some(u1), &[&b, &c])], groups: vec![app(vec![])], members: members.clone() },
+        std::slice::from_ref(&a),
+        false,
+    )
+    .await
+    .unwrap();
     let list = String::from_utf8(std::process::Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).unwrap();
     assert!(!list.contains(&h0.vpc_ns_name(200)), "{list}");
     assert!(list.contains(&h0.vpc_ns_name(100)), "{list}");

@@ -202,8 +202,21 @@ mod tests {
         let id = d.identity();
         let keys: Vec<&str> = id.as_object().map(|o| o.keys().map(String::as_str).collect()).unwrap_or_default();
         let mut expected = vec![
-            "accountId", "architecture", "availabilityZone", "billingProducts", "devpayProductCodes", "marketplaceProductCodes",
-            "imageId", "instanceId", "instanceType", "kernelId", "pendingTime", "privateIp", "ramdiskId", "region", "version",
+            "accountId",
+            "architecture",
+            "availabilityZone",
+            "billingProducts",
+            "devpayProductCodes",
+            "marketplaceProductCodes",
+            "imageId",
+            "instanceId",
+            "instanceType",
+            "kernelId",
+            "pendingTime",
+            "privateIp",
+            "ramdiskId",
+            "region",
+            "version",
         ];
         expected.sort();
         let mut keys = keys;

@@ -224,9 +224,17 @@ mod tests {
                 vpc_id: "vpc-1".into(),
                 vni: 7,
                 cidr: Cidr::parse("172.31.0.0/16").unwrap(),
-                subnets: vec![SubnetOnHost { subnet_id: "subnet-1".into(), cidr: Cidr::parse("172.31.0.0/20").unwrap(), gateway: Ipv4Addr::new(172, 31, 0, 1) }],
+                subnets: vec![SubnetOnHost {
+                    subnet_id: "subnet-1".into(),
+                    cidr: Cidr::parse("172.31.0.0/20").unwrap(),
+                    gateway: Ipv4Addr::new(172, 31, 0, 1),
+                }],
                 peers: vec![Ipv4Addr::new(10, 0, 0, 2)],
-                remote_nics: vec![RemoteNic { ip: Ipv4Addr::new(172, 31, 0, 9), mac: "02:00:00:00:00:09".into(), host: Ipv4Addr::new(10, 0, 0, 2) }],
+                remote_nics: vec![RemoteNic {
+                    ip: Ipv4Addr::new(172, 31, 0, 9),
+                    mac: "02:00:00:00:00:09".into(),
+                    host: Ipv4Addr::new(10, 0, 0, 2),
+                }],
             }],
             groups: vec![SecurityGroup {
                 group_id: "sg-1".into(),

@@ -53,10 +53,9 @@ impl InstanceState {
     /// `None` when the request changes nothing (already terminating or gone).
     pub fn on_terminate(self) -> Option<InstanceState> {
         match self {
-            InstanceState::Pending
-            | InstanceState::Running
-            | InstanceState::Stopping
-            | InstanceState::Stopped => Some(InstanceState::ShuttingDown),
+            InstanceState::Pending | InstanceState::Running | InstanceState::Stopping | InstanceState::Stopped => {
+                Some(InstanceState::ShuttingDown)
+            }
             InstanceState::ShuttingDown | InstanceState::Terminated => None,
         }
     }
@@ -111,10 +110,7 @@ pub struct UnknownState(pub String);
 impl FromStr for InstanceState {
     type Err = UnknownState;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        InstanceState::ALL
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| UnknownState(s.to_string()))
+        InstanceState::ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| UnknownState(s.to_string()))
     }
 }
 

@@ -408,10 +408,13 @@ mod tests {
         bumped.version = 1007;
         assert_eq!(bumped.verify(&keys(&cp)), Err(RecordError::Signature));
         // Sealed and signed by someone else under the control plane's key id.
-        let mut forged = SealedDocument::seal(&InstanceDocument::example("i-0123456789abcdef0", 1000, "evil"), "h-1", &host.public(), &attacker).unwrap();
+        let mut forged =
+            SealedDocument::seal(&InstanceDocument::example("i-0123456789abcdef0", 1000, "evil"), "h-1", &host.public(), &attacker)
+                .unwrap();
         forged.signer = cp.key_id();
         assert_eq!(forged.verify(&keys(&cp)), Err(RecordError::Signature));
-        let newest = newest_sealed(&[forged.encode(), bumped.encode(), genuine.encode(), b"junk".to_vec()], &keys(&cp), "i-0123456789abcdef0");
+        let newest =
+            newest_sealed(&[forged.encode(), bumped.encode(), genuine.encode(), b"junk".to_vec()], &keys(&cp), "i-0123456789abcdef0");
         assert_eq!(newest, Some(genuine));
     }
 

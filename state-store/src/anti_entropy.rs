@@ -126,14 +126,14 @@ impl Node {
         if self.started.elapsed() < self.cfg.fail_timeout {
             return 0;
         }
-        let partitions: std::collections::BTreeSet<u32> =
-            match (self.storage.partitions_with_data(), self.storage.partitions_with_graves()) {
-                (Ok(d), Ok(g)) => d.into_iter().chain(g).collect(),
-                (Err(e), _) | (_, Err(e)) => {
-                    tracing::warn!(error = %e, "cannot list stored partitions");
-                    return 0;
-                }
-            };
+        let partitions: std::collections::BTreeSet<u32> = match (self.storage.partitions_with_data(), self.storage.partitions_with_graves())
+        {
+            (Ok(d), Ok(g)) => d.into_iter().chain(g).collect(),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "cannot list stored partitions");
+                return 0;
+            }
+        };
         let mut moved = 0;
         for p in partitions {
             let owners = ring.preference_list(p, self.cfg.n);

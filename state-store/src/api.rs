@@ -31,9 +31,7 @@ impl Context {
         if s.len() > MAX_CONTEXT_BYTES {
             return Err(StoreError::BadContext(format!("{} bytes exceeds the {} byte limit", s.len(), MAX_CONTEXT_BYTES)));
         }
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(s)
-            .map_err(|e| StoreError::BadContext(e.to_string()))?;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).map_err(|e| StoreError::BadContext(e.to_string()))?;
         let vv: VersionVector = decode_limited(&bytes)?;
         Ok(Context(vv))
     }

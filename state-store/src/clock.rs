@@ -136,11 +136,7 @@ impl Record {
                 self.siblings.push(s.clone());
             }
         }
-        let keep: Vec<bool> = self
-            .siblings
-            .iter()
-            .map(|s| !self.siblings.iter().any(|o| s.obsoleted_by(o)))
-            .collect();
+        let keep: Vec<bool> = self.siblings.iter().map(|s| !self.siblings.iter().any(|o| s.obsoleted_by(o))).collect();
         let changed = !was_sorted || keep[..old_len].iter().any(|k| !k) || keep[old_len..].iter().any(|k| *k);
         let mut i = 0;
         self.siblings.retain(|_| {
@@ -254,9 +250,18 @@ mod tests {
                 }
             }
             close_context(&mut context, &writes);
-            let s = Sibling { dot: Dot { node: node.clone(), counter: *c }, context, value: Some(format!("{node}{c}").into_bytes()), written_ms: 0 };
-            if in_a || !in_b { a.push(s.clone()); }
-            if in_b { b.push(s.clone()); }
+            let s = Sibling {
+                dot: Dot { node: node.clone(), counter: *c },
+                context,
+                value: Some(format!("{node}{c}").into_bytes()),
+                written_ms: 0,
+            };
+            if in_a || !in_b {
+                a.push(s.clone());
+            }
+            if in_b {
+                b.push(s.clone());
+            }
             writes.push(s);
         }
         (a, b)

@@ -248,32 +248,28 @@ impl Node {
         let mut tally = Tally { needed, replies: Vec::with_capacity(needed), spare: Vec::new(), stand_ins: 0 };
         let mut inflight = FuturesUnordered::new();
         // ask the next candidate; false when there is none left
-        let launch_next = |candidates: &mut VecDeque<(NodeId, bool)>,
-                           inflight: &mut FuturesUnordered<_>,
-                           tally: &mut Tally,
-                           live_left: &mut usize| {
-            let Some((target, is_owner)) = candidates.pop_front() else { return false };
-            if target == *me {
-                // a local read: no message, no task
-                match self.storage.get_with_hints(key) {
-                    Ok(record) => tally.add(SlotReply { node: target, is_owner, record }, *live_left),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "local read failed");
-                        if live_owners.contains(&target) {
-                            *live_left -= 1;
-                            tally.promote(*live_left);
+        let launch_next =
+            |candidates: &mut VecDeque<(NodeId, bool)>, inflight: &mut FuturesUnordered<_>, tally: &mut Tally, live_left: &mut usize| {
+                let Some((target, is_owner)) = candidates.pop_front() else { return false };
+                if target == *me {
+                    // a local read: no message, no task
+                    match self.storage.get_with_hints(key) {
+                        Ok(record) => tally.add(SlotReply { node: target, is_owner, record }, *live_left),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "local read failed");
+                            if live_owners.contains(&target) {
+                                *live_left -= 1;
+                                tally.promote(*live_left);
+                            }
                         }
                     }
+                } else {
+                    inflight.push(self.read_replica(target, is_owner, key.to_vec()));
                 }
-            } else {
-                inflight.push(self.read_replica(target, is_owner, key.to_vec()));
-            }
-            true
-        };
+                true
+            };
         let wanted = if full { usize::MAX } else { needed };
-        while tally.replies.len() + inflight.len() < wanted
-            && launch_next(&mut candidates, &mut inflight, &mut tally, &mut live_left)
-        {}
+        while tally.replies.len() + inflight.len() < wanted && launch_next(&mut candidates, &mut inflight, &mut tally, &mut live_left) {}
         let hedge = tokio::time::sleep(self.cfg.read_hedge);
         tokio::pin!(hedge);
         let mut hedged = false;

@@ -262,24 +262,18 @@ impl Default for HttpTransport {
 #[async_trait]
 impl Transport for HttpTransport {
     async fn call(&self, _from: &NodeId, to: &NodeId, req: Request) -> Result<Response, RpcError> {
-        let resp = self
-            .http
-            .post(format!("{}://{to}/internal/rpc", self.scheme))
-            .body(encode(&req))
-            .send()
-            .await
-            .map_err(|e| {
-                if let Some(reason) = tls_cause(&e) {
-                    RpcError::Tls { node: to.clone(), reason }
-                } else if e.is_timeout() {
-                    RpcError::Timeout(to.clone())
-                } else if e.is_connect() {
-                    RpcError::Unreachable(to.clone())
-                } else {
-                    // the request may have been sent
-                    RpcError::Lost(to.clone())
-                }
-            })?;
+        let resp = self.http.post(format!("{}://{to}/internal/rpc", self.scheme)).body(encode(&req)).send().await.map_err(|e| {
+            if let Some(reason) = tls_cause(&e) {
+                RpcError::Tls { node: to.clone(), reason }
+            } else if e.is_timeout() {
+                RpcError::Timeout(to.clone())
+            } else if e.is_connect() {
+                RpcError::Unreachable(to.clone())
+            } else {
+                // the request may have been sent
+                RpcError::Lost(to.clone())
+            }
+        })?;
         if !resp.status().is_success() {
             return Err(RpcError::Remote { node: to.clone(), msg: resp.status().to_string() });
         }
@@ -327,13 +321,7 @@ impl HttpClient {
     }
 
     async fn post<T: serde::de::DeserializeOwned>(&self, path: &str, body: Vec<u8>) -> Result<T, StoreError> {
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| self.failed(e))?;
+        let resp = self.http.post(format!("{}{path}", self.base)).body(body).send().await.map_err(|e| self.failed(e))?;
         if !resp.status().is_success() {
             return Err(StoreError::Transport(format!("http status {}", resp.status())));
         }
@@ -381,13 +369,7 @@ impl HttpClient {
 
     /// POST an admin action that may take long; its JSON answer.
     async fn admin_post<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, StoreError> {
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .timeout(LEAVE_TIMEOUT)
-            .send()
-            .await
-            .map_err(|e| self.failed(e))?;
+        let resp = self.http.post(format!("{}{path}", self.base)).timeout(LEAVE_TIMEOUT).send().await.map_err(|e| self.failed(e))?;
         if !resp.status().is_success() {
             return Err(StoreError::Transport(format!("http status {}", resp.status())));
         }

@@ -203,11 +203,7 @@ impl JsonClient {
     /// `tls`: `None` for a node run with `--insecure-plaintext`.
     pub fn new(node: &str, tls: Option<&crate::tls::TlsConfig>, timeout: Duration) -> JsonClient {
         let (b, scheme) = crate::http::client_builder(tls);
-        JsonClient {
-            node: node.to_string(),
-            base: format!("{scheme}://{node}"),
-            http: b.timeout(timeout).build().unwrap_or_default(),
-        }
+        JsonClient { node: node.to_string(), base: format!("{scheme}://{node}"), http: b.timeout(timeout).build().unwrap_or_default() }
     }
 
     async fn post<B: Serialize, T: serde::de::DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, JsonClientError> {

@@ -32,9 +32,9 @@ pub use api::{get_reconciled, Context, GetResult, KvClient, LocalClient};
 pub use error::{RpcError, StorageError, StoreError};
 pub use http::{HttpClient, HttpTransport};
 pub use json::JsonClient;
-pub use tcp::{TcpClient, TcpTransport};
 pub use node::{Config, JoinState, Node, NotReady};
 pub use storage::Fsync;
+pub use tcp::{TcpClient, TcpTransport};
 pub use tls::{TlsConfig, TlsError};
 
 #[cfg(test)]

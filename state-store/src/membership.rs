@@ -112,7 +112,11 @@ impl Membership {
             if *s != me {
                 members.insert(
                     s.clone(),
-                    Entry { member: Member { id: s.clone(), status: Status::Joined, version: 0, heartbeat: 0 }, last_seen: now, suspect: false },
+                    Entry {
+                        member: Member { id: s.clone(), status: Status::Joined, version: 0, heartbeat: 0 },
+                        last_seen: now,
+                        suspect: false,
+                    },
                 );
             }
         }
@@ -161,8 +165,7 @@ impl Membership {
     }
 
     fn rebuild_ring(&self, g: &mut Inner) {
-        let active: Vec<NodeId> =
-            g.members.values().filter(|e| e.member.status == Status::Joined).map(|e| e.member.id.clone()).collect();
+        let active: Vec<NodeId> = g.members.values().filter(|e| e.member.status == Status::Joined).map(|e| e.member.id.clone()).collect();
         self.joined.store(active.contains(&self.me), std::sync::atomic::Ordering::Release);
         if active != g.ring_members {
             tracing::info!(members = ?active, "ring membership changed");
@@ -302,9 +305,7 @@ impl Membership {
     pub fn view(&self) -> Vec<MemberView> {
         let ids: Vec<(NodeId, Status, u64)> =
             self.lock().members.values().map(|e| (e.member.id.clone(), e.member.status, e.member.heartbeat)).collect();
-        ids.into_iter()
-            .map(|(id, status, heartbeat)| MemberView { alive: self.is_alive(&id), id, status, heartbeat })
-            .collect()
+        ids.into_iter().map(|(id, status, heartbeat)| MemberView { alive: self.is_alive(&id), id, status, heartbeat }).collect()
     }
 }
 

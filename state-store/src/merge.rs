@@ -78,7 +78,13 @@ mod tests {
 
     fn arb() -> impl Strategy<Value = InstanceMeta> {
         (0u8..5, proptest::collection::btree_map("[a-c]", "[x-z]", 0..3)).prop_map(|(s, tags)| InstanceMeta {
-            state: [InstanceState::Pending, InstanceState::Running, InstanceState::Stopping, InstanceState::Stopped, InstanceState::Terminated][s as usize],
+            state: [
+                InstanceState::Pending,
+                InstanceState::Running,
+                InstanceState::Stopping,
+                InstanceState::Stopped,
+                InstanceState::Terminated,
+            ][s as usize],
             tags,
         })
     }

@@ -128,11 +128,7 @@ impl MerkleTree {
 /// Keys whose digests differ between two per-key digest maps (present on
 /// one side only, or with different digests).
 pub fn diff_keys(a: &BTreeMap<Vec<u8>, Digest>, b: &BTreeMap<Vec<u8>, Digest>) -> Vec<Vec<u8>> {
-    let mut out: Vec<Vec<u8>> = a
-        .iter()
-        .filter(|(k, d)| b.get(*k) != Some(*d))
-        .map(|(k, _)| k.clone())
-        .collect();
+    let mut out: Vec<Vec<u8>> = a.iter().filter(|(k, d)| b.get(*k) != Some(*d)).map(|(k, _)| k.clone()).collect();
     out.extend(b.keys().filter(|k| !a.contains_key(*k)).cloned());
     out.sort();
     out

@@ -9,8 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Upper bounds of the latency buckets, seconds.
-pub const LATENCY_BUCKETS: [f64; 14] =
-    [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0];
+pub const LATENCY_BUCKETS: [f64; 14] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0];
 
 /// A cumulative histogram with fixed buckets (lock-free).
 #[derive(Default)]
@@ -110,7 +109,12 @@ impl Node {
         let m = self.metrics();
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut out = String::with_capacity(8 * 1024);
-        family(&mut out, "nimbus_store_requests_total", "counter", "Client operations coordinated or answered by this node, by operation and result.");
+        family(
+            &mut out,
+            "nimbus_store_requests_total",
+            "counter",
+            "Client operations coordinated or answered by this node, by operation and result.",
+        );
         for (op, name) in OPS {
             let o = &m.ops[op as usize];
             let _ = writeln!(out, "nimbus_store_requests_total{{op=\"{name}\",result=\"ok\"}} {}", load(&o.ok));
@@ -122,16 +126,70 @@ impl Node {
         }
         let hints = self.storage.hint_count().unwrap_or(0);
         one(&mut out, "nimbus_store_hints_held", "gauge", "Hinted writes this node holds for other owners.", hints);
-        one(&mut out, "nimbus_store_hints_delivered_total", "counter", "Hints delivered to their owners (or new owners) and removed.", load(&m.hints_delivered));
+        one(
+            &mut out,
+            "nimbus_store_hints_delivered_total",
+            "counter",
+            "Hints delivered to their owners (or new owners) and removed.",
+            load(&m.hints_delivered),
+        );
         one(&mut out, "nimbus_store_read_repairs_total", "counter", "Stale replicas repaired by reads.", load(&m.read_repairs));
-        one(&mut out, "nimbus_store_anti_entropy_rounds_total", "counter", "Completed anti-entropy rounds (periodic and on demand).", load(&m.anti_entropy_rounds));
-        one(&mut out, "nimbus_store_anti_entropy_keys_repaired_total", "counter", "Keys exchanged with replicas by anti-entropy.", load(&m.anti_entropy_keys_repaired));
-        one(&mut out, "nimbus_store_anti_entropy_keys_handed_off_total", "counter", "Keys (and graves) of partitions this node no longer replicates, handed to their owners.", load(&m.anti_entropy_keys_handed_off));
-        one(&mut out, "nimbus_store_anti_entropy_errors_total", "counter", "Partition exchanges of anti-entropy that failed.", load(&m.anti_entropy_errors));
-        one(&mut out, "nimbus_store_tombstones_collected_total", "counter", "Tombstones collected by this node's GC pass.", load(&m.tombstones_collected));
-        one(&mut out, "nimbus_store_ring_refusals_total", "counter", "Gossip exchanges refused because ring parameters disagree.", load(&m.ring_refusals));
-        one(&mut out, "nimbus_store_tls_handshakes_refused_total", "counter", "TLS handshakes this node's listener refused (bad or foreign certificates).", load(&m.tls_refused));
-        one(&mut out, "nimbus_store_unauthenticated_requests_total", "counter", "Requests and framed connections refused for lack of a client certificate, or sent in plaintext to a TLS port.", load(&m.unauthenticated));
+        one(
+            &mut out,
+            "nimbus_store_anti_entropy_rounds_total",
+            "counter",
+            "Completed anti-entropy rounds (periodic and on demand).",
+            load(&m.anti_entropy_rounds),
+        );
+        one(
+            &mut out,
+            "nimbus_store_anti_entropy_keys_repaired_total",
+            "counter",
+            "Keys exchanged with replicas by anti-entropy.",
+            load(&m.anti_entropy_keys_repaired),
+        );
+        one(
+            &mut out,
+            "nimbus_store_anti_entropy_keys_handed_off_total",
+            "counter",
+            "Keys (and graves) of partitions this node no longer replicates, handed to their owners.",
+            load(&m.anti_entropy_keys_handed_off),
+        );
+        one(
+            &mut out,
+            "nimbus_store_anti_entropy_errors_total",
+            "counter",
+            "Partition exchanges of anti-entropy that failed.",
+            load(&m.anti_entropy_errors),
+        );
+        one(
+            &mut out,
+            "nimbus_store_tombstones_collected_total",
+            "counter",
+            "Tombstones collected by this node's GC pass.",
+            load(&m.tombstones_collected),
+        );
+        one(
+            &mut out,
+            "nimbus_store_ring_refusals_total",
+            "counter",
+            "Gossip exchanges refused because ring parameters disagree.",
+            load(&m.ring_refusals),
+        );
+        one(
+            &mut out,
+            "nimbus_store_tls_handshakes_refused_total",
+            "counter",
+            "TLS handshakes this node's listener refused (bad or foreign certificates).",
+            load(&m.tls_refused),
+        );
+        one(
+            &mut out,
+            "nimbus_store_unauthenticated_requests_total",
+            "counter",
+            "Requests and framed connections refused for lack of a client certificate, or sent in plaintext to a TLS port.",
+            load(&m.unauthenticated),
+        );
 
         let view = self.membership.view();
         family(&mut out, "nimbus_store_members", "gauge", "Members known to this node, by status and liveness.");
@@ -152,8 +210,20 @@ impl Node {
             "Partitions this node replicates (is in the preference list of).",
             ring.replicated_partitions(&self.cfg.id, self.cfg.n).len(),
         );
-        one(&mut out, "nimbus_store_refused_members", "gauge", "Nodes refused because their ring parameters disagree.", self.membership.refused().len());
-        one(&mut out, "nimbus_store_ready", "gauge", "1 when the node is ready (GET /readyz answers 200).", u8::from(self.readiness().is_ok()));
+        one(
+            &mut out,
+            "nimbus_store_refused_members",
+            "gauge",
+            "Nodes refused because their ring parameters disagree.",
+            self.membership.refused().len(),
+        );
+        one(
+            &mut out,
+            "nimbus_store_ready",
+            "gauge",
+            "1 when the node is ready (GET /readyz answers 200).",
+            u8::from(self.readiness().is_ok()),
+        );
 
         let w = self.storage.writer_stats();
         one(&mut out, "nimbus_store_storage_commits_total", "counter", "Storage commits (write batches).", w.commits);

@@ -76,7 +76,10 @@ impl Config {
             return Err(StoreError::BadConfig("partitions must be at least 1".into()));
         }
         if self.memtable_bytes < MIN_MEMTABLE_BYTES {
-            return Err(StoreError::BadConfig(format!("memtable_bytes must be at least {MIN_MEMTABLE_BYTES}; got {}", self.memtable_bytes)));
+            return Err(StoreError::BadConfig(format!(
+                "memtable_bytes must be at least {MIN_MEMTABLE_BYTES}; got {}",
+                self.memtable_bytes
+            )));
         }
         Ok(())
     }
@@ -285,11 +288,7 @@ impl Node {
     pub async fn handle_local(&self, req: Request) -> Response {
         let write = matches!(
             req,
-            Request::Coordinate { .. }
-                | Request::Put { .. }
-                | Request::Hinted { .. }
-                | Request::PutMany { .. }
-                | Request::Bury { .. }
+            Request::Coordinate { .. } | Request::Put { .. } | Request::Hinted { .. } | Request::PutMany { .. } | Request::Bury { .. }
         );
         if write && !self.membership.is_joined() {
             return Response::Error(format!("node {} is leaving the ring and takes no writes", self.cfg.id));
@@ -388,9 +387,7 @@ impl Node {
                 }
                 Response::Ok
             }
-            Request::Coordinate { .. } | Request::ClientGet { .. } | Request::ClientPut { .. } => {
-                Response::Error("unreachable".into())
-            }
+            Request::Coordinate { .. } | Request::ClientGet { .. } | Request::ClientPut { .. } => Response::Error("unreachable".into()),
         })
     }
 

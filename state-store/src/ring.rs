@@ -54,11 +54,7 @@ impl Ring {
                     })
                     .collect();
                 ranked.sort_unstable_by(|a, b| b.cmp(a));
-                let chosen = ranked
-                    .iter()
-                    .map(|(_, i)| *i)
-                    .find(|i| load[*i] < cap)
-                    .unwrap_or(ranked[0].1);
+                let chosen = ranked.iter().map(|(_, i)| *i).find(|i| load[*i] < cap).unwrap_or(ranked[0].1);
                 load[chosen] += 1;
                 owner[p as usize] = chosen;
             }
@@ -121,9 +117,7 @@ impl Ring {
         let Some(idx) = self.nodes.iter().position(|x| x == node) else {
             return Vec::new();
         };
-        (0..self.q)
-            .filter(|p| self.walk[*p as usize].iter().take(n).any(|i| *i == idx))
-            .collect()
+        (0..self.q).filter(|p| self.walk[*p as usize].iter().take(n).any(|i| *i == idx)).collect()
     }
 
     /// Number of partition tokens owned by each node.

@@ -5,9 +5,9 @@
 //! [`crate::sim::SimNetwork`], which can cut links, kill nodes and drop
 //! requests or replies with a seeded random generator.
 
-use crate::clock::{NodeId, Record};
 use crate::api::GetResult;
 use crate::clock::VersionVector;
+use crate::clock::{NodeId, Record};
 use crate::error::{RpcError, StoreError};
 use crate::membership::{Member, RingParams};
 use crate::merkle::Digest;
@@ -17,11 +17,23 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Request {
     /// Replica read: stored data merged with hints held for the key.
-    Get { #[serde(with = "serde_bytes")] key: Vec<u8> },
+    Get {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
     /// Replica write: merge `record` into the key.
-    Put { #[serde(with = "serde_bytes")] key: Vec<u8>, record: Record },
+    Put {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        record: Record,
+    },
     /// Sloppy-quorum write meant for `owner`.
-    Hinted { owner: NodeId, #[serde(with = "serde_bytes")] key: Vec<u8>, record: Record },
+    Hinted {
+        owner: NodeId,
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        record: Record,
+    },
     /// Push-pull gossip of membership and heartbeats, with the sender's
     /// ring parameters (a receiver whose parameters differ refuses it with
     /// `Response::Failed(StoreError::RingMismatch)`).
@@ -35,19 +47,41 @@ pub enum Request {
     /// Merge several records.
     PutMany { items: Vec<(Vec<u8>, Record)> },
     /// Digest of the key's record if it is a tombstone.
-    GcProbe { #[serde(with = "serde_bytes")] key: Vec<u8> },
+    GcProbe {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
     /// Collect the key's tombstone if its digest still matches (it leaves
     /// a grave: see `Storage::bury_if`).
-    GcDrop { #[serde(with = "serde_bytes")] key: Vec<u8>, digest: Digest },
+    GcDrop {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        digest: Digest,
+    },
     /// Anti-entropy: these keys were collected; join each version vector
     /// into the key's grave and drop the siblings it covers.
     Bury { items: Vec<(Vec<u8>, VersionVector)> },
     /// Client write forwarded to a preference-list node to coordinate.
-    Coordinate { #[serde(with = "serde_bytes")] key: Vec<u8>, #[serde(with = "serde_bytes")] value: Option<Vec<u8>>, context: VersionVector },
+    Coordinate {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        value: Option<Vec<u8>>,
+        context: VersionVector,
+    },
     /// Client API over the framed transport: a quorum read.
-    ClientGet { #[serde(with = "serde_bytes")] key: Vec<u8> },
+    ClientGet {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
     /// Client API over the framed transport: a quorum write (None deletes).
-    ClientPut { #[serde(with = "serde_bytes")] key: Vec<u8>, #[serde(with = "serde_bytes")] value: Option<Vec<u8>>, context: VersionVector },
+    ClientPut {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        value: Option<Vec<u8>>,
+        context: VersionVector,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

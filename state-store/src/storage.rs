@@ -204,17 +204,39 @@ pub struct Hint {
 }
 
 enum Op {
-    Merge { key: Vec<u8>, record: Record },
-    HintMerge { owner: String, key: Vec<u8>, record: Record },
-    HintRemoveIf { owner: String, key: Vec<u8>, expected: Record },
-    DropIf { key: Vec<u8>, digest: Digest },
+    Merge {
+        key: Vec<u8>,
+        record: Record,
+    },
+    HintMerge {
+        owner: String,
+        key: Vec<u8>,
+        record: Record,
+    },
+    HintRemoveIf {
+        owner: String,
+        key: Vec<u8>,
+        expected: Record,
+    },
+    DropIf {
+        key: Vec<u8>,
+        digest: Digest,
+    },
     /// Collect a tombstone: drop the record if its digest still matches
     /// and keep its context as the key's grave.
-    BuryIf { key: Vec<u8>, digest: Digest },
+    BuryIf {
+        key: Vec<u8>,
+        digest: Digest,
+    },
     /// Join `covered` into the key's grave and drop the siblings it covers.
-    Bury { key: Vec<u8>, covered: VersionVector },
+    Bury {
+        key: Vec<u8>,
+        covered: VersionVector,
+    },
     /// Remove graves that are unchanged.
-    ForgetGraves { graves: Vec<(Vec<u8>, VersionVector)> },
+    ForgetGraves {
+        graves: Vec<(Vec<u8>, VersionVector)>,
+    },
     Coordinate {
         node: String,
         key: Vec<u8>,
@@ -358,13 +380,10 @@ impl Storage {
             .open()
             .map_err(StorageError::engine)?;
         let ks = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(StorageError::engine);
-        let data = db
-            .keyspace("data", || KeyspaceCreateOptions::default().max_memtable_size(memtable_bytes))
-            .map_err(StorageError::engine)?;
+        let data =
+            db.keyspace("data", || KeyspaceCreateOptions::default().max_memtable_size(memtable_bytes)).map_err(StorageError::engine)?;
         let (hints, meta, graves) = (ks("hints")?, ks("meta")?, ks("graves")?);
-        let any_graves = Arc::new(std::sync::atomic::AtomicBool::new(
-            !graves.is_empty().map_err(StorageError::engine)?,
-        ));
+        let any_graves = Arc::new(std::sync::atomic::AtomicBool::new(!graves.is_empty().map_err(StorageError::engine)?));
         // A new incarnation stamp, durable before any write of this
         // incarnation: strictly greater than every earlier one.
         let last = meta.get(INCARNATION).map_err(StorageError::engine)?.map(|v| get_u64(&v)).unwrap_or(0);
@@ -1213,12 +1232,8 @@ fn apply_batch(
             Op::Coordinate { node, key, value, context, written_ms, hint_owner, applied } => {
                 // never reused, even when this batch fails to commit
                 let dot = minter.mint(node);
-                let rec = Record::single(Sibling {
-                    dot: dot.clone(),
-                    context: context.clone(),
-                    value: value.clone(),
-                    written_ms: *written_ms,
-                });
+                let rec =
+                    Record::single(Sibling { dot: dot.clone(), context: context.clone(), value: value.clone(), written_ms: *written_ms });
                 let stored = match hint_owner {
                     None => w.merge_data(partitions, key, &rec).map(|_| ()),
                     Some(o) => w.merge_hint(o, key, &rec).map(|_| ()),
@@ -1292,14 +1307,24 @@ mod tests {
     use crate::clock::{Dot, Sibling, VersionVector};
 
     fn rec(n: &str, c: u64, v: &str) -> Record {
-        Record::single(Sibling { dot: Dot { node: n.into(), counter: c }, context: VersionVector::new(), value: Some(v.into()), written_ms: 1 })
+        Record::single(Sibling {
+            dot: Dot { node: n.into(), counter: c },
+            context: VersionVector::new(),
+            value: Some(v.into()),
+            written_ms: 1,
+        })
     }
 
     #[tokio::test]
     async fn flushed_memtables_are_freed_by_the_background_thread() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let s = Storage::open(&dir.path().join("db"), 16, Fsync::Periodic(std::time::Duration::from_millis(5)), crate::node::MIN_MEMTABLE_BYTES)
-            .expect("open");
+        let s = Storage::open(
+            &dir.path().join("db"),
+            16,
+            Fsync::Periodic(std::time::Duration::from_millis(5)),
+            crate::node::MIN_MEMTABLE_BYTES,
+        )
+        .expect("open");
         // Writes through 1 MiB memtables, in bursts of about 400 KiB with a
         // pause between them so that the background thread (nice 10) sees
         // memtables while they are active, until one has been flushed and

@@ -11,8 +11,8 @@
 //! listener serves both this protocol and HTTP on the same port: it peeks at
 //! the first bytes of each connection (see [`serve`]).
 
-use crate::clock::NodeId;
 use crate::api::{Context, GetResult, KvClient};
+use crate::clock::NodeId;
 use crate::error::{check_key, check_value, RpcError, StoreError};
 use crate::node::Node;
 use crate::rpc::{Request, Response, Transport};
@@ -440,11 +440,8 @@ where
             match refusal {
                 None => tower_service::Service::call(&mut r, req).await,
                 Some(reason) => {
-                    let status = if peer == Peer::Plaintext {
-                        axum::http::StatusCode::BAD_REQUEST
-                    } else {
-                        axum::http::StatusCode::UNAUTHORIZED
-                    };
+                    let status =
+                        if peer == Peer::Plaintext { axum::http::StatusCode::BAD_REQUEST } else { axum::http::StatusCode::UNAUTHORIZED };
                     tracing::warn!(?peer, path = %req.uri().path(), "request refused: {reason}");
                     Ok(crate::http::error_response(status, "Unauthenticated", reason))
                 }
@@ -587,10 +584,7 @@ async fn close_refused(stream: &mut tokio::net::TcpStream) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let _ = stream.shutdown().await;
     let mut buf = [0u8; 4096];
-    let _ = tokio::time::timeout(REFUSED_LINGER, async {
-        while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
-    })
-    .await;
+    let _ = tokio::time::timeout(REFUSED_LINGER, async { while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {} }).await;
 }
 
 /// How long a refused connection is drained before it is dropped.

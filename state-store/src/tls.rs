@@ -242,9 +242,8 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 fn certs(what: &'static str, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::Pem { what, msg: e.to_string() })?;
+    let certs =
+        CertificateDer::pem_slice_iter(pem).collect::<Result<Vec<_>, _>>().map_err(|e| TlsError::Pem { what, msg: e.to_string() })?;
     if certs.is_empty() {
         return Err(TlsError::NoCertificate { what });
     }
@@ -448,8 +447,7 @@ pub mod dev {
         pub fn issue(&self, names: &[&str]) -> Result<Issued, TlsError> {
             let mut params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).map_err(gen)?;
             params.distinguished_name.push(DnType::CommonName, names.first().copied().unwrap_or("nimbus-store-client"));
-            params.extended_key_usages =
-                vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+            params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
             let key = KeyPair::generate().map_err(gen)?;
             let cert = params.signed_by(&key, &self.cert, &self.key).map_err(gen)?;
             Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })

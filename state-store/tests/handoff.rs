@@ -21,9 +21,7 @@ async fn hinted_handoff_delivers_when_owner_returns() {
     client.put(key, b"running".to_vec(), &Context::empty()).await.expect("sloppy write acknowledged");
     // a stand-in holds a hint naming the owner (the slot for the dead
     // owner may still be finishing after the quorum answered)
-    let hinted = || -> u64 {
-        c.live().iter().map(|n| n.admin_view().hints_by_owner.get(&owner_id).copied().unwrap_or(0)).sum()
-    };
+    let hinted = || -> u64 { c.live().iter().map(|n| n.admin_view().hints_by_owner.get(&owner_id).copied().unwrap_or(0)).sum() };
     wait_until("a stand-in holds the hint", Duration::from_secs(5), || hinted() >= 1).await;
     assert_eq!(hinted(), 1, "exactly one stand-in holds the hint");
 

@@ -125,9 +125,8 @@ async fn tombstones_are_collected_only_when_all_replicas_have_them() {
     let ring = c.node(0).expect("n0").membership().ring();
     let pref = ring.preference_list(ring.partition_of(b"gone"), 3);
     let idx = |id: &str| c.ids.iter().position(|x| x == id).expect("idx");
-    let holds_tombstone = |id: &str| {
-        c.node(idx(id)).and_then(|n| n.storage().get(b"gone").ok().flatten()).is_some_and(|r| r.is_tombstone())
-    };
+    let holds_tombstone =
+        |id: &str| c.node(idx(id)).and_then(|n| n.storage().get(b"gone").ok().flatten()).is_some_and(|r| r.is_tombstone());
     // the last replica is cut off while the delete happens
     let others: Vec<String> = c.ids.iter().filter(|x| **x != pref[2]).cloned().collect();
     c.net.partition(&[pref[2].clone()], &others);
@@ -339,10 +338,7 @@ async fn graves_move_with_their_partitions() {
     let leaver = node_of(&new_pref[0]).expect("an owner");
     leaver.leave().await.expect("leave");
     let observer = c.live().into_iter().find(|n| n.id() != leaver.id()).expect("another node");
-    wait_until("the ring drops the leaver", Duration::from_secs(10), || {
-        !observer.membership().ring().nodes().contains(leaver.id())
-    })
-    .await;
+    wait_until("the ring drops the leaver", Duration::from_secs(10), || !observer.membership().ring().nodes().contains(leaver.id())).await;
     let last_pref = observer.membership().ring().preference_list(ring.partition_of(key), 3);
     assert!(last_pref.iter().any(|id| !new_pref.contains(id)), "a new owner took the leaver's place");
     for id in &last_pref {

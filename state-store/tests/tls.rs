@@ -124,7 +124,8 @@ async fn tls_cluster_serves_and_hands_off_end_to_end() {
     assert_eq!(admins[3].admin().await.expect("admin").stored_keys, 0, "n3 starts empty");
     let report = admins[3].anti_entropy().await.expect("anti-entropy round");
     assert!(report.round >= 1 && report.failed_exchanges == 0, "{report:?}");
-    let expected = n3_keys + usize::from(view.preference_lists[nimbus_state_store::ring::partition_of(b"instance/i-1", 256) as usize].contains(&addrs[3]));
+    let expected = n3_keys
+        + usize::from(view.preference_lists[nimbus_state_store::ring::partition_of(b"instance/i-1", 256) as usize].contains(&addrs[3]));
     assert_eq!(report.keys_repaired, expected, "{report:?}");
     assert_eq!(admins[3].admin().await.expect("admin").stored_keys as usize, expected);
     drop(procs);
@@ -186,7 +187,14 @@ async fn peers_and_clients_without_a_valid_certificate_are_refused() {
         value: Some(b"v".to_vec()),
         context: String::new(),
     });
-    for (method, path) in [("POST", "/v1/put"), ("POST", "/v1/get"), ("GET", "/admin"), ("GET", "/metrics"), ("POST", "/internal/rpc"), ("POST", "/admin/leave")] {
+    for (method, path) in [
+        ("POST", "/v1/put"),
+        ("POST", "/v1/get"),
+        ("GET", "/admin"),
+        ("GET", "/metrics"),
+        ("POST", "/internal/rpc"),
+        ("POST", "/admin/leave"),
+    ] {
         let req = anon.request(method.parse().expect("method"), url(path)).body(body.clone());
         let resp = req.send().await.expect("request");
         assert_eq!(resp.status(), 401, "{method} {path} without a certificate");

@@ -40,9 +40,7 @@ static TRACING: Once = Once::new();
 fn init_tracing() {
     TRACING.call_once(|| {
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_env("NIMBUS_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("NIMBUS_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .with_test_writer()
             .try_init();
     });
@@ -168,13 +166,12 @@ async fn drop_stale_databases(admin: &sqlx::PgPool) {
     static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
     SWEPT
         .get_or_init(|| async {
-            let names: Vec<(String,)> = match sqlx::query_as("SELECT datname::text FROM pg_database WHERE datname LIKE 'nimbus\\_test\\_%'")
-                .fetch_all(admin)
-                .await
-            {
-                Ok(n) => n,
-                Err(e) => return eprintln!("cannot list test databases: {e}"),
-            };
+            let names: Vec<(String,)> =
+                match sqlx::query_as("SELECT datname::text FROM pg_database WHERE datname LIKE 'nimbus\\_test\\_%'").fetch_all(admin).await
+                {
+                    Ok(n) => n,
+                    Err(e) => return eprintln!("cannot list test databases: {e}"),
+                };
             let now = unix_now();
             for (name,) in names {
                 let Some(created) = database_created(&name) else { continue };
@@ -446,8 +443,7 @@ impl Cloud {
             rsa_key_interval_secs: opts.rsa_keys.1,
             default_max_instances: opts.default_limits.0,
             default_max_vcpus: opts.default_limits.1,
-            public_pool: opts.public_pool.map(|p| nimbus_proto::network::Cidr::parse(p).context("public_pool"))
-                .transpose()?,
+            public_pool: opts.public_pool.map(|p| nimbus_proto::network::Cidr::parse(p).context("public_pool")).transpose()?,
             default_max_elastic_ips: opts.max_elastic_ips,
             default_max_images: opts.image_limits.0,
             default_max_image_bytes: opts.image_limits.1,
@@ -515,14 +511,19 @@ impl Cloud {
     /// operator calls (hosts, image registration, accounts); returns the
     /// status and JSON body.
     pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<(StatusCode, Value)> {
-        let operator = path.starts_with("/v1/hosts")
-            || path.starts_with("/v1/admin/")
-            || (path.starts_with("/v1/images") && method == Method::POST);
+        let operator =
+            path.starts_with("/v1/hosts") || path.starts_with("/v1/admin/") || (path.starts_with("/v1/images") && method == Method::POST);
         let token = if operator { &self.admin_token } else { &self.user_token };
         self.call_as(Some(token), method, path, body).await
     }
 
-    pub async fn call_as(&self, token: Option<&str>, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<(StatusCode, Value)> {
+    pub async fn call_as(
+        &self,
+        token: Option<&str>,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(StatusCode, Value)> {
         let mut req = self.http.request(method, format!("{}{path}", self.url));
         if let Some(t) = token {
             req = req.bearer_auth(t);
@@ -666,7 +667,12 @@ impl Cloud {
         let (tx, rx) = oneshot::channel::<()>();
         let name = handle.name.clone();
         handle.task = Some(tokio::spawn(async move {
-            if let Err(e) = agent.run(async move { let _ = rx.await; }).await {
+            if let Err(e) = agent
+                .run(async move {
+                    let _ = rx.await;
+                })
+                .await
+            {
                 tracing::error!(agent = %name, error = %e, "agent failed");
             }
         }));
@@ -738,11 +744,8 @@ impl Cloud {
         std::fs::create_dir_all(&dir)?;
         std::fs::write(dir.join("vmlinuz"), format!("kernel {}", random_suffix()))?;
         std::fs::write(dir.join("initrd.img"), format!("initrd {}", random_suffix()))?;
-        let out = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(dir.join("root.qcow2"))
-            .arg("16M")
-            .output()?;
+        let out =
+            std::process::Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(dir.join("root.qcow2")).arg("16M").output()?;
         if !out.status.success() {
             bail!("qemu-img: {}", String::from_utf8_lossy(&out.stderr));
         }
@@ -765,8 +768,9 @@ impl Cloud {
 
     /// Registers the image a recipe built in `dir` (its `manifest.json`).
     pub async fn register_image_dir(&self, dir: &Path, default: bool) -> anyhow::Result<Image> {
-        let manifest: nimbus_proto::image::ImageManifest =
-            serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).with_context(|| format!("read {}/manifest.json", dir.display()))?)?;
+        let manifest: nimbus_proto::image::ImageManifest = serde_json::from_slice(
+            &std::fs::read(dir.join("manifest.json")).with_context(|| format!("read {}/manifest.json", dir.display()))?,
+        )?;
         let req = manifest.register_request(format!("file://{}", dir.canonicalize()?.display()), None, default)?;
         Ok(serde_json::from_value(self.post("/v1/images", serde_json::to_value(req)?).await?)?)
     }
@@ -875,11 +879,18 @@ impl Cloud {
         use nimbus_state_store::KvClient;
         let got = self.service.store.client().get(nimbus_proto::metadata::document_key(id).as_bytes()).await?;
         let (host_id, name): (String, String) =
-            sqlx::query_as("SELECT h.id, h.name FROM instances i JOIN hosts h ON h.id = i.host_id WHERE i.id = $1").bind(id).fetch_one(self.db()).await?;
+            sqlx::query_as("SELECT h.id, h.name FROM instances i JOIN hosts h ON h.id = i.host_id WHERE i.id = $1")
+                .bind(id)
+                .fetch_one(self.db())
+                .await?;
         let dir = self.agent_dirs.lock().unwrap_or_else(|p| p.into_inner()).get(&name).cloned().context("no such agent here")?;
-        let key = nimbus_records::KeyPair::from_pem(&std::fs::read_to_string(dir.join("tls/key.pem"))?).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let key =
+            nimbus_records::KeyPair::from_pem(&std::fs::read_to_string(dir.join("tls/key.pem"))?).map_err(|e| anyhow::anyhow!("{e}"))?;
         let trusted = self.service.store.trusted_keys();
-        let doc = nimbus_records::newest_sealed(&got.values, &trusted, id).map(|s| s.open(&trusted, id, &host_id, &key)).transpose().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let doc = nimbus_records::newest_sealed(&got.values, &trusted, id)
+            .map(|s| s.open(&trusted, id, &host_id, &key))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok((doc, got.values.len()))
     }
 

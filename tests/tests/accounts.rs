@@ -84,7 +84,8 @@ async fn accounts_are_isolated_on_the_rest_api() {
     for (m, path, body, id) in calls {
         let (other, ghost) = if id.starts_with("i-") { (id.clone(), missing) } else { (id.clone(), "no-such-key") };
         let theirs = answer(&cloud, &bob, m.clone(), &path, body.clone(), &other).await;
-        let (gpath, gbody) = (path.replace(&other, ghost), body.map(|b| serde_json::from_str(&b.to_string().replace(&other, ghost)).unwrap()));
+        let (gpath, gbody) =
+            (path.replace(&other, ghost), body.map(|b| serde_json::from_str(&b.to_string().replace(&other, ghost)).unwrap()));
         let nobodys = answer(&cloud, &bob, m.clone(), &gpath, gbody, ghost).await;
         assert_eq!(theirs, nobodys, "{m} {path}: another account's resource answers as a missing one");
         if id.starts_with("i-") && path != format!("/v1/tags?resource_id={id}") {
@@ -188,7 +189,8 @@ async fn stop_start_reboot_and_state_rules_on_rest() {
             let id = id2.clone();
             let cloud = &cloud;
             async move {
-                let (done,): (i64,) = sqlx::query_as("SELECT reboots_done FROM instances WHERE id = $1").bind(&id).fetch_one(cloud.db()).await?;
+                let (done,): (i64,) =
+                    sqlx::query_as("SELECT reboots_done FROM instances WHERE id = $1").bind(&id).fetch_one(cloud.db()).await?;
                 Ok(done == 1)
             }
         })

@@ -9,7 +9,7 @@
 use nimbus_host_agent::domain;
 use nimbus_host_agent::reconcile::AgentEvent;
 use nimbus_host_agent::HypervisorChoice;
-use nimbus_tests::{ed25519_public_key, read_console, instance_ids, scaled, test_domain_state, AgentHandle, Cloud};
+use nimbus_tests::{ed25519_public_key, instance_ids, read_console, scaled, test_domain_state, AgentHandle, Cloud};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use std::path::PathBuf;
@@ -201,7 +201,8 @@ async fn the_metadata_service_serves_the_launch_key() {
     let agent = cloud.add_agent("a", "az1", 8, 8192, 100).await.unwrap();
     cloud.register_test_image().await.unwrap();
     let kp = cloud.post("/v1/key-pairs/import", json!({"name": "my-key", "public_key": ed25519_public_key("me@example")})).await.unwrap();
-    let with = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "key_name": "my-key"})).await.unwrap()).remove(0);
+    let with =
+        instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "key_name": "my-key"})).await.unwrap()).remove(0);
     let without = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano"})).await.unwrap()).remove(0);
     cloud.wait_for_state(&[with.clone(), without.clone()], "running", T).await.unwrap();
     let md = "/latest/meta-data";
@@ -246,9 +247,8 @@ async fn wait_for_lines(console: &std::path::Path, line: &str, n: usize, timeout
 /// scaled by NIMBUS_TEST_TIME_SCALE.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_guest_stops_starts_and_reboots() {
-    let image_dir = PathBuf::from(
-        std::env::var("NIMBUS_IMAGE_DIR").expect("NIMBUS_IMAGE_DIR must name the built tiny image: run scripts/test.sh"),
-    );
+    let image_dir =
+        PathBuf::from(std::env::var("NIMBUS_IMAGE_DIR").expect("NIMBUS_IMAGE_DIR must name the built tiny image: run scripts/test.sh"));
     let t0 = Instant::now();
     let cloud = Cloud::start().await.unwrap();
     let mut agent = cloud.add_agent_with("real-ops", "az1", 4, 4096, 50, HypervisorChoice::Auto).await.unwrap();
@@ -363,9 +363,8 @@ async fn a_real_guest_stops_starts_and_reboots() {
 /// handler), so the stop arrives while the image is being made.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_during_create_image_leaves_the_guest_stopped() {
-    let image_dir = PathBuf::from(
-        std::env::var("NIMBUS_IMAGE_DIR").expect("NIMBUS_IMAGE_DIR must name the built tiny image: run scripts/test.sh"),
-    );
+    let image_dir =
+        PathBuf::from(std::env::var("NIMBUS_IMAGE_DIR").expect("NIMBUS_IMAGE_DIR must name the built tiny image: run scripts/test.sh"));
     let cloud = Cloud::start().await.unwrap();
     let mut agent = cloud.add_agent_with("real-image", "az1", 4, 4096, 50, HypervisorChoice::Auto).await.unwrap();
     cloud.register_image_dir(&image_dir, true).await.unwrap();
@@ -373,7 +372,8 @@ async fn a_stop_during_create_image_leaves_the_guest_stopped() {
         printf '#!/bin/sh\\nsleep 8\\nexec /run/power-button\\n' >/etc/acpi/PWRF/00000080\n\
         chmod 755 /etc/acpi/PWRF/00000080\necho slow-power-button\n";
     let user_data = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, slow_button);
-    let id = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "user_data": user_data})).await.unwrap()).remove(0);
+    let id =
+        instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "user_data": user_data})).await.unwrap()).remove(0);
     let (name, one) = (domain::domain_name(&id), std::slice::from_ref(&id));
     let console = agent.state_dir.join("instances").join(&id).join("console.log");
     let (within, ready_within) = (scaled(Duration::from_secs(120)), scaled(Duration::from_secs(180)));
@@ -383,9 +383,11 @@ async fn a_stop_during_create_image_leaves_the_guest_stopped() {
     while agent.events.try_recv().is_ok() {}
     let made = cloud.post(&format!("/v1/instances/{id}/image"), json!({"name": "made-during-a-stop"})).await.unwrap();
     let ami = made["image_id"].as_str().expect("an image id").to_string();
-    nimbus_tests::await_event(&mut agent.events, within, |e| matches!(e, AgentEvent::Imaging { instance_id, .. } if *instance_id == id).then_some(()))
-        .await
-        .unwrap();
+    nimbus_tests::await_event(&mut agent.events, within, |e| {
+        matches!(e, AgentEvent::Imaging { instance_id, .. } if *instance_id == id).then_some(())
+    })
+    .await
+    .unwrap();
     request(&cloud, "stop", &id).await;
     cloud
         .wait_until(within, || async {

@@ -51,15 +51,18 @@ async fn agents_use_mutual_tls_and_plaintext_is_refused() {
     let digest = "0".repeat(64);
     let r = anon.get(format!("{}/v1/agent/images/{digest}", cloud.agent_url())).bearer_auth(&bearer).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "image download with the credential alone");
-    let r = anon.put(format!("{}/v1/agent/images/ami-0123456789abcdef0", cloud.agent_url())).bearer_auth(&bearer).body("x").send().await.unwrap();
+    let r = anon
+        .put(format!("{}/v1/agent/images/ami-0123456789abcdef0", cloud.agent_url()))
+        .bearer_auth(&bearer)
+        .body("x")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "image upload with the credential alone");
     // With the host's own certificate: answered.
     let tls = a.state_dir.join("tls");
-    let own = format!(
-        "{}{}",
-        std::fs::read_to_string(tls.join("cert.pem")).unwrap(),
-        std::fs::read_to_string(tls.join("key.pem")).unwrap()
-    );
+    let own =
+        format!("{}{}", std::fs::read_to_string(tls.join("cert.pem")).unwrap(), std::fs::read_to_string(tls.join("key.pem")).unwrap());
     assert_eq!(assignments(&cloud, &client(&cloud, Some(own.clone())), &bearer).await.unwrap(), StatusCode::OK);
     // A certificate for the credential alone, once the host holds one: refused
     // (a thief's key is not certified); renewing with the current one: issued.
@@ -67,7 +70,11 @@ async fn agents_use_mutual_tls_and_plaintext_is_refused() {
     let thief_req = json!({"public_key": base64::engine::general_purpose::STANDARD.encode(thief.public_key_raw())});
     let r = anon.post(format!("{}/v1/agent/certificate", cloud.agent_url())).bearer_auth(&bearer).json(&thief_req).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "a certificate for the credential alone");
-    assert_eq!(assignments(&cloud, &client(&cloud, Some(own.clone())), &bearer).await.unwrap(), StatusCode::OK, "the real host is not displaced");
+    assert_eq!(
+        assignments(&cloud, &client(&cloud, Some(own.clone())), &bearer).await.unwrap(),
+        StatusCode::OK,
+        "the real host is not displaced"
+    );
     // The agent restarts: it renews presenting its saved certificate, and works on.
     let mut a = a;
     cloud.start_agent(&mut a).await.unwrap();
@@ -111,7 +118,8 @@ async fn a_running_agent_renews_its_certificate() {
         .unwrap();
     let host = a.host_id.clone().expect("registered");
     let recorded = || async {
-        let (d,): (Option<Vec<u8>>,) = sqlx::query_as("SELECT tls_cert_sha256 FROM hosts WHERE id = $1").bind(&host).fetch_one(cloud.db()).await?;
+        let (d,): (Option<Vec<u8>>,) =
+            sqlx::query_as("SELECT tls_cert_sha256 FROM hosts WHERE id = $1").bind(&host).fetch_one(cloud.db()).await?;
         anyhow::Ok(d.unwrap_or_default())
     };
     let first = recorded().await.unwrap();
@@ -192,10 +200,16 @@ async fn a_renewal_keeps_the_presented_certificate_valid_until_the_next() {
 async fn a_hosts_certificate_cannot_pass_for_the_control_plane() {
     let cloud = Cloud::start_with(CloudOptions { agent_tls: true, ..Default::default() }).await.unwrap();
     let listen = nimbus_tests::free_local_addr().unwrap();
-    let a = cloud.add_agent_configured("a", "az1", (4, 4096, 40), nimbus_host_agent::HypervisorChoice::Test, |c| c.store_listen = Some(listen)).await.unwrap();
+    let a = cloud
+        .add_agent_configured("a", "az1", (4, 4096, 40), nimbus_host_agent::HypervisorChoice::Test, |c| c.store_listen = Some(listen))
+        .await
+        .unwrap();
     // A rogue HTTPS server at a's address, presenting a's certificate.
     let tls = a.state_dir.join("tls");
-    cloud.wait_until(T, || async { Ok(tls.join("ca.pem").exists() && tls.join("document-keys.json").exists()) }).await.expect("a is certified");
+    cloud
+        .wait_until(T, || async { Ok(tls.join("ca.pem").exists() && tls.join("document-keys.json").exists()) })
+        .await
+        .expect("a is certified");
     let rogue_tls = nimbus_state_store::TlsConfig::from_files(&tls.join("ca.pem"), &tls.join("cert.pem"), &tls.join("key.pem")).unwrap();
     let rogue = tokio::net::TcpListener::bind((listen.ip(), 0)).await.unwrap();
     let rogue_addr = rogue.local_addr().unwrap();
@@ -217,7 +231,8 @@ async fn a_hosts_certificate_cannot_pass_for_the_control_plane() {
     // The agent's client refuses it, and still reaches the real one, by
     // whatever address (here one its certificate does not name).
     let ca = std::fs::read(&cloud.ca_file).unwrap();
-    let agents = reqwest::Client::builder().use_preconfigured_tls(nimbus_host_agent::control_plane_tls(&ca, None).unwrap()).build().unwrap();
+    let agents =
+        reqwest::Client::builder().use_preconfigured_tls(nimbus_host_agent::control_plane_tls(&ca, None).unwrap()).build().unwrap();
     let refused = agents.get(&url).send().await;
     assert!(refused.is_err(), "a host's certificate passed for the control plane: {refused:?}");
     let real = cloud.agent_url().replace("127.0.0.1", "localhost");

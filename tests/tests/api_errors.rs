@@ -92,7 +92,10 @@ async fn bad_launches_are_rejected_and_create_nothing() {
     // Exactly 16 KiB of user data is fine; min/max places what fits.
     let ok = base64::engine::general_purpose::STANDARD.encode(vec![b'#'; 16 * 1024]);
     let r = cloud
-        .post("/v1/instances", json!({"instance_type": "t3.nano", "image_id": image.image_id, "user_data": ok, "min_count": 2, "max_count": 40}))
+        .post(
+            "/v1/instances",
+            json!({"instance_type": "t3.nano", "image_id": image.image_id, "user_data": ok, "min_count": 2, "max_count": 40}),
+        )
         .await
         .unwrap();
     assert_eq!(r["instances"].as_array().unwrap().len(), 32);
@@ -126,7 +129,11 @@ async fn every_call_needs_a_valid_token() {
     }
     // Hosts: the admin token cannot register a host, a made-up credential cannot poll.
     let reg = json!({"name": "h", "availability_zone": "az1", "hypervisor": "test", "vcpus": 1, "memory_mib": 1, "disk_gib": 1});
-    assert_error(&cloud.call(Method::POST, "/v1/agent/register", Some(reg.clone())).await.unwrap(), StatusCode::UNAUTHORIZED, "AuthFailure");
+    assert_error(
+        &cloud.call(Method::POST, "/v1/agent/register", Some(reg.clone())).await.unwrap(),
+        StatusCode::UNAUTHORIZED,
+        "AuthFailure",
+    );
     assert_error(
         &cloud.call_as(Some("h-0123456789abcdef0.secret"), Method::GET, "/v1/agent/assignments", None).await.unwrap(),
         StatusCode::UNAUTHORIZED,
@@ -138,7 +145,11 @@ async fn every_call_needs_a_valid_token() {
     let (status, _) = cloud.call_as(Some(&bearer), Method::GET, "/v1/agent/assignments", None).await.unwrap();
     assert_eq!(status, StatusCode::OK);
     let forged = format!("{}.{}", cred["host_id"].as_str().unwrap(), "0".repeat(64));
-    assert_error(&cloud.call_as(Some(&forged), Method::GET, "/v1/agent/assignments", None).await.unwrap(), StatusCode::UNAUTHORIZED, "AuthFailure");
+    assert_error(
+        &cloud.call_as(Some(&forged), Method::GET, "/v1/agent/assignments", None).await.unwrap(),
+        StatusCode::UNAUTHORIZED,
+        "AuthFailure",
+    );
     // A host credential is not an API token.
     assert_error(&cloud.call_as(Some(&bearer), Method::GET, "/v1/instances", None).await.unwrap(), StatusCode::UNAUTHORIZED, "AuthFailure");
 }
@@ -146,8 +157,16 @@ async fn every_call_needs_a_valid_token() {
 #[tokio::test]
 async fn unknown_ids_routes_and_filters() {
     let cloud = Cloud::start().await.unwrap();
-    assert_error(&cloud.call(Method::GET, "/v1/instances/i-0123456789abcdef0", None).await.unwrap(), StatusCode::BAD_REQUEST, "InvalidInstanceID.NotFound");
-    assert_error(&cloud.call(Method::GET, "/v1/instances/bogus", None).await.unwrap(), StatusCode::BAD_REQUEST, "InvalidInstanceID.Malformed");
+    assert_error(
+        &cloud.call(Method::GET, "/v1/instances/i-0123456789abcdef0", None).await.unwrap(),
+        StatusCode::BAD_REQUEST,
+        "InvalidInstanceID.NotFound",
+    );
+    assert_error(
+        &cloud.call(Method::GET, "/v1/instances/bogus", None).await.unwrap(),
+        StatusCode::BAD_REQUEST,
+        "InvalidInstanceID.Malformed",
+    );
     assert_error(
         &cloud.call(Method::POST, "/v1/instances/terminate", Some(json!({"instance_ids": ["i-0123456789abcdef0"]}))).await.unwrap(),
         StatusCode::BAD_REQUEST,
@@ -158,16 +177,32 @@ async fn unknown_ids_routes_and_filters() {
         StatusCode::BAD_REQUEST,
         "MissingParameter",
     );
-    assert_error(&cloud.call(Method::GET, "/v1/instances?state=exploded", None).await.unwrap(), StatusCode::BAD_REQUEST, "InvalidParameterValue");
-    assert_error(&cloud.call(Method::GET, "/v1/instances?next_token=garbage", None).await.unwrap(), StatusCode::BAD_REQUEST, "InvalidParameterValue");
-    assert_error(&cloud.call(Method::GET, "/v1/instances?max_results=0", None).await.unwrap(), StatusCode::BAD_REQUEST, "InvalidParameterValue");
+    assert_error(
+        &cloud.call(Method::GET, "/v1/instances?state=exploded", None).await.unwrap(),
+        StatusCode::BAD_REQUEST,
+        "InvalidParameterValue",
+    );
+    assert_error(
+        &cloud.call(Method::GET, "/v1/instances?next_token=garbage", None).await.unwrap(),
+        StatusCode::BAD_REQUEST,
+        "InvalidParameterValue",
+    );
+    assert_error(
+        &cloud.call(Method::GET, "/v1/instances?max_results=0", None).await.unwrap(),
+        StatusCode::BAD_REQUEST,
+        "InvalidParameterValue",
+    );
     assert_error(&cloud.call(Method::GET, "/v1/nothing-here", None).await.unwrap(), StatusCode::NOT_FOUND, "NotFound");
     let bad_image = json!({"name": "x", "source_url": "ftp://x", "kernel": {"name": "k", "sha256": "0".repeat(64)}, "root_disk": {"name": "r", "sha256": "0".repeat(64)}});
     assert_error(&cloud.call(Method::POST, "/v1/images", Some(bad_image)).await.unwrap(), StatusCode::BAD_REQUEST, "InvalidParameterValue");
     let traversal = json!({"name": "x", "source_url": "file:///tmp", "kernel": {"name": "../etc/passwd", "sha256": "0".repeat(64)}, "root_disk": {"name": "r", "sha256": "0".repeat(64)}});
     assert_error(&cloud.call(Method::POST, "/v1/images", Some(traversal)).await.unwrap(), StatusCode::BAD_REQUEST, "InvalidParameterValue");
     // No default image yet.
-    assert_error(&cloud.call(Method::POST, "/v1/instances", Some(json!({"instance_type": "t3.nano"}))).await.unwrap(), StatusCode::BAD_REQUEST, "MissingParameter");
+    assert_error(
+        &cloud.call(Method::POST, "/v1/instances", Some(json!({"instance_type": "t3.nano"}))).await.unwrap(),
+        StatusCode::BAD_REQUEST,
+        "MissingParameter",
+    );
     let types = cloud.get("/v1/instance-types").await.unwrap();
     let nano = types["instance_types"].as_array().unwrap().iter().find(|t| t["name"] == "t3.nano").cloned().unwrap();
     assert_eq!(nano, json!({"name": "t3.nano", "vcpus": 2, "memory_mib": 512, "disk_gib": 8}));

@@ -58,7 +58,8 @@ async fn signed_requests_launch_describe_and_terminate_per_account() {
     let ids: Vec<String> = between(&xml, "instanceId").into_iter().map(str::to_string).collect();
     assert_eq!(ids.len(), 2);
     assert_eq!(between(&xml, "name"), vec!["pending", "pending"]);
-    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM instances WHERE account_id <> '000000000000'").fetch_one(cloud.db()).await.unwrap();
+    let (n,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM instances WHERE account_id <> '000000000000'").fetch_one(cloud.db()).await.unwrap();
     assert_eq!(n, 2);
 
     // Alice sees hers, grouped in one reservation; Bob sees nothing and cannot touch them.
@@ -137,8 +138,12 @@ async fn another_accounts_resources_answer_as_missing_ones() {
     assert_eq!(between(&xml, "instanceId"), vec![ids[0].as_str()]);
     let output = base64::engine::general_purpose::STANDARD.decode(between(&xml, "output")[0]).unwrap();
     assert_eq!(output, text, "GetConsoleOutput: the console, base64");
-    let alice_id: (String,) = sqlx::query_as("SELECT account_id FROM instances WHERE id = $1").bind(&ids[0]).fetch_one(cloud.db()).await.unwrap();
-    cloud.call(reqwest::Method::PUT, &format!("/v1/admin/accounts/{}/limits", alice_id.0), Some(json!({"max_instances": 7}))).await.unwrap();
+    let alice_id: (String,) =
+        sqlx::query_as("SELECT account_id FROM instances WHERE id = $1").bind(&ids[0]).fetch_one(cloud.db()).await.unwrap();
+    cloud
+        .call(reqwest::Method::PUT, &format!("/v1/admin/accounts/{}/limits", alice_id.0), Some(json!({"max_instances": 7})))
+        .await
+        .unwrap();
 
     // Bob, on each of them, and on one nobody has.
     let before = cloud.everything().await.unwrap();
@@ -216,11 +221,35 @@ async fn bad_requests_get_ec2_errors_and_create_nothing() {
         (format!("Action=DescribeImages&{v}&ImageId.1=ami-00000000000000000"), 400, "InvalidAMIID.NotFound"),
         (format!("Action=RunInstances&{v}&ImageId=ami-bad&MinCount=1&MaxCount=1"), 400, "InvalidAMIID.Malformed"),
         (format!("Action=RunInstances&{v}&ImageId={}&MinCount=1", image.image_id), 400, "MissingParameter"),
-        (format!("Action=RunInstances&{v}&ImageId={}&MinCount=0&MaxCount=0&InstanceType=t3.nano", image.image_id), 400, "InvalidParameterValue"),
-        (format!("Action=RunInstances&{v}&ImageId={}&MinCount=-1&MaxCount=1&InstanceType=t3.nano", image.image_id), 400, "InvalidParameterValue"),
-        (format!("Action=RunInstances&{v}&ImageId={}&MinCount=1&MaxCount=1000000&InstanceType=t3.nano", image.image_id), 400, "InvalidParameterValue"),
-        (format!("Action=RunInstances&{v}&ImageId={}&MinCount=1&MaxCount=1&InstanceType=t3.nano&UserData={}", image.image_id, "QUFB".repeat(6000)), 400, "InvalidParameterValue"),
-        (format!("Action=RunInstances&{v}&ImageId={}&MinCount=2&MaxCount=2&InstanceType=t3.nano", image.image_id), 500, "InsufficientInstanceCapacity"),
+        (
+            format!("Action=RunInstances&{v}&ImageId={}&MinCount=0&MaxCount=0&InstanceType=t3.nano", image.image_id),
+            400,
+            "InvalidParameterValue",
+        ),
+        (
+            format!("Action=RunInstances&{v}&ImageId={}&MinCount=-1&MaxCount=1&InstanceType=t3.nano", image.image_id),
+            400,
+            "InvalidParameterValue",
+        ),
+        (
+            format!("Action=RunInstances&{v}&ImageId={}&MinCount=1&MaxCount=1000000&InstanceType=t3.nano", image.image_id),
+            400,
+            "InvalidParameterValue",
+        ),
+        (
+            format!(
+                "Action=RunInstances&{v}&ImageId={}&MinCount=1&MaxCount=1&InstanceType=t3.nano&UserData={}",
+                image.image_id,
+                "QUFB".repeat(6000)
+            ),
+            400,
+            "InvalidParameterValue",
+        ),
+        (
+            format!("Action=RunInstances&{v}&ImageId={}&MinCount=2&MaxCount=2&InstanceType=t3.nano", image.image_id),
+            500,
+            "InsufficientInstanceCapacity",
+        ),
         ("%%%garbage&&==".into(), 400, "MissingParameter"),
     ];
     for (form, status, code) in cases {

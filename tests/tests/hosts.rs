@@ -165,7 +165,10 @@ async fn an_agent_never_touches_another_hosts_domains() {
     assert_eq!(test_domain_state(&on_a[0]).await, Some(true));
     assert!(!stale.join(&on_b[0]).exists() && !stale.join(foreign).exists(), "A removed its own stale files");
     while let Ok(e) = a.events.try_recv() {
-        if let AgentEvent::Started { instance_id, .. } | AgentEvent::Stopped { instance_id, .. } | AgentEvent::Rebooted { instance_id, .. } = &e {
+        if let AgentEvent::Started { instance_id, .. }
+        | AgentEvent::Stopped { instance_id, .. }
+        | AgentEvent::Rebooted { instance_id, .. } = &e
+        {
             panic!("A acted on {instance_id}: {e:?}");
         }
     }

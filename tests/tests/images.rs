@@ -34,7 +34,8 @@ async fn describe(cloud: &Cloud, k: &Ec2Keys, q: &str) -> String {
 
 async fn run(cloud: &Cloud, k: &Ec2Keys, extra: &str) -> Vec<String> {
     let image_id = cloud.get("/v1/images").await.unwrap()["images"][0]["image_id"].as_str().unwrap().to_string();
-    let (status, xml) = cloud.ec2(k, &format!("Action=RunInstances&ImageId={image_id}&InstanceType=t3.nano&MinCount=1&MaxCount=1{extra}")).await.unwrap();
+    let (status, xml) =
+        cloud.ec2(k, &format!("Action=RunInstances&ImageId={image_id}&InstanceType=t3.nano&MinCount=1&MaxCount=1{extra}")).await.unwrap();
     assert_eq!(status, 200, "{xml}");
     values(&xml, "instanceId").into_iter().map(str::to_string).collect()
 }
@@ -87,7 +88,8 @@ async fn a_qcow2_with_a_wrong_sha256_is_refused_and_no_host_runs_it() {
     let failed = image_state(&cloud, &cloud.user_token, bad["image_id"].as_str().unwrap()).await;
     assert_eq!(failed["state"], "failed", "{failed}");
     assert!(failed["state_reason"].as_str().unwrap().contains("differs from the one registered"), "{failed}");
-    let (status, body) = cloud.call(Method::POST, "/v1/instances", Some(json!({"instance_type": "t3.nano", "image_id": bad["image_id"]}))).await.unwrap();
+    let (status, body) =
+        cloud.call(Method::POST, "/v1/instances", Some(json!({"instance_type": "t3.nano", "image_id": bad["image_id"]}))).await.unwrap();
     assert_eq!((status.as_u16(), body["code"].as_str()), (400, Some("InvalidAMIID.Unavailable")), "{body}");
 
     // Malformed registrations: nothing is created.
@@ -96,7 +98,10 @@ async fn a_qcow2_with_a_wrong_sha256_is_refused_and_no_host_runs_it() {
         (json!({"name": "bad-digest", "disk_url": "file:///x/disk.qcow2", "sha256": "abc"}), "InvalidParameterValue"),
         (json!({"name": "ftp", "disk_url": "ftp://h/disk.qcow2", "sha256": digest}), "InvalidParameterValue"),
         (json!({"name": "x", "disk_url": "file:///x/disk.qcow2", "sha256": digest}), "InvalidAMIName.Malformed"),
-        (json!({"name": "both", "disk_url": "file:///x/d.qcow2", "sha256": digest, "source_url": "file:///x"}), "InvalidParameterCombination"),
+        (
+            json!({"name": "both", "disk_url": "file:///x/d.qcow2", "sha256": digest, "source_url": "file:///x"}),
+            "InvalidParameterCombination",
+        ),
         (json!({"name": "wrong-digest", "disk_url": "file:///x/d.qcow2", "sha256": digest}), "InvalidAMIName.Duplicate"),
     ] {
         let (status, body) = cloud.call(Method::POST, "/v1/images", Some(req.clone())).await.unwrap();
@@ -163,7 +168,11 @@ async fn owners_visibility_filters_and_deregistration_across_accounts() {
     // Owners.
     assert_eq!(ids(&describe(&cloud, &alice, "&Owner.1=self").await), sorted(vec![priv_id]));
     assert_eq!(ids(&describe(&cloud, &alice, "&Owner.1=amazon").await), sorted(vec![pub_id]));
-    assert_eq!(ids(&describe(&cloud, &bob, &format!("&Owner.1={}", alice.account_id)).await), Vec::<String>::new(), "bob sees none of alice's private images");
+    assert_eq!(
+        ids(&describe(&cloud, &bob, &format!("&Owner.1={}", alice.account_id)).await),
+        Vec::<String>::new(),
+        "bob sees none of alice's private images"
+    );
     assert_eq!(ids(&describe(&cloud, &bob, "&Owner.1=self").await), Vec::<String>::new());
     // ExecutableBy: self is what the caller may launch; all is the public ones.
     assert_eq!(ids(&describe(&cloud, &alice, "&ExecutableBy.1=self").await), sorted(vec![pub_id, priv_id]));
@@ -180,7 +189,8 @@ async fn owners_visibility_filters_and_deregistration_across_accounts() {
     // Naming another account's private image is as naming a missing one.
     let (status, xml) = cloud.ec2(&bob, &format!("Action=DescribeImages&ImageId.1={priv_id}")).await.unwrap();
     assert_eq!((status, code(&xml)), (400, "InvalidAMIID.NotFound"), "{xml}");
-    let (status, xml) = cloud.ec2(&bob, &format!("Action=RunInstances&ImageId={priv_id}&InstanceType=t3.nano&MinCount=1&MaxCount=1")).await.unwrap();
+    let (status, xml) =
+        cloud.ec2(&bob, &format!("Action=RunInstances&ImageId={priv_id}&InstanceType=t3.nano&MinCount=1&MaxCount=1")).await.unwrap();
     assert_eq!((status, code(&xml)), (400, "InvalidAMIID.NotFound"), "{xml}");
     // REST lists the same.
     let (_, list) = cloud.call_as(Some(&token(&bob)), Method::GET, "/v1/images?owner=amazon&name=debian-*", None).await.unwrap();
@@ -188,7 +198,8 @@ async fn owners_visibility_filters_and_deregistration_across_accounts() {
 
     // Alice runs her image, then deregisters it: the instance keeps running,
     // no new launch, and it is described no more.
-    let (status, xml) = cloud.ec2(&alice, &format!("Action=RunInstances&ImageId={priv_id}&InstanceType=t3.nano&MinCount=1&MaxCount=1")).await.unwrap();
+    let (status, xml) =
+        cloud.ec2(&alice, &format!("Action=RunInstances&ImageId={priv_id}&InstanceType=t3.nano&MinCount=1&MaxCount=1")).await.unwrap();
     assert_eq!(status, 200, "{xml}");
     let running: Vec<String> = values(&xml, "instanceId").into_iter().map(str::to_string).collect();
     cloud.wait_for_state_as(&token(&alice), &running, "running", T).await.unwrap();
@@ -198,7 +209,8 @@ async fn owners_visibility_filters_and_deregistration_across_accounts() {
     assert_eq!((status, code(&xml)), (400, "InvalidAMIID.NotFound"), "{xml}");
     let (status, xml) = cloud.ec2(&alice, &format!("Action=DeregisterImage&ImageId={priv_id}")).await.unwrap();
     assert_eq!(status, 200, "{xml}");
-    let (status, xml) = cloud.ec2(&alice, &format!("Action=RunInstances&ImageId={priv_id}&InstanceType=t3.nano&MinCount=1&MaxCount=1")).await.unwrap();
+    let (status, xml) =
+        cloud.ec2(&alice, &format!("Action=RunInstances&ImageId={priv_id}&InstanceType=t3.nano&MinCount=1&MaxCount=1")).await.unwrap();
     assert_eq!((status, code(&xml)), (400, "InvalidAMIID.NotFound"), "{xml}");
     assert_eq!(ids(&describe(&cloud, &alice, "&Owner.1=self").await), Vec::<String>::new());
     _agent.passes(2).await.unwrap();
@@ -269,9 +281,11 @@ async fn create_image_errors_and_an_image_made_on_one_host_launches_on_another()
         .await
         .unwrap();
     // It was shut down cleanly (no NoReboot) and runs again.
-    nimbus_tests::await_event(&mut stops, T, |e| matches!(e, nimbus_host_agent::reconcile::AgentEvent::Stopped { instance_id, .. } if instance_id == id).then_some(()))
-        .await
-        .unwrap();
+    nimbus_tests::await_event(&mut stops, T, |e| {
+        matches!(e, nimbus_host_agent::reconcile::AgentEvent::Stopped { instance_id, .. } if instance_id == id).then_some(())
+    })
+    .await
+    .unwrap();
     cloud.wait_until(T, || async { Ok(test_domain_state(id).await == Some(true)) }).await.unwrap();
     let made = image_state(&cloud, &t, &ami).await;
     let digest = made["root_disk"]["sha256"].as_str().unwrap().to_string();
@@ -282,8 +296,13 @@ async fn create_image_errors_and_an_image_made_on_one_host_launches_on_another()
     assert_eq!((status, code(&xml)), (400, "InvalidAMIID.NotFound"), "private to alice: {xml}");
 
     // Launched on the other host, which fetches the disk from the store.
-    let (status, xml) =
-        cloud.ec2(&alice, &format!("Action=RunInstances&ImageId={ami}&InstanceType=t3.nano&MinCount=1&MaxCount=1&Placement.AvailabilityZone=az2")).await.unwrap();
+    let (status, xml) = cloud
+        .ec2(
+            &alice,
+            &format!("Action=RunInstances&ImageId={ami}&InstanceType=t3.nano&MinCount=1&MaxCount=1&Placement.AvailabilityZone=az2"),
+        )
+        .await
+        .unwrap();
     assert_eq!(status, 200, "{xml}");
     let copy: Vec<String> = values(&xml, "instanceId").into_iter().map(str::to_string).collect();
     cloud.wait_for_state_as(&t, &copy, "running", T).await.unwrap();

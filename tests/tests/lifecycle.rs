@@ -114,8 +114,11 @@ async fn client_token_makes_launch_idempotent() {
     let image = cloud.register_test_image().await.unwrap();
     let mut other = serde_json::to_value(&image).unwrap();
     let other = cloud
-        .post("/v1/images", json!({"name": "other", "source_url": other["source_url"].take(), "kernel": other["kernel"].take(),
-            "root_disk": other["root_disk"].take()}))
+        .post(
+            "/v1/images",
+            json!({"name": "other", "source_url": other["source_url"].take(), "kernel": other["kernel"].take(),
+            "root_disk": other["root_disk"].take()}),
+        )
         .await
         .unwrap();
     let key = |name: &str| {
@@ -223,7 +226,9 @@ async fn describe_filters_and_paginates() {
         .map(|i| i["instance_id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(nanos_in_az2.len(), 2, "spread: 5 over two zones puts 2 in the second: {launched}");
-    let micros = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.micro", "max_count": 2, "availability_zone": "az2"})).await.unwrap());
+    let micros = instance_ids(
+        &cloud.post("/v1/instances", json!({"instance_type": "t3.micro", "max_count": 2, "availability_zone": "az2"})).await.unwrap(),
+    );
 
     let mut seen = Vec::new();
     let mut token: Option<String> = None;
@@ -302,10 +307,7 @@ async fn images_are_fetched_over_http() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    cloud
-        .wait_until(T, || async move { Ok(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()) })
-        .await
-        .unwrap();
+    cloud.wait_until(T, || async move { Ok(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()) }).await.unwrap();
     let mut req = serde_json::to_value(&local).unwrap();
     let req = json!({
         "name": "over-http",

@@ -3,11 +3,11 @@
 //! nodes and the control plane's form one ring by gossip over mutual TLS,
 //! and nothing without a certificate of that CA gets in.
 
+use nimbus_control_plane::service::outbox::Published;
 use nimbus_host_agent::HypervisorChoice;
+use nimbus_proto::metadata::{document_key, InstanceDocument};
 use nimbus_state_store::tls::dev::DevCa;
 use nimbus_state_store::{KvClient, TcpClient};
-use nimbus_control_plane::service::outbox::Published;
-use nimbus_proto::metadata::{document_key, InstanceDocument};
 use nimbus_tests::{ed25519_public_key, free_local_addr, instance_ids, xml_values, AgentHandle, Cloud, CloudOptions};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
@@ -18,10 +18,7 @@ const T: Duration = Duration::from_secs(30);
 /// A test-driver agent running a store node on a free loopback port.
 async fn store_agent(cloud: &Cloud, name: &str) -> AgentHandle {
     let addr = free_local_addr().expect("port");
-    cloud
-        .add_agent_configured(name, "az1", (4, 4096, 40), HypervisorChoice::Test, |c| c.store_listen = Some(addr))
-        .await
-        .expect("agent")
+    cloud.add_agent_configured(name, "az1", (4, 4096, 40), HypervisorChoice::Test, |c| c.store_listen = Some(addr)).await.expect("agent")
 }
 
 /// Waits until the control plane's node sees `n` live members.
@@ -104,12 +101,11 @@ async fn certificates_need_the_host_credential_and_a_good_key() {
     let body = json!({"public_key": public_key, "store_address": "127.1.2.3:7999"});
     let (status, _) = cloud.call_as(None, Method::POST, "/v1/agent/certificate", Some(body.clone())).await.unwrap();
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let (status, _) = cloud.call_as(Some(&cloud.join_token.clone()), Method::POST, "/v1/agent/certificate", Some(body.clone())).await.unwrap();
+    let (status, _) =
+        cloud.call_as(Some(&cloud.join_token.clone()), Method::POST, "/v1/agent/certificate", Some(body.clone())).await.unwrap();
     assert_eq!(status, StatusCode::UNAUTHORIZED, "the join token is not a host credential");
-    let (status, err) = cloud
-        .call_as(Some(&bearer), Method::POST, "/v1/agent/certificate", Some(json!({"public_key": "AAAA"})))
-        .await
-        .unwrap();
+    let (status, err) =
+        cloud.call_as(Some(&bearer), Method::POST, "/v1/agent/certificate", Some(json!({"public_key": "AAAA"}))).await.unwrap();
     assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
     let (status, err) = cloud
         .call_as(Some(&bearer), Method::POST, "/v1/agent/certificate", Some(json!({"public_key": public_key, "store_address": "x:1"})))
@@ -195,7 +191,8 @@ async fn the_outbox_survives_relay_crashes_replays_and_a_store_outage() {
     // by version, and the next publish writes the newest over all of them.
     let client = cloud.service.store.client();
     let key = document_key(&id);
-    let sealed_v1 = nimbus_records::SealedDocument::seal(&v1, &r1.host_id, r1.recipient.as_deref().unwrap(), &cloud.service.store.doc_key).unwrap();
+    let sealed_v1 =
+        nimbus_records::SealedDocument::seal(&v1, &r1.host_id, r1.recipient.as_deref().unwrap(), &cloud.service.store.doc_key).unwrap();
     client.put(key.as_bytes(), sealed_v1.encode(), &Default::default()).await.unwrap();
     let (newest, siblings) = stored(&cloud, &id).await;
     assert_eq!((newest.map(|d| d.version), siblings), (Some(v2.version), 2));
@@ -215,7 +212,11 @@ async fn the_outbox_survives_relay_crashes_replays_and_a_store_outage() {
     assert!(relay.backlog().await.unwrap() >= 2);
     let local = cloud.service.store.node.storage().get(document_key(&id).as_bytes()).unwrap().map(|r| r.values()).unwrap_or_default();
     let trusted = cloud.service.store.trusted_keys();
-    assert_eq!(nimbus_records::newest_sealed(&local, &trusted, &id).map(|d| d.version), Some(v2.version), "the control plane's replica holds v2 still");
+    assert_eq!(
+        nimbus_records::newest_sealed(&local, &trusted, &id).map(|d| d.version),
+        Some(v2.version),
+        "the control plane's replica holds v2 still"
+    );
     // Back: the backlog drains, and the store shows the last change.
     cloud.start_agent(&mut a).await.unwrap();
     cloud.start_agent(&mut b).await.unwrap();
@@ -237,7 +238,8 @@ async fn the_outbox_survives_relay_crashes_replays_and_a_store_outage() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_relay_publishes_changes_on_its_own() {
     let (cloud, _, _a, _b) = ring_cloud(CloudOptions::default()).await;
-    let id = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "user_data": "aGVsbG8="})).await.unwrap())[0].clone();
+    let id =
+        instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "user_data": "aGVsbG8="})).await.unwrap())[0].clone();
     cloud
         .wait_until(T, || async { Ok(stored(&cloud, &id).await.0.is_some_and(|d| d.state == "running")) })
         .await
@@ -307,7 +309,10 @@ async fn metadata_is_served_from_the_store_through_an_outage() {
     ring_of(&cloud, 3).await;
     // Spread: one instance on each host.
     let r = cloud
-        .post("/v1/instances", json!({"instance_type": "t3.nano", "min_count": 2, "max_count": 2, "key_name": "k", "user_data": "aGVsbG8="}))
+        .post(
+            "/v1/instances",
+            json!({"instance_type": "t3.nano", "min_count": 2, "max_count": 2, "key_name": "k", "user_data": "aGVsbG8="}),
+        )
         .await
         .unwrap();
     let ids = instance_ids(&r);
@@ -404,7 +409,8 @@ async fn ec2_running(cloud: &Cloud, keys: &nimbus_tests::Ec2Keys, id: &str) {
 async fn console_output_and_status_checks_come_from_the_store() {
     use nimbus_proto::metadata::{console_key, status_key, Check, StatusRecord};
     let (cloud, img, a, b, alice) = ec2_ring().await;
-    let (status, xml) = cloud.ec2(&alice, &format!("Action=RunInstances&ImageId={img}&InstanceType=t3.nano&MinCount=1&MaxCount=1")).await.unwrap();
+    let (status, xml) =
+        cloud.ec2(&alice, &format!("Action=RunInstances&ImageId={img}&InstanceType=t3.nano&MinCount=1&MaxCount=1")).await.unwrap();
     assert_eq!(status, 200, "{xml}");
     let id = xml_values(&xml, "instanceId")[0].to_string();
     ec2_running(&cloud, &alice, &id).await;
@@ -419,11 +425,14 @@ async fn console_output_and_status_checks_come_from_the_store() {
         .await
         .expect("the host wrote the console tail to the store");
     // Only the store has it: the report no longer carried it.
-    let (pg,): (Option<Vec<u8>>,) = sqlx::query_as("SELECT console_output FROM instances WHERE id = $1").bind(&id).fetch_one(cloud.db()).await.unwrap();
+    let (pg,): (Option<Vec<u8>>,) =
+        sqlx::query_as("SELECT console_output FROM instances WHERE id = $1").bind(&id).fetch_one(cloud.db()).await.unwrap();
     assert_eq!(pg, None);
     let (_, xml) = cloud.ec2(&alice, &format!("Action=GetConsoleOutput&InstanceId={id}")).await.unwrap();
     use base64::Engine;
-    let text = base64::engine::general_purpose::STANDARD.decode(xml_values(&xml, "output").first().copied().unwrap_or_default()).unwrap_or_default();
+    let text = base64::engine::general_purpose::STANDARD
+        .decode(xml_values(&xml, "output").first().copied().unwrap_or_default())
+        .unwrap_or_default();
     assert_eq!(String::from_utf8_lossy(&text), "NIMBUS-BOOT hello from the console\n", "{xml}");
     // The newer tail wins, wherever it is: one reported to the control plane
     // later (as a host does while the store refuses it; written here in SQL
@@ -441,15 +450,13 @@ async fn console_output_and_status_checks_come_from_the_store() {
         .unwrap();
     assert_eq!(console().await.unwrap(), "reported later\n");
     std::fs::write(dir.join("instances").join(&id).join("console.log"), b"NIMBUS-BOOT newer still\n").unwrap();
-    cloud
-        .wait_until(T, || async { Ok(console().await? == "NIMBUS-BOOT newer still\n") })
-        .await
-        .expect("the store's newer tail");
+    cloud.wait_until(T, || async { Ok(console().await? == "NIMBUS-BOOT newer still\n") }).await.expect("the store's newer tail");
     // Status checks: the host wrote both as passed (domain running, guest showed life).
     // Records are signed by the host that wrote them.
     let (other_dir, host_key) = {
         let other = if a.host_id.as_deref() == Some(&host) { &b } else { &a };
-        let key = |d: &std::path::Path| nimbus_records::KeyPair::from_pem(&std::fs::read_to_string(d.join("tls/key.pem")).unwrap()).unwrap();
+        let key =
+            |d: &std::path::Path| nimbus_records::KeyPair::from_pem(&std::fs::read_to_string(d.join("tls/key.pem")).unwrap()).unwrap();
         (key(&other.state_dir), key(&dir))
     };
     let skey = status_key(&id);
@@ -481,7 +488,10 @@ async fn console_output_and_status_checks_come_from_the_store() {
     client.put(skey.as_bytes(), genuine.encode(), &got.context).await.unwrap();
     let (_, xml) = cloud.ec2(&alice, "Action=DescribeInstanceStatus").await.unwrap();
     assert!(xml.contains("<systemStatus><status>ok</status>"), "{xml}");
-    assert!(xml.contains("<instanceStatus><status>impaired</status><details><item><name>reachability</name><status>failed</status>"), "{xml}");
+    assert!(
+        xml.contains("<instanceStatus><status>impaired</status><details><item><name>reachability</name><status>failed</status>"),
+        "{xml}"
+    );
     // The store unreadable (both hosts' nodes down, no read quorum): nothing
     // is known, and DescribeInstanceStatus says so rather than "ok".
     let (mut a, mut b) = (a, b);
@@ -489,7 +499,12 @@ async fn console_output_and_status_checks_come_from_the_store() {
     b.stop().await;
     let (_, xml) = cloud.ec2(&alice, "Action=DescribeInstanceStatus").await.unwrap();
     assert!(xml.contains("<systemStatus><status>insufficient-data</status>"), "{xml}");
-    assert!(xml.contains("<instanceStatus><status>insufficient-data</status><details><item><name>reachability</name><status>insufficient-data</status>"), "{xml}");
+    assert!(
+        xml.contains(
+            "<instanceStatus><status>insufficient-data</status><details><item><name>reachability</name><status>insufficient-data</status>"
+        ),
+        "{xml}"
+    );
 }
 
 /// MetadataOptions at launch and ModifyInstanceMetadataOptions through the
@@ -499,7 +514,10 @@ async fn console_output_and_status_checks_come_from_the_store() {
 async fn metadata_options_at_launch_and_modified() {
     let (cloud, img, a, b, alice) = ec2_ring().await;
     let (status, xml) = cloud
-        .ec2(&alice, &format!("Action=RunInstances&ImageId={img}&InstanceType=t3.nano&MinCount=1&MaxCount=1&MetadataOptions.HttpTokens=sometimes"))
+        .ec2(
+            &alice,
+            &format!("Action=RunInstances&ImageId={img}&InstanceType=t3.nano&MinCount=1&MaxCount=1&MetadataOptions.HttpTokens=sometimes"),
+        )
         .await
         .unwrap();
     assert_eq!((status, nimbus_tests::xml_error_code(&xml)), (400, "InvalidParameterValue"), "{xml}");
@@ -531,19 +549,23 @@ async fn metadata_options_at_launch_and_modified() {
         .await
         .expect("tokens required");
     let (status, token) =
-        nimbus_host_agent::metadata::request(&socket, "PUT", "/latest/api/token", &[("X-aws-ec2-metadata-token-ttl-seconds", "60")]).await.unwrap();
+        nimbus_host_agent::metadata::request(&socket, "PUT", "/latest/api/token", &[("X-aws-ec2-metadata-token-ttl-seconds", "60")])
+            .await
+            .unwrap();
     assert_eq!(status, 200);
     let token = String::from_utf8(token).unwrap();
     let with_token = [("X-aws-ec2-metadata-token", token.as_str())];
     cloud
         .wait_until(T, || async {
-            let (status, body) = nimbus_host_agent::metadata::request(&socket, "GET", "/latest/meta-data/tags/instance/Name", &with_token).await?;
+            let (status, body) =
+                nimbus_host_agent::metadata::request(&socket, "GET", "/latest/meta-data/tags/instance/Name", &with_token).await?;
             Ok(status == 200 && body == b"web")
         })
         .await
         .expect("tags served");
     // Modify: endpoint off. The change reaches the service.
-    let (status, xml) = cloud.ec2(&alice, &format!("Action=ModifyInstanceMetadataOptions&InstanceId={id}&HttpEndpoint=disabled")).await.unwrap();
+    let (status, xml) =
+        cloud.ec2(&alice, &format!("Action=ModifyInstanceMetadataOptions&InstanceId={id}&HttpEndpoint=disabled")).await.unwrap();
     assert_eq!(status, 200, "{xml}");
     assert_eq!(xml_values(&xml, "httpEndpoint"), vec!["disabled"]);
     assert_eq!(xml_values(&xml, "state"), vec!["pending"]);
@@ -559,9 +581,11 @@ async fn metadata_options_at_launch_and_modified() {
     let (_, xml) = cloud.ec2(&alice, &format!("Action=DescribeInstances&InstanceId.1={id}")).await.unwrap();
     assert_eq!(xml_values(&xml, "httpEndpoint"), vec!["disabled"]);
     assert_eq!(xml_values(&xml, "httpTokens"), vec!["required"], "what was not named stays");
-    let (status, xml) = cloud.ec2(&alice, &format!("Action=ModifyInstanceMetadataOptions&InstanceId={id}&HttpPutResponseHopLimit=65")).await.unwrap();
+    let (status, xml) =
+        cloud.ec2(&alice, &format!("Action=ModifyInstanceMetadataOptions&InstanceId={id}&HttpPutResponseHopLimit=65")).await.unwrap();
     assert_eq!((status, nimbus_tests::xml_error_code(&xml)), (400, "InvalidParameterValue"), "{xml}");
-    let (status, xml) = cloud.ec2(&alice, "Action=ModifyInstanceMetadataOptions&InstanceId=i-0123456789abcdef0&HttpEndpoint=enabled").await.unwrap();
+    let (status, xml) =
+        cloud.ec2(&alice, "Action=ModifyInstanceMetadataOptions&InstanceId=i-0123456789abcdef0&HttpEndpoint=enabled").await.unwrap();
     assert_eq!((status, nimbus_tests::xml_error_code(&xml)), (400, "InvalidInstanceID.NotFound"), "{xml}");
 }
 
@@ -575,13 +599,17 @@ async fn tag_calls_bump_each_document_once_and_never_deadlock() {
     let cloud = Cloud::start_with(CloudOptions { outbox_relay: false, ..Default::default() }).await.unwrap();
     let _a = cloud.add_agent("a", "az1", 64, 65536, 1000).await.unwrap();
     cloud.register_test_image().await.unwrap();
-    let ids = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "min_count": 8, "max_count": 8})).await.unwrap());
+    let ids =
+        instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "min_count": 8, "max_count": 8})).await.unwrap());
     cloud.wait_for_state(&ids, "running", T).await.unwrap();
     let versions = || async {
         let rows: Vec<(String, i64)> =
             sqlx::query_as("SELECT id, doc_version FROM instances WHERE id = ANY($1)").bind(&ids).fetch_all(cloud.db()).await.unwrap();
-        let (outbox,): (i64,) =
-            sqlx::query_as("SELECT count(*) FROM metadata_outbox WHERE instance_id = ANY($1)").bind(&ids).fetch_one(cloud.db()).await.unwrap();
+        let (outbox,): (i64,) = sqlx::query_as("SELECT count(*) FROM metadata_outbox WHERE instance_id = ANY($1)")
+            .bind(&ids)
+            .fetch_one(cloud.db())
+            .await
+            .unwrap();
         (rows.into_iter().collect::<std::collections::HashMap<_, _>>(), outbox)
     };
     let forty = |value: &str| (0..40).map(|i| json!({"key": format!("k{i}"), "value": value})).collect::<Vec<_>>();
@@ -609,7 +637,8 @@ async fn tag_calls_bump_each_document_once_and_never_deadlock() {
         if n % 2 == 1 {
             order.reverse();
         }
-        let (path, tags) = if n % 3 == 2 { ("/v1/tags/delete", json!([{"key": "k1"}])) } else { ("/v1/tags", json!(forty(&n.to_string()))) };
+        let (path, tags) =
+            if n % 3 == 2 { ("/v1/tags/delete", json!([{"key": "k1"}])) } else { ("/v1/tags", json!(forty(&n.to_string()))) };
         let cloud = &cloud;
         async move { cloud.call(Method::POST, path, Some(json!({"resource_ids": order, "tags": tags}))).await.unwrap() }
     });
@@ -632,19 +661,20 @@ async fn terminated_instances_are_forgotten_after_the_retention() {
     let (cloud, _, a, b) = ring_cloud(CloudOptions { outbox_relay: false, ..Default::default() }).await;
     let relay = cloud.service.relay();
     let drain = || async {
-        cloud
-            .wait_until(T, || async { Ok(relay.pass().await.is_ok() && relay.backlog().await? == 0) })
-            .await
-            .expect("the outbox drained");
+        cloud.wait_until(T, || async { Ok(relay.pass().await.is_ok() && relay.backlog().await? == 0) }).await.expect("the outbox drained");
     };
     let pair = instance_ids(
         &cloud
-            .post("/v1/instances", json!({"instance_type": "t3.nano", "client_token": "pair", "min_count": 2, "max_count": 2,
-                "tags": [{"key": "k", "value": "v"}]}))
+            .post(
+                "/v1/instances",
+                json!({"instance_type": "t3.nano", "client_token": "pair", "min_count": 2, "max_count": 2,
+                "tags": [{"key": "k", "value": "v"}]}),
+            )
             .await
             .unwrap(),
     );
-    let kept = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "client_token": "kept"})).await.unwrap()).remove(0);
+    let kept =
+        instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "client_token": "kept"})).await.unwrap()).remove(0);
     let all: Vec<String> = pair.iter().cloned().chain([kept.clone()]).collect();
     cloud.wait_for_state(&all, "running", T).await.unwrap();
     // Every kind of record the store keeps of an instance.
@@ -719,14 +749,18 @@ async fn terminated_instances_are_forgotten_after_the_retention() {
         assert_eq!(held(id.clone()).await.unwrap(), 0, "nothing of {id} in the store");
         assert_eq!(rows(id.clone()).await, (0, 0), "nor in PostgreSQL");
     }
-    let (tokens,): (i64,) = sqlx::query_as("SELECT count(*) FROM reservations WHERE client_token = 'pair'").fetch_one(cloud.db()).await.unwrap();
+    let (tokens,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM reservations WHERE client_token = 'pair'").fetch_one(cloud.db()).await.unwrap();
     assert_eq!(tokens, 0, "their reservation and client token went with them");
     assert_eq!(held(kept.clone()).await.unwrap(), 3, "a live instance keeps its records");
     assert_eq!(rows(kept.clone()).await, (1, 0));
     assert_eq!(purge(3600).await.unwrap(), 0, "a second pass finds nothing");
     // The client token is free again: a new launch.
     let again = instance_ids(
-        &cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "client_token": "pair", "min_count": 2, "max_count": 2})).await.unwrap(),
+        &cloud
+            .post("/v1/instances", json!({"instance_type": "t3.nano", "client_token": "pair", "min_count": 2, "max_count": 2}))
+            .await
+            .unwrap(),
     );
     assert!(again.iter().all(|id| !pair.contains(id)), "{again:?}");
 }
@@ -785,14 +819,18 @@ async fn a_hosts_certificate_cannot_read_forge_or_administer_and_dies_with_its_r
     let resp = http.post(format!("https://{cp_node}/admin/remove")).body(r#"{"node":"x"}"#).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "admin routes need the control plane");
     // The control plane's own identity still has them.
-    let trusted = TcpClient::with_tls(&cp_node, T, cloud.service.store.tls.clone()).get(key.as_bytes()).await.expect("the control plane reads");
+    let trusted =
+        TcpClient::with_tls(&cp_node, T, cloud.service.store.tls.clone()).get(key.as_bytes()).await.expect("the control plane reads");
     // Every replica (this is a ring of three: each node holds one) has the
     // document sealed: no user-data in the clear.
     let raw: Vec<u8> = trusted.values.concat();
     let local = cloud.service.store.node.storage().get(key.as_bytes()).unwrap().map(|r| r.values().concat()).unwrap_or_default();
     for bytes in [&raw, &local] {
         let text = String::from_utf8_lossy(bytes);
-        assert!(!bytes.is_empty() && !text.contains("c2VjcmV0LXVzZXItZGF0YQ") && !text.contains("secret-user-data"), "user-data in a replica: {text}");
+        assert!(
+            !bytes.is_empty() && !text.contains("c2VjcmV0LXVzZXItZGF0YQ") && !text.contains("secret-user-data"),
+            "user-data in a replica: {text}"
+        );
     }
 
     // Forged documents written through replication (a node's right): a
@@ -837,7 +875,15 @@ async fn a_hosts_certificate_cannot_read_forge_or_administer_and_dies_with_its_r
     let probe = Request::GcProbe { key: key.as_bytes().to_vec() };
     assert!(transport.call(&b_node, &a_node, probe.clone()).await.is_ok(), "b's certificate works before the reset");
     let started = std::time::Instant::now();
-    let (status, body) = cloud.call_as(Some(&cloud.admin_token.clone()), Method::POST, &format!("/v1/hosts/{}/reset-credential", b.host_id.as_ref().unwrap()), None).await.unwrap();
+    let (status, body) = cloud
+        .call_as(
+            Some(&cloud.admin_token.clone()),
+            Method::POST,
+            &format!("/v1/hosts/{}/reset-credential", b.host_id.as_ref().unwrap()),
+            None,
+        )
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::OK, "{body}");
     for node in [&cp_node, &a_node] {
         cloud

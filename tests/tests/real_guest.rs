@@ -13,16 +13,15 @@
 
 use nimbus_host_agent::HypervisorChoice;
 use nimbus_tests::{domain_exists, instance_ids, scaled, Cloud};
-use sha2::{Digest, Sha256};
 use serde_json::json;
+use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_guest_boots_and_prints_its_own_instance_id() {
-    let image_dir = PathBuf::from(
-        std::env::var("NIMBUS_IMAGE_DIR").expect("NIMBUS_IMAGE_DIR must name the built tiny image: run scripts/test.sh"),
-    );
+    let image_dir =
+        PathBuf::from(std::env::var("NIMBUS_IMAGE_DIR").expect("NIMBUS_IMAGE_DIR must name the built tiny image: run scripts/test.sh"));
     let cloud = Cloud::start().await.unwrap();
     let agent = cloud.add_agent_with("real", "az1", 4, 4096, 50, HypervisorChoice::Auto).await.unwrap();
     let hosts = cloud.get("/v1/hosts").await.unwrap();
@@ -59,7 +58,10 @@ async fn a_real_guest_boots_and_prints_its_own_instance_id() {
     assert!(lines.contains(&"NIMBUS-ROOT ok"), "root overlay: {lines:?}");
     assert!(lines.contains(&format!("NIMBUS-METADATA instance-id={id}").as_str()), "metadata service: {lines:?}");
     assert!(lines.contains(&format!("NIMBUS-USERDATA seed sha256={digest}").as_str()), "user-data on the seed: {lines:?}");
-    assert!(lines.contains(&format!("NIMBUS-USERDATA metadata sha256={digest}").as_str()), "user-data from the metadata service: {lines:?}");
+    assert!(
+        lines.contains(&format!("NIMBUS-USERDATA metadata sha256={digest}").as_str()),
+        "user-data from the metadata service: {lines:?}"
+    );
 
     cloud.post("/v1/instances/terminate", json!({"instance_ids": [id]})).await.unwrap();
     cloud.wait_for_state(std::slice::from_ref(&id), "terminated", scaled(Duration::from_secs(120))).await.unwrap();

@@ -33,11 +33,7 @@ impl Write for Captured {
 async fn every_log_line_names_exactly_one_request() {
     let captured = Captured::default();
     let writer = captured.clone();
-    tracing_subscriber::fmt()
-        .with_env_filter("nimbus_control_plane=debug")
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .init();
+    tracing_subscriber::fmt().with_env_filter("nimbus_control_plane=debug").with_ansi(false).with_writer(move || writer.clone()).init();
     let cloud = Cloud::start().await.unwrap();
     let _agent = cloud.add_agent("a", "az1", 256, 1 << 20, 10_000).await.unwrap();
     cloud.register_test_image().await.unwrap();

@@ -38,7 +38,8 @@ async fn spread_alternates_zones_and_hosts() {
     // A requested zone is honoured.
     let r = cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "availability_zone": "az2", "max_count": 3})).await.unwrap();
     assert!(r["instances"].as_array().unwrap().iter().all(|i| i["availability_zone"] == "az2"));
-    let (status, body) = cloud.call(Method::POST, "/v1/instances", Some(json!({"instance_type": "t3.nano", "availability_zone": "az9"}))).await.unwrap();
+    let (status, body) =
+        cloud.call(Method::POST, "/v1/instances", Some(json!({"instance_type": "t3.nano", "availability_zone": "az9"}))).await.unwrap();
     assert_eq!((status, body["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("InsufficientInstanceCapacity")));
 }
 
@@ -63,7 +64,8 @@ async fn pack_fills_one_host_before_the_next() {
 /// PostgreSQL agrees with itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_launches_never_overcommit() {
-    let cloud = Cloud::start_with(CloudOptions { placement: PlacementPolicy::Spread, db_connections: 30, ..Default::default() }).await.unwrap();
+    let cloud =
+        Cloud::start_with(CloudOptions { placement: PlacementPolicy::Spread, db_connections: 30, ..Default::default() }).await.unwrap();
     // t3.nano needs 2 vCPUs: 10 + 6 + 4 vCPUs-worth of room = 10 instances;
     // memory limits host c to 2 instances (1024 MiB).
     let _a = cloud.add_agent("a", "az1", 20, 65536, 1000).await.unwrap();
@@ -120,7 +122,8 @@ async fn concurrent_launches_never_overcommit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_accounts_concurrent_clients_use_exactly_its_limit() {
     let limit = 40;
-    let cloud = Cloud::start_with(CloudOptions { db_connections: 40, default_limits: (limit, 10_000), ..Default::default() }).await.unwrap();
+    let cloud =
+        Cloud::start_with(CloudOptions { db_connections: 40, default_limits: (limit, 10_000), ..Default::default() }).await.unwrap();
     let _a = cloud.add_agent("a", "az1", 1000, 1 << 20, 100_000).await.unwrap();
     cloud.register_test_image().await.unwrap();
     let clients = (0..32).map(|_| {
@@ -156,10 +159,8 @@ async fn min_count_is_all_or_nothing_and_max_count_takes_what_fits() {
     let cloud = Cloud::start().await.unwrap();
     let _a = cloud.add_agent("a", "az1", 10, 65536, 1000).await.unwrap();
     cloud.register_test_image().await.unwrap();
-    let (status, body) = cloud
-        .call(Method::POST, "/v1/instances", Some(json!({"instance_type": "t3.nano", "min_count": 6, "max_count": 8})))
-        .await
-        .unwrap();
+    let (status, body) =
+        cloud.call(Method::POST, "/v1/instances", Some(json!({"instance_type": "t3.nano", "min_count": 6, "max_count": 8}))).await.unwrap();
     assert_eq!((status, body["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("InsufficientInstanceCapacity")), "{body}");
     assert_eq!(cloud.vcpu_accounting().await.unwrap()[0].2, 0);
     let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM reservations").fetch_one(cloud.db()).await.unwrap();
@@ -194,10 +195,7 @@ async fn hosts_without_heartbeat_get_no_instances() {
     };
     assert_eq!(status(a.name.clone()).await.unwrap(), "available");
     a.stop().await;
-    cloud
-        .wait_until(Duration::from_secs(60), || async { Ok(status(a.name.clone()).await? == "unreachable") })
-        .await
-        .unwrap();
+    cloud.wait_until(Duration::from_secs(60), || async { Ok(status(a.name.clone()).await? == "unreachable") }).await.unwrap();
     // Only b (room for two t3.nano) takes launches now.
     let r = cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "max_count": 5})).await.unwrap();
     assert_eq!(instance_ids(&r).len(), 2);

@@ -143,8 +143,16 @@ async fn the_join_token_alone_cannot_take_over_a_registered_host() {
 
     // Only the operator resets; then the name is free for its machine.
     let reset = format!("/v1/hosts/{}/reset-credential", real["host_id"].as_str().unwrap());
-    assert_error(&cloud.call_as(Some(&cloud.user_token), Method::POST, &reset, None).await.unwrap(), StatusCode::FORBIDDEN, "UnauthorizedOperation");
-    assert_error(&cloud.call(Method::POST, "/v1/hosts/h-0123456789abcdef0/reset-credential", None).await.unwrap(), StatusCode::BAD_REQUEST, "InvalidHostID.NotFound");
+    assert_error(
+        &cloud.call_as(Some(&cloud.user_token), Method::POST, &reset, None).await.unwrap(),
+        StatusCode::FORBIDDEN,
+        "UnauthorizedOperation",
+    );
+    assert_error(
+        &cloud.call(Method::POST, "/v1/hosts/h-0123456789abcdef0/reset-credential", None).await.unwrap(),
+        StatusCode::BAD_REQUEST,
+        "InvalidHostID.NotFound",
+    );
     let (status, body) = cloud.call(Method::POST, "/v1/hosts/victim/reset-credential", None).await.unwrap();
     assert_eq!((status, &body["host_id"]), (StatusCode::OK, &real["host_id"]), "by name too");
     assert_eq!(poll_status(&cloud, &rotated_bearer).await, StatusCode::UNAUTHORIZED, "a reset credential stops working at once");
@@ -251,7 +259,9 @@ async fn status_without_body(cloud: &Cloud, method: &str, path: &str, token: Opt
 async fn bodies_are_read_only_after_authentication_and_within_small_limits() {
     let cloud = Cloud::start().await.unwrap();
     // (path, a length within the route's limit, one over it)
-    for (path, within, over) in [("/v1/agent/register", 8 << 10, 1 << 20), ("/v1/agent/report", 60 << 20, 65 << 20), ("/v1/instances", 100 << 10, 1 << 20)] {
+    for (path, within, over) in
+        [("/v1/agent/register", 8 << 10, 1 << 20), ("/v1/agent/report", 60 << 20, 65 << 20), ("/v1/instances", 100 << 10, 1 << 20)]
+    {
         for token in [None, Some("not-a-credential"), Some("h-0123456789abcdef0.forged"), Some("AKIAAAAAAAAAAAAAAAAA:wrong")] {
             let status = status_without_body(&cloud, "POST", path, token, within).await;
             assert_eq!(status.as_deref(), Some("HTTP/1.1 401 Unauthorized"), "{path} with {token:?}: answered before any body");
@@ -266,7 +276,11 @@ async fn bodies_are_read_only_after_authentication_and_within_small_limits() {
     let status = status_without_body(&cloud, "POST", "/v1/instances", Some(&cloud.user_token.clone()), 1 << 20).await;
     assert_eq!(status.as_deref(), Some("HTTP/1.1 413 Payload Too Large"));
     let padded = json!({"instance_type": "t3.nano", "user_data": "A".repeat(200 * 1024)});
-    assert_error(&cloud.call(Method::POST, "/v1/instances", Some(padded)).await.unwrap(), StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLarge");
+    assert_error(
+        &cloud.call(Method::POST, "/v1/instances", Some(padded)).await.unwrap(),
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "RequestEntityTooLarge",
+    );
 }
 
 /// Finding 12: one host credential could hold any number of long polls
@@ -368,7 +382,10 @@ async fn accounts_have_limits_enforced_in_the_launch_transaction() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["limits"], json!({"max_instances": 4, "max_vcpus": 100}));
     assert_error(
-        &cloud.call(Method::POST, "/v1/instances", Some(json!({"instance_type": "t3.nano", "min_count": 2, "max_count": 2}))).await.unwrap(),
+        &cloud
+            .call(Method::POST, "/v1/instances", Some(json!({"instance_type": "t3.nano", "min_count": 2, "max_count": 2})))
+            .await
+            .unwrap(),
         StatusCode::BAD_REQUEST,
         "InstanceLimitExceeded",
     );
@@ -402,7 +419,9 @@ async fn sigv4_scope_must_be_ec2_in_our_region_and_limits_show_in_account_attrib
     let (akid, secret) = (a["access_key_id"].as_str().unwrap(), a["secret_access_key"].as_str().unwrap());
     let form = "Action=DescribeAccountAttributes&Version=2016-11-15";
     let now = std::time::SystemTime::now();
-    for (region, service, why) in [("us-west-2", "s3", "correct service"), ("xx", "iam", "correct service"), ("us-west-2", "ec2", "valid region")] {
+    for (region, service, why) in
+        [("us-west-2", "s3", "correct service"), ("xx", "iam", "correct service"), ("us-west-2", "ec2", "valid region")]
+    {
         let (status, xml) = cloud.ec2_signed(akid, secret, form, now, region, service).await.unwrap();
         assert_eq!(status, 401, "{region}/{service}: {xml}");
         assert!(xml.contains("<Code>AuthFailure</Code>") && xml.contains(why), "{region}/{service}: {xml}");
@@ -426,7 +445,11 @@ async fn control_characters_in_tags_are_refused() {
     cloud.register_test_image().await.unwrap();
     for (k, v) in [("bell\u{7}", "x"), ("k", "nul\u{0}"), ("k", "esc\u{1b}[31m"), ("k", "del\u{7f}"), ("k", "line\nbreak")] {
         let launch = json!({"instance_type": "t3.nano", "tags": [{"key": k, "value": v}]});
-        assert_error(&cloud.call(Method::POST, "/v1/instances", Some(launch)).await.unwrap(), StatusCode::BAD_REQUEST, "InvalidParameterValue");
+        assert_error(
+            &cloud.call(Method::POST, "/v1/instances", Some(launch)).await.unwrap(),
+            StatusCode::BAD_REQUEST,
+            "InvalidParameterValue",
+        );
     }
     let id = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano"})).await.unwrap()).remove(0);
     let bad = json!({"resource_ids": [id], "tags": [{"key": "k", "value": "a\u{1}b"}]});
@@ -464,7 +487,8 @@ async fn tenants_see_no_hosts_source_paths_or_digests() {
     let bad = json!({"name": "corrupt", "source_url": source, "kernel": {"name": "vmlinuz", "sha256": "ab".repeat(32)},
                      "root_disk": {"name": "root.qcow2", "sha256": image.root_disk.as_ref().unwrap().sha256}});
     let bad = cloud.post("/v1/images", bad).await.unwrap();
-    let failed = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "image_id": bad["image_id"]})).await.unwrap());
+    let failed =
+        instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "image_id": bad["image_id"]})).await.unwrap());
     let gone = cloud.wait_for_state(&failed, "terminated", T).await.unwrap();
     let reason = gone[0]["state_reason"].as_str().unwrap();
     assert!(reason.contains("image file vmlinuz: checksum mismatch"), "{reason}");
@@ -485,7 +509,8 @@ async fn rsa_key_generation_is_rate_limited_per_account() {
     assert_error(&third, StatusCode::SERVICE_UNAVAILABLE, "RequestLimitExceeded");
     cloud.post("/v1/key-pairs", json!({"name": "ed", "key_type": "ed25519"})).await.unwrap();
     let other = cloud.create_account("someone-else").await.unwrap();
-    let (status, body) = cloud.call_as(Some(&other), Method::POST, "/v1/key-pairs", Some(json!({"name": "rsa", "key_type": "rsa"}))).await.unwrap();
+    let (status, body) =
+        cloud.call_as(Some(&other), Method::POST, "/v1/key-pairs", Some(json!({"name": "rsa", "key_type": "rsa"}))).await.unwrap();
     assert_eq!(status, StatusCode::OK, "another account has its own allowance: {body}");
     let names: Vec<String> = cloud.get("/v1/key-pairs").await.unwrap()["key_pairs"]
         .as_array()

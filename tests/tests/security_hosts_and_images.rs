@@ -49,10 +49,8 @@ fn mode(p: &Path) -> u32 {
 async fn stores_and_stored_images_are_closed_to_local_users() {
     let cloud = Cloud::start().await.unwrap();
     let addr = free_local_addr().unwrap();
-    let agent = cloud
-        .add_agent_configured("a", "az1", (8, 8192, 100), HypervisorChoice::Test, |c| c.store_listen = Some(addr))
-        .await
-        .unwrap();
+    let agent =
+        cloud.add_agent_configured("a", "az1", (8, 8192, 100), HypervisorChoice::Test, |c| c.store_listen = Some(addr)).await.unwrap();
     cloud.register_test_image().await.unwrap();
     // user-data: "tenant-secret-user-data", as the document carries it (base64).
     let secret = "dGVuYW50LXNlY3JldC11c2VyLWRhdGE=";
@@ -107,7 +105,8 @@ async fn a_terminated_guests_metadata_connections_are_closed() {
     let cloud = Cloud::start().await.unwrap();
     let agent = cloud.add_agent("a", "az1", 8, 8192, 100).await.unwrap();
     cloud.register_test_image().await.unwrap();
-    let ids = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "min_count": 2, "max_count": 2})).await.unwrap());
+    let ids =
+        instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "min_count": 2, "max_count": 2})).await.unwrap());
     cloud.wait_for_state(&ids, "running", T).await.unwrap();
     let (doomed, other) = (&ids[0], &ids[1]);
     let mut held = Vec::new();
@@ -126,13 +125,16 @@ async fn a_terminated_guests_metadata_connections_are_closed() {
     cloud.post("/v1/instances/terminate", json!({"instance_ids": [doomed]})).await.unwrap();
     cloud.wait_for_state(std::slice::from_ref(doomed), "terminated", T).await.unwrap();
     for c in &mut held {
-        let read = tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf)).await.expect("a connection of the terminated guest is still open");
+        let read = tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf))
+            .await
+            .expect("a connection of the terminated guest is still open");
         assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     }
     let took = opened.elapsed();
     assert!(took < Duration::from_secs(8), "the termination took {took:?}: the request timeout may have closed them instead");
     // The other guest is served as before.
-    let (status, body) = nimbus_host_agent::metadata::request(&agent.metadata_socket(other), "GET", "/latest/meta-data/instance-id", &[]).await.unwrap();
+    let (status, body) =
+        nimbus_host_agent::metadata::request(&agent.metadata_socket(other), "GET", "/latest/meta-data/instance-id", &[]).await.unwrap();
     assert_eq!((status, body.as_slice()), (200, other.as_bytes()));
 }
 
@@ -171,7 +173,11 @@ async fn a_disk_naming_a_host_file_is_refused_at_registration_fetch_and_upload()
 
     // Registration of a file the control plane can read.
     let (status, body) = cloud
-        .call(reqwest::Method::POST, "/v1/images", Some(json!({"name": "evil-local", "disk_url": format!("file://{}/evil.qcow2", dir.display()), "sha256": digest})))
+        .call(
+            reqwest::Method::POST,
+            "/v1/images",
+            Some(json!({"name": "evil-local", "disk_url": format!("file://{}/evil.qcow2", dir.display()), "sha256": digest})),
+        )
         .await
         .unwrap();
     assert_eq!((status.as_u16(), body["code"].as_str()), (400, Some("InvalidParameterValue")), "{body}");
@@ -189,7 +195,10 @@ async fn a_disk_naming_a_host_file_is_refused_at_registration_fetch_and_upload()
         .spawn()
         .unwrap();
     cloud.wait_until(T, || async move { Ok(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()) }).await.unwrap();
-    let evil = cloud.post("/v1/images", json!({"name": "evil-remote", "disk_url": format!("http://127.0.0.1:{port}/evil.qcow2"), "sha256": digest})).await.unwrap();
+    let evil = cloud
+        .post("/v1/images", json!({"name": "evil-remote", "disk_url": format!("http://127.0.0.1:{port}/evil.qcow2"), "sha256": digest}))
+        .await
+        .unwrap();
     let ids = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "image_id": evil["image_id"]})).await.unwrap());
     let gone = cloud.wait_for_state(&ids, "terminated", T).await.unwrap();
     let reason = gone[0]["state_reason"].as_str().unwrap();
@@ -241,8 +250,10 @@ async fn all_available(cloud: &Cloud, token: &str, ids: &[String]) {
 }
 
 async fn create_image(cloud: &Cloud, token: &str, instance: &str, name: &str) -> (u16, serde_json::Value) {
-    let (status, body) =
-        cloud.call_as(Some(token), reqwest::Method::POST, &format!("/v1/instances/{instance}/image"), Some(json!({ "name": name }))).await.unwrap();
+    let (status, body) = cloud
+        .call_as(Some(token), reqwest::Method::POST, &format!("/v1/instances/{instance}/image"), Some(json!({ "name": name })))
+        .await
+        .unwrap();
     (status.as_u16(), body)
 }
 
@@ -259,7 +270,8 @@ async fn image_quotas_bound_what_an_account_stores() {
     let _agent = cloud.add_agent("a", "az1", 64, 65536, 1000).await.unwrap();
     cloud.register_test_image().await.unwrap();
     let me = cloud.user_token.clone();
-    let ids = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "min_count": 6, "max_count": 6})).await.unwrap());
+    let ids =
+        instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "min_count": 6, "max_count": 6})).await.unwrap());
     cloud.wait_for_state(&ids, "running", T).await.unwrap();
     let account = cloud.get("/v1/account").await.unwrap();
     assert_eq!(account["image_quota"], json!({"max_images": 3, "max_image_bytes": 500u64 << 30, "images": 0, "image_bytes": 0}));
@@ -283,7 +295,8 @@ async fn image_quotas_bound_what_an_account_stores() {
 
     // Another account is not affected.
     let bob = cloud.create_account("bob").await.unwrap();
-    let (_, r) = cloud.call_as(Some(&bob), reqwest::Method::POST, "/v1/instances", Some(json!({"instance_type": "t3.nano"}))).await.unwrap();
+    let (_, r) =
+        cloud.call_as(Some(&bob), reqwest::Method::POST, "/v1/instances", Some(json!({"instance_type": "t3.nano"}))).await.unwrap();
     let bobs = instance_ids(&r);
     cloud.wait_for_state_as(&bob, &bobs, "running", T).await.unwrap();
     let (status, body) = create_image(&cloud, &bob, &bobs[0], "bobs-image").await;
@@ -293,7 +306,8 @@ async fn image_quotas_bound_what_an_account_stores() {
     // than what is left is refused at its upload, and its image fails.
     let account_id = cloud.get("/v1/account").await.unwrap()["account_id"].as_str().unwrap().to_string();
     let limits = format!("/v1/admin/accounts/{account_id}/limits");
-    let (status, view) = cloud.call(reqwest::Method::PUT, &limits, Some(json!({"max_images": 10, "max_image_bytes": used + 1}))).await.unwrap();
+    let (status, view) =
+        cloud.call(reqwest::Method::PUT, &limits, Some(json!({"max_images": 10, "max_image_bytes": used + 1}))).await.unwrap();
     assert_eq!(status.as_u16(), 200, "{view}");
     assert_eq!((view["image_quota"]["max_images"].as_u64(), view["image_quota"]["max_image_bytes"].as_u64()), (Some(10), Some(used + 1)));
     let (status, body) = create_image(&cloud, &me, &ids[3], "too-big").await;
@@ -324,5 +338,11 @@ async fn image_quotas_bound_what_an_account_stores() {
     let (status, xml) = cloud.ec2(&carol, "Action=DescribeAccountAttributes").await.unwrap();
     assert_eq!(status, 200, "{xml}");
     assert!(xml.contains("<attributeName>max-images</attributeName><attributeValueSet><item><attributeValue>3</attributeValue>"), "{xml}");
-    assert!(xml.contains(&format!("<attributeName>max-image-bytes</attributeName><attributeValueSet><item><attributeValue>{}</attributeValue>", 500u64 << 30)), "{xml}");
+    assert!(
+        xml.contains(&format!(
+            "<attributeName>max-image-bytes</attributeName><attributeValueSet><item><attributeValue>{}</attributeValue>",
+            500u64 << 30
+        )),
+        "{xml}"
+    );
 }

@@ -34,7 +34,17 @@ async fn count(cloud: &Cloud, table: &str) -> i64 {
 /// Row counts of every network table, to show that a refused call wrote nothing.
 async fn network_rows(cloud: &Cloud) -> Vec<i64> {
     let mut out = Vec::new();
-    for t in ["vpcs", "subnets", "security_groups", "security_group_rules", "network_interfaces", "network_interface_groups", "public_addresses", "instances", "reservations"] {
+    for t in [
+        "vpcs",
+        "subnets",
+        "security_groups",
+        "security_group_rules",
+        "network_interfaces",
+        "network_interface_groups",
+        "public_addresses",
+        "instances",
+        "reservations",
+    ] {
         out.push(count(cloud, t).await);
     }
     out
@@ -49,7 +59,9 @@ async fn default_vpc(cloud: &Cloud, keys: &Ec2Keys) -> String {
 }
 
 async fn launch(cloud: &Cloud, keys: &Ec2Keys, extra: &str) -> Vec<String> {
-    let xml = ec2(cloud, keys, &format!("Action=RunInstances&ImageId={}&InstanceType=t3.nano&MinCount=1&MaxCount=1{extra}", image(cloud).await)).await;
+    let xml =
+        ec2(cloud, keys, &format!("Action=RunInstances&ImageId={}&InstanceType=t3.nano&MinCount=1&MaxCount=1{extra}", image(cloud).await))
+            .await;
     values(&xml, "instanceId").into_iter().map(str::to_string).collect()
 }
 
@@ -178,7 +190,11 @@ async fn vpcs_and_subnets_refuse_bad_input_with_ec2_codes_and_create_nothing() {
         (format!("Action=DescribeSubnets&SubnetId.1={subnet}"), &bob, "InvalidSubnetID.NotFound"),
         ("Action=DescribeSubnets&Filter.1.Name=bogus&Filter.1.Value.1=x".into(), &alice, "InvalidParameterValue"),
         (format!("Action=ModifySubnetAttribute&SubnetId={subnet}&MapPublicIpOnLaunch.Value=true"), &bob, "InvalidSubnetID.NotFound"),
-        (format!("Action=RunInstances&ImageId={}&InstanceType=t3.nano&MinCount=1&MaxCount=1&SubnetId={subnet}", image(&cloud).await), &bob, "InvalidSubnetID.NotFound"),
+        (
+            format!("Action=RunInstances&ImageId={}&InstanceType=t3.nano&MinCount=1&MaxCount=1&SubnetId={subnet}", image(&cloud).await),
+            &bob,
+            "InvalidSubnetID.NotFound",
+        ),
     ];
     for (form, who, expected) in &cases {
         ec2_err(&cloud, who, form, expected).await;
@@ -198,7 +214,8 @@ async fn vpcs_and_subnets_refuse_bad_input_with_ec2_codes_and_create_nothing() {
     let inst = ids[0].clone();
     cloud
         .wait_until(T, || async {
-            let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM network_interfaces WHERE instance_id = $1").bind(&inst).fetch_one(cloud.db()).await?;
+            let (n,): (i64,) =
+                sqlx::query_as("SELECT count(*) FROM network_interfaces WHERE instance_id = $1").bind(&inst).fetch_one(cloud.db()).await?;
             Ok(n == 0)
         })
         .await
@@ -222,12 +239,18 @@ async fn security_groups_and_rules_all_or_nothing() {
     // A new group: no inbound, all outbound.
     let xml = ec2(&cloud, &alice, &format!("Action=DescribeSecurityGroups&GroupId.1={web}")).await;
     assert!(xml.contains("<ipPermissions/>"), "{xml}");
-    assert!(xml.contains("<ipPermissionsEgress><item><ipProtocol>-1</ipProtocol><groups/><ipRanges><item><cidrIp>0.0.0.0/0</cidrIp></item></ipRanges>"), "{xml}");
+    assert!(
+        xml.contains(
+            "<ipPermissionsEgress><item><ipProtocol>-1</ipProtocol><groups/><ipRanges><item><cidrIp>0.0.0.0/0</cidrIp></item></ipRanges>"
+        ),
+        "{xml}"
+    );
 
     // Both forms of a rule; a group reference stays a reference.
     let xml = ec2(&cloud, &alice, &format!("Action=AuthorizeSecurityGroupIngress&GroupId={web}&IpPermissions.1.IpProtocol=tcp&IpPermissions.1.FromPort=443&IpPermissions.1.ToPort=443&IpPermissions.1.IpRanges.1.CidrIp=0.0.0.0/0&IpPermissions.1.IpRanges.2.CidrIp=10.0.0.0/8")).await;
     assert_eq!(values(&xml, "securityGroupRuleId").len(), 2);
-    ec2(&cloud, &alice, "Action=AuthorizeSecurityGroupIngress&GroupName=web&IpProtocol=tcp&FromPort=22&ToPort=22&CidrIp=192.0.2.0/24").await;
+    ec2(&cloud, &alice, "Action=AuthorizeSecurityGroupIngress&GroupName=web&IpProtocol=tcp&FromPort=22&ToPort=22&CidrIp=192.0.2.0/24")
+        .await;
     ec2(&cloud, &alice, &format!("Action=AuthorizeSecurityGroupIngress&GroupId={db}&IpPermissions.1.IpProtocol=tcp&IpPermissions.1.FromPort=5432&IpPermissions.1.ToPort=5432&IpPermissions.1.UserIdGroupPairs.1.GroupId={web}")).await;
     let xml = ec2(&cloud, &alice, &format!("Action=DescribeSecurityGroupRules&Filter.1.Name=group-id&Filter.1.Value.1={db}")).await;
     assert!(xml.contains(&format!("<referencedGroupInfo><groupId>{web}</groupId>")), "{xml}");
@@ -264,11 +287,24 @@ async fn security_groups_and_rules_all_or_nothing() {
 
     // A group of another VPC cannot be referenced, nor used by a launch there.
     let vpc = first(&ec2(&cloud, &alice, "Action=CreateVpc&CidrBlock=10.0.0.0/16").await, "vpcId");
-    let other = first(&ec2(&cloud, &alice, &format!("Action=CreateSecurityGroup&GroupName=other&GroupDescription=x&VpcId={vpc}")).await, "groupId");
+    let other =
+        first(&ec2(&cloud, &alice, &format!("Action=CreateSecurityGroup&GroupName=other&GroupDescription=x&VpcId={vpc}")).await, "groupId");
     ec2_err(&cloud, &alice, &format!("Action=AuthorizeSecurityGroupIngress&GroupId={other}&IpPermissions.1.IpProtocol=-1&IpPermissions.1.UserIdGroupPairs.1.GroupId={web}"), "InvalidGroup.NotFound").await;
     let img = image(&cloud).await;
-    ec2_err(&cloud, &alice, &format!("Action=RunInstances&ImageId={img}&InstanceType=t3.nano&MinCount=1&MaxCount=1&SecurityGroupId.1={other}"), "InvalidGroup.NotFound").await;
-    ec2_err(&cloud, &bob, &format!("Action=RunInstances&ImageId={img}&InstanceType=t3.nano&MinCount=1&MaxCount=1&SecurityGroupId.1={web}"), "InvalidGroup.NotFound").await;
+    ec2_err(
+        &cloud,
+        &alice,
+        &format!("Action=RunInstances&ImageId={img}&InstanceType=t3.nano&MinCount=1&MaxCount=1&SecurityGroupId.1={other}"),
+        "InvalidGroup.NotFound",
+    )
+    .await;
+    ec2_err(
+        &cloud,
+        &bob,
+        &format!("Action=RunInstances&ImageId={img}&InstanceType=t3.nano&MinCount=1&MaxCount=1&SecurityGroupId.1={web}"),
+        "InvalidGroup.NotFound",
+    )
+    .await;
 
     // A group in use cannot be deleted; revoking and deleting then works.
     launch(&cloud, &alice, &format!("&SecurityGroupId.1={db}")).await;
@@ -301,16 +337,27 @@ async fn launches_get_addresses_in_their_subnets_zone_and_describe_shows_them() 
     let img = cloud.register_test_image().await.unwrap().image_id;
     let alice = cloud.ec2_account("alice").await.unwrap();
     let vpc = first(&ec2(&cloud, &alice, "Action=CreateVpc&CidrBlock=10.0.0.0/16").await, "vpcId");
-    let s2 = first(&ec2(&cloud, &alice, &format!("Action=CreateSubnet&VpcId={vpc}&CidrBlock=10.0.2.0/24&AvailabilityZone=az2")).await, "subnetId");
-    let s2b = first(&ec2(&cloud, &alice, &format!("Action=CreateSubnet&VpcId={vpc}&CidrBlock=10.0.3.0/24&AvailabilityZone=az2")).await, "subnetId");
-    let web = first(&ec2(&cloud, &alice, &format!("Action=CreateSecurityGroup&GroupName=web&GroupDescription=w&VpcId={vpc}")).await, "groupId");
+    let s2 = first(
+        &ec2(&cloud, &alice, &format!("Action=CreateSubnet&VpcId={vpc}&CidrBlock=10.0.2.0/24&AvailabilityZone=az2")).await,
+        "subnetId",
+    );
+    let s2b = first(
+        &ec2(&cloud, &alice, &format!("Action=CreateSubnet&VpcId={vpc}&CidrBlock=10.0.3.0/24&AvailabilityZone=az2")).await,
+        "subnetId",
+    );
+    let web =
+        first(&ec2(&cloud, &alice, &format!("Action=CreateSecurityGroup&GroupName=web&GroupDescription=w&VpcId={vpc}")).await, "groupId");
 
     // A subnet fixes the zone; addresses are the subnet's, never one of the
     // four reserved at its start or its broadcast address.
     let run = format!("Action=RunInstances&ImageId={img}&InstanceType=t3.nano&MinCount=3&MaxCount=3&SubnetId={s2}&SecurityGroupId.1={web}");
     let xml = ec2(&cloud, &alice, &run).await;
     assert_eq!(values(&xml, "availabilityZone"), vec!["az2"; 3]);
-    assert_eq!(values(&xml, "privateIpAddress").iter().filter(|a| a.starts_with("10.0.2.")).count(), 9, "instance, interface, its address set: {xml}");
+    assert_eq!(
+        values(&xml, "privateIpAddress").iter().filter(|a| a.starts_with("10.0.2.")).count(),
+        9,
+        "instance, interface, its address set: {xml}"
+    );
     let mut addrs: Vec<&str> = values(&xml, "privateIpAddress");
     addrs.dedup();
     assert_eq!(addrs.len(), 3, "{addrs:?}");
@@ -346,13 +393,23 @@ async fn launches_get_addresses_in_their_subnets_zone_and_describe_shows_them() 
         ("&SubnetId=subnet-0123456789abcdef0".into(), "InvalidSubnetID.NotFound"),
         ("&SecurityGroupId.1=sg-0123456789abcdef0".into(), "InvalidGroup.NotFound"),
         ("&SecurityGroup.1=nosuch".into(), "InvalidGroup.NotFound"),
-        (format!("&SubnetId={s2b}&NetworkInterface.1.DeviceIndex=0&NetworkInterface.1.AssociatePublicIpAddress=true"), "InvalidParameterCombination"),
+        (
+            format!("&SubnetId={s2b}&NetworkInterface.1.DeviceIndex=0&NetworkInterface.1.AssociatePublicIpAddress=true"),
+            "InvalidParameterCombination",
+        ),
         ("&NetworkInterface.1.DeviceIndex=0&NetworkInterface.1.AssociatePublicIpAddress=true".into(), "InsufficientAddressCapacity"),
     ];
     for (extra, expected) in &cases {
-        ec2_err(&cloud, &alice, &format!("Action=RunInstances&ImageId={img}&InstanceType=t3.nano&MinCount=1&MaxCount=1{extra}"), expected).await;
+        ec2_err(&cloud, &alice, &format!("Action=RunInstances&ImageId={img}&InstanceType=t3.nano&MinCount=1&MaxCount=1{extra}"), expected)
+            .await;
     }
-    ec2_err(&cloud, &alice, &format!("Action=RunInstances&ImageId={img}&InstanceType=t3.nano&MinCount=2&MaxCount=2&SubnetId={s2b}&PrivateIpAddress=10.0.3.101"), "InvalidParameterCombination").await;
+    ec2_err(
+        &cloud,
+        &alice,
+        &format!("Action=RunInstances&ImageId={img}&InstanceType=t3.nano&MinCount=2&MaxCount=2&SubnetId={s2b}&PrivateIpAddress=10.0.3.101"),
+        "InvalidParameterCombination",
+    )
+    .await;
     assert_eq!(network_rows(&cloud).await, before, "nothing half-created");
 
     // Two interfaces, the second kept after termination.
@@ -368,24 +425,44 @@ async fn launches_get_addresses_in_their_subnets_zone_and_describe_shows_them() 
     assert_eq!(values(&xml, "reservationId").len(), 3, "the 3, the explicit one and the dual one");
     let xml = ec2(&cloud, &alice, "Action=DescribeInstances&Filter.1.Name=private-ip-address&Filter.1.Value.1=10.0.3.100").await;
     assert_eq!(values(&xml, "instanceId"), vec![one[0].as_str()]);
-    let xml = ec2(&cloud, &alice, "Action=DescribeInstances&Filter.1.Name=private-dns-name&Filter.1.Value.1=ip-10-0-3-100.nimbus-1.compute.internal").await;
+    let xml = ec2(
+        &cloud,
+        &alice,
+        "Action=DescribeInstances&Filter.1.Name=private-dns-name&Filter.1.Value.1=ip-10-0-3-100.nimbus-1.compute.internal",
+    )
+    .await;
     assert_eq!(values(&xml, "instanceId"), vec![one[0].as_str()]);
     let xml = ec2(&cloud, &alice, &format!("Action=DescribeInstances&Filter.1.Name=instance.group-id&Filter.1.Value.1={web}")).await;
     assert_eq!(values(&xml, "reservationId").len(), 2);
     let xml = ec2(&cloud, &alice, &format!("Action=DescribeInstances&Filter.1.Name=subnet-id&Filter.1.Value.1={s2b}")).await;
     assert_eq!(values(&xml, "instanceId"), vec![one[0].as_str()], "subnet-id is the primary interface's");
-    let xml = ec2(&cloud, &alice, &format!("Action=DescribeInstances&Filter.1.Name=network-interface.subnet-id&Filter.1.Value.1={s2b}")).await;
+    let xml =
+        ec2(&cloud, &alice, &format!("Action=DescribeInstances&Filter.1.Name=network-interface.subnet-id&Filter.1.Value.1={s2b}")).await;
     assert_eq!(values(&xml, "reservationId").len(), 2);
-    let xml = ec2(&cloud, &alice, &format!("Action=DescribeInstances&Filter.1.Name=network-interface.network-interface-id&Filter.1.Value.1={kept}")).await;
+    let xml = ec2(
+        &cloud,
+        &alice,
+        &format!("Action=DescribeInstances&Filter.1.Name=network-interface.network-interface-id&Filter.1.Value.1={kept}"),
+    )
+    .await;
     assert_eq!(values(&xml, "instanceId"), vec![dual.as_str()]);
-    ec2_err(&cloud, &alice, "Action=DescribeInstances&Filter.1.Name=network-interface.bogus&Filter.1.Value.1=x", "InvalidParameterValue").await;
+    ec2_err(&cloud, &alice, "Action=DescribeInstances&Filter.1.Name=network-interface.bogus&Filter.1.Value.1=x", "InvalidParameterValue")
+        .await;
 
     // REST shows the same, and launches with the same fields.
-    let (_, inst) = cloud.call_as(Some(&format!("{}:{}", alice.akid, alice.secret)), Method::GET, &format!("/v1/instances/{}", one[0]), None).await.unwrap();
+    let (_, inst) = cloud
+        .call_as(Some(&format!("{}:{}", alice.akid, alice.secret)), Method::GET, &format!("/v1/instances/{}", one[0]), None)
+        .await
+        .unwrap();
     assert_eq!((inst["private_ip_address"].as_str(), inst["subnet_id"].as_str()), (Some("10.0.3.100"), Some(s2b.as_str())));
     let alice_token = format!("{}:{}", alice.akid, alice.secret);
     let (status, r) = cloud
-        .call_as(Some(&alice_token), Method::POST, "/v1/instances", Some(json!({"instance_type": "t3.nano", "subnet_id": s2b, "security_group_ids": [web], "private_ip_address": "10.0.3.50"})))
+        .call_as(
+            Some(&alice_token),
+            Method::POST,
+            "/v1/instances",
+            Some(json!({"instance_type": "t3.nano", "subnet_id": s2b, "security_group_ids": [web], "private_ip_address": "10.0.3.50"})),
+        )
         .await
         .unwrap();
     assert_eq!(status, 200, "{r}");
@@ -405,7 +482,11 @@ async fn launches_get_addresses_in_their_subnets_zone_and_describe_shows_them() 
     assert_eq!(values(&enis, "status"), vec!["available"]);
     assert!(values(&enis, "attachment").is_empty());
     ec2(&cloud, &alice, &format!("Action=DeleteNetworkInterface&NetworkInterfaceId={kept}")).await;
-    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM network_interfaces WHERE account_id = $1 AND instance_id IS NULL").bind(&alice.account_id).fetch_one(cloud.db()).await.unwrap();
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM network_interfaces WHERE account_id = $1 AND instance_id IS NULL")
+        .bind(&alice.account_id)
+        .fetch_one(cloud.db())
+        .await
+        .unwrap();
     assert_eq!(n, 0);
 }
 
@@ -454,13 +535,19 @@ async fn a_hundred_concurrent_launches_into_a_28_never_share_an_address() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn elastic_ips_and_public_addresses() {
-    let cloud = Cloud::start_with(CloudOptions { public_pool: Some("198.51.100.0/29"), max_elastic_ips: 2, ..Default::default() }).await.unwrap();
+    let cloud =
+        Cloud::start_with(CloudOptions { public_pool: Some("198.51.100.0/29"), max_elastic_ips: 2, ..Default::default() }).await.unwrap();
     let _a = cloud.add_agent("a", "az1", 32, 32768, 500).await.unwrap();
     cloud.register_test_image().await.unwrap();
     let alice = cloud.ec2_account("alice").await.unwrap();
     let bob = cloud.ec2_account("bob").await.unwrap();
     // With a pool, default subnets map public addresses on launch.
-    let xml = ec2(&cloud, &alice, "Action=RunInstances&ImageId=IMG&InstanceType=t3.nano&MinCount=1&MaxCount=1".replace("IMG", &image(&cloud).await).as_str()).await;
+    let xml = ec2(
+        &cloud,
+        &alice,
+        "Action=RunInstances&ImageId=IMG&InstanceType=t3.nano&MinCount=1&MaxCount=1".replace("IMG", &image(&cloud).await).as_str(),
+    )
+    .await;
     let web = first(&xml, "instanceId");
     let auto = first(&xml, "ipAddress");
     assert!(auto.starts_with("198.51.100.") && auto != "198.51.100.0" && auto != "198.51.100.7", "{auto}");
@@ -474,17 +561,23 @@ async fn elastic_ips_and_public_addresses() {
     assert_eq!(network_rows(&cloud).await, before);
 
     // Associating replaces the address given at launch, which goes back to the pool.
-    let assoc = first(&ec2(&cloud, &alice, &format!("Action=AssociateAddress&AllocationId={alloc1}&InstanceId={web}")).await, "associationId");
+    let assoc =
+        first(&ec2(&cloud, &alice, &format!("Action=AssociateAddress&AllocationId={alloc1}&InstanceId={web}")).await, "associationId");
     let xml = ec2(&cloud, &alice, &format!("Action=DescribeInstances&InstanceId.1={web}")).await;
     assert_eq!(first(&xml, "ipAddress"), ip1);
-    let (held,): (i64,) = sqlx::query_as("SELECT count(*) FROM public_addresses WHERE host(public_ip) = $1").bind(&auto).fetch_one(cloud.db()).await.unwrap();
+    let (held,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM public_addresses WHERE host(public_ip) = $1").bind(&auto).fetch_one(cloud.db()).await.unwrap();
     assert_eq!(held, 0);
     let xml = ec2(&cloud, &alice, &format!("Action=DescribeAddresses&Filter.1.Name=instance-id&Filter.1.Value.1={web}")).await;
     assert_eq!((first(&xml, "allocationId"), first(&xml, "associationId")), (alloc1.clone(), assoc.clone()));
     // Again: the same association (idempotent).
-    assert_eq!(first(&ec2(&cloud, &alice, &format!("Action=AssociateAddress&AllocationId={alloc1}&InstanceId={web}")).await, "associationId"), assoc);
+    assert_eq!(
+        first(&ec2(&cloud, &alice, &format!("Action=AssociateAddress&AllocationId={alloc1}&InstanceId={web}")).await, "associationId"),
+        assoc
+    );
 
-    let other = launch(&cloud, &alice, "&NetworkInterface.1.DeviceIndex=0&NetworkInterface.1.AssociatePublicIpAddress=false").await.remove(0);
+    let other =
+        launch(&cloud, &alice, "&NetworkInterface.1.DeviceIndex=0&NetworkInterface.1.AssociatePublicIpAddress=false").await.remove(0);
     let before = network_rows(&cloud).await;
     let cases: Vec<(String, &Ec2Keys, &str)> = vec![
         (format!("Action=AssociateAddress&AllocationId={alloc1}&InstanceId={other}"), &alice, "Resource.AlreadyAssociated"),
@@ -495,9 +588,17 @@ async fn elastic_ips_and_public_addresses() {
         (format!("Action=DescribeAddresses&PublicIp.1={ip1}"), &bob, "InvalidAddress.NotFound"),
         (format!("Action=DescribeAddresses&AllocationId.1={alloc1}"), &bob, "InvalidAllocationID.NotFound"),
         (format!("Action=AssociateAddress&AllocationId={alloc2}&InstanceId=i-0123456789abcdef0"), &alice, "InvalidInstanceID.NotFound"),
-        (format!("Action=AssociateAddress&AllocationId={alloc2}&NetworkInterfaceId=eni-0123456789abcdef0"), &alice, "InvalidNetworkInterfaceID.NotFound"),
+        (
+            format!("Action=AssociateAddress&AllocationId={alloc2}&NetworkInterfaceId=eni-0123456789abcdef0"),
+            &alice,
+            "InvalidNetworkInterfaceID.NotFound",
+        ),
         ("Action=ReleaseAddress&AllocationId=eipalloc-0123456789abcdef0".into(), &alice, "InvalidAllocationID.NotFound"),
-        ("Action=DescribeNetworkInterfaces&NetworkInterfaceId.1=eni-0123456789abcdef0".into(), &alice, "InvalidNetworkInterfaceID.NotFound"),
+        (
+            "Action=DescribeNetworkInterfaces&NetworkInterfaceId.1=eni-0123456789abcdef0".into(),
+            &alice,
+            "InvalidNetworkInterfaceID.NotFound",
+        ),
     ];
     for (form, who, expected) in &cases {
         ec2_err(&cloud, who, form, expected).await;
@@ -508,7 +609,10 @@ async fn elastic_ips_and_public_addresses() {
     assert!(values(&xml, "ipAddress").is_empty(), "moved away: {xml}");
     // REST, by allocation id.
     let token = format!("{}:{}", alice.akid, alice.secret);
-    let (status, v) = cloud.call_as(Some(&token), Method::POST, &format!("/v1/addresses/{alloc2}/associate"), Some(json!({"instance_id": web}))).await.unwrap();
+    let (status, v) = cloud
+        .call_as(Some(&token), Method::POST, &format!("/v1/addresses/{alloc2}/associate"), Some(json!({"instance_id": web})))
+        .await
+        .unwrap();
     assert_eq!(status, 200, "{v}");
     assert!(v["association_id"].as_str().unwrap().starts_with("eipassoc-"));
     let disassociate = format!("/v1/addresses/{alloc2}/disassociate");
@@ -535,7 +639,13 @@ async fn elastic_ips_and_public_addresses() {
     assert_eq!(got, 4);
     launch(&cloud, &bob, "").await;
     launch(&cloud, &bob, "").await;
-    ec2_err(&cloud, &alice, "Action=RunInstances&ImageId=IMG&InstanceType=t3.nano&MinCount=1&MaxCount=1".replace("IMG", &image(&cloud).await).as_str(), "InsufficientAddressCapacity").await;
+    ec2_err(
+        &cloud,
+        &alice,
+        "Action=RunInstances&ImageId=IMG&InstanceType=t3.nano&MinCount=1&MaxCount=1".replace("IMG", &image(&cloud).await).as_str(),
+        "InsufficientAddressCapacity",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -554,7 +664,9 @@ async fn instance_status_attributes_and_changes() {
     let agent = cloud.add_agent("a", "az1", 4, 8192, 100).await.unwrap();
     let img = cloud.register_test_image().await.unwrap().image_id;
     let alice = cloud.ec2_account("alice").await.unwrap();
-    let xml = ec2(&cloud, &alice, &format!("Action=RunInstances&ImageId={img}&InstanceType=t3.nano&MinCount=1&MaxCount=1&UserData=aGVsbG8%3D")).await;
+    let xml =
+        ec2(&cloud, &alice, &format!("Action=RunInstances&ImageId={img}&InstanceType=t3.nano&MinCount=1&MaxCount=1&UserData=aGVsbG8%3D"))
+            .await;
     let id = first(&xml, "instanceId");
     wait_state(&cloud, &alice, &id, "running").await;
 
@@ -578,10 +690,22 @@ async fn instance_status_attributes_and_changes() {
     ec2_err(&cloud, &alice, &format!("Action=DescribeInstanceAttribute&InstanceId={id}&Attribute=bogus"), "InvalidParameterValue").await;
 
     // Type changes only when stopped, and within the host's capacity (4 vCPUs, one t3.nano holds 2).
-    ec2_err(&cloud, &alice, &format!("Action=ModifyInstanceAttribute&InstanceId={id}&InstanceType.Value=t3.micro"), "IncorrectInstanceState").await;
+    ec2_err(
+        &cloud,
+        &alice,
+        &format!("Action=ModifyInstanceAttribute&InstanceId={id}&InstanceType.Value=t3.micro"),
+        "IncorrectInstanceState",
+    )
+    .await;
     ec2(&cloud, &alice, &format!("Action=StopInstances&InstanceId.1={id}")).await;
     wait_state(&cloud, &alice, &id, "stopped").await;
-    ec2_err(&cloud, &alice, &format!("Action=ModifyInstanceAttribute&InstanceId={id}&InstanceType.Value=m5.xlarge"), "InsufficientInstanceCapacity").await;
+    ec2_err(
+        &cloud,
+        &alice,
+        &format!("Action=ModifyInstanceAttribute&InstanceId={id}&InstanceType.Value=m5.xlarge"),
+        "InsufficientInstanceCapacity",
+    )
+    .await;
     assert_eq!(cloud.vcpu_accounting().await.unwrap()[0].2, 2, "nothing claimed");
     ec2(&cloud, &alice, &format!("Action=ModifyInstanceAttribute&InstanceId={id}&Attribute=instanceType&Value=t3.small")).await;
     let acc = cloud.vcpu_accounting().await.unwrap();
@@ -598,8 +722,20 @@ async fn instance_status_attributes_and_changes() {
     assert!(gen1 > gen0);
     let xml = ec2(&cloud, &alice, &format!("Action=DescribeInstanceAttribute&InstanceId={id}&Attribute=groupSet")).await;
     assert_eq!(values(&xml, "groupId"), vec![g.as_str()]);
-    ec2_err(&cloud, &alice, &format!("Action=ModifyInstanceAttribute&InstanceId={id}&GroupId.1=sg-0123456789abcdef0"), "InvalidGroup.NotFound").await;
-    ec2_err(&cloud, &alice, &format!("Action=ModifyInstanceAttribute&InstanceId={id}&DisableApiTermination.Value=true"), "UnsupportedOperation").await;
+    ec2_err(
+        &cloud,
+        &alice,
+        &format!("Action=ModifyInstanceAttribute&InstanceId={id}&GroupId.1=sg-0123456789abcdef0"),
+        "InvalidGroup.NotFound",
+    )
+    .await;
+    ec2_err(
+        &cloud,
+        &alice,
+        &format!("Action=ModifyInstanceAttribute&InstanceId={id}&DisableApiTermination.Value=true"),
+        "UnsupportedOperation",
+    )
+    .await;
 }
 
 /// Registers a host through the agent protocol with an underlay address;
@@ -613,7 +749,8 @@ async fn register(cloud: &Cloud, name: &str, zone: &str, underlay: &str) -> (Str
 }
 
 async fn poll(cloud: &Cloud, bearer: &str, after: i64, wait_ms: u64) -> Value {
-    let (status, v) = cloud.call_as(Some(bearer), Method::GET, &format!("/v1/agent/assignments?after={after}&wait_ms={wait_ms}"), None).await.unwrap();
+    let (status, v) =
+        cloud.call_as(Some(bearer), Method::GET, &format!("/v1/agent/assignments?after={after}&wait_ms={wait_ms}"), None).await.unwrap();
     assert_eq!(status, 200, "{v}");
     v
 }
@@ -631,9 +768,19 @@ async fn host_network_peers_groups_members_and_nics_and_rule_changes_wake_the_ri
     let db = first(&ec2(&cloud, &alice, "Action=CreateSecurityGroup&GroupName=db&GroupDescription=d").await, "groupId");
     ec2(&cloud, &alice, &format!("Action=AuthorizeSecurityGroupIngress&GroupId={db}&IpPermissions.1.IpProtocol=tcp&IpPermissions.1.FromPort=5432&IpPermissions.1.ToPort=5432&IpPermissions.1.UserIdGroupPairs.1.GroupId={web}")).await;
     // Spread: one web instance on each of two hosts, then a db instance on the third.
-    let xml = ec2(&cloud, &alice, &format!("Action=RunInstances&ImageId={img}&InstanceType=t3.nano&MinCount=2&MaxCount=2&SecurityGroupId.1={web}")).await;
+    let xml = ec2(
+        &cloud,
+        &alice,
+        &format!("Action=RunInstances&ImageId={img}&InstanceType=t3.nano&MinCount=2&MaxCount=2&SecurityGroupId.1={web}"),
+    )
+    .await;
     let web_ips: Vec<String> = values(&xml, "privateIpAddress").into_iter().step_by(3).map(str::to_string).collect();
-    let xml = ec2(&cloud, &alice, &format!("Action=RunInstances&ImageId={img}&InstanceType=t3.nano&MinCount=1&MaxCount=1&SecurityGroupId.1={db}")).await;
+    let xml = ec2(
+        &cloud,
+        &alice,
+        &format!("Action=RunInstances&ImageId={img}&InstanceType=t3.nano&MinCount=1&MaxCount=1&SecurityGroupId.1={db}"),
+    )
+    .await;
     let db_id = first(&xml, "instanceId");
     let hosts_used: std::collections::BTreeSet<String> = {
         let rows: Vec<(String,)> = sqlx::query_as("SELECT DISTINCT host_id FROM instances").fetch_all(cloud.db()).await.unwrap();
@@ -666,7 +813,13 @@ async fn host_network_peers_groups_members_and_nics_and_rule_changes_wake_the_ri
     assert_eq!(vpc["subnets"][0]["gateway"], "172.31.0.1");
     assert_eq!(net["groups"].as_array().unwrap().len(), 1);
     assert_eq!(net["groups"][0]["group_id"], db.as_str());
-    assert!(net["groups"][0]["ingress"].as_array().unwrap().contains(&json!({"protocol": "tcp", "ports": [5432, 5432], "peer": {"group": web}})), "{net}");
+    assert!(
+        net["groups"][0]["ingress"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"protocol": "tcp", "ports": [5432, 5432], "peer": {"group": web}})),
+        "{net}"
+    );
     let mut members: Vec<&str> = net["members"][&web].as_array().unwrap().iter().map(|m| m.as_str().unwrap()).collect();
     members.sort();
     let mut expected_members: Vec<&str> = web_ips.iter().map(String::as_str).collect();
@@ -695,23 +848,39 @@ async fn host_network_peers_groups_members_and_nics_and_rule_changes_wake_the_ri
         let http = cloud.http.clone();
         tokio::spawn(async move {
             let started = std::time::Instant::now();
-            let v: Value = http.get(format!("{url}/v1/agent/assignments?after={g_db}&wait_ms=30000")).bearer_auth(cred).send().await.unwrap().json().await.unwrap();
+            let v: Value = http
+                .get(format!("{url}/v1/agent/assignments?after={g_db}&wait_ms=30000"))
+                .bearer_auth(cred)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
             (v, started.elapsed())
         })
     };
     // Let the poll start waiting: it answers at once only if the generation moved.
-    cloud
-        .wait_until(T, || async { Ok(cloud.service.events.waiting(&db_host) > 0) })
-        .await
-        .unwrap();
+    cloud.wait_until(T, || async { Ok(cloud.service.events.waiting(&db_host) > 0) }).await.unwrap();
     let started = std::time::Instant::now();
-    ec2(&cloud, &alice, &format!("Action=AuthorizeSecurityGroupIngress&GroupId={db}&IpProtocol=icmp&FromPort=8&ToPort=-1&CidrIp=10.0.0.0/8")).await;
+    ec2(
+        &cloud,
+        &alice,
+        &format!("Action=AuthorizeSecurityGroupIngress&GroupId={db}&IpProtocol=icmp&FromPort=8&ToPort=-1&CidrIp=10.0.0.0/8"),
+    )
+    .await;
     let (woken, _) = tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("the long poll returned").unwrap();
     assert!(started.elapsed() < Duration::from_secs(2), "woken within {:?}", started.elapsed());
     assert!(woken["generation"].as_i64().unwrap() > g_db);
     assert_eq!(woken["full"], false);
     assert!(woken["instances"].as_array().unwrap().is_empty(), "a rule change is a delta with no instance");
-    assert!(woken["network"]["groups"][0]["ingress"].as_array().unwrap().contains(&json!({"protocol": "icmp", "ports": [8, 65535], "peer": {"cidr": {"addr": "10.0.0.0", "prefix": 8}}})), "{woken}");
+    assert!(
+        woken["network"]["groups"][0]["ingress"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"protocol": "icmp", "ports": [8, 65535], "peer": {"cidr": {"addr": "10.0.0.0", "prefix": 8}}})),
+        "{woken}"
+    );
     for (c, g) in web_creds.iter().zip(&g_web) {
         assert_eq!(poll(&cloud, c, 0, 0).await["generation"].as_i64().unwrap(), *g, "web hosts not bumped by a db rule");
     }
@@ -729,6 +898,7 @@ async fn host_network_peers_groups_members_and_nics_and_rule_changes_wake_the_ri
     let bob_host = cloud.host_of(&first(&xml, "instanceId")).await.unwrap();
     let cred = [(&h1, &c1), (&h2, &c2), (&h3, &c3)].into_iter().find(|(h, _)| **h == bob_host).map(|(_, c)| c.clone()).unwrap();
     let v = poll(&cloud, &cred, 0, 0).await;
-    let vnis: std::collections::BTreeSet<i64> = v["network"]["vpcs"].as_array().unwrap().iter().map(|v| v["vni"].as_i64().unwrap()).collect();
+    let vnis: std::collections::BTreeSet<i64> =
+        v["network"]["vpcs"].as_array().unwrap().iter().map(|v| v["vni"].as_i64().unwrap()).collect();
     assert_eq!(vnis.len(), 2, "two VPCs, two VNIs on this host: {v}");
 }

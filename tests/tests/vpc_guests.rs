@@ -120,11 +120,13 @@ async fn instance(cloud: &Cloud, token: &str, id: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guests_in_a_vpc_talk_as_their_groups_allow_and_outsiders_reach_them_over_ssh() {
-    let image_dir = PathBuf::from(std::env::var("NIMBUS_IMAGE_DIR").expect("NIMBUS_IMAGE_DIR must name the tiny image: run scripts/test.sh"));
+    let image_dir =
+        PathBuf::from(std::env::var("NIMBUS_IMAGE_DIR").expect("NIMBUS_IMAGE_DIR must name the tiny image: run scripts/test.sh"));
     let topo = Topology::new(2).await;
-    let cloud = Cloud::start_with(CloudOptions { public_pool: Some(nimbus_host_agent::network::testing::PUBLIC_POOL), ..Default::default() })
-        .await
-        .unwrap();
+    let cloud =
+        Cloud::start_with(CloudOptions { public_pool: Some(nimbus_host_agent::network::testing::PUBLIC_POOL), ..Default::default() })
+            .await
+            .unwrap();
     let _h0 = cloud.add_vpc_agent("h0", "az1", (4, 4096, 50), HypervisorChoice::Auto, &topo.hosts[0]).await.unwrap();
     let _h1 = cloud.add_vpc_agent("h1", "az2", (4, 4096, 50), HypervisorChoice::Auto, &topo.hosts[1]).await.unwrap();
     cloud.register_image_dir(&image_dir, true).await.unwrap();
@@ -142,18 +144,30 @@ async fn guests_in_a_vpc_talk_as_their_groups_allow_and_outsiders_reach_them_ove
     let serve = "#!/bin/sh\nmkdir -p /www && echo hello-from-server >/www/index.html\nhttpd -p 8080 -h /www\nhttpd -p 9090 -h /www\n";
     use base64::Engine;
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-    let b = launch(&cloud, &me, json!({"instance_type": "t3.nano", "availability_zone": "az2", "key_name": "mine",
-        "security_group_ids": [ssh_g, server], "user_data": b64(serve)}))
+    let b = launch(
+        &cloud,
+        &me,
+        json!({"instance_type": "t3.nano", "availability_zone": "az2", "key_name": "mine",
+        "security_group_ids": [ssh_g, server], "user_data": b64(serve)}),
+    )
     .await;
-    let a = launch(&cloud, &me, json!({"instance_type": "t3.nano", "availability_zone": "az1", "key_name": "mine",
-        "security_group_ids": [ssh_g, client]}))
+    let a = launch(
+        &cloud,
+        &me,
+        json!({"instance_type": "t3.nano", "availability_zone": "az1", "key_name": "mine",
+        "security_group_ids": [ssh_g, client]}),
+    )
     .await;
     // Another account, its own default VPC (the same 172.31.0.0/16), its own SSH group.
     let other_ssh = group(&cloud, &other, "ssh").await;
     allow(&cloud, &other, &other_ssh, 22, outside_net.clone(), false).await;
     let other_key = key_pair(&cloud, &other, "theirs", keys.path()).await;
-    let c = launch(&cloud, &other, json!({"instance_type": "t3.nano", "availability_zone": "az1", "key_name": "theirs",
-        "security_group_ids": [other_ssh]}))
+    let c = launch(
+        &cloud,
+        &other,
+        json!({"instance_type": "t3.nano", "availability_zone": "az1", "key_name": "theirs",
+        "security_group_ids": [other_ssh]}),
+    )
     .await;
     cloud.wait_for_state(&[a.clone(), b.clone()], "running", scaled(Duration::from_secs(120))).await.unwrap();
     let (ia, ib, ic) = (instance(&cloud, &me, &a).await, instance(&cloud, &me, &b).await, instance(&cloud, &other, &c).await);

@@ -24,12 +24,17 @@ async fn a_host_with_a_thousand_interfaces_gets_its_network_quickly() {
         let g = cloud.post("/v1/security-groups", json!({"group_name": format!("peer{i}"), "description": "p"})).await.unwrap();
         peers.push(g["group_id"].as_str().unwrap().to_string());
     }
-    let mut rules: Vec<Value> = (0..45).map(|i| json!({"protocol": "tcp", "from_port": 1000 + i, "to_port": 1000 + i, "cidrs": [format!("10.{i}.0.0/16")]})).collect();
+    let mut rules: Vec<Value> = (0..45)
+        .map(|i| json!({"protocol": "tcp", "from_port": 1000 + i, "to_port": 1000 + i, "cidrs": [format!("10.{i}.0.0/16")]}))
+        .collect();
     rules.extend(peers.iter().map(|p| json!({"protocol": "-1", "group_ids": [p]})));
     cloud.post(&format!("/v1/security-groups/{sg}/ingress"), json!({ "rules": rules })).await.unwrap();
 
     for _ in 0..10 {
-        let r = cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "min_count": 100, "max_count": 100, "security_group_ids": [sg]})).await.unwrap();
+        let r = cloud
+            .post("/v1/instances", json!({"instance_type": "t3.nano", "min_count": 100, "max_count": 100, "security_group_ids": [sg]}))
+            .await
+            .unwrap();
         assert_eq!(r["instances"].as_array().unwrap().len(), 100);
     }
 

@@ -1,12 +1,12 @@
 //! `/v1/agent/*`: the host-agent protocol (see `nimbus_proto::agent`).
 
 use super::{has_token, refuse_oversized, ApiJson, ApiQuery};
-use axum::extract::DefaultBodyLimit;
-use axum::middleware::from_fn_with_state;
 use crate::error::{Result, ServiceError};
 use crate::service::Service;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
+use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use nimbus_proto::agent::{Assignments, CertificateGrant, CertificateRequest, HostCredential, RegisterHost, Report};
@@ -123,7 +123,9 @@ pub fn routes() -> Router<Service> {
         )
         .route(
             "/v1/agent/certificate",
-            post(certificate).layer(DefaultBodyLimit::max(MAX_REGISTER_BODY)).layer(from_fn_with_state(MAX_REGISTER_BODY, refuse_oversized)),
+            post(certificate)
+                .layer(DefaultBodyLimit::max(MAX_REGISTER_BODY))
+                .layer(from_fn_with_state(MAX_REGISTER_BODY, refuse_oversized)),
         )
         .route("/v1/agent/assignments", get(assignments))
         .route(
@@ -160,11 +162,18 @@ async fn upload_image(
 
 /// A host fetches a disk of the image store (named by its SHA-256) that
 /// one of its instances boots.
-async fn download_image(State(s): State<Service>, CertifiedHost(host): CertifiedHost, Path(sha256): Path<String>) -> Result<axum::response::Response> {
+async fn download_image(
+    State(s): State<Service>,
+    CertifiedHost(host): CertifiedHost,
+    Path(sha256): Path<String>,
+) -> Result<axum::response::Response> {
     use axum::response::IntoResponse;
     let (file, len) = s.stored_image_for_host(&host, &sha256).await?;
     let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));
-    Ok(([(axum::http::header::CONTENT_LENGTH, len.to_string()), (axum::http::header::CONTENT_TYPE, "application/octet-stream".to_string())], body)
+    Ok((
+        [(axum::http::header::CONTENT_LENGTH, len.to_string()), (axum::http::header::CONTENT_TYPE, "application/octet-stream".to_string())],
+        body,
+    )
         .into_response())
 }
 
@@ -190,11 +199,19 @@ struct AssignmentsQuery {
     wait_ms: u64,
 }
 
-async fn assignments(State(s): State<Service>, CertifiedHost(host): CertifiedHost, ApiQuery(q): ApiQuery<AssignmentsQuery>) -> Result<Json<Assignments>> {
+async fn assignments(
+    State(s): State<Service>,
+    CertifiedHost(host): CertifiedHost,
+    ApiQuery(q): ApiQuery<AssignmentsQuery>,
+) -> Result<Json<Assignments>> {
     Ok(Json(s.assignments(&host, q.after, Duration::from_millis(q.wait_ms)).await?))
 }
 
-async fn report(State(s): State<Service>, CertifiedHost(host): CertifiedHost, ApiJson(r): ApiJson<Report>) -> Result<Json<serde_json::Value>> {
+async fn report(
+    State(s): State<Service>,
+    CertifiedHost(host): CertifiedHost,
+    ApiJson(r): ApiJson<Report>,
+) -> Result<Json<serde_json::Value>> {
     s.report(&host, &r).await?;
     Ok(Json(serde_json::json!({})))
 }

@@ -54,7 +54,9 @@ async fn with_request_id(req: Request, next: Next) -> Response {
 impl IntoResponse for ServiceError {
     fn into_response(self) -> Response {
         let status = self.http_status();
-        if status.is_server_error() && !matches!(self, ServiceError::InsufficientInstanceCapacity(_) | ServiceError::InsufficientAddressCapacity(_)) {
+        if status.is_server_error()
+            && !matches!(self, ServiceError::InsufficientInstanceCapacity(_) | ServiceError::InsufficientAddressCapacity(_))
+        {
             tracing::error!(error = %self, "request failed");
         } else {
             tracing::debug!(code = self.code(), error = %self, "request rejected");
@@ -105,7 +107,8 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Api
 pub(crate) async fn refuse_oversized(axum::extract::State(limit): axum::extract::State<usize>, req: Request, next: Next) -> Response {
     let announced = req.headers().get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if announced.is_some_and(|n| n > limit as u64) {
-        return ServiceError::RequestTooLarge(format!("the request body is larger than the {limit} bytes this call accepts")).into_response();
+        return ServiceError::RequestTooLarge(format!("the request body is larger than the {limit} bytes this call accepts"))
+            .into_response();
     }
     next.run(req).await
 }

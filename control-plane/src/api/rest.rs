@@ -20,9 +20,7 @@ impl FromRequestParts<Service> for Authenticated {
     type Rejection = ServiceError;
     async fn from_request_parts(parts: &mut Parts, service: &Service) -> Result<Self> {
         let Some(token) = super::bearer(&parts.headers) else {
-            return Err(ServiceError::AuthFailure(
-                "missing Authorization: Bearer <access key id>:<secret> (or the admin token)".into(),
-            ));
+            return Err(ServiceError::AuthFailure("missing Authorization: Bearer <access key id>:<secret> (or the admin token)".into()));
         };
         if has_token(&parts.headers, &service.config.admin_token) {
             return Ok(Authenticated(Caller::admin()));
@@ -125,12 +123,20 @@ async fn set_account_limits(
 
 /// The operator resets a host's credential (id or name): see
 /// `Service::reset_host_credential`.
-async fn reset_host_credential(State(s): State<Service>, Operator(_): Operator, Path(host): Path<String>) -> Result<Json<serde_json::Value>> {
+async fn reset_host_credential(
+    State(s): State<Service>,
+    Operator(_): Operator,
+    Path(host): Path<String>,
+) -> Result<Json<serde_json::Value>> {
     let host_id = s.reset_host_credential(&host).await?;
     Ok(Json(serde_json::json!({ "host_id": host_id })))
 }
 
-async fn run_instances(State(s): State<Service>, Tenant(c): Tenant, ApiJson(req): ApiJson<RunInstancesRequest>) -> Result<Json<Reservation>> {
+async fn run_instances(
+    State(s): State<Service>,
+    Tenant(c): Tenant,
+    ApiJson(req): ApiJson<RunInstancesRequest>,
+) -> Result<Json<Reservation>> {
     Ok(Json(s.run_instances(&c, req).await?))
 }
 
@@ -176,11 +182,16 @@ async fn describe_instances(State(s): State<Service>, Tenant(c): Tenant, ApiQuer
                 None => vec![(t.to_string(), None)],
             })
             .unwrap_or_default(),
-        network: [("vpc-id", &q.vpc_id), ("subnet-id", &q.subnet_id), ("private-ip-address", &q.private_ip_address), ("instance.group-id", &q.group_id)]
-            .into_iter()
-            .filter(|(_, v)| v.is_some())
-            .map(|(k, v)| (k.to_string(), split(v)))
-            .collect(),
+        network: [
+            ("vpc-id", &q.vpc_id),
+            ("subnet-id", &q.subnet_id),
+            ("private-ip-address", &q.private_ip_address),
+            ("instance.group-id", &q.group_id),
+        ]
+        .into_iter()
+        .filter(|(_, v)| v.is_some())
+        .map(|(k, v)| (k.to_string(), split(v)))
+        .collect(),
         max_results: q.max_results,
         next_token: q.next_token,
     };
@@ -274,7 +285,11 @@ struct DeleteTag {
     value: Option<String>,
 }
 
-async fn delete_tags(State(s): State<Service>, Tenant(c): Tenant, ApiJson(req): ApiJson<DeleteTagsRequest>) -> Result<Json<serde_json::Value>> {
+async fn delete_tags(
+    State(s): State<Service>,
+    Tenant(c): Tenant,
+    ApiJson(req): ApiJson<DeleteTagsRequest>,
+) -> Result<Json<serde_json::Value>> {
     let tags: Vec<(String, Option<String>)> = req.tags.into_iter().map(|t| (t.key, t.value)).collect();
     s.delete_tags(&c, &req.resource_ids, &tags).await?;
     Ok(Json(serde_json::json!({})))
@@ -300,7 +315,11 @@ struct CreateKeyPair {
     key_type: Option<String>,
 }
 
-async fn create_key_pair(State(s): State<Service>, Tenant(c): Tenant, ApiJson(req): ApiJson<CreateKeyPair>) -> Result<Json<crate::service::keypairs::NewKeyPair>> {
+async fn create_key_pair(
+    State(s): State<Service>,
+    Tenant(c): Tenant,
+    ApiJson(req): ApiJson<CreateKeyPair>,
+) -> Result<Json<crate::service::keypairs::NewKeyPair>> {
     Ok(Json(s.create_key_pair(&c, &req.name, req.key_type.as_deref()).await?))
 }
 
@@ -311,7 +330,11 @@ struct ImportKeyPair {
     public_key: String,
 }
 
-async fn import_key_pair(State(s): State<Service>, Tenant(c): Tenant, ApiJson(req): ApiJson<ImportKeyPair>) -> Result<Json<crate::service::keypairs::KeyPair>> {
+async fn import_key_pair(
+    State(s): State<Service>,
+    Tenant(c): Tenant,
+    ApiJson(req): ApiJson<ImportKeyPair>,
+) -> Result<Json<crate::service::keypairs::KeyPair>> {
     Ok(Json(s.import_key_pair(&c, &req.name, &req.public_key).await?))
 }
 
@@ -350,7 +373,11 @@ struct ImageListQuery {
     is_public: Option<String>,
 }
 
-async fn describe_images(State(s): State<Service>, Authenticated(c): Authenticated, ApiQuery(q): ApiQuery<ImageListQuery>) -> Result<Json<ImageList>> {
+async fn describe_images(
+    State(s): State<Service>,
+    Authenticated(c): Authenticated,
+    ApiQuery(q): ApiQuery<ImageListQuery>,
+) -> Result<Json<ImageList>> {
     let filters = [("name", &q.name), ("state", &q.state), ("is-public", &q.is_public)]
         .into_iter()
         .filter(|(_, v)| v.is_some())
@@ -369,7 +396,11 @@ async fn describe_image(State(s): State<Service>, Authenticated(c): Authenticate
     Ok(Json(s.describe_image(&c, &id).await?))
 }
 
-async fn deregister_image(State(s): State<Service>, Authenticated(c): Authenticated, Path(id): Path<String>) -> Result<Json<serde_json::Value>> {
+async fn deregister_image(
+    State(s): State<Service>,
+    Authenticated(c): Authenticated,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>> {
     s.deregister_image(&c, &id).await?;
     Ok(Json(serde_json::json!({})))
 }
@@ -398,7 +429,11 @@ async fn create_account(
     Ok(Json(s.create_account(&req.name).await?))
 }
 
-async fn register_image(State(s): State<Service>, Operator(c): Operator, ApiJson(req): ApiJson<RegisterImageRequest>) -> Result<Json<Image>> {
+async fn register_image(
+    State(s): State<Service>,
+    Operator(c): Operator,
+    ApiJson(req): ApiJson<RegisterImageRequest>,
+) -> Result<Json<Image>> {
     Ok(Json(s.register_image(&c, req).await?))
 }
 
@@ -460,7 +495,11 @@ async fn modify_subnet(
     Ok(Json(serde_json::json!({})))
 }
 
-async fn describe_security_groups(State(s): State<Service>, Tenant(c): Tenant, ApiQuery(q): ApiQuery<NetQuery>) -> Result<Json<serde_json::Value>> {
+async fn describe_security_groups(
+    State(s): State<Service>,
+    Tenant(c): Tenant,
+    ApiQuery(q): ApiQuery<NetQuery>,
+) -> Result<Json<serde_json::Value>> {
     let (ids, f) = net_filters(&q, "group_id");
     Ok(Json(serde_json::json!({ "security_groups": s.describe_security_groups(&c, &ids, &[], &f).await? })))
 }
@@ -506,7 +545,11 @@ async fn revoke(
     Ok(Json(serde_json::json!({})))
 }
 
-async fn describe_addresses(State(s): State<Service>, Tenant(c): Tenant, ApiQuery(q): ApiQuery<NetQuery>) -> Result<Json<serde_json::Value>> {
+async fn describe_addresses(
+    State(s): State<Service>,
+    Tenant(c): Tenant,
+    ApiQuery(q): ApiQuery<NetQuery>,
+) -> Result<Json<serde_json::Value>> {
     let (ids, f) = net_filters(&q, "allocation_id");
     Ok(Json(serde_json::json!({ "addresses": s.describe_addresses(&c, &[], &ids, &f).await? })))
 }
@@ -535,7 +578,11 @@ async fn disassociate_address(State(s): State<Service>, Tenant(c): Tenant, Path(
     Ok(Json(serde_json::json!({})))
 }
 
-async fn describe_network_interfaces(State(s): State<Service>, Tenant(c): Tenant, ApiQuery(q): ApiQuery<NetQuery>) -> Result<Json<serde_json::Value>> {
+async fn describe_network_interfaces(
+    State(s): State<Service>,
+    Tenant(c): Tenant,
+    ApiQuery(q): ApiQuery<NetQuery>,
+) -> Result<Json<serde_json::Value>> {
     let (ids, f) = net_filters(&q, "network_interface_id");
     Ok(Json(serde_json::json!({ "network_interfaces": s.describe_network_interfaces(&c, &ids, &f).await? })))
 }

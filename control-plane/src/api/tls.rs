@@ -48,9 +48,8 @@ pub fn server_config(service: &Service) -> Result<Arc<rustls::ServerConfig>, Tls
     for cert in CertificateDer::pem_slice_iter(service.store.ca.cert_pem().as_bytes()) {
         roots.add(cert.map_err(pem)?)?;
     }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()?;
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).allow_unauthenticated().build()?;
     let (cert_pem, key_pem) = service.store.own_certificate();
     let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>().map_err(pem)?;
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(pem)?;

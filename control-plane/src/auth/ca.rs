@@ -27,8 +27,8 @@
 
 use super::secrets::{self, MasterKey};
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, PublicKeyData,
-    SerialNumber, SignatureAlgorithm,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, PublicKeyData, SerialNumber,
+    SignatureAlgorithm,
 };
 use std::time::Duration;
 

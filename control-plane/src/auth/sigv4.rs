@@ -143,12 +143,7 @@ fn malformed(reason: impl Into<String>) -> SigV4Error {
 
 /// Verifies `req` in one go: parse, check the time, look the secret up,
 /// check the signature. `lookup` maps an access key id to its secret.
-pub fn verify<F, S>(
-    req: &RequestView<'_>,
-    now: DateTime<Utc>,
-    options: &VerifyOptions,
-    lookup: F,
-) -> Result<Verified, SigV4Error>
+pub fn verify<F, S>(req: &RequestView<'_>, now: DateTime<Utc>, options: &VerifyOptions, lookup: F) -> Result<Verified, SigV4Error>
 where
     F: FnOnce(&str) -> Option<S>,
     S: AsRef<[u8]>,
@@ -194,10 +189,9 @@ impl ParsedAuth {
             return Err(malformed("more than one Authorization header"));
         }
         let query = parse_query(req.query);
-        let presigned = query.iter().any(|(k, _)| {
-            [PARAM_ALGORITHM.as_bytes(), PARAM_CREDENTIAL.as_bytes(), PARAM_SIGNATURE.as_bytes()]
-                .contains(&k.as_slice())
-        });
+        let presigned = query
+            .iter()
+            .any(|(k, _)| [PARAM_ALGORITHM.as_bytes(), PARAM_CREDENTIAL.as_bytes(), PARAM_SIGNATURE.as_bytes()].contains(&k.as_slice()));
         match (header, presigned) {
             (Some(_), true) => Err(malformed("both an Authorization header and presigned query parameters")),
             (Some(value), false) => {
@@ -213,17 +207,13 @@ impl ParsedAuth {
         let value = value.trim();
         let rest = match value.split_once(|c: char| c.is_ascii_whitespace()) {
             Some((ALGORITHM, rest)) => rest,
-            Some((other, _)) if other.starts_with("AWS4-") => {
-                return Err(malformed(format!("unsupported algorithm {other}")))
-            }
+            Some((other, _)) if other.starts_with("AWS4-") => return Err(malformed(format!("unsupported algorithm {other}"))),
             None if value == ALGORITHM => return Err(malformed("no Credential, SignedHeaders or Signature")),
             _ => return Err(malformed("the Authorization header is not AWS4-HMAC-SHA256")),
         };
         let (mut credential, mut signed_headers, mut signature) = (None, None, None);
         for part in rest.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (key, val) = part
-                .split_once('=')
-                .ok_or_else(|| malformed(format!("Authorization component without '=': {part}")))?;
+            let (key, val) = part.split_once('=').ok_or_else(|| malformed(format!("Authorization component without '=': {part}")))?;
             let slot = match key.trim() {
                 "Credential" => &mut credential,
                 "SignedHeaders" => &mut signed_headers,
@@ -290,8 +280,7 @@ impl ParsedAuth {
         }
         let names: Vec<String> = signed_headers.split(';').map(str::to_owned).collect();
         for name in &names {
-            let valid =
-                !name.bytes().any(|b| b.is_ascii_uppercase()) && http::HeaderName::from_bytes(name.as_bytes()).is_ok();
+            let valid = !name.bytes().any(|b| b.is_ascii_uppercase()) && http::HeaderName::from_bytes(name.as_bytes()).is_ok();
             if !valid {
                 return Err(malformed(format!("bad signed header name {name:?}")));
             }
@@ -369,11 +358,7 @@ impl ParsedAuth {
         let key = signing_key(secret, &self.scope_date, &self.region, &self.service);
         let expected = hmac_sha256(&key, string_to_sign.as_bytes());
         if bool::from(expected.ct_eq(&self.signature)) {
-            Ok(Verified {
-                access_key_id: self.access_key_id.clone(),
-                region: self.region.clone(),
-                service: self.service.clone(),
-            })
+            Ok(Verified { access_key_id: self.access_key_id.clone(), region: self.region.clone(), service: self.service.clone() })
         } else {
             Err(SigV4Error::SignatureMismatch)
         }
@@ -384,12 +369,7 @@ impl ParsedAuth {
     }
 
     fn string_to_sign(&self, canonical_request: &[u8]) -> String {
-        format!(
-            "{ALGORITHM}\n{}\n{}\n{}",
-            format_amz_date(self.timestamp),
-            self.scope(),
-            hex::encode(Sha256::digest(canonical_request))
-        )
+        format!("{ALGORITHM}\n{}\n{}\n{}", format_amz_date(self.timestamp), self.scope(), hex::encode(Sha256::digest(canonical_request)))
     }
 
     /// The canonical request, as bytes (header values need not be UTF-8).

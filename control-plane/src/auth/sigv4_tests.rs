@@ -33,28 +33,13 @@ impl Raw {
         let mut headers = HeaderMap::new();
         for line in lines {
             let (name, value) = line.split_once(':').expect("header");
-            headers.append(
-                HeaderName::from_bytes(name.as_bytes()).expect("name"),
-                HeaderValue::from_str(value).expect("value"),
-            );
+            headers.append(HeaderName::from_bytes(name.as_bytes()).expect("name"), HeaderValue::from_str(value).expect("value"));
         }
-        Raw {
-            method: method.to_owned(),
-            path: path.to_owned(),
-            query: query.to_owned(),
-            headers,
-            body: body.as_bytes().to_vec(),
-        }
+        Raw { method: method.to_owned(), path: path.to_owned(), query: query.to_owned(), headers, body: body.as_bytes().to_vec() }
     }
 
     fn view(&self) -> RequestView<'_> {
-        RequestView {
-            method: &self.method,
-            path: &self.path,
-            query: &self.query,
-            headers: &self.headers,
-            body: &self.body,
-        }
+        RequestView { method: &self.method, path: &self.path, query: &self.query, headers: &self.headers, body: &self.body }
     }
 
     fn set(&mut self, name: &'static str, value: &str) {
@@ -110,10 +95,7 @@ fn suite_presigned_vectors() {
         let raw = Raw::parse(v.query_signed);
         let got = verify(&raw.view(), suite_now(), &options(v.normalize), lookup);
         assert_eq!(got, Ok(expected()), "{}", v.name);
-        assert!(matches!(
-            ParsedAuth::parse(&raw.view()).map(|a| a.kind()),
-            Ok(AuthKind::Presigned { expires_secs: 3600 })
-        ));
+        assert!(matches!(ParsedAuth::parse(&raw.view()).map(|a| a.kind()), Ok(AuthKind::Presigned { expires_secs: 3600 })));
     }
 }
 
@@ -131,15 +113,9 @@ fn suite_vectors_fail_with_another_secret() {
 #[test]
 fn suite_double_encoded_paths() {
     // double-encode-path and double-url-encode (canonical URIs only).
+    assert_eq!(canonical_uri("/test/@connections/JBDvjfGEIAMCERw%3D", true), "/test/%40connections/JBDvjfGEIAMCERw%253D");
     assert_eq!(
-        canonical_uri("/test/@connections/JBDvjfGEIAMCERw%3D", true),
-        "/test/%40connections/JBDvjfGEIAMCERw%253D"
-    );
-    assert_eq!(
-        canonical_uri(
-            "/2015-03-31/functions/arn%3Aaws%3Alambda%3Aus-west-2%3A892717189312%3Afunction%3Amy-rusty-fun/invocations",
-            true
-        ),
+        canonical_uri("/2015-03-31/functions/arn%3Aaws%3Alambda%3Aus-west-2%3A892717189312%3Afunction%3Amy-rusty-fun/invocations", true),
         "/2015-03-31/functions/arn%253Aaws%253Alambda%253Aus-west-2%253A892717189312%253Afunction%253Amy-rusty-fun/invocations"
     );
     assert_eq!(canonical_uri("", true), "/");
@@ -246,9 +222,7 @@ fn malformed_requests() {
     malformed_reason(verify_raw(&raw, suite_now()));
 
     // No date, a bad date, two dates.
-    for date in
-        ["", "20150830T123600", "2015-08-30T12:36:00Z", "20150830T126000Z", "20151330T123600Z", "２0150830T123600Z"]
-    {
+    for date in ["", "20150830T123600", "2015-08-30T12:36:00Z", "20150830T126000Z", "20151330T123600Z", "２0150830T123600Z"] {
         let mut raw = vanilla();
         raw.headers.remove("x-amz-date");
         if !date.is_empty() {
@@ -341,9 +315,7 @@ fn clock_skew_window() {
     assert_eq!(verify_raw(&raw, at(15 * 60 + 1)), Err(SigV4Error::RequestExpired));
     assert_eq!(verify_raw(&raw, at(-15 * 60 - 1)), Err(SigV4Error::RequestExpired));
     // Expired requests are refused before the secret is looked up.
-    let got = verify(&raw.view(), at(3600), &VerifyOptions::default(), |_| -> Option<&str> {
-        panic!("looked up an expired request")
-    });
+    let got = verify(&raw.view(), at(3600), &VerifyOptions::default(), |_| -> Option<&str> { panic!("looked up an expired request") });
     assert_eq!(got, Err(SigV4Error::RequestExpired));
 }
 
@@ -455,13 +427,7 @@ mod sdk_round_trip {
         &MinCount=1&MaxCount=1&TagSpecification.1.ResourceType=instance\
         &TagSpecification.1.Tag.1.Key=Name&TagSpecification.1.Tag.1.Value=web%20one%2Btwo%7E";
 
-    fn sign_with_sdk(
-        method: &str,
-        uri: &str,
-        body: &[u8],
-        at: DateTime<Utc>,
-        settings: SigningSettings,
-    ) -> http::Request<Vec<u8>> {
+    fn sign_with_sdk(method: &str, uri: &str, body: &[u8], at: DateTime<Utc>, settings: SigningSettings) -> http::Request<Vec<u8>> {
         let identity: Identity = Credentials::new(EC2_AKID, EC2_SECRET, None, None, "test").into();
         let params = v4::SigningParams::builder()
             .identity(&identity)
@@ -519,8 +485,7 @@ mod sdk_round_trip {
     #[test]
     fn form_post_verifies_and_tampering_is_caught() {
         let now = now();
-        let req =
-            sign_with_sdk("POST", "https://ec2.nimbus.test:8443/", FORM.as_bytes(), now, SigningSettings::default());
+        let req = sign_with_sdk("POST", "https://ec2.nimbus.test:8443/", FORM.as_bytes(), now, SigningSettings::default());
         assert_eq!(check(&req, now), Ok(ec2()));
 
         // Tampered body.
@@ -552,8 +517,7 @@ mod sdk_round_trip {
         assert_eq!(check(&bad, now), Err(SigV4Error::SignatureMismatch));
 
         // Unknown key.
-        let view =
-            RequestView { method: "POST", path: req.uri().path(), query: "", headers: req.headers(), body: req.body() };
+        let view = RequestView { method: "POST", path: req.uri().path(), query: "", headers: req.headers(), body: req.body() };
         let got = verify(&view, now, &VerifyOptions::default(), |_| None::<&str>);
         assert_eq!(got, Err(SigV4Error::UnknownAccessKey));
 

@@ -110,18 +110,15 @@ impl Service {
         let secret = secrets::generate_secret_access_key();
         let sealed = secrets::seal(&master, &access_key_id, &secret).map_err(|e| ServiceError::Internal(e.to_string()))?;
         let mut tx = self.db.begin().await?;
-        sqlx::query("INSERT INTO accounts (id, name) VALUES ($1, $2)")
-            .bind(&account_id)
-            .bind(name)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| {
+        sqlx::query("INSERT INTO accounts (id, name) VALUES ($1, $2)").bind(&account_id).bind(name).execute(&mut *tx).await.map_err(
+            |e| {
                 if crate::db::is_unique_violation(&e, "accounts_name_key") {
                     ServiceError::Conflict(format!("an account named {name} already exists"))
                 } else {
                     e.into()
                 }
-            })?;
+            },
+        )?;
         sqlx::query("INSERT INTO access_keys (id, account_id, secret_sealed) VALUES ($1, $2, $3)")
             .bind(&access_key_id)
             .bind(&account_id)
@@ -138,11 +135,10 @@ impl Service {
         if !secrets::is_valid_access_key_id(access_key_id) {
             return Ok(None);
         }
-        let row: Option<(String, Vec<u8>)> =
-            sqlx::query_as("SELECT account_id, secret_sealed FROM access_keys WHERE id = $1")
-                .bind(access_key_id)
-                .fetch_optional(&self.db)
-                .await?;
+        let row: Option<(String, Vec<u8>)> = sqlx::query_as("SELECT account_id, secret_sealed FROM access_keys WHERE id = $1")
+            .bind(access_key_id)
+            .fetch_optional(&self.db)
+            .await?;
         let Some((account_id, sealed)) = row else { return Ok(None) };
         let secret = secrets::open(&self.master_key()?, access_key_id, &sealed)
             .map_err(|e| ServiceError::Internal(format!("cannot open the secret of {access_key_id}: {e}")))?;
@@ -232,7 +228,13 @@ impl Service {
 /// `0013_account_usage.sql`), so the account's usage row is never locked
 /// across a round trip and launches of one account do not wait for each
 /// other's transactions, only for each other's commits.
-pub(crate) async fn claim_usage(conn: &mut sqlx::PgConnection, account_id: &str, limits: Option<Limits>, instances: i64, vcpus: i64) -> Result<()> {
+pub(crate) async fn claim_usage(
+    conn: &mut sqlx::PgConnection,
+    account_id: &str,
+    limits: Option<Limits>,
+    instances: i64,
+    vcpus: i64,
+) -> Result<()> {
     claim_usages(conn, &[(account_id, instances, vcpus)], limits).await
 }
 

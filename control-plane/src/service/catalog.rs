@@ -21,16 +21,13 @@ impl From<Row> for InstanceType {
 impl Service {
     /// The catalog, or the named types (each must exist).
     pub async fn describe_instance_types(&self, names: &[String]) -> Result<Vec<InstanceType>> {
-        let rows = sqlx::query_as::<_, Row>(
-            "SELECT name, vcpus, memory_mib, disk_gib FROM instance_types ORDER BY vcpus, memory_mib, name",
-        )
-        .fetch_all(&self.db)
-        .await?;
+        let rows =
+            sqlx::query_as::<_, Row>("SELECT name, vcpus, memory_mib, disk_gib FROM instance_types ORDER BY vcpus, memory_mib, name")
+                .fetch_all(&self.db)
+                .await?;
         let mut types: Vec<InstanceType> = rows.into_iter().map(Into::into).collect();
         if let Some(missing) = names.iter().find(|n| !types.iter().any(|t| &t.name == *n)) {
-            return Err(ServiceError::InvalidParameterValue(format!(
-                "The following supplied instance types do not exist: [{missing}]"
-            )));
+            return Err(ServiceError::InvalidParameterValue(format!("The following supplied instance types do not exist: [{missing}]")));
         }
         if !names.is_empty() {
             types.retain(|t| names.contains(&t.name));

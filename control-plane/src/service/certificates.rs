@@ -45,7 +45,12 @@ impl Service {
     /// answers the certificate, the CA and the ring's seeds. `presented`:
     /// the certificate the host renewed with, which stays valid until the
     /// next renewal.
-    pub async fn issue_host_certificate(&self, host_id: &str, req: &CertificateRequest, presented: Option<[u8; 32]>) -> Result<CertificateGrant> {
+    pub async fn issue_host_certificate(
+        &self,
+        host_id: &str,
+        req: &CertificateRequest,
+        presented: Option<[u8; 32]>,
+    ) -> Result<CertificateGrant> {
         let key = ca::parse_public_key(&req.public_key)?;
         let ip = req.store_address.as_deref().map(ca::store_address_ip).transpose()?;
         // A certificate names the node's IP address (not its port), and
@@ -57,8 +62,10 @@ impl Service {
             if ip.is_unspecified() || ip.is_multicast() || ip == std::net::IpAddr::V4(std::net::Ipv4Addr::BROADCAST) {
                 return Err(ServiceError::InvalidParameterValue(format!("{ip} is not a node address")));
             }
-            let others: Vec<(String,)> =
-                sqlx::query_as("SELECT store_address FROM hosts WHERE store_address IS NOT NULL AND id <> $1").bind(host_id).fetch_all(&self.db).await?;
+            let others: Vec<(String,)> = sqlx::query_as("SELECT store_address FROM hosts WHERE store_address IS NOT NULL AND id <> $1")
+                .bind(host_id)
+                .fetch_all(&self.db)
+                .await?;
             let host_taken = others.iter().any(|(a,)| ca::store_address_ip(a).ok() == Some(ip));
             if host_taken || self.control_plane_ips().contains(&ip) {
                 tracing::warn!(%host_id, %ip, "refused a certificate for another node's address");
@@ -69,7 +76,8 @@ impl Service {
         let digest = Sha256::digest(&der).to_vec();
         // Documents are sealed for the host's key: a new key needs every
         // document of the host's instances sealed again (a new version).
-        let (old_key,): (Option<Vec<u8>>,) = sqlx::query_as("SELECT public_key FROM hosts WHERE id = $1").bind(host_id).fetch_one(&self.db).await?;
+        let (old_key,): (Option<Vec<u8>>,) =
+            sqlx::query_as("SELECT public_key FROM hosts WHERE id = $1").bind(host_id).fetch_one(&self.db).await?;
         if old_key.as_deref() != Some(key.as_slice()) {
             let mut tx = self.db.begin().await?;
             sqlx::query("UPDATE hosts SET public_key = $2 WHERE id = $1").bind(host_id).bind(&key).execute(&mut *tx).await?;

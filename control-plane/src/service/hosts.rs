@@ -7,9 +7,7 @@ use super::Service;
 use crate::error::{Result, ServiceError};
 use crate::ids;
 use base64::Engine;
-use nimbus_proto::agent::{
-    Assignment, Assignments, DesiredState, HostCredential, ImageSpec, InstanceMetadata, RegisterHost, Report,
-};
+use nimbus_proto::agent::{Assignment, Assignments, DesiredState, HostCredential, ImageSpec, InstanceMetadata, RegisterHost, Report};
 use nimbus_proto::api::{Host, ImageFile, Resources};
 use nimbus_proto::ObservedState;
 use sha2::{Digest, Sha256};
@@ -135,7 +133,9 @@ impl AssignmentRow {
                 // Only available images launch, and they have their digest.
                 root_disk: ImageFile {
                     name: self.root_disk,
-                    sha256: self.root_disk_sha256.ok_or_else(|| ServiceError::Internal(format!("image {} has no root disk digest", self.image_id)))?,
+                    sha256: self
+                        .root_disk_sha256
+                        .ok_or_else(|| ServiceError::Internal(format!("image {} has no root disk digest", self.image_id)))?,
                 },
                 cmdline: self.cmdline,
             },
@@ -267,7 +267,8 @@ impl Service {
     /// a bound ([`super::revocation`]).
     pub async fn reset_host_credential(&self, host: &str) -> Result<String> {
         let mut tx = self.db.begin().await?;
-        let row: Option<(String,)> = sqlx::query_as("SELECT id FROM hosts WHERE id = $1 OR name = $1 FOR UPDATE").bind(host).fetch_optional(&mut *tx).await?;
+        let row: Option<(String,)> =
+            sqlx::query_as("SELECT id FROM hosts WHERE id = $1 OR name = $1 FOR UPDATE").bind(host).fetch_optional(&mut *tx).await?;
         let (id,) = row.ok_or_else(|| ServiceError::HostNotFound(host.to_string()))?;
         super::revocation::revoke_host(&mut tx, &id).await?;
         sqlx::query(
@@ -289,10 +290,8 @@ impl Service {
         if !ids::is_valid(ids::HOST, host_id) {
             return Err(denied());
         }
-        let stored: Option<(Option<Vec<u8>>,)> = sqlx::query_as("SELECT credential_sha256 FROM hosts WHERE id = $1")
-            .bind(host_id)
-            .fetch_optional(&self.db)
-            .await?;
+        let stored: Option<(Option<Vec<u8>>,)> =
+            sqlx::query_as("SELECT credential_sha256 FROM hosts WHERE id = $1").bind(host_id).fetch_optional(&self.db).await?;
         match stored {
             Some((Some(digest),)) if bool::from(digest.ct_eq(&secret_digest(secret))) => Ok(host_id.to_string()),
             _ => Err(denied()),
@@ -310,10 +309,8 @@ impl Service {
         // Subscribe before reading, so a change between the read and the wait wakes us.
         let mut changes = self.events.subscribe(host_id);
         let generation = loop {
-            let (generation,): (i64,) = sqlx::query_as("SELECT generation FROM hosts WHERE id = $1")
-                .bind(host_id)
-                .fetch_one(&self.db)
-                .await?;
+            let (generation,): (i64,) =
+                sqlx::query_as("SELECT generation FROM hosts WHERE id = $1").bind(host_id).fetch_one(&self.db).await?;
             if generation > after {
                 break generation;
             }
@@ -497,12 +494,10 @@ impl Service {
                 .await?;
         }
         if !terminated.is_empty() {
-            sqlx::query(
-                "UPDATE instances SET state = 'terminated', capacity_held = false, state_changed_at = now() WHERE id = ANY($1)",
-            )
-            .bind(&terminated)
-            .execute(&mut *tx)
-            .await?;
+            sqlx::query("UPDATE instances SET state = 'terminated', capacity_held = false, state_changed_at = now() WHERE id = ANY($1)")
+                .bind(&terminated)
+                .execute(&mut *tx)
+                .await?;
             // Their interfaces and addresses go back (in this transaction):
             // the hosts that saw them are bumped, in id order, before the
             // heartbeat below touches this host's row again.
@@ -586,4 +581,3 @@ impl Service {
             .collect())
     }
 }
-

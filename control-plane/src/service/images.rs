@@ -186,7 +186,9 @@ pub fn validate_register(req: &RegisterImageRequest) -> Result<NewImage> {
     }
     let boot = req.boot.unwrap_or(if req.kernel.is_some() { BootStyle::Kernel } else { BootStyle::Disk });
     match boot {
-        BootStyle::Kernel if req.kernel.is_none() => return Err(ServiceError::MissingParameter("kernel (of a direct-kernel-boot image)".into())),
+        BootStyle::Kernel if req.kernel.is_none() => {
+            return Err(ServiceError::MissingParameter("kernel (of a direct-kernel-boot image)".into()))
+        }
         BootStyle::Disk if req.kernel.is_some() || req.initrd.is_some() || !req.cmdline.is_empty() => {
             return Err(ServiceError::InvalidParameterCombination(
                 "a disk-booted image boots its own boot loader: no kernel, initrd or cmdline".into(),
@@ -286,8 +288,13 @@ fn account_ref(caller: &Caller, v: &str) -> Result<String> {
 }
 
 /// The filters DescribeImages answers by constant (every image has these).
-const CONSTANT_FILTERS: &[(&str, &str)] =
-    &[("architecture", "x86_64"), ("image-type", "machine"), ("root-device-type", "ebs"), ("virtualization-type", "hvm"), ("hypervisor", "kvm")];
+const CONSTANT_FILTERS: &[(&str, &str)] = &[
+    ("architecture", "x86_64"),
+    ("image-type", "machine"),
+    ("root-device-type", "ebs"),
+    ("virtualization-type", "hvm"),
+    ("hypervisor", "kvm"),
+];
 
 /// The images a caller sees ($1: operator, $2: account): not deregistered, and public, its own, or any for the operator.
 const VISIBLE: &str = "state <> 'deregistered' AND ($1 OR is_public OR account_id = $2)";
@@ -319,7 +326,8 @@ impl Service {
         let new = validate_register(&req)?;
         self.check_registered_disk(&new).await?;
         let mut tx = self.db.begin().await?;
-        let owner: Option<(String,)> = sqlx::query_as("SELECT id FROM accounts WHERE id = $1").bind(&new.owner_id).fetch_optional(&mut *tx).await?;
+        let owner: Option<(String,)> =
+            sqlx::query_as("SELECT id FROM accounts WHERE id = $1").bind(&new.owner_id).fetch_optional(&mut *tx).await?;
         if owner.is_none() {
             return Err(ServiceError::AccountNotFound(new.owner_id.clone()));
         }
@@ -402,7 +410,10 @@ impl Service {
                 "is-public" => {
                     let wanted: Vec<bool> = values
                         .iter()
-                        .map(|v| v.parse::<bool>().map_err(|_| ServiceError::InvalidParameterValue(format!("is-public must be true or false, not {v:?}"))))
+                        .map(|v| {
+                            v.parse::<bool>()
+                                .map_err(|_| ServiceError::InvalidParameterValue(format!("is-public must be true or false, not {v:?}")))
+                        })
                         .collect::<Result<_>>()?;
                     // Both values: no constraint.
                     public = if wanted.iter().all(|w| *w == wanted[0]) { wanted.first().copied() } else { None };
@@ -449,12 +460,13 @@ impl Service {
         if !query.image_ids.is_empty() {
             // Naming an image the caller cannot see is an error, as in EC2
             // (whatever the filters then leave).
-            let (seen,): (Vec<String>,) = sqlx::query_as(&format!("SELECT coalesce(array_agg(id), '{{}}') FROM images WHERE {VISIBLE} AND id = ANY($3)"))
-                .bind(caller.admin)
-                .bind(&caller.account_id)
-                .bind(&query.image_ids)
-                .fetch_one(&self.db)
-                .await?;
+            let (seen,): (Vec<String>,) =
+                sqlx::query_as(&format!("SELECT coalesce(array_agg(id), '{{}}') FROM images WHERE {VISIBLE} AND id = ANY($3)"))
+                    .bind(caller.admin)
+                    .bind(&caller.account_id)
+                    .bind(&query.image_ids)
+                    .fetch_one(&self.db)
+                    .await?;
             if let Some(missing) = query.image_ids.iter().find(|id| !seen.contains(id)) {
                 return Err(ServiceError::ImageNotFound(missing.clone()));
             }
@@ -529,7 +541,13 @@ impl Service {
         super::retrying(|| self.try_create_image(caller, instance_id, req, &tags)).await
     }
 
-    async fn try_create_image(&self, caller: &Caller, instance_id: &str, req: &CreateImageRequest, tags: &[(String, String)]) -> Result<Image> {
+    async fn try_create_image(
+        &self,
+        caller: &Caller,
+        instance_id: &str,
+        req: &CreateImageRequest,
+        tags: &[(String, String)],
+    ) -> Result<Image> {
         let mut tx = self.db.begin().await?;
         // Lock order: the account (its image quota, counted under the lock,
         // so concurrent calls count each other), the instance, its host.
@@ -608,14 +626,14 @@ impl Service {
         .await?;
         let (owner, digest, in_store) = row.ok_or_else(|| ServiceError::ImageNotFound(image_id.to_string()))?;
         if owner != caller.account_id && !caller.admin {
-            return Err(ServiceError::Unauthorized(format!("You are not authorized to deregister image '{image_id}': it is another account's")));
+            return Err(ServiceError::Unauthorized(format!(
+                "You are not authorized to deregister image '{image_id}': it is another account's"
+            )));
         }
-        sqlx::query(
-            "UPDATE images SET state = 'deregistered', is_default = false, state_changed_at = now() WHERE id = $1",
-        )
-        .bind(image_id)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query("UPDATE images SET state = 'deregistered', is_default = false, state_changed_at = now() WHERE id = $1")
+            .bind(image_id)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         tracing::info!(%image_id, "image deregistered");
         if let (true, Some(digest)) = (in_store, digest) {
@@ -675,11 +693,13 @@ impl Service {
             // Images stored before their size was recorded (it counts in their account's quota).
             for digest in &files {
                 let Some((_, size)) = self.image_store.open(digest).await? else { continue };
-                sqlx::query("UPDATE images SET stored_bytes = $2 WHERE root_disk_sha256 = $1 AND root_disk_in_store AND stored_bytes IS NULL")
-                    .bind(digest)
-                    .bind(size as i64)
-                    .execute(&self.db)
-                    .await?;
+                sqlx::query(
+                    "UPDATE images SET stored_bytes = $2 WHERE root_disk_sha256 = $1 AND root_disk_in_store AND stored_bytes IS NULL",
+                )
+                .bind(digest)
+                .bind(size as i64)
+                .execute(&self.db)
+                .await?;
             }
         }
         for digest in files {
@@ -779,7 +799,8 @@ impl Service {
             None => {
                 // Deregistered (or failed) while the disk travelled.
                 self.drop_stored_if_unused(sha256).await?;
-                let (state,): (String,) = sqlx::query_as("SELECT state FROM images WHERE id = $1").bind(image_id).fetch_one(&self.db).await?;
+                let (state,): (String,) =
+                    sqlx::query_as("SELECT state FROM images WHERE id = $1").bind(image_id).fetch_one(&self.db).await?;
                 Err(pending(state))
             }
         }

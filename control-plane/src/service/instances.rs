@@ -6,9 +6,7 @@ use super::{Caller, Service};
 use crate::error::{Result, ServiceError};
 use crate::ids;
 use base64::Engine;
-use nimbus_proto::api::{
-    Instance, InstanceList, Reservation, RunInstancesRequest, StateChange, MAX_USER_DATA_BYTES,
-};
+use nimbus_proto::api::{Instance, InstanceList, Reservation, RunInstancesRequest, StateChange, MAX_USER_DATA_BYTES};
 use nimbus_proto::InstanceState;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeSet;
@@ -144,7 +142,9 @@ struct RequestKey<'a> {
 impl RequestKey<'_> {
     fn digest(&self) -> Vec<u8> {
         let mut h = Sha256::new();
-        for part in [self.image_id.as_bytes(), self.instance_type.as_bytes(), self.zone.unwrap_or("").as_bytes(), self.network_key.as_bytes()] {
+        for part in
+            [self.image_id.as_bytes(), self.instance_type.as_bytes(), self.zone.unwrap_or("").as_bytes(), self.network_key.as_bytes()]
+        {
             h.update((part.len() as u64).to_be_bytes());
             h.update(part);
         }
@@ -175,10 +175,25 @@ impl RequestKey<'_> {
 /// becomes the private address it names.
 fn network_filters(filters: &[(String, Vec<String>)]) -> Result<Vec<(String, Vec<String>)>> {
     const KNOWN: &[&str] = &[
-        "vpc-id", "subnet-id", "private-ip-address", "ip-address", "instance.group-id", "instance.group-name", "group-id", "group-name",
-        "network-interface.network-interface-id", "network-interface.vpc-id", "network-interface.subnet-id", "network-interface.mac-address",
-        "network-interface.addresses.private-ip-address", "network-interface.private-ip-address", "network-interface.attachment.device-index",
-        "network-interface.attachment.attachment-id", "network-interface.status", "network-interface.group-id", "network-interface.group-name",
+        "vpc-id",
+        "subnet-id",
+        "private-ip-address",
+        "ip-address",
+        "instance.group-id",
+        "instance.group-name",
+        "group-id",
+        "group-name",
+        "network-interface.network-interface-id",
+        "network-interface.vpc-id",
+        "network-interface.subnet-id",
+        "network-interface.mac-address",
+        "network-interface.addresses.private-ip-address",
+        "network-interface.private-ip-address",
+        "network-interface.attachment.device-index",
+        "network-interface.attachment.attachment-id",
+        "network-interface.status",
+        "network-interface.group-id",
+        "network-interface.group-name",
         "network-interface.association.public-ip",
     ];
     let mut out = Vec::new();
@@ -345,9 +360,7 @@ impl Service {
                 Err(e) => return Err(e),
             }
         }
-        Err(ServiceError::InsufficientInstanceCapacity(
-            "capacity is contended by concurrent launches; try again".into(),
-        ))
+        Err(ServiceError::InsufficientInstanceCapacity("capacity is contended by concurrent launches; try again".into()))
     }
 
     /// The reservation an earlier launch with this token made, if any;
@@ -361,9 +374,7 @@ impl Service {
                 .await?;
         match existing {
             None => Ok(None),
-            Some((_, existing_digest)) if existing_digest != digest => {
-                Err(ServiceError::IdempotentParameterMismatch(token.to_string()))
-            }
+            Some((_, existing_digest)) if existing_digest != digest => Err(ServiceError::IdempotentParameterMismatch(token.to_string())),
             Some((id, _)) => self.reservation(caller, &id).await.map(Some),
         }
     }
@@ -461,8 +472,7 @@ impl Service {
             }
         };
         let changed: Vec<i64> = placements.iter().map(|h| generations.get(h).copied().unwrap_or(0)).collect();
-        let zones: std::collections::HashMap<&str, &str> =
-            hosts.iter().map(|h| (h.id.as_str(), h.availability_zone.as_str())).collect();
+        let zones: std::collections::HashMap<&str, &str> = hosts.iter().map(|h| (h.id.as_str(), h.availability_zone.as_str())).collect();
         let ids: Vec<String> = placements.iter().map(|_| ids::new_id(ids::INSTANCE)).collect();
         let indexes: Vec<i32> = (0..placements.len() as i32).collect();
         let placed_zones: Vec<String> = placements.iter().map(|h| zones.get(h.as_str()).copied().unwrap_or("").to_string()).collect();
@@ -570,9 +580,7 @@ impl Service {
         .bind(opt(&filter.instance_types))
         .bind(i64::from(limit) + 1)
         .bind(opt(&filter.image_ids))
-        .bind(serde_json::Value::Array(
-            filter.tags.iter().map(|(k, v)| serde_json::json!({"k": k, "v": v})).collect(),
-        ))
+        .bind(serde_json::Value::Array(filter.tags.iter().map(|(k, v)| serde_json::json!({"k": k, "v": v})).collect()))
         .bind(serde_json::Value::Array(network_filters.iter().map(|(k, v)| serde_json::json!({"k": k, "v": v})).collect()))
         .fetch_all(&self.db)
         .await?;

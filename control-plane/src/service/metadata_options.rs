@@ -29,7 +29,9 @@ fn choice(field: &str, value: &Option<String>, yes: &str, no: &str, current: boo
         None => Ok(current),
         Some(v) if v == yes => Ok(true),
         Some(v) if v == no => Ok(false),
-        Some(v) => Err(ServiceError::InvalidParameterValue(format!("Value ({v}) for parameter {field} is invalid. Valid values: {no}, {yes}"))),
+        Some(v) => {
+            Err(ServiceError::InvalidParameterValue(format!("Value ({v}) for parameter {field} is invalid. Valid values: {no}, {yes}")))
+        }
     }
 }
 
@@ -45,12 +47,20 @@ impl Options {
         };
         match req.http_protocol_ipv6.as_deref() {
             None | Some("disabled") => {}
-            Some(v) => return Err(ServiceError::InvalidParameterValue(format!("HttpProtocolIpv6 {v}: only disabled (Nimbus serves IPv4)"))),
+            Some(v) => {
+                return Err(ServiceError::InvalidParameterValue(format!("HttpProtocolIpv6 {v}: only disabled (Nimbus serves IPv4)")))
+            }
         }
         Ok(Options {
             metadata_tokens_required: choice("HttpTokens", &req.http_tokens, "required", "optional", self.metadata_tokens_required)?,
             metadata_endpoint_enabled: choice("HttpEndpoint", &req.http_endpoint, "enabled", "disabled", self.metadata_endpoint_enabled)?,
-            metadata_tags_enabled: choice("InstanceMetadataTags", &req.instance_metadata_tags, "enabled", "disabled", self.metadata_tags_enabled)?,
+            metadata_tags_enabled: choice(
+                "InstanceMetadataTags",
+                &req.instance_metadata_tags,
+                "enabled",
+                "disabled",
+                self.metadata_tags_enabled,
+            )?,
             metadata_hop_limit: hop,
         })
     }
@@ -101,10 +111,14 @@ impl Service {
         .bind(instance_id)
         .fetch_optional(&mut *tx)
         .await?
-        .map(|(s, t, e, g, h)| (s, Options { metadata_tokens_required: t, metadata_endpoint_enabled: e, metadata_tags_enabled: g, metadata_hop_limit: h }));
+        .map(|(s, t, e, g, h)| {
+            (s, Options { metadata_tokens_required: t, metadata_endpoint_enabled: e, metadata_tags_enabled: g, metadata_hop_limit: h })
+        });
         let (state, current) = row.ok_or_else(|| ServiceError::InstanceNotFound(instance_id.to_string()))?;
         if state == "terminated" || state == "shutting-down" {
-            return Err(ServiceError::IncorrectInstanceState(format!("The instance '{instance_id}' is not in a state from which its metadata options can be modified")));
+            return Err(ServiceError::IncorrectInstanceState(format!(
+                "The instance '{instance_id}' is not in a state from which its metadata options can be modified"
+            )));
         }
         let new = current.apply(req)?;
         sqlx::query(
@@ -148,6 +162,9 @@ mod tests {
         let v6 = MetadataOptionsRequest { http_protocol_ipv6: Some("enabled".into()), ..Default::default() };
         assert!(d.apply(&v6).is_err());
         let api = d.to_api("applied");
-        assert_eq!((api.http_tokens.as_str(), api.http_endpoint.as_str(), api.instance_metadata_tags.as_str()), ("optional", "enabled", "disabled"));
+        assert_eq!(
+            (api.http_tokens.as_str(), api.http_endpoint.as_str(), api.instance_metadata_tags.as_str()),
+            ("optional", "enabled", "disabled")
+        );
     }
 }

@@ -30,8 +30,8 @@ use super::{Caller, Service};
 use crate::error::{Result, ServiceError};
 use crate::ids;
 use nimbus_proto::api::{
-    Address, GroupRef, InterfaceAssociation, InterfaceAttachment, IpPermission, NetworkInterface, ResourceTag,
-    RunInstancesRequest, SecurityGroup, SecurityGroupRule, Subnet, Vpc,
+    Address, GroupRef, InterfaceAssociation, InterfaceAttachment, IpPermission, NetworkInterface, ResourceTag, RunInstancesRequest,
+    SecurityGroup, SecurityGroupRule, Subnet, Vpc,
 };
 use nimbus_proto::network::{self as wire, Cidr, HostNetwork, Nic, Peer, Protocol, Rule, SubnetOnHost, VpcOnHost};
 use sqlx::PgConnection;
@@ -109,7 +109,9 @@ fn yes_no(b: bool) -> String {
 // ---------------------------------------------------------------- helpers
 
 fn parse_cidr(s: &str, what: &str) -> Result<Cidr> {
-    Cidr::parse(s).ok_or_else(|| ServiceError::InvalidParameterValue(format!("Value ({s}) for parameter {what} is invalid. This is not a valid CIDR block.")))
+    Cidr::parse(s).ok_or_else(|| {
+        ServiceError::InvalidParameterValue(format!("Value ({s}) for parameter {what} is invalid. This is not a valid CIDR block."))
+    })
 }
 
 pub(crate) fn db_cidr(s: &str) -> Result<Cidr> {
@@ -164,11 +166,7 @@ pub(crate) async fn bump_hosts(conn: &mut PgConnection, hosts: &BTreeSet<String>
     .bind(&ids)
     .fetch_all(&mut *conn)
     .await?;
-    sqlx::query("SELECT pg_notify($1, h) FROM unnest($2::text[]) AS h")
-        .bind(crate::notify::CHANNEL)
-        .bind(&ids)
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query("SELECT pg_notify($1, h) FROM unnest($2::text[]) AS h").bind(crate::notify::CHANNEL).bind(&ids).execute(&mut *conn).await?;
     Ok(rows.into_iter().collect())
 }
 
@@ -302,7 +300,9 @@ fn ports_of(protocol: &'static str, from: Option<i32>, to: Option<i32>) -> Resul
                 return Ok((0, 65535));
             }
             if !(0..=65535).contains(&from) || !(0..=65535).contains(&to) || from > to {
-                return Err(ServiceError::InvalidParameterValue(format!("Invalid port range {from}-{to}: ports are 0 to 65535, from <= to")));
+                return Err(ServiceError::InvalidParameterValue(format!(
+                    "Invalid port range {from}-{to}: ports are 0 to 65535, from <= to"
+                )));
             }
             Ok((from, to))
         }
@@ -345,7 +345,13 @@ struct RuleRow {
 
 impl RuleRow {
     fn key(&self) -> Result<RuleKey> {
-        Ok(RuleKey { protocol: protocol_of(&self.protocol)?, from: self.from_port, to: self.to_port, cidr: self.cidr.clone(), peer: self.peer_group_id.clone() })
+        Ok(RuleKey {
+            protocol: protocol_of(&self.protocol)?,
+            from: self.from_port,
+            to: self.to_port,
+            cidr: self.cidr.clone(),
+            peer: self.peer_group_id.clone(),
+        })
     }
 }
 
@@ -446,7 +452,12 @@ impl InterfaceRow {
             availability_zone: self.availability_zone,
             private_ip_address: self.private_ip,
             mac_address: self.mac,
-            groups: self.group_ids.into_iter().zip(self.group_names).map(|(group_id, group_name)| GroupRef { group_id, group_name }).collect(),
+            groups: self
+                .group_ids
+                .into_iter()
+                .zip(self.group_names)
+                .map(|(group_id, group_name)| GroupRef { group_id, group_name })
+                .collect(),
             attachment,
             association: self.public_ip.map(|public_ip| InterfaceAssociation {
                 public_ip,
@@ -563,7 +574,8 @@ impl Service {
         let missing: Vec<(String,)> = sqlx::query_as(MISSING_ZONES).bind(&vpc_id).fetch_all(&mut *tx).await?;
         if !missing.is_empty() {
             let vpc = db_cidr(&vpc_cidr)?;
-            let taken: Vec<(String,)> = sqlx::query_as("SELECT cidr::text FROM subnets WHERE vpc_id = $1").bind(&vpc_id).fetch_all(&mut *tx).await?;
+            let taken: Vec<(String,)> =
+                sqlx::query_as("SELECT cidr::text FROM subnets WHERE vpc_id = $1").bind(&vpc_id).fetch_all(&mut *tx).await?;
             let mut taken: Vec<Cidr> = taken.iter().map(|t| db_cidr(&t.0)).collect::<Result<_>>()?;
             for (zone,) in missing {
                 let block = (0..vpc.size() / 4096)
@@ -604,7 +616,8 @@ impl Service {
         self.ensure_default_network(&caller.account_id).await?;
         let mut tx = self.db.begin().await?;
         sqlx::query("SELECT 1 FROM accounts WHERE id = $1 FOR NO KEY UPDATE").bind(&caller.account_id).execute(&mut *tx).await?;
-        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM vpcs WHERE account_id = $1").bind(&caller.account_id).fetch_one(&mut *tx).await?;
+        let (n,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM vpcs WHERE account_id = $1").bind(&caller.account_id).fetch_one(&mut *tx).await?;
         if n >= MAX_VPCS {
             return Err(ServiceError::VpcLimitExceeded(format!("The maximum number of VPCs ({MAX_VPCS}) has been reached.")));
         }
@@ -618,7 +631,14 @@ impl Service {
         create_default_group(&mut tx, &caller.account_id, &id).await?;
         tx.commit().await?;
         tracing::info!(vpc_id = %id, %cidr, "VPC created");
-        Ok(Vpc { vpc_id: id, cidr_block: cidr.to_string(), is_default: false, state: "available".into(), owner_id: caller.account_id.clone(), tags: vec![] })
+        Ok(Vpc {
+            vpc_id: id,
+            cidr_block: cidr.to_string(),
+            is_default: false,
+            state: "available".into(),
+            owner_id: caller.account_id.clone(),
+            tags: vec![],
+        })
     }
 
     /// Deletes a VPC with no subnets and no groups but its default one.
@@ -652,7 +672,11 @@ impl Service {
             _ => e.into(),
         };
         sqlx::query("DELETE FROM security_groups WHERE vpc_id = $1").bind(vpc_id).execute(&mut *tx).await.map_err(dependent)?;
-        sqlx::query("DELETE FROM tags WHERE account_id = $1 AND resource_id = $2").bind(&caller.account_id).bind(vpc_id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM tags WHERE account_id = $1 AND resource_id = $2")
+            .bind(&caller.account_id)
+            .bind(vpc_id)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("DELETE FROM vpcs WHERE id = $1").bind(vpc_id).execute(&mut *tx).await.map_err(dependent)?;
         tx.commit().await?;
         Ok(())
@@ -662,7 +686,20 @@ impl Service {
         for id in vpc_ids {
             check_id(ids::VPC, id, ServiceError::VpcIdMalformed)?;
         }
-        check_filter_names(filters, &["vpc-id", "cidr", "cidr-block", "cidrBlock", "cidr-block-association.cidr-block", "is-default", "isDefault", "state", "owner-id"])?;
+        check_filter_names(
+            filters,
+            &[
+                "vpc-id",
+                "cidr",
+                "cidr-block",
+                "cidrBlock",
+                "cidr-block-association.cidr-block",
+                "is-default",
+                "isDefault",
+                "state",
+                "owner-id",
+            ],
+        )?;
         self.ensure_default_network(&caller.account_id).await?;
         let rows: Vec<(String, String, bool)> = sqlx::query_as(
             "SELECT id, cidr::text, is_default FROM vpcs WHERE account_id = $1 AND ($2::text[] IS NULL OR id = ANY($2)) ORDER BY created_at, id",
@@ -734,7 +771,9 @@ impl Service {
         }
         let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM subnets WHERE vpc_id = $1").bind(vpc_id).fetch_one(&mut *tx).await?;
         if n >= MAX_SUBNETS_PER_VPC {
-            return Err(ServiceError::SubnetLimitExceeded(format!("The maximum number of subnets ({MAX_SUBNETS_PER_VPC}) has been reached.")));
+            return Err(ServiceError::SubnetLimitExceeded(format!(
+                "The maximum number of subnets ({MAX_SUBNETS_PER_VPC}) has been reached."
+            )));
         }
         let id = ids::new_id(ids::SUBNET);
         sqlx::query("INSERT INTO subnets (id, account_id, vpc_id, availability_zone, cidr) VALUES ($1, $2, $3, $4, $5::cidr)")
@@ -788,15 +827,19 @@ impl Service {
             .execute(&mut *tx)
             .await
             .map_err(|e| match &e {
-                sqlx::Error::Database(d) if d.code().as_deref() == Some("23503") => ServiceError::DependencyViolation(format!(
-                    "The subnet '{subnet_id}' has dependencies and cannot be deleted."
-                )),
+                sqlx::Error::Database(d) if d.code().as_deref() == Some("23503") => {
+                    ServiceError::DependencyViolation(format!("The subnet '{subnet_id}' has dependencies and cannot be deleted."))
+                }
                 _ => e.into(),
             })?;
         if deleted.rows_affected() == 0 {
             return Err(ServiceError::SubnetNotFound(subnet_id.to_string()));
         }
-        sqlx::query("DELETE FROM tags WHERE account_id = $1 AND resource_id = $2").bind(&caller.account_id).bind(subnet_id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM tags WHERE account_id = $1 AND resource_id = $2")
+            .bind(&caller.account_id)
+            .bind(subnet_id)
+            .execute(&mut *tx)
+            .await?;
         super::network_changes::note(&mut tx, &Change { vpcs, ..Default::default() }).await?;
         tx.commit().await?;
         Ok(())
@@ -823,8 +866,20 @@ impl Service {
         check_filter_names(
             filters,
             &[
-                "subnet-id", "vpc-id", "vpcId", "availability-zone", "availabilityZone", "default-for-az", "defaultForAz", "state",
-                "cidr", "cidr-block", "cidrBlock", "map-public-ip-on-launch", "owner-id", "available-ip-address-count",
+                "subnet-id",
+                "vpc-id",
+                "vpcId",
+                "availability-zone",
+                "availabilityZone",
+                "default-for-az",
+                "defaultForAz",
+                "state",
+                "cidr",
+                "cidr-block",
+                "cidrBlock",
+                "map-public-ip-on-launch",
+                "owner-id",
+                "available-ip-address-count",
             ],
         )?;
         self.ensure_default_network(&caller.account_id).await?;
@@ -956,7 +1011,13 @@ impl Service {
 
     /// Creates a group (no inbound, all outbound, as EC2) in `vpc_id`, or
     /// in the default VPC.
-    pub async fn create_security_group(&self, caller: &Caller, name: &str, description: &str, vpc_id: Option<&str>) -> Result<SecurityGroup> {
+    pub async fn create_security_group(
+        &self,
+        caller: &Caller,
+        name: &str,
+        description: &str,
+        vpc_id: Option<&str>,
+    ) -> Result<SecurityGroup> {
         if name.is_empty() || name.chars().count() > 255 || name.chars().any(char::is_control) {
             return Err(ServiceError::InvalidParameterValue("GroupName must be 1 to 255 characters".into()));
         }
@@ -989,9 +1050,12 @@ impl Service {
         if found.is_none() {
             return Err(ServiceError::VpcNotFound(vpc_id));
         }
-        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM security_groups WHERE vpc_id = $1").bind(&vpc_id).fetch_one(&mut *tx).await?;
+        let (n,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM security_groups WHERE vpc_id = $1").bind(&vpc_id).fetch_one(&mut *tx).await?;
         if n >= MAX_GROUPS_PER_VPC {
-            return Err(ServiceError::SecurityGroupLimitExceeded(format!("The maximum number of security groups per VPC ({MAX_GROUPS_PER_VPC}) has been reached.")));
+            return Err(ServiceError::SecurityGroupLimitExceeded(format!(
+                "The maximum number of security groups per VPC ({MAX_GROUPS_PER_VPC}) has been reached."
+            )));
         }
         let id = ids::new_id(ids::SECURITY_GROUP);
         sqlx::query("INSERT INTO security_groups (id, account_id, vpc_id, name, description) VALUES ($1, $2, $3, $4, $5)")
@@ -1044,12 +1108,22 @@ impl Service {
             }
             _ => e.into(),
         })?;
-        sqlx::query("DELETE FROM tags WHERE account_id = $1 AND resource_id = $2").bind(&caller.account_id).bind(&id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM tags WHERE account_id = $1 AND resource_id = $2")
+            .bind(&caller.account_id)
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(id)
     }
 
-    pub async fn describe_security_groups(&self, caller: &Caller, group_ids: &[String], names: &[String], filters: &Filters) -> Result<Vec<SecurityGroup>> {
+    pub async fn describe_security_groups(
+        &self,
+        caller: &Caller,
+        group_ids: &[String],
+        names: &[String],
+        filters: &Filters,
+    ) -> Result<Vec<SecurityGroup>> {
         for id in group_ids {
             check_id(ids::SECURITY_GROUP, id, ServiceError::GroupIdMalformed)?;
         }
@@ -1071,7 +1145,9 @@ impl Service {
             return Err(ServiceError::GroupNotFound(format!("The security group '{missing}' does not exist")));
         }
         if let Some(missing) = names.iter().find(|n| !rows.iter().any(|r| &r.1 == *n)) {
-            return Err(ServiceError::GroupNotFound(format!("The security group '{missing}' does not exist in default VPC '{default_vpc}'")));
+            return Err(ServiceError::GroupNotFound(format!(
+                "The security group '{missing}' does not exist in default VPC '{default_vpc}'"
+            )));
         }
         let ids: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
         let rules = sqlx::query_as::<_, RuleRow>(&format!(
@@ -1150,7 +1226,13 @@ impl Service {
 
     /// Adds allow rules to a group; all or nothing (a rule that exists,
     /// even twice in the request, is InvalidPermission.Duplicate).
-    pub async fn authorize_security_group(&self, caller: &Caller, sel: &GroupSel, egress: bool, perms: &[IpPermission]) -> Result<Vec<SecurityGroupRule>> {
+    pub async fn authorize_security_group(
+        &self,
+        caller: &Caller,
+        sel: &GroupSel,
+        egress: bool,
+        perms: &[IpPermission],
+    ) -> Result<Vec<SecurityGroupRule>> {
         let (group_id, vpc_id) = self.resolve_group(caller, sel, None).await?;
         let keys = self.rule_keys(caller, &vpc_id, perms).await?;
         let mut seen = BTreeSet::new();
@@ -1184,7 +1266,15 @@ impl Service {
         let descriptions: Vec<Option<String>> = keys.iter().map(|(_, d)| d.clone()).collect();
         let created = insert_rules(&mut tx, group_id, egress, &just_keys, Some(&descriptions)).await?;
         if created.len() < keys.len() {
-            let dup = just_keys.iter().find(|k| !created.iter().any(|c| c.protocol == k.protocol && c.from_port == k.from && c.to_port == k.to && c.cidr == k.cidr && c.referenced_group_id == k.peer));
+            let dup = just_keys.iter().find(|k| {
+                !created.iter().any(|c| {
+                    c.protocol == k.protocol
+                        && c.from_port == k.from
+                        && c.to_port == k.to
+                        && c.cidr == k.cidr
+                        && c.referenced_group_id == k.peer
+                })
+            });
             return Err(ServiceError::PermissionDuplicate(format!(
                 "the specified rule \"{}\" already exists",
                 dup.map(RuleKey::describe).unwrap_or_default()
@@ -1219,11 +1309,13 @@ impl Service {
             let mut groups: BTreeSet<String> = keys.iter().filter_map(|k| k.peer.clone()).collect();
             groups.insert(group_id.clone());
             lock_groups(&mut tx, &groups).await?;
-            let rows = sqlx::query_as::<_, RuleRow>(&format!("SELECT {RULE_COLUMNS} FROM security_group_rules WHERE group_id = $1 AND egress = $2"))
-                .bind(&group_id)
-                .bind(egress)
-                .fetch_all(&mut *tx)
-                .await?;
+            let rows = sqlx::query_as::<_, RuleRow>(&format!(
+                "SELECT {RULE_COLUMNS} FROM security_group_rules WHERE group_id = $1 AND egress = $2"
+            ))
+            .bind(&group_id)
+            .bind(egress)
+            .fetch_all(&mut *tx)
+            .await?;
             let mut doomed = BTreeSet::new();
             for k in keys {
                 let mut found = None;
@@ -1233,7 +1325,10 @@ impl Service {
                     }
                 }
                 let id = found.ok_or_else(|| {
-                    ServiceError::PermissionNotFound(format!("The specified rule \"{}\" does not exist in this security group.", k.describe()))
+                    ServiceError::PermissionNotFound(format!(
+                        "The specified rule \"{}\" does not exist in this security group.",
+                        k.describe()
+                    ))
                 })?;
                 doomed.insert(id);
             }
@@ -1254,7 +1349,12 @@ impl Service {
         .await
     }
 
-    pub async fn describe_security_group_rules(&self, caller: &Caller, rule_ids: &[String], filters: &Filters) -> Result<Vec<SecurityGroupRule>> {
+    pub async fn describe_security_group_rules(
+        &self,
+        caller: &Caller,
+        rule_ids: &[String],
+        filters: &Filters,
+    ) -> Result<Vec<SecurityGroupRule>> {
         check_filter_names(filters, &["group-id", "security-group-rule-id"])?;
         let rows = sqlx::query_as::<_, RuleRow>(&format!(
             "SELECT {} FROM security_group_rules r JOIN security_groups g ON g.id = r.group_id \
@@ -1282,7 +1382,12 @@ impl Service {
     // ------------------------------------------------------------ interfaces
 
     /// Interfaces of the caller, by id and/or instance.
-    pub(crate) async fn interfaces(&self, caller: &Caller, ids: Option<&[String]>, instances: Option<&[String]>) -> Result<Vec<NetworkInterface>> {
+    pub(crate) async fn interfaces(
+        &self,
+        caller: &Caller,
+        ids: Option<&[String]>,
+        instances: Option<&[String]>,
+    ) -> Result<Vec<NetworkInterface>> {
         let rows = sqlx::query_as::<_, InterfaceRow>(&format!(
             "{INTERFACE_SELECT} WHERE n.account_id = $1 AND ($2::text[] IS NULL OR n.id = ANY($2)) \
                AND ($3::text[] IS NULL OR n.instance_id = ANY($3)) ORDER BY n.instance_id, n.device_index, n.id"
@@ -1295,17 +1400,38 @@ impl Service {
         Ok(rows.into_iter().map(|r| r.view(&caller.account_id, &self.config.region)).collect())
     }
 
-    pub async fn describe_network_interfaces(&self, caller: &Caller, eni_ids: &[String], filters: &Filters) -> Result<Vec<NetworkInterface>> {
+    pub async fn describe_network_interfaces(
+        &self,
+        caller: &Caller,
+        eni_ids: &[String],
+        filters: &Filters,
+    ) -> Result<Vec<NetworkInterface>> {
         for id in eni_ids {
             check_id(ids::NETWORK_INTERFACE, id, ServiceError::NetworkInterfaceIdMalformed)?;
         }
         check_filter_names(
             filters,
             &[
-                "network-interface-id", "vpc-id", "subnet-id", "availability-zone", "private-ip-address", "addresses.private-ip-address",
-                "private-dns-name", "mac-address", "status", "group-id", "group-name", "attachment.instance-id", "attachment.attachment-id",
-                "attachment.device-index", "attachment.status", "attachment.delete-on-termination", "association.public-ip",
-                "association.allocation-id", "association.association-id", "owner-id",
+                "network-interface-id",
+                "vpc-id",
+                "subnet-id",
+                "availability-zone",
+                "private-ip-address",
+                "addresses.private-ip-address",
+                "private-dns-name",
+                "mac-address",
+                "status",
+                "group-id",
+                "group-name",
+                "attachment.instance-id",
+                "attachment.attachment-id",
+                "attachment.device-index",
+                "attachment.status",
+                "attachment.delete-on-termination",
+                "association.public-ip",
+                "association.allocation-id",
+                "association.association-id",
+                "owner-id",
             ],
         )?;
         let mut list = self.interfaces(caller, opt_list(eni_ids).as_deref(), None).await?;
@@ -1376,7 +1502,11 @@ impl Service {
             .await?;
         sqlx::query("DELETE FROM public_addresses WHERE network_interface_id = $1").bind(eni_id).execute(&mut *tx).await?;
         sqlx::query("DELETE FROM network_interfaces WHERE id = $1").bind(eni_id).execute(&mut *tx).await?;
-        sqlx::query("DELETE FROM tags WHERE account_id = $1 AND resource_id = $2").bind(&caller.account_id).bind(eni_id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM tags WHERE account_id = $1 AND resource_id = $2")
+            .bind(&caller.account_id)
+            .bind(eni_id)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -1384,9 +1514,9 @@ impl Service {
     // ------------------------------------------------------------ public addresses
 
     fn pool(&self) -> Result<Cidr> {
-        self.config
-            .public_pool
-            .ok_or_else(|| ServiceError::InsufficientAddressCapacity("No public address pool is configured (the operator's --public-pool)".into()))
+        self.config.public_pool.ok_or_else(|| {
+            ServiceError::InsufficientAddressCapacity("No public address pool is configured (the operator's --public-pool)".into())
+        })
     }
 
     /// Allocates an Elastic IP from the pool, within the account's limit.
@@ -1428,15 +1558,17 @@ impl Service {
     async fn resolve_address(&self, caller: &Caller, allocation_id: Option<&str>, public_ip: Option<&str>) -> Result<String> {
         match (allocation_id, public_ip) {
             (Some(a), _) => {
-                let row: Option<(String,)> = sqlx::query_as("SELECT allocation_id FROM public_addresses WHERE allocation_id = $1 AND account_id = $2")
-                    .bind(a)
-                    .bind(&caller.account_id)
-                    .fetch_optional(&self.db)
-                    .await?;
+                let row: Option<(String,)> =
+                    sqlx::query_as("SELECT allocation_id FROM public_addresses WHERE allocation_id = $1 AND account_id = $2")
+                        .bind(a)
+                        .bind(&caller.account_id)
+                        .fetch_optional(&self.db)
+                        .await?;
                 row.map(|r| r.0).ok_or_else(|| ServiceError::AllocationNotFound(a.to_string()))
             }
             (None, Some(ip)) => {
-                let ip4: Ipv4Addr = ip.parse().map_err(|_| ServiceError::InvalidParameterValue(format!("Invalid value '{ip}' for PublicIp")))?;
+                let ip4: Ipv4Addr =
+                    ip.parse().map_err(|_| ServiceError::InvalidParameterValue(format!("Invalid value '{ip}' for PublicIp")))?;
                 let row: Option<(String,)> = sqlx::query_as(
                     "SELECT allocation_id FROM public_addresses WHERE public_ip = $1::inet AND account_id = $2 AND allocation_id IS NOT NULL",
                 )
@@ -1506,11 +1638,12 @@ impl Service {
     ) -> Result<Option<String>> {
         let mut tx = self.db.begin().await?;
         // Lock order: instance, interface, address, hosts.
-        let owner: Option<(Option<String>,)> = sqlx::query_as("SELECT instance_id FROM network_interfaces WHERE id = $1 AND account_id = $2")
-            .bind(eni_id)
-            .bind(&caller.account_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let owner: Option<(Option<String>,)> =
+            sqlx::query_as("SELECT instance_id FROM network_interfaces WHERE id = $1 AND account_id = $2")
+                .bind(eni_id)
+                .bind(&caller.account_id)
+                .fetch_optional(&mut *tx)
+                .await?;
         let (instance,) = owner.ok_or_else(|| ServiceError::NetworkInterfaceNotFound(eni_id.to_string()))?;
         if let Some(i) = &instance {
             sqlx::query("SELECT 1 FROM instances WHERE id = $1 FOR UPDATE").bind(i).execute(&mut *tx).await?;
@@ -1560,7 +1693,10 @@ impl Service {
             }
         }
         // What the target had: an address from launch goes back to the pool, an Elastic IP is disassociated.
-        sqlx::query("DELETE FROM public_addresses WHERE network_interface_id = $1 AND allocation_id IS NULL").bind(eni_id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM public_addresses WHERE network_interface_id = $1 AND allocation_id IS NULL")
+            .bind(eni_id)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("UPDATE public_addresses SET network_interface_id = NULL, association_id = NULL WHERE network_interface_id = $1")
             .bind(eni_id)
             .execute(&mut *tx)
@@ -1613,16 +1749,18 @@ impl Service {
                 .bind(&allocation)
                 .fetch_optional(&self.db)
                 .await?;
-            let association = row.and_then(|r| r.0).ok_or_else(|| ServiceError::AssociationNotFound(format!("{allocation} is not associated")))?;
+            let association =
+                row.and_then(|r| r.0).ok_or_else(|| ServiceError::AssociationNotFound(format!("{allocation} is not associated")))?;
             return Box::pin(self.disassociate_address(caller, Some(&association), None, None)).await;
         }
         let allocation_id = match (association_id, public_ip) {
             (Some(a), _) => {
-                let row: Option<(String,)> = sqlx::query_as("SELECT allocation_id FROM public_addresses WHERE association_id = $1 AND account_id = $2")
-                    .bind(a)
-                    .bind(&caller.account_id)
-                    .fetch_optional(&self.db)
-                    .await?;
+                let row: Option<(String,)> =
+                    sqlx::query_as("SELECT allocation_id FROM public_addresses WHERE association_id = $1 AND account_id = $2")
+                        .bind(a)
+                        .bind(&caller.account_id)
+                        .fetch_optional(&self.db)
+                        .await?;
                 row.ok_or_else(|| ServiceError::AssociationNotFound(a.to_string()))?.0
             }
             (None, Some(_)) => self.resolve_address(caller, None, public_ip).await?,
@@ -1671,24 +1809,46 @@ impl Service {
     pub async fn release_address(&self, caller: &Caller, allocation_id: Option<&str>, public_ip: Option<&str>) -> Result<()> {
         let allocation_id = self.resolve_address(caller, allocation_id, public_ip).await?;
         let mut tx = self.db.begin().await?;
-        let row: Option<(Option<String>,)> = sqlx::query_as("SELECT network_interface_id FROM public_addresses WHERE allocation_id = $1 FOR UPDATE")
-            .bind(&allocation_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let row: Option<(Option<String>,)> =
+            sqlx::query_as("SELECT network_interface_id FROM public_addresses WHERE allocation_id = $1 FOR UPDATE")
+                .bind(&allocation_id)
+                .fetch_optional(&mut *tx)
+                .await?;
         let (eni,) = row.ok_or_else(|| ServiceError::AllocationNotFound(allocation_id.clone()))?;
         if let Some(eni) = eni {
-            return Err(ServiceError::AddressInUse(format!("The address with allocation id [{allocation_id}] is in use (associated with {eni})")));
+            return Err(ServiceError::AddressInUse(format!(
+                "The address with allocation id [{allocation_id}] is in use (associated with {eni})"
+            )));
         }
         sqlx::query("DELETE FROM public_addresses WHERE allocation_id = $1").bind(&allocation_id).execute(&mut *tx).await?;
-        sqlx::query("DELETE FROM tags WHERE account_id = $1 AND resource_id = $2").bind(&caller.account_id).bind(&allocation_id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM tags WHERE account_id = $1 AND resource_id = $2")
+            .bind(&caller.account_id)
+            .bind(&allocation_id)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
     }
 
-    pub async fn describe_addresses(&self, caller: &Caller, public_ips: &[String], allocation_ids: &[String], filters: &Filters) -> Result<Vec<Address>> {
+    pub async fn describe_addresses(
+        &self,
+        caller: &Caller,
+        public_ips: &[String],
+        allocation_ids: &[String],
+        filters: &Filters,
+    ) -> Result<Vec<Address>> {
         check_filter_names(
             filters,
-            &["allocation-id", "association-id", "domain", "instance-id", "network-interface-id", "private-ip-address", "public-ip", "network-interface-owner-id"],
+            &[
+                "allocation-id",
+                "association-id",
+                "domain",
+                "instance-id",
+                "network-interface-id",
+                "private-ip-address",
+                "public-ip",
+                "network-interface-owner-id",
+            ],
         )?;
         type Row = (String, String, Option<String>, Option<String>, Option<String>, Option<String>);
         let rows: Vec<Row> = sqlx::query_as(
@@ -1712,7 +1872,9 @@ impl Service {
         let mut tags = self.tags_of(caller, &rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>()).await?;
         Ok(rows
             .into_iter()
-            .filter(|r| (public_ips.is_empty() || public_ips.contains(&r.1)) && (allocation_ids.is_empty() || allocation_ids.contains(&r.0)))
+            .filter(|r| {
+                (public_ips.is_empty() || public_ips.contains(&r.1)) && (allocation_ids.is_empty() || allocation_ids.contains(&r.0))
+            })
             .map(|(allocation_id, public_ip, association_id, network_interface_id, instance_id, private_ip_address)| Address {
                 tags: tags_into(&mut tags, &allocation_id),
                 allocation_id,
@@ -1725,7 +1887,8 @@ impl Service {
                 owner_id: caller.account_id.clone(),
             })
             .filter(|a| {
-                let mut facts = vec![("allocation-id", a.allocation_id.clone()), ("public-ip", a.public_ip.clone()), ("domain", a.domain.clone())];
+                let mut facts =
+                    vec![("allocation-id", a.allocation_id.clone()), ("public-ip", a.public_ip.clone()), ("domain", a.domain.clone())];
                 for (k, v) in [
                     ("association-id", &a.association_id),
                     ("instance-id", &a.instance_id),
@@ -1819,7 +1982,9 @@ impl Service {
             return Err(ServiceError::InvalidParameterValue("The network interfaces of an instance must be in one VPC".into()));
         }
         if zones.len() > 1 {
-            return Err(ServiceError::InvalidParameterValue("The network interfaces of an instance must be in one availability zone".into()));
+            return Err(ServiceError::InvalidParameterValue(
+                "The network interfaces of an instance must be in one availability zone".into(),
+            ));
         }
         let vpc_id = vpcs.first().map(|v| v.to_string()).unwrap_or(default_vpc);
         let zone = zones.first().map(|z| z.to_string());
@@ -1828,10 +1993,8 @@ impl Service {
                 return Err(ServiceError::InvalidParameterValue(format!("The subnet is in availability zone {z}, not {asked}")));
             }
         }
-        let (default_group,): (String,) = sqlx::query_as("SELECT id FROM security_groups WHERE vpc_id = $1 AND is_default")
-            .bind(&vpc_id)
-            .fetch_one(&self.db)
-            .await?;
+        let (default_group,): (String,) =
+            sqlx::query_as("SELECT id FROM security_groups WHERE vpc_id = $1 AND is_default").bind(&vpc_id).fetch_one(&self.db).await?;
         let mut nics = Vec::new();
         for s in &specs {
             let subnet = s.subnet_id.as_ref().or(primary.as_ref()).and_then(|id| subnets.get(id)).cloned();
@@ -1848,12 +2011,15 @@ impl Service {
             let private_ip = match &s.private_ip_address {
                 None => None,
                 Some(p) => {
-                    let ip: Ipv4Addr = p.parse().map_err(|_| ServiceError::InvalidParameterValue(format!("Invalid value '{p}' for PrivateIpAddress")))?;
+                    let ip: Ipv4Addr =
+                        p.parse().map_err(|_| ServiceError::InvalidParameterValue(format!("Invalid value '{p}' for PrivateIpAddress")))?;
                     let Some(sub) = &subnet else {
                         return Err(ServiceError::InvalidParameterCombination("A private IP address needs a subnet".into()));
                     };
                     if !sub.cidr.contains(ip) {
-                        return Err(ServiceError::InvalidParameterValue(format!("Address {ip} does not fall within the subnet's address range")));
+                        return Err(ServiceError::InvalidParameterValue(format!(
+                            "Address {ip} does not fall within the subnet's address range"
+                        )));
                     }
                     if is_reserved(&sub.cidr, ip) {
                         return Err(ServiceError::InvalidParameterValue(format!("Address {ip} is in subnet's reserved address range")));
@@ -1894,14 +2060,17 @@ impl Service {
             }
         }
         let ids: Vec<String> = need.keys().cloned().collect();
-        let used: Vec<(String, i64)> = sqlx::query_as("SELECT subnet_id, count(*) FROM network_interfaces WHERE subnet_id = ANY($1) GROUP BY subnet_id")
-            .bind(&ids)
-            .fetch_all(&mut *conn)
-            .await?;
+        let used: Vec<(String, i64)> =
+            sqlx::query_as("SELECT subnet_id, count(*) FROM network_interfaces WHERE subnet_id = ANY($1) GROUP BY subnet_id")
+                .bind(&ids)
+                .fetch_all(&mut *conn)
+                .await?;
         let used: HashMap<String, i64> = used.into_iter().collect();
         let fit = need
             .iter()
-            .map(|(id, (per_instance, cidr))| usable_addresses(cidr).saturating_sub(used.get(id).copied().unwrap_or(0) as u64) / per_instance)
+            .map(|(id, (per_instance, cidr))| {
+                usable_addresses(cidr).saturating_sub(used.get(id).copied().unwrap_or(0) as u64) / per_instance
+            })
             .min()
             .unwrap_or(u64::MAX);
         Ok(Some(fit.min(u64::from(u32::MAX)) as u32))
@@ -1918,11 +2087,18 @@ impl Service {
     /// Creates the interfaces of launched instances: addresses from their
     /// subnets (the UNIQUE (vpc, address) constraint settles any race), the
     /// groups, public addresses, tags. All or nothing with the launch.
-    pub(crate) async fn attach_launch(&self, conn: &mut PgConnection, caller: &Caller, net: &LaunchNetwork, placed: &[Placed<'_>]) -> Result<()> {
-        let defaults = sqlx::query_as::<_, SubnetRow>(&format!("SELECT {SUBNET_COLUMNS} FROM subnets WHERE vpc_id = $1 AND default_for_az"))
-            .bind(&net.vpc_id)
-            .fetch_all(&mut *conn)
-            .await?;
+    pub(crate) async fn attach_launch(
+        &self,
+        conn: &mut PgConnection,
+        caller: &Caller,
+        net: &LaunchNetwork,
+        placed: &[Placed<'_>],
+    ) -> Result<()> {
+        let defaults =
+            sqlx::query_as::<_, SubnetRow>(&format!("SELECT {SUBNET_COLUMNS} FROM subnets WHERE vpc_id = $1 AND default_for_az"))
+                .bind(&net.vpc_id)
+                .fetch_all(&mut *conn)
+                .await?;
         let mut default_of: HashMap<String, SubnetInfo> = HashMap::new();
         for d in &defaults {
             default_of.insert(d.availability_zone.clone(), d.info()?);
@@ -1970,7 +2146,10 @@ impl Service {
             let (fixed, mut auto): (Vec<usize>, Vec<usize>) = members.into_iter().partition(|i| nics[*i].private_ip.is_some());
             for i in fixed {
                 let ip = nics[i].private_ip.map(|a| a.to_string()).unwrap_or_default();
-                if insert_interfaces(conn, caller, &nics[i..=i].iter().map(|n| (n, ip.clone())).map(nic_row).collect::<Vec<_>>()).await?.is_empty() {
+                if insert_interfaces(conn, caller, &nics[i..=i].iter().map(|n| (n, ip.clone())).map(nic_row).collect::<Vec<_>>())
+                    .await?
+                    .is_empty()
+                {
                     return Err(ServiceError::AddressInUse(format!("Address {ip} is in use.")));
                 }
             }
@@ -2095,7 +2274,13 @@ impl Service {
     /// Replaces the security groups of an instance's primary interface
     /// (ModifyInstanceAttribute groupSet), in the caller's transaction,
     /// which holds the instance's row lock.
-    pub(crate) async fn set_instance_groups(&self, conn: &mut PgConnection, caller: &Caller, instance_id: &str, group_ids: &[String]) -> Result<()> {
+    pub(crate) async fn set_instance_groups(
+        &self,
+        conn: &mut PgConnection,
+        caller: &Caller,
+        instance_id: &str,
+        group_ids: &[String],
+    ) -> Result<()> {
         if group_ids.is_empty() {
             return Err(ServiceError::MissingParameter("GroupId".into()));
         }
@@ -2106,12 +2291,18 @@ impl Service {
         .bind(instance_id)
         .fetch_optional(&mut *conn)
         .await?;
-        let (eni, vpc_id, host) = row.ok_or_else(|| ServiceError::IncorrectInstanceState(format!("The instance '{instance_id}' has no network interface")))?;
+        let (eni, vpc_id, host) =
+            row.ok_or_else(|| ServiceError::IncorrectInstanceState(format!("The instance '{instance_id}' has no network interface")))?;
         let new = self.groups_in_vpc(caller, &vpc_id, group_ids, &[]).await?;
         if new.len() > MAX_GROUPS_PER_INTERFACE {
-            return Err(ServiceError::SecurityGroupsPerInterfaceLimitExceeded(format!("An interface has at most {MAX_GROUPS_PER_INTERFACE} security groups")));
+            return Err(ServiceError::SecurityGroupsPerInterfaceLimitExceeded(format!(
+                "An interface has at most {MAX_GROUPS_PER_INTERFACE} security groups"
+            )));
         }
-        let old: Vec<(String,)> = sqlx::query_as("SELECT group_id FROM network_interface_groups WHERE interface_id = $1").bind(&eni).fetch_all(&mut *conn).await?;
+        let old: Vec<(String,)> = sqlx::query_as("SELECT group_id FROM network_interface_groups WHERE interface_id = $1")
+            .bind(&eni)
+            .fetch_all(&mut *conn)
+            .await?;
         let mut all: BTreeSet<String> = old.into_iter().map(|r| r.0).collect();
         all.extend(new.iter().cloned());
         let locked = lock_groups(conn, &all).await?;
@@ -2131,13 +2322,15 @@ impl Service {
 
 async fn create_default_group(conn: &mut PgConnection, account_id: &str, vpc_id: &str) -> Result<()> {
     let id = ids::new_id(ids::SECURITY_GROUP);
-    sqlx::query("INSERT INTO security_groups (id, account_id, vpc_id, name, description, is_default) VALUES ($1, $2, $3, 'default', $4, true)")
-        .bind(&id)
-        .bind(account_id)
-        .bind(vpc_id)
-        .bind(DEFAULT_GROUP_DESCRIPTION)
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query(
+        "INSERT INTO security_groups (id, account_id, vpc_id, name, description, is_default) VALUES ($1, $2, $3, 'default', $4, true)",
+    )
+    .bind(&id)
+    .bind(account_id)
+    .bind(vpc_id)
+    .bind(DEFAULT_GROUP_DESCRIPTION)
+    .execute(&mut *conn)
+    .await?;
     let from_self = RuleKey { protocol: "-1", from: -1, to: -1, cidr: None, peer: Some(id.clone()) };
     let anywhere = RuleKey { protocol: "-1", from: -1, to: -1, cidr: Some("0.0.0.0/0".into()), peer: None };
     insert_rules(conn, &id, false, &[from_self], None).await?;
@@ -2189,7 +2382,12 @@ async fn insert_rules(
 /// interface)` wanted: random free ones (concurrent allocators rarely
 /// collide; a collision only makes us pick again; the primary key settles
 /// it). Returns the addresses in order.
-async fn allocate_public(conn: &mut PgConnection, pool: Cidr, account_id: &str, wanted: &[(Option<String>, Option<String>)]) -> Result<Vec<String>> {
+async fn allocate_public(
+    conn: &mut PgConnection,
+    pool: Cidr,
+    account_id: &str,
+    wanted: &[(Option<String>, Option<String>)],
+) -> Result<Vec<String>> {
     let (first, last) = if pool.prefix >= 31 { (0, pool.size() - 1) } else { (1, pool.size() - 2) };
     let mut out: Vec<Option<String>> = vec![None; wanted.len()];
     for _ in 0..8 {
@@ -2244,11 +2442,12 @@ async fn allocate_public(conn: &mut PgConnection, pool: Cidr, account_id: &str, 
 /// hosts must learn for the network relay; returns the hosts to bump now
 /// (the reporting host, when anything changed).
 pub(crate) async fn release_interfaces(conn: &mut PgConnection, instances: &[String], host_id: &str) -> Result<BTreeSet<String>> {
-    let rows: Vec<(String, String, bool, String)> =
-        sqlx::query_as("SELECT id, vpc_id, delete_on_termination, account_id FROM network_interfaces WHERE instance_id = ANY($1) ORDER BY id")
-            .bind(instances)
-            .fetch_all(&mut *conn)
-            .await?;
+    let rows: Vec<(String, String, bool, String)> = sqlx::query_as(
+        "SELECT id, vpc_id, delete_on_termination, account_id FROM network_interfaces WHERE instance_id = ANY($1) ORDER BY id",
+    )
+    .bind(instances)
+    .fetch_all(&mut *conn)
+    .await?;
     if rows.is_empty() {
         return Ok(BTreeSet::new());
     }
@@ -2264,13 +2463,20 @@ pub(crate) async fn release_interfaces(conn: &mut PgConnection, instances: &[Str
     let (doomed, kept): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.2);
     let doomed: Vec<String> = doomed.into_iter().map(|r| r.0).collect();
     let kept: Vec<String> = kept.into_iter().map(|r| r.0).collect();
-    sqlx::query("DELETE FROM public_addresses WHERE network_interface_id = ANY($1) AND allocation_id IS NULL").bind(&all).execute(&mut *conn).await?;
+    sqlx::query("DELETE FROM public_addresses WHERE network_interface_id = ANY($1) AND allocation_id IS NULL")
+        .bind(&all)
+        .execute(&mut *conn)
+        .await?;
     sqlx::query("UPDATE public_addresses SET network_interface_id = NULL, association_id = NULL WHERE network_interface_id = ANY($1)")
         .bind(&doomed)
         .execute(&mut *conn)
         .await?;
     sqlx::query("DELETE FROM network_interfaces WHERE id = ANY($1)").bind(&doomed).execute(&mut *conn).await?;
-    sqlx::query("DELETE FROM tags WHERE account_id = ANY($1) AND resource_id = ANY($2)").bind(&accounts).bind(&doomed).execute(&mut *conn).await?;
+    sqlx::query("DELETE FROM tags WHERE account_id = ANY($1) AND resource_id = ANY($2)")
+        .bind(&accounts)
+        .bind(&doomed)
+        .execute(&mut *conn)
+        .await?;
     sqlx::query(
         "UPDATE network_interfaces SET instance_id = NULL, device_index = NULL, attachment_id = NULL, attached_at = NULL WHERE id = ANY($1)",
     )
@@ -2286,7 +2492,11 @@ pub(crate) async fn release_interfaces(conn: &mut PgConnection, instances: &[Str
 /// A host without the VPC data plane (no underlay address: its guests are on
 /// QEMU user-mode networking) gets its interfaces only: it programs no
 /// network, and the rest costs queries over the whole VPC.
-pub(crate) async fn host_network(conn: &mut PgConnection, host_id: &str, data_plane: bool) -> Result<(HostNetwork, HashMap<String, Vec<Nic>>)> {
+pub(crate) async fn host_network(
+    conn: &mut PgConnection,
+    host_id: &str,
+    data_plane: bool,
+) -> Result<(HostNetwork, HashMap<String, Vec<Nic>>)> {
     type NicRow = (String, String, i32, String, String, String, String, String, i32, Option<String>, Vec<String>);
     let rows: Vec<NicRow> = sqlx::query_as(
         "SELECT n.instance_id, n.id, n.device_index, n.mac, host(n.private_ip), s.id, s.cidr::text, n.vpc_id, v.vni, host(p.public_ip), \
@@ -2342,7 +2552,14 @@ pub(crate) async fn host_network(conn: &mut PgConnection, host_id: &str, data_pl
     .await?;
     for (vpc_id, vni, cidr, subnet_id, subnet_cidr) in subnets {
         if net.vpcs.last().is_none_or(|v: &VpcOnHost| v.vpc_id != vpc_id) {
-            net.vpcs.push(VpcOnHost { vpc_id: vpc_id.clone(), vni: vni as u32, cidr: db_cidr(&cidr)?, subnets: vec![], peers: vec![], remote_nics: vec![] });
+            net.vpcs.push(VpcOnHost {
+                vpc_id: vpc_id.clone(),
+                vni: vni as u32,
+                cidr: db_cidr(&cidr)?,
+                subnets: vec![],
+                peers: vec![],
+                remote_nics: vec![],
+            });
         }
         let c = db_cidr(&subnet_cidr)?;
         if let Some(v) = net.vpcs.last_mut() {
@@ -2450,7 +2667,9 @@ mod tests {
     fn filters_need_every_name_to_match_one_value() {
         let facts = [("vpc-id", "vpc-1".to_string()), ("is-default", "true".to_string())];
         let tags = [ResourceTag { key: "Name".into(), value: "main".into() }];
-        let f = |v: Vec<(&str, Vec<&str>)>| -> Filters { v.into_iter().map(|(n, vs)| (n.to_string(), vs.into_iter().map(String::from).collect())).collect() };
+        let f = |v: Vec<(&str, Vec<&str>)>| -> Filters {
+            v.into_iter().map(|(n, vs)| (n.to_string(), vs.into_iter().map(String::from).collect())).collect()
+        };
         assert!(passes(&f(vec![("vpc-id", vec!["vpc-2", "vpc-1"]), ("tag:Name", vec!["m*"])]), &facts, &tags));
         assert!(!passes(&f(vec![("vpc-id", vec!["vpc-1"]), ("is-default", vec!["false"])]), &facts, &tags));
         assert!(passes(&f(vec![("tag-key", vec!["Name"])]), &facts, &tags));

@@ -73,15 +73,13 @@ pub(crate) async fn note(conn: &mut PgConnection, change: &Change) -> Result<()>
         return Ok(());
     }
     let list = |s: &BTreeSet<String>| s.iter().cloned().collect::<Vec<String>>();
-    sqlx::query(
-        "WITH c AS (INSERT INTO network_changes (vpc_ids, member_of, rules_of) VALUES ($1, $2, $3)) SELECT pg_notify($4, '')",
-    )
-    .bind(list(&change.vpcs))
-    .bind(list(&change.members_of))
-    .bind(list(&change.rules_of))
-    .bind(CHANNEL)
-    .execute(&mut *conn)
-    .await?;
+    sqlx::query("WITH c AS (INSERT INTO network_changes (vpc_ids, member_of, rules_of) VALUES ($1, $2, $3)) SELECT pg_notify($4, '')")
+        .bind(list(&change.vpcs))
+        .bind(list(&change.members_of))
+        .bind(list(&change.rules_of))
+        .bind(CHANNEL)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
@@ -94,12 +92,11 @@ pub(crate) async fn note(conn: &mut PgConnection, change: &Change) -> Result<()>
 pub(crate) async fn relay_pass(db: &PgPool) -> Result<bool> {
     let mut tx = db.begin().await?;
     type Row = (i64, Vec<String>, Vec<String>, Vec<String>);
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT id, vpc_ids, member_of, rules_of FROM network_changes ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-    )
-    .bind(BATCH)
-    .fetch_all(&mut *tx)
-    .await?;
+    let rows: Vec<Row> =
+        sqlx::query_as("SELECT id, vpc_ids, member_of, rules_of FROM network_changes ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED")
+            .bind(BATCH)
+            .fetch_all(&mut *tx)
+            .await?;
     if rows.is_empty() {
         return Ok(false);
     }

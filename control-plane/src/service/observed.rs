@@ -127,7 +127,11 @@ impl Service {
                 }
                 Ok(None) => break,
                 Err(_) => {
-                    tracing::warn!(wanted = ids.len(), read = read.len(), "status reads from the store ran out of time; the rest are unread");
+                    tracing::warn!(
+                        wanted = ids.len(),
+                        read = read.len(),
+                        "status reads from the store ran out of time; the rest are unread"
+                    );
                     break;
                 }
             }

@@ -35,8 +35,8 @@ use super::Service;
 use crate::error::{Result, ServiceError};
 use nimbus_proto::agent::MetadataOptions;
 use nimbus_proto::metadata::{document_key, InstanceDocument, ARCHITECTURE};
-use nimbus_records::{newest_sealed, KeyPair, SealedDocument, TrustedKeys};
 use nimbus_proto::network::Nic;
+use nimbus_records::{newest_sealed, KeyPair, SealedDocument, TrustedKeys};
 use nimbus_state_store::{KvClient, StoreError};
 use sqlx::PgPool;
 use std::sync::Arc;
@@ -141,12 +141,10 @@ impl Relay {
 
     /// Step 1: instances with outbox rows, with the highest version waiting.
     pub async fn pending(&self) -> std::result::Result<Vec<(String, i64)>, RelayError> {
-        Ok(sqlx::query_as(
-            "SELECT instance_id, max(version) FROM metadata_outbox GROUP BY instance_id ORDER BY min(seq) LIMIT $1",
-        )
-        .bind(BATCH)
-        .fetch_all(&self.db)
-        .await?)
+        Ok(sqlx::query_as("SELECT instance_id, max(version) FROM metadata_outbox GROUP BY instance_id ORDER BY min(seq) LIMIT $1")
+            .bind(BATCH)
+            .fetch_all(&self.db)
+            .await?)
     }
 
     /// Rows still waiting (tests, metrics).
@@ -201,8 +199,7 @@ impl Relay {
         tx.commit().await?;
         // A terminated instance's document keeps what describes it, not its
         // secrets: no guest will read them again, and replicas keep documents.
-        let (user_data, key_name, public_key) =
-            if state == "terminated" { (None, None, None) } else { (user_data, key_name, public_key) };
+        let (user_data, key_name, public_key) = if state == "terminated" { (None, None, None) } else { (user_data, key_name, public_key) };
         use base64::Engine;
         let doc = InstanceDocument {
             version: version as u64,
@@ -223,7 +220,12 @@ impl Relay {
                 _ => Vec::new(),
             },
             tags,
-            options: MetadataOptions { tokens_required: opts.0, endpoint_enabled: opts.1, tags_enabled: opts.2, hop_limit: opts.3.clamp(1, 255) as u8 },
+            options: MetadataOptions {
+                tokens_required: opts.0,
+                endpoint_enabled: opts.1,
+                tags_enabled: opts.2,
+                hop_limit: opts.3.clamp(1, 255) as u8,
+            },
             nics,
         };
         Ok(Some(Rendered { doc, host_id, recipient }))
@@ -323,6 +325,12 @@ async fn instance_nics(conn: &mut sqlx::PgConnection, instance_id: &str) -> Resu
 impl Service {
     /// This control plane's relay (through its own store node).
     pub fn relay(&self) -> Relay {
-        Relay::new(self.db.clone(), self.config.region.clone(), Arc::new(self.store.client()), self.store.doc_key.clone(), self.store.trusted_keys())
+        Relay::new(
+            self.db.clone(),
+            self.config.region.clone(),
+            Arc::new(self.store.client()),
+            self.store.doc_key.clone(),
+            self.store.trusted_keys(),
+        )
     }
 }

@@ -57,7 +57,10 @@ impl Service {
     /// One pass: drops expired entries, applies the list to this control
     /// plane's node and publishes it to the store if the store's differs.
     pub async fn publish_revocations(&self) -> std::result::Result<bool, RevocationError> {
-        sqlx::query("DELETE FROM revoked_certificates WHERE not_after <= now()").execute(&self.db).await.map_err(crate::error::ServiceError::from)?;
+        sqlx::query("DELETE FROM revoked_certificates WHERE not_after <= now()")
+            .execute(&self.db)
+            .await
+            .map_err(crate::error::ServiceError::from)?;
         let revoked = self.revoked_certificates().await?;
         self.store.tls.set_revoked(revoked.iter().copied());
         let payload = serde_json::to_vec(&revoked.iter().map(hex::encode).collect::<Vec<_>>()).unwrap_or_default();

@@ -84,8 +84,7 @@ const SPREAD_SLACK: f64 = 0.02;
 /// among equally good ones instead of all queueing on the same host row;
 /// the same seed gives the same plan.
 pub fn plan(hosts: &[HostCapacity], need: Need, count: u32, zone: Option<&str>, policy: PlacementPolicy, seed: u64) -> Vec<String> {
-    let mut hosts: Vec<HostCapacity> =
-        hosts.iter().filter(|h| zone.is_none_or(|z| h.availability_zone == z)).cloned().collect();
+    let mut hosts: Vec<HostCapacity> = hosts.iter().filter(|h| zone.is_none_or(|z| h.availability_zone == z)).cloned().collect();
     hosts.sort_by(|a, b| a.id.cmp(&b.id));
     let mut placed_in_zone: BTreeMap<String, u32> = BTreeMap::new();
     let mut out = Vec::new();
@@ -145,10 +144,7 @@ fn tie_break(seed: u64, host_id: &str) -> u64 {
 }
 
 /// Hosts that take new instances: those with a recent heartbeat.
-pub async fn schedulable_hosts(
-    tx: &mut Transaction<'_, Postgres>,
-    heartbeat_timeout: Duration,
-) -> Result<Vec<HostCapacity>, sqlx::Error> {
+pub async fn schedulable_hosts(tx: &mut Transaction<'_, Postgres>, heartbeat_timeout: Duration) -> Result<Vec<HostCapacity>, sqlx::Error> {
     sqlx::query_as::<_, HostCapacity>(
         "SELECT id, availability_zone, total_vcpus, total_memory_mib, total_disk_gib, \
                 used_vcpus, used_memory_mib, used_disk_gib \
@@ -170,11 +166,7 @@ pub enum Claim {
 
 /// Claims the capacity of `placements` (host id per instance) in host-id
 /// order, bumping each host's generation and notifying its agent on commit.
-pub async fn claim(
-    tx: &mut Transaction<'_, Postgres>,
-    placements: &[String],
-    need: Need,
-) -> Result<Claim, sqlx::Error> {
+pub async fn claim(tx: &mut Transaction<'_, Postgres>, placements: &[String], need: Need) -> Result<Claim, sqlx::Error> {
     let mut per_host: BTreeMap<&str, i64> = BTreeMap::new();
     for h in placements {
         *per_host.entry(h.as_str()).or_insert(0) += 1;

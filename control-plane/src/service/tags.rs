@@ -33,11 +33,7 @@ pub fn resource_type(id: &str) -> &'static str {
     if id.starts_with("eipalloc-") {
         return "elastic-ip";
     }
-    RESOURCES
-        .iter()
-        .find(|(prefix, _, _)| ids::is_valid(prefix, id))
-        .map(|(_, t, _)| *t)
-        .unwrap_or("unknown")
+    RESOURCES.iter().find(|(prefix, _, _)| ids::is_valid(prefix, id)).map(|(_, t, _)| *t).unwrap_or("unknown")
 }
 
 /// Checks keys and values as EC2 does, and refuses control characters
@@ -81,7 +77,12 @@ fn distinct_resources(resources: &[String]) -> Result<Vec<String>> {
 
 /// Gives every one of `resources` (just created, in the caller's
 /// transaction) each of `tags`: one statement.
-pub(crate) async fn insert_new_tags(conn: &mut sqlx::PgConnection, account_id: &str, resources: &[String], tags: &[(String, String)]) -> Result<()> {
+pub(crate) async fn insert_new_tags(
+    conn: &mut sqlx::PgConnection,
+    account_id: &str,
+    resources: &[String],
+    tags: &[(String, String)],
+) -> Result<()> {
     if tags.is_empty() || resources.is_empty() {
         return Ok(());
     }
@@ -138,11 +139,8 @@ impl Service {
             })
             .collect();
         union.push("SELECT allocation_id FROM public_addresses WHERE account_id = $1 AND allocation_id = ANY($2)".into());
-        let found: Vec<(String,)> = sqlx::query_as(&union.join(" UNION ALL "))
-            .bind(&caller.account_id)
-            .bind(&resources)
-            .fetch_all(&self.db)
-            .await?;
+        let found: Vec<(String,)> =
+            sqlx::query_as(&union.join(" UNION ALL ")).bind(&caller.account_id).bind(&resources).fetch_all(&self.db).await?;
         let found: std::collections::HashSet<String> = found.into_iter().map(|r| r.0).collect();
         if let Some(missing) = resources.iter().find(|id| !found.contains(*id)) {
             return Err(match resource_type(missing) {
@@ -261,7 +259,10 @@ impl Service {
         .bind(values)
         .fetch_all(&self.db)
         .await?;
-        Ok(rows.into_iter().map(|(r, k, v)| Tag { resource_type: resource_type(&r).to_string(), resource_id: r, key: k, value: v }).collect())
+        Ok(rows
+            .into_iter()
+            .map(|(r, k, v)| Tag { resource_type: resource_type(&r).to_string(), resource_id: r, key: k, value: v })
+            .collect())
     }
 
     /// Tags of each of the given resources.

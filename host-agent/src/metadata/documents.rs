@@ -8,7 +8,6 @@ use nimbus_proto::metadata::{document_key, InstanceDocument};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-
 /// How long a quorum read of a document may take (when the local replica
 /// has none: this host holds no replica of it, or has not received it yet).
 const QUORUM_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
@@ -32,7 +31,12 @@ pub struct DocumentSource {
 type Opened = ([u8; 32], Option<InstanceDocument>);
 
 impl DocumentSource {
-    pub fn new(node: Arc<nimbus_state_store::Node>, host_id: String, key: nimbus_records::KeyPair, trusted: nimbus_records::TrustedKeys) -> Self {
+    pub fn new(
+        node: Arc<nimbus_state_store::Node>,
+        host_id: String,
+        key: nimbus_records::KeyPair,
+        trusted: nimbus_records::TrustedKeys,
+    ) -> Self {
         DocumentSource { node, host_id, key, trusted, opened: Arc::default() }
     }
 

@@ -54,7 +54,13 @@ impl Connection for tokio::net::TcpStream {
 
 /// What a request head says, or why it is refused.
 enum Head {
-    Request { method: String, path: String, headers: Vec<(String, Vec<u8>)>, head_len: usize, body_len: usize },
+    Request {
+        method: String,
+        path: String,
+        headers: Vec<(String, Vec<u8>)>,
+        head_len: usize,
+        body_len: usize,
+    },
     /// Answer this status and close the connection.
     Refuse(StatusCode),
 }
@@ -88,7 +94,11 @@ fn parse_head(buf: &[u8]) -> Option<Head> {
 }
 
 async fn write_status<S: AsyncWrite + Unpin>(conn: &mut S, status: StatusCode, timeout: Duration) {
-    let head = format!("HTTP/1.1 {} {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", status.as_u16(), status.canonical_reason().unwrap_or(""));
+    let head = format!(
+        "HTTP/1.1 {} {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
     let _ = tokio::time::timeout(timeout, conn.write_all(head.as_bytes())).await;
 }
 
@@ -152,9 +162,8 @@ pub(super) async fn serve_connection<S: Connection>(mut conn: S, app: Router, ti
             rest -= n;
         }
 
-        let mut request = axum::http::Request::builder()
-            .method(if method == "HEAD" { "GET" } else { method.as_str() })
-            .uri(versioned(&path));
+        let mut request =
+            axum::http::Request::builder().method(if method == "HEAD" { "GET" } else { method.as_str() }).uri(versioned(&path));
         for (name, value) in &headers {
             request = request.header(name.as_str(), value.as_slice());
         }

@@ -88,7 +88,11 @@ impl Connections {
     /// Admits a new connection of `instance_id`, closing what the caps
     /// require first: its place (released when dropped) and its close
     /// signal; `None` once the instance's service stopped.
-    pub(super) fn admit(self: &Arc<Self>, instance_id: &str, stopped: &AtomicBool) -> Option<(Admitted, tokio::sync::oneshot::Receiver<()>)> {
+    pub(super) fn admit(
+        self: &Arc<Self>,
+        instance_id: &str,
+        stopped: &AtomicBool,
+    ) -> Option<(Admitted, tokio::sync::oneshot::Receiver<()>)> {
         let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if stopped.load(Ordering::SeqCst) {
             return None;
@@ -237,7 +241,9 @@ mod tests {
             let flood = HalfSent::open(socket, 150).await;
             // Every connection the server did not keep is closed (and its client with it).
             assert!(
-                eventually(Duration::from_secs(60), || flood.closed() >= 150 - limits.per_instance && server_side(socket) <= limits.per_instance).await,
+                eventually(Duration::from_secs(60), || flood.closed() >= 150 - limits.per_instance
+                    && server_side(socket) <= limits.per_instance)
+                .await,
                 "the guest keeps {} connections open on the server ({} closed)",
                 server_side(socket),
                 flood.closed()

@@ -241,11 +241,12 @@ impl MetadataServers {
             }
         }
         use futures::StreamExt;
-        let mut reads = futures::stream::iter(remote).map(|id| {
-            let source = source.clone();
-            async move { source.quorum(&id).await }
-        })
-        .buffer_unordered(QUORUM_READS_AT_ONCE);
+        let mut reads = futures::stream::iter(remote)
+            .map(|id| {
+                let source = source.clone();
+                async move { source.quorum(&id).await }
+            })
+            .buffer_unordered(QUORUM_READS_AT_ONCE);
         while let Some(read) = reads.next().await {
             if let Some(d) = read {
                 self.install(Content::from_document(d), false);

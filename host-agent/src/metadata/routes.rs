@@ -206,14 +206,18 @@ async fn meta_data(State(c): Ctx, Path(key): Path<String>) -> Response {
         }
         "tags" if m.options.tags_enabled => "instance".to_string(),
         "tags/instance" if m.options.tags_enabled => m.tags.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join("\n"),
-        k if m.options.tags_enabled && k.starts_with("tags/instance/") => match m.tags.iter().find(|(t, _)| t == &k["tags/instance/".len()..]) {
-            Some((_, v)) => v.clone(),
-            None => return (StatusCode::NOT_FOUND, "Not Found\n").into_response(),
-        },
-        k if k == "network" || k.starts_with("network/") => match network(&c.nics, k.strip_prefix("network").unwrap_or("").trim_start_matches('/')) {
-            Some(v) => v,
-            None => return (StatusCode::NOT_FOUND, "Not Found\n").into_response(),
-        },
+        k if m.options.tags_enabled && k.starts_with("tags/instance/") => {
+            match m.tags.iter().find(|(t, _)| t == &k["tags/instance/".len()..]) {
+                Some((_, v)) => v.clone(),
+                None => return (StatusCode::NOT_FOUND, "Not Found\n").into_response(),
+            }
+        }
+        k if k == "network" || k.starts_with("network/") => {
+            match network(&c.nics, k.strip_prefix("network").unwrap_or("").trim_start_matches('/')) {
+                Some(v) => v,
+                None => return (StatusCode::NOT_FOUND, "Not Found\n").into_response(),
+            }
+        }
         "public-keys" => match public_keys(&m.public_keys, "") {
             Some(v) => v,
             None => return (StatusCode::NOT_FOUND, "Not Found\n").into_response(),
@@ -276,7 +280,14 @@ mod tests {
         assert_eq!(get(&s, "/latest/meta-data/public-keys/0").await, (200, "openssh-key".into()));
         assert_eq!(get(&s, "/latest/meta-data/public-keys/0/").await, (200, "openssh-key".into()));
         assert_eq!(get(&s, "/latest/meta-data/public-keys/0/openssh-key").await, (200, key.clone()));
-        for missing in ["public-keys/1/", "public-keys/1/openssh-key", "public-keys/00/openssh-key", "public-keys/+0/", "public-keys/0/nope", "public-keys/my-key"] {
+        for missing in [
+            "public-keys/1/",
+            "public-keys/1/openssh-key",
+            "public-keys/00/openssh-key",
+            "public-keys/+0/",
+            "public-keys/0/nope",
+            "public-keys/my-key",
+        ] {
             assert_eq!(get(&s, &format!("/latest/meta-data/{missing}")).await.0, 404, "{missing}");
         }
         // Keys can change (a later assignment): the same server answers the new ones.

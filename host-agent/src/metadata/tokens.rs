@@ -140,7 +140,11 @@ mod tests {
         conn.write_all(b"PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 21600\r\n\r\n").await.unwrap();
         let mut buf = vec![0u8; 512];
         let n = conn.read(&mut buf).await.unwrap();
-        assert!(String::from_utf8_lossy(&buf[..n]).contains("X-aws-ec2-metadata-token-ttl-seconds: 21600\r\n"), "{}", String::from_utf8_lossy(&buf[..n]));
+        assert!(
+            String::from_utf8_lossy(&buf[..n]).contains("X-aws-ec2-metadata-token-ttl-seconds: 21600\r\n"),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
     }
 
     #[tokio::test]
@@ -150,7 +154,11 @@ mod tests {
         assert_eq!(call(&socket, "GET", "/latest/meta-data/instance-id", &[]).await.0, 401);
         let (_, token) = call(&socket, "PUT", "/latest/api/token", &[(TTL_HEADER, "60")]).await;
         assert_eq!(call(&socket, "GET", "/latest/meta-data/instance-id", &[(TOKEN_HEADER, &token)]).await.0, 200);
-        assert_eq!(call(&socket, "GET", "/latest/meta-data/tags/instance", &[(TOKEN_HEADER, &token)]).await.0, 404, "tags are off by default");
+        assert_eq!(
+            call(&socket, "GET", "/latest/meta-data/tags/instance", &[(TOKEN_HEADER, &token)]).await.0,
+            404,
+            "tags are off by default"
+        );
 
         let off = MetadataOptions { endpoint_enabled: false, ..Default::default() };
         let (_f2, socket) = serve(off, vec![]).await;
@@ -221,7 +229,12 @@ mod tests {
         let guest_ip = Ipv4Addr::new(10, 9, 0, 5);
         ip(&["-n", &ns.name, "addr", "add", &format!("{}/32", crate::network::METADATA_IP), "dev", "lo"]).await;
         ip(&["-n", &ns.name, "addr", "add", &format!("{guest_ip}/32"), "dev", "lo"]).await;
-        let s = Fixture::with_limits(ConnectionLimits { request_timeout: HOUR, idle_timeout: Duration::from_secs(1), per_instance: 8, total: 24 });
+        let s = Fixture::with_limits(ConnectionLimits {
+            request_timeout: HOUR,
+            idle_timeout: Duration::from_secs(1),
+            per_instance: 8,
+            total: 24,
+        });
         let nic = Nic {
             eni_id: "eni-0123456789abcdef0".into(),
             device_index: 0,

@@ -393,15 +393,18 @@ impl DataPlane {
         // Security groups, NAT, anti-spoofing: one transaction.
         let nics: Vec<nft::LocalNic> = local
             .iter()
-            .map(|n| nft::LocalNic { port: port_name(&n.eni_id), mac: n.mac.clone(), ip: n.private_ip, public_ip: n.public_ip, group_ids: n.group_ids.clone() })
+            .map(|n| nft::LocalNic {
+                port: port_name(&n.eni_id),
+                mac: n.mac.clone(),
+                ip: n.private_ip,
+                public_ip: n.public_ip,
+                group_ids: n.group_ids.clone(),
+            })
             .collect();
         let gateways: Vec<Ipv4Addr> = vpc.subnets.iter().map(|s| s.gateway).collect();
         let subnets: Vec<Cidr> = vpc.subnets.iter().map(|s| s.cidr).collect();
-        let remote: Vec<(String, Ipv4Addr)> = vpc
-            .remote_nics
-            .iter()
-            .flat_map(|r| [(r.mac.clone(), r.ip), (router_mac(r.host), r.ip)])
-            .collect();
+        let remote: Vec<(String, Ipv4Addr)> =
+            vpc.remote_nics.iter().flat_map(|r| [(r.mac.clone(), r.ip), (router_mac(r.host), r.ip)]).collect();
         let script = nft::render(&nft::VpcRules {
             nics: &nics,
             groups,
@@ -438,7 +441,8 @@ impl DataPlane {
         lines.extend(want.iter().filter(|(r, d)| have.get(*r) != Some(d)).map(|(r, d)| format!("route replace {r} dev {d} proto static")));
         if let Some(uplink) = &self.cfg.uplink {
             let proxies = host.json("ip", &["neigh", "show", "proxy", "dev", uplink]).await?;
-            let have: BTreeSet<String> = proxies.as_array().into_iter().flatten().filter_map(|p| p["dst"].as_str().map(str::to_string)).collect();
+            let have: BTreeSet<String> =
+                proxies.as_array().into_iter().flatten().filter_map(|p| p["dst"].as_str().map(str::to_string)).collect();
             let want: BTreeSet<String> = nics.iter().filter_map(|n| n.public_ip.map(|p| p.to_string())).collect();
             lines.extend(have.difference(&want).map(|p| format!("neigh del proxy {p} dev {uplink}")));
             lines.extend(want.difference(&have).map(|p| format!("neigh add proxy {p} dev {uplink}")));
@@ -457,7 +461,11 @@ impl DataPlane {
         for n in nics {
             let (link, port) = (guest_link(&n.eni_id), port_name(&n.eni_id));
             if !own.contains(&link) {
-                lines.push(format!("link add {link} mtu {mtu} type veth peer name {port} netns {ns}", mtu = self.mtu(), ns = self.vpc_ns_name(n.vni)));
+                lines.push(format!(
+                    "link add {link} mtu {mtu} type veth peer name {port} netns {ns}",
+                    mtu = self.mtu(),
+                    ns = self.vpc_ns_name(n.vni)
+                ));
             }
             lines.push(format!("link set {link} mtu {} up", self.mtu()));
             plug.entry(n.vni).or_default().push(format!("link set {port} master {BRIDGE} mtu {} up", self.mtu()));

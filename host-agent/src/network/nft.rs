@@ -304,11 +304,8 @@ pub const VXLAN_PORT: u16 = 4789;
 pub fn render_host(h: &HostRules) -> String {
     let mut s = String::from("table inet nimbus_host\ndelete table inet nimbus_host\ntable inet nimbus_host {\n");
     let _ = writeln!(s, "  set legs {{ type ifname;{} }}", elements(h.legs.iter().map(|l| format!("\"{l}\""))));
-    let vx: BTreeSet<String> = h
-        .vxlan
-        .iter()
-        .map(|(peer, vni, mac)| format!("{peer} . {vni} . 0x{}", mac.replace(':', "").to_lowercase()))
-        .collect();
+    let vx: BTreeSet<String> =
+        h.vxlan.iter().map(|(peer, vni, mac)| format!("{peer} . {vni} . 0x{}", mac.replace(':', "").to_lowercase())).collect();
     let _ = writeln!(s, "  set vxlan_peers {{ typeof ip saddr . @th,96,24 . @th,176,48;{} }}", elements(&vx));
     let _ = writeln!(s, "  set guest_deny {{ type ipv4_addr; flags interval;{} }}", elements(&h.guest_deny));
     let _ = write!(
@@ -342,7 +339,13 @@ mod tests {
 
     fn sample() -> Sample {
         let nics = vec![
-            LocalNic { port: "np000000000001".into(), mac: "02:00:00:00:00:05".into(), ip: Ipv4Addr::new(172, 31, 0, 5), public_ip: None, group_ids: vec!["sg-1".into()] },
+            LocalNic {
+                port: "np000000000001".into(),
+                mac: "02:00:00:00:00:05".into(),
+                ip: Ipv4Addr::new(172, 31, 0, 5),
+                public_ip: None,
+                group_ids: vec!["sg-1".into()],
+            },
             LocalNic {
                 port: "np000000000002".into(),
                 mac: "02:00:00:00:00:06".into(),
@@ -352,7 +355,10 @@ mod tests {
             },
         ];
         let mut groups = BTreeMap::new();
-        groups.insert("sg-1".to_string(), group("sg-1", vec![Rule { protocol: Protocol::All, ports: None, peer: Peer::Group("sg-1".into()) }]));
+        groups.insert(
+            "sg-1".to_string(),
+            group("sg-1", vec![Rule { protocol: Protocol::All, ports: None, peer: Peer::Group("sg-1".into()) }]),
+        );
         groups.insert(
             "sg-2".to_string(),
             group(
@@ -369,7 +375,8 @@ mod tests {
         (nics, groups, members)
     }
 
-    const SUBNETS: &[Cidr] = &[Cidr { addr: Ipv4Addr::new(172, 31, 0, 0), prefix: 20 }, Cidr { addr: Ipv4Addr::new(172, 31, 16, 0), prefix: 20 }];
+    const SUBNETS: &[Cidr] =
+        &[Cidr { addr: Ipv4Addr::new(172, 31, 0, 0), prefix: 20 }, Cidr { addr: Ipv4Addr::new(172, 31, 16, 0), prefix: 20 }];
     const ALLOW: &[Cidr] = &[Cidr { addr: Ipv4Addr::new(10, 20, 0, 0), prefix: 16 }];
 
     fn remote() -> Vec<(String, Ipv4Addr)> {
@@ -405,7 +412,10 @@ mod tests {
         let gw = [Ipv4Addr::new(172, 31, 0, 1)];
         let s = render(&rules(&nics, &groups, &members, &gw, &remote()));
         assert!(s.contains("set m_1 { type ipv4_addr; elements = { 172.31.0.5, 172.31.0.6, 172.31.16.9 }; }"), "{s}");
-        assert!(s.contains("map ingress { type ipv4_addr : verdict; elements = { 172.31.0.5 : jump in_0, 172.31.0.6 : jump in_1 }; }"), "{s}");
+        assert!(
+            s.contains("map ingress { type ipv4_addr : verdict; elements = { 172.31.0.5 : jump in_0, 172.31.0.6 : jump in_1 }; }"),
+            "{s}"
+        );
         assert!(s.contains("    ip saddr @m_1 accept\n"), "{s}");
         assert!(s.contains("    tcp dport 22 accept\n"), "0.0.0.0/0 matches every source: {s}");
         assert!(s.contains("    ip saddr 10.0.0.0/8 udp dport 1000-2000 accept\n"), "{s}");
@@ -439,7 +449,10 @@ mod tests {
         // The host's table, with peers and without.
         let host = HostRules {
             legs: vec!["nv7".into(), "nv9".into()],
-            vxlan: vec![(Ipv4Addr::new(10, 99, 0, 12), 7, "02:00:00:00:00:09".into()), (Ipv4Addr::new(10, 99, 0, 12), 7, "02:4e:0a:63:00:0c".into())],
+            vxlan: vec![
+                (Ipv4Addr::new(10, 99, 0, 12), 7, "02:00:00:00:00:09".into()),
+                (Ipv4Addr::new(10, 99, 0, 12), 7, "02:4e:0a:63:00:0c".into()),
+            ],
             guest_deny: vec![Cidr { addr: Ipv4Addr::new(10, 99, 0, 0), prefix: 24 }],
         };
         for script in [render_host(&host), render_host(&HostRules::default())] {

@@ -78,7 +78,10 @@ impl Reconciler {
         let result = async {
             converted.map_err(|e| format!("cannot copy the disk: {e}"))?;
             let sha256 = crate::disks::sha256_file(&out).await.map_err(|e| format!("cannot read the copied disk: {e}"))?;
-            self.images.upload(&task.image_id, &out, &sha256, a.disk_gib << 30).await.map_err(|e| format!("cannot upload the image: {e}"))?;
+            self.images
+                .upload(&task.image_id, &out, &sha256, a.disk_gib << 30)
+                .await
+                .map_err(|e| format!("cannot upload the image: {e}"))?;
             if let Err(e) = self.images.adopt(&out, &sha256).await {
                 tracing::warn!(image_id = %task.image_id, error = %e, "cannot keep the image in this host's cache");
             }
@@ -106,7 +109,9 @@ impl Reconciler {
                     running = true;
                     let _ = self.events.send(AgentEvent::Started { instance_id: id.clone(), at: Instant::now() });
                 }
-                Err(e) => tracing::warn!(instance_id = %id, error = %e, "cannot start the instance again after imaging; the next pass does"),
+                Err(e) => {
+                    tracing::warn!(instance_id = %id, error = %e, "cannot start the instance again after imaging; the next pass does")
+                }
             }
         }
         if running && self.desired_now(id) == Some(DesiredState::Stopped) {
@@ -120,5 +125,4 @@ impl Reconciler {
             let _ = self.late.send(self.observe(&stopped, Outcome::Stopped).await);
         }
     }
-
 }

@@ -18,14 +18,14 @@ mod slots;
 
 use crate::disks::GuestFiles;
 use crate::domain::{self, GuestNic, GuestSpec, Hypervisor};
-use crate::network::DataPlane;
-use nimbus_proto::network::{HostNetwork, Nic};
 use crate::images::ImageCache;
 use crate::libvirt::{DomainStatus, Libvirt};
 use crate::metadata::MetadataServers;
+use crate::network::DataPlane;
 use crate::power;
 use nimbus_proto::agent::{Assignment, DesiredState, ImageProblem, Observation};
 use nimbus_proto::api::BootStyle;
+use nimbus_proto::network::{HostNetwork, Nic};
 use nimbus_proto::ObservedState;
 use slots::Instances;
 use std::collections::{HashMap, HashSet};
@@ -44,20 +44,40 @@ const INLINE_STOP_WAIT: Duration = Duration::from_secs(2);
 /// Something the agent did, for tests and benchmarks that measure it.
 #[derive(Debug, Clone)]
 pub enum AgentEvent {
-    Started { instance_id: String, at: Instant },
-    Removed { instance_id: String, at: Instant },
+    Started {
+        instance_id: String,
+        at: Instant,
+    },
+    Removed {
+        instance_id: String,
+        at: Instant,
+    },
     /// The guest was shut down (its domain stays defined).
-    Stopped { instance_id: String, at: Instant, forced: bool },
+    Stopped {
+        instance_id: String,
+        at: Instant,
+        forced: bool,
+    },
     /// A reboot was requested of the running guest.
-    Rebooted { instance_id: String, at: Instant },
+    Rebooted {
+        instance_id: String,
+        at: Instant,
+    },
     /// Making an image of the instance's disk began (CreateImage).
-    Imaging { instance_id: String, image_id: String },
+    Imaging {
+        instance_id: String,
+        image_id: String,
+    },
     /// A convergence pass ended and its report was sent: `full`, a resync of
     /// every assignment (a poll that timed out, or the first); otherwise the
     /// changes a wake-up brought. `generation`: the host generation it
     /// converged to; `reported`: whether the control plane took the report.
     /// Tests await these to show that passes ran and changed nothing.
-    PassCompleted { full: bool, generation: i64, reported: bool },
+    PassCompleted {
+        full: bool,
+        generation: i64,
+        reported: bool,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,7 +125,9 @@ impl ConvergeError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Outcome {
     /// Running; `started`: by this pass (a fresh boot needs no pending reboot).
-    Running { started: bool },
+    Running {
+        started: bool,
+    },
     /// A stop is under way (begun by this pass or an earlier one).
     Stopping,
     /// The stop failed; the guest presumably still runs. A later pass retries.
@@ -466,7 +488,14 @@ impl Reconciler {
         } else {
             (ObservedState::Building, e.public_message())
         };
-        Observation { instance_id: instance_id.to_string(), state, message: Some(message), reboots: None, console: None, ssh_endpoint: None }
+        Observation {
+            instance_id: instance_id.to_string(),
+            state,
+            message: Some(message),
+            reboots: None,
+            console: None,
+            ssh_endpoint: None,
+        }
     }
 
     /// The observation of an instance after a pass: its state, the reboots
@@ -564,7 +593,11 @@ impl Reconciler {
         files.prepare(&base, a.disk_gib, &a.metadata, a.user_data.as_deref(), &self.qemu, network_config.as_deref()).await?;
         // User-mode networking: a loopback port forwarded to the guest's SSH.
         // (Not on the test driver: no guest runs there to listen.)
-        let ssh_port = if nics.is_empty() && matches!(self.hypervisor, Hypervisor::Kvm | Hypervisor::Qemu) { Some(files.ensure_ssh_port().await?) } else { None };
+        let ssh_port = if nics.is_empty() && matches!(self.hypervisor, Hypervisor::Kvm | Hypervisor::Qemu) {
+            Some(files.ensure_ssh_port().await?)
+        } else {
+            None
+        };
         let metadata_socket = self.serve_metadata(a).await?;
         let spec = GuestSpec {
             hypervisor: self.hypervisor,

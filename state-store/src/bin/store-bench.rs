@@ -80,7 +80,8 @@ struct Stats {
 
 impl Stats {
     fn new() -> Stats {
-        let h = || Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()));
+        let h =
+            || Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()));
         Stats { get: h(), put: h(), errors: 0, slow: Vec::new() }
     }
     fn add(&mut self, o: &Stats) {
@@ -274,17 +275,15 @@ async fn run_store(args: &Args, dir: &std::path::Path) -> Result<(Stats, f64), B
 }
 
 async fn run_redis(args: &Args) -> Result<Option<(Stats, f64)>, Box<dyn std::error::Error>> {
-    let Some(bin) = std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p).map(|d| d.join("redis-server")).find(|f| f.is_file())
-    }) else {
+    let Some(bin) = std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join("redis-server")).find(|f| f.is_file()))
+    else {
         println!("redis-server not on PATH: skipping the Redis comparison");
         return Ok(None);
     };
     let port = nimbus_state_store::local::free_port()?.to_string();
     let dir = std::env::temp_dir().join(format!("store-bench-redis-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let persistence: &[&str] =
-        if args.redis_aof { &["--appendonly", "yes", "--appendfsync", "everysec"] } else { &["--appendonly", "no"] };
+    let persistence: &[&str] = if args.redis_aof { &["--appendonly", "yes", "--appendfsync", "everysec"] } else { &["--appendonly", "no"] };
     let mut child = tokio::process::Command::new(bin)
         .args(["--port", &port, "--save", "", "--bind", "127.0.0.1"])
         .args(persistence)

@@ -165,12 +165,10 @@ impl Cluster {
         let Some(first) = live.first() else { return (0, 0) };
         let ring = first.membership().ring();
         let n = first.config().n;
-        let roots: std::collections::HashMap<String, Vec<u128>> =
-            live.iter().map(|x| (x.id().clone(), x.partition_roots())).collect();
+        let roots: std::collections::HashMap<String, Vec<u128>> = live.iter().map(|x| (x.id().clone(), x.partition_roots())).collect();
         let mut bad = 0;
         for p in 0..ring.partitions() {
-            let reps: Vec<u128> =
-                ring.preference_list(p, n).iter().map(|id| roots.get(id).map(|r| r[p as usize]).unwrap_or(1)).collect();
+            let reps: Vec<u128> = ring.preference_list(p, n).iter().map(|id| roots.get(id).map(|r| r[p as usize]).unwrap_or(1)).collect();
             if reps.windows(2).any(|w| w[0] != w[1]) {
                 bad += 1;
             }

@@ -173,7 +173,8 @@ async fn create_image(runs: usize, gib: u64, every: u64) -> anyhow::Result<()> {
     let digest = nimbus_host_agent::disks::sha256_file(&disk).await?;
     let data = (gib << 10).div_ceil(every.max(1));
     println!("  made a {gib} GiB disk with {data} MiB of data in {:.1} s", t0.elapsed().as_secs_f64());
-    let image = cloud.post("/v1/images", json!({"name": "full-disk", "disk_url": format!("file://{}", disk.display()), "sha256": digest})).await?;
+    let image =
+        cloud.post("/v1/images", json!({"name": "full-disk", "disk_url": format!("file://{}", disk.display()), "sha256": digest})).await?;
     let r = cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "image_id": image["image_id"]})).await?;
     let id = instance_ids(&r).pop().context("no instance")?;
     cloud.wait_for_state(std::slice::from_ref(&id), "running", Duration::from_secs(300)).await?;
@@ -202,7 +203,8 @@ async fn main() -> anyhow::Result<()> {
         create_image(args.runs, args.disk_gib, args.fill_every).await?;
     }
     if !args.skip_boot {
-        let image_dir = PathBuf::from(std::env::var("NIMBUS_DEBIAN_IMAGE_DIR").context("NIMBUS_DEBIAN_IMAGE_DIR must name the built Debian image")?);
+        let image_dir =
+            PathBuf::from(std::env::var("NIMBUS_DEBIAN_IMAGE_DIR").context("NIMBUS_DEBIAN_IMAGE_DIR must name the built Debian image")?);
         boot(args.runs, &image_dir).await?;
     }
     Ok(())

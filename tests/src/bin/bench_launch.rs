@@ -45,7 +45,8 @@ fn ms(d: Duration) -> f64 {
 async fn test_driver(launches: usize) -> anyhow::Result<()> {
     let limit = launches as u32 + 1;
     let cloud = Cloud::start_with(CloudOptions { db_connections: 10, default_limits: (limit, limit * 2), ..Default::default() }).await?;
-    let mut agent = cloud.add_agent("bench", "az1", (launches as u32 + 1) * 2, (launches as u64 + 1) * 512, (launches as u64 + 1) * 8).await?;
+    let mut agent =
+        cloud.add_agent("bench", "az1", (launches as u32 + 1) * 2, (launches as u64 + 1) * 512, (launches as u64 + 1) * 8).await?;
     cloud.register_test_image().await?;
     let mut lat = Vec::with_capacity(launches);
     let mut api = Vec::with_capacity(launches);
@@ -66,11 +67,7 @@ async fn test_driver(launches: usize) -> anyhow::Result<()> {
     }
     lat.sort();
     api.sort();
-    println!(
-        "test driver: the launch call alone: p50 {:.2} ms  p99 {:.2} ms",
-        ms(percentile(&api, 0.50)),
-        ms(percentile(&api, 0.99))
-    );
+    println!("test driver: the launch call alone: p50 {:.2} ms  p99 {:.2} ms", ms(percentile(&api, 0.50)), ms(percentile(&api, 0.99)));
     println!(
         "test driver: API call -> domain started, {launches} launches: p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  (target p99 <= 20 ms)",
         ms(percentile(&lat, 0.50)),
@@ -147,7 +144,12 @@ async fn real_guest(runs: usize) -> anyhow::Result<()> {
         let seen = wait_marker(&baseline.files.console_log(), &id).await;
         baseline.remove().await?;
         direct.push(seen? - t0);
-        println!("  run {}: API -> marker {:.2} s, virsh create -> marker {:.2} s", run + 1, api[run].as_secs_f64(), direct[run].as_secs_f64());
+        println!(
+            "  run {}: API -> marker {:.2} s, virsh create -> marker {:.2} s",
+            run + 1,
+            api[run].as_secs_f64(),
+            direct[run].as_secs_f64()
+        );
     }
     let (a, d) = (median(api), median(direct));
     println!(

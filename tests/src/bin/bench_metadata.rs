@@ -144,11 +144,12 @@ async fn main() -> anyhow::Result<()> {
     let a = store_agent(&cloud, "a").await?;
     let b = store_agent(&cloud, "b").await?;
     let node = cloud.service.store.node.clone();
-    cloud.wait_until(Duration::from_secs(30), || {
-        let node = node.clone();
-        async move { Ok(node.membership().view().iter().filter(|m| m.alive).count() >= 3) }
-    })
-    .await?;
+    cloud
+        .wait_until(Duration::from_secs(30), || {
+            let node = node.clone();
+            async move { Ok(node.membership().view().iter().filter(|m| m.alive).count() >= 3) }
+        })
+        .await?;
     let id = instance_ids(&cloud.post("/v1/instances", json!({"instance_type": "t3.nano"})).await?).pop().context("no instance")?;
     cloud.wait_for_state(std::slice::from_ref(&id), "running", Duration::from_secs(30)).await?;
     let host = cloud.host_of(&id).await?;
@@ -161,7 +162,10 @@ async fn main() -> anyhow::Result<()> {
             Ok(s == 200 && String::from_utf8_lossy(&body).contains("\"region\""))
         })
         .await?;
-    println!("ring of 3 (control plane + 2 agents, mutual TLS), instance {id}; {} build", if cfg!(debug_assertions) { "debug" } else { "release" });
+    println!(
+        "ring of 3 (control plane + 2 agents, mutual TLS), instance {id}; {} build",
+        if cfg!(debug_assertions) { "debug" } else { "release" }
+    );
     measure("everything up", &socket, &id, args.gets).await?;
     cloud.outage().await?;
     if cloud.get("/v1/instances").await.is_ok() {

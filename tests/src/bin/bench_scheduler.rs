@@ -125,7 +125,11 @@ async fn client(cloud: Arc<Cloud>, keys: Ec2Keys, image_id: String, until: Insta
             }
         };
         stats.latencies.push(t0.elapsed());
-        if rest { stats.rest.push(t0.elapsed()) } else { stats.ec2.push(t0.elapsed()) }
+        if rest {
+            stats.rest.push(t0.elapsed())
+        } else {
+            stats.ec2.push(t0.elapsed())
+        }
         match outcome {
             Ok(()) => stats.placed += 1,
             Err(code) => *stats.errors.entry(code).or_default() += 1,
@@ -143,9 +147,7 @@ fn pgbench(database_url: &str, secs: u64) -> anyhow::Result<f64> {
     let name = format!("nimbus_bench_pgbench_{}", nimbus_tests::random_suffix());
     let url = format!("{base}/{name}");
     let admin = format!("{base}/postgres");
-    let psql = |sql: &str| {
-        std::process::Command::new("/usr/lib/postgresql/15/bin/psql").args(["-q", "-X", &admin, "-c", sql]).status()
-    };
+    let psql = |sql: &str| std::process::Command::new("/usr/lib/postgresql/15/bin/psql").args(["-q", "-X", &admin, "-c", sql]).status();
     if !psql(&format!("CREATE DATABASE {name}"))?.success() {
         bail!("cannot create the pgbench database");
     }
@@ -231,9 +233,8 @@ async fn main() -> anyhow::Result<()> {
 
     let until = Instant::now() + Duration::from_secs(args.secs);
     let started = Instant::now();
-    let clients: Vec<_> = (0..args.clients)
-        .map(|n| tokio::spawn(client(cloud.clone(), keys.clone(), image.image_id.clone(), until, n)))
-        .collect();
+    let clients: Vec<_> =
+        (0..args.clients).map(|n| tokio::spawn(client(cloud.clone(), keys.clone(), image.image_id.clone(), until, n))).collect();
     let mut all = ClientStats::default();
     for c in clients {
         let s = c.await?;

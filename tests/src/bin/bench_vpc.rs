@@ -50,7 +50,11 @@ fn secs(d: Duration) -> f64 {
 
 fn group_rules(n: usize, extra: u16) -> Vec<Rule> {
     let mut rules: Vec<Rule> = (0..n as u16)
-        .map(|i| Rule { protocol: Protocol::Tcp, ports: Some((1000 + i, 1000 + i)), peer: Peer::Cidr(Cidr::parse("10.0.0.0/8").unwrap_or(Cidr { addr: Ipv4Addr::new(10, 0, 0, 0), prefix: 8 })) })
+        .map(|i| Rule {
+            protocol: Protocol::Tcp,
+            ports: Some((1000 + i, 1000 + i)),
+            peer: Peer::Cidr(Cidr::parse("10.0.0.0/8").unwrap_or(Cidr { addr: Ipv4Addr::new(10, 0, 0, 0), prefix: 8 })),
+        })
         .collect();
     if extra > 0 {
         rules.push(Rule { protocol: Protocol::Tcp, ports: Some((extra, extra)), peer: Peer::Group("sg-bench".into()) });
@@ -83,11 +87,20 @@ async fn program(interfaces: usize, rules: usize) -> anyhow::Result<()> {
             vpc_id: "vpc-bench".into(),
             vni: 4242,
             cidr: subnet,
-            subnets: vec![SubnetOnHost { subnet_id: "subnet-bench".into(), cidr: subnet, gateway: subnet.nth(1).unwrap_or(Ipv4Addr::UNSPECIFIED) }],
+            subnets: vec![SubnetOnHost {
+                subnet_id: "subnet-bench".into(),
+                cidr: subnet,
+                gateway: subnet.nth(1).unwrap_or(Ipv4Addr::UNSPECIFIED),
+            }],
             peers: vec![],
             remote_nics: vec![],
         }],
-        groups: vec![SecurityGroup { group_id: "sg-bench".into(), vpc_id: "vpc-bench".into(), ingress: group_rules(rules, extra), egress: vec![] }],
+        groups: vec![SecurityGroup {
+            group_id: "sg-bench".into(),
+            vpc_id: "vpc-bench".into(),
+            ingress: group_rules(rules, extra),
+            egress: vec![],
+        }],
         members: members.clone(),
     };
     let t0 = Instant::now();
@@ -139,14 +152,20 @@ async fn rules(changes: usize) -> anyhow::Result<()> {
     let cloud = Cloud::start().await?;
     let mut agents = Vec::new();
     for (i, host) in topo.hosts.iter().enumerate() {
-        agents.push(cloud.add_vpc_agent(&format!("h{i}"), &format!("az{i}"), (8, 8192, 100), nimbus_host_agent::HypervisorChoice::Test, host).await?);
+        agents.push(
+            cloud
+                .add_vpc_agent(&format!("h{i}"), &format!("az{i}"), (8, 8192, 100), nimbus_host_agent::HypervisorChoice::Test, host)
+                .await?,
+        );
     }
     cloud.register_test_image().await?;
     let g = cloud.post("/v1/security-groups", json!({"group_name": "bench", "description": "bench"})).await?;
     let gid = g["group_id"].as_str().unwrap_or_default().to_string();
     let mut ids = Vec::new();
     for i in 0..3 {
-        let r = cloud.post("/v1/instances", json!({"instance_type": "t3.nano", "availability_zone": format!("az{i}"), "security_group_ids": [gid]})).await?;
+        let r = cloud
+            .post("/v1/instances", json!({"instance_type": "t3.nano", "availability_zone": format!("az{i}"), "security_group_ids": [gid]}))
+            .await?;
         ids.extend(instance_ids(&r));
     }
     cloud.wait_for_state(&ids, "running", Duration::from_secs(60)).await?;
@@ -154,7 +173,12 @@ async fn rules(changes: usize) -> anyhow::Result<()> {
     for i in 0..changes {
         let port = 20000 + i as u16;
         let t0 = Instant::now();
-        cloud.post(&format!("/v1/security-groups/{gid}/ingress"), json!({"rules": [{"protocol": "tcp", "from_port": port, "to_port": port, "cidrs": ["10.0.0.0/8"]}]})).await?;
+        cloud
+            .post(
+                &format!("/v1/security-groups/{gid}/ingress"),
+                json!({"rules": [{"protocol": "tcp", "from_port": port, "to_port": port, "cidrs": ["10.0.0.0/8"]}]}),
+            )
+            .await?;
         for h in &topo.hosts {
             while !has_rule(&h.prefix, port).await? {
                 anyhow::ensure!(t0.elapsed() < Duration::from_secs(30), "rule {port} not on {} within 30 s", h.prefix);
@@ -202,7 +226,9 @@ async fn launch_times(cloud: &nimbus_tests::Cloud, agent: &nimbus_tests::AgentHa
 
 async fn launch(launches: usize) -> anyhow::Result<()> {
     use nimbus_host_agent::HypervisorChoice;
-    let image = std::path::PathBuf::from(std::env::var("NIMBUS_IMAGE_DIR").map_err(|_| anyhow::anyhow!("NIMBUS_IMAGE_DIR must name the tiny image"))?);
+    let image = std::path::PathBuf::from(
+        std::env::var("NIMBUS_IMAGE_DIR").map_err(|_| anyhow::anyhow!("NIMBUS_IMAGE_DIR must name the tiny image"))?,
+    );
     let topo = Topology::new(1).await;
     let (user, vpc) = {
         let cloud = nimbus_tests::Cloud::start().await?;

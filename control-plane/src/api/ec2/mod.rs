@@ -36,7 +36,9 @@ fn xml_response(status: StatusCode, body: String) -> Response {
 /// The EC2 wire form of an error.
 fn error_response(e: ServiceError) -> Response {
     let status = e.ec2_status();
-    if status.is_server_error() && !matches!(e, ServiceError::InsufficientInstanceCapacity(_) | ServiceError::InsufficientAddressCapacity(_)) {
+    if status.is_server_error()
+        && !matches!(e, ServiceError::InsufficientInstanceCapacity(_) | ServiceError::InsufficientAddressCapacity(_))
+    {
         tracing::error!(error = %e, "EC2 request failed");
     }
     let body = xml::ErrorResponse {
@@ -99,7 +101,10 @@ async fn serve(s: &Service, req: Request) -> Result<String, ServiceError> {
                 return Err(ServiceError::DryRunOperation);
             }
             let list = s.describe_instances(&caller, filter).await?;
-            reply!("DescribeInstancesResponse", xml::describe_instances(&list.instances, &caller.account_id, list.next_token, &s.config.region))
+            reply!(
+                "DescribeInstancesResponse",
+                xml::describe_instances(&list.instances, &caller.account_id, list.next_token, &s.config.region)
+            )
         }
         "TerminateInstances" | "StopInstances" | "StartInstances" => {
             let ids = params.list("InstanceId")?;
@@ -222,7 +227,8 @@ async fn serve(s: &Service, req: Request) -> Result<String, ServiceError> {
             let raw = base64::engine::general_purpose::STANDARD
                 .decode(params.required("PublicKeyMaterial")?)
                 .map_err(|_| ServiceError::InvalidParameterValue("PublicKeyMaterial must be base64".into()))?;
-            let text = String::from_utf8(raw).map_err(|_| ServiceError::InvalidKeyFormat("Key is not in valid OpenSSH public key format".into()))?;
+            let text = String::from_utf8(raw)
+                .map_err(|_| ServiceError::InvalidKeyFormat("Key is not in valid OpenSSH public key format".into()))?;
             if dry_run {
                 return Err(ServiceError::DryRunOperation);
             }
@@ -234,7 +240,10 @@ async fn serve(s: &Service, req: Request) -> Result<String, ServiceError> {
                 return Err(ServiceError::DryRunOperation);
             }
             let keys = s.describe_key_pairs(&caller, &params.list("KeyName")?).await?;
-            reply!("DescribeKeyPairsResponse", xml::DescribeKeyPairs { key_set: keys.iter().map(xml::XmlKeyPair::from).collect::<Vec<_>>().into() })
+            reply!(
+                "DescribeKeyPairsResponse",
+                xml::DescribeKeyPairs { key_set: keys.iter().map(xml::XmlKeyPair::from).collect::<Vec<_>>().into() }
+            )
         }
         "DeleteKeyPair" => {
             let name = params.required("KeyName")?.to_string();
@@ -322,7 +331,11 @@ async fn serve(s: &Service, req: Request) -> Result<String, ServiceError> {
                 .filter(|(name, _)| wanted.is_empty() || wanted.iter().any(|w| w == name))
                 .map(|(name, values)| xml::XmlAccountAttribute {
                     attribute_name: name.to_string(),
-                    attribute_value_set: values.into_iter().map(|v| xml::XmlAttributeValue { attribute_value: v }).collect::<Vec<_>>().into(),
+                    attribute_value_set: values
+                        .into_iter()
+                        .map(|v| xml::XmlAttributeValue { attribute_value: v })
+                        .collect::<Vec<_>>()
+                        .into(),
                 })
                 .collect::<Vec<_>>();
             reply!("DescribeAccountAttributesResponse", xml::DescribeAccountAttributes { account_attribute_set: items.into() })
@@ -335,7 +348,13 @@ async fn serve(s: &Service, req: Request) -> Result<String, ServiceError> {
             let region = s.config.region.clone();
             let items = zones
                 .into_iter()
-                .map(|z| xml::XmlZone { zone_id: z.clone(), zone_name: z, zone_state: "available", region_name: region.clone(), zone_type: "availability-zone" })
+                .map(|z| xml::XmlZone {
+                    zone_id: z.clone(),
+                    zone_name: z,
+                    zone_state: "available",
+                    region_name: region.clone(),
+                    zone_type: "availability-zone",
+                })
                 .collect::<Vec<_>>();
             reply!("DescribeAvailabilityZonesResponse", xml::DescribeAvailabilityZones { availability_zone_info: items.into() })
         }
@@ -381,7 +400,9 @@ fn count(params: &Params, name: &str) -> Result<u32, ServiceError> {
 pub(crate) fn metadata_options(p: &Params, prefix: &str) -> Result<Option<nimbus_proto::api::MetadataOptionsRequest>, ServiceError> {
     let get = |name: &str| p.get(&format!("{prefix}{name}")).map(str::to_string);
     let hop = match p.int(&format!("{prefix}HttpPutResponseHopLimit"))? {
-        Some(h) => Some(u32::try_from(h).map_err(|_| ServiceError::InvalidParameterValue("HttpPutResponseHopLimit must be between 1 and 64".into()))?),
+        Some(h) => Some(
+            u32::try_from(h).map_err(|_| ServiceError::InvalidParameterValue("HttpPutResponseHopLimit must be between 1 and 64".into()))?,
+        ),
         None => None,
     };
     let o = nimbus_proto::api::MetadataOptionsRequest {
@@ -420,17 +441,23 @@ fn run_request(params: &Params) -> Result<RunInstancesRequest, ServiceError> {
             None => return Err(ServiceError::MissingParameter("TagSpecification.N.ResourceType".into())),
         };
         for t in spec.structs("Tag")? {
-            into.push(nimbus_proto::api::ResourceTag { key: t.required("Key")?.to_string(), value: t.get("Value").unwrap_or("").to_string() });
+            into.push(nimbus_proto::api::ResourceTag {
+                key: t.required("Key")?.to_string(),
+                value: t.get("Value").unwrap_or("").to_string(),
+            });
         }
     }
     let mut network_interfaces = Vec::new();
     for n in params.structs("NetworkInterface")? {
         if n.get("NetworkInterfaceId").is_some() {
-            return Err(ServiceError::InvalidParameterValue("Attaching an existing network interface at launch is not supported by Nimbus".into()));
+            return Err(ServiceError::InvalidParameterValue(
+                "Attaching an existing network interface at launch is not supported by Nimbus".into(),
+            ));
         }
         let device_index = n.int("DeviceIndex")?.ok_or_else(|| ServiceError::MissingParameter("NetworkInterface.N.DeviceIndex".into()))?;
         network_interfaces.push(nimbus_proto::api::NetworkInterfaceSpec {
-            device_index: u32::try_from(device_index).map_err(|_| ServiceError::InvalidParameterValue("DeviceIndex must be 0 to 7".into()))?,
+            device_index: u32::try_from(device_index)
+                .map_err(|_| ServiceError::InvalidParameterValue("DeviceIndex must be 0 to 7".into()))?,
             subnet_id: n.get("SubnetId").map(str::to_string),
             security_group_ids: n.list("SecurityGroupId")?,
             associate_public_ip_address: optional_bool(&n, "AssociatePublicIpAddress")?,
@@ -482,7 +509,9 @@ fn instance_filter(params: &Params) -> Result<InstanceFilter, ServiceError> {
     }
     if let Some(n) = params.int("MaxResults")? {
         if !f.instance_ids.is_empty() && params.get("InstanceId.1").is_some() {
-            return Err(ServiceError::InvalidParameterCombination("The parameter instancesSet cannot be used with the parameter maxResults".into()));
+            return Err(ServiceError::InvalidParameterCombination(
+                "The parameter instancesSet cannot be used with the parameter maxResults".into(),
+            ));
         }
         if !(5..=1000).contains(&n) {
             return Err(ServiceError::InvalidParameterValue("MaxResults must be between 5 and 1000".into()));

@@ -45,7 +45,11 @@ fn ip_permissions(params: &Params) -> Result<Vec<IpPermission>, ServiceError> {
             to_port: port(&p, "ToPort")?,
             cidrs: ranges.iter().map(|r| r.required("CidrIp").map(str::to_string)).collect::<Result<_, _>>()?,
             group_ids: pairs.iter().filter_map(|g| g.get("GroupId").map(str::to_string)).collect(),
-            group_names: pairs.iter().filter(|g| g.get("GroupId").is_none()).filter_map(|g| g.get("GroupName").map(str::to_string)).collect(),
+            group_names: pairs
+                .iter()
+                .filter(|g| g.get("GroupId").is_none())
+                .filter_map(|g| g.get("GroupName").map(str::to_string))
+                .collect(),
             description,
         });
     }
@@ -187,11 +191,30 @@ enum AttrXml {
 pub async fn dispatch(s: &Service, caller: &Caller, action: &str, params: &Params, dry_run: bool) -> Option<Result<String, ServiceError>> {
     let known = matches!(
         action,
-        "CreateVpc" | "DeleteVpc" | "DescribeVpcs" | "CreateSubnet" | "DeleteSubnet" | "DescribeSubnets" | "ModifySubnetAttribute"
-            | "CreateSecurityGroup" | "DeleteSecurityGroup" | "DescribeSecurityGroups" | "AuthorizeSecurityGroupIngress"
-            | "AuthorizeSecurityGroupEgress" | "RevokeSecurityGroupIngress" | "RevokeSecurityGroupEgress" | "DescribeSecurityGroupRules"
-            | "AllocateAddress" | "AssociateAddress" | "DisassociateAddress" | "ReleaseAddress" | "DescribeAddresses"
-            | "DescribeNetworkInterfaces" | "DeleteNetworkInterface" | "DescribeInstanceStatus" | "DescribeInstanceAttribute"
+        "CreateVpc"
+            | "DeleteVpc"
+            | "DescribeVpcs"
+            | "CreateSubnet"
+            | "DeleteSubnet"
+            | "DescribeSubnets"
+            | "ModifySubnetAttribute"
+            | "CreateSecurityGroup"
+            | "DeleteSecurityGroup"
+            | "DescribeSecurityGroups"
+            | "AuthorizeSecurityGroupIngress"
+            | "AuthorizeSecurityGroupEgress"
+            | "RevokeSecurityGroupIngress"
+            | "RevokeSecurityGroupEgress"
+            | "DescribeSecurityGroupRules"
+            | "AllocateAddress"
+            | "AssociateAddress"
+            | "DisassociateAddress"
+            | "ReleaseAddress"
+            | "DescribeAddresses"
+            | "DescribeNetworkInterfaces"
+            | "DeleteNetworkInterface"
+            | "DescribeInstanceStatus"
+            | "DescribeInstanceAttribute"
             | "ModifyInstanceAttribute"
     );
     if !known {
@@ -250,9 +273,8 @@ async fn serve(s: &Service, caller: &Caller, action: &str, params: &Params, dry_
         }
         "ModifySubnetAttribute" => {
             let id = params.required("SubnetId")?.to_string();
-            let map = value_bool(params, "MapPublicIpOnLaunch")?.ok_or_else(|| {
-                ServiceError::InvalidParameterValue("Nimbus supports the attribute MapPublicIpOnLaunch only".into())
-            })?;
+            let map = value_bool(params, "MapPublicIpOnLaunch")?
+                .ok_or_else(|| ServiceError::InvalidParameterValue("Nimbus supports the attribute MapPublicIpOnLaunch only".into()))?;
             dry!();
             s.modify_subnet_attribute(caller, &id, map).await?;
             reply("ModifySubnetAttributeResponse", ok())
@@ -277,7 +299,10 @@ async fn serve(s: &Service, caller: &Caller, action: &str, params: &Params, dry_
             let (ids, names, f) = (params.list("GroupId")?, params.list("GroupName")?, filters(params)?);
             dry!();
             let groups = s.describe_security_groups(caller, &ids, &names, &f).await?;
-            reply("DescribeSecurityGroupsResponse", GroupInfo { security_group_info: groups.iter().map(xml::security_group).collect::<Vec<_>>().into() })
+            reply(
+                "DescribeSecurityGroupsResponse",
+                GroupInfo { security_group_info: groups.iter().map(xml::security_group).collect::<Vec<_>>().into() },
+            )
         }
         "AuthorizeSecurityGroupIngress" | "AuthorizeSecurityGroupEgress" => {
             let (sel, perms) = (group_sel(params)?, ip_permissions(params)?);
@@ -310,7 +335,13 @@ async fn serve(s: &Service, caller: &Caller, action: &str, params: &Params, dry_
             }
             reply(
                 "AllocateAddressResponse",
-                Allocated { public_ip: a.public_ip, domain: a.domain, allocation_id: a.allocation_id, public_ipv4_pool: "nimbus", network_border_group: region.into() },
+                Allocated {
+                    public_ip: a.public_ip,
+                    domain: a.domain,
+                    allocation_id: a.allocation_id,
+                    public_ipv4_pool: "nimbus",
+                    network_border_group: region.into(),
+                },
             )
         }
         "AssociateAddress" => {
@@ -338,7 +369,10 @@ async fn serve(s: &Service, caller: &Caller, action: &str, params: &Params, dry_
             let (ips, allocs, f) = (params.list("PublicIp")?, params.list("AllocationId")?, filters(params)?);
             dry!();
             let list = s.describe_addresses(caller, &ips, &allocs, &f).await?;
-            reply("DescribeAddressesResponse", AddressesSet { addresses_set: list.iter().map(|a| xml::address(a, region)).collect::<Vec<_>>().into() })
+            reply(
+                "DescribeAddressesResponse",
+                AddressesSet { addresses_set: list.iter().map(|a| xml::address(a, region)).collect::<Vec<_>>().into() },
+            )
         }
         "DescribeNetworkInterfaces" => {
             let (ids, f) = (params.list("NetworkInterfaceId")?, filters(params)?);
@@ -406,7 +440,9 @@ async fn serve(s: &Service, caller: &Caller, action: &str, params: &Params, dry_
                 (Some("instanceType"), Some(v)) => req.instance_type = Some(v.to_string()),
                 (Some("disableApiTermination" | "disableApiStop"), Some("false")) | (Some("sourceDestCheck"), Some("true")) => {}
                 (Some("instanceInitiatedShutdownBehavior"), Some("stop")) => {}
-                (Some(a), _) => return Err(ServiceError::UnsupportedOperation(format!("Nimbus cannot modify the attribute {a} to that value"))),
+                (Some(a), _) => {
+                    return Err(ServiceError::UnsupportedOperation(format!("Nimbus cannot modify the attribute {a} to that value")))
+                }
                 (None, _) => {}
             }
             // Settings Nimbus has fixed: asking for what they are is fine.
@@ -437,7 +473,9 @@ fn tag_specification(params: &Params, resource_type: &str) -> Result<Option<Vec<
         match spec.get("ResourceType") {
             Some(t) if t == resource_type => {}
             other => {
-                return Err(ServiceError::InvalidParameterValue(format!("TagSpecification ResourceType {other:?} is not valid here; use {resource_type}")))
+                return Err(ServiceError::InvalidParameterValue(format!(
+                    "TagSpecification ResourceType {other:?} is not valid here; use {resource_type}"
+                )))
             }
         }
         for t in spec.structs("Tag")? {

@@ -311,10 +311,10 @@ impl XmlInstance {
             launch_time: timestamp(&i.launch_time),
             placement: Placement { availability_zone: i.availability_zone.clone(), tenancy: "default" },
             monitoring: Monitoring { state: "disabled" },
-            state_reason: i.state_reason.as_ref().map(|m| StateReason {
-                code: m.split(':').next().unwrap_or("Server.InternalError").to_string(),
-                message: m.clone(),
-            }),
+            state_reason: i
+                .state_reason
+                .as_ref()
+                .map(|m| StateReason { code: m.split(':').next().unwrap_or("Server.InternalError").to_string(), message: m.clone() }),
             architecture: "x86_64",
             root_device_type: "ebs",
             root_device_name: "/dev/vda",
@@ -759,7 +759,8 @@ fn permissions(rules: &[SecurityGroupRule], owner: &str) -> Items<XmlIpPermissio
     let mut out: Vec<XmlIpPermission> = Vec::new();
     for r in rules {
         let ports = (r.protocol != "-1").then_some((r.from_port, r.to_port));
-        let found = out.iter().position(|p| p.ip_protocol == r.protocol && p.from_port == ports.map(|p| p.0) && p.to_port == ports.map(|p| p.1));
+        let found =
+            out.iter().position(|p| p.ip_protocol == r.protocol && p.from_port == ports.map(|p| p.0) && p.to_port == ports.map(|p| p.1));
         let i = match found {
             Some(i) => i,
             None => {
@@ -847,7 +848,10 @@ pub fn security_group_rule(r: &SecurityGroupRule, owner: &str) -> XmlSecurityGro
         from_port: r.from_port,
         to_port: r.to_port,
         cidr_ipv4: r.cidr.clone(),
-        referenced_group_info: r.referenced_group_id.as_ref().map(|g| XmlReferencedGroup { group_id: g.clone(), user_id: owner.to_string() }),
+        referenced_group_info: r
+            .referenced_group_id
+            .as_ref()
+            .map(|g| XmlReferencedGroup { group_id: g.clone(), user_id: owner.to_string() }),
         description: r.description.clone(),
     }
 }
@@ -1010,7 +1014,9 @@ mod tests {
     #[test]
     fn errors_have_ec2s_shape() {
         let e = ErrorResponse {
-            errors: Errors { error: XmlError { code: "InvalidInstanceID.NotFound".into(), message: "The instance ID 'i-1' does not exist".into() } },
+            errors: Errors {
+                error: XmlError { code: "InvalidInstanceID.NotFound".into(), message: "The instance ID 'i-1' does not exist".into() },
+            },
             request_id: "req-2".into(),
         };
         let xml = to_xml("Response", &e).unwrap();
