@@ -123,7 +123,7 @@ impl Service {
     /// Checks that every resource exists and is the caller's (two
     /// set-based queries, whatever the count); an unknown or foreign id
     /// answers exactly as a missing one. Returns the ids, each once.
-    async fn check_resources(&self, caller: &Caller, resources: &[String]) -> Result<Vec<String>> {
+    pub(crate) async fn check_resources(&self, caller: &Caller, resources: &[String]) -> Result<Vec<String>> {
         let resources = distinct_resources(resources)?;
         for id in &resources {
             if resource_type(id) == "unknown" || (resource_type(id) == "elastic-ip" && !ids::is_valid(ids::ALLOCATION, id)) {
