@@ -92,7 +92,7 @@ impl Service {
             .master_key
             .as_deref()
             .ok_or_else(|| ServiceError::Internal("no master key is configured (--master-key / NIMBUS_MASTER_KEY)".into()))?;
-        MasterKey::from_hex(hex).map_err(|e| ServiceError::Internal(format!("master key: {e}")))
+        MasterKey::from_hex(hex).map_err(|e| ServiceError::internal("the master key", e))
     }
 
     /// Creates an account with one access key.
@@ -108,7 +108,7 @@ impl Service {
         };
         let access_key_id = secrets::generate_access_key_id();
         let secret = secrets::generate_secret_access_key();
-        let sealed = secrets::seal(&master, &access_key_id, &secret).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let sealed = secrets::seal(&master, &access_key_id, &secret).map_err(|e| ServiceError::internal("sealing a secret", e))?;
         let mut tx = self.db.begin().await?;
         sqlx::query("INSERT INTO accounts (id, name) VALUES ($1, $2)").bind(&account_id).bind(name).execute(&mut *tx).await.map_err(
             |e| {
@@ -141,7 +141,7 @@ impl Service {
             .await?;
         let Some((account_id, sealed)) = row else { return Ok(None) };
         let secret = secrets::open(&self.master_key()?, access_key_id, &sealed)
-            .map_err(|e| ServiceError::Internal(format!("cannot open the secret of {access_key_id}: {e}")))?;
+            .map_err(|e| ServiceError::internal(format!("cannot open the secret of {access_key_id}"), e))?;
         Ok(Some((Caller::account(account_id), secret)))
     }
 

@@ -17,7 +17,7 @@ impl From<CaError> for ServiceError {
     fn from(e: CaError) -> Self {
         match e {
             CaError::BadPublicKey | CaError::BadAddress(_) => ServiceError::InvalidParameterValue(e.to_string()),
-            CaError::Generate(_) | CaError::Sealed(_) => ServiceError::Internal(e.to_string()),
+            CaError::Generate(_) | CaError::Sealed(_) => ServiceError::internal("the cluster CA", e),
         }
     }
 }

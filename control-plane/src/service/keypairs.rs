@@ -90,9 +90,9 @@ impl Service {
             }
         })
         .await
-        .map_err(|e| ServiceError::Internal(e.to_string()))?
-        .map_err(|e| ServiceError::Internal(format!("key generation: {e}")))?;
-        let material = private.to_openssh(LineEnding::LF).map_err(|e| ServiceError::Internal(e.to_string()))?.to_string();
+        .map_err(|e| ServiceError::internal("key generation", e))?
+        .map_err(|e| ServiceError::internal("key generation", e))?;
+        let material = private.to_openssh(LineEnding::LF).map_err(|e| ServiceError::internal("encoding a private key", e))?.to_string();
         let key_pair = self.store_key(caller, name, private.public_key()).await?;
         Ok(NewKeyPair { key_pair, key_material: material })
     }
@@ -106,7 +106,7 @@ impl Service {
     }
 
     async fn store_key(&self, caller: &Caller, name: &str, key: &PublicKey) -> Result<KeyPair> {
-        let openssh = key.to_openssh().map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let openssh = key.to_openssh().map_err(|e| ServiceError::internal("encoding a public key", e))?;
         let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
         let row = sqlx::query_as::<_, Row>(
             "INSERT INTO key_pairs (id, account_id, name, fingerprint, public_key) VALUES ($1, $2, $3, $4, $5) \

@@ -9,7 +9,7 @@ pub mod vpc;
 pub mod xml;
 
 use crate::auth::sigv4::{ParsedAuth, RequestView, VerifyOptions};
-use crate::error::ServiceError;
+use crate::error::{ErrorKind, ServiceError};
 use crate::service::instances::InstanceFilter;
 use crate::service::{Caller, Service};
 use action::{Action, Door, DryRun};
@@ -35,13 +35,22 @@ fn xml_response(status: StatusCode, body: String) -> Response {
     (status, [(header::CONTENT_TYPE, "text/xml;charset=UTF-8")], body).into_response()
 }
 
+/// The EC2 door's status of an error's kind: as REST's, except that lack
+/// of capacity is a 500 (as EC2 answers InsufficientInstanceCapacity) and a
+/// conflict is a 400 (EC2 answers every client error with 400).
+pub fn status(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::Capacity => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorKind::Conflict => StatusCode::BAD_REQUEST,
+        other => super::status(other),
+    }
+}
+
 /// The EC2 wire form of an error.
 fn error_response(e: ServiceError) -> Response {
-    let status = e.ec2_status();
-    if status.is_server_error()
-        && !matches!(e, ServiceError::InsufficientInstanceCapacity(_) | ServiceError::InsufficientAddressCapacity(_))
-    {
-        tracing::error!(error = %e, "EC2 request failed");
+    let status = status(e.kind());
+    if e.kind() == ErrorKind::Internal {
+        tracing::error!(error = %e.report(), "EC2 request failed");
     }
     let body = xml::ErrorResponse {
         errors: xml::Errors { error: xml::XmlError { code: e.code().to_string(), message: e.public_message() } },
@@ -84,7 +93,7 @@ async fn serve(s: &Service, req: Request) -> Result<String, ServiceError> {
     macro_rules! reply {
         ($root:expr, $body:expr) => {
             xml::to_xml($root, &Envelope { xmlns: XMLNS, request_id: rid, body: $body })
-                .map_err(|e| ServiceError::Internal(format!("XML: {e}")))
+                .map_err(|e| ServiceError::internal("encoding the XML answer", e))
         };
     }
     match action {

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 fn reply<T: Serialize>(root: &str, body: T) -> Result<String, ServiceError> {
     xml::to_xml(root, &Envelope { xmlns: XMLNS, request_id: super::super::request_id(), body })
-        .map_err(|e| ServiceError::Internal(format!("XML: {e}")))
+        .map_err(|e| ServiceError::internal("encoding the XML answer", e))
 }
 
 /// `Filter.N.Name` / `Filter.N.Value.M`.
