@@ -21,6 +21,7 @@
 //! whose instance is terminated first fails (in the report transaction that
 //! confirms the termination).
 
+use super::image_quota::ImageQuotaCheck;
 use super::{Caller, Service, ADMIN_ACCOUNT};
 use crate::error::{Result, ServiceError};
 use crate::ids;

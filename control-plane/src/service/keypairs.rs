@@ -5,27 +5,9 @@
 use super::{Caller, Service};
 use crate::error::{Result, ServiceError};
 use crate::ids;
-use serde::{Deserialize, Serialize};
 use ssh_key::{Algorithm, HashAlg, LineEnding, PrivateKey, PublicKey};
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct KeyPair {
-    pub key_pair_id: String,
-    pub key_name: String,
-    /// OpenSSH SHA-256 fingerprint (`SHA256:…`).
-    pub key_fingerprint: String,
-    pub key_type: String,
-    pub public_key: String,
-    pub create_time: chrono::DateTime<chrono::Utc>,
-}
-
-/// [`Service::create_key_pair`]'s answer: the only time the private key is seen.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct NewKeyPair {
-    #[serde(flatten)]
-    pub key_pair: KeyPair,
-    pub key_material: String,
-}
+pub use nimbus_proto::api::{KeyPair, NewKeyPair};
 
 fn validate_name(name: &str) -> Result<()> {
     if name.is_empty() || name.len() > 255 || !name.is_ascii() || name.chars().any(|c| c.is_control()) {

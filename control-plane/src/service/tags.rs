@@ -4,20 +4,14 @@
 use super::{Caller, Service};
 use crate::error::{Result, ServiceError};
 use crate::ids;
-use serde::{Deserialize, Serialize};
+
 use std::collections::BTreeMap;
 
 pub const MAX_TAGS_PER_RESOURCE: usize = 50;
 /// Resources of one CreateTags or DeleteTags call, as in EC2.
 pub const MAX_RESOURCES_PER_CALL: usize = 1000;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Tag {
-    pub resource_id: String,
-    pub resource_type: String,
-    pub key: String,
-    pub value: String,
-}
+pub use nimbus_proto::api::Tag;
 
 /// Resource types by id prefix: (prefix, EC2's resource type, table).
 const RESOURCES: &[(&str, &str, &str)] = &[
