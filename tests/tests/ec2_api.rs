@@ -219,6 +219,8 @@ async fn bad_requests_get_ec2_errors_and_create_nothing() {
         (format!("Action=DescribeInstances&{v}&InstanceId.1=i-0123456789abcdef0"), 400, "InvalidInstanceID.NotFound"),
         (format!("Action=DescribeInstances&{v}&Filter.1.Name=bogus&Filter.1.Value.1=x"), 400, "InvalidParameterValue"),
         (format!("Action=DescribeInstances&{v}&MaxResults=2"), 400, "InvalidParameterValue"),
+        (format!("Action=DescribeInstanceStatus&{v}&MaxResults=2"), 400, "InvalidParameterValue"),
+        (format!("Action=DescribeInstanceStatus&{v}&MaxResults=1001"), 400, "InvalidParameterValue"),
         (format!("Action=DescribeImages&{v}&ImageId.1=ami-00000000000000000"), 400, "InvalidAMIID.NotFound"),
         (format!("Action=RunInstances&{v}&ImageId=ami-bad&MinCount=1&MaxCount=1"), 400, "InvalidAMIID.Malformed"),
         (format!("Action=RunInstances&{v}&ImageId={}&MinCount=1", image.image_id), 400, "MissingParameter"),

@@ -477,17 +477,22 @@ fn instance_filter(params: &Params) -> Result<InstanceFilter, ServiceError> {
             _ => f.network.push((name, values)),
         }
     }
-    if let Some(n) = params.int("MaxResults")? {
-        if !f.instance_ids.is_empty() && params.get("InstanceId.1").is_some() {
-            return Err(ServiceError::InvalidParameterCombination(
-                "The parameter instancesSet cannot be used with the parameter maxResults".into(),
-            ));
-        }
-        if !(5..=1000).contains(&n) {
-            return Err(ServiceError::InvalidParameterValue("MaxResults must be between 5 and 1000".into()));
-        }
-        f.max_results = Some(n as u32);
-    }
+    f.max_results = max_results(params)?;
     f.next_token = params.get("NextToken").map(str::to_string);
     Ok(f)
+}
+
+/// `MaxResults` of the instance listings, as EC2 takes it: 5 to 1000, and
+/// not with a list of instance ids.
+pub(crate) fn max_results(params: &Params) -> Result<Option<u32>, ServiceError> {
+    let Some(n) = params.int("MaxResults")? else { return Ok(None) };
+    if params.get("InstanceId.1").is_some() {
+        return Err(ServiceError::InvalidParameterCombination(
+            "The parameter instancesSet cannot be used with the parameter maxResults".into(),
+        ));
+    }
+    match u32::try_from(n) {
+        Ok(n) if (5..=1000).contains(&n) => Ok(Some(n)),
+        _ => Err(ServiceError::InvalidParameterValue("MaxResults must be between 5 and 1000".into())),
+    }
 }

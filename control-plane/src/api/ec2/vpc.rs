@@ -364,9 +364,7 @@ pub async fn serve(s: &Service, caller: &Caller, action: Action, params: &Params
             if !params.bool("IncludeAllInstances")? && filter.states.is_empty() {
                 filter.states.push(InstanceState::Running);
             }
-            if let Some(n) = params.int("MaxResults")? {
-                filter.max_results = Some(u32::try_from(n).map_err(|_| ServiceError::InvalidParameterValue("MaxResults".into()))?);
-            }
+            filter.max_results = super::max_results(params)?;
             filter.next_token = params.get("NextToken").map(str::to_string);
             dry.check().await?;
             let list = s.describe_instance_status(caller, filter).await?;
