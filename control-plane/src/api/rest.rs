@@ -125,7 +125,7 @@ async fn set_account_limits(
 /// `Service::reset_host_credential`.
 async fn reset_host_credential(State(s): State<Service>, Operator(_): Operator, Path(host): Path<String>) -> Result<Json<HostReset>> {
     let host_id = s.reset_host_credential(&host).await?;
-    Ok(Json(HostReset { host_id: host_id }))
+    Ok(Json(HostReset { host_id }))
 }
 
 async fn run_instances(
@@ -297,7 +297,7 @@ struct TagsQuery {
 
 async fn describe_tags(State(s): State<Service>, Tenant(c): Tenant, ApiQuery(q): ApiQuery<TagsQuery>) -> Result<Json<TagList>> {
     let tags = s.describe_tags(&c, &split(&q.resource_id), &split(&q.key), &split(&q.value)).await?;
-    Ok(Json(TagList { tags: tags }))
+    Ok(Json(TagList { tags }))
 }
 
 async fn create_key_pair(
@@ -500,7 +500,7 @@ async fn authorize(
     ApiJson(req): ApiJson<RulesRequest>,
 ) -> Result<Json<RuleList>> {
     let rules = s.authorize_security_group(&c, &crate::service::network::GroupSel::Id(id), egress(&direction)?, &req.rules).await?;
-    Ok(Json(RuleList { rules: rules }))
+    Ok(Json(RuleList { rules }))
 }
 
 async fn revoke(
@@ -534,7 +534,7 @@ async fn associate_address(
     ApiJson(req): ApiJson<AssociateAddressRequest>,
 ) -> Result<Json<Association>> {
     let association_id = s.associate_address(&c, Some(&id), None, &req).await?;
-    Ok(Json(Association { association_id: association_id }))
+    Ok(Json(Association { association_id }))
 }
 
 async fn disassociate_address(State(s): State<Service>, Tenant(c): Tenant, Path(id): Path<String>) -> Result<Json<Done>> {
