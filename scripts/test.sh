@@ -29,6 +29,8 @@ scripts/pg.sh start
 export DATABASE_URL NIMBUS_APP_DATABASE_URL
 DATABASE_URL=$(scripts/pg.sh test-url)
 NIMBUS_APP_DATABASE_URL=$(scripts/pg.sh url)
+step "checking that .sqlx/ (the data of the compile-time checked queries) matches the queries and migrations"
+scripts/sqlx-data.sh check
 step "building the tiny guest image"
 images/build-tiny.sh "$NIMBUS_HOME/images/tiny"
 export NIMBUS_IMAGE_DIR=$NIMBUS_HOME/images/tiny
