@@ -1,0 +1,162 @@
+//! The RBD operations against a real cluster: the one `scripts/ceph.sh start`
+//! makes (scripts/test.sh exports its `env`). Without `NIMBUS_CEPH_CONF` each
+//! test says so and passes without doing anything.
+
+use std::process::Stdio;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nimbus_volumes::{Cluster, Error};
+
+const MIB: u64 = 1 << 20;
+
+fn cluster(test: &str) -> Option<Cluster> {
+    let c = Cluster::from_env();
+    if c.is_none() {
+        eprintln!("SKIPPED {test}: NIMBUS_CEPH_CONF is not set (eval \"$(scripts/ceph.sh env)\" after scripts/ceph.sh start)");
+    }
+    c
+}
+
+/// A name no other test or run uses.
+fn unique(what: &str) -> String {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("test-{what}-{}-{nanos:x}", std::process::id())
+}
+
+#[tokio::test]
+async fn create_resize_snapshot_clone_flatten_remove() {
+    let Some(c) = cluster("round trip") else { return };
+    let vol = unique("vol");
+    let clone = format!("{vol}-clone");
+
+    c.create(&vol, 64 * MIB).await.unwrap();
+    let info = c.info(&vol).await.unwrap();
+    assert_eq!((info.name.as_str(), info.size, info.parent.as_ref()), (vol.as_str(), 64 * MIB, None));
+    assert!(c.list().await.unwrap().contains(&vol));
+
+    c.resize(&vol, 128 * MIB).await.unwrap();
+    assert_eq!(c.info(&vol).await.unwrap().size, 128 * MIB);
+    c.resize(&vol, 128 * MIB).await.unwrap();
+    assert!(matches!(c.resize(&vol, 64 * MIB).await, Err(Error::Invalid(_))));
+
+    c.snap_create(&vol, "s1").await.unwrap();
+    assert!(matches!(c.snap_create(&vol, "s1").await, Err(Error::Exists { .. })));
+    c.snap_protect(&vol, "s1").await.unwrap();
+    c.snap_protect(&vol, "s1").await.unwrap();
+    let snaps = c.snap_list(&vol).await.unwrap();
+    assert_eq!(snaps.len(), 1);
+    assert_eq!((snaps[0].name.as_str(), snaps[0].size, snaps[0].protected), ("s1", 128 * MIB, true));
+
+    c.clone(&vol, "s1", &clone).await.unwrap();
+    let info = c.info(&clone).await.unwrap();
+    let parent = info.parent.expect("a clone has a parent");
+    assert_eq!((parent.image.as_str(), parent.snapshot.as_str(), info.size), (vol.as_str(), "s1", 128 * MIB));
+    let children = c.children(&vol, "s1").await.unwrap();
+    assert_eq!(children.iter().map(|ch| ch.image.as_str()).collect::<Vec<_>>(), [clone.as_str()]);
+
+    // A snapshot with clones stays; so does an image with snapshots.
+    assert!(matches!(c.snap_remove(&vol, "s1").await, Err(Error::HasChildren { .. })));
+    assert!(matches!(c.remove(&vol).await, Err(Error::HasSnapshots { .. })));
+
+    c.flatten(&clone).await.unwrap();
+    assert_eq!(c.info(&clone).await.unwrap().parent, None);
+    c.flatten(&clone).await.unwrap();
+    assert!(c.children(&vol, "s1").await.unwrap().is_empty());
+
+    assert!(matches!(c.snap_remove(&vol, "s1").await, Err(Error::Protected { .. })));
+    c.snap_unprotect(&vol, "s1").await.unwrap();
+    c.snap_unprotect(&vol, "s1").await.unwrap();
+    c.snap_remove(&vol, "s1").await.unwrap();
+    assert!(c.snap_list(&vol).await.unwrap().is_empty());
+
+    c.remove(&clone).await.unwrap();
+    c.remove(&vol).await.unwrap();
+    c.remove(&vol).await.unwrap();
+    assert!(!c.list().await.unwrap().contains(&vol));
+}
+
+#[tokio::test]
+async fn missing_things_are_not_found() {
+    let Some(c) = cluster("not found") else { return };
+    let vol = unique("missing");
+    assert!(matches!(c.info(&vol).await, Err(Error::NotFound { .. })));
+    assert!(matches!(c.resize(&vol, MIB).await, Err(Error::NotFound { .. })));
+    assert!(matches!(c.snap_create(&vol, "s").await, Err(Error::NotFound { .. })));
+    assert!(matches!(c.snap_list(&vol).await, Err(Error::NotFound { .. })));
+    assert!(matches!(c.clone(&vol, "s", &unique("c")).await, Err(Error::NotFound { .. })));
+    c.remove(&vol).await.unwrap();
+
+    c.create(&vol, MIB).await.unwrap();
+    assert!(matches!(c.snap_remove(&vol, "nosnap").await, Err(Error::NotFound { .. })));
+    assert!(matches!(c.clone(&vol, "nosnap", &unique("c")).await, Err(Error::NotFound { what }) if what.ends_with("@nosnap")));
+    c.remove(&vol).await.unwrap();
+}
+
+#[tokio::test]
+async fn concurrent_creates_of_one_name_make_one() {
+    let Some(c) = cluster("concurrent creates") else { return };
+    let vol = unique("race");
+    let results = futures::future::join_all((0..6).map(|_| c.create(&vol, 16 * MIB))).await;
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    let exists = results.iter().filter(|r| matches!(r, Err(Error::Exists { .. }))).count();
+    assert_eq!((ok, exists), (1, 5), "{results:?}");
+    c.remove(&vol).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_open_image_is_not_removed() {
+    let Some(c) = cluster("watchers") else { return };
+    let vol = unique("open");
+    c.create(&vol, MIB).await.unwrap();
+    // `rbd watch` keeps the image open until its stdin closes.
+    let spec = format!("{}/{vol}", c.pool);
+    let mut watch = tokio::process::Command::new("rbd")
+        .arg("--conf")
+        .arg(&c.conf)
+        .arg("--id")
+        .arg(&c.client_id)
+        .arg("--keyring")
+        .arg(&c.keyring)
+        .args(["watch", &spec])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while c.watchers(&vol).await.unwrap().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "rbd watch did not open {spec}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(matches!(c.remove(&vol).await, Err(Error::HasWatchers { .. })));
+    drop(watch.stdin.take());
+    watch.wait().await.unwrap();
+    c.remove(&vol).await.unwrap();
+}
+
+#[tokio::test]
+async fn import_a_raw_file() {
+    let Some(c) = cluster("import") else { return };
+    let vol = unique("import");
+    let file = std::env::temp_dir().join(format!("{vol}.raw"));
+    let mut bytes = vec![0u8; 3 * MIB as usize];
+    bytes[..12].copy_from_slice(b"nimbus-image");
+    std::fs::write(&file, &bytes).unwrap();
+    let r = c.import(&file, &vol).await;
+    std::fs::remove_file(&file).unwrap();
+    r.unwrap();
+    assert_eq!(c.info(&vol).await.unwrap().size, 3 * MIB);
+    assert!(matches!(c.import(&std::env::temp_dir().join("no-such-file"), &unique("x")).await, Err(Error::NotFound { .. })));
+    c.remove(&vol).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_key_for_libvirt() {
+    let Some(c) = cluster("key") else { return };
+    let b64 = c.key_base64().unwrap();
+    let bytes = c.key_bytes().unwrap();
+    // A Ceph key: type (2 bytes), creation time (8), length (2), a 16-byte secret.
+    assert_eq!(bytes.len(), 28, "{b64}");
+    assert_eq!(u16::from_le_bytes([bytes[10], bytes[11]]), 16);
+}
