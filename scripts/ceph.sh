@@ -304,6 +304,14 @@ export NIMBUS_CEPH_MON_HOST='$MON_HOST'
 EOF
 }
 
+# One change at a time per cluster (test.sh and up.sh may start it together).
+lock() {
+    mkdir -p "$NIMBUS_HOME"
+    exec 9>"$NIMBUS_HOME/.$(basename "$DIR").lock"
+    flock -w "$WAIT" 9 || die "another ceph.sh holds $NIMBUS_HOME/.$(basename "$DIR").lock for more than $WAIT s"
+}
+case "${1:-}" in start | stop | wipe | stop-osd | start-osd) lock ;; esac
+
 case "${1:-}" in
     start) cmd_start ;;
     stop) [ -d "$DIR/run" ] && stop_all; true ;;
