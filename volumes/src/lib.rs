@@ -268,6 +268,16 @@ impl Cluster {
         self.rbd(&spec, &["import", "--no-progress", "--image-format", "2", file, &spec], self.long_timeout).await.map(drop)
     }
 
+    /// Writes the image's bytes (a snapshot's with `Some(snap)`) to a new file.
+    pub async fn export(&self, name: &str, snap: Option<&str>, file: &Path) -> Result<()> {
+        let spec = match snap {
+            Some(snap) => self.snap_spec(name, snap)?,
+            None => self.spec(name)?,
+        };
+        let file = file.to_str().ok_or_else(|| Error::Invalid(format!("{} is not UTF-8", file.display())))?;
+        self.rbd(&spec, &["export", "--no-progress", &spec, file], self.long_timeout).await.map(drop)
+    }
+
     /// The client's key as Ceph writes it (base64), read from its keyring.
     pub fn key_base64(&self) -> Result<String> {
         let io = |source| Error::Io { context: format!("reading keyring {}", self.keyring.display()), source };
