@@ -162,7 +162,8 @@ start_mon() {
             die "could not inject the monitor map (log: $DIR/log/mon.a.log)"
     fi
     rm -f "$DIR/monmap.now"
-    quiet ceph-mon -c "$CONF" -i a
+    # The daemons must not inherit the lock (fd 9): they would hold it for their lifetime.
+    quiet ceph-mon -c "$CONF" -i a 9>&-
 }
 
 mon_ok() { admin mon stat; }
@@ -174,7 +175,7 @@ start_osd() {
     local i=$1
     pid_of "osd.$i" >/dev/null && return 0
     rm -f "$DIR/run/osd.$i.asok"
-    quiet ceph-osd -c "$CONF" -i "$i"
+    quiet ceph-osd -c "$CONF" -i "$i" 9>&-
 }
 
 # The pool answers a client: the nimbus key lists it (its placement groups are active).
