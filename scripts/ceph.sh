@@ -127,6 +127,10 @@ osd_pool_default_pg_autoscale_mode = off
 [mon]
 mon_data = $DIR/\$name
 keyring = $DIR/mon.keyring
+# Each RBD snapshot asks the monitor for a snapshot id, a change to the OSD map:
+# with the default 1 s between Paxos proposals, \`rbd snap create\` took 1 s here;
+# with 50 ms, 0.14 s. One monitor, few changes: the extra proposals cost nothing.
+paxos_propose_interval = 0.05
 
 [osd]
 osd_data = $DIR/\$name
