@@ -17,7 +17,8 @@
 #   NIMBUS_HOME            default <repo>/.nimbus
 #   NIMBUS_CEPH_OSDS       number of OSDs (default 1; --osds wins). One OSD: the cluster lives in
 #                          $NIMBUS_HOME/ceph, pool size 1. N OSDs: $NIMBUS_HOME/ceph-N, pool size
-#                          min(N,3) (min_size 2), so replication is exercised.
+#                          min(N,3) (min_size 2 with three: one OSD may be down), so replication
+#                          is exercised.
 #   NIMBUS_CEPH_PORT       the monitor's msgr2 port (default 26300 for one OSD, 26300+10*N
 #                          otherwise); its legacy msgr1 port is PORT+1. Below Linux's ephemeral
 #                          range, and not Ceph's 3300/6789, so a real Ceph on this host is no clash.
@@ -49,7 +50,8 @@ if [ "$OSDS" = 1 ]; then
 else
     DIR=$NIMBUS_HOME/ceph-$OSDS
     PORT=${NIMBUS_CEPH_PORT:-$((26300 + 10 * OSDS))}
-    SIZE=$((OSDS < 3 ? OSDS : 3)) MIN_SIZE=2
+    SIZE=$((OSDS < 3 ? OSDS : 3))
+    MIN_SIZE=$((SIZE > 2 ? 2 : 1))
 fi
 PORT1=$((PORT + 1))
 MON_HOST="[v2:127.0.0.1:$PORT,v1:127.0.0.1:$PORT1]"
