@@ -168,11 +168,26 @@ start_mon() {
             die "could not inject the monitor map (log: $DIR/log/mon.a.log)"
     fi
     rm -f "$DIR/monmap.now"
+    # Another cluster (another checkout's NIMBUS_HOME) on our port: say so now
+    # rather than time out waiting for a monitor that could not bind.
+    if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
+        die "127.0.0.1:$PORT is taken by another process (another checkout's cluster? set NIMBUS_CEPH_PORT)"
+    fi
     # The daemons must not inherit the lock (fd 9): they would hold it for their lifetime.
     quiet ceph-mon -c "$CONF" -i a 9>&-
 }
 
 mon_ok() { admin mon stat; }
+
+# Waits until the monitor answers; a monitor that exits is reported at once.
+wait_mon() {
+    local start=$SECONDS
+    until mon_ok >/dev/null 2>&1; do
+        pid_of mon.a >/dev/null || die "ceph-mon exited (log: $DIR/log/mon.a.log)"
+        [ $((SECONDS - start)) -lt "$WAIT" ] || die "timed out after $WAIT s waiting for the monitor on 127.0.0.1:$PORT (log: $DIR/log/mon.a.log)"
+        sleep 0.5
+    done
+}
 
 osd_up() { admin osd dump --format json | grep -qE "\"osd\":$1,\"uuid\":\"[^\"]*\",\"up\":1"; }
 osd_down() { admin osd dump --format json | grep -qE "\"osd\":$1,\"uuid\":\"[^\"]*\",\"up\":0"; }
@@ -216,7 +231,7 @@ create() {
         die "ceph-mon --mkfs failed (log: $DIR/log/mon.a.log)"
     rm -f "$DIR/monmap"
     start_mon
-    wait_for "the monitor to answer on 127.0.0.1:$PORT" mon_ok
+    wait_mon
     # Clients of this cluster are all pacific: RBD clone v2 (no protect needed,
     # though the volumes crate still protects) and msgr2 everywhere.
     admin osd set-require-min-compat-client mimic >/dev/null 2>&1 || true
@@ -249,7 +264,7 @@ cmd_start() {
     [ -f "$DIR/created" ] || { create; return 0; }
     write_conf
     start_mon
-    wait_for "the monitor to answer on 127.0.0.1:$PORT" mon_ok
+    wait_mon
     local i
     for ((i = 0; i < OSDS; i++)); do start_osd "$i"; done
     for ((i = 0; i < OSDS; i++)); do wait_for "osd.$i to come up" osd_up "$i"; done
