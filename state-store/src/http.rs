@@ -1,5 +1,5 @@
-//! HTTP interface (axum server, reqwest clients). Bodies are bincode,
-//! except the admin view which is JSON.
+//! HTTP interface (axum server, reqwest clients). Bodies are bincode
+//! (`codec`), except the admin view which is JSON.
 //!
 //! * `POST /internal/rpc`  node-to-node [`Request`] → [`Response`]
 //! * `POST /v1/get`        [`GetRequest`] → `Result<GetResult, StoreError>`
@@ -14,6 +14,7 @@
 use crate::admin::AdminView;
 use crate::api::{Context, GetResult, KvClient};
 use crate::clock::NodeId;
+use crate::codec::{decode, encode};
 use crate::error::{check_key, check_value, RpcError, StoreError, MAX_KEY_BYTES, MAX_VALUE_BYTES};
 use crate::node::Node;
 use crate::rpc::{Request, Response, Transport};
@@ -22,7 +23,6 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use bincode::Options;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,21 +48,6 @@ pub struct PutRequest {
     pub context: String,
 }
 
-/// Decode a bincode body (requests, replies) of at most `limit` bytes.
-pub fn decode<T: serde::de::DeserializeOwned>(b: &[u8], limit: usize) -> Result<T, String> {
-    bincode::DefaultOptions::new()
-        .with_fixint_encoding()
-        .allow_trailing_bytes()
-        .with_limit(limit as u64)
-        .deserialize(b)
-        .map_err(|e| e.to_string())
-}
-
-/// Encode a bincode body, as [`HttpClient`] sends and the routes answer.
-pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    bincode::serialize(v).unwrap_or_default()
-}
-
 /// Build the router for a node.
 pub fn router(node: Arc<Node>) -> Router {
     let internal = Router::new().route("/internal/rpc", post(rpc)).layer(DefaultBodyLimit::max(RPC_BODY_LIMIT));
@@ -81,13 +66,6 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/admin/anti-entropy", post(admin_anti_entropy))
         .layer(DefaultBodyLimit::max(CLIENT_BODY_LIMIT));
     internal.merge(client).with_state(node)
-}
-
-/// Serve `node` on `listener` in plaintext until the task is aborted (the
-/// same listener as [`crate::tcp::serve`], which answers HTTP and the
-/// framed protocol on one port; [`crate::tcp::serve_tls`] for TLS).
-pub fn serve(node: Arc<Node>, listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
-    crate::tcp::serve(node, listener)
 }
 
 /// JSON error body of the operator endpoints: `{"code", "message"}`.

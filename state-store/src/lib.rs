@@ -2,7 +2,7 @@
 //! instance metadata. See `README.md` in this crate for the design.
 //!
 //! Embedded use: start a [`node::Node`] with a [`rpc::Transport`]
-//! (`http::HttpTransport` plus `http::serve`, or `sim::SimNetwork` in
+//! (`http::HttpTransport` plus `tcp::serve`, or `sim::SimNetwork` in
 //! tests) and talk to it through [`api::LocalClient`]; remote use goes
 //! through [`http::HttpClient`]. Both implement [`api::KvClient`].
 
@@ -10,6 +10,7 @@ pub mod admin;
 pub mod anti_entropy;
 pub mod api;
 pub mod clock;
+pub mod codec;
 pub mod coordinator;
 pub mod error;
 pub mod handoff;

@@ -211,7 +211,7 @@ impl Transport for TcpTransport {
             return Err(RpcError::Unreachable(to.clone()));
         }
         match orx.await {
-            Ok(bytes) => crate::http::decode(&bytes, MAX_FRAME).map_err(RpcError::Codec),
+            Ok(bytes) => crate::codec::decode(&bytes, MAX_FRAME).map_err(RpcError::Codec),
             // the connection died after the request was queued for it
             Err(_) => {
                 self.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(to);
@@ -391,7 +391,7 @@ where
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(write_loop(wr, rx));
     while let Ok((id, payload)) = read_frame(&mut rd).await {
-        let req = match crate::http::decode::<Request>(&payload, MAX_FRAME) {
+        let req = match crate::codec::decode::<Request>(&payload, MAX_FRAME) {
             Ok(req) => req,
             Err(e) => {
                 let resp = Response::Error(format!("bad request: {e}"));

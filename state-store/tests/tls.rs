@@ -182,7 +182,7 @@ async fn peers_and_clients_without_a_valid_certificate_are_refused() {
     let url = |p: &str| format!("https://{addr}{p}");
     assert_eq!(anon.get(url("/healthz")).send().await.expect("healthz").status(), 200);
     assert_eq!(anon.get(url("/readyz")).send().await.expect("readyz").status(), 200);
-    let body = nimbus_state_store::http::encode(&nimbus_state_store::http::PutRequest {
+    let body = nimbus_state_store::codec::encode(&nimbus_state_store::http::PutRequest {
         key: b"anon".to_vec(),
         value: Some(b"v".to_vec()),
         context: String::new(),
