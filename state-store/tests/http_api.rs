@@ -6,8 +6,8 @@
 //! default periodic fsync (writes committed on the caller's thread).
 
 mod support;
+use nimbus_state_store::clients::PutRequest;
 use nimbus_state_store::codec;
-use nimbus_state_store::http::PutRequest;
 use nimbus_state_store::{Context, HttpClient, KvClient, StoreError, TcpClient};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

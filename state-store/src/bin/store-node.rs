@@ -9,7 +9,8 @@
 //! running node through its JSON endpoints and print JSON.
 
 use clap::{Parser, Subcommand};
-use nimbus_state_store::json::{JsonClient, JsonDeleteRequest, JsonGetRequest, JsonPutRequest};
+use nimbus_state_store::json::{JsonDeleteRequest, JsonGetRequest, JsonPutRequest};
+use nimbus_state_store::JsonClient;
 use nimbus_state_store::{tcp, Config, Fsync, HttpTransport, Node, TcpTransport, TlsConfig};
 use std::path::PathBuf;
 use std::sync::Arc;
