@@ -82,7 +82,6 @@ const CACHE_BYTES: u64 = 64 << 20;
 /// less often but stall longer (in store-bench, 256 MiB gave stalls of up
 /// to 0.5 s and no fewer slow operations over 40 s).
 pub const DEFAULT_MEMTABLE_BYTES: u64 = 64 << 20;
-/// A commit (a journal append) normally takes about 10 µs; one of 2 ms or
 
 /// Weighs a cached record by its key and encoded size.
 #[derive(Clone)]

@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 
 /// Largest number of queued writes applied in one batch.
 const MAX_BATCH: usize = 512;
+/// A commit (a journal append) normally takes about 10 µs; one of 2 ms or
 /// more waited for the engine and is counted in [`WriterStats`].
 pub const SLOW_COMMIT_US: u64 = 2_000;
 
