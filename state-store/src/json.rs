@@ -1,6 +1,6 @@
 //! JSON form of get, put and delete, for operators' tools and shells
-//! (`store-node get|put|delete`). The bincode client API (`/v1/get`,
-//! `/v1/put`, the framed protocol) stays the fast path for programs.
+//! (`store-node get|put|delete`, through `clients::JsonClient`). The
+//! framed protocol stays the fast path for programs.
 //!
 //! * `POST /v1/json/get`    `{"key"}` → `{"values": [...], "deleted", "context"}`
 //! * `POST /v1/json/put`    `{"key", "value", "context"}` → `{"context"}`
@@ -16,7 +16,7 @@
 
 use crate::api::Context;
 use crate::error::StoreError;
-use crate::http::{error_response, ErrorBody};
+use crate::http::error_response;
 use crate::node::Node;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -26,7 +26,6 @@ use axum::Json;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use std::time::Duration;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
@@ -178,69 +177,4 @@ pub(crate) async fn json_delete(State(node): State<Arc<Node>>, body: Bytes) -> R
     let ctx = context(req.context)?;
     let written = node.put(&key, None, &ctx).await?;
     Ok(Json(JsonWriteResponse { context: written.encode() }))
-}
-
-/// Errors of [`JsonClient`].
-#[derive(Debug, thiserror::Error)]
-pub enum JsonClientError {
-    /// The node answered with an error (`code` is the typed error's name).
-    #[error("{code} (HTTP {status}): {message}")]
-    Api { status: u16, code: String, message: String },
-    /// No answer, or one that is not the API's.
-    #[error("request to {node} failed: {message}")]
-    Transport { node: String, message: String },
-}
-
-/// Client of the JSON and admin endpoints (what `store-node get|put|delete
-/// |anti-entropy` use): plaintext or mutual TLS.
-pub struct JsonClient {
-    node: String,
-    base: String,
-    http: reqwest::Client,
-}
-
-impl JsonClient {
-    /// `tls`: `None` for a node run with `--insecure-plaintext`.
-    pub fn new(node: &str, tls: Option<&crate::tls::TlsConfig>, timeout: Duration) -> JsonClient {
-        let (b, scheme) = crate::http::client_builder(tls);
-        JsonClient { node: node.to_string(), base: format!("{scheme}://{node}"), http: b.timeout(timeout).build().unwrap_or_default() }
-    }
-
-    async fn post<B: Serialize, T: serde::de::DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, JsonClientError> {
-        let transport = |message: String| JsonClientError::Transport { node: self.node.clone(), message };
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(serde_json::to_vec(body).map_err(|e| transport(e.to_string()))?)
-            .send()
-            .await
-            .map_err(|e| transport(crate::http::describe(&e)))?;
-        let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| transport(e.to_string()))?;
-        if status.is_success() {
-            return serde_json::from_slice(&bytes).map_err(|e| transport(format!("unexpected answer: {e}")));
-        }
-        match serde_json::from_slice::<ErrorBody>(&bytes) {
-            Ok(e) => Err(JsonClientError::Api { status: status.as_u16(), code: e.code, message: e.message }),
-            Err(_) => Err(transport(format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)))),
-        }
-    }
-
-    pub async fn get(&self, req: &JsonGetRequest) -> Result<JsonGetResponse, JsonClientError> {
-        self.post("/v1/json/get", req).await
-    }
-
-    pub async fn put(&self, req: &JsonPutRequest) -> Result<JsonWriteResponse, JsonClientError> {
-        self.post("/v1/json/put", req).await
-    }
-
-    pub async fn delete(&self, req: &JsonDeleteRequest) -> Result<JsonWriteResponse, JsonClientError> {
-        self.post("/v1/json/delete", req).await
-    }
-
-    /// `POST /admin/anti-entropy`: one full round now.
-    pub async fn anti_entropy(&self) -> Result<crate::anti_entropy::AntiEntropyReport, JsonClientError> {
-        self.post("/admin/anti-entropy", &()).await
-    }
 }

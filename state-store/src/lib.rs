@@ -1,20 +1,30 @@
 //! Nimbus state store: a Dynamo-style replicated key-value store for
 //! instance metadata. See `README.md` in this crate for the design.
 //!
-//! Embedded use: start a [`node::Node`] with a [`rpc::Transport`]
-//! (`http::HttpTransport` plus `http::serve`, or `sim::SimNetwork` in
-//! tests) and talk to it through [`api::LocalClient`]; remote use goes
-//! through [`http::HttpClient`]. Both implement [`api::KvClient`].
+//! Embedded use (the control plane's node and every agent's): start a
+//! [`node::Node`] with a [`tcp::TcpTransport`], serve it with
+//! [`tcp::serve_tls`], and talk to it through [`api::LocalClient`] (a
+//! [`api::KvClient`]).
+//!
+//! The feature `test-support` adds what tests and tools need: the
+//! in-process simulated network (`sim`), loopback ports (`local`), a
+//! throwaway CA (`tls::dev`) and the network clients (`clients`:
+//! `TcpClient`, `HttpClient`, `JsonClient`, `HttpTransport`). The feature
+//! `tools` builds the binaries `store-node` and `store-bench`.
 
 pub mod admin;
 pub mod anti_entropy;
 pub mod api;
+#[cfg(feature = "test-support")]
+pub mod clients;
 pub mod clock;
+pub mod codec;
 pub mod coordinator;
 pub mod error;
 pub mod handoff;
 pub mod http;
 pub mod json;
+#[cfg(feature = "test-support")]
 pub mod local;
 pub mod membership;
 pub mod merge;
@@ -23,18 +33,19 @@ pub mod metrics;
 pub mod node;
 pub mod ring;
 pub mod rpc;
+#[cfg(feature = "test-support")]
 pub mod sim;
 pub mod storage;
 pub mod tcp;
 pub mod tls;
 
 pub use api::{get_reconciled, Context, GetResult, KvClient, LocalClient};
+#[cfg(feature = "test-support")]
+pub use clients::{HttpClient, HttpTransport, JsonClient, TcpClient};
 pub use error::{RpcError, StorageError, StoreError};
-pub use http::{HttpClient, HttpTransport};
-pub use json::JsonClient;
 pub use node::{Config, JoinState, Node, NotReady};
 pub use storage::Fsync;
-pub use tcp::{TcpClient, TcpTransport};
+pub use tcp::TcpTransport;
 pub use tls::{TlsConfig, TlsError};
 
 #[cfg(test)]

@@ -1,9 +1,10 @@
 //! Node-to-node messages and the transport abstraction.
 //!
-//! The node logic only sees [`Transport`]; production uses HTTP
-//! ([`crate::http::HttpTransport`]) and the fault tests use the in-process
-//! [`crate::sim::SimNetwork`], which can cut links, kill nodes and drop
-//! requests or replies with a seeded random generator.
+//! The node logic only sees [`Transport`]; production uses the framed
+//! protocol ([`crate::tcp::TcpTransport`]); with the feature `test-support`,
+//! `clients::HttpTransport` carries the same messages over HTTP and the
+//! fault tests use the in-process `sim::SimNetwork`, which can cut links,
+//! kill nodes and drop requests or replies with a seeded random generator.
 
 use crate::api::GetResult;
 use crate::clock::VersionVector;

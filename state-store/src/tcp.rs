@@ -11,9 +11,8 @@
 //! listener serves both this protocol and HTTP on the same port: it peeks at
 //! the first bytes of each connection (see [`serve`]).
 
-use crate::api::{Context, GetResult, KvClient};
 use crate::clock::NodeId;
-use crate::error::{check_key, check_value, RpcError, StoreError};
+use crate::error::RpcError;
 use crate::node::Node;
 use crate::rpc::{Request, Response, Transport};
 use crate::tls::{cert_digest, server_name, Authority, CertDigest, TlsConfig};
@@ -211,79 +210,13 @@ impl Transport for TcpTransport {
             return Err(RpcError::Unreachable(to.clone()));
         }
         match orx.await {
-            Ok(bytes) => crate::http::decode(&bytes, MAX_FRAME).map_err(RpcError::Codec),
+            Ok(bytes) => crate::codec::decode(&bytes, MAX_FRAME).map_err(RpcError::Codec),
             // the connection died after the request was queued for it
             Err(_) => {
                 self.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(to);
                 Err(RpcError::Lost(to.clone()))
             }
         }
-    }
-}
-
-/// Network client of the store over the framed protocol (faster than
-/// [`crate::HttpClient`]; same typed API).
-pub struct TcpClient {
-    addr: NodeId,
-    transport: TcpTransport,
-    timeout: std::time::Duration,
-}
-
-impl TcpClient {
-    /// Plaintext (local development): `addr` is a node's `host:port`;
-    /// `timeout` bounds each operation.
-    pub fn new(addr: &str, timeout: std::time::Duration) -> TcpClient {
-        TcpClient { addr: addr.to_string(), transport: TcpTransport::new(), timeout }
-    }
-
-    /// Mutual TLS: presents `tls`'s certificate and checks the node's.
-    pub fn with_tls(addr: &str, timeout: std::time::Duration, tls: TlsConfig) -> TcpClient {
-        TcpClient { addr: addr.to_string(), transport: TcpTransport::with_tls(tls), timeout }
-    }
-
-    async fn call(&self, req: Request) -> Result<Response, StoreError> {
-        match tokio::time::timeout(self.timeout, self.transport.call(&String::new(), &self.addr, req)).await {
-            Ok(Ok(Response::Failed(e))) => Err(e),
-            Ok(Ok(Response::Error(e))) => Err(StoreError::Transport(e)),
-            Ok(Ok(r)) => Ok(r),
-            // sent, but no reply: a write may have been applied
-            Ok(Err(RpcError::Lost(_) | RpcError::Timeout(_) | RpcError::Codec(_))) | Err(_) => {
-                Err(StoreError::OutcomeUnknown(self.addr.clone()))
-            }
-            // nothing was sent
-            Ok(Err(RpcError::Tls { node, reason })) => Err(StoreError::Tls(format!("{node}: {reason}"))),
-            Ok(Err(e)) => Err(StoreError::Transport(e.to_string())),
-        }
-    }
-
-    async fn write(&self, key: &[u8], value: Option<Vec<u8>>, context: &Context) -> Result<Context, StoreError> {
-        check_key(key)?;
-        if let Some(v) = &value {
-            check_value(v)?;
-        }
-        match self.call(Request::ClientPut { key: key.to_vec(), value, context: context.0.clone() }).await? {
-            Response::Written(vv) => Ok(Context(vv)),
-            _ => Err(StoreError::Transport("unexpected response".into())),
-        }
-    }
-}
-
-#[async_trait]
-impl KvClient for TcpClient {
-    async fn get(&self, key: &[u8]) -> Result<GetResult, StoreError> {
-        check_key(key)?;
-        match self.call(Request::ClientGet { key: key.to_vec() }).await? {
-            Response::Got(r) => Ok(r),
-            _ => Err(StoreError::Transport("unexpected response".into())),
-        }
-    }
-
-    async fn put(&self, key: &[u8], value: Vec<u8>, context: &Context) -> Result<Context, StoreError> {
-        self.write(key, Some(value), context).await
-    }
-
-    async fn delete(&self, key: &[u8], context: &Context) -> Result<Context, StoreError> {
-        self.write(key, None, context).await
     }
 }
 
@@ -391,7 +324,7 @@ where
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(write_loop(wr, rx));
     while let Ok((id, payload)) = read_frame(&mut rd).await {
-        let req = match crate::http::decode::<Request>(&payload, MAX_FRAME) {
+        let req = match crate::codec::decode::<Request>(&payload, MAX_FRAME) {
             Ok(req) => req,
             Err(e) => {
                 let resp = Response::Error(format!("bad request: {e}"));
@@ -539,8 +472,8 @@ where
 }
 
 /// Serve `node` on `listener` in plaintext (local development and tests):
-/// framed RPC for connections that start with the magic, HTTP (the client
-/// API, admin and `/internal/rpc`) otherwise.
+/// framed RPC for connections that start with the magic, HTTP (the JSON
+/// API, probes and admin: [`crate::http::router`]) otherwise.
 pub fn serve(node: Arc<Node>, listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
     serve_with(node, listener, None)
 }

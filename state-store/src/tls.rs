@@ -406,6 +406,7 @@ pub fn server_name(node: &str) -> Result<ServerName<'static>, TlsError> {
 
 /// A throwaway CA made in-process (benchmarks, tests, local clusters).
 /// Production certificates come from the control plane's CA.
+#[cfg(feature = "test-support")]
 pub mod dev {
     use super::{TlsConfig, TlsError};
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};

@@ -6,7 +6,8 @@
 //! default periodic fsync (writes committed on the caller's thread).
 
 mod support;
-use nimbus_state_store::http::{self, PutRequest};
+use nimbus_state_store::clients::PutRequest;
+use nimbus_state_store::codec;
 use nimbus_state_store::{Context, HttpClient, KvClient, StoreError, TcpClient};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -76,13 +77,13 @@ async fn http_cluster_api_bad_input_and_sigkill_durability() {
     assert!(matches!(c0.put_raw_context(b"k", Some(b"v".to_vec()), "AAAA").await, Err(StoreError::BadContext(_))));
     // the node checks too: raw requests that skip the client's checks
     let raw_put = |key: Vec<u8>, value: Vec<u8>| {
-        let body = http::encode(&PutRequest { key, value: Some(value), context: String::new() });
+        let body = codec::encode(&PutRequest { key, value: Some(value), context: String::new() });
         let url = format!("http://{}/v1/put", addrs[0]);
         async move {
             let resp = reqwest::Client::new().post(url).body(body).send().await.expect("post");
             assert!(resp.status().is_success(), "a typed error in the body, not {}", resp.status());
             let b = resp.bytes().await.expect("body");
-            http::decode::<Result<String, StoreError>>(&b, 1 << 20).expect("decode")
+            codec::decode::<Result<String, StoreError>>(&b, 1 << 20).expect("decode")
         }
     };
     assert!(matches!(raw_put(big_key.clone(), b"v".to_vec()).await, Err(StoreError::KeyTooLarge { .. })));

@@ -159,7 +159,7 @@ async fn peers_and_clients_without_a_valid_certificate_are_refused() {
         let r = HttpClient::with_tls(&addr, T, cfg).put(key.as_bytes(), b"v".to_vec(), &Context::empty()).await;
         let refused = match &r {
             Err(StoreError::Tls(_)) => true,
-            Err(StoreError::Transport(m)) => m.starts_with(nimbus_state_store::http::NEVER_SENT),
+            Err(StoreError::Transport(m)) => m.starts_with(nimbus_state_store::clients::NEVER_SENT),
             _ => false,
         };
         assert!(refused, "{what} over HTTP: {r:?}");
@@ -182,7 +182,7 @@ async fn peers_and_clients_without_a_valid_certificate_are_refused() {
     let url = |p: &str| format!("https://{addr}{p}");
     assert_eq!(anon.get(url("/healthz")).send().await.expect("healthz").status(), 200);
     assert_eq!(anon.get(url("/readyz")).send().await.expect("readyz").status(), 200);
-    let body = nimbus_state_store::http::encode(&nimbus_state_store::http::PutRequest {
+    let body = nimbus_state_store::codec::encode(&nimbus_state_store::clients::PutRequest {
         key: b"anon".to_vec(),
         value: Some(b"v".to_vec()),
         context: String::new(),
