@@ -94,13 +94,13 @@ impl Store {
         // Seeds: the configured ones and the hosts' nodes PostgreSQL knows
         // (a restarted control plane rejoins the ring at once, instead of
         // waiting for a host's gossip to find it).
-        let hosts: Vec<(String,)> = sqlx::query_as(
-            "SELECT store_address FROM hosts WHERE store_address IS NOT NULL ORDER BY last_heartbeat DESC NULLS LAST LIMIT 16",
+        let hosts = sqlx::query_scalar!(
+            r#"SELECT store_address AS "store_address!" FROM hosts WHERE store_address IS NOT NULL ORDER BY last_heartbeat DESC NULLS LAST LIMIT 16"#,
         )
         .fetch_all(db)
         .await?;
         let mut seeds: Vec<String> = config.store_seeds.clone();
-        seeds.extend(hosts.into_iter().map(|(a,)| a));
+        seeds.extend(hosts);
         seeds.retain(|s| *s != address);
         seeds.sort();
         seeds.dedup();
@@ -161,19 +161,23 @@ async fn load_doc_key(db: &PgPool, master: Option<&MasterKey>) -> Result<nimbus_
     let b64 = base64::engine::general_purpose::STANDARD;
     const AAD: &str = "nimbus-document-key";
     let Some(master) = master else { return Ok(nimbus_records::KeyPair::generate()) };
-    let select = "SELECT doc_key_sealed FROM cluster_ca WHERE doc_key_sealed IS NOT NULL";
-    if let Some((sealed,)) = sqlx::query_as::<_, (Vec<u8>,)>(select).fetch_optional(db).await? {
+    // (The same query twice: a macro takes its SQL as a literal.)
+    if let Some(sealed) =
+        sqlx::query_scalar!(r#"SELECT doc_key_sealed AS "doc_key_sealed!" FROM cluster_ca WHERE doc_key_sealed IS NOT NULL"#)
+            .fetch_optional(db)
+            .await?
+    {
         return open_doc_key(master, &sealed);
     }
     let key = nimbus_records::KeyPair::generate();
     let der = key.to_der().map_err(|e| CaError::Generate(e.to_string()))?;
     let sealed = crate::auth::secrets::seal(master, AAD, &b64.encode(der)).map_err(CaError::Sealed)?;
-    sqlx::query("UPDATE cluster_ca SET doc_key_sealed = $1, doc_key_public = $2 WHERE doc_key_sealed IS NULL")
-        .bind(&sealed)
-        .bind(key.public())
+    sqlx::query!("UPDATE cluster_ca SET doc_key_sealed = $1, doc_key_public = $2 WHERE doc_key_sealed IS NULL", sealed, key.public())
         .execute(db)
         .await?;
-    let (sealed,): (Vec<u8>,) = sqlx::query_as(select).fetch_one(db).await?;
+    let sealed = sqlx::query_scalar!(r#"SELECT doc_key_sealed AS "doc_key_sealed!" FROM cluster_ca WHERE doc_key_sealed IS NOT NULL"#)
+        .fetch_one(db)
+        .await?;
     tracing::info!("document key ready");
     return open_doc_key(master, &sealed);
 
@@ -193,18 +197,21 @@ async fn load_ca(db: &PgPool, master: Option<&MasterKey>) -> Result<Ca, StoreSet
         tracing::warn!("no master key: the CA is kept in memory only (hosts need new certificates after a restart)");
         return Ok(Ca::generate()?);
     };
-    let select = "SELECT common_name, cert_pem, key_sealed FROM cluster_ca";
-    if let Some((name, cert, sealed)) = sqlx::query_as::<_, (String, String, Vec<u8>)>(select).fetch_optional(db).await? {
-        return Ok(Ca::open(master, &name, &cert, &sealed)?);
+    // (The same query twice: a macro takes its SQL as a literal.)
+    if let Some(r) = sqlx::query!("SELECT common_name, cert_pem, key_sealed FROM cluster_ca").fetch_optional(db).await? {
+        return Ok(Ca::open(master, &r.common_name, &r.cert_pem, &r.key_sealed)?);
     }
     let (name, cert, sealed) = Ca::generate()?.sealed(master)?;
-    sqlx::query("INSERT INTO cluster_ca (common_name, cert_pem, key_sealed) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING")
-        .bind(&name)
-        .bind(&cert)
-        .bind(&sealed)
-        .execute(db)
-        .await?;
-    let (name, cert, sealed) = sqlx::query_as::<_, (String, String, Vec<u8>)>(select).fetch_one(db).await?;
+    sqlx::query!(
+        "INSERT INTO cluster_ca (common_name, cert_pem, key_sealed) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",
+        name,
+        cert,
+        sealed
+    )
+    .execute(db)
+    .await?;
+    let r = sqlx::query!("SELECT common_name, cert_pem, key_sealed FROM cluster_ca").fetch_one(db).await?;
+    let (name, cert, sealed) = (r.common_name, r.cert_pem, r.key_sealed);
     tracing::info!(ca = %name, "cluster CA ready");
     Ok(Ca::open(master, &name, &cert, &sealed)?)
 }

@@ -53,19 +53,14 @@ impl Service {
         let secret = secrets::generate_secret_access_key();
         let sealed = secrets::seal(&master, &access_key_id, &secret).map_err(|e| ServiceError::internal("sealing a secret", e))?;
         let mut tx = self.db.begin().await?;
-        sqlx::query("INSERT INTO accounts (id, name) VALUES ($1, $2)").bind(&account_id).bind(name).execute(&mut *tx).await.map_err(
-            |e| {
-                if crate::db::is_unique_violation(&e, "accounts_name_key") {
-                    ServiceError::Conflict(format!("an account named {name} already exists"))
-                } else {
-                    e.into()
-                }
-            },
-        )?;
-        sqlx::query("INSERT INTO access_keys (id, account_id, secret_sealed) VALUES ($1, $2, $3)")
-            .bind(&access_key_id)
-            .bind(&account_id)
-            .bind(&sealed)
+        sqlx::query!("INSERT INTO accounts (id, name) VALUES ($1, $2)", account_id, name).execute(&mut *tx).await.map_err(|e| {
+            if crate::db::is_unique_violation(&e, "accounts_name_key") {
+                ServiceError::Conflict(format!("an account named {name} already exists"))
+            } else {
+                e.into()
+            }
+        })?;
+        sqlx::query!("INSERT INTO access_keys (id, account_id, secret_sealed) VALUES ($1, $2, $3)", access_key_id, account_id, sealed)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
@@ -78,11 +73,10 @@ impl Service {
         if !secrets::is_valid_access_key_id(access_key_id) {
             return Ok(None);
         }
-        let row: Option<(String, Vec<u8>)> = sqlx::query_as("SELECT account_id, secret_sealed FROM access_keys WHERE id = $1")
-            .bind(access_key_id)
-            .fetch_optional(&self.db)
-            .await?;
-        let Some((account_id, sealed)) = row else { return Ok(None) };
+        let row =
+            sqlx::query!("SELECT account_id, secret_sealed FROM access_keys WHERE id = $1", access_key_id).fetch_optional(&self.db).await?;
+        let Some(row) = row else { return Ok(None) };
+        let (account_id, sealed) = (row.account_id, row.secret_sealed);
         let secret = secrets::open(&self.master_key()?, access_key_id, &sealed)
             .map_err(|e| ServiceError::internal(format!("cannot open the secret of {access_key_id}"), e))?;
         Ok(Some((Caller::account(account_id), secret)))
@@ -105,21 +99,20 @@ impl Service {
     /// `account_usage`; no lock: a launch checks the limits again with
     /// [`claim_usage`] when it commits).
     pub(crate) async fn limits_and_usage(&self, conn: &mut sqlx::PgConnection, account_id: &str) -> Result<(String, Limits, Usage)> {
-        type Row = (String, Option<i32>, Option<i32>, Option<i32>, i32, i32);
-        let row: Option<Row> = sqlx::query_as(
+        let row = sqlx::query!(
             "SELECT a.name, a.max_instances, a.max_vcpus, a.max_elastic_ips, u.instances, u.vcpus \
              FROM accounts a JOIN account_usage u ON u.account_id = a.id WHERE a.id = $1",
+            account_id
         )
-        .bind(account_id)
         .fetch_optional(&mut *conn)
-        .await?;
-        let (name, max_i, max_v, max_e, used_i, used_v) = row.ok_or_else(|| ServiceError::AccountNotFound(account_id.to_string()))?;
+        .await?
+        .ok_or_else(|| ServiceError::AccountNotFound(account_id.to_string()))?;
         let limits = Limits {
-            max_instances: max_i.map_or(self.config.default_max_instances, |n| n as u32),
-            max_vcpus: max_v.map_or(self.config.default_max_vcpus, |n| n as u32),
-            max_elastic_ips: max_e.map_or(self.config.default_max_elastic_ips, |n| n as u32),
+            max_instances: row.max_instances.map_or(self.config.default_max_instances, |n| n as u32),
+            max_vcpus: row.max_vcpus.map_or(self.config.default_max_vcpus, |n| n as u32),
+            max_elastic_ips: row.max_elastic_ips.map_or(self.config.default_max_elastic_ips, |n| n as u32),
         };
-        Ok((name, limits, Usage { instances: used_i.max(0) as u32, vcpus: used_v.max(0) as u32 }))
+        Ok((row.name, limits, Usage { instances: row.instances.max(0) as u32, vcpus: row.vcpus.max(0) as u32 }))
     }
 
     /// The caller's account: its limits and what it holds.
@@ -139,15 +132,15 @@ impl Service {
         if set.max_image_bytes.is_some_and(|n| n > i64::MAX as u64) {
             return Err(ServiceError::InvalidParameterValue("max_image_bytes must be at most 9223372036854775807".into()));
         }
-        let done = sqlx::query(
+        let done = sqlx::query!(
             "UPDATE accounts SET max_instances = $2, max_vcpus = $3, max_elastic_ips = $4, max_images = $5, max_image_bytes = $6 WHERE id = $1",
+            account_id,
+            set.max_instances.map(|n| n as i32),
+            set.max_vcpus.map(|n| n as i32),
+            set.max_elastic_ips.map(|n| n as i32),
+            set.max_images.map(|n| n as i32),
+            set.max_image_bytes.map(|n| n as i64)
         )
-        .bind(account_id)
-        .bind(set.max_instances.map(|n| n as i32))
-        .bind(set.max_vcpus.map(|n| n as i32))
-        .bind(set.max_elastic_ips.map(|n| n as i32))
-        .bind(set.max_images.map(|n| n as i32))
-        .bind(set.max_image_bytes.map(|n| n as i64))
         .execute(&self.db)
         .await?;
         if done.rows_affected() == 0 {
@@ -159,8 +152,7 @@ impl Service {
 
     /// The availability zones that have hosts.
     pub async fn describe_availability_zones(&self) -> Result<Vec<String>> {
-        let rows: Vec<(String,)> = sqlx::query_as("SELECT DISTINCT availability_zone FROM hosts ORDER BY 1").fetch_all(&self.db).await?;
-        Ok(rows.into_iter().map(|r| r.0).collect())
+        Ok(sqlx::query_scalar!("SELECT DISTINCT availability_zone FROM hosts ORDER BY 1").fetch_all(&self.db).await?)
     }
 }
 
@@ -195,15 +187,15 @@ async fn claim_usages(conn: &mut sqlx::PgConnection, claims: &[(&str, i64, i64)]
     let accounts: Vec<&str> = claims.iter().map(|c| c.0).collect();
     let instances: Vec<i32> = claims.iter().map(|c| c.1 as i32).collect();
     let vcpus: Vec<i32> = claims.iter().map(|c| c.2 as i32).collect();
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO usage_claims (account_id, instances, vcpus, max_instances, max_vcpus) \
          SELECT a, n, v, $4, $5 FROM unnest($1::text[], $2::int[], $3::int[]) WITH ORDINALITY AS c(a, n, v, o) ORDER BY o",
+        &accounts as &[&str],
+        &instances,
+        &vcpus,
+        limits.map(|l| i64::from(l.max_instances)),
+        limits.map(|l| i64::from(l.max_vcpus))
     )
-    .bind(&accounts)
-    .bind(&instances)
-    .bind(&vcpus)
-    .bind(limits.map(|l| i64::from(l.max_instances)))
-    .bind(limits.map(|l| i64::from(l.max_vcpus)))
     .execute(&mut *conn)
     .await?;
     Ok(())

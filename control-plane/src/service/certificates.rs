@@ -28,18 +28,18 @@ impl Service {
     /// that (until its next renewal); with `unexpired`, only those still
     /// valid.
     pub async fn host_certificate_digests(&self, host_id: &str, unexpired: bool) -> Result<Vec<Vec<u8>>> {
-        #[derive(sqlx::FromRow)]
         struct Digests {
             current: Option<Vec<u8>>,
             previous: Option<Vec<u8>>,
         }
-        let row: Option<Digests> = sqlx::query_as(
-            "SELECT CASE WHEN NOT $2 OR tls_cert_not_after > now() THEN tls_cert_sha256 END AS current, \
-                    CASE WHEN NOT $2 OR tls_prev_cert_not_after > now() THEN tls_prev_cert_sha256 END AS previous \
-             FROM hosts WHERE id = $1",
+        let row = sqlx::query_as!(
+            Digests,
+            r#"SELECT CASE WHEN NOT $2 OR tls_cert_not_after > now() THEN tls_cert_sha256 END AS "current?",
+                    CASE WHEN NOT $2 OR tls_prev_cert_not_after > now() THEN tls_prev_cert_sha256 END AS "previous?"
+             FROM hosts WHERE id = $1"#,
+            host_id,
+            unexpired
         )
-        .bind(host_id)
-        .bind(unexpired)
         .fetch_optional(&self.db)
         .await?;
         Ok(row.map(|d| d.current.into_iter().chain(d.previous).collect()).unwrap_or_default())
@@ -67,11 +67,13 @@ impl Service {
             if ip.is_unspecified() || ip.is_multicast() || ip == std::net::IpAddr::V4(std::net::Ipv4Addr::BROADCAST) {
                 return Err(ServiceError::InvalidParameterValue(format!("{ip} is not a node address")));
             }
-            let others: Vec<(String,)> = sqlx::query_as("SELECT store_address FROM hosts WHERE store_address IS NOT NULL AND id <> $1")
-                .bind(host_id)
-                .fetch_all(&self.db)
-                .await?;
-            let host_taken = others.iter().any(|(a,)| ca::store_address_ip(a).ok() == Some(ip));
+            let others = sqlx::query_scalar!(
+                r#"SELECT store_address AS "store_address!" FROM hosts WHERE store_address IS NOT NULL AND id <> $1"#,
+                host_id
+            )
+            .fetch_all(&self.db)
+            .await?;
+            let host_taken = others.iter().any(|a| ca::store_address_ip(a).ok() == Some(ip));
             if host_taken || self.control_plane_ips().contains(&ip) {
                 tracing::warn!(%host_id, %ip, "refused a certificate for another node's address");
                 return Err(ServiceError::Conflict(format!("the address {ip} is another node's")));
@@ -81,33 +83,32 @@ impl Service {
         let digest = Sha256::digest(&der).to_vec();
         // Documents are sealed for the host's key: a new key needs every
         // document of the host's instances sealed again (a new version).
-        let (old_key,): (Option<Vec<u8>>,) =
-            sqlx::query_as("SELECT public_key FROM hosts WHERE id = $1").bind(host_id).fetch_one(&self.db).await?;
+        let old_key = sqlx::query_scalar!("SELECT public_key FROM hosts WHERE id = $1", host_id).fetch_one(&self.db).await?;
         if old_key.as_deref() != Some(key.as_slice()) {
             let mut tx = self.db.begin().await?;
-            sqlx::query("UPDATE hosts SET public_key = $2 WHERE id = $1").bind(host_id).bind(&key).execute(&mut *tx).await?;
-            sqlx::query("UPDATE instances SET doc_version = doc_version + 1 WHERE host_id = $1 AND capacity_held")
-                .bind(host_id)
+            sqlx::query!("UPDATE hosts SET public_key = $2 WHERE id = $1", host_id, key).execute(&mut *tx).await?;
+            sqlx::query!("UPDATE instances SET doc_version = doc_version + 1 WHERE host_id = $1 AND capacity_held", host_id)
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await?;
         }
         // (SET sees the row as it was: the presented certificate is the
         // current or the previous one, or none of this host's.)
-        sqlx::query(
-            "UPDATE hosts SET tls_cert_sha256 = $2, tls_cert_not_after = $3, store_address = $4, store_ip = $6::inet, \
+        // $6 goes in as text (no INET type in the build), cast to inet as before.
+        sqlx::query!(
+            "UPDATE hosts SET tls_cert_sha256 = $2, tls_cert_not_after = $3, store_address = $4, store_ip = $6::text::inet, \
                  tls_prev_cert_sha256 = CASE WHEN $5 = tls_cert_sha256 THEN tls_cert_sha256 \
                                              WHEN $5 = tls_prev_cert_sha256 THEN tls_prev_cert_sha256 END, \
                  tls_prev_cert_not_after = CASE WHEN $5 = tls_cert_sha256 THEN tls_cert_not_after \
                                                 WHEN $5 = tls_prev_cert_sha256 THEN tls_prev_cert_not_after END \
              WHERE id = $1",
+            host_id,
+            digest,
+            not_after,
+            req.store_address,
+            presented.map(|p| p.to_vec()),
+            ip.map(|i| i.to_string())
         )
-        .bind(host_id)
-        .bind(&digest)
-        .bind(not_after)
-        .bind(&req.store_address)
-        .bind(presented.map(|p| p.to_vec()))
-        .bind(ip.map(|i| i.to_string()))
         .execute(&self.db)
         .await
         .map_err(|e| {
@@ -117,16 +118,16 @@ impl Service {
                 e.into()
             }
         })?;
-        let others: Vec<(String,)> = sqlx::query_as(
-            "SELECT store_address FROM hosts WHERE store_address IS NOT NULL AND id <> $1 \
-             ORDER BY last_heartbeat DESC NULLS LAST LIMIT $2",
+        let others = sqlx::query_scalar!(
+            r#"SELECT store_address AS "store_address!" FROM hosts WHERE store_address IS NOT NULL AND id <> $1
+             ORDER BY last_heartbeat DESC NULLS LAST LIMIT $2"#,
+            host_id,
+            MAX_SEEDS - 1
         )
-        .bind(host_id)
-        .bind(MAX_SEEDS - 1)
         .fetch_all(&self.db)
         .await?;
         let mut store_seeds = vec![self.store.address.clone()];
-        store_seeds.extend(others.into_iter().map(|(a,)| a).filter(|a| Some(a) != req.store_address.as_ref()));
+        store_seeds.extend(others.into_iter().filter(|a| Some(a) != req.store_address.as_ref()));
         tracing::info!(%host_id, store_address = ?req.store_address, "host certificate issued");
         Ok(CertificateGrant {
             certificate_pem: pem,

@@ -60,7 +60,6 @@ fn validate_problems(problems: &[String]) -> Result<()> {
     Ok(())
 }
 
-#[derive(sqlx::FromRow)]
 struct HostRow {
     id: String,
     name: String,
@@ -187,11 +186,10 @@ impl Service {
         };
         let underlay = req.underlay_ip.map(|ip| ip.to_string());
         let mut tx = self.db.begin().await?;
-        let existing: Option<(String, Option<Vec<u8>>)> =
-            sqlx::query_as("SELECT id, credential_sha256 FROM hosts WHERE name = $1 FOR UPDATE")
-                .bind(&req.name)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let existing = sqlx::query!("SELECT id, credential_sha256 FROM hosts WHERE name = $1 FOR UPDATE", req.name)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| (r.id, r.credential_sha256));
         let host_id = match existing {
             None => ids::new_id(ids::HOST),
             Some((id, stored)) => {
@@ -209,19 +207,22 @@ impl Service {
                     return Err(ServiceError::HostAlreadyRegistered(req.name.clone()));
                 }
                 // A new underlay address changes the peers of every host sharing a VPC with this one.
-                let (moved,): (bool,) = sqlx::query_as("SELECT underlay_ip IS DISTINCT FROM $2::inet FROM hosts WHERE id = $1")
-                    .bind(&id)
-                    .bind(&underlay)
-                    .fetch_one(&mut *tx)
-                    .await?;
+                // ($2 goes in as text, no INET type in the build; cast to inet as before.)
+                let moved = sqlx::query_scalar!(
+                    r#"SELECT underlay_ip IS DISTINCT FROM $2::text::inet AS "moved!" FROM hosts WHERE id = $1"#,
+                    id,
+                    underlay
+                )
+                .fetch_one(&mut *tx)
+                .await?;
                 if moved {
-                    let vpcs: Vec<(String,)> = sqlx::query_as(
+                    let vpcs = sqlx::query_scalar!(
                         "SELECT DISTINCT n.vpc_id FROM network_interfaces n JOIN instances i ON i.id = n.instance_id WHERE i.host_id = $1",
+                        id
                     )
-                    .bind(&id)
                     .fetch_all(&mut *tx)
                     .await?;
-                    let vpcs = vpcs.into_iter().map(|v| v.0).collect();
+                    let vpcs = vpcs.into_iter().collect();
                     super::network_changes::note(&mut tx, &super::network_changes::Change { vpcs, ..Default::default() }).await?;
                     super::network::bump_hosts(&mut tx, &std::collections::BTreeSet::from([id.clone()])).await?;
                 }
@@ -230,25 +231,26 @@ impl Service {
         };
         // A new host, or the proven re-registration of one (a new secret,
         // its capacity as it says now, its assignments sent in full again).
-        sqlx::query(
+        // ($9 goes in as text, no INET type in the build; cast to inet as before.)
+        sqlx::query!(
             "INSERT INTO hosts (id, name, availability_zone, hypervisor, credential_sha256, total_vcpus, \
                  total_memory_mib, total_disk_gib, last_heartbeat, underlay_ip) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now(), $9::inet) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now(), $9::text::inet) \
              ON CONFLICT (id) DO UPDATE SET availability_zone = EXCLUDED.availability_zone, \
                  hypervisor = EXCLUDED.hypervisor, credential_sha256 = EXCLUDED.credential_sha256, \
                  total_vcpus = EXCLUDED.total_vcpus, total_memory_mib = EXCLUDED.total_memory_mib, \
                  total_disk_gib = EXCLUDED.total_disk_gib, last_heartbeat = now(), \
                  generation = hosts.generation + 1, underlay_ip = EXCLUDED.underlay_ip",
+            host_id,
+            req.name,
+            req.availability_zone,
+            req.hypervisor,
+            secret_digest(&secret),
+            req.vcpus as i32,
+            req.memory_mib as i64,
+            req.disk_gib as i64,
+            underlay
         )
-        .bind(&host_id)
-        .bind(&req.name)
-        .bind(&req.availability_zone)
-        .bind(&req.hypervisor)
-        .bind(secret_digest(&secret))
-        .bind(req.vcpus as i32)
-        .bind(req.memory_mib as i64)
-        .bind(req.disk_gib as i64)
-        .bind(&underlay)
         .execute(&mut *tx)
         .await
         .map_err(conflict)?;
@@ -267,15 +269,14 @@ impl Service {
     /// a bound ([`super::revocation`]).
     pub async fn reset_host_credential(&self, host: &str) -> Result<String> {
         let mut tx = self.db.begin().await?;
-        let row: Option<(String,)> =
-            sqlx::query_as("SELECT id FROM hosts WHERE id = $1 OR name = $1 FOR UPDATE").bind(host).fetch_optional(&mut *tx).await?;
-        let (id,) = row.ok_or_else(|| ServiceError::HostNotFound(host.to_string()))?;
+        let row = sqlx::query_scalar!("SELECT id FROM hosts WHERE id = $1 OR name = $1 FOR UPDATE", host).fetch_optional(&mut *tx).await?;
+        let id = row.ok_or_else(|| ServiceError::HostNotFound(host.to_string()))?;
         super::revocation::revoke_host(&mut tx, &id).await?;
-        sqlx::query(
+        sqlx::query!(
             "UPDATE hosts SET credential_sha256 = NULL, tls_cert_sha256 = NULL, tls_cert_not_after = NULL, \
                  tls_prev_cert_sha256 = NULL, tls_prev_cert_not_after = NULL WHERE id = $1",
+            id
         )
-        .bind(&id)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -290,10 +291,9 @@ impl Service {
         if !ids::is_valid(ids::HOST, host_id) {
             return Err(denied());
         }
-        let stored: Option<(Option<Vec<u8>>,)> =
-            sqlx::query_as("SELECT credential_sha256 FROM hosts WHERE id = $1").bind(host_id).fetch_optional(&self.db).await?;
+        let stored = sqlx::query_scalar!("SELECT credential_sha256 FROM hosts WHERE id = $1", host_id).fetch_optional(&self.db).await?;
         match stored {
-            Some((Some(digest),)) if bool::from(digest.ct_eq(&secret_digest(secret))) => Ok(host_id.to_string()),
+            Some(Some(digest)) if bool::from(digest.ct_eq(&secret_digest(secret))) => Ok(host_id.to_string()),
             _ => Err(denied()),
         }
     }
@@ -309,8 +309,7 @@ impl Service {
         // Subscribe before reading, so a change between the read and the wait wakes us.
         let mut changes = self.events.subscribe(host_id);
         let generation = loop {
-            let (generation,): (i64,) =
-                sqlx::query_as("SELECT generation FROM hosts WHERE id = $1").bind(host_id).fetch_one(&self.db).await?;
+            let generation = sqlx::query_scalar!("SELECT generation FROM hosts WHERE id = $1", host_id).fetch_one(&self.db).await?;
             if generation > after {
                 break generation;
             }
@@ -325,9 +324,12 @@ impl Service {
         // again, and the agent's next poll returns at once).
         let full = after <= 0 || generation <= after;
         let mut tx = self.db.begin().await?;
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await?;
-        let (generation, data_plane): (i64, bool) =
-            sqlx::query_as("SELECT generation, underlay_ip IS NOT NULL FROM hosts WHERE id = $1").bind(host_id).fetch_one(&mut *tx).await?;
+        sqlx::query!("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await?;
+        let host = sqlx::query!(r#"SELECT generation, underlay_ip IS NOT NULL AS "data_plane!" FROM hosts WHERE id = $1"#, host_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let (generation, data_plane) = (host.generation, host.data_plane);
+        // Runtime: the instance filter is spliced in (all held, or changed since `after`).
         let rows = sqlx::query_as::<_, AssignmentRow>(&format!(
             "SELECT i.id, i.desired_state, i.vcpus, i.memory_mib, i.disk_gib, i.user_data, i.reservation_id, \
                     i.instance_type, i.image_id, i.availability_zone, i.ami_launch_index, i.account_id, \
@@ -394,35 +396,35 @@ impl Service {
             }
         }
         if !sids.is_empty() {
-            sqlx::query(
+            sqlx::query!(
                 "UPDATE instances SET ssh_endpoint = e.ep FROM unnest($2::text[], $3::text[]) AS e(id, ep) \
                  WHERE instances.id = e.id AND instances.host_id = $1 AND instances.ssh_endpoint IS DISTINCT FROM e.ep",
+                host_id,
+                &sids as &[&str],
+                &endpoints as &[&str]
             )
-            .bind(host_id)
-            .bind(&sids)
-            .bind(&endpoints)
             .execute(&self.db)
             .await?;
         }
         if !ids.is_empty() {
-            sqlx::query(
+            sqlx::query!(
                 "UPDATE instances SET console_output = c.out, console_updated_at = now() \
                  FROM unnest($2::text[], $3::bytea[]) AS c(id, out) WHERE instances.id = c.id AND instances.host_id = $1",
+                host_id,
+                &ids as &[&str],
+                &consoles
             )
-            .bind(host_id)
-            .bind(&ids)
-            .bind(&consoles)
             .execute(&self.db)
             .await?;
         }
         if !rids.is_empty() {
-            sqlx::query(
+            sqlx::query!(
                 "UPDATE instances SET reboots_done = GREATEST(reboots_done, r.n) \
                  FROM unnest($2::text[], $3::bigint[]) AS r(id, n) WHERE instances.id = r.id AND instances.host_id = $1",
+                host_id,
+                &rids as &[&str],
+                &reboots
             )
-            .bind(host_id)
-            .bind(&rids)
-            .bind(&reboots)
             .execute(&self.db)
             .await?;
         }
@@ -437,21 +439,23 @@ impl Service {
         // Lock order everywhere: instances (by id), then hosts. A running
         // instance that should run needs no change unless it failed, so the
         // common heartbeat locks no instance row.
-        let rows: Vec<(String, String, String, i32, i64, i64, String)> = sqlx::query_as(
+        let rows = sqlx::query!(
             "SELECT id, state, desired_state, vcpus, memory_mib, disk_gib, account_id FROM instances \
              WHERE host_id = $1 AND id = ANY($2) AND capacity_held \
                AND (state <> 'running' OR desired_state <> 'running' OR id = ANY($3)) \
              ORDER BY id FOR UPDATE",
+            host_id,
+            &ids as &[&str],
+            &failures as &[&str]
         )
-        .bind(host_id)
-        .bind(&ids)
-        .bind(&failures)
         .fetch_all(&mut *tx)
         .await?;
         let (mut released, mut running, mut terminated, mut failed) = ((0i64, 0i64, 0i64), vec![], vec![], vec![]);
         let (mut failed_reasons, mut bump, mut stopped) = (vec![], false, vec![]);
         let mut released_by_account: BTreeMap<String, (i64, i64)> = BTreeMap::new();
-        for (id, state, desired, vcpus, memory, disk, account) in rows {
+        for r in rows {
+            let (id, state, desired, vcpus, memory, disk, account) =
+                (r.id, r.state, r.desired_state, r.vcpus, r.memory_mib, r.disk_gib, r.account_id);
             let Some(obs) = report.observations.iter().find(|o| o.instance_id == id) else { continue };
             let state = parse_state(&state)?;
             let desired: nimbus_proto::Desired =
@@ -482,63 +486,63 @@ impl Service {
             }
         }
         if !running.is_empty() {
-            sqlx::query("UPDATE instances SET state = 'running', state_changed_at = now() WHERE id = ANY($1)")
-                .bind(&running)
+            sqlx::query!("UPDATE instances SET state = 'running', state_changed_at = now() WHERE id = ANY($1)", &running)
                 .execute(&mut *tx)
                 .await?;
         }
         if !stopped.is_empty() {
-            sqlx::query("UPDATE instances SET state = 'stopped', state_changed_at = now() WHERE id = ANY($1)")
-                .bind(&stopped)
+            sqlx::query!("UPDATE instances SET state = 'stopped', state_changed_at = now() WHERE id = ANY($1)", &stopped)
                 .execute(&mut *tx)
                 .await?;
         }
         if !terminated.is_empty() {
-            sqlx::query("UPDATE instances SET state = 'terminated', capacity_held = false, state_changed_at = now() WHERE id = ANY($1)")
-                .bind(&terminated)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query!(
+                "UPDATE instances SET state = 'terminated', capacity_held = false, state_changed_at = now() WHERE id = ANY($1)",
+                &terminated
+            )
+            .execute(&mut *tx)
+            .await?;
             // Their interfaces and addresses go back (in this transaction):
             // the hosts that saw them are bumped, in id order, before the
             // heartbeat below touches this host's row again.
             let hosts = super::network::release_interfaces(&mut tx, &terminated, host_id).await?;
             super::network::bump_hosts(&mut tx, &hosts).await?;
             // An image still being made of a terminated instance never will be.
-            sqlx::query(
+            sqlx::query!(
                 "UPDATE images SET state = 'failed', state_changed_at = now(), \
                      state_reason = 'the instance was terminated before the image was made' \
                  WHERE source_instance_id = ANY($1) AND state = 'pending'",
+                &terminated
             )
-            .bind(&terminated)
             .execute(&mut *tx)
             .await?;
         }
-        let (generation,): (i64,) = sqlx::query_as(
+        let generation = sqlx::query_scalar!(
             "UPDATE hosts SET last_heartbeat = now(), used_vcpus = used_vcpus - $2, used_memory_mib = used_memory_mib - $3, \
                  used_disk_gib = used_disk_gib - $4, generation = generation + $5, problems = $6 WHERE id = $1 RETURNING generation",
+            host_id,
+            released.0 as i32,
+            released.1,
+            released.2,
+            i64::from(bump),
+            &report.problems
         )
-        .bind(host_id)
-        .bind(released.0 as i32)
-        .bind(released.1)
-        .bind(released.2)
-        .bind(i64::from(bump))
-        .bind(&report.problems)
         .fetch_one(&mut *tx)
         .await?;
         if !failed.is_empty() {
-            sqlx::query(
+            sqlx::query!(
                 "UPDATE instances SET state = 'shutting-down', desired_state = 'terminated', state_changed_at = now(), \
                      state_reason = r.reason, changed_generation = $3 \
                  FROM unnest($1::text[], $2::text[]) AS r(id, reason) WHERE instances.id = r.id",
+                &failed,
+                &failed_reasons,
+                generation
             )
-            .bind(&failed)
-            .bind(&failed_reasons)
-            .bind(generation)
             .execute(&mut *tx)
             .await?;
         }
         if bump {
-            sqlx::query("SELECT pg_notify($1, $2)").bind(crate::notify::CHANNEL).bind(host_id).execute(&mut *tx).await?;
+            sqlx::query!("SELECT pg_notify($1, $2)", crate::notify::CHANNEL, host_id).execute(&mut *tx).await?;
         }
         // The accounts' usage, lowered as the transaction commits.
         super::accounts::release_usage(&mut tx, &released_by_account).await?;
@@ -553,14 +557,15 @@ impl Service {
     }
 
     pub async fn describe_hosts(&self) -> Result<Vec<Host>> {
-        let rows = sqlx::query_as::<_, HostRow>(
-            "SELECT h.id, h.name, h.availability_zone, h.hypervisor, h.total_vcpus, h.total_memory_mib, h.total_disk_gib, \
-                    h.used_vcpus, h.used_memory_mib, h.used_disk_gib, h.last_heartbeat, h.problems, \
-                    coalesce(h.last_heartbeat > now() - make_interval(secs => $1), false) AS alive, \
-                    (SELECT count(*) FROM instances i WHERE i.host_id = h.id AND i.capacity_held) AS instance_count \
-             FROM hosts h ORDER BY h.availability_zone, h.name",
+        let rows = sqlx::query_as!(
+            HostRow,
+            r#"SELECT h.id, h.name, h.availability_zone, h.hypervisor, h.total_vcpus, h.total_memory_mib, h.total_disk_gib,
+                    h.used_vcpus, h.used_memory_mib, h.used_disk_gib, h.last_heartbeat, h.problems,
+                    coalesce(h.last_heartbeat > now() - make_interval(secs => $1), false) AS "alive!",
+                    (SELECT count(*) FROM instances i WHERE i.host_id = h.id AND i.capacity_held) AS "instance_count!"
+             FROM hosts h ORDER BY h.availability_zone, h.name"#,
+            self.config.host_timeout().as_secs_f64()
         )
-        .bind(self.config.host_timeout().as_secs_f64())
         .fetch_all(&self.db)
         .await?;
         Ok(rows

@@ -61,6 +61,7 @@ impl Service {
         lock: bool,
         except: Option<&str>,
     ) -> Result<ImageQuota> {
+        // Runtime: the lock clause is spliced in (FOR NO KEY UPDATE or none).
         let row: Option<(Option<i32>, Option<i64>)> = sqlx::query_as(&format!(
             "SELECT max_images, max_image_bytes FROM accounts WHERE id = $1{}",
             if lock { " FOR NO KEY UPDATE" } else { "" }
@@ -69,14 +70,15 @@ impl Service {
         .fetch_optional(&mut *conn)
         .await?;
         let (max_images, max_bytes) = row.ok_or_else(|| ServiceError::AccountNotFound(account_id.to_string()))?;
-        let (images, bytes): (i64, i64) = sqlx::query_as(
-            "SELECT count(*), coalesce(sum(stored_bytes), 0)::bigint FROM images \
-             WHERE account_id = $1 AND state IN ('pending', 'available') AND ($2::text IS NULL OR id <> $2)",
+        let used = sqlx::query!(
+            r#"SELECT count(*) AS "images!", coalesce(sum(stored_bytes), 0)::bigint AS "bytes!" FROM images
+             WHERE account_id = $1 AND state IN ('pending', 'available') AND ($2::text IS NULL OR id <> $2)"#,
+            account_id,
+            except
         )
-        .bind(account_id)
-        .bind(except)
         .fetch_one(&mut *conn)
         .await?;
+        let (images, bytes) = (used.images, used.bytes);
         Ok(ImageQuota {
             max_images: max_images.map_or(self.config.default_max_images, |n| n.max(0) as u32),
             max_image_bytes: max_bytes.map_or(self.config.default_max_image_bytes, |n| n.max(0) as u64),

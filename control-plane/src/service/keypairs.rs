@@ -24,7 +24,6 @@ fn key_type(k: &PublicKey) -> &'static str {
     }
 }
 
-#[derive(sqlx::FromRow)]
 struct Row {
     id: String,
     name: String,
@@ -90,15 +89,16 @@ impl Service {
     async fn store_key(&self, caller: &Caller, name: &str, key: &PublicKey) -> Result<KeyPair> {
         let openssh = key.to_openssh().map_err(|e| ServiceError::internal("encoding a public key", e))?;
         let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
-        let row = sqlx::query_as::<_, Row>(
+        let row = sqlx::query_as!(
+            Row,
             "INSERT INTO key_pairs (id, account_id, name, fingerprint, public_key) VALUES ($1, $2, $3, $4, $5) \
              RETURNING id, name, fingerprint, public_key, created_at",
+            ids::new_id("key"),
+            caller.account_id,
+            name,
+            fingerprint,
+            openssh
         )
-        .bind(ids::new_id("key"))
-        .bind(&caller.account_id)
-        .bind(name)
-        .bind(&fingerprint)
-        .bind(&openssh)
         .fetch_one(&self.db)
         .await
         .map_err(|e| {
@@ -113,12 +113,13 @@ impl Service {
 
     /// The caller's key pairs, all or the named ones (each must exist).
     pub async fn describe_key_pairs(&self, caller: &Caller, names: &[String]) -> Result<Vec<KeyPair>> {
-        let rows = sqlx::query_as::<_, Row>(
+        let rows = sqlx::query_as!(
+            Row,
             "SELECT id, name, fingerprint, public_key, created_at FROM key_pairs \
              WHERE account_id = $1 AND (cardinality($2::text[]) = 0 OR name = ANY($2)) ORDER BY name",
+            caller.account_id,
+            names
         )
-        .bind(&caller.account_id)
-        .bind(names)
         .fetch_all(&self.db)
         .await?;
         if let Some(missing) = names.iter().find(|n| !rows.iter().any(|r| &r.name == *n)) {
@@ -129,21 +130,15 @@ impl Service {
 
     /// Deletes a key pair; idempotent, as in EC2.
     pub async fn delete_key_pair(&self, caller: &Caller, name: &str) -> Result<()> {
-        sqlx::query("DELETE FROM key_pairs WHERE account_id = $1 AND name = $2")
-            .bind(&caller.account_id)
-            .bind(name)
-            .execute(&self.db)
-            .await?;
+        sqlx::query!("DELETE FROM key_pairs WHERE account_id = $1 AND name = $2", caller.account_id, name).execute(&self.db).await?;
         Ok(())
     }
 
     /// The public key of the caller's key pair `name`, for a launch.
     pub(crate) async fn key_pair_public_key(&self, caller: &Caller, name: &str) -> Result<String> {
-        let row: Option<(String,)> = sqlx::query_as("SELECT public_key FROM key_pairs WHERE account_id = $1 AND name = $2")
-            .bind(&caller.account_id)
-            .bind(name)
+        let row = sqlx::query_scalar!("SELECT public_key FROM key_pairs WHERE account_id = $1 AND name = $2", caller.account_id, name)
             .fetch_optional(&self.db)
             .await?;
-        row.map(|r| r.0).ok_or_else(|| ServiceError::KeyPairNotFound(name.to_string()))
+        row.ok_or_else(|| ServiceError::KeyPairNotFound(name.to_string()))
     }
 }

@@ -73,13 +73,15 @@ pub(crate) async fn note(conn: &mut PgConnection, change: &Change) -> Result<()>
         return Ok(());
     }
     let list = |s: &BTreeSet<String>| s.iter().cloned().collect::<Vec<String>>();
-    sqlx::query("WITH c AS (INSERT INTO network_changes (vpc_ids, member_of, rules_of) VALUES ($1, $2, $3)) SELECT pg_notify($4, '')")
-        .bind(list(&change.vpcs))
-        .bind(list(&change.members_of))
-        .bind(list(&change.rules_of))
-        .bind(CHANNEL)
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query!(
+        "WITH c AS (INSERT INTO network_changes (vpc_ids, member_of, rules_of) VALUES ($1, $2, $3)) SELECT pg_notify($4, '')",
+        &list(&change.vpcs),
+        &list(&change.members_of),
+        &list(&change.rules_of),
+        CHANNEL
+    )
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 
@@ -91,27 +93,25 @@ pub(crate) async fn note(conn: &mut PgConnection, change: &Change) -> Result<()>
 /// leaves them for a later pass.
 pub(crate) async fn relay_pass(db: &PgPool) -> Result<bool> {
     let mut tx = db.begin().await?;
-    type Row = (i64, Vec<String>, Vec<String>, Vec<String>);
-    let rows: Vec<Row> =
-        sqlx::query_as("SELECT id, vpc_ids, member_of, rules_of FROM network_changes ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED")
-            .bind(BATCH)
+    let rows =
+        sqlx::query!("SELECT id, vpc_ids, member_of, rules_of FROM network_changes ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED", BATCH)
             .fetch_all(&mut *tx)
             .await?;
     if rows.is_empty() {
         return Ok(false);
     }
     let mut all = Change::default();
-    for (_, vpcs, members, rules) in &rows {
-        all.vpcs.extend(vpcs.iter().cloned());
-        all.members_of.extend(members.iter().cloned());
-        all.rules_of.extend(rules.iter().cloned());
+    for r in &rows {
+        all.vpcs.extend(r.vpc_ids.iter().cloned());
+        all.members_of.extend(r.member_of.iter().cloned());
+        all.rules_of.extend(r.rules_of.iter().cloned());
     }
     let mut hosts = hosts_in_vpcs(&mut tx, &all.vpcs).await?;
     hosts.extend(hosts_seeing_groups(&mut tx, &all.members_of).await?);
     hosts.extend(hosts_in_groups(&mut tx, &all.rules_of).await?);
     let woken = wake(db, &hosts).await?;
-    let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
-    sqlx::query("DELETE FROM network_changes WHERE id = ANY($1)").bind(&ids).execute(&mut *tx).await?;
+    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    sqlx::query!("DELETE FROM network_changes WHERE id = ANY($1)", &ids).execute(&mut *tx).await?;
     tx.commit().await?;
     tracing::debug!(changes = rows.len(), hosts = woken, "network changes delivered");
     Ok(rows.len() as i64 >= BATCH)
@@ -128,15 +128,16 @@ async fn wake(db: &PgPool, hosts: &BTreeSet<String>) -> Result<usize> {
         return Ok(0);
     }
     let ids: Vec<&str> = hosts.iter().map(String::as_str).collect();
-    let vpc_hosts: Vec<(String,)> =
-        sqlx::query_as("SELECT id FROM hosts WHERE id = ANY($1) AND underlay_ip IS NOT NULL").bind(&ids).fetch_all(db).await?;
-    let mut left: BTreeSet<String> = vpc_hosts.into_iter().map(|r| r.0).collect();
+    let vpc_hosts =
+        sqlx::query_scalar!("SELECT id FROM hosts WHERE id = ANY($1) AND underlay_ip IS NOT NULL", &ids as &[&str]).fetch_all(db).await?;
+    let mut left: BTreeSet<String> = vpc_hosts.into_iter().collect();
     let total = left.len();
     let mut round = 0;
     while !left.is_empty() {
         round += 1;
         let skip = if round <= 4 { " SKIP LOCKED" } else { "" };
         let ids: Vec<&str> = left.iter().map(String::as_str).collect();
+        // Runtime: SKIP LOCKED is spliced in for the first rounds only.
         let done: Vec<(String,)> = sqlx::query_as(&format!(
             "WITH b AS (UPDATE hosts SET generation = generation + 1 WHERE id IN \
                  (SELECT id FROM hosts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE{skip}) RETURNING id) \

@@ -40,14 +40,14 @@ type Writer = (String, Vec<u8>);
 impl Service {
     /// The host (id and public key) of each of `ids` that has a key.
     async fn writers(&self, ids: &[String]) -> HashMap<String, Writer> {
-        let rows: Result<Vec<(String, String, Vec<u8>)>, sqlx::Error> = sqlx::query_as(
-            "SELECT i.id, h.id, h.public_key FROM instances i JOIN hosts h ON h.id = i.host_id WHERE i.id = ANY($1) AND h.public_key IS NOT NULL",
+        let rows = sqlx::query!(
+            r#"SELECT i.id AS instance_id, h.id AS host_id, h.public_key AS "public_key!" FROM instances i JOIN hosts h ON h.id = i.host_id WHERE i.id = ANY($1) AND h.public_key IS NOT NULL"#,
+            ids
         )
-        .bind(ids)
         .fetch_all(&self.db)
         .await;
         match rows {
-            Ok(rows) => rows.into_iter().map(|(i, h, k)| (i, (h, k))).collect(),
+            Ok(rows) => rows.into_iter().map(|r| (r.instance_id, (r.host_id, r.public_key))).collect(),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the hosts of instances");
                 HashMap::new()

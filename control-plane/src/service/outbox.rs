@@ -115,25 +115,6 @@ pub struct Relay {
     trusted: TrustedKeys,
 }
 
-type DocRow = (
-    String,
-    String,
-    String,
-    i32,
-    String,
-    String,
-    String,
-    chrono::DateTime<chrono::Utc>,
-    String,
-    Option<Vec<u8>>,
-    Option<String>,
-    Option<String>,
-    (bool, bool, bool, i32),
-    i64,
-    String,
-    Option<Vec<u8>>,
-);
-
 impl Relay {
     pub fn new(db: PgPool, region: String, client: Arc<dyn KvClient>, signer: KeyPair, trusted: TrustedKeys) -> Relay {
         Relay { db, region, client, signer, trusted }
@@ -141,15 +122,18 @@ impl Relay {
 
     /// Step 1: instances with outbox rows, with the highest version waiting.
     pub async fn pending(&self) -> std::result::Result<Vec<(String, i64)>, RelayError> {
-        Ok(sqlx::query_as("SELECT instance_id, max(version) FROM metadata_outbox GROUP BY instance_id ORDER BY min(seq) LIMIT $1")
-            .bind(BATCH)
-            .fetch_all(&self.db)
-            .await?)
+        let rows = sqlx::query!(
+            r#"SELECT instance_id, max(version) AS "version!" FROM metadata_outbox GROUP BY instance_id ORDER BY min(seq) LIMIT $1"#,
+            BATCH
+        )
+        .fetch_all(&self.db)
+        .await?;
+        Ok(rows.into_iter().map(|r| (r.instance_id, r.version)).collect())
     }
 
     /// Rows still waiting (tests, metrics).
     pub async fn backlog(&self) -> std::result::Result<i64, RelayError> {
-        Ok(sqlx::query_scalar("SELECT count(*) FROM metadata_outbox").fetch_one(&self.db).await?)
+        Ok(sqlx::query_scalar!(r#"SELECT count(*) AS "count!" FROM metadata_outbox"#).fetch_one(&self.db).await?)
     }
 
     /// Step 2: the instance's document as of now, with its host and the
@@ -157,44 +141,43 @@ impl Relay {
     pub async fn render(&self, instance_id: &str) -> std::result::Result<Option<Rendered>, RelayError> {
         let mut tx = self.db.begin().await?;
         // One snapshot for the row, its tags and its interfaces.
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
-        let row: Option<DocRow> = sqlx::query_as(
-            "SELECT i.id, i.account_id, i.reservation_id, i.ami_launch_index, i.image_id, i.instance_type, i.availability_zone, \
-                    i.launch_time, i.state, i.user_data, i.key_name, i.public_key, \
-                    (i.metadata_tokens_required, i.metadata_endpoint_enabled, i.metadata_tags_enabled, i.metadata_hop_limit), i.doc_version, \
-                    i.host_id, h.public_key \
-             FROM instances i JOIN hosts h ON h.id = i.host_id WHERE i.id = $1",
+        sqlx::query!("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
+        // The four metadata options are four columns (a macro cannot decode
+        // the row value `(a, b, c, d)` the runtime query read as a tuple).
+        let row = sqlx::query!(
+            r#"SELECT i.id, i.account_id, i.reservation_id, i.ami_launch_index, i.image_id, i.instance_type, i.availability_zone,
+                    i.launch_time, i.state, i.user_data, i.key_name, i.public_key,
+                    i.metadata_tokens_required, i.metadata_endpoint_enabled, i.metadata_tags_enabled, i.metadata_hop_limit, i.doc_version,
+                    i.host_id AS "host_id!", h.public_key AS recipient
+             FROM instances i JOIN hosts h ON h.id = i.host_id WHERE i.id = $1"#,
+            instance_id
         )
-        .bind(instance_id)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((
-            id,
-            account_id,
-            reservation_id,
-            launch_index,
-            image_id,
-            instance_type,
-            zone,
-            launch_time,
-            state,
-            user_data,
-            key_name,
-            public_key,
-            opts,
-            version,
-            host_id,
-            recipient,
-        )) = row
-        else {
+        let Some(row) = row else {
             return Ok(None);
         };
+        let (id, account_id, reservation_id, launch_index, image_id, instance_type, zone, launch_time, state) = (
+            row.id,
+            row.account_id,
+            row.reservation_id,
+            row.ami_launch_index,
+            row.image_id,
+            row.instance_type,
+            row.availability_zone,
+            row.launch_time,
+            row.state,
+        );
+        let (user_data, key_name, public_key, version, host_id, recipient) =
+            (row.user_data, row.key_name, row.public_key, row.doc_version, row.host_id, row.recipient);
+        let opts = (row.metadata_tokens_required, row.metadata_endpoint_enabled, row.metadata_tags_enabled, row.metadata_hop_limit);
         let tags: Vec<(String, String)> =
-            sqlx::query_as("SELECT key, value FROM tags WHERE account_id = $1 AND resource_id = $2 ORDER BY key")
-                .bind(&account_id)
-                .bind(&id)
+            sqlx::query!("SELECT key, value FROM tags WHERE account_id = $1 AND resource_id = $2 ORDER BY key", account_id, id)
                 .fetch_all(&mut *tx)
-                .await?;
+                .await?
+                .into_iter()
+                .map(|t| (t.key, t.value))
+                .collect();
         let nics = instance_nics(&mut tx, &id).await?;
         tx.commit().await?;
         // A terminated instance's document keeps what describes it, not its
@@ -238,9 +221,7 @@ impl Relay {
 
     /// Step 4: forget the rows of `instance_id` up to `version`.
     pub async fn acknowledge(&self, instance_id: &str, version: i64) -> std::result::Result<u64, RelayError> {
-        Ok(sqlx::query("DELETE FROM metadata_outbox WHERE instance_id = $1 AND version <= $2")
-            .bind(instance_id)
-            .bind(version)
+        Ok(sqlx::query!("DELETE FROM metadata_outbox WHERE instance_id = $1 AND version <= $2", instance_id, version)
             .execute(&self.db)
             .await?
             .rows_affected())
@@ -292,19 +273,21 @@ impl Relay {
 
 /// The instance's interfaces, by device index.
 async fn instance_nics(conn: &mut sqlx::PgConnection, instance_id: &str) -> Result<Vec<Nic>> {
-    type NicRow = (String, i32, String, String, String, String, String, i32, Option<String>, Vec<String>);
-    let rows: Vec<NicRow> = sqlx::query_as(
-        "SELECT n.id, n.device_index, n.mac, host(n.private_ip), s.id, s.cidr::text, n.vpc_id, v.vni, host(p.public_ip), \
-                ARRAY(SELECT g.group_id FROM network_interface_groups g WHERE g.interface_id = n.id ORDER BY g.group_id) \
-         FROM network_interfaces n JOIN subnets s ON s.id = n.subnet_id JOIN vpcs v ON v.id = n.vpc_id \
-         LEFT JOIN public_addresses p ON p.network_interface_id = n.id \
-         WHERE n.instance_id = $1 ORDER BY n.device_index",
+    let rows = sqlx::query!(
+        r#"SELECT n.id AS eni, n.device_index AS "device_index!", n.mac, host(n.private_ip) AS "ip!", s.id AS subnet_id, s.cidr::text AS "cidr!", n.vpc_id, v.vni,
+                host(p.public_ip) AS "public?",
+                ARRAY(SELECT g.group_id FROM network_interface_groups g WHERE g.interface_id = n.id ORDER BY g.group_id) AS "groups!"
+         FROM network_interfaces n JOIN subnets s ON s.id = n.subnet_id JOIN vpcs v ON v.id = n.vpc_id
+         LEFT JOIN public_addresses p ON p.network_interface_id = n.id
+         WHERE n.instance_id = $1 ORDER BY n.device_index"#,
+        instance_id
     )
-    .bind(instance_id)
     .fetch_all(&mut *conn)
     .await?;
     rows.into_iter()
-        .map(|(eni, idx, mac, ip, subnet_id, cidr, vpc_id, vni, public, groups)| {
+        .map(|r| {
+            let (eni, idx, mac, ip, subnet_id, cidr, vpc_id, vni, public, groups) =
+                (r.eni, r.device_index, r.mac, r.ip, r.subnet_id, r.cidr, r.vpc_id, r.vni, r.public, r.groups);
             let subnet = super::network::db_cidr(&cidr)?;
             Ok(Nic {
                 eni_id: eni,

@@ -70,6 +70,7 @@ impl Service {
                  AND NOT EXISTS (SELECT 1 FROM network_interfaces n WHERE n.instance_id = {t}.id)"
             )
         };
+        // Runtime: the purgeable condition is spliced in twice (for i and j).
         let candidates: Vec<(String, i64, String)> = sqlx::query_as(&format!(
             "WITH r AS (SELECT DISTINCT i.reservation_id FROM instances i WHERE {} \
                  AND NOT EXISTS (SELECT 1 FROM instances j WHERE j.reservation_id = i.reservation_id AND NOT ({})) \
@@ -103,10 +104,11 @@ impl Service {
         let (ids, versions): (Vec<String>, Vec<i64>) =
             candidates.iter().filter(|c| !kept_back.contains(&c.2)).map(|c| (c.0.clone(), c.1)).unzip();
         let mut tx = self.db.begin().await?;
-        sqlx::query("SELECT 1 FROM instances WHERE id = ANY($1) ORDER BY id FOR UPDATE").bind(&ids).execute(&mut *tx).await?;
+        // (A macro's SELECT is fetched, not executed: the rows are dropped.)
+        sqlx::query!("SELECT 1 AS one FROM instances WHERE id = ANY($1) ORDER BY id FOR UPDATE", &ids).fetch_all(&mut *tx).await?;
         // A reservation one of whose instances changed since (its document
         // bumped: the relay may publish it again) waits whole too.
-        let gone: Vec<(String, String)> = sqlx::query_as(
+        let gone = sqlx::query!(
             "WITH p AS (SELECT * FROM unnest($1::text[], $2::bigint[]) AS p(id, version)), \
                   changed AS (SELECT i.reservation_id FROM instances i JOIN p ON p.id = i.id \
                       WHERE i.doc_version <> p.version OR i.state <> 'terminated' \
@@ -114,17 +116,17 @@ impl Service {
              DELETE FROM instances i USING p \
              WHERE i.id = p.id AND i.reservation_id NOT IN (SELECT reservation_id FROM changed) \
              RETURNING i.id, i.reservation_id",
+            &ids,
+            &versions
         )
-        .bind(&ids)
-        .bind(&versions)
         .fetch_all(&mut *tx)
         .await?;
-        let (gone_ids, gone_reservations): (Vec<String>, Vec<String>) = gone.into_iter().unzip();
-        sqlx::query("DELETE FROM tags WHERE resource_id = ANY($1)").bind(&gone_ids).execute(&mut *tx).await?;
-        sqlx::query(
+        let (gone_ids, gone_reservations): (Vec<String>, Vec<String>) = gone.into_iter().map(|r| (r.id, r.reservation_id)).unzip();
+        sqlx::query!("DELETE FROM tags WHERE resource_id = ANY($1)", &gone_ids).execute(&mut *tx).await?;
+        sqlx::query!(
             "DELETE FROM reservations r WHERE r.id = ANY($1) AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.reservation_id = r.id)",
+            &gone_reservations
         )
-        .bind(&gone_reservations)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;

@@ -33,31 +33,32 @@ pub const IDLE: Duration = Duration::from_secs(30);
 /// Records the certificates `host_id` holds as revoked (in the caller's
 /// transaction, before they are cleared) and wakes the job on commit.
 pub(crate) async fn revoke_host(conn: &mut PgConnection, host_id: &str) -> Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO revoked_certificates (sha256, host_id, not_after) \
          SELECT d, id, n FROM hosts, LATERAL (VALUES (tls_cert_sha256, tls_cert_not_after), (tls_prev_cert_sha256, tls_prev_cert_not_after)) AS c(d, n) \
          WHERE id = $1 AND d IS NOT NULL AND n IS NOT NULL \
          ON CONFLICT (sha256) DO NOTHING",
+        host_id
     )
-    .bind(host_id)
     .execute(&mut *conn)
     .await?;
-    sqlx::query("SELECT pg_notify($1, '')").bind(CHANNEL).execute(&mut *conn).await?;
+    sqlx::query!("SELECT pg_notify($1, '')", CHANNEL).execute(&mut *conn).await?;
     Ok(())
 }
 
 impl Service {
     /// The certificates revoked now (unexpired), by SHA-256.
     pub async fn revoked_certificates(&self) -> Result<Vec<[u8; 32]>> {
-        let rows: Vec<(Vec<u8>,)> =
-            sqlx::query_as("SELECT sha256 FROM revoked_certificates WHERE not_after > now() ORDER BY sha256").fetch_all(&self.db).await?;
-        Ok(rows.into_iter().filter_map(|(d,)| d.try_into().ok()).collect())
+        let rows = sqlx::query_scalar!("SELECT sha256 FROM revoked_certificates WHERE not_after > now() ORDER BY sha256")
+            .fetch_all(&self.db)
+            .await?;
+        Ok(rows.into_iter().filter_map(|d| d.try_into().ok()).collect())
     }
 
     /// One pass: drops expired entries, applies the list to this control
     /// plane's node and publishes it to the store if the store's differs.
     pub async fn publish_revocations(&self) -> std::result::Result<bool, RevocationError> {
-        sqlx::query("DELETE FROM revoked_certificates WHERE not_after <= now()")
+        sqlx::query!("DELETE FROM revoked_certificates WHERE not_after <= now()")
             .execute(&self.db)
             .await
             .map_err(crate::error::ServiceError::from)?;

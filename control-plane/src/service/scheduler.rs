@@ -28,7 +28,7 @@ impl Need {
 }
 
 /// One host as the scheduler sees it.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostCapacity {
     pub id: String,
     pub availability_zone: String,
@@ -145,12 +145,13 @@ fn tie_break(seed: u64, host_id: &str) -> u64 {
 
 /// Hosts that take new instances: those with a recent heartbeat.
 pub async fn schedulable_hosts(tx: &mut Transaction<'_, Postgres>, heartbeat_timeout: Duration) -> Result<Vec<HostCapacity>, sqlx::Error> {
-    sqlx::query_as::<_, HostCapacity>(
+    sqlx::query_as!(
+        HostCapacity,
         "SELECT id, availability_zone, total_vcpus, total_memory_mib, total_disk_gib, \
                 used_vcpus, used_memory_mib, used_disk_gib \
          FROM hosts WHERE last_heartbeat > now() - make_interval(secs => $1) ORDER BY id",
+        heartbeat_timeout.as_secs_f64()
     )
-    .bind(heartbeat_timeout.as_secs_f64())
     .fetch_all(&mut **tx)
     .await
 }
@@ -174,21 +175,21 @@ pub async fn claim(tx: &mut Transaction<'_, Postgres>, placements: &[String], ne
     let mut generations = BTreeMap::new();
     for (host, n) in per_host {
         let total = need.times(n);
-        let updated: Option<(i64,)> = sqlx::query_as(
+        let updated = sqlx::query_scalar!(
             "UPDATE hosts SET used_vcpus = used_vcpus + $2, used_memory_mib = used_memory_mib + $3, \
                     used_disk_gib = used_disk_gib + $4, generation = generation + 1 \
              WHERE id = $1 AND used_vcpus + $2 <= total_vcpus AND used_memory_mib + $3 <= total_memory_mib \
                    AND used_disk_gib + $4 <= total_disk_gib RETURNING generation",
+            host,
+            total.vcpus as i32,
+            total.memory_mib,
+            total.disk_gib
         )
-        .bind(host)
-        .bind(total.vcpus as i32)
-        .bind(total.memory_mib)
-        .bind(total.disk_gib)
         .fetch_optional(&mut **tx)
         .await?;
-        let Some((generation,)) = updated else { return Ok(Claim::Raced) };
+        let Some(generation) = updated else { return Ok(Claim::Raced) };
         generations.insert(host.to_string(), generation);
-        sqlx::query("SELECT pg_notify($1, $2)").bind(crate::notify::CHANNEL).bind(host).execute(&mut **tx).await?;
+        sqlx::query!("SELECT pg_notify($1, $2)", crate::notify::CHANNEL, host).execute(&mut **tx).await?;
     }
     Ok(Claim::Claimed(generations))
 }
