@@ -1,6 +1,13 @@
 use clap::Parser;
 use nimbus_control_plane::{build, serve, Config};
 
+/// jemalloc, as in store-node and store-bench: this process embeds a
+/// state-store node, which allocates per message (glibc malloc cost it
+/// about a quarter of its throughput in store-bench), so what is benchmarked
+/// is what runs.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
