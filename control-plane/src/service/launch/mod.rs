@@ -20,6 +20,8 @@ mod validation;
 
 pub use validation::{fits_disk, validate_run};
 
+use validation::LaunchSpec;
+
 use crate::error::{Result, ServiceError};
 use crate::service::scheduler::Need;
 use crate::service::{Caller, Service};
@@ -28,22 +30,6 @@ use nimbus_proto::api::{Reservation, RunInstancesRequest};
 
 /// How often a launch re-plans after losing a race for capacity.
 const MAX_PLACEMENT_ATTEMPTS: u32 = 16;
-
-/// A validated launch.
-#[derive(Debug)]
-struct LaunchSpec {
-    image_id: String,
-    instance_type: String,
-    need: Need,
-    min: u32,
-    max: u32,
-    zone: Option<String>,
-    user_data: Option<Vec<u8>>,
-    key_name: Option<String>,
-    public_key: Option<String>,
-    tags: Vec<(String, String)>,
-    metadata: crate::service::metadata_options::Options,
-}
 
 impl Service {
     /// Everything a launch checks before it places anything (for DryRun).

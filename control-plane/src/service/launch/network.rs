@@ -15,7 +15,8 @@ use crate::ids;
 use crate::service::network::addresses::allocate_public;
 use crate::service::network::relay::{self, Change};
 use crate::service::network::subnets::{is_reserved, SubnetInfo, SubnetRow, SUBNET_COLUMNS};
-use crate::service::network::{check_id, distinct, usable_addresses, MAX_GROUPS_PER_INTERFACE, MAX_INTERFACES};
+use crate::service::network::util::{check_id, distinct};
+use crate::service::network::{usable_addresses, MAX_GROUPS_PER_INTERFACE, MAX_INTERFACES};
 use crate::service::{Caller, Service};
 use nimbus_proto::api::RunInstancesRequest;
 use nimbus_proto::network::Cidr;
@@ -336,7 +337,7 @@ impl Service {
                         "There are not enough free addresses in subnet '{subnet_id}' to satisfy the requested number of instances."
                     )));
                 }
-                let rows: Vec<NicRowOwned> = auto.iter().zip(free).map(|(i, (ip,))| nic_row((&nics[*i], ip))).collect();
+                let rows: Vec<NicInsert> = auto.iter().zip(free).map(|(i, (ip,))| nic_row((&nics[*i], ip))).collect();
                 let inserted = insert_interfaces(conn, caller, &rows).await?;
                 auto.retain(|i| !inserted.contains(&nics[*i].id));
             }
@@ -371,15 +372,33 @@ impl Service {
         crate::service::tags::insert_new_tags(conn, &caller.account_id, &ids, &net.nic_tags).await?;
         return Ok(());
 
-        type NicRowOwned = (String, String, String, String, String, bool, i32);
-        fn nic_row((n, ip): (&NewNic, String)) -> NicRowOwned {
-            (n.id.clone(), n.instance.clone(), n.subnet.id.clone(), n.subnet.vpc_id.clone(), ip, n.delete_on_termination, n.device_index)
+        /// One interface row to insert, its address chosen.
+        struct NicInsert {
+            id: String,
+            instance_id: String,
+            subnet_id: String,
+            vpc_id: String,
+            private_ip: String,
+            delete_on_termination: bool,
+            device_index: i32,
         }
-        async fn insert_interfaces(conn: &mut PgConnection, caller: &Caller, rows: &[NicRowOwned]) -> Result<BTreeSet<String>> {
-            let col = |f: fn(&NicRowOwned) -> &str| rows.iter().map(f).collect::<Vec<&str>>();
-            let (ids_, instances, subnets, vpcs, ips) = (col(|r| &r.0), col(|r| &r.1), col(|r| &r.2), col(|r| &r.3), col(|r| &r.4));
-            let dots: Vec<bool> = rows.iter().map(|r| r.5).collect();
-            let indexes: Vec<i32> = rows.iter().map(|r| r.6).collect();
+        fn nic_row((n, ip): (&NewNic, String)) -> NicInsert {
+            NicInsert {
+                id: n.id.clone(),
+                instance_id: n.instance.clone(),
+                subnet_id: n.subnet.id.clone(),
+                vpc_id: n.subnet.vpc_id.clone(),
+                private_ip: ip,
+                delete_on_termination: n.delete_on_termination,
+                device_index: n.device_index,
+            }
+        }
+        async fn insert_interfaces(conn: &mut PgConnection, caller: &Caller, rows: &[NicInsert]) -> Result<BTreeSet<String>> {
+            let col = |f: fn(&NicInsert) -> &str| rows.iter().map(f).collect::<Vec<&str>>();
+            let (ids_, instances, subnets, vpcs, ips) =
+                (col(|r| &r.id), col(|r| &r.instance_id), col(|r| &r.subnet_id), col(|r| &r.vpc_id), col(|r| &r.private_ip));
+            let dots: Vec<bool> = rows.iter().map(|r| r.delete_on_termination).collect();
+            let indexes: Vec<i32> = rows.iter().map(|r| r.device_index).collect();
             let macs: Vec<String> = rows.iter().map(|_| ids::new_mac()).collect();
             let attachments: Vec<String> = rows.iter().map(|_| ids::new_id(ids::ATTACHMENT)).collect();
             let done: Vec<(String,)> = sqlx::query_as(

@@ -8,7 +8,7 @@
 //! addresses or the quota planned on; nothing was written, plan again.
 
 use super::network::{LaunchNetwork, Placed};
-use super::LaunchSpec;
+use super::validation::LaunchSpec;
 use crate::error::{Result, ServiceError};
 use crate::ids;
 use crate::service::scheduler::{self, Claim};

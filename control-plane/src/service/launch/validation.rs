@@ -5,6 +5,7 @@
 //! fits the instance type's disk.
 
 use crate::error::{Result, ServiceError};
+use crate::service::scheduler::Need;
 use base64::Engine;
 use nimbus_proto::api::{RunInstancesRequest, MAX_USER_DATA_BYTES};
 
@@ -62,6 +63,22 @@ pub fn validate_run(req: &RunInstancesRequest, max_count: u32) -> Result<(Option
         other => other.clone(),
     };
     Ok((user_data, zone))
+}
+
+/// A validated launch.
+#[derive(Debug)]
+pub(super) struct LaunchSpec {
+    pub(super) image_id: String,
+    pub(super) instance_type: String,
+    pub(super) need: Need,
+    pub(super) min: u32,
+    pub(super) max: u32,
+    pub(super) zone: Option<String>,
+    pub(super) user_data: Option<Vec<u8>>,
+    pub(super) key_name: Option<String>,
+    pub(super) public_key: Option<String>,
+    pub(super) tags: Vec<(String, String)>,
+    pub(super) metadata: crate::service::metadata_options::Options,
 }
 
 #[cfg(test)]

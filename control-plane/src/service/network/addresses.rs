@@ -8,7 +8,7 @@
 //! carries the new `nics` (lock order: instance, interface, address, hosts).
 
 use super::filters::{check_filter_names, passes, Filters};
-use super::{check_id, tags_into};
+use super::util::{check_id, tags_into};
 use crate::error::{Result, ServiceError};
 use crate::ids;
 use crate::service::{Caller, Service};

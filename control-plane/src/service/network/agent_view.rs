@@ -7,11 +7,27 @@
 //! set-based queries whatever the number of interfaces.
 
 use super::groups::{protocol_of, RuleKey};
-use super::{db_cidr, db_ip};
+use super::util::{db_cidr, db_ip};
 use crate::error::{Result, ServiceError};
 use nimbus_proto::network::{self as wire, HostNetwork, Nic, SubnetOnHost, VpcOnHost};
 use sqlx::PgConnection;
 use std::collections::{BTreeSet, HashMap};
+
+/// One interface on the host, with its subnet, VPC, public address and groups.
+#[derive(sqlx::FromRow)]
+struct NicRow {
+    instance_id: String,
+    eni_id: String,
+    device_index: i32,
+    mac: String,
+    private_ip: String,
+    subnet_id: String,
+    subnet_cidr: String,
+    vpc_id: String,
+    vni: i32,
+    public_ip: Option<String>,
+    group_ids: Vec<String>,
+}
 
 /// A host's share of the network and its instances' interfaces (by
 /// instance id): five set-based queries, whatever the number of interfaces.
@@ -23,10 +39,10 @@ pub(crate) async fn host_network(
     host_id: &str,
     data_plane: bool,
 ) -> Result<(HostNetwork, HashMap<String, Vec<Nic>>)> {
-    type NicRow = (String, String, i32, String, String, String, String, String, i32, Option<String>, Vec<String>);
     let rows: Vec<NicRow> = sqlx::query_as(
-        "SELECT n.instance_id, n.id, n.device_index, n.mac, host(n.private_ip), s.id, s.cidr::text, n.vpc_id, v.vni, host(p.public_ip), \
-                ARRAY(SELECT g.group_id FROM network_interface_groups g WHERE g.interface_id = n.id ORDER BY g.group_id) \
+        "SELECT n.instance_id, n.id AS eni_id, n.device_index, n.mac, host(n.private_ip) AS private_ip, s.id AS subnet_id, \
+                s.cidr::text AS subnet_cidr, n.vpc_id, v.vni, host(p.public_ip) AS public_ip, \
+                ARRAY(SELECT g.group_id FROM network_interface_groups g WHERE g.interface_id = n.id ORDER BY g.group_id) AS group_ids \
          FROM network_interfaces n JOIN instances i ON i.id = n.instance_id JOIN subnets s ON s.id = n.subnet_id \
          JOIN vpcs v ON v.id = n.vpc_id LEFT JOIN public_addresses p ON p.network_interface_id = n.id \
          WHERE i.host_id = $1 ORDER BY n.instance_id, n.device_index",
@@ -37,7 +53,20 @@ pub(crate) async fn host_network(
     let mut nics: HashMap<String, Vec<Nic>> = HashMap::new();
     let mut vpc_ids = BTreeSet::new();
     let mut group_ids = BTreeSet::new();
-    for (instance, eni, idx, mac, ip, subnet_id, cidr, vpc_id, vni, public, groups) in rows {
+    for NicRow {
+        instance_id: instance,
+        eni_id: eni,
+        device_index: idx,
+        mac,
+        private_ip: ip,
+        subnet_id,
+        subnet_cidr: cidr,
+        vpc_id,
+        vni,
+        public_ip: public,
+        group_ids: groups,
+    } in rows
+    {
         let subnet = db_cidr(&cidr)?;
         vpc_ids.insert(vpc_id.clone());
         group_ids.extend(groups.iter().cloned());

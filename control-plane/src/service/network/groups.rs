@@ -12,7 +12,7 @@
 use super::fanout::lock_groups;
 use super::filters::{check_filter_names, passes, Filters};
 use super::relay::{self, Change};
-use super::{check_id, db_cidr, opt_list, parse_cidr, tags_into};
+use super::util::{check_id, db_cidr, opt_list, parse_cidr, tags_into};
 use crate::error::{Result, ServiceError};
 use crate::ids;
 use crate::service::{Caller, Service};

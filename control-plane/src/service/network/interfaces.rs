@@ -9,14 +9,18 @@
 
 use super::fanout::lock_groups;
 use super::filters::{check_filter_names, passes, yes_no, Filters};
+use super::groups::MAX_GROUPS_PER_INTERFACE;
 use super::relay::{self, Change};
-use super::{check_id, opt_list, private_dns_name, tags_into, MAX_GROUPS_PER_INTERFACE};
+use super::util::{check_id, opt_list, private_dns_name, tags_into};
 use crate::error::{Result, ServiceError};
 use crate::ids;
 use crate::service::{Caller, Service};
 use nimbus_proto::api::{GroupRef, InterfaceAssociation, InterfaceAttachment, NetworkInterface};
 use sqlx::PgConnection;
 use std::collections::{BTreeSet, HashMap};
+
+/// Device indexes 0 to 7.
+pub const MAX_INTERFACES: usize = 8;
 
 #[derive(sqlx::FromRow)]
 struct InterfaceRow {

@@ -33,59 +33,15 @@ mod groups;
 mod interfaces;
 pub mod relay;
 pub(crate) mod subnets;
+pub(crate) mod util;
 mod vpcs;
 
 pub(crate) use agent_view::host_network;
 pub use filters::Filters;
 pub use groups::{GroupSel, MAX_GROUPS_PER_INTERFACE, MAX_GROUPS_PER_VPC, MAX_RULES_PER_DIRECTION};
 pub(crate) use interfaces::release_interfaces;
+pub use interfaces::MAX_INTERFACES;
 pub use subnets::{usable_addresses, MAX_SUBNETS_PER_VPC};
+pub use util::private_dns_name;
+pub(crate) use util::{db_cidr, db_ip};
 pub use vpcs::{DEFAULT_VPC_CIDR, MAX_VPCS};
-
-use crate::error::{Result, ServiceError};
-use crate::ids;
-use nimbus_proto::api::ResourceTag;
-use nimbus_proto::network::Cidr;
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
-
-/// Device indexes 0 to 7.
-pub const MAX_INTERFACES: usize = 8;
-
-fn parse_cidr(s: &str, what: &str) -> Result<Cidr> {
-    Cidr::parse(s).ok_or_else(|| {
-        ServiceError::InvalidParameterValue(format!("Value ({s}) for parameter {what} is invalid. This is not a valid CIDR block."))
-    })
-}
-
-pub(crate) fn db_cidr(s: &str) -> Result<Cidr> {
-    Cidr::parse(s).ok_or_else(|| ServiceError::Internal(format!("bad CIDR in database: {s}")))
-}
-
-pub(crate) fn db_ip(s: &str) -> Result<Ipv4Addr> {
-    s.parse().map_err(|_| ServiceError::Internal(format!("bad address in database: {s}")))
-}
-
-pub fn private_dns_name(ip: &str, region: &str) -> String {
-    format!("ip-{}.{region}.compute.internal", ip.replace('.', "-"))
-}
-
-pub(crate) fn check_id(prefix: &str, id: &str, malformed: impl Fn(String) -> ServiceError) -> Result<()> {
-    if ids::is_valid(prefix, id) {
-        Ok(())
-    } else {
-        Err(malformed(id.to_string()))
-    }
-}
-
-pub(crate) fn distinct(v: &[String]) -> Vec<String> {
-    v.iter().cloned().collect::<BTreeSet<_>>().into_iter().collect()
-}
-
-fn opt_list(v: &[String]) -> Option<Vec<String>> {
-    (!v.is_empty()).then(|| v.to_vec())
-}
-
-fn tags_into(tags: &mut BTreeMap<String, Vec<(String, String)>>, id: &str) -> Vec<ResourceTag> {
-    tags.remove(id).unwrap_or_default().into_iter().map(|(key, value)| ResourceTag { key, value }).collect()
-}
