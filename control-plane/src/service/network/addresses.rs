@@ -18,6 +18,17 @@ use sqlx::PgConnection;
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
+/// An Elastic IP and what it is associated with (DescribeAddresses).
+#[derive(sqlx::FromRow)]
+struct AddressRow {
+    allocation_id: String,
+    public_ip: String,
+    association_id: Option<String>,
+    network_interface_id: Option<String>,
+    instance_id: Option<String>,
+    private_ip_address: Option<String>,
+}
+
 impl Service {
     pub(crate) fn pool(&self) -> Result<Cidr> {
         self.config.public_pool.ok_or_else(|| {
@@ -337,9 +348,9 @@ impl Service {
                 "network-interface-owner-id",
             ],
         )?;
-        type Row = (String, String, Option<String>, Option<String>, Option<String>, Option<String>);
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT p.allocation_id, host(p.public_ip), p.association_id, p.network_interface_id, n.instance_id, host(n.private_ip) \
+        let rows: Vec<AddressRow> = sqlx::query_as(
+            "SELECT p.allocation_id, host(p.public_ip) AS public_ip, p.association_id, p.network_interface_id, n.instance_id, \
+                    host(n.private_ip) AS private_ip_address \
              FROM public_addresses p LEFT JOIN network_interfaces n ON n.id = p.network_interface_id \
              WHERE p.account_id = $1 AND p.allocation_id IS NOT NULL ORDER BY p.public_ip",
         )
@@ -347,22 +358,23 @@ impl Service {
         .fetch_all(&self.db)
         .await?;
         for ip in public_ips {
-            if !rows.iter().any(|r| &r.1 == ip) {
+            if !rows.iter().any(|r| &r.public_ip == ip) {
                 return Err(ServiceError::AddressNotFound(ip.clone()));
             }
         }
         for a in allocation_ids {
-            if !rows.iter().any(|r| &r.0 == a) {
+            if !rows.iter().any(|r| &r.allocation_id == a) {
                 return Err(ServiceError::AllocationNotFound(a.clone()));
             }
         }
-        let mut tags = self.tags_of(caller, &rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>()).await?;
+        let mut tags = self.tags_of(caller, &rows.iter().map(|r| r.allocation_id.clone()).collect::<Vec<_>>()).await?;
         Ok(rows
             .into_iter()
             .filter(|r| {
-                (public_ips.is_empty() || public_ips.contains(&r.1)) && (allocation_ids.is_empty() || allocation_ids.contains(&r.0))
+                (public_ips.is_empty() || public_ips.contains(&r.public_ip))
+                    && (allocation_ids.is_empty() || allocation_ids.contains(&r.allocation_id))
             })
-            .map(|(allocation_id, public_ip, association_id, network_interface_id, instance_id, private_ip_address)| Address {
+            .map(|AddressRow { allocation_id, public_ip, association_id, network_interface_id, instance_id, private_ip_address }| Address {
                 tags: tags_into(&mut tags, &allocation_id),
                 allocation_id,
                 public_ip,

@@ -157,6 +157,15 @@ pub enum GroupSel {
     Name(String),
 }
 
+/// A security group as DescribeSecurityGroups reads it.
+#[derive(sqlx::FromRow)]
+struct GroupRow {
+    id: String,
+    name: String,
+    description: String,
+    vpc_id: String,
+}
+
 impl Service {
     /// The group's id and VPC; a name is looked up in `vpc_id`, or in the
     /// default VPC without one.
@@ -345,8 +354,7 @@ impl Service {
         }
         check_filter_names(filters, &["group-id", "group-name", "description", "vpc-id", "owner-id"])?;
         let default_vpc = self.ensure_default_network(&caller.account_id).await?;
-        type Row = (String, String, String, String);
-        let rows: Vec<Row> = sqlx::query_as(
+        let rows: Vec<GroupRow> = sqlx::query_as(
             "SELECT id, name, description, vpc_id FROM security_groups WHERE account_id = $1 \
                AND ($2::text[] IS NULL OR id = ANY($2)) AND ($3::text[] IS NULL OR (name = ANY($3) AND vpc_id = $4)) \
              ORDER BY created_at, id",
@@ -357,15 +365,15 @@ impl Service {
         .bind(&default_vpc)
         .fetch_all(&self.db)
         .await?;
-        if let Some(missing) = group_ids.iter().find(|id| !rows.iter().any(|r| &r.0 == *id)) {
+        if let Some(missing) = group_ids.iter().find(|id| !rows.iter().any(|r| &r.id == *id)) {
             return Err(ServiceError::GroupNotFound(format!("The security group '{missing}' does not exist")));
         }
-        if let Some(missing) = names.iter().find(|n| !rows.iter().any(|r| &r.1 == *n)) {
+        if let Some(missing) = names.iter().find(|n| !rows.iter().any(|r| &r.name == *n)) {
             return Err(ServiceError::GroupNotFound(format!(
                 "The security group '{missing}' does not exist in default VPC '{default_vpc}'"
             )));
         }
-        let ids: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
+        let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
         let rules = sqlx::query_as::<_, RuleRow>(&format!(
             "SELECT {RULE_COLUMNS} FROM security_group_rules WHERE group_id = ANY($1) ORDER BY group_id, egress, protocol, from_port, to_port, cidr, peer_group_id"
         ))
@@ -386,7 +394,7 @@ impl Service {
         let mut tags = self.tags_of(caller, &ids).await?;
         Ok(rows
             .into_iter()
-            .map(|(id, name, description, vpc_id)| {
+            .map(|GroupRow { id, name, description, vpc_id }| {
                 let (ingress, egress) = by_group.remove(&id).unwrap_or_default();
                 SecurityGroup {
                     tags: tags_into(&mut tags, &id),

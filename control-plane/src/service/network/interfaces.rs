@@ -300,6 +300,15 @@ impl Service {
     }
 }
 
+/// An interface of an instance whose host confirmed it gone.
+#[derive(sqlx::FromRow)]
+struct EndedNic {
+    id: String,
+    vpc_id: String,
+    delete_on_termination: bool,
+    account_id: String,
+}
+
 /// Frees the interfaces of instances whose host confirmed they are gone
 /// (the report transaction, which holds their rows): those with
 /// DeleteOnTermination are deleted (their address returns to the subnet),
@@ -308,7 +317,7 @@ impl Service {
 /// hosts must learn for the network relay; returns the hosts to bump now
 /// (the reporting host, when anything changed).
 pub(crate) async fn release_interfaces(conn: &mut PgConnection, instances: &[String], host_id: &str) -> Result<BTreeSet<String>> {
-    let rows: Vec<(String, String, bool, String)> = sqlx::query_as(
+    let rows: Vec<EndedNic> = sqlx::query_as(
         "SELECT id, vpc_id, delete_on_termination, account_id FROM network_interfaces WHERE instance_id = ANY($1) ORDER BY id",
     )
     .bind(instances)
@@ -317,18 +326,18 @@ pub(crate) async fn release_interfaces(conn: &mut PgConnection, instances: &[Str
     if rows.is_empty() {
         return Ok(BTreeSet::new());
     }
-    let all: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
-    let vpcs: BTreeSet<String> = rows.iter().map(|r| r.1.clone()).collect();
-    let accounts: Vec<String> = rows.iter().map(|r| r.3.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+    let all: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
+    let vpcs: BTreeSet<String> = rows.iter().map(|r| r.vpc_id.clone()).collect();
+    let accounts: Vec<String> = rows.iter().map(|r| r.account_id.clone()).collect::<BTreeSet<_>>().into_iter().collect();
     let groups: Vec<(String,)> = sqlx::query_as("SELECT DISTINCT group_id FROM network_interface_groups WHERE interface_id = ANY($1)")
         .bind(&all)
         .fetch_all(&mut *conn)
         .await?;
     let groups: BTreeSet<String> = groups.into_iter().map(|r| r.0).collect();
     sqlx::query("SELECT 1 FROM network_interfaces WHERE id = ANY($1) ORDER BY id FOR UPDATE").bind(&all).execute(&mut *conn).await?;
-    let (doomed, kept): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.2);
-    let doomed: Vec<String> = doomed.into_iter().map(|r| r.0).collect();
-    let kept: Vec<String> = kept.into_iter().map(|r| r.0).collect();
+    let (doomed, kept): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.delete_on_termination);
+    let doomed: Vec<String> = doomed.into_iter().map(|r| r.id).collect();
+    let kept: Vec<String> = kept.into_iter().map(|r| r.id).collect();
     sqlx::query("DELETE FROM public_addresses WHERE network_interface_id = ANY($1) AND allocation_id IS NULL")
         .bind(&all)
         .execute(&mut *conn)
