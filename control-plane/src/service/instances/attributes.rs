@@ -4,7 +4,7 @@
 //! for the difference or the change refused; the groups of its primary
 //! interface, see `network`).
 
-use super::parse_state;
+use super::rows::parse_state;
 use crate::error::{Result, ServiceError};
 use crate::ids;
 use crate::service::visibility::instance_visible;

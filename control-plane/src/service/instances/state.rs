@@ -13,7 +13,8 @@ use nimbus_proto::api::StateChange;
 use nimbus_proto::InstanceState;
 use std::collections::BTreeSet;
 
-use super::{parse_state, MAX_PAGE};
+use super::describe::MAX_PAGE;
+use super::rows::parse_state;
 
 impl Service {
     /// Asks for the instances to go away. Idempotent: terminating a

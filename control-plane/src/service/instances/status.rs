@@ -4,7 +4,7 @@
 //! not be read, `initializing` while pending) and GetConsoleOutput (the
 //! newer of the tail in the state store and the one a host reported).
 
-use super::InstanceFilter;
+use super::describe::InstanceFilter;
 use crate::error::{Result, ServiceError};
 use crate::ids;
 use crate::service::observed::Observed;

@@ -6,7 +6,7 @@
 //! snapshot (the assignments transaction, `REPEATABLE READ`) by five
 //! set-based queries whatever the number of interfaces.
 
-use super::groups::{protocol_of, RuleKey};
+use super::rules::{protocol_of, RuleKey};
 use super::util::{db_cidr, db_ip};
 use crate::error::{Result, ServiceError};
 use nimbus_proto::network::{self as wire, HostNetwork, Nic, SubnetOnHost, VpcOnHost};

@@ -32,6 +32,7 @@ mod filters;
 mod groups;
 mod interfaces;
 pub mod relay;
+mod rules;
 pub(crate) mod subnets;
 pub(crate) mod util;
 mod vpcs;

@@ -6,8 +6,8 @@
 //! created lazily by [`Service::ensure_default_network`].
 
 use super::filters::{check_filter_names, passes, yes_no, Filters};
-use super::groups::create_default_group;
 use super::relay::{self, Change};
+use super::rules::create_default_group;
 use super::util::{check_id, db_cidr, opt_list, parse_cidr, tags_into};
 use crate::error::{Result, ServiceError};
 use crate::ids;
