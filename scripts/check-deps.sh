@@ -71,7 +71,7 @@ done <<<"$TABLE"
 # Commands the Rust code runs must be in the table.
 while read -r c; do
     [ -n "${known[$c]:-}" ] || problem "the Rust code runs '$c', which scripts/install-deps.sh's table does not name: add it with its package"
-done < <(grep -rhoE --include='*.rs' 'Command::new\("[^"/]+"\)' proto control-plane host-agent cli state-store tests |
+done < <(grep -rhoE --include='*.rs' 'Command::new\("[^"/]+"\)' proto control-plane host-agent cli state-store tests volumes |
     sed -E 's/.*\("([^"]+)"\)/\1/' | sort -u)
 
 if [ ${#problems[@]} -gt 0 ]; then

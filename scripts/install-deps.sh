@@ -40,6 +40,9 @@ export DEBIAN_FRONTEND=noninteractive
 # kind may lack them, and naming them lets check-deps verify where a command
 # really comes from. busybox-static is NOT installed on the host:
 # build-tiny.sh only `apt-get download`s it.
+# Ceph (scripts/ceph.sh, the volumes crate): Debian's 16.2 daemons and tools;
+# qemu-block-extra holds QEMU's librbd block driver (block-rbd.so), which
+# `qemu-system-x86_64 -drive format=help` lists even when it is missing.
 DEPS_TABLE='
 1  libvirt-daemon-system   -
 1  libvirt-daemon          libvirtd virtlogd
@@ -73,6 +76,11 @@ DEPS_TABLE='
 1  redis-server            redis-server
 1  postgresql-15           /usr/lib/postgresql/15/bin/initdb /usr/lib/postgresql/15/bin/pg_ctl /usr/lib/postgresql/15/bin/postgres /usr/lib/postgresql/15/bin/pgbench
 1  postgresql-client-15    /usr/lib/postgresql/15/bin/psql /usr/lib/postgresql/15/bin/pg_isready
+1  ceph-mon                ceph-mon
+1  ceph-osd                ceph-osd
+1  ceph-base               monmaptool
+1  ceph-common             ceph rbd ceph-authtool
+1  qemu-block-extra        -
 2  qemu-utils              qemu-img
 machine  rustup            cargo
 machine  pyenv             python3

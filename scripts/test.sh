@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command (README, .ci/run): on a fresh Debian 12 machine it installs
-# what is missing, starts libvirt and a project-owned PostgreSQL, builds the
+# what is missing, starts libvirt, a project-owned PostgreSQL and Ceph, builds the
 # tiny guest image and the Debian cloud image, then runs every test of the
 # workspace, including those that boot real guests (tiny, and Debian with
 # cloud-init, SSH and CreateImage), and the boto3 / AWS CLI session in tests/python.
@@ -29,6 +29,15 @@ scripts/pg.sh start
 export DATABASE_URL NIMBUS_APP_DATABASE_URL
 DATABASE_URL=$(scripts/pg.sh test-url)
 NIMBUS_APP_DATABASE_URL=$(scripts/pg.sh url)
+step "checking that .sqlx/ (the data of the compile-time checked queries) matches the queries and migrations"
+scripts/sqlx-data.sh check
+step "starting Ceph (RBD volumes): one monitor and one OSD, and a three-OSD cluster"
+scripts/ceph.sh start
+# NIMBUS_CEPH_CONF, _CLIENT, _KEYRING, _POOL: volumes/tests/rbd.rs runs against it.
+eval "$(scripts/ceph.sh env)"
+# Three OSDs, pool size 3: the replication test stops and restarts one (NIMBUS_CEPH3_*).
+scripts/ceph.sh --osds 3 start
+eval "$(scripts/ceph.sh --osds 3 env | sed 's/NIMBUS_CEPH_/NIMBUS_CEPH3_/')"
 step "building the tiny guest image"
 images/build-tiny.sh "$NIMBUS_HOME/images/tiny"
 export NIMBUS_IMAGE_DIR=$NIMBUS_HOME/images/tiny

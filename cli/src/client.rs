@@ -217,23 +217,28 @@ impl Client {
         self.send(Method::POST, &["v1", "images"], &[], json_body(req)?).await
     }
 
-    pub async fn describe_account(&self) -> Result<Response<serde_json::Value>, CliError> {
+    pub async fn describe_account(&self) -> Result<Response<AccountView>, CliError> {
         self.send(Method::GET, &["v1", "account"], &[], None).await
     }
 
-    pub async fn set_account_limits(&self, account: &str, limits: AccountLimits) -> Result<Response<serde_json::Value>, CliError> {
-        let body = serde_json::json!({
-            "max_instances": limits.max_instances,
-            "max_vcpus": limits.max_vcpus,
-            "max_elastic_ips": limits.max_elastic_ips,
-            "max_images": limits.max_images,
-            "max_image_bytes": limits.max_image_bytes,
-        });
-        self.send(Method::PUT, &["v1", "admin", "accounts", account, "limits"], &[], json_body(&body)?).await
+    pub async fn set_account_limits(&self, account: &str, limits: &SetLimits) -> Result<Response<AccountView>, CliError> {
+        self.send(Method::PUT, &["v1", "admin", "accounts", account, "limits"], &[], json_body(limits)?).await
     }
 
-    pub async fn reset_host(&self, host: &str) -> Result<Response<serde_json::Value>, CliError> {
+    pub async fn reset_host(&self, host: &str) -> Result<Response<HostReset>, CliError> {
         self.send(Method::POST, &["v1", "hosts", host, "reset-credential"], &[], None).await
+    }
+
+    pub async fn create_key_pair(&self, req: &CreateKeyPairRequest) -> Result<Response<NewKeyPair>, CliError> {
+        self.send(Method::POST, &["v1", "key-pairs"], &[], json_body(req)?).await
+    }
+
+    pub async fn import_key_pair(&self, req: &ImportKeyPairRequest) -> Result<Response<KeyPair>, CliError> {
+        self.send(Method::POST, &["v1", "key-pairs", "import"], &[], json_body(req)?).await
+    }
+
+    pub async fn associate_address(&self, allocation_id: &str, req: &AssociateAddressRequest) -> Result<Response<Association>, CliError> {
+        self.send(Method::POST, &["v1", "addresses", allocation_id, "associate"], &[], json_body(req)?).await
     }
 
     /// Any `/v1` call whose answer the CLI shows as JSON or a generic table.
@@ -248,8 +253,8 @@ impl Client {
         self.send(method, segments, query, json).await
     }
 
-    pub async fn create_account(&self, name: &str) -> Result<Response<serde_json::Value>, CliError> {
-        self.send(Method::POST, &["v1", "admin", "accounts"], &[], json_body(&serde_json::json!({ "name": name }))?).await
+    pub async fn create_account(&self, name: &str) -> Result<Response<NewAccount>, CliError> {
+        self.send(Method::POST, &["v1", "admin", "accounts"], &[], json_body(&CreateAccountRequest { name: name.to_string() })?).await
     }
 }
 
@@ -338,14 +343,4 @@ mod tests {
         assert_eq!(e.exit_code(), 3, "{e:?}");
         assert!(e.to_string().contains(&endpoint), "{e}");
     }
-}
-
-/// An account's limits as the operator sets them (`None`: the default).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct AccountLimits {
-    pub max_instances: Option<u32>,
-    pub max_vcpus: Option<u32>,
-    pub max_elastic_ips: Option<u32>,
-    pub max_images: Option<u32>,
-    pub max_image_bytes: Option<u64>,
 }

@@ -156,9 +156,10 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
             render(out, &r.raw, || output::objects_table(&r.raw, "addresses", ADDRESS_COLUMNS))
         }
         Command::AssociateAddress { allocation_id, instance_id, network_interface_id, allow_reassociation } => {
-            let body = serde_json::json!({ "instance_id": instance_id, "network_interface_id": network_interface_id, "allow_reassociation": allow_reassociation });
-            let r = client.call(Method::POST, &["v1", "addresses", &allocation_id, "associate"], &[], Some(&body)).await?;
-            render(out, &r.raw, || format!("{allocation_id}: associated ({})", r.raw["association_id"].as_str().unwrap_or("-")))
+            let req =
+                nimbus_proto::api::AssociateAddressRequest { instance_id, network_interface_id, allow_reassociation, ..Default::default() };
+            let r = client.associate_address(&allocation_id, &req).await?;
+            render(out, &r.raw, || format!("{allocation_id}: associated ({})", r.body.association_id))
         }
         Command::DescribeNetworkInterfaces { instance_id } => {
             let q: Vec<(&'static str, String)> = instance_id.map(|v| ("attachment.instance-id", v)).into_iter().collect();
@@ -189,9 +190,8 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
             done(&client, out, Method::POST, &["v1", "addresses", &id, "disassociate"], &id).await?
         }
         Command::CreateKeyPair { name, key_type, out: file } => {
-            let body = serde_json::json!({ "name": name, "key_type": key_type });
-            let r = client.call(Method::POST, &["v1", "key-pairs"], &[], Some(&body)).await?;
-            let material = r.raw["key_material"].as_str().unwrap_or_default().to_string();
+            let r = client.create_key_pair(&nimbus_proto::api::CreateKeyPairRequest { name, key_type }).await?;
+            let material = r.body.key_material.clone();
             if let Some(path) = &file {
                 use std::io::Write;
                 use std::os::unix::fs::OpenOptionsExt;
@@ -203,12 +203,8 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
                     .map_err(|e| CliError::Usage(format!("cannot create {}: {e}", path.display())))?;
                 f.write_all(material.as_bytes()).map_err(|e| CliError::Usage(format!("cannot write {}: {e}", path.display())))?;
             }
-            let summary = format!(
-                "{} {} {}",
-                r.raw["key_name"].as_str().unwrap_or("-"),
-                r.raw["key_type"].as_str().unwrap_or("-"),
-                r.raw["key_fingerprint"].as_str().unwrap_or("-")
-            );
+            let k = &r.body.key_pair;
+            let summary = format!("{} {} {}", k.key_name, k.key_type, k.key_fingerprint);
             match (out, &file) {
                 (OutputFormat::Json, Some(_)) => {
                     let mut v = r.raw.clone();
@@ -223,11 +219,9 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
         Command::ImportKeyPair { name, public_key_file } => {
             let key = std::fs::read_to_string(&public_key_file)
                 .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", public_key_file.display())))?;
-            let body = serde_json::json!({ "name": name, "public_key": key.trim() });
-            let r = client.call(Method::POST, &["v1", "key-pairs", "import"], &[], Some(&body)).await?;
-            render(out, &r.raw, || {
-                format!("{} {}", r.raw["key_name"].as_str().unwrap_or("-"), r.raw["key_fingerprint"].as_str().unwrap_or("-"))
-            })
+            let req = nimbus_proto::api::ImportKeyPairRequest { name, public_key: key.trim().to_string() };
+            let r = client.import_key_pair(&req).await?;
+            render(out, &r.raw, || format!("{} {}", r.body.key_name, r.body.key_fingerprint))
         }
         Command::DescribeKeyPairs => {
             let r = client.call(Method::GET, &["v1", "key-pairs"], &[], None).await?;
@@ -252,31 +246,23 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
             max_images,
             max_image_bytes,
         }) => {
-            let limits = crate::client::AccountLimits { max_instances, max_vcpus, max_elastic_ips, max_images, max_image_bytes };
-            let r = client.set_account_limits(&account, limits).await?;
+            let limits = nimbus_proto::api::SetLimits { max_instances, max_vcpus, max_elastic_ips, max_images, max_image_bytes };
+            let r = client.set_account_limits(&account, &limits).await?;
             render(out, &r.raw, || output::account(&r.body))
         }
         Command::Admin(AdminCommand::ResetHost { host }) => {
             let r = client.reset_host(&host).await?;
             render(out, &r.raw, || {
-                format!(
-                    "host {}: credential reset; its agent registers again with the join token (it retries every 10 s)",
-                    r.body["host_id"].as_str().unwrap_or_default()
-                )
+                format!("host {}: credential reset; its agent registers again with the join token (it retries every 10 s)", r.body.host_id)
             })
         }
         Command::Admin(AdminCommand::CreateAccount { name }) => {
             let r = client.create_account(&name).await?;
-            let field = |k: &str| r.body[k].as_str().unwrap_or_default().to_string();
+            let a = &r.body;
             render(out, &r.raw, || {
                 format!(
                     "account {} ({})\naccess key id:     {}\nsecret access key: {}   (shown once)\nNIMBUS_TOKEN={}:{}",
-                    field("account_id"),
-                    field("name"),
-                    field("access_key_id"),
-                    field("secret_access_key"),
-                    field("access_key_id"),
-                    field("secret_access_key")
+                    a.account_id, a.name, a.access_key_id, a.secret_access_key, a.access_key_id, a.secret_access_key
                 )
             })
         }

@@ -138,21 +138,21 @@ pub fn hosts_table(hosts: &[Host]) -> String {
 }
 
 /// An account: its id and name, then each limit with what is in use.
-pub fn account(a: &serde_json::Value) -> String {
-    let n = |v: &serde_json::Value| v.as_u64().map(|n| n.to_string()).unwrap_or_else(|| "-".into());
+pub fn account(a: &nimbus_proto::api::AccountView) -> String {
+    let q = &a.image_quota;
     format!(
         "account {} ({})\ninstances: {} of {}\nvCPUs:     {} of {}\nElastic IPs: at most {}\nimages:    {} of {} ({} of {} bytes)",
-        a["account_id"].as_str().unwrap_or("-"),
-        a["name"].as_str().unwrap_or("-"),
-        n(&a["usage"]["instances"]),
-        n(&a["limits"]["max_instances"]),
-        n(&a["usage"]["vcpus"]),
-        n(&a["limits"]["max_vcpus"]),
-        n(&a["max_elastic_ips"]),
-        n(&a["image_quota"]["images"]),
-        n(&a["image_quota"]["max_images"]),
-        n(&a["image_quota"]["image_bytes"]),
-        n(&a["image_quota"]["max_image_bytes"]),
+        a.account_id,
+        a.name,
+        a.usage.instances,
+        a.limits.max_instances,
+        a.usage.vcpus,
+        a.limits.max_vcpus,
+        a.max_elastic_ips,
+        q.images,
+        q.max_images,
+        q.image_bytes,
+        q.max_image_bytes,
     )
 }
 

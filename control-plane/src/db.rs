@@ -25,3 +25,13 @@ pub fn is_unique_violation(err: &sqlx::Error, name: &str) -> bool {
         _ => false,
     }
 }
+
+/// Whether the error is a violation of an integrity constraint (class 23:
+/// unique, foreign key, check, exclusion, not null): what a concurrent
+/// change makes of a request that was valid when it was checked.
+pub fn is_constraint_violation(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| c.starts_with("23")),
+        _ => false,
+    }
+}

@@ -1,10 +1,37 @@
 //! The one error type of the service layer and its mapping to API errors.
 //!
-//! Every front door turns a [`ServiceError`] into its wire form through
-//! [`ServiceError::code`] and [`ServiceError::http_status`]; nothing else in
-//! the control plane decides an error code or status.
+//! Every error has a stable code ([`ServiceError::code`], EC2's names where
+//! EC2 has one) and a kind ([`ServiceError::kind`]: what went wrong, from
+//! which each front door derives its status: `api::status` for REST,
+//! `api::ec2::status` for the EC2 door). Nothing else in the control plane
+//! decides an error code or status, and the service layer knows no HTTP.
 
-use axum::http::StatusCode;
+/// What kind of failure an error is; each front door maps it to a status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request is wrong (bad or missing parameter, unknown resource,
+    /// a limit reached, a state that does not allow it).
+    Invalid,
+    /// The request conflicts with what exists (a duplicate, a resource in
+    /// use, a concurrent change).
+    Conflict,
+    /// No credentials, or credentials that do not verify.
+    Unauthenticated,
+    /// Authenticated, but not allowed.
+    Forbidden,
+    /// No such route.
+    NoRoute,
+    /// The body is larger than the route accepts.
+    TooLarge,
+    /// A DryRun that would have succeeded.
+    DryRun,
+    /// Not enough capacity now (instances, addresses): retrying later can succeed.
+    Capacity,
+    /// Too many requests: retry later.
+    Throttled,
+    /// A fault of the control plane or what it depends on.
+    Internal,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -158,11 +185,24 @@ pub enum ServiceError {
     UnsupportedOperation(String),
     #[error("database error")]
     Database(#[from] sqlx::Error),
+    /// A fault with no typed error of its own (a broken invariant).
     #[error("internal error: {0}")]
     Internal(String),
+    /// A fault of a part the control plane uses, its source kept.
+    #[error("internal error: {what}")]
+    InternalSource {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl ServiceError {
+    /// A fault of a part the control plane uses, keeping its error as the source.
+    pub fn internal(what: impl Into<String>, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> ServiceError {
+        ServiceError::InternalSource { what: what.into(), source: source.into() }
+    }
+
     /// The stable error code clients match on (EC2's names where EC2 has one).
     pub fn code(&self) -> &'static str {
         use ServiceError::*;
@@ -243,13 +283,15 @@ impl ServiceError {
             InsufficientAddressCapacity(_) => "InsufficientAddressCapacity",
             OperationNotPermitted(_) => "OperationNotPermitted",
             UnsupportedOperation(_) => "UnsupportedOperation",
-            Database(_) | Internal(_) => "InternalError",
+            Database(e) if crate::db::is_constraint_violation(e) => "Conflict",
+            Database(_) | Internal(_) | InternalSource { .. } => "InternalError",
         }
     }
 
-    /// The REST status. Client errors are 4xx; only a real server fault is 5xx
-    /// (clients retry 5xx). Lack of capacity is 503: retrying later can succeed.
-    pub fn http_status(&self) -> StatusCode {
+    /// What kind of failure this is. Only a real fault of the control plane
+    /// is `Internal` (clients retry those); a constraint violation nothing
+    /// caught is a conflict with a concurrent change, not a fault.
+    pub fn kind(&self) -> ErrorKind {
         use ServiceError::*;
         match self {
             InvalidParameterValue(_)
@@ -303,10 +345,10 @@ impl ServiceError {
             | AddressLimitExceeded(_)
             | InsufficientFreeAddressesInSubnet(_)
             | OperationNotPermitted(_)
-            | UnsupportedOperation(_) => StatusCode::BAD_REQUEST,
-            DryRunOperation => StatusCode::PRECONDITION_FAILED,
-            RequestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            MissingAuthenticationToken(_) => StatusCode::UNAUTHORIZED,
+            | UnsupportedOperation(_) => ErrorKind::Invalid,
+            DryRunOperation => ErrorKind::DryRun,
+            RequestTooLarge(_) => ErrorKind::TooLarge,
+            MissingAuthenticationToken(_) => ErrorKind::Unauthenticated,
             ImageAlreadyExists(_)
             | ImageNotPending(..)
             | IdempotentParameterMismatch(_)
@@ -318,35 +360,43 @@ impl ServiceError {
             | DependencyViolation(_)
             | PermissionDuplicate(_)
             | AlreadyAssociated(_)
-            | AddressInUse(_) => StatusCode::CONFLICT,
-            AuthFailure(_) => StatusCode::UNAUTHORIZED,
-            Unauthorized(_) => StatusCode::FORBIDDEN,
-            RouteNotFound(_) => StatusCode::NOT_FOUND,
-            // Throttling, as EC2 answers it: retry later.
-            InsufficientInstanceCapacity(_) | InsufficientAddressCapacity(_) | RequestLimitExceeded(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ImageStore(crate::image_store::StoreError::Io { .. }) | Database(_) | Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            ImageStore(crate::image_store::StoreError::TooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
-            ImageStore(_) => StatusCode::BAD_REQUEST,
+            | AddressInUse(_) => ErrorKind::Conflict,
+            AuthFailure(_) => ErrorKind::Unauthenticated,
+            Unauthorized(_) => ErrorKind::Forbidden,
+            RouteNotFound(_) => ErrorKind::NoRoute,
+            InsufficientInstanceCapacity(_) | InsufficientAddressCapacity(_) => ErrorKind::Capacity,
+            RequestLimitExceeded(_) => ErrorKind::Throttled,
+            Database(e) if crate::db::is_constraint_violation(e) => ErrorKind::Conflict,
+            ImageStore(crate::image_store::StoreError::Io { .. }) | Database(_) | Internal(_) | InternalSource { .. } => {
+                ErrorKind::Internal
+            }
+            ImageStore(crate::image_store::StoreError::TooLarge(_)) => ErrorKind::TooLarge,
+            ImageStore(_) => ErrorKind::Invalid,
         }
     }
 
-    /// The status of the EC2 Query front door: as REST, except that lack of
-    /// capacity is a 500 (as EC2 answers it) and conflicts are 400s.
-    pub fn ec2_status(&self) -> StatusCode {
-        use ServiceError::*;
-        match self {
-            InsufficientInstanceCapacity(_) | InsufficientAddressCapacity(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            other => match other.http_status() {
-                StatusCode::CONFLICT => StatusCode::BAD_REQUEST,
-                s => s,
-            },
+    /// The error and its sources, one after another (for the logs).
+    pub fn report(&self) -> String {
+        let mut out = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(e) = source {
+            out.push_str(": ");
+            out.push_str(&e.to_string());
+            source = e.source();
         }
+        out
     }
 
     /// The message shown to clients. Internal details stay in the logs.
     pub fn public_message(&self) -> String {
         match self {
-            ServiceError::Database(_) | ServiceError::Internal(_) | ServiceError::ImageStore(crate::image_store::StoreError::Io { .. }) => {
+            ServiceError::Database(e) if crate::db::is_constraint_violation(e) => {
+                "The request conflicts with a concurrent change; retry it".to_string()
+            }
+            ServiceError::Database(_)
+            | ServiceError::Internal(_)
+            | ServiceError::InternalSource { .. }
+            | ServiceError::ImageStore(crate::image_store::StoreError::Io { .. }) => {
                 "An internal error occurred; the request id identifies it in the server's logs".to_string()
             }
             other => other.to_string(),
@@ -368,5 +418,65 @@ impl From<crate::auth::sigv4::SigV4Error> for ServiceError {
             }
             RequestExpired => ServiceError::RequestExpired("Request has expired".into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::borrow::Cow;
+
+    /// A PostgreSQL error with a SQLSTATE, as sqlx hands one over.
+    #[derive(Debug)]
+    struct Pg(&'static str);
+
+    impl std::fmt::Display for Pg {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "SQLSTATE {}", self.0)
+        }
+    }
+    impl std::error::Error for Pg {}
+    impl sqlx::error::DatabaseError for Pg {
+        fn message(&self) -> &str {
+            "test"
+        }
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(Cow::Borrowed(self.0))
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    fn db(code: &'static str) -> ServiceError {
+        ServiceError::Database(sqlx::Error::Database(Box::new(Pg(code))))
+    }
+
+    #[test]
+    fn a_constraint_violation_nothing_caught_is_a_conflict_not_a_fault() {
+        for code in ["23505", "23503", "23514", "23P01"] {
+            let e = db(code);
+            assert_eq!((e.kind(), e.code()), (ErrorKind::Conflict, "Conflict"), "{code}");
+            assert!(!e.public_message().contains("internal"), "{code}");
+        }
+        let e = db("XX000");
+        assert_eq!((e.kind(), e.code()), (ErrorKind::Internal, "InternalError"));
+    }
+
+    #[test]
+    fn an_internal_error_keeps_its_source_for_the_logs_only() {
+        let e = ServiceError::internal("sealing a secret", std::io::Error::other("disk on fire"));
+        assert_eq!(e.kind(), ErrorKind::Internal);
+        assert_eq!(e.report(), "internal error: sealing a secret: disk on fire");
+        assert!(!e.public_message().contains("fire"));
     }
 }

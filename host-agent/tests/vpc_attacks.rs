@@ -250,9 +250,9 @@ async fn the_overlay_the_host_and_the_public_side_refuse_what_does_not_belong() 
     let net0 = HostNetwork { vpcs: vec![vpc(100, Some(u1), &[&b, &f])], groups: vec![app()], members: members.clone() };
     let net1 =
         HostNetwork { vpcs: vec![vpc(100, Some(u0), &[&a]), vpc(200, None, &[])], groups: vec![app(), open_e], members: members.clone() };
-    h0.reconcile(&net0, &[a.clone()], true).await.unwrap();
+    h0.reconcile(&net0, std::slice::from_ref(&a), true).await.unwrap();
     h1.reconcile(&net1, &[b.clone(), e.clone(), f.clone()], true).await.unwrap();
-    h0.prepare(&[a.clone()]).await.unwrap();
+    h0.prepare(std::slice::from_ref(&a)).await.unwrap();
     h1.prepare(&[b.clone(), e.clone(), f.clone()]).await.unwrap();
     let mtu = h0.mtu();
     let (ga, gb, ge) = (FakeGuest::new(&a, mtu).await, FakeGuest::new(&b, mtu).await, FakeGuest::new(&e, mtu).await);

@@ -1,7 +1,8 @@
 //! The EC2 Query front door over the real control plane, with requests
 //! signed by the `aws-sigv4` crate (the AWS SDK's own signer).
 
-use nimbus_tests::{xml_error_code as error_code, xml_values as between, Cloud};
+use nimbus_control_plane::api::ec2::action::{Action, DryRunRule};
+use nimbus_tests::{xml_error_code as error_code, xml_values as between, Cloud, CloudOptions};
 use serde_json::json;
 use std::time::{Duration, SystemTime};
 
@@ -218,6 +219,8 @@ async fn bad_requests_get_ec2_errors_and_create_nothing() {
         (format!("Action=DescribeInstances&{v}&InstanceId.1=i-0123456789abcdef0"), 400, "InvalidInstanceID.NotFound"),
         (format!("Action=DescribeInstances&{v}&Filter.1.Name=bogus&Filter.1.Value.1=x"), 400, "InvalidParameterValue"),
         (format!("Action=DescribeInstances&{v}&MaxResults=2"), 400, "InvalidParameterValue"),
+        (format!("Action=DescribeInstanceStatus&{v}&MaxResults=2"), 400, "InvalidParameterValue"),
+        (format!("Action=DescribeInstanceStatus&{v}&MaxResults=1001"), 400, "InvalidParameterValue"),
         (format!("Action=DescribeImages&{v}&ImageId.1=ami-00000000000000000"), 400, "InvalidAMIID.NotFound"),
         (format!("Action=RunInstances&{v}&ImageId=ami-bad&MinCount=1&MaxCount=1"), 400, "InvalidAMIID.Malformed"),
         (format!("Action=RunInstances&{v}&ImageId={}&MinCount=1", image.image_id), 400, "MissingParameter"),
@@ -284,4 +287,141 @@ async fn authentication_failures() {
     assert_eq!(error_code(&resp.text().await.unwrap()), "IncompleteSignature");
     let (status, _) = ec2(&cloud, &keys, form).await;
     assert_eq!(status, 200);
+}
+
+/// Parameters besides the targets that let `action` decode, so that a
+/// DryRun gets as far as its check.
+fn filler(action: Action) -> &'static str {
+    match action {
+        Action::CreateTags => "&Tag.1.Key=k&Tag.1.Value=v",
+        Action::DeleteTags => "&Tag.1.Key=k",
+        Action::ModifyInstanceMetadataOptions => "&HttpTokens=required",
+        Action::CreateImage => "&Name=dry-image",
+        Action::CreateSubnet => "&CidrBlock=10.7.1.0/24",
+        Action::ModifySubnetAttribute => "&MapPublicIpOnLaunch.Value=true",
+        Action::CreateSecurityGroup => "&GroupName=dry&GroupDescription=dry",
+        Action::AuthorizeSecurityGroupIngress
+        | Action::AuthorizeSecurityGroupEgress
+        | Action::RevokeSecurityGroupIngress
+        | Action::RevokeSecurityGroupEgress => "&IpProtocol=tcp&FromPort=22&ToPort=22&CidrIp=192.0.2.0/24",
+        Action::DescribeInstanceAttribute => "&Attribute=instanceType",
+        Action::ModifyInstanceAttribute => "&InstanceType.Value=t3.small",
+        Action::CreateVpc => "&CidrBlock=10.8.0.0/16",
+        Action::CreateKeyPair => "&KeyName=dry",
+        Action::ImportKeyPair => "&KeyName=dry&PublicKeyMaterial=c3NoLWVkMjU1MTkgQUFBQUMzTnphQzFsWkRJMU5URTVBQUFBSUdtVmRXZjhmNlpoRkRpTlFTSmdMQ0lEV0dEZ1lEY3l2Tmw3L2N6U0p1QXggZHJ5",
+        Action::DeleteKeyPair => "&KeyName=dry",
+        _ => "",
+    }
+}
+
+/// Every action's DryRun follows the one rule of `api::ec2::action`: with
+/// the caller's own resources it answers DryRunOperation; naming another
+/// account's (or nobody's) resource it answers that resource's NotFound, as
+/// the action itself would; and no DryRun changes anything.
+#[tokio::test]
+async fn dry_run_checks_the_same_things_for_every_action() {
+    let cloud = Cloud::start_with(CloudOptions { public_pool: Some("198.51.100.0/29"), ..Default::default() }).await.unwrap();
+    let _agent = cloud.add_agent("a", "az1", 32, 32768, 500).await.unwrap();
+    let image = cloud.register_test_image().await.unwrap();
+    let alice = account(&cloud, "alice").await;
+    let bob = account(&cloud, "bob").await;
+    let v = "Version=2016-11-15";
+    let one = |xml: &str, tag: &str| between(xml, tag).first().map(|s| s.to_string()).unwrap_or_else(|| panic!("no {tag}: {xml}"));
+    let ok = |(status, xml): (u16, String)| {
+        assert_eq!(status, 200, "{xml}");
+        xml
+    };
+
+    // Alice's resources, one of each kind a target names.
+    let run = format!("Action=RunInstances&{v}&ImageId={}&InstanceType=t3.nano&MinCount=1&MaxCount=1", image.image_id);
+    let xml = ok(ec2(&cloud, &alice, &run).await);
+    let instance = one(&xml, "instanceId");
+    let interface = one(&xml, "networkInterfaceId");
+    let vpc = one(&ok(ec2(&cloud, &alice, &format!("Action=CreateVpc&{v}&CidrBlock=10.7.0.0/16")).await), "vpcId");
+    let subnet = one(&ok(ec2(&cloud, &alice, &format!("Action=CreateSubnet&{v}&VpcId={vpc}&CidrBlock=10.7.0.0/24")).await), "subnetId");
+    let group = one(
+        &ok(ec2(&cloud, &alice, &format!("Action=CreateSecurityGroup&{v}&VpcId={vpc}&GroupName=g&GroupDescription=d")).await),
+        "groupId",
+    );
+    let allocation = one(&ok(ec2(&cloud, &alice, &format!("Action=AllocateAddress&{v}")).await), "allocationId");
+    let own = |param: &str| -> Option<String> {
+        Some(match param {
+            "InstanceId" | "ResourceId" => instance.clone(),
+            "VpcId" => vpc.clone(),
+            "SubnetId" => subnet.clone(),
+            "GroupId" => group.clone(),
+            "NetworkInterfaceId" => interface.clone(),
+            "AllocationId" => allocation.clone(),
+            // Alice owns no image (the test image is the operator's).
+            _ => return None,
+        })
+    };
+    let nobodys = |param: &str| match param {
+        "InstanceId" | "ResourceId" => "i-0123456789abcdef0",
+        "VpcId" => "vpc-0123456789abcdef0",
+        "SubnetId" => "subnet-0123456789abcdef0",
+        "GroupId" => "sg-0123456789abcdef0",
+        "NetworkInterfaceId" => "eni-0123456789abcdef0",
+        "AllocationId" => "eipalloc-0123456789abcdef0",
+        "ImageId" => "ami-0123456789abcdef0",
+        other => panic!("no id for {other}"),
+    };
+    // A target named in the form it takes: a list for these, else single.
+    let listed = |action: Action, param: &str| {
+        matches!(param, "ResourceId")
+            || (param == "InstanceId" && action.name().ends_with("Instances"))
+            || param == "GroupId" && action == Action::ModifyInstanceAttribute
+    };
+
+    let before = cloud.everything().await.unwrap();
+    let mut checked = 0;
+    for &action in Action::ALL {
+        let base = format!("Action={action}&{v}&DryRun=true{}", filler(action));
+        match action.dry_run_rule() {
+            DryRunRule::Launch => {
+                assert_eq!(error_code(&ec2(&cloud, &bob, &run.replace("MinCount", "DryRun=true&MinCount")).await.1), "DryRunOperation");
+                let bad = run.replace(&image.image_id, "ami-0123456789abcdef0").replace("MinCount", "DryRun=true&MinCount");
+                assert_eq!(error_code(&ec2(&cloud, &bob, &bad).await.1), "InvalidAMIID.NotFound");
+            }
+            DryRunRule::Nothing => {
+                let (status, xml) = ec2(&cloud, &bob, &base).await;
+                assert_eq!((status, error_code(&xml)), (412, "DryRunOperation"), "{action}: {xml}");
+            }
+            DryRunRule::Targets(params) => {
+                let form = |id: &dyn Fn(&str) -> String| {
+                    params.iter().fold(base.clone(), |f, p| {
+                        let key = if listed(action, p) { format!("{p}.1") } else { p.to_string() };
+                        format!("{f}&{key}={}", id(p))
+                    })
+                };
+                if params.iter().all(|p| own(p).is_some()) {
+                    let (status, xml) = ec2(&cloud, &alice, &form(&|p| own(p).unwrap())).await;
+                    assert_eq!((status, error_code(&xml)), (412, "DryRunOperation"), "{action} of her own: {xml}");
+                }
+                // Each target in turn another account's (Bob's view of Alice's) and nobody's.
+                for (i, p) in params.iter().enumerate() {
+                    let theirs = form(&|q| {
+                        if q == params[i] {
+                            own(q).unwrap_or_else(|| image.image_id.clone())
+                        } else {
+                            own(q).unwrap_or_default()
+                        }
+                    });
+                    let ghost = form(&|q| if q == params[i] { nobodys(q).to_string() } else { own(q).unwrap_or_default() });
+                    let (status, xml) = ec2(&cloud, &bob, &theirs).await;
+                    assert_eq!(status, 400, "{action} {p} of another account: {xml}");
+                    assert!(error_code(&xml).ends_with("NotFound"), "{action} {p} of another account: {xml}");
+                    let (ghost_status, ghost_xml) = ec2(&cloud, &alice, &ghost).await;
+                    assert_eq!(ghost_status, 400, "{action} {p} of nobody: {ghost_xml}");
+                    assert!(error_code(&ghost_xml).ends_with("NotFound"), "{action} {p} of nobody: {ghost_xml}");
+                }
+            }
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, Action::ALL.len());
+    assert_eq!(cloud.everything().await.unwrap(), before, "no DryRun changed anything");
+    // An action Nimbus does not know.
+    let (status, xml) = ec2(&cloud, &bob, &format!("Action=DescribeVolumez&{v}")).await;
+    assert_eq!((status, error_code(&xml)), (400, "InvalidAction"), "{xml}");
 }

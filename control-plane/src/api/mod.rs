@@ -12,12 +12,12 @@ pub mod ec2;
 pub mod rest;
 pub mod tls;
 
-use crate::error::ServiceError;
+use crate::error::{ErrorKind, ServiceError};
 use crate::service::Service;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
@@ -51,13 +51,28 @@ async fn with_request_id(req: Request, next: Next) -> Response {
     resp
 }
 
+/// The REST status of an error's kind. Client errors are 4xx; only a real
+/// fault is 5xx (clients retry 5xx); lack of capacity and throttling are 503:
+/// retrying later can succeed.
+pub fn status(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+        ErrorKind::Conflict => StatusCode::CONFLICT,
+        ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
+        ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+        ErrorKind::NoRoute => StatusCode::NOT_FOUND,
+        ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorKind::DryRun => StatusCode::PRECONDITION_FAILED,
+        ErrorKind::Capacity | ErrorKind::Throttled => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
 impl IntoResponse for ServiceError {
     fn into_response(self) -> Response {
-        let status = self.http_status();
-        if status.is_server_error()
-            && !matches!(self, ServiceError::InsufficientInstanceCapacity(_) | ServiceError::InsufficientAddressCapacity(_))
-        {
-            tracing::error!(error = %self, "request failed");
+        let status = status(self.kind());
+        if self.kind() == ErrorKind::Internal {
+            tracing::error!(error = %self.report(), "request failed");
         } else {
             tracing::debug!(code = self.code(), error = %self, "request rejected");
         }

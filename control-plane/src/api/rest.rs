@@ -108,7 +108,7 @@ pub fn routes() -> Router<Service> {
         .layer(axum::middleware::from_fn_with_state(MAX_BODY, super::refuse_oversized))
 }
 
-async fn describe_account(State(s): State<Service>, Tenant(c): Tenant) -> Result<Json<crate::service::accounts::AccountView>> {
+async fn describe_account(State(s): State<Service>, Tenant(c): Tenant) -> Result<Json<AccountView>> {
     Ok(Json(s.describe_account(&c).await?))
 }
 
@@ -116,20 +116,16 @@ async fn set_account_limits(
     State(s): State<Service>,
     Operator(_): Operator,
     Path(id): Path<String>,
-    ApiJson(req): ApiJson<crate::service::accounts::SetLimits>,
-) -> Result<Json<crate::service::accounts::AccountView>> {
+    ApiJson(req): ApiJson<SetLimits>,
+) -> Result<Json<AccountView>> {
     Ok(Json(s.set_account_limits(&id, &req).await?))
 }
 
 /// The operator resets a host's credential (id or name): see
 /// `Service::reset_host_credential`.
-async fn reset_host_credential(
-    State(s): State<Service>,
-    Operator(_): Operator,
-    Path(host): Path<String>,
-) -> Result<Json<serde_json::Value>> {
+async fn reset_host_credential(State(s): State<Service>, Operator(_): Operator, Path(host): Path<String>) -> Result<Json<HostReset>> {
     let host_id = s.reset_host_credential(&host).await?;
-    Ok(Json(serde_json::json!({ "host_id": host_id })))
+    Ok(Json(HostReset { host_id }))
 }
 
 async fn run_instances(
@@ -214,25 +210,25 @@ async fn stop_instances(
     State(s): State<Service>,
     Tenant(c): Tenant,
     ApiJson(req): ApiJson<TerminateInstancesRequest>,
-) -> Result<Json<serde_json::Value>> {
-    Ok(Json(serde_json::json!({ "stopping_instances": s.stop_instances(&c, &req.instance_ids).await? })))
+) -> Result<Json<StoppingInstances>> {
+    Ok(Json(StoppingInstances { stopping_instances: s.stop_instances(&c, &req.instance_ids).await? }))
 }
 
 async fn start_instances(
     State(s): State<Service>,
     Tenant(c): Tenant,
     ApiJson(req): ApiJson<TerminateInstancesRequest>,
-) -> Result<Json<serde_json::Value>> {
-    Ok(Json(serde_json::json!({ "starting_instances": s.start_instances(&c, &req.instance_ids).await? })))
+) -> Result<Json<StartingInstances>> {
+    Ok(Json(StartingInstances { starting_instances: s.start_instances(&c, &req.instance_ids).await? }))
 }
 
 async fn reboot_instances(
     State(s): State<Service>,
     Tenant(c): Tenant,
     ApiJson(req): ApiJson<TerminateInstancesRequest>,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<Done>> {
     s.reboot_instances(&c, &req.instance_ids).await?;
-    Ok(Json(serde_json::json!({})))
+    Ok(Json(Done {}))
 }
 
 /// ModifyInstanceMetadataOptions (see `service/metadata_options.rs`).
@@ -245,14 +241,14 @@ async fn modify_metadata_options(
     Ok(Json(s.modify_instance_metadata_options(&c, &id, &req).await?))
 }
 
-async fn console_output(State(s): State<Service>, Tenant(c): Tenant, Path(id): Path<String>) -> Result<Json<serde_json::Value>> {
+async fn console_output(State(s): State<Service>, Tenant(c): Tenant, Path(id): Path<String>) -> Result<Json<ConsoleOutput>> {
     use base64::Engine;
     let out = s.console_output(&c, &id).await?;
-    Ok(Json(serde_json::json!({
-        "instance_id": out.instance_id,
-        "output": base64::engine::general_purpose::STANDARD.encode(&out.output),
-        "timestamp": out.timestamp,
-    })))
+    Ok(Json(ConsoleOutput {
+        instance_id: out.instance_id,
+        output: base64::engine::general_purpose::STANDARD.encode(&out.output),
+        timestamp: out.timestamp,
+    }))
 }
 
 #[derive(Debug, Deserialize)]
@@ -263,10 +259,10 @@ struct TagsRequest {
     tags: Vec<ResourceTag>,
 }
 
-async fn create_tags(State(s): State<Service>, Tenant(c): Tenant, ApiJson(req): ApiJson<TagsRequest>) -> Result<Json<serde_json::Value>> {
+async fn create_tags(State(s): State<Service>, Tenant(c): Tenant, ApiJson(req): ApiJson<TagsRequest>) -> Result<Json<Done>> {
     let tags: Vec<(String, String)> = req.tags.into_iter().map(|t| (t.key, t.value)).collect();
     s.create_tags(&c, &req.resource_ids, &tags).await?;
-    Ok(Json(serde_json::json!({})))
+    Ok(Json(Done {}))
 }
 
 #[derive(Debug, Deserialize)]
@@ -285,14 +281,10 @@ struct DeleteTag {
     value: Option<String>,
 }
 
-async fn delete_tags(
-    State(s): State<Service>,
-    Tenant(c): Tenant,
-    ApiJson(req): ApiJson<DeleteTagsRequest>,
-) -> Result<Json<serde_json::Value>> {
+async fn delete_tags(State(s): State<Service>, Tenant(c): Tenant, ApiJson(req): ApiJson<DeleteTagsRequest>) -> Result<Json<Done>> {
     let tags: Vec<(String, Option<String>)> = req.tags.into_iter().map(|t| (t.key, t.value)).collect();
     s.delete_tags(&c, &req.resource_ids, &tags).await?;
-    Ok(Json(serde_json::json!({})))
+    Ok(Json(Done {}))
 }
 
 #[derive(Debug, Deserialize)]
@@ -303,48 +295,34 @@ struct TagsQuery {
     value: Option<String>,
 }
 
-async fn describe_tags(State(s): State<Service>, Tenant(c): Tenant, ApiQuery(q): ApiQuery<TagsQuery>) -> Result<Json<serde_json::Value>> {
+async fn describe_tags(State(s): State<Service>, Tenant(c): Tenant, ApiQuery(q): ApiQuery<TagsQuery>) -> Result<Json<TagList>> {
     let tags = s.describe_tags(&c, &split(&q.resource_id), &split(&q.key), &split(&q.value)).await?;
-    Ok(Json(serde_json::json!({ "tags": tags })))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateKeyPair {
-    name: String,
-    key_type: Option<String>,
+    Ok(Json(TagList { tags }))
 }
 
 async fn create_key_pair(
     State(s): State<Service>,
     Tenant(c): Tenant,
-    ApiJson(req): ApiJson<CreateKeyPair>,
-) -> Result<Json<crate::service::keypairs::NewKeyPair>> {
+    ApiJson(req): ApiJson<CreateKeyPairRequest>,
+) -> Result<Json<NewKeyPair>> {
     Ok(Json(s.create_key_pair(&c, &req.name, req.key_type.as_deref()).await?))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ImportKeyPair {
-    name: String,
-    public_key: String,
 }
 
 async fn import_key_pair(
     State(s): State<Service>,
     Tenant(c): Tenant,
-    ApiJson(req): ApiJson<ImportKeyPair>,
-) -> Result<Json<crate::service::keypairs::KeyPair>> {
+    ApiJson(req): ApiJson<ImportKeyPairRequest>,
+) -> Result<Json<KeyPair>> {
     Ok(Json(s.import_key_pair(&c, &req.name, &req.public_key).await?))
 }
 
-async fn describe_key_pairs(State(s): State<Service>, Tenant(c): Tenant) -> Result<Json<serde_json::Value>> {
-    Ok(Json(serde_json::json!({ "key_pairs": s.describe_key_pairs(&c, &[]).await? })))
+async fn describe_key_pairs(State(s): State<Service>, Tenant(c): Tenant) -> Result<Json<KeyPairList>> {
+    Ok(Json(KeyPairList { key_pairs: s.describe_key_pairs(&c, &[]).await? }))
 }
 
-async fn delete_key_pair(State(s): State<Service>, Tenant(c): Tenant, Path(name): Path<String>) -> Result<Json<serde_json::Value>> {
+async fn delete_key_pair(State(s): State<Service>, Tenant(c): Tenant, Path(name): Path<String>) -> Result<Json<Done>> {
     s.delete_key_pair(&c, &name).await?;
-    Ok(Json(serde_json::json!({})))
+    Ok(Json(Done {}))
 }
 
 async fn terminate_instance(State(s): State<Service>, Tenant(c): Tenant, Path(id): Path<String>) -> Result<Json<StateChange>> {
@@ -396,13 +374,9 @@ async fn describe_image(State(s): State<Service>, Authenticated(c): Authenticate
     Ok(Json(s.describe_image(&c, &id).await?))
 }
 
-async fn deregister_image(
-    State(s): State<Service>,
-    Authenticated(c): Authenticated,
-    Path(id): Path<String>,
-) -> Result<Json<serde_json::Value>> {
+async fn deregister_image(State(s): State<Service>, Authenticated(c): Authenticated, Path(id): Path<String>) -> Result<Json<Done>> {
     s.deregister_image(&c, &id).await?;
-    Ok(Json(serde_json::json!({})))
+    Ok(Json(Done {}))
 }
 
 async fn create_image(
@@ -414,18 +388,12 @@ async fn create_image(
     Ok(Json(s.create_image(&c, &id, &req).await?))
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateAccount {
-    name: String,
-}
-
 /// Creates an account and its access key (shown once).
 async fn create_account(
     State(s): State<Service>,
     Operator(_): Operator,
-    ApiJson(req): ApiJson<CreateAccount>,
-) -> Result<Json<crate::service::accounts::NewAccount>> {
+    ApiJson(req): ApiJson<CreateAccountRequest>,
+) -> Result<Json<NewAccount>> {
     Ok(Json(s.create_account(&req.name).await?))
 }
 
@@ -457,32 +425,32 @@ fn net_filters(q: &NetQuery, id_key: &str) -> (Vec<String>, crate::service::netw
     (ids, filters)
 }
 
-async fn describe_vpcs(State(s): State<Service>, Tenant(c): Tenant, ApiQuery(q): ApiQuery<NetQuery>) -> Result<Json<serde_json::Value>> {
+async fn describe_vpcs(State(s): State<Service>, Tenant(c): Tenant, ApiQuery(q): ApiQuery<NetQuery>) -> Result<Json<VpcList>> {
     let (ids, f) = net_filters(&q, "vpc_id");
-    Ok(Json(serde_json::json!({ "vpcs": s.describe_vpcs(&c, &ids, &f).await? })))
+    Ok(Json(VpcList { vpcs: s.describe_vpcs(&c, &ids, &f).await? }))
 }
 
 async fn create_vpc(State(s): State<Service>, Tenant(c): Tenant, ApiJson(req): ApiJson<CreateVpcRequest>) -> Result<Json<Vpc>> {
     Ok(Json(s.create_vpc(&c, &req.cidr_block).await?))
 }
 
-async fn delete_vpc(State(s): State<Service>, Tenant(c): Tenant, Path(id): Path<String>) -> Result<Json<serde_json::Value>> {
+async fn delete_vpc(State(s): State<Service>, Tenant(c): Tenant, Path(id): Path<String>) -> Result<Json<Done>> {
     s.delete_vpc(&c, &id).await?;
-    Ok(Json(serde_json::json!({})))
+    Ok(Json(Done {}))
 }
 
-async fn describe_subnets(State(s): State<Service>, Tenant(c): Tenant, ApiQuery(q): ApiQuery<NetQuery>) -> Result<Json<serde_json::Value>> {
+async fn describe_subnets(State(s): State<Service>, Tenant(c): Tenant, ApiQuery(q): ApiQuery<NetQuery>) -> Result<Json<SubnetList>> {
     let (ids, f) = net_filters(&q, "subnet_id");
-    Ok(Json(serde_json::json!({ "subnets": s.describe_subnets(&c, &ids, &f).await? })))
+    Ok(Json(SubnetList { subnets: s.describe_subnets(&c, &ids, &f).await? }))
 }
 
 async fn create_subnet(State(s): State<Service>, Tenant(c): Tenant, ApiJson(req): ApiJson<CreateSubnetRequest>) -> Result<Json<Subnet>> {
     Ok(Json(s.create_subnet(&c, &req.vpc_id, &req.cidr_block, req.availability_zone.as_deref()).await?))
 }
 
-async fn delete_subnet(State(s): State<Service>, Tenant(c): Tenant, Path(id): Path<String>) -> Result<Json<serde_json::Value>> {
+async fn delete_subnet(State(s): State<Service>, Tenant(c): Tenant, Path(id): Path<String>) -> Result<Json<Done>> {
     s.delete_subnet(&c, &id).await?;
-    Ok(Json(serde_json::json!({})))
+    Ok(Json(Done {}))
 }
 
 async fn modify_subnet(
@@ -490,18 +458,18 @@ async fn modify_subnet(
     Tenant(c): Tenant,
     Path(id): Path<String>,
     ApiJson(req): ApiJson<ModifySubnetRequest>,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<Done>> {
     s.modify_subnet_attribute(&c, &id, req.map_public_ip_on_launch).await?;
-    Ok(Json(serde_json::json!({})))
+    Ok(Json(Done {}))
 }
 
 async fn describe_security_groups(
     State(s): State<Service>,
     Tenant(c): Tenant,
     ApiQuery(q): ApiQuery<NetQuery>,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<SecurityGroupList>> {
     let (ids, f) = net_filters(&q, "group_id");
-    Ok(Json(serde_json::json!({ "security_groups": s.describe_security_groups(&c, &ids, &[], &f).await? })))
+    Ok(Json(SecurityGroupList { security_groups: s.describe_security_groups(&c, &ids, &[], &f).await? }))
 }
 
 async fn create_security_group(
@@ -512,9 +480,9 @@ async fn create_security_group(
     Ok(Json(s.create_security_group(&c, &req.group_name, &req.description, req.vpc_id.as_deref()).await?))
 }
 
-async fn delete_security_group(State(s): State<Service>, Tenant(c): Tenant, Path(id): Path<String>) -> Result<Json<serde_json::Value>> {
+async fn delete_security_group(State(s): State<Service>, Tenant(c): Tenant, Path(id): Path<String>) -> Result<Json<Done>> {
     s.delete_security_group(&c, &crate::service::network::GroupSel::Id(id)).await?;
-    Ok(Json(serde_json::json!({})))
+    Ok(Json(Done {}))
 }
 
 fn egress(direction: &str) -> Result<bool> {
@@ -530,9 +498,9 @@ async fn authorize(
     Tenant(c): Tenant,
     Path((id, direction)): Path<(String, String)>,
     ApiJson(req): ApiJson<RulesRequest>,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<RuleList>> {
     let rules = s.authorize_security_group(&c, &crate::service::network::GroupSel::Id(id), egress(&direction)?, &req.rules).await?;
-    Ok(Json(serde_json::json!({ "rules": rules })))
+    Ok(Json(RuleList { rules }))
 }
 
 async fn revoke(
@@ -540,27 +508,23 @@ async fn revoke(
     Tenant(c): Tenant,
     Path((id, direction)): Path<(String, String)>,
     ApiJson(req): ApiJson<RulesRequest>,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<Done>> {
     s.revoke_security_group(&c, &crate::service::network::GroupSel::Id(id), egress(&direction)?, &req.rules, &[]).await?;
-    Ok(Json(serde_json::json!({})))
+    Ok(Json(Done {}))
 }
 
-async fn describe_addresses(
-    State(s): State<Service>,
-    Tenant(c): Tenant,
-    ApiQuery(q): ApiQuery<NetQuery>,
-) -> Result<Json<serde_json::Value>> {
+async fn describe_addresses(State(s): State<Service>, Tenant(c): Tenant, ApiQuery(q): ApiQuery<NetQuery>) -> Result<Json<AddressList>> {
     let (ids, f) = net_filters(&q, "allocation_id");
-    Ok(Json(serde_json::json!({ "addresses": s.describe_addresses(&c, &[], &ids, &f).await? })))
+    Ok(Json(AddressList { addresses: s.describe_addresses(&c, &[], &ids, &f).await? }))
 }
 
 async fn allocate_address(State(s): State<Service>, Tenant(c): Tenant) -> Result<Json<Address>> {
     Ok(Json(s.allocate_address(&c).await?))
 }
 
-async fn release_address(State(s): State<Service>, Tenant(c): Tenant, Path(id): Path<String>) -> Result<Json<serde_json::Value>> {
+async fn release_address(State(s): State<Service>, Tenant(c): Tenant, Path(id): Path<String>) -> Result<Json<Done>> {
     s.release_address(&c, Some(&id), None).await?;
-    Ok(Json(serde_json::json!({})))
+    Ok(Json(Done {}))
 }
 
 async fn associate_address(
@@ -568,28 +532,28 @@ async fn associate_address(
     Tenant(c): Tenant,
     Path(id): Path<String>,
     ApiJson(req): ApiJson<AssociateAddressRequest>,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<Association>> {
     let association_id = s.associate_address(&c, Some(&id), None, &req).await?;
-    Ok(Json(serde_json::json!({ "association_id": association_id })))
+    Ok(Json(Association { association_id }))
 }
 
-async fn disassociate_address(State(s): State<Service>, Tenant(c): Tenant, Path(id): Path<String>) -> Result<Json<serde_json::Value>> {
+async fn disassociate_address(State(s): State<Service>, Tenant(c): Tenant, Path(id): Path<String>) -> Result<Json<Done>> {
     s.disassociate_address(&c, None, Some(&id), None).await?;
-    Ok(Json(serde_json::json!({})))
+    Ok(Json(Done {}))
 }
 
 async fn describe_network_interfaces(
     State(s): State<Service>,
     Tenant(c): Tenant,
     ApiQuery(q): ApiQuery<NetQuery>,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<NetworkInterfaceList>> {
     let (ids, f) = net_filters(&q, "network_interface_id");
-    Ok(Json(serde_json::json!({ "network_interfaces": s.describe_network_interfaces(&c, &ids, &f).await? })))
+    Ok(Json(NetworkInterfaceList { network_interfaces: s.describe_network_interfaces(&c, &ids, &f).await? }))
 }
 
-async fn delete_network_interface(State(s): State<Service>, Tenant(c): Tenant, Path(id): Path<String>) -> Result<Json<serde_json::Value>> {
+async fn delete_network_interface(State(s): State<Service>, Tenant(c): Tenant, Path(id): Path<String>) -> Result<Json<Done>> {
     s.delete_network_interface(&c, &id).await?;
-    Ok(Json(serde_json::json!({})))
+    Ok(Json(Done {}))
 }
 
 async fn modify_instance(

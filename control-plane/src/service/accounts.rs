@@ -3,65 +3,8 @@
 use super::{Caller, Service};
 use crate::auth::secrets::{self, MasterKey};
 use crate::error::{Result, ServiceError};
-use serde::{Deserialize, Serialize};
 
-/// A new account's credentials; the secret is shown this once.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct NewAccount {
-    pub account_id: String,
-    pub name: String,
-    pub access_key_id: String,
-    pub secret_access_key: String,
-}
-
-/// What an account may hold at once: counted over its instances that hold
-/// capacity (pending, running, stopping, stopped, shutting-down until the
-/// host confirms), so a stopped instance's start always fits.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Limits {
-    pub max_instances: u32,
-    pub max_vcpus: u32,
-    /// Elastic IPs the account may hold (shown as `AccountView::max_elastic_ips`).
-    #[serde(skip)]
-    pub max_elastic_ips: u32,
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Usage {
-    pub instances: u32,
-    pub vcpus: u32,
-}
-
-/// `GET /v1/account`, DescribeAccountAttributes.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct AccountView {
-    pub account_id: String,
-    pub name: String,
-    pub limits: Limits,
-    pub usage: Usage,
-    /// Elastic IPs the account may hold.
-    pub max_elastic_ips: u32,
-    /// Its image limits and what its images hold.
-    pub image_quota: super::image_quota::ImageQuota,
-}
-
-/// An operator's change of an account's limits; `None` means the default.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct SetLimits {
-    #[serde(default)]
-    pub max_instances: Option<u32>,
-    #[serde(default)]
-    pub max_vcpus: Option<u32>,
-    #[serde(default)]
-    pub max_elastic_ips: Option<u32>,
-    /// Images it may hold (pending or available).
-    #[serde(default)]
-    pub max_images: Option<u32>,
-    /// Bytes its images may take in the image store.
-    #[serde(default)]
-    pub max_image_bytes: Option<u64>,
-}
+pub use nimbus_proto::api::{AccountView, Limits, NewAccount, SetLimits, Usage};
 
 /// How many of a launch of `max` instances of `vcpus` each fit the account's
 /// limits given its usage: `Err` when not even `min` do.
@@ -92,7 +35,7 @@ impl Service {
             .master_key
             .as_deref()
             .ok_or_else(|| ServiceError::Internal("no master key is configured (--master-key / NIMBUS_MASTER_KEY)".into()))?;
-        MasterKey::from_hex(hex).map_err(|e| ServiceError::Internal(format!("master key: {e}")))
+        MasterKey::from_hex(hex).map_err(|e| ServiceError::internal("the master key", e))
     }
 
     /// Creates an account with one access key.
@@ -108,7 +51,7 @@ impl Service {
         };
         let access_key_id = secrets::generate_access_key_id();
         let secret = secrets::generate_secret_access_key();
-        let sealed = secrets::seal(&master, &access_key_id, &secret).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let sealed = secrets::seal(&master, &access_key_id, &secret).map_err(|e| ServiceError::internal("sealing a secret", e))?;
         let mut tx = self.db.begin().await?;
         sqlx::query("INSERT INTO accounts (id, name) VALUES ($1, $2)").bind(&account_id).bind(name).execute(&mut *tx).await.map_err(
             |e| {
@@ -141,7 +84,7 @@ impl Service {
             .await?;
         let Some((account_id, sealed)) = row else { return Ok(None) };
         let secret = secrets::open(&self.master_key()?, access_key_id, &sealed)
-            .map_err(|e| ServiceError::Internal(format!("cannot open the secret of {access_key_id}: {e}")))?;
+            .map_err(|e| ServiceError::internal(format!("cannot open the secret of {access_key_id}"), e))?;
         Ok(Some((Caller::account(account_id), secret)))
     }
 

@@ -4,7 +4,6 @@ use super::Service;
 use crate::error::{Result, ServiceError};
 use nimbus_proto::api::InstanceType;
 
-#[derive(sqlx::FromRow)]
 struct Row {
     name: String,
     vcpus: i32,
@@ -21,10 +20,9 @@ impl From<Row> for InstanceType {
 impl Service {
     /// The catalog, or the named types (each must exist).
     pub async fn describe_instance_types(&self, names: &[String]) -> Result<Vec<InstanceType>> {
-        let rows =
-            sqlx::query_as::<_, Row>("SELECT name, vcpus, memory_mib, disk_gib FROM instance_types ORDER BY vcpus, memory_mib, name")
-                .fetch_all(&self.db)
-                .await?;
+        let rows = sqlx::query_as!(Row, "SELECT name, vcpus, memory_mib, disk_gib FROM instance_types ORDER BY vcpus, memory_mib, name")
+            .fetch_all(&self.db)
+            .await?;
         let mut types: Vec<InstanceType> = rows.into_iter().map(Into::into).collect();
         if let Some(missing) = names.iter().find(|n| !types.iter().any(|t| &t.name == *n)) {
             return Err(ServiceError::InvalidParameterValue(format!("The following supplied instance types do not exist: [{missing}]")));
@@ -36,8 +34,7 @@ impl Service {
     }
 
     pub async fn instance_type(&self, name: &str) -> Result<InstanceType> {
-        sqlx::query_as::<_, Row>("SELECT name, vcpus, memory_mib, disk_gib FROM instance_types WHERE name = $1")
-            .bind(name)
+        sqlx::query_as!(Row, "SELECT name, vcpus, memory_mib, disk_gib FROM instance_types WHERE name = $1", name)
             .fetch_optional(&self.db)
             .await?
             .map(Into::into)

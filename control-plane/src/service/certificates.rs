@@ -17,7 +17,7 @@ impl From<CaError> for ServiceError {
     fn from(e: CaError) -> Self {
         match e {
             CaError::BadPublicKey | CaError::BadAddress(_) => ServiceError::InvalidParameterValue(e.to_string()),
-            CaError::Generate(_) | CaError::Sealed(_) => ServiceError::Internal(e.to_string()),
+            CaError::Generate(_) | CaError::Sealed(_) => ServiceError::internal("the cluster CA", e),
         }
     }
 }
@@ -28,16 +28,21 @@ impl Service {
     /// that (until its next renewal); with `unexpired`, only those still
     /// valid.
     pub async fn host_certificate_digests(&self, host_id: &str, unexpired: bool) -> Result<Vec<Vec<u8>>> {
-        let row: Option<(Option<Vec<u8>>, Option<Vec<u8>>)> = sqlx::query_as(
-            "SELECT CASE WHEN NOT $2 OR tls_cert_not_after > now() THEN tls_cert_sha256 END, \
-                    CASE WHEN NOT $2 OR tls_prev_cert_not_after > now() THEN tls_prev_cert_sha256 END \
+        #[derive(sqlx::FromRow)]
+        struct Digests {
+            current: Option<Vec<u8>>,
+            previous: Option<Vec<u8>>,
+        }
+        let row: Option<Digests> = sqlx::query_as(
+            "SELECT CASE WHEN NOT $2 OR tls_cert_not_after > now() THEN tls_cert_sha256 END AS current, \
+                    CASE WHEN NOT $2 OR tls_prev_cert_not_after > now() THEN tls_prev_cert_sha256 END AS previous \
              FROM hosts WHERE id = $1",
         )
         .bind(host_id)
         .bind(unexpired)
         .fetch_optional(&self.db)
         .await?;
-        Ok(row.map(|(current, previous)| current.into_iter().chain(previous).collect()).unwrap_or_default())
+        Ok(row.map(|d| d.current.into_iter().chain(d.previous).collect()).unwrap_or_default())
     }
 
     /// Certifies `host_id`'s public key (and its store node's address),

@@ -15,24 +15,21 @@
 
 use super::Service;
 use crate::error::{Result, ServiceError};
-use serde::{Deserialize, Serialize};
 
-/// An account's image limits and what its images hold (in
-/// `AccountView::image_quota`).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ImageQuota {
-    pub max_images: u32,
-    pub max_image_bytes: u64,
-    /// Its images that are pending or available.
-    pub images: u32,
-    /// What their disks take in the image store.
-    pub image_bytes: u64,
-}
+pub use nimbus_proto::api::ImageQuota;
 
-impl ImageQuota {
+/// The rules of an [`ImageQuota`].
+pub trait ImageQuotaCheck {
     /// Whether one more image may be made: `ResourceLimitExceeded` (EC2's
     /// answer to an AMI quota) when the count or the bytes are used up.
-    pub fn check_new_image(&self) -> Result<()> {
+    fn check_new_image(&self) -> Result<()>;
+
+    /// The bytes a new image's disk may still take.
+    fn bytes_left(&self) -> u64;
+}
+
+impl ImageQuotaCheck for ImageQuota {
+    fn check_new_image(&self) -> Result<()> {
         if self.images >= self.max_images {
             return Err(ServiceError::ResourceLimitExceeded(format!(
                 "You have reached your quota of {} for the number of images allowed; deregister unused images or ask for a higher limit",
@@ -48,8 +45,7 @@ impl ImageQuota {
         Ok(())
     }
 
-    /// The bytes a new image's disk may still take.
-    pub fn bytes_left(&self) -> u64 {
+    fn bytes_left(&self) -> u64 {
         self.max_image_bytes.saturating_sub(self.image_bytes)
     }
 }

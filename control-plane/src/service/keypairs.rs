@@ -5,27 +5,9 @@
 use super::{Caller, Service};
 use crate::error::{Result, ServiceError};
 use crate::ids;
-use serde::{Deserialize, Serialize};
 use ssh_key::{Algorithm, HashAlg, LineEnding, PrivateKey, PublicKey};
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct KeyPair {
-    pub key_pair_id: String,
-    pub key_name: String,
-    /// OpenSSH SHA-256 fingerprint (`SHA256:…`).
-    pub key_fingerprint: String,
-    pub key_type: String,
-    pub public_key: String,
-    pub create_time: chrono::DateTime<chrono::Utc>,
-}
-
-/// [`Service::create_key_pair`]'s answer: the only time the private key is seen.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct NewKeyPair {
-    #[serde(flatten)]
-    pub key_pair: KeyPair,
-    pub key_material: String,
-}
+pub use nimbus_proto::api::{KeyPair, NewKeyPair};
 
 fn validate_name(name: &str) -> Result<()> {
     if name.is_empty() || name.len() > 255 || !name.is_ascii() || name.chars().any(|c| c.is_control()) {
@@ -90,9 +72,9 @@ impl Service {
             }
         })
         .await
-        .map_err(|e| ServiceError::Internal(e.to_string()))?
-        .map_err(|e| ServiceError::Internal(format!("key generation: {e}")))?;
-        let material = private.to_openssh(LineEnding::LF).map_err(|e| ServiceError::Internal(e.to_string()))?.to_string();
+        .map_err(|e| ServiceError::internal("key generation", e))?
+        .map_err(|e| ServiceError::internal("key generation", e))?;
+        let material = private.to_openssh(LineEnding::LF).map_err(|e| ServiceError::internal("encoding a private key", e))?.to_string();
         let key_pair = self.store_key(caller, name, private.public_key()).await?;
         Ok(NewKeyPair { key_pair, key_material: material })
     }
@@ -106,7 +88,7 @@ impl Service {
     }
 
     async fn store_key(&self, caller: &Caller, name: &str, key: &PublicKey) -> Result<KeyPair> {
-        let openssh = key.to_openssh().map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let openssh = key.to_openssh().map_err(|e| ServiceError::internal("encoding a public key", e))?;
         let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
         let row = sqlx::query_as::<_, Row>(
             "INSERT INTO key_pairs (id, account_id, name, fingerprint, public_key) VALUES ($1, $2, $3, $4, $5) \

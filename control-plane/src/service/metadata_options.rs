@@ -103,16 +103,22 @@ impl Service {
             return Err(ServiceError::InstanceIdMalformed(instance_id.to_string()));
         }
         let mut tx = self.db.begin().await?;
-        let row: Option<(String, Options)> = sqlx::query_as::<_, (String, bool, bool, bool, i32)>(
+        let row = sqlx::query!(
             "SELECT state, metadata_tokens_required, metadata_endpoint_enabled, metadata_tags_enabled, metadata_hop_limit \
              FROM instances WHERE account_id = $1 AND id = $2 FOR UPDATE",
+            caller.account_id,
+            instance_id
         )
-        .bind(&caller.account_id)
-        .bind(instance_id)
         .fetch_optional(&mut *tx)
         .await?
-        .map(|(s, t, e, g, h)| {
-            (s, Options { metadata_tokens_required: t, metadata_endpoint_enabled: e, metadata_tags_enabled: g, metadata_hop_limit: h })
+        .map(|r| {
+            let current = Options {
+                metadata_tokens_required: r.metadata_tokens_required,
+                metadata_endpoint_enabled: r.metadata_endpoint_enabled,
+                metadata_tags_enabled: r.metadata_tags_enabled,
+                metadata_hop_limit: r.metadata_hop_limit,
+            };
+            (r.state, current)
         });
         let (state, current) = row.ok_or_else(|| ServiceError::InstanceNotFound(instance_id.to_string()))?;
         if state == "terminated" || state == "shutting-down" {
@@ -121,15 +127,15 @@ impl Service {
             )));
         }
         let new = current.apply(req)?;
-        sqlx::query(
+        sqlx::query!(
             "UPDATE instances SET metadata_tokens_required = $2, metadata_endpoint_enabled = $3, metadata_tags_enabled = $4, \
              metadata_hop_limit = $5 WHERE id = $1",
+            instance_id,
+            new.metadata_tokens_required,
+            new.metadata_endpoint_enabled,
+            new.metadata_tags_enabled,
+            new.metadata_hop_limit
         )
-        .bind(instance_id)
-        .bind(new.metadata_tokens_required)
-        .bind(new.metadata_endpoint_enabled)
-        .bind(new.metadata_tags_enabled)
-        .bind(new.metadata_hop_limit)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;

@@ -4,20 +4,14 @@
 use super::{Caller, Service};
 use crate::error::{Result, ServiceError};
 use crate::ids;
-use serde::{Deserialize, Serialize};
+
 use std::collections::BTreeMap;
 
 pub const MAX_TAGS_PER_RESOURCE: usize = 50;
 /// Resources of one CreateTags or DeleteTags call, as in EC2.
 pub const MAX_RESOURCES_PER_CALL: usize = 1000;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Tag {
-    pub resource_id: String,
-    pub resource_type: String,
-    pub key: String,
-    pub value: String,
-}
+pub use nimbus_proto::api::Tag;
 
 /// Resource types by id prefix: (prefix, EC2's resource type, table).
 const RESOURCES: &[(&str, &str, &str)] = &[
@@ -123,7 +117,7 @@ impl Service {
     /// Checks that every resource exists and is the caller's (two
     /// set-based queries, whatever the count); an unknown or foreign id
     /// answers exactly as a missing one. Returns the ids, each once.
-    async fn check_resources(&self, caller: &Caller, resources: &[String]) -> Result<Vec<String>> {
+    pub(crate) async fn check_resources(&self, caller: &Caller, resources: &[String]) -> Result<Vec<String>> {
         let resources = distinct_resources(resources)?;
         for id in &resources {
             if resource_type(id) == "unknown" || (resource_type(id) == "elastic-ip" && !ids::is_valid(ids::ALLOCATION, id)) {

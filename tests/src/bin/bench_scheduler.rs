@@ -107,7 +107,7 @@ struct ClientStats {
 
 async fn client(cloud: Arc<Cloud>, keys: Ec2Keys, image_id: String, until: Instant, n: usize) -> ClientStats {
     let mut stats = ClientStats::default();
-    let mut rest = n % 2 == 0;
+    let mut rest = n.is_multiple_of(2);
     while Instant::now() < until {
         let t0 = Instant::now();
         let outcome: Result<(), String> = if rest {

@@ -3,14 +3,16 @@
 //! Like the REST handlers, it only decodes, calls the service layer and
 //! encodes; error codes and statuses come from `ServiceError`.
 
+pub mod action;
 pub mod params;
 pub mod vpc;
 pub mod xml;
 
 use crate::auth::sigv4::{ParsedAuth, RequestView, VerifyOptions};
-use crate::error::ServiceError;
+use crate::error::{ErrorKind, ServiceError};
 use crate::service::instances::InstanceFilter;
 use crate::service::{Caller, Service};
+use action::{Action, Door, DryRun};
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -33,13 +35,22 @@ fn xml_response(status: StatusCode, body: String) -> Response {
     (status, [(header::CONTENT_TYPE, "text/xml;charset=UTF-8")], body).into_response()
 }
 
+/// The EC2 door's status of an error's kind: as REST's, except that lack
+/// of capacity is a 500 (as EC2 answers InsufficientInstanceCapacity) and a
+/// conflict is a 400 (EC2 answers every client error with 400).
+pub fn status(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::Capacity => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorKind::Conflict => StatusCode::BAD_REQUEST,
+        other => super::status(other),
+    }
+}
+
 /// The EC2 wire form of an error.
 fn error_response(e: ServiceError) -> Response {
-    let status = e.ec2_status();
-    if status.is_server_error()
-        && !matches!(e, ServiceError::InsufficientInstanceCapacity(_) | ServiceError::InsufficientAddressCapacity(_))
-    {
-        tracing::error!(error = %e, "EC2 request failed");
+    let status = status(e.kind());
+    if e.kind() == ErrorKind::Internal {
+        tracing::error!(error = %e.report(), "EC2 request failed");
     }
     let body = xml::ErrorResponse {
         errors: xml::Errors { error: xml::XmlError { code: e.code().to_string(), message: e.public_message() } },
@@ -68,85 +79,68 @@ async fn serve(s: &Service, req: Request) -> Result<String, ServiceError> {
     if !body.is_empty() {
         params.merge(Params::parse(&body)?)?;
     }
-    let action = params.required("Action")?.to_string();
+    let action: Action = params.required("Action")?.parse()?;
     match params.get("Version") {
         Some(API_VERSION) => {}
         Some(v) => return Err(ServiceError::InvalidParameterValue(format!("Version {v} is not supported; use {API_VERSION}"))),
         None => return Err(ServiceError::MissingParameter("Version".into())),
     }
-    let dry_run = params.bool("DryRun")?;
-    let rid = super::request_id();
-    if let Some(answer) = vpc::dispatch(s, &caller, &action, &params, dry_run).await {
-        return answer;
+    let dry = DryRun { on: params.bool("DryRun")?, action, service: s, caller: &caller, params: &params };
+    if action.door() == Door::Vpc {
+        return vpc::serve(s, &caller, action, &params, &dry).await;
     }
+    let rid = super::request_id();
     macro_rules! reply {
         ($root:expr, $body:expr) => {
             xml::to_xml($root, &Envelope { xmlns: XMLNS, request_id: rid, body: $body })
-                .map_err(|e| ServiceError::Internal(format!("XML: {e}")))
+                .map_err(|e| ServiceError::internal("encoding the XML answer", e))
         };
     }
-    match action.as_str() {
-        "RunInstances" => {
+    match action {
+        Action::RunInstances => {
             let req = run_request(&params)?;
-            if dry_run {
-                s.check_run_instances(&caller, &req).await?;
-                return Err(ServiceError::DryRunOperation);
-            }
+            dry.check_launch(&req).await?;
             let r = s.run_instances(&caller, req).await?;
             reply!("RunInstancesResponse", xml::run_instances(&r, &s.config.region))
         }
-        "DescribeInstances" => {
+        Action::DescribeInstances => {
             let filter = instance_filter(&params)?;
-            if dry_run {
-                return Err(ServiceError::DryRunOperation);
-            }
+            dry.check().await?;
             let list = s.describe_instances(&caller, filter).await?;
             reply!(
                 "DescribeInstancesResponse",
                 xml::describe_instances(&list.instances, &caller.account_id, list.next_token, &s.config.region)
             )
         }
-        "TerminateInstances" | "StopInstances" | "StartInstances" => {
+        Action::TerminateInstances | Action::StopInstances | Action::StartInstances => {
             let ids = params.list("InstanceId")?;
-            if dry_run {
-                s.describe_instances(&caller, InstanceFilter { instance_ids: ids, ..Default::default() }).await?;
-                return Err(ServiceError::DryRunOperation);
-            }
-            let changes = match action.as_str() {
-                "StopInstances" => s.stop_instances(&caller, &ids).await?,
-                "StartInstances" => s.start_instances(&caller, &ids).await?,
+            dry.check().await?;
+            let changes = match action {
+                Action::StopInstances => s.stop_instances(&caller, &ids).await?,
+                Action::StartInstances => s.start_instances(&caller, &ids).await?,
                 _ => s.terminate_instances(&caller, &ids).await?,
             };
             reply!(&format!("{action}Response"), xml::InstanceStateChanges { instances_set: xml::state_changes(&changes) })
         }
-        "RebootInstances" => {
+        Action::RebootInstances => {
             let ids = params.list("InstanceId")?;
-            if dry_run {
-                s.describe_instances(&caller, InstanceFilter { instance_ids: ids, ..Default::default() }).await?;
-                return Err(ServiceError::DryRunOperation);
-            }
+            dry.check().await?;
             s.reboot_instances(&caller, &ids).await?;
             reply!("RebootInstancesResponse", xml::Return { value: true })
         }
-        "ModifyInstanceMetadataOptions" => {
+        Action::ModifyInstanceMetadataOptions => {
             let id = params.required("InstanceId")?.to_string();
             let req = metadata_options(&params, "")?.unwrap_or_default();
-            if dry_run {
-                s.describe_instances(&caller, InstanceFilter { instance_ids: vec![id], ..Default::default() }).await?;
-                return Err(ServiceError::DryRunOperation);
-            }
+            dry.check().await?;
             let r = s.modify_instance_metadata_options(&caller, &id, &req).await?;
             reply!(
                 "ModifyInstanceMetadataOptionsResponse",
                 xml::ModifyMetadataOptions { instance_id: r.instance_id, instance_metadata_options: (&r.instance_metadata_options).into() }
             )
         }
-        "GetConsoleOutput" => {
+        Action::GetConsoleOutput => {
             let id = params.required("InstanceId")?;
-            if dry_run {
-                s.console_output(&caller, id).await?;
-                return Err(ServiceError::DryRunOperation);
-            }
+            dry.check().await?;
             use base64::Engine;
             let out = s.console_output(&caller, id).await?;
             reply!(
@@ -158,13 +152,11 @@ async fn serve(s: &Service, req: Request) -> Result<String, ServiceError> {
                 }
             )
         }
-        "CreateTags" | "DeleteTags" => {
+        Action::CreateTags | Action::DeleteTags => {
             let resources = params.list("ResourceId")?;
             let tags = params.structs("Tag")?;
-            if dry_run {
-                return Err(ServiceError::DryRunOperation);
-            }
-            if action == "CreateTags" {
+            dry.check().await?;
+            if action == Action::CreateTags {
                 let tags: Vec<(String, String)> = tags
                     .iter()
                     .map(|t| Ok((t.required("Key")?.to_string(), t.get("Value").unwrap_or("").to_string())))
@@ -180,12 +172,10 @@ async fn serve(s: &Service, req: Request) -> Result<String, ServiceError> {
                     .collect::<Result<_, ServiceError>>()?;
                 s.delete_tags(&caller, &resources, &tags).await?;
             }
-            reply!(&format!("{action}Response"), xml::Return { value: true })
+            reply!(&format!("{}Response", action.name()), xml::Return { value: true })
         }
-        "DescribeTags" => {
-            if dry_run {
-                return Err(ServiceError::DryRunOperation);
-            }
+        Action::DescribeTags => {
+            dry.check().await?;
             let (mut resources, mut keys, mut values, mut types) = (vec![], vec![], vec![], vec![]);
             for f in params.structs("Filter")? {
                 let vals = f.list("Value")?;
@@ -204,11 +194,9 @@ async fn serve(s: &Service, req: Request) -> Result<String, ServiceError> {
                 .collect::<Vec<_>>();
             reply!("DescribeTagsResponse", xml::DescribeTags { tag_set: items.into() })
         }
-        "CreateKeyPair" => {
+        Action::CreateKeyPair => {
             let name = params.required("KeyName")?.to_string();
-            if dry_run {
-                return Err(ServiceError::DryRunOperation);
-            }
+            dry.check().await?;
             let k = s.create_key_pair(&caller, &name, params.get("KeyType")).await?;
             reply!(
                 "CreateKeyPairResponse",
@@ -220,7 +208,7 @@ async fn serve(s: &Service, req: Request) -> Result<String, ServiceError> {
                 }
             )
         }
-        "ImportKeyPair" => {
+        Action::ImportKeyPair => {
             let name = params.required("KeyName")?.to_string();
             use base64::Engine;
             // PublicKeyMaterial is a blob: base64 on the wire.
@@ -229,34 +217,26 @@ async fn serve(s: &Service, req: Request) -> Result<String, ServiceError> {
                 .map_err(|_| ServiceError::InvalidParameterValue("PublicKeyMaterial must be base64".into()))?;
             let text = String::from_utf8(raw)
                 .map_err(|_| ServiceError::InvalidKeyFormat("Key is not in valid OpenSSH public key format".into()))?;
-            if dry_run {
-                return Err(ServiceError::DryRunOperation);
-            }
+            dry.check().await?;
             let k = s.import_key_pair(&caller, &name, &text).await?;
             reply!("ImportKeyPairResponse", xml::XmlKeyPair::from(&k))
         }
-        "DescribeKeyPairs" => {
-            if dry_run {
-                return Err(ServiceError::DryRunOperation);
-            }
+        Action::DescribeKeyPairs => {
+            dry.check().await?;
             let keys = s.describe_key_pairs(&caller, &params.list("KeyName")?).await?;
             reply!(
                 "DescribeKeyPairsResponse",
                 xml::DescribeKeyPairs { key_set: keys.iter().map(xml::XmlKeyPair::from).collect::<Vec<_>>().into() }
             )
         }
-        "DeleteKeyPair" => {
+        Action::DeleteKeyPair => {
             let name = params.required("KeyName")?.to_string();
-            if dry_run {
-                return Err(ServiceError::DryRunOperation);
-            }
+            dry.check().await?;
             s.delete_key_pair(&caller, &name).await?;
             reply!("DeleteKeyPairResponse", xml::Return { value: true })
         }
-        "DescribeImages" => {
-            if dry_run {
-                return Err(ServiceError::DryRunOperation);
-            }
+        Action::DescribeImages => {
+            dry.check().await?;
             let mut query = crate::service::images::ImageQuery {
                 image_ids: params.list("ImageId")?,
                 owners: params.list("Owner")?,
@@ -269,7 +249,7 @@ async fn serve(s: &Service, req: Request) -> Result<String, ServiceError> {
             let images = s.describe_images(&caller, &query).await?;
             reply!("DescribeImagesResponse", xml::describe_images(&images))
         }
-        "CreateImage" => {
+        Action::CreateImage => {
             let instance_id = params.required("InstanceId")?.to_string();
             let mut tags = Vec::new();
             for spec in params.structs("TagSpecification")? {
@@ -294,31 +274,23 @@ async fn serve(s: &Service, req: Request) -> Result<String, ServiceError> {
                 no_reboot: params.bool("NoReboot")?,
                 tags,
             };
-            if dry_run {
-                return Err(ServiceError::DryRunOperation);
-            }
+            dry.check().await?;
             let image = s.create_image(&caller, &instance_id, &req).await?;
             reply!("CreateImageResponse", xml::CreateImage { image_id: image.image_id })
         }
-        "DeregisterImage" => {
+        Action::DeregisterImage => {
             let image_id = params.required("ImageId")?.to_string();
-            if dry_run {
-                return Err(ServiceError::DryRunOperation);
-            }
+            dry.check().await?;
             s.deregister_image(&caller, &image_id).await?;
             reply!("DeregisterImageResponse", xml::Return { value: true })
         }
-        "DescribeInstanceTypes" => {
-            if dry_run {
-                return Err(ServiceError::DryRunOperation);
-            }
+        Action::DescribeInstanceTypes => {
+            dry.check().await?;
             let types = s.describe_instance_types(&params.list("InstanceType")?).await?;
             reply!("DescribeInstanceTypesResponse", xml::describe_instance_types(&types))
         }
-        "DescribeAccountAttributes" => {
-            if dry_run {
-                return Err(ServiceError::DryRunOperation);
-            }
+        Action::DescribeAccountAttributes => {
+            dry.check().await?;
             let a = s.describe_account(&caller).await?;
             let default_vpc = s.ensure_default_network(&caller.account_id).await?;
             let all = xml::account_attributes(&a, &default_vpc);
@@ -340,10 +312,8 @@ async fn serve(s: &Service, req: Request) -> Result<String, ServiceError> {
                 .collect::<Vec<_>>();
             reply!("DescribeAccountAttributesResponse", xml::DescribeAccountAttributes { account_attribute_set: items.into() })
         }
-        "DescribeAvailabilityZones" => {
-            if dry_run {
-                return Err(ServiceError::DryRunOperation);
-            }
+        Action::DescribeAvailabilityZones => {
+            dry.check().await?;
             let zones = s.describe_availability_zones().await?;
             let region = s.config.region.clone();
             let items = zones
@@ -358,7 +328,7 @@ async fn serve(s: &Service, req: Request) -> Result<String, ServiceError> {
                 .collect::<Vec<_>>();
             reply!("DescribeAvailabilityZonesResponse", xml::DescribeAvailabilityZones { availability_zone_info: items.into() })
         }
-        other => Err(ServiceError::InvalidAction(other.to_string())),
+        other => Err(ServiceError::Internal(format!("{} is not served by this module", other.name()))),
     }
 }
 
@@ -507,17 +477,22 @@ fn instance_filter(params: &Params) -> Result<InstanceFilter, ServiceError> {
             _ => f.network.push((name, values)),
         }
     }
-    if let Some(n) = params.int("MaxResults")? {
-        if !f.instance_ids.is_empty() && params.get("InstanceId.1").is_some() {
-            return Err(ServiceError::InvalidParameterCombination(
-                "The parameter instancesSet cannot be used with the parameter maxResults".into(),
-            ));
-        }
-        if !(5..=1000).contains(&n) {
-            return Err(ServiceError::InvalidParameterValue("MaxResults must be between 5 and 1000".into()));
-        }
-        f.max_results = Some(n as u32);
-    }
+    f.max_results = max_results(params)?;
     f.next_token = params.get("NextToken").map(str::to_string);
     Ok(f)
+}
+
+/// `MaxResults` of the instance listings, as EC2 takes it: 5 to 1000, and
+/// not with a list of instance ids.
+pub(crate) fn max_results(params: &Params) -> Result<Option<u32>, ServiceError> {
+    let Some(n) = params.int("MaxResults")? else { return Ok(None) };
+    if params.get("InstanceId.1").is_some() {
+        return Err(ServiceError::InvalidParameterCombination(
+            "The parameter instancesSet cannot be used with the parameter maxResults".into(),
+        ));
+    }
+    match u32::try_from(n) {
+        Ok(n) if (5..=1000).contains(&n) => Ok(Some(n)),
+        _ => Err(ServiceError::InvalidParameterValue("MaxResults must be between 5 and 1000".into())),
+    }
 }

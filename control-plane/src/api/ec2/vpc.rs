@@ -2,6 +2,7 @@
 //! addresses, network interfaces) and the instance attribute and status
 //! calls launch tools make: decode, call the service, encode.
 
+use super::action::{Action, DryRun};
 use super::params::Params;
 use super::xml::{self, Envelope, Items, XMLNS};
 use crate::error::ServiceError;
@@ -14,7 +15,7 @@ use serde::Serialize;
 
 fn reply<T: Serialize>(root: &str, body: T) -> Result<String, ServiceError> {
     xml::to_xml(root, &Envelope { xmlns: XMLNS, request_id: super::super::request_id(), body })
-        .map_err(|e| ServiceError::Internal(format!("XML: {e}")))
+        .map_err(|e| ServiceError::internal("encoding the XML answer", e))
 }
 
 /// `Filter.N.Name` / `Filter.N.Value.M`.
@@ -187,148 +188,105 @@ enum AttrXml {
     Groups(Items<xml::XmlGroupRef>),
 }
 
-/// Serves `action` if it is one of this module's; `None` otherwise.
-pub async fn dispatch(s: &Service, caller: &Caller, action: &str, params: &Params, dry_run: bool) -> Option<Result<String, ServiceError>> {
-    let known = matches!(
-        action,
-        "CreateVpc"
-            | "DeleteVpc"
-            | "DescribeVpcs"
-            | "CreateSubnet"
-            | "DeleteSubnet"
-            | "DescribeSubnets"
-            | "ModifySubnetAttribute"
-            | "CreateSecurityGroup"
-            | "DeleteSecurityGroup"
-            | "DescribeSecurityGroups"
-            | "AuthorizeSecurityGroupIngress"
-            | "AuthorizeSecurityGroupEgress"
-            | "RevokeSecurityGroupIngress"
-            | "RevokeSecurityGroupEgress"
-            | "DescribeSecurityGroupRules"
-            | "AllocateAddress"
-            | "AssociateAddress"
-            | "DisassociateAddress"
-            | "ReleaseAddress"
-            | "DescribeAddresses"
-            | "DescribeNetworkInterfaces"
-            | "DeleteNetworkInterface"
-            | "DescribeInstanceStatus"
-            | "DescribeInstanceAttribute"
-            | "ModifyInstanceAttribute"
-    );
-    if !known {
-        return None;
-    }
-    Some(serve(s, caller, action, params, dry_run).await)
-}
-
-async fn serve(s: &Service, caller: &Caller, action: &str, params: &Params, dry_run: bool) -> Result<String, ServiceError> {
+/// Serves one of this module's actions (`Door::Vpc`).
+pub async fn serve(s: &Service, caller: &Caller, action: Action, params: &Params, dry: &DryRun<'_>) -> Result<String, ServiceError> {
     let region = s.config.region.as_str();
     let ok = || xml::Return { value: true };
-    // Read-only calls and DryRun: a DryRun of a change checks its parameters only.
-    macro_rules! dry {
-        () => {
-            if dry_run {
-                return Err(ServiceError::DryRunOperation);
-            }
-        };
-    }
     match action {
-        "CreateVpc" => {
+        Action::CreateVpc => {
             let cidr = params.required("CidrBlock")?.to_string();
-            dry!();
+            dry.check().await?;
             let v = s.create_vpc(caller, &cidr).await?;
             reply("CreateVpcResponse", VpcBody { vpc: xml::vpc(&v) })
         }
-        "DeleteVpc" => {
+        Action::DeleteVpc => {
             let id = params.required("VpcId")?.to_string();
-            dry!();
+            dry.check().await?;
             s.delete_vpc(caller, &id).await?;
             reply("DeleteVpcResponse", ok())
         }
-        "DescribeVpcs" => {
+        Action::DescribeVpcs => {
             let (ids, f) = (params.list("VpcId")?, filters(params)?);
-            dry!();
+            dry.check().await?;
             let vpcs = s.describe_vpcs(caller, &ids, &f).await?;
             reply("DescribeVpcsResponse", VpcSet { vpc_set: vpcs.iter().map(xml::vpc).collect::<Vec<_>>().into() })
         }
-        "CreateSubnet" => {
+        Action::CreateSubnet => {
             let (vpc, cidr) = (params.required("VpcId")?.to_string(), params.required("CidrBlock")?.to_string());
-            dry!();
+            dry.check().await?;
             let sub = s.create_subnet(caller, &vpc, &cidr, params.get("AvailabilityZone")).await?;
             reply("CreateSubnetResponse", SubnetBody { subnet: xml::subnet(&sub) })
         }
-        "DeleteSubnet" => {
+        Action::DeleteSubnet => {
             let id = params.required("SubnetId")?.to_string();
-            dry!();
+            dry.check().await?;
             s.delete_subnet(caller, &id).await?;
             reply("DeleteSubnetResponse", ok())
         }
-        "DescribeSubnets" => {
+        Action::DescribeSubnets => {
             let (ids, f) = (params.list("SubnetId")?, filters(params)?);
-            dry!();
+            dry.check().await?;
             let subnets = s.describe_subnets(caller, &ids, &f).await?;
             reply("DescribeSubnetsResponse", SubnetSet { subnet_set: subnets.iter().map(xml::subnet).collect::<Vec<_>>().into() })
         }
-        "ModifySubnetAttribute" => {
+        Action::ModifySubnetAttribute => {
             let id = params.required("SubnetId")?.to_string();
             let map = value_bool(params, "MapPublicIpOnLaunch")?
                 .ok_or_else(|| ServiceError::InvalidParameterValue("Nimbus supports the attribute MapPublicIpOnLaunch only".into()))?;
-            dry!();
+            dry.check().await?;
             s.modify_subnet_attribute(caller, &id, map).await?;
             reply("ModifySubnetAttributeResponse", ok())
         }
-        "CreateSecurityGroup" => {
+        Action::CreateSecurityGroup => {
             let name = params.required("GroupName")?.to_string();
             let description = params.required("GroupDescription")?.to_string();
-            dry!();
+            dry.check().await?;
             let g = s.create_security_group(caller, &name, &description, params.get("VpcId")).await?;
             if let Some(tags) = tag_specification(params, "security-group")? {
                 s.create_tags(caller, std::slice::from_ref(&g.group_id), &tags).await?;
             }
             reply("CreateSecurityGroupResponse", CreateGroup { ok: true, group_id: g.group_id })
         }
-        "DeleteSecurityGroup" => {
+        Action::DeleteSecurityGroup => {
             let sel = group_sel(params)?;
-            dry!();
+            dry.check().await?;
             s.delete_security_group(caller, &sel).await?;
             reply("DeleteSecurityGroupResponse", ok())
         }
-        "DescribeSecurityGroups" => {
+        Action::DescribeSecurityGroups => {
             let (ids, names, f) = (params.list("GroupId")?, params.list("GroupName")?, filters(params)?);
-            dry!();
+            dry.check().await?;
             let groups = s.describe_security_groups(caller, &ids, &names, &f).await?;
             reply(
                 "DescribeSecurityGroupsResponse",
                 GroupInfo { security_group_info: groups.iter().map(xml::security_group).collect::<Vec<_>>().into() },
             )
         }
-        "AuthorizeSecurityGroupIngress" | "AuthorizeSecurityGroupEgress" => {
+        Action::AuthorizeSecurityGroupIngress | Action::AuthorizeSecurityGroupEgress => {
             let (sel, perms) = (group_sel(params)?, ip_permissions(params)?);
-            dry!();
-            let rules = s.authorize_security_group(caller, &sel, action.ends_with("Egress"), &perms).await?;
+            dry.check().await?;
+            let rules = s.authorize_security_group(caller, &sel, action.name().ends_with("Egress"), &perms).await?;
             let set = rules.iter().map(|r| xml::security_group_rule(r, &caller.account_id)).collect::<Vec<_>>().into();
-            reply(&format!("{action}Response"), RuleSet { ok: Some(true), security_group_rule_set: set })
+            reply(&format!("{}Response", action.name()), RuleSet { ok: Some(true), security_group_rule_set: set })
         }
-        "RevokeSecurityGroupIngress" | "RevokeSecurityGroupEgress" => {
+        Action::RevokeSecurityGroupIngress | Action::RevokeSecurityGroupEgress => {
             let (sel, perms, ids) = (group_sel(params)?, ip_permissions(params)?, params.list("SecurityGroupRuleId")?);
-            dry!();
-            s.revoke_security_group(caller, &sel, action.ends_with("Egress"), &perms, &ids).await?;
-            reply(&format!("{action}Response"), ok())
+            dry.check().await?;
+            s.revoke_security_group(caller, &sel, action.name().ends_with("Egress"), &perms, &ids).await?;
+            reply(&format!("{}Response", action.name()), ok())
         }
-        "DescribeSecurityGroupRules" => {
+        Action::DescribeSecurityGroupRules => {
             let (ids, f) = (params.list("SecurityGroupRuleId")?, filters(params)?);
-            dry!();
+            dry.check().await?;
             let rules = s.describe_security_group_rules(caller, &ids, &f).await?;
             let set = rules.iter().map(|r| xml::security_group_rule(r, &caller.account_id)).collect::<Vec<_>>().into();
             reply("DescribeSecurityGroupRulesResponse", RuleSet { ok: None, security_group_rule_set: set })
         }
-        "AllocateAddress" => {
+        Action::AllocateAddress => {
             if params.get("Domain").is_some_and(|d| d != "vpc") {
                 return Err(ServiceError::InvalidParameterValue("Domain must be vpc".into()));
             }
-            dry!();
+            dry.check().await?;
             let a = s.allocate_address(caller).await?;
             if let Some(tags) = tag_specification(params, "elastic-ip")? {
                 s.create_tags(caller, std::slice::from_ref(&a.allocation_id), &tags).await?;
@@ -344,52 +302,52 @@ async fn serve(s: &Service, caller: &Caller, action: &str, params: &Params, dry_
                 },
             )
         }
-        "AssociateAddress" => {
+        Action::AssociateAddress => {
             let target = AssociateAddressRequest {
                 instance_id: params.get("InstanceId").map(str::to_string),
                 network_interface_id: params.get("NetworkInterfaceId").map(str::to_string),
                 private_ip_address: params.get("PrivateIpAddress").map(str::to_string),
                 allow_reassociation: params.bool("AllowReassociation")?,
             };
-            dry!();
+            dry.check().await?;
             let id = s.associate_address(caller, params.get("AllocationId"), params.get("PublicIp"), &target).await?;
             reply("AssociateAddressResponse", Associated { ok: true, association_id: id })
         }
-        "DisassociateAddress" => {
-            dry!();
+        Action::DisassociateAddress => {
+            dry.check().await?;
             s.disassociate_address(caller, params.get("AssociationId"), None, params.get("PublicIp")).await?;
             reply("DisassociateAddressResponse", ok())
         }
-        "ReleaseAddress" => {
-            dry!();
+        Action::ReleaseAddress => {
+            dry.check().await?;
             s.release_address(caller, params.get("AllocationId"), params.get("PublicIp")).await?;
             reply("ReleaseAddressResponse", ok())
         }
-        "DescribeAddresses" => {
+        Action::DescribeAddresses => {
             let (ips, allocs, f) = (params.list("PublicIp")?, params.list("AllocationId")?, filters(params)?);
-            dry!();
+            dry.check().await?;
             let list = s.describe_addresses(caller, &ips, &allocs, &f).await?;
             reply(
                 "DescribeAddressesResponse",
                 AddressesSet { addresses_set: list.iter().map(|a| xml::address(a, region)).collect::<Vec<_>>().into() },
             )
         }
-        "DescribeNetworkInterfaces" => {
+        Action::DescribeNetworkInterfaces => {
             let (ids, f) = (params.list("NetworkInterfaceId")?, filters(params)?);
-            dry!();
+            dry.check().await?;
             let list = s.describe_network_interfaces(caller, &ids, &f).await?;
             reply(
                 "DescribeNetworkInterfacesResponse",
                 InterfaceSet { network_interface_set: list.iter().map(|n| xml::interface(n, region, true)).collect::<Vec<_>>().into() },
             )
         }
-        "DeleteNetworkInterface" => {
+        Action::DeleteNetworkInterface => {
             let id = params.required("NetworkInterfaceId")?.to_string();
-            dry!();
+            dry.check().await?;
             s.delete_network_interface(caller, &id).await?;
             reply("DeleteNetworkInterfaceResponse", ok())
         }
-        "DescribeInstanceStatus" => {
+        Action::DescribeInstanceStatus => {
             let mut filter = InstanceFilter { instance_ids: params.list("InstanceId")?, ..Default::default() };
             for (name, values) in filters(params)? {
                 match name.as_str() {
@@ -406,19 +364,17 @@ async fn serve(s: &Service, caller: &Caller, action: &str, params: &Params, dry_
             if !params.bool("IncludeAllInstances")? && filter.states.is_empty() {
                 filter.states.push(InstanceState::Running);
             }
-            if let Some(n) = params.int("MaxResults")? {
-                filter.max_results = Some(u32::try_from(n).map_err(|_| ServiceError::InvalidParameterValue("MaxResults".into()))?);
-            }
+            filter.max_results = super::max_results(params)?;
             filter.next_token = params.get("NextToken").map(str::to_string);
-            dry!();
+            dry.check().await?;
             let list = s.describe_instance_status(caller, filter).await?;
             let set: Vec<_> = list.statuses.iter().map(xml::instance_status).collect();
             reply("DescribeInstanceStatusResponse", StatusSet { instance_status_set: set.into(), next_token: list.next_token })
         }
-        "DescribeInstanceAttribute" => {
+        Action::DescribeInstanceAttribute => {
             let id = params.required("InstanceId")?.to_string();
             let name = params.required("Attribute")?.to_string();
-            dry!();
+            dry.check().await?;
             let value = match s.describe_instance_attribute(caller, &id, &name).await? {
                 AttributeValue::Text(v) => AttrXml::Text(xml::XmlValue { value: v }),
                 AttributeValue::Bool(v) => AttrXml::Bool(xml::XmlValue { value: v }),
@@ -427,7 +383,7 @@ async fn serve(s: &Service, caller: &Caller, action: &str, params: &Params, dry_
             };
             reply("DescribeInstanceAttributeResponse", Attribute { instance_id: id, value: [(name, value)].into_iter().collect() })
         }
-        "ModifyInstanceAttribute" => {
+        Action::ModifyInstanceAttribute => {
             let id = params.required("InstanceId")?.to_string();
             let mut req = ModifyInstanceRequest::default();
             let groups = params.list("GroupId")?;
@@ -454,7 +410,7 @@ async fn serve(s: &Service, caller: &Caller, action: &str, params: &Params, dry_
             if params.get("InstanceInitiatedShutdownBehavior.Value").is_some_and(|v| v != "stop") {
                 return Err(ServiceError::UnsupportedOperation("Nimbus instances stop on shutdown".into()));
             }
-            dry!();
+            dry.check().await?;
             if req.instance_type.is_some() || req.security_group_ids.is_some() {
                 s.modify_instance(caller, &id, &req).await?;
             } else {
@@ -462,7 +418,7 @@ async fn serve(s: &Service, caller: &Caller, action: &str, params: &Params, dry_
             }
             reply("ModifyInstanceAttributeResponse", ok())
         }
-        other => Err(ServiceError::InvalidAction(other.to_string())),
+        other => Err(ServiceError::Internal(format!("{} is not served by this module", other.name()))),
     }
 }
 

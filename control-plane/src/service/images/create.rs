@@ -9,6 +9,7 @@
 use super::{name_taken, validate_description, validate_name, ImageRow, IMAGE_COLUMNS, VISIBLE};
 use crate::error::{Result, ServiceError};
 use crate::ids;
+use crate::service::image_quota::ImageQuotaCheck;
 use crate::service::{Caller, Service};
 use nimbus_proto::api::{CreateImageRequest, Image, ResourceTag};
 

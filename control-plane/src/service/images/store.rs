@@ -10,6 +10,7 @@ use super::{over_quota, ImageRow, IMAGE_COLUMNS};
 use crate::error::{Result, ServiceError};
 use crate::ids;
 use crate::image_store::is_digest;
+use crate::service::image_quota::ImageQuotaCheck;
 use crate::service::Service;
 use nimbus_proto::api::Image;
 

@@ -1,5 +1,11 @@
 //! REST/JSON bodies of the `/v1` API.
 
+mod accounts;
+mod answers;
+
+pub use accounts::*;
+pub use answers::*;
+
 use crate::InstanceState;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
