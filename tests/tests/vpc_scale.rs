@@ -1,7 +1,7 @@
 //! The cost of a host's network in its assignments: one host with 1,000
 //! interfaces whose group has 50 rules (some naming other groups). Every
 //! answer of the long poll carries the whole HostNetwork, so it must stay a
-//! few set-based queries (service/network.rs::host_network).
+//! few set-based queries (service/network/agent_view.rs::host_network).
 
 use nimbus_tests::{Cloud, CloudOptions};
 use reqwest::Method;

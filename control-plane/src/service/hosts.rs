@@ -223,8 +223,8 @@ impl Service {
                     .fetch_all(&mut *tx)
                     .await?;
                     let vpcs = vpcs.into_iter().collect();
-                    super::network_changes::note(&mut tx, &super::network_changes::Change { vpcs, ..Default::default() }).await?;
-                    super::network::bump_hosts(&mut tx, &std::collections::BTreeSet::from([id.clone()])).await?;
+                    super::network::relay::note(&mut tx, &super::network::relay::Change { vpcs, ..Default::default() }).await?;
+                    super::network::fanout::bump_hosts(&mut tx, &std::collections::BTreeSet::from([id.clone()])).await?;
                 }
                 id
             }
@@ -506,7 +506,7 @@ impl Service {
             // the hosts that saw them are bumped, in id order, before the
             // heartbeat below touches this host's row again.
             let hosts = super::network::release_interfaces(&mut tx, &terminated, host_id).await?;
-            super::network::bump_hosts(&mut tx, &hosts).await?;
+            super::network::fanout::bump_hosts(&mut tx, &hosts).await?;
             // An image still being made of a terminated instance never will be.
             sqlx::query!(
                 "UPDATE images SET state = 'failed', state_changed_at = now(), \

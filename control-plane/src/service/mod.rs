@@ -13,9 +13,9 @@ pub mod image_quota;
 pub mod images;
 pub mod instances;
 pub mod keypairs;
+pub mod launch;
 pub mod metadata_options;
 pub mod network;
-pub mod network_changes;
 pub mod observed;
 pub mod outbox;
 pub mod retention;
@@ -23,6 +23,7 @@ pub mod revocation;
 pub mod scheduler;
 pub mod tags;
 pub mod throttle;
+pub mod visibility;
 
 use crate::config::Config;
 use crate::error::{Result, ServiceError};

@@ -101,7 +101,7 @@ pub(crate) async fn insert_new_tags(
 async fn lock_instances(tx: &mut sqlx::PgConnection, resources: &[String]) -> Result<()> {
     let locked: Vec<(String,)> = sqlx::query_as(&format!(
         "SELECT id FROM instances WHERE id = ANY($1) AND {} ORDER BY id FOR NO KEY UPDATE",
-        super::instances::VISIBLE
+        super::visibility::instance_visible()
     ))
     .bind(resources)
     .fetch_all(&mut *tx)
@@ -128,7 +128,7 @@ impl Service {
         let mut union: Vec<String> = RESOURCES
             .iter()
             .map(|(_, _, table)| {
-                let visible = if *table == "instances" { format!(" AND {}", super::instances::VISIBLE) } else { String::new() };
+                let visible = if *table == "instances" { format!(" AND {}", super::visibility::instance_visible()) } else { String::new() };
                 format!("SELECT id FROM {table} WHERE account_id = $1 AND id = ANY($2){visible}")
             })
             .collect();

@@ -34,7 +34,6 @@
 //! of launches into one VPC costs each of its hosts a few wake-ups a
 //! second, not one per launch.
 
-use super::network::{hosts_in_groups, hosts_in_vpcs, hosts_seeing_groups};
 use crate::error::Result;
 use sqlx::{PgConnection, PgPool};
 use std::collections::BTreeSet;
@@ -161,7 +160,50 @@ async fn wake(db: &PgPool, hosts: &BTreeSet<String>) -> Result<usize> {
     Ok(total - left.len())
 }
 
-impl super::Service {
+async fn host_set(conn: &mut PgConnection, sql: &str, ids: &BTreeSet<String>) -> Result<BTreeSet<String>> {
+    if ids.is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let rows: Vec<(String,)> = sqlx::query_as(sql).bind(&ids).fetch_all(&mut *conn).await?;
+    Ok(rows.into_iter().map(|r| r.0).collect())
+}
+
+/// Hosts with an interface in one of the VPCs.
+async fn hosts_in_vpcs(conn: &mut PgConnection, vpcs: &BTreeSet<String>) -> Result<BTreeSet<String>> {
+    host_set(
+        conn,
+        "SELECT DISTINCT i.host_id FROM network_interfaces n JOIN instances i ON i.id = n.instance_id WHERE n.vpc_id = ANY($1)",
+        vpcs,
+    )
+    .await
+}
+
+/// Hosts with an interface in one of the groups (their rules changed).
+async fn hosts_in_groups(conn: &mut PgConnection, groups: &BTreeSet<String>) -> Result<BTreeSet<String>> {
+    host_set(
+        conn,
+        "SELECT DISTINCT i.host_id FROM network_interface_groups ng JOIN network_interfaces n ON n.id = ng.interface_id \
+         JOIN instances i ON i.id = n.instance_id WHERE ng.group_id = ANY($1)",
+        groups,
+    )
+    .await
+}
+
+/// Hosts that hold the member addresses of one of the groups: those with an
+/// interface in it, or in a group with a rule naming it.
+async fn hosts_seeing_groups(conn: &mut PgConnection, groups: &BTreeSet<String>) -> Result<BTreeSet<String>> {
+    host_set(
+        conn,
+        "SELECT DISTINCT i.host_id FROM network_interface_groups ng JOIN network_interfaces n ON n.id = ng.interface_id \
+         JOIN instances i ON i.id = n.instance_id \
+         WHERE ng.group_id = ANY($1) OR ng.group_id IN (SELECT group_id FROM security_group_rules WHERE peer_group_id = ANY($1))",
+        groups,
+    )
+    .await
+}
+
+impl crate::service::Service {
     /// Starts the network relay (one per control plane; passes of several
     /// never take the same rows).
     pub fn start_network_relay(&self) -> tokio::task::JoinHandle<()> {
