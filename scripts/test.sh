@@ -50,10 +50,12 @@ export NIMBUS_TEST_DIR=$NIMBUS_HOME/test-tmp
 mkdir -p "$NIMBUS_TEST_DIR"
 chmod 755 "$NIMBUS_HOME" "$NIMBUS_TEST_DIR"
 
-step "cargo test --workspace"
 # A one-off build on a clean clone gains nothing from the incremental cache,
 # which would double the target directory's size.
 if [ -n "${CI:-}" ]; then export CARGO_INCREMENTAL=0; fi
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+step "cargo test --workspace"
 cargo test --workspace --locked "$@"
 
 step "boto3 and the AWS CLI against the EC2 front door (pytest)"

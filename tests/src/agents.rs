@@ -8,6 +8,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tokio::sync::{broadcast, oneshot};
 
+/// One host agent running in this process.
+///
+/// Dropping the handle of an agent on a real hypervisor (a test that ended,
+/// passed or failed) stops the agent and then destroys every domain it owns,
+/// so no guest outlives its test. Stopping first matters: a running agent
+/// would define a guest again after it was destroyed. Use a multi-threaded
+/// runtime for such tests (the drop waits for the agent to stop).
 pub struct AgentHandle {
     pub name: String,
     /// Known once the agent registered.

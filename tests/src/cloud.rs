@@ -84,14 +84,6 @@ pub struct Cloud {
     _database: TestDatabase,
 }
 
-/// One host agent running in this process.
-///
-/// Dropping the handle of an agent on a real hypervisor (a test that ended,
-/// passed or failed) stops the agent and then destroys every domain it owns,
-/// so no guest outlives its test. Stopping first matters: a running agent
-/// would define a guest again after it was destroyed. Use a multi-threaded
-/// runtime for such tests (the drop waits for the agent to stop).
-
 impl Cloud {
     pub async fn start() -> anyhow::Result<Cloud> {
         Self::start_with(CloudOptions::default()).await
@@ -675,9 +667,6 @@ impl Drop for Cloud {
         }
     }
 }
-
-/// On libvirt's test driver: `None` when no domain is named for the
-/// instance, else whether it runs.
 
 impl Cloud {
     /// Restarts an agent after `tweak` changed its configuration (e.g. a

@@ -4,6 +4,8 @@ use crate::*;
 use anyhow::Context;
 use std::time::Duration;
 
+/// Test databases are named `nimbus_test_<unix seconds>_<random>`, so that a
+/// later run can tell how old a leftover is.
 const DATABASE_PREFIX: &str = "nimbus_test_";
 /// A test database this old belongs to a run that crashed (no test runs
 /// this long): the next run drops it.

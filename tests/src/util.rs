@@ -112,9 +112,8 @@ pub fn scaled(d: Duration) -> Duration {
     d.mul_f64(time_scale())
 }
 
-/// Test databases are named `nimbus_test_<unix seconds>_<random>`, so that a
-/// later run can tell how old a leftover is.
-
+/// On libvirt's test driver: `None` when no domain is named for the
+/// instance, else whether it runs.
 pub async fn test_domain_state(instance_id: &str) -> Option<bool> {
     let name = nimbus_host_agent::domain::domain_name(instance_id);
     tokio::task::spawn_blocking(move || {
