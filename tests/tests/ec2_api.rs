@@ -337,6 +337,8 @@ async fn dry_run_checks_the_same_things_for_every_action() {
     let xml = ok(ec2(&cloud, &alice, &run).await);
     let instance = one(&xml, "instanceId");
     let interface = one(&xml, "networkInterfaceId");
+    // Running before anything is compared: its start is no DryRun's doing.
+    cloud.wait_for_state_as(&format!("{}:{}", alice.akid, alice.secret), std::slice::from_ref(&instance), "running", T).await.unwrap();
     let vpc = one(&ok(ec2(&cloud, &alice, &format!("Action=CreateVpc&{v}&CidrBlock=10.7.0.0/16")).await), "vpcId");
     let subnet = one(&ok(ec2(&cloud, &alice, &format!("Action=CreateSubnet&{v}&VpcId={vpc}&CidrBlock=10.7.0.0/24")).await), "subnetId");
     let group = one(
@@ -424,4 +426,66 @@ async fn dry_run_checks_the_same_things_for_every_action() {
     // An action Nimbus does not know.
     let (status, xml) = ec2(&cloud, &bob, &format!("Action=DescribeVolumez&{v}")).await;
     assert_eq!((status, error_code(&xml)), (400, "InvalidAction"), "{xml}");
+}
+
+/// DescribeInstances reads filter values as every Describe does (EC2's
+/// wildcards `*` and `?`, anything else literal), a filter passing by any
+/// one of its values: tags, keys, zones, types, images and network facts.
+#[tokio::test]
+async fn instance_filters_take_the_same_wildcards_as_every_describe() {
+    let cloud = Cloud::start().await.unwrap();
+    let _agent = cloud.add_agent("a", "az1", 32, 32768, 500).await.unwrap();
+    let image = cloud.register_test_image().await.unwrap();
+    let alice = account(&cloud, "alice").await;
+    let v = "Version=2016-11-15";
+    let mut ids = Vec::new();
+    for (name, team) in [("web-1", "red"), ("db-1", "blue")] {
+        let run = format!(
+            "Action=RunInstances&{v}&ImageId={}&InstanceType=t3.nano&MinCount=1&MaxCount=1\
+             &TagSpecification.1.ResourceType=instance&TagSpecification.1.Tag.1.Key=Name&TagSpecification.1.Tag.1.Value={name}\
+             &TagSpecification.1.Tag.2.Key=team&TagSpecification.1.Tag.2.Value={team}",
+            image.image_id
+        );
+        let (status, xml) = ec2(&cloud, &alice, &run).await;
+        assert_eq!(status, 200, "{xml}");
+        ids.push(between(&xml, "instanceId")[0].to_string());
+    }
+    let found = |filters: &str| {
+        let form = format!("Action=DescribeInstances&{v}{filters}");
+        let (cloud, alice) = (&cloud, &alice);
+        async move {
+            let (status, xml) = ec2(cloud, alice, &form).await;
+            assert_eq!(status, 200, "{form}: {xml}");
+            let mut got: Vec<String> = between(&xml, "instanceId").into_iter().map(str::to_string).collect();
+            got.sort();
+            got
+        }
+    };
+    let mut both = ids.clone();
+    both.sort();
+    let web = vec![ids[0].clone()];
+    for (filters, want) in [
+        ("&Filter.1.Name=tag:team&Filter.1.Value.1=r*", &web),
+        ("&Filter.1.Name=tag:team&Filter.1.Value.1=r?d", &web),
+        ("&Filter.1.Name=tag:team&Filter.1.Value.1=nope&Filter.1.Value.2=*e*", &both),
+        ("&Filter.1.Name=tag:Name&Filter.1.Value.1=*-1", &both),
+        ("&Filter.1.Name=tag-key&Filter.1.Value.1=te?m", &both),
+        ("&Filter.1.Name=tag-key&Filter.1.Value.1=nope&Filter.1.Value.2=Name", &both),
+        ("&Filter.1.Name=instance-type&Filter.1.Value.1=t3.n*", &both),
+        ("&Filter.1.Name=availability-zone&Filter.1.Value.1=az?", &both),
+        ("&Filter.1.Name=image-id&Filter.1.Value.1=ami-*", &both),
+        ("&Filter.1.Name=private-ip-address&Filter.1.Value.1=172.31.*", &both),
+        ("&Filter.1.Name=tag:Name&Filter.1.Value.1=web*&Filter.2.Name=tag:team&Filter.2.Value.1=red", &web),
+    ] {
+        assert_eq!(&found(filters).await, want, "{filters}");
+    }
+    // Only * and ? are wildcards: SQL's own are literal.
+    for filters in [
+        "&Filter.1.Name=tag:team&Filter.1.Value.1=r%",
+        "&Filter.1.Name=tag:team&Filter.1.Value.1=r_d",
+        "&Filter.1.Name=tag-key&Filter.1.Value.1=%",
+        "&Filter.1.Name=tag:Name&Filter.1.Value.1=web-1&Filter.2.Name=tag:team&Filter.2.Value.1=blue",
+    ] {
+        assert!(found(filters).await.is_empty(), "{filters}");
+    }
 }

@@ -2,7 +2,7 @@
 
 use super::{has_token, ApiJson, ApiQuery};
 use crate::error::{Result, ServiceError};
-use crate::service::instances::InstanceFilter;
+use crate::service::instances::{InstanceFilter, TagFilter};
 use crate::service::{Caller, Service};
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
@@ -174,8 +174,8 @@ async fn describe_instances(State(s): State<Service>, Tenant(c): Tenant, ApiQuer
             .tag
             .as_deref()
             .map(|t| match t.split_once('=') {
-                Some((k, v)) => vec![(k.to_string(), Some(vec![v.to_string()]))],
-                None => vec![(t.to_string(), None)],
+                Some((k, v)) => vec![TagFilter::Value { key: k.to_string(), values: vec![v.to_string()] }],
+                None => vec![TagFilter::Key(vec![t.to_string()])],
             })
             .unwrap_or_default(),
         network: [

@@ -10,7 +10,7 @@ pub mod xml;
 
 use crate::auth::sigv4::{ParsedAuth, RequestView, VerifyOptions};
 use crate::error::{ErrorKind, ServiceError};
-use crate::service::instances::InstanceFilter;
+use crate::service::instances::{InstanceFilter, TagFilter};
 use crate::service::{Caller, Service};
 use action::{Action, Door, DryRun};
 use axum::extract::{Request, State};
@@ -471,8 +471,8 @@ fn instance_filter(params: &Params) -> Result<InstanceFilter, ServiceError> {
             "instance-type" => f.instance_types.extend(values),
             "availability-zone" => f.availability_zones.extend(values),
             "image-id" => f.image_ids.extend(values),
-            "tag-key" => f.tags.extend(values.into_iter().map(|k| (k, None))),
-            tag if tag.starts_with("tag:") => f.tags.push((tag["tag:".len()..].to_string(), Some(values))),
+            "tag-key" => f.tags.push(TagFilter::Key(values)),
+            tag if tag.starts_with("tag:") => f.tags.push(TagFilter::Value { key: tag["tag:".len()..].to_string(), values }),
             // The service knows the network filters (and refuses unknown names).
             _ => f.network.push((name, values)),
         }

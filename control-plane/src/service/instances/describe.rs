@@ -6,6 +6,7 @@
 use super::rows::{InstanceRow, INSTANCE_COLUMNS};
 use crate::error::{Result, ServiceError};
 use crate::ids;
+use crate::service::network::like_pattern;
 use crate::service::visibility::instance_visible;
 use crate::service::{Caller, Service};
 use base64::Engine;
@@ -16,7 +17,19 @@ use std::collections::BTreeSet;
 pub const MAX_PAGE: u32 = 1000;
 pub const DEFAULT_PAGE: u32 = 100;
 
-/// Filters of a describe call; every present filter must match.
+/// A tag filter of DescribeInstances; its values are EC2 filter values
+/// (`*` and `?` are wildcards), any of which may match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TagFilter {
+    /// `tag-key`: the instance has a tag whose key matches one of these.
+    Key(Vec<String>),
+    /// `tag:KEY`: the instance's tag KEY has a value matching one of these.
+    Value { key: String, values: Vec<String> },
+}
+
+/// Filters of a describe call; every present filter must match, each by one
+/// of its values, which may hold EC2's wildcards (`*`, `?`) as in every
+/// Describe (one rule: `network::filters`).
 #[derive(Debug, Clone, Default)]
 pub struct InstanceFilter {
     pub instance_ids: Vec<String>,
@@ -24,8 +37,8 @@ pub struct InstanceFilter {
     pub availability_zones: Vec<String>,
     pub instance_types: Vec<String>,
     pub image_ids: Vec<String>,
-    /// `tag:KEY` filters (any of the values) and `tag-key` filters (values `None`).
-    pub tags: Vec<(String, Option<Vec<String>>)>,
+    /// `tag:KEY` and `tag-key` filters.
+    pub tags: Vec<TagFilter>,
     /// Network filters (`vpc-id`, `subnet-id`, `private-ip-address`,
     /// `ip-address`, `instance.group-id`, `network-interface.*`, ...): any of the values.
     pub network: Vec<(String, Vec<String>)>,
@@ -121,17 +134,27 @@ impl Service {
         let after = filter.next_token.as_deref().map(decode_token).transpose()?.unwrap_or(0);
         let network_filters = network_filters(&filter.network)?;
         let opt = |v: &Vec<String>| if v.is_empty() { None } else { Some(v.clone()) };
+        let like = |v: &[String]| v.iter().map(|p| like_pattern(p)).collect::<Vec<_>>();
+        let like_opt = |v: &Vec<String>| if v.is_empty() { None } else { Some(like(v)) };
+        let tag_filters: Vec<serde_json::Value> = filter
+            .tags
+            .iter()
+            .map(|t| match t {
+                TagFilter::Key(keys) => serde_json::json!({ "k": null, "v": like(keys) }),
+                TagFilter::Value { key, values } => serde_json::json!({ "k": key, "v": like(values) }),
+            })
+            .collect();
         let states: Vec<String> = filter.states.iter().map(|s| s.as_str().to_string()).collect();
         let mut rows = sqlx::query_as::<_, InstanceRow>(&format!(
             "SELECT {INSTANCE_COLUMNS} FROM instances WHERE account_id = $1 AND seq > $2 AND {visible} \
                AND ($3::text[] IS NULL OR id = ANY($3)) AND ($4::text[] IS NULL OR state = ANY($4)) \
-               AND ($5::text[] IS NULL OR availability_zone = ANY($5)) AND ($6::text[] IS NULL OR instance_type = ANY($6)) \
-               AND ($8::text[] IS NULL OR image_id = ANY($8)) \
+               AND ($5::text[] IS NULL OR availability_zone LIKE ANY($5)) AND ($6::text[] IS NULL OR instance_type LIKE ANY($6)) \
+               AND ($8::text[] IS NULL OR image_id LIKE ANY($8)) \
                AND NOT EXISTS (SELECT 1 FROM jsonb_to_recordset($9::jsonb) AS f(k text, v text[]) WHERE NOT EXISTS \
                    (SELECT 1 FROM tags t WHERE t.account_id = instances.account_id AND t.resource_id = instances.id \
-                      AND t.key = f.k AND (f.v IS NULL OR t.value = ANY(f.v)))) \
+                      AND CASE WHEN f.k IS NULL THEN t.key LIKE ANY(f.v) ELSE t.key = f.k AND t.value LIKE ANY(f.v) END)) \
                AND NOT EXISTS (SELECT 1 FROM jsonb_to_recordset($10::jsonb) AS f(k text, v text[]) WHERE NOT EXISTS \
-                   (SELECT 1 FROM instance_network_facts x WHERE x.instance_id = instances.id AND x.name = f.k AND x.value = ANY(f.v))) \
+                   (SELECT 1 FROM instance_network_facts x WHERE x.instance_id = instances.id AND x.name = f.k AND x.value LIKE ANY(f.v))) \
              ORDER BY seq LIMIT $7",
             visible = instance_visible()
         ))
@@ -139,12 +162,12 @@ impl Service {
         .bind(after)
         .bind(opt(&filter.instance_ids))
         .bind(opt(&states))
-        .bind(opt(&filter.availability_zones))
-        .bind(opt(&filter.instance_types))
+        .bind(like_opt(&filter.availability_zones))
+        .bind(like_opt(&filter.instance_types))
         .bind(i64::from(limit) + 1)
-        .bind(opt(&filter.image_ids))
-        .bind(serde_json::Value::Array(filter.tags.iter().map(|(k, v)| serde_json::json!({"k": k, "v": v})).collect()))
-        .bind(serde_json::Value::Array(network_filters.iter().map(|(k, v)| serde_json::json!({"k": k, "v": v})).collect()))
+        .bind(like_opt(&filter.image_ids))
+        .bind(serde_json::Value::Array(tag_filters))
+        .bind(serde_json::Value::Array(network_filters.iter().map(|(k, v)| serde_json::json!({"k": k, "v": like(v)})).collect()))
         .fetch_all(&self.db)
         .await?;
         let next_token = if rows.len() > limit as usize {

@@ -13,6 +13,6 @@ mod status;
 
 pub use super::visibility::TERMINATED_VISIBLE_FOR;
 pub use attributes::AttributeValue;
-pub use describe::{InstanceFilter, DEFAULT_PAGE, MAX_PAGE};
+pub use describe::{InstanceFilter, TagFilter, DEFAULT_PAGE, MAX_PAGE};
 pub(crate) use rows::parse_state;
 pub use status::{status_checks, ConsoleOutput, InstanceStatus, InstanceStatusList};

@@ -33,6 +33,26 @@ fn glob(pattern: &str, value: &str) -> bool {
     p[pi..].iter().all(|c| *c == '*')
 }
 
+/// A filter value as a PostgreSQL `LIKE` pattern (`*` any run, `?` one
+/// character, everything else literal, `%`, `_` and `\` escaped): the
+/// same wildcards [`glob`] matches, for the filters PostgreSQL applies
+/// (DescribeInstances), so every Describe reads a value one way.
+pub(crate) fn like_pattern(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    for c in value.chars() {
+        match c {
+            '*' => out.push('%'),
+            '?' => out.push('_'),
+            '%' | '_' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Refuses a filter this resource does not know (tags are always known).
 pub(crate) fn check_filter_names(filters: &Filters, known: &[&str]) -> Result<()> {
     for (name, _) in filters {
@@ -76,6 +96,14 @@ mod tests {
         assert!(!passes(&f(vec![("vpc-id", vec!["vpc-1"]), ("is-default", vec!["false"])]), &facts, &tags));
         assert!(passes(&f(vec![("tag-key", vec!["Name"])]), &facts, &tags));
         assert!(check_filter_names(&f(vec![("bogus", vec![])]), &["vpc-id"]).is_err());
+    }
+
+    #[test]
+    fn like_patterns_keep_the_wildcards_and_escape_the_rest() {
+        assert_eq!(like_pattern("web-*"), "web-%");
+        assert_eq!(like_pattern("a?c"), "a_c");
+        assert_eq!(like_pattern("50%_off\\"), "50\\%\\_off\\\\");
+        assert_eq!(like_pattern("plain"), "plain");
     }
 
     #[test]

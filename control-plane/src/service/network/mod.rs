@@ -38,6 +38,7 @@ pub(crate) mod util;
 mod vpcs;
 
 pub(crate) use agent_view::host_network;
+pub(crate) use filters::like_pattern;
 pub use filters::Filters;
 pub use groups::{GroupSel, MAX_GROUPS_PER_INTERFACE, MAX_GROUPS_PER_VPC, MAX_RULES_PER_DIRECTION};
 pub(crate) use interfaces::release_interfaces;
