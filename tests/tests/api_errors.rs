@@ -207,3 +207,21 @@ async fn unknown_ids_routes_and_filters() {
     let nano = types["instance_types"].as_array().unwrap().iter().find(|t| t["name"] == "t3.nano").cloned().unwrap();
     assert_eq!(nano, json!({"name": "t3.nano", "vcpus": 2, "memory_mib": 512, "disk_gib": 8}));
 }
+
+/// Every constraint the service turns into an API error exists, under the
+/// name `db::Constraint` gives it, in a database the migrations made: a
+/// renamed one would otherwise turn its error into a Conflict or a 500.
+#[tokio::test]
+async fn the_constraints_the_service_names_exist() {
+    let cloud = Cloud::start().await.unwrap();
+    for c in nimbus_control_plane::db::Constraint::ALL {
+        let found: Option<(i32,)> = sqlx::query_as(
+            "SELECT 1 FROM pg_constraint WHERE conname = $1 UNION ALL SELECT 1 FROM pg_class WHERE relname = $1 AND relkind = 'i' LIMIT 1",
+        )
+        .bind(c.name())
+        .fetch_optional(cloud.db())
+        .await
+        .unwrap();
+        assert!(found.is_some(), "{c:?}: no constraint or unique index named {}", c.name());
+    }
+}

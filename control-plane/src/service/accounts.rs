@@ -54,7 +54,7 @@ impl Service {
         let sealed = secrets::seal(&master, &access_key_id, &secret).map_err(|e| ServiceError::internal("sealing a secret", e))?;
         let mut tx = self.db.begin().await?;
         sqlx::query!("INSERT INTO accounts (id, name) VALUES ($1, $2)", account_id, name).execute(&mut *tx).await.map_err(|e| {
-            if crate::db::is_unique_violation(&e, "accounts_name_key") {
+            if crate::db::Constraint::AccountName.violated_by(&e) {
                 ServiceError::Conflict(format!("an account named {name} already exists"))
             } else {
                 e.into()

@@ -112,7 +112,7 @@ impl Service {
         .execute(&self.db)
         .await
         .map_err(|e| {
-            if crate::db::is_unique_violation(&e, "hosts_store_ip") {
+            if crate::db::Constraint::HostStoreIp.violated_by(&e) {
                 ServiceError::Conflict(format!("the address {} is another node's", ip.map(|i| i.to_string()).unwrap_or_default()))
             } else {
                 e.into()

@@ -181,7 +181,7 @@ impl Service {
             sqlx::Error::Database(db) if db.code().as_deref() == Some("23514") => {
                 ServiceError::Conflict(format!("host {} cannot shrink below the capacity its instances hold", req.name))
             }
-            _ if crate::db::is_unique_violation(&e, "hosts_name_key") => ServiceError::HostAlreadyRegistered(req.name.clone()),
+            _ if crate::db::Constraint::HostName.violated_by(&e) => ServiceError::HostAlreadyRegistered(req.name.clone()),
             _ => e.into(),
         };
         let underlay = req.underlay_ip.map(|ip| ip.to_string());

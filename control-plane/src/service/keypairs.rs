@@ -102,7 +102,7 @@ impl Service {
         .fetch_one(&self.db)
         .await
         .map_err(|e| {
-            if crate::db::is_unique_violation(&e, "key_pairs_pkey") {
+            if crate::db::Constraint::KeyPairName.violated_by(&e) {
                 ServiceError::KeyPairDuplicate(name.to_string())
             } else {
                 e.into()

@@ -310,7 +310,7 @@ const VISIBLE: &str = "state <> 'deregistered' AND ($1 OR is_public OR account_i
 /// An account's image names are unique among its images that are not
 /// deregistered (`images_account_name`).
 fn name_taken(e: sqlx::Error, name: &str) -> ServiceError {
-    if crate::db::is_unique_violation(&e, "images_account_name") {
+    if crate::db::Constraint::ImageNamePerAccount.violated_by(&e) {
         ServiceError::ImageAlreadyExists(name.to_string())
     } else {
         e.into()

@@ -112,7 +112,7 @@ impl Service {
                     tracing::debug!(attempt, error = %e, "retrying launch transaction")
                 }
                 // Two random MACs met (40 random bits): draw again.
-                Err(ServiceError::Database(e)) if crate::db::is_unique_violation(&e, "network_interfaces_mac_key") => {
+                Err(ServiceError::Database(e)) if crate::db::Constraint::InterfaceMac.violated_by(&e) => {
                     tracing::warn!(attempt, "MAC address collision; retrying launch transaction")
                 }
                 Err(e) => return Err(e),

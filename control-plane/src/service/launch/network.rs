@@ -356,11 +356,12 @@ impl Service {
             .bind(&gs)
             .execute(&mut *conn)
             .await
-            .map_err(|e| match &e {
-                sqlx::Error::Database(d) if d.constraint() == Some("network_interface_groups_group_id_fkey") => {
+            .map_err(|e| {
+                if crate::db::Constraint::InterfaceGroupExists.violated_by(&e) {
                     ServiceError::GroupNotFound("A security group of the launch does not exist".into())
+                } else {
+                    e.into()
                 }
-                _ => e.into(),
             })?;
         relay::note(conn, &Self::launch_change(net)).await?;
         // Public addresses.

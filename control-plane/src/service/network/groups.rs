@@ -165,7 +165,7 @@ impl Service {
             .execute(&mut *tx)
             .await
             .map_err(|e| {
-                if crate::db::is_unique_violation(&e, "security_groups_name_per_vpc") {
+                if crate::db::Constraint::GroupNamePerVpc.violated_by(&e) {
                     ServiceError::GroupDuplicate(name.to_string(), vpc_id.clone())
                 } else {
                     e.into()

@@ -108,11 +108,12 @@ impl Service {
             .bind(cidr.to_string())
             .execute(&mut *tx)
             .await
-            .map_err(|e| match &e {
-                sqlx::Error::Database(d) if d.constraint() == Some("subnets_no_overlap") => {
+            .map_err(|e| {
+                if crate::db::Constraint::SubnetsNoOverlap.violated_by(&e) {
                     ServiceError::SubnetConflict(format!("The CIDR '{cidr}' conflicts with another subnet"))
+                } else {
+                    e.into()
                 }
-                _ => e.into(),
             })?;
         let change = Change { vpcs: BTreeSet::from([vpc_id.to_string()]), ..Default::default() };
         relay::note(&mut tx, &change).await?;
