@@ -5,12 +5,17 @@
 //! broadcast between instances. Each check fails on a data plane without
 //! the corresponding rule.
 
-use nimbus_host_agent::network::testing::{connect, in_netns, Echo, FakeGuest, Topology, OUTSIDE_IP};
+use nimbus_host_agent::network::testing::{connect, in_netns, nic, vpc, Echo, FakeGuest, Topology, OUTSIDE_IP};
 use nimbus_host_agent::network::DataPlane;
-use nimbus_proto::network::{Cidr, HostNetwork, Nic, Peer, Protocol, RemoteNic, Rule, SecurityGroup, SubnetOnHost, VpcOnHost};
+use nimbus_proto::network::{Cidr, HostNetwork, Peer, Protocol, Rule, SecurityGroup};
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::Duration;
+
+/// The subnet of every interface here.
+const SUBNET_A: &str = "172.31.0.0/20";
+/// The VPCs' one subnet.
+const SUBNETS: &[(&str, &str)] = &[("subnet-a", SUBNET_A)];
 
 const T: Duration = Duration::from_secs(5);
 const BLOCKED: Duration = Duration::from_secs(2);
@@ -19,36 +24,6 @@ const QUIET: Duration = Duration::from_millis(1500);
 
 fn cidr(s: &str) -> Cidr {
     Cidr::parse(s).unwrap()
-}
-
-fn nic(n: u8, vni: u32, ip: Ipv4Addr, groups: &[&str], public: Option<Ipv4Addr>) -> Nic {
-    let subnet = cidr("172.31.0.0/20");
-    Nic {
-        eni_id: format!("eni-0000000000000{vni:02x}{n:02x}"),
-        device_index: 0,
-        mac: format!("02:00:00:{:02x}:00:{n:02x}", vni & 0xff),
-        private_ip: ip,
-        gateway: subnet.nth(1).unwrap(),
-        subnet,
-        vpc_id: format!("vpc-{vni}"),
-        vni,
-        public_ip: public,
-        group_ids: groups.iter().map(|g| g.to_string()).collect(),
-    }
-}
-
-fn vpc(vni: u32, peer: Option<Ipv4Addr>, remote: &[&Nic]) -> VpcOnHost {
-    VpcOnHost {
-        vpc_id: format!("vpc-{vni}"),
-        vni,
-        cidr: cidr("172.31.0.0/16"),
-        subnets: vec![SubnetOnHost { subnet_id: "subnet-a".into(), cidr: cidr("172.31.0.0/20"), gateway: Ipv4Addr::new(172, 31, 0, 1) }],
-        peers: peer.into_iter().collect(),
-        remote_nics: remote
-            .iter()
-            .map(|n| RemoteNic { ip: n.private_ip, mac: n.mac.clone(), host: peer.unwrap_or(Ipv4Addr::UNSPECIFIED) })
-            .collect(),
-    }
 }
 
 /// The group every interface here is in: everything from its members (as
@@ -233,11 +208,11 @@ async fn the_overlay_the_host_and_the_public_side_refuse_what_does_not_belong() 
     let public = Ipv4Addr::new(198, 51, 100, 10);
     // VPC 100: a on host 0, b (public address) on host 1; VPC 200 (another
     // account): e on host 1.
-    let a = nic(1, 100, Ipv4Addr::new(172, 31, 0, 5), &["sg-app"], None);
-    let b = nic(2, 100, Ipv4Addr::new(172, 31, 0, 6), &["sg-app"], Some(public));
-    let e = nic(3, 200, Ipv4Addr::new(172, 31, 0, 9), &["sg-e"], Some(Ipv4Addr::new(198, 51, 100, 11)));
+    let a = nic(1, 100, Ipv4Addr::new(172, 31, 0, 5), SUBNET_A, &["sg-app"], None);
+    let b = nic(2, 100, Ipv4Addr::new(172, 31, 0, 6), SUBNET_A, &["sg-app"], Some(public));
+    let e = nic(3, 200, Ipv4Addr::new(172, 31, 0, 9), SUBNET_A, &["sg-e"], Some(Ipv4Addr::new(198, 51, 100, 11)));
     // f: b's neighbour on host 1, in the same group.
-    let f = nic(4, 100, Ipv4Addr::new(172, 31, 0, 7), &["sg-app"], None);
+    let f = nic(4, 100, Ipv4Addr::new(172, 31, 0, 7), SUBNET_A, &["sg-app"], None);
     let mut members = BTreeMap::new();
     members.insert("sg-app".to_string(), vec![a.private_ip, b.private_ip, f.private_ip]);
     members.insert("sg-e".to_string(), vec![e.private_ip]);
@@ -247,9 +222,12 @@ async fn the_overlay_the_host_and_the_public_side_refuse_what_does_not_belong() 
         ingress: vec![],
         egress: vec![Rule { protocol: Protocol::All, ports: None, peer: Peer::Cidr(cidr("0.0.0.0/0")) }],
     };
-    let net0 = HostNetwork { vpcs: vec![vpc(100, Some(u1), &[&b, &f])], groups: vec![app()], members: members.clone() };
-    let net1 =
-        HostNetwork { vpcs: vec![vpc(100, Some(u0), &[&a]), vpc(200, None, &[])], groups: vec![app(), open_e], members: members.clone() };
+    let net0 = HostNetwork { vpcs: vec![vpc(100, Some(u1), SUBNETS, &[&b, &f])], groups: vec![app()], members: members.clone() };
+    let net1 = HostNetwork {
+        vpcs: vec![vpc(100, Some(u0), SUBNETS, &[&a]), vpc(200, None, SUBNETS, &[])],
+        groups: vec![app(), open_e],
+        members: members.clone(),
+    };
     h0.reconcile(&net0, std::slice::from_ref(&a), true).await.unwrap();
     h1.reconcile(&net1, &[b.clone(), e.clone(), f.clone()], true).await.unwrap();
     h0.prepare(std::slice::from_ref(&a)).await.unwrap();

@@ -3,34 +3,21 @@
 //! interfaces are veth ends handed to the data plane as taps. The control
 //! plane's part is played by literal `HostNetwork`s.
 
-use nimbus_host_agent::network::testing::{connect, Echo, FakeGuest, Topology, OUTSIDE_IP};
+use nimbus_host_agent::network::testing::{connect, nic, vpc, Echo, FakeGuest, Topology, OUTSIDE_IP};
 use nimbus_host_agent::network::DataPlane;
-use nimbus_proto::network::{Cidr, HostNetwork, Nic, Peer, Protocol, RemoteNic, Rule, SecurityGroup, SubnetOnHost, VpcOnHost};
+use nimbus_proto::network::{Cidr, HostNetwork, Peer, Protocol, Rule, SecurityGroup};
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
+
+/// The VPCs' two subnets, one per zone.
+const SUBNETS: &[(&str, &str)] = &[("subnet-a", "172.31.0.0/20"), ("subnet-b", "172.31.16.0/20")];
 
 const T: Duration = Duration::from_secs(5);
 const BLOCKED: Duration = Duration::from_secs(2);
 
 fn cidr(s: &str) -> Cidr {
     Cidr::parse(s).unwrap()
-}
-
-fn nic(n: u8, vni: u32, ip: Ipv4Addr, subnet: &str, groups: &[&str], public: Option<Ipv4Addr>) -> Nic {
-    let subnet = cidr(subnet);
-    Nic {
-        eni_id: format!("eni-0000000000000{vni:02x}{n:02x}"),
-        device_index: 0,
-        mac: format!("02:00:00:{:02x}:00:{n:02x}", vni & 0xff),
-        private_ip: ip,
-        gateway: subnet.nth(1).unwrap(),
-        subnet,
-        vpc_id: format!("vpc-{vni}"),
-        vni,
-        public_ip: public,
-        group_ids: groups.iter().map(|g| g.to_string()).collect(),
-    }
 }
 
 fn any() -> Cidr {
@@ -48,24 +35,6 @@ fn group(id: &str, vpc: &str, ingress: Vec<Rule>) -> SecurityGroup {
 
 fn tcp(port: u16, peer: Peer) -> Rule {
     Rule { protocol: Protocol::Tcp, ports: Some((port, port)), peer }
-}
-
-/// The VPC as a host sees it: `remote` are the interfaces on the other host `peer`.
-fn vpc(vni: u32, peer: Option<Ipv4Addr>, remote: &[&Nic]) -> VpcOnHost {
-    VpcOnHost {
-        vpc_id: format!("vpc-{vni}"),
-        vni,
-        cidr: cidr("172.31.0.0/16"),
-        subnets: vec![
-            SubnetOnHost { subnet_id: "subnet-a".into(), cidr: cidr("172.31.0.0/20"), gateway: Ipv4Addr::new(172, 31, 0, 1) },
-            SubnetOnHost { subnet_id: "subnet-b".into(), cidr: cidr("172.31.16.0/20"), gateway: Ipv4Addr::new(172, 31, 16, 1) },
-        ],
-        peers: peer.into_iter().collect(),
-        remote_nics: remote
-            .iter()
-            .map(|n| RemoteNic { ip: n.private_ip, mac: n.mac.clone(), host: peer.unwrap_or(Ipv4Addr::UNSPECIFIED) })
-            .collect(),
-    }
 }
 
 fn addr(ip: Ipv4Addr, port: u16) -> SocketAddr {
@@ -95,11 +64,12 @@ async fn two_hosts_vpcs_security_groups_public_addresses_and_spoofing() {
     members.insert("sg-other".to_string(), vec![d.private_ip]);
     let other = group("sg-other", "vpc-200", vec![tcp(8080, Peer::Cidr(any()))]);
     let net0 = |app: SecurityGroup| HostNetwork {
-        vpcs: vec![vpc(100, Some(u1), &[&b, &c]), vpc(200, None, &[])],
+        vpcs: vec![vpc(100, Some(u1), SUBNETS, &[&b, &c]), vpc(200, None, SUBNETS, &[])],
         groups: vec![app, other.clone()],
         members: members.clone(),
     };
-    let net1 = |app: SecurityGroup| HostNetwork { vpcs: vec![vpc(100, Some(u0), &[&a])], groups: vec![app], members: members.clone() };
+    let net1 =
+        |app: SecurityGroup| HostNetwork { vpcs: vec![vpc(100, Some(u0), SUBNETS, &[&a])], groups: vec![app], members: members.clone() };
 
     h0.reconcile(&net0(app(vec![])), &[a.clone(), d.clone()], true).await.unwrap();
     h1.reconcile(&net1(app(vec![])), &[b.clone(), c.clone()], true).await.unwrap();
@@ -147,7 +117,7 @@ async fn two_hosts_vpcs_security_groups_public_addresses_and_spoofing() {
 
     // A VPC with no interface left on a host is removed from it.
     h0.reconcile(
-        &HostNetwork { vpcs: vec![vpc(100, Some(u1), &[&b, &c])], groups: vec![app(vec![])], members: members.clone() },
+        &HostNetwork { vpcs: vec![vpc(100, Some(u1), SUBNETS, &[&b, &c])], groups: vec![app(vec![])], members: members.clone() },
         std::slice::from_ref(&a),
         false,
     )

@@ -14,6 +14,7 @@
 
 use super::cmd::Ns;
 use super::VpcConfig;
+use nimbus_proto::network::{Cidr, Nic, RemoteNic, SubnetOnHost, VpcOnHost};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
@@ -220,4 +221,51 @@ pub async fn connect(ns: &str, source: Option<Ipv4Addr>, to: std::net::SocketAdd
         Ok(line.trim().to_string())
     };
     tokio::time::timeout(timeout, attempt).await.map_err(|_| format!("no answer within {timeout:?}"))?
+}
+
+fn cidr(s: &str) -> Cidr {
+    Cidr::parse(s).expect("a test CIDR")
+}
+
+/// The `n`-th interface of the test VPC with VNI `vni` (`vpc-<vni>`), in
+/// `subnet` (its gateway the subnet's first address), in `groups`, with
+/// `public` as its public address; its ENI id and MAC follow from `n` and
+/// `vni`, so interfaces of different VPCs may share an address, never a MAC.
+pub fn nic(n: u8, vni: u32, ip: Ipv4Addr, subnet: &str, groups: &[&str], public: Option<Ipv4Addr>) -> Nic {
+    let subnet = cidr(subnet);
+    Nic {
+        eni_id: format!("eni-0000000000000{vni:02x}{n:02x}"),
+        device_index: 0,
+        mac: format!("02:00:00:{:02x}:00:{n:02x}", vni & 0xff),
+        private_ip: ip,
+        gateway: subnet.nth(1).expect("a subnet with a first address"),
+        subnet,
+        vpc_id: format!("vpc-{vni}"),
+        vni,
+        public_ip: public,
+        group_ids: groups.iter().map(|g| g.to_string()).collect(),
+    }
+}
+
+/// The test VPC with VNI `vni` (172.31.0.0/16) as a host sees it: its
+/// `subnets` (id, CIDR; gateways their first addresses), and `remote`, the
+/// interfaces on the other host `peer`.
+pub fn vpc(vni: u32, peer: Option<Ipv4Addr>, subnets: &[(&str, &str)], remote: &[&Nic]) -> VpcOnHost {
+    VpcOnHost {
+        vpc_id: format!("vpc-{vni}"),
+        vni,
+        cidr: cidr("172.31.0.0/16"),
+        subnets: subnets
+            .iter()
+            .map(|(id, c)| {
+                let c = cidr(c);
+                SubnetOnHost { subnet_id: id.to_string(), cidr: c, gateway: c.nth(1).expect("a subnet with a first address") }
+            })
+            .collect(),
+        peers: peer.into_iter().collect(),
+        remote_nics: remote
+            .iter()
+            .map(|n| RemoteNic { ip: n.private_ip, mac: n.mac.clone(), host: peer.unwrap_or(Ipv4Addr::UNSPECIFIED) })
+            .collect(),
+    }
 }
